@@ -1,0 +1,242 @@
+"""The public Python API: the names fine-tuning users already type, over the hooks."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sloth_core.errors import ModelNotFoundError, PluginMissingError, SlothError
+from sloth_core.io import refuse_existing
+from sloth_core.plugins import SlothPluginManager, get_plugin_manager
+from sloth_core.types import ExportResult, ModelSpec, PatchReport
+
+#: Which of our distributions serves a quantization method or an export format.
+PLUGIN_FOR = {
+    "nf4": "sloth-bnb",
+    "fp4": "sloth-bnb",
+    "int8": "sloth-bnb",
+    "gguf": "sloth-gguf",
+    "ollama": "sloth-ollama",
+    "merged_4bit": "sloth-bnb",
+}
+
+DEFAULT_TARGET_MODULES = (
+    "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+)  # fmt: skip
+
+
+def _missing(what: str, name: str, table: dict[str, str]) -> PluginMissingError:
+    dist = PLUGIN_FOR.get(name)
+    hint = f"install it with `pip install {dist}`" if dist else "no known plugin serves it"
+    known = ", ".join(sorted(table)) or "none"
+    return PluginMissingError(
+        f"{what} {name!r} needs a plugin that is not installed: {hint} "
+        f"(installed plugins serve: {known}; see `sloth plugins list`)"
+    )
+
+
+def default_dtype(device: str | None = None) -> torch.dtype:
+    """bf16 on GPUs that have it, fp16 on older ones, fp32 on the CPU."""
+    if torch.cuda.is_available() and device != "cpu":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def _read_config(spec: ModelSpec, manager: SlothPluginManager) -> Any:
+    """The model's config; ``None`` for a model type only a plugin knows."""
+    from transformers import AutoConfig
+
+    kwargs = {"trust_remote_code": spec.trust_remote_code}
+    kwargs.update({k: getattr(spec, k) for k in ("revision", "token") if getattr(spec, k)})
+    local = Path(spec.model_name).expanduser()
+    if local.exists():
+        config_file = local / "config.json"
+        if not config_file.is_file():
+            raise ModelNotFoundError(f"{local} is not a model directory: it has no config.json")
+        try:
+            spec.model_type = json.loads(config_file.read_text()).get("model_type")
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ModelNotFoundError(f"{config_file} is not valid JSON: {exc}") from exc
+    try:
+        return AutoConfig.from_pretrained(spec.model_name, **kwargs)
+    except (OSError, ValueError, KeyError) as exc:
+        if spec.model_type in manager.architectures:
+            return None  # a third-party architecture that transformers does not know
+        raise ModelNotFoundError(
+            f"cannot read the config of {spec.model_name!r}: neither a local model "
+            f"directory with a known model_type nor a reachable hub model ({exc})"
+        ) from exc
+
+
+def load_model(
+    spec: ModelSpec, manager: SlothPluginManager | None = None
+) -> tuple[Any, Any, list[PatchReport]]:
+    """Run ``quantize``, ``load_model`` and ``patch_layers`` for ``spec``.
+
+    :return: the model, its tokenizer, and what each plugin patched.
+    """
+    manager = manager or get_plugin_manager()
+    spec.config = spec.config or _read_config(spec, manager)
+    spec.model_type = getattr(spec.config, "model_type", None) or spec.model_type
+    if spec.dtype is None:
+        spec.dtype = default_dtype(str(spec.device_map) if spec.device_map else None)
+    if spec.quantization:
+        if spec.quantization not in manager.quantizers:
+            raise _missing("quantization", spec.quantization, manager.quantizers)
+        plan = manager.quantize(spec=spec)
+        if plan is None:
+            raise _missing("quantization", spec.quantization, manager.quantizers)
+        spec.quantization_plan = plan
+    loaded = manager.load_model(spec=spec)
+    if loaded is None:
+        raise SlothError(f"no plugin loaded {spec.model_name!r} (is the builtin loader blocked?)")
+    model, tokenizer = loaded
+    if spec.quantization_plan is not None and spec.quantization_plan.finalize is not None:
+        model = spec.quantization_plan.finalize(model) or model
+    reports = manager.patch_layers(model=model)
+    model.sloth_spec = spec
+    model.sloth_patches = reports
+    return model, tokenizer, reports
+
+
+def export(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    path: str | Path,
+    format: str = "merged_16bit",
+    *,
+    force: bool = False,
+    manager: SlothPluginManager | None = None,
+    **options: Any,
+) -> ExportResult:
+    """Write ``model`` to ``path`` in ``format`` through the plugin that serves it."""
+    manager = manager or get_plugin_manager()
+    if format not in manager.exporters:
+        raise _missing("export format", format, manager.exporters)
+    path = Path(path).expanduser()
+    refuse_existing(path, force)
+    result = manager.export(
+        model=model, tokenizer=tokenizer, format=format, path=path, options={**options, "force": force}
+    )
+    if result is None:
+        raise _missing("export format", format, manager.exporters)
+    return result
+
+
+def enable_checkpointing(model: Any) -> None:
+    """Non-reentrant activation checkpointing, through whichever name transformers has."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+class FastLanguageModel:
+    """Load, adapt and export models with the API Unsloth users know."""
+
+    @staticmethod
+    def from_pretrained(
+        model_name: str,
+        max_seq_length: int | None = 2048,
+        dtype: torch.dtype | None = None,
+        load_in_4bit: bool = False,
+        load_in_8bit: bool = False,
+        full_finetuning: bool = False,
+        *,
+        quantization: str | None = None,
+        token: str | bool | None = None,
+        revision: str | None = None,
+        device_map: Any = None,
+        trust_remote_code: bool = False,
+        allow_pickle: bool = False,
+        **kwargs: Any,
+    ) -> tuple[Any, Any]:
+        """Load ``model_name`` (a local directory or hub id), quantized if asked, patched.
+
+        ``load_in_4bit`` means NF4 (``quantization="fp4"`` picks the other 4-bit type);
+        ``load_in_8bit`` means int8. Both need a quantizer plugin (``sloth-bnb``).
+        """
+        if load_in_4bit and load_in_8bit:
+            raise ValueError("load_in_4bit and load_in_8bit exclude each other")
+        if full_finetuning and (load_in_4bit or load_in_8bit or quantization):
+            raise ValueError("full_finetuning trains every weight: it cannot be quantized")
+        method = quantization or ("nf4" if load_in_4bit else "int8" if load_in_8bit else None)
+        spec = ModelSpec(
+            model_name=str(model_name),
+            dtype=dtype,
+            max_seq_length=max_seq_length,
+            quantization=method,
+            full_finetuning=full_finetuning,
+            trust_remote_code=trust_remote_code,
+            allow_pickle=allow_pickle,
+            device_map=device_map,
+            revision=revision,
+            token=token,
+            extra=kwargs,
+        )
+        model, tokenizer, _ = load_model(spec)
+        if full_finetuning:
+            model.requires_grad_(True)
+        return model, tokenizer
+
+    @staticmethod
+    def get_peft_model(
+        model: Any,
+        r: int = 16,
+        target_modules: list[str] | str | None = None,
+        lora_alpha: int = 16,
+        lora_dropout: float = 0.0,
+        bias: str = "none",
+        use_gradient_checkpointing: bool | str = True,
+        random_state: int = 3407,
+        use_rslora: bool = False,
+        modules_to_save: list[str] | None = None,
+        init_lora_weights: bool | str = True,
+        max_seq_length: int | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        """Attach LoRA adapters through PEFT, then re-run ``patch_layers`` on the result.
+
+        ``use_gradient_checkpointing``: ``True`` (or ``"unsloth"``/``"sloth"``, accepted
+        for familiarity) recomputes activations in backward; ``False`` keeps them.
+        """
+        from peft import LoraConfig, get_peft_model
+
+        spec = getattr(model, "sloth_spec", None)
+        if spec is not None and spec.full_finetuning:
+            raise ValueError("the model was loaded with full_finetuning=True: it takes no LoRA")
+        if hasattr(model, "peft_config"):
+            raise ValueError("the model already has LoRA adapters")
+        if use_gradient_checkpointing not in (True, False, "unsloth", "sloth"):
+            raise ValueError(
+                f"use_gradient_checkpointing={use_gradient_checkpointing!r}: "
+                "use True, False or 'sloth'"
+            )
+        random.seed(random_state)
+        torch.manual_seed(random_state)
+        config = LoraConfig(
+            r=r,
+            lora_alpha=lora_alpha,
+            lora_dropout=lora_dropout,
+            target_modules=list(DEFAULT_TARGET_MODULES) if target_modules is None else target_modules,
+            bias=bias,
+            use_rslora=use_rslora,
+            modules_to_save=modules_to_save,
+            init_lora_weights=init_lora_weights,
+            task_type="CAUSAL_LM",
+            **kwargs,
+        )
+        peft_model = get_peft_model(model, config)
+        if use_gradient_checkpointing:
+            enable_checkpointing(peft_model)
+        manager = get_plugin_manager()
+        peft_model.sloth_spec = spec
+        peft_model.sloth_patches = manager.patch_layers(model=peft_model)
+        if max_seq_length and spec is not None:
+            spec.max_seq_length = max_seq_length
+        return peft_model

@@ -1,0 +1,1 @@
+"""The core's built-in plugins: fallbacks that any installed plugin overrides."""

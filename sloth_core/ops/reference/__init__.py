@@ -1,0 +1,28 @@
+"""Plain-PyTorch reference implementations of every op.
+
+They re-implement what Hugging Face transformers and PEFT compute, run on any device, and
+define the signature that faster kernels must implement and are tested against.
+"""
+
+from .activations import geglu, swiglu
+from .lora import LoRALinear, lora_linear, lora_mlp, lora_o, lora_qkv
+from .loss import cross_entropy, fused_linear_cross_entropy
+from .nf4 import dequantize_nf4
+from .norms import layer_norm, rms_norm
+from .rope import rope
+
+__all__ = [
+    "LoRALinear",
+    "cross_entropy",
+    "dequantize_nf4",
+    "fused_linear_cross_entropy",
+    "geglu",
+    "layer_norm",
+    "lora_linear",
+    "lora_mlp",
+    "lora_o",
+    "lora_qkv",
+    "rms_norm",
+    "rope",
+    "swiglu",
+]
