@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from .tokenizer import build_tokenizer
 
@@ -101,7 +101,7 @@ def _odd_vocab(tokenizer_len: int) -> int:
     return tokenizer_len + 1 if tokenizer_len % 2 == 0 else tokenizer_len + 2
 
 
-def tiny_config(arch: str, *, tokenizer: Any = None, **overrides: Any) -> PretrainedConfig:
+def tiny_config(arch: str, *, tokenizer: PreTrainedTokenizerBase | None = None, **overrides: Any) -> PreTrainedConfig:
     """Return the tiny config of ``arch`` without building or writing a model.
 
     For parity tests that build models in memory (see :func:`init_tiny_model`).
@@ -154,7 +154,7 @@ def _perturb(model: torch.nn.Module, seed: int) -> None:
 
 
 def init_tiny_model(
-    config: PretrainedConfig, *, seed: int = 0, dtype: torch.dtype = torch.float32
+    config: PreTrainedConfig, *, seed: int = 0, dtype: torch.dtype = torch.float32
 ) -> PreTrainedModel:
     """Build a randomly initialised causal LM from ``config``, in memory, deterministically.
 
@@ -180,7 +180,7 @@ def tiny_model(
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
     vocab_size: int | None = None,
-    tokenizer: Any = None,
+    tokenizer: PreTrainedTokenizerBase | None = None,
     overwrite: bool = False,
     **config_overrides: Any,
 ) -> Path:

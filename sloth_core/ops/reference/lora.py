@@ -75,8 +75,9 @@ class LoRALinear:
 
         Raises:
             ValueError: the PEFT layer has merged weights, several active adapters, DoRA or
-                another LoRA variant, or a bias on ``lora_B``; its output is not
-                ``base + s * B A x`` and it must not take this path.
+                another LoRA variant, a bias on ``lora_B``, or a ``Conv1D`` base
+                (``fan_in_fan_out``); its output is not ``x W^T + b + s * B A x`` and it
+                must not take this path.
         """
         if hasattr(module, "lora_A") and hasattr(module, "base_layer"):
             return cls._from_peft(module)
@@ -96,6 +97,8 @@ class LoRALinear:
         base = cls.from_module(base_layer)
         if getattr(module, "merged", False):
             raise ValueError(f"{kind} has merged LoRA weights; unmerge them before patching")
+        if getattr(module, "fan_in_fan_out", False):
+            raise ValueError(f"{kind} wraps a Conv1D ([in, out] weight, fan_in_fan_out); not supported")
         if getattr(module, "disable_adapters", False):
             return base  # PEFT then runs the base layer alone
         active = [name for name in module.active_adapters if name in module.lora_A]

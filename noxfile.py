@@ -1,0 +1,47 @@
+"""Sessions: ``tests`` (CPU, from nothing), ``lint``, ``gpu`` (on a CUDA machine)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import nox
+
+ROOT = Path(__file__).parent
+nox.options.sessions = ["tests"]
+nox.options.reuse_venv = "yes"
+
+#: Every distribution of the repository, the core first (the others depend on it).
+DISTRIBUTIONS = [
+    ".",
+    "kernels",
+    *sorted(str(p.parent.relative_to(ROOT)) for p in ROOT.glob("plugins/*/pyproject.toml")),
+]
+TEST_ENV = {"HF_HUB_OFFLINE": "1", "TRITON_INTERPRET": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def _install_repo(session: nox.Session, *pip_args: str) -> None:
+    editable = [arg for dist in DISTRIBUTIONS for arg in ("-e", dist)]
+    session.install(*pip_args, "--no-build-isolation", *editable)
+
+
+@nox.session
+def tests(session: nox.Session) -> None:
+    """CPU test suite in a fresh environment: torch first, so pip takes the CPU build."""
+    session.install("torch==2.13.0")
+    session.install("setuptools>=68", "wheel", "pytest>=8", "bitsandbytes>=0.45", "triton>=3.6")
+    _install_repo(session)
+    session.run("pytest", "-m", "not gpu", *session.posargs, env=TEST_ENV)
+
+
+@nox.session(venv_backend="none")
+def gpu(session: nox.Session) -> None:
+    """GPU tests in the machine's own Python (its torch and triton), repo installed in place."""
+    _install_repo(session, "--no-deps")
+    session.run("pytest", "-m", "gpu", *session.posargs, env={"HF_HUB_OFFLINE": "1"})
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    session.install("ruff")
+    session.run("ruff", "check", ".")
+    session.run("ruff", "format", "--check", ".")
