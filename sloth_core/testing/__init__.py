@@ -13,6 +13,7 @@ from typing import Any
 _LAZY = {
     "tiny_model": "sloth_core.testing.models",
     "tiny_config": "sloth_core.testing.models",
+    "init_tiny_model": "sloth_core.testing.models",
     "TINY_CONFIGS": "sloth_core.testing.models",
     "build_tokenizer": "sloth_core.testing.tokenizer",
 }

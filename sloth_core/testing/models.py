@@ -14,7 +14,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    PreTrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from .tokenizer import build_tokenizer
 
@@ -22,7 +28,7 @@ __all__ = ["TINY_CONFIGS", "init_tiny_model", "tiny_config", "tiny_model"]
 
 _DEFAULT_ROPE = {"rope_type": "default", "rope_theta": 10000.0}
 
-_COMMON: dict[str, Any] = {
+_COMMON_FIELDS: dict[str, Any] = {
     "hidden_size": 64,
     "intermediate_size": 128,
     "num_hidden_layers": 2,
@@ -37,62 +43,74 @@ _COMMON: dict[str, Any] = {
     "rope_parameters": _DEFAULT_ROPE,
 }
 
+
+def _common(**fields: Any) -> dict[str, Any]:
+    # Deep copies, so that editing one arch's nested dicts never changes another's.
+    return copy.deepcopy({**_COMMON_FIELDS, **fields})
+
+
 # Alternating local/global layers, small enough that ordinary test prompts cross the window.
 _SLIDING_WINDOW = 16
 _ALTERNATING = ["sliding_attention", "full_attention"]
 
 TINY_CONFIGS: dict[str, dict[str, Any]] = {
-    "llama": {**_COMMON},
+    "llama": _common(),
     # Mistral's sliding window applies to every layer.
-    "mistral": {**_COMMON, "sliding_window": _SLIDING_WINDOW},
+    "mistral": _common(sliding_window=_SLIDING_WINDOW),
     # Qwen2 always has q/k/v biases; they are perturbed away from zero at init.
-    "qwen2": {**_COMMON},
+    "qwen2": _common(),
     # Qwen3 has q_norm/k_norm on every head (perturbed at init like all norms).
-    "qwen3": {**_COMMON},
+    "qwen3": _common(),
     # Gemma: (1 + w) RMSNorm, sqrt(hidden)-scaled embeddings, GeGLU (tanh), tied embeddings.
-    "gemma": {**_COMMON, "hidden_act": "gelu_pytorch_tanh"},
+    "gemma": _common(hidden_act="gelu_pytorch_tanh"),
     # Caps far below Gemma 2's real 50/30 so that they bite at this model's logit scale.
-    "gemma2": {
-        **_COMMON,
-        "hidden_activation": "gelu_pytorch_tanh",
-        "query_pre_attn_scalar": 16,
-        "sliding_window": _SLIDING_WINDOW,
-        "layer_types": _ALTERNATING,
-        "attn_logit_softcapping": 2.0,
-        "final_logit_softcapping": 3.0,
+    "gemma2": _common(
+        hidden_activation="gelu_pytorch_tanh",
+        query_pre_attn_scalar=16,
+        sliding_window=_SLIDING_WINDOW,
+        layer_types=_ALTERNATING,
+        attn_logit_softcapping=2.0,
+        final_logit_softcapping=3.0,
         # Some transformers 5 releases (5.17) default Gemma 2 to sdpa, which silently drops
         # the attention softcap; in-memory references must be eager to be correct. Not
         # saved to config.json: load a written model with attn_implementation="eager".
-        "attn_implementation": "eager",
-    },
+        attn_implementation="eager",
+    ),
     # Gemma 3: local layers use a smaller rope base than global ones, plus q/k norms.
-    "gemma3_text": {
-        **_COMMON,
-        "hidden_activation": "gelu_pytorch_tanh",
-        "query_pre_attn_scalar": 16,
-        "sliding_window": _SLIDING_WINDOW,
-        "layer_types": _ALTERNATING,
-        "rope_parameters": {
+    "gemma3_text": _common(
+        hidden_activation="gelu_pytorch_tanh",
+        query_pre_attn_scalar=16,
+        sliding_window=_SLIDING_WINDOW,
+        layer_types=_ALTERNATING,
+        rope_parameters={
             "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
             "full_attention": {"rope_type": "default", "rope_theta": 1000000.0},
         },
-    },
+    ),
     # Phi-3: fused qkv_proj and gate_up_proj (built in), rotary on half of each head.
     # Its config has no head_dim field: it is hidden_size // num_attention_heads (16).
     "phi3": {
-        **{k: v for k, v in _COMMON.items() if k != "head_dim"},
+        **{k: v for k, v in _common().items() if k != "head_dim"},
         "original_max_position_embeddings": 256,
         "rope_parameters": {**_DEFAULT_ROPE, "partial_rotary_factor": 0.5},
     },
 }
 
-# Keeps the default tokenizer no larger than the model vocab when a small one is asked for.
 _DEFAULT_TOKENIZER_SIZE = 512
+
+
+def _default_tokenizer(vocab_size: int | None) -> PreTrainedTokenizerBase:
+    # A model vocab below 512 gets a smaller tokenizer rather than an error.
+    if vocab_size is None:
+        return build_tokenizer(_DEFAULT_TOKENIZER_SIZE)
+    return build_tokenizer(min(_DEFAULT_TOKENIZER_SIZE, vocab_size))
 
 
 def _check_arch(arch: str) -> None:
     if arch not in TINY_CONFIGS:
-        raise ValueError(f"unknown architecture {arch!r}; supported: {', '.join(sorted(TINY_CONFIGS))}")
+        raise ValueError(
+            f"unknown architecture {arch!r}; supported: {', '.join(sorted(TINY_CONFIGS))}"
+        )
 
 
 def _odd_vocab(tokenizer_len: int) -> int:
@@ -101,7 +119,9 @@ def _odd_vocab(tokenizer_len: int) -> int:
     return tokenizer_len + 1 if tokenizer_len % 2 == 0 else tokenizer_len + 2
 
 
-def tiny_config(arch: str, *, tokenizer: PreTrainedTokenizerBase | None = None, **overrides: Any) -> PreTrainedConfig:
+def tiny_config(
+    arch: str, *, tokenizer: PreTrainedTokenizerBase | None = None, **overrides: Any
+) -> PreTrainedConfig:
     """Return the tiny config of ``arch`` without building or writing a model.
 
     For parity tests that build models in memory (see :func:`init_tiny_model`).
@@ -119,12 +139,13 @@ def tiny_config(arch: str, *, tokenizer: PreTrainedTokenizerBase | None = None, 
     _check_arch(arch)
     vocab_size = overrides.pop("vocab_size", None)
     if tokenizer is None:
-        size = _DEFAULT_TOKENIZER_SIZE if vocab_size is None else min(_DEFAULT_TOKENIZER_SIZE, vocab_size)
-        tokenizer = build_tokenizer(size)
+        tokenizer = _default_tokenizer(vocab_size)
     if vocab_size is None:
         vocab_size = _odd_vocab(len(tokenizer))
     elif vocab_size < len(tokenizer):
-        raise ValueError(f"vocab_size={vocab_size} is smaller than the tokenizer ({len(tokenizer)} tokens)")
+        raise ValueError(
+            f"vocab_size={vocab_size} is smaller than the tokenizer ({len(tokenizer)} tokens)"
+        )
 
     fields = copy.deepcopy(TINY_CONFIGS[arch])
     fields.update(
@@ -141,6 +162,7 @@ def _perturb(model: torch.nn.Module, seed: int) -> None:
     # Norm weights start at a constant (1, or 0 for Gemma's 1 + w) and linear biases at 0:
     # a kernel that ignored them, or used the wrong convention, would still match. Small
     # seeded noise makes them matter. A private generator leaves the global RNG alone.
+    # Offset so the noise is not a replay of the stream that initialised the weights.
     generator = torch.Generator().manual_seed(seed + 0x5107)
     with torch.no_grad():
         for _, module in sorted(model.named_modules(), key=lambda item: item[0]):
@@ -149,7 +171,9 @@ def _perturb(model: torch.nn.Module, seed: int) -> None:
             for name in names:
                 param = module._parameters.get(name)
                 if isinstance(param, torch.nn.Parameter):
-                    noise = torch.randn(param.shape, generator=generator, dtype=torch.float32)
+                    noise = torch.randn(
+                        param.shape, generator=generator, dtype=torch.float32
+                    )
                     param.add_((0.1 * noise).to(param.dtype))
 
 
@@ -215,11 +239,12 @@ def tiny_model(
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"{out} exists and is not a directory")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise FileExistsError(f"{out} is not empty; pass overwrite=True to write into it anyway")
+        raise FileExistsError(
+            f"{out} is not empty; pass overwrite=True to write into it anyway"
+        )
 
     if tokenizer is None:
-        size = _DEFAULT_TOKENIZER_SIZE if vocab_size is None else min(_DEFAULT_TOKENIZER_SIZE, vocab_size)
-        tokenizer = build_tokenizer(size)
+        tokenizer = _default_tokenizer(vocab_size)
     if vocab_size is not None:
         config_overrides["vocab_size"] = vocab_size
     config = tiny_config(arch, tokenizer=tokenizer, **config_overrides)

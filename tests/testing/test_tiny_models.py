@@ -12,7 +12,12 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from sloth_core.testing.models import TINY_CONFIGS, init_tiny_model, tiny_config, tiny_model
+from sloth_core.testing.models import (
+    TINY_CONFIGS,
+    init_tiny_model,
+    tiny_config,
+    tiny_model,
+)
 from sloth_core.testing.tokenizer import build_tokenizer, corpus_lines
 
 ARCHS = sorted(TINY_CONFIGS)
@@ -37,13 +42,6 @@ ROUND_TRIP = [
 @pytest.fixture(scope="module")
 def tokenizer():
     return build_tokenizer()
-
-
-def _weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
-
-
-# ---- tokenizer -----------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("text", ROUND_TRIP)
@@ -93,11 +91,15 @@ def test_chat_template(tokenizer):
         "<|im_start|>user\nWhy is the sky blue? Answer in one sentence, please.<|im_end|>\n"
         "<|im_start|>assistant\nAir scatters blue light more than red light.<|im_end|>\n"
     )
-    prompt = tokenizer.apply_chat_template(MESSAGES[:2], tokenize=False, add_generation_prompt=True)
-    assert prompt.endswith("<|im_start|>user\nWhy is the sky blue? Answer in one sentence, please.<|im_end|>\n<|im_start|>assistant\n")
+    prompt = tokenizer.apply_chat_template(
+        MESSAGES[:2], tokenize=False, add_generation_prompt=True
+    )
+    assert prompt.endswith("please.<|im_end|>\n<|im_start|>assistant\n")
     assert text.startswith(prompt)
 
-    out = tokenizer.apply_chat_template(MESSAGES, return_dict=True, return_assistant_tokens_mask=True)
+    out = tokenizer.apply_chat_template(
+        MESSAGES, return_dict=True, return_assistant_tokens_mask=True
+    )
     ids, mask = out["input_ids"], out["assistant_masks"]
     assert ids.count(tokenizer.bos_token_id) == 1
     answer = [i for i, m in zip(ids, mask) if m]
@@ -120,9 +122,6 @@ def test_corpus_is_bundled_and_varied():
         assert needle in text
 
 
-# ---- models --------------------------------------------------------------------------
-
-
 @pytest.mark.parametrize("arch", ARCHS)
 def test_tiny_model_loads_back_and_trains(arch, tmp_path, tokenizer):
     path = tiny_model(arch, tmp_path / arch)
@@ -131,9 +130,15 @@ def test_tiny_model_loads_back_and_trains(arch, tmp_path, tokenizer):
     assert not list(path.glob("*.bin"))
 
     kwargs = {"attn_implementation": "eager"} if arch == "gemma2" else {}
-    model, info = AutoModelForCausalLM.from_pretrained(path, output_loading_info=True, **kwargs)
+    model, info = AutoModelForCausalLM.from_pretrained(
+        path, output_loading_info=True, **kwargs
+    )
     assert model.config.model_type == arch
-    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    assert (
+        not info["missing_keys"]
+        and not info["unexpected_keys"]
+        and not info["mismatched_keys"]
+    )
     loaded_tok = AutoTokenizer.from_pretrained(path)
     ours, loaded = tokenizer.get_vocab(), loaded_tok.get_vocab()
     assert {token: loaded[token] for token in ours} == ours
@@ -145,7 +150,11 @@ def test_tiny_model_loads_back_and_trains(arch, tmp_path, tokenizer):
     config = model.config
     assert len(tokenizer) <= config.vocab_size and config.vocab_size % 2 == 1
     assert (config.bos_token_id, config.eos_token_id, config.pad_token_id) == (0, 1, 2)
-    assert (config.hidden_size, config.num_hidden_layers, config.num_attention_heads) == (64, 2, 4)
+    assert (
+        config.hidden_size,
+        config.num_hidden_layers,
+        config.num_attention_heads,
+    ) == (64, 2, 4)
     assert config.num_key_value_heads == 2
 
     # The saved weights are exactly those built in memory from the same config and seed.
@@ -154,8 +163,13 @@ def test_tiny_model_loads_back_and_trains(arch, tmp_path, tokenizer):
     for name, tensor in saved.items():
         torch.testing.assert_close(tensor, expected[name], rtol=0, atol=0)
 
-    ids = loaded_tok.apply_chat_template(MESSAGES, return_dict=True, return_tensors="pt")["input_ids"]
-    assert ids[0].tolist() == tokenizer.apply_chat_template(MESSAGES, return_dict=True)["input_ids"]
+    ids = loaded_tok.apply_chat_template(
+        MESSAGES, return_dict=True, return_tensors="pt"
+    )["input_ids"]
+    assert (
+        ids[0].tolist()
+        == tokenizer.apply_chat_template(MESSAGES, return_dict=True)["input_ids"]
+    )
     assert len(loaded_tok) <= config.vocab_size
     assert ids.shape[1] > 16  # longer than the sliding windows, so they matter
     model.train()
@@ -170,9 +184,9 @@ def test_tiny_model_loads_back_and_trains(arch, tmp_path, tokenizer):
 @pytest.mark.parametrize("arch", ARCHS)
 def test_same_seed_same_weights_other_seed_other_weights(arch):
     config = tiny_config(arch)
-    a = _weights(init_tiny_model(config, seed=0))
-    b = _weights(init_tiny_model(config, seed=0))
-    c = _weights(init_tiny_model(config, seed=1))
+    a = init_tiny_model(config, seed=0).state_dict()
+    b = init_tiny_model(config, seed=0).state_dict()
+    c = init_tiny_model(config, seed=1).state_dict()
     assert a.keys() == b.keys() == c.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert all(not torch.equal(a[k], c[k]) for k in a if a[k].numel() > 1)
@@ -180,11 +194,15 @@ def test_same_seed_same_weights_other_seed_other_weights(arch):
 
 def test_written_weights_are_bit_identical_across_calls(tmp_path):
     first = load_file(tiny_model("qwen2", tmp_path / "a", seed=3) / "model.safetensors")
-    second = load_file(tiny_model("qwen2", tmp_path / "b", seed=3) / "model.safetensors")
+    second = load_file(
+        tiny_model("qwen2", tmp_path / "b", seed=3) / "model.safetensors"
+    )
     other = load_file(tiny_model("qwen2", tmp_path / "c", seed=4) / "model.safetensors")
     assert first.keys() == second.keys()
     assert all(torch.equal(first[k], second[k]) for k in first)
-    assert not torch.equal(first["model.embed_tokens.weight"], other["model.embed_tokens.weight"])
+    assert not torch.equal(
+        first["model.embed_tokens.weight"], other["model.embed_tokens.weight"]
+    )
 
 
 def test_global_rng_is_left_alone():
@@ -212,10 +230,15 @@ def test_arch_features_are_switched_on():
     assert tiny_config("mistral").sliding_window == 16
     gemma2 = tiny_config("gemma2")
     assert gemma2.attn_logit_softcapping and gemma2.final_logit_softcapping
-    assert gemma2.layer_types == ["sliding_attention", "full_attention"] and gemma2.sliding_window == 16
+    assert (
+        gemma2.layer_types == ["sliding_attention", "full_attention"]
+        and gemma2.sliding_window == 16
+    )
     gemma3 = tiny_config("gemma3_text")
     assert gemma3.layer_types == ["sliding_attention", "full_attention"]
-    thetas = {kind: params["rope_theta"] for kind, params in gemma3.rope_parameters.items()}
+    thetas = {
+        kind: params["rope_theta"] for kind, params in gemma3.rope_parameters.items()
+    }
     assert thetas["sliding_attention"] != thetas["full_attention"]
     assert tiny_config("phi3").rope_parameters["partial_rotary_factor"] == 0.5
     qwen2 = init_tiny_model(tiny_config("qwen2"))
@@ -235,8 +258,12 @@ def test_overrides_vocab_and_dtype(tmp_path):
         "original_max_position_embeddings": 64,
     }
     path = tiny_model(
-        "llama", tmp_path / "m", vocab_size=1007, dtype=torch.bfloat16,
-        tie_word_embeddings=True, rope_parameters=rope,
+        "llama",
+        tmp_path / "m",
+        vocab_size=1007,
+        dtype=torch.bfloat16,
+        tie_word_embeddings=True,
+        rope_parameters=rope,
     )
     config = json.loads((path / "config.json").read_text())
     assert config["vocab_size"] == 1007 and config["tie_word_embeddings"] is True
@@ -255,7 +282,10 @@ def test_small_vocab_gets_a_small_tokenizer_and_too_small_is_refused(tmp_path):
 
 
 def test_unknown_arch_lists_supported(tmp_path):
-    with pytest.raises(ValueError, match="supported: gemma, gemma2, gemma3_text, llama, mistral, phi3, qwen2, qwen3"):
+    with pytest.raises(
+        ValueError,
+        match="supported: gemma, gemma2, gemma3_text, llama, mistral, phi3, qwen2, qwen3",
+    ):
         tiny_model("gpt2", tmp_path / "m")
     with pytest.raises(ValueError, match="unknown architecture"):
         tiny_config("bert")
@@ -270,7 +300,9 @@ def test_refuses_non_empty_directory_unless_overwrite(tmp_path):
         tiny_model("llama", target)
     assert not (target / "config.json").exists()
     tiny_model("llama", target, overwrite=True)
-    assert (target / "config.json").is_file() and (target / "notes.txt").read_text() == "keep me"
+    assert (target / "config.json").is_file() and (
+        target / "notes.txt"
+    ).read_text() == "keep me"
     # An existing but empty directory is fine without overwrite.
     (tmp_path / "empty").mkdir()
     tiny_model("llama", tmp_path / "empty")

@@ -2,18 +2,32 @@
 
 from __future__ import annotations
 
+import importlib
+
 from sloth_core import hookimpl
 
-# Each entry: (op, module under sloth_kernels that defines ``OP_IMPL``). Kernels are
-# imported on registration only, so a missing Triton fails this plugin, not the core.
-KERNELS: tuple[tuple[str, str], ...] = ()
+from sloth_kernels._utils import kernel_devices, triton_available
+
+#: Modules under ``sloth_kernels`` that define ``REGISTRATIONS``: a list of dicts with
+#: ``op``, ``fn`` and optionally ``dtypes`` and ``priority``. Imported on registration
+#: only, so that a broken Triton fails this plugin (listed as failed), never the core.
+KERNEL_MODULES: tuple[str, ...] = ()
+
+PRIORITY = 10
 
 
 @hookimpl
 def register_kernels(register):
-    """Register every Triton kernel of this distribution for CUDA devices."""
-    import importlib
-
-    for op, module_name in KERNELS:
+    """Register every Triton kernel of this distribution (CUDA; CPU under the interpreter)."""
+    devices = kernel_devices()
+    for module_name in KERNEL_MODULES:
         module = importlib.import_module(f"sloth_kernels.{module_name}")
-        register(op, module.OP_IMPL, **module.OP_OPTIONS)
+        for entry in module.REGISTRATIONS:
+            register(
+                entry["op"],
+                entry["fn"],
+                devices=devices,
+                dtypes=entry.get("dtypes"),
+                priority=entry.get("priority", PRIORITY),
+                available=triton_available,
+            )

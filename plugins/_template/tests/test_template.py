@@ -5,15 +5,12 @@ from __future__ import annotations
 import torch
 
 from sloth_core.patching import is_patched
-from sloth_core.testing import tiny_config
+from sloth_core.testing import init_tiny_model, tiny_config
 from sloth_template import plugin
 
 
 def _model():
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(tiny_config("llama"))
+    model = init_tiny_model(tiny_config("llama"))
     model.config.model_type = plugin.MODEL_TYPES[0]  # pretend to be the plugin's type
     return model.eval()
 
