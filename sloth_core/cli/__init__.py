@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from sloth_core import __version__
-from sloth_core.cli import doctor, plugins_cmd
+from sloth_core.cli import bench_cmd, doctor, plugins_cmd
 from sloth_core.errors import SlothError
 
 
@@ -18,6 +18,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     plugins_cmd.add_parser(commands)
     doctor.add_parser(commands)
+    bench_cmd.add_parser(commands)
     return parser
 
 

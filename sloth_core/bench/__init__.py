@@ -1,0 +1,1 @@
+"""Benchmarks: ``sloth bench kernels`` (ops) against torch eager and ``torch.compile``."""

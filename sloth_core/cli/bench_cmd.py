@@ -1,0 +1,81 @@
+"""``sloth bench``: measured speed and memory, against baselines in the same run."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+
+
+def add_parser(commands: argparse._SubParsersAction) -> None:
+    bench = commands.add_parser("bench", help="benchmark ops (and, later, training)")
+    sub = bench.add_subparsers(dest="bench_command", metavar="WHAT")
+    kernels = sub.add_parser("kernels", help="every op, fwd+bwd, vs torch eager and compile")
+    for name, default in (("tokens", 8192), ("hidden", 4096), ("intermediate", 14336),
+                          ("heads", 32), ("kv-heads", 8), ("head-dim", 128),
+                          ("vocab", 128256), ("rank", 16), ("runs", 20), ("warmup", 5)):  # fmt: skip
+        kernels.add_argument(f"--{name}", type=int, default=default)
+    kernels.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
+    kernels.add_argument("--device", default=None, help="default: cuda if present, else cpu")
+    kernels.add_argument("--ops", default="", help="comma-separated case names (default: all)")
+    kernels.add_argument("--no-compile", action="store_true", help="skip torch.compile")
+    kernels.add_argument("--json", type=Path, help="write the full report here")
+    kernels.add_argument("--markdown", type=Path, help="write the docs table here")
+    kernels.set_defaults(run=run_kernels)
+    bench.set_defaults(run=lambda args: bench.print_help() or 2)
+
+
+def run_kernels(args: argparse.Namespace) -> int:
+    import torch
+
+    from sloth_core.bench.kernel_cases import Shapes
+    from sloth_core.bench.kernels import markdown, run_kernel_bench
+    from sloth_core.plugins import get_plugin_manager
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    shapes = Shapes(
+        tokens=args.tokens, hidden=args.hidden, intermediate=args.intermediate,
+        heads=args.heads, kv_heads=args.kv_heads, head_dim=args.head_dim, vocab=args.vocab,
+        rank=args.rank, dtype=getattr(torch, DTYPES[args.dtype]), device=device,
+    )  # fmt: skip
+    console = Console(stderr=True)
+
+    def progress(name, entry):
+        status = entry.error or f"{entry.median_ms:.3f} ms"
+        console.print(f"{name:<28} {entry.system:<13} {entry.provider:<16} {status}")
+
+    only = {o.strip() for o in args.ops.split(",") if o.strip()} or None
+    report = run_kernel_bench(
+        get_plugin_manager().ops, shapes, runs=args.runs, warmup=args.warmup,
+        compile=not args.no_compile, only=only, progress=progress,
+    )  # fmt: skip
+    command = "sloth " + shlex.join(sys.argv[1:]) if sys.argv[0].endswith("sloth") else "sloth bench kernels"
+    report["command"] = command
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2))
+    text = markdown(report, command)
+    if args.markdown:
+        args.markdown.write_text(text)
+    table = Table(title=f"sloth bench kernels on {report['device']}")
+    for column in ("case", "sloth ms", "eager ms", "compile ms", "x eager", "x compile", "GB/s"):
+        table.add_column(column)
+    for case in report["cases"]:
+        by = {r["system"]: r for r in case["results"]}
+
+        def cell(system, key="median_ms", spec=".3f"):
+            value = by.get(system, {}).get(key)
+            return "-" if value is None else format(value, spec)
+
+        table.add_row(case["name"], cell("sloth"), cell("eager"), cell("compile"),
+                      "-" if case["speedup_vs_eager"] is None else f"{case['speedup_vs_eager']:.2f}",
+                      "-" if case["speedup_vs_compile"] is None else f"{case['speedup_vs_compile']:.2f}",
+                      cell("sloth", "gbps", ".0f"))  # fmt: skip
+    Console().print(table)
+    return 0

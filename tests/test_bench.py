@@ -1,0 +1,52 @@
+"""``sloth bench kernels`` on the CPU at toy shapes: the harness, not the figures."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from sloth_core.bench.kernel_cases import Shapes, lora_mlp_case, saved_activation_bytes
+from sloth_core.bench.kernels import markdown, run_kernel_bench
+from sloth_core.cli import main
+from sloth_core.ops import default_registry
+
+TOY = dict(tokens=16, hidden=8, intermediate=12, heads=2, kv_heads=1, head_dim=4, vocab=37,
+           rank=2, dtype=torch.float32, device="cpu")  # fmt: skip
+
+
+def test_every_case_runs_for_every_system():
+    registry = default_registry()
+    report = run_kernel_bench(registry, Shapes(**TOY), runs=2, warmup=1, compile=False)
+    names = [c["name"] for c in report["cases"]]
+    assert {"rms_norm", "rope", "swiglu", "lora_mlp", "fused_linear_cross_entropy"} <= set(names)
+    for case in report["cases"]:
+        systems = {r["system"]: r for r in case["results"]}
+        assert set(systems) == {"sloth", "eager"}, case["name"]
+        for r in systems.values():
+            assert r["error"] is None and r["median_ms"] > 0, (case["name"], r)
+        assert systems["sloth"]["provider"] == "torch"  # no kernels in a bare registry
+    text = markdown(report, "sloth bench kernels --tokens 16")
+    assert "| rms_norm |" in text and "sloth bench kernels --tokens 16" in text
+
+
+def test_saved_bytes_count_activations_not_weights():
+    s = Shapes(**TOY)
+    case = lora_mlp_case(s)
+    saved = saved_activation_bytes(case, default_registry().reference("lora_mlp"))
+    activation = s.tokens * 4  # bytes of one fp32 value per token
+    # PEFT-style eager saves x, both projections, the activation and LoRA intermediates.
+    assert saved >= activation * (s.hidden + 2 * s.intermediate)
+    weights = sum(p.numel() * p.element_size() for p in case.params)
+    assert saved < weights + activation * 10 * s.intermediate
+
+
+def test_cli_writes_json_and_markdown(tmp_path, plugin_manager):
+    args = ["bench", "kernels", "--device", "cpu", "--dtype", "fp32", "--no-compile", "--runs", "1",
+            "--warmup", "0", "--ops", "swiglu,rms_norm", "--json", str(tmp_path / "r.json"),
+            "--markdown", str(tmp_path / "r.md")]  # fmt: skip
+    args += ["--tokens", "8", "--hidden", "8", "--intermediate", "8"]
+    assert main(args) == 0
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert [c["name"] for c in report["cases"]] == ["rms_norm", "swiglu"]
+    assert "| swiglu |" in (tmp_path / "r.md").read_text()
