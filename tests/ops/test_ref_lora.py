@@ -99,7 +99,7 @@ def test_lora_mlp_dropout_draws_the_same_masks_as_peft():
         out_ref = lora_mlp(x_ref, *layers)
         torch.manual_seed(mask_seed + 1)
         other_masks = lora_mlp(x, *layers)
-    what = f"llama mlp dropout x={[n, hidden]} inter={inter} r={r} seed={seed} mask_seed={mask_seed}"
+    what = f"llama mlp dropout x={[n, hidden]} I={inter} r={r} seed={seed} mask_seed={mask_seed}"
     _assert_close(out_ref, out_hf, f"{what} forward")
     assert not torch.allclose(other_masks, out_hf.detach()), f"{what}: dropout had no effect"
     params = [(n, p) for n, p in mlp.named_parameters() if p.requires_grad]
@@ -116,10 +116,10 @@ def test_lora_qkv_and_o_match_peft_attention_projections():
         hidden_size=hq * width, num_attention_heads=hq, num_key_value_heads=hk,
         head_dim=head_dim, attention_bias=True,
     )  # fmt: skip
-    attn = _add_lora(LlamaAttention(config, layer_idx=0), ["q_proj", "k_proj", "v_proj", "o_proj"], r)
+    attn = _add_lora(LlamaAttention(config, layer_idx=0), [f"{p}_proj" for p in "qkvo"], r)
     q, k, v, o = (LoRALinear.from_module(getattr(attn, f"{p}_proj")) for p in "qkvo")
     assert q.bias is not None and q.has_lora
-    what = f"attention hq={hq} hk={hk} D={head_dim} x={[b, s, config.hidden_size]} r={r} seed={seed}"
+    what = f"attn hq={hq} hk={hk} D={head_dim} x={[b, s, config.hidden_size]} r={r} seed={seed}"
     params = [(n, p) for n, p in attn.named_parameters() if p.requires_grad]
 
     x = torch.randn(b, s, config.hidden_size)
@@ -128,7 +128,8 @@ def test_lora_qkv_and_o_match_peft_attention_projections():
     out_hf = (attn.q_proj(x_hf), attn.k_proj(x_hf), attn.v_proj(x_hf))
     for name, a, e in zip("qkv", out_ref, out_hf):
         _assert_close(a, e, f"{what} {name}_proj forward")
-    _compare_grads(out_ref, out_hf, [x_ref], [x_hf], [p for p in params if "o_proj" not in p[0]], what)
+    qkv_params = [p for p in params if "o_proj" not in p[0]]
+    _compare_grads(out_ref, out_hf, [x_ref], [x_hf], qkv_params, what)
 
     y = torch.randn(b, s, hq * head_dim)
     y_ref, y_hf = y.clone().requires_grad_(), y.clone().requires_grad_()

@@ -22,6 +22,12 @@ def _draw(*bounds):
     return seed, [int(torch.randint(lo, hi + 1, ()).item()) for lo, hi in bounds]
 
 
+def _quantize(weight, nested, blocksize=64, quant_type="nf4"):
+    return BF.quantize_4bit(
+        weight, blocksize=blocksize, compress_statistics=nested, quant_type=quant_type
+    )
+
+
 def _odd_shape():
     # An odd last dim: bnb 0.50's CPU dequantize then takes its pure-torch path, whose
     # flat-block layout matches CUDA's. (Its C kernel, used for even last dims, disagrees
@@ -36,13 +42,12 @@ def _odd_shape():
 def test_dequantize_matches_bitsandbytes(quant_type, compress_statistics, blocksize):
     seed, shape = _odd_shape()
     weight = torch.randn(shape) * float(torch.rand(()) * 3 + 0.1)
-    packed, state = BF.quantize_4bit(
-        weight, blocksize=blocksize, compress_statistics=compress_statistics, quant_type=quant_type
-    )
+    packed, state = _quantize(weight, compress_statistics, blocksize, quant_type)
     expected = BF.dequantize_4bit(packed, state)
     actual = dequantize_nf4(packed, state)
     blocks = -(-weight.numel() // blocksize)
-    what = f"{quant_type} nested={compress_statistics} shape={shape} bs={blocksize} blocks={blocks} seed={seed}"
+    what = f"{quant_type} nested={compress_statistics} shape={shape} bs={blocksize}"
+    what += f" blocks={blocks} seed={seed}"
     assert actual.shape == expected.shape == weight.shape and actual.dtype == torch.float32, what
     assert torch.equal(actual, expected), f"{what}: max err {(actual - expected).abs().max():.3g}"
 
@@ -51,7 +56,7 @@ def test_dequantize_nested_spans_several_second_level_blocks():
     # More than 256 absmax values: state2 has several blocks, the last one short.
     seed, (rows,) = _draw((70, 130))
     weight = torch.randn(rows, 257)
-    packed, state = BF.quantize_4bit(weight, blocksize=64, compress_statistics=True, quant_type="nf4")
+    packed, state = _quantize(weight, nested=True)
     what = f"shape={[rows, 257]} absmax={state.absmax.numel()} seed={seed}"
     assert state.nested and state.absmax.numel() > 256, what
     assert torch.equal(dequantize_nf4(packed, state), BF.dequantize_4bit(packed, state)), what
@@ -61,7 +66,7 @@ def test_dequantize_nested_spans_several_second_level_blocks():
 def test_dequantize_half_precision_and_dtype_override(dtype):
     seed, shape = _odd_shape()
     weight = torch.randn(shape, dtype=dtype)
-    packed, state = BF.quantize_4bit(weight, blocksize=64, compress_statistics=True, quant_type="nf4")
+    packed, state = _quantize(weight, nested=True)
     what = f"{dtype} shape={shape} seed={seed}"
     expected = BF.dequantize_4bit(packed, state)
     actual = dequantize_nf4(packed, state)
@@ -72,9 +77,7 @@ def test_dequantize_half_precision_and_dtype_override(dtype):
 
 def test_dequantize_reads_non_uint8_quant_storage():
     seed, shape = _odd_shape()
-    weight = torch.randn(shape)
-    # bf16 storage holds four codes per element: pad to whole storage elements.
-    shape = (shape[0] * 4, shape[1])
+    shape = (shape[0] * 4, shape[1])  # bf16 storage: four codes per element, none left over
     weight = torch.randn(shape)
     packed, state = BF.quantize_4bit(weight, quant_type="nf4", quant_storage=torch.bfloat16)
     what = f"quant_storage=bf16 shape={shape} seed={seed}"
@@ -87,7 +90,7 @@ def test_dequantize_within_nf4_error_bound():
     # between neighbouring NF4 codes, times its block's absmax, of the original.
     seed, (rows, cols) = _draw((1, 60), (1, 200))
     weight = torch.randn(rows, cols)
-    packed, state = BF.quantize_4bit(weight, blocksize=64, compress_statistics=False, quant_type="nf4")
+    packed, state = _quantize(weight, nested=False)
     actual = dequantize_nf4(packed, state)
     flat = torch.nn.functional.pad(weight.reshape(-1), (0, (-weight.numel()) % 64)).view(-1, 64)
     half_gap = float(BF.get_4bit_type("nf4", device="cpu").diff().max()) / 2

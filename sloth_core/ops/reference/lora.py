@@ -93,22 +93,21 @@ class LoRALinear:
     @classmethod
     def _from_peft(cls, module: nn.Module) -> LoRALinear:
         kind = type(module).__name__
-        base_layer = module.get_base_layer() if hasattr(module, "get_base_layer") else module.base_layer
-        base = cls.from_module(base_layer)
+        base = cls.from_module(module.get_base_layer())
         if getattr(module, "merged", False):
             raise ValueError(f"{kind} has merged LoRA weights; unmerge them before patching")
         if getattr(module, "fan_in_fan_out", False):
-            raise ValueError(f"{kind} wraps a Conv1D ([in, out] weight, fan_in_fan_out); not supported")
+            raise ValueError(f"{kind} wraps a Conv1D (fan_in_fan_out, [in, out] weight)")
         if getattr(module, "disable_adapters", False):
             return base  # PEFT then runs the base layer alone
         active = [name for name in module.active_adapters if name in module.lora_A]
         if not active:
             return base
         if len(active) > 1:
-            raise ValueError(f"{kind} has several active LoRA adapters {active}; only one is supported")
+            raise ValueError(f"{kind} has several active LoRA adapters {active}; one is supported")
         name = active[0]
         if name in getattr(module, "lora_variant", {}) or getattr(module, "use_dora", {}).get(name):
-            raise ValueError(f"{kind} adapter {name!r} uses DoRA or another LoRA variant; not supported")
+            raise ValueError(f"{kind} adapter {name!r} uses DoRA or another LoRA variant")
         if getattr(module, "lora_bias", {}).get(name) or module.lora_B[name].bias is not None:
             raise ValueError(f"{kind} adapter {name!r} has a bias on lora_B; not supported")
         dropout = module.lora_dropout[name]

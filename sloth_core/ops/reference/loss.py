@@ -82,7 +82,9 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
     # exist; backward only rescales them. So nothing of size [N, V] outlives a chunk.
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, ignore_index, softcap, num_items_in_batch, chunk_size):
+    def forward(
+        ctx, hidden, weight, bias, labels, ignore_index, softcap, num_items_in_batch, chunk_size
+    ):
         n_rows = hidden.shape[0]
         chunk_size = chunk_size or default_chunk_size(weight.shape[0])
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]

@@ -38,7 +38,9 @@ _NF4 = (
 )
 # FP4 (1 sign, 2 exponent, 1 mantissa bit) in bit-pattern order, normalised by its max (12).
 _FP4 = tuple(
-    v / 12.0 for v in (0, 0.0625, 8.0, 12.0, 4.0, 6.0, 2.0, 3.0, -0.0, -0.0625, -8.0, -12.0, -4.0, -6.0, -2.0, -3.0)
+    v / 12.0
+    for v in (0, 0.0625, 8.0, 12.0, 4.0, 6.0, 2.0, 3.0)
+    + (-0.0, -0.0625, -8.0, -12.0, -4.0, -6.0, -2.0, -3.0)
 )
 _CODES = {"nf4": _NF4, "fp4": _FP4}
 
@@ -89,7 +91,14 @@ def dequantize_nf4(
 
     Returns:
         ``quant_state.shape`` in ``dtype``; codes are scaled in fp32 and cast once.
+
+    Raises:
+        ValueError: unknown ``quant_type``, or a weight bitsandbytes repacked for its CPU
+            inference kernel (``quant_state.packing_format_for_cpu``).
     """
+    if getattr(quant_state, "packing_format_for_cpu", False):
+        # bnb repacks CPU weights for its AVX512 inference kernel in another layout.
+        raise ValueError("quant_state uses bitsandbytes' CPU inference packing; not supported")
     packed = data.detach()
     if packed.dtype != torch.uint8:
         packed = packed.contiguous().view(torch.uint8)
