@@ -30,6 +30,8 @@ _SILU, _GELU_ERF, _GELU_TANH = 0, 1, 2
 @triton.jit
 def _tanh(x):
     # No tl.tanh in every Triton version; this form is exact in fp32 to ~1 ulp of 1.
+    # tanh is 1.0 in fp32 beyond |x| = 9: clamping keeps exp() from overflowing to inf.
+    x = tl.minimum(tl.maximum(x, -10.0), 10.0)
     return 2.0 * tl.sigmoid(2.0 * x) - 1.0
 
 

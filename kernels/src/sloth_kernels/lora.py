@@ -1,0 +1,277 @@
+"""Fused LoRA projections: ``x W^T + b + s * (x A^T) B^T`` with a hand-written backward.
+
+The matrix products run through torch (cuBLAS); what this module adds is what is kept
+for backward and how the pieces are grouped:
+
+- The base weight is frozen: it gets no gradient, and it is never saved. A 4-bit (NF4)
+  weight is dequantized by :func:`sloth_kernels.nf4.dequantize_nf4` right before its
+  product, in forward and again in backward, and freed right after.
+- Projections that read the same input (q/k/v; gate/up in the MLP) save that input once
+  and run their ``lora_A`` products as one GEMM against the stacked ``A`` matrices, in
+  forward (``x A^T``) and in backward (``dA = G^T x``), so ``x`` is read once, not once
+  per projection.
+- Saved per group: the input and ``x A^T`` (``[N, r]`` per adapter, tiny), plus the
+  ``lora_A``/``lora_B`` parameters (so in-place changes to them are caught).
+- The LoRA contribution is accumulated into the base result and into ``dx`` with
+  ``addmm_`` (one rounding, no ``[N, out]`` temporary).
+
+Anything the fast path does not serve calls the reference, so results are always those
+of :mod:`sloth_core.ops.reference.lora`: active dropout, LoRA weights of another dtype
+than the input (PEFT promotes), a dense base weight or bias of another dtype, a base
+weight or bias that requires grad, a 4-bit type other than NF4, autocast, mixed devices.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sloth_core.ops import reference
+from sloth_core.ops.reference import LoRALinear
+from sloth_kernels.nf4 import dequantize_nf4
+
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+# -- what the fast path serves ---------------------------------------------------------
+
+
+def _dropout_inactive(dropout) -> bool:
+    if dropout is None or isinstance(dropout, nn.Identity):
+        return True
+    # Dropout(p=0), or any dropout module in eval mode, returns its input unchanged.
+    return isinstance(dropout, nn.Dropout) and (dropout.p == 0 or not dropout.training)
+
+
+def layer_served(layer: LoRALinear, x: torch.Tensor) -> bool:
+    """Whether the fused path computes exactly what the reference does for ``layer``."""
+    weight, device, dtype = layer.weight, x.device, x.dtype
+    if weight.device != device or weight.requires_grad:
+        return False
+    if layer.quant_state is not None:
+        if getattr(layer.quant_state, "quant_type", None) != "nf4":
+            return False
+        if int(layer.quant_state.shape[-1]) != x.shape[-1] or len(layer.quant_state.shape) != 2:
+            return False
+    elif weight.dtype != dtype or weight.dim() != 2 or weight.shape[1] != x.shape[-1]:
+        return False
+    bias = layer.bias
+    if bias is not None:
+        if bias.requires_grad or bias.device != device:
+            return False
+        # The reference casts the bias of a 4-bit layer to x's dtype, a dense one it does not.
+        if layer.quant_state is None and bias.dtype != dtype:
+            return False
+    if layer.has_lora:
+        a, b = layer.lora_A, layer.lora_B
+        if a.dtype != dtype or b.dtype != dtype or a.device != device or b.device != device:
+            return False
+        if not _dropout_inactive(layer.dropout):
+            return False
+    return True
+
+
+def fast_path_ok(x: torch.Tensor, layers: Sequence[LoRALinear]) -> bool:
+    """Whether ``x`` and every layer can take the fused path (else: the reference)."""
+    if not isinstance(x, torch.Tensor) or x.dtype not in _DTYPES or x.dim() < 1:
+        return False
+    if torch.is_autocast_enabled(x.device.type):
+        return False
+    return all(layer_served(layer, x) for layer in layers)
+
+
+# -- shared pieces ------------------------------------------------------------------------
+
+
+def dense_weight(layer: LoRALinear, dtype: torch.dtype) -> torch.Tensor:
+    """The base weight ``[out, in]`` in ``dtype``; a 4-bit one freshly dequantized.
+
+    As the reference does, a 4-bit weight goes through ``quant_state.dtype`` first: when
+    that is fp32 (or already ``dtype``) the kernel writes ``dtype`` directly, which
+    rounds the same way.
+    """
+    if layer.quant_state is None:
+        return layer.weight
+    state = layer.quant_state
+    if state.dtype in (dtype, torch.float32):
+        return dequantize_nf4(layer.weight, state, dtype=dtype)
+    return dequantize_nf4(layer.weight, state).to(dtype)
+
+
+def _bias(layer: LoRALinear, dtype: torch.dtype) -> torch.Tensor | None:
+    return None if layer.bias is None else layer.bias.to(dtype)
+
+
+def out_features(layer: LoRALinear) -> int:
+    """Rows of the base weight."""
+    if layer.quant_state is not None:
+        return int(layer.quant_state.shape[0])
+    return int(layer.weight.shape[0])
+
+
+@dataclass
+class Group:
+    """Projections of one shared input: which carry adapters, and their rank slices."""
+
+    layers: tuple[LoRALinear, ...]
+    adapted: tuple[int, ...]  # indices of layers with an adapter, in order
+    slices: tuple[tuple[int, int], ...]  # columns of each adapter in the stacked x A^T
+
+    @classmethod
+    def of(cls, layers: Sequence[LoRALinear]) -> Group:
+        adapted, slices, start = [], [], 0
+        for i, layer in enumerate(layers):
+            if layer.has_lora:
+                r = int(layer.lora_A.shape[0])
+                adapted.append(i)
+                slices.append((start, start + r))
+                start += r
+        return cls(tuple(layers), tuple(adapted), tuple(slices))
+
+    def lora_tensors(self) -> list[torch.Tensor]:
+        """``[A_0, B_0, A_1, B_1, ...]`` of the adapted layers: autograd inputs."""
+        return [t for i in self.adapted for t in (self.layers[i].lora_A, self.layers[i].lora_B)]
+
+    def stacked_a(self, lora: Sequence[torch.Tensor]) -> torch.Tensor:
+        """The adapters' ``A`` stacked into ``[sum r, in]`` (a copy only when several)."""
+        a = lora[0::2]
+        return a[0] if len(a) == 1 else torch.cat(a, dim=0)
+
+
+def group_forward(x: torch.Tensor, group: Group, lora: Sequence[torch.Tensor]):
+    """Every projection of ``x`` ``[..., in]``: ``(outputs [..., out_i], x A^T)``.
+
+    ``x A^T`` is ``[N, sum r]`` for all adapters at once (``None`` without adapters).
+    The outputs are fresh tensors, not views: a custom Function's view outputs may not be
+    modified in place downstream.
+    """
+    x2 = x.reshape(-1, x.shape[-1])
+    xa = x2 @ group.stacked_a(lora).t() if group.adapted else None
+    outputs = []
+    for i, layer in enumerate(group.layers):
+        weight = dense_weight(layer, x.dtype)
+        out = F.linear(x, weight, _bias(layer, x.dtype))
+        del weight  # a dequantized weight is freed before the next one is made
+        if i in group.adapted:
+            k = group.adapted.index(i)
+            start, stop = group.slices[k]
+            out2 = out.view(-1, out.shape[-1])
+            out2.addmm_(xa[:, start:stop], lora[2 * k + 1].t(), alpha=float(layer.scaling))
+        outputs.append(out)
+    return outputs, xa
+
+
+def group_backward(
+    x2: torch.Tensor | None,
+    xa: torch.Tensor | None,
+    grads: Sequence[torch.Tensor],
+    group: Group,
+    lora: Sequence[torch.Tensor],
+    needs_x: bool,
+    needs_lora: Sequence[bool],
+):
+    """``(dx or None, [dA_0, dB_0, ...])`` of :func:`group_forward` given 2D output grads.
+
+    ``dx = sum_i g_i W_i + G A`` with ``G = [s_i g_i B_i]`` (``[N, sum r]``), accumulated
+    in place; ``dA = G^T x`` as one GEMM for every adapter; ``dB_i = s_i g_i^T (x A_i^T)``.
+    """
+    dtype = grads[0].dtype
+    dx = None
+    if needs_x:
+        for layer, g in zip(group.layers, grads):
+            weight = dense_weight(layer, dtype)
+            dx = g.mm(weight) if dx is None else dx.addmm_(g, weight)
+            del weight
+    lora_grads: list[torch.Tensor | None] = [None] * len(lora)
+    if not group.adapted:
+        return dx, lora_grads
+    scaled = [
+        grads[i].mm(lora[2 * k + 1]).mul_(float(group.layers[i].scaling)) for k, i in enumerate(group.adapted)
+    ]
+    big_g = scaled[0] if len(scaled) == 1 else torch.cat(scaled, dim=1)
+    if needs_x:
+        dx.addmm_(big_g, group.stacked_a(lora))
+    if any(needs_lora[0::2]):
+        d_a = big_g.t().mm(x2)
+        for k, (start, stop) in enumerate(group.slices):
+            lora_grads[2 * k] = d_a[start:stop]
+    for k, i in enumerate(group.adapted):
+        if needs_lora[2 * k + 1]:
+            start, stop = group.slices[k]
+            scaling = float(group.layers[i].scaling)
+            lora_grads[2 * k + 1] = grads[i].t().mm(xa[:, start:stop]).mul_(scaling)
+    return dx, lora_grads
+
+
+class _LoRAProjections(torch.autograd.Function):
+    """Base + LoRA projections of one input; one output per layer."""
+
+    @staticmethod
+    def forward(ctx, x, group, *lora):
+        outputs, xa = group_forward(x, group, lora)
+        ctx.group = group
+        needs_a = any(ctx.needs_input_grad[2::2])
+        needs_b = any(ctx.needs_input_grad[3::2])
+        # x only for dA, x A^T only for dB; the frozen base weights are re-read from group.
+        ctx.save_for_backward(x if needs_a else None, xa if needs_b else None, *lora)
+        return tuple(outputs)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        x, xa, *lora = ctx.saved_tensors
+        group = ctx.group
+        grads2 = [g.reshape(-1, g.shape[-1]) for g in grads]
+        x2 = None if x is None else x.reshape(-1, x.shape[-1])
+        needs_x = ctx.needs_input_grad[0]
+        dx, lora_grads = group_backward(x2, xa, grads2, group, lora, needs_x, ctx.needs_input_grad[2:])
+        if dx is not None:
+            dx = dx.view(*grads[0].shape[:-1], dx.shape[-1])
+        return (dx, None, *lora_grads)
+
+
+def _project(x: torch.Tensor, layers: Sequence[LoRALinear]) -> tuple[torch.Tensor, ...]:
+    group = Group.of(layers)
+    return _LoRAProjections.apply(x, group, *group.lora_tensors())
+
+
+# -- the ops --------------------------------------------------------------------------------
+
+
+def lora_linear(x: torch.Tensor, layer: LoRALinear) -> torch.Tensor:
+    """``x W^T + b + s * B A x``: one (possibly NF4) linear layer with its adapter.
+
+    Same signature and result as :func:`sloth_core.ops.reference.lora_linear`; saves only
+    ``x`` and ``x A^T`` for backward. Settings the fast path does not serve (module
+    docstring) use the reference.
+    """
+    if not fast_path_ok(x, (layer,)):
+        return reference.lora_linear(x, layer)
+    return _project(x, (layer,))[0]
+
+
+def lora_qkv(
+    x: torch.Tensor, q: LoRALinear, k: LoRALinear, v: LoRALinear
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(q(x), k(x), v(x))``, each base + adapter, sharing one saved ``x``.
+
+    Same signature and result as :func:`sloth_core.ops.reference.lora_qkv` (GQA shapes
+    and base biases included); the three ``x A^T`` and the three ``dA`` each run as one
+    GEMM. Settings the fast path does not serve use the reference.
+    """
+    if not fast_path_ok(x, (q, k, v)):
+        return reference.lora_qkv(x, q, k, v)
+    return tuple(_project(x, (q, k, v)))
+
+
+def lora_o(x: torch.Tensor, o: LoRALinear) -> torch.Tensor:
+    """The attention output projection with its adapter; see :func:`lora_linear`.
+
+    Same signature and result as :func:`sloth_core.ops.reference.lora_o`.
+    """
+    if not fast_path_ok(x, (o,)):
+        return reference.lora_o(x, o)
+    return _project(x, (o,))[0]

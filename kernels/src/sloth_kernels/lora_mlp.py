@@ -1,0 +1,148 @@
+"""The gated MLP with LoRA on gate, up and down: ``down(act(gate(x)) * up(x))``.
+
+Saved for backward: ``x``, the two pre-activation projections ``e = gate(x)`` and
+``u = up(x)``, and the tiny ``x A^T`` / ``h A_down^T`` products, where PEFT's modules
+keep ``x``, ``e``, ``u``, ``act(e)`` and ``h = act(e) * u``. The backward recomputes the
+activation from ``e`` and ``u`` (``h`` only in row chunks, for ``dA`` of down) and
+writes ``d_gate``/``d_up`` over the saved ``e``/``u`` buffers. Base weights are never
+saved; NF4 ones are dequantized again in backward, one at a time.
+
+Because the backward reuses its saved buffers, it may run once per forward: a second
+backward through the same graph (``retain_graph=True``) raises.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from sloth_core.ops import reference
+from sloth_core.ops.reference import LoRALinear
+from sloth_kernels.activations import geglu_backward, geglu_forward, swiglu_backward, swiglu_forward
+from sloth_kernels.lora import Group, dense_weight, fast_path_ok, group_backward, group_forward
+
+_ACTIVATIONS = ("swiglu", "geglu", "geglu_tanh")
+
+#: Elements of ``h`` recomputed at once for ``dA`` of down (~64 MiB in bf16): bounds the
+#: backward's extra memory whatever the token count.
+_H_CHUNK_ELEMENTS = 1 << 25
+
+
+def _act_forward(gate: torch.Tensor, up: torch.Tensor, activation: str) -> torch.Tensor:
+    if activation == "swiglu":
+        return swiglu_forward(gate, up)
+    return geglu_forward(gate, up, "tanh" if activation == "geglu_tanh" else "none")
+
+
+def _act_backward_inplace(grad, gate, up, activation: str):
+    if activation == "swiglu":
+        return swiglu_backward(grad, gate, up, inplace=True)
+    return geglu_backward(grad, gate, up, "tanh" if activation == "geglu_tanh" else "none", inplace=True)
+
+
+class _LoRAMLP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, gate_up, down, activation, *lora):
+        # lora: the gate/up group's [A, B, ...] then down's [A, B] (when it has an adapter).
+        n_gu = 2 * len(gate_up.adapted)
+        lora_gu, lora_down = lora[:n_gu], lora[n_gu:]
+        (e, u), xa = group_forward(x, gate_up, lora_gu)
+        hidden = _act_forward(e, u, activation)
+        # down's adapter: ha = h A^T, kept for dB of down (tiny).
+        (out,), ha = group_forward(hidden, down, lora_down)
+        del hidden
+        ctx.gate_up, ctx.down, ctx.activation, ctx.n_gu = gate_up, down, activation, n_gu
+        ctx.backward_done = False
+        needs_gu_a = any(ctx.needs_input_grad[4 : 4 + n_gu : 2])
+        needs_gu_b = any(ctx.needs_input_grad[5 : 4 + n_gu : 2])
+        needs_down_b = any(ctx.needs_input_grad[5 + n_gu :: 2])
+        ctx.save_for_backward(
+            x if needs_gu_a else None,
+            e,
+            u,
+            xa if needs_gu_b else None,
+            ha if needs_down_b else None,
+            *lora,
+        )
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        if ctx.backward_done:
+            raise RuntimeError(
+                "lora_mlp's backward reuses its saved buffers and runs once per forward; "
+                "retain_graph=True with a second backward is not supported"
+            )
+        ctx.backward_done = True
+        x, e, u, xa, ha, *lora = ctx.saved_tensors
+        gate_up, down, activation, n_gu = ctx.gate_up, ctx.down, ctx.activation, ctx.n_gu
+        lora_gu, lora_down = lora[:n_gu], lora[n_gu:]
+        needs = ctx.needs_input_grad
+        g2 = grad.reshape(-1, grad.shape[-1])
+        e2, u2 = e.view(-1, e.shape[-1]), u.view(-1, u.shape[-1])
+
+        # down: dh = g W_d + G_d A_d and dB_d; dA_d = G_d^T h needs h, recomputed below.
+        dh, down_grads = group_backward(None, ha, [g2], down, lora_down, True, [False, *needs[5 + n_gu :]])
+        if down.adapted and needs[4 + n_gu]:
+            down_grads[0] = _down_grad_a(g2, down, lora_down, e2, u2, activation)
+
+        # Activation backward over the saved e/u buffers (they are not needed afterwards).
+        d_gate, d_up = _act_backward_inplace(dh, e2, u2, activation)
+        del dh
+        x2 = None if x is None else x.reshape(-1, x.shape[-1])
+        dx, gu_grads = group_backward(x2, xa, [d_gate, d_up], gate_up, lora_gu, needs[0], needs[4 : 4 + n_gu])
+        if dx is not None:
+            dx = dx.view(*grad.shape[:-1], dx.shape[-1])
+        return (dx, None, None, None, *gu_grads, *down_grads)
+
+
+def _down_grad_a(g2, down: Group, lora_down, e2, u2, activation: str) -> torch.Tensor:
+    """``dA_down = s (g B_d)^T h`` with ``h = act(e) * u`` recomputed in row chunks."""
+    scaled = g2.mm(lora_down[1]).mul_(float(down.layers[0].scaling))  # [N, r]
+    rows = e2.shape[0]
+    step = max(1, _H_CHUNK_ELEMENTS // max(1, e2.shape[1]))
+    grad_a = None
+    for start in range(0, rows, step):
+        stop = min(rows, start + step)
+        hidden = _act_forward(e2[start:stop], u2[start:stop], activation)
+        part = scaled[start:stop].t()
+        grad_a = part.mm(hidden) if grad_a is None else grad_a.addmm_(part, hidden)
+    return grad_a
+
+
+def lora_mlp(
+    x: torch.Tensor,
+    gate: LoRALinear,
+    up: LoRALinear,
+    down: LoRALinear,
+    *,
+    activation: str = "swiglu",
+) -> torch.Tensor:
+    """``down(act(gate(x)) * up(x))`` with LoRA on all three projections, fused backward.
+
+    Same signature and result as :func:`sloth_core.ops.reference.lora_mlp`
+    (``activation`` ``"swiglu"``, ``"geglu"`` or ``"geglu_tanh"``). Saves ``x``, the gate
+    and up outputs and the ``[N, r]`` LoRA products; see the module docstring. Settings
+    the fast path does not serve (dropout, mixed dtypes, FP4, ...) use the reference.
+    """
+    if activation not in _ACTIVATIONS:
+        raise ValueError(f"activation must be one of {_ACTIVATIONS}, got {activation!r}")
+    if not fast_path_ok(x, (gate, up)) or x.numel() == 0:
+        return reference.lora_mlp(x, gate, up, down, activation=activation)
+    probe = torch.empty((), dtype=x.dtype, device=x.device).expand(
+        *x.shape[:-1], int(gate.lora_A.shape[0] if False else 0) or _features(gate)
+    )
+    if not fast_path_ok(probe, (down,)):
+        return reference.lora_mlp(x, gate, up, down, activation=activation)
+    gate_up, down_group = Group.of((gate, up)), Group.of((down,))
+    lora = [*gate_up.lora_tensors(), *down_group.lora_tensors()]
+    return _LoRAMLP.apply(x, gate_up, down_group, activation, *lora)
+
+
+def _features(layer: LoRALinear) -> int:
+    if layer.quant_state is not None:
+        return int(layer.quant_state.shape[0])
+    return int(layer.weight.shape[0])
+
+
+__all__ = ["lora_mlp", "dense_weight", "F"]

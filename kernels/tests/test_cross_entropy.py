@@ -1,0 +1,170 @@
+"""Cross-entropy kernel against the torch reference, forward and backward."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import DTYPES, HAS_CUDA, assert_close
+
+from sloth_core.ops import reference
+from sloth_kernels import cross_entropy as ce_module
+from sloth_kernels.cross_entropy import cross_entropy
+
+
+@pytest.fixture
+def small_blocks(monkeypatch):
+    """Blocks of 256 columns, so CPU-sized vocabularies take several online-lse steps."""
+    if not HAS_CUDA:
+        monkeypatch.setattr(ce_module, "MAX_BLOCK", 256)
+
+
+def _inputs(n_rows, vocab, dtype, device, n_ignored=0):
+    # Scale 4: peaked and flat rows both, and the softcap's curved region.
+    logits = (torch.randn(n_rows, vocab, device=device) * 4).to(dtype).requires_grad_()
+    labels = torch.randint(0, vocab, (n_rows,), device=device)
+    labels[torch.randperm(n_rows, device=device)[:n_ignored]] = -100
+    return logits, labels
+
+
+def _fp32_reference(logits, labels, grad=None, **kwargs):
+    # HF upcasts the logits to fp32 before the loss: the reference sees the same values.
+    logits32 = logits.detach().float().requires_grad_()
+    loss = reference.cross_entropy(logits32, labels, **kwargs)
+    loss.backward(torch.ones_like(loss) if grad is None else grad)
+    return loss, logits32.grad
+
+
+def assert_grad_close(actual, expected, dtype, what):
+    """Compare relative to the largest gradient: softmax gradients are ~1/(N V) each,
+    far below an absolute tolerance, so unscaled they would pass whatever the values."""
+    scale = expected.abs().max().clamp(min=1e-30)
+    assert actual.dtype == dtype, what
+    assert_close(actual.float() / scale, expected / scale, dtype, what=what)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("softcap", [None, 5.0])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_matches_reference(reduction, softcap, dtype, device, small_blocks):
+    shape = (19, 1000 + 7)
+    logits, labels = _inputs(*shape, dtype, device, n_ignored=4)
+    loss = cross_entropy(logits, labels, softcap=softcap, reduction=reduction)
+    grad = torch.rand_like(loss) + 0.5  # per-token upstream gradients for "none"
+    loss.backward(grad)
+    what = f"{shape} {dtype} softcap={softcap} {reduction}"
+    ref_loss, ref_grad = _fp32_reference(
+        logits, labels, grad, softcap=softcap, reduction=reduction
+    )
+    assert loss.dtype == torch.float32 and loss.shape == ref_loss.shape, what
+    assert_close(loss, ref_loss, torch.float32, what=f"{what} loss")
+    assert_grad_close(logits.grad, ref_grad, dtype, f"{what} dlogits")
+    if reduction == "none":
+        assert (loss[labels == -100] == 0).all(), what
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(5, 123), (1, 1), (3, 2), (40, 96)])
+def test_odd_shapes(shape, dtype, device, small_blocks):
+    logits, labels = _inputs(*shape, dtype, device)
+    loss = cross_entropy(logits, labels)
+    loss.backward()
+    ref_loss, ref_grad = _fp32_reference(logits, labels)
+    what = f"{shape} {dtype}"
+    assert_close(loss, ref_loss, torch.float32, what=f"{what} loss")
+    if shape[1] > 1:  # one class: the gradient is exactly 0
+        assert_grad_close(logits.grad, ref_grad, dtype, f"{what} dlogits")
+    else:
+        assert (logits.grad == 0).all(), what
+
+
+@pytest.mark.parametrize("as_tensor", [False, True])
+@pytest.mark.parametrize("softcap", [None, 30.0])
+def test_num_items_in_batch(softcap, as_tensor, device, small_blocks):
+    shape = (17, 515)
+    logits, labels = _inputs(*shape, torch.float32, device, n_ignored=5)
+    num_items = torch.tensor(23, device=device) if as_tensor else 23
+    loss = cross_entropy(logits, labels, softcap=softcap, num_items_in_batch=num_items)
+    loss.backward()
+    ref_loss, ref_grad = _fp32_reference(
+        logits, labels, softcap=softcap, num_items_in_batch=num_items
+    )
+    what = f"{shape} softcap={softcap} num_items={num_items!r}"
+    assert_close(loss, ref_loss, torch.float32, what=f"{what} loss")
+    assert_grad_close(logits.grad, ref_grad, torch.float32, f"{what} dlogits")
+
+
+def test_custom_ignore_index_and_all_ignored(device, small_blocks):
+    logits, labels = _inputs(6, 300, torch.float32, device)
+    labels[::2] = 7  # class 7 doubles as the ignore index
+    loss = cross_entropy(logits, labels, ignore_index=7)
+    loss.backward()
+    ref_loss, ref_grad = _fp32_reference(logits, labels, ignore_index=7)
+    assert_close(loss, ref_loss, torch.float32, what="ignore_index=7 loss")
+    assert_grad_close(logits.grad, ref_grad, torch.float32, "ignore_index=7 dlogits")
+    assert (logits.grad[::2] == 0).all()
+
+    # Every label ignored: the reference defines the mean as 0 with zero gradients.
+    logits.grad = None
+    labels.fill_(-100)
+    loss = cross_entropy(logits, labels)
+    loss.backward()
+    assert loss.item() == 0.0 and (logits.grad == 0).all()
+
+
+def test_strided_rows(device, small_blocks):
+    """A row-strided view (e.g. logits sliced out of a wider buffer) is read in place."""
+    wide = torch.randn(9, 700, device=device) * 3
+    logits = wide[:, :555].requires_grad_()
+    labels = torch.randint(0, 555, (9,), device=device)
+    loss = cross_entropy(logits, labels, softcap=10.0)
+    loss.backward()
+    ref_loss, ref_grad = _fp32_reference(logits, labels, softcap=10.0)
+    assert_close(loss, ref_loss, torch.float32, what="strided loss")
+    assert_grad_close(logits.grad, ref_grad, torch.float32, "strided dlogits")
+
+
+def test_saves_only_inputs_and_row_lse(device):
+    """Backward recomputes the softmax: no new [N, V] tensor is kept, just lse [N] fp32."""
+    logits, labels = _inputs(8, 333, torch.bfloat16, device)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        loss = cross_entropy(logits, labels)
+    new = [t for t in saved if t.data_ptr() not in (logits.data_ptr(), labels.data_ptr())]
+    # What is left: the lse, and the tiny tensors of torch's own mean (count, sum).
+    assert all(t.numel() <= logits.shape[0] for t in new), [tuple(t.shape) for t in new]
+    assert any(t.shape == (8,) and t.dtype == torch.float32 for t in new)
+    loss.backward()
+    assert logits.grad.shape == logits.shape
+
+
+def test_falls_back_to_reference(device):
+    logits, labels = _inputs(4, 50, torch.float32, device)
+    with pytest.raises(ValueError):
+        cross_entropy(logits, labels, reduction="avg")
+    with pytest.raises(ValueError):
+        cross_entropy(logits, labels, num_items_in_batch=3, reduction="none")
+    wide = logits.detach().double()
+    assert_close(
+        cross_entropy(wide, labels), reference.cross_entropy(wide, labels), torch.float32,
+        what="float64 falls back",
+    )  # fmt: skip
+
+
+def test_registered_for_the_cross_entropy_op():
+    (entry,) = ce_module.REGISTRATIONS
+    assert entry["op"] == "cross_entropy" and entry["fn"] is cross_entropy
+    assert set(entry["dtypes"]) == set(DTYPES)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("vocab", [32000 + 7, 128256])
+@pytest.mark.parametrize("softcap", [None, 30.0])
+def test_llm_sized(vocab, softcap, device):
+    shape = (8192, vocab)
+    logits, labels = _inputs(*shape, torch.bfloat16, device, n_ignored=1000)
+    loss = cross_entropy(logits, labels, softcap=softcap)
+    loss.backward()
+    ref_loss, ref_grad = _fp32_reference(logits, labels, softcap=softcap)
+    what = f"{shape} bf16 softcap={softcap}"
+    assert_close(loss, ref_loss, torch.float32, scale=10, what=f"{what} loss")  # 8k-term sums
+    assert_grad_close(logits.grad, ref_grad, torch.bfloat16, f"{what} dlogits")

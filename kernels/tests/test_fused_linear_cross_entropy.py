@@ -1,0 +1,279 @@
+"""Fused linear cross entropy against the torch reference: loss, gradients, memory."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import DTYPES, HAS_CUDA, assert_close
+
+from sloth_core.ops import reference
+from sloth_kernels import cross_entropy as ce_module
+from sloth_kernels import fused_linear_cross_entropy as flce_module
+from sloth_kernels.fused_linear_cross_entropy import default_chunk_size, fused_linear_cross_entropy
+
+
+@pytest.fixture(autouse=True)
+def small_blocks(monkeypatch):
+    """Blocks of 256 columns, so CPU-sized vocabularies take several online-lse steps."""
+    if not HAS_CUDA:
+        monkeypatch.setattr(ce_module, "MAX_BLOCK", 256)
+
+
+def _inputs(n_rows, hidden_size, vocab, dtype, device, *, bias=False, grads=(True, True, True)):
+    hidden = torch.randn(n_rows, hidden_size, device=device).to(dtype)
+    # Scale so logits spread over several units: peaked and flat softmax rows both.
+    weight = (torch.randn(vocab, hidden_size, device=device) * 2 / hidden_size**0.5).to(dtype)
+    b = torch.randn(vocab, device=device).to(dtype) if bias else None
+    tensors = (hidden, weight, b)
+    for t, needs in zip(tensors, grads):
+        if t is not None:
+            t.requires_grad_(needs)
+    labels = torch.randint(0, vocab, (n_rows,), device=device)
+    return hidden, weight, b, labels
+
+
+def _grads(tensors):
+    return [None if t is None or not t.requires_grad else t.grad for t in tensors]
+
+
+def _run(fn, hidden, weight, bias, labels, grad_scale=1.0, **kwargs):
+    """Loss and gradients of ``fn`` on fresh leaves that share the inputs' values."""
+    leaves = [None if t is None else t.detach().requires_grad_(t.requires_grad) for t in
+              (hidden, weight, bias)]  # fmt: skip
+    loss = fn(leaves[0], leaves[1], labels, bias=leaves[2], **kwargs)
+    if loss.requires_grad:
+        (loss * grad_scale).backward()
+    return loss, _grads(leaves)
+
+
+def assert_grad_close(actual, expected, dtype, what):
+    """Compare relative to the largest gradient, whose entries are ~1/N: far below an
+    absolute tolerance unscaled. The reference rounds d(logits) to the input dtype before
+    the matmuls as we do, so the per-dtype tolerance holds on the normalised values."""
+    if expected is None:
+        assert actual is None, f"{what}: a gradient where none was asked for"
+        return
+    assert actual.dtype == expected.dtype and actual.shape == expected.shape, what
+    scale = expected.float().abs().max().clamp(min=1e-30)
+    assert_close(actual.float() / scale, expected.float() / scale, dtype, what=what)
+
+
+def _check(hidden, weight, bias, labels, dtype, what, grad_scale=1.0, **kwargs):
+    loss, grads = _run(fused_linear_cross_entropy, hidden, weight, bias, labels, grad_scale, **kwargs)
+    ref_loss, ref_grads = _run(
+        reference.fused_linear_cross_entropy, hidden, weight, bias, labels, grad_scale, **kwargs
+    )
+    assert loss.dtype == torch.float32 and loss.dim() == 0, what
+    # Both take the logits from the same matmul in the input dtype, then reduce in fp32.
+    assert_close(loss, ref_loss, torch.float32, what=f"{what} loss")
+    for name, got, want in zip(("dhidden", "dweight", "dbias"), grads, ref_grads):
+        assert_grad_close(got, want, dtype, f"{what} {name}")
+    return loss, grads
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    "bias, softcap, chunk_size",
+    [(False, None, None), (True, None, 10), (False, 5.0, 16), (True, 30.0, 7)],
+)
+def test_matches_reference(bias, softcap, chunk_size, dtype, device):
+    shape = (37, 24, 1000 + 7)  # N, H, V; chunk sizes that do not divide N
+    hidden, weight, b, labels = _inputs(*shape, dtype, device, bias=bias)
+    labels[torch.randperm(shape[0], device=device)[:9]] = -100
+    what = f"NxHxV={shape} {dtype} bias={bias} softcap={softcap} chunk={chunk_size}"
+    _check(hidden, weight, b, labels, dtype, what, softcap=softcap, chunk_size=chunk_size)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_matches_unfused_cross_entropy(dtype, device):
+    """The contract itself: the loss of ``F.linear(h, w).float()`` as HF computes it."""
+    shape = (29, 40, 515)
+    hidden, weight, _, labels = _inputs(*shape, dtype, device, grads=(True, False, False))
+    labels[:3] = -100
+    loss, (dhidden, _, _) = _run(fused_linear_cross_entropy, hidden, weight, None, labels,
+                                 softcap=20.0, chunk_size=8)  # fmt: skip
+    h = hidden.detach().requires_grad_()
+    ref = reference.cross_entropy(F.linear(h, weight.detach()), labels, softcap=20.0)
+    ref.backward()
+    what = f"NxHxV={shape} {dtype}"
+    assert_close(loss, ref, torch.float32, what=f"{what} loss")
+    assert_grad_close(dhidden, h.grad, dtype, f"{what} dhidden")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    "grads", [(True, False, False), (False, True, True), (False, False, False)],
+    ids=["frozen-weight", "frozen-hidden", "all-frozen"],
+)
+def test_which_gradients(grads, dtype, device):
+    shape = (21, 16, 300)
+    hidden, weight, b, labels = _inputs(*shape, dtype, device, bias=True, grads=grads)
+    labels[-4:] = -100
+    _check(hidden, weight, b, labels, dtype, f"NxHxV={shape} {dtype} grads={grads}", chunk_size=8)
+
+
+def test_no_grad_mode_computes_only_the_loss(device):
+    hidden, weight, _, labels = _inputs(12, 16, 300, torch.float32, device)
+    with torch.no_grad():
+        loss = fused_linear_cross_entropy(hidden, weight, labels, chunk_size=5)
+    assert not loss.requires_grad and hidden.grad is None and weight.grad is None
+    ref = reference.fused_linear_cross_entropy(hidden.detach(), weight.detach(), labels)
+    assert_close(loss, ref, torch.float32, what="no_grad loss")
+
+
+@pytest.mark.parametrize("as_tensor", [False, True])
+def test_num_items_in_batch_and_upstream_gradient(as_tensor, device):
+    """Summed loss over num_items; backward scales the stored gradients by dloss."""
+    shape = (26, 16, 400)
+    hidden, weight, b, labels = _inputs(*shape, torch.float32, device, bias=True)
+    labels[:5] = -100
+    num_items = torch.tensor(40, device=device) if as_tensor else 40
+    what = f"NxHxV={shape} num_items={num_items!r}"
+    _check(hidden, weight, b, labels, torch.float32, what, grad_scale=2.5,
+           num_items_in_batch=num_items, softcap=8.0, chunk_size=9)  # fmt: skip
+
+
+def test_ignored_chunks_and_all_ignored(device):
+    shape = (30, 16, 300)
+    hidden, weight, b, labels = _inputs(*shape, torch.float32, device, bias=True)
+    labels[:20] = -100  # chunks of 8: the first two have no label at all
+    loss, (dhidden, _, _) = _check(hidden, weight, b, labels, torch.float32,
+                                   f"NxHxV={shape} ignored chunks", chunk_size=8)  # fmt: skip
+    assert (dhidden[:20] == 0).all() and (dhidden[20:] != 0).any()
+
+    labels.fill_(-100)  # the whole batch: loss 0 and zero gradients, as the reference
+    loss, grads = _check(hidden, weight, b, labels, torch.float32, "all ignored", chunk_size=8)
+    assert loss.item() == 0.0 and all((g == 0).all() for g in grads)
+
+
+def test_leading_dims_are_flattened(device):
+    hidden, weight, _, labels = _inputs(2 * 9, 16, 200, torch.float32, device)
+    hidden = hidden.detach().view(2, 9, 16).requires_grad_()
+    loss = fused_linear_cross_entropy(hidden, weight, labels.view(2, 9), chunk_size=4)
+    loss.backward()
+    ref = reference.fused_linear_cross_entropy(hidden.detach(), weight.detach(), labels)
+    assert_close(loss, ref, torch.float32, what="[2, 9, H] hidden")
+    assert hidden.grad.shape == (2, 9, 16)
+
+
+def test_retained_graph_backward_twice(device):
+    """Backward rescales out of place: a second backward gets the same gradients."""
+    hidden, weight, _, labels = _inputs(10, 16, 200, torch.float32, device)
+    loss = fused_linear_cross_entropy(hidden, weight, labels, chunk_size=4)
+    (loss * 3).backward(retain_graph=True)
+    first = weight.grad.clone()
+    weight.grad = None
+    (loss * 3).backward()
+    assert_close(weight.grad, first, torch.float32, what="second backward")
+
+
+def test_nothing_of_size_n_by_v_is_saved(device):
+    n_rows, hidden_size, vocab = 48, 16, 1000 + 7  # N * V > V * H: a saved [N, V] would show
+    hidden, weight, b, labels = _inputs(n_rows, hidden_size, vocab, torch.float32, device, bias=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        loss = fused_linear_cross_entropy(hidden, weight, labels, bias=b, chunk_size=20)
+    shapes = sorted(tuple(t.shape) for t in saved)
+    assert shapes == sorted([(n_rows, hidden_size), (vocab, hidden_size), (vocab,)]), shapes
+    assert all(t.numel() < n_rows * vocab for t in saved), shapes
+    loss.backward()
+    assert hidden.grad is not None and weight.grad is not None and b.grad is not None
+
+
+def test_default_chunk_size():
+    # 128256 x bf16: at most 256 MiB of logits, a multiple of 64 rows, even chunks.
+    assert default_chunk_size(8192, 128256, 2) == 1024
+    assert default_chunk_size(1100, 128256, 2) == 576  # two chunks, not 1024 + 76
+    assert default_chunk_size(100, 128256, 2) == 100
+    assert default_chunk_size(5, 10**12, 4) == 1  # one row already exceeds the budget
+    for n_rows, vocab, size in [(8192, 32007, 2), (70000, 152064, 2), (4096, 256000, 4)]:
+        rows = default_chunk_size(n_rows, vocab, size)
+        assert rows * vocab * size <= flce_module.CHUNK_BYTES and rows % 64 == 0, (n_rows, vocab)
+
+
+def test_falls_back_to_reference(device):
+    hidden, weight, _, labels = _inputs(6, 8, 50, torch.float32, device)
+    with pytest.raises(ValueError):
+        fused_linear_cross_entropy(hidden, weight, labels[:5])
+    with pytest.raises(ValueError):
+        fused_linear_cross_entropy(hidden, weight, labels, chunk_size=0)
+    wide = hidden.detach().double(), weight.detach().double()
+    assert_close(
+        fused_linear_cross_entropy(*wide, labels),
+        reference.fused_linear_cross_entropy(*wide, labels), torch.float32, what="float64",
+    )  # fmt: skip
+
+
+def test_registered_for_the_fused_op():
+    (entry,) = flce_module.REGISTRATIONS
+    assert entry["op"] == "fused_linear_cross_entropy"
+    assert entry["fn"] is fused_linear_cross_entropy and set(entry["dtypes"]) == set(DTYPES)
+
+
+# -- on the GPU: LLM-sized shapes, the memory bound and the speed of the eager path --------
+
+LLM = (8192, 4096, 128256)  # tokens, hidden size, vocabulary (Llama 3)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("vocab, softcap, bias", [(32000 + 7, None, True), (128256, 30.0, False)])
+def test_llm_sized_matches_reference(vocab, softcap, bias, device):
+    shape = (4096, 4096, vocab)
+    hidden, weight, b, labels = _inputs(*shape, torch.bfloat16, device, bias=bias)
+    labels[:500] = -100
+    _check(hidden, weight, b, labels, torch.bfloat16, f"NxHxV={shape} bf16 softcap={softcap}",
+           softcap=softcap)  # fmt: skip
+
+
+def _peak_above_inputs(fn):
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - base
+
+
+@pytest.mark.gpu
+def test_llm_sized_memory_bound(device):
+    """Peak above the inputs at most 1/8 of the [N, V] fp32 logits (4.2 GB): ~525 MB."""
+    hidden, weight, _, labels = _inputs(*LLM, torch.bfloat16, device, grads=(True, False, False))
+    fused_linear_cross_entropy(hidden, weight, labels).backward()  # warm up cuBLAS, Triton
+    hidden.grad = None
+
+    def step():
+        fused_linear_cross_entropy(hidden, weight, labels).backward()
+
+    peak = _peak_above_inputs(step)
+    assert peak < 525e6, f"{LLM} bf16: {peak / 1e6:.0f} MB above the inputs"
+    assert hidden.grad is not None and not hidden.grad.isnan().any()
+
+
+@pytest.mark.gpu
+def test_llm_sized_not_slower_than_eager(device):
+    """Forward + backward against ``F.cross_entropy(F.linear(h, w).float(), labels)``."""
+    hidden, weight, _, labels = _inputs(*LLM, torch.bfloat16, device, grads=(True, False, False))
+
+    def fused():
+        fused_linear_cross_entropy(hidden, weight, labels).backward()
+
+    def eager():
+        F.cross_entropy(F.linear(hidden, weight).float(), labels).backward()
+
+    def best_ms(fn, repeats=5):
+        fn()  # warm-up
+        times = []
+        for _ in range(repeats):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+            hidden.grad = None
+        return min(times)
+
+    fused_ms, eager_ms = best_ms(fused), best_ms(eager)
+    # 5% slack for clock noise between two runs of the same ~25 ms of matmuls.
+    assert fused_ms <= 1.05 * eager_ms, f"{LLM} bf16: fused {fused_ms:.1f} ms, eager {eager_ms:.1f} ms"
