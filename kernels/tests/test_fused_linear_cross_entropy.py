@@ -60,7 +60,9 @@ def assert_grad_close(actual, expected, dtype, what):
 
 
 def _check(hidden, weight, bias, labels, dtype, what, grad_scale=1.0, **kwargs):
-    loss, grads = _run(fused_linear_cross_entropy, hidden, weight, bias, labels, grad_scale, **kwargs)
+    loss, grads = _run(
+        fused_linear_cross_entropy, hidden, weight, bias, labels, grad_scale, **kwargs
+    )
     ref_loss, ref_grads = _run(
         reference.fused_linear_cross_entropy, hidden, weight, bias, labels, grad_scale, **kwargs
     )
@@ -170,7 +172,9 @@ def test_retained_graph_backward_twice(device):
 
 def test_nothing_of_size_n_by_v_is_saved(device):
     n_rows, hidden_size, vocab = 48, 16, 1000 + 7  # N * V > V * H: a saved [N, V] would show
-    hidden, weight, b, labels = _inputs(n_rows, hidden_size, vocab, torch.float32, device, bias=True)
+    hidden, weight, b, labels = _inputs(
+        n_rows, hidden_size, vocab, torch.float32, device, bias=True
+    )
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
         loss = fused_linear_cross_entropy(hidden, weight, labels, bias=b, chunk_size=20)
@@ -276,4 +280,5 @@ def test_llm_sized_not_slower_than_eager(device):
 
     fused_ms, eager_ms = best_ms(fused), best_ms(eager)
     # 5% slack for clock noise between two runs of the same ~25 ms of matmuls.
-    assert fused_ms <= 1.05 * eager_ms, f"{LLM} bf16: fused {fused_ms:.1f} ms, eager {eager_ms:.1f} ms"
+    what = f"{LLM} bf16: fused {fused_ms:.1f} ms, eager {eager_ms:.1f} ms"
+    assert fused_ms <= 1.05 * eager_ms, what

@@ -67,8 +67,9 @@ def _target_logit(row_ptr, label, n_cols, softcap, HAS_SOFTCAP: tl.constexpr):
 
 @triton.jit
 def _store_row_grad(
-    in_ptr, out_ptr, label, lse, scale, n_cols, softcap, HAS_SOFTCAP: tl.constexpr, BLOCK: tl.constexpr
-):
+    in_ptr, out_ptr, label, lse, scale, n_cols, softcap,
+    HAS_SOFTCAP: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
     """``out = scale * (softmax(z) - onehot(label)) * dz/dx`` for one row; in == out is fine."""
     for start in range(0, n_cols, BLOCK):
         cols = start + tl.arange(0, BLOCK)
@@ -90,7 +91,8 @@ def _store_row_grad(
 def _store_zero_row(out_ptr, n_cols, BLOCK: tl.constexpr):
     for start in range(0, n_cols, BLOCK):
         cols = start + tl.arange(0, BLOCK)
-        tl.store(out_ptr + cols, tl.zeros([BLOCK], dtype=out_ptr.dtype.element_ty), mask=cols < n_cols)
+        zeros = tl.zeros([BLOCK], dtype=out_ptr.dtype.element_ty)
+        tl.store(out_ptr + cols, zeros, mask=cols < n_cols)
 
 
 @triton.jit
@@ -126,7 +128,9 @@ def row_loss_kernel(
             tl.store(lse_ptr + row, lse)
         if WRITE_GRAD:
             scale = tl.load(scale_ptr + row * scale_stride).to(tl.float32)
-            _store_row_grad(row_ptr, row_ptr, label, lse, scale, n_cols, softcap, HAS_SOFTCAP, BLOCK)
+            _store_row_grad(
+                row_ptr, row_ptr, label, lse, scale, n_cols, softcap, HAS_SOFTCAP, BLOCK
+            )
     else:
         tl.store(loss_ptr + row, 0.0)
         if STORE_LSE:
@@ -158,7 +162,9 @@ def _row_grad_kernel(
         lse = tl.load(lse_ptr + row)
         scale = tl.load(dloss_ptr + row * dloss_stride).to(tl.float32)
         logits_row = logits_ptr + row * logits_stride
-        _store_row_grad(logits_row, grad_row, label, lse, scale, n_cols, softcap, HAS_SOFTCAP, BLOCK)
+        _store_row_grad(
+            logits_row, grad_row, label, lse, scale, n_cols, softcap, HAS_SOFTCAP, BLOCK
+        )
     else:
         _store_zero_row(grad_row, n_cols, BLOCK)
 

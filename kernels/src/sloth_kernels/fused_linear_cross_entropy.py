@@ -59,7 +59,9 @@ def _chunks_with_labels(valid: torch.Tensor, chunk: int) -> list[bool]:
     return F.pad(valid, (0, pad)).view(-1, chunk).any(dim=1).tolist()
 
 
-def _fused_forward(hidden, weight, bias, labels, ignore_index, softcap, num_items_in_batch, chunk_size, needs):
+def _fused_forward(
+    hidden, weight, bias, labels, ignore_index, softcap, num_items_in_batch, chunk_size, needs
+):
     """Loss, and the gradients of the inputs flagged in ``needs`` (unscaled by dloss)."""
     need_hidden, need_weight, need_bias = needs
     need_grad = need_hidden or need_weight or need_bias
@@ -82,7 +84,9 @@ def _fused_forward(hidden, weight, bias, labels, ignore_index, softcap, num_item
         inv_denominator = torch.full((1,), inv, dtype=torch.float32, device=device)
 
     losses = torch.empty(n_rows, dtype=torch.float32, device=device)
-    grad_hidden = torch.empty((n_rows, hidden.shape[1]), dtype=dtype, device=device) if need_hidden else None
+    grad_hidden = None
+    if need_hidden:
+        grad_hidden = torch.empty((n_rows, hidden.shape[1]), dtype=dtype, device=device)
     grad_weight = None  # allocated by the first chunk's matmul
     grad_bias = torch.zeros(vocab, dtype=torch.float32, device=device) if need_bias else None
     block, num_warps = row_launch_config(vocab)
@@ -106,9 +110,10 @@ def _fused_forward(hidden, weight, bias, labels, ignore_index, softcap, num_item
         else:
             torch.addmm(bias, h, weight.t(), out=logits)
         row_loss_kernel[(stop - start,)](
-            logits, logits.stride(0), labels[start:stop], losses[start:stop], losses, inv_denominator, 0,
-            vocab, ignore_index, cap,
-            HAS_SOFTCAP=has_cap, STORE_LSE=False, WRITE_GRAD=need_grad, BLOCK=block, num_warps=num_warps,
+            logits, logits.stride(0), labels[start:stop], losses[start:stop], losses,
+            inv_denominator, 0, vocab, ignore_index, cap,
+            HAS_SOFTCAP=has_cap, STORE_LSE=False, WRITE_GRAD=need_grad, BLOCK=block,
+            num_warps=num_warps,
         )  # fmt: skip
         if not need_grad:
             continue
@@ -137,7 +142,9 @@ def _is_one(grad_output: torch.Tensor) -> bool:
 
 class _FusedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, ignore_index, softcap, num_items_in_batch, chunk_size):
+    def forward(
+        ctx, hidden, weight, bias, labels, ignore_index, softcap, num_items_in_batch, chunk_size
+    ):
         loss, grad_hidden, grad_weight, grad_bias = _fused_forward(
             hidden, weight, bias, labels, ignore_index, softcap, num_items_in_batch, chunk_size,
             ctx.needs_input_grad[:3],
@@ -228,4 +235,6 @@ def fused_linear_cross_entropy(
     return _fused_forward(*args, (False, False, False))[0]
 
 
-REGISTRATIONS = [{"op": "fused_linear_cross_entropy", "fn": fused_linear_cross_entropy, "dtypes": _FLOATS}]
+REGISTRATIONS = [
+    {"op": "fused_linear_cross_entropy", "fn": fused_linear_cross_entropy, "dtypes": _FLOATS}
+]

@@ -11,7 +11,10 @@ from sloth_kernels._utils import kernel_devices, triton_available
 #: Modules under ``sloth_kernels`` that define ``REGISTRATIONS``: a list of dicts with
 #: ``op``, ``fn`` and optionally ``dtypes`` and ``priority``. Imported on registration
 #: only, so that a broken Triton fails this plugin (listed as failed), never the core.
-KERNEL_MODULES: tuple[str, ...] = ()
+KERNEL_MODULES: tuple[str, ...] = (
+    "cross_entropy",
+    "fused_linear_cross_entropy",
+)
 
 PRIORITY = 10
 
