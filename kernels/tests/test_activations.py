@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import DTYPES, assert_close
+from sloth_kernels import activations
 
 from sloth_core.ops import reference
-from sloth_kernels import activations
 
 # (op name, kernel, reference, keyword arguments)
 OPS = [
@@ -63,8 +63,8 @@ def test_plain_functions_and_inplace_backward(act, dtype, device):
         forward, backward = activations.swiglu_forward, activations.swiglu_backward
     else:
         ref, kwargs = reference.geglu, {"approximate": act}
-        forward = lambda g, u: activations.geglu_forward(g, u, act)  # noqa: E731
-        backward = lambda d, g, u, **kw: activations.geglu_backward(d, g, u, act, **kw)  # noqa: E731
+        forward = lambda g, u: activations.geglu_forward(g, u, act)
+        backward = lambda d, g, u, **kw: activations.geglu_backward(d, g, u, act, **kw)
     what = f"{act} {shape} {dtype}"
     assert_close(forward(gate, up), ref(gate, up, **kwargs), dtype, what=f"{what} forward")
 

@@ -7,10 +7,10 @@ import math
 import pytest
 import torch
 from conftest import DTYPES, TOLERANCES, assert_close
-
-from sloth_core.ops import reference
 from sloth_kernels import norms
 from sloth_kernels._utils import MAX_FUSED_SIZE
+
+from sloth_core.ops import reference
 
 # Odd widths (not powers of 2), one-row tiles, many-row tiles, and Qwen3's per-head input.
 SHAPES = [(5, 123), (2, 37, 300), (2, 3, 4, 40), (7, 1000)]
@@ -43,7 +43,11 @@ def _assert_weight_grad(actual, expected, dtype, n_rows, *, rounded_per_row, wha
     atol, rtol = TOLERANCES[dtype]
     assert not torch.isnan(actual).any(), f"{what}: NaN in output"
     torch.testing.assert_close(
-        actual.float(), expected.float(), atol=atol * math.sqrt(n_rows), rtol=rtol, msg=lambda m: f"{what}: {m}"
+        actual.float(),
+        expected.float(),
+        atol=atol * math.sqrt(n_rows),
+        rtol=rtol,
+        msg=lambda m: f"{what}: {m}",
     )
 
 
@@ -66,10 +70,14 @@ def test_rms_norm_matches_reference(gemma, shape, dtype, device):
     what = f"rms_norm gemma={gemma} {shape} {dtype}"
     assert y.shape == x.shape and y.dtype == dtype, what
     # Forward: the reference in the input dtype (normalises in fp32, rounds as HF does).
-    assert_close(y, reference.rms_norm(x.detach(), w.detach(), eps, gemma=gemma), dtype, what=f"{what} y")
+    assert_close(
+        y, reference.rms_norm(x.detach(), w.detach(), eps, gemma=gemma), dtype, what=f"{what} y"
+    )
     _, dx, dw = _rms_fp32_reference(x, w, dy, eps, gemma)
     assert_close(x.grad, dx, dtype, what=f"{what} dx")
-    _assert_weight_grad(w.grad, dw, dtype, _rows(shape), rounded_per_row=not gemma, what=f"{what} dw")
+    _assert_weight_grad(
+        w.grad, dw, dtype, _rows(shape), rounded_per_row=not gemma, what=f"{what} dw"
+    )
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -96,19 +104,32 @@ def test_rms_norm_matches_transformers_modules(gemma, dtype, device):
     module32(x32).backward(dy.float())
     assert_close(x.grad, x32.grad, dtype, what=f"{what} dx")
     _assert_weight_grad(
-        w.grad, module32.weight.grad, dtype, _rows(shape), rounded_per_row=not gemma, what=f"{what} dw"
+        w.grad,
+        module32.weight.grad,
+        dtype,
+        _rows(shape),
+        rounded_per_row=not gemma,
+        what=f"{what} dw",
     )
 
 
-@pytest.mark.parametrize("w_dtype", [torch.float32, torch.bfloat16])
-def test_rms_norm_mixed_dtypes_promote_like_llama(w_dtype, device):
-    x, w = _inputs((4, 96), torch.bfloat16 if w_dtype == torch.float32 else torch.float32, device, affine_dtype=w_dtype)
+@pytest.mark.parametrize(
+    "x_dtype, w_dtype", [(torch.bfloat16, torch.float32), (torch.float32, torch.bfloat16)]
+)
+def test_rms_norm_mixed_dtypes_promote_like_llama(x_dtype, w_dtype, device):
+    x, w = _inputs((4, 96), x_dtype, device, affine_dtype=w_dtype)
     y = norms.rms_norm(x, w)
-    expected = reference.rms_norm(x.detach(), w.detach())
-    assert y.dtype == expected.dtype == torch.float32, "Llama's weight * normed promotes"
-    assert_close(y, expected, torch.bfloat16, what=f"x {x.dtype} w {w_dtype}")
-    y.sum().backward()
-    assert x.grad.dtype == x.dtype and w.grad.dtype == w.dtype
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    x_ref, w_ref = _leaf(x.detach()), _leaf(w.detach())
+    expected = reference.rms_norm(x_ref, w_ref)
+    expected.backward(dy)
+    what = f"x {x_dtype} w {w_dtype} (4, 96)"
+    assert y.dtype == expected.dtype == torch.float32, f"{what}: Llama's weight * normed promotes"
+    assert_close(y, expected, torch.bfloat16, what=f"{what} y")
+    assert x.grad.dtype == x_dtype and w.grad.dtype == w_dtype, what
+    assert_close(x.grad, x_ref.grad, torch.bfloat16, what=f"{what} dx")
+    assert_close(w.grad, w_ref.grad, torch.bfloat16, what=f"{what} dw")
 
 
 def test_rms_norm_frozen_weight_and_non_contiguous_input(device):
@@ -150,7 +171,11 @@ def test_layer_norm_matches_reference(affine, shape, dtype, device):
     eps = 1e-5
     # An offset and scale per row: the mean matters, unlike in RMSNorm.
     x = _leaf((torch.randn(shape, device=device) * 2 + 0.5).to(dtype))
-    w = _leaf((torch.randn(shape[-1], device=device) * 0.5 + 1).to(dtype)) if affine != "none" else None
+    w = (
+        _leaf((torch.randn(shape[-1], device=device) * 0.5 + 1).to(dtype))
+        if affine != "none"
+        else None
+    )
     b = _leaf(torch.randn(shape[-1], device=device).to(dtype)) if affine == "weight+bias" else None
     y = norms.layer_norm(x, w, b, eps)
     dy = torch.randn_like(y)
@@ -180,7 +205,12 @@ def test_oversized_rows_fall_back_to_reference(device):
     x = torch.randn(1, MAX_FUSED_SIZE + 2, device=device)
     w = torch.randn(MAX_FUSED_SIZE + 2, device=device)
     assert_close(norms.rms_norm(x, w), reference.rms_norm(x, w), torch.float32, what="wide rms")
-    assert_close(norms.layer_norm(x, w, None), reference.layer_norm(x, w, None), torch.float32, what="wide ln")
+    assert_close(
+        norms.layer_norm(x, w, None),
+        reference.layer_norm(x, w, None),
+        torch.float32,
+        what="wide ln",
+    )
 
 
 def test_registrations_cover_both_ops():
@@ -193,7 +223,12 @@ def test_registrations_cover_both_ops():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize(
     "shape, gemma",
-    [((8192, 4096), False), ((8192, 4096), True), ((4, 2048, 32, 128), False), ((2, 4096, 8192), False)],
+    [
+        ((8192, 4096), False),
+        ((8192, 4096), True),
+        ((4, 2048, 32, 128), False),
+        ((2, 4096, 8192), False),
+    ],
     ids=["llama-4096", "gemma-4096", "qwen3-per-head", "hidden-8192"],
 )
 def test_rms_norm_llm_sized(shape, gemma, dtype, device):
@@ -202,10 +237,14 @@ def test_rms_norm_llm_sized(shape, gemma, dtype, device):
     dy = torch.randn_like(y)
     y.backward(dy)
     what = f"rms_norm gemma={gemma} {shape} {dtype}"
-    assert_close(y, reference.rms_norm(x.detach(), w.detach(), 1e-6, gemma=gemma), dtype, what=f"{what} y")
+    assert_close(
+        y, reference.rms_norm(x.detach(), w.detach(), 1e-6, gemma=gemma), dtype, what=f"{what} y"
+    )
     _, dx, dw = _rms_fp32_reference(x, w, dy, 1e-6, gemma)
     assert_close(x.grad, dx, dtype, what=f"{what} dx")
-    _assert_weight_grad(w.grad, dw, dtype, _rows(shape), rounded_per_row=not gemma, what=f"{what} dw")
+    _assert_weight_grad(
+        w.grad, dw, dtype, _rows(shape), rounded_per_row=not gemma, what=f"{what} dw"
+    )
 
 
 @pytest.mark.gpu

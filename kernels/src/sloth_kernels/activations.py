@@ -66,7 +66,9 @@ def _act_and_grad(g, ACT: tl.constexpr, WITH_GRAD: tl.constexpr):
 
 
 @triton.jit
-def _gated_forward_kernel(gate_ptr, up_ptr, out_ptr, n_elements, ACT: tl.constexpr, BLOCK: tl.constexpr):
+def _gated_forward_kernel(
+    gate_ptr, up_ptr, out_ptr, n_elements, ACT: tl.constexpr, BLOCK: tl.constexpr
+):
     offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offsets < n_elements
     g = tl.load(gate_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
@@ -79,7 +81,14 @@ def _gated_forward_kernel(gate_ptr, up_ptr, out_ptr, n_elements, ACT: tl.constex
 
 @triton.jit
 def _gated_backward_kernel(
-    grad_ptr, gate_ptr, up_ptr, dgate_ptr, dup_ptr, n_elements, ACT: tl.constexpr, BLOCK: tl.constexpr
+    grad_ptr,
+    gate_ptr,
+    up_ptr,
+    dgate_ptr,
+    dup_ptr,
+    n_elements,
+    ACT: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     # dgate/dup may alias gate/up (inplace): every element is loaded before it is stored,
     # and no two programs touch the same element.
@@ -106,7 +115,8 @@ def _check_pair(gate: torch.Tensor, up: torch.Tensor) -> None:
     if gate.shape != up.shape or gate.dtype != up.dtype or gate.device != up.device:
         raise ValueError(
             "gate and up must share shape, dtype and device, got "
-            f"{tuple(gate.shape)}/{gate.dtype}/{gate.device} and {tuple(up.shape)}/{up.dtype}/{up.device}"
+            f"{tuple(gate.shape)}/{gate.dtype}/{gate.device} and "
+            f"{tuple(up.shape)}/{up.dtype}/{up.device}"
         )
 
 
@@ -120,7 +130,9 @@ def _forward(gate: torch.Tensor, up: torch.Tensor, act: int) -> torch.Tensor:
     out = torch.empty_like(gate, memory_format=torch.contiguous_format)
     n = gate.numel()
     if n:
-        _gated_forward_kernel[_grid(n)](gate, up, out, n, ACT=act, BLOCK=_BLOCK, num_warps=_NUM_WARPS)
+        _gated_forward_kernel[_grid(n)](
+            gate, up, out, n, ACT=act, BLOCK=_BLOCK, num_warps=_NUM_WARPS
+        )
     return out
 
 
@@ -181,7 +193,10 @@ def geglu_backward(
     *,
     inplace: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gradients ``(dgate, dup)`` of ``gelu(gate, approximate) * up``; see :func:`swiglu_backward`."""
+    """Gradients ``(dgate, dup)`` of ``gelu(gate, approximate) * up``.
+
+    See :func:`swiglu_backward`, ``inplace`` included.
+    """
     return _backward(grad, gate, up, _act_code(approximate), inplace)
 
 

@@ -19,9 +19,13 @@ import triton.language as tl
 from sloth_core.ops import reference
 from sloth_kernels._utils import MAX_FUSED_SIZE, interpreting, next_power_of_2, row_launch
 
-#: Elements a program holds per tile: one 4096-wide row, or 32 rows of a 128-wide head.
-_TILE = 4096
-#: Backward programs per SM: enough bytes in flight to saturate HBM, few fp32 partials.
+#: Elements a forward program holds: one 4096-wide row, or 32 rows of a 128-wide head.
+#: The forward grid has a program per tile, so several programs per SM hide latency.
+_FORWARD_TILE = 4096
+#: The backward grid is persistent (few programs, each looping over tiles): larger tiles
+#: keep enough bytes in flight per SM, and few programs keep the fp32 partials small
+#: (2 x 132 x 4096 x 4 bytes at Llama's width on an H200: ~4% of the pass's traffic).
+_BACKWARD_TILE = 8192
 _PROGRAMS_PER_SM = 2
 #: Backward programs under the interpreter, where every program instance costs ~1 ms.
 _INTERPRETER_PROGRAMS = 4
@@ -40,7 +44,8 @@ def _rms_forward_kernel(
     row_mask = rows < n_rows
     col_mask = cols < n_cols
     mask = row_mask[:, None] & col_mask[None, :]
-    x = tl.load(x_ptr + rows[:, None] * x_stride + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    x = tl.load(x_ptr + rows[:, None] * x_stride + cols[None, :], mask=mask, other=0.0)
+    x = x.to(tl.float32)
     w = tl.load(w_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
     rstd = tl.rsqrt(tl.sum(x * x, axis=1) / n_cols + eps)
     xn = x * rstd[:, None]
@@ -49,8 +54,34 @@ def _rms_forward_kernel(
     else:
         # Llama rounds the normalised value to the input dtype before scaling by weight.
         y = w[None, :] * xn.to(x_ptr.dtype.element_ty).to(tl.float32)
-    tl.store(y_ptr + rows[:, None] * y_stride + cols[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
+    y_ptrs = y_ptr + rows[:, None] * y_stride + cols[None, :]
+    tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=mask)
     tl.store(rstd_ptr + rows, rstd, mask=row_mask)
+
+
+@triton.jit
+def _load_tile(
+    dy_ptr, x_ptr, stat_ptr, stat2_ptr, block, n_rows, n_cols, dy_stride, x_stride,
+    TWO_STATS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """Row tile ``block`` of ``dy`` and ``x`` (raw dtype) and its fp32 row statistics.
+
+    The persistent backward loops call this for the *next* tile before working on the
+    current one: the loads are in flight while the SM computes, which keeps HBM busy
+    even with one resident program per SM. Past the last tile everything is masked off.
+    """
+    rows = (block * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    cols = tl.arange(0, BLOCK_N)
+    row_mask = rows < n_rows
+    mask = row_mask[:, None] & (cols < n_cols)[None, :]
+    dy = tl.load(dy_ptr + rows[:, None] * dy_stride + cols[None, :], mask=mask, other=0.0)
+    x = tl.load(x_ptr + rows[:, None] * x_stride + cols[None, :], mask=mask, other=0.0)
+    stat = tl.load(stat_ptr + rows, mask=row_mask, other=0.0)
+    if TWO_STATS:
+        stat2 = tl.load(stat2_ptr + rows, mask=row_mask, other=0.0)
+    else:
+        stat2 = stat
+    return dy, x, stat, stat2
 
 
 @triton.jit
@@ -64,27 +95,36 @@ def _rms_backward_kernel(
     w = tl.load(w_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
     if GEMMA:
         w = w + 1.0
-    dw = tl.zeros([BLOCK_N], dtype=tl.float32)
-    for block in range(pid, tl.cdiv(n_rows, BLOCK_M), tl.num_programs(0)):
+    # Accumulated in the tile's own layout and reduced over rows once, after the loop:
+    # a per-iteration reduction would move the tile through shared memory every time.
+    dw = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    step = tl.num_programs(0)
+    dy_next, x_next, stat_next, _ = _load_tile(
+        dy_ptr, x_ptr, rstd_ptr, rstd_ptr, pid, n_rows, n_cols, dy_stride, x_stride,
+        False, BLOCK_M, BLOCK_N,
+    )  # fmt: skip
+    for block in range(pid, tl.cdiv(n_rows, BLOCK_M), step):
         rows = (block * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-        row_mask = rows < n_rows
-        mask = row_mask[:, None] & col_mask[None, :]
-        dy = tl.load(dy_ptr + rows[:, None] * dy_stride + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        x = tl.load(x_ptr + rows[:, None] * x_stride + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        rstd = tl.load(rstd_ptr + rows, mask=row_mask, other=0.0)
+        mask = (rows < n_rows)[:, None] & col_mask[None, :]
+        dy, x, rstd = dy_next.to(tl.float32), x_next.to(tl.float32), stat_next
+        dy_next, x_next, stat_next, _ = _load_tile(
+            dy_ptr, x_ptr, rstd_ptr, rstd_ptr, block + step, n_rows, n_cols, dy_stride, x_stride,
+            False, BLOCK_M, BLOCK_N,
+        )  # fmt: skip
         xn = x * rstd[:, None]
         dxn = dy * w[None, :]
         dot = tl.sum(dxn * xn, axis=1) / n_cols
         dx = rstd[:, None] * (dxn - xn * dot[:, None])
-        tl.store(dx_ptr + rows[:, None] * dx_stride + cols[None, :], dx.to(dx_ptr.dtype.element_ty), mask=mask)
+        dx_ptrs = dx_ptr + rows[:, None] * dx_stride + cols[None, :]
+        tl.store(dx_ptrs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
         if COMPUTE_DW:
             if GEMMA:
-                dw += tl.sum(dy * xn, axis=0)
+                dw += dy * xn
             else:
                 # Llama's weight multiplies the normalised value already rounded to x's dtype.
-                dw += tl.sum(dy * xn.to(x_ptr.dtype.element_ty).to(tl.float32), axis=0)
+                dw += dy * xn.to(x_ptr.dtype.element_ty).to(tl.float32)
     if COMPUTE_DW:
-        tl.store(dw_ptr + pid * n_cols + cols, dw, mask=col_mask)
+        tl.store(dw_ptr + pid * n_cols + cols, tl.sum(dw, axis=0), mask=col_mask)
 
 
 # -- LayerNorm --------------------------------------------------------------------------
@@ -100,7 +140,8 @@ def _ln_forward_kernel(
     row_mask = rows < n_rows
     col_mask = cols < n_cols
     mask = row_mask[:, None] & col_mask[None, :]
-    x = tl.load(x_ptr + rows[:, None] * x_stride + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    x = tl.load(x_ptr + rows[:, None] * x_stride + cols[None, :], mask=mask, other=0.0)
+    x = x.to(tl.float32)
     mean = tl.sum(x, axis=1) / n_cols
     xc = tl.where(mask, x - mean[:, None], 0.0)
     rstd = tl.rsqrt(tl.sum(xc * xc, axis=1) / n_cols + eps)
@@ -109,7 +150,8 @@ def _ln_forward_kernel(
         y = y * tl.load(w_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
     if HAS_B:
         y = y + tl.load(b_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
-    tl.store(y_ptr + rows[:, None] * y_stride + cols[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
+    y_ptrs = y_ptr + rows[:, None] * y_stride + cols[None, :]
+    tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=mask)
     tl.store(mean_ptr + rows, mean, mask=row_mask)
     tl.store(rstd_ptr + rows, rstd, mask=row_mask)
 
@@ -126,16 +168,22 @@ def _ln_backward_kernel(
     col_mask = cols < n_cols
     if HAS_W:
         w = tl.load(w_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
-    dw = tl.zeros([BLOCK_N], dtype=tl.float32)
-    db = tl.zeros([BLOCK_N], dtype=tl.float32)
-    for block in range(pid, tl.cdiv(n_rows, BLOCK_M), tl.num_programs(0)):
+    # Accumulated in the tile's layout, reduced over rows once after the loop (see RMSNorm).
+    dw = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    db = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    step = tl.num_programs(0)
+    dy_next, x_next, mean_next, rstd_next = _load_tile(
+        dy_ptr, x_ptr, mean_ptr, rstd_ptr, pid, n_rows, n_cols, dy_stride, x_stride,
+        True, BLOCK_M, BLOCK_N,
+    )  # fmt: skip
+    for block in range(pid, tl.cdiv(n_rows, BLOCK_M), step):
         rows = (block * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-        row_mask = rows < n_rows
-        mask = row_mask[:, None] & col_mask[None, :]
-        dy = tl.load(dy_ptr + rows[:, None] * dy_stride + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        x = tl.load(x_ptr + rows[:, None] * x_stride + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        mean = tl.load(mean_ptr + rows, mask=row_mask, other=0.0)
-        rstd = tl.load(rstd_ptr + rows, mask=row_mask, other=0.0)
+        mask = (rows < n_rows)[:, None] & col_mask[None, :]
+        dy, x, mean, rstd = dy_next.to(tl.float32), x_next.to(tl.float32), mean_next, rstd_next
+        dy_next, x_next, mean_next, rstd_next = _load_tile(
+            dy_ptr, x_ptr, mean_ptr, rstd_ptr, block + step, n_rows, n_cols, dy_stride, x_stride,
+            True, BLOCK_M, BLOCK_N,
+        )  # fmt: skip
         # Padding columns would otherwise carry -mean * rstd into the row sums.
         xhat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
         if HAS_W:
@@ -145,24 +193,25 @@ def _ln_backward_kernel(
         c1 = tl.sum(dxhat * xhat, axis=1) / n_cols
         c2 = tl.sum(dxhat, axis=1) / n_cols
         dx = rstd[:, None] * (dxhat - xhat * c1[:, None] - c2[:, None])
-        tl.store(dx_ptr + rows[:, None] * dx_stride + cols[None, :], dx.to(dx_ptr.dtype.element_ty), mask=mask)
+        dx_ptrs = dx_ptr + rows[:, None] * dx_stride + cols[None, :]
+        tl.store(dx_ptrs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
         if COMPUTE_DW:
-            dw += tl.sum(dy * xhat, axis=0)
+            dw += dy * xhat
         if COMPUTE_DB:
-            db += tl.sum(dy, axis=0)
+            db += dy
     if COMPUTE_DW:
-        tl.store(dw_ptr + pid * n_cols + cols, dw, mask=col_mask)
+        tl.store(dw_ptr + pid * n_cols + cols, tl.sum(dw, axis=0), mask=col_mask)
     if COMPUTE_DB:
-        tl.store(db_ptr + pid * n_cols + cols, db, mask=col_mask)
+        tl.store(db_ptr + pid * n_cols + cols, tl.sum(db, axis=0), mask=col_mask)
 
 
 # -- launch helpers ---------------------------------------------------------------------
 
 
-def _tile(n_rows: int, n_cols: int) -> tuple[int, int, int]:
-    """``(BLOCK_M, BLOCK_N, num_warps)``: whole rows, about ``_TILE`` elements a program."""
+def _tile(n_rows: int, n_cols: int, tile: int) -> tuple[int, int, int]:
+    """``(BLOCK_M, BLOCK_N, num_warps)``: whole rows, about ``tile`` elements a program."""
     block_n = next_power_of_2(n_cols)
-    block_m = max(1, min(_TILE // block_n, next_power_of_2(n_rows)))
+    block_m = max(1, min(tile // block_n, next_power_of_2(n_rows)))
     return block_m, block_n, row_launch(block_m * block_n)[1]
 
 
@@ -185,6 +234,13 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
     return rows if rows.stride(-1) == 1 else rows.contiguous()
 
 
+def _partials(needed: bool, programs: int, like: torch.Tensor) -> torch.Tensor | None:
+    """A ``[programs, D]`` fp32 buffer of per-program weight-gradient sums, if ``needed``."""
+    if not needed:
+        return None
+    return torch.empty((programs, like.shape[-1]), dtype=torch.float32, device=like.device)
+
+
 def _reduce_partials(partials: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
     return None if partials is None else partials.sum(0).to(dtype)
 
@@ -202,12 +258,12 @@ def _serves(x: torch.Tensor, *params: torch.Tensor | None) -> bool:
 class _RMSNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, eps, gemma):
-        x2 = _rows(x)
+        x2, weight = _rows(x), weight.contiguous()
         n_rows, n_cols = x2.shape
         out_dtype = x.dtype if gemma else torch.promote_types(weight.dtype, x.dtype)
         y = torch.empty((n_rows, n_cols), dtype=out_dtype, device=x.device)
         rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device)
-        block_m, block_n, warps = _tile(n_rows, n_cols)
+        block_m, block_n, warps = _tile(n_rows, n_cols, _FORWARD_TILE)
         _rms_forward_kernel[(triton.cdiv(n_rows, block_m),)](
             x2, weight, y, rstd, n_rows, n_cols, x2.stride(0), y.stride(0), eps,
             GEMMA=gemma, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps,
@@ -222,14 +278,15 @@ class _RMSNorm(torch.autograd.Function):
         dy2 = _rows(dy)
         n_rows, n_cols = x2.shape
         compute_dw = ctx.needs_input_grad[1]
-        block_m, block_n, warps = _tile(n_rows, n_cols)
+        block_m, block_n, warps = _tile(n_rows, n_cols, _BACKWARD_TILE)
         programs = _backward_programs(x2.device, triton.cdiv(n_rows, block_m))
         dx = torch.empty((n_rows, n_cols), dtype=x2.dtype, device=x2.device)
-        dw = torch.empty((programs, n_cols), dtype=torch.float32, device=x2.device) if compute_dw else None
+        dw = _partials(compute_dw, programs, x2)
         _rms_backward_kernel[(programs,)](
-            dy2, x2, weight, rstd, dx, dw if compute_dw else dx, n_rows, n_cols,
+            dy2, x2, weight, rstd, dx, dx if dw is None else dw, n_rows, n_cols,
             dy2.stride(0), x2.stride(0), dx.stride(0),
-            GEMMA=ctx.gemma, COMPUTE_DW=compute_dw, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps,
+            GEMMA=ctx.gemma, COMPUTE_DW=compute_dw,
+            BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps,
         )  # fmt: skip
         return dx.view(ctx.x_shape), _reduce_partials(dw, weight.dtype), None, None
 
@@ -238,11 +295,13 @@ class _LayerNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, eps):
         x2 = _rows(x)
+        weight = None if weight is None else weight.contiguous()
+        bias = None if bias is None else bias.contiguous()
         n_rows, n_cols = x2.shape
         y = torch.empty((n_rows, n_cols), dtype=x.dtype, device=x.device)
         mean = torch.empty(n_rows, dtype=torch.float32, device=x.device)
         rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device)
-        block_m, block_n, warps = _tile(n_rows, n_cols)
+        block_m, block_n, warps = _tile(n_rows, n_cols, _FORWARD_TILE)
         _ln_forward_kernel[(triton.cdiv(n_rows, block_m),)](
             x2, x2 if weight is None else weight, x2 if bias is None else bias, y, mean, rstd,
             n_rows, n_cols, x2.stride(0), y.stride(0), eps,
@@ -260,14 +319,10 @@ class _LayerNorm(torch.autograd.Function):
         n_rows, n_cols = x2.shape
         compute_dw = weight is not None and ctx.needs_input_grad[1]
         compute_db = ctx.bias_dtype is not None and ctx.needs_input_grad[2]
-        block_m, block_n, warps = _tile(n_rows, n_cols)
+        block_m, block_n, warps = _tile(n_rows, n_cols, _BACKWARD_TILE)
         programs = _backward_programs(x2.device, triton.cdiv(n_rows, block_m))
         dx = torch.empty((n_rows, n_cols), dtype=x2.dtype, device=x2.device)
-
-        def partials(needed):
-            return torch.empty((programs, n_cols), dtype=torch.float32, device=x2.device) if needed else None
-
-        dw, db = partials(compute_dw), partials(compute_db)
+        dw, db = _partials(compute_dw, programs, x2), _partials(compute_db, programs, x2)
         _ln_backward_kernel[(programs,)](
             dy2, x2, x2 if weight is None else weight, mean, rstd, dx,
             dx if dw is None else dw, dx if db is None else db,

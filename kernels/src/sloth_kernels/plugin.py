@@ -12,6 +12,9 @@ from sloth_kernels._utils import kernel_devices, triton_available
 #: ``op``, ``fn`` and optionally ``dtypes`` and ``priority``. Imported on registration
 #: only, so that a broken Triton fails this plugin (listed as failed), never the core.
 KERNEL_MODULES: tuple[str, ...] = (
+    "norms",
+    "rope",
+    "activations",
     "cross_entropy",
     "fused_linear_cross_entropy",
 )

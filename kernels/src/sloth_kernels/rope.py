@@ -56,8 +56,18 @@ def _rotate_heads(
         if N_PASS > 0:
             # Partial rotary: dims past the rotary ones are copied into the new output.
             pmask = h_mask[:, None] & p_mask[None, :]
-            xp = tl.load(x_ptr + x_base + h[:, None] * x_sh + (2 * HALF + p[None, :]) * x_sd, mask=pmask)
-            tl.store(o_ptr + o_base + h[:, None] * o_sh + (2 * HALF + p[None, :]) * o_sd, xp, mask=pmask)
+            dims = 2 * HALF + p[None, :]
+            xp = tl.load(x_ptr + x_base + h[:, None] * x_sh + dims * x_sd, mask=pmask)
+            tl.store(o_ptr + o_base + h[:, None] * o_sh + dims * o_sd, xp, mask=pmask)
+
+
+@triton.jit
+def _load_half(row_ptr, start, stride, dtype, HALF: tl.constexpr, BLOCK_R: tl.constexpr):
+    """``[1, BLOCK_R]`` fp32 values ``start .. start + HALF`` of a cos/sin row."""
+    r = tl.arange(0, BLOCK_R)
+    values = tl.load(row_ptr + (start + r) * stride, mask=r < HALF, other=0.0)
+    # transformers casts cos/sin to q's dtype before the products: round them likewise.
+    return values.to(dtype).to(tl.float32)[None, :]
 
 
 @triton.jit
@@ -81,21 +91,21 @@ def _rope_kernel(
     else:
         cos_base = b * cos_s0 + s * cos_s1
         sin_base = b * sin_s0 + s * sin_s1
-    r = tl.arange(0, BLOCK_R)
-    r_mask = r < HALF
-    # transformers casts cos/sin to q's dtype before the products: round them likewise.
+    # Both halves of cos and sin: equal for the usual cat(freqs, freqs) tables, but the
+    # reference does not assume it, so neither do we.
     dtype = qo_ptr.dtype.element_ty
-    c1 = tl.load(cos_ptr + cos_base + r * cos_sr, mask=r_mask, other=0.0).to(dtype).to(tl.float32)
-    c2 = tl.load(cos_ptr + cos_base + (HALF + r) * cos_sr, mask=r_mask, other=0.0).to(dtype).to(tl.float32)
-    s1 = tl.load(sin_ptr + sin_base + r * sin_sr, mask=r_mask, other=0.0).to(dtype).to(tl.float32)
-    s2 = tl.load(sin_ptr + sin_base + (HALF + r) * sin_sr, mask=r_mask, other=0.0).to(dtype).to(tl.float32)
-    c1, c2, s1, s2 = c1[None, :], c2[None, :], s1[None, :], s2[None, :]
+    c1 = _load_half(cos_ptr + cos_base, 0, cos_sr, dtype, HALF, BLOCK_R)
+    c2 = _load_half(cos_ptr + cos_base, HALF, cos_sr, dtype, HALF, BLOCK_R)
+    s1 = _load_half(sin_ptr + sin_base, 0, sin_sr, dtype, HALF, BLOCK_R)
+    s2 = _load_half(sin_ptr + sin_base, HALF, sin_sr, dtype, HALF, BLOCK_R)
     _rotate_heads(
-        q_ptr, qo_ptr, b * q_sb + s * q_ss, b * qo_sb + s * qo_ss, n_q_heads, q_sh, q_sd, qo_sh, qo_sd,
+        q_ptr, qo_ptr, b * q_sb + s * q_ss, b * qo_sb + s * qo_ss,
+        n_q_heads, q_sh, q_sd, qo_sh, qo_sd,
         c1, c2, s1, s2, HALF, N_PASS, BACKWARD, BLOCK_H, BLOCK_R, BLOCK_P,
     )  # fmt: skip
     _rotate_heads(
-        k_ptr, ko_ptr, b * k_sb + s * k_ss, b * ko_sb + s * ko_ss, n_k_heads, k_sh, k_sd, ko_sh, ko_sd,
+        k_ptr, ko_ptr, b * k_sb + s * k_ss, b * ko_sb + s * ko_ss,
+        n_k_heads, k_sh, k_sd, ko_sh, ko_sd,
         c1, c2, s1, s2, HALF, N_PASS, BACKWARD, BLOCK_H, BLOCK_R, BLOCK_P,
     )  # fmt: skip
 
@@ -161,7 +171,10 @@ def _heads_dim(unsqueeze_dim: int) -> int | None:
 def _kernel_serves(q, k, cos, sin, position_ids, heads_dim) -> bool:
     if heads_dim is None or q.dim() != 4 or k.dim() != 4:
         return False
-    if q.dtype != k.dtype or q.device != k.device or q.numel() == 0 or k.numel() == 0:
+    if q.dtype != k.dtype or q.numel() == 0 or k.numel() == 0:
+        return False
+    tables = (cos, sin) if position_ids is None else (cos, sin, position_ids)
+    if any(t.device != q.device for t in (k, *tables)) or not cos.is_floating_point():
         return False
     batch, seq, head_dim = q.shape[0], q.shape[3 - heads_dim], q.shape[3]
     if k.shape[0] != batch or k.shape[3 - heads_dim] != seq or k.shape[3] != head_dim:
