@@ -41,6 +41,8 @@ class Case:
     run: Callable[[Callable[..., Any]], Any]
     min_bytes: int | None = None  # the least a fused fwd+bwd must read and write
     params: list[torch.Tensor] = field(default_factory=list)  # weights: not activations
+    #: Further systems to time with the op's signature, e.g. a library's own function.
+    baselines: dict[str, Callable[..., Any]] = field(default_factory=dict)
 
 
 def _rand(shape, shapes: Shapes, grad: bool = False, scale: float = 1.0) -> torch.Tensor:
@@ -192,7 +194,14 @@ def flce_case(s: Shapes) -> Case:
         loss.backward()
         return loss
 
-    return Case("fused_linear_cross_entropy", "fused_linear_cross_entropy", run, None, [weight])
+    return Case("fused_linear_cross_entropy", "fused_linear_cross_entropy", run, None, [weight],
+                {"torch_unfused": unfused_linear_cross_entropy})  # fmt: skip
+
+
+def unfused_linear_cross_entropy(hidden, weight, labels, **_: Any) -> torch.Tensor:
+    """What a plain training step does: the full logits, upcast, then cross entropy."""
+    logits = torch.nn.functional.linear(hidden, weight).float()
+    return torch.nn.functional.cross_entropy(logits, labels, ignore_index=-100)
 
 
 def dequantize_case(s: Shapes) -> Case:
@@ -202,7 +211,8 @@ def dequantize_case(s: Shapes) -> Case:
     data, state = bnbf.quantize_4bit(weight, quant_type="nf4", compress_statistics=True)
     out_bytes = weight.numel() * weight.element_size()
     min_bytes = out_bytes + data.numel() * data.element_size()
-    return Case("dequantize_nf4", "dequantize_nf4", lambda fn: fn(data, state), min_bytes)
+    return Case("dequantize_nf4", "dequantize_nf4", lambda fn: fn(data, state), min_bytes,
+                baselines={"bitsandbytes": bnb_dequantize})  # fmt: skip
 
 
 def bnb_dequantize(data: torch.Tensor, quant_state: Any, **_: Any) -> torch.Tensor:

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from sloth_core.bench.kernel_cases import Shapes, all_cases, bnb_dequantize, saved_activation_bytes
+from sloth_core.bench.kernel_cases import Shapes, all_cases, saved_activation_bytes
 from sloth_core.bench.timing import copy_bandwidth, measure
 from sloth_core.ops import OpRegistry
 
@@ -53,7 +53,9 @@ class CaseResult:
     def as_dict(self) -> dict[str, Any]:
         return {"name": self.name, "op": self.op, "results": [r.as_dict() for r in self.results],
                 "speedup_vs_eager": self.speedup("eager"),
-                "speedup_vs_compile": self.speedup("compile")}  # fmt: skip
+                "speedup_vs_compile": self.speedup("compile"),
+                "speedup_vs_baselines": {r.system: self.speedup(r.system) for r in self.results
+                                         if r.system not in ("sloth", "eager", "compile")}}  # fmt: skip
 
 
 def _free() -> None:
@@ -86,8 +88,7 @@ def run_kernel_bench(
                                                ("eager", "torch", reference)]  # fmt: skip
         if compile:
             systems.append(("compile", "torch.compile", torch.compile(reference)))
-        if case.op == "dequantize_nf4":
-            systems.append(("bitsandbytes", "bitsandbytes", bnb_dequantize))
+        systems += [(name, name, fn) for name, fn in case.baselines.items()]
         result = CaseResult(name, case.op)
         for system, provider, fn in systems:
             entry = SystemResult(system, provider)
@@ -138,8 +139,11 @@ def markdown(report: dict[str, Any], command: str) -> str:
         by = {r["system"]: r for r in case["results"]}
         mine, eager, comp = by.get("sloth", {}), by.get("eager", {}), by.get("compile", {})
         pct = mine.get("gbps") / bw * 100 if bw and mine.get("gbps") else None
-        extra = by.get("bitsandbytes")
-        note = f" (bnb {fmt(extra.get('median_ms'))} ms)" if extra else ""
+        extras = [r for r in case["results"] if r["system"] not in ("sloth", "eager", "compile")]
+        note = "".join(
+            f" ({r['system']} {fmt(r.get('median_ms'))} ms, peak {fmt(r.get('peak_mib'), '.0f')} MiB)"
+            for r in extras
+        )
         lines.append(
             f"| {case['name']}{note} | {fmt(mine.get('median_ms'))} ({mine.get('provider')}) | "
             f"{fmt(eager.get('median_ms'))} | {fmt(comp.get('median_ms')) if not comp.get('error') else 'error'} | "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from collections.abc import Callable
@@ -28,33 +29,49 @@ def _sync(device: torch.device) -> None:
 
 
 def measure(
-    fn: Callable[[], object], device: torch.device | str, *, warmup: int = 5, runs: int = 20
+    fn: Callable[[], object],
+    device: torch.device | str,
+    *,
+    warmup: int = 5,
+    runs: int = 20,
+    min_sample_ms: float = 2.0,
 ) -> Measurement:
-    """Run ``fn`` ``warmup`` times, then time ``runs`` calls, each synchronised."""
+    """Median time per call of ``fn`` over ``runs`` samples, after ``warmup`` calls.
+
+    On a GPU each sample times several calls back to back between two events (enough to
+    last ``min_sample_ms``), as a training loop issues them: the host queues the next
+    call while the device runs this one, so host overhead counts only where it really
+    stalls the device. The peak memory is read around one synchronised call.
+    """
     device = torch.device(device)
     for _ in range(warmup):
         fn()
     _sync(device)
-    peak = None
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        before = torch.cuda.memory_allocated(device)
-        fn()
-        _sync(device)
-        peak = (torch.cuda.max_memory_allocated(device) - before) / 2**20
-    times = []
-    for _ in range(runs):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
+    if device.type != "cuda":
+        times = []
+        for _ in range(runs):
             t0 = time.perf_counter()
             fn()
             times.append((time.perf_counter() - t0) * 1e3)
+        return Measurement(statistics.median(times), runs, None)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    end.synchronize()
+    peak = (torch.cuda.max_memory_allocated(device) - before) / 2**20
+    single = max(start.elapsed_time(end), 1e-3)
+    inner = max(1, min(50, math.ceil(min_sample_ms / single)))
+    times = []
+    for _ in range(runs):
+        start.record()
+        for _ in range(inner):
+            fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / inner)
     return Measurement(statistics.median(times), runs, peak)
 
 
