@@ -34,7 +34,8 @@ from sloth_core.ops import reference
 from sloth_core.ops.reference import LoRALinear
 from sloth_kernels.nf4 import dequantize_nf4
 
-_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+#: Input dtypes the fused path serves (and the ops are registered for).
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 # -- what the fast path serves ---------------------------------------------------------
@@ -47,24 +48,28 @@ def _dropout_inactive(dropout) -> bool:
     return isinstance(dropout, nn.Dropout) and (dropout.p == 0 or not dropout.training)
 
 
-def layer_served(layer: LoRALinear, x: torch.Tensor) -> bool:
-    """Whether the fused path computes exactly what the reference does for ``layer``."""
-    weight, device, dtype = layer.weight, x.device, x.dtype
+def layer_served(
+    layer: LoRALinear, in_features: int, dtype: torch.dtype, device: torch.device
+) -> bool:
+    """Whether the fused path computes exactly what the reference does for ``layer``
+    applied to an input of ``in_features`` features, ``dtype`` and ``device``."""
+    weight = layer.weight
     if weight.device != device or weight.requires_grad:
         return False
-    if layer.quant_state is not None:
-        if getattr(layer.quant_state, "quant_type", None) != "nf4":
+    state = layer.quant_state
+    if state is not None:
+        if getattr(state, "quant_type", None) != "nf4" or len(state.shape) != 2:
             return False
-        if int(layer.quant_state.shape[-1]) != x.shape[-1] or len(layer.quant_state.shape) != 2:
+        if int(state.shape[1]) != in_features:
             return False
-    elif weight.dtype != dtype or weight.dim() != 2 or weight.shape[1] != x.shape[-1]:
+    elif weight.dtype != dtype or weight.dim() != 2 or weight.shape[1] != in_features:
         return False
     bias = layer.bias
     if bias is not None:
         if bias.requires_grad or bias.device != device:
             return False
         # The reference casts the bias of a 4-bit layer to x's dtype, a dense one it does not.
-        if layer.quant_state is None and bias.dtype != dtype:
+        if state is None and bias.dtype != dtype:
             return False
     if layer.has_lora:
         a, b = layer.lora_A, layer.lora_B
@@ -76,12 +81,12 @@ def layer_served(layer: LoRALinear, x: torch.Tensor) -> bool:
 
 
 def fast_path_ok(x: torch.Tensor, layers: Sequence[LoRALinear]) -> bool:
-    """Whether ``x`` and every layer can take the fused path (else: the reference)."""
-    if not isinstance(x, torch.Tensor) or x.dtype not in _DTYPES or x.dim() < 1:
+    """Whether ``x`` and every layer (all applied to ``x``) can take the fused path."""
+    if not isinstance(x, torch.Tensor) or x.dtype not in DTYPES or x.dim() < 1 or x.numel() == 0:
         return False
     if torch.is_autocast_enabled(x.device.type):
         return False
-    return all(layer_served(layer, x) for layer in layers)
+    return all(layer_served(layer, x.shape[-1], x.dtype, x.device) for layer in layers)
 
 
 # -- shared pieces ------------------------------------------------------------------------
@@ -113,7 +118,7 @@ def out_features(layer: LoRALinear) -> int:
     return int(layer.weight.shape[0])
 
 
-@dataclass
+@dataclass(frozen=True, eq=False)
 class Group:
     """Projections of one shared input: which carry adapters, and their rank slices."""
 
@@ -174,7 +179,7 @@ def group_backward(
     needs_x: bool,
     needs_lora: Sequence[bool],
 ):
-    """``(dx or None, [dA_0, dB_0, ...])`` of :func:`group_forward` given 2D output grads.
+    """``(dx or None, [dA_0, dB_0, ...], G)`` of :func:`group_forward` given 2D output grads.
 
     ``dx = sum_i g_i W_i + G A`` with ``G = [s_i g_i B_i]`` (``[N, sum r]``), accumulated
     in place; ``dA = G^T x`` as one GEMM for every adapter; ``dB_i = s_i g_i^T (x A_i^T)``.
@@ -182,15 +187,16 @@ def group_backward(
     dtype = grads[0].dtype
     dx = None
     if needs_x:
-        for layer, g in zip(group.layers, grads):
+        for layer, g in zip(group.layers, grads, strict=True):
             weight = dense_weight(layer, dtype)
             dx = g.mm(weight) if dx is None else dx.addmm_(g, weight)
             del weight
     lora_grads: list[torch.Tensor | None] = [None] * len(lora)
     if not group.adapted:
-        return dx, lora_grads
+        return dx, lora_grads, None
     scaled = [
-        grads[i].mm(lora[2 * k + 1]).mul_(float(group.layers[i].scaling)) for k, i in enumerate(group.adapted)
+        grads[i].mm(lora[2 * k + 1]).mul_(float(group.layers[i].scaling))
+        for k, i in enumerate(group.adapted)
     ]
     big_g = scaled[0] if len(scaled) == 1 else torch.cat(scaled, dim=1)
     if needs_x:
@@ -204,7 +210,7 @@ def group_backward(
             start, stop = group.slices[k]
             scaling = float(group.layers[i].scaling)
             lora_grads[2 * k + 1] = grads[i].t().mm(xa[:, start:stop]).mul_(scaling)
-    return dx, lora_grads
+    return dx, lora_grads, big_g
 
 
 class _LoRAProjections(torch.autograd.Function):
@@ -227,7 +233,9 @@ class _LoRAProjections(torch.autograd.Function):
         grads2 = [g.reshape(-1, g.shape[-1]) for g in grads]
         x2 = None if x is None else x.reshape(-1, x.shape[-1])
         needs_x = ctx.needs_input_grad[0]
-        dx, lora_grads = group_backward(x2, xa, grads2, group, lora, needs_x, ctx.needs_input_grad[2:])
+        dx, lora_grads, _ = group_backward(
+            x2, xa, grads2, group, lora, needs_x, ctx.needs_input_grad[2:]
+        )
         if dx is not None:
             dx = dx.view(*grads[0].shape[:-1], dx.shape[-1])
         return (dx, None, *lora_grads)
@@ -275,3 +283,10 @@ def lora_o(x: torch.Tensor, o: LoRALinear) -> torch.Tensor:
     if not fast_path_ok(x, (o,)):
         return reference.lora_o(x, o)
     return _project(x, (o,))[0]
+
+
+REGISTRATIONS = [
+    {"op": "lora_linear", "fn": lora_linear, "dtypes": DTYPES},
+    {"op": "lora_qkv", "fn": lora_qkv, "dtypes": DTYPES},
+    {"op": "lora_o", "fn": lora_o, "dtypes": DTYPES},
+]

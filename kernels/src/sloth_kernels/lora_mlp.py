@@ -14,12 +14,19 @@ backward through the same graph (``retain_graph=True``) raises.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from sloth_core.ops import reference
 from sloth_core.ops.reference import LoRALinear
 from sloth_kernels.activations import geglu_backward, geglu_forward, swiglu_backward, swiglu_forward
-from sloth_kernels.lora import Group, dense_weight, fast_path_ok, group_backward, group_forward
+from sloth_kernels.lora import (
+    DTYPES,
+    Group,
+    fast_path_ok,
+    group_backward,
+    group_forward,
+    layer_served,
+    out_features,
+)
 
 _ACTIVATIONS = ("swiglu", "geglu", "geglu_tanh")
 
@@ -37,7 +44,9 @@ def _act_forward(gate: torch.Tensor, up: torch.Tensor, activation: str) -> torch
 def _act_backward_inplace(grad, gate, up, activation: str):
     if activation == "swiglu":
         return swiglu_backward(grad, gate, up, inplace=True)
-    return geglu_backward(grad, gate, up, "tanh" if activation == "geglu_tanh" else "none", inplace=True)
+    return geglu_backward(
+        grad, gate, up, "tanh" if activation == "geglu_tanh" else "none", inplace=True
+    )
 
 
 class _LoRAMLP(torch.autograd.Function):
@@ -81,31 +90,37 @@ class _LoRAMLP(torch.autograd.Function):
         g2 = grad.reshape(-1, grad.shape[-1])
         e2, u2 = e.view(-1, e.shape[-1]), u.view(-1, u.shape[-1])
 
-        # down: dh = g W_d + G_d A_d and dB_d; dA_d = G_d^T h needs h, recomputed below.
-        dh, down_grads = group_backward(None, ha, [g2], down, lora_down, True, [False, *needs[5 + n_gu :]])
+        # down: dh = g W_d + G_d A_d, and dB_d; dA_d = G_d^T h needs h, recomputed below.
+        down_needs = [False, *needs[5 + n_gu :]]
+        dh, down_grads, g_down = group_backward(None, ha, [g2], down, lora_down, True, down_needs)
         if down.adapted and needs[4 + n_gu]:
-            down_grads[0] = _down_grad_a(g2, down, lora_down, e2, u2, activation)
+            down_grads[0] = _down_grad_a(g_down, e2, u2, activation)
 
         # Activation backward over the saved e/u buffers (they are not needed afterwards).
         d_gate, d_up = _act_backward_inplace(dh, e2, u2, activation)
         del dh
         x2 = None if x is None else x.reshape(-1, x.shape[-1])
-        dx, gu_grads = group_backward(x2, xa, [d_gate, d_up], gate_up, lora_gu, needs[0], needs[4 : 4 + n_gu])
+        gu_needs = needs[4 : 4 + n_gu]
+        dx, gu_grads, _ = group_backward(
+            x2, xa, [d_gate, d_up], gate_up, lora_gu, needs[0], gu_needs
+        )
         if dx is not None:
             dx = dx.view(*grad.shape[:-1], dx.shape[-1])
         return (dx, None, None, None, *gu_grads, *down_grads)
 
 
-def _down_grad_a(g2, down: Group, lora_down, e2, u2, activation: str) -> torch.Tensor:
-    """``dA_down = s (g B_d)^T h`` with ``h = act(e) * u`` recomputed in row chunks."""
-    scaled = g2.mm(lora_down[1]).mul_(float(down.layers[0].scaling))  # [N, r]
+def _down_grad_a(
+    g_down: torch.Tensor, e2: torch.Tensor, u2: torch.Tensor, activation: str
+) -> torch.Tensor:
+    """``dA_down = G^T h`` (``G = s g B``, ``[N, r]``) with ``h = act(e) * u`` recomputed
+    in row chunks, bitwise as in forward, so that no ``[N, I]`` buffer is added."""
     rows = e2.shape[0]
     step = max(1, _H_CHUNK_ELEMENTS // max(1, e2.shape[1]))
     grad_a = None
     for start in range(0, rows, step):
         stop = min(rows, start + step)
         hidden = _act_forward(e2[start:stop], u2[start:stop], activation)
-        part = scaled[start:stop].t()
+        part = g_down[start:stop].t()
         grad_a = part.mm(hidden) if grad_a is None else grad_a.addmm_(part, hidden)
     return grad_a
 
@@ -127,22 +142,19 @@ def lora_mlp(
     """
     if activation not in _ACTIVATIONS:
         raise ValueError(f"activation must be one of {_ACTIVATIONS}, got {activation!r}")
-    if not fast_path_ok(x, (gate, up)) or x.numel() == 0:
-        return reference.lora_mlp(x, gate, up, down, activation=activation)
-    probe = torch.empty((), dtype=x.dtype, device=x.device).expand(
-        *x.shape[:-1], int(gate.lora_A.shape[0] if False else 0) or _features(gate)
+    inter = out_features(gate)
+    served = (
+        fast_path_ok(x, (gate, up))
+        and out_features(up) == inter
+        and layer_served(down, inter, x.dtype, x.device)
     )
-    if not fast_path_ok(probe, (down,)):
+    if not served:
         return reference.lora_mlp(x, gate, up, down, activation=activation)
     gate_up, down_group = Group.of((gate, up)), Group.of((down,))
     lora = [*gate_up.lora_tensors(), *down_group.lora_tensors()]
     return _LoRAMLP.apply(x, gate_up, down_group, activation, *lora)
 
 
-def _features(layer: LoRALinear) -> int:
-    if layer.quant_state is not None:
-        return int(layer.quant_state.shape[0])
-    return int(layer.weight.shape[0])
-
-
-__all__ = ["lora_mlp", "dense_weight", "F"]
+REGISTRATIONS = [
+    {"op": "lora_mlp", "fn": lora_mlp, "dtypes": DTYPES},
+]

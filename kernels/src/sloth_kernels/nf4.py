@@ -182,7 +182,9 @@ def _as_bytes(data: torch.Tensor) -> torch.Tensor:
     return packed.reshape(-1)
 
 
-def dequantize_nf4(data: torch.Tensor, quant_state: Any, *, dtype: torch.dtype | None = None) -> torch.Tensor:
+def dequantize_nf4(
+    data: torch.Tensor, quant_state: Any, *, dtype: torch.dtype | None = None
+) -> torch.Tensor:
     """Unpack a bitsandbytes NF4 weight into a dense ``quant_state.shape`` tensor.
 
     Same signature and result as :func:`sloth_core.ops.reference.dequantize_nf4` (and
@@ -213,7 +215,9 @@ def dequantize_nf4(data: torch.Tensor, quant_state: Any, *, dtype: torch.dtype |
     device = packed.device
     absmax = quant_state.absmax.reshape(-1)
     if absmax.numel() < n_blocks:
-        raise ValueError(f"quant_state has {absmax.numel()} absmax for {n_blocks} blocks of {blocksize}")
+        raise ValueError(
+            f"quant_state has {absmax.numel()} absmax for {n_blocks} blocks of {blocksize}"
+        )
     nested = bool(getattr(quant_state, "nested", False))
     if nested:
         state2 = quant_state.state2

@@ -17,6 +17,9 @@ KERNEL_MODULES: tuple[str, ...] = (
     "activations",
     "cross_entropy",
     "fused_linear_cross_entropy",
+    "nf4",
+    "lora",
+    "lora_mlp",
 )
 
 PRIORITY = 10

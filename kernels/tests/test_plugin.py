@@ -1,0 +1,30 @@
+"""sloth-kernels as a plugin: found through its entry point, serving every core op."""
+
+from __future__ import annotations
+
+import torch
+
+from sloth_core.ops import REFERENCE_OPS
+from sloth_core.plugins import SlothPluginManager
+from sloth_kernels import plugin
+from sloth_kernels._utils import kernel_devices
+
+
+def test_entry_point_registers_a_kernel_for_every_core_op(monkeypatch):
+    monkeypatch.delenv("SLOTH_DISABLE_PLUGINS", raising=False)
+    manager = SlothPluginManager(entry_points=True)
+    record = {r.name: r for r in manager.plugins()}["sloth-kernels"]
+    assert record.status == "active", record.reason
+    assert set(record.ops) == set(REFERENCE_OPS)
+    device = kernel_devices()[0]
+    for op in REFERENCE_OPS:
+        assert manager.ops.resolve(op, device, torch.bfloat16).provider == "sloth-kernels", op
+
+
+def test_forced_references_bypass_the_kernels(monkeypatch, register_plugin, plugin_manager):
+    register_plugin(plugin, name="sloth-kernels")
+    device = kernel_devices()[0]
+    monkeypatch.setenv("SLOTH_KERNELS", "torch")
+    assert set(plugin_manager.ops.table(device, torch.bfloat16).values()) == {"torch"}
+    monkeypatch.setenv("SLOTH_KERNELS", "sloth-kernels")
+    assert set(plugin_manager.ops.table(device, torch.bfloat16).values()) == {"sloth-kernels"}
