@@ -28,7 +28,7 @@ def main() -> None:
     print(f"{'op':<10} {'fwd_tile':>8} {'bwd_tile':>8} {'per_sm':>6} {'fwd ms':>8} {'bwd ms':>8} "
           f"{'fwd %bw':>7} {'bwd %bw':>7}")  # fmt: skip
     for op, fwd_tile, bwd_tile, per_sm in itertools.product(
-        ("rms", "ln"), (2048, 4096, 8192), (4096, 8192, 16384), (1, 2, 4)
+        ("rms", "ln"), (4096, 8192), (4096, 8192, 16384), (1, 2, 4)
     ):
         norms._FORWARD_TILE, norms._BACKWARD_TILE, norms._PROGRAMS_PER_SM = fwd_tile, bwd_tile, per_sm
         if op == "rms":
