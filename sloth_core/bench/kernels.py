@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from sloth_core.bench.kernel_cases import Shapes, all_cases, saved_activation_bytes
-from sloth_core.bench.timing import copy_bandwidth, measure
+from sloth_core.bench.timing import copy_bandwidth, cuda_graph, measure
 from sloth_core.ops import OpRegistry
 
 
@@ -29,6 +29,7 @@ class SystemResult:
     peak_mib: float | None = None
     gbps: float | None = None
     saved_mib: float | None = None
+    graphed: bool = False
     error: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
@@ -73,6 +74,7 @@ def run_kernel_bench(
     compile: bool = True,
     only: set[str] | None = None,
     progress: Any = None,
+    graph: bool = True,
 ) -> dict[str, Any]:
     """Time every case; returns plain data (also what ``--json`` writes)."""
     device = torch.device(shapes.device)
@@ -89,12 +91,18 @@ def run_kernel_bench(
         if compile:
             systems.append(("compile", "torch.compile", torch.compile(reference)))
         systems += [(name, name, fn) for name, fn in case.baselines.items()]
+        # Graph replays only where every system captures, so no ratio mixes device time
+        # with time that includes host overhead.
+        graph_case = graph and device.type == "cuda" and all(
+            cuda_graph(lambda fn=fn: case.run(fn), device) is not None for _, _, fn in systems
+        )
         result = CaseResult(name, case.op)
         for system, provider, fn in systems:
             entry = SystemResult(system, provider)
             try:
-                m = measure(lambda fn=fn: case.run(fn), device, warmup=warmup, runs=runs)
-                entry.median_ms, entry.peak_mib = m.median_ms, m.peak_mib
+                m = measure(lambda fn=fn: case.run(fn), device, warmup=warmup, runs=runs,
+                            graph=graph_case)  # fmt: skip
+                entry.median_ms, entry.peak_mib, entry.graphed = m.median_ms, m.peak_mib, m.graphed
                 if case.min_bytes:
                     entry.gbps = case.min_bytes / (m.median_ms * 1e-3) / 1e9
                 if case.params and system != "compile":
@@ -113,6 +121,7 @@ def run_kernel_bench(
         "shapes": {k: (str(v) if isinstance(v, torch.dtype) else v) for k, v in shapes.__dict__.items()},
         "copy_bandwidth_gbps": bandwidth,
         "runs": runs,
+        "graph": graph,
         "cases": [r.as_dict() for r in results],
     }
 
@@ -122,7 +131,9 @@ def markdown(report: dict[str, Any], command: str) -> str:
     bw = report["copy_bandwidth_gbps"]
     lines = [
         f"Device: {report['device']}, torch {report['torch']}; shapes {report['shapes']}; "
-        f"median of {report['runs']} runs, forward + backward.",
+        f"median of {report['runs']} samples, forward + backward; "
+        + ("CUDA-graph replays (device time) where capturable, marked *; "
+           "the others as issued back to back." if report.get("graph") else "as issued."),
         f"Measured copy bandwidth: {bw:.0f} GB/s." if bw else "",
         "",
         f"    {command}",
@@ -135,18 +146,21 @@ def markdown(report: dict[str, Any], command: str) -> str:
     def fmt(value, spec=".3f"):
         return "-" if value is None else format(value, spec)
 
+    def ms(r):
+        return "-" if not r or r.get("error") else fmt(r.get("median_ms")) + ("*" if r.get("graphed") else "")
+
     for case in report["cases"]:
         by = {r["system"]: r for r in case["results"]}
         mine, eager, comp = by.get("sloth", {}), by.get("eager", {}), by.get("compile", {})
         pct = mine.get("gbps") / bw * 100 if bw and mine.get("gbps") else None
         extras = [r for r in case["results"] if r["system"] not in ("sloth", "eager", "compile")]
         note = "".join(
-            f" ({r['system']} {fmt(r.get('median_ms'))} ms, peak {fmt(r.get('peak_mib'), '.0f')} MiB)"
+            f" ({r['system']} {ms(r)} ms, peak {fmt(r.get('peak_mib'), '.0f')} MiB)"
             for r in extras
         )
         lines.append(
-            f"| {case['name']}{note} | {fmt(mine.get('median_ms'))} ({mine.get('provider')}) | "
-            f"{fmt(eager.get('median_ms'))} | {fmt(comp.get('median_ms')) if not comp.get('error') else 'error'} | "
+            f"| {case['name']}{note} | {ms(mine)} ({mine.get('provider')}) | "
+            f"{ms(eager)} | {ms(comp)} | "
             f"{fmt(case['speedup_vs_eager'], '.2f')}x | {fmt(case['speedup_vs_compile'], '.2f')}x | "
             f"{fmt(pct, '.0f')} | {fmt(mine.get('peak_mib'), '.0f')} / {fmt(eager.get('peak_mib'), '.0f')} | "
             f"{fmt(mine.get('saved_mib'), '.0f')} / {fmt(eager.get('saved_mib'), '.0f')} |"

@@ -26,6 +26,8 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     kernels.add_argument("--device", default=None, help="default: cuda if present, else cpu")
     kernels.add_argument("--ops", default="", help="comma-separated case names (default: all)")
     kernels.add_argument("--no-compile", action="store_true", help="skip torch.compile")
+    kernels.add_argument("--no-graph", action="store_true",
+                         help="time calls as issued, host overhead included, not graph replays")
     kernels.add_argument("--json", type=Path, help="write the full report here")
     kernels.add_argument("--markdown", type=Path, help="write the docs table here")
     kernels.set_defaults(run=run_kernels)
@@ -54,7 +56,7 @@ def run_kernels(args: argparse.Namespace) -> int:
     only = {o.strip() for o in args.ops.split(",") if o.strip()} or None
     report = run_kernel_bench(
         get_plugin_manager().ops, shapes, runs=args.runs, warmup=args.warmup,
-        compile=not args.no_compile, only=only, progress=progress,
+        compile=not args.no_compile, only=only, progress=progress, graph=not args.no_graph,
     )  # fmt: skip
     command = "sloth " + shlex.join(sys.argv[1:]) if sys.argv[0].endswith("sloth") else "sloth bench kernels"
     report["command"] = command
