@@ -25,7 +25,7 @@ _FORWARD_TILE = 4096
 #: The backward grid is persistent (few programs, each looping over tiles): larger tiles
 #: keep enough bytes in flight per SM, and few programs keep the fp32 partials small
 #: (2 x 132 x 4096 x 4 bytes at Llama's width on an H200: ~4% of the pass's traffic).
-_BACKWARD_TILE = 8192
+_BACKWARD_TILE = 4096
 _PROGRAMS_PER_SM = 2
 #: Backward programs under the interpreter, where every program instance costs ~1 ms.
 _INTERPRETER_PROGRAMS = 4
