@@ -58,7 +58,8 @@ def run_kernels(args: argparse.Namespace) -> int:
         get_plugin_manager().ops, shapes, runs=args.runs, warmup=args.warmup,
         compile=not args.no_compile, only=only, progress=progress, graph=not args.no_graph,
     )  # fmt: skip
-    command = "sloth " + shlex.join(sys.argv[1:]) if sys.argv[0].endswith("sloth") else "sloth bench kernels"
+    # `sloth ...` and `python -m sloth_core ...` take the same arguments after the program.
+    command = "sloth " + shlex.join(sys.argv[1:])
     report["command"] = command
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))

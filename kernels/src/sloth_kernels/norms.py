@@ -22,9 +22,10 @@ from sloth_kernels._utils import MAX_FUSED_SIZE, interpreting, next_power_of_2, 
 #: Elements a forward program holds: one 4096-wide row, or 32 rows of a 128-wide head.
 #: The forward grid has a program per tile, so several programs per SM hide latency.
 _FORWARD_TILE = 4096
-#: The backward grid is persistent (few programs, each looping over tiles): larger tiles
-#: keep enough bytes in flight per SM, and few programs keep the fp32 partials small
-#: (2 x 132 x 4096 x 4 bytes at Llama's width on an H200: ~4% of the pass's traffic).
+#: The backward grid is persistent (few programs, each looping over tiles and prefetching
+#: the next), and few programs keep the fp32 partials small (2 x 132 x 4096 x 4 bytes at
+#: Llama's width on an H200: ~4% of the pass's traffic). One 4096-wide row a tile beat
+#: 8192 on the H200 (scripts/tune_rows.py; 85% of copy bandwidth for fwd + bwd).
 _BACKWARD_TILE = 4096
 _PROGRAMS_PER_SM = 2
 #: Backward programs under the interpreter, where every program instance costs ~1 ms.
