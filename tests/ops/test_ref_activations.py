@@ -5,21 +5,8 @@ import torch
 from transformers.activations import ACT2FN
 
 from sloth_core.ops.reference import geglu, swiglu
+from _helpers import TOL, assert_close as _assert_close, draw as _draw
 
-TOL = 1e-5
-
-
-def _draw(*bounds):
-    """A fresh seed (recorded for replay) and one random size per ``(lo, hi)`` bound."""
-    seed = torch.seed()
-    return seed, [int(torch.randint(lo, hi + 1, ()).item()) for lo, hi in bounds]
-
-
-def _assert_close(actual, expected, what, tol=TOL):
-    assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
-    assert actual.dtype == expected.dtype, f"{what}: dtype {actual.dtype} != {expected.dtype}"
-    err = (actual.double() - expected.double()).abs().max().item()
-    assert err <= tol, f"{what}: max abs error {err:.3g} > {tol}"
 
 
 CASES = {

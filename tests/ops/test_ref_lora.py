@@ -9,22 +9,9 @@ from transformers.models.gemma.modeling_gemma import GemmaMLP
 from transformers.models.llama.modeling_llama import LlamaAttention, LlamaMLP
 
 from sloth_core.ops.reference import LoRALinear, lora_linear, lora_mlp, lora_o, lora_qkv
+from _helpers import TOL, assert_close as _assert_close, draw as _draw
 
-TOL = 1e-5
 MLP_PROJ = ["gate_proj", "up_proj", "down_proj"]
-
-
-def _draw(*bounds):
-    """A fresh seed (recorded for replay) and one random size per ``(lo, hi)`` bound."""
-    seed = torch.seed()
-    return seed, [int(torch.randint(lo, hi + 1, ()).item()) for lo, hi in bounds]
-
-
-def _assert_close(actual, expected, what, tol=TOL):
-    assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
-    assert actual.dtype == expected.dtype, f"{what}: dtype {actual.dtype} != {expected.dtype}"
-    err = (actual.double() - expected.double()).abs().max().item()
-    assert err <= tol, f"{what}: max abs error {err:.3g} > {tol}"
 
 
 def _add_lora(module, targets, r, dropout=0.0):

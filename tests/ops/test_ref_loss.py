@@ -7,22 +7,9 @@ from transformers.loss.loss_utils import ForCausalLMLoss, fixed_cross_entropy
 
 from sloth_core.ops.reference import cross_entropy, fused_linear_cross_entropy
 from sloth_core.ops.reference.loss import CHUNK_BYTES, default_chunk_size
+from _helpers import TOL, assert_close as _assert_close, draw as _draw
 
-TOL = 1e-5
 IGNORE = -100
-
-
-def _draw(*bounds):
-    """A fresh seed (recorded for replay) and one random size per ``(lo, hi)`` bound."""
-    seed = torch.seed()
-    return seed, [int(torch.randint(lo, hi + 1, ()).item()) for lo, hi in bounds]
-
-
-def _assert_close(actual, expected, what, tol=TOL):
-    assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
-    assert actual.dtype == expected.dtype, f"{what}: dtype {actual.dtype} != {expected.dtype}"
-    err = (actual.double() - expected.double()).abs().max().item()
-    assert err <= tol, f"{what}: max abs error {err:.3g} > {tol}"
 
 
 def _labels(n, vocab, ignore_fraction=0.3):

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from sloth_core.ops.reference import dequantize_nf4
+from _helpers import draw as _draw
 
 BF = pytest.importorskip("bitsandbytes.functional")
 
@@ -14,12 +15,6 @@ def _eager_bitsandbytes():
     # fresh shape (seconds each on 2 cores); eager runs the same ops.
     with torch.compiler.set_stance("force_eager"):
         yield
-
-
-def _draw(*bounds):
-    """A fresh seed (recorded for replay) and one random size per ``(lo, hi)`` bound."""
-    seed = torch.seed()
-    return seed, [int(torch.randint(lo, hi + 1, ()).item()) for lo, hi in bounds]
 
 
 def _quantize(weight, nested, blocksize=64, quant_type="nf4"):

@@ -25,27 +25,9 @@ import triton
 import triton.language as tl
 
 from sloth_core.ops import reference
+from sloth_core.ops.reference.nf4 import NF4_CODE
 from sloth_kernels._utils import interpreting, next_power_of_2
 
-#: The NF4 code (bitsandbytes' ``get_4bit_type("nf4")``), index order == value order.
-NF4_CODE = (
-    -1.0,
-    -0.6961928009986877,
-    -0.5250730514526367,
-    -0.39491748809814453,
-    -0.28444138169288635,
-    -0.18477343022823334,
-    -0.09105003625154495,
-    0.0,
-    0.07958029955625534,
-    0.16093020141124725,
-    0.24611230194568634,
-    0.33791524171829224,
-    0.44070982933044434,
-    0.5626170039176941,
-    0.7229568362236023,
-    1.0,
-)
 
 #: Packed bytes per program (4096 bytes = 8192 values): enough work per program to keep
 #: several 16-byte loads in flight per thread and amortise the per-block scales.

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 # bitsandbytes.functional.get_4bit_type: quantiles of N(0, 1), index order == value order.
-_NF4 = (
+NF4_CODE = (
     -1.0,
     -0.6961928009986877,
     -0.5250730514526367,
@@ -42,7 +42,7 @@ _FP4 = tuple(
     for v in (0, 0.0625, 8.0, 12.0, 4.0, 6.0, 2.0, 3.0)
     + (-0.0, -0.0625, -8.0, -12.0, -4.0, -6.0, -2.0, -3.0)
 )
-_CODES = {"nf4": _NF4, "fp4": _FP4}
+_CODES = {"nf4": NF4_CODE, "fp4": _FP4}
 
 
 def _code(quant_type: str, device: torch.device) -> torch.Tensor:

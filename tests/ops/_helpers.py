@@ -1,0 +1,21 @@
+"""Helpers shared by the reference-op tests: fresh random sizes and a strict comparison."""
+
+from __future__ import annotations
+
+import torch
+
+#: fp32 max abs error allowed against the Hugging Face module or function replaced.
+TOL = 1e-5
+
+
+def draw(*bounds):
+    """A fresh seed (recorded for replay) and one random size per ``(lo, hi)`` bound."""
+    seed = torch.seed()
+    return seed, [int(torch.randint(lo, hi + 1, ()).item()) for lo, hi in bounds]
+
+
+def assert_close(actual, expected, what, tol=TOL):
+    assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
+    assert actual.dtype == expected.dtype, f"{what}: dtype {actual.dtype} != {expected.dtype}"
+    err = (actual.double() - expected.double()).abs().max().item()
+    assert err <= tol, f"{what}: max abs error {err:.3g} > {tol}"
