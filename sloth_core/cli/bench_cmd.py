@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -31,6 +32,19 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     kernels.add_argument("--json", type=Path, help="write the full report here")
     kernels.add_argument("--markdown", type=Path, help="write the docs table here")
     kernels.set_defaults(run=run_kernels)
+    train = sub.add_parser("train", help="LoRA training: sloth vs HF + PEFT, each in its own process")
+    train.add_argument("--shape", default="llama-8b", help="named model shape (llama-1b, llama-8b)")
+    train.add_argument("--seq", type=int, default=2048)
+    train.add_argument("--batch", type=int, default=4)
+    train.add_argument("--steps", type=int, default=10)
+    train.add_argument("--warmup", type=int, default=3)
+    train.add_argument("--systems", default="sloth,hf")
+    train.add_argument("--device", default=None, help="default: cuda if present, else cpu")
+    train.add_argument("--model-dir", type=Path, default=None,
+                       help="where the random-init model is written once (default: a cache dir)")
+    train.add_argument("--json", type=Path, help="write the full report here")
+    train.add_argument("--markdown", type=Path, help="write the docs table here")
+    train.set_defaults(run=run_train)
     bench.set_defaults(run=lambda args: bench.print_help() or 2)
 
 
@@ -82,3 +96,41 @@ def run_kernels(args: argparse.Namespace) -> int:
                       cell("sloth", "gbps", ".0f"))  # fmt: skip
     Console().print(table)
     return 0
+
+
+def run_train(args: argparse.Namespace) -> int:
+    import torch
+
+    from sloth_core.bench.train import SHAPES, markdown, run_bench
+
+    if args.shape not in SHAPES:
+        raise SystemExit(f"sloth: unknown shape {args.shape!r}; shapes: {', '.join(SHAPES)}")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    cache = Path(os.environ.get("SLOTH_CACHE", Path.home() / ".cache" / "sloth"))
+    model_dir = args.model_dir or cache / "bench-models" / args.shape
+    systems = tuple(s.strip() for s in args.systems.split(",") if s.strip())
+    report = run_bench(args.shape, seq=args.seq, batch=args.batch, steps=args.steps,
+                       warmup=args.warmup, systems=systems, model_dir=model_dir, device=device)  # fmt: skip
+    command = "sloth " + shlex.join(sys.argv[1:])
+    report["command"] = command
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2))
+    text = markdown(report, command)
+    if args.markdown:
+        args.markdown.write_text(text)
+    table = Table(title=f"sloth bench train: {args.shape}, seq {args.seq} x batch {args.batch}")
+    for column in ("system", "tokens/s", "peak GiB", "MFU %", "first loss", "last loss", "x hf speed", "x hf memory"):
+        table.add_column(column)
+    for r in report["results"]:
+        if r.get("error"):
+            table.add_row(r["system"], f"[red]{r['error'][:200]}[/]", *[""] * 6)
+            continue
+        table.add_row(
+            r["system"], f"{r['tokens_per_s']:.0f}",
+            "-" if r["peak_gib"] is None else f"{r['peak_gib']:.2f}",
+            "-" if r["mfu"] is None else f"{r['mfu'] * 100:.1f}",
+            f"{r['first_loss']:.4f}", f"{r['last_loss']:.4f}",
+            f"{r.get('speed_vs_hf', 0):.2f}", "-" if "memory_vs_hf" not in r else f"{r['memory_vs_hf']:.2f}",
+        )  # fmt: skip
+    Console().print(table)
+    return 0 if not any(r.get("error") for r in report["results"]) else 1

@@ -1,0 +1,219 @@
+"""``sloth bench train``: LoRA training throughput and memory, sloth against HF + PEFT.
+
+Each system trains the same random-init model (a named shape, saved once as bf16
+safetensors) on the same fixed batch of random tokens, **each in its own process**, in
+one run: LoRA r=16, alpha 16, dropout 0 on q,k,v,o,gate,up,down; ``torch.optim.AdamW(lr=2e-4)``;
+gradient checkpointing on; ``warmup`` untimed steps, then ``steps`` timed ones, each
+between ``torch.cuda.synchronize`` calls. Tokens/s come from the median step; peak memory
+is ``torch.cuda.max_memory_allocated()`` after a reset once the model is loaded and
+wrapped. MFU counts ``4 N_base + 6 N_lora + 12 layers hidden seq`` FLOPs per token (base
+matmul weights incl. lm_head: forward and input gradients; LoRA weights: forward, input
+and weight gradients; attention scores and values; recomputation not counted) against
+the device's bf16 matmul rate.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+#: Named model shapes: Llama 3.2 1B and Llama 3.1 8B (untied lm_head, as the issue fixes).
+SHAPES: dict[str, dict[str, Any]] = {
+    "llama-1b": dict(model_type="llama", hidden_size=2048, intermediate_size=8192,
+                     num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
+                     vocab_size=128256, rope_theta=500000.0),
+    "llama-8b": dict(model_type="llama", hidden_size=4096, intermediate_size=14336,
+                     num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+                     vocab_size=128256, rope_theta=500000.0),
+    # For the harness's own tests on the CPU.
+    "llama-tiny": dict(model_type="llama", hidden_size=64, intermediate_size=128,
+                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                       vocab_size=1007, rope_theta=10000.0),
+}  # fmt: skip
+
+TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+#: Measured bf16 dense matmul rate of the project's H200 (TFLOP/s), the MFU denominator.
+PEAK_TFLOPS = 790.0
+SYSTEMS = ("sloth", "hf")
+
+
+@dataclass
+class TrainResult:
+    system: str
+    tokens_per_s: float
+    median_step_s: float
+    peak_gib: float | None
+    mfu: float | None
+    first_loss: float
+    last_loss: float
+    n_base: int
+    n_lora: int
+    error: str | None = None
+
+
+def make_model(shape: str, path: Path, *, device: str) -> Path:
+    """Write a random-init bf16 model of ``shape`` (and a tokenizer) to ``path``, once."""
+    if (path / "config.json").is_file():
+        return path
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from sloth_core.testing.tokenizer import build_tokenizer
+
+    spec = dict(SHAPES[shape])
+    model_type = spec.pop("model_type")
+    rope = {"rope_type": "default", "rope_theta": spec.pop("rope_theta")}
+    config = AutoConfig.for_model(model_type, **spec, rope_parameters=rope,
+                                  tie_word_embeddings=False, max_position_embeddings=8192)  # fmt: skip
+    torch.manual_seed(0)
+    # Initialised on the device in bf16: an 8B model never goes through fp32 on the host.
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    staging = path.with_name(path.name + ".tmp")
+    model.save_pretrained(staging, safe_serialization=True)
+    build_tokenizer().save_pretrained(staging)
+    staging.rename(path)
+    return path
+
+
+def _matmul_params(model: Any) -> int:
+    import torch
+
+    return sum(m.weight.numel() for m in model.modules()
+               if isinstance(m, torch.nn.Linear) and "lora_" not in type(m).__name__.lower())  # fmt: skip
+
+
+def _load(system: str, model_dir: Path, device: str):
+    import torch
+
+    if system == "sloth":
+        from sloth_core import FastLanguageModel
+
+        model, _ = FastLanguageModel.from_pretrained(
+            str(model_dir), dtype=torch.bfloat16, device_map=device, max_seq_length=None
+        )
+        n_base = _matmul_params(model)
+        model = FastLanguageModel.get_peft_model(
+            model, r=16, lora_alpha=16, lora_dropout=0.0, target_modules=TARGET_MODULES,
+            use_gradient_checkpointing=True,
+        )  # fmt: skip
+        return model, n_base
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(
+        model_dir, dtype=torch.bfloat16, attn_implementation="sdpa", device_map=device
+    )
+    n_base = _matmul_params(model)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.enable_input_require_grads()
+    config = LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0, target_modules=TARGET_MODULES,
+                        task_type="CAUSAL_LM")  # fmt: skip
+    return get_peft_model(model, config), n_base
+
+
+def run_system(system: str, model_dir: Path, *, seq: int, batch: int, steps: int,
+               warmup: int, device: str) -> TrainResult:  # fmt: skip
+    """Train ``system`` on a fixed random batch; the body of one worker process."""
+    import torch
+
+    model, n_base = _load(system, model_dir, device)
+    model.train()
+    n_lora = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4)
+    generator = torch.Generator().manual_seed(1234)
+    vocab = model.config.vocab_size
+    ids = torch.randint(0, vocab, (batch, seq), generator=generator).to(device)
+    cuda = device.startswith("cuda")
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    times, losses = [], []
+    for step in range(warmup + steps):
+        if cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if cuda:
+            torch.cuda.synchronize()
+        losses.append(loss.item())
+        if step >= warmup:
+            times.append(time.perf_counter() - start)
+    median = statistics.median(times)
+    tokens_per_s = batch * seq / median
+    config = model.config
+    flops_per_token = 4 * n_base + 6 * n_lora + 12 * config.num_hidden_layers * config.hidden_size * seq
+    mfu = flops_per_token * tokens_per_s / (PEAK_TFLOPS * 1e12) if cuda else None
+    peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
+    return TrainResult(system, tokens_per_s, median, peak, mfu, losses[0], losses[-1], n_base, n_lora)
+
+
+def run_bench(shape: str, *, seq: int, batch: int, steps: int = 10, warmup: int = 3,
+              systems: tuple[str, ...] = SYSTEMS, model_dir: Path, device: str,
+              timeout: float = 1800) -> dict[str, Any]:  # fmt: skip
+    """Every system in its own process, one after the other, on the same model and batch."""
+    model_dir = make_model(shape, Path(model_dir), device=device)
+    results = []
+    for system in systems:
+        cmd = [sys.executable, "-m", "sloth_core.bench.train", system, str(model_dir), str(seq),
+               str(batch), str(steps), str(warmup), device]  # fmt: skip
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                              env={**os.environ, "PYTHONUNBUFFERED": "1"})  # fmt: skip
+        lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+        if done.returncode != 0 or not lines:
+            tail = (done.stderr or done.stdout).strip().splitlines()[-5:]
+            results.append({"system": system, "error": " | ".join(tail)[-800:]})
+        else:
+            results.append(json.loads(lines[-1]))
+    base = next((r for r in results if r["system"] == "hf" and not r.get("error")), None)
+    for r in results:
+        if base and not r.get("error"):
+            r["speed_vs_hf"] = r["tokens_per_s"] / base["tokens_per_s"]
+            if r["peak_gib"] and base["peak_gib"]:
+                r["memory_vs_hf"] = r["peak_gib"] / base["peak_gib"]
+    return {"shape": shape, "config": SHAPES[shape], "seq": seq, "batch": batch, "steps": steps,
+            "warmup": warmup, "device": device, "peak_tflops": PEAK_TFLOPS, "results": results}  # fmt: skip
+
+
+def markdown(report: dict[str, Any], command: str) -> str:
+    """The report as a docs/benchmarks.md table, with the exact command."""
+
+    def fmt(value, spec):
+        return "-" if value is None else format(value, spec)
+
+    lines = [f"Shape `{report['shape']}`, seq {report['seq']} x batch {report['batch']}, "
+             f"{report['warmup']} warm-up + {report['steps']} timed steps, {report['device']}.",
+             "", f"    {command}", "",
+             "| system | tokens/s | peak GiB | MFU | first loss | last loss | speed vs hf | memory vs hf |",
+             "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for r in report["results"]:
+        if r.get("error"):
+            lines.append(f"| {r['system']} | error: {r['error'][:120]} | | | | | | |")
+            continue
+        lines.append(
+            f"| {r['system']} | {r['tokens_per_s']:.0f} | {fmt(r['peak_gib'], '.2f')} | "
+            f"{fmt(r['mfu'] and r['mfu'] * 100, '.1f')}% | {r['first_loss']:.4f} | {r['last_loss']:.4f} | "
+            f"{fmt(r.get('speed_vs_hf'), '.2f')}x | {fmt(r.get('memory_vs_hf'), '.2f')}x |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _worker(argv: list[str]) -> None:
+    system, model_dir, seq, batch, steps, warmup, device = argv
+    result = run_system(system, Path(model_dir), seq=int(seq), batch=int(batch),
+                        steps=int(steps), warmup=int(warmup), device=device)  # fmt: skip
+    print(json.dumps(asdict(result)))
+
+
+if __name__ == "__main__":  # one system, in its own process (see run_bench)
+    _worker(sys.argv[1:])
