@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import types
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -37,6 +39,7 @@ def restore_forward(module: torch.nn.Module) -> bool:
 
 
 def is_patched(module: torch.nn.Module) -> bool:
+    """Whether :func:`replace_forward` patched ``module`` (and it was not restored since)."""
     return _ORIGINAL in module.__dict__
 
 
@@ -49,3 +52,44 @@ def restorer(modules: Iterable[torch.nn.Module]) -> Callable[[], None]:
             restore_forward(module)
 
     return undo
+
+
+def bind_forward(module: torch.nn.Module, impl: Callable[..., Any]) -> bool:
+    """Make ``impl(module, *args, **kwargs)`` the module's forward; ``False`` if patched already.
+
+    The forward is bound to ``module`` as a method rather than closing over it, so that
+    ``copy.deepcopy`` of a patched model (TRL's reference models, EMA copies) rebinds it to
+    the copy instead of silently running the original's weights; ``impl`` must therefore
+    not capture the module. The bound function carries the class forward's name and
+    signature (``__wrapped__``): transformers inspects ``model.forward`` for ``**kwargs``
+    (Trainer's ``num_items_in_batch``) and ``logits_to_keep`` (generation).
+    """
+    if is_patched(module):
+        return False
+
+    def forward(self: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+        return impl(self, *args, **kwargs)
+
+    functools.update_wrapper(forward, type(module).forward)
+    return replace_forward(module, types.MethodType(forward, module))
+
+
+def call_original(module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+    """Run the forward that :func:`replace_forward` replaced (the fallback of every patch)."""
+    original = module.__dict__.get(_ORIGINAL)
+    if original is None:
+        return type(module).forward(module, *args, **kwargs)
+    return original(*args, **kwargs)
+
+
+def unwrap_model(model: Any) -> Any:
+    """The transformers model inside PEFT's wrappers (``PeftModel.get_base_model()``)."""
+    get_base_model = getattr(model, "get_base_model", None)
+    if callable(get_base_model) and hasattr(model, "peft_config"):
+        return get_base_model()
+    return model
+
+
+def model_type_of(model: Any) -> str | None:
+    """``config.model_type`` of ``model`` or of the model PEFT wraps; ``None`` if it has none."""
+    return getattr(getattr(unwrap_model(model), "config", None), "model_type", None)

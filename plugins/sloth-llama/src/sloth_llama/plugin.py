@@ -1,0 +1,57 @@
+"""Hook implementations of sloth-llama; the entry point names this module.
+
+Everything that is not Llama-specific (the patchers, ``sloth_sdpa``) lives in
+:mod:`sloth_core.patches`; this plugin only names Llama's module classes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sloth_core import hookimpl
+from sloth_core.patches import SLOTH_SDPA, patch_architecture, register_sloth_sdpa
+from sloth_core.patching import model_type_of
+from sloth_core.types import ModelSpec, PatchReport
+
+PLUGIN = "sloth-llama"
+#: The Hugging Face ``model_type`` values this plugin makes fast.
+MODEL_TYPES = ("llama",)
+
+
+@hookimpl
+def register_architectures(register):
+    """Declare ``llama`` (Llama 2, 3, 3.1, 3.2 and compatible checkpoints)."""
+    for model_type in MODEL_TYPES:
+        register(model_type, description="Llama 2/3/3.1/3.2: RMSNorm, SwiGLU, GQA, RoPE")
+
+
+@hookimpl
+def load_model(spec: ModelSpec) -> tuple[Any, Any] | None:
+    """Load a Llama checkpoint with ``sloth_sdpa`` attention unless the caller chose one."""
+    if spec.model_type not in MODEL_TYPES:
+        return None
+    from sloth_core.default_plugins.hf_loader import load_hf_model
+
+    register_sloth_sdpa()
+    spec.extra.setdefault("attn_implementation", SLOTH_SDPA)
+    return load_hf_model(spec)
+
+
+@hookimpl
+def patch_layers(model, ops) -> PatchReport | None:
+    """Route Llama's norms, MLPs, attention and causal-LM loss through ``ops``."""
+    if model_type_of(model) not in MODEL_TYPES:
+        return None  # before importing transformers' Llama for a model that is not one
+    from transformers.models.llama import modeling_llama as llama
+
+    register_sloth_sdpa()  # a model may be switched to it after loading
+    return patch_architecture(
+        model,
+        ops,
+        plugin=PLUGIN,
+        model_types=MODEL_TYPES,
+        rms_norm=llama.LlamaRMSNorm,
+        mlp=llama.LlamaMLP,
+        attention=llama.LlamaAttention,
+        causal_lm=llama.LlamaForCausalLM,
+    )

@@ -1,0 +1,117 @@
+"""Reusable patchers for architecture plugins: what every Llama-like model shares.
+
+An architecture plugin names its module classes and calls :func:`patch_architecture`
+from its ``patch_layers`` hook; the patchers below route those modules through the op
+registry. Every patch goes through :func:`sloth_core.patching.bind_forward`, so it is
+reversible (the report's ``undo``), idempotent (running ``patch_layers`` again after PEFT
+wraps the model patches nothing twice), and falls back to the module's original forward
+wherever the ops would not compute exactly what transformers and PEFT compute.
+
+Nothing here imports transformers at import time; plugins import this module cheaply.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any
+
+from sloth_core.patching import model_type_of, restorer, unwrap_model
+from sloth_core.types import PatchReport
+
+from .attention import (
+    SLOTH_SDPA,
+    PackedRows,
+    packed_rows,
+    patch_attention,
+    register_sloth_sdpa,
+    sloth_sdpa_attention,
+)
+from .causal_lm import RETURN_LOGITS_ENV, causal_lm_logits, patch_causal_lm, prompt_learning
+from .mlp import MLP_ACTIVATIONS, lift_linear, mlp_activation, patch_gated_mlp
+from .norms import patch_rms_norm, rms_norm_eps
+
+if TYPE_CHECKING:
+    import torch
+
+    from sloth_core.ops import OpRegistry
+
+ModuleClasses = type | tuple[type, ...]
+
+
+def patch_architecture(
+    model: torch.nn.Module,
+    ops: OpRegistry,
+    *,
+    plugin: str,
+    model_types: str | Iterable[str],
+    rms_norm: ModuleClasses = (),
+    mlp: ModuleClasses = (),
+    attention: ModuleClasses = (),
+    causal_lm: ModuleClasses = (),
+    gemma_norm: bool = False,
+    activation: str | None = None,
+    attention_kwargs: Callable[[torch.nn.Module], dict[str, Any]] | None = None,
+) -> PatchReport | None:
+    """Patch every module of the given classes in ``model``: the body of ``patch_layers``.
+
+    Args:
+        model: the model ``patch_layers`` received, possibly wrapped by PEFT.
+        ops: the op registry ``patch_layers`` received.
+        plugin: the plugin's name, for the report.
+        model_types: the ``config.model_type`` values the plugin handles; other models
+            are left alone and ``None`` is returned.
+        rms_norm: RMSNorm classes, for :func:`patch_rms_norm`.
+        mlp: gated MLP classes, for :func:`patch_gated_mlp`.
+        attention: self-attention classes, for :func:`patch_attention`.
+        causal_lm: ``*ForCausalLM`` classes, for :func:`patch_causal_lm`.
+        gemma_norm: the norms are Gemma's ``1 + weight`` variant.
+        activation: the MLP activation (``"swiglu"``...); by default from the config.
+        attention_kwargs: extra attention-function arguments, see :func:`patch_attention`.
+
+    Returns:
+        A :class:`PatchReport` counting the modules newly patched per kind (0 for those
+        patched by an earlier call), whose ``undo`` restores them; ``None`` for a model of
+        another type.
+    """
+    model_type = model_type_of(model)
+    wanted = {model_types} if isinstance(model_types, str) else set(model_types)
+    if model_type not in wanted:
+        return None
+    keep_logits, extra = prompt_learning(model), attention_kwargs
+    patchers: dict[str, tuple[ModuleClasses, Callable[[Any], bool]]] = {
+        "rms_norm": (rms_norm, lambda m: patch_rms_norm(m, ops, gemma=gemma_norm)),
+        "mlp": (mlp, lambda m: patch_gated_mlp(m, ops, activation=activation)),
+        "attention": (attention, lambda m: patch_attention(m, ops, attention_kwargs=extra)),
+        "causal_lm": (causal_lm, lambda m: patch_causal_lm(m, keep_logits=keep_logits)),
+    }
+    counts = {kind: 0 for kind, (classes, _) in patchers.items() if classes != ()}
+    patched = []
+    for module in unwrap_model(model).modules():
+        for kind, (classes, patch) in patchers.items():
+            if classes != () and isinstance(module, classes):
+                if patch(module):
+                    counts[kind] += 1
+                    patched.append(module)
+                break
+    return PatchReport(plugin, model_type, counts, restorer(patched))
+
+
+__all__ = [
+    "MLP_ACTIVATIONS",
+    "RETURN_LOGITS_ENV",
+    "SLOTH_SDPA",
+    "PackedRows",
+    "causal_lm_logits",
+    "lift_linear",
+    "mlp_activation",
+    "packed_rows",
+    "patch_architecture",
+    "patch_attention",
+    "patch_causal_lm",
+    "patch_gated_mlp",
+    "patch_rms_norm",
+    "prompt_learning",
+    "register_sloth_sdpa",
+    "rms_norm_eps",
+    "sloth_sdpa_attention",
+]

@@ -1,0 +1,311 @@
+"""Llama-style self-attention through the LoRA ops, and the ``sloth_sdpa`` attention function.
+
+The patched forward is transformers' own (projections, per-head q/k norms where the model
+has them, rotary, cache update, the attention function the config names, output
+projection) with the projections and the rotary through the op registry. ``sloth_sdpa``
+is PyTorch SDPA registered through transformers' ``AttentionInterface``, with GQA without
+copies and a padding-free path for packed rows (``position_ids`` restarting inside a row).
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import sys
+import warnings
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+
+from sloth_core.patching import bind_forward, call_original
+
+from .mlp import lift_linear
+
+if TYPE_CHECKING:
+    from sloth_core.ops import OpRegistry
+
+#: The name ``sloth_sdpa`` is registered under in transformers' attention interfaces.
+SLOTH_SDPA = "sloth_sdpa"
+_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+def _model_functions(module: torch.nn.Module) -> tuple[Any, Callable[..., Any] | None]:
+    # The modeling file's own ALL_ATTENTION_FUNCTIONS (a model may override an entry
+    # locally) and its eager_attention_forward, the fallback transformers itself uses.
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    namespace = sys.modules.get(type(module).__module__)
+    interface = getattr(namespace, "ALL_ATTENTION_FUNCTIONS", ALL_ATTENTION_FUNCTIONS)
+    return interface, getattr(namespace, "eager_attention_forward", None)
+
+
+def patch_attention(
+    module: torch.nn.Module,
+    ops: OpRegistry,
+    *,
+    attention_kwargs: Callable[[torch.nn.Module], dict[str, Any]] | None = None,
+) -> bool:
+    """Route a Llama-style self-attention through ``lora_qkv``, ``rope`` and ``lora_o``.
+
+    The module needs ``q_proj``/``k_proj``/``v_proj``/``o_proj``, ``head_dim``,
+    ``scaling``, ``layer_idx``, ``config`` and ``attention_dropout``; ``q_norm``/``k_norm``
+    (Qwen3, Gemma 3) run per head before the rotary when present. The attention itself is
+    the function ``config._attn_implementation`` names (eager, sdpa, ``sloth_sdpa``,
+    anything registered), looked up per call as transformers does. When a projection
+    cannot be lifted (see :func:`~sloth_core.patches.mlp.lift_linear`) the original
+    forward runs. ``False`` if patched already, or if the module's modeling file has no
+    ``eager_attention_forward``.
+
+    Args:
+        module: the attention module.
+        ops: the op registry.
+        attention_kwargs: extra keyword arguments for the attention function, from the
+            module, as its modeling file passes them (Mistral's ``sliding_window``, Gemma
+            2's ``softcap``...). Llama passes none.
+    """
+    interface, eager = _model_functions(module)
+    if eager is None:
+        return False
+    get_interface = getattr(interface, "get_interface", None)
+
+    def forward(self, hidden_states, position_embeddings=None, attention_mask=None, *args, **kw):
+        projections = [lift_linear(getattr(self, name)) for name in _PROJECTIONS]
+        if args:  # positional past attention_mask: the caller follows the original's order
+            original = (hidden_states, position_embeddings, attention_mask, *args)
+            return call_original(self, *original, **kw)
+        if position_embeddings is None or any(p is None for p in projections):
+            kw.update(position_embeddings=position_embeddings, attention_mask=attention_mask)
+            return call_original(self, hidden_states, **kw)
+        q_proj, k_proj, v_proj, o_proj = projections
+        # transformers >= 5.2x passes the cache as `cache`, 5.17 as `past_key_values`; the
+        # deprecation shim on the original forward is bypassed here, so accept both.
+        cache, legacy_cache = kw.pop("cache", None), kw.pop("past_key_values", None)
+        input_shape = hidden_states.shape[:-1]
+        shape = (*input_shape, -1, self.head_dim)
+        query, key, value = ops.lora_qkv(hidden_states, q_proj, k_proj, v_proj)
+        query, key, value = query.view(shape), key.view(shape), value.view(shape)
+        if getattr(self, "q_norm", None) is not None and getattr(self, "k_norm", None) is not None:
+            query, key = self.q_norm(query), self.k_norm(key)
+        query, key, value = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
+        cos, sin = position_embeddings
+        query, key = ops.rope(query, key, cos, sin)
+        if cache is not None:
+            key, value = cache.update(key, value, self.layer_idx, kwargs=kw)
+        elif legacy_cache is not None:
+            key, value = legacy_cache.update(key, value, self.layer_idx)
+        implementation = self.config._attn_implementation
+        if get_interface is not None:
+            attend = get_interface(implementation, eager)
+        else:
+            attend = interface[implementation] if implementation in interface else eager
+        if attention_kwargs is not None:
+            kw.update(attention_kwargs(self))
+        dropout = self.attention_dropout if self.training else 0.0
+        output, weights = attend(
+            self, query, key, value, attention_mask, dropout=dropout, scaling=self.scaling, **kw
+        )
+        output = output.reshape(*input_shape, -1).contiguous()
+        return ops.lora_o(output, o_proj), weights
+
+    return bind_forward(module, forward)
+
+
+# -- sloth_sdpa ------------------------------------------------------------------------
+try:
+    from torch.nn.attention.varlen import varlen_attn as _varlen_attn
+except ImportError:  # torch without the varlen API: SDPA with a block-diagonal mask
+    _varlen_attn = None
+_VARLEN_PARAMS = set(inspect.signature(_varlen_attn).parameters) if _varlen_attn else set()
+_varlen_failed = False
+
+
+class PackedRows:
+    """Where the sequences packed into each row start, from ``position_ids`` ``[B, S]``.
+
+    A new sequence starts wherever a position is not its predecessor plus one, exactly as
+    transformers' ``masking_utils.find_packed_sequence_indices`` splits them, so the
+    block-diagonal causal mask here equals the one transformers builds for ``sdpa``.
+    """
+
+    def __init__(self, position_ids: torch.Tensor) -> None:
+        step = torch.diff(position_ids, prepend=position_ids[:, :1] - 1, dim=-1)
+        self.starts = step != 1
+        self.sequence_ids = self.starts.cumsum(-1)
+        self._mask: torch.Tensor | None = None
+        self._varlen: tuple[torch.Tensor, int] | None = None
+        self._checked: tuple[torch.Tensor, bool] | None = None
+
+    @property
+    def mask(self) -> torch.Tensor:
+        """``[B, 1, S, S]`` bool: same sequence and not in the future."""
+        if self._mask is None:
+            ids = self.sequence_ids
+            same = ids[:, :, None] == ids[:, None, :]
+            length = ids.shape[-1]
+            causal = torch.ones(length, length, dtype=torch.bool, device=ids.device).tril()
+            self._mask = (same & causal)[:, None]
+        return self._mask
+
+    def varlen(self) -> tuple[torch.Tensor, int]:
+        """``(cu_seqlens, max_len)`` over the flattened rows: every row start is a boundary."""
+        if self._varlen is None:
+            starts = self.starts.clone()
+            starts[:, 0] = True
+            begin = starts.flatten().nonzero().flatten()
+            end = torch.tensor([starts.numel()], device=begin.device)
+            cu_seqlens = torch.cat([begin, end]).to(torch.int32)
+            self._varlen = cu_seqlens, int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+        return self._varlen
+
+    def matches(self, mask: torch.Tensor) -> bool:
+        """Whether ``mask`` is exactly this block-diagonal causal mask (so no padding in it)."""
+        if self._checked is None or self._checked[0] is not mask:
+            same = mask.dtype == torch.bool and mask.shape == self.mask.shape
+            self._checked = mask, bool(same and torch.equal(mask, self.mask))
+        return self._checked[1]
+
+
+def packed_rows(position_ids: torch.Tensor, batch: int) -> PackedRows | None:
+    """The :class:`PackedRows` of ``position_ids``, or ``None`` if no row restarts.
+
+    Cached on the tensor: every layer of one forward receives the same ``position_ids``,
+    and the check needs a device sync.
+    """
+    if position_ids.dim() == 1:
+        position_ids = position_ids[None]
+    try:
+        key = (position_ids._version, batch)
+    except RuntimeError:  # an inference-mode tensor has no version counter: no caching
+        key = None
+    cached = getattr(position_ids, "_sloth_packed", None)
+    if key is not None and cached is not None and cached[0] == key:
+        return cached[1]
+    rows = PackedRows(position_ids.expand(batch, -1))
+    result = rows if bool(rows.starts[:, 1:].any()) else None
+    try:
+        if key is not None:
+            position_ids._sloth_packed = (key, result)
+    except (AttributeError, RuntimeError):  # tensors that take no attributes (compile)
+        pass
+    return result
+
+
+def _varlen_usable(query: torch.Tensor, dropout: float) -> bool:
+    # The flash varlen kernels: CUDA, half precision, no dropout, head_dim <= 256.
+    return (
+        _varlen_attn is not None
+        and not _varlen_failed
+        and query.is_cuda
+        and query.dtype in (torch.float16, torch.bfloat16)
+        and dropout == 0.0
+        and query.shape[-1] <= 256
+    )
+
+
+def _varlen(query, key, value, rows: PackedRows, scaling: float | None) -> torch.Tensor | None:
+    """Packed causal attention through ``varlen_attn``: ``[B, S, Hq, D]``; ``None`` if it fails."""
+    global _varlen_failed
+    batch, heads, length, dim = query.shape
+    cu_seqlens, max_len = rows.varlen()
+    q = query.transpose(1, 2).reshape(batch * length, heads, dim)
+    k = key.transpose(1, 2).reshape(batch * length, key.shape[1], dim)
+    v = value.transpose(1, 2).reshape(batch * length, value.shape[1], value.shape[-1])
+    # The signature grew between torch releases (2.10: is_causal, no scale, no GQA).
+    options: dict[str, Any] = {}
+    if "window_size" in _VARLEN_PARAMS:
+        options["window_size"] = (-1, 0)  # causal
+    else:
+        options["is_causal"] = True
+    if "scale" in _VARLEN_PARAMS:
+        options["scale"] = scaling
+    elif scaling is not None and not math.isclose(scaling, dim**-0.5):
+        q = q * (scaling * math.sqrt(dim))  # the kernel applies 1/sqrt(dim)
+    if k.shape[1] != heads:
+        if "enable_gqa" in _VARLEN_PARAMS:
+            options["enable_gqa"] = True
+        else:
+            k = k.repeat_interleave(heads // k.shape[1], dim=1)
+            v = v.repeat_interleave(heads // v.shape[1], dim=1)
+    try:
+        out = _varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_len, max_len, **options)
+    except (RuntimeError, ValueError, TypeError, NotImplementedError) as exc:
+        _varlen_failed = True
+        warnings.warn(f"sloth_sdpa: varlen_attn failed ({exc}); SDPA with a mask", stacklevel=2)
+        return None
+    return out.reshape(batch, length, heads, -1)
+
+
+def sloth_sdpa_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    is_causal: bool | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """PyTorch SDPA as transformers' ``sdpa`` computes it, plus a padding-free packed path.
+
+    Packed rows (``position_ids`` restarting inside a row, ``query`` as long as ``key``, no
+    sliding window) never attend across sequences: on CUDA in half precision, when the mask
+    is absent or exactly the block-diagonal causal one transformers builds for packing (so
+    there is no padding), through ``torch.nn.attention.varlen.varlen_attn``; otherwise
+    through SDPA with that block-diagonal causal mask. GQA uses SDPA's ``enable_gqa`` (no
+    copies) unless a mask would push CUDA SDPA off its fused kernels: then ``repeat_kv``.
+    Takes and returns what transformers' attention functions do: ``query``
+    ``[B, Hq, S, D]``, ``key``/``value`` ``[B, Hk, S_kv, D]``, a ``[B, 1, S, S_kv]`` mask or
+    ``None``, the model's ``**kwargs`` (``position_ids``...); returns ``([B, S, Hq, D],
+    None)``, never the attention weights.
+    """
+    if kwargs.get("softcap") is not None:
+        raise ValueError("sloth_sdpa does not support attention softcapping; use eager")
+    q_len, kv_len = query.shape[2], key.shape[2]
+    groups = query.shape[1] // key.shape[1]
+    position_ids = kwargs.get("position_ids")
+    rows = None
+    if position_ids is not None and 1 < q_len == kv_len and kwargs.get("sliding_window") is None:
+        if position_ids.shape[-1] == q_len:
+            rows = packed_rows(position_ids, query.shape[0])
+    if rows is not None and _varlen_usable(query, dropout):
+        if attention_mask is None or rows.matches(attention_mask):
+            out = _varlen(query, key, value, rows, scaling)
+            if out is not None:
+                return out, None
+    if rows is not None and attention_mask is None:
+        attention_mask = rows.mask
+    causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
+    causal = bool(q_len > 1 and attention_mask is None and causal)
+    if causal and kv_len > q_len:  # static-cache prefill, as transformers crops it
+        key, value = key[:, :, :q_len], value[:, :, :q_len]
+    options: dict[str, Any] = {}
+    if groups > 1:
+        if attention_mask is None or query.device.type == "cpu":
+            options["enable_gqa"] = True
+        else:
+            from transformers.integrations.sdpa_attention import repeat_kv
+
+            key, value = repeat_kv(key, groups), repeat_kv(value, groups)
+    out = F.scaled_dot_product_attention(
+        query, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling,
+        is_causal=causal, **options,
+    )  # fmt: skip
+    return out.transpose(1, 2).contiguous(), None
+
+
+def register_sloth_sdpa() -> str:
+    """Register ``sloth_sdpa`` with transformers (idempotent); returns its name.
+
+    Its mask function is transformers' ``sdpa_mask``, so padding, sliding windows and packed
+    rows get exactly the masks ``sdpa`` gets (transformers builds no mask at all for an
+    attention name without a mask function).
+    """
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(SLOTH_SDPA, sloth_sdpa_attention)
+    AttentionMaskInterface.register(SLOTH_SDPA, sdpa_mask)
+    return SLOTH_SDPA

@@ -1,0 +1,135 @@
+"""``*ForCausalLM`` forwards whose loss never materialises the full logits.
+
+With ``labels`` the loss comes from the plugin manager's ``compute_loss`` hook on the last
+hidden states (by default the chunked ``fused_linear_cross_entropy`` op). In training,
+where only the loss is used, the ``[batch, seq, vocab]`` logits are not computed at all
+(``logits=None``); in eval they are computed as transformers does, beside the same loss.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+import torch
+
+from sloth_core.patching import bind_forward, call_original
+
+#: Set to ``1`` to get logits in training too (for code that reads them beside the loss).
+RETURN_LOGITS_ENV = "SLOTH_RETURN_LOGITS"
+_KEEP_LOGITS = "_sloth_keep_logits"
+
+
+def _slice_hidden(hidden_states: torch.Tensor, logits_to_keep: int | torch.Tensor) -> torch.Tensor:
+    # transformers >= 5.2x has slice_logits_to_keep (2D index and bool masks too); 5.17
+    # slices inline with an int or a 1D index.
+    try:
+        from transformers.modeling_utils import slice_logits_to_keep
+    except ImportError:
+        slice_indices = (
+            slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        )
+        return hidden_states[:, slice_indices, :]
+    return slice_logits_to_keep(hidden_states, logits_to_keep)
+
+
+def causal_lm_logits(module: torch.nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
+    """The output head applied to ``hidden_states``, with ``final_logit_softcapping`` if set."""
+    logits = module.get_output_embeddings()(hidden_states)
+    softcap = getattr(module.config, "final_logit_softcapping", None)
+    if softcap is not None:
+        logits = torch.tanh(logits / softcap) * softcap
+    return logits
+
+
+def _output_fields() -> frozenset[str]:
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    return frozenset(f.name for f in dataclasses.fields(CausalLMOutputWithPast))
+
+
+def patch_causal_lm(
+    module: torch.nn.Module, *, decoder: str = "model", keep_logits: bool = False
+) -> bool:
+    """Replace a ``*ForCausalLM`` forward with one that computes the loss via ``compute_loss``.
+
+    Same arguments and outputs as transformers' forward: unshifted ``labels`` with -100
+    ignored, ``num_items_in_batch`` (Trainer's gradient-accumulation normaliser) passed to
+    the loss, ``logits_to_keep``, ``return_dict``, the cache under whichever name the
+    installed transformers uses (``cache`` or ``past_key_values``). Differences: with
+    ``labels`` in training mode ``logits`` is ``None`` unless ``keep_logits`` or the
+    environment variable ``SLOTH_RETURN_LOGITS=1``; the loss is computed from the hidden
+    states even in eval; in training ``use_cache`` defaults to ``False``. The original
+    forward runs when the caller passes positional arguments past ``position_ids`` or
+    pre-shifted ``shift_labels``.
+
+    Calling it again on a patched module only updates ``keep_logits`` and returns ``False``.
+
+    Args:
+        module: the causal LM (``config``, ``get_output_embeddings()``, the decoder).
+        decoder: the attribute holding the decoder model (``model`` in transformers 5).
+        keep_logits: always return logits with the loss (PEFT's prompt-learning methods such
+            as CPT compute their own loss from ``outputs.logits``).
+    """
+    if keep_logits:
+        module.__dict__[_KEEP_LOGITS] = True
+    else:
+        module.__dict__.pop(_KEEP_LOGITS, None)
+    fields = _output_fields()
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, *args, **kwargs):
+        if args or "shift_labels" in kwargs:
+            return call_original(self, input_ids, attention_mask, position_ids, *args, **kwargs)
+        from transformers.modeling_outputs import CausalLMOutputWithPast
+
+        from sloth_core.plugins import get_plugin_manager
+
+        labels = kwargs.pop("labels", None)
+        logits_to_keep = kwargs.pop("logits_to_keep", 0)
+        num_items_in_batch = kwargs.pop("num_items_in_batch", None)
+        return_dict = kwargs.pop("return_dict", None)
+        if return_dict is None:
+            return_dict = getattr(self.config, "return_dict", True)
+        if self.training:
+            # No KV cache in training: it is never read, and transformers only separates
+            # packed sequences (position_ids restarting) in its masks when there is none.
+            kwargs.setdefault("use_cache", False)
+        outputs = getattr(self, decoder)(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            return_dict=True,
+            **kwargs,
+        )
+        hidden_states = outputs.last_hidden_state
+        loss = logits = None
+        if labels is not None:
+            loss = get_plugin_manager().compute_loss(
+                model=self,
+                hidden_states=hidden_states,
+                labels=labels,
+                num_items_in_batch=num_items_in_batch,
+            )
+        skip_logits = (
+            labels is not None
+            and self.training
+            and not self.__dict__.get(_KEEP_LOGITS, False)
+            and os.environ.get(RETURN_LOGITS_ENV, "") in ("", "0")
+        )
+        if not skip_logits:
+            logits = causal_lm_logits(self, _slice_hidden(hidden_states, logits_to_keep))
+        rest = {k: v for k, v in outputs.items() if k in fields and k not in ("loss", "logits")}
+        output = CausalLMOutputWithPast(loss=loss, logits=logits, **rest)
+        return output if return_dict else output.to_tuple()
+
+    return bind_forward(module, forward)
+
+
+def prompt_learning(model: Any) -> bool:
+    """Whether ``model`` is a PEFT model whose active adapter is prompt learning (CPT, ...).
+
+    Those wrappers read ``outputs.logits`` themselves: the causal-LM patch must keep them.
+    """
+    config = getattr(model, "active_peft_config", None) if hasattr(model, "peft_config") else None
+    return bool(getattr(config, "is_prompt_learning", False))

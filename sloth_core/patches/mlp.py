@@ -1,0 +1,95 @@
+"""Gated MLPs (``gate_proj``/``up_proj``/``down_proj``) routed through the ``lora_mlp`` op."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from sloth_core.ops import LoRALinear
+from sloth_core.patching import bind_forward, call_original
+
+if TYPE_CHECKING:
+    from sloth_core.ops import OpRegistry
+
+#: transformers' activation names (``hidden_act``/``hidden_activation``) -> ``lora_mlp``'s.
+MLP_ACTIVATIONS = {
+    "silu": "swiglu",
+    "swish": "swiglu",
+    "gelu": "geglu",
+    "gelu_pytorch_tanh": "geglu_tanh",
+}
+
+# Base weights the LoRA ops can multiply: dense floats, or 4-bit packed with a quant_state.
+# An int8 (LLM.int8) or fp8 weight would be fed to F.linear as if it were dense: wrong.
+_DENSE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def lift_linear(module: torch.nn.Module) -> LoRALinear | None:
+    """``LoRALinear.from_module(module)``, or ``None`` where the LoRA ops would not equal it.
+
+    ``None`` for what ``from_module`` refuses (merged adapters, several active adapters,
+    DoRA and other variants, ``lora_B`` biases, ``Conv1D`` bases) and for base weights
+    that are neither dense floats nor 4-bit packed (int8, fp8): the caller then runs the
+    module's original forward, so its output is always exactly PEFT's.
+    """
+    try:
+        layer = LoRALinear.from_module(module)
+    except ValueError:
+        return None
+    if layer.quant_state is None and layer.weight.dtype not in _DENSE_DTYPES:
+        return None
+    return layer
+
+
+def mlp_activation(config: Any) -> str | None:
+    """The ``lora_mlp`` activation for ``config``'s ``hidden_activation`` or ``hidden_act``.
+
+    ``None`` for an activation the op does not implement (the MLP is then left alone).
+    """
+    name = getattr(config, "hidden_activation", None) or getattr(config, "hidden_act", None)
+    return MLP_ACTIVATIONS.get(name) if isinstance(name, str) else None
+
+
+def _act_matches(module: torch.nn.Module, activation: str) -> bool:
+    # The config field a model reads can differ between architectures and releases
+    # (Gemma: hidden_act vs hidden_activation); the module's own act_fn is the truth.
+    act_fn = getattr(module, "act_fn", None)
+    if act_fn is None:
+        return True  # no act_fn attribute to contradict the caller
+    from transformers.activations import ACT2FN
+
+    names = [name for name, op_name in MLP_ACTIVATIONS.items() if op_name == activation]
+    return any(type(act_fn) is type(ACT2FN[name]) for name in names)
+
+
+def patch_gated_mlp(
+    module: torch.nn.Module, ops: OpRegistry, *, activation: str | None = None
+) -> bool:
+    """Route a gated MLP through ``ops.lora_mlp``; ``False`` if patched already or unsupported.
+
+    ``down_proj(act(gate_proj(x)) * up_proj(x))`` with LoRA on any of the projections. The
+    three projections are lifted into :class:`LoRALinear` bundles at every call (a few
+    attribute reads), so adapters attached after patching, disabled adapters and
+    ``merge_adapter`` are honoured; when one projection cannot be lifted (see
+    :func:`lift_linear`) the module's original forward runs.
+
+    Args:
+        module: a module with ``gate_proj``, ``up_proj``, ``down_proj`` and ``act_fn``.
+        ops: the op registry.
+        activation: ``"swiglu"``, ``"geglu"`` or ``"geglu_tanh"``; by default from
+            ``module.config`` (see :func:`mlp_activation`). A module whose ``act_fn``
+            is not that activation is left alone.
+    """
+    if activation is None:
+        activation = mlp_activation(getattr(module, "config", None))
+    if activation is None or not _act_matches(module, activation):
+        return False
+
+    def forward(self: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+        gate, up, down = (lift_linear(p) for p in (self.gate_proj, self.up_proj, self.down_proj))
+        if gate is None or up is None or down is None:
+            return call_original(self, x)
+        return ops.lora_mlp(x, gate, up, down, activation=activation)
+
+    return bind_forward(module, forward)

@@ -1,0 +1,42 @@
+"""RMSNorm modules routed through the ``rms_norm`` op."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from sloth_core.patching import bind_forward
+
+if TYPE_CHECKING:
+    from sloth_core.ops import OpRegistry
+
+
+def rms_norm_eps(module: torch.nn.Module) -> float:
+    """The epsilon of an RMSNorm module: ``variance_epsilon`` (Llama, Mistral, Qwen) or ``eps``.
+
+    Raises:
+        ValueError: the module has neither attribute (not an RMSNorm transformers writes).
+    """
+    for name in ("variance_epsilon", "eps"):
+        value = getattr(module, name, None)
+        if isinstance(value, (int, float)):
+            return float(value)
+    raise ValueError(f"{type(module).__name__} has no variance_epsilon or eps")
+
+
+def patch_rms_norm(module: torch.nn.Module, ops: OpRegistry, *, gemma: bool = False) -> bool:
+    """Route ``module``'s forward through ``ops.rms_norm``; ``False`` if it was patched already.
+
+    Args:
+        module: an RMSNorm with a ``weight`` ``[D]`` and ``variance_epsilon`` or ``eps``.
+        ops: the op registry.
+        gemma: the ``1 + weight`` variant (``GemmaRMSNorm``), normalised and scaled in fp32.
+    """
+    eps = rms_norm_eps(module)
+
+    # The weight is read at call time: it may be replaced (loading, casting) after patching.
+    def forward(self: torch.nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
+        return ops.rms_norm(hidden_states, self.weight, eps, gemma=gemma)
+
+    return bind_forward(module, forward)
