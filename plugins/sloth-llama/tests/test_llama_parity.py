@@ -1,0 +1,95 @@
+"""sloth-llama against Hugging Face's llama: logits, loss and LoRA gradients, on tiny
+configs covering what differs between Llama releases, in fp32 and bf16, with the torch
+references and with the Triton kernels (the interpreter on the CPU, real on a GPU).
+
+The same tests run on a GPU machine (cuda is used when present): nothing here is
+CPU-only. ``pytest -rA`` (or ``-s``) prints each report's table.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from sloth_core.patches import SLOTH_SDPA
+from sloth_core.plugins import SlothPluginManager
+from sloth_core.testing import tiny_config
+from sloth_core.testing.parity import assert_parity
+
+LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "rope_theta": 10000.0,
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 64,
+}
+
+#: Config overrides of ``tiny_config("llama")`` (4 heads, 2 kv heads, vocab 513).
+CONFIGS = {
+    "untied": {"tie_word_embeddings": False},
+    "tied": {"tie_word_embeddings": True},
+    "gqa4": {"num_attention_heads": 8, "num_key_value_heads": 2, "head_dim": 8},
+    "llama3_rope": {"rope_parameters": LLAMA3_ROPE},
+    "odd_vocab": {"vocab_size": 1007},
+}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+@pytest.fixture(scope="module")
+def manager():
+    """Every installed plugin, as users get them (sloth-llama, sloth-kernels, ...)."""
+    manager = SlothPluginManager(entry_points=True)
+    record = manager.records.get("sloth-llama")
+    assert record is not None and record.status == "active", record
+    return manager
+
+
+def _shape(kernels: str, batch_size: int = 2, seq_len: int = 24) -> dict[str, int]:
+    """The batch. Triton on the CPU runs only under its interpreter (nox sets
+    TRITON_INTERPRET=1), where each program runs in Python (the rope kernel's one per
+    token, ~25 ms): there 12 tokens a row keep this file near a minute."""
+    if kernels != "triton" or torch.cuda.is_available():
+        return {"batch_size": batch_size, "seq_len": seq_len}
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("Triton on the CPU runs only under TRITON_INTERPRET=1 (nox sets it)")
+    return {"batch_size": 2, "seq_len": 12}
+
+
+def _check(manager, config, *, kernels, **options):
+    report = assert_parity(config, manager=manager, kernels=kernels, **options)
+    print(report)
+    if kernels == "triton":
+        assert "sloth-kernels" in report.providers.values(), report.providers
+    return report
+
+
+@pytest.mark.parametrize("kernels", ["torch", "triton"])
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_parity(manager, name, dtype, kernels):
+    """As FastLanguageModel loads it: sloth-llama's attention (``sloth_sdpa``)."""
+    config = tiny_config("llama", **CONFIGS[name])
+    options = dict(dtype=DTYPES[dtype], attn_implementation=SLOTH_SDPA, **_shape(kernels))
+    report = _check(manager, config, kernels=kernels, **options)
+    assert {"rms_norm", "mlp", "attention", "causal_lm"} <= set(report.patched)
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_parity_with_transformers_attention(manager, name, dtype):
+    """A model loaded without sloth (transformers' ``sdpa``), patched afterwards."""
+    config = tiny_config("llama", **CONFIGS[name])
+    _check(manager, config, kernels="torch", dtype=DTYPES[dtype])
+
+
+@pytest.mark.parametrize(
+    ("kernels", "attn"), [("torch", "sdpa"), ("torch", SLOTH_SDPA), ("triton", SLOTH_SDPA)]
+)
+def test_packed_parity(manager, kernels, attn):
+    """Several sequences per row, positions restarting, no attention mask."""
+    shape = _shape(kernels, batch_size=3)
+    config = tiny_config("llama")
+    _check(manager, config, kernels=kernels, packed=True, attn_implementation=attn, **shape)
