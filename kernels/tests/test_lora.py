@@ -235,13 +235,6 @@ def test_settings_the_kernel_does_not_serve_use_the_reference():
         expected = reference.lora_linear(x, layer)
     assert _fell_back(out) and torch.equal(out, expected), "dropout"
 
-    # fp32 adapters on a bf16 base (PEFT's autocast_adapter_dtype): the reference promotes.
-    bf16 = _layer(INTER, HIDDEN, torch.bfloat16, r=4)
-    bf16.lora_A = bf16.lora_A.detach().float().requires_grad_()
-    bf16.lora_B = bf16.lora_B.detach().float().requires_grad_()
-    xb = x.detach().bfloat16()
-    out = lora_linear(xb, bf16)
-    assert _fell_back(out) and torch.equal(out, reference.lora_linear(xb, bf16)), "fp32 adapters"
 
     # A trainable base bias, and an FP4 base.
     biased = _layer(INTER, HIDDEN, torch.float32, r=4, bias=True)
@@ -261,6 +254,35 @@ def test_settings_the_kernel_does_not_serve_use_the_reference():
     )
     out = lora_mlp(x, gate, up, down)
     assert _fell_back(out) and torch.equal(out, reference.lora_mlp(x, gate, up, down)), "fp4"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_fp32_adapters_on_a_16bit_base_take_the_fused_path(dtype):
+    # PEFT keeps adapters in fp32 on 16-bit models (autocast_adapter_dtype): the fused
+    # path computes in the input dtype and hands fp32 gradients to the fp32 adapters.
+    gate, up = _layer(INTER, HIDDEN, dtype, r=4), _layer(INTER, HIDDEN, dtype, r=4)
+    down = _layer(HIDDEN, INTER, dtype, r=4)
+    for layer in (gate, up, down):
+        layer.lora_A = layer.lora_A.detach().float().requires_grad_()
+        layer.lora_B = layer.lora_B.detach().float().requires_grad_()
+    x = torch.randn(BATCH * SEQ, HIDDEN, device=DEVICE, dtype=dtype, requires_grad=True)
+    out = lora_mlp(x, gate, up, down)
+    assert not _fell_back(out)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    got = [x.grad, *(t.grad for layer in (gate, up, down) for t in (layer.lora_A, layer.lora_B))]
+    assert all(g.dtype == torch.float32 for g in got[1:]), "adapter grads must stay fp32"
+    x32 = x.detach().float().requires_grad_()
+    ref_layers = [_fp32_twin(layer) for layer in (gate, up, down)]
+    expected = reference.lora_mlp(x32, *ref_layers)
+    expected.backward(grad.float())
+    want = [x32.grad, *(t.grad for layer in ref_layers for t in (layer.lora_A, layer.lora_B))]
+    _assert_close(out, expected, dtype, what="fp32-adapter forward")
+    for name, a, e in zip(["x", "gA", "gB", "uA", "uB", "dA", "dB"], got, want, strict=True):
+        _assert_close(a.to(e.dtype), e, dtype, what=f"fp32-adapter grad {name}")
+
+    qkv_out = lora_qkv(x.detach(), gate, up, up)
+    assert not any(_fell_back(t) for t in qkv_out)
 
 
 def test_mlp_backward_runs_once_per_forward():

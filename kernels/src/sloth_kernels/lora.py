@@ -24,7 +24,7 @@ weight or bias that requires grad, a 4-bit type other than NF4, autocast, mixed 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -87,6 +87,25 @@ def fast_path_ok(x: torch.Tensor, layers: Sequence[LoRALinear]) -> bool:
     if torch.is_autocast_enabled(x.device.type):
         return False
     return all(layer_served(layer, x.shape[-1], x.dtype, x.device) for layer in layers)
+
+
+def adapters_in(dtype: torch.dtype, layers: Sequence[LoRALinear]) -> tuple[LoRALinear, ...]:
+    """``layers`` with fp32 adapters cast to ``dtype`` (bf16/fp16) for the fused path.
+
+    PEFT keeps adapters in fp32 on a 16-bit model (``autocast_adapter_dtype``) so the
+    optimizer updates fp32 weights. The fused path computes the adapter products in the
+    input's dtype with fp32 accumulation instead of upcasting the input: the cast is an
+    autograd op, so the gradients reach the fp32 adapters in fp32. Results differ from the
+    reference (which upcasts ``x``) by bf16 rounding of the small ``[N, r]`` products.
+    """
+    if dtype == torch.float32:
+        return tuple(layers)
+    return tuple(
+        replace(layer, lora_A=layer.lora_A.to(dtype), lora_B=layer.lora_B.to(dtype))
+        if layer.has_lora and layer.lora_A.dtype == torch.float32 and layer.lora_B.dtype == torch.float32
+        else layer
+        for layer in layers
+    )
 
 
 # -- shared pieces ------------------------------------------------------------------------
@@ -256,9 +275,10 @@ def lora_linear(x: torch.Tensor, layer: LoRALinear) -> torch.Tensor:
     ``x`` and ``x A^T`` for backward. Settings the fast path does not serve (module
     docstring) use the reference.
     """
-    if not fast_path_ok(x, (layer,)):
+    (cast,) = adapters_in(x.dtype, (layer,))
+    if not fast_path_ok(x, (cast,)):
         return reference.lora_linear(x, layer)
-    return _project(x, (layer,))[0]
+    return _project(x, (cast,))[0]
 
 
 def lora_qkv(
@@ -270,9 +290,10 @@ def lora_qkv(
     and base biases included); the three ``x A^T`` and the three ``dA`` each run as one
     GEMM. Settings the fast path does not serve use the reference.
     """
-    if not fast_path_ok(x, (q, k, v)):
+    cast = adapters_in(x.dtype, (q, k, v))
+    if not fast_path_ok(x, cast):
         return reference.lora_qkv(x, q, k, v)
-    return tuple(_project(x, (q, k, v)))
+    return tuple(_project(x, cast))
 
 
 def lora_o(x: torch.Tensor, o: LoRALinear) -> torch.Tensor:
@@ -280,9 +301,10 @@ def lora_o(x: torch.Tensor, o: LoRALinear) -> torch.Tensor:
 
     Same signature and result as :func:`sloth_core.ops.reference.lora_o`.
     """
-    if not fast_path_ok(x, (o,)):
+    (cast,) = adapters_in(x.dtype, (o,))
+    if not fast_path_ok(x, (cast,)):
         return reference.lora_o(x, o)
-    return _project(x, (o,))[0]
+    return _project(x, (cast,))[0]
 
 
 REGISTRATIONS = [

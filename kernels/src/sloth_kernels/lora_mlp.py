@@ -21,6 +21,7 @@ from sloth_kernels.activations import geglu_backward, geglu_forward, swiglu_back
 from sloth_kernels.lora import (
     DTYPES,
     Group,
+    adapters_in,
     fast_path_ok,
     group_backward,
     group_forward,
@@ -143,14 +144,15 @@ def lora_mlp(
     if activation not in _ACTIVATIONS:
         raise ValueError(f"activation must be one of {_ACTIVATIONS}, got {activation!r}")
     inter = out_features(gate)
+    cast_gate, cast_up, cast_down = adapters_in(x.dtype, (gate, up, down))
     served = (
-        fast_path_ok(x, (gate, up))
+        fast_path_ok(x, (cast_gate, cast_up))
         and out_features(up) == inter
-        and layer_served(down, inter, x.dtype, x.device)
+        and layer_served(cast_down, inter, x.dtype, x.device)
     )
     if not served:
         return reference.lora_mlp(x, gate, up, down, activation=activation)
-    gate_up, down_group = Group.of((gate, up)), Group.of((down,))
+    gate_up, down_group = Group.of((cast_gate, cast_up)), Group.of((cast_down,))
     lora = [*gate_up.lora_tensors(), *down_group.lora_tensors()]
     return _LoRAMLP.apply(x, gate_up, down_group, activation, *lora)
 
