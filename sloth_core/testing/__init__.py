@@ -3,7 +3,9 @@
 Installed with sloth-core as the pytest plugin ``sloth`` (see :mod:`.pytest_plugin`):
 fixtures ``plugin_manager``, ``register_plugin`` and ``make_tiny_model``. Tiny random
 models of real architectures with a tokenizer trained on the spot come from
-:func:`tiny_model`; nothing is downloaded.
+:func:`tiny_model`; nothing is downloaded. :func:`assert_parity` compares a patched model
+with the unpatched Hugging Face model (logits, loss, LoRA gradients) and
+:func:`assert_converges_alike` trains both side by side: every architecture plugin's tests.
 """
 
 from __future__ import annotations
@@ -16,6 +18,12 @@ _LAZY = {
     "init_tiny_model": "sloth_core.testing.models",
     "TINY_CONFIGS": "sloth_core.testing.models",
     "build_tokenizer": "sloth_core.testing.tokenizer",
+    "check_parity": "sloth_core.testing.parity",
+    "assert_parity": "sloth_core.testing.parity",
+    "ParityReport": "sloth_core.testing.parity",
+    "convergence_losses": "sloth_core.testing.convergence",
+    "assert_converges_alike": "sloth_core.testing.convergence",
+    "load_tiny_instructions": "sloth_core.testing.datasets",
 }
 
 
