@@ -3,15 +3,7 @@
 # device tool's H200: torch 2.11, triton 3.6). Carry bitsandbytes as a wheel in .whl/.
 # Usage: [TESTS="kernels/tests/test_x.py ..."] [OPS=case,case] bash scripts/gpu_kernels.sh [OUT_DIR]
 set -uo pipefail
-out=${1:-${OUT:-/tmp/sloth-gpu}}
-mkdir -p "$out"
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
-fi
-python3 -m pip install -q --no-deps --no-build-isolation -e . -e kernels -e plugins/_template \
-  > "$out/install.log" 2>&1 || { tail -20 "$out/install.log"; exit 1; }
-export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
+source "$(dirname "$0")/gpu_env.sh" "$@"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -m sloth_core doctor --json > "$out/doctor.json"
 # Every kernel test, the LLM-sized `gpu` ones included, on the real GPU.

@@ -48,6 +48,16 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     bench.set_defaults(run=lambda args: bench.print_help() or 2)
 
 
+def write_reports(args: argparse.Namespace, report: dict, markdown) -> None:
+    """Record the exact command in ``report``; write ``--json`` and ``--markdown``."""
+    # `sloth ...` and `python -m sloth_core ...` take the same arguments after the program.
+    report["command"] = "sloth " + shlex.join(sys.argv[1:])
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2))
+    if args.markdown:
+        args.markdown.write_text(markdown(report, report["command"]))
+
+
 def run_kernels(args: argparse.Namespace) -> int:
     import torch
 
@@ -72,14 +82,7 @@ def run_kernels(args: argparse.Namespace) -> int:
         get_plugin_manager().ops, shapes, runs=args.runs, warmup=args.warmup,
         compile=not args.no_compile, only=only, progress=progress, graph=not args.no_graph,
     )  # fmt: skip
-    # `sloth ...` and `python -m sloth_core ...` take the same arguments after the program.
-    command = "sloth " + shlex.join(sys.argv[1:])
-    report["command"] = command
-    if args.json:
-        args.json.write_text(json.dumps(report, indent=2))
-    text = markdown(report, command)
-    if args.markdown:
-        args.markdown.write_text(text)
+    write_reports(args, report, markdown)
     table = Table(title=f"sloth bench kernels on {report['device']}")
     for column in ("case", "sloth ms", "eager ms", "compile ms", "x eager", "x compile", "GB/s"):
         table.add_column(column)
@@ -111,13 +114,7 @@ def run_train(args: argparse.Namespace) -> int:
     systems = tuple(s.strip() for s in args.systems.split(",") if s.strip())
     report = run_bench(args.shape, seq=args.seq, batch=args.batch, steps=args.steps,
                        warmup=args.warmup, systems=systems, model_dir=model_dir, device=device)  # fmt: skip
-    command = "sloth " + shlex.join(sys.argv[1:])
-    report["command"] = command
-    if args.json:
-        args.json.write_text(json.dumps(report, indent=2))
-    text = markdown(report, command)
-    if args.markdown:
-        args.markdown.write_text(text)
+    write_reports(args, report, markdown)
     table = Table(title=f"sloth bench train: {args.shape}, seq {args.seq} x batch {args.batch}")
     for column in ("system", "tokens/s", "peak GiB", "MFU %", "first loss", "last loss", "x hf speed", "x hf memory"):
         table.add_column(column)
