@@ -127,8 +127,16 @@ def export(
     return result
 
 
-def enable_checkpointing(model: Any) -> None:
-    """Non-reentrant activation checkpointing, through whichever name transformers has."""
+def enable_checkpointing(model: Any, *, offload: bool = False) -> None:
+    """Non-reentrant activation checkpointing, or with ``offload`` the layer inputs kept
+    in pinned host memory (:mod:`sloth_core.checkpointing`)."""
+    if offload:
+        from sloth_core.checkpointing import offloaded_checkpoint
+
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        # transformers' own hook for the checkpointing function of its decoder layers.
+        base._set_gradient_checkpointing(enable=True, gradient_checkpointing_func=offloaded_checkpoint)
+        return
     kwargs = {"use_reentrant": False}
     if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
@@ -192,7 +200,7 @@ class FastLanguageModel:
         lora_alpha: int = 16,
         lora_dropout: float = 0.0,
         bias: str = "none",
-        use_gradient_checkpointing: bool | str = True,
+        use_gradient_checkpointing: bool | str = "sloth",
         random_state: int = 3407,
         use_rslora: bool = False,
         modules_to_save: list[str] | None = None,
@@ -202,8 +210,10 @@ class FastLanguageModel:
     ) -> Any:
         """Attach LoRA adapters through PEFT, then re-run ``patch_layers`` on the result.
 
-        ``use_gradient_checkpointing``: ``True`` (or ``"unsloth"``/``"sloth"``, accepted
-        for familiarity) recomputes activations in backward; ``False`` keeps them.
+        ``use_gradient_checkpointing``: ``"sloth"`` (default; ``"unsloth"`` is accepted
+        for familiarity) recomputes activations in backward and, on a GPU, keeps the layer
+        inputs in pinned host memory meanwhile; ``True`` recomputes with the inputs on the
+        device; ``False`` keeps every activation.
         """
         from peft import LoraConfig, get_peft_model
 
@@ -233,7 +243,10 @@ class FastLanguageModel:
         )
         peft_model = get_peft_model(model, config)
         if use_gradient_checkpointing:
-            enable_checkpointing(peft_model)
+            offload = use_gradient_checkpointing in ("sloth", "unsloth") and any(
+                p.is_cuda for p in peft_model.parameters()
+            )
+            enable_checkpointing(peft_model, offload=offload)
         manager = get_plugin_manager()
         peft_model.sloth_spec = spec
         peft_model.sloth_patches = manager.patch_layers(model=peft_model)

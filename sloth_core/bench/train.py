@@ -102,7 +102,7 @@ def _load(system: str, model_dir: Path, device: str):
         n_base = _matmul_params(model)
         model = FastLanguageModel.get_peft_model(
             model, r=16, lora_alpha=16, lora_dropout=0.0, target_modules=TARGET_MODULES,
-            use_gradient_checkpointing=True,
+            use_gradient_checkpointing="sloth",  # checkpointing, layer inputs in host memory
         )  # fmt: skip
         return model, n_base
     from peft import LoraConfig, get_peft_model

@@ -1,0 +1,46 @@
+"""Offloaded activation checkpointing gives exactly the gradients of no checkpointing."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+
+from sloth_core.api import enable_checkpointing
+from sloth_core.testing import init_tiny_model, tiny_config
+
+
+def _lora_grads(mode: str, dropout: float) -> tuple[float, dict[str, torch.Tensor]]:
+    model = init_tiny_model(tiny_config("llama", tie_word_embeddings=False), seed=3)
+    config = LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, init_lora_weights=False,
+                        target_modules=["q_proj", "v_proj", "gate_proj", "down_proj"])  # fmt: skip
+    torch.manual_seed(0)
+    model = get_peft_model(model, config)
+    if mode != "none":
+        enable_checkpointing(model, offload=mode == "offload")
+    model.train()
+    ids = torch.randint(0, model.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(1))
+    torch.manual_seed(5)  # the same dropout masks in every mode
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.2])
+def test_offloaded_checkpointing_matches_no_checkpointing(dropout):
+    loss_ref, grads_ref = _lora_grads("none", dropout)
+    for mode in ("plain", "offload"):
+        loss, grads = _lora_grads(mode, dropout)
+        assert abs(loss - loss_ref) <= 1e-6, mode
+        assert grads.keys() == grads_ref.keys() and grads
+        for name, grad in grads.items():
+            assert torch.allclose(grad, grads_ref[name], atol=1e-6, rtol=1e-5), (mode, name)
+
+
+def test_offload_is_used_by_the_layers():
+    model = init_tiny_model(tiny_config("llama"), seed=0)
+    model = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"]))
+    enable_checkpointing(model, offload=True)
+    layers = model.get_base_model().model.layers
+    assert all(layer.gradient_checkpointing for layer in layers)
+    assert all(layer._gradient_checkpointing_func.__name__ == "offloaded_checkpoint" for layer in layers)
