@@ -47,6 +47,7 @@ def test_every_hook_is_documented_with_its_exact_signature():
 def test_every_op_is_documented_with_its_exact_signature():
     text = (ROOT / "docs" / "ops.md").read_text()
     for name, fn in REFERENCE_OPS.items():
+        assert f"## {name}" in text, f"docs/ops.md has no section for op {name}"
         assert _signature(fn) in text, f"docs/ops.md lacks `{_signature(fn)}`"
 
 

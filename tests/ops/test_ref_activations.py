@@ -2,12 +2,11 @@
 
 import pytest
 import torch
+from _helpers import assert_close as _assert_close
+from _helpers import draw as _draw
 from transformers.activations import ACT2FN
 
 from sloth_core.ops.reference import geglu, swiglu
-from _helpers import TOL, assert_close as _assert_close, draw as _draw
-
-
 
 CASES = {
     # op name -> (reference, transformers hidden_act it replaces)

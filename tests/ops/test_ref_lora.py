@@ -2,6 +2,8 @@
 
 import pytest
 import torch
+from _helpers import assert_close as _assert_close
+from _helpers import draw as _draw
 from peft import LoraConfig, inject_adapter_in_model
 from torch import nn
 from transformers import GemmaConfig, LlamaConfig
@@ -9,7 +11,6 @@ from transformers.models.gemma.modeling_gemma import GemmaMLP
 from transformers.models.llama.modeling_llama import LlamaAttention, LlamaMLP
 
 from sloth_core.ops.reference import LoRALinear, lora_linear, lora_mlp, lora_o, lora_qkv
-from _helpers import TOL, assert_close as _assert_close, draw as _draw
 
 MLP_PROJ = ["gate_proj", "up_proj", "down_proj"]
 

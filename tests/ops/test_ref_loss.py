@@ -3,11 +3,12 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from _helpers import assert_close as _assert_close
+from _helpers import draw as _draw
 from transformers.loss.loss_utils import ForCausalLMLoss, fixed_cross_entropy
 
 from sloth_core.ops.reference import cross_entropy, fused_linear_cross_entropy
 from sloth_core.ops.reference.loss import CHUNK_BYTES, default_chunk_size
-from _helpers import TOL, assert_close as _assert_close, draw as _draw
 
 IGNORE = -100
 

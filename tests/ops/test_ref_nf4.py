@@ -2,9 +2,9 @@
 
 import pytest
 import torch
+from _helpers import draw as _draw
 
 from sloth_core.ops.reference import dequantize_nf4
-from _helpers import draw as _draw
 
 BF = pytest.importorskip("bitsandbytes.functional")
 

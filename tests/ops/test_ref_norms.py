@@ -2,14 +2,14 @@
 
 import pytest
 import torch
+from _helpers import assert_close as _assert_close
+from _helpers import draw as _draw
 from torch import nn
 from transformers.models.gemma.modeling_gemma import GemmaRMSNorm
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 from transformers.models.qwen3.modeling_qwen3 import Qwen3RMSNorm
 
 from sloth_core.ops.reference import layer_norm, rms_norm
-from _helpers import TOL, assert_close as _assert_close, draw as _draw
-
 
 
 def _compare_module(module, fn, x, what):

@@ -2,14 +2,14 @@
 
 import pytest
 import torch
+from _helpers import assert_close as _assert_close
+from _helpers import draw as _draw
 from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb as llama_rope
 from transformers.models.phi3.modeling_phi3 import apply_rotary_pos_emb as phi3_rope
 
 from sloth_core.ops.reference import rope
-from _helpers import TOL, assert_close as _assert_close, draw as _draw
-
 
 
 def _cos_sin(b, s, rotary_dim, max_pos=64):
