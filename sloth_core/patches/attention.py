@@ -237,6 +237,22 @@ def _varlen(query, key, value, rows: PackedRows, scaling: float | None) -> torch
     return out.reshape(batch, length, heads, -1)
 
 
+def _windowed(rows: PackedRows, mask: torch.Tensor | None, window: int) -> torch.Tensor | None:
+    """The packed rows' mask within the sliding window, and within ``mask`` if given.
+
+    transformers' sliding-window mask separates packed sequences only when it keeps no
+    KV cache (training); in eval, or with no mask (rows no longer than the window), it
+    would let them attend to each other. A non-boolean mask is returned as it is.
+    """
+    if mask is not None and mask.dtype != torch.bool:
+        return mask
+    length = rows.mask.shape[-1]
+    index = torch.arange(length, device=rows.mask.device)
+    band = (index[:, None] - index[None, :]) < window  # transformers' sliding_window_overlay
+    windowed = rows.mask & band
+    return windowed if mask is None else windowed & mask
+
+
 def sloth_sdpa_attention(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -250,11 +266,13 @@ def sloth_sdpa_attention(
 ) -> tuple[torch.Tensor, None]:
     """PyTorch SDPA as transformers' ``sdpa`` computes it, plus a padding-free packed path.
 
-    Packed rows (``position_ids`` restarting inside a row, ``query`` as long as ``key``, no
-    sliding window) never attend across sequences: on CUDA in half precision, when the mask
-    is absent or exactly the block-diagonal causal one transformers builds for packing (so
-    there is no padding), through ``torch.nn.attention.varlen.varlen_attn``; otherwise
-    through SDPA with that block-diagonal causal mask. GQA uses SDPA's ``enable_gqa`` (no
+    Packed rows (``position_ids`` restarting inside a row, ``query`` as long as ``key``)
+    never attend across sequences: on CUDA in half precision, when the mask is absent or
+    exactly the block-diagonal causal one transformers builds for packing (so there is no
+    padding), and there is no ``sliding_window``, through
+    ``torch.nn.attention.varlen.varlen_attn``; otherwise through SDPA with that
+    block-diagonal causal mask, intersected with the sliding window (Mistral's, passed as
+    ``sliding_window``) where there is one. GQA uses SDPA's ``enable_gqa`` (no
     copies) unless a mask would push CUDA SDPA off its fused kernels: then ``repeat_kv``.
     Takes and returns what transformers' attention functions do: ``query``
     ``[B, Hq, S, D]``, ``key``/``value`` ``[B, Hk, S_kv, D]``, a ``[B, 1, S, S_kv]`` mask or
@@ -265,17 +283,19 @@ def sloth_sdpa_attention(
         raise ValueError("sloth_sdpa does not support attention softcapping; use eager")
     q_len, kv_len = query.shape[2], key.shape[2]
     groups = query.shape[1] // key.shape[1]
-    position_ids = kwargs.get("position_ids")
+    position_ids, window = kwargs.get("position_ids"), kwargs.get("sliding_window")
     rows = None
-    if position_ids is not None and 1 < q_len == kv_len and kwargs.get("sliding_window") is None:
+    if position_ids is not None and 1 < q_len == kv_len:
         if position_ids.shape[-1] == q_len:
             rows = packed_rows(position_ids, query.shape[0])
-    if rows is not None and _varlen_usable(query, dropout):
+    if rows is not None and window is None and _varlen_usable(query, dropout):
         if attention_mask is None or rows.matches(attention_mask):
             out = _varlen(query, key, value, rows, scaling)
             if out is not None:
                 return out, None
-    if rows is not None and attention_mask is None:
+    if rows is not None and window is not None:
+        attention_mask = _windowed(rows, attention_mask, window)
+    elif rows is not None and attention_mask is None:
         attention_mask = rows.mask
     causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
     causal = bool(q_len > 1 and attention_mask is None and causal)

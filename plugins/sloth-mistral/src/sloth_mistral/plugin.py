@@ -1,0 +1,66 @@
+"""Hook implementations of sloth-mistral; the entry point names this module.
+
+Mistral is Llama with a sliding window on every layer. The window reaches attention two
+ways, as in transformers: through the mask (``create_sliding_window_causal_mask``, which
+``sloth_sdpa`` gets too, since its mask function is ``sdpa_mask``) and through the
+``sliding_window`` argument of the attention function (flash attention and ``sloth_sdpa``
+read it). The patched attention forward passes that argument as Mistral's does.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sloth_core import hookimpl
+from sloth_core.patches import SLOTH_SDPA, patch_architecture, register_sloth_sdpa
+from sloth_core.patching import model_type_of
+from sloth_core.types import ModelSpec, PatchReport
+
+PLUGIN = "sloth-mistral"
+#: The Hugging Face ``model_type`` values this plugin makes fast.
+MODEL_TYPES = ("mistral",)
+
+
+def sliding_window(attention) -> dict[str, Any]:
+    """The attention function's extra arguments, as ``MistralAttention.forward`` passes them."""
+    return {"sliding_window": getattr(attention.config, "sliding_window", None)}
+
+
+@hookimpl
+def register_architectures(register):
+    """Declare ``mistral`` (Mistral 7B and compatible checkpoints)."""
+    for model_type in MODEL_TYPES:
+        register(model_type, description="Mistral: RMSNorm, SwiGLU, GQA, RoPE, sliding window")
+
+
+@hookimpl
+def load_model(spec: ModelSpec) -> tuple[Any, Any] | None:
+    """Load a Mistral checkpoint with ``sloth_sdpa`` attention unless the caller chose one."""
+    if spec.model_type not in MODEL_TYPES:
+        return None
+    from sloth_core.default_plugins.hf_loader import load_hf_model
+
+    register_sloth_sdpa()
+    spec.extra.setdefault("attn_implementation", SLOTH_SDPA)
+    return load_hf_model(spec)
+
+
+@hookimpl
+def patch_layers(model, ops) -> PatchReport | None:
+    """Route Mistral's norms, MLPs, attention and causal-LM loss through ``ops``."""
+    if model_type_of(model) not in MODEL_TYPES:
+        return None  # before importing transformers' Mistral for a model that is not one
+    from transformers.models.mistral import modeling_mistral as mistral
+
+    register_sloth_sdpa()  # a model may be switched to it after loading
+    return patch_architecture(
+        model,
+        ops,
+        plugin=PLUGIN,
+        model_types=MODEL_TYPES,
+        rms_norm=mistral.MistralRMSNorm,
+        mlp=mistral.MistralMLP,
+        attention=mistral.MistralAttention,
+        causal_lm=mistral.MistralForCausalLM,
+        attention_kwargs=sliding_window,
+    )
