@@ -34,8 +34,45 @@ if TYPE_CHECKING:
     import torch
 
     from sloth_core.ops import OpRegistry
+    from sloth_core.types import ModelSpec
 
 ModuleClasses = type | tuple[type, ...]
+
+
+def load_with_sloth_sdpa(spec: ModelSpec, model_types: Iterable[str]) -> tuple[Any, Any] | None:
+    """The body of an architecture plugin's ``load_model``.
+
+    ``None`` for a spec of another model type; else the generic Hugging Face load with
+    ``sloth_sdpa`` attention, unless the caller chose an attention implementation.
+    """
+    if spec.model_type not in set(model_types):
+        return None
+    from sloth_core.default_plugins.hf_loader import load_hf_model
+
+    register_sloth_sdpa()
+    spec.extra.setdefault("attn_implementation", SLOTH_SDPA)
+    return load_hf_model(spec)
+
+
+def sliding_window_kwargs(attention: torch.nn.Module) -> dict[str, Any]:
+    """``{"sliding_window": ...}`` as transformers' attention modules pass it on.
+
+    The module's own ``sliding_window`` where it keeps one (``None`` on full-attention
+    layers); else the config's window, restricted to the layers ``config.layer_types``
+    marks ``"sliding_attention"`` when the config has per-layer types (Qwen2/3 keep the
+    window only with ``use_sliding_window``, from ``max_window_layers`` on), and on every
+    layer when it has none (Mistral).
+    """
+    if hasattr(attention, "sliding_window"):
+        return {"sliding_window": attention.sliding_window}
+    config = attention.config
+    window = getattr(config, "sliding_window", None)
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types:
+        index = attention.layer_idx
+        if not (index < len(layer_types) and layer_types[index] == "sliding_attention"):
+            window = None
+    return {"sliding_window": window}
 
 
 def patch_architecture(
@@ -77,6 +114,8 @@ def patch_architecture(
     wanted = {model_types} if isinstance(model_types, str) else set(model_types)
     if model_type not in wanted:
         return None
+    if attention != ():
+        register_sloth_sdpa()  # a model may be switched to it after loading
     keep_logits, extra = prompt_learning(model), attention_kwargs
     patchers: dict[str, tuple[ModuleClasses, Callable[[Any], bool]]] = {
         "rms_norm": (rms_norm, lambda m: patch_rms_norm(m, ops, gemma=gemma_norm)),
@@ -103,6 +142,7 @@ __all__ = [
     "PackedRows",
     "causal_lm_logits",
     "lift_linear",
+    "load_with_sloth_sdpa",
     "mlp_activation",
     "packed_rows",
     "patch_architecture",
@@ -113,5 +153,6 @@ __all__ = [
     "prompt_learning",
     "register_sloth_sdpa",
     "rms_norm_eps",
+    "sliding_window_kwargs",
     "sloth_sdpa_attention",
 ]

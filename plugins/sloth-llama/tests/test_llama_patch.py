@@ -16,6 +16,7 @@ from sloth_llama import plugin
 from sloth_core.patches import attention as attention_patch
 from sloth_core.patching import is_patched
 from sloth_core.testing import init_tiny_model, tiny_config
+from sloth_core.patches import register_sloth_sdpa
 
 ATOL = 1e-5
 LLAMA3_ROPE = {
@@ -147,7 +148,7 @@ def test_padding_matches(manager):
     mask[1, -3:] = 0  # right padding
     labels[mask == 0] = -100
     for attn in ("sdpa", "sloth_sdpa"):
-        plugin.register_sloth_sdpa()
+        register_sloth_sdpa()
         patched.set_attn_implementation(attn)
         with torch.no_grad():
             expected = reference.eval()(ids, attention_mask=mask).logits
@@ -159,7 +160,7 @@ def test_padding_matches(manager):
 
 def test_packed_rows_match_sdpa_and_separate_sequences(manager):
     reference, patched, _ = _pair(manager, lora=True)
-    patched.set_attn_implementation(plugin.register_sloth_sdpa())
+    patched.set_attn_implementation(register_sloth_sdpa())
     ids, labels = _inputs(reference)
     with torch.no_grad():
         # transformers separates packed sequences only when it builds no KV cache.
@@ -291,7 +292,7 @@ def test_packed_varlen_path(manager, monkeypatch, with_options):
     varlen = attention_patch._varlen
     monkeypatch.setattr(attention_patch, "_varlen", lambda *a: calls.append(1) or varlen(*a))
     reference, patched, _ = _pair(manager, lora=True)
-    patched.set_attn_implementation(plugin.register_sloth_sdpa())
+    patched.set_attn_implementation(register_sloth_sdpa())
     ids, labels = _inputs(reference)
     with torch.no_grad():
         expected = reference.eval()(ids, position_ids=PACKED, use_cache=False).logits

@@ -21,6 +21,7 @@ from sloth_core.plugins import SlothPluginManager
 from sloth_core.testing import init_tiny_model, tiny_config
 from sloth_core.testing.convergence import assert_converges_alike
 from sloth_core.testing.parity import assert_parity, kernels_mode, process_wide
+from sloth_core.patches import register_sloth_sdpa
 
 WINDOW = 16  # tiny_config("mistral")'s sliding_window
 #: Config overrides of ``tiny_config("mistral")`` (4 heads, 2 kv heads, window 16).
@@ -95,7 +96,7 @@ def _logits(model, ids, **inputs):
 @pytest.mark.parametrize("attn", ["eager", "sdpa", SLOTH_SDPA])
 def test_sliding_window_is_in_effect(manager, attn):
     """The patched model equals Hugging Face's with the window, not without it."""
-    plugin.register_sloth_sdpa()
+    register_sloth_sdpa()
     base = init_tiny_model(tiny_config("mistral"))
     unwindowed = init_tiny_model(tiny_config("mistral", sliding_window=None))
     unwindowed.load_state_dict(base.state_dict())
@@ -120,7 +121,7 @@ def test_sloth_sdpa_keeps_windowed_packed_sequences_apart(manager):
     patched = copy.deepcopy(base)
     with kernels_mode("torch"), process_wide(manager):
         manager.patch_layers(model=patched)
-        patched.set_attn_implementation(plugin.register_sloth_sdpa())
+        patched.set_attn_implementation(register_sloth_sdpa())
         ids = torch.randint(0, 500, (1, 44), generator=torch.Generator().manual_seed(1))
         positions = torch.tensor([list(range(24)) + list(range(20))])
         got = _logits(patched, ids, position_ids=positions)

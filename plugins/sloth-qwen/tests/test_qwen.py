@@ -22,6 +22,7 @@ from sloth_core.plugins import SlothPluginManager
 from sloth_core.testing import init_tiny_model, tiny_config
 from sloth_core.testing.convergence import assert_converges_alike
 from sloth_core.testing.parity import assert_parity
+from sloth_core.patches import sliding_window_kwargs
 
 MODEL_TYPES = ["qwen2", "qwen3"]
 #: Config overrides of the tiny configs (4 heads, 2 kv heads, head_dim 16, 2 layers).
@@ -118,11 +119,11 @@ def test_sliding_window_parity(manager, model_type, packed):
 def test_attention_gets_qwens_sliding_window(model_type):
     """What Qwen's own attention passes: its module's window, None on full layers."""
     model = init_tiny_model(tiny_config(model_type, **SLIDING))
-    windows = [plugin.sliding_window(layer.self_attn) for layer in model.model.layers]
+    windows = [sliding_window_kwargs(layer.self_attn) for layer in model.model.layers]
     assert windows == [{"sliding_window": None}, {"sliding_window": 6}]
     model = init_tiny_model(tiny_config(model_type))  # use_sliding_window=False
     assert all(
-        plugin.sliding_window(layer.self_attn) == {"sliding_window": None}
+        sliding_window_kwargs(layer.self_attn) == {"sliding_window": None}
         for layer in model.model.layers
     )
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from sloth_core import hookimpl
-from sloth_core.patches import SLOTH_SDPA, patch_architecture, register_sloth_sdpa
+from sloth_core.patches import load_with_sloth_sdpa, patch_architecture
 from sloth_core.patching import model_type_of
 from sloth_core.types import ModelSpec, PatchReport
 
@@ -28,13 +28,7 @@ def register_architectures(register):
 @hookimpl
 def load_model(spec: ModelSpec) -> tuple[Any, Any] | None:
     """Load a Llama checkpoint with ``sloth_sdpa`` attention unless the caller chose one."""
-    if spec.model_type not in MODEL_TYPES:
-        return None
-    from sloth_core.default_plugins.hf_loader import load_hf_model
-
-    register_sloth_sdpa()
-    spec.extra.setdefault("attn_implementation", SLOTH_SDPA)
-    return load_hf_model(spec)
+    return load_with_sloth_sdpa(spec, MODEL_TYPES)
 
 
 @hookimpl
@@ -44,7 +38,6 @@ def patch_layers(model, ops) -> PatchReport | None:
         return None  # before importing transformers' Llama for a model that is not one
     from transformers.models.llama import modeling_llama as llama
 
-    register_sloth_sdpa()  # a model may be switched to it after loading
     return patch_architecture(
         model,
         ops,

@@ -12,18 +12,13 @@ from __future__ import annotations
 from typing import Any
 
 from sloth_core import hookimpl
-from sloth_core.patches import SLOTH_SDPA, patch_architecture, register_sloth_sdpa
+from sloth_core.patches import load_with_sloth_sdpa, patch_architecture, sliding_window_kwargs
 from sloth_core.patching import model_type_of
 from sloth_core.types import ModelSpec, PatchReport
 
 PLUGIN = "sloth-mistral"
 #: The Hugging Face ``model_type`` values this plugin makes fast.
 MODEL_TYPES = ("mistral",)
-
-
-def sliding_window(attention) -> dict[str, Any]:
-    """The attention function's extra arguments, as ``MistralAttention.forward`` passes them."""
-    return {"sliding_window": getattr(attention.config, "sliding_window", None)}
 
 
 @hookimpl
@@ -36,13 +31,7 @@ def register_architectures(register):
 @hookimpl
 def load_model(spec: ModelSpec) -> tuple[Any, Any] | None:
     """Load a Mistral checkpoint with ``sloth_sdpa`` attention unless the caller chose one."""
-    if spec.model_type not in MODEL_TYPES:
-        return None
-    from sloth_core.default_plugins.hf_loader import load_hf_model
-
-    register_sloth_sdpa()
-    spec.extra.setdefault("attn_implementation", SLOTH_SDPA)
-    return load_hf_model(spec)
+    return load_with_sloth_sdpa(spec, MODEL_TYPES)
 
 
 @hookimpl
@@ -52,7 +41,6 @@ def patch_layers(model, ops) -> PatchReport | None:
         return None  # before importing transformers' Mistral for a model that is not one
     from transformers.models.mistral import modeling_mistral as mistral
 
-    register_sloth_sdpa()  # a model may be switched to it after loading
     return patch_architecture(
         model,
         ops,
@@ -62,5 +50,5 @@ def patch_layers(model, ops) -> PatchReport | None:
         mlp=mistral.MistralMLP,
         attention=mistral.MistralAttention,
         causal_lm=mistral.MistralForCausalLM,
-        attention_kwargs=sliding_window,
+        attention_kwargs=sliding_window_kwargs,
     )

@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from sloth_core import hookimpl
-from sloth_core.patches import SLOTH_SDPA, patch_architecture, register_sloth_sdpa
+from sloth_core.patches import load_with_sloth_sdpa, patch_architecture, sliding_window_kwargs
 from sloth_core.patching import model_type_of
 from sloth_core.types import ModelSpec, PatchReport
 
@@ -33,33 +33,7 @@ def register_architectures(register):
 @hookimpl
 def load_model(spec: ModelSpec) -> tuple[Any, Any] | None:
     """Load a Qwen2/Qwen3 checkpoint with ``sloth_sdpa`` unless the caller chose one."""
-    if spec.model_type not in MODEL_TYPES:
-        return None
-    from sloth_core.default_plugins.hf_loader import load_hf_model
-
-    register_sloth_sdpa()
-    spec.extra.setdefault("attn_implementation", SLOTH_SDPA)
-    return load_hf_model(spec)
-
-
-def sliding_window(module) -> dict[str, Any]:
-    """The ``sliding_window`` Qwen's attention passes to the attention function.
-
-    The configs keep ``sliding_window`` only with ``use_sliding_window`` and mark the
-    windowed layers in ``layer_types`` (``"sliding_attention"`` from
-    ``max_window_layers`` on); each attention module stores its own window (``None`` on
-    full-attention layers). The masks already carry the window for (sloth_)sdpa and
-    eager; the argument matters to flash attention and keeps ``sloth_sdpa``'s packed
-    varlen path (which has no window) off windowed layers.
-    """
-    if hasattr(module, "sliding_window"):
-        return {"sliding_window": module.sliding_window}
-    config = module.config
-    layer_types = getattr(config, "layer_types", None) or ()
-    windowed = (
-        module.layer_idx < len(layer_types) and layer_types[module.layer_idx] == "sliding_attention"
-    )
-    return {"sliding_window": getattr(config, "sliding_window", None) if windowed else None}
+    return load_with_sloth_sdpa(spec, MODEL_TYPES)
 
 
 @hookimpl
@@ -68,7 +42,6 @@ def patch_layers(model, ops) -> PatchReport | None:
     model_type = model_type_of(model)
     if model_type not in MODEL_TYPES:
         return None  # before importing transformers' Qwen for a model that is not one
-    register_sloth_sdpa()  # a model may be switched to it after loading
     if model_type == "qwen2":
         from transformers.models.qwen2 import modeling_qwen2 as qwen
 
@@ -94,6 +67,6 @@ def patch_layers(model, ops) -> PatchReport | None:
         ops,
         plugin=PLUGIN,
         model_types=model_type,
-        attention_kwargs=sliding_window,
+        attention_kwargs=sliding_window_kwargs,
         **classes,
     )
