@@ -32,6 +32,18 @@ SHAPES: dict[str, dict[str, Any]] = {
     "llama-8b": dict(model_type="llama", hidden_size=4096, intermediate_size=14336,
                      num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
                      vocab_size=128256, rope_theta=500000.0),
+    # Qwen3 8B: head_dim 128, per-head q/k norms, untied lm_head.
+    "qwen3-8b": dict(model_type="qwen3", hidden_size=4096, intermediate_size=12288,
+                     num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8,
+                     head_dim=128, vocab_size=151936, rope_theta=1000000.0),
+    # Gemma 2 9B: head_dim 256, attention/final softcaps 50/30, alternating 4096-token
+    # window, tied embeddings (as the real model; its 256000-row vocab is the lm_head).
+    "gemma2-9b": dict(model_type="gemma2", hidden_size=3584, intermediate_size=14336,
+                      num_hidden_layers=42, num_attention_heads=16, num_key_value_heads=8,
+                      head_dim=256, vocab_size=256000, rope_theta=10000.0,
+                      query_pre_attn_scalar=256, sliding_window=4096,
+                      attn_logit_softcapping=50.0, final_logit_softcapping=30.0,
+                      tie_word_embeddings=True),
     # For the harness's own tests on the CPU.
     "llama-tiny": dict(model_type="llama", hidden_size=64, intermediate_size=128,
                        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -55,6 +67,7 @@ class TrainResult:
     last_loss: float
     n_base: int
     n_lora: int
+    attention: str | None = None
     error: str | None = None
 
 
@@ -70,8 +83,9 @@ def make_model(shape: str, path: Path, *, device: str) -> Path:
     spec = dict(SHAPES[shape])
     model_type = spec.pop("model_type")
     rope = {"rope_type": "default", "rope_theta": spec.pop("rope_theta")}
+    spec.setdefault("tie_word_embeddings", False)
     config = AutoConfig.for_model(model_type, **spec, rope_parameters=rope,
-                                  tie_word_embeddings=False, max_position_embeddings=8192)  # fmt: skip
+                                  max_position_embeddings=8192)  # fmt: skip
     torch.manual_seed(0)
     # Initialised on the device in bf16: an 8B model never goes through fp32 on the host.
     with torch.device(device):
@@ -86,19 +100,46 @@ def make_model(shape: str, path: Path, *, device: str) -> Path:
 def _matmul_params(model: Any) -> int:
     import torch
 
-    return sum(m.weight.numel() for m in model.modules()
+    def numel(weight: Any) -> int:  # a 4-bit weight holds two values a byte
+        state = getattr(weight, "quant_state", None)
+        return int(torch.Size(state.shape).numel()) if state is not None else weight.numel()
+
+    return sum(numel(m.weight) for m in model.modules()
                if isinstance(m, torch.nn.Linear) and "lora_" not in type(m).__name__.lower())  # fmt: skip
 
 
-def _load(system: str, model_dir: Path, device: str):
+def hf_attention(model_dir: Path) -> str:
+    """The baseline's attention: ``sdpa``, or ``eager`` for a model with an attention
+    softcap (Gemma 2), which transformers' ``sdpa`` refuses (or, in some 5.x releases,
+    silently drops: a different model, trained to different losses)."""
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    return "eager" if config.get("attn_logit_softcapping") else "sdpa"
+
+
+def hf_quantization_config(quantization: str) -> Any:
+    """The baseline's QLoRA: bitsandbytes through transformers, as its docs show it (double
+    quantization, bf16 compute), without ``prepare_model_for_kbit_training`` (whose fp32
+    upcast of the other weights sloth does not do either)."""
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    if quantization == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quantization,
+                              bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=torch.bfloat16)  # fmt: skip
+
+
+def _load(system: str, model_dir: Path, device: str, quantization: str | None = None):
     import torch
 
     if system == "sloth":
         from sloth_core import FastLanguageModel
 
         model, _ = FastLanguageModel.from_pretrained(
-            str(model_dir), dtype=torch.bfloat16, device_map=device, max_seq_length=None
-        )
+            str(model_dir), dtype=torch.bfloat16, device_map=device, max_seq_length=None,
+            quantization=quantization,  # nf4: what load_in_4bit=True means
+        )  # fmt: skip
         n_base = _matmul_params(model)
         model = FastLanguageModel.get_peft_model(
             model, r=16, lora_alpha=16, lora_dropout=0.0, target_modules=TARGET_MODULES,
@@ -108,9 +149,13 @@ def _load(system: str, model_dir: Path, device: str):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
+    quantized = {}
+    if quantization:
+        quantized["quantization_config"] = hf_quantization_config(quantization)
     model = AutoModelForCausalLM.from_pretrained(
-        model_dir, dtype=torch.bfloat16, attn_implementation="sdpa", device_map=device
-    )
+        model_dir, dtype=torch.bfloat16, attn_implementation=hf_attention(model_dir),
+        device_map=device, **quantized,
+    )  # fmt: skip
     n_base = _matmul_params(model)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.enable_input_require_grads()
@@ -120,11 +165,12 @@ def _load(system: str, model_dir: Path, device: str):
 
 
 def run_system(system: str, model_dir: Path, *, seq: int, batch: int, steps: int,
-               warmup: int, device: str) -> TrainResult:  # fmt: skip
+               warmup: int, device: str,
+               quantization: str | None = None) -> TrainResult:  # fmt: skip
     """Train ``system`` on a fixed random batch; the body of one worker process."""
     import torch
 
-    model, n_base = _load(system, model_dir, device)
+    model, n_base = _load(system, model_dir, device, quantization)
     model.train()
     n_lora = sum(p.numel() for p in model.parameters() if p.requires_grad)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4)
@@ -152,21 +198,27 @@ def run_system(system: str, model_dir: Path, *, seq: int, batch: int, steps: int
     median = statistics.median(times)
     tokens_per_s = batch * seq / median
     config = model.config
-    flops_per_token = 4 * n_base + 6 * n_lora + 12 * config.num_hidden_layers * config.hidden_size * seq
+    flops_per_token = (
+        4 * n_base + 6 * n_lora + 12 * config.num_hidden_layers * config.hidden_size * seq
+    )
     mfu = flops_per_token * tokens_per_s / (PEAK_TFLOPS * 1e12) if cuda else None
     peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
-    return TrainResult(system, tokens_per_s, median, peak, mfu, losses[0], losses[-1], n_base, n_lora)
+    attention = getattr(config, "_attn_implementation", None)
+    return TrainResult(system, tokens_per_s, median, peak, mfu, losses[0], losses[-1], n_base,
+                       n_lora, attention)  # fmt: skip
 
 
 def run_bench(shape: str, *, seq: int, batch: int, steps: int = 10, warmup: int = 3,
               systems: tuple[str, ...] = SYSTEMS, model_dir: Path, device: str,
-              timeout: float = 1800) -> dict[str, Any]:  # fmt: skip
-    """Every system in its own process, one after the other, on the same model and batch."""
+              timeout: float = 1800,
+              quantization: str | None = None) -> dict[str, Any]:  # fmt: skip
+    """Every system in its own process, one after the other, on the same model and batch;
+    with ``quantization`` (``"nf4"``, ...) QLoRA: the base weights quantized as they load."""
     model_dir = make_model(shape, Path(model_dir), device=device)
     results = []
     for system in systems:
         cmd = [sys.executable, "-m", "sloth_core.bench.train", system, str(model_dir), str(seq),
-               str(batch), str(steps), str(warmup), device]  # fmt: skip
+               str(batch), str(steps), str(warmup), device, quantization or "none"]  # fmt: skip
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
                               env={**os.environ, "PYTHONUNBUFFERED": "1"})  # fmt: skip
         lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
@@ -182,7 +234,8 @@ def run_bench(shape: str, *, seq: int, batch: int, steps: int = 10, warmup: int 
             if r["peak_gib"] and base["peak_gib"]:
                 r["memory_vs_hf"] = r["peak_gib"] / base["peak_gib"]
     return {"shape": shape, "config": SHAPES[shape], "seq": seq, "batch": batch, "steps": steps,
-            "warmup": warmup, "device": device, "peak_tflops": PEAK_TFLOPS, "results": results}  # fmt: skip
+            "warmup": warmup, "device": device, "quantization": quantization,
+            "peak_tflops": PEAK_TFLOPS, "results": results}  # fmt: skip
 
 
 def markdown(report: dict[str, Any], command: str) -> str:
@@ -192,16 +245,19 @@ def markdown(report: dict[str, Any], command: str) -> str:
         return "-" if value is None else format(value, spec)
 
     lines = [f"Shape `{report['shape']}`, seq {report['seq']} x batch {report['batch']}, "
-             f"{report['warmup']} warm-up + {report['steps']} timed steps, {report['device']}.",
+             f"{report['warmup']} warm-up + {report['steps']} timed steps, {report['device']}"
+             + (f", QLoRA ({report['quantization']} base weights)."
+                if report.get("quantization") else "."),
              "", f"    {command}", "",
-             "| system | tokens/s | peak GiB | MFU | first loss | last loss | speed vs hf | memory vs hf |",
-             "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+             "| system | attention | tokens/s | peak GiB | MFU | first loss | last loss | speed vs hf | memory vs hf |",
+             "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in report["results"]:
         if r.get("error"):
-            lines.append(f"| {r['system']} | error: {r['error'][:120]} | | | | | | |")
+            lines.append(f"| {r['system']} | | error: {r['error'][:120]} | | | | | | |")
             continue
         lines.append(
-            f"| {r['system']} | {r['tokens_per_s']:.0f} | {fmt(r['peak_gib'], '.2f')} | "
+            f"| {r['system']} | {r.get('attention') or '-'} | {r['tokens_per_s']:.0f} | "
+            f"{fmt(r['peak_gib'], '.2f')} | "
             f"{fmt(r['mfu'] and r['mfu'] * 100, '.1f')}% | {r['first_loss']:.4f} | {r['last_loss']:.4f} | "
             f"{fmt(r.get('speed_vs_hf'), '.2f')}x | {fmt(r.get('memory_vs_hf'), '.2f')}x |"
         )
@@ -209,9 +265,10 @@ def markdown(report: dict[str, Any], command: str) -> str:
 
 
 def _worker(argv: list[str]) -> None:
-    system, model_dir, seq, batch, steps, warmup, device = argv
+    system, model_dir, seq, batch, steps, warmup, device, quantization = argv
     result = run_system(system, Path(model_dir), seq=int(seq), batch=int(batch),
-                        steps=int(steps), warmup=int(warmup), device=device)  # fmt: skip
+                        steps=int(steps), warmup=int(warmup), device=device,
+                        quantization=None if quantization == "none" else quantization)  # fmt: skip
     print(json.dumps(asdict(result)))
 
 

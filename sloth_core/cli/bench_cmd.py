@@ -33,12 +33,15 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     kernels.add_argument("--markdown", type=Path, help="write the docs table here")
     kernels.set_defaults(run=run_kernels)
     train = sub.add_parser("train", help="LoRA training: sloth vs HF + PEFT, each in its own process")
-    train.add_argument("--shape", default="llama-8b", help="named model shape (llama-1b, llama-8b)")
+    train.add_argument("--shape", default="llama-8b", help="named model shape (llama-1b, llama-8b, qwen3-8b, gemma2-9b, llama-tiny)")
     train.add_argument("--seq", type=int, default=2048)
     train.add_argument("--batch", type=int, default=4)
     train.add_argument("--steps", type=int, default=10)
     train.add_argument("--warmup", type=int, default=3)
     train.add_argument("--systems", default="sloth,hf")
+    train.add_argument("--quantization", choices=("nf4", "fp4", "int8"), default=None,
+                       help="QLoRA: base weights quantized while loading (sloth: sloth-bnb; "
+                            "hf: transformers' BitsAndBytesConfig)")  # fmt: skip
     train.add_argument("--device", default=None, help="default: cuda if present, else cpu")
     train.add_argument("--model-dir", type=Path, default=None,
                        help="where the random-init model is written once (default: a cache dir)")
@@ -113,17 +116,18 @@ def run_train(args: argparse.Namespace) -> int:
     model_dir = args.model_dir or cache / "bench-models" / args.shape
     systems = tuple(s.strip() for s in args.systems.split(",") if s.strip())
     report = run_bench(args.shape, seq=args.seq, batch=args.batch, steps=args.steps,
-                       warmup=args.warmup, systems=systems, model_dir=model_dir, device=device)  # fmt: skip
+                       warmup=args.warmup, systems=systems, model_dir=model_dir, device=device,
+                       quantization=args.quantization)  # fmt: skip
     write_reports(args, report, markdown)
     table = Table(title=f"sloth bench train: {args.shape}, seq {args.seq} x batch {args.batch}")
-    for column in ("system", "tokens/s", "peak GiB", "MFU %", "first loss", "last loss", "x hf speed", "x hf memory"):
+    for column in ("system", "attention", "tokens/s", "peak GiB", "MFU %", "first loss", "last loss", "x hf speed", "x hf memory"):
         table.add_column(column)
     for r in report["results"]:
         if r.get("error"):
-            table.add_row(r["system"], f"[red]{r['error'][:200]}[/]", *[""] * 6)
+            table.add_row(r["system"], "", f"[red]{r['error'][:200]}[/]", *[""] * 6)
             continue
         table.add_row(
-            r["system"], f"{r['tokens_per_s']:.0f}",
+            r["system"], r.get("attention") or "-", f"{r['tokens_per_s']:.0f}",
             "-" if r["peak_gib"] is None else f"{r['peak_gib']:.2f}",
             "-" if r["mfu"] is None else f"{r['mfu'] * 100:.1f}",
             f"{r['first_loss']:.4f}", f"{r['last_loss']:.4f}",

@@ -8,17 +8,19 @@ import json
 from rich.console import Console
 from rich.table import Table
 
+from sloth_core.cli import plugins_new
 from sloth_core.plugins import PluginRecord, SlothPluginManager, get_plugin_manager
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
-    plugins = commands.add_parser("plugins", help="list installed plugins")
+    plugins = commands.add_parser("plugins", help="list installed plugins, or create one")
     sub = plugins.add_subparsers(dest="plugins_command", metavar="COMMAND")
     listing = sub.add_parser("list", help="list plugins, their hooks and their status")
     listing.add_argument("--all", action="store_true", help="include the core's built-ins")
     listing.add_argument("--json", action="store_true", help="print JSON instead of a table")
     listing.add_argument("--hook", metavar="NAME", help="only plugins implementing hook NAME")
     listing.set_defaults(run=run_list)
+    plugins_new.add_parser(sub)
     plugins.set_defaults(run=lambda args: plugins.print_help() or 2)
 
 

@@ -19,14 +19,15 @@ from sloth_core.patching import model_type_of, restorer, unwrap_model
 from sloth_core.types import PatchReport
 
 from .attention import (
-    SLOTH_SDPA,
+    SLOTH_ATTENTION,
     PackedRows,
     packed_rows,
     patch_attention,
-    register_sloth_sdpa,
-    sloth_sdpa_attention,
+    register_sloth_attention,
+    sloth_attention,
 )
 from .causal_lm import RETURN_LOGITS_ENV, causal_lm_logits, patch_causal_lm, prompt_learning
+from .fused import patch_fused_attention, patch_fused_mlp
 from .mlp import MLP_ACTIVATIONS, lift_linear, mlp_activation, patch_gated_mlp
 from .norms import patch_rms_norm, rms_norm_eps
 
@@ -39,18 +40,20 @@ if TYPE_CHECKING:
 ModuleClasses = type | tuple[type, ...]
 
 
-def load_with_sloth_sdpa(spec: ModelSpec, model_types: Iterable[str]) -> tuple[Any, Any] | None:
+def load_with_sloth_attention(
+    spec: ModelSpec, model_types: Iterable[str]
+) -> tuple[Any, Any] | None:
     """The body of an architecture plugin's ``load_model``.
 
     ``None`` for a spec of another model type; else the generic Hugging Face load with
-    ``sloth_sdpa`` attention, unless the caller chose an attention implementation.
+    the ``sloth_attention`` attention function, unless the caller chose another.
     """
     if spec.model_type not in set(model_types):
         return None
     from sloth_core.default_plugins.hf_loader import load_hf_model
 
-    register_sloth_sdpa()
-    spec.extra.setdefault("attn_implementation", SLOTH_SDPA)
+    register_sloth_attention()
+    spec.extra.setdefault("attn_implementation", SLOTH_ATTENTION)
     return load_hf_model(spec)
 
 
@@ -85,6 +88,8 @@ def patch_architecture(
     mlp: ModuleClasses = (),
     attention: ModuleClasses = (),
     causal_lm: ModuleClasses = (),
+    fused_mlp: ModuleClasses = (),
+    fused_attention: ModuleClasses = (),
     gemma_norm: bool = False,
     activation: str | None = None,
     attention_kwargs: Callable[[torch.nn.Module], dict[str, Any]] | None = None,
@@ -101,32 +106,41 @@ def patch_architecture(
         mlp: gated MLP classes, for :func:`patch_gated_mlp`.
         attention: self-attention classes, for :func:`patch_attention`.
         causal_lm: ``*ForCausalLM`` classes, for :func:`patch_causal_lm`.
+        fused_mlp: MLP classes with a fused ``gate_up_proj`` (Phi-3), for
+            :func:`patch_fused_mlp`; counted as ``"mlp"``.
+        fused_attention: attention classes with a fused ``qkv_proj`` (Phi-3), for
+            :func:`patch_fused_attention`; counted as ``"attention"``.
         gemma_norm: the norms are Gemma's ``1 + weight`` variant.
-        activation: the MLP activation (``"swiglu"``...); by default from the config.
-        attention_kwargs: extra attention-function arguments, see :func:`patch_attention`.
+        activation: the MLP activation (``"swiglu"``...), of both MLP kinds; by default
+            from the config.
+        attention_kwargs: extra attention-function arguments, of both attention kinds; see
+            :func:`patch_attention`.
 
     Returns:
         A :class:`PatchReport` counting the modules newly patched per kind (0 for those
-        patched by an earlier call), whose ``undo`` restores them; ``None`` for a model of
-        another type.
+        patched by an earlier call; the fused classes count under ``"mlp"`` and
+        ``"attention"``, what the module is rather than how it is patched), whose ``undo``
+        restores them; ``None`` for a model of another type.
     """
     model_type = model_type_of(model)
     wanted = {model_types} if isinstance(model_types, str) else set(model_types)
     if model_type not in wanted:
         return None
-    if attention != ():
-        register_sloth_sdpa()  # a model may be switched to it after loading
-    keep_logits, extra = prompt_learning(model), attention_kwargs
-    patchers: dict[str, tuple[ModuleClasses, Callable[[Any], bool]]] = {
-        "rms_norm": (rms_norm, lambda m: patch_rms_norm(m, ops, gemma=gemma_norm)),
-        "mlp": (mlp, lambda m: patch_gated_mlp(m, ops, activation=activation)),
-        "attention": (attention, lambda m: patch_attention(m, ops, attention_kwargs=extra)),
-        "causal_lm": (causal_lm, lambda m: patch_causal_lm(m, keep_logits=keep_logits)),
-    }
-    counts = {kind: 0 for kind, (classes, _) in patchers.items() if classes != ()}
+    if attention != () or fused_attention != ():
+        register_sloth_attention()  # a model may be switched to it after loading
+    keep_logits, attn = prompt_learning(model), {"attention_kwargs": attention_kwargs}
+    patchers: list[tuple[str, ModuleClasses, Callable[[Any], bool]]] = [
+        ("rms_norm", rms_norm, lambda m: patch_rms_norm(m, ops, gemma=gemma_norm)),
+        ("mlp", mlp, lambda m: patch_gated_mlp(m, ops, activation=activation)),
+        ("mlp", fused_mlp, lambda m: patch_fused_mlp(m, ops, activation=activation)),
+        ("attention", attention, lambda m: patch_attention(m, ops, **attn)),
+        ("attention", fused_attention, lambda m: patch_fused_attention(m, ops, **attn)),
+        ("causal_lm", causal_lm, lambda m: patch_causal_lm(m, keep_logits=keep_logits)),
+    ]
+    counts = {kind: 0 for kind, classes, _ in patchers if classes != ()}
     patched = []
     for module in unwrap_model(model).modules():
-        for kind, (classes, patch) in patchers.items():
+        for kind, classes, patch in patchers:
             if classes != () and isinstance(module, classes):
                 if patch(module):
                     counts[kind] += 1
@@ -138,21 +152,23 @@ def patch_architecture(
 __all__ = [
     "MLP_ACTIVATIONS",
     "RETURN_LOGITS_ENV",
-    "SLOTH_SDPA",
+    "SLOTH_ATTENTION",
     "PackedRows",
     "causal_lm_logits",
     "lift_linear",
-    "load_with_sloth_sdpa",
+    "load_with_sloth_attention",
     "mlp_activation",
     "packed_rows",
     "patch_architecture",
     "patch_attention",
     "patch_causal_lm",
+    "patch_fused_attention",
+    "patch_fused_mlp",
     "patch_gated_mlp",
     "patch_rms_norm",
     "prompt_learning",
-    "register_sloth_sdpa",
+    "register_sloth_attention",
     "rms_norm_eps",
     "sliding_window_kwargs",
-    "sloth_sdpa_attention",
+    "sloth_attention",
 ]

@@ -1,8 +1,8 @@
-"""Llama-style self-attention through the LoRA ops, and the ``sloth_sdpa`` attention function.
+"""Llama-style self-attention through the LoRA ops, and the ``sloth_attention`` attention function.
 
 The patched forward is transformers' own (projections, per-head q/k norms where the model
 has them, rotary, cache update, the attention function the config names, output
-projection) with the projections and the rotary through the op registry. ``sloth_sdpa``
+projection) with the projections and the rotary through the op registry. ``sloth_attention``
 is PyTorch SDPA registered through transformers' ``AttentionInterface``, with GQA without
 copies and a padding-free path for packed rows (``position_ids`` restarting inside a row).
 """
@@ -22,12 +22,13 @@ import torch.nn.functional as F
 from sloth_core.patching import bind_forward, call_original
 
 from .mlp import lift_linear
+from .softcap import softcap_attention
 
 if TYPE_CHECKING:
     from sloth_core.ops import OpRegistry
 
-#: The name ``sloth_sdpa`` is registered under in transformers' attention interfaces.
-SLOTH_SDPA = "sloth_sdpa"
+#: The name ``sloth_attention`` is registered under in transformers' attention interfaces.
+SLOTH_ATTENTION = "sloth_attention"
 _PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 
@@ -52,7 +53,7 @@ def patch_attention(
     The module needs ``q_proj``/``k_proj``/``v_proj``/``o_proj``, ``head_dim``,
     ``scaling``, ``layer_idx``, ``config`` and ``attention_dropout``; ``q_norm``/``k_norm``
     (Qwen3, Gemma 3) run per head before the rotary when present. The attention itself is
-    the function ``config._attn_implementation`` names (eager, sdpa, ``sloth_sdpa``,
+    the function ``config._attn_implementation`` names (eager, sdpa, ``sloth_attention``,
     anything registered), looked up per call as transformers does. When a projection
     cannot be lifted (see :func:`~sloth_core.patches.mlp.lift_linear`) the original
     forward runs. ``False`` if patched already, or if the module's modeling file has no
@@ -68,7 +69,6 @@ def patch_attention(
     interface, eager = _model_functions(module)
     if eager is None:
         return False
-    get_interface = getattr(interface, "get_interface", None)
 
     def forward(self, hidden_states, position_embeddings=None, attention_mask=None, *args, **kw):
         projections = [lift_linear(getattr(self, name)) for name in _PROJECTIONS]
@@ -79,9 +79,6 @@ def patch_attention(
             kw.update(position_embeddings=position_embeddings, attention_mask=attention_mask)
             return call_original(self, hidden_states, **kw)
         q_proj, k_proj, v_proj, o_proj = projections
-        # transformers >= 5.2x passes the cache as `cache`, 5.17 as `past_key_values`; the
-        # deprecation shim on the original forward is bypassed here, so accept both.
-        cache, legacy_cache = kw.pop("cache", None), kw.pop("past_key_values", None)
         input_shape = hidden_states.shape[:-1]
         shape = (*input_shape, -1, self.head_dim)
         query, key, value = ops.lora_qkv(hidden_states, q_proj, k_proj, v_proj)
@@ -91,20 +88,8 @@ def patch_attention(
         query, key, value = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
         cos, sin = position_embeddings
         query, key = ops.rope(query, key, cos, sin)
-        if cache is not None:
-            key, value = cache.update(key, value, self.layer_idx, kwargs=kw)
-        elif legacy_cache is not None:
-            key, value = legacy_cache.update(key, value, self.layer_idx)
-        implementation = self.config._attn_implementation
-        if get_interface is not None:
-            attend = get_interface(implementation, eager)
-        else:
-            attend = interface[implementation] if implementation in interface else eager
-        if attention_kwargs is not None:
-            kw.update(attention_kwargs(self))
-        dropout = self.attention_dropout if self.training else 0.0
         output, weights = attend(
-            self, query, key, value, attention_mask, dropout=dropout, scaling=self.scaling, **kw
+            self, query, key, value, attention_mask, kw, interface, eager, attention_kwargs
         )
         output = output.reshape(*input_shape, -1).contiguous()
         return ops.lora_o(output, o_proj), weights
@@ -112,7 +97,47 @@ def patch_attention(
     return bind_forward(module, forward)
 
 
-# -- sloth_sdpa ------------------------------------------------------------------------
+def attend(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    kw: dict[str, Any],
+    interface: Any,
+    eager: Callable[..., Any],
+    attention_kwargs: Callable[[torch.nn.Module], dict[str, Any]] | None = None,
+) -> tuple[torch.Tensor, Any]:
+    """What a patched attention runs after the rotary, as transformers' forwards do.
+
+    The cache update, then the attention function ``config._attn_implementation`` names,
+    looked up per call in ``interface`` with ``eager`` as the fallback (see
+    :func:`_model_functions`), given the module's ``attention_kwargs``, its dropout in
+    training and its ``scaling``. ``kw`` is the forward's ``**kwargs`` (changed in place);
+    returns the function's ``([B, S, Hq, D], weights)``.
+    """
+    # transformers >= 5.2x passes the cache as `cache`, 5.17 as `past_key_values`; the
+    # deprecation shim on the original forward is bypassed here, so accept both.
+    cache, legacy_cache = kw.pop("cache", None), kw.pop("past_key_values", None)
+    if cache is not None:
+        key, value = cache.update(key, value, module.layer_idx, kwargs=kw)
+    elif legacy_cache is not None:
+        key, value = legacy_cache.update(key, value, module.layer_idx)
+    implementation = module.config._attn_implementation
+    get_interface = getattr(interface, "get_interface", None)
+    if get_interface is not None:
+        function = get_interface(implementation, eager)
+    else:
+        function = interface[implementation] if implementation in interface else eager
+    if attention_kwargs is not None:
+        kw.update(attention_kwargs(module))
+    dropout = module.attention_dropout if module.training else 0.0
+    return function(
+        module, query, key, value, attention_mask, dropout=dropout, scaling=module.scaling, **kw
+    )
+
+
+# -- sloth_attention ------------------------------------------------------------------------
 try:
     from torch.nn.attention.varlen import varlen_attn as _varlen_attn
 except ImportError:  # torch without the varlen API: SDPA with a block-diagonal mask
@@ -232,7 +257,8 @@ def _varlen(query, key, value, rows: PackedRows, scaling: float | None) -> torch
         out = _varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_len, max_len, **options)
     except (RuntimeError, ValueError, TypeError, NotImplementedError) as exc:
         _varlen_failed = True
-        warnings.warn(f"sloth_sdpa: varlen_attn failed ({exc}); SDPA with a mask", stacklevel=2)
+        message = f"sloth_attention: varlen_attn failed ({exc}); SDPA with a mask"
+        warnings.warn(message, stacklevel=2)
         return None
     return out.reshape(batch, length, heads, -1)
 
@@ -253,7 +279,7 @@ def _windowed(rows: PackedRows, mask: torch.Tensor | None, window: int) -> torch
     return windowed if mask is None else windowed & mask
 
 
-def sloth_sdpa_attention(
+def sloth_attention(
     module: torch.nn.Module,
     query: torch.Tensor,
     key: torch.Tensor,
@@ -272,15 +298,17 @@ def sloth_sdpa_attention(
     padding), and there is no ``sliding_window``, through
     ``torch.nn.attention.varlen.varlen_attn``; otherwise through SDPA with that
     block-diagonal causal mask, intersected with the sliding window (Mistral's, passed as
-    ``sliding_window``) where there is one. GQA uses SDPA's ``enable_gqa`` (no
-    copies) unless a mask would push CUDA SDPA off its fused kernels: then ``repeat_kv``.
+    ``sliding_window``) where there is one. A ``softcap`` (Gemma 2's attention logit
+    softcapping, which transformers' ``sdpa`` refuses) goes through
+    :func:`~sloth_core.patches.softcap.softcap_attention` with the same mask. GQA uses
+    SDPA's ``enable_gqa`` (no copies) unless a mask would push CUDA SDPA off its fused
+    kernels: then ``repeat_kv``.
     Takes and returns what transformers' attention functions do: ``query``
     ``[B, Hq, S, D]``, ``key``/``value`` ``[B, Hk, S_kv, D]``, a ``[B, 1, S, S_kv]`` mask or
     ``None``, the model's ``**kwargs`` (``position_ids``...); returns ``([B, S, Hq, D],
     None)``, never the attention weights.
     """
-    if kwargs.get("softcap") is not None:
-        raise ValueError("sloth_sdpa does not support attention softcapping; use eager")
+    softcap = kwargs.get("softcap")
     q_len, kv_len = query.shape[2], key.shape[2]
     groups = query.shape[1] // key.shape[1]
     position_ids, window = kwargs.get("position_ids"), kwargs.get("sliding_window")
@@ -288,7 +316,7 @@ def sloth_sdpa_attention(
     if position_ids is not None and 1 < q_len == kv_len:
         if position_ids.shape[-1] == q_len:
             rows = packed_rows(position_ids, query.shape[0])
-    if rows is not None and window is None and _varlen_usable(query, dropout):
+    if rows is not None and window is None and softcap is None and _varlen_usable(query, dropout):
         if attention_mask is None or rows.matches(attention_mask):
             out = _varlen(query, key, value, rows, scaling)
             if out is not None:
@@ -301,6 +329,12 @@ def sloth_sdpa_attention(
     causal = bool(q_len > 1 and attention_mask is None and causal)
     if causal and kv_len > q_len:  # static-cache prefill, as transformers crops it
         key, value = key[:, :, :q_len], value[:, :, :q_len]
+    if softcap is not None:
+        out = softcap_attention(
+            query, key, value, attention_mask, causal=causal, scaling=scaling, softcap=softcap,
+            dropout=dropout,
+        )  # fmt: skip
+        return out, None
     options: dict[str, Any] = {}
     if groups > 1:
         if attention_mask is None or query.device.type == "cpu":
@@ -316,8 +350,8 @@ def sloth_sdpa_attention(
     return out.transpose(1, 2).contiguous(), None
 
 
-def register_sloth_sdpa() -> str:
-    """Register ``sloth_sdpa`` with transformers (idempotent); returns its name.
+def register_sloth_attention() -> str:
+    """Register ``sloth_attention`` with transformers (idempotent); returns its name.
 
     Its mask function is transformers' ``sdpa_mask``, so padding, sliding windows and packed
     rows get exactly the masks ``sdpa`` gets (transformers builds no mask at all for an
@@ -326,6 +360,6 @@ def register_sloth_sdpa() -> str:
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-    AttentionInterface.register(SLOTH_SDPA, sloth_sdpa_attention)
-    AttentionMaskInterface.register(SLOTH_SDPA, sdpa_mask)
-    return SLOTH_SDPA
+    AttentionInterface.register(SLOTH_ATTENTION, sloth_attention)
+    AttentionMaskInterface.register(SLOTH_ATTENTION, sdpa_mask)
+    return SLOTH_ATTENTION

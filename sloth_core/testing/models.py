@@ -120,7 +120,11 @@ def _odd_vocab(tokenizer_len: int) -> int:
 
 
 def tiny_config(
-    arch: str, *, tokenizer: PreTrainedTokenizerBase | None = None, **overrides: Any
+    arch: str,
+    *,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+    model_type: str | None = None,
+    **overrides: Any,
 ) -> PreTrainedConfig:
     """Return the tiny config of ``arch`` without building or writing a model.
 
@@ -130,6 +134,9 @@ def tiny_config(
         arch: a ``model_type`` in :data:`TINY_CONFIGS`.
         tokenizer: the tokenizer whose bos/eos/pad ids and size the config follows; the
             default one from :func:`build_tokenizer` when ``None``.
+        model_type: build a config of this ``model_type`` (any transformers knows) from
+            ``arch``'s fields, for a model sloth's tests do not cover that is shaped like
+            one they do: ``tiny_config("llama", model_type="cwm")``. ``arch`` by default.
         **overrides: config fields that replace the defaults, e.g. ``vocab_size=1007``,
             ``tie_word_embeddings=False`` or ``rope_parameters={...}``.
 
@@ -155,7 +162,7 @@ def tiny_config(
         pad_token_id=tokenizer.pad_token_id,
     )
     fields.update(copy.deepcopy(overrides))
-    return AutoConfig.for_model(arch, **fields)
+    return AutoConfig.for_model(model_type or arch, **fields)
 
 
 def _perturb(model: torch.nn.Module, seed: int) -> None:

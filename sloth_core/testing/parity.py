@@ -452,7 +452,7 @@ def check_parity(
         packed: rows of several sequences, positions restarting, no attention mask.
         device: default cuda when available, else cpu.
         attn_implementation: the patched model's attention, e.g. the one a plugin's
-            ``load_model`` picks (``"sloth_sdpa"``); the reference keeps the default.
+            ``load_model`` picks (``"sloth_attention"``); the reference keeps the default.
         tolerance: bounds instead of :data:`TOLERANCES` for ``dtype``.
 
     Returns:

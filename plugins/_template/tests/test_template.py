@@ -1,44 +1,113 @@
-"""The template's own tests: what a third-party plugin's test suite starts from."""
+"""Tests of sloth-template: the patched model against Hugging Face's unpatched one, on
+tiny random cwm models, through sloth's parity harness and convergence test.
+
+Run with ``HF_HUB_OFFLINE=1 TRITON_INTERPRET=1 python -m pytest tests``; ``-rA`` prints
+each parity table. Without ``TRITON_INTERPRET=1`` on a machine without a GPU, the Triton
+runs are skipped.
+"""
 
 from __future__ import annotations
 
+import pytest
 import torch
-
-from sloth_core.patching import is_patched
-from sloth_core.testing import init_tiny_model, tiny_config
 from sloth_template import plugin
 
+from sloth_core.patches import SLOTH_ATTENTION
+from sloth_core.patching import is_patched
+from sloth_core.plugins import SlothPluginManager
+from sloth_core.testing import assert_converges_alike, assert_parity, init_tiny_model, tiny_config
 
-def _model():
-    model = init_tiny_model(tiny_config("llama"))
-    model.config.model_type = plugin.MODEL_TYPES[0]  # pretend to be the plugin's type
-    return model.eval()
+MODEL_TYPE = plugin.MODEL_TYPES[0]
+#: Config overrides, one parity run each: the tiny config, and what differs in real models.
+CONFIGS = {
+    "default": {},
+    "tied": {"tie_word_embeddings": True},
+    "window": {"sliding_window": 6},
+}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
-def test_registers_its_model_types(register_plugin, plugin_manager):
-    record = register_plugin(plugin, name="sloth-template")
-    assert record.architectures == list(plugin.MODEL_TYPES)
-    assert record.kind == "architecture"
+def config(**overrides):
+    """A tiny random config of MODEL_TYPE: 2 layers, hidden 64, 4 heads over 2 k/v heads."""
+    return tiny_config("llama", model_type=MODEL_TYPE, **overrides)
 
 
-def test_patch_is_exact_idempotent_and_reversible(register_plugin, plugin_manager):
-    register_plugin(plugin, name="sloth-template")
-    model = _model()
-    ids = torch.randint(0, model.config.vocab_size, (2, 9))
-    with torch.no_grad():
-        expected = model(ids).logits
-    (report,) = plugin_manager.patch_layers(model=model)
-    assert report.patched == {"rms_norm": 2 * model.config.num_hidden_layers + 1}
-    assert plugin_manager.patch_layers(model=model)[0].total == 0  # second run: no-op
-    with torch.no_grad():
-        assert torch.allclose(model(ids).logits, expected, atol=1e-6)
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """One intra-op thread: these matrices are tiny, and threads would only contend."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def manager():
+    """Every installed plugin, as users get them (sloth-kernels too): this one active."""
+    manager = SlothPluginManager(entry_points=True)
+    record = manager.records.get(plugin.PLUGIN)
+    assert record is not None and record.status == "active", record
+    return manager
+
+
+def _shape(kernels: str) -> dict[str, int]:
+    """Short rows for Triton on the CPU, whose interpreter runs each program in Python."""
+    if kernels == "triton" and not torch.cuda.is_available():
+        return {"batch_size": 2, "seq_len": 12}
+    return {}
+
+
+@pytest.mark.parametrize("kernels", ["torch", "triton"])
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_parity(manager, name, dtype, kernels):
+    """Eval logits, train loss and every LoRA gradient, with the attention sloth loads."""
+    options = dict(dtype=DTYPES[dtype], kernels=kernels, attn_implementation=SLOTH_ATTENTION)
+    report = assert_parity(config(**CONFIGS[name]), manager=manager, **options, **_shape(kernels))
+    print(report)
+    assert all(report.patched.values()), f"a module kind was never patched: {report.patched}"
+
+
+@pytest.mark.parametrize("kernels", ["torch", "triton"])
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_packed_parity(manager, name, kernels):
+    """Several sequences per row (positions restarting, no attention mask), as sloth packs."""
+    options = dict(kernels=kernels, packed=True, attn_implementation=SLOTH_ATTENTION)
+    print(assert_parity(config(**CONFIGS[name]), manager=manager, **options, **_shape(kernels)))
+
+
+def test_trains_like_the_unpatched_model(manager):
+    """30 LoRA steps on the bundled data set: the per-step losses of both models agree."""
+    unpatched, patched = assert_converges_alike(config(), manager=manager, kernels="torch")
+    assert len(unpatched) == len(patched) == 30
+
+
+def test_patch_is_idempotent_and_reversible(manager):
+    model = init_tiny_model(config())
+    report = plugin.patch_layers(model=model, ops=manager.ops)
+    assert report.plugin == plugin.PLUGIN and report.total > 0
+    # patch_layers runs again once LoRA adapters are attached: nothing is patched twice.
+    assert plugin.patch_layers(model=model, ops=manager.ops).total == 0
     report.undo()
-    assert not any(is_patched(m) for m in model.modules())
+    assert not any(is_patched(module) for module in model.modules())
 
 
-def test_other_model_types_are_left_alone(register_plugin, plugin_manager):
-    from transformers import AutoModelForCausalLM
+def test_other_model_types_are_left_alone(manager):
+    model = init_tiny_model(tiny_config("llama"))
+    assert plugin.patch_layers(model=model, ops=manager.ops) is None
 
-    register_plugin(plugin, name="sloth-template")
-    model = AutoModelForCausalLM.from_config(tiny_config("llama"))
-    assert plugin_manager.patch_layers(model=model) == []
+
+def test_entry_point_lists_the_plugin(manager):
+    record = manager.records[plugin.PLUGIN]
+    assert (record.kind, record.architectures) == ("architecture", list(plugin.MODEL_TYPES))
+
+
+def test_from_pretrained_loads_and_patches(plugin_manager, register_plugin, make_tiny_model):
+    from sloth_core import FastLanguageModel
+
+    register_plugin(plugin, name=plugin.PLUGIN)
+    path = make_tiny_model("llama", model_type=MODEL_TYPE)
+    model, _ = FastLanguageModel.from_pretrained(str(path))
+    assert model.config.model_type == MODEL_TYPE
+    assert model.config._attn_implementation == SLOTH_ATTENTION  # chosen by load_model
+    assert [report.plugin for report in model.sloth_patches] == [plugin.PLUGIN]

@@ -13,7 +13,7 @@ import os
 import pytest
 import torch
 
-from sloth_core.patches import SLOTH_SDPA
+from sloth_core.patches import SLOTH_ATTENTION
 from sloth_core.plugins import SlothPluginManager
 from sloth_core.testing import tiny_config
 from sloth_core.testing.parity import assert_parity
@@ -70,9 +70,9 @@ def _check(manager, config, *, kernels, **options):
 @pytest.mark.parametrize("dtype", list(DTYPES))
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_parity(manager, name, dtype, kernels):
-    """As FastLanguageModel loads it: sloth-llama's attention (``sloth_sdpa``)."""
+    """As FastLanguageModel loads it: sloth-llama's attention (``sloth_attention``)."""
     config = tiny_config("llama", **CONFIGS[name])
-    options = dict(dtype=DTYPES[dtype], attn_implementation=SLOTH_SDPA, **_shape(kernels))
+    options = dict(dtype=DTYPES[dtype], attn_implementation=SLOTH_ATTENTION, **_shape(kernels))
     report = _check(manager, config, kernels=kernels, **options)
     assert {"rms_norm", "mlp", "attention", "causal_lm"} <= set(report.patched)
 
@@ -86,7 +86,7 @@ def test_parity_with_transformers_attention(manager, name, dtype):
 
 
 @pytest.mark.parametrize(
-    ("kernels", "attn"), [("torch", "sdpa"), ("torch", SLOTH_SDPA), ("triton", SLOTH_SDPA)]
+    ("kernels", "attn"), [("torch", "sdpa"), ("torch", SLOTH_ATTENTION), ("triton", SLOTH_ATTENTION)]
 )
 def test_packed_parity(manager, kernels, attn):
     """Several sequences per row, positions restarting, no attention mask."""

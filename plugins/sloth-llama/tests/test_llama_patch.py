@@ -16,7 +16,7 @@ from sloth_llama import plugin
 from sloth_core.patches import attention as attention_patch
 from sloth_core.patching import is_patched
 from sloth_core.testing import init_tiny_model, tiny_config
-from sloth_core.patches import register_sloth_sdpa
+from sloth_core.patches import register_sloth_attention
 
 ATOL = 1e-5
 LLAMA3_ROPE = {
@@ -147,8 +147,8 @@ def test_padding_matches(manager):
     mask[0, :4] = 0  # left padding
     mask[1, -3:] = 0  # right padding
     labels[mask == 0] = -100
-    for attn in ("sdpa", "sloth_sdpa"):
-        register_sloth_sdpa()
+    for attn in ("sdpa", "sloth_attention"):
+        register_sloth_attention()
         patched.set_attn_implementation(attn)
         with torch.no_grad():
             expected = reference.eval()(ids, attention_mask=mask).logits
@@ -160,7 +160,7 @@ def test_padding_matches(manager):
 
 def test_packed_rows_match_sdpa_and_separate_sequences(manager):
     reference, patched, _ = _pair(manager, lora=True)
-    patched.set_attn_implementation(register_sloth_sdpa())
+    patched.set_attn_implementation(register_sloth_attention())
     ids, labels = _inputs(reference)
     with torch.no_grad():
         # transformers separates packed sequences only when it builds no KV cache.
@@ -248,12 +248,12 @@ def test_other_model_types_are_left_alone(manager):
     assert not any(is_patched(m) for m in model.modules())
 
 
-def test_from_pretrained_selects_sloth_sdpa(manager, make_tiny_model):
+def test_from_pretrained_selects_sloth_attention(manager, make_tiny_model):
     from sloth_core import FastLanguageModel
 
     path = make_tiny_model("llama")
     model, _ = FastLanguageModel.from_pretrained(str(path))
-    assert model.config._attn_implementation == "sloth_sdpa"
+    assert model.config._attn_implementation == "sloth_attention"
     assert model.sloth_patches[0].patched["attention"] == 2
     model, _ = FastLanguageModel.from_pretrained(str(path), attn_implementation="eager")
     assert model.config._attn_implementation == "eager"
@@ -292,7 +292,7 @@ def test_packed_varlen_path(manager, monkeypatch, with_options):
     varlen = attention_patch._varlen
     monkeypatch.setattr(attention_patch, "_varlen", lambda *a: calls.append(1) or varlen(*a))
     reference, patched, _ = _pair(manager, lora=True)
-    patched.set_attn_implementation(register_sloth_sdpa())
+    patched.set_attn_implementation(register_sloth_attention())
     ids, labels = _inputs(reference)
     with torch.no_grad():
         expected = reference.eval()(ids, position_ids=PACKED, use_cache=False).logits

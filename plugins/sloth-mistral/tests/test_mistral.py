@@ -16,12 +16,12 @@ import pytest
 import torch
 from sloth_mistral import plugin
 
-from sloth_core.patches import SLOTH_SDPA
+from sloth_core.patches import SLOTH_ATTENTION
 from sloth_core.plugins import SlothPluginManager
 from sloth_core.testing import init_tiny_model, tiny_config
 from sloth_core.testing.convergence import assert_converges_alike
 from sloth_core.testing.parity import assert_parity, kernels_mode, process_wide
-from sloth_core.patches import register_sloth_sdpa
+from sloth_core.patches import register_sloth_attention
 
 WINDOW = 16  # tiny_config("mistral")'s sliding_window
 #: Config overrides of ``tiny_config("mistral")`` (4 heads, 2 kv heads, window 16).
@@ -66,10 +66,10 @@ def _check(manager, config, *, kernels, **options):
 @pytest.mark.parametrize("dtype", list(DTYPES))
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_parity(manager, name, dtype, kernels):
-    """As FastLanguageModel loads it: ``sloth_sdpa``, sequences past the window."""
+    """As FastLanguageModel loads it: ``sloth_attention``, sequences past the window."""
     config = tiny_config("mistral", **CONFIGS[name])
     assert config.sliding_window == WINDOW
-    options = dict(dtype=DTYPES[dtype], attn_implementation=SLOTH_SDPA, **_shape(kernels))
+    options = dict(dtype=DTYPES[dtype], attn_implementation=SLOTH_ATTENTION, **_shape(kernels))
     _check(manager, config, kernels=kernels, **options)
 
 
@@ -79,12 +79,12 @@ def test_parity_with_transformers_attention(manager):
 
 
 @pytest.mark.parametrize(
-    ("kernels", "attn"), [("torch", "sdpa"), ("torch", SLOTH_SDPA), ("triton", SLOTH_SDPA)]
+    ("kernels", "attn"), [("torch", "sdpa"), ("torch", SLOTH_ATTENTION), ("triton", SLOTH_ATTENTION)]
 )
 def test_packed_parity(manager, kernels, attn):
     """Several sequences per row, positions restarting, no attention mask."""
     config = tiny_config("mistral")
-    shape = _shape(kernels, batch_size=2, seq_len=24)  # test_sloth_sdpa_keeps_... : longer
+    shape = _shape(kernels, batch_size=2, seq_len=24)  # test_sloth_attention_keeps_... : longer
     _check(manager, config, kernels=kernels, packed=True, attn_implementation=attn, **shape)
 
 
@@ -93,10 +93,10 @@ def _logits(model, ids, **inputs):
         return model.eval()(ids, **inputs).logits
 
 
-@pytest.mark.parametrize("attn", ["eager", "sdpa", SLOTH_SDPA])
+@pytest.mark.parametrize("attn", ["eager", "sdpa", SLOTH_ATTENTION])
 def test_sliding_window_is_in_effect(manager, attn):
     """The patched model equals Hugging Face's with the window, not without it."""
-    register_sloth_sdpa()
+    register_sloth_attention()
     base = init_tiny_model(tiny_config("mistral"))
     unwindowed = init_tiny_model(tiny_config("mistral", sliding_window=None))
     unwindowed.load_state_dict(base.state_dict())
@@ -114,14 +114,14 @@ def test_sliding_window_is_in_effect(manager, attn):
         assert (got[:, :WINDOW] - _logits(unwindowed, ids)[:, :WINDOW]).abs().max() <= 1e-5
 
 
-def test_sloth_sdpa_keeps_windowed_packed_sequences_apart(manager):
+def test_sloth_attention_keeps_windowed_packed_sequences_apart(manager):
     """Packed rows longer than the window, in eval (where transformers keeps a cache and
     its sliding mask ignores packing): each sequence gets the logits it gets alone."""
     base = init_tiny_model(tiny_config("mistral"))
     patched = copy.deepcopy(base)
     with kernels_mode("torch"), process_wide(manager):
         manager.patch_layers(model=patched)
-        patched.set_attn_implementation(register_sloth_sdpa())
+        patched.set_attn_implementation(register_sloth_attention())
         ids = torch.randint(0, 500, (1, 44), generator=torch.Generator().manual_seed(1))
         positions = torch.tensor([list(range(24)) + list(range(20))])
         got = _logits(patched, ids, position_ids=positions)

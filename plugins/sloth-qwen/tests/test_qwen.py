@@ -16,7 +16,7 @@ import pytest
 import torch
 from sloth_qwen import plugin
 
-from sloth_core.patches import SLOTH_SDPA
+from sloth_core.patches import SLOTH_ATTENTION
 from sloth_core.patching import is_patched
 from sloth_core.plugins import SlothPluginManager
 from sloth_core.testing import init_tiny_model, tiny_config
@@ -81,10 +81,10 @@ def _check(manager, config, *, kernels, **options):
 @pytest.mark.parametrize("name", list(CONFIGS))
 @pytest.mark.parametrize("model_type", MODEL_TYPES)
 def test_parity(manager, model_type, name, dtype, kernels):
-    """As FastLanguageModel loads it: sloth-qwen's attention (``sloth_sdpa``)."""
+    """As FastLanguageModel loads it: sloth-qwen's attention (``sloth_attention``)."""
     config = tiny_config(model_type, **CONFIGS[name])
     assert tiny_config(model_type).tie_word_embeddings is False  # "untied" is the default
-    options = dict(dtype=DTYPES[dtype], attn_implementation=SLOTH_SDPA, **_shape(kernels))
+    options = dict(dtype=DTYPES[dtype], attn_implementation=SLOTH_ATTENTION, **_shape(kernels))
     report = _check(manager, config, kernels=kernels, **options)
     assert set(report.patched) == {"rms_norm", "mlp", "attention", "causal_lm"}
 
@@ -96,7 +96,7 @@ def test_parity_with_transformers_attention(manager, model_type):
 
 
 @pytest.mark.parametrize(
-    ("kernels", "attn"), [("torch", "sdpa"), ("torch", SLOTH_SDPA), ("triton", SLOTH_SDPA)]
+    ("kernels", "attn"), [("torch", "sdpa"), ("torch", SLOTH_ATTENTION), ("triton", SLOTH_ATTENTION)]
 )
 @pytest.mark.parametrize("model_type", MODEL_TYPES)
 def test_packed_parity(manager, model_type, kernels, attn):
@@ -112,7 +112,7 @@ def test_sliding_window_parity(manager, model_type, packed):
     """use_sliding_window: the windowed layer gets its window, the full one none."""
     config = tiny_config(model_type, **SLIDING)
     assert config.layer_types == ["full_attention", "sliding_attention"]
-    _check(manager, config, kernels="torch", packed=packed, attn_implementation=SLOTH_SDPA)
+    _check(manager, config, kernels="torch", packed=packed, attn_implementation=SLOTH_ATTENTION)
 
 
 @pytest.mark.parametrize("model_type", MODEL_TYPES)
@@ -192,14 +192,14 @@ def test_other_model_types_are_left_alone(manager):
 
 
 @pytest.mark.parametrize("model_type", MODEL_TYPES)
-def test_from_pretrained_selects_sloth_sdpa(plugin_manager, register_plugin, make_tiny_model,
+def test_from_pretrained_selects_sloth_attention(plugin_manager, register_plugin, make_tiny_model,
                                             model_type):  # fmt: skip
     from sloth_core import FastLanguageModel
 
     register_plugin(plugin, name=plugin.PLUGIN)
     path = make_tiny_model(model_type)
     model, _ = FastLanguageModel.from_pretrained(str(path))
-    assert model.config._attn_implementation == "sloth_sdpa"
+    assert model.config._attn_implementation == "sloth_attention"
     assert model.sloth_patches[0].patched["rms_norm"] == RMS_NORMS[model_type]
     model, _ = FastLanguageModel.from_pretrained(str(path), attn_implementation="eager")
     assert model.config._attn_implementation == "eager"

@@ -1,3 +1,1 @@
-"""sloth-template: the smallest complete sloth plugin."""
-
-__version__ = "0.1.0"
+"""sloth-template: Cwm models for sloth; the hooks are in :mod:`sloth_template.plugin`."""

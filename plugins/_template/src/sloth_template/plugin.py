@@ -1,35 +1,52 @@
-"""Hook implementations of sloth-template; the entry point names this module."""
+"""Hook implementations of sloth-template; the entry point names this module.
+
+``patch_layers`` names the module classes of transformers' ``modeling_cwm`` and
+hands them to :func:`sloth_core.patches.patch_architecture`, whose patchers route them
+through the op registry. See docs/plugin-authors.md of sloth for each argument.
+"""
 
 from __future__ import annotations
 
-from sloth_core import hookimpl
-from sloth_core.patching import replace_forward, restorer
-from sloth_core.types import PatchReport
+from typing import Any
 
+from sloth_core import hookimpl
+from sloth_core.patches import load_with_sloth_attention, patch_architecture, sliding_window_kwargs
+from sloth_core.patching import model_type_of
+from sloth_core.types import ModelSpec, PatchReport
+
+PLUGIN = "sloth-template"
 #: The Hugging Face ``model_type`` values this plugin makes fast.
-MODEL_TYPES = ("template",)
+MODEL_TYPES = ("cwm",)
 
 
 @hookimpl
 def register_architectures(register):
+    """Declare :data:`MODEL_TYPES`, for ``sloth plugins list`` and dispatch."""
     for model_type in MODEL_TYPES:
-        register(model_type, description="example architecture of the plugin template")
+        register(model_type, description="Cwm: rms_norm, mlp, attention, causal_lm patched")
 
 
 @hookimpl
-def patch_layers(model, ops):
-    """Route every ``*RMSNorm`` of a supported model through the ``rms_norm`` op."""
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if model_type not in MODEL_TYPES:
-        return None
-    patched = []
-    for module in model.modules():
-        if type(module).__name__.endswith("RMSNorm"):
-            eps = getattr(module, "variance_epsilon", getattr(module, "eps", 1e-6))
+def load_model(spec: ModelSpec) -> tuple[Any, Any] | None:
+    """Load a checkpoint of :data:`MODEL_TYPES` with sloth's attention function."""
+    return load_with_sloth_attention(spec, MODEL_TYPES)
 
-            def forward(x, module=module, eps=eps):
-                return ops.rms_norm(x, module.weight, eps)
 
-            if replace_forward(module, forward):
-                patched.append(module)
-    return PatchReport("sloth-template", model_type, {"rms_norm": len(patched)}, restorer(patched))
+@hookimpl
+def patch_layers(model, ops) -> PatchReport | None:
+    """Route the model's norms, MLPs, attention and loss through ``ops``."""
+    if model_type_of(model) not in MODEL_TYPES:
+        return None  # before importing a modeling file for a model that is not one
+    from transformers.models.cwm import modeling_cwm as modeling
+
+    return patch_architecture(
+        model,
+        ops,
+        plugin=PLUGIN,
+        model_types=MODEL_TYPES,
+        rms_norm=modeling.CwmRMSNorm,
+        mlp=modeling.CwmMLP,
+        attention=modeling.CwmAttention,
+        causal_lm=modeling.CwmForCausalLM,
+        attention_kwargs=sliding_window_kwargs,
+    )

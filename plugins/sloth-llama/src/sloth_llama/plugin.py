@@ -1,6 +1,6 @@
 """Hook implementations of sloth-llama; the entry point names this module.
 
-Everything that is not Llama-specific (the patchers, ``sloth_sdpa``) lives in
+Everything that is not Llama-specific (the patchers, ``sloth_attention``) lives in
 :mod:`sloth_core.patches`; this plugin only names Llama's module classes.
 """
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from sloth_core import hookimpl
-from sloth_core.patches import load_with_sloth_sdpa, patch_architecture
+from sloth_core.patches import load_with_sloth_attention, patch_architecture
 from sloth_core.patching import model_type_of
 from sloth_core.types import ModelSpec, PatchReport
 
@@ -27,8 +27,8 @@ def register_architectures(register):
 
 @hookimpl
 def load_model(spec: ModelSpec) -> tuple[Any, Any] | None:
-    """Load a Llama checkpoint with ``sloth_sdpa`` attention unless the caller chose one."""
-    return load_with_sloth_sdpa(spec, MODEL_TYPES)
+    """Load a Llama checkpoint with ``sloth_attention`` attention unless the caller chose one."""
+    return load_with_sloth_attention(spec, MODEL_TYPES)
 
 
 @hookimpl

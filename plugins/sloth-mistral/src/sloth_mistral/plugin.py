@@ -2,8 +2,8 @@
 
 Mistral is Llama with a sliding window on every layer. The window reaches attention two
 ways, as in transformers: through the mask (``create_sliding_window_causal_mask``, which
-``sloth_sdpa`` gets too, since its mask function is ``sdpa_mask``) and through the
-``sliding_window`` argument of the attention function (flash attention and ``sloth_sdpa``
+``sloth_attention`` gets too, since its mask function is ``sdpa_mask``) and through the
+``sliding_window`` argument of the attention function (flash attention and ``sloth_attention``
 read it). The patched attention forward passes that argument as Mistral's does.
 """
 
@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from sloth_core import hookimpl
-from sloth_core.patches import load_with_sloth_sdpa, patch_architecture, sliding_window_kwargs
+from sloth_core.patches import load_with_sloth_attention, patch_architecture, sliding_window_kwargs
 from sloth_core.patching import model_type_of
 from sloth_core.types import ModelSpec, PatchReport
 
@@ -30,8 +30,8 @@ def register_architectures(register):
 
 @hookimpl
 def load_model(spec: ModelSpec) -> tuple[Any, Any] | None:
-    """Load a Mistral checkpoint with ``sloth_sdpa`` attention unless the caller chose one."""
-    return load_with_sloth_sdpa(spec, MODEL_TYPES)
+    """Load a Mistral checkpoint with ``sloth_attention`` attention unless the caller chose one."""
+    return load_with_sloth_attention(spec, MODEL_TYPES)
 
 
 @hookimpl

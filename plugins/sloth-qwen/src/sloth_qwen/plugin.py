@@ -1,6 +1,6 @@
 """Hook implementations of sloth-qwen; the entry point names this module.
 
-Everything that is not Qwen-specific (the patchers, ``sloth_sdpa``) lives in
+Everything that is not Qwen-specific (the patchers, ``sloth_attention``) lives in
 :mod:`sloth_core.patches`; this plugin only names Qwen's module classes and hands the
 attention function the per-layer ``sliding_window`` that Qwen's modeling files pass.
 """
@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from sloth_core import hookimpl
-from sloth_core.patches import load_with_sloth_sdpa, patch_architecture, sliding_window_kwargs
+from sloth_core.patches import load_with_sloth_attention, patch_architecture, sliding_window_kwargs
 from sloth_core.patching import model_type_of
 from sloth_core.types import ModelSpec, PatchReport
 
@@ -32,8 +32,8 @@ def register_architectures(register):
 
 @hookimpl
 def load_model(spec: ModelSpec) -> tuple[Any, Any] | None:
-    """Load a Qwen2/Qwen3 checkpoint with ``sloth_sdpa`` unless the caller chose one."""
-    return load_with_sloth_sdpa(spec, MODEL_TYPES)
+    """Load a Qwen2/Qwen3 checkpoint with ``sloth_attention`` unless the caller chose one."""
+    return load_with_sloth_attention(spec, MODEL_TYPES)
 
 
 @hookimpl

@@ -1,0 +1,1 @@
+"""sloth-phi: Phi-3 for sloth; the hooks are in :mod:`sloth_phi.plugin`."""
