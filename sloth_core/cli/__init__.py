@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from sloth_core import __version__
-from sloth_core.cli import bench_cmd, doctor, plugins_cmd
+from sloth_core.cli import bench_cmd, doctor, plugins_cmd, train_cmd
 from sloth_core.errors import SlothError
 
 
@@ -19,6 +19,7 @@ def build_parser() -> argparse.ArgumentParser:
     plugins_cmd.add_parser(commands)
     doctor.add_parser(commands)
     bench_cmd.add_parser(commands)
+    train_cmd.add_parser(commands)
     return parser
 
 

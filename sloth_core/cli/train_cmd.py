@@ -1,0 +1,73 @@
+"""``sloth train [CONFIG] [--option value ...] [--demo]``.
+
+Options come from a TOML/YAML/JSON file and/or flags (flags win); every option of
+:class:`sloth_core.train.TrainConfig` is a flag, spelled with dashes or underscores
+(``--model-name``, ``--model_name``), booleans as ``--packing`` / ``--no-packing``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+from sloth_core.train.config import TrainConfig
+
+
+def add_parser(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser(
+        "train",
+        help="fine-tune a model (LoRA, QLoRA or full) on a data file",
+        description="Fine-tune a model. Options from CONFIG (TOML, YAML or JSON) and flags; "
+        "flags win. `sloth train --demo` trains a tiny bundled model on bundled data.",
+    )
+    parser.add_argument("config", nargs="?", help="a .toml, .yaml or .json file of options")
+    parser.add_argument(
+        "--demo", action="store_true",
+        help="the bundled demo: a tiny model and data set, a few minutes on a CPU",
+    )  # fmt: skip
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    group = parser.add_argument_group("training options (see the docs for each)")
+    for f in dataclasses.fields(TrainConfig):
+        names = {f"--{f.name.replace('_', '-')}", f"--{f.name}"}
+        if "alias" in f.metadata:
+            names |= {f"--{f.metadata['alias'].replace('_', '-')}", f"--{f.metadata['alias']}"}
+        options = dict(dest=f.name, default=None, help=f.metadata.get("help"))
+        if isinstance(f.default, bool):
+            group.add_argument(*sorted(names), action=argparse.BooleanOptionalAction, **options)
+        elif isinstance(f.default, (int, float)):
+            group.add_argument(*sorted(names), type=type(f.default), metavar="N", **options)
+        else:
+            group.add_argument(*sorted(names), metavar="VALUE", **options)
+    parser.set_defaults(run=run)
+
+
+def build_config(args: argparse.Namespace) -> TrainConfig:
+    """The options of ``args``: demo defaults, then the config file, then the flags."""
+    from sloth_core.train.config import read_config_file
+
+    values: dict = {}
+    if args.demo:
+        from sloth_core.train.demo import demo_options
+
+        values.update(demo_options())
+    source = "options"
+    if args.config:
+        values.update(read_config_file(args.config))
+        source = args.config
+    config = TrainConfig.from_mapping(values, source=source)
+    flags = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
+    flags = {k: v for k, v in flags.items() if v is not None}
+    return _merge(config, flags)
+
+
+def _merge(config: TrainConfig, flags: dict) -> TrainConfig:
+    coerced = TrainConfig.from_mapping(flags, source="command line")
+    return dataclasses.replace(config, **{name: getattr(coerced, name) for name in flags})
+
+
+def run(args: argparse.Namespace) -> int:
+    from sloth_core.train import train
+
+    config = build_config(args)
+    result = train(config, show_progress=not args.quiet)
+    return 0 if result.steps else 1

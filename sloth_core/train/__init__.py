@@ -1,0 +1,14 @@
+"""``sloth train``: the SFT loop, its options, checkpoints and metrics."""
+
+from .config import ConfigError, TrainConfig, read_config_file
+from .loop import TrainResult, accumulate, evaluate, train
+
+__all__ = [
+    "ConfigError",
+    "TrainConfig",
+    "TrainResult",
+    "accumulate",
+    "evaluate",
+    "read_config_file",
+    "train",
+]

@@ -1,0 +1,304 @@
+"""What ``sloth train`` takes: one dataclass, read from TOML/YAML and flags, checked early.
+
+Every option is a field of :class:`TrainConfig` with its help text in the field's
+metadata; the command line is generated from the fields, so a config file and the flags
+always accept the same names (the Unsloth CLI's names where they exist). Everything is
+validated before any model or data loads, and errors name the option (and the file).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sloth_core.errors import SlothError
+
+SCHEDULES = ("linear", "cosine", "constant")
+OPTIMIZERS = ("adamw_torch_fused", "adamw_torch", "adamw_8bit")
+CHECKPOINTING = ("off", "on", "offload")
+QUANTIZATIONS = ("nf4", "fp4", "int8")
+FORMATS = ("text", "alpaca", "chat", "sharegpt")
+#: ``save_method``: what lands in ``output_dir/final`` at the end (an export format).
+SAVE_METHODS = ("lora", "merged_16bit", "merged_4bit", "none")
+DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+class ConfigError(SlothError, ValueError):
+    """A ``sloth train`` option is missing, unknown or out of range; nothing was loaded."""
+
+
+def _opt(default: Any, help: str, **extra: Any) -> Any:
+    if isinstance(default, (list, dict)):
+        return field(
+            default_factory=lambda: type(default)(default), metadata={"help": help, **extra}
+        )
+    return field(default=default, metadata={"help": help, **extra})
+
+
+@dataclass
+class TrainConfig:
+    """Options of a fine-tune; see ``sloth train --help`` for each one's meaning."""
+
+    # model
+    model_name: str = _opt("", "model directory (or hub id) to fine-tune")
+    max_seq_length: int = _opt(2048, "longest training row in tokens; longer rows are truncated")
+    dtype: str = _opt("auto", "weights dtype: auto (bf16 on GPUs that have it), bf16, fp16, fp32")
+    load_in_4bit: bool = _opt(False, "QLoRA: load the base weights in 4-bit NF4 (sloth-bnb)")
+    quantization: str = _opt("", "quantization method instead of load_in_4bit: nf4, fp4, int8")
+    full_finetuning: bool = _opt(False, "train every weight instead of LoRA adapters")
+    # data
+    dataset: str = _opt("", "training data: a .jsonl, .json, .csv or .parquet file")
+    data_format: str = _opt("", "text, alpaca, chat or sharegpt (default: detected)")
+    chat_template: str = _opt("", "chat template: the tokenizer's own (default) or a built-in name")
+    train_on_responses_only: bool = _opt(True, "mask prompt tokens: learn only the responses")
+    eval_dataset: str = _opt(
+        "", "evaluation data file (default: eval_fraction of the training data)"
+    )
+    eval_fraction: float = _opt(0.0, "fraction of the training data held out for evaluation")
+    packing: bool = _opt(False, "pack several sequences per row (no attention across them)")
+    # LoRA
+    r: int = _opt(16, "LoRA rank")
+    lora_alpha: int = _opt(16, "LoRA alpha (scale alpha/r, or alpha/sqrt(r) with use_rslora)")
+    lora_dropout: float = _opt(0.0, "LoRA dropout (0 takes the fused kernels' fast path)")
+    use_rslora: bool = _opt(False, "rank-stabilised LoRA scaling")
+    target_modules: list = _opt(list(DEFAULT_TARGETS), "module names that get LoRA adapters")
+    modules_to_save: list = _opt([], "modules trained in full beside LoRA (embed_tokens, lm_head)")
+    # optimisation
+    per_device_train_batch_size: int = _opt(2, "rows per micro-batch", alias="batch_size")
+    gradient_accumulation_steps: int = _opt(4, "micro-batches per optimizer step")
+    max_steps: int = _opt(-1, "optimizer steps (-1: num_train_epochs over the data)")
+    num_train_epochs: float = _opt(1.0, "passes over the training data when max_steps is -1")
+    learning_rate: float = _opt(2e-4, "peak learning rate")
+    embedding_learning_rate: float = _opt(
+        0.0, "learning rate of trained embeddings/lm_head (0: same)"
+    )
+    warmup_steps: int = _opt(0, "linear warm-up steps")
+    warmup_ratio: float = _opt(0.0, "warm-up as a fraction of the steps (if warmup_steps is 0)")
+    lr_scheduler_type: str = _opt("linear", "linear, cosine or constant (after warm-up)")
+    optim: str = _opt("adamw_torch_fused", "adamw_torch_fused, adamw_torch or adamw_8bit")
+    weight_decay: float = _opt(0.0, "AdamW weight decay")
+    adam_beta1: float = _opt(0.9, "AdamW beta1")
+    adam_beta2: float = _opt(0.999, "AdamW beta2")
+    max_grad_norm: float = _opt(1.0, "gradient clipping norm (0: off)")
+    bf16: str = _opt("auto", "bf16 autocast: auto (on for fp32 weights on bf16 GPUs), on, off")
+    gradient_checkpointing: str = _opt(
+        "offload", "off, on, or offload (layer inputs to pinned CPU memory)"
+    )
+    seed: int = _opt(3407, "seed of the adapters' init, the data order and dropout")
+    # outputs
+    output_dir: str = _opt("outputs", "where checkpoints, metrics and the final model go")
+    overwrite: bool = _opt(False, "replace a non-empty output_dir")
+    resume: bool = _opt(False, "continue from the latest checkpoint in output_dir")
+    logging_steps: int = _opt(1, "log metrics every N optimizer steps")
+    save_steps: int = _opt(0, "write a checkpoint every N optimizer steps (0: only at the end)")
+    save_total_limit: int = _opt(2, "checkpoints kept (older ones are deleted)")
+    eval_steps: int = _opt(0, "evaluate every N optimizer steps (0: before and after training)")
+    save_method: str = _opt("lora", "final model: lora, merged_16bit, merged_4bit or none")
+    export_format: str = _opt("", "also export at the end to this format (e.g. gguf, ollama)")
+    export_quantization: str = _opt("", "quantization of the export (e.g. q8_0, q4_k_m)")
+    report_to: str = _opt("auto", "tensorboard, none, or auto (tensorboard when installed)")
+
+    @classmethod
+    def fields_by_name(cls) -> dict[str, dataclasses.Field]:
+        names = {}
+        for f in dataclasses.fields(cls):
+            names[f.name] = f
+            if "alias" in f.metadata:
+                names[f.metadata["alias"]] = f
+        return names
+
+    @classmethod
+    def from_mapping(cls, values: dict[str, Any], *, source: str = "options") -> TrainConfig:
+        """A config from a mapping (a parsed file); unknown keys and wrong types name the key."""
+        known = cls.fields_by_name()
+        kwargs: dict[str, Any] = {}
+        for key, value in values.items():
+            name = key.replace("-", "_")
+            if name not in known:
+                hint = difflib.get_close_matches(name, list(known), n=1)
+                extra = f"; did you mean {hint[0]!r}?" if hint else ""
+                raise ConfigError(f"{source}: unknown option {key!r}{extra}")
+            f = known[name]
+            kwargs[f.name] = _coerce(f, value, source)
+        return cls(**kwargs)
+
+    def replace(self, **changes: Any) -> TrainConfig:
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @property
+    def quantization_method(self) -> str | None:
+        return self.quantization or ("nf4" if self.load_in_4bit else None)
+
+    def validate(self, *, check_output: bool = True) -> TrainConfig:
+        """Raise :class:`ConfigError` naming the first bad option; return ``self``."""
+
+        def bad(name: str, why: str) -> ConfigError:
+            return ConfigError(f"{name}={getattr(self, name)!r}: {why}")
+
+        if not self.model_name:
+            raise ConfigError("model_name is required (a model directory or hub id)")
+        if not self.dataset:
+            raise ConfigError("dataset is required (a .jsonl, .json, .csv or .parquet file)")
+        for name in ("dataset", "eval_dataset"):
+            value = getattr(self, name)
+            if value and not Path(value).is_file():
+                raise bad(name, "no such file")
+        choices = {
+            "lr_scheduler_type": SCHEDULES, "optim": OPTIMIZERS,
+            "gradient_checkpointing": CHECKPOINTING, "save_method": SAVE_METHODS,
+            "bf16": ("auto", "on", "off"), "dtype": ("auto", "bf16", "fp16", "fp32"),
+            "report_to": ("auto", "tensorboard", "none"),
+        }  # fmt: skip
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise bad(name, f"choose one of {', '.join(allowed)}")
+        if self.data_format and self.data_format not in FORMATS:
+            raise bad("data_format", f"choose one of {', '.join(FORMATS)}")
+        if self.quantization and self.quantization not in QUANTIZATIONS:
+            raise bad("quantization", f"choose one of {', '.join(QUANTIZATIONS)}")
+        if self.full_finetuning and self.quantization_method:
+            raise ConfigError("full_finetuning trains every weight: it cannot be quantized")
+        if self.load_in_4bit and self.quantization and self.quantization not in ("nf4", "fp4"):
+            raise bad("quantization", "load_in_4bit asks for a 4-bit method (nf4 or fp4)")
+        positive = ("max_seq_length", "r", "lora_alpha", "per_device_train_batch_size",
+                    "gradient_accumulation_steps", "logging_steps", "save_total_limit")  # fmt: skip
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise bad(name, "must be at least 1")
+        for name in ("warmup_steps", "save_steps", "eval_steps", "weight_decay", "max_grad_norm",
+                     "embedding_learning_rate"):  # fmt: skip
+            if getattr(self, name) < 0:
+                raise bad(name, "must not be negative")
+        if not 0 < self.learning_rate < 1:
+            raise bad("learning_rate", "must be in (0, 1)")
+        if self.max_steps == 0 or self.max_steps < -1:
+            raise bad("max_steps", "must be positive, or -1 to train num_train_epochs")
+        if self.max_steps == -1 and not (
+            self.num_train_epochs > 0 and math.isfinite(self.num_train_epochs)
+        ):
+            raise bad("num_train_epochs", "must be positive")
+        for name in ("lora_dropout", "warmup_ratio", "eval_fraction"):
+            if not 0 <= getattr(self, name) < 1:
+                raise bad(name, "must be in [0, 1)")
+        if not all(0 <= b < 1 for b in (self.adam_beta1, self.adam_beta2)):
+            raise ConfigError("adam_beta1/adam_beta2 must be in [0, 1)")
+        if not self.target_modules and not self.full_finetuning:
+            raise bad("target_modules", "name at least one module (or use full_finetuning)")
+        if self.resume and self.overwrite:
+            raise ConfigError("resume and overwrite exclude each other")
+        if check_output:
+            out = Path(self.output_dir)
+            if out.exists() and not out.is_dir():
+                raise bad("output_dir", "exists and is not a directory")
+            if out.is_dir() and any(out.iterdir()) and not (self.overwrite or self.resume):
+                raise bad("output_dir", "is not empty: pass --overwrite to replace it or "
+                                        "--resume to continue its latest checkpoint")  # fmt: skip
+        return self
+
+
+def options_markdown() -> str:
+    """The table of every option, as docs/training.md shows it (a test keeps them equal)."""
+    lines = ["| option | default | what |", "|---|---|---|"]
+    for f in dataclasses.fields(TrainConfig):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        if isinstance(default, list):
+            default = ",".join(default)
+        name = f"`{f.name}`" + (f" (`{f.metadata['alias']}`)" if "alias" in f.metadata else "")
+        shown = f"`{default}`" if default != "" else "(none)"
+        lines.append(f"| {name} | {shown} | {f.metadata['help']} |")
+    return "\n".join(lines) + "\n"
+
+
+def _coerce(f: dataclasses.Field, value: Any, source: str) -> Any:
+    """``value`` as the type of field ``f``; a clear error naming the option otherwise."""
+    kind = type(f.default) if f.default is not dataclasses.MISSING else list
+    where = f"{source}: option {f.name!r}"
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+            return value.lower() in ("true", "yes", "1")
+        raise ConfigError(f"{where} takes true or false, not {value!r}")
+    if kind is list:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+            return list(value)
+        raise ConfigError(f"{where} takes a list of names, not {value!r}")
+    if kind is str:
+        if isinstance(value, (bool, int, float)) and f.name in ("bf16",):
+            return "on" if value else "off"
+        if not isinstance(value, str):
+            raise ConfigError(f"{where} takes a string, not {value!r}")
+        return value
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        if kind is int:
+            number = float(value)
+            if number != int(number):
+                raise ValueError
+            return int(number)
+        return float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{where} takes a number, not {value!r}") from None
+
+
+def _toml() -> Any:
+    try:
+        import tomllib  # Python >= 3.11
+    except ImportError:
+        try:
+            import tomli as tomllib
+        except ImportError:
+            raise ConfigError(
+                "reading TOML on Python 3.10 needs tomli (pip install tomli)"
+            ) from None
+    return tomllib
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """The options of a TOML (``.toml``), YAML (``.yaml``/``.yml``) or JSON file.
+
+    A ``[train]`` table (or ``train:`` mapping) is used when present, else the top level.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such config file")
+    text = path.read_text(encoding="utf-8")
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".toml":
+            data = _toml().loads(text)
+        elif suffix in (".yaml", ".yml"):
+            try:
+                import yaml
+            except ImportError:
+                raise ConfigError(
+                    f"{path}: reading YAML needs PyYAML (pip install pyyaml)"
+                ) from None
+            try:
+                data = yaml.safe_load(text) or {}
+            except yaml.YAMLError as exc:
+                raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+        elif suffix == ".json":
+            data = json.loads(text)
+        else:
+            raise ConfigError(f"{path}: config files are .toml, .yaml, .yml or .json")
+    except ValueError as exc:  # TOMLDecodeError and JSONDecodeError are ValueErrors
+        if isinstance(exc, ConfigError):
+            raise
+        raise ConfigError(f"{path}: not valid {suffix[1:].upper()}: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a table of options")
+    if isinstance(data.get("train"), dict):
+        data = data["train"]
+    return data

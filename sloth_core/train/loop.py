@@ -1,0 +1,411 @@
+"""The SFT loop of ``sloth train``.
+
+Order of work, so that bad input fails before anything expensive: options, then the data
+(read, formatted, tokenised, with the tokenizer alone), then the output directory, then
+the model. Each optimizer step consumes ``gradient_accumulation_steps`` micro-batches; the
+loss of every micro-batch is its summed token loss divided by the label tokens of the
+whole step (``num_items_in_batch``), so the accumulated gradient is exactly the gradient
+of one big batch's mean token loss, not a mean of per-batch means.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .checkpoint import STATE_FILE, list_checkpoints, load_checkpoint, save_checkpoint
+from .config import ConfigError, TrainConfig
+from .metrics import CURVE_FILE, METRICS_FILE, MetricsLog, Progress, plot_losses
+from .optim import build_optimizer, build_scheduler
+
+#: What a resumed run must share with the run that wrote the checkpoint: the data order,
+#: the trainable tensors and the step arithmetic depend on them.
+RESUME_KEYS = ("model_name", "dataset", "data_format", "chat_template", "max_seq_length",
+               "packing", "r", "target_modules", "modules_to_save", "full_finetuning",
+               "per_device_train_batch_size", "gradient_accumulation_steps", "seed",
+               "eval_fraction", "train_on_responses_only")  # fmt: skip
+#: Files and folders of ours that ``--overwrite`` replaces (nothing else is deleted).
+OUR_OUTPUTS = ("checkpoint-*", ".checkpoint-*", METRICS_FILE, CURVE_FILE, "final", "runs",
+               "export-*", "train_config.json")  # fmt: skip
+
+
+@dataclass
+class TrainResult:
+    """What a finished run reports."""
+
+    output_dir: Path
+    steps: int
+    losses: list[float] = field(default_factory=list)
+    eval_before: dict[str, float] | None = None
+    eval_after: dict[str, float] | None = None
+    final_path: Path | None = None
+    export_path: Path | None = None
+    data_stats: Any = None
+
+
+@dataclass
+class PreparedData:
+    tokenizer: Any
+    train: list[Any]
+    eval: list[Any]
+    stats: Any
+
+
+def prepare_data(config: TrainConfig, tokenizer: Any) -> PreparedData:
+    """Read, format, tokenise and split the data (``DataError`` on bad rows)."""
+    from sloth_core import data
+
+    options = dict(
+        data_format=config.data_format or None,
+        chat_template=config.chat_template or None,
+        max_seq_length=config.max_seq_length,
+        train_on_responses_only=config.train_on_responses_only,
+    )
+    examples, stats = data.tokenize(data.load_records(config.dataset), tokenizer, **options)
+    if config.eval_dataset:
+        eval_examples, _ = data.tokenize(
+            data.load_records(config.eval_dataset), tokenizer, **options
+        )
+        train_examples = examples
+    else:
+        train_examples, eval_examples = data.split_eval(
+            examples, eval_fraction=config.eval_fraction, seed=config.seed
+        )
+    if not train_examples:
+        raise ConfigError(f"{config.dataset}: no training rows left after the eval split")
+    return PreparedData(tokenizer, train_examples, eval_examples, stats)
+
+
+def label_tokens(batch: dict[str, torch.Tensor]) -> int:
+    """Label tokens that count in the loss (the model shifts labels: the first never does)."""
+    return int((batch["labels"][:, 1:] != -100).sum())
+
+
+def accumulate(model, micro_batches: list[dict[str, torch.Tensor]], *, autocast) -> float:
+    """Forward and backward every micro-batch of one optimizer step; the step's token-mean loss.
+
+    Each loss is summed over its tokens and divided by the label tokens of all micro-batches
+    together, so the gradients add up to those of one batch holding them all.
+    """
+    device = next(p for p in model.parameters()).device
+    total = sum(label_tokens(b) for b in micro_batches)
+    items = torch.tensor(max(total, 1), device=device)
+    loss_sum = 0.0
+    for batch in micro_batches:
+        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        with autocast():
+            loss = model(**batch, num_items_in_batch=items).loss
+        loss.backward()
+        loss_sum += float(loss.detach())
+    return loss_sum
+
+
+@torch.no_grad()
+def evaluate(model, batches, *, autocast) -> dict[str, float]:
+    """Token-mean loss and next-token accuracy on the label tokens of every eval batch."""
+    was_training = model.training
+    model.eval()
+    device = next(p for p in model.parameters()).device
+    loss_sum, correct, count = 0.0, 0, 0
+    try:
+        for index in range(batches.num_batches()):
+            batch = {k: v.to(device) for k, v in batches.batch(0, index).items()}
+            labels = batch.pop("labels")
+            with autocast():
+                logits = model(**batch, use_cache=False).logits
+            logits, targets = logits[:, :-1].float(), labels[:, 1:]
+            keep = targets != -100
+            losses = torch.nn.functional.cross_entropy(
+                logits[keep], targets[keep], reduction="sum"
+            )  # fmt: skip
+            loss_sum += float(losses)
+            correct += int((logits[keep].argmax(-1) == targets[keep]).sum())
+            count += int(keep.sum())
+    finally:
+        model.train(was_training)
+    count = max(count, 1)
+    return {"eval_loss": loss_sum / count, "eval_accuracy": correct / count}
+
+
+def _check_plugins(config: TrainConfig) -> None:
+    """The quantizer and exporters the options name are installed (before any work)."""
+    from sloth_core.plugins import get_plugin_manager
+
+    manager = get_plugin_manager()
+    wanted = [("quantization", config.quantization_method, manager.quantizers)]
+    if config.save_method != "none":
+        wanted.append(("save_method", config.save_method, manager.exporters))
+    if config.export_format:
+        wanted.append(("export_format", config.export_format, manager.exporters))
+    for option, name, available in wanted:
+        if name and name not in available:
+            known = ", ".join(sorted(available)) or "none"
+            raise ConfigError(
+                f"{option}={name!r}: no installed plugin provides it (installed: {known}); "
+                "`sloth plugins list` shows what each plugin provides"
+            )
+
+
+def _load_tokenizer(config: TrainConfig) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(config.model_name)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(
+            f"model_name={config.model_name!r}: cannot load its tokenizer: {exc}"
+        ) from None
+
+
+def _prepare_output(config: TrainConfig) -> Path | None:
+    """Clear our old outputs with ``overwrite``; the checkpoint to resume from, if any."""
+    out = Path(config.output_dir)
+    if config.resume:
+        for leftover in out.glob(".checkpoint-*"):  # staging of a checkpoint cut short
+            shutil.rmtree(leftover, ignore_errors=True)
+        checkpoints = list_checkpoints(out)
+        return checkpoints[-1] if checkpoints else None
+    if config.overwrite and out.is_dir():
+        for pattern in OUR_OUTPUTS:
+            for path in out.glob(pattern):
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+    return None
+
+
+def _load_model(config: TrainConfig) -> Any:
+    from sloth_core.api import FastLanguageModel
+
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}.get(config.dtype)
+    model, _ = FastLanguageModel.from_pretrained(
+        config.model_name,
+        max_seq_length=config.max_seq_length,
+        dtype=dtype,
+        quantization=config.quantization_method,
+        full_finetuning=config.full_finetuning,
+    )
+    checkpointing = {"off": False, "on": True, "offload": "sloth"}[config.gradient_checkpointing]
+    if config.full_finetuning:
+        if checkpointing:
+            from sloth_core.api import enable_checkpointing
+
+            enable_checkpointing(model, offload=checkpointing == "sloth" and _on_cuda(model))
+        return model
+    return FastLanguageModel.get_peft_model(
+        model,
+        r=config.r,
+        lora_alpha=config.lora_alpha,
+        lora_dropout=config.lora_dropout,
+        target_modules=list(config.target_modules),
+        use_rslora=config.use_rslora,
+        modules_to_save=list(config.modules_to_save) or None,
+        use_gradient_checkpointing=checkpointing,
+        random_state=config.seed,
+        max_seq_length=config.max_seq_length,
+    )
+
+
+def _on_cuda(model) -> bool:
+    return any(p.is_cuda for p in model.parameters())
+
+
+def _autocast(config: TrainConfig, model):
+    device = next(model.parameters()).device
+    dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
+    bf16_ok = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    enabled = config.bf16 == "on" or (config.bf16 == "auto" and bf16_ok and dtype == torch.float32)
+    if not enabled:
+        return contextlib.nullcontext
+    return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+def _check_resume(config: TrainConfig, state: dict[str, Any], path: Path) -> None:
+    saved = state.get("config", {})
+    for key in RESUME_KEYS:
+        if key in saved and saved[key] != getattr(config, key):
+            raise ConfigError(
+                f"--resume: {key}={getattr(config, key)!r} but {path.name} was trained with "
+                f"{saved[key]!r}; resume with the same options"
+            )
+
+
+def _gpu_memory() -> float | None:
+    return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
+
+
+def train(config: TrainConfig, *, show_progress: bool = True, console: Any = None) -> TrainResult:
+    """Fine-tune as ``config`` says; see :class:`TrainConfig` for the options."""
+    from rich.console import Console
+
+    from sloth_core import data
+
+    console = console or Console()
+    config.validate()
+    _check_plugins(config)
+    tokenizer = _load_tokenizer(config)
+    prepared = prepare_data(config, tokenizer)
+    stats = prepared.stats
+    console.print(
+        f"data: {stats.rows} rows, {len(prepared.train)} train / {len(prepared.eval)} eval"
+        + (
+            f", {stats.truncated} truncated to {config.max_seq_length} tokens"
+            if stats.truncated
+            else ""
+        )
+    )
+    resume_from = _prepare_output(config)
+    if resume_from is not None:  # before the model loads: refuse mismatched options early
+        _check_resume(config, json.loads((resume_from / STATE_FILE).read_text()), resume_from)
+    if config.resume and resume_from is None:
+        console.print(f"no checkpoint in {config.output_dir}: starting from step 0")
+        (Path(config.output_dir) / METRICS_FILE).unlink(missing_ok=True)
+    torch.manual_seed(config.seed)
+    model = _load_model(config)
+    model.train()
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    batches = data.Batches(
+        prepared.train, batch_size=config.per_device_train_batch_size,
+        max_seq_length=config.max_seq_length, packing=config.packing, pad_token_id=pad,
+        seed=config.seed,
+    )  # fmt: skip
+    eval_batches = None
+    if prepared.eval:
+        eval_batches = data.Batches(
+            prepared.eval, batch_size=config.per_device_train_batch_size,
+            max_seq_length=config.max_seq_length, packing=False, pad_token_id=pad,
+            seed=config.seed, shuffle=False,
+        )  # fmt: skip
+    per_epoch = batches.num_batches()
+    accumulation = config.gradient_accumulation_steps
+    if config.max_steps > 0:
+        total_steps = config.max_steps
+    else:
+        total_steps = max(1, math.ceil(config.num_train_epochs * per_epoch / accumulation))
+    optimizer = build_optimizer(model, config)
+    scheduler = build_scheduler(optimizer, config, total_steps)
+    autocast = _autocast(config, model)
+    step, consumed = 0, 0
+    state: dict[str, Any] = {}
+    if resume_from is not None:
+        state = load_checkpoint(resume_from, model=model, optimizer=optimizer, scheduler=scheduler)
+        step, consumed = state["step"], state["micro_batches"]
+        console.print(f"resumed from {resume_from.name}: step {step}")
+    out = Path(config.output_dir)
+    (out / "train_config.json").write_text(_json(config.to_dict()))
+    log = MetricsLog(out, report_to=config.report_to)
+    result = TrainResult(out, total_steps, data_stats=stats)
+    eval_every = config.eval_steps
+    if eval_batches is not None and step == 0:
+        result.eval_before = evaluate(model, eval_batches, autocast=autocast)
+        log.write({"step": 0, **result.eval_before})
+        console.print(_eval_line("before training", result.eval_before))
+    elif "eval_before" in state:
+        result.eval_before = state["eval_before"]
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    started, tokens_seen = time.perf_counter(), 0
+    try:
+        with Progress(
+            total_steps, start=step, enabled=show_progress and console.is_terminal
+        ) as bar:
+            while step < total_steps:
+                micro = []
+                for _ in range(accumulation):
+                    epoch, index = divmod(consumed, per_epoch)
+                    micro.append(batches.batch(epoch, index))
+                    consumed += 1
+                loss = accumulate(model, micro, autocast=autocast)
+                grad_norm = None
+                if config.max_grad_norm > 0:
+                    grad_norm = float(
+                        torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm)
+                    )
+                lr = optimizer.param_groups[0]["lr"]
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                tokens_seen += sum(int(b["input_ids"].numel()) for b in micro)
+                result.losses.append(loss)
+                elapsed = time.perf_counter() - started
+                record = {
+                    "step": step, "epoch": consumed / per_epoch, "loss": loss, "lr": lr,
+                    "grad_norm": grad_norm, "tokens_per_s": tokens_seen / max(elapsed, 1e-9),
+                    "gpu_mem_gib": _gpu_memory(),
+                }  # fmt: skip
+                if step % config.logging_steps == 0 or step == total_steps:
+                    log.write(record)
+                    bar.update(step, record)
+                    if not (show_progress and console.is_terminal):
+                        console.print(
+                            f"step {step}/{total_steps}  loss {loss:.4f}  lr {lr:.2e}  "
+                            f"{record['tokens_per_s']:.0f} tok/s"
+                        )
+                if (
+                    eval_batches is not None
+                    and eval_every
+                    and step % eval_every == 0
+                    and step < total_steps
+                ):
+                    metrics = evaluate(model, eval_batches, autocast=autocast)
+                    log.write({"step": step, **metrics})
+                    bar.print(_eval_line(f"step {step}", metrics))
+                if config.save_steps and step % config.save_steps == 0 and step < total_steps:
+                    save_checkpoint(
+                        out, step=step, model=model, optimizer=optimizer, scheduler=scheduler,
+                        state={"micro_batches": consumed, "config": config.to_dict(),
+                               "eval_before": result.eval_before},
+                        keep=config.save_total_limit,
+                    )  # fmt: skip
+        if eval_batches is not None:
+            result.eval_after = evaluate(model, eval_batches, autocast=autocast)
+            log.write({"step": step, **result.eval_after})
+            console.print(_eval_line("after training", result.eval_after))
+    finally:
+        log.close()
+    save_checkpoint(
+        out, step=step, model=model, optimizer=optimizer, scheduler=scheduler,
+        state={"micro_batches": consumed, "config": config.to_dict(),
+               "eval_before": result.eval_before},
+        keep=config.save_total_limit,
+    )  # fmt: skip
+    _finish(config, model, tokenizer, result, console)
+    return result
+
+
+def _finish(config: TrainConfig, model, tokenizer, result: TrainResult, console) -> None:
+    from sloth_core.api import export
+
+    out = result.output_dir
+    if config.save_method != "none":
+        result.final_path = out / "final"
+        export(model, tokenizer, result.final_path, format=config.save_method, force=True)
+        console.print(f"saved {config.save_method} to {result.final_path}")
+    if config.export_format:
+        result.export_path = out / f"export-{config.export_format}"
+        options = {"quantization": config.export_quantization} if config.export_quantization else {}
+        export(
+            model, tokenizer, result.export_path, format=config.export_format, force=True, **options
+        )
+        console.print(f"exported {config.export_format} to {result.export_path}")
+    picture = plot_losses(out)
+    if picture is not None:
+        console.print(f"loss curve: {picture}")
+
+
+def _eval_line(when: str, metrics: dict[str, float]) -> str:
+    return (
+        f"eval {when}: loss {metrics['eval_loss']:.4f}, "
+        f"next-token accuracy {metrics['eval_accuracy']:.1%}"
+    )
+
+
+def _json(value: Any) -> str:
+    return json.dumps(value, indent=2)

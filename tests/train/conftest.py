@@ -1,0 +1,35 @@
+"""Shared pieces of the trainer tests: a tiny model on disk and a small data file."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from sloth_core.testing.datasets import load_tiny_instructions
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Tiny matrices: one thread is faster on a shared 2-core machine, and deterministic.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory) -> Path:
+    from sloth_core.testing.models import tiny_model
+
+    return tiny_model("llama", tmp_path_factory.mktemp("models") / "llama")
+
+
+@pytest.fixture
+def alpaca_file(tmp_path) -> Path:
+    path = tmp_path / "data.jsonl"
+    rows = load_tiny_instructions()[:48]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    return path
