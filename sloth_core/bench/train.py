@@ -54,6 +54,8 @@ TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj"
 #: Measured bf16 dense matmul rate of the project's H200 (TFLOP/s), the MFU denominator.
 PEAK_TFLOPS = 790.0
 SYSTEMS = ("sloth", "hf")
+#: ``sloth`` variants name their checkpointing: ``:on`` (inputs on the device), ``:off``.
+KNOWN_SYSTEMS = ("sloth", "sloth:offload", "sloth:on", "sloth:off", "hf")
 
 
 @dataclass
@@ -133,8 +135,13 @@ def hf_quantization_config(quantization: str) -> Any:
 def _load(system: str, model_dir: Path, device: str, quantization: str | None = None):
     import torch
 
-    if system == "sloth":
+    if system == "sloth" or system.startswith("sloth:"):
         from sloth_core import FastLanguageModel
+
+        # "sloth" checkpoints with the layer inputs in pinned host memory (get_peft_model's
+        # default); "sloth:on" keeps them on the device, "sloth:off" does not checkpoint.
+        mode = system.partition(":")[2] or "offload"
+        checkpointing = {"offload": "sloth", "on": True, "off": False}[mode]
 
         model, _ = FastLanguageModel.from_pretrained(
             str(model_dir), dtype=torch.bfloat16, device_map=device, max_seq_length=None,
@@ -143,7 +150,7 @@ def _load(system: str, model_dir: Path, device: str, quantization: str | None = 
         n_base = _matmul_params(model)
         model = FastLanguageModel.get_peft_model(
             model, r=16, lora_alpha=16, lora_dropout=0.0, target_modules=TARGET_MODULES,
-            use_gradient_checkpointing="sloth",  # checkpointing, layer inputs in host memory
+            use_gradient_checkpointing=checkpointing,
         )  # fmt: skip
         return model, n_base
     from peft import LoraConfig, get_peft_model
@@ -216,6 +223,9 @@ def run_bench(shape: str, *, seq: int, batch: int, steps: int = 10, warmup: int 
     with ``quantization`` (``"nf4"``, ...) QLoRA: the base weights quantized as they load."""
     model_dir = make_model(shape, Path(model_dir), device=device)
     results = []
+    unknown = [s for s in systems if s not in KNOWN_SYSTEMS]
+    if unknown:
+        raise ValueError(f"unknown system(s) {unknown}; choose from {', '.join(KNOWN_SYSTEMS)}")
     for system in systems:
         cmd = [sys.executable, "-m", "sloth_core.bench.train", system, str(model_dir), str(seq),
                str(batch), str(steps), str(warmup), device, quantization or "none"]  # fmt: skip

@@ -115,6 +115,10 @@ def run_train(args: argparse.Namespace) -> int:
     cache = Path(os.environ.get("SLOTH_CACHE", Path.home() / ".cache" / "sloth"))
     model_dir = args.model_dir or cache / "bench-models" / args.shape
     systems = tuple(s.strip() for s in args.systems.split(",") if s.strip())
+    from sloth_core.bench.train import KNOWN_SYSTEMS
+
+    if not systems or set(systems) - set(KNOWN_SYSTEMS):
+        raise SystemExit(f"sloth: --systems {args.systems!r}; choose from {', '.join(KNOWN_SYSTEMS)}")
     report = run_bench(args.shape, seq=args.seq, batch=args.batch, steps=args.steps,
                        warmup=args.warmup, systems=systems, model_dir=model_dir, device=device,
                        quantization=args.quantization)  # fmt: skip

@@ -90,6 +90,7 @@ class TrainConfig:
         "offload", "off, on, or offload (layer inputs to pinned CPU memory)"
     )
     seed: int = _opt(3407, "seed of the adapters' init, the data order and dropout")
+    cpu_threads: int = _opt(0, "intra-op threads when training on the CPU (0: torch's default)")
     # outputs
     output_dir: str = _opt("outputs", "where checkpoints, metrics and the final model go")
     overwrite: bool = _opt(False, "replace a non-empty output_dir")
@@ -174,6 +175,7 @@ class TrainConfig:
             if getattr(self, name) < 1:
                 raise bad(name, "must be at least 1")
         for name in ("warmup_steps", "save_steps", "eval_steps", "weight_decay", "max_grad_norm",
+                     "cpu_threads",
                      "embedding_learning_rate"):  # fmt: skip
             if getattr(self, name) < 0:
                 raise bad(name, "must not be negative")

@@ -32,6 +32,9 @@ DEMO_OPTIONS: dict[str, Any] = {
     "save_method": "merged_16bit",
     "logging_steps": 10,
     "seed": 0,
+    # Matrices this small gain nothing from more threads, and on a busy machine several
+    # threads contend badly (100x slower measured on 2 shared cores).
+    "cpu_threads": 1,
 }
 
 

@@ -267,6 +267,8 @@ def train(config: TrainConfig, *, show_progress: bool = True, console: Any = Non
     if config.resume and resume_from is None:
         console.print(f"no checkpoint in {config.output_dir}: starting from step 0")
         (Path(config.output_dir) / METRICS_FILE).unlink(missing_ok=True)
+    if config.cpu_threads:
+        torch.set_num_threads(config.cpu_threads)
     torch.manual_seed(config.seed)
     model = _load_model(config)
     model.train()
