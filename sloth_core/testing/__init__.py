@@ -1,11 +1,14 @@
 """Test helpers for sloth and for plugin authors.
 
 Installed with sloth-core as the pytest plugin ``sloth`` (see :mod:`.pytest_plugin`):
-fixtures ``plugin_manager``, ``register_plugin`` and ``make_tiny_model``. Tiny random
-models of real architectures with a tokenizer trained on the spot come from
-:func:`tiny_model`; nothing is downloaded. :func:`assert_parity` compares a patched model
-with the unpatched Hugging Face model (logits, loss, LoRA gradients) and
-:func:`assert_converges_alike` trains both side by side: every architecture plugin's tests.
+fixtures ``plugin_manager``, ``register_plugin``, ``make_tiny_model`` and
+``single_thread``. Tiny random models of real architectures with a tokenizer trained on
+the spot come from :func:`tiny_model`; nothing is downloaded. :func:`assert_parity`
+compares a patched model with the unpatched Hugging Face model (logits, loss, LoRA
+gradients) and :func:`assert_converges_alike` trains both side by side: every
+architecture plugin's tests, which take the installed plugins from
+:func:`installed_manager` and run parity through :func:`check_plugin_parity` on batches
+of :func:`parity_shape` (:mod:`.plugin_checks`).
 """
 
 from __future__ import annotations
@@ -21,6 +24,9 @@ _LAZY = {
     "check_parity": "sloth_core.testing.parity",
     "assert_parity": "sloth_core.testing.parity",
     "ParityReport": "sloth_core.testing.parity",
+    "installed_manager": "sloth_core.testing.plugin_checks",
+    "parity_shape": "sloth_core.testing.plugin_checks",
+    "check_plugin_parity": "sloth_core.testing.plugin_checks",
     "convergence_losses": "sloth_core.testing.convergence",
     "assert_converges_alike": "sloth_core.testing.convergence",
     "load_tiny_instructions": "sloth_core.testing.datasets",

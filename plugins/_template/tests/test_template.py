@@ -14,8 +14,14 @@ from sloth_template import plugin
 
 from sloth_core.patches import SLOTH_ATTENTION
 from sloth_core.patching import is_patched
-from sloth_core.plugins import SlothPluginManager
-from sloth_core.testing import assert_converges_alike, assert_parity, init_tiny_model, tiny_config
+from sloth_core.testing import (
+    assert_converges_alike,
+    check_plugin_parity,
+    init_tiny_model,
+    installed_manager,
+    parity_shape,
+    tiny_config,
+)
 
 MODEL_TYPE = plugin.MODEL_TYPES[0]
 #: Config overrides, one parity run each: the tiny config, and what differs in real models.
@@ -32,29 +38,13 @@ def config(**overrides):
     return tiny_config("llama", model_type=MODEL_TYPE, **overrides)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One intra-op thread: these matrices are tiny, and threads would only contend."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")  # tiny matrices: threads only contend
 
 
 @pytest.fixture(scope="module")
 def manager():
     """Every installed plugin, as users get them (sloth-kernels too): this one active."""
-    manager = SlothPluginManager(entry_points=True)
-    record = manager.records.get(plugin.PLUGIN)
-    assert record is not None and record.status == "active", record
-    return manager
-
-
-def _shape(kernels: str) -> dict[str, int]:
-    """Short rows for Triton on the CPU, whose interpreter runs each program in Python."""
-    if kernels == "triton" and not torch.cuda.is_available():
-        return {"batch_size": 2, "seq_len": 12}
-    return {}
+    return installed_manager(plugin.PLUGIN)
 
 
 @pytest.mark.parametrize("kernels", ["torch", "triton"])
@@ -62,9 +52,9 @@ def _shape(kernels: str) -> dict[str, int]:
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_parity(manager, name, dtype, kernels):
     """Eval logits, train loss and every LoRA gradient, with the attention sloth loads."""
-    options = dict(dtype=DTYPES[dtype], kernels=kernels, attn_implementation=SLOTH_ATTENTION)
-    report = assert_parity(config(**CONFIGS[name]), manager=manager, **options, **_shape(kernels))
-    print(report)
+    shape = parity_shape(kernels)  # short rows for Triton's interpreter on the CPU
+    options = dict(dtype=DTYPES[dtype], attn_implementation=SLOTH_ATTENTION, **shape)
+    report = check_plugin_parity(manager, config(**CONFIGS[name]), kernels=kernels, **options)
     assert all(report.patched.values()), f"a module kind was never patched: {report.patched}"
 
 
@@ -72,8 +62,8 @@ def test_parity(manager, name, dtype, kernels):
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_packed_parity(manager, name, kernels):
     """Several sequences per row (positions restarting, no attention mask), as sloth packs."""
-    options = dict(kernels=kernels, packed=True, attn_implementation=SLOTH_ATTENTION)
-    print(assert_parity(config(**CONFIGS[name]), manager=manager, **options, **_shape(kernels)))
+    options = dict(packed=True, attn_implementation=SLOTH_ATTENTION, **parity_shape(kernels))
+    check_plugin_parity(manager, config(**CONFIGS[name]), kernels=kernels, **options)
 
 
 def test_trains_like_the_unpatched_model(manager):

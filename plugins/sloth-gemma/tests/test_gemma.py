@@ -22,9 +22,14 @@ from sloth_core.patches import SLOTH_ATTENTION
 from sloth_core.patches.softcap import eager_softcap_attention, softcap_attention
 from sloth_core.patching import is_patched
 from sloth_core.plugins import SlothPluginManager
-from sloth_core.testing import init_tiny_model, tiny_config
+from sloth_core.testing import (
+    check_plugin_parity,
+    init_tiny_model,
+    installed_manager,
+    parity_shape,
+    tiny_config,
+)
 from sloth_core.testing.convergence import assert_converges_alike
-from sloth_core.testing.parity import assert_parity
 
 MODEL_TYPES = ["gemma", "gemma2", "gemma3_text"]
 #: Config overrides of the tiny configs (4 heads, 2 kv heads, head_dim 16, 2 layers).
@@ -39,40 +44,17 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 RMS_NORMS = {"gemma": 2 * 2 + 1, "gemma2": 2 * 4 + 1, "gemma3_text": 2 * 6 + 1}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One intra-op thread: tiny matrices, and two threads contend on a 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")
 def manager():
     """Every installed plugin, as users get them (sloth-gemma, sloth-kernels, ...)."""
-    manager = SlothPluginManager(entry_points=True)
-    record = manager.records.get("sloth-gemma")
-    assert record is not None and record.status == "active", record
-    return manager
+    return installed_manager("sloth-gemma")
 
 
-def _shape(kernels: str, batch_size: int = 2, seq_len: int = 24) -> dict[str, int]:
-    """The batch; under Triton's CPU interpreter (each program in Python) short rows."""
-    if kernels != "triton" or torch.cuda.is_available():
-        return {"batch_size": batch_size, "seq_len": seq_len}
-    if os.environ.get("TRITON_INTERPRET") != "1":
-        pytest.skip("Triton on the CPU runs only under TRITON_INTERPRET=1 (nox sets it)")
-    return {"batch_size": 2, "seq_len": 12}
-
-
-def _check(manager, config, *, kernels, **options):
-    report = assert_parity(config, manager=manager, kernels=kernels, **options)
-    print(report)
-    if kernels == "triton":
-        assert "sloth-kernels" in report.providers.values(), report.providers
-    assert report.patched["rms_norm"] == RMS_NORMS[config.model_type]
-    return report
+def _check(manager, config, **options):
+    return check_plugin_parity(manager, config, rms_norms=RMS_NORMS[config.model_type], **options)
 
 
 @pytest.mark.parametrize("kernels", ["torch", "triton"])
@@ -83,7 +65,8 @@ def test_parity(manager, model_type, name, dtype, kernels):
     """As FastLanguageModel loads it: sloth-gemma's attention (``sloth_attention``), against the
     unpatched model with transformers' attention (eager for Gemma 2: exact softcap)."""
     config = tiny_config(model_type, **CONFIGS[name])
-    options = dict(dtype=DTYPES[dtype], attn_implementation=SLOTH_ATTENTION, **_shape(kernels))
+    shape = parity_shape(kernels)
+    options = dict(dtype=DTYPES[dtype], attn_implementation=SLOTH_ATTENTION, **shape)
     report = _check(manager, config, kernels=kernels, **options)
     assert set(report.patched) == {"rms_norm", "mlp", "attention", "causal_lm"}
 
@@ -95,13 +78,14 @@ def test_parity_with_transformers_attention(manager, model_type):
 
 
 @pytest.mark.parametrize(
-    ("kernels", "attn"), [("torch", "eager"), ("torch", SLOTH_ATTENTION), ("triton", SLOTH_ATTENTION)]
+    ("kernels", "attn"),
+    [("torch", "eager"), ("torch", SLOTH_ATTENTION), ("triton", SLOTH_ATTENTION)],
 )
 @pytest.mark.parametrize("model_type", MODEL_TYPES)
 def test_packed_parity(manager, model_type, kernels, attn):
     """Several sequences per row, positions restarting, no attention mask; the rows are
     longer than the window, so packed sequences and the window overlap."""
-    shape = _shape(kernels, batch_size=3)
+    shape = parity_shape(kernels, batch_size=3)
     config = tiny_config(model_type)
     _check(manager, config, kernels=kernels, packed=True, attn_implementation=attn, **shape)
 

@@ -6,8 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sloth_core.plugins import SlothPluginManager
-from sloth_core.testing import tiny_config
+from sloth_core.testing import installed_manager, tiny_config
 from sloth_core.testing.convergence import assert_converges_alike
 
 
@@ -16,8 +15,7 @@ def test_patched_llama_trains_like_the_unpatched_one(kernels):
     if kernels == "triton" and not torch.cuda.is_available():
         # ~400 s under Triton's interpreter; test_llama_parity covers the kernels there.
         pytest.skip("30 steps of Triton kernels need a GPU (the interpreter is too slow)")
-    manager = SlothPluginManager(entry_points=True)
-    assert manager.records["sloth-llama"].status == "active"
+    manager = installed_manager("sloth-llama")
     unpatched, patched = assert_converges_alike(
         tiny_config("llama"), manager=manager, kernels=kernels
     )

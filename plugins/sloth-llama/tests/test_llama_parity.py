@@ -8,15 +8,11 @@ CPU-only. ``pytest -rA`` (or ``-s``) prints each report's table.
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
 from sloth_core.patches import SLOTH_ATTENTION
-from sloth_core.plugins import SlothPluginManager
-from sloth_core.testing import tiny_config
-from sloth_core.testing.parity import assert_parity
+from sloth_core.testing import check_plugin_parity, installed_manager, parity_shape, tiny_config
 
 LLAMA3_ROPE = {
     "rope_type": "llama3",
@@ -41,29 +37,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 @pytest.fixture(scope="module")
 def manager():
     """Every installed plugin, as users get them (sloth-llama, sloth-kernels, ...)."""
-    manager = SlothPluginManager(entry_points=True)
-    record = manager.records.get("sloth-llama")
-    assert record is not None and record.status == "active", record
-    return manager
-
-
-def _shape(kernels: str, batch_size: int = 2, seq_len: int = 24) -> dict[str, int]:
-    """The batch. Triton on the CPU runs only under its interpreter (nox sets
-    TRITON_INTERPRET=1), where each program runs in Python (the rope kernel's one per
-    token, ~25 ms): there 12 tokens a row keep this file near a minute."""
-    if kernels != "triton" or torch.cuda.is_available():
-        return {"batch_size": batch_size, "seq_len": seq_len}
-    if os.environ.get("TRITON_INTERPRET") != "1":
-        pytest.skip("Triton on the CPU runs only under TRITON_INTERPRET=1 (nox sets it)")
-    return {"batch_size": 2, "seq_len": 12}
-
-
-def _check(manager, config, *, kernels, **options):
-    report = assert_parity(config, manager=manager, kernels=kernels, **options)
-    print(report)
-    if kernels == "triton":
-        assert "sloth-kernels" in report.providers.values(), report.providers
-    return report
+    return installed_manager("sloth-llama")
 
 
 @pytest.mark.parametrize("kernels", ["torch", "triton"])
@@ -72,8 +46,9 @@ def _check(manager, config, *, kernels, **options):
 def test_parity(manager, name, dtype, kernels):
     """As FastLanguageModel loads it: sloth-llama's attention (``sloth_attention``)."""
     config = tiny_config("llama", **CONFIGS[name])
-    options = dict(dtype=DTYPES[dtype], attn_implementation=SLOTH_ATTENTION, **_shape(kernels))
-    report = _check(manager, config, kernels=kernels, **options)
+    shape = parity_shape(kernels)
+    options = dict(dtype=DTYPES[dtype], attn_implementation=SLOTH_ATTENTION, **shape)
+    report = check_plugin_parity(manager, config, kernels=kernels, **options)
     assert {"rms_norm", "mlp", "attention", "causal_lm"} <= set(report.patched)
 
 
@@ -82,14 +57,17 @@ def test_parity(manager, name, dtype, kernels):
 def test_parity_with_transformers_attention(manager, name, dtype):
     """A model loaded without sloth (transformers' ``sdpa``), patched afterwards."""
     config = tiny_config("llama", **CONFIGS[name])
-    _check(manager, config, kernels="torch", dtype=DTYPES[dtype])
+    check_plugin_parity(manager, config, kernels="torch", dtype=DTYPES[dtype])
 
 
 @pytest.mark.parametrize(
-    ("kernels", "attn"), [("torch", "sdpa"), ("torch", SLOTH_ATTENTION), ("triton", SLOTH_ATTENTION)]
+    ("kernels", "attn"),
+    [("torch", "sdpa"), ("torch", SLOTH_ATTENTION), ("triton", SLOTH_ATTENTION)],
 )
 def test_packed_parity(manager, kernels, attn):
     """Several sequences per row, positions restarting, no attention mask."""
-    shape = _shape(kernels, batch_size=3)
+    shape = parity_shape(kernels, batch_size=3)
     config = tiny_config("llama")
-    _check(manager, config, kernels=kernels, packed=True, attn_implementation=attn, **shape)
+    check_plugin_parity(
+        manager, config, kernels=kernels, packed=True, attn_implementation=attn, **shape
+    )

@@ -10,18 +10,22 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 
 import pytest
 import torch
 from sloth_mistral import plugin
 
-from sloth_core.patches import SLOTH_ATTENTION
+from sloth_core.patches import SLOTH_ATTENTION, register_sloth_attention
 from sloth_core.plugins import SlothPluginManager
-from sloth_core.testing import init_tiny_model, tiny_config
+from sloth_core.testing import (
+    check_plugin_parity,
+    init_tiny_model,
+    installed_manager,
+    parity_shape,
+    tiny_config,
+)
 from sloth_core.testing.convergence import assert_converges_alike
-from sloth_core.testing.parity import assert_parity, kernels_mode, process_wide
-from sloth_core.patches import register_sloth_attention
+from sloth_core.testing.parity import kernels_mode, process_wide
 
 WINDOW = 16  # tiny_config("mistral")'s sliding_window
 #: Config overrides of ``tiny_config("mistral")`` (4 heads, 2 kv heads, window 16).
@@ -37,28 +41,18 @@ PATCHED = {"rms_norm": 5, "mlp": 2, "attention": 2, "causal_lm": 1}
 @pytest.fixture(scope="module")
 def manager():
     """Every installed plugin, as users get them (sloth-mistral, sloth-kernels, ...)."""
-    manager = SlothPluginManager(entry_points=True)
-    record = manager.records.get("sloth-mistral")
-    assert record is not None and record.status == "active", record
-    return manager
+    return installed_manager("sloth-mistral")
 
 
 def _shape(kernels: str, batch_size: int = 2, seq_len: int = 40) -> dict[str, int]:
-    """Triton on the CPU runs only under its interpreter, where each program runs in
-    Python (the rope kernel's one per token): there one row just past the window."""
-    if kernels != "triton" or torch.cuda.is_available():
-        return {"batch_size": batch_size, "seq_len": seq_len}
-    if os.environ.get("TRITON_INTERPRET") != "1":
-        pytest.skip("Triton on the CPU runs only under TRITON_INTERPRET=1 (nox sets it)")
-    return {"batch_size": 1, "seq_len": WINDOW + 2}
+    """Rows past the window; under Triton's CPU interpreter, where each program runs in
+    Python (the rope kernel's one per token), one row just past it."""
+    return parity_shape(kernels, batch_size, seq_len, interpreted=(1, WINDOW + 2))
 
 
-def _check(manager, config, *, kernels, **options):
-    report = assert_parity(config, manager=manager, kernels=kernels, **options)
-    print(report)
+def _check(manager, config, **options):
+    report = check_plugin_parity(manager, config, **options)
     assert report.patched == PATCHED
-    if kernels == "triton":
-        assert "sloth-kernels" in report.providers.values(), report.providers
     return report
 
 
@@ -79,7 +73,8 @@ def test_parity_with_transformers_attention(manager):
 
 
 @pytest.mark.parametrize(
-    ("kernels", "attn"), [("torch", "sdpa"), ("torch", SLOTH_ATTENTION), ("triton", SLOTH_ATTENTION)]
+    ("kernels", "attn"),
+    [("torch", "sdpa"), ("torch", SLOTH_ATTENTION), ("triton", SLOTH_ATTENTION)],
 )
 def test_packed_parity(manager, kernels, attn):
     """Several sequences per row, positions restarting, no attention mask."""

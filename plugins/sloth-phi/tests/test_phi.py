@@ -10,7 +10,6 @@ covers 8 of each head's 16 dims). ``pytest -rA`` (or ``-s``) prints each report'
 from __future__ import annotations
 
 import dataclasses
-import os
 
 import pytest
 import torch
@@ -19,9 +18,14 @@ from sloth_phi import plugin
 from sloth_core.patches import SLOTH_ATTENTION, sliding_window_kwargs
 from sloth_core.patching import is_patched
 from sloth_core.plugins import SlothPluginManager
-from sloth_core.testing import init_tiny_model, tiny_config
+from sloth_core.testing import (
+    check_plugin_parity,
+    init_tiny_model,
+    installed_manager,
+    parity_shape,
+    tiny_config,
+)
 from sloth_core.testing.convergence import assert_converges_alike
-from sloth_core.testing.parity import assert_parity
 
 #: Config overrides of the tiny config (4 heads, 2 kv heads, head_dim 16, 2 layers).
 #: The default is untied, so "untied" is the default tiny config (checked below). Phi-3's
@@ -40,40 +44,17 @@ RMS_NORMS = 2 * 2 + 1
 FUSED_OPS = {"lora_linear", "lora_o", "rope", "swiglu"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One intra-op thread: these matrices are tiny, and on a shared 2-core machine two
-    threads contend (a 48x64 @ 64x128 linear measured 15 ms instead of 10 us)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")
 def manager():
     """Every installed plugin, as users get them (sloth-phi, sloth-kernels, ...)."""
-    manager = SlothPluginManager(entry_points=True)
-    record = manager.records.get("sloth-phi")
-    assert record is not None and record.status == "active", record
-    return manager
+    return installed_manager("sloth-phi")
 
 
-def _shape(kernels: str, batch_size: int = 2, seq_len: int = 24) -> dict[str, int]:
-    """The batch; under Triton's CPU interpreter (each program in Python) short rows."""
-    if kernels != "triton" or torch.cuda.is_available():
-        return {"batch_size": batch_size, "seq_len": seq_len}
-    if os.environ.get("TRITON_INTERPRET") != "1":
-        pytest.skip("Triton on the CPU runs only under TRITON_INTERPRET=1 (nox sets it)")
-    return {"batch_size": 2, "seq_len": 12}
-
-
-def _check(manager, config, *, kernels, **options):
-    report = assert_parity(config, manager=manager, kernels=kernels, **options)
-    print(report)
-    if kernels == "triton":
-        assert "sloth-kernels" in report.providers.values(), report.providers
-    assert report.patched["rms_norm"] == RMS_NORMS
+def _check(manager, config, **options):
+    report = check_plugin_parity(manager, config, rms_norms=RMS_NORMS, **options)
     assert FUSED_OPS <= set(report.providers), report.providers
     assert not {"lora_qkv", "lora_mlp"} & set(report.providers), report.providers
     # LoRA on the fused projections: one adapter each, its gradients compared.
@@ -92,7 +73,8 @@ def test_parity(manager, name, dtype, kernels):
     default = tiny_config("phi3")
     assert default.tie_word_embeddings is False  # "untied" is the default
     assert default.rope_parameters["partial_rotary_factor"] == 0.5  # partial rotary
-    options = dict(dtype=DTYPES[dtype], attn_implementation=SLOTH_ATTENTION, **_shape(kernels))
+    shape = parity_shape(kernels)
+    options = dict(dtype=DTYPES[dtype], attn_implementation=SLOTH_ATTENTION, **shape)
     report = _check(manager, config, kernels=kernels, **options)
     assert set(report.patched) == {"rms_norm", "mlp", "attention", "causal_lm"}
 
@@ -103,11 +85,12 @@ def test_parity_with_transformers_attention(manager):
 
 
 @pytest.mark.parametrize(
-    ("kernels", "attn"), [("torch", "sdpa"), ("torch", SLOTH_ATTENTION), ("triton", SLOTH_ATTENTION)]
+    ("kernels", "attn"),
+    [("torch", "sdpa"), ("torch", SLOTH_ATTENTION), ("triton", SLOTH_ATTENTION)],
 )
 def test_packed_parity(manager, kernels, attn):
     """Several sequences per row, positions restarting, no attention mask."""
-    shape = _shape(kernels, batch_size=3)
+    shape = parity_shape(kernels, batch_size=3)
     config = tiny_config("phi3")
     _check(manager, config, kernels=kernels, packed=True, attn_implementation=attn, **shape)
 
