@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import DTYPES, assert_close
+from kernel_helpers import DTYPES, assert_close
 from sloth_kernels import activations
 
 from sloth_core.ops import reference

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import DTYPES, HAS_CUDA, assert_close
+from kernel_helpers import DTYPES, HAS_CUDA, assert_close
 
 from sloth_core.ops import reference
 from sloth_kernels import cross_entropy as ce_module

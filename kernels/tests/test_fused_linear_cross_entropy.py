@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import DTYPES, HAS_CUDA, assert_close
+from kernel_helpers import DTYPES, HAS_CUDA, assert_close
 
 from sloth_core.ops import reference
 from sloth_kernels import cross_entropy as ce_module

@@ -6,7 +6,7 @@ from dataclasses import replace
 
 import pytest
 import torch
-from conftest import DEVICE, TOLERANCES, assert_close
+from kernel_helpers import DEVICE, TOLERANCES, assert_close
 from peft import LoraConfig, inject_adapter_in_model
 from sloth_kernels.lora import lora_linear, lora_o, lora_qkv
 from sloth_kernels.lora_mlp import lora_mlp

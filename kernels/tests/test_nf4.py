@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from conftest import DEVICE
+from kernel_helpers import DEVICE
 from sloth_kernels import nf4
 from sloth_kernels.nf4 import REGISTRATIONS, dequantize_nf4
 

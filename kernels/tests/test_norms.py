@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from conftest import DTYPES, TOLERANCES, assert_close
+from kernel_helpers import DTYPES, TOLERANCES, assert_close
 from sloth_kernels import norms
 from sloth_kernels._utils import MAX_FUSED_SIZE
 

@@ -33,6 +33,7 @@ from torch import nn
 from sloth_core.ops import reference
 from sloth_core.ops.reference import LoRALinear
 from sloth_kernels.nf4 import dequantize_nf4
+from sloth_kernels.norms import norm_source, recompute_rms_norm
 
 #: Input dtypes the fused path serves (and the ops are registered for).
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -232,6 +233,24 @@ def group_backward(
     return dx, lora_grads, big_g
 
 
+def save_input(ctx, x: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+    """What to save for ``x``: ``(x, None, None)``, or ``(None, norm input, norm weight)``
+    for an untouched ``rms_norm`` output (then ``ctx.norm`` holds eps and gemma)."""
+    source = norm_source(x)
+    if source is None:
+        ctx.norm = None
+        return x, None, None
+    ctx.norm = (source.eps, source.gemma)
+    return None, source.x, source.weight
+
+
+def load_input(ctx, x, source_x, source_w) -> torch.Tensor | None:
+    """``x`` as :func:`save_input` left it: saved, or recomputed from the norm's input."""
+    if ctx.norm is None:
+        return x
+    return recompute_rms_norm(source_x, source_w, *ctx.norm)
+
+
 class _LoRAProjections(torch.autograd.Function):
     """Base + LoRA projections of one input; one output per layer."""
 
@@ -242,12 +261,16 @@ class _LoRAProjections(torch.autograd.Function):
         needs_a = any(ctx.needs_input_grad[2::2])
         needs_b = any(ctx.needs_input_grad[3::2])
         # x only for dA, x A^T only for dB; the frozen base weights are re-read from group.
-        ctx.save_for_backward(x if needs_a else None, xa if needs_b else None, *lora)
+        # An x fresh from rms_norm is not kept: its input and weight are (the norm's own
+        # backward keeps them anyway), and x is recomputed from them in backward.
+        x_saved = save_input(ctx, x) if needs_a else (None, None, None)
+        ctx.save_for_backward(*x_saved, xa if needs_b else None, *lora)
         return tuple(outputs)
 
     @staticmethod
     def backward(ctx, *grads):
-        x, xa, *lora = ctx.saved_tensors
+        x, source_x, source_w, xa, *lora = ctx.saved_tensors
+        x = load_input(ctx, x, source_x, source_w)
         group = ctx.group
         grads2 = [g.reshape(-1, g.shape[-1]) for g in grads]
         x2 = None if x is None else x.reshape(-1, x.shape[-1])

@@ -26,7 +26,9 @@ from sloth_kernels.lora import (
     group_backward,
     group_forward,
     layer_served,
+    load_input,
     out_features,
+    save_input,
 )
 
 _ACTIVATIONS = ("swiglu", "geglu", "geglu_tanh")
@@ -67,7 +69,7 @@ class _LoRAMLP(torch.autograd.Function):
         needs_gu_b = any(ctx.needs_input_grad[5 : 4 + n_gu : 2])
         needs_down_b = any(ctx.needs_input_grad[5 + n_gu :: 2])
         ctx.save_for_backward(
-            x if needs_gu_a else None,
+            *(save_input(ctx, x) if needs_gu_a else (None, None, None)),
             e,
             u,
             xa if needs_gu_b else None,
@@ -84,7 +86,7 @@ class _LoRAMLP(torch.autograd.Function):
                 "retain_graph=True with a second backward is not supported"
             )
         ctx.backward_done = True
-        x, e, u, xa, ha, *lora = ctx.saved_tensors
+        x, source_x, source_w, e, u, xa, ha, *lora = ctx.saved_tensors
         gate_up, down, activation, n_gu = ctx.gate_up, ctx.down, ctx.activation, ctx.n_gu
         lora_gu, lora_down = lora[:n_gu], lora[n_gu:]
         needs = ctx.needs_input_grad
@@ -100,6 +102,7 @@ class _LoRAMLP(torch.autograd.Function):
         # Activation backward over the saved e/u buffers (they are not needed afterwards).
         d_gate, d_up = _act_backward_inplace(dh, e2, u2, activation)
         del dh
+        x = load_input(ctx, x, source_x, source_w)  # after e/u are freed: a lower peak
         x2 = None if x is None else x.reshape(-1, x.shape[-1])
         gu_needs = needs[4 : 4 + n_gu]
         dx, gu_grads, _ = group_backward(

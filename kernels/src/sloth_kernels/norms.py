@@ -353,7 +353,53 @@ def rms_norm(
     """
     if not _serves(x, weight):
         return reference.rms_norm(x, weight, eps, gemma=gemma)
-    return _RMSNorm.apply(x, weight, float(eps), bool(gemma))
+    out = _RMSNorm.apply(x, weight, float(eps), bool(gemma))
+    if out.grad_fn is not None:
+        # How to recompute this output (see norm_source): the LoRA ops that consume it
+        # save these instead of the output, which the norm's own backward keeps anyway.
+        out._sloth_norm = NormSource(x, weight, float(eps), bool(gemma), out.grad_fn, out._version)
+    return out
+
+
+class NormSource:
+    """The input, weight and options of an ``rms_norm`` output, to recompute it bitwise."""
+
+    __slots__ = ("x", "weight", "eps", "gemma", "node", "version")
+
+    def __init__(self, x, weight, eps, gemma, node, version) -> None:
+        self.x, self.weight, self.eps, self.gemma = x, weight, eps, gemma
+        self.node, self.version = node, version
+
+
+def norm_source(t: torch.Tensor) -> NormSource | None:
+    """The :class:`NormSource` of ``t`` if ``t`` is an untouched ``rms_norm`` output.
+
+    Untouched: its autograd node is still the norm's (an in-place change would replace it)
+    and its version counter has not moved (no in-place change under ``no_grad`` either).
+    """
+    source = getattr(t, "_sloth_norm", None)
+    if source is None or t._version != source.version:
+        return None
+    try:
+        untouched = t.grad_fn is source.node
+    except RuntimeError:  # a view output changed in place: autograd refuses it anyway
+        return None
+    return source if untouched else None
+
+
+def recompute_rms_norm(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, gemma: bool
+) -> torch.Tensor:
+    """The forward of ``rms_norm`` again, without autograd: the same kernel, the same bits."""
+    with torch.no_grad():
+        return _RMSNorm.forward(_NoCtx(), x, weight, eps, gemma)
+
+
+class _NoCtx:
+    """A stand-in ``ctx`` for running an autograd Function's forward outside autograd."""
+
+    def save_for_backward(self, *tensors) -> None:
+        pass
 
 
 def layer_norm(
