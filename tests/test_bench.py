@@ -42,6 +42,32 @@ def test_saved_bytes_count_activations_not_weights():
     assert saved < weights + activation * 10 * s.intermediate
 
 
+def test_saved_after_a_norm_counts_what_the_op_adds():
+    """Fed by a norm, the reference ops save the norm's output on top of what the norm
+    keeps; sloth's kernels keep nothing of the input beyond the norm's (its input)."""
+    import pytest
+
+    from sloth_core.bench.kernel_cases import lora_qkv_case, saved_bytes_after_norm
+    from sloth_core.plugins import SlothPluginManager
+
+    s = Shapes(**{**TOY, "hidden": 32, "intermediate": 48})
+    registry = default_registry()
+    manager = SlothPluginManager(entry_points=True)
+    kernels = manager.ops.resolve("lora_mlp", torch.device("cpu"), s.dtype)
+    if kernels.provider == "torch":
+        pytest.skip("sloth-kernels serves the CPU only under TRITON_INTERPRET=1")
+    norm = registry.reference("rms_norm")
+    fast_norm = manager.ops.resolve("rms_norm", torch.device("cpu"), s.dtype).fn
+    x_bytes = s.tokens * s.hidden * 4
+    for build, op in ((lora_mlp_case, "lora_mlp"), (lora_qkv_case, "lora_qkv")):
+        case = build(s)
+        eager = saved_bytes_after_norm(case, registry.reference(op), norm)
+        mine = saved_bytes_after_norm(case, manager.ops.resolve(op, torch.device("cpu"), s.dtype).fn,
+                                      fast_norm)  # fmt: skip
+        assert eager >= x_bytes  # the norm's output, saved by the projections
+        assert mine <= eager - x_bytes, (op, mine, eager)
+
+
 def test_cli_writes_json_and_markdown(tmp_path, plugin_manager):
     args = ["bench", "kernels", "--device", "cpu", "--dtype", "fp32", "--no-compile", "--runs", "1",
             "--warmup", "0", "--ops", "swiglu,rms_norm", "--json", str(tmp_path / "r.json"),

@@ -43,6 +43,11 @@ class Case:
     params: list[torch.Tensor] = field(default_factory=list)  # weights: not activations
     #: Further systems to time with the op's signature, e.g. a library's own function.
     baselines: dict[str, Callable[..., Any]] = field(default_factory=dict)
+    #: ``from_norm(fn, producer, phase)``: the op fed by ``producer(x)`` as in a decoder
+    #: layer (``phase[0]`` says which call runs), for :func:`saved_bytes_after_norm`.
+    from_norm: Callable[..., Any] | None = None
+    #: What feeds the op in a decoder layer: ``"rms_norm"`` (q/k/v, MLP) or ``"sdpa"`` (o).
+    producer: str | None = None
 
 
 def _rand(shape, shapes: Shapes, grad: bool = False, scale: float = 1.0) -> torch.Tensor:
@@ -140,8 +145,9 @@ def _layer_params(*layers: LoRALinear) -> list[torch.Tensor]:
     return params
 
 
-def _lora_case(name, op, x, layers, grads, kwargs) -> Case:
+def _lora_case(name, op, x, layers, grads, kwargs, *, producer: str | None = None) -> Case:
     lora = [t for layer in layers for t in (layer.lora_A, layer.lora_B)]
+    norm_weight = torch.ones(x.shape[-1], dtype=x.dtype, device=x.device)
 
     def run(fn):
         for t in (x, *lora):
@@ -150,7 +156,36 @@ def _lora_case(name, op, x, layers, grads, kwargs) -> Case:
         _backward(out, grads)
         return out
 
-    return Case(name, op, run, None, _layer_params(*layers))
+    def from_norm(fn, norm, phase):
+        for t in (x, *lora):
+            t.grad = None
+        phase[0] = "norm"
+        if producer == "sdpa":  # x as attention's output: [tokens, heads * head_dim]
+            y = sdpa_output(x)
+        else:
+            y = norm(x, norm_weight, 1e-6, gemma=False)
+        phase[0] = "op"
+        out = fn(y, *layers, **kwargs)
+        _backward(out, grads)
+        return out
+
+    params = [*_layer_params(*layers), norm_weight]
+    return Case(name, op, run, None, params, from_norm=from_norm if producer else None,
+                producer=producer)  # fmt: skip
+
+
+_SDPA_HEAD_DIM = 128
+
+
+def sdpa_output(x: torch.Tensor) -> torch.Tensor:
+    """``[tokens, H * D]`` from SDPA with ``x`` as q, k and v, laid out as the patched
+    attention hands it to ``o_proj`` (transformers' layout: no copy where SDPA writes
+    ``[B, S, H, D]``)."""
+    tokens, width = x.shape
+    heads = max(1, width // _SDPA_HEAD_DIM)
+    q = x.view(1, tokens, heads, width // heads).transpose(1, 2)
+    out = torch.nn.functional.scaled_dot_product_attention(q, q, q, is_causal=True)
+    return out.transpose(1, 2).contiguous().view(tokens, width)
 
 
 def lora_mlp_case(s: Shapes, quantized: bool = False) -> Case:
@@ -161,7 +196,8 @@ def lora_mlp_case(s: Shapes, quantized: bool = False) -> Case:
         _lora_layer(s, s.hidden, s.intermediate, quantized),
     )
     name = "lora_mlp_nf4" if quantized else "lora_mlp"
-    return _lora_case(name, "lora_mlp", x, layers, _rand(x.shape, s), {"activation": "swiglu"})
+    return _lora_case(name, "lora_mlp", x, layers, _rand(x.shape, s), {"activation": "swiglu"},
+                      producer="rms_norm")  # fmt: skip
 
 
 def lora_qkv_case(s: Shapes, quantized: bool = False) -> Case:
@@ -172,14 +208,15 @@ def lora_qkv_case(s: Shapes, quantized: bool = False) -> Case:
     grads = tuple(_rand((s.tokens, layer_out), s) for layer_out in (q.lora_B.shape[0],
                   k.lora_B.shape[0], v.lora_B.shape[0]))  # fmt: skip
     name = "lora_qkv_nf4" if quantized else "lora_qkv"
-    return _lora_case(name, "lora_qkv", x, (q, k, v), grads, {})
+    return _lora_case(name, "lora_qkv", x, (q, k, v), grads, {}, producer="rms_norm")
 
 
 def lora_o_case(s: Shapes, quantized: bool = False) -> Case:
     x = _rand((s.tokens, s.heads * s.head_dim), s, grad=True)
     o = _lora_layer(s, s.hidden, s.heads * s.head_dim, quantized)
     name = "lora_o_nf4" if quantized else "lora_o"
-    return _lora_case(name, "lora_o", x, (o,), _rand((s.tokens, s.hidden), s), {})
+    return _lora_case(name, "lora_o", x, (o,), _rand((s.tokens, s.hidden), s), {},
+                      producer="sdpa")  # fmt: skip
 
 
 def flce_case(s: Shapes) -> Case:
@@ -236,6 +273,28 @@ def saved_activation_bytes(case: Case, fn: Callable[..., Any]) -> int:
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         case.run(fn)
     return sum(seen.values())
+
+
+def saved_bytes_after_norm(case: Case, fn: Callable[..., Any], norm: Callable[..., Any]) -> int:
+    """Bytes the op adds to what the op feeding it in a decoder layer saves for backward.
+
+    The q/k/v projections and the MLP read an ``rms_norm``'s output (whose backward keeps
+    the norm's input), ``o_proj`` reads SDPA's output (whose backward keeps that output).
+    Counted: distinct storages the op saves that its producer did not, weights excluded.
+    """
+    skip = {p.untyped_storage().data_ptr() for p in case.params}
+    phase = ["norm"]
+    seen: dict[str, dict[int, int]] = {"norm": {}, "op": {}}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in skip:
+            seen[phase[0]][storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        case.from_norm(fn, norm, phase)
+    return sum(n for ptr, n in seen["op"].items() if ptr not in seen["norm"])
 
 
 def all_cases(s: Shapes, *, nf4: bool) -> list[tuple[str, Callable[[], Case]]]:

@@ -264,7 +264,9 @@ class _LoRAProjections(torch.autograd.Function):
         # An x fresh from rms_norm is not kept: its input and weight are (the norm's own
         # backward keeps them anyway), and x is recomputed from them in backward.
         x_saved = save_input(ctx, x) if needs_a else (None, None, None)
-        ctx.save_for_backward(*x_saved, xa if needs_b else None, *lora)
+        # With x kept (or recomputable), x A^T is recomputed for dB too: one thin GEMM
+        # instead of [N, sum r] more saved bytes.
+        ctx.save_for_backward(*x_saved, xa if needs_b and not needs_a else None, *lora)
         return tuple(outputs)
 
     @staticmethod
@@ -274,6 +276,8 @@ class _LoRAProjections(torch.autograd.Function):
         group = ctx.group
         grads2 = [g.reshape(-1, g.shape[-1]) for g in grads]
         x2 = None if x is None else x.reshape(-1, x.shape[-1])
+        if xa is None and x2 is not None and any(ctx.needs_input_grad[3::2]):
+            xa = x2 @ group.stacked_a(lora).t()  # the forward's GEMM again
         needs_x = ctx.needs_input_grad[0]
         dx, lora_grads, _ = group_backward(
             x2, xa, grads2, group, lora, needs_x, ctx.needs_input_grad[2:]
