@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import nox
@@ -24,12 +25,42 @@ def _install_repo(session: nox.Session, *pip_args: str) -> None:
     session.install(*pip_args, "--no-build-isolation", *editable)
 
 
+#: llama.cpp's Python bindings, for sloth-gguf's tests (they run it in a child process).
+LLAMA_CPP_VERSION = "0.3.36"
+
+
+def _install_llama_cpp(session: nox.Session) -> None:
+    """Install llama-cpp-python from a wheel cached outside the repository, built once.
+
+    The build takes minutes, so the wheel is kept in ``$SLOTH_WHEEL_CACHE`` (default
+    ``~/.cache/sloth/wheels``), keyed by version. ``-DGGML_NATIVE=OFF``: a build tuned to
+    the build machine's CPU dies with an illegal instruction on other (virtual) machines.
+    """
+    cache = Path(os.environ.get("SLOTH_WHEEL_CACHE", "~/.cache/sloth/wheels")).expanduser()
+    pattern = f"llama_cpp_python-{LLAMA_CPP_VERSION}-*.whl"
+    if not sorted(cache.glob(pattern)):
+        cache.mkdir(parents=True, exist_ok=True)
+        try:
+            session.run(
+                "python", "-m", "pip", "wheel", "--no-deps",
+                f"llama-cpp-python=={LLAMA_CPP_VERSION}", "-w", str(cache),
+                env={"CMAKE_ARGS": "-DGGML_NATIVE=OFF"},
+            )  # fmt: skip
+        except nox.command.CommandFailed:
+            # No compiler or cmake here: the llama.cpp checks skip (and say why); the rest
+            # of the suite still runs rather than nothing.
+            session.warn("llama-cpp-python did not build: its tests will be skipped")
+            return
+    session.install(str(sorted(cache.glob(pattern))[-1]))
+
+
 @nox.session
 def tests(session: nox.Session) -> None:
     """CPU test suite in a fresh environment: torch first, so pip takes the CPU build."""
     session.install("torch==2.13.0")
     session.install("setuptools>=68", "wheel", "pytest>=8", "bitsandbytes>=0.45", "triton>=3.6")
     _install_repo(session)
+    _install_llama_cpp(session)
     session.run("pytest", "-m", "not gpu", *session.posargs, env=TEST_ENV)
 
 

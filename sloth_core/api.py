@@ -109,16 +109,27 @@ def export(
     path: str | Path,
     format: str = "merged_16bit",
     *,
+    quantization: str | None = None,
     force: bool = False,
     manager: SlothPluginManager | None = None,
     **options: Any,
 ) -> ExportResult:
-    """Write ``model`` to ``path`` in ``format`` through the plugin that serves it."""
+    """Write ``model`` to ``path`` in ``format`` through the plugin that serves it.
+
+    ``quantization`` (``"q4_k_m"`` for gguf, ``"nf4"`` for merged_4bit, ...) reaches the
+    exporter as ``options["quantization"]``. Nothing is overwritten without ``force``, and
+    the export is refused up front when the disk has no room for it.
+    """
+    from sloth_core.default_plugins.exporters import check_free_space, estimate_export_bytes
+
     manager = manager or get_plugin_manager()
     if format not in manager.exporters:
         raise _missing("export format", format, manager.exporters)
     path = Path(path).expanduser()
     refuse_existing(path, force)
+    if quantization is not None:
+        options["quantization"] = quantization
+    check_free_space(path, estimate_export_bytes(model, format, options))
     result = manager.export(
         model=model, tokenizer=tokenizer, format=format, path=path, options={**options, "force": force}
     )
@@ -253,3 +264,23 @@ class FastLanguageModel:
         if max_seq_length and spec is not None:
             spec.max_seq_length = max_seq_length
         return peft_model
+
+    @staticmethod
+    def for_inference(model: Any, tokenizer: Any = None) -> Any:
+        """Generation mode: eval, checkpointing off, KV cache on, ``tokenizer`` padding left.
+
+        What it changes is remembered on the model and :meth:`for_training` restores it
+        exactly (see :func:`sloth_core.inference.for_inference`). Returns ``model``.
+        """
+        from sloth_core.inference.modes import for_inference
+
+        return for_inference(model, tokenizer)
+
+    @staticmethod
+    def for_training(model: Any, tokenizer: Any = None) -> Any:
+        """Back to training after :meth:`for_inference`: train mode, checkpointing as it was
+        (plain or offloaded), ``use_cache`` and padding side as they were, LoRA trainable.
+        Returns ``model``."""
+        from sloth_core.inference.modes import for_training
+
+        return for_training(model, tokenizer)

@@ -6,7 +6,15 @@ import argparse
 import sys
 
 from sloth_core import __version__
-from sloth_core.cli import bench_cmd, doctor, plugins_cmd, train_cmd
+from sloth_core.cli import (
+    bench_cmd,
+    chat_cmd,
+    doctor,
+    export_cmd,
+    generate_cmd,
+    plugins_cmd,
+    train_cmd,
+)
 from sloth_core.errors import SlothError
 
 
@@ -20,6 +28,9 @@ def build_parser() -> argparse.ArgumentParser:
     doctor.add_parser(commands)
     bench_cmd.add_parser(commands)
     train_cmd.add_parser(commands)
+    export_cmd.add_parser(commands)
+    generate_cmd.add_parser(commands)
+    chat_cmd.add_parser(commands)
     return parser
 
 

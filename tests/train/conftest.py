@@ -12,6 +12,13 @@ from sloth_core.testing.datasets import load_tiny_instructions
 
 
 @pytest.fixture(autouse=True)
+def _torch_ops(monkeypatch):
+    # These tests are about the loop, not the kernels: under CI's TRITON_INTERPRET=1 the
+    # kernels would run interpreted (minutes); a user's CPU runs the references anyway.
+    monkeypatch.setenv("SLOTH_KERNELS", "torch")
+
+
+@pytest.fixture(autouse=True)
 def _one_thread():
     # Tiny matrices: one thread is faster on a shared 2-core machine, and deterministic.
     threads = torch.get_num_threads()

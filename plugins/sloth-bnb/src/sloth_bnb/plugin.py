@@ -10,6 +10,9 @@ weights keep the load dtype (it would upcast them to fp32: more memory, and a di
 model from the 16-bit one), PEFT freezes the base weights itself, and the activation
 checkpointing sloth and transformers 5 enable is non-reentrant, so no embedding output
 has to require grad.
+
+``export`` serves the ``merged_4bit`` format (:mod:`sloth_bnb.export`): LoRA merged,
+re-quantized to NF4 and saved with its ``quantization_config``.
 """
 
 from __future__ import annotations
@@ -70,3 +73,25 @@ def quantize(spec: ModelSpec) -> QuantizationPlan | None:
     if spec.quantization not in METHODS:
         return None
     return plan(spec)
+
+
+@hookimpl
+def register_exporters(register):
+    """Declare ``merged_4bit``."""
+    from .export import FORMAT
+
+    register(
+        FORMAT,
+        description="LoRA merged, re-quantized to bitsandbytes NF4 (quantization='fp4' for "
+        "FP4) and saved with its quantization_config: transformers reloads it 4-bit",
+    )
+
+
+@hookimpl
+def export(model, tokenizer, format, path, options):
+    """Write ``merged_4bit``; ``None`` for other formats."""
+    from .export import FORMAT, export_merged_4bit
+
+    if format != FORMAT:
+        return None
+    return export_merged_4bit(model, tokenizer, path, options)

@@ -1,0 +1,71 @@
+"""Shared fixtures of sloth-gguf's tests: tiny models, prompts, and exports made once.
+
+llama.cpp runs only in child processes (sloth_core.export.llama_cpp), one per GGUF file
+and batch of prompts. Tests that need it are skipped when llama-cpp-python is missing.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from gguf_helpers import export, tiny
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _one_torch_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    from sloth_core.testing import build_tokenizer
+
+    return build_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def prompts(tokenizer) -> list[list[int]]:
+    """Token ids with the bos: corpus lines (past Gemma's 16-token window), a chat, a word."""
+    from sloth_core.testing.tokenizer import corpus_lines
+
+    texts = list(corpus_lines()[:3])
+    chat = [{"role": "user", "content": "Tea or coffee?"}, {"role": "assistant", "content": "Tea."}]
+    texts.append(tokenizer.apply_chat_template(chat, tokenize=False))
+    ids = [tokenizer(t, add_special_tokens=not t.startswith(tokenizer.bos_token))["input_ids"][:40]
+           for t in texts]  # fmt: skip
+    return [*ids, tokenizer("Hi")["input_ids"]]
+
+
+@pytest.fixture(scope="session")
+def models():
+    """Tiny models by architecture, built once."""
+    cache: dict[str, torch.nn.Module] = {}
+
+    def get(arch: str) -> torch.nn.Module:
+        if arch not in cache:
+            cache[arch] = tiny(arch)
+        return cache[arch]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def exported(models, tokenizer, tmp_path_factory):
+    """``exported(arch, quantization)``: the GGUF file of the tiny model, written once."""
+    folder = tmp_path_factory.mktemp("gguf")
+    cache: dict[tuple[str, str], Path] = {}
+
+    def get(arch: str, quantization: str) -> Path:
+        key = (arch, quantization)
+        if key not in cache:
+            cache[key] = export(
+                models(arch), tokenizer, folder / f"{arch}-{quantization}.gguf", quantization
+            )
+        return cache[key]
+
+    return get

@@ -1,0 +1,170 @@
+"""Helpers of sloth-gguf's tests (a module of its own: every plugin has a conftest)."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from sloth_core.export import llama_cpp
+
+# Tiny models: one thread is the fastest, and the machine may be shared.
+os.environ.setdefault("SLOTH_LLAMA_CPP_THREADS", "1")
+
+ARCHS = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3"]
+#: Mistral's tiny sliding window: llama.cpp's llama graph has none (see test_gguf_logits).
+MISTRAL_WINDOW = 16
+
+requires_llama_cpp = pytest.mark.skipif(
+    not llama_cpp.available(), reason=f"{llama_cpp.PACKAGE} is not installed"
+)
+
+
+def relative_error(got: list[np.ndarray], want: list[np.ndarray]) -> float:
+    """max |got - want| / max |want|, the worst prompt of the batch."""
+    return max(float(np.abs(g - w).max() / np.abs(w).max()) for g, w in zip(got, want, strict=True))
+
+
+def torch_logits(model: torch.nn.Module, prompts: list[list[int]]) -> list[np.ndarray]:
+    with torch.no_grad():
+        return [model(torch.tensor([ids])).logits[0].float().numpy() for ids in prompts]
+
+
+def tiny(arch: str, **overrides):
+    """The tiny random model of ``arch`` in float32, transformers' eager attention."""
+    from sloth_core.testing import init_tiny_model, tiny_config
+
+    return init_tiny_model(tiny_config(arch, attn_implementation="eager", **overrides))
+
+
+def export(model, tokenizer, path: Path, quantization: str, **options) -> Path:
+    from sloth_gguf.writer import export_gguf
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # mistral's sliding-window warning, tested on its own
+        return export_gguf(model, tokenizer, path, {"quantization": quantization, **options}).path
+
+
+def prompts_for(arch: str, prompts: list[list[int]]) -> list[list[int]]:
+    # llama.cpp has no sliding window for Mistral: compare within the window.
+    return [p[:MISTRAL_WINDOW] for p in prompts] if arch == "mistral" else prompts
+
+
+def rounded_like(model: torch.nn.Module, quantization: str) -> torch.nn.Module:
+    """A copy of ``model`` whose matrices hold what a ``quantization`` GGUF stores.
+
+    Matrices are quantized along their rows (the input dimension), as GGUF blocks are;
+    llama.cpp's q/k row permutation moves whole rows, so it does not change the values.
+    """
+    import gguf
+
+    qtype = gguf.GGMLQuantizationType[quantization.upper()]
+    rounded = copy.deepcopy(model)
+    with torch.no_grad():
+        for param in {id(p): p for p in rounded.parameters()}.values():
+            if param.ndim == 2:
+                data = param.detach().float().numpy()
+                back = gguf.quants.dequantize(gguf.quants.quantize(data, qtype), qtype)
+                param.copy_(torch.from_numpy(np.ascontiguousarray(back.reshape(data.shape))))
+    return rounded
+
+
+def spm_tokenizer(vocab_size: int = 400):
+    """A Llama 2 style SentencePiece BPE tokenizer (``▁`` spaces, ``<0xNN>`` byte fallback).
+
+    Trained on sloth's corpus with words kept whole; its merges are then listed as
+    transformers' SentencePiece converter lists them: every split of every piece into two
+    pieces, in the order of the resulting piece, so that BPE by merge rank tokenizes like
+    SentencePiece's highest-score-first merging (which llama.cpp implements).
+    """
+    from tokenizers import (
+        Tokenizer,
+        decoders,
+        models,
+        normalizers,
+        pre_tokenizers,
+        processors,
+        trainers,
+    )
+    from transformers import PreTrainedTokenizerFast
+
+    from sloth_core.testing.tokenizer import corpus_lines
+
+    specials = ["<unk>", "<s>", "</s>"]
+    byte_pieces = [f"<0x{i:02X}>" for i in range(256)]
+    backend = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
+    backend.normalizer = normalizers.Sequence(
+        [normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")]
+    )
+    backend.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="never", split=True)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size + len(byte_pieces), min_frequency=2,
+        special_tokens=specials + byte_pieces, show_progress=False,
+    )  # fmt: skip
+    backend.train_from_iterator(list(corpus_lines()), trainer=trainer)
+    data = json.loads(backend.to_str())
+    vocab = data["model"]["vocab"]
+    merges = sorted(
+        (vocab[piece], vocab[piece[:i]], vocab[piece[i:]], [piece[:i], piece[i:]])
+        for piece in vocab
+        if piece not in specials and piece not in byte_pieces
+        for i in range(1, len(piece))
+        if piece[:i] in vocab and piece[i:] in vocab
+    )
+    data["model"]["merges"] = [m[3] for m in merges]
+    data["added_tokens"] = [a for a in data["added_tokens"] if a["content"] in specials]
+    data["pre_tokenizer"] = None  # as in Llama 2's tokenizer.json: the normalizer does it
+    backend = Tokenizer.from_str(json.dumps(data))
+    backend.decoder = decoders.Sequence(
+        [
+            decoders.Replace("▁", " "),
+            decoders.ByteFallback(),
+            decoders.Fuse(),
+            decoders.Strip(" ", 1, 0),
+        ]
+    )
+    backend.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", vocab["<s>"])]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+        clean_up_tokenization_spaces=False,
+    )  # fmt: skip
+
+
+def stored_model(model: torch.nn.Module, path: Path) -> torch.nn.Module:
+    """A copy of a llama-type ``model`` holding the weights stored in the GGUF at ``path``,
+    dequantized and with the q/k rows put back in Hugging Face's order (whatever the
+    types llama.cpp's quantizer chose), to measure what the format itself costs."""
+    import gguf
+    from sloth_gguf.architectures import TensorConverter, architecture_for
+
+    config = model.config
+    converter = TensorConverter(config, architecture_for(config))
+    stored = {t.name: t for t in gguf.GGUFReader(path).tensors}
+    copied = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, param in copied.named_parameters():
+            tensor = stored[converter.gguf_name(name)]
+            values = gguf.quants.dequantize(tensor.data, tensor.tensor_type).reshape(param.shape)
+            values = torch.from_numpy(np.array(values, dtype=np.float32))  # a writable copy
+            if name.endswith(("q_proj.weight", "k_proj.weight")):
+                heads = (
+                    config.num_attention_heads if "q_proj" in name else config.num_key_value_heads
+                )
+                rows = values.shape[
+                    0
+                ]  # undo the interleaving: (x0, y0, x1, y1, ...) -> (x..., y...)
+                values = (
+                    values.reshape(heads, rows // heads // 2, 2, -1)
+                    .swapaxes(1, 2)
+                    .reshape(values.shape)
+                )
+            param.copy_(values)
+    return copied

@@ -1,0 +1,435 @@
+"""``sloth export --verify``: reload what was written and compare it with the model in memory.
+
+Safetensors exports (``merged_16bit``/``vllm``, ``merged_4bit``, any directory with a
+``config.json``) reload through transformers; GGUF files (``gguf``, or the ``.gguf`` in an
+``ollama`` directory) through llama.cpp (:mod:`sloth_core.export.llama_cpp`, in a child
+process); a LoRA adapter directory is compared tensor by tensor. For models, the
+logits of every position of a few sample prompts (so every next-token prediction) are
+compared with the in-memory model's:
+
+- **max abs**: the largest absolute difference of any logit;
+- **max rel**: max abs divided by the largest absolute reference logit;
+- **top-1**: the share of positions whose most likely next token agrees.
+
+Each export type has a :data:`TOLERANCES` entry; low-bit types are judged mostly by their
+top-1 agreement, since their logits move a lot while the ranking holds. The exported
+tokenizer must also encode sample texts (special tokens and a chat-templated
+conversation included) to the same ids as the in-memory one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "SAMPLE_PROMPTS",
+    "SAMPLE_TEXTS",
+    "TOLERANCES",
+    "Tolerance",
+    "VerifyReport",
+    "print_report",
+    "tolerance_for",
+    "verify_export",
+]
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """How far an export of one weight type may drift from the in-memory model.
+
+    ``max_rel``: the largest allowed max-abs / max-|reference| ratio, or ``None`` where
+    it is reported only; ``min_top1``: the least share of agreeing top-1 predictions.
+    """
+
+    max_rel: float | None
+    min_top1: float
+
+
+#: Weight type -> tolerance. 16-bit and 8-bit exports must match closely; from 5 bits
+#: down the logits' error is large and the top-1 agreement carries the verdict.
+TOLERANCES: dict[str, Tolerance] = {
+    "f32": Tolerance(1e-3, 0.99),
+    "f16": Tolerance(2e-3, 0.99),
+    "bf16": Tolerance(1e-2, 0.97),
+    "q8_0": Tolerance(3e-2, 0.95),
+    "int8": Tolerance(5e-2, 0.95),
+    "q6_k": Tolerance(6e-2, 0.93),
+    "q5_0": Tolerance(0.12, 0.9),
+    "q5_1": Tolerance(0.12, 0.9),
+    "q5_k_s": Tolerance(0.12, 0.9),
+    "q5_k_m": Tolerance(0.12, 0.9),
+    "q4_0": Tolerance(None, 0.9),
+    "q4_1": Tolerance(None, 0.9),
+    "q4_k_s": Tolerance(None, 0.9),
+    "q4_k_m": Tolerance(None, 0.9),
+    "nf4": Tolerance(None, 0.9),
+    "fp4": Tolerance(None, 0.85),
+    "q3_k_s": Tolerance(None, 0.8),
+    "q3_k_m": Tolerance(None, 0.8),
+    "q3_k_l": Tolerance(None, 0.8),
+    "q2_k": Tolerance(None, 0.7),
+}
+_ALIASES = {
+    "float32": "f32", "fp32": "f32", "float16": "f16", "fp16": "f16", "bfloat16": "bf16",
+    "q8": "q8_0", "q6": "q6_k", "q5_k": "q5_k_m", "q4_k": "q4_k_m", "q3_k": "q3_k_m",
+}  # fmt: skip
+#: An export type not in the table: judged by top-1 agreement alone.
+UNKNOWN_TOLERANCE = Tolerance(None, 0.9)
+
+SAMPLE_PROMPTS = (
+    "The capital of France is",
+    "def fibonacci(n):\n    if n < 2:\n        return n\n",
+    "Once upon a time, in a small village by the sea, there lived",
+    "1, 2, 3, 4, 5, 6,",
+)
+SAMPLE_TEXTS = (
+    "Hello, world!",
+    "The quick brown fox jumps over the lazy dog. 0123456789",
+    "  leading spaces,\ttabs\nand\n\nnew lines  ",
+    "unicode: café, naïve, Straße, 日本語, emoji 🦥",
+)
+_CONVERSATION = (
+    {"role": "user", "content": "What is the capital of France?"},
+    {"role": "assistant", "content": "Paris."},
+    {"role": "user", "content": "And of Italy?"},
+)
+
+
+def tolerance_for(weight_type: str | None) -> tuple[str, Tolerance]:
+    """The canonical name of ``weight_type`` and its tolerance (see :data:`TOLERANCES`)."""
+    name = (weight_type or "unknown").lower().removeprefix("torch.")
+    name = _ALIASES.get(name, name)
+    return name, TOLERANCES.get(name, UNKNOWN_TOLERANCE)
+
+
+@dataclass
+class VerifyReport:
+    """What :func:`verify_export` compared, and what went wrong (``problems``)."""
+
+    path: Path
+    kind: str  # "safetensors", "gguf" or "lora"
+    weight_type: str
+    tolerance: Tolerance
+    positions: int = 0
+    max_abs: float | None = None
+    max_rel: float | None = None
+    top1: float | None = None
+    texts: int = 0
+    texts_matching: int = 0
+    problems: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return not self.problems
+
+
+# -- what was written -------------------------------------------------------------------
+def _find_gguf(path: Path) -> Path | None:
+    if path.is_file() and path.suffix == ".gguf":
+        return path
+    if path.is_dir():
+        found = sorted(path.glob("*.gguf"))
+        return found[0] if found else None
+    return None
+
+
+def _kind(path: Path) -> str:
+    if (path / "adapter_config.json").is_file():
+        return "lora"
+    if (path / "config.json").is_file():
+        return "safetensors"
+    if _find_gguf(path) is not None:
+        return "gguf"
+    raise FileNotFoundError(
+        f"{path}: nothing to verify (no config.json, adapter_config.json or .gguf file)"
+    )
+
+
+def _safetensors_type(path: Path) -> str:
+    config = json.loads((path / "config.json").read_text())
+    quant = config.get("quantization_config") or {}
+    if quant:
+        if quant.get("load_in_8bit"):
+            return "int8"
+        return str(quant.get("bnb_4bit_quant_type") or quant.get("quant_method") or "unknown")
+    return str(config.get("dtype") or config.get("torch_dtype") or "unknown")
+
+
+def _gguf_type(path: Path) -> str:
+    """The GGUF's ``general.file_type`` (``MOSTLY_Q4_K_M`` -> ``q4_k_m``), if readable."""
+    try:
+        from gguf import GGUFReader, LlamaFileType
+
+        field_ = GGUFReader(str(path)).fields.get("general.file_type")
+        value = int(field_.parts[field_.data[0]][0])
+        return LlamaFileType(value).name.removeprefix("MOSTLY_").removeprefix("ALL_").lower()
+    except Exception:  # no gguf package, no such field: the caller's word is all there is
+        return "unknown"
+
+
+# -- the model in memory ------------------------------------------------------------------
+def _prompt_ids(tokenizer: Any, prompts: tuple[str, ...], vocab: int) -> list[list[int]]:
+    # The prompts as the model sees them: plain text with the bos the tokenizer adds, the
+    # conversation as its chat template writes it (bos included where the template has one).
+    texts = [(text, True) for text in prompts]
+    chat = _chat_text(tokenizer, add_generation_prompt=True)
+    if chat:
+        texts.append((chat, False))
+    lists = []
+    for text, special in texts:
+        ids = [int(i) for i in tokenizer(text, add_special_tokens=special).input_ids]
+        lists.append([i for i in ids if i < vocab] or [0])
+    return lists
+
+
+def _chat_text(tokenizer: Any, *, add_generation_prompt: bool = False) -> str:
+    if not getattr(tokenizer, "chat_template", None):
+        return ""
+    try:
+        return tokenizer.apply_chat_template(
+            list(_CONVERSATION), tokenize=False, add_generation_prompt=add_generation_prompt
+        )
+    except Exception:  # a template that refuses this conversation: texts without it
+        return ""
+
+
+def _all_logits(model: Any, lists: list[list[int]]) -> list[np.ndarray]:
+    import torch
+
+    device = next(model.parameters()).device
+    training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            return [
+                model(torch.tensor([ids], device=device)).logits[0].float().cpu().numpy()
+                for ids in lists
+            ]
+    finally:
+        model.train(training)
+
+
+def _compare(report: VerifyReport, reference: list[np.ndarray], exported: list[np.ndarray]) -> None:
+    width = min(reference[0].shape[-1], exported[0].shape[-1])
+    if reference[0].shape[-1] != exported[0].shape[-1]:
+        report.notes.append(
+            f"vocabulary widths differ ({reference[0].shape[-1]} in memory, "
+            f"{exported[0].shape[-1]} exported): the first {width} logits are compared"
+        )
+    max_abs = scale = 0.0
+    agree = positions = 0
+    for ref, out in zip(reference, exported, strict=True):
+        ref, out = ref[:, :width].astype(np.float64), out[:, :width].astype(np.float64)
+        if ref.shape != out.shape:
+            report.problems.append(f"logits of shape {out.shape} for a prompt of {ref.shape}")
+            return
+        max_abs = max(max_abs, float(np.abs(ref - out).max()))
+        scale = max(scale, float(np.abs(ref).max()))
+        agree += int((ref.argmax(-1) == out.argmax(-1)).sum())
+        positions += ref.shape[0]
+    report.positions, report.max_abs, report.top1 = positions, max_abs, agree / positions
+    report.max_rel = max_abs / scale if scale else (0.0 if max_abs == 0 else math.inf)
+    tol = report.tolerance
+    if not math.isfinite(max_abs):
+        report.problems.append("the exported model's logits are not finite")
+    elif tol.max_rel is not None and report.max_rel > tol.max_rel:
+        report.problems.append(
+            f"max relative logit error {report.max_rel:.3g} > {tol.max_rel:g} allowed for "
+            f"{report.weight_type}"
+        )
+    if report.top1 < tol.min_top1:
+        report.problems.append(
+            f"top-1 agreement {report.top1:.1%} < {tol.min_top1:.0%} required for "
+            f"{report.weight_type}"
+        )
+
+
+def _compare_ids(report: VerifyReport, texts: list[str], expected: list, got: list) -> None:
+    report.texts = len(texts)
+    report.texts_matching = sum(a == b for a, b in zip(expected, got, strict=True))
+    for text, a, b in zip(texts, expected, got, strict=True):
+        if a != b:
+            report.problems.append(
+                f"the exported tokenizer encodes {text[:40]!r} as {b[:12]}... not {a[:12]}..."
+            )
+            break
+
+
+def _texts(tokenizer: Any) -> list[str]:
+    chat = _chat_text(tokenizer)
+    return [*SAMPLE_TEXTS, *([chat] if chat else [])]
+
+
+# -- the three kinds ------------------------------------------------------------------------
+def _verify_safetensors(report: VerifyReport, model: Any, tokenizer: Any, prompts) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    device = next(model.parameters()).device
+    vocab = int(model.get_output_embeddings().weight.shape[0])
+    lists = _prompt_ids(tokenizer, prompts, vocab)
+    reference = _all_logits(model, lists)
+    # Eager attention: the plainest path, and the only one that honours every softcap.
+    reloaded = AutoModelForCausalLM.from_pretrained(
+        report.path, dtype="auto", attn_implementation="eager", device_map=str(device)
+    )
+    try:
+        _compare(report, reference, _all_logits(reloaded, lists))
+    finally:
+        del reloaded
+    if tokenizer is not None:
+        _verify_hf_tokenizer(report, tokenizer, AutoTokenizer.from_pretrained(report.path))
+
+
+def _verify_hf_tokenizer(report: VerifyReport, tokenizer: Any, exported: Any) -> None:
+    texts = _texts(tokenizer)
+    _compare_ids(
+        report,
+        texts,
+        [list(tokenizer(t).input_ids) for t in texts],
+        [list(exported(t).input_ids) for t in texts],
+    )
+    if getattr(tokenizer, "chat_template", None) != getattr(exported, "chat_template", None):
+        report.problems.append("the exported tokenizer's chat template differs")
+
+
+def _verify_lora(report: VerifyReport, model: Any, tokenizer: Any) -> None:
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    files = sorted(report.path.glob("adapter_model*.safetensors"))
+    if not files or not hasattr(model, "peft_config"):
+        report.problems.append("no adapter_model.safetensors, or the model has no LoRA adapter")
+        return
+    saved = {k: v for f in files for k, v in load_file(str(f)).items()}
+    current = get_peft_model_state_dict(model)
+    if set(saved) != set(current):
+        report.problems.append(
+            f"adapter tensors differ: {len(saved)} saved, {len(current)} in memory"
+        )
+        return
+    report.positions = len(saved)
+    report.max_abs = max(
+        (float((saved[k].float() - current[k].detach().float().cpu()).abs().max()) for k in saved),
+        default=0.0,
+    )
+    report.max_rel, report.top1 = None, None
+    if report.max_abs > 0:
+        report.problems.append(f"saved adapter tensors differ by up to {report.max_abs:.3g}")
+    if tokenizer is not None and (report.path / "tokenizer_config.json").is_file():
+        from transformers import AutoTokenizer
+
+        _verify_hf_tokenizer(report, tokenizer, AutoTokenizer.from_pretrained(report.path))
+
+
+def _verify_gguf(report: VerifyReport, model: Any, tokenizer: Any, prompts, runner) -> None:
+    gguf = _find_gguf(report.path)
+    if runner is None:
+        from sloth_core.export import llama_cpp as runner
+    if not runner.available():
+        report.problems.append(
+            "llama.cpp is not installed here (`pip install llama-cpp-python`): the GGUF "
+            "could not be reloaded, so it is not verified"
+        )
+        return
+    vocab = int(model.get_output_embeddings().weight.shape[0])
+    lists = _prompt_ids(tokenizer, prompts, vocab)
+    reference = _all_logits(model, lists)
+    _compare(report, reference, runner.run_logits(gguf, lists, n_ctx=512))
+    if tokenizer is not None:
+        texts = _texts(tokenizer)
+        _compare_ids(
+            report,
+            texts,
+            [list(tokenizer(t).input_ids) for t in texts],
+            [list(ids) for ids in runner.run_tokenize(gguf, texts)],
+        )
+
+
+def verify_export(
+    path: str | Path,
+    model: Any,
+    tokenizer: Any,
+    *,
+    quantization: str | None = None,
+    prompts: tuple[str, ...] = SAMPLE_PROMPTS,
+    runner: ModuleType | Any = None,
+) -> VerifyReport:
+    """Reload the export at ``path`` and compare it with ``model`` and ``tokenizer``.
+
+    Args:
+        path: what ``sloth_core.export`` wrote (a directory or a ``.gguf`` file).
+        model: the in-memory model it was written from (PEFT-wrapped or plain).
+        tokenizer: its tokenizer.
+        quantization: the GGUF type asked for (read from the file when ``None``); for
+            safetensors the type comes from ``config.json``.
+        prompts: texts whose every-position logits are compared (plus a chat-templated
+            conversation when the tokenizer has a template).
+        runner: the llama.cpp runner (:mod:`sloth_core.export.llama_cpp` by default): an
+            object with ``available()``, ``run_logits`` and ``run_tokenize``.
+
+    Returns:
+        The report; ``report.passed`` is false past the type's tolerance.
+    """
+    path = Path(path)
+    kind = _kind(path)
+    if kind == "safetensors":
+        weight_type = _safetensors_type(path)
+    elif kind == "gguf":
+        weight_type = quantization or _gguf_type(_find_gguf(path))
+    else:
+        weight_type = "adapter"
+    name, tolerance = tolerance_for(weight_type)
+    report = VerifyReport(path=path, kind=kind, weight_type=name, tolerance=tolerance)
+    if kind != "lora" and name not in TOLERANCES:
+        report.notes.append(f"no tolerance for type {name!r}: judged by top-1 agreement alone")
+    if kind == "safetensors":
+        _verify_safetensors(report, model, tokenizer, prompts)
+    elif kind == "gguf":
+        _verify_gguf(report, model, tokenizer, prompts, runner)
+    else:
+        _verify_lora(report, model, tokenizer)
+    return report
+
+
+def print_report(report: VerifyReport, console: Any = None) -> None:
+    """Print ``report`` as a table (rich), with its verdict."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console()
+    tol = report.tolerance
+    table = Table(title=f"verify {report.path} ({report.kind}, {report.weight_type})")
+    for column in ("check", "measured", "allowed"):
+        table.add_column(column)
+
+    def fmt(value: float | None, spec: str) -> str:
+        return "-" if value is None else format(value, spec)
+
+    if report.kind == "lora":
+        table.add_row("adapter tensors", str(report.positions), "")
+        table.add_row("max abs difference", fmt(report.max_abs, ".3g"), "0")
+    else:
+        table.add_row("positions compared", str(report.positions), "")
+        table.add_row("max abs logit error", fmt(report.max_abs, ".4g"), "")
+        allowed = "reported only" if tol.max_rel is None else f"<= {tol.max_rel:g}"
+        table.add_row("max rel logit error", fmt(report.max_rel, ".4g"), allowed)
+        table.add_row("top-1 agreement", fmt(report.top1, ".1%"), f">= {tol.min_top1:.0%}")
+    if report.texts:
+        table.add_row(
+            "tokenizer: same ids", f"{report.texts_matching}/{report.texts}", f"{report.texts}"
+        )
+    console.print(table)
+    for note in report.notes:
+        console.print(f"note: {note}")
+    for problem in report.problems:
+        console.print(f"[bold red]FAIL[/]: {problem}")
+    if report.passed:
+        console.print("[green]verified[/]: the export matches the model in memory")

@@ -1,0 +1,52 @@
+"""Shared pieces of the inference tests: one thread, tiny models on disk, the CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Tiny matrices: one thread is faster on a shared 2-core machine, and deterministic.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def llama_dir(tmp_path_factory) -> Path:
+    """A tiny llama (2 layers, context 256) with the test tokenizer's ChatML template."""
+    from sloth_core.testing.models import tiny_model
+
+    return tiny_model("llama", tmp_path_factory.mktemp("models") / "llama")
+
+
+@pytest.fixture
+def sloth(capsys):
+    """``sloth(*argv)`` runs the CLI in this process: ``(exit status, stdout, stderr)``."""
+    from sloth_core.cli import main
+
+    def run(*argv: str) -> tuple[int, str, str]:
+        capsys.readouterr()
+        status = main([str(a) for a in argv])
+        out, err = capsys.readouterr()
+        return status, out, err
+
+    return run
+
+
+@pytest.fixture
+def generate_json(sloth):
+    """``generate_json(model, prompt, *flags)``: ``sloth generate --json``'s record."""
+
+    def run(model, prompt: str, *flags: str) -> dict:
+        status, out, err = sloth("generate", model, "--prompt", prompt, "--json", *flags)
+        assert status == 0, err
+        return json.loads(out)
+
+    return run
