@@ -3,9 +3,26 @@
 from __future__ import annotations
 
 import json
+import sys
+import types
 
-from sloth_core.bench.train import SHAPES, markdown, run_bench
+import pytest
+
+from sloth_core.bench import train
+from sloth_core.bench.plot import PlotUnavailable, panels, plot_report
+from sloth_core.bench.train import (
+    ALL_SYSTEMS,
+    SHAPES,
+    SystemSkipped,
+    check_losses,
+    liger_patch,
+    markdown,
+    resolve_systems,
+    run_bench,
+)
 from sloth_core.cli import main
+
+NOT_INSTALLED = "liger-kernel is not installed (pip install liger-kernel)"
 
 
 def test_both_systems_train_the_same_in_separate_processes(tmp_path):
@@ -19,21 +36,125 @@ def test_both_systems_train_the_same_in_separate_processes(tmp_path):
         assert r["n_base"] > r["n_lora"]
     # Same weights, same batch, same seed: both start from the same loss.
     assert abs(by["sloth"]["first_loss"] - by["hf"]["first_loss"]) < 1e-2
+    assert report["losses_agree"] and all(r["same_start"] for r in by.values())
     assert by["hf"]["speed_vs_hf"] == 1.0
+    assert report["versions"]["torch"] and by["sloth"]["device_name"] == report["device_name"]
     text = markdown(report, "sloth bench train --shape llama-tiny")
     assert "| sloth |" in text and "| hf |" in text
 
 
-def test_cli_rejects_unknown_shape_and_writes_reports(tmp_path, capsys):
+def test_cli_rejects_unknown_shape_and_writes_reports(tmp_path, capsys, monkeypatch):
+    _liger_absent(monkeypatch)  # a named baseline that is not installed: skipped, not an error
     try:
         main(["bench", "train", "--shape", "llama-70b"])
     except SystemExit as exc:
         assert "unknown shape" in str(exc) and "llama-8b" in str(exc)
     else:  # pragma: no cover
         raise AssertionError("unknown shape accepted")
-    args = ["bench", "train", "--shape", "llama-tiny", "--seq", "8", "--batch", "1", "--steps", "1",
-            "--warmup", "0", "--systems", "hf", "--device", "cpu", "--model-dir", str(tmp_path / "m"),
-            "--json", str(tmp_path / "r.json")]  # fmt: skip
+    args = ["bench", "train", "--shape", "llama-tiny", "--seq", "8", "--batch", "1",
+            "--steps", "1", "--warmup", "0", "--systems", "hf,liger", "--device", "cpu",
+            "--model-dir", str(tmp_path / "m"), "--json", str(tmp_path / "r.json")]  # fmt: skip
     assert main(args) == 0
-    assert json.loads((tmp_path / "r.json").read_text())["results"][0]["system"] == "hf"
+    hf, liger = json.loads((tmp_path / "r.json").read_text())["results"]
+    assert hf["system"] == "hf" and hf["tokens_per_s"] > 0
+    assert liger == {"system": "liger", "skipped": NOT_INSTALLED}
+    assert f"liger: skipped: {NOT_INSTALLED}" in capsys.readouterr().out.replace("\n", " ")
     assert {"llama-1b", "llama-8b"} <= set(SHAPES)
+
+
+# --- systems, the loss check, liger, the plot -------------------------------------------
+
+
+def _liger_absent(monkeypatch):
+    monkeypatch.setitem(sys.modules, "liger_kernel", None)  # find_spec and import both fail
+    monkeypatch.setitem(sys.modules, "liger_kernel.transformers", None)
+
+
+def test_systems_all_runs_every_installed_one_and_skips_the_rest(monkeypatch):
+    _liger_absent(monkeypatch)
+    run, skipped = resolve_systems("all")
+    assert run == ["sloth", "hf"]
+    assert skipped == [{"system": "liger", "skipped": NOT_INSTALLED}]
+    assert resolve_systems("sloth:on, hf,sloth:on") == (["sloth:on", "hf"], [])
+    monkeypatch.setattr(train, "installed", lambda module: True)
+    assert resolve_systems("all") == (list(ALL_SYSTEMS), [])
+
+
+@pytest.mark.parametrize("spec", ["", "bogus", "sloth,vllm", "all,hf"])
+def test_systems_are_validated(spec, capsys):
+    with pytest.raises(ValueError, match="choose from"):
+        resolve_systems(spec)
+    with pytest.raises(SystemExit, match="choose from .*liger, or all"):
+        main(["bench", "train", "--shape", "llama-tiny", "--systems", spec, "--device", "cpu"])
+
+
+def test_liger_patch_is_chosen_per_model_type(monkeypatch):
+    _liger_absent(monkeypatch)
+    with pytest.raises(SystemSkipped, match="not importable"):
+        liger_patch("llama")
+    fake = types.ModuleType("liger_kernel.transformers")
+    fake.apply_liger_kernel_to_llama = lambda **kwargs: "patched llama"
+    monkeypatch.setitem(sys.modules, "liger_kernel", types.ModuleType("liger_kernel"))
+    monkeypatch.setitem(sys.modules, "liger_kernel.transformers", fake)
+    sys.modules["liger_kernel"].transformers = fake
+    assert liger_patch("llama")() == "patched llama"
+    with pytest.raises(SystemSkipped, match="no patch for model type 'gemma2'"):
+        liger_patch("gemma2")
+
+
+def test_first_losses_are_checked_against_hf():
+    results = [{"system": "sloth", "first_loss": 6.93, "last_loss": 6.0},
+               {"system": "liger", "first_loss": 7.10, "last_loss": 6.0},
+               {"system": "hf", "first_loss": 6.92, "last_loss": 6.0},
+               {"system": "sloth:off", "error": "boom"},
+               {"system": "x", "skipped": "not installed"}]  # fmt: skip
+    assert check_losses(results, tolerance=0.05) is False
+    by = {r["system"]: r for r in results}
+    assert by["sloth"]["same_start"] and by["hf"]["first_loss_delta"] == 0
+    assert not by["liger"]["same_start"]
+    assert by["liger"]["first_loss_delta"] == pytest.approx(0.18)
+    assert "same_start" not in by["sloth:off"] and "same_start" not in by["x"]
+    assert check_losses(results[:1] + results[2:], tolerance=0.05) is True
+
+
+def _report(**extra):
+    row = dict(tokens_per_s=1000.0, median_step_s=0.01, peak_gib=None, mfu=None,
+               first_loss=6.9, last_loss=6.1, n_base=1, n_lora=1)  # fmt: skip
+    return {"shape": "llama-tiny", "seq": 16, "batch": 2, "steps": 2, "warmup": 1,
+            "device": "cpu", "quantization": None, "device_name": "x86_64",
+            "versions": {"torch": "2.x"}, "loss_tolerance": 0.05, "losses_agree": False,
+            "results": [{"system": "sloth", **row, "same_start": False},
+                        {"system": "hf", **row, "tokens_per_s": 500.0, "same_start": True},
+                        {"system": "liger", "skipped": "liger-kernel is not installed"}],
+            **extra}  # fmt: skip
+
+
+def test_markdown_flags_loss_mismatch_and_lists_skips():
+    text = markdown(_report(), "sloth bench train --systems all")
+    assert "| 6.9000 (!) |" in text and "not the same training" in text
+    assert "| liger | | skipped: liger-kernel is not installed |" in text
+    assert "Device: x86_64; torch 2.x." in text
+
+
+def test_plot_needs_matplotlib(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    with pytest.raises(PlotUnavailable, match="pip install matplotlib"):
+        plot_report(_report(), tmp_path / "out.png")
+    # The CLI says so before it measures anything.
+    with pytest.raises(SystemExit, match="needs matplotlib"):
+        main(["bench", "train", "--shape", "llama-tiny", "--device", "cpu", "--model-dir",
+              str(tmp_path / "never"), "--plot", str(tmp_path / "out.png")])  # fmt: skip
+    assert not (tmp_path / "never").exists()
+
+
+def test_plot_panels_and_png(tmp_path):
+    titles = [(title, names, values) for title, names, values in panels(_report())]
+    assert titles == [("tokens/s", ["sloth", "hf"], [1000.0, 500.0]),
+                      ("peak memory (GiB)", ["sloth", "hf"], [None, None])]  # fmt: skip
+    context = {"kind": "max_context", "shape": "llama-tiny", "batch": 1, "device": "cpu",
+               "results": [{"system": "sloth", "max_seq": 64}, {"system": "hf", "error": "x"}]}
+    assert panels(context) == [("max context (tokens)", ["sloth"], [64])]
+    pytest.importorskip("matplotlib")
+    for report, name in ((_report(), "train.png"), (context, "context.png")):
+        path = plot_report(report, tmp_path / name)
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -10,10 +10,18 @@ wrapped. MFU counts ``4 N_base + 6 N_lora + 12 layers hidden seq`` FLOPs per tok
 matmul weights incl. lm_head: forward and input gradients; LoRA weights: forward, input
 and weight gradients; attention scores and values; recomputation not counted) against
 the device's bf16 matmul rate.
+
+Systems: ``sloth`` (``:on``/``:off`` name its checkpointing), ``hf``, and the other
+baselines when installed (``liger``: Liger-Kernel's patches on the ``hf`` baseline).
+``--systems all`` runs every installed one; one that is not installed is reported as
+skipped, with the reason, not as an error. All of them must train the same: their first
+losses are compared (``check_losses``) and a disagreement is flagged in the table.
 """
 
 from __future__ import annotations
 
+import importlib.metadata
+import importlib.util
 import json
 import os
 import statistics
@@ -55,7 +63,14 @@ TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj"
 PEAK_TFLOPS = 790.0
 SYSTEMS = ("sloth", "hf")
 #: ``sloth`` variants name their checkpointing: ``:on`` (inputs on the device), ``:off``.
-KNOWN_SYSTEMS = ("sloth", "sloth:offload", "sloth:on", "sloth:off", "hf")
+KNOWN_SYSTEMS = ("sloth", "sloth:offload", "sloth:on", "sloth:off", "hf", "liger")
+#: What ``--systems all`` means: each system once (the ``sloth`` variants only when named).
+ALL_SYSTEMS = ("sloth", "hf", "liger")
+#: Baselines that are optional installs: system -> (import name, distribution name).
+OPTIONAL_BASELINES = {"liger": ("liger_kernel", "liger-kernel")}
+#: First losses further apart than this (absolute) mean the systems do not train the same
+#: model; bf16 runs agree to about 1e-3 at 8B, NF4 ones to a few 1e-2 on the tiny shape.
+LOSS_TOLERANCE = 5e-2
 
 
 @dataclass
@@ -70,7 +85,87 @@ class TrainResult:
     n_base: int
     n_lora: int
     attention: str | None = None
+    device_name: str | None = None
     error: str | None = None
+
+
+class SystemSkipped(Exception):
+    """A baseline that cannot run here (not installed, no patch for the model type)."""
+
+
+def installed(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
+def skip_reason(system: str) -> str | None:
+    """Why ``system`` cannot run in this environment, or None when it can."""
+    if system not in OPTIONAL_BASELINES:
+        return None
+    module, dist = OPTIONAL_BASELINES[system]
+    if not installed(module):
+        return f"{dist} is not installed (pip install {dist})"
+    return None
+
+
+def resolve_systems(spec: str | tuple[str, ...]) -> tuple[list[str], list[dict[str, str]]]:
+    """``--systems`` (comma-separated names, or ``all``) to the systems that run and the
+    skipped ones (``{"system", "skipped"}``). Unknown names raise ``ValueError``."""
+    names = [s.strip() for s in spec.split(",")] if isinstance(spec, str) else list(spec)
+    names = [n for n in names if n]
+    if names == ["all"]:
+        names = list(ALL_SYSTEMS)
+    unknown = [n for n in names if n not in KNOWN_SYSTEMS]
+    if unknown or not names:
+        raise ValueError(f"unknown system(s) {unknown or spec!r}; choose from "
+                         f"{', '.join(KNOWN_SYSTEMS)}, or all")  # fmt: skip
+    run, skipped = [], []
+    for name in dict.fromkeys(names):  # in order, once each
+        reason = skip_reason(name)
+        if reason:
+            skipped.append({"system": name, "skipped": reason})
+        else:
+            run.append(name)
+    return run, skipped
+
+
+def liger_patch(model_type: str):
+    """Liger-Kernel's patch for ``model_type`` (``apply_liger_kernel_to_llama``, ...),
+    applied to the transformers classes before the model loads, with Liger's defaults
+    (RoPE, RMSNorm, SwiGLU/GeGLU, fused linear cross entropy)."""
+    try:
+        import liger_kernel.transformers as liger
+    except ImportError as exc:
+        raise SystemSkipped(f"liger-kernel is not importable: {exc}") from exc
+    patch = getattr(liger, f"apply_liger_kernel_to_{model_type}", None)
+    if patch is None:
+        raise SystemSkipped(f"liger-kernel has no patch for model type {model_type!r}")
+    return patch
+
+
+def versions() -> dict[str, str | None]:
+    """Versions of what the systems run on, read without importing anything."""
+    out = {}
+    for dist in ("torch", "transformers", "peft", "triton", "bitsandbytes", "liger-kernel",
+                 "sloth-core"):  # fmt: skip
+        try:
+            out[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            out[dist] = None
+    out["python"] = sys.version.split()[0]
+    return out
+
+
+def check_losses(results: list[dict[str, Any]], tolerance: float = LOSS_TOLERANCE) -> bool:
+    """Mark each trained result with its first loss's distance to the reference's (``hf``,
+    else the first system that trained) and whether it is within ``tolerance``."""
+    trained = [r for r in results if "first_loss" in r and not r.get("error")]
+    if not trained:
+        return True
+    ref = next((r for r in trained if r["system"] == "hf"), trained[0])
+    for r in trained:
+        r["first_loss_delta"] = r["first_loss"] - ref["first_loss"]
+        r["same_start"] = abs(r["first_loss_delta"]) <= tolerance
+    return all(r["same_start"] for r in trained)
 
 
 def make_model(shape: str, path: Path, *, device: str) -> Path:
@@ -107,7 +202,8 @@ def _matmul_params(model: Any) -> int:
         return int(torch.Size(state.shape).numel()) if state is not None else weight.numel()
 
     return sum(numel(m.weight) for m in model.modules()
-               if isinstance(m, torch.nn.Linear) and "lora_" not in type(m).__name__.lower())  # fmt: skip
+               if isinstance(m, torch.nn.Linear)
+               and "lora_" not in type(m).__name__.lower())  # fmt: skip
 
 
 def hf_attention(model_dir: Path) -> str:
@@ -134,6 +230,11 @@ def hf_quantization_config(quantization: str) -> Any:
 
 def _load(system: str, model_dir: Path, device: str, quantization: str | None = None):
     import torch
+
+    if system == "liger":  # the hf baseline with Liger-Kernel's patches
+        config = json.loads((Path(model_dir) / "config.json").read_text())
+        liger_patch(config["model_type"])()
+        system = "hf"
 
     if system == "sloth" or system.startswith("sloth:"):
         from sloth_core import FastLanguageModel
@@ -211,41 +312,58 @@ def run_system(system: str, model_dir: Path, *, seq: int, batch: int, steps: int
     mfu = flops_per_token * tokens_per_s / (PEAK_TFLOPS * 1e12) if cuda else None
     peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
     attention = getattr(config, "_attn_implementation", None)
+    if cuda:
+        device_name = torch.cuda.get_device_name()
+    else:
+        import platform
+
+        device_name = platform.processor() or platform.machine()
     return TrainResult(system, tokens_per_s, median, peak, mfu, losses[0], losses[-1], n_base,
-                       n_lora, attention)  # fmt: skip
+                       n_lora, attention, device_name)  # fmt: skip
+
+
+def run_worker(module: str, args: list[str], *, timeout: float) -> dict[str, Any]:
+    """``python -m module *args`` in a fresh process: its last JSON line, or the error."""
+    cmd = [sys.executable, "-m", module, *args]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "PYTHONUNBUFFERED": "1"})  # fmt: skip
+    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    if lines:
+        return json.loads(lines[-1])
+    tail = (done.stderr or done.stdout).strip().splitlines()[-5:]
+    return {"error": " | ".join(tail)[-800:] or f"exit status {done.returncode}",
+            "returncode": done.returncode}  # fmt: skip
 
 
 def run_bench(shape: str, *, seq: int, batch: int, steps: int = 10, warmup: int = 3,
-              systems: tuple[str, ...] = SYSTEMS, model_dir: Path, device: str,
-              timeout: float = 1800,
-              quantization: str | None = None) -> dict[str, Any]:  # fmt: skip
+              systems: str | tuple[str, ...] = SYSTEMS, model_dir: Path, device: str,
+              timeout: float = 1800, quantization: str | None = None,
+              loss_tolerance: float = LOSS_TOLERANCE) -> dict[str, Any]:  # fmt: skip
     """Every system in its own process, one after the other, on the same model and batch;
-    with ``quantization`` (``"nf4"``, ...) QLoRA: the base weights quantized as they load."""
+    with ``quantization`` (``"nf4"``, ...) QLoRA: the base weights quantized as they load.
+    ``systems``: names, or ``"all"``/a comma-separated string (see ``resolve_systems``)."""
+    run, skipped = resolve_systems(systems)
     model_dir = make_model(shape, Path(model_dir), device=device)
     results = []
-    unknown = [s for s in systems if s not in KNOWN_SYSTEMS]
-    if unknown:
-        raise ValueError(f"unknown system(s) {unknown}; choose from {', '.join(KNOWN_SYSTEMS)}")
-    for system in systems:
-        cmd = [sys.executable, "-m", "sloth_core.bench.train", system, str(model_dir), str(seq),
-               str(batch), str(steps), str(warmup), device, quantization or "none"]  # fmt: skip
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
-                              env={**os.environ, "PYTHONUNBUFFERED": "1"})  # fmt: skip
-        lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
-        if done.returncode != 0 or not lines:
-            tail = (done.stderr or done.stdout).strip().splitlines()[-5:]
-            results.append({"system": system, "error": " | ".join(tail)[-800:]})
-        else:
-            results.append(json.loads(lines[-1]))
-    base = next((r for r in results if r["system"] == "hf" and not r.get("error")), None)
+    for system in run:
+        out = run_worker("sloth_core.bench.train", [
+            system, str(model_dir), str(seq), str(batch), str(steps), str(warmup), device,
+            quantization or "none"], timeout=timeout)  # fmt: skip
+        results.append({"system": system, **out})
+    results += skipped
+    losses_agree = check_losses(results, loss_tolerance)
+    base = next((r for r in results if r["system"] == "hf" and "tokens_per_s" in r), None)
     for r in results:
-        if base and not r.get("error"):
+        if base and "tokens_per_s" in r:
             r["speed_vs_hf"] = r["tokens_per_s"] / base["tokens_per_s"]
             if r["peak_gib"] and base["peak_gib"]:
                 r["memory_vs_hf"] = r["peak_gib"] / base["peak_gib"]
+    device_name = next((r["device_name"] for r in results if r.get("device_name")), None)
     return {"shape": shape, "config": SHAPES[shape], "seq": seq, "batch": batch, "steps": steps,
             "warmup": warmup, "device": device, "quantization": quantization,
-            "peak_tflops": PEAK_TFLOPS, "results": results}  # fmt: skip
+            "peak_tflops": PEAK_TFLOPS, "device_name": device_name, "versions": versions(),
+            "loss_tolerance": loss_tolerance, "losses_agree": losses_agree,
+            "results": results}  # fmt: skip
 
 
 def markdown(report: dict[str, Any], command: str) -> str:
@@ -259,26 +377,43 @@ def markdown(report: dict[str, Any], command: str) -> str:
              + (f", QLoRA ({report['quantization']} base weights)."
                 if report.get("quantization") else "."),
              "", f"    {command}", "",
-             "| system | attention | tokens/s | peak GiB | MFU | first loss | last loss | speed vs hf | memory vs hf |",
+             "| system | attention | tokens/s | peak GiB | MFU | first loss | last loss "
+             "| speed vs hf | memory vs hf |",
              "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in report["results"]:
+        if r.get("skipped"):
+            lines.append(f"| {r['system']} | | skipped: {r['skipped'][:120]} | | | | | | |")
+            continue
         if r.get("error"):
             lines.append(f"| {r['system']} | | error: {r['error'][:120]} | | | | | | |")
             continue
+        flag = "" if r.get("same_start", True) else " (!)"
         lines.append(
             f"| {r['system']} | {r.get('attention') or '-'} | {r['tokens_per_s']:.0f} | "
             f"{fmt(r['peak_gib'], '.2f')} | "
-            f"{fmt(r['mfu'] and r['mfu'] * 100, '.1f')}% | {r['first_loss']:.4f} | {r['last_loss']:.4f} | "
+            f"{fmt(r['mfu'] and r['mfu'] * 100, '.1f')}% | {r['first_loss']:.4f}{flag} | "
+            f"{r['last_loss']:.4f} | "
             f"{fmt(r.get('speed_vs_hf'), '.2f')}x | {fmt(r.get('memory_vs_hf'), '.2f')}x |"
         )
+    if not report.get("losses_agree", True):
+        lines += ["", f"(!) first loss differs from the reference's by more than "
+                      f"{report['loss_tolerance']}: not the same training."]  # fmt: skip
+    if report.get("device_name") or report.get("versions"):
+        found = {k: v for k, v in (report.get("versions") or {}).items() if v}
+        lines += ["", f"Device: {report.get('device_name') or report['device']}; "
+                      + ", ".join(f"{k} {v}" for k, v in found.items()) + "."]  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
 def _worker(argv: list[str]) -> None:
     system, model_dir, seq, batch, steps, warmup, device, quantization = argv
-    result = run_system(system, Path(model_dir), seq=int(seq), batch=int(batch),
-                        steps=int(steps), warmup=int(warmup), device=device,
-                        quantization=None if quantization == "none" else quantization)  # fmt: skip
+    try:
+        result = run_system(system, Path(model_dir), seq=int(seq), batch=int(batch),
+                            steps=int(steps), warmup=int(warmup), device=device,
+                            quantization=None if quantization == "none" else quantization)
+    except SystemSkipped as exc:
+        print(json.dumps({"system": system, "skipped": str(exc)}))
+        return
     print(json.dumps(asdict(result)))
 
 

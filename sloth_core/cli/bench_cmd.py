@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
@@ -21,7 +22,8 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     kernels = sub.add_parser("kernels", help="every op, fwd+bwd, vs torch eager and compile")
     for name, default in (("tokens", 8192), ("hidden", 4096), ("intermediate", 14336),
                           ("heads", 32), ("kv-heads", 8), ("head-dim", 128),
-                          ("vocab", 128256), ("rank", 16), ("runs", 20), ("warmup", 5)):  # fmt: skip
+                          ("vocab", 128256), ("rank", 16), ("runs", 20),
+                          ("warmup", 5)):  # fmt: skip
         kernels.add_argument(f"--{name}", type=int, default=default)
     kernels.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     kernels.add_argument("--device", default=None, help="default: cuda if present, else cpu")
@@ -32,21 +34,44 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     kernels.add_argument("--json", type=Path, help="write the full report here")
     kernels.add_argument("--markdown", type=Path, help="write the docs table here")
     kernels.set_defaults(run=run_kernels)
-    train = sub.add_parser("train", help="LoRA training: sloth vs HF + PEFT, each in its own process")
-    train.add_argument("--shape", default="llama-8b", help="named model shape (llama-1b, llama-8b, qwen3-8b, gemma2-9b, llama-tiny)")
+    train = sub.add_parser("train", help="LoRA training: sloth vs HF + PEFT (and other "
+                                         "baselines), each in its own process")  # fmt: skip
+    train.add_argument("--shape", default="llama-8b",
+                       help="named model shape (llama-1b, llama-8b, qwen3-8b, gemma2-9b, "
+                            "llama-tiny)")  # fmt: skip
     train.add_argument("--seq", type=int, default=2048)
     train.add_argument("--batch", type=int, default=4)
     train.add_argument("--steps", type=int, default=10)
     train.add_argument("--warmup", type=int, default=3)
-    train.add_argument("--systems", default="sloth,hf")
+    train.add_argument("--systems", default="sloth,hf",
+                       help="comma-separated: sloth (sloth:on, sloth:off name its "
+                            "checkpointing), hf, liger; or all (every installed one)")  # fmt: skip
     train.add_argument("--quantization", choices=("nf4", "fp4", "int8"), default=None,
                        help="QLoRA: base weights quantized while loading (sloth: sloth-bnb; "
                             "hf: transformers' BitsAndBytesConfig)")  # fmt: skip
     train.add_argument("--device", default=None, help="default: cuda if present, else cpu")
     train.add_argument("--model-dir", type=Path, default=None,
                        help="where the random-init model is written once (default: a cache dir)")
+    train.add_argument("--loss-tolerance", type=float, default=None,
+                       help="flag systems whose first loss differs from hf's by more "
+                            "(default 0.05)")  # fmt: skip
+    context = train.add_argument_group(
+        "max context", "--max-context: the longest sequence each system trains one step "
+        "at, batch 1, each probe in its own process (--seq, --batch, --steps unused)")  # fmt: skip
+    context.add_argument("--max-context", action="store_true")
+    context.add_argument("--memory-budget-gib", type=float, default=None,
+                         help="CUDA: default the device's total; CPU: default none (a probe "
+                              "fits if it runs), else measured as peak RSS growth")  # fmt: skip
+    context.add_argument("--context-start", type=int, default=1024, help="first length probed")
+    context.add_argument("--context-cap", type=int, default=262144, help="longest length probed")
+    context.add_argument("--context-granularity", type=int, default=256,
+                         help="bisection stops at this many tokens")
     train.add_argument("--json", type=Path, help="write the full report here")
     train.add_argument("--markdown", type=Path, help="write the docs table here")
+    train.add_argument("--plot", type=Path,
+                       help="write a bar chart here (tokens/s and peak memory per "
+                            "system; with --max-context the longest sequence); needs "
+                            "matplotlib")  # fmt: skip
     train.set_defaults(run=run_train)
     bench.set_defaults(run=lambda args: bench.print_help() or 2)
 
@@ -92,50 +117,132 @@ def run_kernels(args: argparse.Namespace) -> int:
     for case in report["cases"]:
         by = {r["system"]: r for r in case["results"]}
 
-        def cell(system, key="median_ms", spec=".3f"):
+        def cell(system, key="median_ms", spec=".3f", by=by):
             value = by.get(system, {}).get(key)
             return "-" if value is None else format(value, spec)
 
         table.add_row(case["name"], cell("sloth"), cell("eager"), cell("compile"),
-                      "-" if case["speedup_vs_eager"] is None else f"{case['speedup_vs_eager']:.2f}",
-                      "-" if case["speedup_vs_compile"] is None else f"{case['speedup_vs_compile']:.2f}",
+                      _ratio(case["speedup_vs_eager"]), _ratio(case["speedup_vs_compile"]),
                       cell("sloth", "gbps", ".0f"))  # fmt: skip
     Console().print(table)
     return 0
 
 
+def _ratio(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
 def run_train(args: argparse.Namespace) -> int:
     import torch
 
-    from sloth_core.bench.train import SHAPES, markdown, run_bench
+    from sloth_core.bench import train as bench_train
+    from sloth_core.bench.plot import PlotUnavailable, plot_report, require_matplotlib
 
-    if args.shape not in SHAPES:
-        raise SystemExit(f"sloth: unknown shape {args.shape!r}; shapes: {', '.join(SHAPES)}")
+    if args.shape not in bench_train.SHAPES:
+        shapes = ", ".join(bench_train.SHAPES)
+        raise SystemExit(f"sloth: unknown shape {args.shape!r}; shapes: {shapes}")
+    try:
+        bench_train.resolve_systems(args.systems)
+        if args.plot:  # before anything is measured
+            require_matplotlib()
+    except (ValueError, PlotUnavailable) as exc:
+        raise SystemExit(f"sloth: {exc}") from None
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     cache = Path(os.environ.get("SLOTH_CACHE", Path.home() / ".cache" / "sloth"))
     model_dir = args.model_dir or cache / "bench-models" / args.shape
-    systems = tuple(s.strip() for s in args.systems.split(",") if s.strip())
-    from sloth_core.bench.train import KNOWN_SYSTEMS
-
-    if not systems or set(systems) - set(KNOWN_SYSTEMS):
-        raise SystemExit(f"sloth: --systems {args.systems!r}; choose from {', '.join(KNOWN_SYSTEMS)}")
-    report = run_bench(args.shape, seq=args.seq, batch=args.batch, steps=args.steps,
-                       warmup=args.warmup, systems=systems, model_dir=model_dir, device=device,
-                       quantization=args.quantization)  # fmt: skip
-    write_reports(args, report, markdown)
-    table = Table(title=f"sloth bench train: {args.shape}, seq {args.seq} x batch {args.batch}")
-    for column in ("system", "attention", "tokens/s", "peak GiB", "MFU %", "first loss", "last loss", "x hf speed", "x hf memory"):
+    if args.max_context:
+        return _run_max_context(args, device, model_dir)
+    tolerance = bench_train.LOSS_TOLERANCE if args.loss_tolerance is None else args.loss_tolerance
+    report = bench_train.run_bench(
+        args.shape, seq=args.seq, batch=args.batch, steps=args.steps, warmup=args.warmup,
+        systems=args.systems, model_dir=model_dir, device=device,
+        quantization=args.quantization, loss_tolerance=tolerance,
+    )  # fmt: skip
+    write_reports(args, report, bench_train.markdown)
+    if args.plot:
+        plot_report(report, args.plot)
+    quant = f", {args.quantization}" if args.quantization else ""
+    table = Table(title=f"sloth bench train: {args.shape}, seq {args.seq} x batch {args.batch}"
+                        f"{quant} on {report.get('device_name') or device}")  # fmt: skip
+    columns = ("system", "attention", "tokens/s", "step ms", "peak GiB", "MFU %", "first loss",
+               "last loss", "x hf speed", "x hf memory")  # fmt: skip
+    for column in columns:
         table.add_column(column)
+
+    def num(value, spec):
+        return "-" if value is None else format(value, spec)
+
     for r in report["results"]:
-        if r.get("error"):
-            table.add_row(r["system"], "", f"[red]{r['error'][:200]}[/]", *[""] * 6)
+        if r.get("skipped") or r.get("error"):
+            what = _status(r)
+            table.add_row(r["system"], "", what, *[""] * (len(columns) - 3))
             continue
+        first = f"{r['first_loss']:.4f}"
+        if not r.get("same_start", True):
+            first = f"[red]{first} (!)[/]"
         table.add_row(
             r["system"], r.get("attention") or "-", f"{r['tokens_per_s']:.0f}",
-            "-" if r["peak_gib"] is None else f"{r['peak_gib']:.2f}",
-            "-" if r["mfu"] is None else f"{r['mfu'] * 100:.1f}",
-            f"{r['first_loss']:.4f}", f"{r['last_loss']:.4f}",
-            f"{r.get('speed_vs_hf', 0):.2f}", "-" if "memory_vs_hf" not in r else f"{r['memory_vs_hf']:.2f}",
+            f"{r['median_step_s'] * 1000:.1f}", num(r["peak_gib"], ".2f"),
+            num(r["mfu"] and r["mfu"] * 100, ".1f"), first, f"{r['last_loss']:.4f}",
+            num(r.get("speed_vs_hf"), ".2f"), num(r.get("memory_vs_hf"), ".2f"),
         )  # fmt: skip
-    Console().print(table)
-    return 0 if not any(r.get("error") for r in report["results"]) else 1
+    _print_table(table, report["results"])
+    if not report["losses_agree"]:
+        Console(stderr=True).print(
+            f"[red]sloth: first losses differ by more than {report['loss_tolerance']} "
+            "(marked (!)): the systems do not train the same model[/]")  # fmt: skip
+    failed = any(r.get("error") for r in report["results"]) or not report["losses_agree"]
+    return 1 if failed else 0
+
+
+def _status(result: dict) -> str:
+    """A skipped or failed system's table cell; the reason follows the table."""
+    return "[yellow]skipped[/]" if result.get("skipped") else "[red]error[/]"
+
+
+def _print_table(table: Table, results: list[dict]) -> None:
+    """The table, then why each skipped or failed system did not run (full width)."""
+    console = Console()
+    console.print(table)
+    for r in results:
+        if r.get("skipped"):
+            console.print(f"[yellow]{r['system']}: skipped: {escape(r['skipped'])}[/]")
+        elif r.get("error"):
+            console.print(f"[red]{r['system']}: error: {escape(r['error'])}[/]")
+
+
+def _run_max_context(args: argparse.Namespace, device: str, model_dir: Path) -> int:
+    from sloth_core.bench.context import length_cell, markdown, run_max_context
+    from sloth_core.bench.plot import plot_report
+
+    if not device.startswith("cuda") and args.memory_budget_gib is not None:
+        Console(stderr=True).print(
+            "sloth: on the CPU the memory budget is checked against the growth of the "
+            "probe process's peak RSS (model, activations, optimizer, allocator slack)"
+        )  # fmt: skip
+    report = run_max_context(
+        args.shape, systems=args.systems, model_dir=model_dir, device=device,
+        quantization=args.quantization, budget_gib=args.memory_budget_gib,
+        start=args.context_start, cap=args.context_cap, granularity=args.context_granularity,
+    )  # fmt: skip
+    write_reports(args, report, markdown)
+    if args.plot:
+        plot_report(report, args.plot)
+    budget = "device total" if args.memory_budget_gib is None else f"{args.memory_budget_gib:g} GiB"
+    if not device.startswith("cuda") and args.memory_budget_gib is None:
+        budget = "none (fits = runs)"
+    table = Table(title=f"sloth bench train --max-context: {args.shape}, batch 1, "
+                        f"{args.quantization or 'bf16'}, budget {budget}, {device}")  # fmt: skip
+    for column in ("system", "max context", "x hf", "probes (seq: fits)"):
+        table.add_column(column)
+    for r in report["results"]:
+        if r.get("skipped") or r.get("error"):
+            what = _status(r)
+            table.add_row(r["system"], what, "", "")
+            continue
+        probes = " ".join(f"{p['seq']}:{'y' if p['fits'] else 'n'}" for p in r["probes"])
+        ratio = "-" if "context_vs_hf" not in r else f"{r['context_vs_hf']:.2f}"
+        table.add_row(r["system"], length_cell(r, report["start"]), ratio,
+                      probes)  # fmt: skip
+    _print_table(table, report["results"])
+    return 1 if any(r.get("error") for r in report["results"]) else 0

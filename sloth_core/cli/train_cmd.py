@@ -66,8 +66,26 @@ def _merge(config: TrainConfig, flags: dict) -> TrainConfig:
 
 
 def run(args: argparse.Namespace) -> int:
-    from sloth_core.train import train
+    from sloth_core.train import distributed, train
 
     config = build_config(args)
+    if config.nproc > 1 and not distributed.launched():
+        config.validate()  # a bad option fails here, not once per process
+        return distributed.relaunch(_argv_without_nproc(args), config.nproc)
     result = train(config, show_progress=not args.quiet)
     return 0 if result.steps else 1
+
+
+def _argv_without_nproc(args: argparse.Namespace) -> list[str]:
+    """The ``sloth train`` command line of ``args``, less ``--nproc``, for each process."""
+    argv = ["train", *([args.config] if args.config else [])]
+    argv += ["--demo"] * args.demo + ["--quiet"] * args.quiet
+    for f in dataclasses.fields(TrainConfig):
+        value = getattr(args, f.name)
+        if value is None or f.name == "nproc":
+            continue
+        if isinstance(value, bool):
+            argv.append(f"--{'' if value else 'no-'}{f.name}")
+        else:
+            argv += [f"--{f.name}", str(value)]
+    return argv

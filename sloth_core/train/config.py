@@ -91,6 +91,7 @@ class TrainConfig:
     )
     seed: int = _opt(3407, "seed of the adapters' init, the data order and dropout")
     cpu_threads: int = _opt(0, "intra-op threads when training on the CPU (0: torch's default)")
+    nproc: int = _opt(1, "data-parallel processes, one per GPU: re-launches through torchrun")
     # outputs
     output_dir: str = _opt("outputs", "where checkpoints, metrics and the final model go")
     overwrite: bool = _opt(False, "replace a non-empty output_dir")
@@ -170,7 +171,8 @@ class TrainConfig:
         if self.load_in_4bit and self.quantization and self.quantization not in ("nf4", "fp4"):
             raise bad("quantization", "load_in_4bit asks for a 4-bit method (nf4 or fp4)")
         positive = ("max_seq_length", "r", "lora_alpha", "per_device_train_batch_size",
-                    "gradient_accumulation_steps", "logging_steps", "save_total_limit")  # fmt: skip
+                    "gradient_accumulation_steps", "logging_steps", "save_total_limit",
+                    "nproc")  # fmt: skip
         for name in positive:
             if getattr(self, name) < 1:
                 raise bad(name, "must be at least 1")

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from . import distributed
 from .checkpoint import STATE_FILE, list_checkpoints, load_checkpoint, save_checkpoint
 from .config import ConfigError, TrainConfig
 from .metrics import CURVE_FILE, METRICS_FILE, MetricsLog, Progress, plot_losses
@@ -89,21 +90,28 @@ def label_tokens(batch: dict[str, torch.Tensor]) -> int:
     return int((batch["labels"][:, 1:] != -100).sum())
 
 
-def accumulate(model, micro_batches: list[dict[str, torch.Tensor]], *, autocast) -> float:
+def accumulate(
+    model, micro_batches: list[dict[str, torch.Tensor]], *, autocast, group=None
+) -> float:
     """Forward and backward every micro-batch of one optimizer step; the step's token-mean loss.
 
     Each loss is summed over its tokens and divided by the label tokens of all micro-batches
-    together, so the gradients add up to those of one batch holding them all.
+    together, so the gradients add up to those of one batch holding them all. Under DDP
+    (``group``) the count is that of every rank's micro-batches, gradients are summed over
+    the ranks once, at the last micro-batch, and the loss returned is this rank's share.
     """
     device = next(p for p in model.parameters()).device
     total = sum(label_tokens(b) for b in micro_batches)
+    if group is not None and group.active:
+        total = int(group.all_sum([total])[0])
     items = torch.tensor(max(total, 1), device=device)
     loss_sum = 0.0
-    for batch in micro_batches:
+    for number, batch in enumerate(micro_batches):
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-        with autocast():
-            loss = model(**batch, num_items_in_batch=items).loss
-        loss.backward()
+        with distributed.no_sync(model, last=number == len(micro_batches) - 1):
+            with autocast():
+                loss = model(**batch, num_items_in_batch=items).loss
+            loss.backward()
         loss_sum += float(loss.detach())
     return loss_sum
 
@@ -227,10 +235,23 @@ def _autocast(config: TrainConfig, model):
     return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
 
 
-def _check_resume(config: TrainConfig, state: dict[str, Any], path: Path) -> None:
+def _check_resume(
+    config: TrainConfig, state: dict[str, Any], path: Path, world_size: int = 1
+) -> None:
     saved = state.get("config", {})
+    batch = "per_device_train_batch_size"
+    if batch in saved:  # the data position counts global batches: they must stay the same
+        saved_world = state.get("world_size", 1)
+        theirs, ours = saved[batch] * saved_world, getattr(config, batch) * world_size
+        if theirs != ours:
+            raise ConfigError(
+                f"--resume: the global batch ({batch} x processes) is "
+                f"{getattr(config, batch)} x {world_size} = {ours} but {path.name} was "
+                f"trained with {saved[batch]} x {saved_world} = {theirs}; resume with the "
+                f"same global batch"
+            )
     for key in RESUME_KEYS:
-        if key in saved and saved[key] != getattr(config, key):
+        if key != batch and key in saved and saved[key] != getattr(config, key):
             raise ConfigError(
                 f"--resume: {key}={getattr(config, key)!r} but {path.name} was trained with "
                 f"{saved[key]!r}; resume with the same options"
@@ -242,13 +263,32 @@ def _gpu_memory() -> float | None:
 
 
 def train(config: TrainConfig, *, show_progress: bool = True, console: Any = None) -> TrainResult:
-    """Fine-tune as ``config`` says; see :class:`TrainConfig` for the options."""
+    """Fine-tune as ``config`` says; see :class:`TrainConfig` for the options.
+
+    Started by torchrun with several processes, each is one data-parallel rank
+    (:mod:`sloth_core.train.distributed`); rank 0 alone logs and writes.
+    """
     from rich.console import Console
 
+    config.validate()
+    if config.nproc > 1 and not distributed.launched():
+        raise ConfigError(
+            f"nproc={config.nproc}: several processes start from the command line "
+            f"(`sloth train --nproc {config.nproc}` or torchrun), not inside this one"
+        )
+    group = distributed.setup()
+    try:
+        if not group.is_main:
+            console = Console(quiet=True)
+        return _train(config, group, show_progress=show_progress and group.is_main,
+                      console=console or Console())  # fmt: skip
+    finally:
+        group.close()
+
+
+def _train(config: TrainConfig, group, *, show_progress: bool, console: Any) -> TrainResult:
     from sloth_core import data
 
-    console = console or Console()
-    config.validate()
     _check_plugins(config)
     tokenizer = _load_tokenizer(config)
     prepared = prepare_data(config, tokenizer)
@@ -261,25 +301,33 @@ def train(config: TrainConfig, *, show_progress: bool = True, console: Any = Non
             else ""
         )
     )
-    resume_from = _prepare_output(config)
+    resume_from = _prepare_output(config) if group.is_main else None
+    group.barrier()  # rank 0 has cleared or chosen what every rank resumes from
+    if not group.is_main and config.resume:
+        resume_from = (list_checkpoints(config.output_dir) or [None])[-1]
     if resume_from is not None:  # before the model loads: refuse mismatched options early
-        _check_resume(config, json.loads((resume_from / STATE_FILE).read_text()), resume_from)
+        state = json.loads((resume_from / STATE_FILE).read_text())
+        _check_resume(config, state, resume_from, group.world_size)
     if config.resume and resume_from is None:
         console.print(f"no checkpoint in {config.output_dir}: starting from step 0")
-        (Path(config.output_dir) / METRICS_FILE).unlink(missing_ok=True)
+        if group.is_main:
+            (Path(config.output_dir) / METRICS_FILE).unlink(missing_ok=True)
     if config.cpu_threads:
         torch.set_num_threads(config.cpu_threads)
     torch.manual_seed(config.seed)
     model = _load_model(config)
+    if group.active and group.device.type == "cuda" and not _on_cuda(model):
+        model.to(group.device)
+    group.reseed(config.seed, 0)
     model.train()
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     batches = data.Batches(
-        prepared.train, batch_size=config.per_device_train_batch_size,
+        prepared.train, batch_size=config.per_device_train_batch_size * group.world_size,
         max_seq_length=config.max_seq_length, packing=config.packing, pad_token_id=pad,
         seed=config.seed,
     )  # fmt: skip
     eval_batches = None
-    if prepared.eval:
+    if prepared.eval and group.is_main:  # the other ranks do not evaluate
         eval_batches = data.Batches(
             prepared.eval, batch_size=config.per_device_train_batch_size,
             max_seq_length=config.max_seq_length, packing=False, pad_token_id=pad,
@@ -300,9 +348,12 @@ def train(config: TrainConfig, *, show_progress: bool = True, console: Any = Non
         state = load_checkpoint(resume_from, model=model, optimizer=optimizer, scheduler=scheduler)
         step, consumed = state["step"], state["micro_batches"]
         console.print(f"resumed from {resume_from.name}: step {step}")
+        group.reseed(config.seed, step)
+    train_model = group.wrap(model)
     out = Path(config.output_dir)
-    (out / "train_config.json").write_text(_json(config.to_dict()))
-    log = MetricsLog(out, report_to=config.report_to)
+    if group.is_main:
+        (out / "train_config.json").write_text(_json(config.to_dict()))
+    log = MetricsLog(out, report_to=config.report_to) if group.is_main else distributed.NoLog()
     result = TrainResult(out, total_steps, data_stats=stats)
     eval_every = config.eval_steps
     if eval_batches is not None and step == 0:
@@ -321,9 +372,12 @@ def train(config: TrainConfig, *, show_progress: bool = True, console: Any = Non
                 micro = []
                 for _ in range(accumulation):
                     epoch, index = divmod(consumed, per_epoch)
-                    micro.append(batches.batch(epoch, index))
+                    batch = batches.batch(epoch, index)
+                    micro.append(
+                        distributed.rank_slice(batch, group, config.per_device_train_batch_size)
+                    )
                     consumed += 1
-                loss = accumulate(model, micro, autocast=autocast)
+                loss = accumulate(train_model, micro, autocast=autocast, group=group)
                 grad_norm = None
                 if config.max_grad_norm > 0:
                     grad_norm = float(
@@ -334,7 +388,9 @@ def train(config: TrainConfig, *, show_progress: bool = True, console: Any = Non
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
-                tokens_seen += sum(int(b["input_ids"].numel()) for b in micro)
+                tokens = sum(int(b["input_ids"].numel()) for b in micro)
+                loss, tokens = group.all_sum([loss, tokens])  # as they are in one process
+                tokens_seen += int(tokens)
                 result.losses.append(loss)
                 elapsed = time.perf_counter() - started
                 record = {
@@ -360,26 +416,31 @@ def train(config: TrainConfig, *, show_progress: bool = True, console: Any = Non
                     log.write({"step": step, **metrics})
                     bar.print(_eval_line(f"step {step}", metrics))
                 if config.save_steps and step % config.save_steps == 0 and step < total_steps:
-                    save_checkpoint(
-                        out, step=step, model=model, optimizer=optimizer, scheduler=scheduler,
-                        state={"micro_batches": consumed, "config": config.to_dict(),
-                               "eval_before": result.eval_before},
-                        keep=config.save_total_limit,
-                    )  # fmt: skip
+                    _save(group, out, step, model, optimizer, scheduler, config, consumed,
+                          result)  # fmt: skip
         if eval_batches is not None:
             result.eval_after = evaluate(model, eval_batches, autocast=autocast)
             log.write({"step": step, **result.eval_after})
             console.print(_eval_line("after training", result.eval_after))
     finally:
         log.close()
-    save_checkpoint(
-        out, step=step, model=model, optimizer=optimizer, scheduler=scheduler,
-        state={"micro_batches": consumed, "config": config.to_dict(),
-               "eval_before": result.eval_before},
-        keep=config.save_total_limit,
-    )  # fmt: skip
-    _finish(config, model, tokenizer, result, console)
+    _save(group, out, step, model, optimizer, scheduler, config, consumed, result)
+    if group.is_main:
+        _finish(config, model, tokenizer, result, console)
     return result
+
+
+def _save(group, out, step, model, optimizer, scheduler, config, consumed, result) -> None:
+    """Rank 0 writes the checkpoint; ``micro_batches`` counts global micro-batches."""
+    if group.is_main:
+        save_checkpoint(
+            out, step=step, model=model, optimizer=optimizer, scheduler=scheduler,
+            state={"micro_batches": consumed, "config": config.to_dict(),
+                   "eval_before": result.eval_before, "world_size": group.world_size},
+            keep=config.save_total_limit,
+        )  # fmt: skip
+    group.barrier()  # no rank runs on (or ends) before the checkpoint is whole
+    group.reseed(config.seed, step)  # where a resumed run reseeds ranks > 0 (their RNG)
 
 
 def _finish(config: TrainConfig, model, tokenizer, result: TrainResult, console) -> None:

@@ -1,0 +1,185 @@
+"""Data-parallel training over several processes: the process group, and ``--nproc``.
+
+Every process (rank) holds the whole model; DDP all-reduces the gradients of the trainable
+tensors only (LoRA adapters, ``modules_to_save``), so the frozen, possibly quantized base
+weights never travel. ``torchrun`` (or ``sloth train --nproc N``, which re-launches itself
+through it) starts the processes and sets ``RANK``, ``LOCAL_RANK`` and ``WORLD_SIZE``;
+:func:`setup` joins the group: NCCL on GPUs (one per process), gloo on the CPU.
+
+The data of global micro-batch ``i`` is the same rows whatever the world size: every rank
+builds the batches of the global batch ``per_device_train_batch_size * world_size`` and
+keeps its own slice of rows (:func:`rank_slice`), so 2 ranks of batch ``b`` train on
+exactly what 1 process of batch ``2b`` does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+#: torchrun's variables; WORLD_SIZE marks a process started by a launcher.
+LAUNCH_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+@dataclass
+class Group:
+    """This process's place in the run; ``world_size == 1`` is a plain single process."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device | None = None
+    owned: bool = False  # we initialised the process group, so we destroy it
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def active(self) -> bool:
+        return self.world_size > 1
+
+    def barrier(self) -> None:
+        if self.active:
+            dist.barrier()
+
+    def all_sum(self, values: list[float]) -> list[float]:
+        """``values`` summed over the ranks (float64, so token counts stay exact)."""
+        if not self.active:
+            return list(values)
+        tensor = torch.tensor(values, dtype=torch.float64, device=self.device)
+        dist.all_reduce(tensor)
+        return tensor.tolist()
+
+    def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
+        """``model`` under DDP (gradients summed, see :func:`_sum_hook`), or as it is."""
+        if not self.active:
+            return model
+        from torch.nn.parallel import DistributedDataParallel
+
+        # Every rank loaded the same weights and seeded the same adapters; sending rank 0's
+        # trainable tensors is enough (DDP's own init sync would send the frozen base too).
+        with torch.no_grad():
+            for param in model.parameters():
+                if param.requires_grad:
+                    dist.broadcast(param.data, src=0)
+        ddp = DistributedDataParallel(
+            model,
+            device_ids=[self.device.index] if self.device.type == "cuda" else None,
+            broadcast_buffers=False,
+            init_sync=False,
+        )
+        ddp.register_comm_hook(None, _sum_hook)
+        return ddp
+
+    def reseed(self, seed: int, step: int) -> None:
+        """Rank 0 keeps the single-process generators; the others draw other dropout masks.
+
+        Checkpoints hold rank 0's random states, so a resumed rank ``r > 0`` reseeds from
+        ``(seed, rank, step)``: with ``lora_dropout`` > 0 a run is reproducible for a given
+        world size, and exact across world sizes only without dropout.
+        """
+        if self.rank:
+            torch.manual_seed(seed + 7919 * self.rank + 104729 * step)
+
+    def close(self) -> None:
+        if self.owned and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _sum_hook(_state, bucket):  # unannotated: DDP checks hooks' annotations as types
+    # DDP's default hook averages over ranks; each rank's loss is already divided by the
+    # step's global label-token count, so the sum is the exact gradient (no loss * W).
+    work = dist.all_reduce(bucket.buffer(), async_op=True)
+    return work.get_future().then(lambda fut: fut.value()[0])
+
+
+def launched() -> bool:
+    """Started by torchrun (or ``sloth train --nproc``) with more than one process."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def setup() -> Group:
+    """Join the process group torchrun describes; a single-process :class:`Group` otherwise."""
+    if not launched():
+        return Group()
+    rank = int(os.environ["RANK"])
+    world = int(os.environ["WORLD_SIZE"])
+    local = int(os.environ.get("LOCAL_RANK", rank))
+    if torch.cuda.is_available():
+        os.environ.setdefault("NCCL_NVLS_ENABLE", "0")  # NVLink multicast: off unless asked
+        torch.cuda.set_device(local)
+        device, backend = torch.device("cuda", local), "nccl"
+    else:
+        device, backend = torch.device("cpu"), "gloo"
+    owned = not dist.is_initialized()
+    if owned:
+        # Rank 0 evaluates and writes alone while the others wait: NCCL's 10-minute
+        # default would cut a long evaluation short.
+        dist.init_process_group(backend=backend, timeout=datetime.timedelta(hours=1))
+    return Group(rank=rank, world_size=world, local_rank=local, device=device, owned=owned)
+
+
+def rank_slice(batch: dict[str, torch.Tensor], group: Group, per_device: int) -> dict:
+    """This rank's rows of a global micro-batch, trimmed of columns that are padding alone.
+
+    A rank left without rows (the short last batch of an epoch) gets one row with every
+    label masked: it still runs forward and backward, so DDP's all-reduce matches up, and
+    adds nothing to the loss or the gradients.
+    """
+    if not group.active:
+        return batch
+    start = group.rank * per_device
+    rows = {key: value[start : start + per_device] for key, value in batch.items()}
+    if rows["input_ids"].shape[0] == 0:
+        rows = {key: value[:1].clone() for key, value in batch.items()}
+        rows["labels"].fill_(-100)
+        return rows
+    if "attention_mask" in rows:  # right padding: the columns past the longest row
+        width = int(rows["attention_mask"].sum(1).max())
+    else:  # packed: trailing padding sits on ids == pad with labels -100, restarted positions
+        real = (rows["labels"] != -100).any(0).nonzero()
+        width = rows["input_ids"].shape[1] if len(real) == 0 else int(real.max()) + 1
+    return {key: value[:, :width] for key, value in rows.items()}
+
+
+def no_sync(model: torch.nn.Module, last: bool):
+    """DDP's ``no_sync`` for every micro-batch but the step's last (one all-reduce a step)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    if last or not isinstance(model, DistributedDataParallel):
+        return contextlib.nullcontext()
+    return model.no_sync()
+
+
+class NoLog:
+    """The metrics log of ranks other than 0: they log nothing."""
+
+    def write(self, record: dict[str, Any]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def relaunch(argv: list[str], nproc: int) -> int:
+    """Run ``sloth <argv>`` in ``nproc`` processes through torch.distributed.run; its code.
+
+    ``argv`` is the command line without ``--nproc``: the children learn their place from
+    torchrun's variables.
+    """
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               f"--nproc-per-node={nproc}", "-m", "sloth_core", *argv]  # fmt: skip
+    env = {key: value for key, value in os.environ.items() if key not in LAUNCH_VARS}
+    env.setdefault("NCCL_NVLS_ENABLE", "0")
+    if not torch.cuda.is_available():
+        env.setdefault("OMP_NUM_THREADS", "1")
+    return subprocess.call(command, env=env)

@@ -1,0 +1,121 @@
+"""``sloth bench train --max-context``: the search (doubling, then bisection) against a fake
+``fits``, the probe's failure handling, and one real run of the tiny shape on the CPU."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from sloth_core.bench import context
+from sloth_core.bench.context import ProbeError, max_fitting, probe_in_process
+from sloth_core.cli import main
+
+
+def upto(limit: int):
+    return lambda seq: seq <= limit
+
+
+def test_doubles_then_bisects_to_the_granularity():
+    search = max_fitting(upto(5000), start=1024, cap=65536, granularity=256)
+    assert search.best == 4864  # the longest multiple of 256 within 5000
+    seqs = [seq for seq, _ in search.probes]
+    assert seqs[:4] == [1024, 2048, 4096, 8192]  # doubling until one does not fit
+    assert all(4096 < seq < 8192 and seq % 256 == 0 for seq in seqs[4:])  # then bisection
+    assert search.probes[3] == (8192, False)
+    assert len(seqs) == len(set(seqs)) == 8
+
+
+@pytest.mark.parametrize("limit", [1024, 1025, 1300, 2047, 2048, 3000, 40000, 65535])
+def test_finds_the_limit_within_one_granule(limit):
+    search = max_fitting(upto(limit), start=1024, cap=65536, granularity=256)
+    assert search.best <= limit < search.best + 256
+    assert all(ok == (seq <= limit) for seq, ok in search.probes)
+
+
+def test_nothing_fits():
+    search = max_fitting(upto(100), start=1024, cap=65536)
+    assert search.best == 0 and search.probes == [(1024, False)]
+
+
+def test_everything_up_to_the_cap_fits():
+    search = max_fitting(upto(10**9), start=1024, cap=10000, granularity=256)
+    assert search.best == 10000
+    assert [seq for seq, _ in search.probes] == [1024, 2048, 4096, 8192, 10000]
+    assert max_fitting(upto(10**9), start=512, cap=512).probes == [(512, True)]
+
+
+def test_the_cap_itself_can_be_the_first_miss():
+    search = max_fitting(upto(9000), start=1024, cap=10000, granularity=256)
+    assert search.best == 8960 and (10000, False) in search.probes
+
+
+def test_rejects_a_start_past_the_cap():
+    with pytest.raises(ValueError, match="start"):
+        max_fitting(upto(1), start=2048, cap=1024)
+    with pytest.raises(ValueError, match="granularity"):
+        max_fitting(upto(1), start=1, cap=2, granularity=0)
+
+
+def test_errors_propagate_out_of_the_search():
+    def fits(seq):
+        raise ProbeError("boom")
+
+    with pytest.raises(ProbeError, match="boom"):
+        max_fitting(fits, start=16, cap=64)
+
+
+def test_a_probe_that_fails_is_an_error_unless_it_ran_out_of_memory(monkeypatch, tmp_path):
+    kwargs = dict(seq=64, device="cpu", quantization=None, budget_gib=None, timeout=10)
+    answers = iter([
+        {"seq": 64, "fits": False, "reason": "out of memory: ..."},
+        {"error": "Killed", "returncode": -9},  # the host's OOM killer
+        {"error": "ValueError: a bug", "returncode": 1},
+    ])  # fmt: skip
+    monkeypatch.setattr(context, "run_worker", lambda *a, **k: next(answers))
+    assert probe_in_process("sloth", tmp_path, **kwargs)["fits"] is False
+    killed = probe_in_process("sloth", tmp_path, **kwargs)
+    assert killed["fits"] is False and "signal 9" in killed["reason"]
+    with pytest.raises(ProbeError, match="a bug"):
+        probe_in_process("sloth", tmp_path, **kwargs)
+
+
+def test_run_max_context_per_system_with_ratios_and_skips(monkeypatch, tmp_path):
+    limits = {"sloth": 3000, "hf": 1000}
+
+    def fake_probe(system, model_dir, *, seq, **kwargs):
+        if system == "sloth:off":
+            raise ProbeError("crashed")
+        return {"seq": seq, "fits": seq <= limits[system], "peak_gib": seq / 1000}
+
+    monkeypatch.setattr(context, "probe_in_process", fake_probe)
+    monkeypatch.setattr(context, "make_model", lambda shape, path, device: path)
+    monkeypatch.setattr(context, "resolve_systems", lambda systems: (
+        ["sloth", "hf", "sloth:off"], [{"system": "liger", "skipped": "not installed"}]))
+    report = context.run_max_context("llama-tiny", systems="all", model_dir=tmp_path,
+                                     device="cpu", start=256, cap=4096,
+                                     granularity=128)  # fmt: skip
+    by = {r["system"]: r for r in report["results"]}
+    assert by["sloth"]["max_seq"] == 2944 and by["hf"]["max_seq"] == 896
+    assert by["sloth"]["context_vs_hf"] == pytest.approx(2944 / 896)
+    assert by["sloth:off"]["error"] == "crashed" and "max_seq" not in by["sloth:off"]
+    assert by["liger"]["skipped"] == "not installed"
+    text = context.markdown(report, "sloth bench train --max-context")
+    assert "| sloth | 2944 | 3.29x | 2.94 |" in text and "skipped: not installed" in text
+
+
+def test_cli_max_context_on_the_cpu(tmp_path):
+    # One real probe process per length: 32 fits, 64 (the cap) fits.
+    args = ["bench", "train", "--shape", "llama-tiny", "--max-context", "--systems", "sloth",
+            "--device", "cpu", "--context-start", "32", "--context-cap", "64",
+            "--context-granularity", "16", "--model-dir", str(tmp_path / "m"),
+            "--json", str(tmp_path / "r.json"), "--markdown", str(tmp_path / "r.md")]  # fmt: skip
+    assert main(args) == 0
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["kind"] == "max_context" and report["budget_measure"] == "peak RSS growth"
+    (result,) = report["results"]
+    assert result["system"] == "sloth" and result["max_seq"] == 64 and result["capped"]
+    assert [p["seq"] for p in result["probes"]] == [32, 64]
+    assert all(p["fits"] and p["loss"] > 0 for p in result["probes"])
+    text = (tmp_path / "r.md").read_text()
+    assert "| sloth | 64 (cap) |" in text and "budget none (a probe fits if it runs)" in text

@@ -1,0 +1,120 @@
+"""Data-parallel training on the CPU (gloo): 2 ranks of batch b train exactly as 1 process
+of batch 2b, and a checkpoint of either resumes on the other."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from sloth_core.train import ConfigError, TrainConfig, train
+from sloth_core.train.metrics import read_metrics
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "SLOTH_KERNELS": "torch", "HF_HUB_OFFLINE": "1"}
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
+
+
+def _options(model, data, out, batch, **extra):
+    return {
+        "model_name": str(model), "dataset": str(data), "output_dir": str(out),
+        "max_seq_length": 64, "per_device_train_batch_size": batch,
+        "gradient_accumulation_steps": 2, "max_steps": 4, "learning_rate": 5e-3,
+        "warmup_steps": 1, "gradient_checkpointing": "off", "save_steps": 2, "seed": 5,
+        "lora_dropout": 0.0, "save_method": "none", "report_to": "none", **extra,
+    }  # fmt: skip
+
+
+def _train(options, *flags, launcher=(sys.executable,)):
+    args = [*launcher, "-m", "sloth_core", "train", "--quiet"]
+    for key, value in options.items():
+        args += [f"--{key}", str(value)]
+    done = subprocess.run(args + list(flags), env=ENV, capture_output=True, text=True,
+                          timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    return done
+
+
+def _losses(out):
+    records = [r for r in read_metrics(out) if "loss" in r]
+    steps = [r["step"] for r in records]
+    assert len(steps) == len(set(steps)), f"a step logged twice (rank > 0 logging?): {steps}"
+    return {r["step"]: r["loss"] for r in records}
+
+
+def _stopped_at_step_2(source, target):
+    """``source``'s output as a run killed just after its step-2 checkpoint leaves it."""
+    shutil.copytree(source, target)
+    shutil.rmtree(target / "checkpoint-4")
+    kept = [r for r in read_metrics(target) if r["step"] <= 2]
+    (target / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_llama, tmp_path_factory):
+    """One process of batch 4, and `sloth train --nproc 2` of batch 2: 4 steps each."""
+    from sloth_core.testing.datasets import load_tiny_instructions
+
+    root = tmp_path_factory.mktemp("ddp")
+    data = root / "data.jsonl"
+    rows = load_tiny_instructions()[:48]
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    single, double = root / "single", root / "double"
+    _train(_options(tiny_llama, data, single, 4))
+    _train(_options(tiny_llama, data, double, 2), "--nproc", "2")
+    return tiny_llama, data, root
+
+
+def test_two_ranks_train_as_one_process_of_twice_the_batch(runs):
+    _, _, root = runs
+    single, double = _losses(root / "single"), _losses(root / "double")
+    assert sorted(single) == [1, 2, 3, 4]
+    assert sorted(double) == sorted(single)
+    for step, loss in single.items():
+        assert double[step] == pytest.approx(loss, rel=1e-5), step
+    assert single[4] < single[1]  # it trains
+    state = json.loads((root / "double" / "checkpoint-2" / "trainer_state.json").read_text())
+    assert state["world_size"] == 2 and state["micro_batches"] == 4  # global micro-batches
+
+
+def test_a_two_rank_checkpoint_resumes_on_one_process_and_back(runs, tmp_path):
+    """Stopped after step 2's checkpoint (the later files removed, as a kill would leave
+    them), then resumed on the other world size with the same global batch: steps 3 and 4
+    have the uninterrupted run's losses."""
+    model, data, root = runs
+    expected = _losses(root / "single")
+
+    on_one = tmp_path / "on_one"
+    _stopped_at_step_2(root / "double", on_one)
+    done = _train(_options(model, data, on_one, 4), "--resume")
+    assert "resumed from checkpoint-2" in done.stdout
+    got = _losses(on_one)
+    assert sorted(got) == [1, 2, 3, 4]
+    for step in (3, 4):
+        assert got[step] == pytest.approx(expected[step], rel=1e-5), step
+
+    on_two = tmp_path / "on_two"
+    _stopped_at_step_2(root / "single", on_two)
+    _train(_options(model, data, on_two, 2), "--resume", launcher=TORCHRUN)
+    got = _losses(on_two)
+    for step in (3, 4):
+        assert got[step] == pytest.approx(expected[step], rel=1e-5), step
+
+
+def test_resume_refuses_another_global_batch(runs, tmp_path):
+    model, data, root = runs
+    out = tmp_path / "out"
+    _stopped_at_step_2(root / "double", out)
+    config = TrainConfig.from_mapping({**_options(model, data, out, 2), "resume": True})
+    with pytest.raises(ConfigError, match=r"global batch .* 2 x 1 = 2 .* 2 x 2 = 4"):
+        train(config, show_progress=False)
+
+
+def test_nproc_needs_a_launcher_in_python(runs, tmp_path):
+    model, data, _ = runs
+    config = TrainConfig.from_mapping({**_options(model, data, tmp_path / "o", 2), "nproc": 2})
+    with pytest.raises(ConfigError, match="nproc=2: several processes start"):
+        train(config, show_progress=False)
