@@ -6,16 +6,11 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny matrices: one thread is faster on a shared 2-core machine, and deterministic.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _single_thread(single_thread):
+    """Every test here on one torch thread (the fixture of sloth's pytest plugin)."""
 
 
 @pytest.fixture(scope="session")

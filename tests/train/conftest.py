@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 from sloth_core.testing.datasets import load_tiny_instructions
 
@@ -19,12 +18,8 @@ def _torch_ops(monkeypatch):
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny matrices: one thread is faster on a shared 2-core machine, and deterministic.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _single_thread(single_thread):
+    """Every test here on one torch thread (the fixture of sloth's pytest plugin)."""
 
 
 @pytest.fixture(scope="session")
