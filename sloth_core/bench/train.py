@@ -11,6 +11,13 @@ matmul weights incl. lm_head: forward and input gradients; LoRA weights: forward
 and weight gradients; attention scores and values; recomputation not counted) against
 the device's bf16 matmul rate.
 
+Several GPUs (``nproc``: one or more world sizes, each system run at each): the processes
+start through torchrun, every rank trains its own batch (the global batch is ``batch x
+nproc``), tokens/s count every rank's tokens and peak memory is the largest rank's.
+``sloth`` runs on :mod:`sloth_core.train.distributed` (the trainer's DDP, or FSDP2 for
+``full``), the baselines under torch's DDP. ``full``: every weight trains (no LoRA;
+FLOPs ``6 N_base`` for the weights), ``sloth`` systems only.
+
 Systems: ``sloth`` (``:on``/``:off`` name its checkpointing), ``hf``, and the other
 baselines when installed (``liger``: Liger-Kernel's patches on the ``hf`` baseline).
 ``--systems all`` runs every installed one; one that is not installed is reported as
@@ -87,6 +94,8 @@ class TrainResult:
     attention: str | None = None
     device_name: str | None = None
     error: str | None = None
+    nproc: int = 1
+    full: bool = False
 
 
 class SystemSkipped(Exception):
@@ -228,7 +237,8 @@ def hf_quantization_config(quantization: str) -> Any:
                               bnb_4bit_compute_dtype=torch.bfloat16)  # fmt: skip
 
 
-def _load(system: str, model_dir: Path, device: str, quantization: str | None = None):
+def _load(system: str, model_dir: Path, device: str, quantization: str | None = None,
+          full: bool = False):  # fmt: skip
     import torch
 
     if system == "liger":  # the hf baseline with Liger-Kernel's patches
@@ -247,8 +257,15 @@ def _load(system: str, model_dir: Path, device: str, quantization: str | None = 
         model, _ = FastLanguageModel.from_pretrained(
             str(model_dir), dtype=torch.bfloat16, device_map=device, max_seq_length=None,
             quantization=quantization,  # nf4: what load_in_4bit=True means
+            full_finetuning=full,
         )  # fmt: skip
         n_base = _matmul_params(model)
+        if full:
+            from sloth_core.api import enable_checkpointing
+
+            if checkpointing:
+                enable_checkpointing(model, offload=checkpointing == "sloth")
+            return model, n_base
         model = FastLanguageModel.get_peft_model(
             model, r=16, lora_alpha=16, lora_dropout=0.0, target_modules=TARGET_MODULES,
             use_gradient_checkpointing=checkpointing,
@@ -272,18 +289,38 @@ def _load(system: str, model_dir: Path, device: str, quantization: str | None = 
     return get_peft_model(model, config), n_base
 
 
+def _distribute(system: str, model: Any, full: bool):
+    """Under torchrun: the model as the system runs on several processes, and the group."""
+    from sloth_core.train import distributed
+
+    group = distributed.setup()
+    if not group.active:
+        return model, group
+    if system == "sloth" or system.startswith("sloth:"):
+        return group.wrap(model, full=full), group
+    from torch.nn.parallel import DistributedDataParallel
+
+    ids = [group.device.index] if group.device.type == "cuda" else None
+    return DistributedDataParallel(model, device_ids=ids), group
+
+
 def run_system(system: str, model_dir: Path, *, seq: int, batch: int, steps: int,
-               warmup: int, device: str,
-               quantization: str | None = None) -> TrainResult:  # fmt: skip
-    """Train ``system`` on a fixed random batch; the body of one worker process."""
+               warmup: int, device: str, quantization: str | None = None,
+               full: bool = False) -> TrainResult:  # fmt: skip
+    """Train ``system`` on a fixed random batch; the body of one worker process (of each
+    rank, under torchrun)."""
     import torch
 
-    model, n_base = _load(system, model_dir, device, quantization)
+    if device == "cuda" and "LOCAL_RANK" in os.environ:
+        device = f"cuda:{os.environ['LOCAL_RANK']}"
+    model, n_base = _load(system, model_dir, device, quantization, full)
+    n_lora = 0 if full else sum(p.numel() for p in model.parameters() if p.requires_grad)
+    config = model.config
+    model, group = _distribute(system, model, full)
     model.train()
-    n_lora = sum(p.numel() for p in model.parameters() if p.requires_grad)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4)
-    generator = torch.Generator().manual_seed(1234)
-    vocab = model.config.vocab_size
+    generator = torch.Generator().manual_seed(1234 + group.rank)  # each rank its own rows
+    vocab = config.vocab_size
     ids = torch.randint(0, vocab, (batch, seq), generator=generator).to(device)
     cuda = device.startswith("cuda")
     if cuda:
@@ -295,7 +332,9 @@ def run_system(system: str, model_dir: Path, *, seq: int, batch: int, steps: int
             torch.cuda.synchronize()
         start = time.perf_counter()
         loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
+        # sloth's wrappers sum the ranks' gradients: the mean over every rank's rows.
+        scale = group.world_size if system.startswith("sloth") else 1
+        (loss / scale).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if cuda:
@@ -304,13 +343,18 @@ def run_system(system: str, model_dir: Path, *, seq: int, batch: int, steps: int
         if step >= warmup:
             times.append(time.perf_counter() - start)
     median = statistics.median(times)
-    tokens_per_s = batch * seq / median
-    config = model.config
+    if group.active:  # the slowest rank's step; the largest rank's memory
+        median = max(group.all_max([median]))
+    tokens_per_s = group.world_size * batch * seq / median
+    base_flops = (6 if full else 4) * n_base  # full: the weights' gradients too
     flops_per_token = (
-        4 * n_base + 6 * n_lora + 12 * config.num_hidden_layers * config.hidden_size * seq
+        base_flops + 6 * n_lora + 12 * config.num_hidden_layers * config.hidden_size * seq
     )
-    mfu = flops_per_token * tokens_per_s / (PEAK_TFLOPS * 1e12) if cuda else None
+    per_device = tokens_per_s / group.world_size
+    mfu = flops_per_token * per_device / (PEAK_TFLOPS * 1e12) if cuda else None
     peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
+    if peak is not None and group.active:
+        peak = max(group.all_max([peak]))
     attention = getattr(config, "_attn_implementation", None)
     if cuda:
         device_name = torch.cuda.get_device_name()
@@ -318,19 +362,34 @@ def run_system(system: str, model_dir: Path, *, seq: int, batch: int, steps: int
         import platform
 
         device_name = platform.processor() or platform.machine()
+    group.close()
     return TrainResult(system, tokens_per_s, median, peak, mfu, losses[0], losses[-1], n_base,
-                       n_lora, attention, device_name)  # fmt: skip
+                       n_lora, attention, device_name, nproc=group.world_size,
+                       full=full)  # fmt: skip
 
 
-def run_worker(module: str, args: list[str], *, timeout: float) -> dict[str, Any]:
-    """``python -m module *args`` in a fresh process: its last JSON line, or the error."""
+def run_worker(module: str, args: list[str], *, timeout: float,
+               nproc: int = 1) -> dict[str, Any]:  # fmt: skip
+    """``python -m module *args`` in a fresh process (``nproc`` of them under torchrun):
+    its last JSON line (rank 0's), or the error."""
+    from sloth_core.train.distributed import LAUNCH_VARS
+
     cmd = [sys.executable, "-m", module, *args]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, "PYTHONUNBUFFERED": "1"})  # fmt: skip
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    if nproc > 1:
+        cmd[1:1] = ["-m", "torch.distributed.run", "--standalone",
+                    f"--nproc-per-node={nproc}"]  # fmt: skip
+        env = {key: value for key, value in env.items() if key not in LAUNCH_VARS}
+        env.setdefault("NCCL_NVLS_ENABLE", "0")
+        env.setdefault("OMP_NUM_THREADS", "1")
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
     if lines:
         return json.loads(lines[-1])
-    tail = (done.stderr or done.stdout).strip().splitlines()[-5:]
+    tail = (done.stderr or done.stdout).strip().splitlines()
+    # torchrun ends with its own summary: the ranks' exceptions are what says why.
+    raised = [line for line in tail if "Error" in line and "ChildFailedError" not in line]
+    tail = raised[-1:] if raised else tail[-5:]
     return {"error": " | ".join(tail)[-800:] or f"exit status {done.returncode}",
             "returncode": done.returncode}  # fmt: skip
 
@@ -338,18 +397,26 @@ def run_worker(module: str, args: list[str], *, timeout: float) -> dict[str, Any
 def run_bench(shape: str, *, seq: int, batch: int, steps: int = 10, warmup: int = 3,
               systems: str | tuple[str, ...] = SYSTEMS, model_dir: Path, device: str,
               timeout: float = 1800, quantization: str | None = None,
-              loss_tolerance: float = LOSS_TOLERANCE) -> dict[str, Any]:  # fmt: skip
+              loss_tolerance: float = LOSS_TOLERANCE, nproc: tuple[int, ...] = (1,),
+              full: bool = False) -> dict[str, Any]:  # fmt: skip
     """Every system in its own process, one after the other, on the same model and batch;
     with ``quantization`` (``"nf4"``, ...) QLoRA: the base weights quantized as they load.
-    ``systems``: names, or ``"all"``/a comma-separated string (see ``resolve_systems``)."""
+    ``systems``: names, or ``"all"``/a comma-separated string (see ``resolve_systems``).
+    ``nproc``: the world sizes each system runs at (``sloth@2``: 2 processes); ``full``:
+    full fine-tuning, sloth systems only."""
     run, skipped = resolve_systems(systems)
+    if full and any(not s.startswith("sloth") for s in run):
+        raise ValueError("full fine-tuning is benchmarked for sloth systems only")
     model_dir = make_model(shape, Path(model_dir), device=device)
     results = []
-    for system in run:
-        out = run_worker("sloth_core.bench.train", [
-            system, str(model_dir), str(seq), str(batch), str(steps), str(warmup), device,
-            quantization or "none"], timeout=timeout)  # fmt: skip
-        results.append({"system": system, **out})
+    for world in nproc:
+        for system in run:
+            out = run_worker("sloth_core.bench.train", [
+                system, str(model_dir), str(seq), str(batch), str(steps), str(warmup), device,
+                quantization or "none", "full" if full else "lora",
+            ], timeout=timeout, nproc=world)  # fmt: skip
+            name = system if world == 1 else f"{system}@{world}"
+            results.append({**out, "system": name})
     results += skipped
     losses_agree = check_losses(results, loss_tolerance)
     base = next((r for r in results if r["system"] == "hf" and "tokens_per_s" in r), None)
@@ -358,9 +425,14 @@ def run_bench(shape: str, *, seq: int, batch: int, steps: int = 10, warmup: int 
             r["speed_vs_hf"] = r["tokens_per_s"] / base["tokens_per_s"]
             if r["peak_gib"] and base["peak_gib"]:
                 r["memory_vs_hf"] = r["peak_gib"] / base["peak_gib"]
+        one = next((o for o in results if o["system"] == r["system"].partition("@")[0]
+                    and "tokens_per_s" in o), None)  # fmt: skip
+        if "@" in r["system"] and one and "tokens_per_s" in r:  # scaling over 1 process
+            r["speed_vs_1"] = r["tokens_per_s"] / one["tokens_per_s"]
     device_name = next((r["device_name"] for r in results if r.get("device_name")), None)
     return {"shape": shape, "config": SHAPES[shape], "seq": seq, "batch": batch, "steps": steps,
             "warmup": warmup, "device": device, "quantization": quantization,
+            "nproc": list(nproc), "full": full,
             "peak_tflops": PEAK_TFLOPS, "device_name": device_name, "versions": versions(),
             "loss_tolerance": loss_tolerance, "losses_agree": losses_agree,
             "results": results}  # fmt: skip
@@ -372,14 +444,20 @@ def markdown(report: dict[str, Any], command: str) -> str:
     def fmt(value, spec):
         return "-" if value is None else format(value, spec)
 
-    lines = [f"Shape `{report['shape']}`, seq {report['seq']} x batch {report['batch']}, "
-             f"{report['warmup']} warm-up + {report['steps']} timed steps, {report['device']}"
-             + (f", QLoRA ({report['quantization']} base weights)."
-                if report.get("quantization") else "."),
+    def ratio(value):
+        return "-" if value is None else f"{value:.2f}x"
+
+    scaling = any("speed_vs_1" in r for r in report["results"])
+    what = ("full fine-tuning" if report.get("full")
+            else f"QLoRA ({report['quantization']} base weights)" if report.get("quantization")
+            else "LoRA")  # fmt: skip
+    lines = [f"Shape `{report['shape']}`, seq {report['seq']} x batch {report['batch']} per "
+             f"process, {report['warmup']} warm-up + {report['steps']} timed steps, "
+             f"{report['device']}, {what}; `system@N`: N processes, one GPU each.",
              "", f"    {command}", "",
              "| system | attention | tokens/s | peak GiB | MFU | first loss | last loss "
-             "| speed vs hf | memory vs hf |",
-             "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+             "| speed vs hf | memory vs hf |" + (" speed vs 1 process |" if scaling else ""),
+             "|---|---|---|---|---|---|---|---|---|" + ("---|" if scaling else "")]  # fmt: skip
     for r in report["results"]:
         if r.get("skipped"):
             lines.append(f"| {r['system']} | | skipped: {r['skipped'][:120]} | | | | | | |")
@@ -393,7 +471,8 @@ def markdown(report: dict[str, Any], command: str) -> str:
             f"{fmt(r['peak_gib'], '.2f')} | "
             f"{fmt(r['mfu'] and r['mfu'] * 100, '.1f')}% | {r['first_loss']:.4f}{flag} | "
             f"{r['last_loss']:.4f} | "
-            f"{fmt(r.get('speed_vs_hf'), '.2f')}x | {fmt(r.get('memory_vs_hf'), '.2f')}x |"
+            f"{ratio(r.get('speed_vs_hf'))} | {ratio(r.get('memory_vs_hf'))} |"
+            + (f" {ratio(r.get('speed_vs_1'))} |" if scaling else "")
         )
     if not report.get("losses_agree", True):
         lines += ["", f"(!) first loss differs from the reference's by more than "
@@ -406,15 +485,17 @@ def markdown(report: dict[str, Any], command: str) -> str:
 
 
 def _worker(argv: list[str]) -> None:
-    system, model_dir, seq, batch, steps, warmup, device, quantization = argv
+    system, model_dir, seq, batch, steps, warmup, device, quantization, mode = argv
     try:
         result = run_system(system, Path(model_dir), seq=int(seq), batch=int(batch),
                             steps=int(steps), warmup=int(warmup), device=device,
-                            quantization=None if quantization == "none" else quantization)
+                            quantization=None if quantization == "none" else quantization,
+                            full=mode == "full")  # fmt: skip
     except SystemSkipped as exc:
         print(json.dumps({"system": system, "skipped": str(exc)}))
         return
-    print(json.dumps(asdict(result)))
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps(asdict(result)))
 
 
 if __name__ == "__main__":  # one system, in its own process (see run_bench)

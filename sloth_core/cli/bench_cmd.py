@@ -49,6 +49,12 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     train.add_argument("--quantization", choices=("nf4", "fp4", "int8"), default=None,
                        help="QLoRA: base weights quantized while loading (sloth: sloth-bnb; "
                             "hf: transformers' BitsAndBytesConfig)")  # fmt: skip
+    train.add_argument("--nproc", default="1", type=_world_sizes,
+                       help="comma-separated world sizes each system runs at, one GPU per "
+                            "process through torchrun (1,2: one GPU, then two)")  # fmt: skip
+    train.add_argument("--full", action="store_true",
+                       help="full fine-tuning instead of LoRA (sloth systems; FSDP2 on "
+                            "several processes)")  # fmt: skip
     train.add_argument("--device", default=None, help="default: cuda if present, else cpu")
     train.add_argument("--model-dir", type=Path, default=None,
                        help="where the random-init model is written once (default: a cache dir)")
@@ -74,6 +80,16 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
                             "matplotlib")  # fmt: skip
     train.set_defaults(run=run_train)
     bench.set_defaults(run=lambda args: bench.print_help() or 2)
+
+
+def _world_sizes(text: str) -> tuple[int, ...]:
+    try:
+        sizes = tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        sizes = ()
+    if not sizes or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: give world sizes like 1,2")
+    return sizes
 
 
 def write_reports(args: argparse.Namespace, report: dict, markdown) -> None:
@@ -142,7 +158,9 @@ def run_train(args: argparse.Namespace) -> int:
         shapes = ", ".join(bench_train.SHAPES)
         raise SystemExit(f"sloth: unknown shape {args.shape!r}; shapes: {shapes}")
     try:
-        bench_train.resolve_systems(args.systems)
+        run, _ = bench_train.resolve_systems(args.systems)
+        if args.full and any(not system.startswith("sloth") for system in run):
+            raise ValueError("--full is benchmarked for sloth systems only (--systems sloth)")
         if args.plot:  # before anything is measured
             require_matplotlib()
     except (ValueError, PlotUnavailable) as exc:
@@ -156,7 +174,8 @@ def run_train(args: argparse.Namespace) -> int:
     report = bench_train.run_bench(
         args.shape, seq=args.seq, batch=args.batch, steps=args.steps, warmup=args.warmup,
         systems=args.systems, model_dir=model_dir, device=device,
-        quantization=args.quantization, loss_tolerance=tolerance,
+        quantization=args.quantization, loss_tolerance=tolerance, nproc=args.nproc,
+        full=args.full,
     )  # fmt: skip
     write_reports(args, report, bench_train.markdown)
     if args.plot:
@@ -165,7 +184,7 @@ def run_train(args: argparse.Namespace) -> int:
     table = Table(title=f"sloth bench train: {args.shape}, seq {args.seq} x batch {args.batch}"
                         f"{quant} on {report.get('device_name') or device}")  # fmt: skip
     columns = ("system", "attention", "tokens/s", "step ms", "peak GiB", "MFU %", "first loss",
-               "last loss", "x hf speed", "x hf memory")  # fmt: skip
+               "last loss", "x hf speed", "x hf memory", "x 1 process")  # fmt: skip
     for column in columns:
         table.add_column(column)
 
@@ -185,6 +204,7 @@ def run_train(args: argparse.Namespace) -> int:
             f"{r['median_step_s'] * 1000:.1f}", num(r["peak_gib"], ".2f"),
             num(r["mfu"] and r["mfu"] * 100, ".1f"), first, f"{r['last_loss']:.4f}",
             num(r.get("speed_vs_hf"), ".2f"), num(r.get("memory_vs_hf"), ".2f"),
+            num(r.get("speed_vs_1"), ".2f"),
         )  # fmt: skip
     _print_table(table, report["results"])
     if not report["losses_agree"]:

@@ -52,11 +52,33 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {
-        name: param.detach().to("cpu", copy=True).contiguous()
-        for name, param in model.named_parameters()
-        if param.requires_grad
-    }
+    """Every trainable tensor by parameter name, whole and on the CPU.
+
+    A model sharded by FSDP2 is gathered (every rank must call this; rank 0 gets the
+    tensors, the others an empty dict). Tied weights appear once, under the name
+    ``named_parameters`` gives them.
+    """
+    from .distributed import full_state, is_sharded
+
+    names = [name for name, param in model.named_parameters() if param.requires_grad]
+    if is_sharded(model):
+        whole = full_state(model)
+        return {name: whole[name].contiguous() for name in names if name in whole}
+    params = dict(model.named_parameters())
+    return {name: params[name].detach().to("cpu", copy=True).contiguous() for name in names}
+
+
+def optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """The optimizer's state keyed by parameter name, whole and on the CPU.
+
+    Names instead of torch's positions keep a checkpoint loadable whatever wraps or shards
+    the model: a run of FSDP2 on N ranks resumes on M, or in one process. Sharded, every
+    rank must call it (rank 0 gets the state).
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_optimizer_state_dict(model, optimizer, options=options)
 
 
 def save_checkpoint(
@@ -64,20 +86,25 @@ def save_checkpoint(
     *,
     step: int,
     model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
+    tensors: dict[str, torch.Tensor],
+    optimizer_state: dict,
     scheduler: Any,
     state: dict[str, Any],
     keep: int,
 ) -> Path:
-    """Write ``output_dir/checkpoint-<step>`` atomically; keep the ``keep`` newest."""
+    """Write ``output_dir/checkpoint-<step>`` atomically; keep the ``keep`` newest.
+
+    ``tensors`` and ``optimizer_state`` come from :func:`trainable_state` and
+    :func:`optimizer_state` (gathered on every rank first when the model is sharded).
+    """
     from safetensors.torch import save_file
 
     path = Path(output_dir) / f"checkpoint-{step}"
     with atomic_directory(path, force=True) as staging:
-        save_file(trainable_state(model), str(staging / TRAINABLE_FILE))
+        save_file(tensors, str(staging / TRAINABLE_FILE))
         if hasattr(model, "peft_config"):
             model.save_pretrained(str(staging / "adapter"))
-        torch.save(optimizer.state_dict(), staging / "optimizer.pt")
+        torch.save(optimizer_state, staging / "optimizer.pt")
         torch.save(scheduler.state_dict(), staging / "scheduler.pt")
         torch.save(rng_state(), staging / "rng.pt")
         (staging / STATE_FILE).write_text(json.dumps({**state, "step": step}, indent=2))
@@ -99,10 +126,8 @@ def list_checkpoints(output_dir: str | Path) -> list[Path]:
     return [path for _, path in sorted(found)]
 
 
-def load_checkpoint(
-    path: Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any
-) -> dict[str, Any]:
-    """Restore model tensors, optimizer, scheduler and random generators; return the state."""
+def load_tensors(path: Path, model: torch.nn.Module) -> None:
+    """Copy the checkpoint's trainable tensors into ``model`` (not sharded yet)."""
     from safetensors.torch import load_file
 
     tensors = load_file(str(path / TRAINABLE_FILE))
@@ -117,10 +142,23 @@ def load_checkpoint(
     with torch.no_grad():
         for name, tensor in tensors.items():
             params[name].copy_(tensor)
-    device = next(iter(params.values())).device
-    optimizer.load_state_dict(
-        torch.load(path / "optimizer.pt", map_location=device, weights_only=False)
-    )
+
+
+def load_training_state(
+    path: Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any
+) -> dict[str, Any]:
+    """Restore optimizer (onto the model as wrapped now), scheduler and random generators;
+    return the trainer state. The tensors came first, through :func:`load_tensors`."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    # On the CPU: sharded, each rank keeps its slice; whole, load_state_dict moves it.
+    saved = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=False)
+    if isinstance(saved["param_groups"][0]["params"][0], int):  # by position: older builds
+        optimizer.load_state_dict(saved)
+    else:
+        set_optimizer_state_dict(
+            model, optimizer, saved, options=StateDictOptions(full_state_dict=True)
+        )
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
     set_rng_state(torch.load(path / "rng.pt", weights_only=False))
     return json.loads((path / STATE_FILE).read_text())

@@ -6,6 +6,11 @@ weights never travel. ``torchrun`` (or ``sloth train --nproc N``, which re-launc
 through it) starts the processes and sets ``RANK``, ``LOCAL_RANK`` and ``WORLD_SIZE``;
 :func:`setup` joins the group: NCCL on GPUs (one per process), gloo on the CPU.
 
+Full fine-tuning shards instead (FSDP2, ``fully_shard``): each decoder layer, then the
+root, keeps ``1/world_size`` of its weights, gradients and optimizer state, in float32 (the
+master copy), and gathers the layer's weights in the compute dtype just before using them
+(:func:`shard`). A model too big for one GPU trains this way.
+
 The data of global micro-batch ``i`` is the same rows whatever the world size: every rank
 builds the batches of the global batch ``per_device_train_batch_size * world_size`` and
 keeps its own slice of rows (:func:`rank_slice`), so 2 ranks of batch ``b`` train on
@@ -59,10 +64,21 @@ class Group:
         dist.all_reduce(tensor)
         return tensor.tolist()
 
-    def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
-        """``model`` under DDP (gradients summed, see :func:`_sum_hook`), or as it is."""
+    def all_max(self, values: list[float]) -> list[float]:
+        """``values``, each the largest over the ranks."""
+        if not self.active:
+            return list(values)
+        tensor = torch.tensor(values, dtype=torch.float64, device=self.device)
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+        return tensor.tolist()
+
+    def wrap(self, model: torch.nn.Module, *, full: bool = False, compute_dtype=None):
+        """``model`` under DDP (gradients summed, see :func:`_sum_hook`), sharded by FSDP2
+        when ``full`` (every weight trains; see :func:`shard`), or as it is alone."""
         if not self.active:
             return model
+        if full:
+            return shard(model, self, compute_dtype=compute_dtype)
         from torch.nn.parallel import DistributedDataParallel
 
         # Every rank loaded the same weights and seeded the same adapters; sending rank 0's
@@ -93,6 +109,65 @@ class Group:
     def close(self) -> None:
         if self.owned and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def shard(model: torch.nn.Module, group: Group, *, compute_dtype=None) -> torch.nn.Module:
+    """FSDP2 over ``group``: every decoder layer its own unit, the rest (embeddings, final
+    norm, lm_head, tied or not) the root's. Modified in place and returned.
+
+    The shards are float32, the master weights the optimizer updates; each unit is
+    gathered in ``compute_dtype`` (the dtype the model was loaded in, by default) for its
+    forward and backward, and gradients are reduced in float32. Gradients are summed, not
+    averaged, over the ranks: each rank's loss is already divided by the step's global
+    token count (as :func:`_sum_hook` does for DDP).
+    """
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+
+    if compute_dtype is None:
+        compute_dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
+    mesh = init_device_mesh(group.device.type, (group.world_size,))
+    policy = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
+    model.float()
+    for layer in decoder_layers(model):
+        fully_shard(layer, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
+    for unit in model.modules():  # each unit reduces its own gradients
+        if isinstance(unit, FSDPModule):
+            unit.set_gradient_divide_factor(1.0)
+            # A plain sum: a factor other than the world size takes NCCL's PreMulSum,
+            # which gloo lacks.
+            unit.set_force_sum_reduction_for_comms(True)
+    return model
+
+
+def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The repeated blocks FSDP shards one by one: the classes transformers names in
+    ``_no_split_modules`` (kept whole when a model is split over devices, for the same
+    reason: a block's weights are used together)."""
+    names = set(getattr(model, "_no_split_modules", None) or ())
+    layers = [m for m in model.modules() if type(m).__name__ in names]
+    if not layers:
+        raise ValueError(
+            f"{type(model).__name__}: no decoder layers to shard (its _no_split_modules "
+            f"{sorted(names)} name no submodule)"
+        )
+    return layers
+
+
+def is_sharded(model: torch.nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def full_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Every weight of a sharded ``model``, whole and on the CPU, on rank 0 (empty on the
+    others). Every rank must call it: the shards are gathered."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_model_state_dict(model, options=options)
 
 
 def _sum_hook(_state, bucket):  # unannotated: DDP checks hooks' annotations as types

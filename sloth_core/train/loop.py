@@ -22,7 +22,15 @@ from typing import Any
 import torch
 
 from . import distributed
-from .checkpoint import STATE_FILE, list_checkpoints, load_checkpoint, save_checkpoint
+from .checkpoint import (
+    STATE_FILE,
+    list_checkpoints,
+    load_tensors,
+    load_training_state,
+    optimizer_state,
+    save_checkpoint,
+    trainable_state,
+)
 from .config import ConfigError, TrainConfig
 from .metrics import CURVE_FILE, METRICS_FILE, MetricsLog, Progress, plot_losses
 from .optim import build_optimizer, build_scheduler
@@ -318,6 +326,12 @@ def _train(config: TrainConfig, group, *, show_progress: bool, console: Any) -> 
     model = _load_model(config)
     if group.active and group.device.type == "cuda" and not _on_cuda(model):
         model.to(group.device)
+    if resume_from is not None:  # into the whole model, before any rank shards it
+        load_tensors(resume_from, model)
+    # Wrapped before the optimizer exists: FSDP2 replaces the parameters by their shards.
+    sharded = group.active and config.full_finetuning
+    compute_dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
+    train_model = group.wrap(model, full=sharded, compute_dtype=compute_dtype)
     group.reseed(config.seed, 0)
     model.train()
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -327,7 +341,9 @@ def _train(config: TrainConfig, group, *, show_progress: bool, console: Any) -> 
         seed=config.seed,
     )  # fmt: skip
     eval_batches = None
-    if prepared.eval and group.is_main:  # the other ranks do not evaluate
+    # The other ranks do not evaluate, unless the model is sharded: then every forward
+    # needs them all.
+    if prepared.eval and (group.is_main or sharded):
         eval_batches = data.Batches(
             prepared.eval, batch_size=config.per_device_train_batch_size,
             max_seq_length=config.max_seq_length, packing=False, pad_token_id=pad,
@@ -341,15 +357,17 @@ def _train(config: TrainConfig, group, *, show_progress: bool, console: Any) -> 
         total_steps = max(1, math.ceil(config.num_train_epochs * per_epoch / accumulation))
     optimizer = build_optimizer(model, config)
     scheduler = build_scheduler(optimizer, config, total_steps)
-    autocast = _autocast(config, model)
+    # Sharded, FSDP2 casts each layer to the compute dtype itself (the shards are fp32).
+    autocast = contextlib.nullcontext if sharded else _autocast(config, model)
     step, consumed = 0, 0
     state: dict[str, Any] = {}
     if resume_from is not None:
-        state = load_checkpoint(resume_from, model=model, optimizer=optimizer, scheduler=scheduler)
+        state = load_training_state(
+            resume_from, model=model, optimizer=optimizer, scheduler=scheduler
+        )  # fmt: skip
         step, consumed = state["step"], state["micro_batches"]
         console.print(f"resumed from {resume_from.name}: step {step}")
         group.reseed(config.seed, step)
-    train_model = group.wrap(model)
     out = Path(config.output_dir)
     if group.is_main:
         (out / "train_config.json").write_text(_json(config.to_dict()))
@@ -380,9 +398,9 @@ def _train(config: TrainConfig, group, *, show_progress: bool, console: Any) -> 
                 loss = accumulate(train_model, micro, autocast=autocast, group=group)
                 grad_norm = None
                 if config.max_grad_norm > 0:
-                    grad_norm = float(
-                        torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm)
-                    )
+                    norm = torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm)
+                    # Sharded, the norm is a DTensor (replicated: every rank has it whole).
+                    grad_norm = float(getattr(norm, "full_tensor", lambda: norm)())
                 lr = optimizer.param_groups[0]["lr"]
                 optimizer.step()
                 scheduler.step()
@@ -425,16 +443,35 @@ def _train(config: TrainConfig, group, *, show_progress: bool, console: Any) -> 
     finally:
         log.close()
     _save(group, out, step, model, optimizer, scheduler, config, consumed, result)
+    if sharded and (config.save_method != "none" or config.export_format):
+        model = _gathered(config, model, compute_dtype)  # rank 0 gets the whole model
     if group.is_main:
         _finish(config, model, tokenizer, result, console)
     return result
 
 
+def _gathered(config: TrainConfig, model, dtype: torch.dtype) -> Any:
+    """The trained weights of a sharded model in a whole one on rank 0's CPU (for the
+    final export, which writes from one process); None on the other ranks."""
+    from transformers import AutoModelForCausalLM
+
+    whole = distributed.full_state(model)
+    if not whole:
+        return None
+    plain = AutoModelForCausalLM.from_pretrained(config.model_name, dtype=dtype)
+    plain.load_state_dict(whole)
+    return plain
+
+
 def _save(group, out, step, model, optimizer, scheduler, config, consumed, result) -> None:
     """Rank 0 writes the checkpoint; ``micro_batches`` counts global micro-batches."""
+    # Every rank takes part: a sharded model's tensors and optimizer state are gathered.
+    tensors = trainable_state(model)
+    optimizer_states = optimizer_state(model, optimizer)
     if group.is_main:
         save_checkpoint(
-            out, step=step, model=model, optimizer=optimizer, scheduler=scheduler,
+            out, step=step, model=model, tensors=tensors, optimizer_state=optimizer_states,
+            scheduler=scheduler,
             state={"micro_batches": consumed, "config": config.to_dict(),
                    "eval_before": result.eval_before, "world_size": group.world_size},
             keep=config.save_total_limit,

@@ -1,5 +1,6 @@
-"""Data-parallel training on the CPU (gloo): 2 ranks of batch b train exactly as 1 process
-of batch 2b, and a checkpoint of either resumes on the other."""
+"""Several processes on the CPU (gloo): 2 ranks of batch b train exactly as 1 process of
+batch 2b, and a checkpoint of either resumes on the other; LoRA under DDP, full
+fine-tuning sharded by FSDP2."""
 
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ def _options(model, data, out, batch, **extra):
 def _train(options, *flags, launcher=(sys.executable,)):
     args = [*launcher, "-m", "sloth_core", "train", "--quiet"]
     for key, value in options.items():
-        args += [f"--{key}", str(value)]
+        args += [f"--{key}"] if value is True else [f"--{key}", str(value)]
     done = subprocess.run(args + list(flags), env=ENV, capture_output=True, text=True,
                           timeout=300)  # fmt: skip
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
@@ -118,3 +119,60 @@ def test_nproc_needs_a_launcher_in_python(runs, tmp_path):
     config = TrainConfig.from_mapping({**_options(model, data, tmp_path / "o", 2), "nproc": 2})
     with pytest.raises(ConfigError, match="nproc=2: several processes start"):
         train(config, show_progress=False)
+
+
+@pytest.fixture(scope="module")
+def full_runs(runs, tmp_path_factory):
+    """Full fine-tuning in fp32: one process of batch 4, and 2 FSDP2 ranks of batch 2."""
+    model, data, _ = runs
+    root = tmp_path_factory.mktemp("fsdp")
+    full = {"full_finetuning": True, "dtype": "fp32", "learning_rate": 1e-3,
+            "save_method": "merged_16bit"}  # fmt: skip
+    _train(_options(model, data, root / "single", 4, **full))
+    _train(_options(model, data, root / "double", 2, **full), "--nproc", "2")
+    return model, data, root, full
+
+
+def test_fsdp_ranks_train_every_weight_as_one_process(full_runs):
+    from safetensors.torch import load_file
+
+    _, _, root, _ = full_runs
+    single, double = _losses(root / "single"), _losses(root / "double")
+    assert sorted(double) == sorted(single) == [1, 2, 3, 4]
+    for step, loss in single.items():
+        assert double[step] == pytest.approx(loss, rel=1e-5), step
+    assert single[4] < single[1]
+    # The checkpoint holds every weight, gathered whole, equal to the single process's.
+    ones = load_file(root / "single" / "checkpoint-4" / "trainable.safetensors")
+    twos = load_file(root / "double" / "checkpoint-4" / "trainable.safetensors")
+    assert sorted(ones) == sorted(twos) and len(ones) > 10
+    for name, tensor in ones.items():
+        assert twos[name].shape == tensor.shape, name
+        assert (twos[name] - tensor).abs().max() <= 1e-5 * tensor.abs().max() + 1e-7, name
+    # The final export came from the gathered weights (rank 0), as one process writes it.
+    finals = [load_file(next((root / run / "final").glob("*.safetensors")))
+              for run in ("single", "double")]  # fmt: skip
+    assert sorted(finals[0]) == sorted(finals[1])
+    for name, tensor in finals[0].items():
+        assert (finals[1][name].float() - tensor.float()).abs().max() <= 1e-2, name
+
+
+def test_an_fsdp_checkpoint_resumes_on_one_process_and_back(full_runs, tmp_path):
+    model, data, root, full = full_runs
+    expected = _losses(root / "single")
+    options = {**full, "save_method": "none"}
+
+    on_one = tmp_path / "on_one"
+    _stopped_at_step_2(root / "double", on_one)
+    done = _train(_options(model, data, on_one, 4, **options), "--resume")
+    assert "resumed from checkpoint-2" in done.stdout
+    got = _losses(on_one)
+    for step in (3, 4):
+        assert got[step] == pytest.approx(expected[step], rel=1e-5), step
+
+    on_two = tmp_path / "on_two"
+    _stopped_at_step_2(root / "single", on_two)
+    _train(_options(model, data, on_two, 2, **options), "--resume", launcher=TORCHRUN)
+    got = _losses(on_two)
+    for step in (3, 4):
+        assert got[step] == pytest.approx(expected[step], rel=1e-5), step
