@@ -11,10 +11,14 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from sloth_core.train import ConfigError, TrainConfig, train
 from sloth_core.train.metrics import read_metrics
 
+# On the CPU the runs agree to float32 rounding. On a GPU the LoRA runs hold bf16 weights
+# (dtype auto) and the GEMMs tile batch 2 and batch 4 differently, so they agree to bf16's.
+REL = 5e-4 if torch.cuda.is_available() else 1e-5
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "SLOTH_KERNELS": "torch", "HF_HUB_OFFLINE": "1"}
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
 
@@ -75,7 +79,7 @@ def test_two_ranks_train_as_one_process_of_twice_the_batch(runs):
     assert sorted(single) == [1, 2, 3, 4]
     assert sorted(double) == sorted(single)
     for step, loss in single.items():
-        assert double[step] == pytest.approx(loss, rel=1e-5), step
+        assert double[step] == pytest.approx(loss, rel=REL), step
     assert single[4] < single[1]  # it trains
     state = json.loads((root / "double" / "checkpoint-2" / "trainer_state.json").read_text())
     assert state["world_size"] == 2 and state["micro_batches"] == 4  # global micro-batches
@@ -95,14 +99,14 @@ def test_a_two_rank_checkpoint_resumes_on_one_process_and_back(runs, tmp_path):
     got = _losses(on_one)
     assert sorted(got) == [1, 2, 3, 4]
     for step in (3, 4):
-        assert got[step] == pytest.approx(expected[step], rel=1e-5), step
+        assert got[step] == pytest.approx(expected[step], rel=REL), step
 
     on_two = tmp_path / "on_two"
     _stopped_at_step_2(root / "single", on_two)
     _train(_options(model, data, on_two, 2), "--resume", launcher=TORCHRUN)
     got = _losses(on_two)
     for step in (3, 4):
-        assert got[step] == pytest.approx(expected[step], rel=1e-5), step
+        assert got[step] == pytest.approx(expected[step], rel=REL), step
 
 
 def test_resume_refuses_another_global_batch(runs, tmp_path):
@@ -140,7 +144,7 @@ def test_fsdp_ranks_train_every_weight_as_one_process(full_runs):
     single, double = _losses(root / "single"), _losses(root / "double")
     assert sorted(double) == sorted(single) == [1, 2, 3, 4]
     for step, loss in single.items():
-        assert double[step] == pytest.approx(loss, rel=1e-5), step
+        assert double[step] == pytest.approx(loss, rel=REL), step
     assert single[4] < single[1]
     # The checkpoint holds every weight, gathered whole, equal to the single process's.
     ones = load_file(root / "single" / "checkpoint-4" / "trainable.safetensors")
@@ -148,7 +152,7 @@ def test_fsdp_ranks_train_every_weight_as_one_process(full_runs):
     assert sorted(ones) == sorted(twos) and len(ones) > 10
     for name, tensor in ones.items():
         assert twos[name].shape == tensor.shape, name
-        assert (twos[name] - tensor).abs().max() <= 1e-5 * tensor.abs().max() + 1e-7, name
+        assert (twos[name] - tensor).abs().max() <= REL * tensor.abs().max() + 1e-7, name
     # The final export came from the gathered weights (rank 0), as one process writes it.
     finals = [load_file(next((root / run / "final").glob("*.safetensors")))
               for run in ("single", "double")]  # fmt: skip
@@ -168,11 +172,11 @@ def test_an_fsdp_checkpoint_resumes_on_one_process_and_back(full_runs, tmp_path)
     assert "resumed from checkpoint-2" in done.stdout
     got = _losses(on_one)
     for step in (3, 4):
-        assert got[step] == pytest.approx(expected[step], rel=1e-5), step
+        assert got[step] == pytest.approx(expected[step], rel=REL), step
 
     on_two = tmp_path / "on_two"
     _stopped_at_step_2(root / "single", on_two)
     _train(_options(model, data, on_two, 2, **options), "--resume", launcher=TORCHRUN)
     got = _losses(on_two)
     for step in (3, 4):
-        assert got[step] == pytest.approx(expected[step], rel=1e-5), step
+        assert got[step] == pytest.approx(expected[step], rel=REL), step
