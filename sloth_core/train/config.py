@@ -24,7 +24,7 @@ CHECKPOINTING = ("off", "on", "offload")
 QUANTIZATIONS = ("nf4", "fp4", "int8")
 FORMATS = ("text", "alpaca", "chat", "sharegpt")
 #: ``save_method``: what lands in ``output_dir/final`` at the end (an export format).
-SAVE_METHODS = ("lora", "merged_16bit", "merged_4bit", "none")
+SAVE_METHODS = ("auto", "lora", "merged_16bit", "merged_4bit", "none")
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -100,7 +100,10 @@ class TrainConfig:
     save_steps: int = _opt(0, "write a checkpoint every N optimizer steps (0: only at the end)")
     save_total_limit: int = _opt(2, "checkpoints kept (older ones are deleted)")
     eval_steps: int = _opt(0, "evaluate every N optimizer steps (0: before and after training)")
-    save_method: str = _opt("lora", "final model: lora, merged_16bit, merged_4bit or none")
+    save_method: str = _opt(
+        "auto", "final model: lora, merged_16bit, merged_4bit, none, or auto (lora; "
+        "merged_16bit with full_finetuning)"
+    )
     export_format: str = _opt("", "also export at the end to this format (e.g. gguf, ollama)")
     export_quantization: str = _opt("", "quantization of the export (e.g. q8_0, q4_k_m)")
     report_to: str = _opt("auto", "tensorboard, none, or auto (tensorboard when installed)")
@@ -136,6 +139,13 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     @property
+    def final_format(self) -> str:
+        """The export format of ``output_dir/final`` (``"none"``: nothing), ``auto`` resolved."""
+        if self.save_method == "auto":
+            return "merged_16bit" if self.full_finetuning else "lora"
+        return self.save_method
+
+    @property
     def quantization_method(self) -> str | None:
         return self.quantization or ("nf4" if self.load_in_4bit else None)
 
@@ -166,6 +176,8 @@ class TrainConfig:
             raise bad("data_format", f"choose one of {', '.join(FORMATS)}")
         if self.quantization and self.quantization not in QUANTIZATIONS:
             raise bad("quantization", f"choose one of {', '.join(QUANTIZATIONS)}")
+        if self.full_finetuning and self.save_method == "lora":
+            raise bad("save_method", "full_finetuning has no adapters: use merged_16bit or none")
         if self.full_finetuning and self.quantization_method:
             raise ConfigError("full_finetuning trains every weight: it cannot be quantized")
         if self.load_in_4bit and self.quantization and self.quantization not in ("nf4", "fp4"):

@@ -157,8 +157,8 @@ def _check_plugins(config: TrainConfig) -> None:
 
     manager = get_plugin_manager()
     wanted = [("quantization", config.quantization_method, manager.quantizers)]
-    if config.save_method != "none":
-        wanted.append(("save_method", config.save_method, manager.exporters))
+    if config.final_format != "none":
+        wanted.append(("save_method", config.final_format, manager.exporters))
     if config.export_format:
         wanted.append(("export_format", config.export_format, manager.exporters))
     for option, name, available in wanted:
@@ -443,7 +443,7 @@ def _train(config: TrainConfig, group, *, show_progress: bool, console: Any) -> 
     finally:
         log.close()
     _save(group, out, step, model, optimizer, scheduler, config, consumed, result)
-    if sharded and (config.save_method != "none" or config.export_format):
+    if sharded and (config.final_format != "none" or config.export_format):
         model = _gathered(config, model, compute_dtype)  # rank 0 gets the whole model
     if group.is_main:
         _finish(config, model, tokenizer, result, console)
@@ -484,10 +484,10 @@ def _finish(config: TrainConfig, model, tokenizer, result: TrainResult, console)
     from sloth_core.api import export
 
     out = result.output_dir
-    if config.save_method != "none":
+    if config.final_format != "none":
         result.final_path = out / "final"
-        export(model, tokenizer, result.final_path, format=config.save_method, force=True)
-        console.print(f"saved {config.save_method} to {result.final_path}")
+        export(model, tokenizer, result.final_path, format=config.final_format, force=True)
+        console.print(f"saved {config.final_format} to {result.final_path}")
     if config.export_format:
         result.export_path = out / f"export-{config.export_format}"
         options = {"quantization": config.export_quantization} if config.export_quantization else {}

@@ -125,3 +125,12 @@ def test_docs_list_every_option():
 
     docs = (Path(__file__).parents[2] / "docs" / "training.md").read_text()
     assert options_markdown() in docs, "regenerate docs/training.md's option table"
+
+
+def test_full_finetuning_saves_merged_weights_unless_told_otherwise(alpaca_file, tmp_path):
+    base = {"model_name": "m", "dataset": str(alpaca_file), "output_dir": str(tmp_path / "o")}
+    assert TrainConfig.from_mapping(base).final_format == "lora"
+    full = TrainConfig.from_mapping({**base, "full_finetuning": True})
+    assert full.final_format == "merged_16bit"
+    with pytest.raises(ConfigError, match="save_method.*no adapters"):
+        TrainConfig.from_mapping({**base, "full_finetuning": True, "save_method": "lora"}).validate()
