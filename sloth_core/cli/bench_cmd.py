@@ -61,6 +61,10 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     train.add_argument("--loss-tolerance", type=float, default=None,
                        help="flag systems whose first loss differs from hf's by more "
                             "(default 0.05)")  # fmt: skip
+    train.add_argument("--targets", nargs="?", const="all", default=None, metavar="ROWS",
+                       help="the performance targets, sloth vs hf, every row in one run "
+                            "(all, or comma-separated: bf16, nf4, bf16-8k, 1b, context-nf4); "
+                            "--shape, --seq, --batch, --systems unused")  # fmt: skip
     context = train.add_argument_group(
         "max context", "--max-context: the longest sequence each system trains one step "
         "at, batch 1, each probe in its own process (--seq, --batch, --steps unused)")  # fmt: skip
@@ -168,6 +172,8 @@ def run_train(args: argparse.Namespace) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     cache = Path(os.environ.get("SLOTH_CACHE", Path.home() / ".cache" / "sloth"))
     model_dir = args.model_dir or cache / "bench-models" / args.shape
+    if args.targets:
+        return _run_targets(args, device, cache / "bench-models")
     if args.max_context:
         return _run_max_context(args, device, model_dir)
     tolerance = bench_train.LOSS_TOLERANCE if args.loss_tolerance is None else args.loss_tolerance
@@ -229,6 +235,50 @@ def _print_table(table: Table, results: list[dict]) -> None:
             console.print(f"[yellow]{r['system']}: skipped: {escape(r['skipped'])}[/]")
         elif r.get("error"):
             console.print(f"[red]{r['system']}: error: {escape(r['error'])}[/]")
+
+
+def _run_targets(args: argparse.Namespace, device: str, model_root: Path) -> int:
+    from sloth_core.bench import targets as bench_targets
+
+    try:
+        rows = bench_targets.select(args.targets)
+    except ValueError as exc:
+        raise SystemExit(f"sloth: {exc}") from None
+    console = Console(stderr=True)
+
+    def progress(row):
+        status = "met" if row["met"] else f"missed ({row.get('error') or row['checks']})"
+        console.print(f"{row['name']}: {escape(status)}")
+
+    report = bench_targets.run_targets(
+        rows, model_root=args.model_dir or model_root, device=device, steps=args.steps,
+        warmup=args.warmup, progress=progress,
+    )  # fmt: skip
+    write_reports(args, report, bench_targets.markdown)
+    table = Table(title=f"sloth bench train --targets on {report.get('device_name') or device}")
+    for column in ("workload", "speed vs hf", "memory vs hf", "MFU", "context vs hf", "met"):
+        table.add_column(column)
+    for row in report["rows"]:
+        if row.get("error"):
+            table.add_row(row["workload"], "[red]error[/]", "", "", "", "no")
+            continue
+
+        def cell(key, sign, row=row, pct=False):
+            if key not in row["target"]:
+                return "-"
+            value, goal = row.get(key), row["target"][key]
+            if pct:
+                return f"{'-' if value is None else f'{value:.1%}'} ({sign} {goal:.0%})"
+            return f"{'-' if value is None else f'{value:.2f}x'} ({sign} {goal:g}x)"
+
+        met = "[green]yes[/]" if row["met"] else "[red]no[/]"
+        table.add_row(row["workload"], cell("speed", ">="), cell("memory", "<="),
+                      cell("mfu", ">=", pct=True), cell("context", ">="), met)  # fmt: skip
+    Console().print(table)
+    for row in report["rows"]:
+        if row.get("error"):
+            Console().print(f"[red]{row['name']}: {escape(row['error'])}[/]")
+    return 1 if any(row.get("error") for row in report["rows"]) else 0
 
 
 def _run_max_context(args: argparse.Namespace, device: str, model_dir: Path) -> int:

@@ -1,0 +1,168 @@
+"""``sloth bench train --targets``: the project's performance targets, measured in one run.
+
+Each row is a workload of ``sloth bench train`` (or ``--max-context``) run for ``sloth``
+and ``hf`` (each system in its own process, as always); the row holds when sloth's
+tokens/s, peak memory (and, where named, MFU or context length) reach the target ratios
+to ``hf`` measured in the same run. The targets are those of the performance issue: past
+the fastest fine-tuning stacks people use, on one H200.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sloth_core.bench import context as bench_context
+from sloth_core.bench import train as bench_train
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    shape: str
+    seq: int
+    batch: int
+    quantization: str | None = None
+    speed: float | None = None  # at least this many times hf's tokens/s
+    memory: float | None = None  # at most this fraction of hf's peak memory
+    mfu: float | None = None  # at least this MFU
+    context: float | None = None  # at least this many times hf's longest sequence
+    budget_gib: float | None = None  # the memory budget of a context row
+
+    @property
+    def workload(self) -> str:
+        kind = self.quantization or "bf16"
+        if self.context:
+            return f"`{self.shape}` {kind} max context, batch 1, {self.budget_gib:g} GiB"
+        return f"`{self.shape}` {kind} LoRA, seq {self.seq} x batch {self.batch}"
+
+
+TARGETS: tuple[Target, ...] = (
+    Target("bf16", "llama-8b", 2048, 4, speed=2.2, memory=0.50, mfu=0.55),
+    Target("nf4", "llama-8b", 2048, 4, "nf4", speed=2.1, memory=0.33),
+    Target("bf16-8k", "llama-8b", 8192, 1, speed=2.0, memory=0.50),
+    Target("1b", "llama-1b", 2048, 4, speed=2.3, memory=0.22),
+    Target("context-nf4", "llama-8b", 0, 1, "nf4", context=12.0, budget_gib=40.0),
+)
+
+
+def select(names: str) -> list[Target]:
+    """``all`` or comma-separated row names; unknown names raise ``ValueError``."""
+    wanted = [n.strip() for n in names.split(",") if n.strip()]
+    if wanted in ([], ["all"]):
+        return list(TARGETS)
+    known = {t.name: t for t in TARGETS}
+    unknown = [n for n in wanted if n not in known]
+    if unknown:
+        raise ValueError(f"unknown target row(s) {unknown}; rows: {', '.join(known)}, or all")
+    return [known[n] for n in wanted]
+
+
+def judge(target: Target, report: dict[str, Any]) -> dict[str, Any]:
+    """sloth's ratios to hf in ``report`` against ``target``: a row of the summary."""
+    by = {r["system"]: r for r in report["results"]}
+    sloth, hf = by.get("sloth", {}), by.get("hf", {})
+    row: dict[str, Any] = {"name": target.name, "workload": target.workload,
+                           "target": {k: getattr(target, k)
+                                      for k in ("speed", "memory", "mfu", "context")
+                                      if getattr(target, k) is not None}}  # fmt: skip
+    errors = [f"{r['system']}: {r.get('error') or r.get('skipped')}"
+              for r in (sloth, hf) if not r or r.get("error") or r.get("skipped")]  # fmt: skip
+    if errors or not (sloth and hf):
+        row.update(error="; ".join(errors) or "sloth or hf missing", met=False)
+        return row
+    checks: dict[str, bool] = {}
+    if target.context:
+        row["context"] = sloth["max_seq"] / max(hf["max_seq"], 1)
+        row["sloth_context"], row["hf_context"] = sloth["max_seq"], hf["max_seq"]
+        checks["context"] = row["context"] >= target.context
+    else:
+        row["speed"] = sloth["tokens_per_s"] / hf["tokens_per_s"]
+        row["sloth_tokens_per_s"], row["hf_tokens_per_s"] = sloth["tokens_per_s"], hf["tokens_per_s"]
+        checks["speed"] = row["speed"] >= target.speed
+        if sloth.get("peak_gib") and hf.get("peak_gib"):
+            row["memory"] = sloth["peak_gib"] / hf["peak_gib"]
+            row["sloth_gib"], row["hf_gib"] = sloth["peak_gib"], hf["peak_gib"]
+            checks["memory"] = row["memory"] <= target.memory
+        if target.mfu is not None:
+            row["mfu"] = sloth.get("mfu")
+            checks["mfu"] = row["mfu"] is not None and row["mfu"] >= target.mfu
+        row["losses_agree"] = report.get("losses_agree", True)
+    row["checks"] = checks
+    row["met"] = bool(checks) and all(checks.values())
+    return row
+
+
+def run_targets(targets: list[Target], *, model_root: Path, device: str, steps: int = 10,
+                warmup: int = 3, context_start: int = 8192, context_granularity: int = 2048,
+                progress=None) -> dict[str, Any]:  # fmt: skip
+    """Every row, sloth then hf; the summary rows and each row's full report."""
+    rows, reports = [], []
+    for target in targets:
+        model_dir = Path(model_root) / target.shape
+        if target.context:
+            report = bench_context.run_max_context(
+                target.shape, systems=("sloth", "hf"), model_dir=model_dir, device=device,
+                quantization=target.quantization, budget_gib=target.budget_gib,
+                start=context_start, cap=262144, granularity=context_granularity,
+            )  # fmt: skip
+        else:
+            report = bench_train.run_bench(
+                target.shape, seq=target.seq, batch=target.batch, steps=steps, warmup=warmup,
+                systems=("sloth", "hf"), model_dir=model_dir, device=device,
+                quantization=target.quantization,
+            )  # fmt: skip
+        report["target"] = target.name
+        reports.append(report)
+        rows.append(judge(target, report))
+        if progress is not None:
+            progress(rows[-1])
+    device_name = next((r.get("device_name") for r in reports if r.get("device_name")), None)
+    return {"device": device, "device_name": device_name, "versions": bench_train.versions(),
+            "steps": steps, "warmup": warmup, "rows": rows, "reports": reports,
+            "met": all(r["met"] for r in rows)}  # fmt: skip
+
+
+def markdown(report: dict[str, Any], command: str) -> str:
+    """The summary table, then each row's own table, with the exact command."""
+
+    def num(value, spec):
+        return "-" if value is None else format(value, spec)
+
+    def ratio(row, key, sign):
+        value, target = row.get(key), row["target"].get(key)
+        if target is None:
+            return "-"
+        return f"{'-' if value is None else f'{value:.2f}x'} ({sign} {target:g}x)"
+
+    lines = [f"    {command}", "",
+             "| workload | sloth | hf | speed vs hf (target) | memory vs hf (target) "
+             "| MFU (target) | context vs hf (target) | met |",
+             "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for row in report["rows"]:
+        if row.get("error"):
+            lines.append(f"| {row['workload']} | error: {row['error'][:160]} | | | | | | no |")
+            continue
+        if "context" in row:
+            sloth, hf = f"{row['sloth_context']} tokens", f"{row['hf_context']} tokens"
+        else:
+            sloth = f"{row['sloth_tokens_per_s']:.0f} tok/s, {num(row.get('sloth_gib'), '.2f')} GiB"
+            hf = f"{row['hf_tokens_per_s']:.0f} tok/s, {num(row.get('hf_gib'), '.2f')} GiB"
+        mfu = "-"
+        if "mfu" in row["target"]:
+            mfu = f"{num(row.get('mfu') and row['mfu'] * 100, '.1f')}% (>= {row['target']['mfu'] * 100:g}%)"
+        missed = [k for k, ok in row["checks"].items() if not ok]
+        met = "yes" if row["met"] else "no: " + ", ".join(missed)
+        lines.append(f"| {row['workload']} | {sloth} | {hf} | {ratio(row, 'speed', '>=')} | "
+                     f"{ratio(row, 'memory', '<=')} | {mfu} | {ratio(row, 'context', '>=')} "
+                     f"| {met} |")  # fmt: skip
+    found = {k: v for k, v in (report.get("versions") or {}).items() if v}
+    lines += ["", f"Device: {report.get('device_name') or report['device']}; "
+                  + ", ".join(f"{k} {v}" for k, v in found.items()) + "."]  # fmt: skip
+    for sub in report["reports"]:
+        table = bench_context.markdown if sub.get("kind") == "max_context" else bench_train.markdown
+        # Each row's own table, without the command line it would repeat.
+        text = table(sub, command).replace(f"    {command}\n\n", "")
+        lines += ["", f"Row `{sub['target']}`: {text}"]
+    return "\n".join(lines) + "\n"

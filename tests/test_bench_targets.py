@@ -1,0 +1,77 @@
+"""``sloth bench train --targets``: the performance targets, every row in one run."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from sloth_core.bench import context as bench_context
+from sloth_core.bench import targets as bench_targets
+from sloth_core.bench.targets import TARGETS, Target, judge, select
+from sloth_core.cli import main
+
+
+def _report(sloth: dict, hf: dict, **extra) -> dict:
+    return {"results": [{"system": "sloth", **sloth}, {"system": "hf", **hf}],
+            "losses_agree": True, **extra}  # fmt: skip
+
+
+def test_a_row_holds_only_when_every_ratio_does():
+    target = Target("t", "llama-8b", 2048, 4, speed=2.0, memory=0.5, mfu=0.5)
+    hf = {"tokens_per_s": 1000.0, "peak_gib": 30.0, "mfu": 0.25}
+    met = judge(target, _report({"tokens_per_s": 2100.0, "peak_gib": 14.0, "mfu": 0.52}, hf))
+    assert met["met"] and met["speed"] == pytest.approx(2.1)
+    assert met["memory"] == pytest.approx(14 / 30)
+    slow = judge(target, _report({"tokens_per_s": 1900.0, "peak_gib": 14.0, "mfu": 0.52}, hf))
+    assert not slow["met"] and slow["checks"] == {"speed": False, "memory": True, "mfu": True}
+    big = judge(target, _report({"tokens_per_s": 2100.0, "peak_gib": 16.0, "mfu": 0.52}, hf))
+    assert big["checks"]["memory"] is False and not big["met"]
+    failed = judge(target, _report({"error": "CUDA out of memory"}, hf))
+    assert not failed["met"] and "sloth: CUDA out of memory" in failed["error"]
+
+
+def test_a_context_row_compares_the_longest_sequences():
+    target = Target("c", "llama-8b", 0, 1, "nf4", context=12.0, budget_gib=40.0)
+    row = judge(target, _report({"max_seq": 131072}, {"max_seq": 16384}))
+    assert row["context"] == 8.0 and row["checks"] == {"context": False}
+
+
+def test_rows_are_selected_by_name():
+    assert select("all") == list(TARGETS)
+    assert [t.name for t in select("nf4, 1b")] == ["nf4", "1b"]
+    with pytest.raises(ValueError, match="unknown target row.*'fast'"):
+        select("fast")
+
+
+def test_targets_run_every_row_and_write_the_summary(tmp_path, monkeypatch, capsys):
+    """One real row on the CPU (the tiny shape, sloth and hf each in its own process) and a
+    context row answered by a fake search, through the CLI."""
+    rows = (Target("tiny", "llama-tiny", 16, 2, speed=0.01, memory=0.9),
+            Target("context-nf4", "llama-tiny", 0, 1, "nf4", context=12.0, budget_gib=40.0))
+    monkeypatch.setattr(bench_targets, "TARGETS", rows)
+
+    def fake_context(shape, **kwargs):
+        assert kwargs["quantization"] == "nf4" and kwargs["budget_gib"] == 40.0
+        return {"kind": "max_context", "shape": shape, "device": "cpu", "budget_gib": 40.0,
+                "budget_measure": "peak RSS growth", "quantization": "nf4", "start": 8192,
+                "cap": 262144, "granularity": 2048,
+                "results": [{"system": "sloth", "max_seq": 262144, "capped": True, "probes": []},
+                            {"system": "hf", "max_seq": 16384, "probes": []}]}  # fmt: skip
+
+    monkeypatch.setattr(bench_context, "run_max_context", fake_context)
+    out = tmp_path / "targets"
+    monkeypatch.setattr("sys.argv", ["sloth", "bench", "train", "--targets"])
+    code = main(["bench", "train", "--targets", "--device", "cpu", "--steps", "2", "--warmup",
+                 "1", "--model-dir", str(tmp_path / "models"), "--json", f"{out}.json",
+                 "--markdown", f"{out}.md"])  # fmt: skip
+    assert code == 0, capsys.readouterr()
+    report = json.loads((tmp_path / "targets.json").read_text())
+    tiny, context = report["rows"]
+    assert tiny["checks"] == {"speed": True} and tiny["met"]  # no GPU: no peak memory
+    assert tiny["sloth_tokens_per_s"] > 0 and tiny["losses_agree"]
+    assert context["context"] == 16.0 and context["met"]
+    text = (tmp_path / "targets.md").read_text()
+    assert "sloth bench train --targets" in text
+    assert "| `llama-tiny` bf16 LoRA, seq 16 x batch 2 |" in text and "- (<= 0.9x)" in text
+    assert "16.00x (>= 12x)" in text and "Row `tiny`:" in text and "Row `context-nf4`:" in text
