@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from gguf_helpers import export, tiny
+from gguf_helpers import PROMPT_LINES, export, small_lm, tiny
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -33,7 +33,7 @@ def prompts(tokenizer) -> list[list[int]]:
     """Token ids with the bos: corpus lines (past Gemma's 16-token window), a chat, a word."""
     from sloth_core.testing.tokenizer import corpus_lines
 
-    texts = list(corpus_lines()[:3])
+    texts = list(corpus_lines()[:PROMPT_LINES])
     chat = [{"role": "user", "content": "Tea or coffee?"}, {"role": "assistant", "content": "Tea."}]
     texts.append(tokenizer.apply_chat_template(chat, tokenize=False))
     ids = [tokenizer(t, add_special_tokens=not t.startswith(tokenizer.bos_token))["input_ids"][:40]
@@ -55,17 +55,31 @@ def models():
 
 
 @pytest.fixture(scope="session")
-def exported(models, tokenizer, tmp_path_factory):
-    """``exported(arch, quantization)``: the GGUF file of the tiny model, written once."""
-    folder = tmp_path_factory.mktemp("gguf")
-    cache: dict[tuple[str, str], Path] = {}
+def small_lms(tokenizer):
+    """Small trained language models by architecture (gguf_helpers.small_lm), built once."""
+    cache: dict[str, torch.nn.Module] = {}
 
-    def get(arch: str, quantization: str) -> Path:
-        key = (arch, quantization)
+    def get(arch: str) -> torch.nn.Module:
+        if arch not in cache:
+            cache[arch] = small_lm(arch, tokenizer)
+        return cache[arch]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def exported(models, small_lms, tokenizer, tmp_path_factory):
+    """``exported(arch, quantization, small=False)``: the GGUF file of the tiny model (of
+    the small language model with ``small=True``), written once."""
+    folder = tmp_path_factory.mktemp("gguf")
+    cache: dict[tuple[str, str, bool], Path] = {}
+
+    def get(arch: str, quantization: str, small: bool = False) -> Path:
+        key = (arch, quantization, small)
         if key not in cache:
-            cache[key] = export(
-                models(arch), tokenizer, folder / f"{arch}-{quantization}.gguf", quantization
-            )
+            model = small_lms(arch) if small else models(arch)
+            name = f"{arch}-{'small-' if small else ''}{quantization}.gguf"
+            cache[key] = export(model, tokenizer, folder / name, quantization)
         return cache[key]
 
     return get

@@ -20,6 +20,20 @@ os.environ.setdefault("SLOTH_LLAMA_CPP_THREADS", "1")
 ARCHS = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3"]
 #: Mistral's tiny sliding window: llama.cpp's llama graph has none (see test_gguf_logits).
 MISTRAL_WINDOW = 16
+#: The test prompts start with this many corpus lines; small LMs train on the others.
+PROMPT_LINES = 3
+
+#: A small language model's proportions (see test_gguf_logits): 64-wide heads with GQA, an
+#: MLP twice as wide, two layers, and transformers' own initialiser scale, which every one
+#: of these architectures' configs ships (the tiny models use 1/sqrt(64) instead).
+SMALL_LM = {
+    "hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 2,
+    "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 64,
+    "initializer_range": 0.02,
+}  # fmt: skip
+#: Its training: AdamW steps of 8 windows of 64 tokens, enough to learn the corpus' token
+#: statistics (loss 6.24 -> about 5.3 nats, the corpus' unigram entropy).
+SMALL_LM_STEPS, SMALL_LM_LR, SMALL_LM_BATCH, SMALL_LM_WINDOW = 10, 1e-3, 8, 64
 
 requires_llama_cpp = pytest.mark.skipif(
     not llama_cpp.available(), reason=f"{llama_cpp.PACKAGE} is not installed"
@@ -41,6 +55,40 @@ def tiny(arch: str, **overrides):
     from sloth_core.testing import init_tiny_model, tiny_config
 
     return init_tiny_model(tiny_config(arch, attn_implementation="eager", **overrides))
+
+
+def small_lm(arch: str, tokenizer) -> torch.nn.Module:
+    """A small language model of ``arch``: :data:`SMALL_LM` proportions, then a few steps
+    of training on sloth's corpus (not on the lines the test prompts use), in float32.
+
+    Each architecture keeps its features; Gemma 2 gets its real softcaps (50, 30) and the
+    Gemmas their real ``query_pre_attn_scalar`` (the head width): the tiny models' much
+    lower caps, there to bite at a random model's logit scale, would squash a trained one.
+    """
+    from sloth_core.testing.tokenizer import corpus_lines
+
+    fields = dict(SMALL_LM)
+    if arch == "phi3":  # no head_dim field: hidden_size / num_attention_heads (64)
+        del fields["head_dim"]
+    if arch in ("gemma2", "gemma3_text"):
+        fields["query_pre_attn_scalar"] = SMALL_LM["head_dim"]
+    if arch == "gemma2":
+        fields.update(attn_logit_softcapping=50.0, final_logit_softcapping=30.0)
+    model = tiny(arch, **fields)
+    eos = tokenizer.eos_token_id
+    lines = corpus_lines()[PROMPT_LINES:]
+    ids = torch.tensor([i for line in lines for i in [*tokenizer(line)["input_ids"], eos]])
+    generator = torch.Generator().manual_seed(0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=SMALL_LM_LR, weight_decay=0.0)
+    width = SMALL_LM_WINDOW
+    model.train()
+    for _ in range(SMALL_LM_STEPS):
+        starts = torch.randint(0, len(ids) - width, (SMALL_LM_BATCH,), generator=generator)
+        batch = torch.stack([ids[s : s + width] for s in starts.tolist()])
+        model(batch, labels=batch).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return model.eval()
 
 
 def export(model, tokenizer, path: Path, quantization: str, **options) -> Path:

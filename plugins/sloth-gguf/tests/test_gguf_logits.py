@@ -4,15 +4,33 @@ Relative error: ``max |llama.cpp - torch| / max |torch|`` over every position an
 entry of a prompt, the worst of the batch. The reference is the Hugging Face model in
 float32 with eager attention; llama.cpp keeps its KV cache in float32.
 
-- f32: at most 1e-3 for every architecture. The conversion itself is exact to about 1e-6
-  (names, q/k permutation, Gemma's norms, metadata); Gemma's three reach 2e-4 to 5e-4
-  because llama.cpp's CPU GELU reads a float16 table.
-- f16 (2e-3) and q8_0 (3e-2): the format rounds the weights, and llama.cpp's matmuls round
-  the activations to the same type, so each test first bounds the error by twice what
-  rounding the weights alone costs in torch (plus 1e-3). Where the stated tolerance is
-  below that cost on these tiny random models, the case is an expected failure whose
-  reason gives the numbers: measured, rounding the weights alone to q8_0 costs 1.4e-2 to
-  4.4e-2 and to f16 1.3e-3 to 1.7e-3, before llama.cpp rounds any activation.
+- f32 (<= 1e-3), on the tiny random models whose configs switch every feature on: the
+  conversion itself is exact to about 1e-6 (names, q/k permutation, Gemma's norms,
+  metadata); Gemma's three reach 2e-4 to 5e-4 because llama.cpp's CPU GELU reads a
+  float16 table.
+- f16 (<= 2e-3) and q8_0 (<= 3e-2), on small *trained* language models
+  (``gguf_helpers.small_lm``: 256 wide, 64-wide heads, two layers, transformers' 0.02
+  initialiser, ten AdamW steps on sloth's corpus, about 0.7 s each): measured 1.4e-4 to
+  4.3e-4 (f16) and 3.7e-3 to 1.6e-2 (q8_0) over every architecture and six training seeds
+  (twenty steps instead of ten: at most 5.1e-4 and 1.9e-2).
+
+Why not the tiny random models for f16 and q8_0 (they measured 1.6e-3 to 2.5e-3 and 3.9e-2
+to 6.0e-2): the format is not what they measure. Rounding a weight to q8_0 costs 5.4e-3 of
+its rms (2.1e-4 for f16), as it should: 32-element blocks fit any of these widths, and the
+weights are Gaussian without outliers. But an untrained network is a worst case for a
+*relative* error: each logit is an incoherent sum of random terms, exactly like the rounding
+noise, so nothing stands out of the noise. The logits are flat (std 1, max |logit| 4.3,
+a mean top-1 probability of 0.03 over 513 tokens), and the tiny models' 1/sqrt(width)
+initialiser passes every layer's error on at full gain: rounding the weights alone, in
+torch, already costs 2.7e-2 to 4.4e-2, 5 to 8 times the per-weight error (the embedding,
+the attention and the MLP each about 1.5e-2). The metric is not the culprit: the maximum
+is 1.0 to 1.6 times the rms relative error. Width alone changes nothing (256 wide at
+1/sqrt(256): 3.4e-2). Training does, as soon as the logits carry the corpus' token
+statistics: the same small LM costs 1.9e-2 at initialisation, 3.6e-3 to 6.8e-3 after ten
+steps, and 7.8e-3 after 400 (loss 1.5; rms error 6.1e-3, KL divergence 1.2e-4, top-1
+agreement 99.5%), the figures llama.cpp publishes for 7-8B models at q8_0 (KL divergence
+3.7e-4 to 1.4e-3, same top-1 98.8% to 97.7%). A trained model is what gets exported; the
+stated tolerances hold for it with a factor 2 to 10 to spare.
 """
 
 from __future__ import annotations
@@ -52,24 +70,16 @@ def test_f32_logits_match_transformers(arch, models, exported, prompts):
 
 @pytest.mark.parametrize("quantization", ["f16", "q8_0"])
 @pytest.mark.parametrize("arch", ARCHS)
-def test_quantized_logits(arch, quantization, models, exported, prompts):
+def test_quantized_logits(arch, quantization, small_lms, exported, prompts):
     batch = prompts_for(arch, prompts)
-    model = models(arch)
+    model = small_lms(arch)
     want = torch_logits(model, batch)
-    got = llama_cpp.run_logits(exported(arch, quantization), batch)
+    got = llama_cpp.run_logits(exported(arch, quantization, small=True), batch)
     error = relative_error(got, want)
-    format_cost = relative_error(torch_logits(rounded_like(model, quantization), batch), want)
-    print(f"{arch} {quantization}: {error:.2e} (the rounded weights alone: {format_cost:.2e})")
-    # What the format explains: its rounding of the weights, and llama.cpp's of the
-    # activations in the same type. A wrong tensor or block layout is off by far more.
-    assert error <= 2 * format_cost + 1e-3, f"{arch} {quantization}: {error:.2e}"
-    tolerance = TOLERANCE[quantization]
-    if error > tolerance:
-        pytest.xfail(
-            f"{arch} {quantization}: relative error {error:.2e} > {tolerance:.0e}, while "
-            f"rounding the weights to {quantization} alone costs {format_cost:.2e} in torch "
-            f"(llama.cpp also rounds activations to {quantization})"
-        )
+    # For the record: llama.cpp also rounds the activations to the weights' type.
+    rounding = relative_error(torch_logits(rounded_like(model, quantization), batch), want)
+    print(f"{arch} {quantization}: {error:.2e} (the rounded weights alone: {rounding:.2e})")
+    assert error <= TOLERANCE[quantization], f"{arch} {quantization}: {error:.2e}"
 
 
 ROPE_SCALING = {
