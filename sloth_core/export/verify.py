@@ -9,12 +9,22 @@ compared with the in-memory model's:
 
 - **max abs**: the largest absolute difference of any logit;
 - **max rel**: max abs divided by the largest absolute reference logit;
-- **top-1**: the share of positions whose most likely next token agrees.
+- **top-1**: the share of positions whose most likely next token agrees, over every
+  position and over the *confident* ones, where the in-memory model gives its most likely
+  token a probability of at least :data:`CONFIDENT` (an answer, not a guess);
+- **KL divergence**: the mean over positions of KL(in memory || export), in nats, the
+  figure llama.cpp's ``perplexity --kl-divergence`` reports for its quantization types.
 
-Each export type has a :data:`TOLERANCES` entry; low-bit types are judged mostly by their
-top-1 agreement, since their logits move a lot while the ranking holds. The exported
-tokenizer must also encode sample texts (special tokens and a chat-templated
-conversation included) to the same ids as the in-memory one.
+Each export type has a :data:`TOLERANCES` entry: a bound on max rel (16 and 8 bits) and
+a least top-1 agreement, judged on the confident positions when there are at least
+:data:`MIN_CONFIDENT` of them, else on all. Where a model hesitates between tokens whose
+probabilities are within a rounding error of each other, its top-1 is a coin toss that any
+export may flip: llama.cpp measures 92% to 95% same top-1 over every Wikitext position for
+Llama 2 7B and Llama 3 8B at q4_k_m (mean KL divergence 0.013 and 0.031), and a fine-tune
+asked about anything outside its task hesitates at most positions. What a user needs kept
+are the answers the model is sure of. The exported tokenizer must also encode sample texts
+(special tokens and a chat-templated conversation included) to the same ids as the
+in-memory one.
 """
 
 from __future__ import annotations
@@ -29,6 +39,8 @@ from typing import Any
 import numpy as np
 
 __all__ = [
+    "CONFIDENT",
+    "MIN_CONFIDENT",
     "SAMPLE_PROMPTS",
     "SAMPLE_TEXTS",
     "TOLERANCES",
@@ -45,7 +57,8 @@ class Tolerance:
     """How far an export of one weight type may drift from the in-memory model.
 
     ``max_rel``: the largest allowed max-abs / max-|reference| ratio, or ``None`` where
-    it is reported only; ``min_top1``: the least share of agreeing top-1 predictions.
+    it is reported only; ``min_top1``: the least share of agreeing top-1 predictions at
+    the confident positions (at every position when there are too few of those).
     """
 
     max_rel: float | None
@@ -82,6 +95,11 @@ _ALIASES = {
 }  # fmt: skip
 #: An export type not in the table: judged by top-1 agreement alone.
 UNKNOWN_TOLERANCE = Tolerance(None, 0.9)
+#: A position is confident where the in-memory model gives its most likely next token at
+#: least this probability: more than all the other tokens together.
+CONFIDENT = 0.5
+#: Fewer confident positions than this and top-1 agreement is judged on every position.
+MIN_CONFIDENT = 10
 
 SAMPLE_PROMPTS = (
     "The capital of France is",
@@ -120,7 +138,10 @@ class VerifyReport:
     positions: int = 0
     max_abs: float | None = None
     max_rel: float | None = None
-    top1: float | None = None
+    top1: float | None = None  # over every position
+    confident: int = 0  # positions where the reference is confident (see CONFIDENT)
+    top1_confident: float | None = None
+    kl_divergence: float | None = None  # mean KL(reference || export), nats
     texts: int = 0
     texts_matching: int = 0
     problems: list[str] = field(default_factory=list)
@@ -217,6 +238,11 @@ def _all_logits(model: Any, lists: list[list[int]]) -> list[np.ndarray]:
         model.train(training)
 
 
+def _log_softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits - logits.max(-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+
+
 def _compare(report: VerifyReport, reference: list[np.ndarray], exported: list[np.ndarray]) -> None:
     width = min(reference[0].shape[-1], exported[0].shape[-1])
     if reference[0].shape[-1] != exported[0].shape[-1]:
@@ -224,8 +250,8 @@ def _compare(report: VerifyReport, reference: list[np.ndarray], exported: list[n
             f"vocabulary widths differ ({reference[0].shape[-1]} in memory, "
             f"{exported[0].shape[-1]} exported): the first {width} logits are compared"
         )
-    max_abs = scale = 0.0
-    agree = positions = 0
+    max_abs = scale = kl = 0.0
+    agree = positions = confident = agree_confident = 0
     for ref, out in zip(reference, exported, strict=True):
         ref, out = ref[:, :width].astype(np.float64), out[:, :width].astype(np.float64)
         if ref.shape != out.shape:
@@ -233,9 +259,18 @@ def _compare(report: VerifyReport, reference: list[np.ndarray], exported: list[n
             return
         max_abs = max(max_abs, float(np.abs(ref - out).max()))
         scale = max(scale, float(np.abs(ref).max()))
-        agree += int((ref.argmax(-1) == out.argmax(-1)).sum())
+        same = ref.argmax(-1) == out.argmax(-1)
+        log_p, log_q = _log_softmax(ref), _log_softmax(out)
+        sure = np.exp(log_p.max(-1)) >= CONFIDENT
+        agree += int(same.sum())
+        agree_confident += int(same[sure].sum())
+        confident += int(sure.sum())
+        kl += float((np.exp(log_p) * (log_p - log_q)).sum())
         positions += ref.shape[0]
     report.positions, report.max_abs, report.top1 = positions, max_abs, agree / positions
+    report.confident = confident
+    report.top1_confident = agree_confident / confident if confident else None
+    report.kl_divergence = kl / positions
     report.max_rel = max_abs / scale if scale else (0.0 if max_abs == 0 else math.inf)
     tol = report.tolerance
     if not math.isfinite(max_abs):
@@ -245,9 +280,17 @@ def _compare(report: VerifyReport, reference: list[np.ndarray], exported: list[n
             f"max relative logit error {report.max_rel:.3g} > {tol.max_rel:g} allowed for "
             f"{report.weight_type}"
         )
-    if report.top1 < tol.min_top1:
+    if confident >= MIN_CONFIDENT:
+        top1, where = report.top1_confident, f"the {confident} confident positions"
+    else:
+        top1, where = report.top1, "every position"
+        report.notes.append(
+            f"the model is confident (p >= {CONFIDENT:g}) at only {confident} of "
+            f"{positions} positions: top-1 agreement is judged on every position"
+        )
+    if top1 < tol.min_top1:
         report.problems.append(
-            f"top-1 agreement {report.top1:.1%} < {tol.min_top1:.0%} required for "
+            f"top-1 agreement {top1:.1%} on {where} < {tol.min_top1:.0%} required for "
             f"{report.weight_type}"
         )
 
@@ -417,11 +460,23 @@ def print_report(report: VerifyReport, console: Any = None) -> None:
         table.add_row("adapter tensors", str(report.positions), "")
         table.add_row("max abs difference", fmt(report.max_abs, ".3g"), "0")
     else:
+        judged_confident = report.confident >= MIN_CONFIDENT
+        need = f">= {tol.min_top1:.0%}"
         table.add_row("positions compared", str(report.positions), "")
         table.add_row("max abs logit error", fmt(report.max_abs, ".4g"), "")
         allowed = "reported only" if tol.max_rel is None else f"<= {tol.max_rel:g}"
         table.add_row("max rel logit error", fmt(report.max_rel, ".4g"), allowed)
-        table.add_row("top-1 agreement", fmt(report.top1, ".1%"), f">= {tol.min_top1:.0%}")
+        table.add_row("mean KL divergence", fmt(report.kl_divergence, ".3g"), "reported only")
+        table.add_row(
+            "top-1 agreement, all positions",
+            fmt(report.top1, ".1%"),
+            "reported only" if judged_confident else need,
+        )
+        table.add_row(
+            f"top-1 agreement, {report.confident} confident positions",
+            fmt(report.top1_confident, ".1%"),
+            need if judged_confident else f"judged at >= {MIN_CONFIDENT} positions",
+        )
     if report.texts:
         table.add_row(
             "tokenizer: same ids", f"{report.texts_matching}/{report.texts}", f"{report.texts}"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import types
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -59,6 +60,51 @@ def test_tolerances_name_every_type_and_fall_back_to_top1():
     assert TOLERANCES["f32"].max_rel == 1e-3 and TOLERANCES["q8_0"].max_rel == 3e-2
     assert TOLERANCES["q4_k_m"].max_rel is None and TOLERANCES["q4_k_m"].min_top1 == 0.9
     assert tolerance_for("iq2_xxs")[1] == verify.UNKNOWN_TOLERANCE
+
+
+# -- top-1 at the confident positions ------------------------------------------------------
+def _judged(quantization, reference, exported):
+    name, tolerance = tolerance_for(quantization)
+    report = verify.VerifyReport(Path("m.gguf"), "gguf", name, tolerance)
+    verify._compare(report, [reference], [exported])
+    return report
+
+
+def _positions(sure: int, unsure: int, vocab: int = 32) -> np.ndarray:
+    """``sure`` rows whose token ``i`` has a probability near 1, then ``unsure`` rows where
+    tokens 0 and 1 are within 0.01 of each other (probability 0.08 each)."""
+    rows = np.zeros((sure + unsure, vocab), dtype=np.float32)
+    rows[np.arange(sure), np.arange(sure) % vocab] = 10.0
+    rows[sure:, 0], rows[sure:, 1] = 1.0, 0.99
+    return rows
+
+
+def test_top1_is_judged_where_the_model_is_confident():
+    reference = _positions(sure=12, unsure=20)
+    flipped = reference.copy()
+    flipped[12:, [0, 1]] = flipped[12:, [1, 0]]  # every coin toss lost
+    report = _judged("q4_k_m", reference, flipped)
+    assert report.passed, report.problems
+    assert (report.confident, report.top1_confident) == (12, 1.0)
+    assert report.top1 == 12 / 32 and 0 < report.kl_divergence < 1e-4
+    flipped[0, 0], flipped[0, 5] = 0.0, 10.0  # two answers changed: 10/12 < 90%
+    flipped[1, 1], flipped[1, 6] = 0.0, 10.0
+    report = _judged("q4_k_m", reference, flipped)
+    assert report.top1_confident == 10 / 12 and report.kl_divergence > 0.5
+    assert report.problems == [
+        "top-1 agreement 83.3% on the 12 confident positions < 90% required for q4_k_m"
+    ]
+    assert _judged("q4_k_m", reference, reference).kl_divergence == pytest.approx(0, abs=1e-12)
+
+
+def test_with_few_confident_positions_every_position_counts():
+    reference = _positions(sure=verify.MIN_CONFIDENT - 1, unsure=20)
+    flipped = reference.copy()
+    flipped[verify.MIN_CONFIDENT - 1 :, [0, 1]] = flipped[verify.MIN_CONFIDENT - 1 :, [1, 0]]
+    report = _judged("q4_k_m", reference, flipped)
+    assert report.top1_confident == 1.0 and not report.passed
+    assert "on every position" in report.problems[0]
+    assert any("confident (p >= 0.5) at only 9 of 29 positions" in n for n in report.notes)
 
 
 # -- GGUF, through a stand-in for sloth_core.export.llama_cpp ---------------------------------
