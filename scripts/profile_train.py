@@ -1,21 +1,29 @@
-"""Where a LoRA training step's device time goes, per system (GPU only).
+"""Where a LoRA training step's time goes, per system (GPU only).
 
-    python3 scripts/profile_train.py MODEL_DIR [SEQ BATCH] > profile.txt
+    python3 scripts/profile_train.py [--shape llama-8b] [--systems sloth,hf] [--seq 2048]
+                                     [--batch 4] [--rows 30] > profile.txt
 
-Loads the model as ``sloth bench train`` does (sloth, then hf), runs two warm-up steps
-and profiles one, printing the kernels that take the most device time.
+Loads each system as ``sloth bench train`` does (the shape's random-init model, written
+once under $SLOTH_CACHE), runs warm-up steps, times a few (wall clock between
+synchronisations, against the device time the profiler sees: a step whose wall time is
+well above its device time waits on the host), then profiles one and prints the
+operators and kernels that take the most device time, and those that take the most host
+time.
 """
 
 from __future__ import annotations
 
+import argparse
 import gc
-import sys
+import os
+import statistics
+import time
 from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from sloth_core.bench.train import _load
+from sloth_core.bench.train import _load, make_model
 
 
 def step(model, optimizer, ids):
@@ -26,24 +34,47 @@ def step(model, optimizer, ids):
 
 
 def main() -> None:
-    model_dir = Path(sys.argv[1])
-    seq, batch = (int(sys.argv[2]), int(sys.argv[3])) if len(sys.argv) > 3 else (2048, 4)
-    for system in ("sloth", "hf"):
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--shape", default="llama-8b")
+    parser.add_argument("--systems", default="sloth,hf")
+    parser.add_argument("--seq", type=int, default=2048)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--rows", type=int, default=30)
+    args = parser.parse_args()
+    cache = Path(os.environ.get("SLOTH_CACHE", Path.home() / ".cache" / "sloth"))
+    model_dir = make_model(args.shape, cache / "bench-models" / args.shape, device="cuda")
+    for system in args.systems.split(","):
         model, _ = _load(system, model_dir, "cuda")
         model.train()
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4)
-        ids = torch.randint(0, model.config.vocab_size, (batch, seq), device="cuda")
-        for _ in range(2):
+        ids = torch.randint(0, model.config.vocab_size, (args.batch, args.seq), device="cuda")
+        for _ in range(3):
             step(model, optimizer, ids)
-        torch.cuda.synchronize()
+        times = []
+        for _ in range(5):
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            step(model, optimizer, ids)
+            torch.cuda.synchronize()
+            times.append(time.perf_counter() - start)
+        wall = statistics.median(times)
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             step(model, optimizer, ids)
             torch.cuda.synchronize()
-        print(f"==== {system}")
-        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=70))
+        events = prof.key_averages()
+        device_us = sum(e.self_device_time_total for e in events)
+        print(f"==== {system}: {args.shape} seq {args.seq} x batch {args.batch}: step "
+              f"{wall * 1000:.1f} ms wall, {device_us / 1000:.1f} ms device time (profiled "
+              f"step), {args.seq * args.batch / wall:.0f} tokens/s, peak "
+              f"{torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
+        print(events.table(sort_by="self_device_time_total", row_limit=args.rows,
+                           max_name_column_width=70))
+        print(events.table(sort_by="self_cpu_time_total", row_limit=15,
+                           max_name_column_width=70))
         del model, optimizer
         gc.collect()
         torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
 
 
 if __name__ == "__main__":

@@ -46,14 +46,16 @@ def build_config(args: argparse.Namespace) -> TrainConfig:
     from sloth_core.train.config import read_config_file
 
     values: dict = {}
-    if args.demo:
-        from sloth_core.train.demo import demo_options
-
-        values.update(demo_options())
     source = "options"
     if args.config:
         values.update(read_config_file(args.config))
         source = args.config
+    if args.demo:
+        from sloth_core.train.demo import demo_options
+
+        # The demo's base model is built (once) only when no other model is named.
+        named = getattr(args, "model_name", None) or "model_name" in values
+        values = {**demo_options(with_model=not named), **values}
     config = TrainConfig.from_mapping(values, source=source)
     flags = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
     flags = {k: v for k, v in flags.items() if v is not None}

@@ -137,6 +137,10 @@ def _pretrain(
     model.save_pretrained(path)
 
 
-def demo_options() -> dict[str, Any]:
-    """The demo's options: :data:`DEMO_OPTIONS` plus the model and data paths."""
-    return {**DEMO_OPTIONS, "model_name": str(demo_model()), "dataset": str(demo_dataset())}
+def demo_options(*, with_model: bool = True) -> dict[str, Any]:
+    """The demo's options: :data:`DEMO_OPTIONS` plus the data path and, unless another
+    model was named (``with_model=False``: nothing is built), the demo model's."""
+    options = {**DEMO_OPTIONS, "dataset": str(demo_dataset())}
+    if with_model:
+        options["model_name"] = str(demo_model())
+    return options

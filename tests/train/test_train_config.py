@@ -134,3 +134,14 @@ def test_full_finetuning_saves_merged_weights_unless_told_otherwise(alpaca_file,
     assert full.final_format == "merged_16bit"
     with pytest.raises(ConfigError, match="save_method.*no adapters"):
         TrainConfig.from_mapping({**base, "full_finetuning": True, "save_method": "lora"}).validate()
+
+
+def test_the_demo_with_another_model_builds_no_demo_model(tmp_path, monkeypatch):
+    from sloth_core.cli import build_parser
+    from sloth_core.cli.train_cmd import build_config
+
+    monkeypatch.setenv("SLOTH_CACHE", str(tmp_path / "cache"))
+    args = build_parser().parse_args(["train", "--demo", "--model-name", "my/model"])
+    config = build_config(args)
+    assert config.model_name == "my/model" and config.data_format == "alpaca"
+    assert not (tmp_path / "cache").exists()
