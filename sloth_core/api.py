@@ -82,8 +82,8 @@ def load_model(
     manager = manager or get_plugin_manager()
     spec.config = spec.config or _read_config(spec, manager)
     spec.model_type = getattr(spec.config, "model_type", None) or spec.model_type
-    if spec.dtype is None:
-        spec.dtype = default_dtype(str(spec.device_map) if spec.device_map else None)
+    if spec.dtype is None:  # no device_map: transformers loads onto the CPU
+        spec.dtype = default_dtype(str(spec.device_map) if spec.device_map else "cpu")
     if spec.quantization:
         if spec.quantization not in manager.quantizers:
             raise _missing("quantization", spec.quantization, manager.quantizers)

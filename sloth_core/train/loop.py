@@ -207,6 +207,7 @@ def _load_model(config: TrainConfig) -> Any:
         dtype=dtype,
         quantization=config.quantization_method,
         full_finetuning=config.full_finetuning,
+        device_map=training_device_map(),
     )
     checkpointing = {"off": False, "on": True, "offload": "sloth"}[config.gradient_checkpointing]
     if config.full_finetuning:
@@ -227,6 +228,14 @@ def _load_model(config: TrainConfig) -> Any:
         random_state=config.seed,
         max_seq_length=config.max_seq_length,
     )
+
+
+def training_device_map() -> dict[str, int] | None:
+    """The whole model on this process's GPU (the one torchrun's rank was given), or
+    ``None`` (the CPU) on a machine without one."""
+    if not torch.cuda.is_available():
+        return None
+    return {"": torch.cuda.current_device()}
 
 
 def _on_cuda(model) -> bool:

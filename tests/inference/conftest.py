@@ -40,6 +40,9 @@ def generate_json(sloth):
     """``generate_json(model, prompt, *flags)``: ``sloth generate --json``'s record."""
 
     def run(model, prompt: str, *flags: str) -> dict:
+        # On the CPU, as the in-process models the tests compare with (on a GPU machine
+        # too: `auto` would load onto the GPU in bf16).
+        flags = ("--device", "cpu", *flags) if "--device" not in flags else flags
         status, out, err = sloth("generate", model, "--prompt", prompt, "--json", *flags)
         assert status == 0, err
         return json.loads(out)

@@ -145,3 +145,19 @@ def test_the_demo_with_another_model_builds_no_demo_model(tmp_path, monkeypatch)
     config = build_config(args)
     assert config.model_name == "my/model" and config.data_format == "alpaca"
     assert not (tmp_path / "cache").exists()
+
+
+def test_training_loads_onto_the_gpu_when_there_is_one(monkeypatch):
+    """`sloth train` on a GPU machine trains there (transformers' default is the CPU), and a
+    model left on the CPU is float32 there whatever GPU the machine has."""
+    import torch
+
+    from sloth_core.api import default_dtype
+    from sloth_core.train.loop import training_device_map
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert training_device_map() is None
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)  # torchrun's local rank
+    assert training_device_map() == {"": 1}
+    assert default_dtype("cpu") == torch.float32
