@@ -190,6 +190,12 @@ def setup() -> Group:
     world = int(os.environ["WORLD_SIZE"])
     local = int(os.environ.get("LOCAL_RANK", rank))
     if torch.cuda.is_available():
+        if local >= torch.cuda.device_count():
+            raise RuntimeError(
+                f"rank {rank} is process {local} of this host, which has "
+                f"{torch.cuda.device_count()} GPU(s): start at most one process per GPU "
+                f"(--nproc / --nproc-per-node)"
+            )
         os.environ.setdefault("NCCL_NVLS_ENABLE", "0")  # NVLink multicast: off unless asked
         torch.cuda.set_device(local)
         device, backend = torch.device("cuda", local), "nccl"

@@ -20,7 +20,7 @@ QUESTION = "What is the capital of France?"
 
 def _expected(model_dir, prompt=QUESTION, system=None):
     """The greedy reply as the library gives it, to compare the CLI with."""
-    engine = open_engine(model_dir)
+    engine = open_engine(model_dir, device="cpu")  # as the CLI tests run it (conftest)
     messages = ([{"role": "system", "content": system}] if system else []) + [
         {"role": "user", "content": prompt}
     ]
@@ -47,7 +47,8 @@ def test_generate_json_on_a_model_dir(llama_dir, generate_json):
 
 
 def test_generate_streams_the_reply_to_stdout(llama_dir, sloth):
-    status, out, _ = sloth("generate", llama_dir, "--prompt", QUESTION, "--max-new-tokens", "12")
+    status, out, _ = sloth("generate", llama_dir, "--prompt", QUESTION, "--max-new-tokens", "12",
+                           "--device", "cpu")
     assert status == 0
     _, completion = _expected(llama_dir)
     assert out == _cut(completion.ids, 12, llama_dir) + "\n"
