@@ -214,7 +214,10 @@ def _load_model(config: TrainConfig) -> Any:
         if checkpointing:
             from sloth_core.api import enable_checkpointing
 
-            enable_checkpointing(model, offload=checkpointing == "sloth" and _on_cuda(model))
+            # Sharded by FSDP2 (several processes), the layer inputs stay on the device:
+            # that pairing is the one measured on GPUs (docs/benchmarks.md).
+            offload = checkpointing == "sloth" and _on_cuda(model) and not distributed.launched()
+            enable_checkpointing(model, offload=offload)
         return model
     return FastLanguageModel.get_peft_model(
         model,
@@ -474,9 +477,11 @@ def _gathered(config: TrainConfig, model, dtype: torch.dtype) -> Any:
 
 def _save(group, out, step, model, optimizer, scheduler, config, consumed, result) -> None:
     """Rank 0 writes the checkpoint; ``micro_batches`` counts global micro-batches."""
-    # Every rank takes part: a sharded model's tensors and optimizer state are gathered.
-    tensors = trainable_state(model)
-    optimizer_states = optimizer_state(model, optimizer)
+    tensors = optimizer_states = None
+    # A sharded model's tensors and optimizer state are gathered: every rank takes part.
+    if group.is_main or distributed.is_sharded(model):
+        tensors = trainable_state(model)
+        optimizer_states = optimizer_state(model, optimizer)
     if group.is_main:
         save_checkpoint(
             out, step=step, model=model, tensors=tensors, optimizer_state=optimizer_states,
