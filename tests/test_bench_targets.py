@@ -47,7 +47,9 @@ def test_rows_are_selected_by_name():
 def test_targets_run_every_row_and_write_the_summary(tmp_path, monkeypatch, capsys):
     """One real row on the CPU (the tiny shape, sloth and hf each in its own process) and a
     context row answered by a fake search, through the CLI."""
-    rows = (Target("tiny", "llama-tiny", 16, 2, speed=0.01, memory=0.9),
+    # The reference ops: under CI's TRITON_INTERPRET=1 the kernels would run interpreted.
+    monkeypatch.setenv("SLOTH_KERNELS", "torch")
+    rows = (Target("tiny", "llama-tiny", 16, 2, speed=1e-3, memory=0.9),
             Target("context-nf4", "llama-tiny", 0, 1, "nf4", context=12.0, budget_gib=40.0))
     monkeypatch.setattr(bench_targets, "TARGETS", rows)
 

@@ -109,29 +109,17 @@ def _pretrain(
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from sloth_core.testing.models import pretrain
     from sloth_core.testing.tokenizer import corpus_lines
 
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(path)
-    eos = tokenizer.eos_token_id
-    ids = torch.tensor([i for line in corpus_lines() for i in [*tokenizer(line).input_ids, eos]])
-    generator = torch.Generator().manual_seed(0)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=weight_decay)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer,
-        lambda step: min(1.0, (step + 1) / warmup_steps) * max(0.1, 1 - step / steps),
-    )
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the demo's training: small matrices, a shared machine
     try:
-        model.train()
-        for _ in range(steps):
-            starts = torch.randint(0, len(ids) - window, (batch_size,), generator=generator)
-            batch = torch.stack([ids[s : s + window] for s in starts.tolist()])
-            model(batch, labels=batch).loss.backward()
-            optimizer.step()
-            schedule.step()
-            optimizer.zero_grad()
+        pretrain(model, tokenizer, corpus_lines(), steps=steps, batch_size=batch_size,
+                 window=window, learning_rate=learning_rate, warmup_steps=warmup_steps,
+                 weight_decay=weight_decay)  # fmt: skip
     finally:
         torch.set_num_threads(threads)
     model.save_pretrained(path)

@@ -65,6 +65,7 @@ def small_lm(arch: str, tokenizer) -> torch.nn.Module:
     Gemmas their real ``query_pre_attn_scalar`` (the head width): the tiny models' much
     lower caps, there to bite at a random model's logit scale, would squash a trained one.
     """
+    from sloth_core.testing.models import pretrain
     from sloth_core.testing.tokenizer import corpus_lines
 
     fields = dict(SMALL_LM)
@@ -75,19 +76,8 @@ def small_lm(arch: str, tokenizer) -> torch.nn.Module:
     if arch == "gemma2":
         fields.update(attn_logit_softcapping=50.0, final_logit_softcapping=30.0)
     model = tiny(arch, **fields)
-    eos = tokenizer.eos_token_id
-    lines = corpus_lines()[PROMPT_LINES:]
-    ids = torch.tensor([i for line in lines for i in [*tokenizer(line)["input_ids"], eos]])
-    generator = torch.Generator().manual_seed(0)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=SMALL_LM_LR, weight_decay=0.0)
-    width = SMALL_LM_WINDOW
-    model.train()
-    for _ in range(SMALL_LM_STEPS):
-        starts = torch.randint(0, len(ids) - width, (SMALL_LM_BATCH,), generator=generator)
-        batch = torch.stack([ids[s : s + width] for s in starts.tolist()])
-        model(batch, labels=batch).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
+    pretrain(model, tokenizer, corpus_lines()[PROMPT_LINES:], steps=SMALL_LM_STEPS,
+             batch_size=SMALL_LM_BATCH, window=SMALL_LM_WINDOW, learning_rate=SMALL_LM_LR)  # fmt: skip
     return model.eval()
 
 
