@@ -129,7 +129,10 @@ def test_rms_norm_mixed_dtypes_promote_like_llama(x_dtype, w_dtype, device):
     assert_close(y, expected, torch.bfloat16, what=f"{what} y")
     assert x.grad.dtype == x_dtype and w.grad.dtype == w_dtype, what
     assert_close(x.grad, x_ref.grad, torch.bfloat16, what=f"{what} dx")
-    assert_close(w.grad, w_ref.grad, torch.bfloat16, what=f"{what} dw")
+    # The normalised rows are rounded to bf16 before the product with the weight: a value
+    # on a rounding boundary may round one way here and the other in the reference.
+    _assert_weight_grad(w.grad, w_ref.grad, torch.bfloat16, 4,
+                        rounded_per_row=x_dtype != torch.float32, what=f"{what} dw")  # fmt: skip
 
 
 def test_rms_norm_frozen_weight_and_non_contiguous_input(device):

@@ -55,6 +55,9 @@ def test_cross_entropy_matches_for_causal_lm_loss_with_num_items():
     logits = torch.randn(b, s, vocab, dtype=torch.bfloat16)
     labels = torch.randint(0, vocab, (b, s))
     labels[torch.rand(b, s) < 0.3] = IGNORE
+    # At least one counted token after the shift: with none, transformers' mean is 0/0 =
+    # NaN where sloth's is 0 (test_cross_entropy_all_ignored_is_zero_not_nan).
+    labels[0, 1] = int(torch.randint(0, vocab, ()).item())
     num_items = torch.tensor(int(torch.randint(1, b * s + 5, ()).item()))
     shifted = F.pad(labels, (0, 1), value=IGNORE)[:, 1:].reshape(-1)
     what = f"ForCausalLMLoss bf16 logits={[b, s, vocab]} num_items={num_items.item()} seed={seed}"
