@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import gc
 import os
 import subprocess
 import sys
@@ -108,6 +109,11 @@ class Group:
 
     def close(self) -> None:
         if self.owned and dist.is_initialized():
+            # A sharded model is held in reference cycles (FSDP's hooks and states) with
+            # the collectives' pending work objects; freed only at interpreter exit, after
+            # the group, gloo's threads can abort the process ("terminate called without an
+            # active exception"). Free them while the group still exists.
+            gc.collect()
             dist.destroy_process_group()
 
 

@@ -459,6 +459,7 @@ def _train(config: TrainConfig, group, *, show_progress: bool, console: Any) -> 
         model = _gathered(config, model, compute_dtype)  # rank 0 gets the whole model
     if group.is_main:
         _finish(config, model, tokenizer, result, console)
+    group.barrier()  # every rank's collectives are over before any tears the group down
     return result
 
 
