@@ -59,18 +59,17 @@ class Group:
 
     def all_sum(self, values: list[float]) -> list[float]:
         """``values`` summed over the ranks (float64, so token counts stay exact)."""
-        if not self.active:
-            return list(values)
-        tensor = torch.tensor(values, dtype=torch.float64, device=self.device)
-        dist.all_reduce(tensor)
-        return tensor.tolist()
+        return self._all_reduce(values, dist.ReduceOp.SUM)
 
     def all_max(self, values: list[float]) -> list[float]:
         """``values``, each the largest over the ranks."""
+        return self._all_reduce(values, dist.ReduceOp.MAX)
+
+    def _all_reduce(self, values: list[float], op) -> list[float]:
         if not self.active:
             return list(values)
         tensor = torch.tensor(values, dtype=torch.float64, device=self.device)
-        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+        dist.all_reduce(tensor, op=op)
         return tensor.tolist()
 
     def wrap(self, model: torch.nn.Module, *, full: bool = False, compute_dtype=None):
