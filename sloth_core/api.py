@@ -79,7 +79,10 @@ def load_model(
 
     :return: the model, its tokenizer, and what each plugin patched.
     """
+    from sloth_core.trust import check_remote_code
+
     manager = manager or get_plugin_manager()
+    check_remote_code(spec.model_name, spec.trust_remote_code)
     spec.config = spec.config or _read_config(spec, manager)
     spec.model_type = getattr(spec.config, "model_type", None) or spec.model_type
     if spec.dtype is None:  # no device_map: transformers loads onto the CPU
@@ -120,7 +123,8 @@ def export(
     exporter as ``options["quantization"]``. Nothing is overwritten without ``force``, and
     the export is refused up front when the disk has no room for it.
     """
-    from sloth_core.default_plugins.exporters import check_free_space, estimate_export_bytes
+    from sloth_core.default_plugins.exporters import estimate_export_bytes
+    from sloth_core.io import check_free_space, disk_full_error, is_disk_full
 
     manager = manager or get_plugin_manager()
     if format not in manager.exporters:
@@ -129,10 +133,18 @@ def export(
     refuse_existing(path, force)
     if quantization is not None:
         options["quantization"] = quantization
-    check_free_space(path, estimate_export_bytes(model, format, options))
-    result = manager.export(
-        model=model, tokenizer=tokenizer, format=format, path=path, options={**options, "force": force}
-    )
+    check_free_space(path, estimate_export_bytes(model, format, options), f"the {format} export")
+    try:
+        result = manager.export(
+            model=model, tokenizer=tokenizer, format=format, path=path,
+            options={**options, "force": force},
+        )  # fmt: skip
+    except Exception as exc:
+        if is_disk_full(exc) and not isinstance(exc, SlothError):
+            raise disk_full_error(
+                f"the {format} export", path.parent, ": nothing was kept"
+            ) from exc
+        raise
     if result is None:
         raise _missing("export format", format, manager.exporters)
     return result
@@ -146,7 +158,9 @@ def enable_checkpointing(model: Any, *, offload: bool = False) -> None:
 
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         # transformers' own hook for the checkpointing function of its decoder layers.
-        base._set_gradient_checkpointing(enable=True, gradient_checkpointing_func=offloaded_checkpoint)
+        base._set_gradient_checkpointing(
+            enable=True, gradient_checkpointing_func=offloaded_checkpoint
+        )
         return
     kwargs = {"use_reentrant": False}
     if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x
@@ -244,7 +258,9 @@ class FastLanguageModel:
             r=r,
             lora_alpha=lora_alpha,
             lora_dropout=lora_dropout,
-            target_modules=list(DEFAULT_TARGET_MODULES) if target_modules is None else target_modules,
+            target_modules=list(DEFAULT_TARGET_MODULES)
+            if target_modules is None
+            else target_modules,
             bias=bias,
             use_rslora=use_rslora,
             modules_to_save=modules_to_save,

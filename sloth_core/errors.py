@@ -4,7 +4,9 @@ from __future__ import annotations
 
 
 class SlothError(Exception):
-    """Base class of sloth's own errors."""
+    """Base class of sloth's own errors; the command line exits with ``exit_code``."""
+
+    exit_code = 1
 
 
 class PluginMissingError(SlothError):
@@ -21,3 +23,17 @@ class ModelNotFoundError(SlothError):
 
 class OutputExistsError(SlothError):
     """An output path exists and ``force`` was not given: nothing was overwritten."""
+
+
+class DiskFullError(SlothError, OSError):
+    """The disk (or quota) filled up while writing; what was being written was not kept."""
+
+
+class UntrustedCodeError(SlothError):
+    """A model asks to run code of its own and the caller did not pass ``trust_remote_code``."""
+
+
+class Interrupted(SlothError):
+    """Ctrl-C: the message says where the work stopped and what was kept."""
+
+    exit_code = 130

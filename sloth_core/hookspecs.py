@@ -77,8 +77,11 @@ def register_exporters(register: NamedRegistrar) -> None:
 
     Called once for every plugin when plugins load.
 
-    :param register: call ``register("gguf", description="...", aliases=("llama.cpp",))``
-        once per format.
+    :param register: call ``register("gguf", description="...", aliases=("llama.cpp",),
+        quantizations=("f16", "q8_0", ...))`` once per format. ``quantizations`` names the
+        values the format takes for its ``quantization`` option (``()``: it takes none), so
+        that ``sloth train`` refuses a wrong one before training, not after; a format that
+        writes through another (Ollama through GGUF) passes ``wraps="gguf"`` instead.
     """
 
 

@@ -3,12 +3,62 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from sloth_core.errors import OutputExistsError
+from sloth_core.errors import DiskFullError, OutputExistsError
+
+#: How libraries that do not raise ``OSError`` (safetensors, torch's writers) word ENOSPC.
+_DISK_FULL_WORDS = ("no space left", "storagefull", "os error 28", "disk quota exceeded")
+
+
+def format_bytes(count: float) -> str:
+    """``count`` bytes for people: MB below a gigabyte (a "0.00 GiB" tells nothing), else GiB."""
+    if abs(count) < 2**30:
+        return f"{count / 2**20:.1f} MB"
+    return f"{count / 2**30:.2f} GiB"
+
+
+def free_bytes(path: str | Path) -> int:
+    """Free bytes on the file system of ``path`` (or of its nearest existing parent)."""
+    probe = Path(path).expanduser().resolve()
+    while not probe.exists():
+        probe = probe.parent
+    return shutil.disk_usage(probe).free
+
+
+def check_free_space(path: str | Path, needed: int, what: str, *, margin: float = 1.1) -> None:
+    """Raise :class:`DiskFullError` unless the file system of ``path`` has room for
+    ``needed`` bytes of ``what`` and a margin, before anything is written."""
+    free = free_bytes(path)
+    if free < needed * margin:
+        raise DiskFullError(
+            f"not enough free disk space for {what} at {path}: {format_bytes(free)} free, "
+            f"about {format_bytes(needed * margin)} needed; free some space or pick another "
+            "output path"
+        )
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """Whether ``exc`` (or what it was raised from) says the disk or quota is full."""
+    while exc is not None:
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if any(word in str(exc).lower() for word in _DISK_FULL_WORDS):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def disk_full_error(what: str, where: str | Path, after: str = "") -> DiskFullError:
+    """The message for a write that ran out of disk: the folder and its free space."""
+    return DiskFullError(
+        f"disk full while writing {what} in {where} ({format_bytes(free_bytes(where))} free)"
+        f"{after}; free some space or pick another folder"
+    )
 
 
 def refuse_existing(path: Path, force: bool) -> None:
@@ -37,6 +87,8 @@ def atomic_directory(path: str | Path, *, force: bool = False) -> Iterator[Path]
             shutil.rmtree(retired, ignore_errors=True)
         else:
             staging.rename(path)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(staging, ignore_errors=True)
+        if isinstance(exc, Exception) and is_disk_full(exc):
+            raise disk_full_error(path.name, path.parent, ": nothing of it was kept") from exc
         raise

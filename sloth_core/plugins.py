@@ -146,6 +146,9 @@ class SlothPluginManager:
         self.architectures: dict[str, str] = {}  # model_type -> plugin
         self.quantizers: dict[str, str] = {}  # method -> plugin
         self.exporters: dict[str, str] = {}  # format or alias -> plugin
+        #: Per export format (and alias): the quantization names it takes (``()``: none;
+        #: ``None``: not declared), or the name of the format it wraps.
+        self._export_quantizations: dict[str, tuple[str, ...] | str | None] = {}
         if os.environ.get("SLOTH_TRACE_PLUGINS"):
             self.pm.trace.root.setwriter(lambda msg: sys.stderr.write(f"[sloth] {msg}"))
             self.pm.enable_tracing()
@@ -257,10 +260,19 @@ class SlothPluginManager:
             record.ops.append(op)
 
         def named(table: dict[str, str], names: list[str]) -> Callable[..., None]:
-            def register(name: str, *, description: str = "", aliases: Iterable[str] = ()):
+            def register(
+                name: str, *, description: str = "", aliases: Iterable[str] = (),
+                quantizations: Iterable[str] | None = None, wraps: str | None = None,
+            ) -> None:  # fmt: skip
                 names.append(name)
                 for key in (name, *aliases):
-                    table.setdefault(key, record.name)
+                    if key not in table:
+                        table[key] = record.name
+                        if table is self.exporters:
+                            declared = wraps or (
+                                None if quantizations is None else tuple(quantizations)
+                            )
+                            self._export_quantizations[key] = declared
 
             return register
 
@@ -279,15 +291,25 @@ class SlothPluginManager:
         for table in (self.architectures, self.quantizers, self.exporters):
             for key in [k for k, v in table.items() if v == name]:
                 del table[key]
+                if table is self.exporters:
+                    self._export_quantizations.pop(key, None)
         for op in self.ops.names():
             definition = self.ops.definition(op)
             definition.impls[:] = [i for i in definition.impls if i.provider != name]
 
     # -- queries ---------------------------------------------------------------------
+    def export_quantizations(self, format: str) -> tuple[str, ...] | None:
+        """The quantization names export ``format`` takes (``()``: none), ``None`` when its
+        plugin did not declare them; a format that wraps another takes that one's."""
+        declared = self._export_quantizations.get(format)
+        for _ in range(len(self._export_quantizations)):
+            if not isinstance(declared, str):
+                break
+            declared = self._export_quantizations.get(declared)
+        return declared if isinstance(declared, tuple) else None
+
     def plugins(self, *, include_builtins: bool = False) -> list[PluginRecord]:
-        return [
-            r for r in self.records.values() if include_builtins or r.source != "builtin"
-        ]
+        return [r for r in self.records.values() if include_builtins or r.source != "builtin"]
 
     def implementers(self, hook_name: str) -> list[str]:
         """Names of the active plugins implementing ``hook_name``, in call order."""

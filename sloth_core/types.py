@@ -104,5 +104,6 @@ class NamedRegistrar(Protocol):
     """The ``register`` argument of ``register_quantizers`` and ``register_exporters``."""
 
     def __call__(
-        self, name: str, *, description: str = "", aliases: tuple[str, ...] = ()
-    ) -> None: ...
+        self, name: str, *, description: str = "", aliases: tuple[str, ...] = (),
+        quantizations: tuple[str, ...] | None = None, wraps: str | None = None,
+    ) -> None: ...  # fmt: skip

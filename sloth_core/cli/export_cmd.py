@@ -47,6 +47,9 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--max-shard-size", metavar="SIZE", help="e.g. 2GB (safetensors formats)")
     parser.add_argument("--verify", action="store_true", help="reload the export and compare")
     parser.add_argument("--force", action="store_true", help="replace an existing output")
+    from sloth_core.cli.generate_cmd import add_trust_arguments
+
+    add_trust_arguments(parser)
     parser.set_defaults(run=run)
 
 
@@ -181,13 +184,20 @@ def _dtype(choice: str, model_dir: Path | str) -> Any:
     return value if isinstance(value, torch.dtype) else None
 
 
-def load_source(source: Source, *, dtype: str = "auto", device: str | None = None):
+def load_source(
+    source: Source, *, dtype: str = "auto", device: str | None = None,
+    trust_remote_code: bool = False, allow_pickle: bool = False,
+):  # fmt: skip
     """Load ``source`` as the model and tokenizer to export."""
     from sloth_core.api import load_model
+    from sloth_core.trust import check_remote_code
     from sloth_core.types import ModelSpec
 
     model_dir = source.path if source.kind == "model" else source.base
-    spec = ModelSpec(model_name=str(model_dir), dtype=_dtype(dtype, model_dir), device_map=device)
+    spec = ModelSpec(
+        model_name=str(model_dir), dtype=_dtype(dtype, model_dir), device_map=device,
+        trust_remote_code=trust_remote_code, allow_pickle=allow_pickle,
+    )  # fmt: skip
     try:
         model, tokenizer, _ = load_model(spec)
     except ModelNotFoundError as exc:
@@ -201,7 +211,10 @@ def load_source(source: Source, *, dtype: str = "auto", device: str | None = Non
         if (Path(source.path) / "tokenizer_config.json").is_file():
             from transformers import AutoTokenizer
 
-            tokenizer = AutoTokenizer.from_pretrained(str(source.path))
+            check_remote_code(source.path, trust_remote_code)
+            tokenizer = AutoTokenizer.from_pretrained(
+                str(source.path), trust_remote_code=trust_remote_code
+            )
     elif source.kind == "full":
         _load_trainable(model, Path(source.path))
     if source.chat_template:
@@ -229,11 +242,18 @@ def _load_trainable(model: Any, checkpoint: Path) -> None:
 
 # -- the command ----------------------------------------------------------------------------
 def _refuse_overlap(source: Source, output: Path) -> None:
-    if not isinstance(source.path, Path):
-        return
-    src, out = source.path.resolve(), output.expanduser().resolve()
-    if src == out or src.is_relative_to(out):
-        raise SlothError(f"--output {output} would replace the source {source.path}")
+    """Even with ``--force``, never replace what the export reads: the source, or the base
+    model an adapter or checkpoint was trained on (the adapter would lose its base)."""
+    out = output.expanduser().resolve()
+    inputs = [(source.path, "the source"), (source.base, "the base model of the source")]
+    for path, what in inputs:
+        if path is None or not Path(path).expanduser().exists():
+            continue  # a hub id: nothing on this disk to replace
+        resolved = Path(path).expanduser().resolve()
+        if resolved == out or resolved.is_relative_to(out):
+            raise SlothError(
+                f"--output {output} would replace {what}, {path}: pick another output path"
+            )
 
 
 def _size(path: Path) -> int:
@@ -258,7 +278,10 @@ def run(args: argparse.Namespace) -> int:
     _refuse_overlap(source, output)
 
     console.print(f"loading {source.description}")
-    model, tokenizer = load_source(source, dtype=args.dtype, device=args.device)
+    model, tokenizer = load_source(
+        source, dtype=args.dtype, device=args.device,
+        trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle,
+    )  # fmt: skip
     if source.chat_template:
         console.print(f"chat template: {source.chat_template!r}, as the run trained with")
     options = {"max_shard_size": args.max_shard_size} if args.max_shard_size else {}

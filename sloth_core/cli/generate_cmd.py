@@ -72,6 +72,20 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     )
     loading.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
                          help="where the model runs (default: cuda if there is one)")  # fmt: skip
+    add_trust_arguments(loading)
+
+
+def add_trust_arguments(parser: argparse._ActionsContainer) -> None:
+    """``--trust-remote-code`` and ``--allow-pickle``: what runs only when the user says so
+    (``sloth train`` has them as options of its config)."""
+    parser.add_argument(
+        "--trust-remote-code", action="store_true",
+        help="run the model folder's own Python code (auto_map): only for sources you trust",
+    )  # fmt: skip
+    parser.add_argument(
+        "--allow-pickle", action="store_true",
+        help="load pickled .bin weights, which can run code: only from sources you trust",
+    )  # fmt: skip
 
 
 def sampling_options(args: argparse.Namespace) -> Any:
@@ -93,7 +107,8 @@ def open_engine(args: argparse.Namespace) -> Any:
     hf_logging.disable_progress_bar()  # the weight-loading bars would bury the reply
     engine = open_(
         args.model, chat_template=args.chat_template, load_in_4bit=args.load_in_4bit,
-        device=args.device,
+        device=args.device, trust_remote_code=args.trust_remote_code,
+        allow_pickle=args.allow_pickle,
     )  # fmt: skip
     if engine.format.plain and engine.format.origin == "none" and args.chat_template is None:
         print(no_template_notice(str(args.model)), file=sys.stderr)

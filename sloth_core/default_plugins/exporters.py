@@ -9,7 +9,6 @@ the tokenizer with its chat template. ``vllm`` is another name for it.
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -41,13 +40,17 @@ BYTES_PER_WEIGHT = {
 
 @hookimpl
 def register_exporters(register):
-    register("lora", description="the PEFT LoRA adapter directory (adapter_config + weights)")
+    register(
+        "lora", description="the PEFT LoRA adapter directory (adapter_config + weights)",
+        quantizations=(),
+    )  # fmt: skip
     register(
         "merged_16bit",
         description="LoRA merged into the base weights: sharded safetensors, config, "
         "generation config (every EOS id) and tokenizer with its chat template, for "
         "transformers; alias 'vllm' writes the same directory, which `vllm serve` loads",
         aliases=MERGED_ALIASES,
+        quantizations=(),
     )
 
 
@@ -278,20 +281,6 @@ def estimate_export_bytes(model: torch.nn.Module, format: str, options: dict) ->
         quant = str(options.get("quantization") or "").lower()
         width = BYTES_PER_WEIGHT.get(quant, 0.57 if format == "merged_4bit" else 2.0)
     return int(total * width)
-
-
-def check_free_space(path: Path, needed: int, *, margin: float = 1.1) -> None:
-    """Raise unless the file system of ``path`` has room for ``needed`` bytes and a margin."""
-    probe = Path(path).expanduser().resolve()
-    while not probe.exists():
-        probe = probe.parent
-    free = shutil.disk_usage(probe).free
-    if free < needed * margin:
-        raise SlothError(
-            f"not enough free disk space for the export: {free / 2**30:.2f} GiB free at "
-            f"{probe}, about {needed * margin / 2**30:.2f} GiB needed; free some space or "
-            "pick another output path"
-        )
 
 
 @hookimpl

@@ -25,8 +25,8 @@ def check_local_weights(directory: Path, allow_pickle: bool) -> None:
             return
         raise UnsafeWeightsError(
             f"{directory} holds only pickled weights ({', '.join(pickled)}), which can run "
-            "arbitrary code when loaded. Convert them to safetensors, or pass "
-            "allow_pickle=True if you trust their source."
+            "arbitrary code when loaded. Convert them to safetensors, or, if you trust their "
+            "source, pass --allow-pickle (allow_pickle=True in Python)."
         )
     raise ModelNotFoundError(
         f"{directory} has a config.json but no model weights "

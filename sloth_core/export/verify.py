@@ -328,7 +328,9 @@ def _verify_safetensors(report: VerifyReport, model: Any, tokenizer: Any, prompt
     finally:
         del reloaded
     if tokenizer is not None:
-        _verify_hf_tokenizer(report, tokenizer, AutoTokenizer.from_pretrained(report.path))
+        _verify_hf_tokenizer(
+            report, tokenizer, AutoTokenizer.from_pretrained(report.path, trust_remote_code=False)
+        )
 
 
 def _verify_hf_tokenizer(report: VerifyReport, tokenizer: Any, exported: Any) -> None:
@@ -369,7 +371,9 @@ def _verify_lora(report: VerifyReport, model: Any, tokenizer: Any) -> None:
     if tokenizer is not None and (report.path / "tokenizer_config.json").is_file():
         from transformers import AutoTokenizer
 
-        _verify_hf_tokenizer(report, tokenizer, AutoTokenizer.from_pretrained(report.path))
+        _verify_hf_tokenizer(
+            report, tokenizer, AutoTokenizer.from_pretrained(report.path, trust_remote_code=False)
+        )
 
 
 def _verify_gguf(report: VerifyReport, model: Any, tokenizer: Any, prompts, runner) -> None:

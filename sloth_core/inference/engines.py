@@ -68,11 +68,14 @@ class TransformersEngine(Engine):
         chat_template: str | None = None,
         load_in_4bit: bool = False,
         device: str = "auto",
+        trust_remote_code: bool = False,
+        allow_pickle: bool = False,
     ) -> None:
         self.source = source
         self.model, self.tokenizer = load_transformers(
-            source, load_in_4bit=load_in_4bit, device=device
-        )
+            source, load_in_4bit=load_in_4bit, device=device,
+            trust_remote_code=trust_remote_code, allow_pickle=allow_pickle,
+        )  # fmt: skip
         from sloth_core.patching import unwrap_model
 
         from .stop import stop_token_ids
@@ -106,9 +109,12 @@ class TransformersEngine(Engine):
 
 
 def load_transformers(
-    source: ModelSource, *, load_in_4bit: bool = False, device: str = "auto"
-) -> tuple[Any, Any]:
-    """Load ``source`` (a model, or a base model and its adapter) for inference.
+    source: ModelSource, *, load_in_4bit: bool = False, device: str = "auto",
+    trust_remote_code: bool = False, allow_pickle: bool = False,
+) -> tuple[Any, Any]:  # fmt: skip
+    """Load ``source`` (a model, or a base model and its adapter) for inference; the
+    model's own code runs only with ``trust_remote_code``, pickled weights load only with
+    ``allow_pickle``.
 
     Returns:
         the model in inference mode (:func:`~.modes.for_inference`), and its tokenizer.
@@ -124,6 +130,7 @@ def load_transformers(
     model, tokenizer = FastLanguageModel.from_pretrained(
         name, max_seq_length=None, load_in_4bit=load_in_4bit,
         device_map=None if device == "cpu" else device,
+        trust_remote_code=trust_remote_code, allow_pickle=allow_pickle,
     )  # fmt: skip
     if source.kind == "adapter":
         from peft import PeftModel
@@ -137,7 +144,12 @@ def load_transformers(
     if source.tokenizer and source.tokenizer != name:
         from transformers import AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(source.tokenizer)
+        from sloth_core.trust import check_remote_code
+
+        check_remote_code(source.tokenizer, trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(
+            source.tokenizer, trust_remote_code=trust_remote_code
+        )
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
     FastLanguageModel.for_inference(model, tokenizer)
@@ -227,6 +239,8 @@ def open_engine(
     chat_template: str | None = None,
     load_in_4bit: bool = False,
     device: str = "auto",
+    trust_remote_code: bool = False,
+    allow_pickle: bool = False,
 ) -> Engine:
     """Resolve ``name`` (:func:`~.source.resolve_source`) and load it with the right backend."""
     source = resolve_source(name)
@@ -235,5 +249,6 @@ def open_engine(
             raise SlothError("--load-in-4bit applies to transformers models, not to a GGUF file")
         return LlamaCppEngine(source, chat_template=chat_template)
     return TransformersEngine(
-        source, chat_template=chat_template, load_in_4bit=load_in_4bit, device=device
-    )
+        source, chat_template=chat_template, load_in_4bit=load_in_4bit, device=device,
+        trust_remote_code=trust_remote_code, allow_pickle=allow_pickle,
+    )  # fmt: skip

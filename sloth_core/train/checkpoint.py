@@ -7,6 +7,12 @@ tensor by parameter name (``trainable.safetensors``: LoRA adapters, and whatever
 trains), the PEFT adapter as PEFT writes it (for users), the optimizer and scheduler
 states, every random generator's state, and the data position (micro-batches consumed),
 so a resumed run takes exactly the steps the uninterrupted one would have taken.
+
+Nothing in a checkpoint is pickled (:mod:`.state_files`): resuming reads JSON and
+safetensors only. ``trainer_state.json``, written last, lists every other file with its
+size, so a file cut short by a full disk or a copy that stopped is found before any of it
+is used; :func:`read_checkpoint` names the damaged file and the trainer falls back to the
+newest intact checkpoint.
 """
 
 from __future__ import annotations
@@ -15,12 +21,16 @@ import json
 import random
 import re
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from sloth_core.errors import SlothError
 from sloth_core.io import atomic_directory
+
+from .state_files import StateFormatError, read_state, write_state
 
 STATE_FILE = "trainer_state.json"
 TRAINABLE_FILE = "trainable.safetensors"
@@ -81,6 +91,30 @@ def optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) ->
     return get_optimizer_state_dict(model, optimizer, options=options)
 
 
+class DamagedCheckpointError(SlothError):
+    """A checkpoint's file is missing, cut short or unreadable (the message names it)."""
+
+    def __init__(self, path: Path, file: str, why: str) -> None:
+        super().__init__(f"{path / file}: {why}")
+        self.path, self.file, self.why = path, file, why
+
+
+@dataclass
+class Checkpoint:
+    """Everything a checkpoint holds, read and checked (:func:`read_checkpoint`)."""
+
+    path: Path
+    state: dict[str, Any]
+    tensors: dict[str, torch.Tensor]
+    optimizer: dict
+    scheduler: dict
+    rng: dict[str, Any]
+
+    @property
+    def step(self) -> int:
+        return int(self.state["step"])
+
+
 def save_checkpoint(
     output_dir: Path,
     *,
@@ -104,39 +138,126 @@ def save_checkpoint(
         save_file(tensors, str(staging / TRAINABLE_FILE))
         if hasattr(model, "peft_config"):
             model.save_pretrained(str(staging / "adapter"))
-        torch.save(optimizer_state, staging / "optimizer.pt")
-        torch.save(scheduler.state_dict(), staging / "scheduler.pt")
-        torch.save(rng_state(), staging / "rng.pt")
-        (staging / STATE_FILE).write_text(json.dumps({**state, "step": step}, indent=2))
+        write_state(staging, "optimizer", optimizer_state)
+        write_state(staging, "scheduler", scheduler.state_dict())
+        write_state(staging, "rng", rng_state())
+        sizes = {
+            str(p.relative_to(staging)): p.stat().st_size
+            for p in sorted(staging.rglob("*"))
+            if p.is_file()
+        }
+        record = {**state, "step": step, "files": sizes}
+        (staging / STATE_FILE).write_text(json.dumps(record, indent=2))
     for old in list_checkpoints(output_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return path
 
 
 def list_checkpoints(output_dir: str | Path) -> list[Path]:
-    """Complete checkpoints in ``output_dir``, oldest first."""
+    """Checkpoints in ``output_dir`` (renamed into place, so written whole), oldest first."""
     output_dir = Path(output_dir)
     if not output_dir.is_dir():
         return []
     found = []
     for child in output_dir.iterdir():
         match = _NAME.match(child.name)
-        if match and (child / STATE_FILE).is_file():
+        if match and child.is_dir():
             found.append((int(match.group(1)), child))
     return [path for _, path in sorted(found)]
 
 
-def load_tensors(path: Path, model: torch.nn.Module) -> None:
-    """Copy the checkpoint's trainable tensors into ``model`` (not sharded yet)."""
+def read_checkpoint(path: Path) -> Checkpoint:
+    """Read and check every file of the checkpoint at ``path``.
+
+    Raises:
+        DamagedCheckpointError: naming the file that is missing, of the wrong size or
+            unreadable. Nothing of the checkpoint has been applied to anything yet.
+    """
     from safetensors.torch import load_file
 
-    tensors = load_file(str(path / TRAINABLE_FILE))
+    path = Path(path)
+    state = _read_json(path, STATE_FILE)
+    if not isinstance(state, dict) or "step" not in state:
+        raise DamagedCheckpointError(path, STATE_FILE, "has no step: not a sloth checkpoint")
+    for name, size in state.get("files", {}).items():
+        file = path / name
+        if not file.is_file():
+            raise DamagedCheckpointError(path, name, "is missing")
+        if file.stat().st_size != size:
+            raise DamagedCheckpointError(
+                path, name, f"is {file.stat().st_size} bytes, {size} were written (cut short?)"
+            )
+    try:
+        tensors = load_file(str(path / TRAINABLE_FILE))
+    except FileNotFoundError:
+        raise DamagedCheckpointError(path, TRAINABLE_FILE, "is missing") from None
+    except Exception as exc:  # safetensors' own error type for a bad header or size
+        raise DamagedCheckpointError(path, TRAINABLE_FILE, f"unreadable ({exc})") from None
+    if (path / "optimizer.pt").is_file():  # written by sloth before pickle-free checkpoints
+        parts = [_read_legacy(path, f"{name}.pt") for name in ("optimizer", "scheduler", "rng")]
+    else:
+        parts = [_read_state(path, name) for name in ("optimizer", "scheduler", "rng")]
+    return Checkpoint(path, state, tensors, *parts)
+
+
+def _read_json(path: Path, name: str) -> Any:
+    try:
+        return json.loads((path / name).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise DamagedCheckpointError(path, name, "is missing") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DamagedCheckpointError(path, name, f"is not valid JSON (cut short?): {exc}") from None
+
+
+def _read_state(path: Path, name: str) -> Any:
+    if not (path / f"{name}.json").is_file():
+        raise DamagedCheckpointError(path, f"{name}.json", "is missing")
+    try:
+        return read_state(path, name)
+    except StateFormatError as exc:
+        file, _, why = str(exc).partition(": ")
+        raise DamagedCheckpointError(path, file, why) from None
+
+
+def _read_legacy(path: Path, name: str) -> Any:
+    """A ``.pt`` state of an older sloth, read with ``weights_only=True``: tensors and
+    plain containers only, so a planted pickle is refused instead of run."""
+    import pickle
+
+    file = path / name
+    if not file.is_file():
+        raise DamagedCheckpointError(path, name, "is missing")
+    try:
+        import numpy as np
+
+        # The random state of NumPy is an array: allowed by type, still no code runs.
+        core = getattr(np, "_core", None) or np.core  # NumPy 2 renamed it
+        allowed = [np.ndarray, np.dtype, core.multiarray._reconstruct]
+    except (ImportError, AttributeError):
+        allowed = []
+    try:
+        with torch.serialization.safe_globals(allowed):
+            return torch.load(file, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise DamagedCheckpointError(
+            path,
+            name,
+            "holds more than tensors and numbers, so it is not loaded (a pickle "
+            f"can run code when read): {str(exc).splitlines()[0]}",
+        ) from None
+    except (RuntimeError, EOFError, OSError) as exc:
+        raise DamagedCheckpointError(path, name, f"unreadable (cut short?): {exc}") from None
+
+
+def load_tensors(checkpoint: Checkpoint, model: torch.nn.Module) -> None:
+    """Copy the checkpoint's trainable tensors into ``model`` (not sharded yet)."""
+    tensors = checkpoint.tensors
     params = dict(model.named_parameters())
     missing = [name for name, p in params.items() if p.requires_grad and name not in tensors]
     unknown = [name for name in tensors if name not in params]
     if missing or unknown:
-        raise ValueError(
-            f"{path}: checkpoint does not match the model (missing {missing[:3]}, "
+        raise SlothError(
+            f"{checkpoint.path}: checkpoint does not match the model (missing {missing[:3]}, "
             f"unexpected {unknown[:3]}); was it written with other LoRA options?"
         )
     with torch.no_grad():
@@ -145,20 +266,20 @@ def load_tensors(path: Path, model: torch.nn.Module) -> None:
 
 
 def load_training_state(
-    path: Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any
-) -> dict[str, Any]:
+    checkpoint: Checkpoint, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+) -> dict[str, Any]:  # fmt: skip
     """Restore optimizer (onto the model as wrapped now), scheduler and random generators;
     return the trainer state. The tensors came first, through :func:`load_tensors`."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-    # On the CPU: sharded, each rank keeps its slice; whole, load_state_dict moves it.
-    saved = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=False)
+    saved = checkpoint.optimizer
     if isinstance(saved["param_groups"][0]["params"][0], int):  # by position: older builds
         optimizer.load_state_dict(saved)
     else:
         set_optimizer_state_dict(
             model, optimizer, saved, options=StateDictOptions(full_state_dict=True)
         )
-    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
-    set_rng_state(torch.load(path / "rng.pt", weights_only=False))
-    return json.loads((path / STATE_FILE).read_text())
+    scheduler.load_state_dict(checkpoint.scheduler)
+    set_rng_state(checkpoint.rng)
+    return checkpoint.state

@@ -51,6 +51,12 @@ class TrainConfig:
     load_in_4bit: bool = _opt(False, "QLoRA: load the base weights in 4-bit NF4 (sloth-bnb)")
     quantization: str = _opt("", "quantization method instead of load_in_4bit: nf4, fp4, int8")
     full_finetuning: bool = _opt(False, "train every weight instead of LoRA adapters")
+    trust_remote_code: bool = _opt(
+        False, "run the model folder's own Python code (auto_map): only for sources you trust"
+    )
+    allow_pickle: bool = _opt(
+        False, "load pickled .bin weights, which can run code: only from sources you trust"
+    )
     # data
     dataset: str = _opt("", "training data: a .jsonl, .json, .csv or .parquet file")
     data_format: str = _opt("", "text, alpaca, chat or sharegpt (default: detected)")
@@ -101,8 +107,9 @@ class TrainConfig:
     save_total_limit: int = _opt(2, "checkpoints kept (older ones are deleted)")
     eval_steps: int = _opt(0, "evaluate every N optimizer steps (0: before and after training)")
     save_method: str = _opt(
-        "auto", "final model: lora, merged_16bit, merged_4bit, none, or auto (lora; "
-        "merged_16bit with full_finetuning)"
+        "auto",
+        "final model: lora, merged_16bit, merged_4bit, none, or auto (lora; "
+        "merged_16bit with full_finetuning)",
     )
     export_format: str = _opt("", "also export at the end to this format (e.g. gguf, ollama)")
     export_quantization: str = _opt("", "quantization of the export (e.g. q8_0, q4_k_m)")
@@ -161,8 +168,15 @@ class TrainConfig:
             raise ConfigError("dataset is required (a .jsonl, .json, .csv or .parquet file)")
         for name in ("dataset", "eval_dataset"):
             value = getattr(self, name)
+            if value and Path(value).is_dir():
+                raise bad(name, "is a directory; name the data file in it (.jsonl, .json, "
+                                ".csv or .parquet)")  # fmt: skip
             if value and not Path(value).is_file():
                 raise bad(name, "no such file")
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise bad(f.name, "must be a finite number")
         choices = {
             "lr_scheduler_type": SCHEDULES, "optim": OPTIMIZERS,
             "gradient_checkpointing": CHECKPOINTING, "save_method": SAVE_METHODS,
@@ -210,10 +224,17 @@ class TrainConfig:
             raise bad("target_modules", "name at least one module (or use full_finetuning)")
         if self.resume and self.overwrite:
             raise ConfigError("resume and overwrite exclude each other")
+        if self.export_quantization and not self.export_format:
+            raise bad("export_quantization", "applies to export_format, which is not set")
         if check_output:
             out = Path(self.output_dir)
             if out.exists() and not out.is_dir():
                 raise bad("output_dir", "exists and is not a directory")
+            if self.resume and not out.exists():
+                raise bad(
+                    "output_dir", "does not exist, so there is nothing to resume; check the "
+                    "path, or drop --resume to start a new run",
+                )  # fmt: skip
             if out.is_dir() and any(out.iterdir()) and not (self.overwrite or self.resume):
                 raise bad("output_dir", "is not empty: pass --overwrite to replace it or "
                                         "--resume to continue its latest checkpoint")  # fmt: skip

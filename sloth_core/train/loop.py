@@ -1,11 +1,13 @@
 """The SFT loop of ``sloth train``.
 
-Order of work, so that bad input fails before anything expensive: options, then the data
-(read, formatted, tokenised, with the tokenizer alone), then the output directory, then
-the model. Each optimizer step consumes ``gradient_accumulation_steps`` micro-batches; the
-loss of every micro-batch is its summed token loss divided by the label tokens of the
-whole step (``num_items_in_batch``), so the accumulated gradient is exactly the gradient
-of one big batch's mean token loss, not a mean of per-batch means.
+Order of work, so that bad input fails before anything expensive and a failure writes
+nothing: options (the export's too), then the data (read, formatted, tokenised, with the
+tokenizer alone), then the checkpoint to resume (read and compared), then the model and
+its adapters, and only then the output directory (:mod:`.outputs`). Each optimizer step
+consumes ``gradient_accumulation_steps`` micro-batches; the loss of every micro-batch is
+its summed token loss divided by the label tokens of the whole step
+(``num_items_in_batch``), so the accumulated gradient is exactly the gradient of one big
+batch's mean token loss, not a mean of per-batch means.
 """
 
 from __future__ import annotations
@@ -13,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,10 +22,10 @@ from typing import Any
 
 import torch
 
+from sloth_core.errors import DiskFullError, Interrupted, SlothError
+
 from . import distributed
 from .checkpoint import (
-    STATE_FILE,
-    list_checkpoints,
     load_tensors,
     load_training_state,
     optimizer_state,
@@ -32,18 +33,20 @@ from .checkpoint import (
     trainable_state,
 )
 from .config import ConfigError, TrainConfig
-from .metrics import CURVE_FILE, METRICS_FILE, MetricsLog, Progress, plot_losses
+from .metrics import METRICS_FILE, MetricsLog, Progress, plot_losses
 from .optim import build_optimizer, build_scheduler
+from .outputs import RunOutput
+from .resume import check_resume, choose_checkpoint, data_fingerprints, drop_metrics_after
 
-#: What a resumed run must share with the run that wrote the checkpoint: the data order,
-#: the trainable tensors and the step arithmetic depend on them.
-RESUME_KEYS = ("model_name", "dataset", "data_format", "chat_template", "max_seq_length",
-               "packing", "r", "target_modules", "modules_to_save", "full_finetuning",
-               "per_device_train_batch_size", "gradient_accumulation_steps", "seed",
-               "eval_fraction", "train_on_responses_only")  # fmt: skip
-#: Files and folders of ours that ``--overwrite`` replaces (nothing else is deleted).
-OUR_OUTPUTS = ("checkpoint-*", ".checkpoint-*", METRICS_FILE, CURVE_FILE, "final", "runs",
-               "export-*", "train_config.json")  # fmt: skip
+
+@dataclass
+class RunProgress:
+    """Where a run is, for the message when it is interrupted."""
+
+    step: int = 0
+    training: bool = False
+    checkpoint: Path | None = None
+    kept: bool = False
 
 
 @dataclass
@@ -66,6 +69,7 @@ class PreparedData:
     train: list[Any]
     eval: list[Any]
     stats: Any
+    eval_stats: Any = None  # of eval_dataset, when it is a file of its own
 
 
 def prepare_data(config: TrainConfig, tokenizer: Any) -> PreparedData:
@@ -80,17 +84,18 @@ def prepare_data(config: TrainConfig, tokenizer: Any) -> PreparedData:
     )
     examples, stats = data.tokenize(data.load_records(config.dataset), tokenizer, **options)
     if config.eval_dataset:
-        eval_examples, _ = data.tokenize(
+        eval_examples, eval_stats = data.tokenize(
             data.load_records(config.eval_dataset), tokenizer, **options
         )
         train_examples = examples
     else:
+        eval_stats = None
         train_examples, eval_examples = data.split_eval(
             examples, eval_fraction=config.eval_fraction, seed=config.seed
         )
     if not train_examples:
         raise ConfigError(f"{config.dataset}: no training rows left after the eval split")
-    return PreparedData(tokenizer, train_examples, eval_examples, stats)
+    return PreparedData(tokenizer, train_examples, eval_examples, stats, eval_stats)
 
 
 def label_tokens(batch: dict[str, torch.Tensor]) -> int:
@@ -152,7 +157,8 @@ def evaluate(model, batches, *, autocast) -> dict[str, float]:
 
 
 def _check_plugins(config: TrainConfig) -> None:
-    """The quantizer and exporters the options name are installed (before any work)."""
+    """The quantizer and exporters the options name are installed, and the export's
+    quantization is one its format takes (before any work, not after training)."""
     from sloth_core.plugins import get_plugin_manager
 
     manager = get_plugin_manager()
@@ -168,33 +174,30 @@ def _check_plugins(config: TrainConfig) -> None:
                 f"{option}={name!r}: no installed plugin provides it (installed: {known}); "
                 "`sloth plugins list` shows what each plugin provides"
             )
+    accepted = manager.export_quantizations(config.export_format)
+    wanted_q = config.export_quantization.lower()
+    if wanted_q and accepted is not None and wanted_q not in [q.lower() for q in accepted]:
+        takes = f"one of {', '.join(accepted)}" if accepted else "no quantization"
+        raise ConfigError(
+            f"export_quantization={config.export_quantization!r}: export_format "
+            f"{config.export_format!r} takes {takes}"
+        )
 
 
 def _load_tokenizer(config: TrainConfig) -> Any:
     from transformers import AutoTokenizer
 
+    from sloth_core.trust import check_remote_code
+
+    check_remote_code(config.model_name, config.trust_remote_code)
     try:
-        return AutoTokenizer.from_pretrained(config.model_name)
+        return AutoTokenizer.from_pretrained(
+            config.model_name, trust_remote_code=config.trust_remote_code
+        )
     except (OSError, ValueError) as exc:
         raise ConfigError(
             f"model_name={config.model_name!r}: cannot load its tokenizer: {exc}"
         ) from None
-
-
-def _prepare_output(config: TrainConfig) -> Path | None:
-    """Clear our old outputs with ``overwrite``; the checkpoint to resume from, if any."""
-    out = Path(config.output_dir)
-    if config.resume:
-        for leftover in out.glob(".checkpoint-*"):  # staging of a checkpoint cut short
-            shutil.rmtree(leftover, ignore_errors=True)
-        checkpoints = list_checkpoints(out)
-        return checkpoints[-1] if checkpoints else None
-    if config.overwrite and out.is_dir():
-        for pattern in OUR_OUTPUTS:
-            for path in out.glob(pattern):
-                shutil.rmtree(path) if path.is_dir() else path.unlink()
-    out.mkdir(parents=True, exist_ok=True)
-    return None
 
 
 def _load_model(config: TrainConfig) -> Any:
@@ -208,6 +211,8 @@ def _load_model(config: TrainConfig) -> Any:
         quantization=config.quantization_method,
         full_finetuning=config.full_finetuning,
         device_map=training_device_map(),
+        trust_remote_code=config.trust_remote_code,
+        allow_pickle=config.allow_pickle,
     )
     checkpointing = {"off": False, "on": True, "offload": "sloth"}[config.gradient_checkpointing]
     if config.full_finetuning:
@@ -219,18 +224,28 @@ def _load_model(config: TrainConfig) -> Any:
             offload = checkpointing == "sloth" and _on_cuda(model) and not distributed.launched()
             enable_checkpointing(model, offload=offload)
         return model
-    return FastLanguageModel.get_peft_model(
-        model,
-        r=config.r,
-        lora_alpha=config.lora_alpha,
-        lora_dropout=config.lora_dropout,
-        target_modules=list(config.target_modules),
-        use_rslora=config.use_rslora,
-        modules_to_save=list(config.modules_to_save) or None,
-        use_gradient_checkpointing=checkpointing,
-        random_state=config.seed,
-        max_seq_length=config.max_seq_length,
-    )
+    try:
+        return FastLanguageModel.get_peft_model(
+            model,
+            r=config.r,
+            lora_alpha=config.lora_alpha,
+            lora_dropout=config.lora_dropout,
+            target_modules=list(config.target_modules),
+            use_rslora=config.use_rslora,
+            modules_to_save=list(config.modules_to_save) or None,
+            use_gradient_checkpointing=checkpointing,
+            random_state=config.seed,
+            max_seq_length=config.max_seq_length,
+        )
+    except ValueError as exc:  # PEFT: a target module the model does not have
+        if "target_modules" not in str(exc).lower().replace(" ", "_"):
+            raise
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
+                         if isinstance(m, torch.nn.Linear)})  # fmt: skip
+        raise ConfigError(
+            f"target_modules={list(config.target_modules)}: not all are modules of "
+            f"{config.model_name} (its linear layers: {', '.join(linear)})"
+        ) from None
 
 
 def training_device_map() -> dict[str, int] | None:
@@ -255,29 +270,6 @@ def _autocast(config: TrainConfig, model):
     return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
 
 
-def _check_resume(
-    config: TrainConfig, state: dict[str, Any], path: Path, world_size: int = 1
-) -> None:
-    saved = state.get("config", {})
-    batch = "per_device_train_batch_size"
-    if batch in saved:  # the data position counts global batches: they must stay the same
-        saved_world = state.get("world_size", 1)
-        theirs, ours = saved[batch] * saved_world, getattr(config, batch) * world_size
-        if theirs != ours:
-            raise ConfigError(
-                f"--resume: the global batch ({batch} x processes) is "
-                f"{getattr(config, batch)} x {world_size} = {ours} but {path.name} was "
-                f"trained with {saved[batch]} x {saved_world} = {theirs}; resume with the "
-                f"same global batch"
-            )
-    for key in RESUME_KEYS:
-        if key != batch and key in saved and saved[key] != getattr(config, key):
-            raise ConfigError(
-                f"--resume: {key}={getattr(config, key)!r} but {path.name} was trained with "
-                f"{saved[key]!r}; resume with the same options"
-            )
-
-
 def _gpu_memory() -> float | None:
     return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
 
@@ -287,6 +279,10 @@ def train(config: TrainConfig, *, show_progress: bool = True, console: Any = Non
 
     Started by torchrun with several processes, each is one data-parallel rank
     (:mod:`sloth_core.train.distributed`); rank 0 alone logs and writes.
+
+    Raises:
+        Interrupted: on Ctrl-C; the newest checkpoint is intact (a run that had
+            written none leaves its output directory as it found it).
     """
     from rich.console import Console
 
@@ -296,50 +292,92 @@ def train(config: TrainConfig, *, show_progress: bool = True, console: Any = Non
             f"nproc={config.nproc}: several processes start from the command line "
             f"(`sloth train --nproc {config.nproc}` or torchrun), not inside this one"
         )
+    progress = RunProgress()
     group = distributed.setup()
     try:
         if not group.is_main:
             console = Console(quiet=True)
-        return _train(config, group, show_progress=show_progress and group.is_main,
+        return _train(config, group, progress, show_progress=show_progress and group.is_main,
                       console=console or Console())  # fmt: skip
+    except KeyboardInterrupt:
+        raise Interrupted(_interrupted(progress)) from None
     finally:
         group.close()
 
 
-def _train(config: TrainConfig, group, *, show_progress: bool, console: Any) -> TrainResult:
-    from sloth_core import data
+def _interrupted(progress: RunProgress) -> str:
+    if not progress.training:
+        return "interrupted before training started; nothing was written"
+    if progress.checkpoint is None:
+        kept = "nothing was kept" if not progress.kept else "its outputs are kept"
+        return f"interrupted at step {progress.step}, before the first checkpoint: {kept}"
+    return (
+        f"interrupted at step {progress.step}; {progress.checkpoint.name} is intact: "
+        "resume with --resume"
+    )
 
+
+def _train(
+    config: TrainConfig, group, progress: RunProgress, *, show_progress: bool, console: Any
+) -> TrainResult:
     _check_plugins(config)
     tokenizer = _load_tokenizer(config)
     prepared = prepare_data(config, tokenizer)
-    stats = prepared.stats
-    console.print(
-        f"data: {stats.rows} rows, {len(prepared.train)} train / {len(prepared.eval)} eval"
-        + (
-            f", {stats.truncated} truncated to {config.max_seq_length} tokens"
-            if stats.truncated
-            else ""
-        )
-    )
-    resume_from = _prepare_output(config) if group.is_main else None
-    group.barrier()  # rank 0 has cleared or chosen what every rank resumes from
-    if not group.is_main and config.resume:
-        resume_from = (list_checkpoints(config.output_dir) or [None])[-1]
-    if resume_from is not None:  # before the model loads: refuse mismatched options early
-        state = json.loads((resume_from / STATE_FILE).read_text())
-        _check_resume(config, state, resume_from, group.world_size)
-    if config.resume and resume_from is None:
-        console.print(f"no checkpoint in {config.output_dir}: starting from step 0")
-        if group.is_main:
-            (Path(config.output_dir) / METRICS_FILE).unlink(missing_ok=True)
+    console.print("data: " + _data_line(prepared, config))
+    data = data_fingerprints(config)
+    checkpoint = None
+    if config.resume:  # read and compared before the model loads: refuse mismatches early
+        checkpoint = choose_checkpoint(config.output_dir, console.print)
+        if checkpoint is None:
+            console.print(f"no checkpoint in {config.output_dir}: starting from step 0")
+        else:
+            check_resume(config, checkpoint, data, group.world_size)
+            progress.checkpoint = checkpoint.path
     if config.cpu_threads:
         torch.set_num_threads(config.cpu_threads)
     torch.manual_seed(config.seed)
     model = _load_model(config)
     if group.active and group.device.type == "cuda" and not _on_cuda(model):
         model.to(group.device)
-    if resume_from is not None:  # into the whole model, before any rank shards it
-        load_tensors(resume_from, model)
+    if checkpoint is not None:  # into the whole model, before any rank shards it
+        load_tensors(checkpoint, model)
+    # Everything that can be refused has been: now the output directory.
+    output = RunOutput(config)
+    if group.is_main:
+        output.open()
+        if checkpoint is not None:
+            drop_metrics_after(output.path, checkpoint.step)
+        elif config.resume:
+            (output.path / METRICS_FILE).unlink(missing_ok=True)
+    group.barrier()  # rank 0 has made the directory every rank's checkpoints go to
+    try:
+        progress.training = True
+        return _run(config, group, progress, model, tokenizer, prepared, checkpoint, data,
+                    output, show_progress=show_progress, console=console)  # fmt: skip
+    except BaseException:
+        if group.is_main:
+            output.rollback()
+        progress.kept = output.committed
+        raise
+
+
+def _data_line(prepared: PreparedData, config: TrainConfig) -> str:
+    """What the data came to: rows kept and dropped, the split, the eval set's own rows."""
+    stats = prepared.stats
+    line = f"{stats.summary()}; {len(prepared.train)} train / {len(prepared.eval)} eval"
+    if prepared.eval_stats is not None:
+        line += f"; eval_dataset {config.eval_dataset}: {prepared.eval_stats.summary()}"
+    return line
+
+
+def _run(
+    config: TrainConfig, group, progress: RunProgress, model, tokenizer,
+    prepared: PreparedData, checkpoint, data: dict, output: RunOutput, *,
+    show_progress: bool, console: Any,
+) -> TrainResult:  # fmt: skip
+    """Train from step 0 or ``checkpoint``'s, save, export: the run proper."""
+    from sloth_core import data as data_pipeline
+
     # Wrapped before the optimizer exists: FSDP2 replaces the parameters by their shards.
     sharded = group.active and config.full_finetuning
     compute_dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
@@ -347,7 +385,7 @@ def _train(config: TrainConfig, group, *, show_progress: bool, console: Any) -> 
     group.reseed(config.seed, 0)
     model.train()
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    batches = data.Batches(
+    batches = data_pipeline.Batches(
         prepared.train, batch_size=config.per_device_train_batch_size * group.world_size,
         max_seq_length=config.max_seq_length, packing=config.packing, pad_token_id=pad,
         seed=config.seed,
@@ -356,7 +394,7 @@ def _train(config: TrainConfig, group, *, show_progress: bool, console: Any) -> 
     # The other ranks do not evaluate, unless the model is sharded: then every forward
     # needs them all.
     if prepared.eval and (group.is_main or sharded):
-        eval_batches = data.Batches(
+        eval_batches = data_pipeline.Batches(
             prepared.eval, batch_size=config.per_device_train_batch_size,
             max_seq_length=config.max_seq_length, packing=False, pad_token_id=pad,
             seed=config.seed, shuffle=False,
@@ -373,18 +411,23 @@ def _train(config: TrainConfig, group, *, show_progress: bool, console: Any) -> 
     autocast = contextlib.nullcontext if sharded else _autocast(config, model)
     step, consumed = 0, 0
     state: dict[str, Any] = {}
-    if resume_from is not None:
+    if checkpoint is not None:
         state = load_training_state(
-            resume_from, model=model, optimizer=optimizer, scheduler=scheduler
+            checkpoint, model=model, optimizer=optimizer, scheduler=scheduler
         )  # fmt: skip
         step, consumed = state["step"], state["micro_batches"]
-        console.print(f"resumed from {resume_from.name}: step {step}")
+        console.print(f"resumed from {checkpoint.path.name}: step {step}")
         group.reseed(config.seed, step)
-    out = Path(config.output_dir)
+    progress.step = step
+    out = output.path
     if group.is_main:
         (out / "train_config.json").write_text(_json(config.to_dict()))
-    log = MetricsLog(out, report_to=config.report_to) if group.is_main else distributed.NoLog()
-    result = TrainResult(out, total_steps, data_stats=stats)
+    log = (
+        MetricsLog(out, report_to=config.report_to, purge_step=step + 1 if step else None)
+        if group.is_main else distributed.NoLog()
+    )  # fmt: skip
+    result = TrainResult(out, total_steps, data_stats=prepared.stats)
+    save = _Saver(group, output, progress, model, optimizer, scheduler, config, data, result)
     eval_every = config.eval_steps
     if eval_batches is not None and step == 0:
         result.eval_before = evaluate(model, eval_batches, autocast=autocast)
@@ -412,12 +455,13 @@ def _train(config: TrainConfig, group, *, show_progress: bool, console: Any) -> 
                 if config.max_grad_norm > 0:
                     norm = torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm)
                     # Sharded, the norm is a DTensor (replicated: every rank has it whole).
-                    grad_norm = float(getattr(norm, "full_tensor", lambda: norm)())
+                    grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
                 lr = optimizer.param_groups[0]["lr"]
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
+                progress.step = step
                 tokens = sum(int(b["input_ids"].numel()) for b in micro)
                 loss, tokens = group.all_sum([loss, tokens])  # as they are in one process
                 tokens_seen += int(tokens)
@@ -446,19 +490,18 @@ def _train(config: TrainConfig, group, *, show_progress: bool, console: Any) -> 
                     log.write({"step": step, **metrics})
                     bar.print(_eval_line(f"step {step}", metrics))
                 if config.save_steps and step % config.save_steps == 0 and step < total_steps:
-                    _save(group, out, step, model, optimizer, scheduler, config, consumed,
-                          result)  # fmt: skip
+                    save(step, consumed)
         if eval_batches is not None:
             result.eval_after = evaluate(model, eval_batches, autocast=autocast)
             log.write({"step": step, **result.eval_after})
             console.print(_eval_line("after training", result.eval_after))
     finally:
         log.close()
-    _save(group, out, step, model, optimizer, scheduler, config, consumed, result)
+    save(step, consumed)
     if sharded and (config.final_format != "none" or config.export_format):
         model = _gathered(config, model, compute_dtype)  # rank 0 gets the whole model
     if group.is_main:
-        _finish(config, model, tokenizer, result, console)
+        _finish(config, model, tokenizer, result, console, progress.checkpoint)
     group.barrier()  # every rank's collectives are over before any tears the group down
     return result
 
@@ -476,26 +519,60 @@ def _gathered(config: TrainConfig, model, dtype: torch.dtype) -> Any:
     return plain
 
 
-def _save(group, out, step, model, optimizer, scheduler, config, consumed, result) -> None:
-    """Rank 0 writes the checkpoint; ``micro_batches`` counts global micro-batches."""
-    tensors = optimizer_states = None
-    # A sharded model's tensors and optimizer state are gathered: every rank takes part.
-    if group.is_main or distributed.is_sharded(model):
-        tensors = trainable_state(model)
-        optimizer_states = optimizer_state(model, optimizer)
-    if group.is_main:
-        save_checkpoint(
-            out, step=step, model=model, tensors=tensors, optimizer_state=optimizer_states,
-            scheduler=scheduler,
-            state={"micro_batches": consumed, "config": config.to_dict(),
-                   "eval_before": result.eval_before, "world_size": group.world_size},
-            keep=config.save_total_limit,
-        )  # fmt: skip
-    group.barrier()  # no rank runs on (or ends) before the checkpoint is whole
-    group.reseed(config.seed, step)  # where a resumed run reseeds ranks > 0 (their RNG)
+class _Saver:
+    """Writes checkpoints: rank 0 writes, a sharded model's state is gathered by all ranks;
+    the first checkpoint commits the output directory (``--overwrite``'s old run goes)."""
+
+    def __init__(self, group, output, progress, model, optimizer, scheduler, config, data, result):
+        self.group, self.output, self.progress = group, output, progress
+        self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
+        self.config, self.data, self.result = config, data, result
+
+    def __call__(self, step: int, consumed: int) -> None:
+        """Checkpoint ``step``; ``consumed`` counts global micro-batches."""
+        group, model, config = self.group, self.model, self.config
+        tensors = optimizer_states = None
+        # A sharded model's tensors and optimizer state are gathered: every rank takes part.
+        if group.is_main or distributed.is_sharded(model):
+            tensors = trainable_state(model)
+            optimizer_states = optimizer_state(model, self.optimizer)
+        if group.is_main:
+            state = {
+                "micro_batches": consumed, "config": config.to_dict(), "data": self.data,
+                "eval_before": self.result.eval_before, "world_size": group.world_size,
+            }  # fmt: skip
+            try:
+                path = save_checkpoint(
+                    self.output.path, step=step, model=model, tensors=tensors,
+                    optimizer_state=optimizer_states, scheduler=self.scheduler, state=state,
+                    keep=config.save_total_limit,
+                )  # fmt: skip
+            except DiskFullError as exc:
+                before = self.progress.checkpoint
+                kept = f"; {before.name} is intact: resume with --resume" if before else ""
+                raise DiskFullError(f"{exc}{kept}") from exc
+            self.progress.checkpoint = path
+            self.output.commit()
+        group.barrier()  # no rank runs on (or ends) before the checkpoint is whole
+        group.reseed(config.seed, step)  # where a resumed run reseeds ranks > 0 (their RNG)
 
 
-def _finish(config: TrainConfig, model, tokenizer, result: TrainResult, console) -> None:
+def _finish(
+    config: TrainConfig, model, tokenizer, result: TrainResult, console, checkpoint: Path
+) -> None:
+    """The final model and the export; a failure here keeps the run (its last checkpoint)
+    and says how to export it again."""
+    try:
+        _export_run(config, model, tokenizer, result, console)
+    except Exception as exc:
+        raise SlothError(
+            f"training finished and {checkpoint} is saved, but the final save/export "
+            f"failed: {exc}; export it with `sloth export {checkpoint} --format "
+            f"{config.export_format or config.final_format} --output PATH`"
+        ) from exc
+
+
+def _export_run(config: TrainConfig, model, tokenizer, result: TrainResult, console) -> None:
     from sloth_core.api import export
 
     out = result.output_dir

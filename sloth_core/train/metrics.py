@@ -12,6 +12,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from sloth_core.io import disk_full_error, is_disk_full
+
 METRICS_FILE = "metrics.jsonl"
 CURVE_FILE = "loss.png"
 
@@ -19,7 +21,11 @@ CURVE_FILE = "loss.png"
 class MetricsLog:
     """Appends metrics to ``metrics.jsonl`` and, when installed, TensorBoard."""
 
-    def __init__(self, output_dir: Path, *, report_to: str = "auto") -> None:
+    def __init__(
+        self, output_dir: Path, *, report_to: str = "auto", purge_step: int | None = None
+    ) -> None:
+        """``purge_step``: a resumed run's first step; TensorBoard drops what the run
+        before logged from there on, as :func:`~.resume.drop_metrics_after` does here."""
         self.path = Path(output_dir) / METRICS_FILE
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._file = self.path.open("a", encoding="utf-8")
@@ -31,11 +37,16 @@ class MetricsLog:
                 if report_to == "tensorboard":
                     raise
             else:
-                self._tb = SummaryWriter(str(Path(output_dir) / "runs"))
+                self._tb = SummaryWriter(str(Path(output_dir) / "runs"), purge_step=purge_step)
 
     def write(self, record: dict[str, Any]) -> None:
-        self._file.write(json.dumps(record) + "\n")
-        self._file.flush()
+        try:
+            self._file.write(json.dumps(record) + "\n")
+            self._file.flush()
+        except OSError as exc:
+            if is_disk_full(exc):
+                raise disk_full_error(METRICS_FILE, self.path.parent) from exc
+            raise
         if self._tb is not None:
             for key, value in record.items():
                 if key != "step" and isinstance(value, (int, float)):

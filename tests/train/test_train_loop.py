@@ -133,6 +133,10 @@ def test_a_run_killed_mid_way_resumes_to_the_same_losses(tiny_llama, alpaca_file
     assert not list(crashed.glob(".checkpoint-*"))
     got = _losses(crashed)
     assert sorted(got) == sorted(expected)
+    # The steps the crashed run logged after its checkpoint are logged once, not twice.
+    lines = (crashed / "metrics.jsonl").read_text().splitlines()
+    logged = [json.loads(line)["step"] for line in lines if "loss" in json.loads(line)]
+    assert logged == sorted(expected), logged
     for step, loss in expected.items():
         assert got[step] == pytest.approx(loss, rel=1e-6, abs=1e-7), step
 
@@ -142,7 +146,7 @@ def test_resume_refuses_other_options(tiny_llama, alpaca_file, tmp_path):
     options = _options(tiny_llama, alpaca_file, out, max_steps=2, eval_fraction=0.0)
     train(TrainConfig.from_mapping(options), show_progress=False)
     changed = TrainConfig.from_mapping({**options, "r": 4, "resume": True})
-    with pytest.raises(ValueError, match="r=4 but checkpoint-2 was trained with 16"):
+    with pytest.raises(ValueError, match="r=4, checkpoint-2 has 16"):
         train(changed, show_progress=False)
 
 

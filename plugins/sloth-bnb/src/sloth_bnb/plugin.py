@@ -78,12 +78,13 @@ def quantize(spec: ModelSpec) -> QuantizationPlan | None:
 @hookimpl
 def register_exporters(register):
     """Declare ``merged_4bit``."""
-    from .export import FORMAT
+    from .export import FORMAT, METHODS
 
     register(
         FORMAT,
         description="LoRA merged, re-quantized to bitsandbytes NF4 (quantization='fp4' for "
         "FP4) and saved with its quantization_config: transformers reloads it 4-bit",
+        quantizations=METHODS,
     )
 
 

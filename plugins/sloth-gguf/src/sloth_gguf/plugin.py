@@ -21,6 +21,7 @@ def register_exporters(register):
             f"quantization: {', '.join(QUANTIZATIONS)} (default {DEFAULT_QUANTIZATION})"
         ),
         aliases=("llama.cpp",),
+        quantizations=tuple(QUANTIZATIONS),
     )
 
 

@@ -9,9 +9,7 @@ its final name only when complete (a temporary sibling, then a rename).
 from __future__ import annotations
 
 import contextlib
-import errno
 import os
-import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -22,7 +20,7 @@ import gguf
 import torch
 
 from sloth_core.default_plugins.exporters import merged_state_dict
-from sloth_core.io import atomic_directory, refuse_existing
+from sloth_core.io import atomic_directory, check_free_space, refuse_existing
 from sloth_core.types import ExportResult
 
 from .architectures import (
@@ -109,19 +107,6 @@ def plan_tensors(
 def gguf_file_name(quantization: str) -> str:
     """The file name inside a directory output: ``model.Q8_0.gguf``."""
     return f"model.{quantization.upper()}.gguf"
-
-
-def _check_free_space(folder: Path, needed: int) -> None:
-    probe = folder
-    while not probe.exists():
-        probe = probe.parent
-    free = shutil.disk_usage(probe).free
-    if free < needed * SPACE_MARGIN:
-        raise OSError(
-            errno.ENOSPC,
-            f"not enough free disk space in {probe} for the GGUF export: about "
-            f"{needed / 2**30:.2f} GiB needed, {free / 2**30:.2f} GiB free",
-        )
 
 
 def _metadata_bytes(vocab: Vocab) -> int:
@@ -212,7 +197,9 @@ def export_gguf(
     name = options.get("name") or Path(str(getattr(config, "_name_or_path", "") or "model")).name
 
     directory = path.suffix.lower() != ".gguf" or path.is_dir()
-    _check_free_space(path if directory else path.parent, size)
+    check_free_space(
+        path if directory else path.parent, size, "the GGUF export", margin=SPACE_MARGIN
+    )
 
     def produce(target: Path) -> None:
         common = dict(config=config, arch=arch, vocab=vocab, plan=plan, name=name, writer=writer)

@@ -31,6 +31,7 @@ def register_exporters(register):
         description="a directory for `ollama create`: the GGUF (through the gguf format; "
         "option quantization) and a Modelfile with the chat template in Go syntax, stop "
         "tokens, default system prompt and parameters",
+        wraps="gguf",
     )
 
 
