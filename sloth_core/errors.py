@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+
 
 class SlothError(Exception):
     """Base class of sloth's own errors; the command line exits with ``exit_code``."""
@@ -26,7 +28,13 @@ class OutputExistsError(SlothError):
 
 
 class DiskFullError(SlothError, OSError):
-    """The disk (or quota) filled up while writing; what was being written was not kept."""
+    """The disk (or quota) filled up while writing; what was being written was not kept.
+
+    An ``OSError`` with ``errno.ENOSPC``, as the write that failed would have raised."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.errno = errno.ENOSPC
 
 
 class UntrustedCodeError(SlothError):

@@ -9,8 +9,8 @@ states, every random generator's state, and the data position (micro-batches con
 so a resumed run takes exactly the steps the uninterrupted one would have taken.
 
 Nothing in a checkpoint is pickled (:mod:`.state_files`): resuming reads JSON and
-safetensors only. ``trainer_state.json``, written last, lists every other file with its
-size, so a file cut short by a full disk or a copy that stopped is found before any of it
+safetensors only. ``trainer_state.json``, written last, lists the other files a resume
+reads with their sizes, so a file cut short by a full disk or a copy that stopped is found before any of it
 is used; :func:`read_checkpoint` names the damaged file and the trainer falls back to the
 newest intact checkpoint.
 """
@@ -141,15 +141,15 @@ def save_checkpoint(
         write_state(staging, "optimizer", optimizer_state)
         write_state(staging, "scheduler", scheduler.state_dict())
         write_state(staging, "rng", rng_state())
-        sizes = {
-            str(p.relative_to(staging)): p.stat().st_size
-            for p in sorted(staging.rglob("*"))
-            if p.is_file()
-        }
+        # What a resume reads (adapter/ is for people and PEFT, who may edit it).
+        sizes = {p.name: p.stat().st_size for p in sorted(staging.iterdir()) if p.is_file()}
         record = {**state, "step": step, "files": sizes}
         (staging / STATE_FILE).write_text(json.dumps(record, indent=2))
     for old in list_checkpoints(output_dir)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+        # Renamed first: a deletion cut short leaves a hidden leftover, not a checkpoint.
+        retired = old.with_name(f".{old.name}.old")
+        old.rename(retired)
+        shutil.rmtree(retired, ignore_errors=True)
     return path
 
 

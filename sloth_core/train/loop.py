@@ -82,11 +82,18 @@ def prepare_data(config: TrainConfig, tokenizer: Any) -> PreparedData:
         max_seq_length=config.max_seq_length,
         train_on_responses_only=config.train_on_responses_only,
     )
-    examples, stats = data.tokenize(data.load_records(config.dataset), tokenizer, **options)
+
+    def tokenize(path: str):
+        try:
+            return data.tokenize(data.load_records(path), tokenizer, **options)
+        except data.DataError as exc:  # "row 3: ..." from the tokenizer: name the file too
+            if path in str(exc):
+                raise
+            raise data.DataError(f"{path}: {exc}") from None
+
+    examples, stats = tokenize(config.dataset)
     if config.eval_dataset:
-        eval_examples, eval_stats = data.tokenize(
-            data.load_records(config.eval_dataset), tokenizer, **options
-        )
+        eval_examples, eval_stats = tokenize(config.eval_dataset)
         train_examples = examples
     else:
         eval_stats = None
@@ -189,6 +196,11 @@ def _load_tokenizer(config: TrainConfig) -> Any:
 
     from sloth_core.trust import check_remote_code
 
+    local = Path(config.model_name).expanduser()
+    if local.is_dir() and not (local / "config.json").is_file():
+        raise ConfigError(
+            f"model_name={config.model_name!r}: not a model directory: it has no config.json"
+        )
     check_remote_code(config.model_name, config.trust_remote_code)
     try:
         return AutoTokenizer.from_pretrained(
@@ -224,28 +236,39 @@ def _load_model(config: TrainConfig) -> Any:
             offload = checkpointing == "sloth" and _on_cuda(model) and not distributed.launched()
             enable_checkpointing(model, offload=offload)
         return model
-    try:
-        return FastLanguageModel.get_peft_model(
-            model,
-            r=config.r,
-            lora_alpha=config.lora_alpha,
-            lora_dropout=config.lora_dropout,
-            target_modules=list(config.target_modules),
-            use_rslora=config.use_rslora,
-            modules_to_save=list(config.modules_to_save) or None,
-            use_gradient_checkpointing=checkpointing,
-            random_state=config.seed,
-            max_seq_length=config.max_seq_length,
-        )
-    except ValueError as exc:  # PEFT: a target module the model does not have
-        if "target_modules" not in str(exc).lower().replace(" ", "_"):
-            raise
-        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
-                         if isinstance(m, torch.nn.Linear)})  # fmt: skip
-        raise ConfigError(
-            f"target_modules={list(config.target_modules)}: not all are modules of "
-            f"{config.model_name} (its linear layers: {', '.join(linear)})"
-        ) from None
+    _check_module_names(config, model)
+    return FastLanguageModel.get_peft_model(
+        model,
+        r=config.r,
+        lora_alpha=config.lora_alpha,
+        lora_dropout=config.lora_dropout,
+        target_modules=list(config.target_modules),
+        use_rslora=config.use_rslora,
+        modules_to_save=list(config.modules_to_save) or None,
+        use_gradient_checkpointing=checkpointing,
+        random_state=config.seed,
+        max_seq_length=config.max_seq_length,
+    )
+
+
+def _check_module_names(config: TrainConfig, model) -> None:
+    """Every name of ``target_modules``/``modules_to_save`` names a module of the model.
+
+    PEFT refuses a list none of whose names match, but trains a list with one typo
+    silently without that adapter.
+    """
+    names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    for option in ("target_modules", "modules_to_save"):
+        wanted = [n for n in getattr(config, option) if n != "all-linear"]
+        unknown = [n for n in wanted if n not in names]
+        if unknown:
+            linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
+                             if isinstance(m, torch.nn.Linear)})  # fmt: skip
+            raise ConfigError(
+                f"{option}={list(getattr(config, option))}: {config.model_name} has no "
+                f"module named {', '.join(map(repr, unknown))} (its linear layers: "
+                f"{', '.join(linear)})"
+            )
 
 
 def training_device_map() -> dict[str, int] | None:

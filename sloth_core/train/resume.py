@@ -41,11 +41,23 @@ def fingerprint(path: str | Path) -> dict[str, Any]:
     return {"bytes": Path(path).stat().st_size, "sha256": digest.hexdigest()}
 
 
+def model_fingerprint(model_name: str) -> dict[str, Any] | str:
+    """A local model by content (its config.json's hash and its weight files' sizes: hashing
+    gigabytes of weights would cost more than the check is worth), a hub id by name."""
+    directory = Path(model_name).expanduser()
+    if not (directory / "config.json").is_file():
+        return model_name
+    weights = {p.name: p.stat().st_size for p in sorted(directory.glob("*.safetensors"))}
+    config = hashlib.sha256((directory / "config.json").read_bytes()).hexdigest()
+    return {"config_sha256": config, "weights": weights}
+
+
 def data_fingerprints(config: TrainConfig) -> dict[str, Any]:
-    return {
-        name: fingerprint(getattr(config, name)) if getattr(config, name) else None
-        for name in ("dataset", "eval_dataset")
-    }
+    """What a checkpoint records of its inputs: the model and the data files, by content."""
+    found: dict[str, Any] = {"model_name": model_fingerprint(config.model_name)}
+    for name in ("dataset", "eval_dataset"):
+        found[name] = fingerprint(getattr(config, name)) if getattr(config, name) else None
+    return found
 
 
 def choose_checkpoint(output_dir: str | Path, say: Any) -> Checkpoint | None:
@@ -96,11 +108,20 @@ def check_resume(
     for key in RESUME_KEYS:
         if key in saved and saved[key] != getattr(config, key):
             problems.append(f"{key}={getattr(config, key)!r}, {name} has {saved[key]!r}")
-    if "model_name" in saved and not _same_model(saved["model_name"], config.model_name):
-        problems.append(f"model_name={config.model_name!r}, {name} has {saved['model_name']!r}")
+    recorded = state.get("data", {})
+    if "model_name" not in recorded and "model_name" in saved:  # older checkpoints
+        if not _same_model(saved["model_name"], config.model_name):
+            problems.append(f"model_name={config.model_name!r}, {name} has {saved['model_name']!r}")
     for key, now in data.items():
-        then = state.get("data", {}).get(key, now)  # older checkpoints recorded no data
-        if then != now:
+        then = recorded.get(key, now)  # older checkpoints recorded no fingerprints
+        if then == now:
+            continue
+        if key == "model_name":
+            problems.append(
+                f"model_name {config.model_name} is not the model {name} was trained on "
+                f"({saved.get('model_name')}: another config.json or other weight files)"
+            )
+        else:
             problems.append(_data_change(key, getattr(config, key), then, now, name))
     if problems:
         raise ConfigError(

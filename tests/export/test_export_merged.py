@@ -12,6 +12,7 @@ from export_helpers import PROMPT, logits, lora_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import sloth_core
+import sloth_core.io
 from sloth_core.default_plugins import exporters
 from sloth_core.errors import PluginMissingError, SlothError
 from sloth_core.testing import TINY_CONFIGS
@@ -94,7 +95,9 @@ def test_eos_ids_are_the_end_of_turn_tokens_the_template_uses(plugin_manager, tm
 def test_vllm_is_an_alias_that_says_so(plugin_manager, llama_lora, tmp_path):
     described = {}
     exporters.register_exporters(
-        lambda name, description="", aliases=(): described.update({name: (description, aliases)})
+        lambda name, description="", aliases=(), **declared: described.update(
+            {name: (description, aliases)}
+        )
     )
     description, aliases = described["merged_16bit"]
     assert "vllm" in aliases and "vllm serve" in description
@@ -116,7 +119,7 @@ def test_not_enough_disk_space_refuses_before_writing(
 ):
     model, tokenizer = llama_lora
     usage = shutil.disk_usage(tmp_path)
-    monkeypatch.setattr(exporters.shutil, "disk_usage", lambda p: usage._replace(free=1000))
+    monkeypatch.setattr(sloth_core.io.shutil, "disk_usage", lambda p: usage._replace(free=1000))
     with pytest.raises(SlothError, match="not enough free disk space"):
         sloth_core.export(model, tokenizer, tmp_path / "m")
     assert list(tmp_path.iterdir()) == []

@@ -18,6 +18,7 @@ from gguf_helpers import (
 from sloth_gguf import plugin, writer
 from sloth_gguf.quantization import QUANTIZATIONS
 
+import sloth_core.io
 from sloth_core.errors import OutputExistsError
 from sloth_core.export import llama_cpp
 from sloth_core.plugins import SlothPluginManager
@@ -97,7 +98,7 @@ def test_existing_output_needs_force(models, tokenizer, tmp_path):
 
 
 def test_not_enough_disk_space_writes_nothing(models, tokenizer, tmp_path, monkeypatch):
-    monkeypatch.setattr(writer.shutil, "disk_usage", lambda path: type("U", (), {"free": 1000})())
+    monkeypatch.setattr(sloth_core.io.shutil, "disk_usage", lambda path: type("U", (), {"free": 1000})())
     with pytest.raises(OSError, match="not enough free disk space") as info:
         writer.export_gguf(models("llama"), tokenizer, tmp_path / "m.gguf", {"quantization": "f32"})
     assert info.value.errno == errno.ENOSPC
