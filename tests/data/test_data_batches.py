@@ -126,12 +126,15 @@ def test_packed_batch_layout():
 def test_pack_is_first_fit_decreasing():
     assert pack([5, 9, 3, 7, 1], 10) == [[1, 4], [3, 2], [0]]
     assert pack([], 10) == []
-    lengths = [random.Random(1).randint(1, 64) for _ in range(500)]
+    # Fresh lengths every run; the seed in each message replays a failure.
+    seed = random.randrange(2**32)
+    rng = random.Random(seed)
+    lengths = [rng.randint(1, 64) for _ in range(500)]
     rows = pack(lengths, 64)
-    assert sorted(i for row in rows for i in row) == list(range(500))
-    assert all(sum(lengths[i] for i in row) <= 64 for row in rows)
-    # Within one row of the ideal: first-fit decreasing wastes little.
-    assert len(rows) <= sum(lengths) / 64 * 1.25 + 1
+    assert sorted(i for row in rows for i in row) == list(range(500)), f"seed={seed}"
+    assert all(sum(lengths[i] for i in row) <= 64 for row in rows), f"seed={seed}"
+    # First-fit decreasing wastes little: within a quarter of the ideal, plus one row.
+    assert len(rows) <= sum(lengths) / 64 * 1.25 + 1, f"seed={seed}"
 
 
 def test_examples_longer_than_max_seq_length_are_refused():
