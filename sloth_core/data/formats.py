@@ -69,7 +69,9 @@ def detect_format(records: Sequence[Mapping[str, Any]]) -> str:
 def to_messages(record: Mapping[str, Any], data_format: str, row: int) -> list[dict[str, str]]:
     """One row of a conversational format (not ``text``) as a list of chat messages.
 
-    ``row`` is the 1-based row number, for error messages.
+    ``row`` is the 1-based row number, for error messages. An alpaca row's user message
+    is its instruction and input joined by a blank line, and keeps them apart as well
+    (``instruction``, ``input``) for templates that write them apart (``alpaca``).
 
     Raises:
         DataError: a missing field, a value of the wrong type, or an unknown speaker; the
@@ -92,8 +94,10 @@ def _alpaca(record: Mapping[str, Any], row: int) -> list[dict[str, str]]:
     extra = _string(record, "input", row, required=False)
     system = _string(record, "system", row, required=False)
     prompt = f"{instruction}\n\n{extra}" if extra else instruction
+    # The parts too, for the alpaca template's "### Input:" section; others use content.
+    user = {"role": "user", "content": prompt, "instruction": instruction, "input": extra}
     messages = [{"role": "system", "content": system}] if system else []
-    messages += [{"role": "user", "content": prompt}, {"role": "assistant", "content": output}]
+    messages += [user, {"role": "assistant", "content": output}]
     return messages
 
 

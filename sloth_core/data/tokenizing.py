@@ -1,29 +1,25 @@
 """Rows -> token ids and labels: chat template, response masking, truncation.
 
-Masking finds each assistant response as a span of characters in the rendered
-conversation, then trains the tokens that overlap a span. The span of assistant turn ``i``
-is what rendering ``messages[: i + 1]`` adds to rendering ``messages[:i]`` with the
-generation prompt (the response and its end-of-turn marker, less trailing whitespace),
-checked against the full rendering; that needs no markers in the template and is exact
-for multi-turn conversations. A template that renders a prefix differently from the whole
-(one that appends an eos after the last turn only, say) falls back to finding the
-response's text in order, plus the special token that ends it.
+A chat row's tokens are exactly what ``apply_chat_template(messages, tokenize=True)`` gives
+for its conversation, so that the prompt part of training is token for token what the
+model is prompted with at inference: the template writes any bos it wants (Llama 3 and
+Gemma do, ChatML, Qwen and Phi-3 do not), none is added. Which tokens are trained is
+:mod:`.masking`'s part. A ``text`` row gets the special tokens the tokenizer adds to plain
+text (a bos) unless it already has them, as a chat rendered into text does.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from .errors import DataError
 from .formats import DATA_FORMATS, detect_format, to_messages
-from .templates import resolve_chat_template
+from .masking import IGNORE_INDEX, Markers, label_by_offsets, response_spans
+from .templates import knows_role, resolve_chat_template, template_roles
 
 __all__ = ["IGNORE_INDEX", "Example", "TokenizeStats", "tokenize"]
-
-#: The label of a token that is not trained on (PyTorch's cross-entropy ``ignore_index``).
-IGNORE_INDEX = -100
 
 
 @dataclass
@@ -54,9 +50,10 @@ class TokenizeStats:
 
     ``rows`` went in, ``kept`` came out. ``truncated`` rows were cut to ``max_seq_length``
     (kept or not). ``dropped_empty`` rows were dropped because no token was left to train
-    on; ``dropped_truncated`` of them had some before truncation. ``tokens`` and
-    ``trained_tokens`` count the kept examples' tokens and trained labels; ``longest`` is
-    the longest kept example.
+    on; ``dropped_truncated`` of them had some before truncation (the others had none: an
+    empty text, a conversation without a response). ``tokens`` and ``trained_tokens``
+    count the kept examples' tokens and trained labels; ``longest`` is the longest kept
+    example.
     """
 
     rows: int = 0
@@ -67,15 +64,26 @@ class TokenizeStats:
     tokens: int = 0
     trained_tokens: int = 0
     longest: int = 0
+    max_seq_length: int = 0
 
     def summary(self) -> str:
-        """One line for logs."""
-        return (
-            f"{self.kept}/{self.rows} rows kept, {self.truncated} truncated, "
-            f"{self.dropped_empty} dropped with nothing to train on "
-            f"({self.dropped_truncated} by truncation); {self.tokens} tokens, "
-            f"{self.trained_tokens} trained, longest {self.longest}"
-        )
+        """One line for logs, such as ``48 rows: 46 kept, 2 dropped (no trained tokens
+        left after truncation), 3 truncated to 64 tokens; 2210 tokens, 905 trained``."""
+        line = f"{self.rows} rows: {self.kept} kept"
+        reasons = [
+            (self.dropped_empty - self.dropped_truncated, "nothing to train on"),
+            (self.dropped_truncated, "no trained tokens left after truncation"),
+        ]
+        reasons = [(count, why) for count, why in reasons if count]
+        if len(reasons) == 1:
+            line += f", {self.dropped_empty} dropped ({reasons[0][1]})"
+        elif reasons:
+            why = ", ".join(f"{count} with {why}" for count, why in reasons)
+            line += f", {self.dropped_empty} dropped ({why})"
+        if self.truncated:
+            limit = f" to {self.max_seq_length} tokens" if self.max_seq_length else ""
+            line += f", {self.truncated} truncated{limit}"
+        return line + f"; {self.tokens} tokens, {self.trained_tokens} trained"
 
 
 def tokenize(
@@ -87,15 +95,17 @@ def tokenize(
     max_seq_length: int,
     train_on_responses_only: bool = True,
     add_eos: bool = True,
+    source: str | None = None,
 ) -> tuple[list[Example], TokenizeStats]:
     """Tokenise ``records`` into training examples, in order, with their statistics.
 
-    ``text`` rows are tokenised as they are (with the tokenizer's bos, and an eos appended
-    when ``add_eos``), every token trained. The other formats become chat messages (see
+    ``text`` rows are tokenised as they are (with the special tokens the tokenizer adds to
+    plain text, a bos, unless the text starts with them; and an eos appended when
+    ``add_eos``), every token trained. The other formats become chat messages (see
     :func:`~sloth_core.data.formats.to_messages`), rendered with the chat template and
-    tokenised; with ``train_on_responses_only`` only the assistant responses and their
-    end-of-turn markers are trained, otherwise every token. A bos is prepended when the
-    tokenizer adds one to plain text and the template did not render it.
+    tokenised as ``apply_chat_template`` tokenises them (no special token added); with
+    ``train_on_responses_only`` only the assistant responses and their end-of-turn
+    markers are trained, otherwise every token.
 
     Args:
         records: rows, as :func:`~sloth_core.data.records.load_records` returns them.
@@ -106,13 +116,16 @@ def tokenize(
             :func:`~sloth_core.data.templates.resolve_chat_template`).
         max_seq_length: longer examples keep their first ``max_seq_length`` tokens.
         train_on_responses_only: mask everything but the assistant responses.
-        add_eos: append the eos token to ``text`` rows that do not end with it (chat rows
-            end with their template's end-of-turn marker).
+        add_eos: append the eos token to ``text`` rows that do not end with it (whitespace
+            after a final eos is dropped; chat rows end with their template's end-of-turn
+            marker).
+        source: where the rows came from (a file name), for error messages.
 
     Raises:
         DataError: an unknown format, a malformed row (named by number and field), a
-            conversation the template cannot render, or no row left with a token to train
-            on (the message says when ``max_seq_length`` is the cause).
+            role the template does not name, a conversation the template cannot render,
+            or no row left with a token to train on (the message says when
+            ``max_seq_length`` is the cause). Row errors name ``source`` when given.
     """
     if max_seq_length < 2:
         raise DataError(f"max_seq_length must be at least 2, got {max_seq_length}")
@@ -120,7 +133,7 @@ def tokenize(
         data_format = detect_format(records)
     elif data_format not in DATA_FORMATS:
         raise DataError(f"unknown data_format {data_format!r}; accepted: {', '.join(DATA_FORMATS)}")
-    stats = TokenizeStats(rows=len(records))
+    stats = TokenizeStats(rows=len(records), max_seq_length=max_seq_length)
     if data_format == "text":
         encode = _TextEncoder(tokenizer, add_eos)
     else:
@@ -129,7 +142,12 @@ def tokenize(
 
     examples = []
     for row, record in enumerate(records, 1):
-        ids, labels = encode(record, row)
+        try:
+            ids, labels = encode(record, row)
+        except DataError as exc:
+            if source:
+                raise DataError(f"{source}: {exc}") from exc
+            raise
         if labels:
             labels[0] = IGNORE_INDEX  # no position predicts the first token
         trainable = any(label != IGNORE_INDEX for label in labels)
@@ -166,6 +184,8 @@ class _TextEncoder:
     def __init__(self, tokenizer: Any, add_eos: bool) -> None:
         self.tokenizer = tokenizer
         self.eos = tokenizer.eos_token_id if add_eos else None
+        self.eos_text = getattr(tokenizer, "eos_token", None) if add_eos else None
+        self.ends = _added_ends(tokenizer)
 
     def __call__(self, record: Mapping[str, Any], row: int) -> tuple[list[int], list[int]]:
         text = record.get("text")
@@ -174,10 +194,33 @@ class _TextEncoder:
             raise DataError(f"row {row}: field 'text' must be a string, got {got}")
         if not text.strip():
             return [], []
-        ids = list(self.tokenizer(text, add_special_tokens=True)["input_ids"])
-        if self.eos is not None and (not ids or ids[-1] != self.eos):
+        if self.eos_text and text.rstrip().endswith(self.eos_text):
+            # (rows joined by newlines): nothing follows an eos, and it needs no second one
+            text = text.rstrip()
+        if self.ends is None:
+            ids = list(self.tokenizer(text, add_special_tokens=True)["input_ids"])
+        else:
+            ids = list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+            prefix, suffix = self.ends
+            if prefix and ids[: len(prefix)] != prefix:
+                ids = prefix + ids
+            if suffix and ids[-len(suffix) :] != suffix:
+                ids = ids + suffix
+        if self.eos is not None and ids[-1] != self.eos:
             ids.append(self.eos)
         return ids, list(ids)
+
+
+def _added_ends(tokenizer: Any) -> tuple[list[int], list[int]] | None:
+    """The ids the tokenizer puts before and after plain text (a bos; some add an eos),
+    found by encoding a probe with and without them; ``None`` if they cannot be told."""
+    probe = "Hello world"
+    plain = list(tokenizer(probe, add_special_tokens=False)["input_ids"])
+    full = list(tokenizer(probe, add_special_tokens=True)["input_ids"])
+    for at in range(len(full) - len(plain) + 1):
+        if full[at : at + len(plain)] == plain:
+            return full[:at], full[at + len(plain) :]
+    return None
 
 
 class _ChatEncoder:
@@ -186,17 +229,12 @@ class _ChatEncoder:
     ) -> None:
         self.tokenizer = tokenizer
         self.template = template
+        self.field = DATA_FORMATS[data_format][0]
         self.data_format = data_format
         self.responses_only = responses_only
-        self.bos = _added_bos(tokenizer)
         self.offsets = bool(getattr(tokenizer, "is_fast", False))
-        specials = set(getattr(tokenizer, "all_special_tokens", ()) or ())
-        added = getattr(tokenizer, "added_tokens_decoder", None) or {}
-        specials.update(
-            token.content for token in added.values() if getattr(token, "special", False)
-        )
-        # Longest first, so that a marker that extends another is matched whole.
-        self.specials = sorted((s for s in specials if s), key=len, reverse=True)
+        self.markers = Markers.of(tokenizer)
+        self.roles: dict[str, bool] = {}
 
     def render(self, messages: list[dict[str, str]], generation_prompt: bool) -> str:
         return self.tokenizer.apply_chat_template(
@@ -208,6 +246,7 @@ class _ChatEncoder:
 
     def __call__(self, record: Mapping[str, Any], row: int) -> tuple[list[int], list[int]]:
         messages = to_messages(record, self.data_format, row)
+        self._check_roles(messages, row)
         try:
             text = self.render(messages, False)
         except Exception as exc:  # jinja2 errors and the template's raise_exception
@@ -215,7 +254,7 @@ class _ChatEncoder:
                 f"row {row}: the chat template cannot render this conversation ({exc})"
             ) from exc
         if self.responses_only:
-            spans = _response_spans(text, messages, self.render, self.specials)
+            spans = response_spans(text, messages, self.render, self.markers)
             if spans is None:
                 raise DataError(
                     f"row {row}: cannot find the assistant responses in the rendered "
@@ -224,16 +263,27 @@ class _ChatEncoder:
                 )
         else:
             spans = [(0, len(text))]
-        ids, labels = self._encode(text, spans)
-        if self.bos is not None and (not ids or ids[0] != self.bos):
-            ids, labels = [self.bos, *ids], [IGNORE_INDEX, *labels]
-        return ids, labels
+        return self._encode(text, spans)
+
+    def _check_roles(self, messages: list[dict[str, str]], row: int) -> None:
+        # A role the template does not name would be rendered as it is, or dropped, and
+        # trained either way on a turn the model was never shown.
+        for number, message in enumerate(messages):
+            role = message["role"]
+            if role not in self.roles:
+                self.roles[role] = knows_role(self.template, role)
+            if not self.roles[role]:
+                accepted = ", ".join(template_roles(self.template))
+                raise DataError(
+                    f"row {row}: {self.field}[{number}] has the role {role!r}, which the "
+                    f"chat template does not know; accepted: {accepted}"
+                )
 
     def _encode(self, text: str, spans: list[tuple[int, int]]) -> tuple[list[int], list[int]]:
         if self.offsets:
             encoded = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
             ids = list(encoded["input_ids"])
-            return ids, _label_by_offsets(ids, encoded["offset_mapping"], spans)
+            return ids, label_by_offsets(ids, encoded["offset_mapping"], spans)
         # A slow tokenizer has no offsets: encode the pieces between span edges apart.
         ids: list[int] = []
         labels: list[int] = []
@@ -246,91 +296,3 @@ class _ChatEncoder:
                     labels += piece_ids if trained else [IGNORE_INDEX] * len(piece_ids)
             cursor = end
         return ids, labels
-
-
-def _added_bos(tokenizer: Any) -> int | None:
-    """The bos id if the tokenizer puts one before plain text, else ``None``."""
-    bos = getattr(tokenizer, "bos_token_id", None)
-    if bos is None:
-        return None
-    ids = tokenizer("a", add_special_tokens=True)["input_ids"]
-    return bos if ids and ids[0] == bos else None
-
-
-def _label_by_offsets(
-    ids: list[int], offsets: Sequence[tuple[int, int]], spans: list[tuple[int, int]]
-) -> list[int]:
-    # A token is trained if it holds any character of a response: a token that straddles
-    # the start of one (a marker merged with the first word) is needed to produce it.
-    labels = [IGNORE_INDEX] * len(ids)
-    span = 0
-    for index, (start, end) in enumerate(offsets):
-        while span < len(spans) and spans[span][1] <= start:
-            span += 1
-        if span == len(spans):
-            break
-        low, high = spans[span]
-        if (start < high and end > low) or (start == end and low <= start < high):
-            labels[index] = ids[index]
-    return labels
-
-
-def _response_spans(
-    text: str,
-    messages: list[dict[str, str]],
-    render: Callable[[list[dict[str, str]], bool], str],
-    specials: list[str],
-) -> list[tuple[int, int]] | None:
-    """The character spans of the assistant responses in ``text``; ``None`` if one is lost."""
-    spans = []
-    cursor = 0
-    for index, message in enumerate(messages):
-        if message["role"] != "assistant":
-            continue
-        span = _turn_span(text, messages, index, render, cursor, specials)
-        if span is None:
-            return None
-        if span[1] > span[0]:
-            spans.append(span)
-        cursor = span[1]
-    return spans
-
-
-def _turn_span(
-    text: str,
-    messages: list[dict[str, str]],
-    index: int,
-    render: Callable[[list[dict[str, str]], bool], str],
-    cursor: int,
-    specials: list[str],
-) -> tuple[int, int] | None:
-    prompt = turn = None
-    if index > 0:  # (a conversation that opens with the assistant has no prompt to render)
-        try:
-            prompt = render(messages[:index], True)
-            turn = render(messages[: index + 1], False)
-        except Exception:
-            prompt = None
-    if prompt is not None and turn is not None and len(prompt) >= cursor:
-        if text.startswith(prompt):
-            start, end = len(prompt), len(turn.rstrip())
-            if end >= start and turn.startswith(prompt) and text.startswith(turn[:end]):
-                return start, end
-            cursor = start  # the response is after the prompt, not in it
-    return _search_span(text, messages[index]["content"], cursor, specials)
-
-
-def _search_span(
-    text: str, content: str, cursor: int, specials: list[str]
-) -> tuple[int, int] | None:
-    needle = content.strip()
-    if not needle:  # an empty response: nothing to find, nothing to train
-        return cursor, cursor
-    start = text.find(needle, cursor)
-    if start < 0:
-        return None
-    end = start + len(needle)
-    for token in specials:
-        if text.startswith(token, end):
-            return start, end + len(token)
-    return start, end

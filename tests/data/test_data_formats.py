@@ -36,12 +36,14 @@ def test_alpaca_to_messages():
     row = {"instruction": "Add", "input": "1, 2", "output": "3", "system": "Be exact."}
     assert to_messages(row, "alpaca", 1) == [
         {"role": "system", "content": "Be exact."},
-        {"role": "user", "content": "Add\n\n1, 2"},
+        {"role": "user", "content": "Add\n\n1, 2", "instruction": "Add", "input": "1, 2"},
         {"role": "assistant", "content": "3"},
     ]
     assert to_messages({"instruction": "Hi", "output": "Hello"}, "alpaca", 1)[0] == {
         "role": "user",
         "content": "Hi",
+        "instruction": "Hi",
+        "input": "",
     }
 
 

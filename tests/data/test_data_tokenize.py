@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import pytest
+from chats import CONVERSATION, RESPONSES, trained_runs
 
 from sloth_core.data import (
     CHAT_TEMPLATES,
     DataError,
+    TokenizeStats,
     detect_format,
     resolve_chat_template,
     tokenize,
@@ -14,40 +16,17 @@ from sloth_core.data import (
 from sloth_core.testing.datasets import load_tiny_instructions
 from sloth_core.testing.tokenizer import CHATML_TEMPLATE, EOS_TOKEN, build_tokenizer
 
-CONVERSATION = [
-    {"role": "system", "content": "Be brief."},
-    {"role": "user", "content": "Say ok"},
-    {"role": "assistant", "content": "ok"},
-    {"role": "user", "content": "How are you?"},
-    {"role": "assistant", "content": "Fine, thanks."},
-]
-RESPONSES = ["ok", "Fine, thanks."]
-
 # The markers each template's model has as special tokens, and its end of turn.
 MARKERS = {
     "chatml": ([], "<|im_end|>"),
     "qwen": ([], "<|im_end|>"),
     "llama-3": (["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"], "<|eot_id|>"),
+    "llama-3.1": (["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"], "<|eot_id|>"),
     "mistral": (["[INST]", "[/INST]"], EOS_TOKEN),
     "gemma": (["<start_of_turn>", "<end_of_turn>"], "<end_of_turn>"),
     "phi-3": (["<|system|>", "<|user|>", "<|assistant|>", "<|end|>"], "<|end|>"),
     "alpaca": ([], EOS_TOKEN),
 }
-
-
-def trained_runs(tokenizer, example):
-    """The decoded runs of consecutive trained tokens."""
-    runs, current = [], []
-    for token, label in zip(example.input_ids, example.labels, strict=True):
-        if label != -100:
-            assert label == token
-            current.append(token)
-        elif current:
-            runs.append(current)
-            current = []
-    if current:
-        runs.append(current)
-    return [tokenizer.decode(run) for run in runs]
 
 
 def test_every_required_template_is_built_in():
@@ -78,23 +57,24 @@ def test_builtin_template_masks_exactly_the_responses(name):
     assert trained_runs(tokenizer, example) == [r + end_of_turn for r in RESPONSES]
     assert stats.kept == 1 and stats.trained_tokens == sum(x != -100 for x in example.labels)
 
-    # The same tokens as transformers' own assistant mask from the generation blocks.
+    # The same tokens and mask as transformers' own, from the generation blocks.
     hf = tokenizer.apply_chat_template(
         CONVERSATION, chat_template=template, return_assistant_tokens_mask=True, return_dict=True
     )
-    offset = len(example.input_ids) - len(hf["input_ids"])  # a bos the template lacks
-    assert example.input_ids[offset:] == hf["input_ids"]
-    assert [int(x != -100) for x in example.labels[offset:]] == hf["assistant_masks"]
+    assert example.input_ids == hf["input_ids"]
+    assert [int(x != -100) for x in example.labels] == hf["assistant_masks"]
 
 
-def test_bos_is_added_once():
+def test_chat_rows_have_the_bos_their_template_writes():
+    # The tokenizer adds a bos to plain text, but a chat row gets only what its template
+    # writes, as apply_chat_template (and so inference) does.
     tokenizer = build_tokenizer()
     bos = tokenizer.bos_token_id
-    for name in ("chatml", "llama-3", None):  # without, with, and the own one with a bos
+    for name, bos_count in (("chatml", 0), ("llama-3", 1), (None, 1)):  # None: its own
         [example], _ = tokenize(
             [{"messages": CONVERSATION}], tokenizer, chat_template=name, max_seq_length=512
         )
-        assert example.input_ids[0] == bos and example.input_ids[1] != bos
+        assert example.input_ids[:2].count(bos) == bos_count
 
 
 def test_tokenizers_own_template_without_generation_markers():
@@ -117,22 +97,17 @@ def test_tokenizers_own_template_without_generation_markers():
 
 
 def test_template_that_renders_the_last_turn_differently_falls_back_to_search():
-    # Phi-3's own template: an eos after the last turn only, so prefixes differ from the whole.
-    phi3 = CHAT_TEMPLATES["phi-3"].replace(
-        "{%- if add_generation_prompt %}{{- '<|assistant|>\\n' }}{%- endif %}",
-        "{%- if add_generation_prompt %}{{- '<|assistant|>\\n' }}"
-        "{%- else %}{{- eos_token }}{%- endif %}",
+    # OLMo style: <|im_end|> after every turn but the last, which ends with the eos
+    # instead, so each turn renders differently as the last of a prefix than in the whole.
+    olmo = CHATML_TEMPLATE.replace(
+        "message['content'] + '<|im_end|>'",
+        "message['content'] + ('<|im_end|>' if not loop.last else eos_token)",
     )
-    assert phi3 != CHAT_TEMPLATES["phi-3"]
-    tokenizer = build_tokenizer()
-    tokenizer.add_special_tokens(
-        {"additional_special_tokens": MARKERS["phi-3"][0]}, replace_extra_special_tokens=False
-    )
-    [example], _ = tokenize(
-        [{"messages": CONVERSATION}], tokenizer, chat_template=phi3, max_seq_length=512
-    )
+    assert olmo != CHATML_TEMPLATE
+    tokenizer = build_tokenizer(chat_template=olmo)
+    [example], _ = tokenize([{"messages": CONVERSATION}], tokenizer, max_seq_length=512)
     # "ok" also in the prompt ("Say ok"): found after it, not in it.
-    assert trained_runs(tokenizer, example) == ["ok<|end|>", f"Fine, thanks.<|end|>\n{EOS_TOKEN}"]
+    assert trained_runs(tokenizer, example) == ["ok<|im_end|>", f"Fine, thanks.{EOS_TOKEN}"]
 
 
 def test_slow_tokenizer_path_encodes_spans_apart(monkeypatch):
@@ -192,7 +167,25 @@ def test_truncation_and_drops_are_counted(tokenizer):
     assert trained_runs(tokenizer, examples[1]) == ["cut<|im_end|>"]
     assert trained_runs(tokenizer, examples[2]) == ["<|im_end|>"]
     assert stats.tokens == sum(len(ex) for ex in examples) and stats.longest == limit
-    assert "3/4 rows kept" in stats.summary()
+    assert stats.summary() == (
+        f"4 rows: 3 kept, 1 dropped (no trained tokens left after truncation), 2 truncated "
+        f"to {limit} tokens; {stats.tokens} tokens, {stats.trained_tokens} trained"
+    )
+
+
+def test_stats_summary_names_each_reason_for_a_drop():
+    stats = TokenizeStats(rows=48, kept=45, dropped_empty=3, dropped_truncated=2, tokens=9)
+    assert stats.summary() == (
+        "48 rows: 45 kept, 3 dropped (1 with nothing to train on, 2 with no trained tokens "
+        "left after truncation); 9 tokens, 0 trained"
+    )
+    assert TokenizeStats(rows=2, kept=2, tokens=5, trained_tokens=3).summary() == (
+        "2 rows: 2 kept; 5 tokens, 3 trained"
+    )
+    assert (
+        "1 dropped (nothing to train on)"
+        in TokenizeStats(rows=2, kept=1, dropped_empty=1).summary()
+    )
 
 
 def test_empty_text_rows_are_dropped(tokenizer):
@@ -214,7 +207,7 @@ def test_bad_settings_and_rows(tokenizer):
     with pytest.raises(DataError, match="row 2: field 'text' must be a string"):
         tokenize([{"text": "a"}, {"text": 1}], tokenizer, max_seq_length=64)
     tool = [{"role": "user", "content": "q"}, {"role": "tool", "content": "r"}]
-    with pytest.raises(DataError, match="row 1: the chat template cannot render.*tool"):
+    with pytest.raises(DataError, match=r"row 1: messages\[1\] has the role 'tool'"):
         tokenize([{"messages": tool}], tokenizer, chat_template="gemma", max_seq_length=64)
 
 
