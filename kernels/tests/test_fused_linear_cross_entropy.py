@@ -215,7 +215,10 @@ def test_registered_for_the_fused_op():
     assert entry["fn"] is fused_linear_cross_entropy and set(entry["dtypes"]) == set(DTYPES)
 
 
-# -- on the GPU: LLM-sized shapes, the memory bound and the speed of the eager path --------
+# -- on the GPU: LLM-sized shapes and the memory bound ------------------------------------
+# Speed against the eager ``F.cross_entropy(F.linear(h, w).float(), labels)`` is a
+# benchmark's job, not a test's: ``sloth bench kernels --ops fused_linear_cross_entropy``
+# times it against that baseline (``torch_unfused``) in the same run.
 
 LLM = (8192, 4096, 128256)  # tokens, hidden size, vocabulary (Llama 3)
 
@@ -252,33 +255,3 @@ def test_llm_sized_memory_bound(device):
     peak = _peak_above_inputs(step)
     assert peak < 525e6, f"{LLM} bf16: {peak / 1e6:.0f} MB above the inputs"
     assert hidden.grad is not None and not hidden.grad.isnan().any()
-
-
-@pytest.mark.gpu
-def test_llm_sized_not_slower_than_eager(device):
-    """Forward + backward against ``F.cross_entropy(F.linear(h, w).float(), labels)``."""
-    hidden, weight, _, labels = _inputs(*LLM, torch.bfloat16, device, grads=(True, False, False))
-
-    def fused():
-        fused_linear_cross_entropy(hidden, weight, labels).backward()
-
-    def eager():
-        F.cross_entropy(F.linear(hidden, weight).float(), labels).backward()
-
-    def best_ms(fn, repeats=5):
-        fn()  # warm-up
-        times = []
-        for _ in range(repeats):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-            hidden.grad = None
-        return min(times)
-
-    fused_ms, eager_ms = best_ms(fused), best_ms(eager)
-    # 5% slack for clock noise between two runs of the same ~25 ms of matmuls.
-    what = f"{LLM} bf16: fused {fused_ms:.1f} ms, eager {eager_ms:.1f} ms"
-    assert fused_ms <= 1.05 * eager_ms, what
