@@ -60,8 +60,11 @@ def test_doctor_json_reports_versions_and_op_choices(plugin_manager, capsys):
     for name in ("python", "torch", "triton", "transformers", "peft", "bitsandbytes"):
         assert name in report["versions"]
     assert report["versions"]["torch"]
-    assert report["ops"]["resolved"]["rms_norm"] == "torch"
-    assert set(report["ops"]["resolved"]) == set(plugin_manager.ops.names())
+    # Written out, not taken from the registry the doctor reads: no entry points, so no
+    # kernels, and every op the core defines served by its torch reference.
+    ops = ["rms_norm", "layer_norm", "rope", "swiglu", "geglu", "lora_linear", "lora_mlp",
+           "lora_qkv", "lora_o", "cross_entropy", "fused_linear_cross_entropy", "dequantize_nf4"]
+    assert report["ops"]["resolved"] == dict.fromkeys(ops, "torch")
 
 
 def test_doctor_table(plugin_manager, capsys):

@@ -4,10 +4,17 @@ from __future__ import annotations
 
 import torch
 
-from sloth_core.ops import REFERENCE_OPS
 from sloth_core.plugins import SlothPluginManager
 from sloth_kernels import plugin
 from sloth_kernels._utils import kernel_devices
+
+#: Every op the core defines, written out (not the core's ``REFERENCE_OPS``, from which the
+#: registry is built): a kernel dropped from sloth-kernels, or an op dropped from the core
+#: along with it, fails here.
+CORE_OPS = {
+    "rms_norm", "layer_norm", "rope", "swiglu", "geglu", "lora_linear", "lora_mlp",
+    "lora_qkv", "lora_o", "cross_entropy", "fused_linear_cross_entropy", "dequantize_nf4",
+}  # fmt: skip
 
 
 def test_entry_point_registers_a_kernel_for_every_core_op(monkeypatch):
@@ -15,9 +22,9 @@ def test_entry_point_registers_a_kernel_for_every_core_op(monkeypatch):
     manager = SlothPluginManager(entry_points=True)
     record = {r.name: r for r in manager.plugins()}["sloth-kernels"]
     assert record.status == "active", record.reason
-    assert set(record.ops) == set(REFERENCE_OPS)
+    assert set(record.ops) == CORE_OPS
     device = kernel_devices()[0]
-    for op in REFERENCE_OPS:
+    for op in CORE_OPS:
         assert manager.ops.resolve(op, device, torch.bfloat16).provider == "sloth-kernels", op
 
 
