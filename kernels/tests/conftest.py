@@ -1,4 +1,6 @@
-"""Shared setup of the kernel tests: device, interpreter, tolerances, poisoned outputs.
+"""Shared setup of the kernel tests: device, interpreter, tolerances, poisoned outputs,
+and a fresh recorded seed per test (a failure prints ``SLOTH_TEST_SEED=... pytest ...``
+to replay its inputs; :mod:`sloth_core.testing.seeds`).
 
 On a machine without CUDA the kernels run in Triton's CPU interpreter; that must be
 switched on before triton is first imported, hence here, at collection time.
@@ -11,6 +13,7 @@ import pytest
 import torch
 
 from kernel_helpers import DEVICE, HAS_CUDA
+from sloth_core.testing.seeds import pytest_runtest_makereport, seed  # noqa: F401
 
 
 def pytest_collection_modifyitems(config, items):

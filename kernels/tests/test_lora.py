@@ -16,6 +16,7 @@ from transformers.models.llama.modeling_llama import LlamaAttention, LlamaMLP
 
 from sloth_core.ops import reference
 from sloth_core.ops.reference import LoRALinear
+from sloth_core.testing.seeds import draw as _draw  # the test's recorded seed, random sizes
 
 bnb_functional = pytest.importorskip("bitsandbytes.functional")
 
@@ -29,12 +30,6 @@ HIDDEN, INTER, BATCH, SEQ = 51, 107, 5, 7
 def _eager_bitsandbytes():
     with torch.compiler.set_stance("force_eager"):  # bnb's CPU quantizer compiles per shape
         yield
-
-
-def _draw(*bounds):
-    """A fresh seed (recorded for replay) and one random size per ``(lo, hi)`` bound."""
-    seed = torch.seed()
-    return seed, [int(torch.randint(lo, hi + 1, ()).item()) for lo, hi in bounds]
 
 
 def _layer(out_f, in_f, dtype, *, r=None, nf4=False, bias=False, nested=False):

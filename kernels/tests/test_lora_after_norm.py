@@ -69,8 +69,8 @@ def _run(norm, op, x, weight, layers, grads, *, detach_norm_output=False):
 
 @pytest.mark.parametrize("name", ["lora_qkv", "lora_mlp", "lora_linear"])
 @pytest.mark.parametrize("dtype", list(TOLERANCES))
-def test_lora_after_norm_recomputes_the_norm_output(name, dtype):
-    torch.manual_seed(int.from_bytes(__import__("os").urandom(4), "little"))
+def test_lora_after_norm_recomputes_the_norm_output(name, dtype, seed):
+    what = f"{name} {dtype} seed={seed}"  # inputs from the test's recorded seed (conftest)
     kernel, ref, outs = _ops(name)
     layers = ([_layer(o, HIDDEN, dtype) for o in outs] if name != "lora_mlp" else
               [_layer(INTER, HIDDEN, dtype), _layer(INTER, HIDDEN, dtype), _layer(HIDDEN, INTER, dtype)])  # fmt: skip
@@ -80,11 +80,11 @@ def test_lora_after_norm_recomputes_the_norm_output(name, dtype):
     grads = [torch.randn(5, 7, d, device=DEVICE).to(dtype) for d in out_dims]
 
     fast_out, fast, saved, y = _run(rms_norm, kernel, x, weight, _fresh(layers), grads)
-    assert y.untyped_storage().data_ptr() not in saved  # the norm output is kept by no one
+    assert y.untyped_storage().data_ptr() not in saved, what  # the norm output is kept by no one
     plain_out, plain, _, _ = _run(rms_norm, kernel, x, weight, _fresh(layers), grads,
                                   detach_norm_output=True)  # fmt: skip
     for a, b in zip([*fast_out, *fast], [*plain_out, *plain], strict=True):
-        assert torch.equal(a, b)  # the recomputed input gives the very same bits
+        assert torch.equal(a, b), what  # the recomputed input gives the very same bits
 
     # Bitwise equal to the kernels without the shortcut, whose own tests cover half
     # precision against the references; the chain against the references in fp32 here.
@@ -96,7 +96,7 @@ def test_lora_after_norm_recomputes_the_norm_output(name, dtype):
                                     [g.float() for g in grads])  # fmt: skip
     for a, b in zip([*fast_out, *fast], [*ref_out, *ref_grads], strict=True):
         # the absolute part relative to the tensor's largest entry, as in test_lora.py
-        assert_close(a, b.to(a.dtype), dtype, scale=max(1.0, float(b.abs().max())))
+        assert_close(a, b.to(a.dtype), dtype, scale=max(1.0, float(b.detach().abs().max())), what=what)
 
 
 def test_only_an_untouched_norm_output_takes_the_shortcut():

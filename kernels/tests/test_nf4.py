@@ -11,6 +11,7 @@ from sloth_kernels import nf4
 from sloth_kernels.nf4 import REGISTRATIONS, dequantize_nf4
 
 from sloth_core.ops import reference
+from sloth_core.testing.seeds import draw as _draw  # the test's recorded seed, random sizes
 
 bnb_functional = pytest.importorskip("bitsandbytes.functional")
 
@@ -22,12 +23,6 @@ def _eager_bitsandbytes():
     # bnb's CPU fallback paths are wrapped in torch.compile: compiling per shape is slow.
     with torch.compiler.set_stance("force_eager"):
         yield
-
-
-def _draw(*bounds):
-    """A fresh seed (recorded for replay) and one random size per ``(lo, hi)`` bound."""
-    seed = torch.seed()
-    return seed, [int(torch.randint(lo, hi + 1, ()).item()) for lo, hi in bounds]
 
 
 def _on_device(state):

@@ -2,16 +2,11 @@
 
 from __future__ import annotations
 
-import torch
+# The test's recorded seed (see conftest.py) and random sizes drawn from it.
+from sloth_core.testing.seeds import draw  # noqa: F401
 
 #: fp32 max abs error allowed against the Hugging Face module or function replaced.
 TOL = 1e-5
-
-
-def draw(*bounds):
-    """A fresh seed (recorded for replay) and one random size per ``(lo, hi)`` bound."""
-    seed = torch.seed()
-    return seed, [int(torch.randint(lo, hi + 1, ()).item()) for lo, hi in bounds]
 
 
 def assert_close(actual, expected, what, tol=TOL):
