@@ -64,11 +64,20 @@ def tests(session: nox.Session) -> None:
     session.run("pytest", "-m", "not gpu", *session.posargs, env=TEST_ENV)
 
 
+#: The tests that compare the patched model with Hugging Face's (parity, convergence, the
+#: parity harness's own checks): on a GPU they run real kernels at full batch size, bf16
+#: bounds included, and assert which kernel served each op (check_plugin_parity).
+MODEL_CHECKS = "parity or converg"
+
+
 @nox.session(venv_backend="none")
 def gpu(session: nox.Session) -> None:
-    """GPU tests in the machine's own Python (its torch and triton), repo installed in place."""
+    """On a CUDA machine, in its own Python (its torch and triton), the repo installed in
+    place: the ``gpu``-marked tests, then every parity and convergence test of the suite."""
     _install_repo(session, "--no-deps")
-    session.run("pytest", "-m", "gpu", *session.posargs, env={"HF_HUB_OFFLINE": "1"})
+    env = {"HF_HUB_OFFLINE": "1"}
+    session.run("pytest", "-m", "gpu", *session.posargs, env=env)
+    session.run("pytest", "-m", "not gpu", "-k", MODEL_CHECKS, *session.posargs, env=env)
 
 
 @nox.session

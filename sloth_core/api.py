@@ -94,7 +94,17 @@ def load_model(
         if plan is None:
             raise _missing("quantization", spec.quantization, manager.quantizers)
         spec.quantization_plan = plan
-    loaded = manager.load_model(spec=spec)
+    try:
+        loaded = manager.load_model(spec=spec)
+    except Exception as exc:
+        # A weight file cut short or not safetensors at all: safetensors' own error type,
+        # whose message names no file.
+        if type(exc).__name__ != "SafetensorError":
+            raise
+        raise ModelNotFoundError(
+            f"{spec.model_name}: a weight file is damaged or not a safetensors file ({exc}); "
+            "copy or download the model again"
+        ) from exc
     if loaded is None:
         raise SlothError(f"no plugin loaded {spec.model_name!r} (is the builtin loader blocked?)")
     model, tokenizer = loaded

@@ -9,6 +9,8 @@ copies and a padding-free path for packed rows (``position_ids`` restarting insi
 
 from __future__ import annotations
 
+import collections
+
 import inspect
 import math
 import sys
@@ -144,6 +146,10 @@ except ImportError:  # torch without the varlen API: SDPA with a block-diagonal 
     _varlen_attn = None
 _VARLEN_PARAMS = set(inspect.signature(_varlen_attn).parameters) if _varlen_attn else set()
 _varlen_failed = False
+#: Calls of :func:`sloth_attention` by the path they took ("varlen", "softcap", "sdpa"):
+#: how tests see that packed rows really went through ``varlen_attn`` (a fallback to SDPA
+#: computes the same numbers). One counter increment per layer call.
+ATTENTION_PATHS: collections.Counter[str] = collections.Counter()
 
 
 class PackedRows:
@@ -320,6 +326,7 @@ def sloth_attention(
         if attention_mask is None or rows.matches(attention_mask):
             out = _varlen(query, key, value, rows, scaling)
             if out is not None:
+                ATTENTION_PATHS["varlen"] += 1
                 return out, None
     if rows is not None and window is not None:
         attention_mask = _windowed(rows, attention_mask, window)
@@ -330,11 +337,13 @@ def sloth_attention(
     if causal and kv_len > q_len:  # static-cache prefill, as transformers crops it
         key, value = key[:, :, :q_len], value[:, :, :q_len]
     if softcap is not None:
+        ATTENTION_PATHS["softcap"] += 1
         out = softcap_attention(
             query, key, value, attention_mask, causal=causal, scaling=scaling, softcap=softcap,
             dropout=dropout,
         )  # fmt: skip
         return out, None
+    ATTENTION_PATHS["sdpa"] += 1
     options: dict[str, Any] = {}
     if groups > 1:
         if attention_mask is None or query.device.type == "cpu":

@@ -61,7 +61,11 @@ class Batch:
 def make_batch(config: Any, batch_size: int, seq_len: int, *, packed: bool, seed: int, device):
     """Random tokens (the last vocab id included) with masked labels: prompt tokens and one
     in the middle; unpacked, the last row is right-padded; packed, each row holds several
-    sequences whose positions restart and whose first label is masked (no cross-talk)."""
+    sequences whose positions restart and whose first label is masked (no cross-talk).
+
+    Packed, the first row opens with one long sequence (all but the last 4 tokens of the
+    row), so that a row longer than a sliding window by 5 tokens has a packed sequence
+    that crosses the window; the other sequences are short and of random lengths."""
     gen = torch.Generator().manual_seed(seed + 1)
     vocab = config.vocab_size
     ids = torch.randint(0, vocab, (batch_size, seq_len), generator=gen)
@@ -75,6 +79,8 @@ def make_batch(config: Any, batch_size: int, seq_len: int, *, packed: bool, seed
             start = 0
             while start < seq_len:
                 length = int(torch.randint(3, max(4, seq_len // 2), (1,), generator=gen))
+                if row == 0 and start == 0:
+                    length = max(length, seq_len - 4)
                 length = min(length, seq_len - start)
                 positions[row, start : start + length] = torch.arange(length)
                 labels[row, start] = -100

@@ -26,7 +26,9 @@ from .tokenizer import build_tokenizer
 
 __all__ = ["TINY_CONFIGS", "init_tiny_model", "tiny_config", "tiny_model"]
 
-_DEFAULT_ROPE = {"rope_type": "default", "rope_theta": 10000.0}
+# Off transformers' defaults (10000, 1e-6), so a kernel with its own rope base or norm eps
+# fails parity; an eps of 3e-3 moves a unit-variance norm's output by ~1.5e-3.
+_DEFAULT_ROPE = {"rope_type": "default", "rope_theta": 20000.0}
 
 _COMMON_FIELDS: dict[str, Any] = {
     "hidden_size": 64,
@@ -40,6 +42,7 @@ _COMMON_FIELDS: dict[str, Any] = {
     # is 0.125. It keeps activations, attention scores and logits of order one, so
     # softcapping and numerics are exercised rather than everything sitting near zero.
     "initializer_range": 0.125,
+    "rms_norm_eps": 3e-3,
     "rope_parameters": _DEFAULT_ROPE,
 }
 
@@ -83,8 +86,8 @@ TINY_CONFIGS: dict[str, dict[str, Any]] = {
         sliding_window=_SLIDING_WINDOW,
         layer_types=_ALTERNATING,
         rope_parameters={
-            "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
-            "full_attention": {"rope_type": "default", "rope_theta": 1000000.0},
+            "sliding_attention": {"rope_type": "default", "rope_theta": 15000.0},
+            "full_attention": {"rope_type": "default", "rope_theta": 400000.0},
         },
     ),
     # Phi-3: fused qkv_proj and gate_up_proj (built in), rotary on half of each head.

@@ -143,6 +143,8 @@ class ParityReport:
     patched: dict[str, int] = field(default_factory=dict)
     providers: dict[str, str] = field(default_factory=dict)  # op -> who served its calls
     op_table: dict[str, str] = field(default_factory=dict)  # manager.ops.table(...)
+    #: How the patched model's ``sloth_attention`` calls went (varlen, sdpa, softcap).
+    attention_paths: dict[str, int] = field(default_factory=dict)
     checks: list[Check] = field(default_factory=list)
 
     @property
@@ -167,6 +169,8 @@ class ParityReport:
             + (f" (bound = {self.factor:g} x unpatched + floor)" if self.factor else ""),
             "patched: " + ", ".join(f"{k}={v}" for k, v in sorted(self.patched.items())),
             "ops: " + (", ".join(f"{k}={v}" for k, v in sorted(self.providers.items())) or "-"),
+            "attention: "
+            + (", ".join(f"{k}={v}" for k, v in sorted(self.attention_paths.items())) or "-"),
             f"{'check':<24} {'patched':>10} {'unpatched':>10} {'bound':>10}  {'abs':>9}  ok",
         ]
         for c in self.checks:
@@ -237,6 +241,7 @@ class RunResult:
     grads: dict[str, torch.Tensor]
     patched: dict[str, int]
     providers: dict[str, str]
+    attention_paths: dict[str, int] = field(default_factory=dict)
 
 
 @contextlib.contextmanager
@@ -273,6 +278,9 @@ def run_model(
             for what, count in report.patched.items():
                 patched[what] = patched.get(what, 0) + count
 
+    from sloth_core.patches.attention import ATTENTION_PATHS
+
+    paths_before = dict(ATTENTION_PATHS)
     spy = _recording(manager.ops) if manager is not None else contextlib.nullcontext({})
     with spy as seen:
         patch(model)
@@ -295,7 +303,9 @@ def run_model(
         if p.requires_grad and p.grad is not None
     }  # fmt: skip
     providers = {op: "+".join(sorted(names)) for op, names in seen.items()}
-    return RunResult(logits, loss.item(), loss_items.item(), grads, patched, providers)
+    paths = {k: v - paths_before.get(k, 0) for k, v in ATTENTION_PATHS.items()}
+    paths = {k: v for k, v in paths.items() if v}
+    return RunResult(logits, loss.item(), loss_items.item(), grads, patched, providers, paths)
 
 
 @contextlib.contextmanager
@@ -491,6 +501,7 @@ def check_parity(
             build(), batch, lora_r=lora_r, seed=seed, manager=manager, attn=attn_implementation
         )
     report.patched, report.providers = run.patched, run.providers
+    report.attention_paths = run.attention_paths
     if not any(run.patched.values()):
         raise ParityError(
             f"no plugin patched model_type {config.model_type!r} (plugins implementing "

@@ -76,6 +76,19 @@ def parity_shape(
     return {"batch_size": rows, "seq_len": tokens}
 
 
+def _varlen_expected(report: ParityReport, config: Any) -> bool:
+    from sloth_core.patches import SLOTH_ATTENTION
+
+    if not (report.packed and report.device == "cuda" and report.attn == SLOTH_ATTENTION):
+        return False
+    if report.dtype not in (torch.float16, torch.bfloat16):
+        return False
+    if getattr(config, "attn_logit_softcapping", None):
+        return False
+    layer_types = getattr(config, "layer_types", None) or []
+    return getattr(config, "sliding_window", None) is None or "full_attention" in layer_types
+
+
 def check_plugin_parity(
     manager: SlothPluginManager,
     config: Any,
@@ -88,9 +101,13 @@ def check_plugin_parity(
     plugins, then what every plugin checks of the report.
 
     The report's table is printed (``pytest -rA`` or ``-s`` shows it). With
-    ``kernels="triton"`` sloth-kernels must have served some op (not only the torch
-    references); with ``rms_norms`` the report must count that many patched RMSNorms (a
-    norm left unpatched still computes Hugging Face's result, so parity cannot show it).
+    ``kernels="triton"`` every op the model called must have been served, on every call,
+    by the kernel the registry holds for this device and dtype: a rope or LoRA kernel
+    falling back to its torch reference computes the same numbers, so parity alone cannot
+    show it. Packed rows in half precision on CUDA through ``sloth_attention`` must have
+    gone through ``varlen_attn`` wherever a layer has neither window nor softcap. With
+    ``rms_norms`` the report must count that many patched RMSNorms (a norm left unpatched
+    still computes Hugging Face's result, so parity cannot show it).
     ``**options`` go to ``assert_parity``: ``dtype``, ``packed``, ``attn_implementation``,
     ``batch_size`` and ``seq_len`` (see :func:`parity_shape`)...
     """
@@ -98,6 +115,13 @@ def check_plugin_parity(
     print(report)
     if kernels == "triton":
         assert "sloth-kernels" in report.providers.values(), report.providers
+        fallbacks = {
+            op: who for op, who in report.providers.items()
+            if report.op_table.get(op, "torch") not in ("torch", who)
+        }  # fmt: skip
+        assert not fallbacks, f"ops that fell back from their kernel: {fallbacks}"
+    if _varlen_expected(report, config):
+        assert report.attention_paths.get("varlen"), report.attention_paths
     if rms_norms is not None:
         assert report.patched.get("rms_norm") == rms_norms, report.patched
     return report

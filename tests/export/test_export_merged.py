@@ -16,6 +16,7 @@ import sloth_core.io
 from sloth_core.default_plugins import exporters
 from sloth_core.errors import PluginMissingError, SlothError
 from sloth_core.testing import TINY_CONFIGS
+from sloth_core.testing.quantized import compute_in_float32, dequantized_twin
 from sloth_core.testing.tokenizer import build_tokenizer
 
 
@@ -157,7 +158,21 @@ def test_merged_4bit_reloads_as_nf4(with_bnb, llama_lora, tmp_path):
     assert not (result.path / ".merged-16bit").exists()
     reloaded = AutoModelForCausalLM.from_pretrained(result.path)
     assert type(reloaded.model.layers[0].mlp.up_proj).__name__ == "Linear4bit"
-    assert torch.isfinite(logits(reloaded, PROMPT)).all()
+    # The reload computes what its dequantized weights compute...
+    # In float32 throughout (the 16-bit tensors too), so that only the weights can differ.
+    reloaded32 = compute_in_float32(AutoModelForCausalLM.from_pretrained(result.path))
+    twin = dequantized_twin(reloaded32)
+    got = logits(reloaded32, PROMPT)
+    torch.testing.assert_close(got, logits(twin, PROMPT), atol=1e-4, rtol=1e-4)
+    # ...and those are the merged weights, rounded to NF4: nearer them than the base's.
+    merged = copy.deepcopy(model).merge_and_unload().state_dict()
+    base = {k.replace("base_layer.", ""): v for k, v in model.get_base_model().state_dict().items()
+            if "lora_" not in k}  # fmt: skip
+    for name, weight in twin.state_dict().items():
+        if "_proj" in name and name.endswith("weight"):
+            to_merged = (weight - merged[name].float()).norm() / merged[name].float().norm()
+            to_base = (weight - base[name].float()).norm() / merged[name].float().norm()
+            assert to_merged < 0.2 and to_merged < to_base, (name, to_merged, to_base)
     with pytest.raises(SlothError, match="nf4, fp4"):
         sloth_core.export(
             model, tokenizer, tmp_path / "x", format="merged_4bit", quantization="q4_0"

@@ -53,11 +53,36 @@ def _chat(model, demo, *flags: str) -> list[str]:
     return done.stdout.splitlines()
 
 
+def _transformers_replies(model_dir) -> list[str]:
+    """What plain transformers answers greedily, with the saved chat template and stopping
+    at the end of the turn: the known value of each chat reply (the demo's small model
+    learns its answers' shape, not every fact, so the data's answers are not it)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    stops = [tokenizer.eos_token_id, *tokenizer.convert_tokens_to_ids(["<|im_end|>"])]
+    replies = []
+    for question in TASKS:
+        ids = tokenizer.apply_chat_template(
+            [{"role": "user", "content": question}], add_generation_prompt=True,
+            return_tensors="pt", return_dict=True,
+        )  # fmt: skip
+        with torch.no_grad():
+            out = model.generate(**ids, max_new_tokens=256, do_sample=False,
+                                 eos_token_id=stops, pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+        new = out[0, ids["input_ids"].shape[1] :]
+        replies.append(tokenizer.decode(new, skip_special_tokens=True).strip())
+    return replies
+
+
 def test_chat_with_the_demo_model_answers_from_its_task(demo):
     replies = _chat(demo / "sloth-demo", demo)
     assert len(replies) == len(TASKS), replies  # and nothing after /exit
     for (question, shape), reply in zip(TASKS.items(), replies, strict=True):
         assert re.fullmatch(shape, reply), f"{question!r} -> {reply!r}"
+    assert replies == _transformers_replies(demo / "sloth-demo" / "final")
     # The base model before fine-tuning answers none of them so.
     base = "\n".join(_chat(demo / "cache" / "demo-model", demo, "--max-new-tokens", "16"))
     assert not any(re.search(shape, base) for shape in TASKS.values()), base

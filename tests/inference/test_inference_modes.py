@@ -101,11 +101,17 @@ def test_train_generate_train_takes_the_gradients_of_a_model_that_never_generate
     greedy = generate(model, tokenizer, ids, SamplingOptions(max_new_tokens=10), stop_ids=[])
     sampled = generate(model, tokenizer, ids, SAMPLING, stop_ids=stops)
     assert len(greedy.ids) == 10 and 0 < len(sampled.ids) + (sampled.stop_id is not None)
-    # Batched, left-padded prompts too (what the padding side is for).
-    batch = tokenizer(["hello there", "a much longer prompt than that one"], return_tensors="pt",
-                      padding=True)  # fmt: skip
+    # Batched, left-padded prompts too (what the padding side is for): each row continues
+    # as its prompt does alone.
+    prompts = ["hello there", "a much longer prompt than that one"]
+    batch = tokenizer(prompts, return_tensors="pt", padding=True)  # fmt: skip
+    assert (batch["attention_mask"][0] == 0).any()
     with torch.no_grad():
-        model.generate(**batch, max_new_tokens=4, do_sample=False, pad_token_id=2)
+        batched = model.generate(**batch, max_new_tokens=4, do_sample=False, pad_token_id=2)
+        for row, prompt in enumerate(prompts):
+            alone = model.generate(**tokenizer([prompt], return_tensors="pt"), max_new_tokens=4,
+                                   do_sample=False, pad_token_id=2)  # fmt: skip
+            assert batched[row, -4:].tolist() == alone[0, -4:].tolist(), prompt
 
     FastLanguageModel.for_training(model)
     assert _settings(model, tokenizer) == settings

@@ -3,6 +3,7 @@ catches wrong ones (forward, backward, LoRA, packing), in fp32 and bf16."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import pytest
@@ -43,7 +44,7 @@ class FakeLlama:
         self.bug = bug
 
     def _norm(self, module, ops):
-        eps = 1e-5 if self.bug == "eps" else module.variance_epsilon  # the config's is 1e-6
+        eps = 1e-5 if self.bug == "eps" else module.variance_epsilon  # the config's is 3e-3
 
         def forward(x):
             y = ops.rms_norm(x, module.weight, eps)
@@ -227,3 +228,60 @@ def test_convergence_passes_a_faithful_patch_and_catches_a_drift():
     assert unpatched == patched  # the torch references: bit for bit
     with pytest.raises(AssertionError, match="drift apart"):
         assert_converges_alike(CONFIG, manager=_manager(FakeLlama("mlp")))
+
+
+# -- mutations of the real attention path: the parity runs must catch each ---------------
+@contextlib.contextmanager
+def _attention_without(what: str):
+    """``sloth_attention`` losing one of its arguments: the softcap, the query scale (then
+    SDPA's default 1/sqrt(head_dim)), or the window. transformers' masks carry the window
+    already, so a window lost in a patch shows where the patch builds its own mask (as
+    sloth's packed path does): the mutation drops both, leaving plain causal attention
+    within each packed sequence. That fails only if some sequence is longer than the
+    window, which is what the check is for."""
+    from transformers import AttentionInterface
+
+    from sloth_core.patches import SLOTH_ATTENTION, register_sloth_attention
+    from sloth_core.patches.attention import sloth_attention
+
+    def mutated(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kw):
+        if what == "scaling":
+            scaling = None
+        if what == "sliding_window":
+            attention_mask = None
+        kw.pop(what, None)
+        return sloth_attention(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kw
+        )
+
+    register_sloth_attention()
+    AttentionInterface.register(SLOTH_ATTENTION, mutated)
+    try:
+        yield
+    finally:
+        AttentionInterface.register(SLOTH_ATTENTION, sloth_attention)
+
+
+@pytest.mark.parametrize(
+    ("what", "plugin", "arch", "overrides", "packed"),
+    [
+        ("sliding_window", "sloth-mistral", "mistral", {}, True),
+        ("sliding_window", "sloth-gemma", "gemma2", {}, True),
+        ("softcap", "sloth-gemma", "gemma2", {}, False),
+        ("scaling", "sloth-gemma", "gemma2", {"query_pre_attn_scalar": 20}, False),
+        ("scaling", "sloth-gemma", "gemma3_text", {"query_pre_attn_scalar": 20}, False),
+    ],
+)
+def test_parity_catches_an_attention_that_drops(what, plugin, arch, overrides, packed):
+    """The harness on the plugins' tiny configs fails when the window, the softcap or the
+    attention scale is lost (and passes with it: the plugin's own tests)."""
+    from sloth_core.patches import SLOTH_ATTENTION
+    from sloth_core.testing import installed_manager
+
+    manager = installed_manager(plugin)
+    config = tiny_config(arch, **overrides)
+    options = dict(manager=manager, kernels="torch", attn_implementation=SLOTH_ATTENTION,
+                   packed=packed, batch_size=2, seq_len=24)  # fmt: skip
+    assert_parity(config, **options)  # the unmutated path passes on the same inputs
+    with _attention_without(what), pytest.raises(AssertionError, match="parity failed"):
+        assert_parity(config, **options)

@@ -306,3 +306,31 @@ def test_refuses_non_empty_directory_unless_overwrite(tmp_path):
     # An existing but empty directory is fine without overwrite.
     (tmp_path / "empty").mkdir()
     tiny_model("llama", tmp_path / "empty")
+
+
+#: Float fields left at their defaults on purpose: dropout must be 0 for the parity
+#: harness to compare two models' gradients deterministically.
+_DEFAULT_ON_PURPOSE = {"attention_dropout", "resid_pdrop", "embd_pdrop", "hidden_dropout"}
+
+
+def _float_fields(values: dict, prefix: str = "") -> dict[str, float]:
+    found = {}
+    for key, value in values.items():
+        if isinstance(value, float) and not isinstance(value, bool):
+            found[prefix + key] = value
+        elif isinstance(value, dict):
+            found.update(_float_fields(value, f"{prefix}{key}."))
+    return found
+
+
+@pytest.mark.parametrize("arch", sorted(TINY_CONFIGS))
+def test_every_float_field_differs_from_its_default(arch):
+    """A patch that reads a constant instead of the config (an eps, a rope base, a scale)
+    agrees with Hugging Face on a config that holds that constant: none of ours does."""
+    config = tiny_config(arch)
+    defaults = _float_fields(type(config)().to_dict())
+    same = {
+        key: value for key, value in _float_fields(config.to_dict()).items()
+        if defaults.get(key) == value and key.rsplit(".", 1)[-1] not in _DEFAULT_ON_PURPOSE
+    }  # fmt: skip
+    assert not same, f"{arch}: float fields at their defaults: {same}"

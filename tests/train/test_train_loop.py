@@ -150,6 +150,38 @@ def test_resume_refuses_other_options(tiny_llama, alpaca_file, tmp_path):
         train(changed, show_progress=False)
 
 
+def _first_step_loss(config) -> float:
+    """Summed loss of every packed sequence of step 1's micro-batches, each through the
+    plain Hugging Face model alone, over their label tokens."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from sloth_core.train.loop import prepare_data
+
+    tokenizer = AutoTokenizer.from_pretrained(config.model_name)
+    model = AutoModelForCausalLM.from_pretrained(config.model_name, dtype=torch.float32)
+    prepared = prepare_data(config, tokenizer)
+    batches = Batches(prepared.train, batch_size=config.per_device_train_batch_size,
+                      max_seq_length=config.max_seq_length, packing=True,
+                      pad_token_id=tokenizer.pad_token_id, seed=config.seed)  # fmt: skip
+    total, count = 0.0, 0
+    for index in range(config.gradient_accumulation_steps):
+        batch = batches.batch(0, index)
+        for row in range(batch["input_ids"].shape[0]):
+            positions = batch["position_ids"][row].tolist()
+            starts = [i for i, p in enumerate(positions) if p == 0] + [len(positions)]
+            for a, b in zip(starts, starts[1:], strict=False):
+                labels = batch["labels"][row, a:b]
+                if (labels[1:] == -100).all():
+                    continue  # padding, or a sequence with nothing to learn
+                with torch.no_grad():
+                    out = model(input_ids=batch["input_ids"][row : row + 1, a:b])
+                logits = out.logits[0, :-1]
+                total += float(torch.nn.functional.cross_entropy(
+                    logits, labels[1:], ignore_index=-100, reduction="sum"))  # fmt: skip
+                count += int((labels[1:] != -100).sum())
+    return total / count
+
+
 def test_packed_training_runs_and_logs_everything(tiny_llama, alpaca_file, tmp_path):
     out = tmp_path / "out"
     config = TrainConfig.from_mapping(
@@ -157,7 +189,10 @@ def test_packed_training_runs_and_logs_everything(tiny_llama, alpaca_file, tmp_p
                  eval_steps=3, lr_scheduler_type="cosine")
     )  # fmt: skip
     result = train(config, show_progress=False)
-    assert len(result.losses) == 6 and all(map(lambda x: x == x, result.losses))
+    assert len(result.losses) == 6
+    # The first step's loss is known: adapters start at B = 0, so it is the base model's
+    # token-mean loss over the step's packed rows, each packed sequence scored alone.
+    assert result.losses[0] == pytest.approx(_first_step_loss(config), rel=1e-5)
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     train_records = [r for r in records if "loss" in r]
     assert [r["step"] for r in train_records] == list(range(1, 7))

@@ -36,7 +36,10 @@ MODEL_TYPES = ["gemma", "gemma2", "gemma3_text"]
 CONFIGS = {
     "tied": {"tie_word_embeddings": True},
     "untied": {"tie_word_embeddings": False},
-    "gqa4": {"num_attention_heads": 8, "num_key_value_heads": 2, "head_dim": 8},
+    # 8 x 12 = 96 query features from a hidden size of 64, and Gemma 2/3's query scale
+    # 1/sqrt(20), not 1/sqrt(head_dim): nothing may assume either.
+    "gqa4": {"num_attention_heads": 8, "num_key_value_heads": 2, "head_dim": 12,
+             "query_pre_attn_scalar": 20},  # fmt: skip
 }
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 #: 2 layers. Gemma: input + post-attention norm, and the final norm. Gemma 2 adds the
@@ -57,6 +60,16 @@ def _check(manager, config, **options):
     return check_plugin_parity(manager, config, rms_norms=RMS_NORMS[config.model_type], **options)
 
 
+def _shape(kernels: str, model_type: str, batch_size: int = 2) -> dict[str, int]:
+    """Under Triton's CPU interpreter the batch is small; for the windowed Gemma 2 and 3,
+    one row 5 tokens past the window, so a lost window shows there too (and the long
+    packed sequence ``make_batch`` opens a packed row with crosses it)."""
+    if model_type == "gemma":
+        return parity_shape(kernels, batch_size)
+    window = tiny_config(model_type).sliding_window
+    return parity_shape(kernels, batch_size, interpreted=(1, window + 5))
+
+
 @pytest.mark.parametrize("kernels", ["torch", "triton"])
 @pytest.mark.parametrize("dtype", list(DTYPES))
 @pytest.mark.parametrize("name", list(CONFIGS))
@@ -65,11 +78,19 @@ def test_parity(manager, model_type, name, dtype, kernels):
     """As FastLanguageModel loads it: sloth-gemma's attention (``sloth_attention``), against the
     unpatched model with transformers' attention (eager for Gemma 2: exact softcap)."""
     config = tiny_config(model_type, **CONFIGS[name])
-    shape = parity_shape(kernels)
+    shape = _shape(kernels, model_type)
     options = dict(dtype=DTYPES[dtype], attn_implementation=SLOTH_ATTENTION, **shape)
     report = _check(manager, config, kernels=kernels, **options)
     assert set(report.patched) == {"rms_norm", "mlp", "attention", "causal_lm"}
 
+
+@pytest.mark.parametrize("kernels", ["torch", "triton"])
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
+def test_parity_fp16(manager, model_type, kernels):
+    """fp16: other casts than bf16's in every kernel, bounds relative to an fp32 run."""
+    config = tiny_config(model_type)
+    options = dict(dtype=torch.float16, attn_implementation=SLOTH_ATTENTION)
+    _check(manager, config, kernels=kernels, **options, **_shape(kernels, model_type))
 
 @pytest.mark.parametrize("model_type", MODEL_TYPES)
 def test_parity_with_transformers_attention(manager, model_type):
@@ -85,7 +106,7 @@ def test_parity_with_transformers_attention(manager, model_type):
 def test_packed_parity(manager, model_type, kernels, attn):
     """Several sequences per row, positions restarting, no attention mask; the rows are
     longer than the window, so packed sequences and the window overlap."""
-    shape = parity_shape(kernels, batch_size=3)
+    shape = _shape(kernels, model_type, batch_size=3)
     config = tiny_config(model_type)
     _check(manager, config, kernels=kernels, packed=True, attn_implementation=attn, **shape)
 

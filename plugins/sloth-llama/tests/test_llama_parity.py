@@ -27,7 +27,8 @@ LLAMA3_ROPE = {
 CONFIGS = {
     "untied": {"tie_word_embeddings": False},
     "tied": {"tie_word_embeddings": True},
-    "gqa4": {"num_attention_heads": 8, "num_key_value_heads": 2, "head_dim": 8},
+    # 8 x 12 = 96 query features from a hidden size of 64: nothing may assume they match.
+    "gqa4": {"num_attention_heads": 8, "num_key_value_heads": 2, "head_dim": 12},
     "llama3_rope": {"rope_parameters": LLAMA3_ROPE},
     "odd_vocab": {"vocab_size": 1007},
 }
@@ -71,3 +72,11 @@ def test_packed_parity(manager, kernels, attn):
     check_plugin_parity(
         manager, config, kernels=kernels, packed=True, attn_implementation=attn, **shape
     )
+
+
+@pytest.mark.parametrize("kernels", ["torch", "triton"])
+def test_parity_fp16(manager, kernels):
+    """fp16: other casts than bf16's in every kernel, bounds relative to an fp32 run."""
+    config = tiny_config("llama")
+    options = dict(dtype=torch.float16, attn_implementation=SLOTH_ATTENTION)
+    check_plugin_parity(manager, config, kernels=kernels, **options, **parity_shape(kernels))

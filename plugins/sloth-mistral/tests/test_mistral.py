@@ -32,7 +32,8 @@ WINDOW = 16  # tiny_config("mistral")'s sliding_window
 CONFIGS = {
     "untied": {"tie_word_embeddings": False},
     "tied": {"tie_word_embeddings": True},
-    "gqa4": {"num_attention_heads": 8, "num_key_value_heads": 2, "head_dim": 8},
+    # 8 x 12 = 96 query features from a hidden size of 64: nothing may assume they match.
+    "gqa4": {"num_attention_heads": 8, "num_key_value_heads": 2, "head_dim": 12},
 }
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 PATCHED = {"rms_norm": 5, "mlp": 2, "attention": 2, "causal_lm": 1}
@@ -46,8 +47,9 @@ def manager():
 
 def _shape(kernels: str, batch_size: int = 2, seq_len: int = 40) -> dict[str, int]:
     """Rows past the window; under Triton's CPU interpreter, where each program runs in
-    Python (the rope kernel's one per token), one row just past it."""
-    return parity_shape(kernels, batch_size, seq_len, interpreted=(1, WINDOW + 2))
+    Python (the rope kernel's one per token), one row just past it: 5 tokens past, so that
+    the long packed sequence ``make_batch`` puts first (all but 4 tokens) crosses it too."""
+    return parity_shape(kernels, batch_size, seq_len, interpreted=(1, WINDOW + 5))
 
 
 def _check(manager, config, **options):
@@ -66,6 +68,13 @@ def test_parity(manager, name, dtype, kernels):
     options = dict(dtype=DTYPES[dtype], attn_implementation=SLOTH_ATTENTION, **_shape(kernels))
     _check(manager, config, kernels=kernels, **options)
 
+
+@pytest.mark.parametrize("kernels", ["torch", "triton"])
+def test_parity_fp16(manager, kernels):
+    """fp16: other casts than bf16's in every kernel, bounds relative to an fp32 run."""
+    config = tiny_config("mistral")
+    options = dict(dtype=torch.float16, attn_implementation=SLOTH_ATTENTION)
+    _check(manager, config, kernels=kernels, **options, **_shape(kernels))
 
 def test_parity_with_transformers_attention(manager):
     """A model loaded without sloth (transformers' ``sdpa``), patched afterwards."""

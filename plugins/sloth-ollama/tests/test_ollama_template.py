@@ -39,6 +39,7 @@ CONVERSATIONS = [
 TEMPLATES = {"tokenizer's own": None, **CHAT_TEMPLATES}
 FAMILIES = {
     "tokenizer's own": "chatml", "chatml": "chatml", "qwen": "qwen", "llama-3": "llama-3",
+    "llama-3.1": "llama-3",
     "mistral": "mistral", "gemma": "gemma", "phi-3": "phi-3", "alpaca": "alpaca",
 }  # fmt: skip
 

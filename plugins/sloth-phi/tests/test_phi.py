@@ -34,6 +34,17 @@ CONFIGS = {
     "tied": {"tie_word_embeddings": True},
     "untied": {"tie_word_embeddings": False},
     "gqa4": {"num_attention_heads": 8, "num_key_value_heads": 2},
+    # Phi-3.5's long-context rope: per-dimension factors, the long ones past the original
+    # context (16 < the rows' 24 tokens; 12 under the interpreter uses the short ones).
+    "longrope": {
+        "max_position_embeddings": 256,
+        "original_max_position_embeddings": 16,
+        "rope_parameters": {
+            "rope_type": "longrope", "rope_theta": 20000.0, "partial_rotary_factor": 0.5,
+            "short_factor": [1.0, 1.1, 1.3, 1.6], "long_factor": [1.2, 1.9, 3.1, 5.3],
+            "original_max_position_embeddings": 16,
+        },
+    },
 }
 #: Phi-3 windows every layer (window 6 < the 24-token rows).
 SLIDING = {"sliding_window": 6}
@@ -78,6 +89,13 @@ def test_parity(manager, name, dtype, kernels):
     report = _check(manager, config, kernels=kernels, **options)
     assert set(report.patched) == {"rms_norm", "mlp", "attention", "causal_lm"}
 
+
+@pytest.mark.parametrize("kernels", ["torch", "triton"])
+def test_parity_fp16(manager, kernels):
+    """fp16: other casts than bf16's in every kernel, bounds relative to an fp32 run."""
+    config = tiny_config("phi3")
+    options = dict(dtype=torch.float16, attn_implementation=SLOTH_ATTENTION)
+    _check(manager, config, kernels=kernels, **options, **parity_shape(kernels))
 
 def test_parity_with_transformers_attention(manager):
     """A model loaded without sloth (transformers' ``sdpa``), patched afterwards."""

@@ -33,7 +33,8 @@ MODEL_TYPES = ["qwen2", "qwen3"]
 CONFIGS = {
     "tied": {"tie_word_embeddings": True},
     "untied": {"tie_word_embeddings": False},
-    "gqa4": {"num_attention_heads": 8, "num_key_value_heads": 2, "head_dim": 8},
+    # 8 x 12 = 96 query features from a hidden size of 64: nothing may assume they match.
+    "gqa4": {"num_attention_heads": 8, "num_key_value_heads": 2, "head_dim": 12},
 }
 #: Layer 1 windowed (window 6 < the 24-token rows), layer 0 full: Qwen's layer_types.
 SLIDING = {"use_sliding_window": True, "sliding_window": 6, "max_window_layers": 1}
@@ -68,6 +69,14 @@ def test_parity(manager, model_type, name, dtype, kernels):
     report = _check(manager, config, kernels=kernels, **options)
     assert set(report.patched) == {"rms_norm", "mlp", "attention", "causal_lm"}
 
+
+@pytest.mark.parametrize("kernels", ["torch", "triton"])
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
+def test_parity_fp16(manager, model_type, kernels):
+    """fp16: other casts than bf16's in every kernel, bounds relative to an fp32 run."""
+    config = tiny_config(model_type)
+    options = dict(dtype=torch.float16, attn_implementation=SLOTH_ATTENTION)
+    _check(manager, config, kernels=kernels, **options, **parity_shape(kernels))
 
 @pytest.mark.parametrize("model_type", MODEL_TYPES)
 def test_parity_with_transformers_attention(manager, model_type):
