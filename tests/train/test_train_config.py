@@ -161,3 +161,28 @@ def test_training_loads_onto_the_gpu_when_there_is_one(monkeypatch):
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)  # torchrun's local rank
     assert training_device_map() == {"": 1}
     assert default_dtype("cpu") == torch.float32
+
+
+def test_the_log_reports_dropped_rows_and_the_eval_sets_own(tmp_path, capsys, tiny_llama):
+    """Rows dropped for having nothing to train on are counted in the data line, and a
+    separate eval_dataset gets its own figures."""
+    import json
+
+    from sloth_core.testing.datasets import load_tiny_instructions
+
+    rows = load_tiny_instructions()[:12]
+    long_prompt = {"instruction": "word " * 80, "input": "", "output": "yes"}  # cut to prompt
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in [*rows, long_prompt]))
+    held = tmp_path / "held.jsonl"
+    held.write_text("".join(json.dumps(r) + "\n" for r in load_tiny_instructions()[20:25]))
+    code = main(["train", "--model-name", str(tiny_llama), "--dataset", str(data),
+                 "--eval-dataset", str(held), "--output-dir", str(tmp_path / "out"),
+                 "--max-seq-length", "48", "--max-steps", "1", "--batch-size", "2",
+                 "--gradient-checkpointing", "off", "--report-to", "none", "--quiet",
+                 "--save-method", "none"])  # fmt: skip
+    out = capsys.readouterr().out
+    assert code == 0, out
+    line = next(line for line in out.splitlines() if line.startswith("data: "))
+    assert "13 rows: 12 kept, 1 dropped (no trained tokens left after truncation)" in line
+    assert f"eval_dataset {held}: 5 rows: 5 kept" in " ".join(out.split()), out
