@@ -34,12 +34,44 @@ def _fp32_reference(logits, labels, grad=None, **kwargs):
     return loss, logits32.grad
 
 
-def assert_grad_close(actual, expected, dtype, what):
-    """Compare relative to the largest gradient: softmax gradients are ~1/(N V) each,
-    far below an absolute tolerance, so unscaled they would pass whatever the values."""
-    scale = expected.abs().max().clamp(min=1e-30)
-    assert actual.dtype == dtype, what
-    assert_close(actual.float() / scale, expected / scale, dtype, what=what)
+#: Relative error allowed on each gradient entry against the fp32 reference on the same
+#: (rounded) logits. Every entry but the label's is ``softmax * upstream``, computed in
+#: fp32 without cancellation and rounded once to the output dtype, so it is within one
+#: unit of that rounding of the fp32 value: half a unit on a GPU, a whole one under the
+#: CPU interpreter (it truncates to bf16), measured 0.99; allowed 2 units (2 eps). fp32:
+#: softcap's ``1 - tanh**2`` cancels for large logits, measured 2.5e-5 relative.
+GRAD_RTOL = {
+    torch.float32: 1e-4,
+    torch.float16: 2 * torch.finfo(torch.float16).eps,
+    torch.bfloat16: 2 * torch.finfo(torch.bfloat16).eps,
+}
+
+
+def assert_grad_close(actual, expected, labels, dtype, what):
+    """Every entry of ``actual`` within its own relative error of ``expected``, the fp32
+    reference's gradient on the same logits: ``|a - e| <= rtol * |e|`` plus two steps of
+    the dtype's subnormals (fp16 flushes entries below ~6e-8).
+
+    Not relative to the largest entry: softmax gradients span orders of magnitude
+    (``exp(x - lse) / N``), and scaled by the largest nearly all of them would sit below
+    any tolerance, so zeros there would pass. The label entry, ``(p - 1) / N``, cancels
+    when ``p`` is near 1, so it alone gets an absolute slack of fp32 rounding (1e-6 of
+    the largest entry).
+    """
+    assert actual.dtype == dtype and actual.shape == expected.shape, what
+    assert not torch.isnan(actual).any(), f"{what}: NaN (an element left unwritten?)"
+    a, e = actual.float(), expected.float()  # fp32 differences: exact enough for rtol 1e-4
+    slack = 2 * torch.finfo(dtype).tiny * torch.finfo(dtype).eps + torch.zeros_like(e)
+    counted = (labels >= 0) & (labels < e.shape[-1])
+    rows = counted.nonzero().squeeze(1)
+    slack[rows, labels[rows]] += 1e-6 * e.abs().max()
+    excess = (a - e).abs() - (GRAD_RTOL[dtype] * e.abs() + slack)
+    worst = excess.argmax()
+    row, col = divmod(int(worst), e.shape[-1])
+    assert excess.flatten()[worst] <= 0, (
+        f"{what}: entry [{row}, {col}] is {a[row, col].item():.6g}, fp32 reference "
+        f"{e[row, col].item():.6g}: beyond {GRAD_RTOL[dtype]:.2g} relative"
+    )
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -57,7 +89,7 @@ def test_matches_reference(reduction, softcap, dtype, device, small_blocks):
     )
     assert loss.dtype == torch.float32 and loss.shape == ref_loss.shape, what
     assert_close(loss, ref_loss, torch.float32, what=f"{what} loss")
-    assert_grad_close(logits.grad, ref_grad, dtype, f"{what} dlogits")
+    assert_grad_close(logits.grad, ref_grad, labels, dtype, f"{what} dlogits")
     if reduction == "none":
         assert (loss[labels == -100] == 0).all(), what
 
@@ -72,9 +104,27 @@ def test_odd_shapes(shape, dtype, device, small_blocks):
     what = f"{shape} {dtype}"
     assert_close(loss, ref_loss, torch.float32, what=f"{what} loss")
     if shape[1] > 1:  # one class: the gradient is exactly 0
-        assert_grad_close(logits.grad, ref_grad, dtype, f"{what} dlogits")
+        assert_grad_close(logits.grad, ref_grad, labels, dtype, f"{what} dlogits")
     else:
         assert (logits.grad == 0).all(), what
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_grad_check_fails_wrong_gradients(dtype, device, small_blocks):
+    """The comparison itself: the kernel's gradient passes it; a zero, 0.9-scaled or
+    sign-flipped one fails, and so does one with every entry below 2 % of the largest
+    zeroed (99 % of them: a bf16 tolerance relative to the largest entry let that pass)."""
+    logits, labels = _inputs(7, 300, dtype, device, n_ignored=2)
+    cross_entropy(logits, labels).backward()
+    _, ref_grad = _fp32_reference(logits, labels)
+    grad = logits.grad
+    assert_grad_close(grad, ref_grad, labels, dtype, "the kernel's gradient")
+    small = ref_grad.abs() < 0.02 * ref_grad.abs().max()
+    wrong = {"zero": grad * 0, "0.9x": grad * 0.9, "sign": -grad,
+             "small entries zeroed": torch.where(small, 0, grad)}  # fmt: skip
+    for name, bad in wrong.items():
+        with pytest.raises(AssertionError):
+            assert_grad_close(bad, ref_grad, labels, dtype, name)
 
 
 @pytest.mark.parametrize("as_tensor", [False, True])
@@ -90,7 +140,7 @@ def test_num_items_in_batch(softcap, as_tensor, device, small_blocks):
     )
     what = f"{shape} softcap={softcap} num_items={num_items!r}"
     assert_close(loss, ref_loss, torch.float32, what=f"{what} loss")
-    assert_grad_close(logits.grad, ref_grad, torch.float32, f"{what} dlogits")
+    assert_grad_close(logits.grad, ref_grad, labels, torch.float32, f"{what} dlogits")
 
 
 def test_custom_ignore_index_and_all_ignored(device, small_blocks):
@@ -100,7 +150,7 @@ def test_custom_ignore_index_and_all_ignored(device, small_blocks):
     loss.backward()
     ref_loss, ref_grad = _fp32_reference(logits, labels, ignore_index=7)
     assert_close(loss, ref_loss, torch.float32, what="ignore_index=7 loss")
-    assert_grad_close(logits.grad, ref_grad, torch.float32, "ignore_index=7 dlogits")
+    assert_grad_close(logits.grad, ref_grad, labels, torch.float32, "ignore_index=7 dlogits")
     assert (logits.grad[::2] == 0).all()
 
     # Every label ignored: the reference defines the mean as 0 with zero gradients.
@@ -120,7 +170,7 @@ def test_strided_rows(device, small_blocks):
     loss.backward()
     ref_loss, ref_grad = _fp32_reference(logits, labels, softcap=10.0)
     assert_close(loss, ref_loss, torch.float32, what="strided loss")
-    assert_grad_close(logits.grad, ref_grad, torch.float32, "strided dlogits")
+    assert_grad_close(logits.grad, ref_grad, labels, torch.float32, "strided dlogits")
 
 
 def test_saves_only_inputs_and_row_lse(device):
@@ -167,4 +217,4 @@ def test_llm_sized(vocab, softcap, device):
     ref_loss, ref_grad = _fp32_reference(logits, labels, softcap=softcap)
     what = f"{shape} bf16 softcap={softcap}"
     assert_close(loss, ref_loss, torch.float32, scale=10, what=f"{what} loss")  # 8k-term sums
-    assert_grad_close(logits.grad, ref_grad, torch.bfloat16, f"{what} dlogits")
+    assert_grad_close(logits.grad, ref_grad, labels, torch.bfloat16, f"{what} dlogits")

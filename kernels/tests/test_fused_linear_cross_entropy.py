@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from kernel_helpers import DTYPES, HAS_CUDA, assert_close
+from kernel_helpers import DTYPES, FP32_FLOOR, HAS_CUDA, LOWP_FACTOR, assert_close
 
 from sloth_core.ops import reference
+from sloth_core.testing.rounding import assert_near_fp32
 from sloth_kernels import cross_entropy as ce_module
 from sloth_kernels import fused_linear_cross_entropy as flce_module
 from sloth_kernels.fused_linear_cross_entropy import default_chunk_size, fused_linear_cross_entropy
@@ -47,30 +48,39 @@ def _run(fn, hidden, weight, bias, labels, grad_scale=1.0, **kwargs):
     return loss, _grads(leaves)
 
 
-def assert_grad_close(actual, expected, dtype, what):
-    """Compare relative to the largest gradient, whose entries are ~1/N: far below an
-    absolute tolerance unscaled. The reference rounds d(logits) to the input dtype before
-    the matmuls as we do, so the per-dtype tolerance holds on the normalised values."""
+def _fp32(tensors):
+    """fp32 copies of the (already rounded) inputs, asking for the same gradients."""
+    return [None if t is None else t.detach().float().requires_grad_(t.requires_grad)
+            for t in tensors]  # fmt: skip
+
+
+def assert_grad_close(actual, expected, baseline, what):
+    """``actual`` against ``expected``, the reference's gradient in fp32 on the same
+    inputs, allowed ``LOWP_FACTOR`` times the error of ``baseline`` (the reference run in
+    the input dtype: rounding alone) per tensor and per row. Rows: tokens of dhidden,
+    vocabulary entries of dweight and dbias, which differ by orders of magnitude (entries
+    no label names get only softmax mass); scaled by the largest, most would go unseen."""
     if expected is None:
         assert actual is None, f"{what}: a gradient where none was asked for"
         return
-    assert actual.dtype == expected.dtype and actual.shape == expected.shape, what
-    scale = expected.float().abs().max().clamp(min=1e-30)
-    assert_close(actual.float() / scale, expected.float() / scale, dtype, what=what)
+    assert actual.dtype == baseline.dtype and actual.shape == expected.shape, what
+    assert_near_fp32(actual, expected, baseline, factor=LOWP_FACTOR, floor=FP32_FLOOR, what=what)
 
 
 def _check(hidden, weight, bias, labels, dtype, what, grad_scale=1.0, **kwargs):
-    loss, grads = _run(
-        fused_linear_cross_entropy, hidden, weight, bias, labels, grad_scale, **kwargs
-    )
-    ref_loss, ref_grads = _run(
-        reference.fused_linear_cross_entropy, hidden, weight, bias, labels, grad_scale, **kwargs
-    )
+    inputs = (hidden, weight, bias, labels, grad_scale)
+    loss, grads = _run(fused_linear_cross_entropy, *inputs, **kwargs)
+    ref_loss, ref_grads = _run(reference.fused_linear_cross_entropy, *inputs, **kwargs)
+    fp32_grads = ref_grads
+    if dtype != torch.float32:
+        fp32 = (*_fp32((hidden, weight, bias)), labels, grad_scale)
+        _, fp32_grads = _run(reference.fused_linear_cross_entropy, *fp32, **kwargs)
     assert loss.dtype == torch.float32 and loss.dim() == 0, what
     # Both take the logits from the same matmul in the input dtype, then reduce in fp32.
     assert_close(loss, ref_loss, torch.float32, what=f"{what} loss")
-    for name, got, want in zip(("dhidden", "dweight", "dbias"), grads, ref_grads):
-        assert_grad_close(got, want, dtype, f"{what} {name}")
+    names = ("dhidden", "dweight", "dbias")
+    for name, got, want, base in zip(names, grads, fp32_grads, ref_grads, strict=True):
+        assert_grad_close(got, want, base, f"{what} {name}")
     return loss, grads
 
 
@@ -95,12 +105,17 @@ def test_matches_unfused_cross_entropy(dtype, device):
     labels[:3] = -100
     loss, (dhidden, _, _) = _run(fused_linear_cross_entropy, hidden, weight, None, labels,
                                  softcap=20.0, chunk_size=8)  # fmt: skip
-    h = hidden.detach().requires_grad_()
-    ref = reference.cross_entropy(F.linear(h, weight.detach()), labels, softcap=20.0)
-    ref.backward()
+    def unfused(h, w):
+        h = h.detach().requires_grad_()
+        loss = reference.cross_entropy(F.linear(h, w.detach()), labels, softcap=20.0)
+        loss.backward()
+        return loss, h.grad
+
+    ref, ref_dhidden = unfused(hidden, weight)
+    _, fp32_dhidden = unfused(hidden.float(), weight.float())
     what = f"NxHxV={shape} {dtype}"
     assert_close(loss, ref, torch.float32, what=f"{what} loss")
-    assert_grad_close(dhidden, h.grad, dtype, f"{what} dhidden")
+    assert_grad_close(dhidden, fp32_dhidden, ref_dhidden, f"{what} dhidden")
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -113,6 +128,30 @@ def test_which_gradients(grads, dtype, device):
     hidden, weight, b, labels = _inputs(*shape, dtype, device, bias=True, grads=grads)
     labels[-4:] = -100
     _check(hidden, weight, b, labels, dtype, f"NxHxV={shape} {dtype} grads={grads}", chunk_size=8)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_grad_check_fails_wrong_gradients(dtype, device):
+    """The comparison itself: the kernel's gradients pass it; zero, 0.9-scaled and
+    sign-flipped ones fail, and so do weight and bias gradients with the rows of every
+    entry no label names zeroed (softmax mass alone, tiny next to the labels' rows)."""
+    hidden, weight, b, labels = _inputs(21, 16, 300, dtype, device, bias=True)
+    inputs = (hidden, weight, b, labels, 1.0)
+    _, grads = _run(fused_linear_cross_entropy, *inputs, chunk_size=8)
+    _, base = _run(reference.fused_linear_cross_entropy, *inputs, chunk_size=8)
+    fp32 = (*_fp32((hidden, weight, b)), labels, 1.0)
+    _, want = _run(reference.fused_linear_cross_entropy, *fp32, chunk_size=8)
+    named = torch.zeros(300, dtype=torch.bool, device=device)
+    named[labels] = True
+    for name, got, expected, ref in zip(("dhidden", "dweight", "dbias"), grads, want, base,
+                                        strict=True):  # fmt: skip
+        assert_grad_close(got, expected, ref, f"the kernel's {name}")
+        wrong = {"zero": got * 0, "0.9x": got * 0.9, "sign": -got}
+        if name != "dhidden":
+            wrong["labels' rows only"] = torch.where(named.view(-1, *[1] * (got.dim() - 1)), got, 0)
+        for what, bad in wrong.items():
+            with pytest.raises(AssertionError):
+                assert_grad_close(bad, expected, ref, f"{name} {what}")
 
 
 def test_no_grad_mode_computes_only_the_loss(device):
