@@ -10,18 +10,13 @@ takes no ``scale`` (it always applies ``1/sqrt(head_dim)``).
 from __future__ import annotations
 
 import math
-import os
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from sloth_core.patches import attention
-
-
-def fresh_seed() -> int:
-    """A new seed each run (rare inputs get their chance), shown in failure messages."""
-    return int.from_bytes(os.urandom(4), "little")
+from sloth_core.testing.seeds import fresh_seed
 
 
 def _reference_varlen(q, k, v, cu_q, cu_k, max_q, max_k, *, is_causal=False, window_size=None,

@@ -118,7 +118,7 @@ def test_resume_refuses_another_global_batch(runs, tmp_path):
     out = tmp_path / "out"
     _stopped_at_step_2(root / "double", out)
     config = TrainConfig.from_mapping({**_options(model, data, out, 2), "resume": True})
-    with pytest.raises(ConfigError, match=r"global batch .* 2 x 1 = 2 .* 2 x 2 = 4"):
+    with pytest.raises(ConfigError, match=r"global batch .* 2 x 1 = 2, .* 2 x 2 = 4"):
         train(config, show_progress=False)
 
 

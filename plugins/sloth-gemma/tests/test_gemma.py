@@ -12,8 +12,6 @@ perturbed ``1 + w`` norms, and different rope bases on local and global Gemma 3 
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 from sloth_gemma import plugin
@@ -30,6 +28,7 @@ from sloth_core.testing import (
     tiny_config,
 )
 from sloth_core.testing.convergence import assert_converges_alike
+from sloth_core.testing.seeds import current_seed
 
 MODEL_TYPES = ["gemma", "gemma2", "gemma3_text"]
 #: Config overrides of the tiny configs (4 heads, 2 kv heads, head_dim 16, 2 layers).
@@ -195,7 +194,7 @@ def _masks(batch, length, device):
 def test_softcap_attention_matches_transformers_eager(mask_name):
     """The eager path (the CPU's, and CUDA's fallback) against transformers, fwd + bwd,
     fresh random inputs, odd length, GQA."""
-    generator = torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little"))
+    generator = torch.Generator().manual_seed(current_seed())  # replayable: conftest
     q, k, v = _random_attention(
         generator, batch=2, heads=4, kv_heads=2, q_len=13, kv_len=13, dim=16,
         dtype=torch.float32, device="cpu",
@@ -219,7 +218,7 @@ def test_softcap_attention_matches_transformers_eager(mask_name):
 def test_flex_softcap_attention_matches_eager(mask_name, dim):
     """CUDA's flex path at LLM-like sizes (Gemma 2: head_dim 256, GQA 2) against the eager
     math in fp32, bf16 inputs, forward and backward."""
-    generator = torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little"))
+    generator = torch.Generator().manual_seed(current_seed())  # replayable: conftest
     length = 1000  # not a multiple of flex's 128-row blocks
     q, k, v = _random_attention(
         generator, batch=2, heads=8, kv_heads=4, q_len=length, kv_len=length, dim=dim,
