@@ -99,7 +99,7 @@ def test_hook_load_model(register_plugin, make_tiny_model):
         def load_model(self, spec):
             if spec.model_type != "qwen2":
                 return None  # not ours: the next implementation tries
-            from sloth_core.default_plugins.hf_loader import load_hf_model
+            from sloth_core.sdk import load_hf_model
 
             model, tokenizer = load_hf_model(spec)
             model.loaded_by = "qwen-plugin"

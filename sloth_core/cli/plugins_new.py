@@ -108,6 +108,12 @@ def _core_requirement(version: str) -> str:
     return f">={version},<{release[0]}.{release[1] + 1}"
 
 
+def _sdk_imports(functions: list[str]) -> str:
+    """The plugin's one import of the SDK, as ruff formats it (classes first)."""
+    names = ["ModelSpec", "PatchReport", *sorted({*functions, "model_type_of"})]
+    return "from sloth_core.sdk import (\n" + "".join(f"    {n},\n" for n in names) + ")"
+
+
 def template_values(name: str, arch: Architecture) -> dict[str, str]:
     """Every ``{{placeholder}}`` of the template, for plugin ``name`` and ``arch``."""
     from sloth_core import __version__
@@ -138,7 +144,7 @@ def template_values(name: str, arch: Architecture) -> dict[str, str]:
         "description": f"{arch.prefix}: {', '.join(arch.classes)} patched",
         "version": __version__,
         "core_requirement": _core_requirement(__version__),
-        "patches_imports": ", ".join(imports),
+        "sdk_imports": _sdk_imports(imports),
         "class_arguments": "\n".join(arguments),
         "configs": "{\n" + "".join(f'    "{k}": {v},\n' for k, v in configs.items()) + "}",
         "config_arguments": config_arguments,

@@ -50,7 +50,7 @@ def load_with_sloth_attention(
     """
     if spec.model_type not in set(model_types):
         return None
-    from sloth_core.default_plugins.hf_loader import load_hf_model
+    from sloth_core.sdk.loading import load_hf_model
 
     register_sloth_attention()
     spec.extra.setdefault("attn_implementation", SLOTH_ATTENTION)

@@ -12,7 +12,6 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 import sloth_core
 from sloth_core import hookimpl
 from sloth_core.cli import main
-from sloth_core.default_plugins import exporters
 from sloth_core.train.checkpoint import STATE_FILE, TRAINABLE_FILE
 
 
@@ -163,14 +162,16 @@ def test_output_over_the_source_is_refused(plugin_manager, model_dir, capsys):
 def test_verify_fails_with_nonzero_exit_on_a_corrupted_export(
     plugin_manager, model_dir, tmp_path, capsys, monkeypatch
 ):
-    real = exporters.merged_state_dict
+    from sloth_core.sdk import merge
+
+    real = merge.merged_state_dict
 
     def corrupted(model, dtype=None):
         state = real(model, dtype)
         state["model.layers.0.mlp.up_proj.weight"] = state["model.layers.0.mlp.up_proj.weight"] * 3
         return state
 
-    monkeypatch.setattr(exporters, "merged_state_dict", corrupted)
+    monkeypatch.setattr(merge, "merged_state_dict", corrupted)  # what write_merged calls
     code, text = _sloth(capsys, model_dir, "-f", "merged_16bit", "-o", tmp_path / "o", "--verify")
     assert code == 1 and "FAIL" in text and "verification failed" in text
     assert (tmp_path / "o" / "config.json").is_file()  # kept, for a look

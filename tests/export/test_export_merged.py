@@ -16,6 +16,7 @@ import sloth_core.io
 from sloth_core.default_plugins import exporters
 from sloth_core.errors import PluginMissingError, SlothError
 from sloth_core.testing import TINY_CONFIGS
+from sloth_core.sdk import merged_state_dict, stop_tokens
 from sloth_core.testing.quantized import compute_in_float32, dequantized_twin
 from sloth_core.testing.tokenizer import build_tokenizer
 
@@ -57,7 +58,7 @@ def test_modules_to_save_replace_their_originals(plugin_manager, tmp_path):
     model = get_peft_model(base, config).eval()
     with torch.no_grad():
         model.base_model.model.lm_head.modules_to_save["default"].weight.mul_(1.5)
-    state = exporters.merged_state_dict(model)
+    state = merged_state_dict(model)
     assert [k for k in state if "lm_head" in k] == ["lm_head.weight"]
     out = sloth_core.export(model, tokenizer, tmp_path / "m").path
     torch.testing.assert_close(logits(_reload(out, "llama"), PROMPT), logits(model, PROMPT))
@@ -87,7 +88,7 @@ def test_eos_ids_are_the_end_of_turn_tokens_the_template_uses(plugin_manager, tm
     tokenizer.add_special_tokens({"additional_special_tokens": ["<|eot_id|>", "<end_of_turn>"]})
     eot = tokenizer.convert_tokens_to_ids("<|eot_id|>")
     # <|im_end|> and <end_of_turn> are in the vocabulary, but this template never writes them.
-    assert exporters.stop_tokens(tokenizer) == [("<|end_of_text|>", 1), ("<|eot_id|>", eot)]
+    assert stop_tokens(tokenizer) == [("<|end_of_text|>", 1), ("<|eot_id|>", eot)]
     model, _ = lora_model("llama", tokenizer=tokenizer)
     out = sloth_core.export(model, tokenizer, tmp_path / "m").path
     assert json.loads((out / "generation_config.json").read_text())["eos_token_id"] == [1, eot]

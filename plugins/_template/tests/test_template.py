@@ -12,8 +12,7 @@ import pytest
 import torch
 from sloth_template import plugin
 
-from sloth_core.patches import SLOTH_ATTENTION
-from sloth_core.patching import is_patched
+from sloth_core.sdk import SLOTH_ATTENTION, is_patched
 from sloth_core.testing import (
     assert_converges_alike,
     check_plugin_parity,

@@ -14,10 +14,13 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from sloth_core.default_plugins.exporters import DEFAULT_SHARD_SIZE, write_merged
-from sloth_core.errors import SlothError
-from sloth_core.io import atomic_directory
-from sloth_core.types import ExportResult
+from sloth_core.sdk import (
+    DEFAULT_SHARD_SIZE,
+    ExportResult,
+    SlothError,
+    atomic_directory,
+    write_merged,
+)
 
 FORMAT = "merged_4bit"
 #: Methods ``merged_4bit`` takes as its ``quantization``; nf4 by default.

@@ -20,7 +20,7 @@ from __future__ import annotations
 from typing import Any
 
 from sloth_core import hookimpl
-from sloth_core.types import ModelSpec, QuantizationPlan
+from sloth_core.sdk import ModelSpec, QuantizationPlan
 
 from .config import METHODS, bnb_config, take_options
 

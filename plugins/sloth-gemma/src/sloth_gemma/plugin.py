@@ -13,9 +13,14 @@ from typing import Any
 import torch
 
 from sloth_core import hookimpl
-from sloth_core.patches import load_with_sloth_attention, patch_architecture, sliding_window_kwargs
-from sloth_core.patching import model_type_of
-from sloth_core.types import ModelSpec, PatchReport
+from sloth_core.sdk import (
+    ModelSpec,
+    PatchReport,
+    load_with_sloth_attention,
+    model_type_of,
+    patch_architecture,
+    sliding_window_kwargs,
+)
 
 PLUGIN = "sloth-gemma"
 #: The Hugging Face ``model_type`` values this plugin makes fast.

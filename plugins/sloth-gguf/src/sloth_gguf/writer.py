@@ -19,9 +19,13 @@ from typing import Any
 import gguf
 import torch
 
-from sloth_core.default_plugins.exporters import merged_state_dict
-from sloth_core.io import atomic_directory, check_free_space, refuse_existing
-from sloth_core.types import ExportResult
+from sloth_core.sdk import (
+    ExportResult,
+    atomic_directory,
+    check_free_space,
+    merged_state_dict,
+    refuse_existing,
+)
 
 from .architectures import (
     Architecture,
@@ -164,7 +168,7 @@ def export_gguf(
     model: Any, tokenizer: Any, path: str | os.PathLike[str], options: dict[str, Any]
 ) -> ExportResult:
     """The ``gguf`` format of the ``export`` hook (see the package README for options)."""
-    from sloth_core.export import llama_cpp
+    from sloth_core.sdk import llama_cpp
 
     quant = resolve_quantization(options.get("quantization"))
     if quant.needs_llama_cpp and not llama_cpp.available():

@@ -9,9 +9,13 @@ from __future__ import annotations
 from typing import Any
 
 from sloth_core import hookimpl
-from sloth_core.patches import load_with_sloth_attention, patch_architecture
-from sloth_core.patching import model_type_of
-from sloth_core.types import ModelSpec, PatchReport
+from sloth_core.sdk import (
+    ModelSpec,
+    PatchReport,
+    load_with_sloth_attention,
+    model_type_of,
+    patch_architecture,
+)
 
 PLUGIN = "sloth-llama"
 #: The Hugging Face ``model_type`` values this plugin makes fast.

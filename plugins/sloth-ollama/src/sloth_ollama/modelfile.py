@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from sloth_core.default_plugins.exporters import stop_tokens
+from sloth_core.sdk import stop_tokens
 
 from .translate import TemplateTranslationError, Translation, translate
 
@@ -93,7 +93,7 @@ def build_modelfile(
     options = options or {}
     template = options.get("chat_template")
     if template:
-        from sloth_core.data import resolve_chat_template
+        from sloth_core.sdk import resolve_chat_template
 
         template = resolve_chat_template(tokenizer, template)
     translation: Translation = translate(tokenizer, template)

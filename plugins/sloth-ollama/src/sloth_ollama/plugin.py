@@ -12,9 +12,7 @@ import shutil
 from pathlib import Path
 
 from sloth_core import hookimpl
-from sloth_core.errors import PluginMissingError, SlothError
-from sloth_core.io import atomic_directory
-from sloth_core.types import ExportResult
+from sloth_core.sdk import ExportResult, PluginMissingError, SlothError, atomic_directory
 
 from .modelfile import GGUF_NAME, build_modelfile
 
@@ -42,7 +40,7 @@ def export_ollama(model, tokenizer, path, options) -> ExportResult:
     :func:`~sloth_ollama.modelfile.build_modelfile` (``chat_template``, ``system``,
     ``temperature``, ``top_p``, ``num_ctx``), and ``force``.
     """
-    from sloth_core.plugins import get_plugin_manager
+    from sloth_core.sdk import get_plugin_manager
 
     manager = get_plugin_manager()
     if GGUF_FORMAT not in manager.exporters:

@@ -23,7 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from sloth_core.errors import SlothError
+from sloth_core.sdk import SlothError
 
 from .gotemplate import GoTemplateError, render
 

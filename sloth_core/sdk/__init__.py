@@ -1,0 +1,93 @@
+"""The plugin SDK: what plugins build on, and all they import of sloth_core besides
+``hookimpl``, ``sloth_core.ops.reference`` (the kernels' contract) and ``sloth_core.testing``
+(their tests).
+
+Architecture plugins: :func:`patch_architecture`, :func:`load_with_sloth_attention`,
+:func:`sliding_window_kwargs`, :func:`model_type_of`, the loader helpers
+(:func:`load_hf_model`, :func:`load_kwargs`). Exporters: the merge and the merged-model
+writer (:func:`merged_state_dict`, :func:`write_merged`), the stop tokens (one table for
+every format and for ``sloth chat``), atomic outputs and free-space checks, the llama.cpp
+runner (:mod:`sloth_core.export.llama_cpp`), the chat-template resolver. And the value
+types and errors that cross the hook boundary.
+
+Names load on first use, so importing the SDK costs nothing until a name is used (and
+the core's own modules can import its parts without cycles).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+#: Every name of the SDK and the module that holds it.
+_EXPORTS: dict[str, str] = {
+    # plugins' hooks and the types crossing them
+    "hookimpl": "sloth_core",
+    "ModelSpec": "sloth_core.types",
+    "PatchReport": "sloth_core.types",
+    "QuantizationPlan": "sloth_core.types",
+    "ExportResult": "sloth_core.types",
+    # errors
+    "SlothError": "sloth_core.errors",
+    "PluginMissingError": "sloth_core.errors",
+    "ModelNotFoundError": "sloth_core.errors",
+    "OutputExistsError": "sloth_core.errors",
+    "DiskFullError": "sloth_core.errors",
+    "UnsafeWeightsError": "sloth_core.errors",
+    "UntrustedCodeError": "sloth_core.errors",
+    # architecture plugins
+    "patch_architecture": "sloth_core.patches",
+    "load_with_sloth_attention": "sloth_core.patches",
+    "sliding_window_kwargs": "sloth_core.patches",
+    "SLOTH_ATTENTION": "sloth_core.patches",
+    "patch_rms_norm": "sloth_core.patches",
+    "patch_gated_mlp": "sloth_core.patches",
+    "patch_attention": "sloth_core.patches",
+    "patch_causal_lm": "sloth_core.patches",
+    "lift_linear": "sloth_core.patches",
+    "model_type_of": "sloth_core.patching",
+    "is_patched": "sloth_core.patching",
+    "bind_forward": "sloth_core.patching",
+    "call_original": "sloth_core.patching",
+    "restorer": "sloth_core.patching",
+    "unwrap_model": "sloth_core.patching",
+    "load_hf_model": "sloth_core.sdk.loading",
+    "load_kwargs": "sloth_core.sdk.loading",
+    "load_tokenizer": "sloth_core.sdk.loading",
+    "check_local_weights": "sloth_core.sdk.loading",
+    "check_remote_code": "sloth_core.trust",
+    # exporters
+    "DEFAULT_SHARD_SIZE": "sloth_core.sdk.merge",
+    "merged_state_dict": "sloth_core.sdk.merge",
+    "write_merged": "sloth_core.sdk.merge",
+    "save_tokenizer": "sloth_core.sdk.merge",
+    "is_peft": "sloth_core.sdk.merge",
+    "END_OF_TURN_TOKENS": "sloth_core.sdk.stop",
+    "stop_tokens": "sloth_core.sdk.stop",
+    "stop_token_ids": "sloth_core.sdk.stop",
+    "eos_token_ids": "sloth_core.sdk.stop",
+    "chat_template_text": "sloth_core.sdk.stop",
+    "resolve_chat_template": "sloth_core.data",
+    "atomic_directory": "sloth_core.io",
+    "refuse_existing": "sloth_core.io",
+    "check_free_space": "sloth_core.io",
+    "format_bytes": "sloth_core.io",
+    "llama_cpp": "sloth_core.export.llama_cpp",
+    "get_plugin_manager": "sloth_core.plugins",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module_name = _EXPORTS.get(name)
+    if module_name is None:
+        raise AttributeError(f"module 'sloth_core.sdk' has no attribute {name!r}")
+    module = importlib.import_module(module_name)
+    value = module if module_name.endswith(f".{name}") else getattr(module, name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return __all__
