@@ -63,7 +63,11 @@ def trained(tmp_path_factory, tiny_llama) -> Path:
     root = tmp_path_factory.mktemp("trained")
     shutil.copytree(tiny_llama, root / "base")
     _rows(root / "data.jsonl", load_tiny_instructions()[:32])
-    assert main(["train", *_args(root, root / "run"), "--quiet"]) == 0
+    # The folder's autouse SLOTH_KERNELS=torch is function-scoped: not set yet here, and
+    # under CI's TRITON_INTERPRET=1 the kernels would run interpreted (minutes).
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("SLOTH_KERNELS", "torch")
+        assert main(["train", *_args(root, root / "run"), "--quiet"]) == 0
     return root
 
 
