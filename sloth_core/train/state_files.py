@@ -73,15 +73,6 @@ def read_state(directory: Path, name: str) -> Any:
         raise StateFormatError(f"{json_path.name}: unexpected content ({exc!r})") from None
 
 
-def state_files(directory: Path, name: str) -> list[Path]:
-    """The files :func:`write_state` writes for ``name`` that exist in ``directory``."""
-    return [
-        p
-        for p in (Path(directory) / f"{name}.json", Path(directory) / f"{name}.safetensors")
-        if p.exists()
-    ]
-
-
 def _encode(value: Any, tensors: dict[str, torch.Tensor]) -> Any:
     if isinstance(value, torch.Tensor):
         key = str(len(tensors))
