@@ -14,23 +14,15 @@ from sloth_core.io import refuse_existing
 from sloth_core.plugins import SlothPluginManager, get_plugin_manager
 from sloth_core.types import ExportResult, ModelSpec, PatchReport
 
-#: Which of our distributions serves a quantization method or an export format.
-PLUGIN_FOR = {
-    "nf4": "sloth-bnb",
-    "fp4": "sloth-bnb",
-    "int8": "sloth-bnb",
-    "gguf": "sloth-gguf",
-    "ollama": "sloth-ollama",
-    "merged_4bit": "sloth-bnb",
-}
-
 DEFAULT_TARGET_MODULES = (
     "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
 )  # fmt: skip
 
 
 def _missing(what: str, name: str, table: dict[str, str]) -> PluginMissingError:
-    dist = PLUGIN_FOR.get(name)
+    from sloth_core.catalog import distribution_for
+
+    dist = distribution_for("formats" if what == "export format" else "quantizers", name)
     hint = f"install it with `pip install {dist}`" if dist else "no known plugin serves it"
     known = ", ".join(sorted(table)) or "none"
     return PluginMissingError(
@@ -133,17 +125,19 @@ def export(
     exporter as ``options["quantization"]``. Nothing is overwritten without ``force``, and
     the export is refused up front when the disk has no room for it.
     """
-    from sloth_core.default_plugins.exporters import estimate_export_bytes
+    from sloth_core.formats import estimate_export_bytes
     from sloth_core.io import check_free_space, disk_full_error, is_disk_full
 
     manager = manager or get_plugin_manager()
-    if format not in manager.exporters:
+    declared = manager.export_format(format)
+    if declared is None:
         raise _missing("export format", format, manager.exporters)
     path = Path(path).expanduser()
     refuse_existing(path, force)
     if quantization is not None:
-        options["quantization"] = quantization
-    check_free_space(path, estimate_export_bytes(model, format, options), f"the {format} export")
+        options["quantization"] = _weight_type(declared, quantization)
+    needed = estimate_export_bytes(model, declared, options)
+    check_free_space(path, needed, f"the {format} export")
     try:
         result = manager.export(
             model=model, tokenizer=tokenizer, format=format, path=path,
@@ -158,6 +152,19 @@ def export(
     if result is None:
         raise _missing("export format", format, manager.exporters)
     return result
+
+
+def _weight_type(format: Any, quantization: str) -> str:
+    """``quantization`` as ``format`` names it (``q8`` -> ``q8_0``); refused when the format
+    declares its types and this is none of them."""
+    declared = format.weight_type(quantization)
+    names = format.quantization_names()
+    if names is None:
+        return declared.name if declared else quantization
+    if declared is None or declared.name not in names:
+        takes = f"one of {', '.join(names)}" if names else "no quantization"
+        raise SlothError(f"format {format.name!r} takes {takes}, not quantization={quantization!r}")
+    return declared.name
 
 
 def enable_checkpointing(model: Any, *, offload: bool = False) -> None:

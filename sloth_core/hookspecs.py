@@ -67,7 +67,9 @@ def register_quantizers(register: NamedRegistrar) -> None:
     Called once for every plugin when plugins load, so that the CLI can list methods and
     the API can name the plugin to install without running anything.
 
-    :param register: call ``register("nf4", description="...")`` once per method.
+    :param register: call it once per method with a
+        :class:`~sloth_core.formats.QuantizationMethod` (name, aliases, bytes per weight),
+        or ``register("nf4", description="...")``.
     """
 
 
@@ -75,13 +77,16 @@ def register_quantizers(register: NamedRegistrar) -> None:
 def register_exporters(register: NamedRegistrar) -> None:
     """Declare the export formats this plugin serves through ``export``.
 
-    Called once for every plugin when plugins load.
+    Called once for every plugin when plugins load. Everything the core knows of a format
+    comes from here: the CLI's help and ``sloth plugins list``, the check of ``sloth
+    train``'s export options before training, the free-space check, ``--verify``.
 
-    :param register: call ``register("gguf", description="...", aliases=("llama.cpp",),
-        quantizations=("f16", "q8_0", ...))`` once per format. ``quantizations`` names the
-        values the format takes for its ``quantization`` option (``()``: it takes none), so
-        that ``sloth train`` refuses a wrong one before training, not after; a format that
-        writes through another (Ollama through GGUF) passes ``wraps="gguf"`` instead.
+    :param register: call it once per format with a
+        :class:`~sloth_core.formats.ExportFormat`: its name and aliases, its weight types
+        (``quantizations``, each a :class:`~sloth_core.formats.WeightType` with its bytes per
+        weight and verify tolerance; ``()``: it takes none), the default one, the format it
+        writes through (``wraps="gguf"`` for Ollama) and its verifier. Keywords
+        (``register("gguf", description=..., quantizations=("q8_0", ...))``) build one.
     """
 
 

@@ -14,7 +14,7 @@ import sys
 import threading
 import traceback
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -23,6 +23,13 @@ import pluggy
 from packaging.requirements import InvalidRequirement, Requirement
 
 from sloth_core import PROJECT_NAME, hookspecs
+from sloth_core.formats import (
+    ExportFormat,
+    QuantizationMethod,
+    WeightType,
+    as_weight_types,
+    with_plugin,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -146,9 +153,10 @@ class SlothPluginManager:
         self.architectures: dict[str, str] = {}  # model_type -> plugin
         self.quantizers: dict[str, str] = {}  # method -> plugin
         self.exporters: dict[str, str] = {}  # format or alias -> plugin
-        #: Per export format (and alias): the quantization names it takes (``()``: none;
-        #: ``None``: not declared), or the name of the format it wraps.
-        self._export_quantizations: dict[str, tuple[str, ...] | str | None] = {}
+        #: Every export format and quantization method as its plugin described it, under
+        #: each of its names (:mod:`sloth_core.formats`).
+        self.formats: dict[str, ExportFormat] = {}
+        self.quantization_methods: dict[str, QuantizationMethod] = {}
         if os.environ.get("SLOTH_TRACE_PLUGINS"):
             self.pm.trace.root.setwriter(lambda msg: sys.stderr.write(f"[sloth] {msg}"))
             self.pm.enable_tracing()
@@ -259,28 +267,38 @@ class SlothPluginManager:
             self.ops.register(op, fn, provider=record.name, **options)
             record.ops.append(op)
 
-        def named(table: dict[str, str], names: list[str]) -> Callable[..., None]:
-            def register(
-                name: str, *, description: str = "", aliases: Iterable[str] = (),
-                quantizations: Iterable[str] | None = None, wraps: str | None = None,
-            ) -> None:  # fmt: skip
-                names.append(name)
-                for key in (name, *aliases):
-                    if key not in table:
-                        table[key] = record.name
-                        if table is self.exporters:
-                            declared = wraps or (
-                                None if quantizations is None else tuple(quantizations)
-                            )
-                            self._export_quantizations[key] = declared
+        def exporter(
+            format: ExportFormat | str, *, quantizations: Iterable[WeightType | str] | None = None,
+            aliases: Iterable[str] = (), **fields: Any,
+        ) -> None:  # fmt: skip
+            if not isinstance(format, ExportFormat):
+                weight_types = None if quantizations is None else as_weight_types(quantizations)
+                format = ExportFormat(
+                    format, aliases=tuple(aliases), quantizations=weight_types, **fields
+                )
+            format = with_plugin(format, record.name)
+            record.exporters.append(format.name)
+            for key in format.names():
+                if key not in self.exporters:  # the first plugin to claim a name keeps it
+                    self.exporters[key] = record.name
+                    self.formats[key] = format
 
-            return register
+        def quantizer(method: QuantizationMethod | str, **fields: Any) -> None:
+            if not isinstance(method, QuantizationMethod):
+                fields["aliases"] = tuple(fields.get("aliases", ()))
+                method = QuantizationMethod(method, **fields)
+            method = with_plugin(method, record.name)
+            record.quantizers.append(method.name)
+            for key in method.names():
+                if key not in self.quantizers:
+                    self.quantizers[key] = record.name
+                    self.quantization_methods[key] = method
 
         registrars = {
             "register_architectures": arch,
             "register_kernels": kernel,
-            "register_quantizers": named(self.quantizers, record.quantizers),
-            "register_exporters": named(self.exporters, record.exporters),
+            "register_quantizers": quantizer,
+            "register_exporters": exporter,
         }
         for hook_name, registrar in registrars.items():
             for impl in getattr(self.pm.hook, hook_name).get_hookimpls():
@@ -288,25 +306,39 @@ class SlothPluginManager:
                     impl.function(register=registrar)
 
     def _forget(self, name: str) -> None:
-        for table in (self.architectures, self.quantizers, self.exporters):
-            for key in [k for k, v in table.items() if v == name]:
+        tables = (
+            self.architectures, self.quantizers, self.exporters, self.formats,
+            self.quantization_methods,
+        )  # fmt: skip
+        for table in tables:
+            for key in [k for k, v in table.items() if getattr(v, "plugin", v) == name]:
                 del table[key]
-                if table is self.exporters:
-                    self._export_quantizations.pop(key, None)
         for op in self.ops.names():
             definition = self.ops.definition(op)
             definition.impls[:] = [i for i in definition.impls if i.provider != name]
 
     # -- queries ---------------------------------------------------------------------
-    def export_quantizations(self, format: str) -> tuple[str, ...] | None:
-        """The quantization names export ``format`` takes (``()``: none), ``None`` when its
-        plugin did not declare them; a format that wraps another takes that one's."""
-        declared = self._export_quantizations.get(format)
-        for _ in range(len(self._export_quantizations)):
-            if not isinstance(declared, str):
+    def export_format(self, name: str) -> ExportFormat | None:
+        """The format ``name`` (or an alias) as its plugin declared it, with what it leaves
+        out (quantizations, default, verifier) taken from the format it wraps."""
+        format = self.formats.get(name)
+        seen = {name}
+        wrapped = format
+        while wrapped is not None and wrapped.wraps and wrapped.wraps not in seen:
+            seen.add(wrapped.wraps)
+            wrapped = self.formats.get(wrapped.wraps)
+            if wrapped is None:
                 break
-            declared = self._export_quantizations.get(declared)
-        return declared if isinstance(declared, tuple) else None
+            format = replace(
+                format,
+                quantizations=format.quantizations
+                if format.quantizations is not None
+                else wrapped.quantizations,
+                default_quantization=format.default_quantization or wrapped.default_quantization,
+                verify=format.verify or wrapped.verify,
+                verify_needs=format.verify_needs or wrapped.verify_needs,
+            )
+        return format
 
     def plugins(self, *, include_builtins: bool = False) -> list[PluginRecord]:
         return [r for r in self.records.values() if include_builtins or r.source != "builtin"]

@@ -101,9 +101,8 @@ class KernelRegistrar(Protocol):
 
 
 class NamedRegistrar(Protocol):
-    """The ``register`` argument of ``register_quantizers`` and ``register_exporters``."""
+    """The ``register`` argument of ``register_quantizers`` and ``register_exporters``:
+    takes a descriptor (:class:`~sloth_core.formats.ExportFormat`,
+    :class:`~sloth_core.formats.QuantizationMethod`), or its name and fields as keywords."""
 
-    def __call__(
-        self, name: str, *, description: str = "", aliases: tuple[str, ...] = (),
-        quantizations: tuple[str, ...] | None = None, wraps: str | None = None,
-    ) -> None: ...  # fmt: skip
+    def __call__(self, descriptor: Any, /, **fields: Any) -> None: ...

@@ -20,9 +20,24 @@ from sloth_core.errors import ModelNotFoundError, PluginMissingError, SlothError
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 
 
+class _FormatsHelp(argparse.HelpFormatter):
+    """Fills ``{formats}`` in a help text with the installed formats, only when help is
+    printed: the formats are what the installed plugins declare."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = super()._get_help_string(action)
+        if text and "{formats}" in text:
+            from sloth_core.plugins import get_plugin_manager
+
+            formats = "; ".join(describe_formats(get_plugin_manager())) or "none installed"
+            text = text.replace("{formats}", formats.replace("%", "%%"))
+        return text
+
+
 def add_parser(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser(
         "export",
+        formatter_class=_FormatsHelp,
         help="export a model, adapter or training run (merged safetensors, GGUF, Ollama, ...)",
         description="Export SOURCE in a format served by an installed plugin; "
         "`sloth plugins list --all` shows which. --verify reloads the result and compares "
@@ -33,11 +48,11 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         help="a model directory or hub id, a LoRA adapter directory, a `sloth train` "
         "output directory or one of its checkpoint-N directories",
     )  # fmt: skip
-    parser.add_argument("--format", "-f", required=True, help="lora, merged_16bit, vllm, gguf, ...")
+    parser.add_argument("--format", "-f", required=True, help="one of the installed: {formats}")
     parser.add_argument("--output", "-o", required=True, metavar="PATH", help="where to write")
     parser.add_argument(
         "--quantization", "-q", metavar="Q",
-        help="the format's weight type: q8_0, q4_k_m, ... (gguf, ollama); nf4, fp4 (merged_4bit)",
+        help="the format's weight type (see --format: each format's quantizations)",
     )  # fmt: skip
     parser.add_argument(
         "--dtype", choices=DTYPES, default="auto",
@@ -54,45 +69,47 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
 
 
 # -- the format -----------------------------------------------------------------------------
+def describe_formats(manager: Any) -> list[str]:
+    """One line per installed format: its names, weight types and plugin."""
+    lines = []
+    for name, declared in manager.formats.items():
+        if name != declared.name:
+            continue  # an alias: listed with its format
+        resolved = manager.export_format(name)
+        label = ", ".join(declared.names())
+        types = resolved.quantization_names()
+        if types:
+            default = resolved.default_quantization
+            label += f" (quantization: {', '.join(types)}" + (
+                f"; default {default})" if default else ")"
+            )
+        lines.append(f"{label} [{declared.plugin}]")
+    return lines
+
+
 def check_format(manager: Any, name: str) -> None:
     """Raise, listing the installed formats and the plugin to install, unless ``name`` is served."""
-    from sloth_core.api import PLUGIN_FOR
+    from sloth_core.catalog import distribution_for, not_installed
 
     if name in manager.exporters:
         return
-    installed = []
-    for record in manager.plugins(include_builtins=True):
-        if record.status != "active" or not record.exporters:
-            continue
-        aliases = sorted(
-            k
-            for k, v in manager.exporters.items()
-            if v == record.name and k not in record.exporters
-        )
-        label = ", ".join(record.exporters) + (
-            f" (aliases {', '.join(aliases)})" if aliases else ""
-        )
-        installed.append(f"{label} [{record.name}]")
     elsewhere = sorted(
         f"{fmt} (`pip install {dist}`)"
-        for fmt, dist in PLUGIN_FOR.items()
-        if fmt not in manager.exporters and fmt in _FORMATS_OF_PLUGINS
+        for fmt, dist in not_installed("formats", manager.exporters).items()
     )
-    listing = f"installed formats: {'; '.join(installed) or 'none'}"
+    listing = f"installed formats: {'; '.join(describe_formats(manager)) or 'none'}"
     if elsewhere:
         listing += f"; formats of plugins not installed: {', '.join(elsewhere)}"
-    if name in PLUGIN_FOR:
+    dist = distribution_for("formats", name)
+    if dist:
         raise PluginMissingError(
-            f"export format {name!r} needs the plugin {PLUGIN_FOR[name]}, which is not "
-            f"installed: `pip install {PLUGIN_FOR[name]}` ({listing})"
+            f"export format {name!r} needs the plugin {dist}, which is not installed: "
+            f"`pip install {dist}` ({listing})"
         )
-    close = difflib.get_close_matches(name, [*manager.exporters, *_FORMATS_OF_PLUGINS], n=1)
+    known = [*manager.exporters, *not_installed("formats", manager.exporters)]
+    close = difflib.get_close_matches(name, known, n=1)
     hint = f"; did you mean {close[0]!r}?" if close else ""
     raise PluginMissingError(f"unknown export format {name!r}{hint} ({listing})")
-
-
-# PLUGIN_FOR names quantization methods too; these of its keys are export formats.
-_FORMATS_OF_PLUGINS = ("gguf", "ollama", "merged_4bit")
 
 
 # -- the source -----------------------------------------------------------------------------
@@ -303,9 +320,12 @@ def run(args: argparse.Namespace) -> int:
         )
     if not args.verify:
         return 0
-    from sloth_core.export.verify import print_report, verify_export
+    from sloth_core.verify import print_report, verify_export
 
-    report = verify_export(result.path, model, tokenizer, quantization=args.quantization)
+    report = verify_export(
+        result.path, model, tokenizer, format=args.format, quantization=args.quantization,
+        manager=manager,
+    )  # fmt: skip
     print_report(report, console)
     if not report.passed:
         console.print(f"[bold red]verification failed[/]; the export is kept at {result.path}")

@@ -31,24 +31,49 @@ def select(manager: SlothPluginManager, *, include_builtins: bool, hook: str | N
     return [r for r in records if hook is None or hook in r.hooks]
 
 
-def _provides(record: PluginRecord) -> str:
+def _format_label(manager: SlothPluginManager, name: str) -> str:
+    declared = manager.export_format(name)
+    types = declared.quantization_names() if declared else None
+    if not types:
+        return name
+    default = f"; default {declared.default_quantization}" if declared.default_quantization else ""
+    return f"{name} ({', '.join(types)}{default})"
+
+
+def _provides(record: PluginRecord, manager: SlothPluginManager) -> str:
     parts = []
     for label, values in (
-        ("models", record.architectures),
-        ("ops", record.ops),
-        ("quantizers", record.quantizers),
-        ("formats", record.exporters),
+        ("models", sorted(set(record.architectures))),
+        ("ops", sorted(set(record.ops))),
+        ("quantizers", sorted(set(record.quantizers))),
+        ("formats", [_format_label(manager, f) for f in dict.fromkeys(record.exporters)]),
     ):
         if values:
-            parts.append(f"{label}: {', '.join(sorted(set(values)))}")
+            parts.append(f"{label}: {', '.join(values)}")
     return "\n".join(parts)
+
+
+def _as_dict(record: PluginRecord, manager: SlothPluginManager) -> dict:
+    """The record, with each format's names and weight types as its plugin declared them."""
+    formats = {}
+    for name in dict.fromkeys(record.exporters):
+        declared = manager.export_format(name)
+        if declared is not None:
+            formats[name] = {
+                "aliases": list(declared.aliases),
+                "quantizations": declared.quantization_names(),
+                "default_quantization": declared.default_quantization,
+                "wraps": declared.wraps,
+                "verifies": declared.verify is not None,
+            }
+    return {**record.as_dict(), "formats": formats}
 
 
 def run_list(args: argparse.Namespace) -> int:
     manager = get_plugin_manager()
     records = select(manager, include_builtins=args.all, hook=args.hook)
     if args.json:
-        print(json.dumps([r.as_dict() for r in records], indent=2))
+        print(json.dumps([_as_dict(r, manager) for r in records], indent=2))
         return 0
     table = Table(title="sloth plugins", show_lines=True)
     for column in ("name", "version", "kind", "source", "hooks", "provides", "status"):
@@ -58,7 +83,7 @@ def run_list(args: argparse.Namespace) -> int:
         status = f"[{style[r.status]}]{r.status}[/]" + (f"\n{r.reason}" if r.reason else "")
         table.add_row(
             r.name, r.version or "-", r.kind, r.source, ", ".join(r.hooks) or "-",
-            _provides(r), status,
+            _provides(r, manager), status,
         )  # fmt: skip
     console = Console()
     if records:

@@ -173,7 +173,7 @@ def _template_beside(gguf: Path) -> str | None:
 
 def _llama_cpp() -> Any:
     try:
-        from sloth_core.export import llama_cpp
+        from sloth_core.sdk import llama_cpp
     except ImportError:
         llama_cpp = None
     if llama_cpp is None or not llama_cpp.available():

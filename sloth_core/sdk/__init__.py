@@ -7,7 +7,10 @@ Architecture plugins: :func:`patch_architecture`, :func:`load_with_sloth_attenti
 (:func:`load_hf_model`, :func:`load_kwargs`). Exporters: the merge and the merged-model
 writer (:func:`merged_state_dict`, :func:`write_merged`), the stop tokens (one table for
 every format and for ``sloth chat``), atomic outputs and free-space checks, the llama.cpp
-runner (:mod:`sloth_core.export.llama_cpp`), the chat-template resolver. And the value
+runner (:mod:`sloth_core.sdk.llama_cpp`), the chat-template resolver; the descriptors a
+format or quantization method registers with (:class:`ExportFormat`, :class:`WeightType`,
+:class:`QuantizationMethod`) and the pieces of a verifier (:class:`VerifyRequest`,
+:func:`compare_logits`, :func:`compare_token_ids`, :func:`verify_safetensors`). And the value
 types and errors that cross the hook boundary.
 
 Names load on first use, so importing the SDK costs nothing until a name is used (and
@@ -72,7 +75,18 @@ _EXPORTS: dict[str, str] = {
     "refuse_existing": "sloth_core.io",
     "check_free_space": "sloth_core.io",
     "format_bytes": "sloth_core.io",
-    "llama_cpp": "sloth_core.export.llama_cpp",
+    "llama_cpp": "sloth_core.sdk.llama_cpp",
+    # formats that describe themselves, and their verifiers
+    "ExportFormat": "sloth_core.formats",
+    "QuantizationMethod": "sloth_core.formats",
+    "WeightType": "sloth_core.formats",
+    "Tolerance": "sloth_core.formats",
+    "FLOAT_TYPES": "sloth_core.formats",
+    "VerifyRequest": "sloth_core.verify",
+    "VerifyReport": "sloth_core.verify",
+    "compare_logits": "sloth_core.verify",
+    "compare_token_ids": "sloth_core.verify",
+    "verify_safetensors": "sloth_core.verify",
     "get_plugin_manager": "sloth_core.plugins",
 }
 

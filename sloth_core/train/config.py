@@ -23,8 +23,6 @@ OPTIMIZERS = ("adamw_torch_fused", "adamw_torch", "adamw_8bit")
 CHECKPOINTING = ("off", "on", "offload")
 QUANTIZATIONS = ("nf4", "fp4", "int8")
 FORMATS = ("text", "alpaca", "chat", "sharegpt")
-#: ``save_method``: what lands in ``output_dir/final`` at the end (an export format).
-SAVE_METHODS = ("auto", "lora", "merged_16bit", "merged_4bit", "none")
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -108,8 +106,8 @@ class TrainConfig:
     eval_steps: int = _opt(0, "evaluate every N optimizer steps (0: before and after training)")
     save_method: str = _opt(
         "auto",
-        "final model: lora, merged_16bit, merged_4bit, none, or auto (lora; "
-        "merged_16bit with full_finetuning)",
+        "final model: an installed export format (lora, merged_16bit, merged_4bit, ...: "
+        "`sloth plugins list`), none, or auto (lora; merged_16bit with full_finetuning)",
     )
     export_format: str = _opt("", "also export at the end to this format (e.g. gguf, ollama)")
     export_quantization: str = _opt("", "quantization of the export (e.g. q8_0, q4_k_m)")
@@ -179,7 +177,7 @@ class TrainConfig:
                 raise bad(f.name, "must be a finite number")
         choices = {
             "lr_scheduler_type": SCHEDULES, "optim": OPTIMIZERS,
-            "gradient_checkpointing": CHECKPOINTING, "save_method": SAVE_METHODS,
+            "gradient_checkpointing": CHECKPOINTING,
             "bf16": ("auto", "on", "off"), "dtype": ("auto", "bf16", "fp16", "fp32"),
             "report_to": ("auto", "tensorboard", "none"),
         }  # fmt: skip

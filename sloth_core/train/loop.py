@@ -181,9 +181,11 @@ def _check_plugins(config: TrainConfig) -> None:
                 f"{option}={name!r}: no installed plugin provides it (installed: {known}); "
                 "`sloth plugins list` shows what each plugin provides"
             )
-    accepted = manager.export_quantizations(config.export_format)
-    wanted_q = config.export_quantization.lower()
-    if wanted_q and accepted is not None and wanted_q not in [q.lower() for q in accepted]:
+    declared = manager.export_format(config.export_format) if config.export_format else None
+    wanted_q = config.export_quantization
+    accepted = declared.quantization_names() if declared else None
+    known = declared.weight_type(wanted_q) if declared and wanted_q else None
+    if wanted_q and accepted is not None and (known is None or known.name not in accepted):
         takes = f"one of {', '.join(accepted)}" if accepted else "no quantization"
         raise ConfigError(
             f"export_quantization={config.export_quantization!r}: export_format "

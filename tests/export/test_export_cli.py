@@ -133,7 +133,7 @@ def test_unknown_format_lists_formats_and_the_plugin_to_install(
 ):
     code, text = _sloth(capsys, model_dir, "-f", "ggfu", "-o", tmp_path / "o")
     assert code == 1 and "unknown export format 'ggfu'" in text and "did you mean 'gguf'" in text
-    assert "lora, merged_16bit (aliases merged, vllm)" in text
+    assert "lora [builtin:exporters]; merged_16bit, merged, vllm [builtin:exporters]" in text
     assert (
         "gguf (`pip install sloth-gguf`)" in text and "ollama (`pip install sloth-ollama`)" in text
     )

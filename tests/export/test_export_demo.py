@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import pytest
 
+from sloth_core import verify
 from sloth_core.cli import main
-from sloth_core.export import verify
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("single_thread")]
 
@@ -22,8 +22,8 @@ REAL_MODEL_KL_Q4_K_M = 0.031
 
 
 def _gguf_ready() -> str | None:
-    from sloth_core.export import llama_cpp
     from sloth_core.plugins import get_plugin_manager
+    from sloth_core.sdk import llama_cpp
 
     if "gguf" not in get_plugin_manager().exporters:
         return "no installed plugin exports gguf (pip install sloth-gguf)"
@@ -61,7 +61,8 @@ def test_the_trained_demo_exports_to_gguf_and_verifies(demo_run, quantization, c
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(final)
-    report = verify.verify_export(gguf, model, AutoTokenizer.from_pretrained(final))
+    tokenizer = AutoTokenizer.from_pretrained(final)
+    report = verify.verify_export(gguf, model, tokenizer, format="gguf")
     assert report.passed, report.problems
     assert report.weight_type == quantization
     assert report.confident >= verify.MIN_CONFIDENT

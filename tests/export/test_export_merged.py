@@ -15,8 +15,8 @@ import sloth_core
 import sloth_core.io
 from sloth_core.default_plugins import exporters
 from sloth_core.errors import PluginMissingError, SlothError
-from sloth_core.testing import TINY_CONFIGS
 from sloth_core.sdk import merged_state_dict, stop_tokens
+from sloth_core.testing import TINY_CONFIGS
 from sloth_core.testing.quantized import compute_in_float32, dequantized_twin
 from sloth_core.testing.tokenizer import build_tokenizer
 
@@ -95,15 +95,12 @@ def test_eos_ids_are_the_end_of_turn_tokens_the_template_uses(plugin_manager, tm
 
 
 def test_vllm_is_an_alias_that_says_so(plugin_manager, llama_lora, tmp_path):
-    described = {}
-    exporters.register_exporters(
-        lambda name, description="", aliases=(), **declared: described.update(
-            {name: (description, aliases)}
-        )
-    )
-    description, aliases = described["merged_16bit"]
-    assert "vllm" in aliases and "vllm serve" in description
+    described = []
+    exporters.register_exporters(described.append)
+    merged = next(f for f in described if f.name == "merged_16bit")
+    assert "vllm" in merged.aliases and "vllm serve" in merged.description
     assert plugin_manager.exporters["vllm"] == "builtin:exporters"
+    assert plugin_manager.export_format("vllm").name == "merged_16bit"
     model, tokenizer = llama_lora
     result = sloth_core.export(model, tokenizer, tmp_path / "v", format="vllm")
     assert result.format == "merged_16bit" and (result.path / "model.safetensors").is_file()
@@ -127,8 +124,8 @@ def test_not_enough_disk_space_refuses_before_writing(
     assert list(tmp_path.iterdir()) == []
 
 
-def test_export_function_survives_the_export_package(plugin_manager, llama_lora, tmp_path):
-    import sloth_core.export.verify  # noqa: F401  (binds the package to sloth_core.export)
+def test_export_function_survives_the_export_helpers(plugin_manager, llama_lora, tmp_path):
+    import sloth_core.verify  # noqa: F401  (the export helpers: no package shadows the function)
 
     model, tokenizer = llama_lora
     assert sloth_core.export(model, tokenizer, tmp_path / "m").format == "merged_16bit"

@@ -1,8 +1,7 @@
-"""sloth_core.export.verify: reload, compare logits and token ids, judge by tolerance."""
+"""sloth_core.verify: reload, compare logits and token ids, judge by tolerance."""
 
 from __future__ import annotations
 
-import types
 from pathlib import Path
 
 import numpy as np
@@ -11,14 +10,15 @@ from export_helpers import lora_model
 from safetensors.torch import load_file, save_file
 
 import sloth_core
-from sloth_core.export import verify
-from sloth_core.export.verify import TOLERANCES, tolerance_for, verify_export
+from sloth_core import verify
+from sloth_core.formats import FLOAT_TYPES, UNKNOWN_TOLERANCE, ExportFormat, WeightType
+from sloth_core.verify import VerifyRequest, verify_export
 
 
 def test_merged_16bit_verifies(plugin_manager, llama_lora, tmp_path, capsys):
     model, tokenizer = llama_lora
     out = sloth_core.export(model, tokenizer, tmp_path / "m").path
-    report = verify_export(out, model, tokenizer)
+    report = verify_export(out, model, tokenizer, format="merged_16bit")
     assert report.passed, report.problems
     assert report.kind == "safetensors" and report.weight_type == "f32"
     assert report.top1 == 1.0 and report.max_rel < 1e-5 and report.positions > 50
@@ -34,7 +34,7 @@ def test_a_corrupted_export_fails(plugin_manager, llama_lora, tmp_path):
     weights = load_file(str(out / "model.safetensors"))
     weights["model.layers.1.mlp.down_proj.weight"] *= 1.5
     save_file(weights, str(out / "model.safetensors"), metadata={"format": "pt"})
-    report = verify_export(out, model, tokenizer)
+    report = verify_export(out, model, tokenizer, format="merged_16bit")
     assert not report.passed
     assert any("max relative logit error" in p for p in report.problems)
 
@@ -43,28 +43,45 @@ def test_a_changed_tokenizer_fails(plugin_manager, llama_lora, tmp_path):
     model, tokenizer = llama_lora
     out = sloth_core.export(model, tokenizer, tmp_path / "m").path
     (out / "chat_template.jinja").write_text("{{ messages[0]['content'] }}")
-    report = verify_export(out, model, tokenizer)
+    report = verify_export(out, model, tokenizer, format="vllm")
     assert any("chat template differs" in p for p in report.problems)
 
 
 def test_lora_export_verifies_tensor_by_tensor(plugin_manager, llama_lora, tmp_path):
     model, tokenizer = llama_lora
     out = sloth_core.export(model, tokenizer, tmp_path / "a", format="lora").path
-    report = verify_export(out, model, tokenizer)
+    report = verify_export(out, model, tokenizer, format="lora")
     assert report.passed and report.kind == "lora" and report.max_abs == 0
 
 
-def test_tolerances_name_every_type_and_fall_back_to_top1():
-    assert tolerance_for("F16") == ("f16", TOLERANCES["f16"])
-    assert tolerance_for("bfloat16")[0] == "bf16" and tolerance_for("q4_k")[0] == "q4_k_m"
-    assert TOLERANCES["f32"].max_rel == 1e-3 and TOLERANCES["q8_0"].max_rel == 3e-2
-    assert TOLERANCES["q4_k_m"].max_rel is None and TOLERANCES["q4_k_m"].min_top1 == 0.9
-    assert tolerance_for("iq2_xxs")[1] == verify.UNKNOWN_TOLERANCE
+#: A format as a plugin would declare it: two weight types, one of them by alias.
+TOY = ExportFormat(
+    "toy",
+    quantizations=(
+        WeightType("q4_k_m", 0.61, verify.Tolerance(None, 0.9), ("q4_k",)),
+        WeightType("q8_0", 1.07, verify.Tolerance(3e-2, 0.95), ("q8",)),
+    ),
+)
+
+
+def _tolerance(format, weight_type):
+    report = VerifyRequest(format, Path("x"), None, None).report("toy", weight_type)
+    return report.weight_type, report.tolerance
+
+
+def test_tolerances_come_from_the_format_and_fall_back_to_top1():
+    f32 = next(t for t in FLOAT_TYPES if t.name == "f32")
+    assert _tolerance(TOY, "F32") == ("f32", f32.tolerance)  # float types: every format's
+    assert _tolerance(TOY, "torch.bfloat16")[0] == "bf16"
+    assert _tolerance(TOY, "Q4_K") == ("q4_k_m", TOY.quantizations[0].tolerance)
+    assert _tolerance(TOY, "q8")[1].max_rel == 3e-2
+    assert _tolerance(TOY, "iq2_xxs") == ("iq2_xxs", UNKNOWN_TOLERANCE)
+    assert f32.tolerance.max_rel == 1e-3
 
 
 # -- top-1 at the confident positions ------------------------------------------------------
 def _judged(quantization, reference, exported):
-    name, tolerance = tolerance_for(quantization)
+    name, tolerance = _tolerance(TOY, quantization)
     report = verify.VerifyReport(Path("m.gguf"), "gguf", name, tolerance)
     verify._compare(report, [reference], [exported])
     return report
@@ -107,88 +124,24 @@ def test_with_few_confident_positions_every_position_counts():
     assert any("confident (p >= 0.5) at only 9 of 29 positions" in n for n in report.notes)
 
 
-# -- GGUF, through a stand-in for sloth_core.export.llama_cpp ---------------------------------
-def _fake_runner(model, tokenizer, *, shift=0.0, shuffle=False, tokens_off=False, available=True):
-    """Answers as llama.cpp would for a GGUF holding exactly ``model``; ``shift`` moves every
-    logit by that much (an error that keeps the ranking), ``shuffle`` reverses the ranking."""
-
-    def run_logits(path, token_id_lists, *, n_ctx=512):
-        assert str(path).endswith(".gguf") and n_ctx >= max(map(len, token_id_lists))
-        out = verify._all_logits(model, [list(ids) for ids in token_id_lists])
-        out = [o + np.float32(shift) for o in out]
-        return [o[:, ::-1].copy() if shuffle else o for o in out]
-
-    def run_tokenize(path, texts, *, add_special=True, parse_special=True):
-        ids = [list(tokenizer(t).input_ids) for t in texts]
-        return [i[1:] for i in ids] if tokens_off else ids
-
-    return types.SimpleNamespace(
-        available=lambda: available, run_logits=run_logits, run_tokenize=run_tokenize
-    )
-
-
-@pytest.fixture
-def gguf_file(tmp_path):
-    path = tmp_path / "model.Q4_K_M.gguf"
-    path.write_bytes(b"GGUF")
-    return path
-
-
-def test_gguf_verify_passes_for_matching_logits(llama_lora, gguf_file):
-    model, tokenizer = llama_lora
-    runner = _fake_runner(model, tokenizer)
-    report = verify_export(gguf_file, model, tokenizer, quantization="f16", runner=runner)
-    assert report.passed, report.problems
-    assert report.kind == "gguf" and report.top1 == 1.0 and report.texts_matching == report.texts
-
-
-def test_low_bit_gguf_is_judged_by_top1(llama_lora, gguf_file):
-    model, tokenizer = llama_lora
-    noisy = _fake_runner(model, tokenizer, shift=0.5)
-    report = verify_export(gguf_file, model, tokenizer, quantization="q4_k_m", runner=noisy)
-    assert report.passed and report.max_rel > 0.05  # reported, not judged
-    report = verify_export(gguf_file, model, tokenizer, quantization="q8_0", runner=noisy)
-    assert not report.passed  # the same error is too much for q8_0
-    shuffled = _fake_runner(model, tokenizer, shuffle=True)
-    report = verify_export(
-        gguf_file.parent, model, tokenizer, quantization="q4_k_m", runner=shuffled
-    )
-    assert any("top-1 agreement" in p for p in report.problems)
-
-
-def test_gguf_tokenizer_mismatch_and_missing_llama_cpp_fail(llama_lora, gguf_file):
-    model, tokenizer = llama_lora
-    off = _fake_runner(model, tokenizer, tokens_off=True)
-    report = verify_export(gguf_file, model, tokenizer, quantization="f32", runner=off)
-    assert any("exported tokenizer encodes" in p for p in report.problems)
-    absent = _fake_runner(model, tokenizer, available=False)
-    report = verify_export(gguf_file, model, tokenizer, runner=absent)
-    assert not report.passed and "pip install llama-cpp-python" in report.problems[0]
-
-
-def test_gguf_verify_with_llama_cpp(llama_lora, tmp_path, monkeypatch):
-    """The real thing, where llama.cpp and a gguf exporter are installed."""
-    from sloth_core.export import llama_cpp
-    from sloth_core.plugins import SlothPluginManager, reset_plugin_manager
-
-    manager = SlothPluginManager()
-    if "gguf" not in manager.exporters or not llama_cpp.available():
-        pytest.skip("needs a gguf exporter (sloth-gguf) and llama-cpp-python")
-    monkeypatch.setenv("SLOTH_LLAMA_CPP_THREADS", "1")
-    reset_plugin_manager(manager)
-    try:
-        model, tokenizer = llama_lora
-        out = sloth_core.export(
-            model, tokenizer, tmp_path / "m.gguf", format="gguf", quantization="f32"
-        )
-    finally:
-        reset_plugin_manager(None)
-    report = verify_export(out.path, model, tokenizer)
-    assert report.passed, report.problems
-    assert report.weight_type == "f32" and report.top1 == 1.0
-
-
 def test_verify_refuses_a_path_without_an_export(tmp_path):
     model, tokenizer = lora_model("llama")
-    with pytest.raises(FileNotFoundError, match="nothing to verify"):
-        verify_export(tmp_path, model, tokenizer)
+    for format in ("merged_16bit", "lora"):
+        with pytest.raises(FileNotFoundError, match="nothing to verify"):
+            verify_export(tmp_path, model, tokenizer, format=format)
+
+
+def test_a_format_without_a_verifier_fails_verification(register_plugin, llama_lora, tmp_path):
+    from sloth_core import hookimpl
+
+    class Plugin:
+        @hookimpl
+        def register_exporters(self, register):
+            register("plain", quantizations=())
+
+    register_plugin(Plugin(), "plain-exporter")
+    model, tokenizer = llama_lora
+    report = verify_export(tmp_path, model, tokenizer, format="plain")
+    assert not report.passed and "declares no verifier" in report.problems[0]
+    with pytest.raises(sloth_core.errors.PluginMissingError, match="'nope'"):
+        verify_export(tmp_path, model, tokenizer, format="nope")

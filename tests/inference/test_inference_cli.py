@@ -219,7 +219,7 @@ def test_a_tokenizer_without_chat_template_falls_back_to_plain_text(llama_dir, t
 
 def test_a_gguf_file_without_llama_cpp_is_refused_clearly(tmp_path, sloth, monkeypatch):
     try:
-        from sloth_core.export import llama_cpp
+        from sloth_core.sdk import llama_cpp
     except ImportError:
         pass
     else:  # as on a machine without llama-cpp-python

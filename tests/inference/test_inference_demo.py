@@ -95,9 +95,9 @@ def _gguf_ready() -> str | None:
     if "gguf" not in get_plugin_manager().exporters:
         return "no installed plugin exports gguf (pip install sloth-gguf)"
     try:
-        from sloth_core.export import llama_cpp
+        from sloth_core.sdk import llama_cpp
     except ImportError:
-        return "sloth_core.export.llama_cpp is missing"
+        return "sloth_core.sdk.llama_cpp is missing"
     return None if llama_cpp.available() else "llama-cpp-python is not installed"
 
 

@@ -1,6 +1,6 @@
 """Shared fixtures of sloth-gguf's tests: tiny models, prompts, and exports made once.
 
-llama.cpp runs only in child processes (sloth_core.export.llama_cpp), one per GGUF file
+llama.cpp runs only in child processes (sloth_core.sdk.llama_cpp), one per GGUF file
 and batch of prompts. Tests that need it are skipped when llama-cpp-python is missing.
 """
 

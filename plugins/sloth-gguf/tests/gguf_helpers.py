@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from sloth_core.export import llama_cpp
+from sloth_core.sdk import llama_cpp
 
 # Tiny models: one thread is the fastest, and the machine may be shared.
 os.environ.setdefault("SLOTH_LLAMA_CPP_THREADS", "1")

@@ -20,8 +20,8 @@ from sloth_gguf.quantization import QUANTIZATIONS
 
 import sloth_core.io
 from sloth_core.errors import OutputExistsError
-from sloth_core.export import llama_cpp
 from sloth_core.plugins import SlothPluginManager
+from sloth_core.sdk import llama_cpp
 
 ROPE_LLAMA3 = {
     "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
@@ -48,7 +48,7 @@ def test_entry_point_lists_sloth_gguf():
 
 def test_export_through_the_public_api(register_plugin, models, tokenizer, tmp_path):
     register_plugin(plugin, name=plugin.PLUGIN)
-    import sloth_core.export.llama_cpp  # noqa: F401  (the package must stay callable)
+    import sloth_core.sdk.llama_cpp  # noqa: F401  (no export package shadows the function)
 
     result = sloth_core.export(models("llama"), tokenizer, tmp_path / "m.gguf", format="gguf")
     assert (result.format, result.path, result.files) == (
@@ -98,7 +98,9 @@ def test_existing_output_needs_force(models, tokenizer, tmp_path):
 
 
 def test_not_enough_disk_space_writes_nothing(models, tokenizer, tmp_path, monkeypatch):
-    monkeypatch.setattr(sloth_core.io.shutil, "disk_usage", lambda path: type("U", (), {"free": 1000})())
+    monkeypatch.setattr(
+        sloth_core.io.shutil, "disk_usage", lambda path: type("U", (), {"free": 1000})()
+    )
     with pytest.raises(OSError, match="not enough free disk space") as info:
         writer.export_gguf(models("llama"), tokenizer, tmp_path / "m.gguf", {"quantization": "f32"})
     assert info.value.errno == errno.ENOSPC

@@ -53,7 +53,7 @@ from gguf_helpers import (
     torch_logits,
 )
 
-from sloth_core.export import llama_cpp
+from sloth_core.sdk import llama_cpp
 
 pytestmark = requires_llama_cpp
 

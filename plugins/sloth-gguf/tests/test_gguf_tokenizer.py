@@ -12,7 +12,7 @@ import pytest
 from gguf_helpers import export, requires_llama_cpp, spm_tokenizer, tiny
 from sloth_gguf.vocab import detect_pre, vocab_from_tokenizer
 
-from sloth_core.export import llama_cpp
+from sloth_core.sdk import llama_cpp
 from sloth_core.testing.tokenizer import corpus_lines
 
 SAMPLES = [

@@ -1,4 +1,4 @@
-"""sloth_core.export.llama_cpp: llama.cpp in a child process (generation, errors, absence).
+"""sloth_core.sdk.llama_cpp: llama.cpp in a child process (generation, errors, absence).
 
 Here because these tests need a GGUF file, which sloth-gguf writes.
 """
@@ -9,7 +9,7 @@ import pytest
 import torch
 from gguf_helpers import requires_llama_cpp
 
-from sloth_core.export import llama_cpp
+from sloth_core.sdk import llama_cpp
 
 
 @requires_llama_cpp

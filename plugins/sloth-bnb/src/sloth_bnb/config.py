@@ -20,6 +20,9 @@ METHODS = {
     "fp4": "4-bit float, double quantization, bf16 compute",
     "int8": "8-bit LLM.int8() with outlier decomposition",
 }
+#: Bytes per weight on disk and in memory: 4 bits plus a scale per block of 64 weights
+#: (double quantization keeps it near 0.5 bits), 8 bits plus the outlier columns.
+BYTES_PER_WEIGHT = {"nf4": 0.57, "fp4": 0.57, "int8": 1.07}
 #: ``BitsAndBytesConfig`` fields a caller may pass through ``from_pretrained(**kwargs)``
 #: (they are taken out of the load keywords and into the quantization config).
 OPTION_PREFIXES = ("bnb_4bit_", "llm_int8_")

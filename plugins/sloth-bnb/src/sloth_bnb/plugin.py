@@ -20,9 +20,17 @@ from __future__ import annotations
 from typing import Any
 
 from sloth_core import hookimpl
-from sloth_core.sdk import ModelSpec, QuantizationPlan
+from sloth_core.sdk import (
+    ExportFormat,
+    ModelSpec,
+    QuantizationMethod,
+    QuantizationPlan,
+    Tolerance,
+    WeightType,
+    verify_safetensors,
+)
 
-from .config import METHODS, bnb_config, take_options
+from .config import BYTES_PER_WEIGHT, METHODS, bnb_config, take_options
 
 PLUGIN = "sloth-bnb"
 
@@ -31,7 +39,7 @@ PLUGIN = "sloth-bnb"
 def register_quantizers(register):
     """Declare ``nf4``, ``fp4`` and ``int8``."""
     for method, description in METHODS.items():
-        register(method, description=description)
+        register(QuantizationMethod(method, description, bytes_per_weight=BYTES_PER_WEIGHT[method]))
 
 
 def finalize(model: Any) -> Any:
@@ -77,14 +85,22 @@ def quantize(spec: ModelSpec) -> QuantizationPlan | None:
 
 @hookimpl
 def register_exporters(register):
-    """Declare ``merged_4bit``."""
+    """Declare ``merged_4bit``: NF4 (default) or FP4, reloaded by transformers to verify."""
     from .export import FORMAT, METHODS
 
+    # 4-bit weights lose too much for the logits to be bounded: top-1 agreement decides.
+    min_top1 = {"nf4": 0.9, "fp4": 0.85}
     register(
-        FORMAT,
-        description="LoRA merged, re-quantized to bitsandbytes NF4 (quantization='fp4' for "
-        "FP4) and saved with its quantization_config: transformers reloads it 4-bit",
-        quantizations=METHODS,
+        ExportFormat(
+            FORMAT,
+            description="LoRA merged, re-quantized to bitsandbytes NF4 (quantization='fp4' "
+            "for FP4) and saved with its quantization_config: transformers reloads it 4-bit",
+            quantizations=tuple(
+                WeightType(m, BYTES_PER_WEIGHT[m], Tolerance(None, min_top1[m])) for m in METHODS
+            ),
+            default_quantization=METHODS[0],
+            verify=verify_safetensors,
+        )
     )
 
 

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from sloth_core import hookimpl
+from sloth_core.sdk import ExportFormat
 
 from .architectures import ARCHITECTURES
 from .quantization import DEFAULT_QUANTIZATION, QUANTIZATIONS
+from .verify import NEEDS, verify_gguf
 
 PLUGIN = "sloth-gguf"
 FORMAT = "gguf"
@@ -13,15 +15,18 @@ FORMAT = "gguf"
 
 @hookimpl
 def register_exporters(register):
-    """Declare the ``gguf`` format (alias ``llama.cpp``)."""
+    """Declare the ``gguf`` format (alias ``llama.cpp``): its types, their sizes and verify
+    tolerances, and its verifier (llama.cpp in a child process)."""
     register(
-        FORMAT,
-        description=(
-            f"one GGUF file for llama.cpp ({', '.join(sorted(ARCHITECTURES))}); option "
-            f"quantization: {', '.join(QUANTIZATIONS)} (default {DEFAULT_QUANTIZATION})"
-        ),
-        aliases=("llama.cpp",),
-        quantizations=tuple(QUANTIZATIONS),
+        ExportFormat(
+            FORMAT,
+            description=f"one GGUF file for llama.cpp ({', '.join(sorted(ARCHITECTURES))})",
+            aliases=("llama.cpp",),
+            quantizations=tuple(q.weight_type for q in QUANTIZATIONS.values()),
+            default_quantization=DEFAULT_QUANTIZATION,
+            verify=verify_gguf,
+            verify_needs=NEEDS,
+        )
     )
 
 

@@ -1,4 +1,4 @@
-"""The child process of :mod:`sloth_core.export.llama_cpp`: one request, one answer.
+"""The child process of :mod:`sloth_core.sdk.llama_cpp`: one request, one answer.
 
 Reads a JSON request on stdin, runs it through llama.cpp's C API (``llama_cpp``), and
 writes one JSON line ``{"ok": true, "result": ...}`` or ``{"ok": false, "error": ...}``

@@ -2,7 +2,7 @@
 
 llama.cpp aborts the whole process on some errors (a bad tensor, an unsupported type), so
 nothing here loads it in the caller's process: every function starts
-``python -m sloth_core.export.llama_cpp_worker``, sends it one JSON request on stdin and
+``python -m sloth_core.sdk.llama_cpp_worker``, sends it one JSON request on stdin and
 reads one JSON answer on stdout (logits come back as ``.npy`` files in a temporary
 directory). When the child fails, dies or times out, :class:`LlamaCppError` carries the
 tail of llama.cpp's stderr.
@@ -40,7 +40,7 @@ __all__ = [
 
 #: The distribution that provides llama.cpp's Python bindings.
 PACKAGE = "llama-cpp-python"
-WORKER = "sloth_core.export.llama_cpp_worker"
+WORKER = "sloth_core.sdk.llama_cpp_worker"
 #: How much of llama.cpp's stderr an error message keeps (its end).
 STDERR_TAIL = 4000
 

@@ -1,9 +1,10 @@
 """``sloth export --verify``: reload what was written and compare it with the model in memory.
 
-Safetensors exports (``merged_16bit``/``vllm``, ``merged_4bit``, any directory with a
-``config.json``) reload through transformers; GGUF files (``gguf``, or the ``.gguf`` in an
-``ollama`` directory) through llama.cpp (:mod:`sloth_core.export.llama_cpp`, in a child
-process); a LoRA adapter directory is compared tensor by tensor. For models, the
+Each format brings its own verifier (:attr:`ExportFormat.verify
+<sloth_core.formats.ExportFormat.verify>`), built from the helpers here: safetensors
+exports (``merged_16bit``, sloth-bnb's ``merged_4bit``) reload through transformers
+(:func:`verify_safetensors`), sloth-gguf's files through llama.cpp, a LoRA adapter
+directory is compared tensor by tensor (:func:`verify_lora`). For models, the
 logits of every position of a few sample prompts (so every next-token prediction) are
 compared with the in-memory model's:
 
@@ -15,8 +16,10 @@ compared with the in-memory model's:
 - **KL divergence**: the mean over positions of KL(in memory || export), in nats, the
   figure llama.cpp's ``perplexity --kl-divergence`` reports for its quantization types.
 
-Each export type has a :data:`TOLERANCES` entry: a bound on max rel (16 and 8 bits) and
-a least top-1 agreement, judged on the confident positions when there are at least
+Each weight type has a tolerance, declared with it by the format's plugin
+(:class:`~sloth_core.formats.WeightType`; the float types are
+:data:`~sloth_core.formats.FLOAT_TYPES`): a bound on max rel (16 and 8 bits) and a least
+top-1 agreement, judged on the confident positions when there are at least
 :data:`MIN_CONFIDENT` of them, else on all. Where a model hesitates between tokens whose
 probabilities are within a rounding error of each other, its top-1 is a coin toss that any
 export may flip: llama.cpp measures 92% to 95% same top-1 over every Wikitext position for
@@ -31,70 +34,32 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import numpy as np
+
+from sloth_core.formats import UNKNOWN_TOLERANCE, ExportFormat, Tolerance
 
 __all__ = [
     "CONFIDENT",
     "MIN_CONFIDENT",
     "SAMPLE_PROMPTS",
     "SAMPLE_TEXTS",
-    "TOLERANCES",
     "Tolerance",
     "VerifyReport",
+    "VerifyRequest",
+    "compare_logits",
+    "compare_token_ids",
     "print_report",
-    "tolerance_for",
     "verify_export",
+    "verify_lora",
+    "verify_safetensors",
 ]
 
 
-@dataclass(frozen=True)
-class Tolerance:
-    """How far an export of one weight type may drift from the in-memory model.
-
-    ``max_rel``: the largest allowed max-abs / max-|reference| ratio, or ``None`` where
-    it is reported only; ``min_top1``: the least share of agreeing top-1 predictions at
-    the confident positions (at every position when there are too few of those).
-    """
-
-    max_rel: float | None
-    min_top1: float
-
-
-#: Weight type -> tolerance. 16-bit and 8-bit exports must match closely; from 5 bits
-#: down the logits' error is large and the top-1 agreement carries the verdict.
-TOLERANCES: dict[str, Tolerance] = {
-    "f32": Tolerance(1e-3, 0.99),
-    "f16": Tolerance(2e-3, 0.99),
-    "bf16": Tolerance(1e-2, 0.97),
-    "q8_0": Tolerance(3e-2, 0.95),
-    "int8": Tolerance(5e-2, 0.95),
-    "q6_k": Tolerance(6e-2, 0.93),
-    "q5_0": Tolerance(0.12, 0.9),
-    "q5_1": Tolerance(0.12, 0.9),
-    "q5_k_s": Tolerance(0.12, 0.9),
-    "q5_k_m": Tolerance(0.12, 0.9),
-    "q4_0": Tolerance(None, 0.9),
-    "q4_1": Tolerance(None, 0.9),
-    "q4_k_s": Tolerance(None, 0.9),
-    "q4_k_m": Tolerance(None, 0.9),
-    "nf4": Tolerance(None, 0.9),
-    "fp4": Tolerance(None, 0.85),
-    "q3_k_s": Tolerance(None, 0.8),
-    "q3_k_m": Tolerance(None, 0.8),
-    "q3_k_l": Tolerance(None, 0.8),
-    "q2_k": Tolerance(None, 0.7),
-}
-_ALIASES = {
-    "float32": "f32", "fp32": "f32", "float16": "f16", "fp16": "f16", "bfloat16": "bf16",
-    "q8": "q8_0", "q6": "q6_k", "q5_k": "q5_k_m", "q4_k": "q4_k_m", "q3_k": "q3_k_m",
-}  # fmt: skip
-#: An export type not in the table: judged by top-1 agreement alone.
-UNKNOWN_TOLERANCE = Tolerance(None, 0.9)
 #: A position is confident where the in-memory model gives its most likely next token at
 #: least this probability: more than all the other tokens together.
 CONFIDENT = 0.5
@@ -120,19 +85,12 @@ _CONVERSATION = (
 )
 
 
-def tolerance_for(weight_type: str | None) -> tuple[str, Tolerance]:
-    """The canonical name of ``weight_type`` and its tolerance (see :data:`TOLERANCES`)."""
-    name = (weight_type or "unknown").lower().removeprefix("torch.")
-    name = _ALIASES.get(name, name)
-    return name, TOLERANCES.get(name, UNKNOWN_TOLERANCE)
-
-
 @dataclass
 class VerifyReport:
     """What :func:`verify_export` compared, and what went wrong (``problems``)."""
 
     path: Path
-    kind: str  # "safetensors", "gguf" or "lora"
+    kind: str  # what was reloaded: "safetensors", "gguf", "lora", ... (the verifier's word)
     weight_type: str
     tolerance: Tolerance
     positions: int = 0
@@ -152,48 +110,36 @@ class VerifyReport:
         return not self.problems
 
 
-# -- what was written -------------------------------------------------------------------
-def _find_gguf(path: Path) -> Path | None:
-    if path.is_file() and path.suffix == ".gguf":
-        return path
-    if path.is_dir():
-        found = sorted(path.glob("*.gguf"))
-        return found[0] if found else None
-    return None
+# -- the request ------------------------------------------------------------------------------
+@dataclass
+class VerifyRequest:
+    """What a format's verifier is asked to check: the export at ``path`` against ``model``.
 
+    ``quantization``: the weight type asked for at export (``None``: the verifier reads it
+    from what was written); ``runner``: an engine to reload with, for tests (the GGUF
+    verifier takes a llama.cpp runner).
+    """
 
-def _kind(path: Path) -> str:
-    if (path / "adapter_config.json").is_file():
-        return "lora"
-    if (path / "config.json").is_file():
-        return "safetensors"
-    if _find_gguf(path) is not None:
-        return "gguf"
-    raise FileNotFoundError(
-        f"{path}: nothing to verify (no config.json, adapter_config.json or .gguf file)"
-    )
+    format: ExportFormat
+    path: Path
+    model: Any
+    tokenizer: Any
+    quantization: str | None = None
+    prompts: tuple[str, ...] = SAMPLE_PROMPTS
+    runner: Any = None
 
-
-def _safetensors_type(path: Path) -> str:
-    config = json.loads((path / "config.json").read_text())
-    quant = config.get("quantization_config") or {}
-    if quant:
-        if quant.get("load_in_8bit"):
-            return "int8"
-        return str(quant.get("bnb_4bit_quant_type") or quant.get("quant_method") or "unknown")
-    return str(config.get("dtype") or config.get("torch_dtype") or "unknown")
-
-
-def _gguf_type(path: Path) -> str:
-    """The GGUF's ``general.file_type`` (``MOSTLY_Q4_K_M`` -> ``q4_k_m``), if readable."""
-    try:
-        from gguf import GGUFReader, LlamaFileType
-
-        field_ = GGUFReader(str(path)).fields.get("general.file_type")
-        value = int(field_.parts[field_.data[0]][0])
-        return LlamaFileType(value).name.removeprefix("MOSTLY_").removeprefix("ALL_").lower()
-    except Exception:  # no gguf package, no such field: the caller's word is all there is
-        return "unknown"
+    def report(self, kind: str, weight_type: str | None, *, logits: bool = True) -> VerifyReport:
+        """An empty report for ``weight_type``, with the tolerance the format declares for it
+        (``logits=False``: a check that compares no logits, so needs none)."""
+        declared = self.format.weight_type(weight_type)
+        name = declared.name if declared else (weight_type or "unknown").lower()
+        tolerance = declared.tolerance if declared else UNKNOWN_TOLERANCE
+        report = VerifyReport(path=self.path, kind=kind, weight_type=name, tolerance=tolerance)
+        if logits and (declared is None or declared.tolerance is UNKNOWN_TOLERANCE):
+            report.notes.append(
+                f"no tolerance declared for type {name!r}: judged by top-1 agreement alone"
+            )
+        return report
 
 
 # -- the model in memory ------------------------------------------------------------------
@@ -311,55 +257,99 @@ def _texts(tokenizer: Any) -> list[str]:
     return [*SAMPLE_TEXTS, *([chat] if chat else [])]
 
 
-# -- the three kinds ------------------------------------------------------------------------
-def _verify_safetensors(report: VerifyReport, model: Any, tokenizer: Any, prompts) -> None:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    device = next(model.parameters()).device
+def compare_logits(
+    report: VerifyReport,
+    model: Any,
+    tokenizer: Any,
+    prompts: tuple[str, ...],
+    exported_logits: Callable[[list[list[int]]], list[np.ndarray]],
+) -> None:
+    """Compare the every-position logits of ``prompts`` (and a chat-templated conversation)
+    from ``model`` with those ``exported_logits(id_lists)`` gives, into ``report``."""
     vocab = int(model.get_output_embeddings().weight.shape[0])
     lists = _prompt_ids(tokenizer, prompts, vocab)
-    reference = _all_logits(model, lists)
-    # Eager attention: the plainest path, and the only one that honours every softcap.
-    reloaded = AutoModelForCausalLM.from_pretrained(
-        report.path, dtype="auto", attn_implementation="eager", device_map=str(device)
-    )
-    try:
-        _compare(report, reference, _all_logits(reloaded, lists))
-    finally:
-        del reloaded
-    if tokenizer is not None:
-        _verify_hf_tokenizer(
-            report, tokenizer, AutoTokenizer.from_pretrained(report.path, trust_remote_code=False)
-        )
+    _compare(report, _all_logits(model, lists), exported_logits(lists))
 
 
-def _verify_hf_tokenizer(report: VerifyReport, tokenizer: Any, exported: Any) -> None:
+def compare_token_ids(
+    report: VerifyReport, tokenizer: Any, encode: Callable[[list[str]], list[list[int]]]
+) -> None:
+    """The sample texts (and a chat-templated conversation) encode to the same ids through
+    ``tokenizer`` and through the export's ``encode``."""
     texts = _texts(tokenizer)
     _compare_ids(
         report,
         texts,
         [list(tokenizer(t).input_ids) for t in texts],
-        [list(exported(t).input_ids) for t in texts],
+        [list(i) for i in encode(texts)],
     )
+
+
+# -- the built-in verifiers ---------------------------------------------------------------------
+def _safetensors_type(path: Path) -> str:
+    config = json.loads((path / "config.json").read_text())
+    quant = config.get("quantization_config") or {}
+    if quant:
+        if quant.get("load_in_8bit"):
+            return "int8"
+        return str(quant.get("bnb_4bit_quant_type") or quant.get("quant_method") or "unknown")
+    return str(config.get("dtype") or config.get("torch_dtype") or "unknown")
+
+
+def verify_safetensors(request: VerifyRequest) -> VerifyReport:
+    """A model directory transformers loads (its weight type from ``config.json``)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path, model = request.path, request.model
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path}: nothing to verify (no config.json)")
+    report = request.report("safetensors", _safetensors_type(path))
+    device = next(model.parameters()).device
+
+    def reloaded_logits(lists: list[list[int]]) -> list[np.ndarray]:
+        # Eager attention: the plainest path, and the only one that honours every softcap.
+        reloaded = AutoModelForCausalLM.from_pretrained(
+            path, dtype="auto", attn_implementation="eager", device_map=str(device)
+        )
+        try:
+            return _all_logits(reloaded, lists)
+        finally:
+            del reloaded
+
+    compare_logits(report, model, request.tokenizer, request.prompts, reloaded_logits)
+    if request.tokenizer is not None:
+        _verify_hf_tokenizer(
+            report, request.tokenizer, AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+        )
+    return report
+
+
+def _verify_hf_tokenizer(report: VerifyReport, tokenizer: Any, exported: Any) -> None:
+    compare_token_ids(report, tokenizer, lambda texts: [exported(t).input_ids for t in texts])
     if getattr(tokenizer, "chat_template", None) != getattr(exported, "chat_template", None):
         report.problems.append("the exported tokenizer's chat template differs")
 
 
-def _verify_lora(report: VerifyReport, model: Any, tokenizer: Any) -> None:
+def verify_lora(request: VerifyRequest) -> VerifyReport:
+    """A PEFT adapter directory: every saved tensor equals the one in memory."""
     from peft import get_peft_model_state_dict
     from safetensors.torch import load_file
 
-    files = sorted(report.path.glob("adapter_model*.safetensors"))
+    path, model, tokenizer = request.path, request.model, request.tokenizer
+    if not (path / "adapter_config.json").is_file():
+        raise FileNotFoundError(f"{path}: nothing to verify (no adapter_config.json)")
+    report = request.report("lora", "adapter", logits=False)
+    files = sorted(path.glob("adapter_model*.safetensors"))
     if not files or not hasattr(model, "peft_config"):
         report.problems.append("no adapter_model.safetensors, or the model has no LoRA adapter")
-        return
+        return report
     saved = {k: v for f in files for k, v in load_file(str(f)).items()}
     current = get_peft_model_state_dict(model)
     if set(saved) != set(current):
         report.problems.append(
             f"adapter tensors differ: {len(saved)} saved, {len(current)} in memory"
         )
-        return
+        return report
     report.positions = len(saved)
     report.max_abs = max(
         (float((saved[k].float() - current[k].detach().float().cpu()).abs().max()) for k in saved),
@@ -368,36 +358,13 @@ def _verify_lora(report: VerifyReport, model: Any, tokenizer: Any) -> None:
     report.max_rel, report.top1 = None, None
     if report.max_abs > 0:
         report.problems.append(f"saved adapter tensors differ by up to {report.max_abs:.3g}")
-    if tokenizer is not None and (report.path / "tokenizer_config.json").is_file():
+    if tokenizer is not None and (path / "tokenizer_config.json").is_file():
         from transformers import AutoTokenizer
 
         _verify_hf_tokenizer(
-            report, tokenizer, AutoTokenizer.from_pretrained(report.path, trust_remote_code=False)
+            report, tokenizer, AutoTokenizer.from_pretrained(path, trust_remote_code=False)
         )
-
-
-def _verify_gguf(report: VerifyReport, model: Any, tokenizer: Any, prompts, runner) -> None:
-    gguf = _find_gguf(report.path)
-    if runner is None:
-        from sloth_core.export import llama_cpp as runner
-    if not runner.available():
-        report.problems.append(
-            "llama.cpp is not installed here (`pip install llama-cpp-python`): the GGUF "
-            "could not be reloaded, so it is not verified"
-        )
-        return
-    vocab = int(model.get_output_embeddings().weight.shape[0])
-    lists = _prompt_ids(tokenizer, prompts, vocab)
-    reference = _all_logits(model, lists)
-    _compare(report, reference, runner.run_logits(gguf, lists, n_ctx=512))
-    if tokenizer is not None:
-        texts = _texts(tokenizer)
-        _compare_ids(
-            report,
-            texts,
-            [list(tokenizer(t).input_ids) for t in texts],
-            [list(ids) for ids in runner.run_tokenize(gguf, texts)],
-        )
+    return report
 
 
 def verify_export(
@@ -405,45 +372,49 @@ def verify_export(
     model: Any,
     tokenizer: Any,
     *,
+    format: str,
     quantization: str | None = None,
     prompts: tuple[str, ...] = SAMPLE_PROMPTS,
-    runner: ModuleType | Any = None,
+    runner: Any = None,
+    manager: Any = None,
 ) -> VerifyReport:
-    """Reload the export at ``path`` and compare it with ``model`` and ``tokenizer``.
+    """Reload the ``format`` export at ``path`` and compare it with ``model`` and ``tokenizer``,
+    through the verifier the format's plugin declared.
 
     Args:
-        path: what ``sloth_core.export`` wrote (a directory or a ``.gguf`` file).
+        path: what ``sloth_core.export`` wrote (a directory or a file).
         model: the in-memory model it was written from (PEFT-wrapped or plain).
         tokenizer: its tokenizer.
-        quantization: the GGUF type asked for (read from the file when ``None``); for
-            safetensors the type comes from ``config.json``.
+        format: the export format (or an alias) it was written in.
+        quantization: the weight type asked for (read from what was written when ``None``).
         prompts: texts whose every-position logits are compared (plus a chat-templated
             conversation when the tokenizer has a template).
-        runner: the llama.cpp runner (:mod:`sloth_core.export.llama_cpp` by default): an
-            object with ``available()``, ``run_logits`` and ``run_tokenize``.
+        runner: the engine the verifier reloads with, where it takes one (tests).
+        manager: the plugin manager that knows ``format`` (the process's by default).
 
     Returns:
         The report; ``report.passed`` is false past the type's tolerance.
     """
-    path = Path(path)
-    kind = _kind(path)
-    if kind == "safetensors":
-        weight_type = _safetensors_type(path)
-    elif kind == "gguf":
-        weight_type = quantization or _gguf_type(_find_gguf(path))
-    else:
-        weight_type = "adapter"
-    name, tolerance = tolerance_for(weight_type)
-    report = VerifyReport(path=path, kind=kind, weight_type=name, tolerance=tolerance)
-    if kind != "lora" and name not in TOLERANCES:
-        report.notes.append(f"no tolerance for type {name!r}: judged by top-1 agreement alone")
-    if kind == "safetensors":
-        _verify_safetensors(report, model, tokenizer, prompts)
-    elif kind == "gguf":
-        _verify_gguf(report, model, tokenizer, prompts, runner)
-    else:
-        _verify_lora(report, model, tokenizer)
-    return report
+    from sloth_core.errors import PluginMissingError
+
+    if manager is None:
+        from sloth_core.plugins import get_plugin_manager
+
+        manager = get_plugin_manager()
+    declared = manager.export_format(format)
+    if declared is None:
+        raise PluginMissingError(f"no installed plugin serves the export format {format!r}")
+    request = VerifyRequest(
+        declared, Path(path), model, tokenizer, quantization, tuple(prompts), runner
+    )
+    if declared.verify is None:
+        report = request.report(declared.name, quantization)
+        report.problems.append(
+            f"the {declared.name} format ({declared.plugin}) declares no verifier: "
+            "the export is not verified"
+        )
+        return report
+    return declared.verify(request)
 
 
 def print_report(report: VerifyReport, console: Any = None) -> None:
