@@ -54,14 +54,25 @@ def _install_llama_cpp(session: nox.Session) -> None:
     session.install(str(sorted(cache.glob(pattern))[-1]))
 
 
+#: Test processes: one per core, at most 4 (each builds its own session fixtures). Each
+#: file runs whole in one process, so its module fixtures (a trained run, exports) are
+#: built once; torch gets one thread per process, so the processes do not oversubscribe.
+WORKERS = int(os.environ.get("SLOTH_TEST_WORKERS", min(os.cpu_count() or 1, 4)))
+
+
 @nox.session
 def tests(session: nox.Session) -> None:
     """CPU test suite in a fresh environment: torch first, so pip takes the CPU build."""
     session.install("torch==2.13.0")
-    session.install("setuptools>=68", "wheel", "pytest>=8", "bitsandbytes>=0.45", "triton>=3.6")
+    session.install(
+        "setuptools>=68", "wheel", "pytest>=8", "pytest-xdist>=3.5", "bitsandbytes>=0.45",
+        "triton>=3.6",
+    )  # fmt: skip
     _install_repo(session)
     _install_llama_cpp(session)
-    session.run("pytest", "-m", "not gpu", *session.posargs, env=TEST_ENV)
+    parallel = ["-n", str(WORKERS), "--dist", "loadfile"] if WORKERS > 1 else []
+    env = {**TEST_ENV, **({"OMP_NUM_THREADS": "1"} if WORKERS > 1 else {})}
+    session.run("pytest", "-m", "not gpu", *parallel, "--durations=40", *session.posargs, env=env)
 
 
 #: The tests that compare the patched model with Hugging Face's (parity, convergence, the
