@@ -5,10 +5,15 @@ from __future__ import annotations
 import json
 import random
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
+from sloth_core.checkpointing import (  # noqa: F401  (enable_checkpointing: public here too)
+    Checkpointing,
+    apply_checkpointing,
+    enable_checkpointing,
+)
 from sloth_core.errors import ModelNotFoundError, PluginMissingError, SlothError
 from sloth_core.io import refuse_existing
 from sloth_core.plugins import SlothPluginManager, get_plugin_manager
@@ -77,8 +82,12 @@ def load_model(
     check_remote_code(spec.model_name, spec.trust_remote_code)
     spec.config = spec.config or _read_config(spec, manager)
     spec.model_type = getattr(spec.config, "model_type", None) or spec.model_type
-    if spec.dtype is None:  # no device_map: transformers loads onto the CPU
-        spec.dtype = default_dtype(str(spec.device_map) if spec.device_map else "cpu")
+    if spec.dtype is None:
+        # No device_map: transformers loads onto the CPU, except a quantized model, which
+        # bitsandbytes puts on the GPU (an fp32 lm_head and embeddings there would cost an
+        # 8B model 2 GB more than bf16).
+        where = "cuda" if spec.quantization else "cpu"
+        spec.dtype = default_dtype(str(spec.device_map) if spec.device_map else where)
     if spec.quantization:
         if spec.quantization not in manager.quantizers:
             raise _missing("quantization", spec.quantization, manager.quantizers)
@@ -167,23 +176,23 @@ def _weight_type(format: Any, quantization: str) -> str:
     return declared.name
 
 
-def enable_checkpointing(model: Any, *, offload: bool = False) -> None:
-    """Non-reentrant activation checkpointing, or with ``offload`` the layer inputs kept
-    in pinned host memory (:mod:`sloth_core.checkpointing`)."""
-    if offload:
-        from sloth_core.checkpointing import offloaded_checkpoint
+#: Unsloth's spellings of the checkpointing modes (the only place they are read).
+_UNSLOTH_CHECKPOINTING = {
+    False: Checkpointing.OFF, True: Checkpointing.ON,
+    "sloth": Checkpointing.OFFLOAD, "unsloth": Checkpointing.OFFLOAD,
+}  # fmt: skip
 
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model
-        # transformers' own hook for the checkpointing function of its decoder layers.
-        base._set_gradient_checkpointing(
-            enable=True, gradient_checkpointing_func=offloaded_checkpoint
-        )
-        return
-    kwargs = {"use_reentrant": False}
-    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+def _checkpointing(value: Any) -> Checkpointing:
+    if isinstance(value, bool) or value in ("sloth", "unsloth"):
+        return _UNSLOTH_CHECKPOINTING[value]
+    try:
+        return Checkpointing(value)
+    except ValueError:
+        raise ValueError(
+            f"use_gradient_checkpointing={value!r}: use True, False or 'sloth' (or 'off', "
+            "'on', 'offload')"
+        ) from None
 
 
 class FastLanguageModel:
@@ -204,6 +213,7 @@ class FastLanguageModel:
         device_map: Any = None,
         trust_remote_code: bool = False,
         allow_pickle: bool = False,
+        tokenizer: Any = None,
         **kwargs: Any,
     ) -> tuple[Any, Any]:
         """Load ``model_name`` (a local directory or hub id), quantized if asked, patched.
@@ -227,6 +237,7 @@ class FastLanguageModel:
             device_map=device_map,
             revision=revision,
             token=token,
+            tokenizer=tokenizer,
             extra=kwargs,
         )
         model, tokenizer, _ = load_model(spec)
@@ -241,7 +252,7 @@ class FastLanguageModel:
         target_modules: list[str] | str | None = None,
         lora_alpha: int = 16,
         lora_dropout: float = 0.0,
-        bias: str = "none",
+        bias: Literal["none", "all", "lora_only"] = "none",
         use_gradient_checkpointing: bool | str = "sloth",
         random_state: int = 3407,
         use_rslora: bool = False,
@@ -255,7 +266,8 @@ class FastLanguageModel:
         ``use_gradient_checkpointing``: ``"sloth"`` (default; ``"unsloth"`` is accepted
         for familiarity) recomputes activations in backward and, on a GPU, keeps the layer
         inputs in pinned host memory meanwhile; ``True`` recomputes with the inputs on the
-        device; ``False`` keeps every activation.
+        device; ``False`` keeps every activation. A :class:`Checkpointing` value (or its
+        name: ``"off"``, ``"on"``, ``"offload"``) is taken as well.
         """
         from peft import LoraConfig, get_peft_model
 
@@ -264,11 +276,7 @@ class FastLanguageModel:
             raise ValueError("the model was loaded with full_finetuning=True: it takes no LoRA")
         if hasattr(model, "peft_config"):
             raise ValueError("the model already has LoRA adapters")
-        if use_gradient_checkpointing not in (True, False, "unsloth", "sloth"):
-            raise ValueError(
-                f"use_gradient_checkpointing={use_gradient_checkpointing!r}: "
-                "use True, False or 'sloth'"
-            )
+        checkpointing = _checkpointing(use_gradient_checkpointing)
         random.seed(random_state)
         torch.manual_seed(random_state)
         config = LoraConfig(
@@ -281,19 +289,19 @@ class FastLanguageModel:
             bias=bias,
             use_rslora=use_rslora,
             modules_to_save=modules_to_save,
-            init_lora_weights=init_lora_weights,
+            # PEFT's Literal leaves out the "pissa_niter_<n>" strings it accepts.
+            init_lora_weights=init_lora_weights,  # type: ignore[arg-type]
             task_type="CAUSAL_LM",
             **kwargs,
         )
         peft_model = get_peft_model(model, config)
-        if use_gradient_checkpointing:
-            offload = use_gradient_checkpointing in ("sloth", "unsloth") and any(
-                p.is_cuda for p in peft_model.parameters()
-            )
-            enable_checkpointing(peft_model, offload=offload)
-        manager = get_plugin_manager()
-        peft_model.sloth_spec = spec
-        peft_model.sloth_patches = manager.patch_layers(model=peft_model)
+        apply_checkpointing(peft_model, checkpointing)
+        # The plugins that patched the model patch its adapters too (the process-wide
+        # manager only for a model loaded elsewhere).
+        manager = getattr(model, "sloth_host", None) or get_plugin_manager()
+        # torch types Module.__setattr__'s value as Tensor | Module; it takes any object.
+        peft_model.sloth_spec = spec  # type: ignore[assignment]
+        peft_model.sloth_patches = manager.patch_layers(model=peft_model)  # type: ignore[assignment]
         if max_seq_length and spec is not None:
             spec.max_seq_length = max_seq_length
         return peft_model

@@ -7,10 +7,15 @@ the layer runs without saving anything, and the backward brings the input back, 
 layer again with gradients and back-propagates through it. The copies overlap the
 compute of the neighbouring layers, so the step costs about what plain checkpointing
 costs, with the layer inputs off the GPU.
+
+:class:`Checkpointing` is the one vocabulary of the modes (``sloth train``'s
+``gradient_checkpointing`` option, ``FastLanguageModel`` after it maps Unsloth's
+spellings) and :func:`apply_checkpointing` the one rule for when to offload.
 """
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Callable
 from typing import Any
 
@@ -70,3 +75,46 @@ def offloaded_checkpoint(function: Callable[..., Any], hidden_states: torch.Tens
         # inside reachable for autograd, as ``enable_input_require_grads`` would.
         hidden_states = hidden_states.detach().requires_grad_(True)
     return _OffloadedCheckpoint.apply(function, hidden_states, *args)
+
+
+class Checkpointing(str, enum.Enum):
+    """Activation checkpointing: ``off`` keeps every activation; ``on`` recomputes them in
+    backward, the layer inputs kept on the device; ``offload`` recomputes them with the
+    inputs in pinned host memory (where that helps: see :func:`apply_checkpointing`)."""
+
+    OFF = "off"
+    ON = "on"
+    OFFLOAD = "offload"
+
+
+def apply_checkpointing(model: Any, mode: Checkpointing, *, sharded: bool = False) -> bool:
+    """Turn ``mode`` on for ``model``; whether the layer inputs are offloaded.
+
+    Offloaded only on a GPU (on the CPU the inputs are in host memory already) and not for
+    a model FSDP2 shards over several processes (``sharded``): that pairing keeps the
+    inputs on the device, as measured (docs/benchmarks.md)."""
+    mode = Checkpointing(mode)
+    if mode is Checkpointing.OFF:
+        return False
+    offload = (
+        mode is Checkpointing.OFFLOAD and not sharded and any(p.is_cuda for p in model.parameters())
+    )
+    enable_checkpointing(model, offload=offload)
+    return offload
+
+
+def enable_checkpointing(model: Any, *, offload: bool = False) -> None:
+    """Non-reentrant activation checkpointing, or with ``offload`` the layer inputs kept in
+    pinned host memory (:func:`offloaded_checkpoint`), whatever the device."""
+    if offload:
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        # transformers' own hook for the checkpointing function of its decoder layers.
+        base._set_gradient_checkpointing(
+            enable=True, gradient_checkpointing_func=offloaded_checkpoint
+        )
+        return
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)

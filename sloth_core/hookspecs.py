@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from sloth_core.types import (
         ArchitectureRegistrar,
         ExportResult,
+        Host,
         KernelRegistrar,
         ModelSpec,
         NamedRegistrar,
@@ -123,7 +124,7 @@ def load_model(spec: ModelSpec) -> tuple[Any, Any] | None:
 
 
 @hookspec
-def patch_layers(model: torch.nn.Module, ops: OpRegistry) -> PatchReport | None:
+def patch_layers(model: torch.nn.Module, ops: OpRegistry, host: Host) -> PatchReport | None:
     """Swap the forwards of the modules this plugin knows for calls into ``ops``.
 
     Called on every plugin (collect-all) after loading, and again once LoRA adapters are
@@ -134,6 +135,9 @@ def patch_layers(model: torch.nn.Module, ops: OpRegistry) -> PatchReport | None:
 
     :param model: the loaded (possibly PEFT-wrapped) model, changed in place.
     :param ops: the op registry; call ops by name, e.g. ``ops.rms_norm(x, w, eps)``.
+    :param host: the plugin manager running the hook (``host.compute_loss``, ...): what a
+        patched forward needs from it is bound now, never looked up at run time (the
+        manager binds its ``compute_loss`` to causal LMs patched with ``patch_causal_lm``).
     :return: a ``PatchReport`` saying what was patched, with an ``undo`` callable.
     """
 
@@ -174,6 +178,7 @@ def export(
     format: str,
     path: Path,
     options: dict[str, Any],
+    host: Host,
 ) -> ExportResult | None:
     """Write ``model`` and ``tokenizer`` to ``path`` in ``format``.
 
@@ -188,4 +193,6 @@ def export(
     :param format: the format name as registered through ``register_exporters``.
     :param path: the output directory or file.
     :param options: format options (``quantization``, ``max_shard_size``, ``force``, ...).
+    :param host: the plugin manager running the hook: a format that writes through another
+        calls ``host.export(...)`` (Ollama through GGUF) and reads ``host.export_format``.
     """

@@ -7,14 +7,16 @@ that implements a hook no spec defines, or whose discovery hook raises, is recor
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import importlib
 import os
 import sys
 import threading
 import traceback
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
+from functools import partial
 from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -163,7 +165,7 @@ class SlothPluginManager:
         if builtins:
             for module_name in BUILTIN_PLUGINS:
                 name = "builtin:" + module_name.rsplit(".", 1)[-1]
-                self._add(name, lambda m=module_name: importlib.import_module(m), "builtin")
+                self._add(name, partial(importlib.import_module, module_name), "builtin")
         if entry_points:
             self.load_entry_points()
         # Every plugin was checked on its own above; this is the belt to those braces.
@@ -241,7 +243,7 @@ class SlothPluginManager:
 
     def _unknown_hooks(self, plugin: object) -> list[str]:
         """Hook implementations in ``plugin`` that match no spec (misspelt names)."""
-        known = [name for name in dir(hookspecs) if not name.startswith("_")]
+        known = self.hook_specs()
         problems = []
         for attr in dir(plugin):
             value = getattr(plugin, attr, None)
@@ -329,6 +331,7 @@ class SlothPluginManager:
             wrapped = self.formats.get(wrapped.wraps)
             if wrapped is None:
                 break
+            assert format is not None  # wrapped was format, then what it wraps
             format = replace(
                 format,
                 quantizations=format.quantizations
@@ -348,6 +351,12 @@ class SlothPluginManager:
         caller = getattr(self.pm.hook, hook_name)
         return [impl.plugin_name for impl in reversed(caller.get_hookimpls())]
 
+    @staticmethod
+    def hook_specs() -> list[str]:
+        """The hooks :mod:`sloth_core.hookspecs` specifies (not the other names it holds)."""
+        marker = f"{PROJECT_NAME}_spec"
+        return sorted(n for n in dir(hookspecs) if hasattr(getattr(hookspecs, n), marker))
+
     def hook_names(self) -> list[str]:
         return sorted(n for n in dir(self.pm.hook) if not n.startswith("_"))
 
@@ -359,7 +368,15 @@ class SlothPluginManager:
         return self.pm.hook.quantize(spec=spec)
 
     def patch_layers(self, *, model: torch.nn.Module) -> list[PatchReport]:
-        return [r for r in self.pm.hook.patch_layers(model=model, ops=self.ops) if r]
+        """Run every ``patch_layers`` hook, then bind this manager to what they patched
+        (its ``compute_loss`` on patched causal LMs; ``model.sloth_host``): a patched model
+        calls the plugins it was patched with, never a process-wide global."""
+        from sloth_core.patches.causal_lm import bind_loss
+
+        reports = [r for r in self.pm.hook.patch_layers(model=model, ops=self.ops, host=self) if r]
+        bind_loss(model, self.compute_loss)
+        model.sloth_host = self  # type: ignore[assignment]  # torch: setattr takes any object
+        return reports
 
     def compute_loss(
         self,
@@ -386,8 +403,14 @@ class SlothPluginManager:
         self, *, model: torch.nn.Module, tokenizer: Any, format: str, path: Path, options: dict
     ) -> ExportResult | None:
         return self.pm.hook.export(
-            model=model, tokenizer=tokenizer, format=format, path=path, options=options
-        )
+            model=model, tokenizer=tokenizer, format=format, path=path, options=options,
+            host=self,
+        )  # fmt: skip
+
+    def __deepcopy__(self, memo: dict) -> SlothPluginManager:
+        # A copied model (TRL's reference model, an EMA copy) keeps the plugins it was
+        # patched with: the manager is a service, not part of the model's state.
+        return self
 
 
 _manager: SlothPluginManager | None = None
@@ -403,8 +426,24 @@ def get_plugin_manager() -> SlothPluginManager:
         return _manager
 
 
-def reset_plugin_manager(manager: SlothPluginManager | None = None) -> None:
-    """Replace the process-wide manager (``None``: reload on next use). For tests."""
+def reset_plugin_manager(
+    manager: SlothPluginManager | None = None,
+) -> SlothPluginManager | None:
+    """Replace the process-wide manager (``None``: reload on next use); returns the one it
+    replaced, to put back. For tests and notebooks."""
     global _manager
     with _lock:
-        _manager = manager
+        previous, _manager = _manager, manager
+    return previous
+
+
+@contextlib.contextmanager
+def using_plugin_manager(manager: SlothPluginManager) -> Iterator[SlothPluginManager]:
+    """Make ``manager`` the process-wide default for the block: what ``FastLanguageModel``
+    and ``sloth_core.export`` start from when given no manager. A model keeps the manager
+    that patched it afterwards (its forward never looks the default up)."""
+    previous = reset_plugin_manager(manager)
+    try:
+        yield manager
+    finally:
+        reset_plugin_manager(previous)

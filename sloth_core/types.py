@@ -32,6 +32,9 @@ class ModelSpec:
     device_map: Any = None
     revision: str | None = None
     token: str | bool | None = None
+    #: A tokenizer the caller loaded already (:func:`sloth_core.sdk.load_tokenizer` returns
+    #: it rather than loading another).
+    tokenizer: Any = None
     #: Filled by the core from the ``quantize`` hook; loaders pass ``load_kwargs`` on.
     quantization_plan: QuantizationPlan | None = None
     #: Further keyword arguments for ``from_pretrained``, passed on untouched.
@@ -106,3 +109,19 @@ class NamedRegistrar(Protocol):
     :class:`~sloth_core.formats.QuantizationMethod`), or its name and fields as keywords."""
 
     def __call__(self, descriptor: Any, /, **fields: Any) -> None: ...
+
+
+class Host(Protocol):
+    """The plugin manager as hooks see it (the ``host`` argument of ``patch_layers`` and
+    ``export``): what a hook may call back, instead of a process-wide global."""
+
+    ops: Any
+    exporters: dict[str, str]
+
+    def export_format(self, name: str) -> Any: ...
+
+    def compute_loss(self, **kwargs: Any) -> Any: ...
+
+    def export(
+        self, *, model: Any, tokenizer: Any, format: str, path: Path, options: dict
+    ) -> ExportResult | None: ...

@@ -12,6 +12,14 @@ from sloth_core.bench.context import ProbeError, max_fitting, probe_in_process
 from sloth_core.cli import main
 
 
+@pytest.fixture(autouse=True)
+def _torch_ops(monkeypatch):
+    # The bench's machinery on the CPU, not the kernels: under CI's TRITON_INTERPRET=1 they
+    # would run interpreted (minutes); the kernels are tested against the references.
+    monkeypatch.setenv("SLOTH_KERNELS", "torch")
+
+
+
 def upto(limit: int):
     return lambda seq: seq <= limit
 

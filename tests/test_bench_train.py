@@ -23,6 +23,13 @@ from sloth_core.cli import main
 
 NOT_INSTALLED = "liger-kernel is not installed (pip install liger-kernel)"
 
+@pytest.fixture(autouse=True)
+def _torch_ops(monkeypatch):
+    # The bench's machinery on the CPU, not the kernels: under CI's TRITON_INTERPRET=1 they
+    # would run interpreted (minutes); the kernels are tested against the references.
+    monkeypatch.setenv("SLOTH_KERNELS", "torch")
+
+
 
 def test_both_systems_train_the_same_in_separate_processes(tmp_path):
     report = run_bench("llama-tiny", seq=16, batch=2, steps=2, warmup=1,

@@ -19,7 +19,9 @@ def _lora_grads(mode: str, dropout: float) -> tuple[float, dict[str, torch.Tenso
     if mode != "none":
         enable_checkpointing(model, offload=mode == "offload")
     model.train()
-    ids = torch.randint(0, model.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(1))
+    ids = torch.randint(
+        0, model.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(1)
+    )
     torch.manual_seed(5)  # the same dropout masks in every mode
     loss = model(input_ids=ids, labels=ids).loss
     loss.backward()
@@ -43,4 +45,39 @@ def test_offload_is_used_by_the_layers():
     enable_checkpointing(model, offload=True)
     layers = model.get_base_model().model.layers
     assert all(layer.gradient_checkpointing for layer in layers)
-    assert all(layer._gradient_checkpointing_func.__name__ == "offloaded_checkpoint" for layer in layers)
+    assert all(
+        layer._gradient_checkpointing_func.__name__ == "offloaded_checkpoint" for layer in layers
+    )
+
+
+def test_one_vocabulary_and_one_offload_rule(monkeypatch):
+    from sloth_core.api import _checkpointing
+    from sloth_core.checkpointing import Checkpointing, apply_checkpointing
+
+    # Unsloth's spellings, mapped in FastLanguageModel alone; the enum's names too.
+    assert [_checkpointing(v) for v in (False, True, "sloth", "unsloth", "on", "offload")] == [
+        Checkpointing.OFF, Checkpointing.ON, Checkpointing.OFFLOAD, Checkpointing.OFFLOAD,
+        Checkpointing.ON, Checkpointing.OFFLOAD,
+    ]  # fmt: skip
+    with pytest.raises(ValueError, match="use_gradient_checkpointing='sometimes'"):
+        _checkpointing("sometimes")
+
+    def layers_after(mode, *, cuda=False, sharded=False):
+        model = init_tiny_model(tiny_config("llama"), seed=0)
+        # The rule reads where the weights are: pretend they are on a GPU.
+        monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda t: cuda))
+        offloaded = apply_checkpointing(model, mode, sharded=sharded)
+        monkeypatch.undo()
+        funcs = {
+            getattr(layer, "_gradient_checkpointing_func", None) for layer in model.model.layers
+        }
+        on = all(getattr(layer, "gradient_checkpointing", False) for layer in model.model.layers)
+        return offloaded, on, {getattr(f, "__name__", None) for f in funcs}
+
+    assert layers_after(Checkpointing.OFF)[:2] == (False, False)
+    assert layers_after("on")[:2] == (False, True)
+    # On the CPU the inputs are in host memory already; under FSDP2 they stay on the device.
+    assert layers_after("offload")[:2] == (False, True)
+    assert layers_after("offload", cuda=True, sharded=True)[:2] == (False, True)
+    offloaded, on, names = layers_after("offload", cuda=True)
+    assert offloaded and on and names == {"offloaded_checkpoint"}

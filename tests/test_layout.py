@@ -30,3 +30,23 @@ def test_template_is_a_complete_plugin():
     template = ROOT / "plugins" / "_template"
     assert (template / "src" / "sloth_template" / "plugin.py").is_file()
     assert list((template / "tests").glob("test_*.py"))
+
+
+def test_the_training_run_is_small_functions():
+    """The run is in phases (prepare, build, step, callbacks, finish), none one long body."""
+    import ast
+
+    long = {}
+    for path in sorted((ROOT / "sloth_core" / "train").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                lines = node.end_lineno - node.lineno + 1
+                if lines > 60:
+                    long[f"{path.name}:{node.name}"] = lines
+    assert long == {}
+
+
+def test_py_typed_ships():
+    assert (ROOT / "sloth_core" / "py.typed").is_file()
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert "py.typed" in project["tool"]["setuptools"]["package-data"]["sloth_core"]

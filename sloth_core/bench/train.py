@@ -251,8 +251,10 @@ def _load(system: str, model_dir: Path, device: str, quantization: str | None = 
 
         # "sloth" checkpoints with the layer inputs in pinned host memory (get_peft_model's
         # default); "sloth:on" keeps them on the device, "sloth:off" does not checkpoint.
-        mode = system.partition(":")[2] or "offload"
-        checkpointing = {"offload": "sloth", "on": True, "off": False}[mode]
+        from sloth_core.checkpointing import Checkpointing, apply_checkpointing
+        from sloth_core.train import distributed
+
+        mode = Checkpointing(system.partition(":")[2] or "offload")
 
         model, _ = FastLanguageModel.from_pretrained(
             str(model_dir), dtype=torch.bfloat16, device_map=device, max_seq_length=None,
@@ -260,15 +262,12 @@ def _load(system: str, model_dir: Path, device: str, quantization: str | None = 
             full_finetuning=full,
         )  # fmt: skip
         n_base = _matmul_params(model)
-        if full:
-            from sloth_core.api import enable_checkpointing
-
-            if checkpointing:
-                enable_checkpointing(model, offload=checkpointing == "sloth")
+        if full:  # as sloth train does it: sharded by FSDP2 under torchrun
+            apply_checkpointing(model, mode, sharded=distributed.launched())
             return model, n_base
         model = FastLanguageModel.get_peft_model(
             model, r=16, lora_alpha=16, lora_dropout=0.0, target_modules=TARGET_MODULES,
-            use_gradient_checkpointing=checkpointing,
+            use_gradient_checkpointing=mode,
         )  # fmt: skip
         return model, n_base
     from peft import LoraConfig, get_peft_model
@@ -311,6 +310,8 @@ def run_system(system: str, model_dir: Path, *, seq: int, batch: int, steps: int
     rank, under torchrun)."""
     import torch
 
+    from sloth_core.train.step import train_step
+
     if device == "cuda" and "LOCAL_RANK" in os.environ:
         device = f"cuda:{os.environ['LOCAL_RANK']}"
     model, n_base = _load(system, model_dir, device, quantization, full)
@@ -322,6 +323,8 @@ def run_system(system: str, model_dir: Path, *, seq: int, batch: int, steps: int
     generator = torch.Generator().manual_seed(1234 + group.rank)  # each rank its own rows
     vocab = config.vocab_size
     ids = torch.randint(0, vocab, (batch, seq), generator=generator).to(device)
+    rows = {"input_ids": ids, "labels": ids}
+    sloth = system.startswith("sloth")
     cuda = device.startswith("cuda")
     if cuda:
         torch.cuda.synchronize()
@@ -331,15 +334,16 @@ def run_system(system: str, model_dir: Path, *, seq: int, batch: int, steps: int
         if cuda:
             torch.cuda.synchronize()
         start = time.perf_counter()
-        loss = model(input_ids=ids, labels=ids).loss
-        # sloth's wrappers sum the ranks' gradients: the mean over every rank's rows.
-        scale = group.world_size if system.startswith("sloth") else 1
-        (loss / scale).backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        # The trainer's own step (sloth_core.train.step), for every system. sloth's
+        # wrappers sum the ranks' gradients, the step dividing by every rank's tokens;
+        # torch's DDP (the others) averages them, the step dividing by this rank's.
+        done = train_step(model, optimizer, [rows], group=group if sloth else None)
         if cuda:
             torch.cuda.synchronize()
-        losses.append(loss.item())
+        loss = done.loss
+        if group.active and not sloth:  # the mean over every rank's rows, as sloth reports
+            loss = group.all_sum([loss])[0] / group.world_size
+        losses.append(loss)
         if step >= warmup:
             times.append(time.perf_counter() - start)
     median = statistics.median(times)

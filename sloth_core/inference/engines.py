@@ -9,15 +9,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import warnings
 from pathlib import Path
 from typing import Any, TextIO
 
 from sloth_core.errors import PluginMissingError, SlothError
+from sloth_core.sources import ModelSource, load_source, resolve_source
 
 from .generation import Completion, SamplingOptions, cut_at_stop
 from .prompt import PromptFormat, choose_format, fit_context, own_template
-from .source import ModelSource, resolve_source
 
 Messages = list[dict[str, str]]
 
@@ -112,44 +111,19 @@ def load_transformers(
     source: ModelSource, *, load_in_4bit: bool = False, device: str = "auto",
     trust_remote_code: bool = False, allow_pickle: bool = False,
 ) -> tuple[Any, Any]:  # fmt: skip
-    """Load ``source`` (a model, or a base model and its adapter) for inference; the
-    model's own code runs only with ``trust_remote_code``, pickled weights load only with
-    ``allow_pickle``.
-
-    Returns:
-        the model in inference mode (:func:`~.modes.for_inference`), and its tokenizer.
-    """
+    """Load ``source`` through the model-source service (:func:`sloth_core.sources.load_source`)
+    and put it in inference mode (:func:`~.modes.for_inference`)."""
     import torch
 
     from sloth_core.api import FastLanguageModel
-    from sloth_core.plugins import get_plugin_manager
 
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    name = source.base if source.kind == "adapter" else str(source.path)
-    model, tokenizer = FastLanguageModel.from_pretrained(
-        name, max_seq_length=None, load_in_4bit=load_in_4bit,
-        device_map=None if device == "cpu" else device,
+    model, tokenizer = load_source(
+        source, device=None if device == "cpu" else device, load_in_4bit=load_in_4bit,
         trust_remote_code=trust_remote_code, allow_pickle=allow_pickle,
+        apply_trained_template=False,  # weighed against --chat-template in choose_format
     )  # fmt: skip
-    if source.kind == "adapter":
-        from peft import PeftModel
-
-        spec = getattr(model, "sloth_spec", None)
-        with warnings.catch_warnings():  # PEFT reads transformers' deprecated is_gradient_...
-            warnings.simplefilter("ignore", FutureWarning)
-            model = PeftModel.from_pretrained(model, str(source.path))
-        model.sloth_spec = spec
-        model.sloth_patches = get_plugin_manager().patch_layers(model=model)
-    if source.tokenizer and source.tokenizer != name:
-        from transformers import AutoTokenizer
-
-        from sloth_core.trust import check_remote_code
-
-        check_remote_code(source.tokenizer, trust_remote_code)
-        tokenizer = AutoTokenizer.from_pretrained(
-            source.tokenizer, trust_remote_code=trust_remote_code
-        )
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
     FastLanguageModel.for_inference(model, tokenizer)
@@ -175,13 +149,14 @@ def _llama_cpp() -> Any:
     try:
         from sloth_core.sdk import llama_cpp
     except ImportError:
-        llama_cpp = None
-    if llama_cpp is None or not llama_cpp.available():
-        raise PluginMissingError(
-            "running a GGUF file needs llama-cpp-python: pip install llama-cpp-python "
-            "(or run the merged model directory instead)"
-        )
-    return llama_cpp
+        pass
+    else:
+        if llama_cpp.available():
+            return llama_cpp
+    raise PluginMissingError(
+        "running a GGUF file needs llama-cpp-python: pip install llama-cpp-python "
+        "(or run the merged model directory instead)"
+    )
 
 
 class LlamaCppEngine(Engine):
@@ -242,7 +217,8 @@ def open_engine(
     trust_remote_code: bool = False,
     allow_pickle: bool = False,
 ) -> Engine:
-    """Resolve ``name`` (:func:`~.source.resolve_source`) and load it with the right backend."""
+    """Resolve ``name`` (:func:`sloth_core.sources.resolve_source`) and load it with the right
+    backend: llama.cpp for a GGUF file, transformers for the rest."""
     source = resolve_source(name)
     if source.kind == "gguf":
         if load_in_4bit:

@@ -1,7 +1,9 @@
 """``*ForCausalLM`` forwards whose loss never materialises the full logits.
 
-With ``labels`` the loss comes from the plugin manager's ``compute_loss`` hook on the last
-hidden states (by default the chunked ``fused_linear_cross_entropy`` op). In training,
+With ``labels`` the loss comes from the ``compute_loss`` hook of the plugin manager that
+patched the model (bound on the module at patch time, :func:`bind_loss`; no global is
+read at run time), on the last hidden states (by default the chunked
+``fused_linear_cross_entropy`` op). In training,
 where only the loss is used, the ``[batch, seq, vocab]`` logits are not computed at all
 (``logits=None``); in eval they are computed as transformers does, beside the same loss.
 """
@@ -10,15 +12,33 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
+from sloth_core.errors import SlothError
 from sloth_core.patching import bind_forward, call_original
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 #: Set to ``1`` to get logits in training too (for code that reads them beside the loss).
 RETURN_LOGITS_ENV = "SLOTH_RETURN_LOGITS"
 _KEEP_LOGITS = "_sloth_keep_logits"
+#: The ``compute_loss`` a patched causal LM calls, bound by the manager that patched it.
+_LOSS = "_sloth_compute_loss"
+_PATCHED = "_sloth_causal_lm"
+
+
+def bind_loss(model: torch.nn.Module, compute_loss: Any) -> int:
+    """Make ``compute_loss`` the loss of every causal LM in ``model`` patched here; returns
+    how many. The plugin manager calls it after ``patch_layers`` with its own hook."""
+    bound = 0
+    for module in model.modules():
+        if module.__dict__.get(_PATCHED):
+            module.__dict__[_LOSS] = compute_loss
+            bound += 1
+    return bound
 
 
 def _slice_hidden(hidden_states: torch.Tensor, logits_to_keep: int | torch.Tensor) -> torch.Tensor:
@@ -34,7 +54,7 @@ def _slice_hidden(hidden_states: torch.Tensor, logits_to_keep: int | torch.Tenso
     return slice_logits_to_keep(hidden_states, logits_to_keep)
 
 
-def causal_lm_logits(module: torch.nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
+def causal_lm_logits(module: PreTrainedModel, hidden_states: torch.Tensor) -> torch.Tensor:
     """The output head applied to ``hidden_states``, with ``final_logit_softcapping`` if set."""
     logits = module.get_output_embeddings()(hidden_states)
     softcap = getattr(module.config, "final_logit_softcapping", None)
@@ -50,7 +70,11 @@ def _output_fields() -> frozenset[str]:
 
 
 def patch_causal_lm(
-    module: torch.nn.Module, *, decoder: str = "model", keep_logits: bool = False
+    module: torch.nn.Module,
+    *,
+    decoder: str = "model",
+    keep_logits: bool = False,
+    compute_loss: Any = None,
 ) -> bool:
     """Replace a ``*ForCausalLM`` forward with one that computes the loss via ``compute_loss``.
 
@@ -71,7 +95,12 @@ def patch_causal_lm(
         decoder: the attribute holding the decoder model (``model`` in transformers 5).
         keep_logits: always return logits with the loss (PEFT's prompt-learning methods such
             as CPT compute their own loss from ``outputs.logits``).
+        compute_loss: the loss to call (the keywords of the ``compute_loss`` hook but
+            ``ops``); the plugin manager that runs ``patch_layers`` binds its own.
     """
+    module.__dict__[_PATCHED] = True
+    if compute_loss is not None:
+        module.__dict__[_LOSS] = compute_loss
     if keep_logits:
         module.__dict__[_KEEP_LOGITS] = True
     else:
@@ -82,8 +111,6 @@ def patch_causal_lm(
         if args or "shift_labels" in kwargs:
             return call_original(self, input_ids, attention_mask, position_ids, *args, **kwargs)
         from transformers.modeling_outputs import CausalLMOutputWithPast
-
-        from sloth_core.plugins import get_plugin_manager
 
         labels = kwargs.pop("labels", None)
         logits_to_keep = kwargs.pop("logits_to_keep", 0)
@@ -105,7 +132,13 @@ def patch_causal_lm(
         hidden_states = outputs.last_hidden_state
         loss = logits = None
         if labels is not None:
-            loss = get_plugin_manager().compute_loss(
+            compute_loss = self.__dict__.get(_LOSS)
+            if compute_loss is None:
+                raise SlothError(
+                    f"{type(self).__name__} was patched outside a plugin manager, so it has no "
+                    "loss: patch it through manager.patch_layers (or pass compute_loss=)"
+                )
+            loss = compute_loss(
                 model=self,
                 hidden_states=hidden_states,
                 labels=labels,

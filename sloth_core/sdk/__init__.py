@@ -87,7 +87,6 @@ _EXPORTS: dict[str, str] = {
     "compare_logits": "sloth_core.verify",
     "compare_token_ids": "sloth_core.verify",
     "verify_safetensors": "sloth_core.verify",
-    "get_plugin_manager": "sloth_core.plugins",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -58,7 +58,11 @@ def load_kwargs(spec: ModelSpec) -> dict[str, Any]:
 
 
 def load_tokenizer(spec: ModelSpec) -> Any:
-    """The tokenizer of ``spec``'s model, with a pad token and ``max_seq_length`` set."""
+    """The tokenizer of ``spec``'s model, with a pad token and ``max_seq_length`` set;
+    ``spec.tokenizer`` itself when the caller loaded it already (``sloth train``'s, which
+    prepared the data: one tokenizer per run)."""
+    if spec.tokenizer is not None:
+        return spec.tokenizer
     from transformers import AutoTokenizer
 
     kwargs: dict[str, Any] = {"trust_remote_code": spec.trust_remote_code}

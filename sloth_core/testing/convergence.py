@@ -20,7 +20,7 @@ from sloth_core.plugins import SlothPluginManager
 
 from .datasets import load_tiny_instructions, to_messages
 from .models import init_tiny_model
-from .parity import _require_kernels, attach_lora, kernels_mode, process_wide
+from .parity import _require_kernels, attach_lora, kernels_mode
 from .tokenizer import build_tokenizer
 
 __all__ = ["CONVERGENCE_RTOL", "assert_converges_alike", "convergence_losses", "tokenize_rows"]
@@ -136,7 +136,7 @@ def convergence_losses(
         options = dict(seed=seed, lora_r=lora_r, lr=lr, dtype=dtype, device=device)
         return _train(config, batches, manager=patch_with, **options)
 
-    with kernels_mode(kernels), process_wide(manager):
+    with kernels_mode(kernels):
         if kernels != "torch":
             _require_kernels(manager, device, dtype)  # else ParitySkipped, as in parity
         return train(None), train(manager)

@@ -24,11 +24,14 @@ import os
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from sloth_core.plugins import SlothPluginManager
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 from .datasets import Batch, make_batch
 from .models import init_tiny_model
@@ -51,7 +54,6 @@ __all__ = [
     "attach_lora",
     "check_parity",
     "kernels_mode",
-    "process_wide",
 ]
 
 
@@ -192,7 +194,7 @@ class ParityReport:
 # -- inputs, adapters and one model's run ----------------------------------------------
 
 
-def lora_targets(model: torch.nn.Module) -> list[str]:
+def lora_targets(model: PreTrainedModel) -> list[str]:
     """Names of every linear projection of the architecture (all ``nn.Linear`` but the
     output head): q/k/v/o and gate/up/down for llama, qkv_proj/gate_up_proj for phi3."""
     head = model.get_output_embeddings()
@@ -202,7 +204,7 @@ def lora_targets(model: torch.nn.Module) -> list[str]:
     )  # fmt: skip
 
 
-def attach_lora(model: torch.nn.Module, *, r: int, seed: int, random_b: bool = True):
+def attach_lora(model: PreTrainedModel, *, r: int, seed: int, random_b: bool = True):
     """Wrap ``model`` with PEFT LoRA (``lora_alpha = 2r``, no dropout) on every projection,
     with weights drawn from ``seed`` alone, name by name: the same on every model of the
     same architecture whatever its dtype or device. ``random_b=False`` keeps LoRA's usual
@@ -214,16 +216,16 @@ def attach_lora(model: torch.nn.Module, *, r: int, seed: int, random_b: bool = T
         task_type="CAUSAL_LM",
     )  # fmt: skip
     with torch.random.fork_rng(devices=[]):  # PEFT's own init must not move the caller's RNG
-        model = get_peft_model(model, config)
+        peft_model = get_peft_model(model, config)
     gen = torch.Generator().manual_seed(seed + 2)
     with torch.no_grad():
-        for name, param in sorted(model.named_parameters()):
+        for name, param in sorted(peft_model.named_parameters()):
             if "lora_A" in name or "lora_B" in name:
                 # A: unit-variance outputs; B: the adapter adds about half the base output.
                 scale = 1.0 if "lora_A" in name else (0.25 if random_b else 0.0)
                 values = torch.randn(param.shape, generator=gen) * scale / math.sqrt(param.shape[1])
                 param.copy_(values)
-    return model
+    return peft_model
 
 
 def grad_group(name: str) -> str:
@@ -281,7 +283,9 @@ def run_model(
     from sloth_core.patches.attention import ATTENTION_PATHS
 
     paths_before = dict(ATTENTION_PATHS)
-    spy = _recording(manager.ops) if manager is not None else contextlib.nullcontext({})
+    spy: contextlib.AbstractContextManager[dict[str, set[str]]] = (
+        _recording(manager.ops) if manager is not None else contextlib.nullcontext({})
+    )
     with spy as seen:
         patch(model)
         if attn is not None:
@@ -306,21 +310,6 @@ def run_model(
     paths = {k: v - paths_before.get(k, 0) for k, v in ATTENTION_PATHS.items()}
     paths = {k: v for k, v in paths.items() if v}
     return RunResult(logits, loss.item(), loss_items.item(), grads, patched, providers, paths)
-
-
-@contextlib.contextmanager
-def process_wide(manager: SlothPluginManager) -> Iterator[None]:
-    """Make ``manager`` the process-wide one for the block: patched forwards call hooks
-    at run time (``compute_loss``) through ``get_plugin_manager()``, and those must come
-    from the plugins under test, not from whatever else is installed."""
-    from sloth_core import plugins
-
-    previous = plugins._manager
-    plugins.reset_plugin_manager(manager)
-    try:
-        yield
-    finally:
-        plugins.reset_plugin_manager(previous)
 
 
 @contextlib.contextmanager
@@ -363,13 +352,14 @@ def _global_state(model: torch.nn.Module) -> dict[str, int]:
         cls = type(module)
         state[f"{cls.__qualname__}.forward"] = id(cls.__dict__.get("forward", cls.forward))
     modeling = sys.modules.get(type(model).__module__)
-    for name, value in vars(modeling).items() if modeling else ():
-        if callable(value) and not isinstance(value, type):
-            state[f"{modeling.__name__}.{name}"] = id(value)
+    if modeling:
+        for name, value in vars(modeling).items():
+            if callable(value) and not isinstance(value, type):
+                state[f"{modeling.__name__}.{name}"] = id(value)
     return state
 
 
-def _check_packed_reference(model: torch.nn.Module, batch: Batch) -> None:
+def _check_packed_reference(model: PreTrainedModel, batch: Batch) -> None:
     """Each packed sequence must get the logits it gets alone: else the unpatched model
     (this transformers release, this attention) is no reference for packed rows."""
     ids, positions = batch.inputs["input_ids"], batch.inputs["position_ids"]
@@ -392,7 +382,8 @@ def _build(config: Any, seed: int, dtype: torch.dtype, device: torch.device, com
     if compute is not None and compute != dtype:  # fp32 copy of the bf16-rounded weights
         model = model.to(compute)
         model.config.dtype = compute
-    return model.to(device)
+    # transformers types PreTrainedModel.to as @wraps(nn.Module.to), unbound: self is device
+    return model.to(device)  # type: ignore[arg-type]
 
 
 def _compare(ref: RunResult, run: RunResult, base: RunResult | None, tol: Tolerance):
@@ -480,12 +471,12 @@ def check_parity(
     batch: Batch = make_batch(config, batch_size, seq_len, packed=packed, seed=seed, device=device)
     lowp = dtype != torch.float32
 
-    def build(compute: torch.dtype | None = None) -> torch.nn.Module:
+    def build(compute: torch.dtype | None = None) -> PreTrainedModel:
         return _build(config, seed, dtype, device, compute)
 
     report = ParityReport(config.model_type, dtype, device.type, kernels, packed, tol.factor)
     report.attn = attn_implementation or config._attn_implementation or "sdpa"
-    with kernels_mode(kernels), process_wide(manager):
+    with kernels_mode(kernels):
         if kernels != "torch":
             report.op_table = _require_kernels(manager, device, dtype)
         else:

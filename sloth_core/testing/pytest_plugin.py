@@ -45,8 +45,7 @@ def plugin_manager() -> Iterator[Any]:
     import sloth_core.plugins as plugins
 
     manager = plugins.SlothPluginManager(entry_points=False)
-    previous = plugins._manager
-    plugins.reset_plugin_manager(manager)
+    previous = plugins.reset_plugin_manager(manager)
     try:
         yield manager
     finally:

@@ -1,7 +1,8 @@
 """``sloth train``: the SFT loop, its options, checkpoints and metrics."""
 
 from .config import ConfigError, TrainConfig, read_config_file
-from .loop import TrainResult, accumulate, evaluate, train
+from .loop import TrainResult, train
+from .step import accumulate, evaluate, train_step
 
 __all__ = [
     "ConfigError",
@@ -11,4 +12,5 @@ __all__ = [
     "evaluate",
     "read_config_file",
     "train",
+    "train_step",
 ]

@@ -10,16 +10,15 @@ so a resumed run takes exactly the steps the uninterrupted one would have taken.
 
 Nothing in a checkpoint is pickled (:mod:`.state_files`): resuming reads JSON and
 safetensors only. ``trainer_state.json``, written last, lists the other files a resume
-reads with their sizes, so a file cut short by a full disk or a copy that stopped is found before any of it
-is used; :func:`read_checkpoint` names the damaged file and the trainer falls back to the
-newest intact checkpoint.
+reads with their sizes, so a file cut short by a full disk or a copy that stopped is found
+before any of it is used; :func:`read_checkpoint` names the damaged file and the trainer
+falls back to the newest intact checkpoint.
 """
 
 from __future__ import annotations
 
 import json
 import random
-import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,12 +28,15 @@ import torch
 
 from sloth_core.errors import SlothError
 from sloth_core.io import atomic_directory
+from sloth_core.runs import (  # noqa: F401  (the layout's names, re-exported for train/)
+    ADAPTER_DIR,
+    STATE_FILE,
+    TRAINABLE_FILE,
+    checkpoint_path,
+    list_checkpoints,
+)
 
 from .state_files import StateFormatError, read_state, write_state
-
-STATE_FILE = "trainer_state.json"
-TRAINABLE_FILE = "trainable.safetensors"
-_NAME = re.compile(r"^checkpoint-(\d+)$")
 
 
 def rng_state() -> dict[str, Any]:
@@ -133,11 +135,11 @@ def save_checkpoint(
     """
     from safetensors.torch import save_file
 
-    path = Path(output_dir) / f"checkpoint-{step}"
+    path = checkpoint_path(output_dir, step)
     with atomic_directory(path, force=True) as staging:
         save_file(tensors, str(staging / TRAINABLE_FILE))
         if hasattr(model, "peft_config"):
-            model.save_pretrained(str(staging / "adapter"))
+            model.save_pretrained(str(staging / ADAPTER_DIR))
         write_state(staging, "optimizer", optimizer_state)
         write_state(staging, "scheduler", scheduler.state_dict())
         write_state(staging, "rng", rng_state())
@@ -151,19 +153,6 @@ def save_checkpoint(
         old.rename(retired)
         shutil.rmtree(retired, ignore_errors=True)
     return path
-
-
-def list_checkpoints(output_dir: str | Path) -> list[Path]:
-    """Checkpoints in ``output_dir`` (renamed into place, so written whole), oldest first."""
-    output_dir = Path(output_dir)
-    if not output_dir.is_dir():
-        return []
-    found = []
-    for child in output_dir.iterdir():
-        match = _NAME.match(child.name)
-        if match and child.is_dir():
-            found.append((int(match.group(1)), child))
-    return [path for _, path in sorted(found)]
 
 
 def read_checkpoint(path: Path) -> Checkpoint:

@@ -16,11 +16,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sloth_core.checkpointing import Checkpointing
 from sloth_core.errors import SlothError
 
 SCHEDULES = ("linear", "cosine", "constant")
 OPTIMIZERS = ("adamw_torch_fused", "adamw_torch", "adamw_8bit")
-CHECKPOINTING = ("off", "on", "offload")
+CHECKPOINTING = tuple(mode.value for mode in Checkpointing)
 QUANTIZATIONS = ("nf4", "fp4", "int8")
 FORMATS = ("text", "alpaca", "chat", "sharegpt")
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -156,10 +157,18 @@ class TrainConfig:
 
     def validate(self, *, check_output: bool = True) -> TrainConfig:
         """Raise :class:`ConfigError` naming the first bad option; return ``self``."""
+        self._check_files()
+        self._check_choices()
+        self._check_ranges()
+        self._check_combinations()
+        if check_output:
+            self._check_output()
+        return self
 
-        def bad(name: str, why: str) -> ConfigError:
-            return ConfigError(f"{name}={getattr(self, name)!r}: {why}")
+    def _bad(self, name: str, why: str) -> ConfigError:
+        return ConfigError(f"{name}={getattr(self, name)!r}: {why}")
 
+    def _check_files(self) -> None:
         if not self.model_name:
             raise ConfigError("model_name is required (a model directory or hub id)")
         if not self.dataset:
@@ -167,14 +176,12 @@ class TrainConfig:
         for name in ("dataset", "eval_dataset"):
             value = getattr(self, name)
             if value and Path(value).is_dir():
-                raise bad(name, "is a directory; name the data file in it (.jsonl, .json, "
-                                ".csv or .parquet)")  # fmt: skip
+                raise self._bad(name, "is a directory; name the data file in it (.jsonl, "
+                                      ".json, .csv or .parquet)")  # fmt: skip
             if value and not Path(value).is_file():
-                raise bad(name, "no such file")
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            if isinstance(value, float) and not math.isfinite(value):
-                raise bad(f.name, "must be a finite number")
+                raise self._bad(name, "no such file")
+
+    def _check_choices(self) -> None:
         choices = {
             "lr_scheduler_type": SCHEDULES, "optim": OPTIMIZERS,
             "gradient_checkpointing": CHECKPOINTING,
@@ -183,17 +190,18 @@ class TrainConfig:
         }  # fmt: skip
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
-                raise bad(name, f"choose one of {', '.join(allowed)}")
+                raise self._bad(name, f"choose one of {', '.join(allowed)}")
         if self.data_format and self.data_format not in FORMATS:
-            raise bad("data_format", f"choose one of {', '.join(FORMATS)}")
+            raise self._bad("data_format", f"choose one of {', '.join(FORMATS)}")
         if self.quantization and self.quantization not in QUANTIZATIONS:
-            raise bad("quantization", f"choose one of {', '.join(QUANTIZATIONS)}")
-        if self.full_finetuning and self.save_method == "lora":
-            raise bad("save_method", "full_finetuning has no adapters: use merged_16bit or none")
-        if self.full_finetuning and self.quantization_method:
-            raise ConfigError("full_finetuning trains every weight: it cannot be quantized")
-        if self.load_in_4bit and self.quantization and self.quantization not in ("nf4", "fp4"):
-            raise bad("quantization", "load_in_4bit asks for a 4-bit method (nf4 or fp4)")
+            raise self._bad("quantization", f"choose one of {', '.join(QUANTIZATIONS)}")
+
+    def _check_ranges(self) -> None:
+        bad = self._bad
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise bad(f.name, "must be a finite number")
         positive = ("max_seq_length", "r", "lora_alpha", "per_device_train_batch_size",
                     "gradient_accumulation_steps", "logging_steps", "save_total_limit",
                     "nproc")  # fmt: skip
@@ -201,8 +209,7 @@ class TrainConfig:
             if getattr(self, name) < 1:
                 raise bad(name, "must be at least 1")
         for name in ("warmup_steps", "save_steps", "eval_steps", "weight_decay", "max_grad_norm",
-                     "cpu_threads",
-                     "embedding_learning_rate"):  # fmt: skip
+                     "cpu_threads", "embedding_learning_rate"):  # fmt: skip
             if getattr(self, name) < 0:
                 raise bad(name, "must not be negative")
         if not 0 < self.learning_rate < 1:
@@ -218,25 +225,34 @@ class TrainConfig:
                 raise bad(name, "must be in [0, 1)")
         if not all(0 <= b < 1 for b in (self.adam_beta1, self.adam_beta2)):
             raise ConfigError("adam_beta1/adam_beta2 must be in [0, 1)")
+
+    def _check_combinations(self) -> None:
+        bad = self._bad
+        if self.full_finetuning and self.save_method == "lora":
+            raise bad("save_method", "full_finetuning has no adapters: use merged_16bit or none")
+        if self.full_finetuning and self.quantization_method:
+            raise ConfigError("full_finetuning trains every weight: it cannot be quantized")
+        if self.load_in_4bit and self.quantization and self.quantization not in ("nf4", "fp4"):
+            raise bad("quantization", "load_in_4bit asks for a 4-bit method (nf4 or fp4)")
         if not self.target_modules and not self.full_finetuning:
             raise bad("target_modules", "name at least one module (or use full_finetuning)")
         if self.resume and self.overwrite:
             raise ConfigError("resume and overwrite exclude each other")
         if self.export_quantization and not self.export_format:
             raise bad("export_quantization", "applies to export_format, which is not set")
-        if check_output:
-            out = Path(self.output_dir)
-            if out.exists() and not out.is_dir():
-                raise bad("output_dir", "exists and is not a directory")
-            if self.resume and not out.exists():
-                raise bad(
-                    "output_dir", "does not exist, so there is nothing to resume; check the "
-                    "path, or drop --resume to start a new run",
-                )  # fmt: skip
-            if out.is_dir() and any(out.iterdir()) and not (self.overwrite or self.resume):
-                raise bad("output_dir", "is not empty: pass --overwrite to replace it or "
-                                        "--resume to continue its latest checkpoint")  # fmt: skip
-        return self
+
+    def _check_output(self) -> None:
+        out = Path(self.output_dir)
+        if out.exists() and not out.is_dir():
+            raise self._bad("output_dir", "exists and is not a directory")
+        if self.resume and not out.exists():
+            raise self._bad(
+                "output_dir", "does not exist, so there is nothing to resume; check the "
+                "path, or drop --resume to start a new run",
+            )  # fmt: skip
+        if out.is_dir() and any(out.iterdir()) and not (self.overwrite or self.resume):
+            raise self._bad("output_dir", "is not empty: pass --overwrite to replace it or "
+                                          "--resume to continue its latest checkpoint")  # fmt: skip
 
 
 def options_markdown() -> str:

@@ -16,51 +16,33 @@ import contextlib
 import json
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from sloth_core.errors import DiskFullError, Interrupted, SlothError
+from sloth_core.checkpointing import Checkpointing, apply_checkpointing
+from sloth_core.errors import Interrupted, SlothError
+from sloth_core.runs import FINAL_DIR, TRAIN_CONFIG
 
 from . import distributed
-from .checkpoint import (
-    load_tensors,
-    load_training_state,
-    optimizer_state,
-    save_checkpoint,
-    trainable_state,
+from .callbacks import (
+    Callback,
+    Evaluate,
+    LogMetrics,
+    RunProgress,
+    RunState,
+    SaveCheckpoints,
+    TrainResult,
 )
+from .checkpoint import load_tensors, load_training_state
 from .config import ConfigError, TrainConfig
 from .metrics import METRICS_FILE, MetricsLog, Progress, plot_losses
 from .optim import build_optimizer, build_scheduler
 from .outputs import RunOutput
 from .resume import check_resume, choose_checkpoint, data_fingerprints, drop_metrics_after
-
-
-@dataclass
-class RunProgress:
-    """Where a run is, for the message when it is interrupted."""
-
-    step: int = 0
-    training: bool = False
-    checkpoint: Path | None = None
-    kept: bool = False
-
-
-@dataclass
-class TrainResult:
-    """What a finished run reports."""
-
-    output_dir: Path
-    steps: int
-    losses: list[float] = field(default_factory=list)
-    eval_before: dict[str, float] | None = None
-    eval_after: dict[str, float] | None = None
-    final_path: Path | None = None
-    export_path: Path | None = None
-    data_stats: Any = None
+from .step import train_step
 
 
 @dataclass
@@ -105,64 +87,6 @@ def prepare_data(config: TrainConfig, tokenizer: Any) -> PreparedData:
     return PreparedData(tokenizer, train_examples, eval_examples, stats, eval_stats)
 
 
-def label_tokens(batch: dict[str, torch.Tensor]) -> int:
-    """Label tokens that count in the loss (the model shifts labels: the first never does)."""
-    return int((batch["labels"][:, 1:] != -100).sum())
-
-
-def accumulate(
-    model, micro_batches: list[dict[str, torch.Tensor]], *, autocast, group=None
-) -> float:
-    """Forward and backward every micro-batch of one optimizer step; the step's token-mean loss.
-
-    Each loss is summed over its tokens and divided by the label tokens of all micro-batches
-    together, so the gradients add up to those of one batch holding them all. Under DDP
-    (``group``) the count is that of every rank's micro-batches, gradients are summed over
-    the ranks once, at the last micro-batch, and the loss returned is this rank's share.
-    """
-    device = next(p for p in model.parameters()).device
-    total = sum(label_tokens(b) for b in micro_batches)
-    if group is not None and group.active:
-        total = int(group.all_sum([total])[0])
-    items = torch.tensor(max(total, 1), device=device)
-    loss_sum = 0.0
-    for number, batch in enumerate(micro_batches):
-        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-        with distributed.no_sync(model, last=number == len(micro_batches) - 1):
-            with autocast():
-                loss = model(**batch, num_items_in_batch=items).loss
-            loss.backward()
-        loss_sum += float(loss.detach())
-    return loss_sum
-
-
-@torch.no_grad()
-def evaluate(model, batches, *, autocast) -> dict[str, float]:
-    """Token-mean loss and next-token accuracy on the label tokens of every eval batch."""
-    was_training = model.training
-    model.eval()
-    device = next(p for p in model.parameters()).device
-    loss_sum, correct, count = 0.0, 0, 0
-    try:
-        for index in range(batches.num_batches()):
-            batch = {k: v.to(device) for k, v in batches.batch(0, index).items()}
-            labels = batch.pop("labels")
-            with autocast():
-                logits = model(**batch, use_cache=False).logits
-            logits, targets = logits[:, :-1].float(), labels[:, 1:]
-            keep = targets != -100
-            losses = torch.nn.functional.cross_entropy(
-                logits[keep], targets[keep], reduction="sum"
-            )  # fmt: skip
-            loss_sum += float(losses)
-            correct += int((logits[keep].argmax(-1) == targets[keep]).sum())
-            count += int(keep.sum())
-    finally:
-        model.train(was_training)
-    count = max(count, 1)
-    return {"eval_loss": loss_sum / count, "eval_accuracy": correct / count}
-
-
 def _check_plugins(config: TrainConfig) -> None:
     """The quantizer and exporters the options name are installed, and the export's
     quantization is one its format takes (before any work, not after training)."""
@@ -194,9 +118,10 @@ def _check_plugins(config: TrainConfig) -> None:
 
 
 def _load_tokenizer(config: TrainConfig) -> Any:
-    from transformers import AutoTokenizer
-
+    """The run's one tokenizer: it prepares the data, then the model loads with it."""
+    from sloth_core.sdk.loading import load_tokenizer
     from sloth_core.trust import check_remote_code
+    from sloth_core.types import ModelSpec
 
     local = Path(config.model_name).expanduser()
     if local.is_dir() and not (local / "config.json").is_file():
@@ -204,17 +129,19 @@ def _load_tokenizer(config: TrainConfig) -> Any:
             f"model_name={config.model_name!r}: not a model directory: it has no config.json"
         )
     check_remote_code(config.model_name, config.trust_remote_code)
+    spec = ModelSpec(
+        model_name=config.model_name, max_seq_length=config.max_seq_length,
+        trust_remote_code=config.trust_remote_code,
+    )  # fmt: skip
     try:
-        return AutoTokenizer.from_pretrained(
-            config.model_name, trust_remote_code=config.trust_remote_code
-        )
+        return load_tokenizer(spec)
     except (OSError, ValueError) as exc:
         raise ConfigError(
             f"model_name={config.model_name!r}: cannot load its tokenizer: {exc}"
         ) from None
 
 
-def _load_model(config: TrainConfig) -> Any:
+def _load_model(config: TrainConfig, tokenizer: Any) -> Any:
     from sloth_core.api import FastLanguageModel
 
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}.get(config.dtype)
@@ -227,16 +154,12 @@ def _load_model(config: TrainConfig) -> Any:
         device_map=training_device_map(),
         trust_remote_code=config.trust_remote_code,
         allow_pickle=config.allow_pickle,
+        tokenizer=tokenizer,
     )
-    checkpointing = {"off": False, "on": True, "offload": "sloth"}[config.gradient_checkpointing]
+    checkpointing = Checkpointing(config.gradient_checkpointing)
     if config.full_finetuning:
-        if checkpointing:
-            from sloth_core.api import enable_checkpointing
-
-            # Sharded by FSDP2 (several processes), the layer inputs stay on the device:
-            # that pairing is the one measured on GPUs (docs/benchmarks.md).
-            offload = checkpointing == "sloth" and _on_cuda(model) and not distributed.launched()
-            enable_checkpointing(model, offload=offload)
+        # Sharded by FSDP2 when several processes run (distributed.launched()).
+        apply_checkpointing(model, checkpointing, sharded=distributed.launched())
         return model
     _check_module_names(config, model)
     return FastLanguageModel.get_peft_model(
@@ -249,7 +172,6 @@ def _load_model(config: TrainConfig) -> Any:
         modules_to_save=list(config.modules_to_save) or None,
         use_gradient_checkpointing=checkpointing,
         random_state=config.seed,
-        max_seq_length=config.max_seq_length,
     )
 
 
@@ -322,8 +244,9 @@ def train(config: TrainConfig, *, show_progress: bool = True, console: Any = Non
     try:
         if not group.is_main:
             console = Console(quiet=True)
+        # soft_wrap: a long line is left whole (a path in it stays one word, for copying).
         return _train(config, group, progress, show_progress=show_progress and group.is_main,
-                      console=console or Console())  # fmt: skip
+                      console=console or Console(soft_wrap=True))  # fmt: skip
     except KeyboardInterrupt:
         raise Interrupted(_interrupted(progress)) from None
     finally:
@@ -361,7 +284,7 @@ def _train(
     if config.cpu_threads:
         torch.set_num_threads(config.cpu_threads)
     torch.manual_seed(config.seed)
-    model = _load_model(config)
+    model = _load_model(config, tokenizer)
     if group.active and group.device.type == "cuda" and not _on_cuda(model):
         model.to(group.device)
     if checkpoint is not None:  # into the whole model, before any rank shards it
@@ -401,134 +324,119 @@ def _run(
     show_progress: bool, console: Any,
 ) -> TrainResult:  # fmt: skip
     """Train from step 0 or ``checkpoint``'s, save, export: the run proper."""
-    from sloth_core import data as data_pipeline
-
     # Wrapped before the optimizer exists: FSDP2 replaces the parameters by their shards.
     sharded = group.active and config.full_finetuning
     compute_dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
+    run = _build(config, group, progress, model, tokenizer, prepared, checkpoint, data, output,
+                 sharded=sharded, compute_dtype=compute_dtype, console=console)  # fmt: skip
+    bar_shown = show_progress and console.is_terminal
+    _loop(run, [LogMetrics(bar_shown=bar_shown), Evaluate(), SaveCheckpoints()], bar_shown)
+    if sharded and (config.final_format != "none" or config.export_format):
+        model = _gathered(config, model, compute_dtype)  # rank 0 gets the whole model
+    if group.is_main:
+        _finish(config, model, tokenizer, run.result, console, progress.checkpoint)
+    group.barrier()  # every rank's collectives are over before any tears the group down
+    return run.result
+
+
+def _build(
+    config: TrainConfig, group, progress: RunProgress, model, tokenizer,
+    prepared: PreparedData, checkpoint, data: dict, output: RunOutput, *,
+    sharded: bool, compute_dtype: torch.dtype, console: Any,
+) -> RunState:  # fmt: skip
+    """The model as the ranks run it, the batches, the optimizer and schedule, the state
+    of the checkpoint resumed from, the metrics log."""
+    from sloth_core import data as data_pipeline
+
     train_model = group.wrap(model, full=sharded, compute_dtype=compute_dtype)
     group.reseed(config.seed, 0)
     model.train()
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    length = config.max_seq_length
     batches = data_pipeline.Batches(
         prepared.train, batch_size=config.per_device_train_batch_size * group.world_size,
-        max_seq_length=config.max_seq_length, packing=config.packing, pad_token_id=pad,
-        seed=config.seed,
+        max_seq_length=length, packing=config.packing, pad_token_id=pad, seed=config.seed,
     )  # fmt: skip
     eval_batches = None
     # The other ranks do not evaluate, unless the model is sharded: then every forward
     # needs them all.
     if prepared.eval and (group.is_main or sharded):
         eval_batches = data_pipeline.Batches(
-            prepared.eval, batch_size=config.per_device_train_batch_size,
-            max_seq_length=config.max_seq_length, packing=False, pad_token_id=pad,
-            seed=config.seed, shuffle=False,
+            prepared.eval, batch_size=config.per_device_train_batch_size, max_seq_length=length,
+            packing=False, pad_token_id=pad, seed=config.seed, shuffle=False,
         )  # fmt: skip
-    per_epoch = batches.num_batches()
-    accumulation = config.gradient_accumulation_steps
+    per_step = config.gradient_accumulation_steps
     if config.max_steps > 0:
         total_steps = config.max_steps
     else:
-        total_steps = max(1, math.ceil(config.num_train_epochs * per_epoch / accumulation))
+        total_steps = max(1, math.ceil(config.num_train_epochs * batches.num_batches() / per_step))
     optimizer = build_optimizer(model, config)
     scheduler = build_scheduler(optimizer, config, total_steps)
-    # Sharded, FSDP2 casts each layer to the compute dtype itself (the shards are fp32).
-    autocast = contextlib.nullcontext if sharded else _autocast(config, model)
-    step, consumed = 0, 0
-    state: dict[str, Any] = {}
+    resumed: dict[str, Any] = {}
     if checkpoint is not None:
-        state = load_training_state(
+        resumed = load_training_state(
             checkpoint, model=model, optimizer=optimizer, scheduler=scheduler
         )  # fmt: skip
-        step, consumed = state["step"], state["micro_batches"]
-        console.print(f"resumed from {checkpoint.path.name}: step {step}")
-        group.reseed(config.seed, step)
+        console.print(f"resumed from {checkpoint.path.name}: step {resumed['step']}")
+        group.reseed(config.seed, resumed["step"])
+    step = resumed.get("step", 0)
     progress.step = step
-    out = output.path
     if group.is_main:
-        (out / "train_config.json").write_text(_json(config.to_dict()))
+        (output.path / TRAIN_CONFIG).write_text(_json(config.to_dict()))
     log = (
-        MetricsLog(out, report_to=config.report_to, purge_step=step + 1 if step else None)
+        MetricsLog(output.path, report_to=config.report_to, purge_step=step + 1 if step else None)
         if group.is_main else distributed.NoLog()
     )  # fmt: skip
-    result = TrainResult(out, total_steps, data_stats=prepared.stats)
-    save = _Saver(group, output, progress, model, optimizer, scheduler, config, data, result)
-    eval_every = config.eval_steps
-    if eval_batches is not None and step == 0:
-        result.eval_before = evaluate(model, eval_batches, autocast=autocast)
-        log.write({"step": 0, **result.eval_before})
-        console.print(_eval_line("before training", result.eval_before))
-    elif "eval_before" in state:
-        result.eval_before = state["eval_before"]
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    started, tokens_seen = time.perf_counter(), 0
+    return RunState(
+        config=config, group=group, model=model, train_model=train_model, optimizer=optimizer,
+        scheduler=scheduler, batches=batches, eval_batches=eval_batches,
+        # Sharded, FSDP2 casts each layer to the compute dtype itself (the shards are fp32).
+        autocast=contextlib.nullcontext if sharded else _autocast(config, model),
+        total_steps=total_steps, output=output, progress=progress,
+        result=TrainResult(output.path, total_steps, data_stats=prepared.stats), log=log,
+        console=console, data=data, resumed=resumed, step=step,
+        consumed=resumed.get("micro_batches", 0),
+    )  # fmt: skip
+
+
+def _loop(run: RunState, callbacks: list[Callback], bar_shown: bool) -> None:
+    """Optimizer steps up to ``total_steps``, the callbacks after each, then at the end."""
+    config, group = run.config, run.group
     try:
-        with Progress(
-            total_steps, start=step, enabled=show_progress and console.is_terminal
-        ) as bar:
-            while step < total_steps:
+        for callback in callbacks:
+            callback.on_start(run)
+        with Progress(run.total_steps, start=run.step, enabled=bar_shown) as run.bar:
+            while run.step < run.total_steps:
                 micro = []
-                for _ in range(accumulation):
-                    epoch, index = divmod(consumed, per_epoch)
-                    batch = batches.batch(epoch, index)
+                for _ in range(config.gradient_accumulation_steps):
+                    epoch, index = divmod(run.consumed, run.per_epoch)
+                    batch = run.batches.batch(epoch, index)
                     micro.append(
                         distributed.rank_slice(batch, group, config.per_device_train_batch_size)
                     )
-                    consumed += 1
-                loss = accumulate(train_model, micro, autocast=autocast, group=group)
-                grad_norm = None
-                if config.max_grad_norm > 0:
-                    norm = torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm)
-                    # Sharded, the norm is a DTensor (replicated: every rank has it whole).
-                    grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
-                lr = optimizer.param_groups[0]["lr"]
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                step += 1
-                progress.step = step
-                tokens = sum(int(b["input_ids"].numel()) for b in micro)
-                loss, tokens = group.all_sum([loss, tokens])  # as they are in one process
-                tokens_seen += int(tokens)
-                result.losses.append(loss)
-                elapsed = time.perf_counter() - started
+                    run.consumed += 1
+                done = train_step(
+                    run.train_model, run.optimizer, micro, scheduler=run.scheduler,
+                    autocast=run.autocast, group=group, max_grad_norm=config.max_grad_norm,
+                )  # fmt: skip
+                run.step += 1
+                run.progress.step = run.step
+                run.tokens_seen += done.tokens
+                run.result.losses.append(done.loss)
+                elapsed = time.perf_counter() - run.started
                 record = {
-                    "step": step, "epoch": consumed / per_epoch, "loss": loss, "lr": lr,
-                    "grad_norm": grad_norm, "tokens_per_s": tokens_seen / max(elapsed, 1e-9),
+                    "step": run.step, "epoch": run.consumed / run.per_epoch, "loss": done.loss,
+                    "lr": done.lr, "grad_norm": done.grad_norm,
+                    "tokens_per_s": run.tokens_seen / max(elapsed, 1e-9),
                     "gpu_mem_gib": _gpu_memory(),
                 }  # fmt: skip
-                if step % config.logging_steps == 0 or step == total_steps:
-                    log.write(record)
-                    bar.update(step, record)
-                    if not (show_progress and console.is_terminal):
-                        console.print(
-                            f"step {step}/{total_steps}  loss {loss:.4f}  lr {lr:.2e}  "
-                            f"{record['tokens_per_s']:.0f} tok/s"
-                        )
-                if (
-                    eval_batches is not None
-                    and eval_every
-                    and step % eval_every == 0
-                    and step < total_steps
-                ):
-                    metrics = evaluate(model, eval_batches, autocast=autocast)
-                    log.write({"step": step, **metrics})
-                    bar.print(_eval_line(f"step {step}", metrics))
-                if config.save_steps and step % config.save_steps == 0 and step < total_steps:
-                    save(step, consumed)
-        if eval_batches is not None:
-            result.eval_after = evaluate(model, eval_batches, autocast=autocast)
-            log.write({"step": step, **result.eval_after})
-            console.print(_eval_line("after training", result.eval_after))
+                for callback in callbacks:
+                    callback.on_step(run, record)
+        run.bar = None
+        for callback in callbacks:
+            callback.on_end(run)
     finally:
-        log.close()
-    save(step, consumed)
-    if sharded and (config.final_format != "none" or config.export_format):
-        model = _gathered(config, model, compute_dtype)  # rank 0 gets the whole model
-    if group.is_main:
-        _finish(config, model, tokenizer, result, console, progress.checkpoint)
-    group.barrier()  # every rank's collectives are over before any tears the group down
-    return result
+        run.log.close()
 
 
 def _gathered(config: TrainConfig, model, dtype: torch.dtype) -> Any:
@@ -542,44 +450,6 @@ def _gathered(config: TrainConfig, model, dtype: torch.dtype) -> Any:
     plain = AutoModelForCausalLM.from_pretrained(config.model_name, dtype=dtype)
     plain.load_state_dict(whole)
     return plain
-
-
-class _Saver:
-    """Writes checkpoints: rank 0 writes, a sharded model's state is gathered by all ranks;
-    the first checkpoint commits the output directory (``--overwrite``'s old run goes)."""
-
-    def __init__(self, group, output, progress, model, optimizer, scheduler, config, data, result):
-        self.group, self.output, self.progress = group, output, progress
-        self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
-        self.config, self.data, self.result = config, data, result
-
-    def __call__(self, step: int, consumed: int) -> None:
-        """Checkpoint ``step``; ``consumed`` counts global micro-batches."""
-        group, model, config = self.group, self.model, self.config
-        tensors = optimizer_states = None
-        # A sharded model's tensors and optimizer state are gathered: every rank takes part.
-        if group.is_main or distributed.is_sharded(model):
-            tensors = trainable_state(model)
-            optimizer_states = optimizer_state(model, self.optimizer)
-        if group.is_main:
-            state = {
-                "micro_batches": consumed, "config": config.to_dict(), "data": self.data,
-                "eval_before": self.result.eval_before, "world_size": group.world_size,
-            }  # fmt: skip
-            try:
-                path = save_checkpoint(
-                    self.output.path, step=step, model=model, tensors=tensors,
-                    optimizer_state=optimizer_states, scheduler=self.scheduler, state=state,
-                    keep=config.save_total_limit,
-                )  # fmt: skip
-            except DiskFullError as exc:
-                before = self.progress.checkpoint
-                kept = f"; {before.name} is intact: resume with --resume" if before else ""
-                raise DiskFullError(f"{exc}{kept}") from exc
-            self.progress.checkpoint = path
-            self.output.commit()
-        group.barrier()  # no rank runs on (or ends) before the checkpoint is whole
-        group.reseed(config.seed, step)  # where a resumed run reseeds ranks > 0 (their RNG)
 
 
 def _finish(
@@ -602,7 +472,7 @@ def _export_run(config: TrainConfig, model, tokenizer, result: TrainResult, cons
 
     out = result.output_dir
     if config.final_format != "none":
-        result.final_path = out / "final"
+        result.final_path = out / FINAL_DIR
         export(model, tokenizer, result.final_path, format=config.final_format, force=True)
         console.print(f"saved {config.final_format} to {result.final_path}")
     if config.export_format:
@@ -615,13 +485,6 @@ def _export_run(config: TrainConfig, model, tokenizer, result: TrainResult, cons
     picture = plot_losses(out)
     if picture is not None:
         console.print(f"loss curve: {picture}")
-
-
-def _eval_line(when: str, metrics: dict[str, float]) -> str:
-    return (
-        f"eval {when}: loss {metrics['eval_loss']:.4f}, "
-        f"next-token accuracy {metrics['eval_accuracy']:.1%}"
-    )
 
 
 def _json(value: Any) -> str:

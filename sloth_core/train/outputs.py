@@ -14,12 +14,14 @@ import os
 import shutil
 from pathlib import Path
 
+from sloth_core.runs import FINAL_DIR, TRAIN_CONFIG
+
 from .config import TrainConfig
 from .metrics import CURVE_FILE, METRICS_FILE
 
 #: Files and folders of ours that ``--overwrite`` replaces (nothing else is touched).
-OUR_OUTPUTS = ("checkpoint-*", ".checkpoint-*", METRICS_FILE, CURVE_FILE, "final", "runs",
-               "export-*", "train_config.json")  # fmt: skip
+OUR_OUTPUTS = ("checkpoint-*", ".checkpoint-*", METRICS_FILE, CURVE_FILE, FINAL_DIR, "runs",
+               "export-*", TRAIN_CONFIG)  # fmt: skip
 
 
 class RunOutput:

@@ -87,7 +87,7 @@ def test_training_run_exports_final_or_newest_checkpoint(
     run = _training_run(tmp_path / "run", adapter, model_dir, final=final)
     code, text = _sloth(capsys, run, "-f", "merged_16bit", "-o", tmp_path / "m")
     assert code == 0, text
-    assert ("final" if final else "checkpoint-4") in text and "training run" in text
+    assert ("final" if final else "checkpoint-4") in text and "sloth train run" in text
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "m")
     torch.testing.assert_close(
         logits(reloaded, PROMPT), logits(model, PROMPT), atol=2e-5, rtol=1e-5
@@ -118,7 +118,7 @@ def test_full_finetune_checkpoint_applies_its_trainable_tensors(
 
 def test_missing_source(plugin_manager, tmp_path, capsys):
     code, text = _sloth(capsys, tmp_path / "nope", "-f", "merged_16bit", "-o", tmp_path / "o")
-    assert code == 1 and "does not exist" in text and not (tmp_path / "o").exists()
+    assert code == 1 and "no such file or directory" in text and not (tmp_path / "o").exists()
 
 
 def test_directory_without_a_model(plugin_manager, tmp_path, capsys):

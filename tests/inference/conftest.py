@@ -13,6 +13,15 @@ def _single_thread(single_thread):
     """Every test here on one torch thread (the fixture of sloth's pytest plugin)."""
 
 
+@pytest.fixture(autouse=True)
+def _torch_ops(request, monkeypatch):
+    """The references serve the ops: these tests are about loading, prompting, decoding and
+    modes, not the kernels (tested against them elsewhere), which CI's TRITON_INTERPRET=1
+    would run interpreted (minutes a test). The parity tests keep the kernels."""
+    if request.module.__name__.rsplit(".", 1)[-1] != "test_inference_parity":
+        monkeypatch.setenv("SLOTH_KERNELS", "torch")
+
+
 @pytest.fixture(scope="session")
 def llama_dir(tmp_path_factory) -> Path:
     """A tiny llama (2 layers, context 256) with the test tokenizer's ChatML template."""

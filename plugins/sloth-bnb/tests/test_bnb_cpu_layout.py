@@ -17,7 +17,8 @@ from sloth_bnb import guard_cpu_layout, restore_cpu_layout
 from sloth_bnb.cpu_layout import CpuLayoutGuard
 
 from sloth_core import FastLanguageModel
-from sloth_core.testing.parity import attach_lora, process_wide
+from sloth_core.plugins import using_plugin_manager
+from sloth_core.testing.parity import attach_lora
 
 IDS = torch.randint(0, 500, (2, 12), generator=torch.Generator().manual_seed(0))
 
@@ -144,7 +145,7 @@ def test_state_dict_after_an_eval_pass_is_the_loaded_one(bnb_only, llama_dir, fo
 def test_patched_model_restores_before_its_lora_ops(installed, llama_dir, forced):
     """sloth's LoRA ops read the 4-bit weight without calling ``Linear4bit.forward``; a
     weight repacked by a call of the layer itself is restored by the model's hook."""
-    with process_wide(installed):
+    with using_plugin_manager(installed):
         reference, model = _load(llama_dir), _load(llama_dir)
         assert model.sloth_patches and reference.sloth_patches
         forced(model)

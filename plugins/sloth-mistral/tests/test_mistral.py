@@ -25,7 +25,7 @@ from sloth_core.testing import (
     tiny_config,
 )
 from sloth_core.testing.convergence import assert_converges_alike
-from sloth_core.testing.parity import kernels_mode, process_wide
+from sloth_core.testing.parity import kernels_mode
 
 WINDOW = 16  # tiny_config("mistral")'s sliding_window
 #: Config overrides of ``tiny_config("mistral")`` (4 heads, 2 kv heads, window 16).
@@ -105,7 +105,7 @@ def test_sliding_window_is_in_effect(manager, attn):
     unwindowed = init_tiny_model(tiny_config("mistral", sliding_window=None))
     unwindowed.load_state_dict(base.state_dict())
     reference, patched = copy.deepcopy(base), copy.deepcopy(base)
-    with kernels_mode("torch"), process_wide(manager):
+    with kernels_mode("torch"):
         (report,) = manager.patch_layers(model=patched)
         assert report.plugin == "sloth-mistral" and report.patched == PATCHED
         ids = torch.randint(0, 500, (2, 40), generator=torch.Generator().manual_seed(0))
@@ -123,7 +123,7 @@ def test_sloth_attention_keeps_windowed_packed_sequences_apart(manager):
     its sliding mask ignores packing): each sequence gets the logits it gets alone."""
     base = init_tiny_model(tiny_config("mistral"))
     patched = copy.deepcopy(base)
-    with kernels_mode("torch"), process_wide(manager):
+    with kernels_mode("torch"):
         manager.patch_layers(model=patched)
         patched.set_attn_implementation(register_sloth_attention())
         ids = torch.randint(0, 500, (1, 44), generator=torch.Generator().manual_seed(1))

@@ -33,17 +33,14 @@ def register_exporters(register):
     )
 
 
-def export_ollama(model, tokenizer, path, options) -> ExportResult:
-    """Write ``path/model.gguf`` and ``path/Modelfile``.
+def export_ollama(model, tokenizer, path, options, host) -> ExportResult:
+    """Write ``path/model.gguf`` (through ``host``'s gguf exporter) and ``path/Modelfile``.
 
     Options: those of the gguf format (``quantization``, ...) and of
     :func:`~sloth_ollama.modelfile.build_modelfile` (``chat_template``, ``system``,
     ``temperature``, ``top_p``, ``num_ctx``), and ``force``.
     """
-    from sloth_core.sdk import get_plugin_manager
-
-    manager = get_plugin_manager()
-    if GGUF_FORMAT not in manager.exporters:
+    if GGUF_FORMAT not in host.exporters:
         raise PluginMissingError(
             "format 'ollama' writes its model through the 'gguf' format, which no installed "
             "plugin serves: `pip install sloth-gguf`"
@@ -59,7 +56,7 @@ def export_ollama(model, tokenizer, path, options) -> ExportResult:
     gguf_options = {k: v for k, v in options.items() if k != "force"}
     with atomic_directory(path, force=options.get("force", False)) as staging:
         target = staging / GGUF_NAME
-        result = manager.export(
+        result = host.export(
             model=model, tokenizer=tokenizer, format=GGUF_FORMAT, path=target,
             options={**gguf_options, "force": False},
         )  # fmt: skip
@@ -77,8 +74,8 @@ def export_ollama(model, tokenizer, path, options) -> ExportResult:
 
 
 @hookimpl
-def export(model, tokenizer, format, path, options):
+def export(model, tokenizer, format, path, options, host):
     """Write the ``ollama`` directory; ``None`` for other formats."""
     if format != FORMAT:
         return None
-    return export_ollama(model, tokenizer, path, options)
+    return export_ollama(model, tokenizer, path, options, host)
