@@ -230,7 +230,9 @@ def _load_gguf(
         raise ModelNotFoundError(
             f"{path}: transformers cannot read this GGUF file ({exc})"
         ) from exc
-    model.sloth_patches = (manager or get_plugin_manager()).patch_layers(model=model)
+    reports = (manager or get_plugin_manager()).patch_layers(model=model)
+    # nn.Module types its attributes as tensors or modules: not what sloth keeps on it.
+    model.sloth_patches = reports  # type: ignore[assignment]
     return model, tokenizer
 
 
@@ -272,6 +274,7 @@ def _load_transformers(
     from sloth_core.types import ModelSpec
 
     model_dir = source.path if source.kind == "model" else source.base
+    assert model_dir is not None  # resolve_source gives adapters and checkpoints a base
     spec = ModelSpec(
         model_name=str(model_dir), dtype=_dtype(dtype, model_dir), device_map=device,
         max_seq_length=None, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle,

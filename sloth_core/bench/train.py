@@ -153,7 +153,7 @@ def liger_patch(model_type: str):
 
 def versions() -> dict[str, str | None]:
     """Versions of what the systems run on, read without importing anything."""
-    out = {}
+    out: dict[str, str | None] = {}
     for dist in ("torch", "transformers", "peft", "triton", "bitsandbytes", "liger-kernel",
                  "sloth-core"):  # fmt: skip
         try:

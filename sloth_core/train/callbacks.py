@@ -161,6 +161,7 @@ class SaveCheckpoints(Callback):
             tensors = trainable_state(model)
             optimizer_states = optimizer_state(model, run.optimizer)
         if group.is_main:
+            assert tensors is not None and optimizer_states is not None
             state = {
                 "micro_batches": run.consumed, "config": config.to_dict(), "data": run.data,
                 "eval_before": run.result.eval_before, "world_size": group.world_size,

@@ -139,7 +139,7 @@ def save_checkpoint(
     with atomic_directory(path, force=True) as staging:
         save_file(tensors, str(staging / TRAINABLE_FILE))
         if hasattr(model, "peft_config"):
-            model.save_pretrained(str(staging / ADAPTER_DIR))
+            model.save_pretrained(str(staging / ADAPTER_DIR))  # type: ignore[operator]
         write_state(staging, "optimizer", optimizer_state)
         write_state(staging, "scheduler", scheduler.state_dict())
         write_state(staging, "rng", rng_state())

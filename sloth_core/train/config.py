@@ -259,7 +259,7 @@ def options_markdown() -> str:
     """The table of every option, as docs/training.md shows it (a test keeps them equal)."""
     lines = ["| option | default | what |", "|---|---|---|"]
     for f in dataclasses.fields(TrainConfig):
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[operator]
         if isinstance(default, list):
             default = ",".join(default)
         name = f"`{f.name}`" + (f" (`{f.metadata['alias']}`)" if "alias" in f.metadata else "")

@@ -117,7 +117,7 @@ def _pretrain(
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the demo's training: small matrices, a shared machine
     try:
-        pretrain(model, tokenizer, corpus_lines(), steps=steps, batch_size=batch_size,
+        pretrain(model, tokenizer, list(corpus_lines()), steps=steps, batch_size=batch_size,
                  window=window, learning_rate=learning_rate, warmup_steps=warmup_steps,
                  weight_decay=weight_decay)  # fmt: skip
     finally:

@@ -26,7 +26,7 @@ import os
 import subprocess
 import sys
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.distributed as dist
@@ -42,7 +42,7 @@ class Group:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
-    device: torch.device | None = None
+    device: torch.device = torch.device("cpu")
     owned: bool = False  # we initialised the process group, so we destroy it
 
     @property
@@ -172,7 +172,7 @@ def full_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    return get_model_state_dict(model, options=options)
+    return cast(dict[str, torch.Tensor], get_model_state_dict(model, options=options))
 
 
 def _sum_hook(_state, bucket):  # unannotated: DDP checks hooks' annotations as types

@@ -58,7 +58,7 @@ def prepare_data(config: TrainConfig, tokenizer: Any) -> PreparedData:
     """Read, format, tokenise and split the data (``DataError`` on bad rows)."""
     from sloth_core import data
 
-    options = dict(
+    options: dict[str, Any] = dict(
         data_format=config.data_format or None,
         chat_template=config.chat_template or None,
         max_seq_length=config.max_seq_length,
@@ -108,8 +108,8 @@ def _check_plugins(config: TrainConfig) -> None:
     declared = manager.export_format(config.export_format) if config.export_format else None
     wanted_q = config.export_quantization
     accepted = declared.quantization_names() if declared else None
-    known = declared.weight_type(wanted_q) if declared and wanted_q else None
-    if wanted_q and accepted is not None and (known is None or known.name not in accepted):
+    spelled = declared.weight_type(wanted_q) if declared and wanted_q else None
+    if wanted_q and accepted is not None and (spelled is None or spelled.name not in accepted):
         takes = f"one of {', '.join(accepted)}" if accepted else "no quantization"
         raise ConfigError(
             f"export_quantization={config.export_quantization!r}: export_format "
@@ -453,7 +453,7 @@ def _gathered(config: TrainConfig, model, dtype: torch.dtype) -> Any:
 
 
 def _finish(
-    config: TrainConfig, model, tokenizer, result: TrainResult, console, checkpoint: Path
+    config: TrainConfig, model, tokenizer, result: TrainResult, console, checkpoint: Path | None
 ) -> None:
     """The final model and the export; a failure here keeps the run (its last checkpoint)
     and says how to export it again."""
@@ -477,10 +477,10 @@ def _export_run(config: TrainConfig, model, tokenizer, result: TrainResult, cons
         console.print(f"saved {config.final_format} to {result.final_path}")
     if config.export_format:
         result.export_path = out / f"export-{config.export_format}"
-        options = {"quantization": config.export_quantization} if config.export_quantization else {}
         export(
-            model, tokenizer, result.export_path, format=config.export_format, force=True, **options
-        )
+            model, tokenizer, result.export_path, format=config.export_format, force=True,
+            quantization=config.export_quantization or None,
+        )  # fmt: skip
         console.print(f"exported {config.export_format} to {result.export_path}")
     picture = plot_losses(out)
     if picture is not None:
