@@ -313,7 +313,7 @@ class FastLanguageModel:
         What it changes is remembered on the model and :meth:`for_training` restores it
         exactly (see :func:`sloth_core.inference.for_inference`). Returns ``model``.
         """
-        from sloth_core.inference.modes import for_inference
+        from sloth_core.modes import for_inference
 
         return for_inference(model, tokenizer)
 
@@ -322,6 +322,6 @@ class FastLanguageModel:
         """Back to training after :meth:`for_inference`: train mode, checkpointing as it was
         (plain or offloaded), ``use_cache`` and padding side as they were, LoRA trainable.
         Returns ``model``."""
-        from sloth_core.inference.modes import for_training
+        from sloth_core.modes import for_training
 
         return for_training(model, tokenizer)

@@ -12,10 +12,10 @@ from __future__ import annotations
 from typing import Any
 
 _LAZY = {
-    "for_inference": "sloth_core.inference.modes",
-    "for_training": "sloth_core.inference.modes",
-    "checkpointing_mode": "sloth_core.inference.modes",
-    "training_state": "sloth_core.inference.modes",
+    "for_inference": "sloth_core.modes",
+    "for_training": "sloth_core.modes",
+    "checkpointing_mode": "sloth_core.modes",
+    "training_state": "sloth_core.modes",
     "END_OF_TURN_TOKENS": "sloth_core.inference.stop",
     "stop_token_ids": "sloth_core.inference.stop",
     "SamplingOptions": "sloth_core.inference.generation",

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from sloth_core.errors import PluginMissingError, SlothError
+from sloth_core.modes import for_inference
 from sloth_core.sources import ModelSource, load_source, resolve_source
 
 from .generation import Completion, SamplingOptions, cut_at_stop
@@ -115,8 +116,6 @@ def load_transformers(
     and put it in inference mode (:func:`~.modes.for_inference`)."""
     import torch
 
-    from sloth_core.api import FastLanguageModel
-
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     model, tokenizer = load_source(
@@ -126,7 +125,7 @@ def load_transformers(
     )  # fmt: skip
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
-    FastLanguageModel.for_inference(model, tokenizer)
+    for_inference(model, tokenizer)
     return model, tokenizer
 
 

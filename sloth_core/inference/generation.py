@@ -142,7 +142,7 @@ def generate(
     """Continue ``prompt_ids`` with ``model.generate`` until a stop id or ``max_new_tokens``.
 
     Args:
-        model: a model in inference mode (:func:`~sloth_core.inference.modes.for_inference`).
+        model: a model in inference mode (:func:`~sloth_core.modes.for_inference`).
         tokenizer: decodes the reply (and the streamed text).
         prompt_ids: the rendered, tokenised prompt.
         options: sampling and length.

@@ -90,7 +90,8 @@ def for_inference(model: torch.nn.Module, tokenizer: Any = None) -> torch.nn.Mod
         state.tokenizer, state.padding_side = tokenizer, getattr(tokenizer, "padding_side", None)
     # Flags off, functions kept: for_training turns them on again exactly as they were.
     for module, _, _ in state.checkpointing:
-        module.gradient_checkpointing = False
+        # torch types Module.__setattr__'s value as Tensor | Module; it takes any object.
+        module.gradient_checkpointing = False  # type: ignore[assignment]
     config = getattr(unwrap_model(model), "config", None)
     if config is not None:
         config.use_cache = True
