@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, TypeVar
 
 __all__ = [
     "FLOAT_TYPES",
@@ -186,5 +186,8 @@ def as_weight_types(values: Iterable[WeightType | str]) -> tuple[WeightType, ...
     return tuple(v if isinstance(v, WeightType) else WeightType(str(v)) for v in values)
 
 
-def with_plugin(descriptor: Any, plugin: str) -> Any:
+_Descriptor = TypeVar("_Descriptor", ExportFormat, QuantizationMethod)
+
+
+def with_plugin(descriptor: _Descriptor, plugin: str) -> _Descriptor:
     return replace(descriptor, plugin=plugin)

@@ -42,7 +42,7 @@ def check_free_space(path: str | Path, needed: int, what: str, *, margin: float 
         )
 
 
-def is_disk_full(exc: BaseException) -> bool:
+def is_disk_full(exc: BaseException | None) -> bool:
     """Whether ``exc`` (or what it was raised from) says the disk or quota is full."""
     while exc is not None:
         if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):

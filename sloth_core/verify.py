@@ -234,6 +234,7 @@ def _compare(report: VerifyReport, reference: list[np.ndarray], exported: list[n
             f"the model is confident (p >= {CONFIDENT:g}) at only {confident} of "
             f"{positions} positions: top-1 agreement is judged on every position"
         )
+    assert top1 is not None  # both set above (confident > 0 in the first case)
     if top1 < tol.min_top1:
         report.problems.append(
             f"top-1 agreement {top1:.1%} on {where} < {tol.min_top1:.0%} required for "

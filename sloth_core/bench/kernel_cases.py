@@ -202,11 +202,11 @@ def lora_mlp_case(s: Shapes, quantized: bool = False) -> Case:
 
 def lora_qkv_case(s: Shapes, quantized: bool = False) -> Case:
     x = _rand((s.tokens, s.hidden), s, grad=True)
-    q = _lora_layer(s, s.heads * s.head_dim, s.hidden, quantized)
-    k = _lora_layer(s, s.kv_heads * s.head_dim, s.hidden, quantized)
-    v = _lora_layer(s, s.kv_heads * s.head_dim, s.hidden, quantized)
-    grads = tuple(_rand((s.tokens, layer_out), s) for layer_out in (q.lora_B.shape[0],
-                  k.lora_B.shape[0], v.lora_B.shape[0]))  # fmt: skip
+    q_out, kv_out = s.heads * s.head_dim, s.kv_heads * s.head_dim
+    q = _lora_layer(s, q_out, s.hidden, quantized)
+    k = _lora_layer(s, kv_out, s.hidden, quantized)
+    v = _lora_layer(s, kv_out, s.hidden, quantized)
+    grads = tuple(_rand((s.tokens, layer_out), s) for layer_out in (q_out, kv_out, kv_out))
     name = "lora_qkv_nf4" if quantized else "lora_qkv"
     return _lora_case(name, "lora_qkv", x, (q, k, v), grads, {}, producer="rms_norm")
 
@@ -292,6 +292,7 @@ def saved_bytes_after_norm(case: Case, fn: Callable[..., Any], norm: Callable[..
             seen[phase[0]][storage.data_ptr()] = storage.nbytes()
         return t
 
+    assert case.from_norm is not None  # the caller checks
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         case.from_norm(fn, norm, phase)
     return sum(n for ptr, n in seen["op"].items() if ptr not in seen["norm"])

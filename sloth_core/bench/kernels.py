@@ -12,6 +12,7 @@ from __future__ import annotations
 import gc
 import importlib.util
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import torch
@@ -55,6 +56,7 @@ class CaseResult:
         mine, base = self.get("sloth"), self.get(baseline)
         if mine is None or base is None or not mine.median_ms:
             return None
+        assert base.median_ms is not None  # measured: get() skips the failed
         return base.median_ms / mine.median_ms
 
     def as_dict(self) -> dict[str, Any]:
@@ -100,13 +102,13 @@ def run_kernel_bench(
         # Graph replays only where every system captures, so no ratio mixes device time
         # with time that includes host overhead.
         graph_case = graph and device.type == "cuda" and all(
-            cuda_graph(lambda fn=fn: case.run(fn), device) is not None for _, _, fn in systems
+            cuda_graph(partial(case.run, fn), device) is not None for _, _, fn in systems
         )
         result = CaseResult(name, case.op)
         for system, provider, fn in systems:
             entry = SystemResult(system, provider)
             try:
-                m = measure(lambda fn=fn: case.run(fn), device, warmup=warmup, runs=runs,
+                m = measure(partial(case.run, fn), device, warmup=warmup, runs=runs,
                             graph=graph_case)  # fmt: skip
                 entry.median_ms, entry.peak_mib, entry.graphed = m.median_ms, m.peak_mib, m.graphed
                 if case.min_bytes:

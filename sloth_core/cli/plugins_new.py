@@ -155,7 +155,8 @@ def template_values(name: str, arch: Architecture) -> dict[str, str]:
 def render(name: str, model_type: str, arch: Architecture | None = None) -> dict[str, str]:
     """The files of plugin ``name`` for ``model_type``: relative path -> text."""
     values = template_values(name, arch or inspect_architecture(model_type))
-    template = resources.files("sloth_core").joinpath("templates", "plugin")
+    # One name per joinpath: Python 3.10's Traversable takes a single child.
+    template = resources.files("sloth_core").joinpath("templates").joinpath("plugin")
     out = {}
     for source, target in FILES.items():
         text = template.joinpath(source).read_text(encoding="utf-8")

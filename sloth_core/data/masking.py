@@ -75,7 +75,7 @@ class Markers:
             return len(response)
         marker = self.ending(response)
         at = text.find(marker, start) if marker else -1
-        if at < 0:
+        if not marker or at < 0:
             return None
         end = at + len(marker)
         return end - start if response.endswith(text[start:end]) else None

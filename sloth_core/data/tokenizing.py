@@ -134,6 +134,7 @@ def tokenize(
     elif data_format not in DATA_FORMATS:
         raise DataError(f"unknown data_format {data_format!r}; accepted: {', '.join(DATA_FORMATS)}")
     stats = TokenizeStats(rows=len(records), max_seq_length=max_seq_length)
+    encode: _TextEncoder | _ChatEncoder
     if data_format == "text":
         encode = _TextEncoder(tokenizer, add_eos)
     else:
@@ -282,10 +283,10 @@ class _ChatEncoder:
     def _encode(self, text: str, spans: list[tuple[int, int]]) -> tuple[list[int], list[int]]:
         if self.offsets:
             encoded = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-            ids = list(encoded["input_ids"])
+            ids: list[int] = list(encoded["input_ids"])
             return ids, label_by_offsets(ids, encoded["offset_mapping"], spans)
         # A slow tokenizer has no offsets: encode the pieces between span edges apart.
-        ids: list[int] = []
+        ids = []
         labels: list[int] = []
         cursor = 0
         for start, end in [*spans, (len(text), len(text))]:

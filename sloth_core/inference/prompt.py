@@ -42,11 +42,13 @@ class PromptFormat:
             return "\n\n".join(m["content"] for m in messages)
         from transformers.utils.chat_template_utils import render_jinja_template
 
-        rendered, _ = render_jinja_template(
+        variables: dict[str, Any] = self.special_tokens  # the template's, through **kwargs
+        # transformers annotates it `-> str`; it returns (rendered, generation indices).
+        rendered, _ = render_jinja_template(  # type: ignore[str-unpack]
             conversations=[messages],
             chat_template=self.template,
             add_generation_prompt=True,
-            **self.special_tokens,
+            **variables,
         )
         return rendered[0]
 

@@ -6,12 +6,15 @@ duck-typed (see :class:`LoRALinear`).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 from . import reference
 from .reference import LoRALinear
 from .registry import OpImpl, OpRegistry
 
 #: Every op the core defines, in the order of DESIGN.md section 3, with its reference.
-REFERENCE_OPS = {
+REFERENCE_OPS: dict[str, Callable[..., Any]] = {
     "rms_norm": reference.rms_norm,
     "layer_norm": reference.layer_norm,
     "rope": reference.rope,

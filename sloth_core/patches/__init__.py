@@ -13,7 +13,7 @@ Nothing here imports transformers at import time; plugins import this module che
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from sloth_core.patching import model_type_of, restorer, unwrap_model
 from sloth_core.types import PatchReport
@@ -72,7 +72,7 @@ def sliding_window_kwargs(attention: torch.nn.Module) -> dict[str, Any]:
     window = getattr(config, "sliding_window", None)
     layer_types = getattr(config, "layer_types", None)
     if layer_types:
-        index = attention.layer_idx
+        index = cast(int, attention.layer_idx)  # torch types attributes as Tensor | Module
         if not (index < len(layer_types) and layer_types[index] == "sliding_attention"):
             window = None
     return {"sliding_window": window}
@@ -138,8 +138,9 @@ def patch_architecture(
         ("causal_lm", causal_lm, lambda m: patch_causal_lm(m, keep_logits=keep_logits)),
     ]
     counts = {kind: 0 for kind, classes, _ in patchers if classes != ()}
-    patched = []
-    for module in unwrap_model(model).modules():
+    patched: list[torch.nn.Module] = []
+    root: torch.nn.Module = unwrap_model(model)
+    for module in root.modules():
         for kind, classes, patch in patchers:
             if classes != () and isinstance(module, classes):
                 if patch(module):

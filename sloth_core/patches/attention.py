@@ -16,7 +16,7 @@ import math
 import sys
 import warnings
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +27,8 @@ from .mlp import lift_linear
 from .softcap import softcap_attention
 
 if TYPE_CHECKING:
+    from transformers import PreTrainedConfig
+
     from sloth_core.ops import OpRegistry
 
 #: The name ``sloth_attention`` is registered under in transformers' attention interfaces.
@@ -125,7 +127,7 @@ def attend(
         key, value = cache.update(key, value, module.layer_idx, kwargs=kw)
     elif legacy_cache is not None:
         key, value = legacy_cache.update(key, value, module.layer_idx)
-    implementation = module.config._attn_implementation
+    implementation = cast("PreTrainedConfig", module.config)._attn_implementation
     get_interface = getattr(interface, "get_interface", None)
     if get_interface is not None:
         function = get_interface(implementation, eager)
@@ -140,6 +142,7 @@ def attend(
 
 
 # -- sloth_attention ------------------------------------------------------------------------
+_varlen_attn: Callable[..., Any] | None
 try:
     from torch.nn.attention.varlen import varlen_attn as _varlen_attn
 except ImportError:  # torch without the varlen API: SDPA with a block-diagonal mask
@@ -217,7 +220,8 @@ def packed_rows(position_ids: torch.Tensor, batch: int) -> PackedRows | None:
     result = rows if bool(rows.starts[:, 1:].any()) else None
     try:
         if key is not None:
-            position_ids._sloth_packed = (key, result)
+            # Tensors take attributes; torch's stubs declare none.
+            position_ids._sloth_packed = (key, result)  # type: ignore[attr-defined]
     except (AttributeError, RuntimeError):  # tensors that take no attributes (compile)
         pass
     return result
@@ -259,6 +263,7 @@ def _varlen(query, key, value, rows: PackedRows, scaling: float | None) -> torch
         else:
             k = k.repeat_interleave(heads // k.shape[1], dim=1)
             v = v.repeat_interleave(heads // v.shape[1], dim=1)
+    assert _varlen_attn is not None  # _varlen_usable
     try:
         out = _varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_len, max_len, **options)
     except (RuntimeError, ValueError, TypeError, NotImplementedError) as exc:

@@ -12,7 +12,7 @@ the shared ``x A^T`` once per part and hand the kernels slices of parameters.)
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
@@ -131,13 +131,17 @@ def patch_fused_mlp(
     """
     if activation is None:
         activation = mlp_activation(getattr(module, "config", None))
-    if activation not in MLP_ACTIVATIONS.values() or not _activation_fn_matches(module, activation):
+    if activation is None or activation not in MLP_ACTIVATIONS.values():
+        return False
+    if not _activation_fn_matches(module, activation):
         return False
 
     def forward(self: torch.nn.Module, *args: Any, **kwargs: Any) -> torch.Tensor:
         # One input, whatever the modeling file names it (Phi-3: hidden_states; Llama: x).
         inputs = (*args, *kwargs.values())
-        gate_up, down = lift_linear(self.gate_up_proj), lift_linear(self.down_proj)
+        # Submodules: torch types a module's attributes as Tensor | Module.
+        gate_up = lift_linear(cast(torch.nn.Module, self.gate_up_proj))
+        down = lift_linear(cast(torch.nn.Module, self.down_proj))
         if len(inputs) != 1 or gate_up is None or down is None:
             return call_original(self, *args, **kwargs)
         (x,) = inputs

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
@@ -87,7 +87,8 @@ def patch_gated_mlp(
         return False
 
     def forward(self: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-        gate, up, down = (lift_linear(p) for p in (self.gate_proj, self.up_proj, self.down_proj))
+        projections = (self.gate_proj, self.up_proj, self.down_proj)  # typed Tensor | Module
+        gate, up, down = (lift_linear(cast(torch.nn.Module, p)) for p in projections)
         if gate is None or up is None or down is None:
             return call_original(self, x)
         return ops.lora_mlp(x, gate, up, down, activation=activation)

@@ -66,7 +66,8 @@ def _block_mask(mask: torch.Tensor | None, batch: int, q_len: int, kv_len: int, 
 
     block_mask = create_block_mask(from_tensor, batch, None, q_len, kv_len, device)
     try:
-        mask._sloth_block_mask = (version, block_mask)
+        # Tensors take attributes; torch's stubs declare none.
+        mask._sloth_block_mask = (version, block_mask)  # type: ignore[attr-defined]
     except (AttributeError, RuntimeError):
         pass
     return block_mask

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -27,6 +27,11 @@ DEFAULT_SHARD_SIZE = "5GB"
 
 def is_peft(model: Any) -> bool:
     return hasattr(model, "peft_config") and hasattr(model, "get_base_model")
+
+
+def _base_model(model: Any) -> Any:
+    """The transformers model of ``model``: a PEFT model's base, else ``model`` itself."""
+    return model.get_base_model() if is_peft(model) else model
 
 
 def _lora_layers(model: torch.nn.Module) -> dict[str, Any]:
@@ -75,7 +80,7 @@ def merged_state_dict(model: torch.nn.Module, dtype: torch.dtype | None = None) 
     4-bit (bitsandbytes) base weights are dequantized. ``dtype`` casts floating weights
     (default: each keeps the dtype of its base weight, a 4-bit one its compute dtype).
     """
-    base = model.get_base_model() if is_peft(model) else model
+    base = _base_model(model)
     layers = _lora_layers(base)
     merged: dict[str, torch.Tensor] = {}
     for name, module in layers.items():
@@ -142,7 +147,7 @@ def _main_dtype(state: dict[str, torch.Tensor]) -> torch.dtype:
     for tensor in state.values():
         if tensor.is_floating_point():
             sizes[tensor.dtype] = sizes.get(tensor.dtype, 0) + tensor.numel()
-    return max(sizes, key=sizes.get) if sizes else torch.float32
+    return max(sizes, key=sizes.__getitem__) if sizes else torch.float32
 
 
 def write_merged(
@@ -155,9 +160,9 @@ def write_merged(
 ) -> None:
     """Write the merged model into the existing, empty ``directory`` (no staging here)."""
     if isinstance(dtype, str):
-        dtype = getattr(torch, dtype.removeprefix("torch."))
+        dtype = cast(torch.dtype, getattr(torch, dtype.removeprefix("torch.")))
     state = merged_state_dict(model, dtype)
-    base = model.get_base_model() if is_peft(model) else model
+    base = _base_model(model)
     # transformers saves a quantized model's own packed state and ignores ``state_dict``;
     # the merged state is dense, so its quantizer steps aside for this one save.
     quantizer = getattr(base, "hf_quantizer", None)

@@ -4,9 +4,12 @@ that a 4-bit model's logits are compared with (an export's reload, a 4-bit load)
 from __future__ import annotations
 
 import copy
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 __all__ = ["dequantized_twin", "compute_in_float32"]
 
@@ -21,7 +24,10 @@ def compute_in_float32(model: Any) -> Any:
     for module in model.modules():
         if isinstance(module, bnb.nn.Linear4bit):
             module.compute_dtype = torch.float32
-            module.weight.quant_state.dtype = torch.float32
+            # Linear4bit's weight is a Params4bit (typed as nn.Linear's Tensor).
+            quant_state = cast(bnb.nn.Params4bit, module.weight).quant_state
+            assert quant_state is not None  # set when the layer was quantized
+            quant_state.dtype = torch.float32
     for param in model.parameters():
         if param.dtype in (torch.float16, torch.bfloat16):
             param.data = param.data.float()
@@ -43,7 +49,8 @@ def dequantized_twin(model: Any) -> torch.nn.Module:
     state = {}
     for name, module in model.named_modules():
         if isinstance(module, bnb.nn.Linear4bit):
-            weight = dequantize_4bit(module.weight.data, module.weight.quant_state)
+            quant_state = cast(bnb.nn.Params4bit, module.weight).quant_state
+            weight = dequantize_4bit(module.weight.data, quant_state)
             state[f"{name}.weight"] = weight.float().cpu()
     for name, tensor in model.state_dict().items():
         stem = name.rsplit(".", 1)[0]
@@ -62,5 +69,5 @@ def dequantized_twin(model: Any) -> torch.nn.Module:
     return twin.eval()
 
 
-def _tied(model: torch.nn.Module) -> set[str]:
+def _tied(model: PreTrainedModel) -> set[str]:
     return {"lm_head.weight"} if model.config.tie_word_embeddings else set()

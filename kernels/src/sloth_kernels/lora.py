@@ -74,6 +74,7 @@ def layer_served(
             return False
     if layer.has_lora:
         a, b = layer.lora_A, layer.lora_B
+        assert a is not None and b is not None  # has_lora
         if a.dtype != dtype or b.dtype != dtype or a.device != device or b.device != device:
             return False
         if not _dropout_inactive(layer.dropout):
@@ -101,12 +102,13 @@ def adapters_in(dtype: torch.dtype, layers: Sequence[LoRALinear]) -> tuple[LoRAL
     """
     if dtype == torch.float32:
         return tuple(layers)
-    return tuple(
-        replace(layer, lora_A=layer.lora_A.to(dtype), lora_B=layer.lora_B.to(dtype))
-        if layer.has_lora and layer.lora_A.dtype == torch.float32 and layer.lora_B.dtype == torch.float32
-        else layer
-        for layer in layers
-    )
+    out = []
+    for layer in layers:
+        a, b = layer.lora_A, layer.lora_B  # both set: has_lora
+        if a is not None and b is not None and a.dtype == b.dtype == torch.float32:
+            layer = replace(layer, lora_A=a.to(dtype), lora_B=b.to(dtype))
+        out.append(layer)
+    return tuple(out)
 
 
 # -- shared pieces ------------------------------------------------------------------------
@@ -151,6 +153,7 @@ class Group:
         adapted, slices, start = [], [], 0
         for i, layer in enumerate(layers):
             if layer.has_lora:
+                assert layer.lora_A is not None
                 r = int(layer.lora_A.shape[0])
                 adapted.append(i)
                 slices.append((start, start + r))
@@ -159,12 +162,17 @@ class Group:
 
     def lora_tensors(self) -> list[torch.Tensor]:
         """``[A_0, B_0, A_1, B_1, ...]`` of the adapted layers: autograd inputs."""
-        return [t for i in self.adapted for t in (self.layers[i].lora_A, self.layers[i].lora_B)]
+        tensors: list[torch.Tensor] = []
+        for i in self.adapted:
+            a, b = self.layers[i].lora_A, self.layers[i].lora_B
+            assert a is not None and b is not None  # adapted: has_lora
+            tensors += [a, b]
+        return tensors
 
     def stacked_a(self, lora: Sequence[torch.Tensor]) -> torch.Tensor:
         """The adapters' ``A`` stacked into ``[sum r, in]`` (a copy only when several)."""
         a = lora[0::2]
-        return a[0] if len(a) == 1 else torch.cat(a, dim=0)
+        return a[0] if len(a) == 1 else torch.cat(list(a), dim=0)
 
 
 def group_forward(x: torch.Tensor, group: Group, lora: Sequence[torch.Tensor]):
@@ -185,6 +193,7 @@ def group_forward(x: torch.Tensor, group: Group, lora: Sequence[torch.Tensor]):
             k = group.adapted.index(i)
             start, stop = group.slices[k]
             out2 = out.view(-1, out.shape[-1])
+            assert xa is not None  # group.adapted
             out2.addmm_(xa[:, start:stop], lora[2 * k + 1].t(), alpha=float(layer.scaling))
         outputs.append(out)
     return outputs, xa
@@ -220,8 +229,10 @@ def group_backward(
     ]
     big_g = scaled[0] if len(scaled) == 1 else torch.cat(scaled, dim=1)
     if needs_x:
+        assert dx is not None  # group.layers is not empty
         dx.addmm_(big_g, group.stacked_a(lora))
     if any(needs_lora[0::2]):
+        assert x2 is not None  # saved whenever an A needs its gradient
         d_a = big_g.t().mm(x2)
         for k, (start, stop) in enumerate(group.slices):
             lora_grads[2 * k] = d_a[start:stop]
@@ -229,6 +240,7 @@ def group_backward(
         if needs_lora[2 * k + 1]:
             start, stop = group.slices[k]
             scaling = float(group.layers[i].scaling)
+            assert xa is not None  # group.adapted
             lora_grads[2 * k + 1] = grads[i].t().mm(xa[:, start:stop]).mul_(scaling)
     return dx, lora_grads, big_g
 
@@ -320,7 +332,8 @@ def lora_qkv(
     cast = adapters_in(x.dtype, (q, k, v))
     if not fast_path_ok(x, cast):
         return reference.lora_qkv(x, q, k, v)
-    return tuple(_project(x, cast))
+    out_q, out_k, out_v = _project(x, cast)
+    return out_q, out_k, out_v
 
 
 def lora_o(x: torch.Tensor, o: LoRALinear) -> torch.Tensor:

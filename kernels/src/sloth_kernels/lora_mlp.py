@@ -126,6 +126,7 @@ def _down_grad_a(
         hidden = _act_forward(e2[start:stop], u2[start:stop], activation)
         part = g_down[start:stop].t()
         grad_a = part.mm(hidden) if grad_a is None else grad_a.addmm_(part, hidden)
+    assert grad_a is not None  # rows > 0: the fast path takes no empty input
     return grad_a
 
 

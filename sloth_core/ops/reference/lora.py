@@ -91,7 +91,7 @@ class LoRALinear:
         )
 
     @classmethod
-    def _from_peft(cls, module: nn.Module) -> LoRALinear:
+    def _from_peft(cls, module: Any) -> LoRALinear:  # a PEFT LoRA layer, duck-typed
         kind = type(module).__name__
         base = cls.from_module(module.get_base_layer())
         if getattr(module, "merged", False):
@@ -139,13 +139,14 @@ def lora_linear(x: torch.Tensor, layer: LoRALinear) -> torch.Tensor:
         result = F.linear(x, layer.dense_weight(x.dtype), bias)
     else:
         result = F.linear(x, layer.weight, layer.bias)
-    if not layer.has_lora:
+    lora_A, lora_B = layer.lora_A, layer.lora_B
+    if lora_A is None or lora_B is None:  # not layer.has_lora
         return result
     result_dtype = result.dtype
-    x_lora = x if x.dtype == layer.lora_A.dtype else x.to(layer.lora_A.dtype)
+    x_lora = x if x.dtype == lora_A.dtype else x.to(lora_A.dtype)
     if layer.dropout is not None:
         x_lora = layer.dropout(x_lora)
-    result = result + F.linear(F.linear(x_lora, layer.lora_A), layer.lora_B) * layer.scaling
+    result = result + F.linear(F.linear(x_lora, lora_A), lora_B) * layer.scaling
     return result.to(result_dtype)
 
 

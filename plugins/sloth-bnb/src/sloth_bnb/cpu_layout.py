@@ -64,7 +64,7 @@ def restore_layout(module: torch.nn.Module) -> bool:
     """
     weight = getattr(module, "weight", None)
     state = getattr(weight, "quant_state", None)
-    if not _is_packed(state):
+    if weight is None or state is None or not _is_packed(state):
         module.__dict__.pop(_SAVED, None)
         return False
     saved = module.__dict__.pop(_SAVED, None)

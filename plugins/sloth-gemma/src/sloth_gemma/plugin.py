@@ -8,6 +8,7 @@ Gemma's modeling files pass (Gemma 2: the per-layer window and the attention sof
 
 from __future__ import annotations
 
+from types import ModuleType
 from typing import Any
 
 import torch
@@ -59,6 +60,7 @@ def load_model(spec: ModelSpec) -> tuple[Any, Any] | None:
 
 
 def _classes(model_type: str) -> tuple[dict[str, Any], Any]:
+    gemma: ModuleType  # the modeling module of model_type
     if model_type == "gemma":
         from transformers.models.gemma import modeling_gemma as gemma
 

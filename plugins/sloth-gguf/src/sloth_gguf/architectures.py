@@ -195,15 +195,15 @@ def write_metadata(writer: gguf.GGUFWriter, config: Any, arch: Architecture) -> 
 
 def _write_rope_scaling(writer: gguf.GGUFWriter, rope: dict[str, Any]) -> None:
     rope_type = (rope.get("rope_type") or "default").lower()
-    factor = rope.get("factor")
     if rope_type == "default":
         return
+    # transformers requires a factor of linear and yarn scaling.
     if rope_type == "linear":
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
-        writer.add_rope_scaling_factor(factor)
+        writer.add_rope_scaling_factor(rope["factor"])
     elif rope_type == "yarn":
         writer.add_rope_scaling_type(gguf.RopeScalingType.YARN)
-        writer.add_rope_scaling_factor(factor)
+        writer.add_rope_scaling_factor(rope["factor"])
         writer.add_rope_scaling_orig_ctx_len(rope["original_max_position_embeddings"])
         optional = {
             "extrapolation_factor": writer.add_rope_scaling_yarn_ext_factor,

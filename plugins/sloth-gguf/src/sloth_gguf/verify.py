@@ -28,6 +28,8 @@ def file_type(path: Path) -> str:
         from gguf import GGUFReader, LlamaFileType
 
         field_ = GGUFReader(str(path)).fields.get("general.file_type")
+        if field_ is None:
+            return "unknown"
         value = int(field_.parts[field_.data[0]][0])
         return LlamaFileType(value).name.removeprefix("MOSTLY_").removeprefix("ALL_").lower()
     except Exception:  # no such field: the caller's word is all there is

@@ -86,7 +86,11 @@ def plan_tensors(
         plan.append(PlannedTensor(name, shape, tensor_type(name, shape, weights), load))
 
     for name, tensor in extra_tensors(config, writer):
-        add(name, tuple(tensor.shape), lambda t=tensor: t)
+
+        def extra(t: torch.Tensor = tensor) -> torch.Tensor:
+            return t
+
+        add(name, tuple(tensor.shape), extra)
     embed = state.get("model.embed_tokens.weight")
     for hf_name, tensor in state.items():
         if hf_name.endswith("rotary_emb.inv_freq"):
@@ -194,6 +198,7 @@ def export_gguf(
     state = merged_state_dict(model, torch.float32 if quant.name == "f32" else None)
     written = _intermediate(state) if quant.needs_llama_cpp else quant
     writer = gguf.GGUFWriter(path=None, arch=arch.name)
+    assert written.tensor_type is not None  # a type written here, not by llama.cpp
     plan = plan_tensors(state, config, arch, written.tensor_type, writer)
     size = sum(t.nbytes for t in plan) + _metadata_bytes(vocab)
     if quant.needs_llama_cpp:

@@ -53,6 +53,7 @@ def _lex(source: str) -> list[_Tok]:
         if match.lastgroup == "space":
             spaced = True
             continue
+        assert match.lastgroup is not None  # every alternative of _TOKEN is a named group
         tokens.append(_Tok(match.lastgroup, match.group(), not spaced))
         spaced = False
     return tokens
@@ -398,6 +399,7 @@ class _Renderer:
             if node.kind == "text":
                 self.out.append(node.text)
             elif node.kind == "action":
+                assert node.pipe is not None  # an action has one
                 value = self.pipe(node.pipe, dot)
                 if node.pipe.variables:
                     self.declare(node.pipe, value)
@@ -424,6 +426,7 @@ class _Renderer:
 
     def _range(self, node: _Node, dot: Any) -> None:
         pipe = node.pipe
+        assert pipe is not None  # a range has one
         items = self.pipe(_Pipe([], False, pipe.commands), dot)
         if items is None:
             items = []

@@ -48,24 +48,24 @@ def patch_layers(model, ops) -> PatchReport | None:
     if model_type not in MODEL_TYPES:
         return None  # before importing transformers' Qwen for a model that is not one
     if model_type == "qwen2":
-        from transformers.models.qwen2 import modeling_qwen2 as qwen
+        from transformers.models.qwen2 import modeling_qwen2 as qwen2
 
         classes = dict(
-            rms_norm=qwen.Qwen2RMSNorm,
-            mlp=qwen.Qwen2MLP,
-            attention=qwen.Qwen2Attention,
-            causal_lm=qwen.Qwen2ForCausalLM,
+            rms_norm=qwen2.Qwen2RMSNorm,
+            mlp=qwen2.Qwen2MLP,
+            attention=qwen2.Qwen2Attention,
+            causal_lm=qwen2.Qwen2ForCausalLM,
         )
     else:
-        from transformers.models.qwen3 import modeling_qwen3 as qwen
+        from transformers.models.qwen3 import modeling_qwen3 as qwen3
 
         # Qwen3RMSNorm is also the class of every attention's q_norm/k_norm: they become
         # rms_norm calls too, on [batch, seq, heads, head_dim].
         classes = dict(
-            rms_norm=qwen.Qwen3RMSNorm,
-            mlp=qwen.Qwen3MLP,
-            attention=qwen.Qwen3Attention,
-            causal_lm=qwen.Qwen3ForCausalLM,
+            rms_norm=qwen3.Qwen3RMSNorm,
+            mlp=qwen3.Qwen3MLP,
+            attention=qwen3.Qwen3Attention,
+            causal_lm=qwen3.Qwen3ForCausalLM,
         )
     return patch_architecture(
         model,
