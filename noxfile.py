@@ -1,4 +1,5 @@
-"""Sessions: ``tests`` (CPU, from nothing), ``lint``, ``gpu`` (on a CUDA machine)."""
+"""Sessions: ``tests`` (CPU, from nothing), ``lint``, ``typecheck``, ``gpu`` (on a CUDA
+machine)."""
 
 from __future__ import annotations
 
@@ -96,3 +97,16 @@ def lint(session: nox.Session) -> None:
     session.install("ruff")
     session.run("ruff", "check", ".")
     session.run("ruff", "format", "--check", ".")
+
+
+@nox.session
+def typecheck(session: nox.Session) -> None:
+    """mypy (``[tool.mypy]`` of pyproject.toml) on the core, the kernels and every plugin.
+
+    Checked against the libraries' own types: the repo is installed with its dependencies,
+    torch first (the CPU build), and mypy pinned, so that a new release adds no errors.
+    """
+    session.install("torch==2.13.0")
+    session.install("setuptools>=68", "wheel", "mypy==2.4.1")
+    _install_repo(session)
+    session.run("mypy", *session.posargs)
