@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import os
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -67,9 +68,33 @@ def refuse_existing(path: Path, force: bool) -> None:
         raise OutputExistsError(f"{path} exists; pass force=True (--force) to replace it")
 
 
+def _umask() -> int:
+    # os.umask can only be read by setting it: set it back at once.
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def as_published(path: str | Path) -> None:
+    """Give ``path`` (a file, or a directory and everything in it) the permissions a file the
+    user writes gets (``0o666``/``0o777`` less the umask): ``tempfile`` makes its files and
+    directories private (0600/0700), and an export renamed from one would stay unreadable
+    to the service account of vLLM, Ollama or llama.cpp."""
+    mask = _umask()
+    path = Path(path)
+    if path.is_dir():
+        for directory, _, files in os.walk(path):
+            os.chmod(directory, 0o777 & ~mask)
+            for name in files:
+                os.chmod(os.path.join(directory, name), 0o666 & ~mask)
+    else:
+        os.chmod(path, 0o666 & ~mask)
+
+
 @contextlib.contextmanager
 def atomic_directory(path: str | Path, *, force: bool = False) -> Iterator[Path]:
-    """Yield a temporary sibling of ``path`` to fill; it becomes ``path`` only on success.
+    """Yield a temporary sibling of ``path`` to fill; it becomes ``path`` only on success,
+    with the permissions the user's umask gives (:func:`as_published`), not tempfile's 0700.
 
     The old ``path`` (replaced only with ``force``) survives until the new one is in place,
     and on any error the temporary directory is removed and ``path`` is left untouched.
@@ -80,6 +105,7 @@ def atomic_directory(path: str | Path, *, force: bool = False) -> Iterator[Path]
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
         yield staging
+        as_published(staging)
         if path.exists():
             retired = staging.with_suffix(".old")
             path.rename(retired)

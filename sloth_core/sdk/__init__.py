@@ -74,6 +74,7 @@ _EXPORTS: dict[str, str] = {
     "atomic_directory": "sloth_core.io",
     "refuse_existing": "sloth_core.io",
     "check_free_space": "sloth_core.io",
+    "as_published": "sloth_core.io",
     "format_bytes": "sloth_core.io",
     "llama_cpp": "sloth_core.sdk.llama_cpp",
     # formats that describe themselves, and their verifiers

@@ -195,3 +195,25 @@ def test_qlora_model_merges_into_dense_16bit(with_bnb, make_tiny_model, tmp_path
     # The 4-bit model computes in bf16; the merged one holds the same weights in fp32.
     assert (got.argmax(-1) == expected.argmax(-1)).float().mean() > 0.9
     torch.testing.assert_close(got, expected, atol=0.1, rtol=0.05)
+
+
+def test_exports_are_readable_by_other_users(plugin_manager, llama_lora, tmp_path):
+    """tempfile makes private (0700/0600) folders and files: an export renamed from them must
+    get the umask's permissions, or vLLM's or Ollama's service account cannot read it."""
+    import os
+    import stat
+
+    model, tokenizer = llama_lora
+    previous = os.umask(0o022)
+    try:
+        for format in ("merged_16bit", "lora"):
+            out = sloth_core.export(model, tokenizer, tmp_path / format, format=format).path
+            assert stat.S_IMODE(out.stat().st_mode) == 0o755, format
+            files = [p for p in out.rglob("*") if p.is_file()]
+            assert files and {stat.S_IMODE(p.stat().st_mode) for p in files} == {0o644}, format
+        os.umask(0o077)  # a user who wants privacy keeps it
+        out = sloth_core.export(model, tokenizer, tmp_path / "private").path
+        assert stat.S_IMODE(out.stat().st_mode) == 0o700
+        assert {stat.S_IMODE(p.stat().st_mode) for p in out.iterdir()} == {0o600}
+    finally:
+        os.umask(previous)

@@ -256,3 +256,21 @@ def test_k_quant_through_llama_cpp(tokenizer, prompts, tmp_path):
     print(f"llama q4_k_m: {error:.2e} (the stored weights alone: {format_cost:.2e})")
     # As for f16/q8_0 (test_gguf_logits): within what the format's rounding explains.
     assert error <= 2 * format_cost + 1e-3
+
+
+def test_the_gguf_file_and_folder_are_readable_by_other_users(models, tokenizer, tmp_path):
+    """mkstemp's files are 0600: llama.cpp's or Ollama's user must be able to read the GGUF."""
+    import os
+    import stat
+
+    previous = os.umask(0o022)
+    try:
+        single = writer.export_gguf(models("llama"), tokenizer, tmp_path / "m.gguf",
+                                    {"quantization": "f16"})  # fmt: skip
+        assert stat.S_IMODE(single.path.stat().st_mode) == 0o644
+        folder = writer.export_gguf(models("llama"), tokenizer, tmp_path / "out",
+                                    {"quantization": "q8_0"})  # fmt: skip
+        assert stat.S_IMODE(folder.path.stat().st_mode) == 0o755
+        assert stat.S_IMODE(folder.files[0].stat().st_mode) == 0o644
+    finally:
+        os.umask(previous)

@@ -21,6 +21,7 @@ import torch
 
 from sloth_core.sdk import (
     ExportResult,
+    as_published,
     atomic_directory,
     check_free_space,
     merged_state_dict,
@@ -227,5 +228,6 @@ def export_gguf(
     path.parent.mkdir(parents=True, exist_ok=True)
     with _temporary_sibling(path) as temp:
         produce(temp)
+        as_published(temp)  # mkstemp's 0600 would keep llama.cpp's or Ollama's user out
         os.replace(temp, path)
     return ExportResult("gguf", path, [path])
