@@ -212,19 +212,23 @@ def _dtype(choice: str, model_dir: Path | str) -> Any:
 
 
 def _load_gguf(
-    source: ModelSource, dtype: Any, device: str | None, manager: Any
+    source: ModelSource, dtype: Any, device: str | None, manager: Any, trust_remote_code: bool
 ) -> tuple[Any, Any]:
     """A GGUF file through transformers' GGUF reader: its weights dequantized, then patched
     like any loaded model (what ``sloth export`` re-exports from)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from sloth_core.plugins import get_plugin_manager
+    from sloth_core.trust import check_remote_code
 
     path = Path(source.path)
+    # The GGUF holds no code, but the folder beside it may ask for some (auto_map).
+    check_remote_code(path.parent, trust_remote_code)
+    trust = {"trust_remote_code": trust_remote_code}
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, **trust)
         model = AutoModelForCausalLM.from_pretrained(
-            path.parent, gguf_file=path.name, dtype=dtype or "auto", device_map=device
+            path.parent, gguf_file=path.name, dtype=dtype or "auto", device_map=device, **trust
         )
     except (ValueError, KeyError, OSError, ImportError) as exc:
         raise ModelNotFoundError(
@@ -258,7 +262,7 @@ def load_source(
     """
     if source.kind == "gguf":
         dtype_ = None if dtype == "auto" else _dtype(dtype, source.path)
-        model, tokenizer = _load_gguf(source, dtype_, device, manager)
+        model, tokenizer = _load_gguf(source, dtype_, device, manager, trust_remote_code)
     else:
         model, tokenizer = _load_transformers(
             source, dtype, device, load_in_4bit, trust_remote_code, allow_pickle, manager

@@ -310,7 +310,8 @@ def verify_safetensors(request: VerifyRequest) -> VerifyReport:
     def reloaded_logits(lists: list[list[int]]) -> list[np.ndarray]:
         # Eager attention: the plainest path, and the only one that honours every softcap.
         reloaded = AutoModelForCausalLM.from_pretrained(
-            path, dtype="auto", attn_implementation="eager", device_map=str(device)
+            path, dtype="auto", attn_implementation="eager", device_map=str(device),
+            trust_remote_code=False,  # our own export: nothing in it is code to run
         )
         try:
             return _all_logits(reloaded, lists)
