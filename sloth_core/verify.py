@@ -49,10 +49,12 @@ __all__ = [
     "SAMPLE_PROMPTS",
     "SAMPLE_TEXTS",
     "Tolerance",
+    "VerifyLevel",
     "VerifyReport",
     "VerifyRequest",
     "compare_logits",
     "compare_token_ids",
+    "model_logits",
     "print_report",
     "verify_export",
     "verify_lora",
@@ -86,8 +88,28 @@ _CONVERSATION = (
 
 
 @dataclass
+class VerifyLevel:
+    """One way a verifier reloaded the export (GGUF: the gguf package, then llama.cpp).
+
+    ``status``: ``"passed"``, ``"failed"`` or ``"not run"``; ``detail``: its figures, or
+    why it did not run (with what to install).
+    """
+
+    name: str
+    status: str
+    detail: str = ""
+
+    def __str__(self) -> str:
+        return f"{self.name}: {self.status}" + (f" ({self.detail})" if self.detail else "")
+
+
+@dataclass
 class VerifyReport:
-    """What :func:`verify_export` compared, and what went wrong (``problems``)."""
+    """What :func:`verify_export` compared, and what went wrong (``problems``).
+
+    ``levels``: for a verifier that reloads the export more than one way, each way and
+    whether it ran and passed (the figures above are the strongest level's that ran).
+    """
 
     path: Path
     kind: str  # what was reloaded: "safetensors", "gguf", "lora", ... (the verifier's word)
@@ -104,6 +126,7 @@ class VerifyReport:
     texts_matching: int = 0
     problems: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    levels: list[VerifyLevel] = field(default_factory=list)
 
     @property
     def passed(self) -> bool:
@@ -182,6 +205,12 @@ def _all_logits(model: Any, lists: list[list[int]]) -> list[np.ndarray]:
             ]
     finally:
         model.train(training)
+
+
+def model_logits(model: Any, lists: list[list[int]]) -> list[np.ndarray]:
+    """The every-position logits of ``model`` (a transformers causal LM) for each id list,
+    in float32 on the CPU: what :func:`compare_logits` takes from a reloaded export."""
+    return _all_logits(model, lists)
 
 
 def _log_softmax(logits: np.ndarray) -> np.ndarray:
@@ -310,7 +339,10 @@ def verify_safetensors(request: VerifyRequest) -> VerifyReport:
     def reloaded_logits(lists: list[list[int]]) -> list[np.ndarray]:
         # Eager attention: the plainest path, and the only one that honours every softcap.
         reloaded = AutoModelForCausalLM.from_pretrained(
-            path, dtype="auto", attn_implementation="eager", device_map=str(device),
+            path,
+            dtype="auto",
+            attn_implementation="eager",
+            device_map=str(device),
             trust_remote_code=False,  # our own export: nothing in it is code to run
         )
         try:
@@ -422,6 +454,7 @@ def verify_export(
 def print_report(report: VerifyReport, console: Any = None) -> None:
     """Print ``report`` as a table (rich), with its verdict."""
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     console = console or Console()
@@ -459,9 +492,12 @@ def print_report(report: VerifyReport, console: Any = None) -> None:
             "tokenizer: same ids", f"{report.texts_matching}/{report.texts}", f"{report.texts}"
         )
     console.print(table)
+    # Escaped: an install command's extra (`sloth-gguf[llama-cpp]`) is not rich markup.
+    if report.levels:
+        console.print("levels: " + escape("; ".join(str(level) for level in report.levels)))
     for note in report.notes:
-        console.print(f"note: {note}")
+        console.print(f"note: {escape(note)}")
     for problem in report.problems:
-        console.print(f"[bold red]FAIL[/]: {problem}")
+        console.print(f"[bold red]FAIL[/]: {escape(problem)}")
     if report.passed:
         console.print("[green]verified[/]: the export matches the model in memory")

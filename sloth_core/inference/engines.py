@@ -152,9 +152,19 @@ def _llama_cpp() -> Any:
     else:
         if llama_cpp.available():
             return llama_cpp
-    raise PluginMissingError(
-        "running a GGUF file needs llama-cpp-python: pip install llama-cpp-python "
-        "(or run the merged model directory instead)"
+    raise PluginMissingError(llama_cpp_missing("running a GGUF file"))
+
+
+def llama_cpp_missing(what: str) -> str:
+    """Why ``what`` needs llama-cpp-python, and the commands that install it here."""
+    from sloth_core.catalog import install_command
+
+    return (
+        f"{what} needs llama.cpp's Python bindings (llama-cpp-python), which are not "
+        f"installed: `{install_command('sloth-gguf', 'llama-cpp')}`, or `pip install "
+        'llama-cpp-python` (a source build of several minutes; CMAKE_ARGS="-DGGML_NATIVE=OFF" '
+        "where the native build dies with an illegal instruction). Or run the merged model "
+        "directory instead (`sloth export ... --format merged_16bit`)"
     )
 
 

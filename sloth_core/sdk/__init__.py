@@ -85,8 +85,10 @@ _EXPORTS: dict[str, str] = {
     "FLOAT_TYPES": "sloth_core.formats",
     "VerifyRequest": "sloth_core.verify",
     "VerifyReport": "sloth_core.verify",
+    "VerifyLevel": "sloth_core.verify",
     "compare_logits": "sloth_core.verify",
     "compare_token_ids": "sloth_core.verify",
+    "model_logits": "sloth_core.verify",
     "verify_safetensors": "sloth_core.verify",
 }
 

@@ -47,8 +47,9 @@ def test_generate_json_on_a_model_dir(llama_dir, generate_json):
 
 
 def test_generate_streams_the_reply_to_stdout(llama_dir, sloth):
-    status, out, _ = sloth("generate", llama_dir, "--prompt", QUESTION, "--max-new-tokens", "12",
-                           "--device", "cpu")
+    status, out, _ = sloth(
+        "generate", llama_dir, "--prompt", QUESTION, "--max-new-tokens", "12", "--device", "cpu"
+    )
     assert status == 0
     _, completion = _expected(llama_dir)
     assert out == _cut(completion.ids, 12, llama_dir) + "\n"
@@ -224,12 +225,16 @@ def test_a_gguf_file_without_llama_cpp_is_refused_clearly(tmp_path, sloth, monke
         pass
     else:  # as on a machine without llama-cpp-python
         monkeypatch.setattr(llama_cpp, "available", lambda: False)
+    from sloth_core.catalog import install_command
+
     gguf = tmp_path / "model.gguf"
     gguf.write_bytes(b"GGUF")
     status, _, err = sloth("generate", gguf, "--prompt", "hi")
     assert status == 1 and "pip install llama-cpp-python" in err
+    assert install_command("sloth-gguf", "llama-cpp") in err and "GGML_NATIVE=OFF" in err
     status, _, err = sloth("chat", tmp_path)  # the one .gguf in a directory
     assert status == 1 and "pip install llama-cpp-python" in err
+    assert install_command("sloth-gguf", "llama-cpp") in err
     (tmp_path / "other.gguf").write_bytes(b"GGUF")
     status, _, err = sloth("generate", tmp_path, "--prompt", "hi")
     assert status == 1 and "several GGUF files (model.gguf, other.gguf): name one" in err

@@ -1,5 +1,6 @@
 """sloth-gguf's verifier (``sloth export --format gguf --verify``): llama.cpp's logits and
-token ids against the model in memory, judged by each GGUF type's declared tolerance."""
+token ids against the model in memory, judged by each GGUF type's declared tolerance (its
+first, pure-Python level: test_gguf_reload.py)."""
 
 from __future__ import annotations
 
@@ -57,11 +58,15 @@ def _fake_runner(model, tokenizer, *, shift=0.0, shuffle=False, tokens_off=False
     )
 
 
-@pytest.fixture
-def gguf_file(tmp_path):
-    path = tmp_path / "model.Q4_K_M.gguf"
-    path.write_bytes(b"GGUF")
-    return path
+@pytest.fixture(scope="module")
+def gguf_file(llama_lora, tmp_path_factory, manager):
+    """The model's f32 GGUF: the pure-Python level passes on it, so what these tests
+    judge is the llama.cpp level (the stand-in runner)."""
+    model, tokenizer = llama_lora
+    path = tmp_path_factory.mktemp("verify") / "model.gguf"
+    return sloth_core.export(
+        model, tokenizer, path, format="gguf", quantization="f32", manager=manager
+    ).path
 
 
 def test_gguf_verify_passes_for_matching_logits(llama_lora, gguf_file, manager):
@@ -86,14 +91,22 @@ def test_low_bit_gguf_is_judged_by_top1(llama_lora, gguf_file, manager):
     assert any("top-1 agreement" in p for p in report.problems)
 
 
-def test_gguf_tokenizer_mismatch_and_missing_llama_cpp_fail(llama_lora, gguf_file, manager):
+def test_gguf_tokenizer_mismatch_fails_and_missing_llama_cpp_is_a_note(
+    llama_lora, gguf_file, manager
+):
     model, tokenizer = llama_lora
     off = _fake_runner(model, tokenizer, tokens_off=True)
     report = _verify(gguf_file, model, tokenizer, manager, quantization="f32", runner=off)
-    assert any("exported tokenizer encodes" in p for p in report.problems)
+    assert any("llama.cpp: the exported tokenizer encodes" in p for p in report.problems)
+    assert [str(level).split(" (")[0] for level in report.levels] == [
+        "gguf-py reload: passed",
+        "llama.cpp: failed",
+    ]
     absent = _fake_runner(model, tokenizer, available=False)
     report = _verify(gguf_file, model, tokenizer, manager, runner=absent)
-    assert not report.passed and "sloth-gguf[llama-cpp]" in report.problems[0]
+    assert report.passed and report.weight_type == "f32" and report.top1 == 1.0
+    assert report.levels[1].status == "not installed"
+    assert "sloth-gguf[llama-cpp]" in report.levels[1].detail
     # a short spelling of a type is the type: q8 is q8_0, judged by q8_0's tolerance
     report = _verify(gguf_file, model, tokenizer, manager, quantization="q8", runner=off)
     assert report.weight_type == "q8_0" and report.tolerance.max_rel == 3e-2
@@ -113,3 +126,4 @@ def test_gguf_verify_with_llama_cpp(llama_lora, tmp_path, monkeypatch, manager):
     report = _verify(out.path, model, tokenizer, manager)
     assert report.passed, report.problems
     assert report.weight_type == "f32" and report.top1 == 1.0
+    assert [level.status for level in report.levels] == ["passed", "passed"]

@@ -291,15 +291,41 @@ class TensorConverter:
     def has_output(self) -> bool:
         return gguf.MODEL_TENSOR.OUTPUT in self.allowed
 
+    def _rope_heads(self, hf_name: str) -> int | None:
+        """The head count of a q or k projection whose rows llama.cpp's rope needs
+        interleaved, else None."""
+        if not self.arch.permute_qk:
+            return None
+        n_head = self.config.num_attention_heads
+        if hf_name.endswith(("q_proj.weight", "q_proj.bias")):
+            return n_head
+        if hf_name.endswith(("k_proj.weight", "k_proj.bias")):
+            return getattr(self.config, "num_key_value_heads", None) or n_head
+        return None
+
     def convert(self, hf_name: str, tensor: torch.Tensor) -> torch.Tensor:
         """``tensor`` as llama.cpp expects it (still in torch's [out, in] layout)."""
-        if self.arch.permute_qk:
-            n_head = self.config.num_attention_heads
-            if hf_name.endswith(("q_proj.weight", "q_proj.bias")):
-                tensor = _interleave_rope_rows(tensor, n_head)
-            elif hf_name.endswith(("k_proj.weight", "k_proj.bias")):
-                n_kv = getattr(self.config, "num_key_value_heads", None) or n_head
-                tensor = _interleave_rope_rows(tensor, n_kv)
+        heads = self._rope_heads(hf_name)
+        if heads:
+            tensor = _interleave_rope_rows(tensor, heads)
         if self.arch.norm_offset and hf_name.endswith("norm.weight"):
             tensor = tensor.float() + self.arch.norm_offset
         return tensor
+
+    def restore(self, hf_name: str, tensor: torch.Tensor) -> torch.Tensor:
+        """The inverse of :meth:`convert`: a tensor read from the file, as Hugging Face holds
+        it (q/k rows back in rotate-half order, Gemma's norms less their ``1``)."""
+        heads = self._rope_heads(hf_name)
+        if heads:
+            tensor = _deinterleave_rope_rows(tensor, heads)
+        if self.arch.norm_offset and hf_name.endswith("norm.weight"):
+            tensor = tensor - self.arch.norm_offset
+        return tensor
+
+
+def _deinterleave_rope_rows(weight: torch.Tensor, n_head: int) -> torch.Tensor:
+    # Per head, rows (x_0, y_0, x_1, y_1, ...) become (x_0..x_{d/2-1}, y_0..y_{d/2-1}).
+    shape = weight.shape
+    return (
+        weight.reshape(n_head, shape[0] // n_head // 2, 2, *shape[1:]).swapaxes(1, 2).reshape(shape)
+    )

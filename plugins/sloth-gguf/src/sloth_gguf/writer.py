@@ -177,8 +177,10 @@ def export_gguf(
 
     quant = resolve_quantization(options.get("quantization"))
     if quant.needs_llama_cpp and not llama_cpp.available():
+        from .verify import NEEDS
+
         raise llama_cpp.LlamaCppMissingError(
-            f"GGUF quantization {quant.name!r} runs llama.cpp's quantizer: "
+            f"GGUF quantization {quant.name!r} runs llama.cpp's quantizer: {NEEDS}, or "
             f"`pip install {llama_cpp.PACKAGE}` (types without it: "
             "f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1)"
         )
