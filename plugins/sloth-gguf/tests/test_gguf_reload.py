@@ -147,3 +147,28 @@ def test_a_file_that_is_no_gguf_fails(models, tokenizer, tmp_path, manager):
     path.write_bytes(b"GGUF" + bytes(64))
     report = _verify(path, models("llama"), tokenizer, manager, quantization="f32")
     assert not report.passed and "gguf package cannot read" in report.problems[0]
+
+
+ROPE_SCALING = {
+    "linear": {"rope_type": "linear", "factor": 2.0},
+    "yarn": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64},
+    "llama3": {
+        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 64,
+    },
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("scaling", ROPE_SCALING)
+def test_reload_keeps_rope_scaling(scaling, tokenizer, tmp_path, monkeypatch, manager):
+    model = tiny("llama", rope_parameters={**ROPE_SCALING[scaling], "rope_theta": 10000.0})
+    path = export(model, tokenizer, tmp_path / "m.gguf", "f32")
+    report = _verify(path, model, tokenizer, manager)
+    assert report.passed, report.problems
+    if scaling == "llama3":
+        return  # its factors travel as the rope_freqs tensor, which llama.cpp alone reads
+    _corrupt(monkeypatch, "add_rope_scaling_factor", lambda v: v * 2)
+    path = export(model, tokenizer, tmp_path / "bad.gguf", "f32")
+    monkeypatch.undo()
+    report = _verify(path, model, tokenizer, manager)
+    assert any("llama.rope.scaling.factor is" in p for p in report.problems), report.problems
