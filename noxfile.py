@@ -1,9 +1,10 @@
-"""Sessions: ``tests`` (CPU, from nothing), ``lint``, ``typecheck``, ``gpu`` (on a CUDA
-machine)."""
+"""Sessions: ``tests`` (CPU, from nothing), ``build`` (the distributions, in ``dist/``),
+``lint``, ``typecheck``, ``gpu`` (on a CUDA machine)."""
 
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import nox
@@ -61,13 +62,20 @@ def _install_llama_cpp(session: nox.Session) -> None:
 WORKERS = int(os.environ.get("SLOTH_TEST_WORKERS", min(os.cpu_count() or 1, 4)))
 
 
+#: Optional libraries that are quick to install, so that nothing but the GPU tests skips:
+#: parquet and ``datasets.Dataset`` training data, and ``loss.png``.
+LIGHT_EXTRAS = ("pyarrow>=14", "datasets>=3", "matplotlib>=3.8")
+#: What building and checking the distributions takes (``build``, tests/test_distributions.py).
+PACKAGING = ("build>=1.2", "twine>=6")
+
+
 @nox.session
 def tests(session: nox.Session) -> None:
     """CPU test suite in a fresh environment: torch first, so pip takes the CPU build."""
     session.install("torch==2.13.0")
     session.install(
-        "setuptools>=68", "wheel", "pytest>=8", "pytest-xdist>=3.5", "bitsandbytes>=0.45",
-        "triton>=3.6",
+        "setuptools>=77", "wheel", "pytest>=8", "pytest-xdist>=3.5", "bitsandbytes>=0.45",
+        "triton>=3.6", *LIGHT_EXTRAS, *PACKAGING,
     )  # fmt: skip
     _install_repo(session)
     _install_llama_cpp(session)
@@ -93,6 +101,20 @@ def gpu(session: nox.Session) -> None:
 
 
 @nox.session
+def build(session: nox.Session) -> None:
+    """Wheels and sdists of every distribution in ``dist/`` (each wheel built from its
+    sdist, in a copy, so the clone gets no ``build/``), then ``twine check`` on them."""
+    session.install("setuptools>=77", "wheel", *PACKAGING)
+    out = ROOT / "dist"
+    shutil.rmtree(out, ignore_errors=True)  # only this build's files, none of an older one
+    session.run("python", str(ROOT / "scripts" / "build_dists.py"), "--out", str(out),
+                *session.posargs)  # fmt: skip
+    files = sorted(str(p) for p in out.iterdir())
+    session.run("twine", "check", "--strict", *files)
+    session.log(f"{len(files)} files in {out}: publish with `twine upload {out}/*`")
+
+
+@nox.session
 def lint(session: nox.Session) -> None:
     session.install("ruff")
     session.run("ruff", "check", ".")
@@ -107,6 +129,6 @@ def typecheck(session: nox.Session) -> None:
     torch first (the CPU build), and mypy pinned, so that a new release adds no errors.
     """
     session.install("torch==2.13.0")
-    session.install("setuptools>=68", "wheel", "mypy==2.4.1")
+    session.install("setuptools>=77", "wheel", "mypy==2.4.1")
     _install_repo(session)
     session.run("mypy", *session.posargs)

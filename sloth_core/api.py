@@ -17,6 +17,7 @@ from sloth_core.checkpointing import (  # noqa: F401  (enable_checkpointing: pub
 from sloth_core.errors import ModelNotFoundError, PluginMissingError, SlothError
 from sloth_core.io import refuse_existing
 from sloth_core.plugins import SlothPluginManager, get_plugin_manager
+from sloth_core.quiet import peft_calls
 from sloth_core.types import ExportResult, ModelSpec, PatchReport
 
 DEFAULT_TARGET_MODULES = (
@@ -25,10 +26,10 @@ DEFAULT_TARGET_MODULES = (
 
 
 def _missing(what: str, name: str, table: dict[str, str]) -> PluginMissingError:
-    from sloth_core.catalog import distribution_for
+    from sloth_core.catalog import distribution_for, install_command
 
     dist = distribution_for("formats" if what == "export format" else "quantizers", name)
-    hint = f"install it with `pip install {dist}`" if dist else "no known plugin serves it"
+    hint = f"install it with `{install_command(dist)}`" if dist else "no known plugin serves it"
     known = ", ".join(sorted(table)) or "none"
     return PluginMissingError(
         f"{what} {name!r} needs a plugin that is not installed: {hint} "
@@ -294,7 +295,8 @@ class FastLanguageModel:
             task_type="CAUSAL_LM",
             **kwargs,
         )
-        peft_model = get_peft_model(model, config)
+        with peft_calls():
+            peft_model = get_peft_model(model, config)
         apply_checkpointing(peft_model, checkpointing)
         # The plugins that patched the model patch its adapters too (the process-wide
         # manager only for a model loaded elsewhere).

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from sloth_core.errors import ModelNotFoundError, SlothError
+from sloth_core.quiet import peft_calls
 from sloth_core.runs import (
     ADAPTER_DIR,
     FINAL_DIR,
@@ -300,13 +301,10 @@ def _load_transformers(
 
 
 def _attach_adapter(model: Any, adapter: Path) -> Any:
-    import warnings
-
     from peft import PeftModel
 
     spec, host = getattr(model, "sloth_spec", None), model.sloth_host
-    with warnings.catch_warnings():  # PEFT reads transformers' deprecated is_gradient_...
-        warnings.simplefilter("ignore", FutureWarning)
+    with peft_calls():
         model = PeftModel.from_pretrained(model, str(adapter))
     model.sloth_spec = spec
     # The adapter's layers are new modules: the plugins that patched the base patch them.

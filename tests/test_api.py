@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
 
 import sloth_core
 from sloth_core import FastLanguageModel
+from sloth_core.catalog import install_command
 from sloth_core.errors import (
     ModelNotFoundError,
     OutputExistsError,
@@ -125,12 +127,12 @@ def test_failed_export_leaves_nothing_behind(plugin_manager, llama_dir, tmp_path
 
 
 def test_options_without_a_plugin_name_the_plugin_to_install(plugin_manager, llama_dir, tmp_path):
-    with pytest.raises(PluginMissingError, match="pip install sloth-bnb"):
+    with pytest.raises(PluginMissingError, match=re.escape(install_command("sloth-bnb"))):
         FastLanguageModel.from_pretrained(str(llama_dir), load_in_4bit=True)
-    with pytest.raises(PluginMissingError, match="pip install sloth-bnb"):
+    with pytest.raises(PluginMissingError, match=re.escape(install_command("sloth-bnb"))):
         FastLanguageModel.from_pretrained(str(llama_dir), load_in_8bit=True)
     model, tokenizer = FastLanguageModel.from_pretrained(str(llama_dir))
-    with pytest.raises(PluginMissingError, match="pip install sloth-gguf"):
+    with pytest.raises(PluginMissingError, match=re.escape(install_command("sloth-gguf"))):
         sloth_core.export(model, tokenizer, tmp_path / "x.gguf", format="gguf")
     assert not (tmp_path / "x.gguf").exists()
 

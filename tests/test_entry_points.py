@@ -13,20 +13,15 @@ import sys
 from pathlib import Path
 
 import pytest
+from _dists import install_into
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
 
 @pytest.fixture(scope="module")
 def site(tmp_path_factory) -> Path:
-    target = tmp_path_factory.mktemp("site")
-    dists = [str(FIXTURES / name) for name in ("sloth-toyarch", "sloth-broken", "sloth-needy")]
-    subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps",
-         "--no-build-isolation", "--target", str(target), *dists],
-        check=True,
-    )  # fmt: skip
-    return target
+    dists = [FIXTURES / name for name in ("sloth-toyarch", "sloth-broken", "sloth-needy")]
+    return install_into(tmp_path_factory.mktemp("site"), *dists)
 
 
 def _run(site: Path, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -46,7 +41,10 @@ def test_plugins_list_shows_third_party_and_failed_plugins(site):
     assert toy["source"] == "entrypoint"
     broken = records["sloth-broken"]
     assert broken["status"] == "failed"
-    assert "import failed: ImportError: sloth_broken needs the library 'frobnicate'" in broken["reason"]
+    assert (
+        "import failed: ImportError: sloth_broken needs the library 'frobnicate'"
+        in broken["reason"]
+    )
     needy = records["sloth-needy"]
     assert needy["status"] == "failed"
     assert "surely-not-installed-lib>=9.9 (not installed)" in needy["reason"]

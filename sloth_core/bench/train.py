@@ -273,6 +273,8 @@ def _load(system: str, model_dir: Path, device: str, quantization: str | None = 
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
+    from sloth_core.quiet import peft_calls
+
     quantized = {}
     if quantization:
         quantized["quantization_config"] = hf_quantization_config(quantization)
@@ -285,7 +287,8 @@ def _load(system: str, model_dir: Path, device: str, quantization: str | None = 
     model.enable_input_require_grads()
     config = LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0, target_modules=TARGET_MODULES,
                         task_type="CAUSAL_LM")  # fmt: skip
-    return get_peft_model(model, config), n_base
+    with peft_calls():
+        return get_peft_model(model, config), n_base
 
 
 def _distribute(system: str, model: Any, full: bool):

@@ -87,12 +87,12 @@ def describe_formats(manager: Any) -> list[str]:
 
 def check_format(manager: Any, name: str) -> None:
     """Raise, listing the installed formats and the plugin to install, unless ``name`` is served."""
-    from sloth_core.catalog import distribution_for, not_installed
+    from sloth_core.catalog import distribution_for, install_command, not_installed
 
     if name in manager.exporters:
         return
     elsewhere = sorted(
-        f"{fmt} (`pip install {dist}`)"
+        f"{fmt} (`{install_command(dist)}`)"
         for fmt, dist in not_installed("formats", manager.exporters).items()
     )
     listing = f"installed formats: {'; '.join(describe_formats(manager)) or 'none'}"
@@ -102,7 +102,7 @@ def check_format(manager: Any, name: str) -> None:
     if dist:
         raise PluginMissingError(
             f"export format {name!r} needs the plugin {dist}, which is not installed: "
-            f"`pip install {dist}` ({listing})"
+            f"`{install_command(dist)}` ({listing})"
         )
     known = [*manager.exporters, *not_installed("formats", manager.exporters)]
     close = difflib.get_close_matches(name, known, n=1)

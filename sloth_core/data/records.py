@@ -9,6 +9,8 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from sloth_core.catalog import install_command
+
 from .errors import DataError
 
 __all__ = ["FILE_FORMATS", "load_records"]
@@ -166,7 +168,7 @@ def _read_parquet(path: Path) -> list[dict[str, Any]]:
         except ImportError as exc:  # no pandas, or pandas without a parquet engine
             raise DataError(
                 f"{path}: reading parquet needs the 'pyarrow' package: pip install pyarrow "
-                "(or pip install 'sloth-core[data]')"
+                f"(or {install_command('sloth-core', 'data')})"
             ) from exc
     except DataError:
         raise

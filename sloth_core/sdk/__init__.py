@@ -77,6 +77,7 @@ _EXPORTS: dict[str, str] = {
     "as_published": "sloth_core.io",
     "format_bytes": "sloth_core.io",
     "llama_cpp": "sloth_core.sdk.llama_cpp",
+    "install_command": "sloth_core.catalog",
     # formats that describe themselves, and their verifiers
     "ExportFormat": "sloth_core.formats",
     "QuantizationMethod": "sloth_core.formats",

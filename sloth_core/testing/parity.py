@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from sloth_core.plugins import SlothPluginManager
+from sloth_core.quiet import peft_calls
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -216,7 +217,8 @@ def attach_lora(model: PreTrainedModel, *, r: int, seed: int, random_b: bool = T
         task_type="CAUSAL_LM",
     )  # fmt: skip
     with torch.random.fork_rng(devices=[]):  # PEFT's own init must not move the caller's RNG
-        peft_model = get_peft_model(model, config)
+        with peft_calls():
+            peft_model = get_peft_model(model, config)
     gen = torch.Generator().manual_seed(seed + 2)
     with torch.no_grad():
         for name, param in sorted(peft_model.named_parameters()):

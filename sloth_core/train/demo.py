@@ -1,4 +1,4 @@
-"""``sloth train --demo``: a fine-tune that runs anywhere in a few minutes, nothing downloaded.
+"""``sloth train --demo``: a fine-tune that runs anywhere in under a minute, nothing downloaded.
 
 The model is a small Llama built from the bundled ``demo_model.json`` with a byte-level BPE
 tokenizer trained on the spot (:func:`sloth_core.testing.tokenizer.build_tokenizer`), then

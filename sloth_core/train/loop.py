@@ -24,6 +24,7 @@ import torch
 
 from sloth_core.checkpointing import Checkpointing, apply_checkpointing
 from sloth_core.errors import Interrupted, SlothError
+from sloth_core.quiet import progress_bars
 from sloth_core.runs import FINAL_DIR, TRAIN_CONFIG
 
 from . import distributed
@@ -245,8 +246,9 @@ def train(config: TrainConfig, *, show_progress: bool = True, console: Any = Non
         if not group.is_main:
             console = Console(quiet=True)
         # soft_wrap: a long line is left whole (a path in it stays one word, for copying).
-        return _train(config, group, progress, show_progress=show_progress and group.is_main,
-                      console=console or Console(soft_wrap=True))  # fmt: skip
+        with progress_bars(show_progress and group.is_main):
+            return _train(config, group, progress, show_progress=show_progress and group.is_main,
+                          console=console or Console(soft_wrap=True))  # fmt: skip
     except KeyboardInterrupt:
         raise Interrupted(_interrupted(progress)) from None
     finally:

@@ -11,6 +11,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import sloth_core
 from sloth_core import hookimpl
+from sloth_core.catalog import install_command
 from sloth_core.cli import main
 from sloth_core.train.checkpoint import STATE_FILE, TRAINABLE_FILE
 
@@ -134,11 +135,10 @@ def test_unknown_format_lists_formats_and_the_plugin_to_install(
     code, text = _sloth(capsys, model_dir, "-f", "ggfu", "-o", tmp_path / "o")
     assert code == 1 and "unknown export format 'ggfu'" in text and "did you mean 'gguf'" in text
     assert "lora [builtin:exporters]; merged_16bit, merged, vllm [builtin:exporters]" in text
-    assert (
-        "gguf (`pip install sloth-gguf`)" in text and "ollama (`pip install sloth-ollama`)" in text
-    )
+    gguf, ollama = install_command("sloth-gguf"), install_command("sloth-ollama")
+    assert f"gguf (`{gguf}`)" in text and f"ollama (`{ollama}`)" in text
     code, text = _sloth(capsys, model_dir, "-f", "gguf", "-o", tmp_path / "o")
-    assert code == 1 and "needs the plugin sloth-gguf" in text and "pip install sloth-gguf" in text
+    assert code == 1 and "needs the plugin sloth-gguf" in text and f"`{gguf}`" in text
     assert not (tmp_path / "o").exists()
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import shutil
 
 import pytest
@@ -13,6 +14,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import sloth_core
 import sloth_core.io
+from sloth_core.catalog import install_command
 from sloth_core.default_plugins import exporters
 from sloth_core.errors import PluginMissingError, SlothError
 from sloth_core.sdk import merged_state_dict, stop_tokens
@@ -133,7 +135,7 @@ def test_export_function_survives_the_export_helpers(plugin_manager, llama_lora,
 
 def test_merged_4bit_needs_sloth_bnb(plugin_manager, llama_lora, tmp_path):
     model, tokenizer = llama_lora
-    with pytest.raises(PluginMissingError, match="pip install sloth-bnb"):
+    with pytest.raises(PluginMissingError, match=re.escape(install_command("sloth-bnb"))):
         sloth_core.export(model, tokenizer, tmp_path / "m", format="merged_4bit")
 
 

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from _dists import install_into
 
 FIXTURE = Path(__file__).parents[1] / "fixtures" / "sloth-toyexport"
 
@@ -72,13 +73,7 @@ print(json.dumps(out))
 
 @pytest.fixture(scope="module")
 def site(tmp_path_factory) -> Path:
-    target = tmp_path_factory.mktemp("site")
-    subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps",
-         "--no-build-isolation", "--target", str(target), str(FIXTURE)],
-        check=True,
-    )  # fmt: skip
-    return target
+    return install_into(tmp_path_factory.mktemp("site"), FIXTURE)
 
 
 def test_a_third_party_format_needs_no_core_edit(site, make_tiny_model, tmp_path):

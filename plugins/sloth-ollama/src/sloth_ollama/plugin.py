@@ -12,7 +12,13 @@ import shutil
 from pathlib import Path
 
 from sloth_core import hookimpl
-from sloth_core.sdk import ExportResult, PluginMissingError, SlothError, atomic_directory
+from sloth_core.sdk import (
+    ExportResult,
+    PluginMissingError,
+    SlothError,
+    atomic_directory,
+    install_command,
+)
 
 from .modelfile import GGUF_NAME, build_modelfile
 
@@ -43,7 +49,7 @@ def export_ollama(model, tokenizer, path, options, host) -> ExportResult:
     if GGUF_FORMAT not in host.exporters:
         raise PluginMissingError(
             "format 'ollama' writes its model through the 'gguf' format, which no installed "
-            "plugin serves: `pip install sloth-gguf`"
+            f"plugin serves: `{install_command('sloth-gguf')}`"
         )
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     modelfile = build_modelfile(
@@ -61,7 +67,9 @@ def export_ollama(model, tokenizer, path, options, host) -> ExportResult:
             options={**gguf_options, "force": False},
         )  # fmt: skip
         if result is None:
-            raise PluginMissingError("no plugin wrote the 'gguf' format: `pip install sloth-gguf`")
+            raise PluginMissingError(
+                f"no plugin wrote the 'gguf' format: `{install_command('sloth-gguf')}`"
+            )
         if not target.is_file():  # an exporter that wrote a directory: take its GGUF
             written = sorted(Path(result.path).rglob("*.gguf"))
             if not written:
