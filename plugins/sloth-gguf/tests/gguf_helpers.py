@@ -35,6 +35,17 @@ SMALL_LM = {
 #: statistics (loss 6.24 -> about 5.3 nats, the corpus' unigram entropy).
 SMALL_LM_STEPS, SMALL_LM_LR, SMALL_LM_BATCH, SMALL_LM_WINDOW = 10, 1e-3, 8, 64
 
+#: Rope scalings of tiny Llama models: linear and yarn travel as metadata, Llama 3.1's as
+#: the rope_freqs tensor.
+ROPE_SCALING = {
+    "linear": {"rope_type": "linear", "factor": 2.0},
+    "yarn": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64},
+    "llama3": {
+        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 64,
+    },
+}  # fmt: skip
+
 requires_llama_cpp = pytest.mark.skipif(
     not llama_cpp.available(), reason=f"{llama_cpp.PACKAGE} is not installed"
 )

@@ -44,6 +44,7 @@ import pytest
 from gguf_helpers import (
     ARCHS,
     MISTRAL_WINDOW,
+    ROPE_SCALING,
     export,
     prompts_for,
     relative_error,
@@ -83,16 +84,6 @@ def test_quantized_logits(arch, quantization, small_lms, exported, prompts):
     rounding = relative_error(torch_logits(rounded_like(model, quantization), batch), want)
     print(f"{arch} {quantization}: {error:.2e} (the rounded weights alone: {rounding:.2e})")
     assert error <= TOLERANCE[quantization], f"{arch} {quantization}: {error:.2e}"
-
-
-ROPE_SCALING = {
-    "linear": {"rope_type": "linear", "factor": 2.0},
-    "yarn": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64},
-    "llama3": {
-        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-        "original_max_position_embeddings": 64,
-    },
-}  # fmt: skip
 
 
 @pytest.mark.parametrize(

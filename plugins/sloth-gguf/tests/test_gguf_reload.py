@@ -9,7 +9,7 @@ import types
 
 import gguf
 import pytest
-from gguf_helpers import ARCHS, export, requires_llama_cpp, rounded_like, tiny
+from gguf_helpers import ARCHS, ROPE_SCALING, export, requires_llama_cpp, rounded_like, tiny
 from sloth_gguf import architectures
 from sloth_gguf.verify import NEEDS
 
@@ -147,16 +147,6 @@ def test_a_file_that_is_no_gguf_fails(models, tokenizer, tmp_path, manager):
     path.write_bytes(b"GGUF" + bytes(64))
     report = _verify(path, models("llama"), tokenizer, manager, quantization="f32")
     assert not report.passed and "gguf package cannot read" in report.problems[0]
-
-
-ROPE_SCALING = {
-    "linear": {"rope_type": "linear", "factor": 2.0},
-    "yarn": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64},
-    "llama3": {
-        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-        "original_max_position_embeddings": 64,
-    },
-}  # fmt: skip
 
 
 @pytest.mark.parametrize("scaling", ROPE_SCALING)
