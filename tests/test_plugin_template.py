@@ -145,7 +145,8 @@ def test_guides_own_patcher_passes_the_parity_harness():
     [
         ("llama", "llama", ["LlamaRMSNorm", "LlamaMLP", "LlamaAttention"], False),
         ("gemma3_text", "gemma3", ["Gemma3RMSNorm", "Gemma3MLP", "Gemma3Attention"], True),
-        ("olmo", "olmo", ["OlmoMLP", "OlmoAttention"], False),  # LayerNorm, no RMSNorm
+        # A LayerNorm without weight, and clip_qkv, which patch_attention ignores.
+        ("olmo", "olmo", ["OlmoMLP", "OlmoForCausalLM"], False),
     ],
 )
 def test_plugins_new_names_the_models_classes(model_type, module, classes, window):
@@ -155,7 +156,9 @@ def test_plugins_new_names_the_models_classes(model_type, module, classes, windo
     for cls in classes:
         assert f"=modeling.{cls}," in plugin
     assert ("attention_kwargs=sliding_window_kwargs" in plugin) is window
-    assert ("# no OlmoRMSNorm in modeling_olmo" in plugin) is (model_type == "olmo")
+    left_alone = ["OlmoLayerNorm (norm) is not patched", "OlmoAttention (attention) is not"]
+    assert all(f"# {text}" in plugin for text in left_alone) is (model_type == "olmo")
+    assert ("gemma_norm=True" in plugin) is (model_type == "gemma3_text")  # (1 + w) norms
     assert "tests/test_some_model.py" in files
     assert "{{" not in "".join(files.values())
     for path, text in files.items():
@@ -189,7 +192,10 @@ def test_plugins_new_warns_of_a_plugin_that_patches_the_same_type(plugin_manager
     assert main(args) == 0
     out, err = capsys.readouterr()
     assert "created sloth-x in" in out and "LlamaRMSNorm, LlamaMLP" in out
-    assert "python -m pytest tests" in out  # the next steps
+    assert "module kind | class" in out and "LlamaMLP" in out  # the table
+    # The next steps: the full test command, and what installs pytest.
+    assert "HF_HUB_OFFLINE=1 TRITON_INTERPRET=1 python -m pytest tests" in out
+    assert "pip install 'sloth-core[test]'" in out
     assert "sloth-otherllama already patches llama" in err
     assert "SLOTH_DISABLE_PLUGINS=sloth-otherllama" in err
     assert (tmp_path / "x" / "src" / "sloth_x" / "plugin.py").is_file()

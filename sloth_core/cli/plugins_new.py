@@ -1,11 +1,14 @@
 """``sloth plugins new``: a new architecture plugin distribution from sloth-core's template.
 
 The template (``sloth_core/templates/plugin/*.tmpl``, shipped as package data) is rendered
-for one plugin name and one Hugging Face ``model_type``: the model's module classes are
-looked up in transformers (its causal LM class, then ``<Prefix>RMSNorm``, ``<Prefix>MLP``
-and ``<Prefix>Attention`` beside it), so the generated ``patch_layers`` names them and the
-generated tests run the parity harness on them. ``plugins/_template`` of the repository is
-this command's output for ``template`` and ``cwm`` (a test keeps them identical).
+for one plugin name and one Hugging Face ``model_type``. The model's modules are checked
+against what each of sloth's patchers assumes (:mod:`sloth_core.testing.patch_fit`: their
+attributes and shapes, then each patched alone through the parity harness on the tiny and
+the varied config), so the generated ``patch_layers`` names only the classes that are
+computed exactly; every other one gets a comment saying why, and the command prints the
+table. The generated tests run the parity harness on the tiny config and on
+:func:`~sloth_core.testing.varied.varied_config`. ``plugins/_template`` of the repository
+is this command's output for ``template`` and ``cwm`` (a test keeps them identical).
 """
 
 from __future__ import annotations
@@ -14,11 +17,16 @@ import argparse
 import inspect
 import re
 import sys
+import textwrap
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from sloth_core.errors import SlothError
+
+if TYPE_CHECKING:
+    from sloth_core.testing.patch_fit import Finding
 
 #: Template file -> path in the new distribution (``{package}``, ``{short}`` filled in).
 FILES = {
@@ -28,8 +36,11 @@ FILES = {
     "plugin.py.tmpl": "src/{package}/plugin.py",
     "test_plugin.py.tmpl": "tests/test_{short}.py",
 }
-#: ``patch_architecture`` argument -> the class-name suffix transformers' modeling files use.
-KINDS = {"rms_norm": "RMSNorm", "mlp": "MLP", "attention": "Attention"}
+#: The full test command of a generated plugin (the Triton runs need the interpreter on a
+#: CPU; HF_HUB_OFFLINE keeps transformers from asking the Hub about tiny local models).
+TEST_COMMAND = "HF_HUB_OFFLINE=1 TRITON_INTERPRET=1 python -m pytest tests"
+#: What installs the tests' requirements (pytest...) beside sloth-core.
+TEST_INSTALL = "pip install 'sloth-core[test]'"
 _NAME = re.compile(r"[a-z][a-z0-9]*(-[a-z0-9]+)*")
 _PLACEHOLDER = re.compile(r"\{\{(\w+)\}\}")
 
@@ -41,21 +52,38 @@ class Architecture:
     model_type: str
     module: str  # transformers.models.<module>.modeling_<module>
     prefix: str  # <prefix>ForCausalLM
-    classes: dict[str, str] = field(default_factory=dict)  # patch_architecture kwarg -> class
-    missing: list[str] = field(default_factory=list)  # <prefix><suffix> names not found
+    #: patch_architecture argument -> the classes that pass (rms_norm, mlp, causal_lm...).
+    classes: dict[str, list[str]] = field(default_factory=dict)
+    #: Every module kind found: class, patched or not, and why (the printed table).
+    findings: list[Finding] = field(default_factory=list)
     sliding_window: bool = False  # the attention passes `sliding_window` to its function
+    gemma_norm: bool = False  # the norms are Gemma's (1 + w)
+
+    @property
+    def unpatched(self) -> list[Finding]:
+        return [row for row in self.findings if not row.patched]
+
+    def table(self) -> str:
+        """``module kind | class | patched | why``, one row per module class found."""
+        from sloth_core.testing.patch_fit import ArchitectureFit
+
+        return ArchitectureFit(self.findings).table()
 
 
 def inspect_architecture(model_type: str) -> Architecture:
-    """Find the module classes of ``model_type`` in transformers.
+    """Find the module classes of ``model_type`` in transformers and check each against
+    sloth's patchers (:func:`sloth_core.testing.patch_fit.fit_architecture`).
 
     Raises:
-        SlothError: transformers has no causal LM for ``model_type``.
+        SlothError: transformers has no causal LM for ``model_type``, or cannot build a
+            tiny model of it to check the patchers on.
     """
     import importlib
 
     from transformers.models.auto.configuration_auto import model_type_to_module_name
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    from sloth_core.testing.patch_fit import fit_architecture
 
     causal_lm = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_type)
     if not isinstance(causal_lm, str) or not causal_lm.endswith("ForCausalLM"):
@@ -70,16 +98,18 @@ def inspect_architecture(model_type: str) -> Architecture:
         raise SlothError(f"transformers.models.{module} has no {causal_lm} for {model_type!r}")
     prefix = causal_lm.removesuffix("ForCausalLM")
     arch = Architecture(model_type, module, prefix)
-    for kind, suffix in KINDS.items():
-        if hasattr(modeling, prefix + suffix):
-            arch.classes[kind] = prefix + suffix
-        else:
-            arch.missing.append(prefix + suffix)
-    arch.classes["causal_lm"] = causal_lm
-    attention = getattr(modeling, arch.classes.get("attention", ""), None)
+    attention = getattr(modeling, prefix + "Attention", None)
     if attention is not None:
         # Mistral, Qwen2/3, CWM...: the window reaches the attention function as an argument.
         arch.sliding_window = "sliding_window=" in inspect.getsource(attention.forward)
+    try:
+        fit = fit_architecture(model_type, arch.sliding_window)
+    except Exception as exc:  # noqa: BLE001 - transformers' own error says what is missing
+        raise SlothError(
+            f"cannot build a tiny {model_type} model to check sloth's patchers on "
+            f"({type(exc).__name__}: {exc}); write patch_layers by hand (docs/plugin-authors.md)"
+        ) from exc
+    arch.findings, arch.classes, arch.gemma_norm = fit.findings, fit.arguments, fit.gemma_norm
     return arch
 
 
@@ -114,34 +144,50 @@ def _sdk_imports(functions: list[str]) -> str:
     return "from sloth_core.sdk import (\n" + "".join(f"    {n},\n" for n in names) + ")"
 
 
+def _argument(kind: str, classes: list[str]) -> str:
+    names = [f"modeling.{cls}" for cls in classes]
+    value = names[0] if len(names) == 1 else "(" + ", ".join(names) + ")"
+    return f"        {kind}={value},"
+
+
+def _why_comments(arch: Architecture) -> list[str]:
+    """A comment for each module class left unpatched, and what to do about it."""
+    lines = []
+    for row in arch.unpatched:
+        text = f"{row.cls} ({row.kind}) is not patched: {row.why}"
+        lines += textwrap.wrap(text, 90, initial_indent="# ", subsequent_indent="#   ")
+    if lines:
+        lines.append("# Write a patcher for those: docs/plugin-authors.md, not Llama-like modules.")
+    return [f"        {line}" for line in lines]
+
+
 def template_values(name: str, arch: Architecture) -> dict[str, str]:
     """Every ``{{placeholder}}`` of the template, for plugin ``name`` and ``arch``."""
     from sloth_core import __version__
-    from sloth_core.testing.models import TINY_CONFIGS
+    from sloth_core.testing.patch_fit import tiny_arguments
 
     names = plugin_names(name)
-    arguments = [f"        {kind}=modeling.{cls}," for kind, cls in arch.classes.items()]
-    arguments += [
-        f"        # no {cls} in modeling_{arch.module}: see docs/plugin-authors.md"
-        for cls in arch.missing
-    ]
+    arguments = [_argument(kind, classes) for kind, classes in arch.classes.items()]
+    if arch.gemma_norm and "rms_norm" in arch.classes:
+        arguments.append("        gemma_norm=True,")
     imports = ["load_with_sloth_attention", "patch_architecture"]
-    configs = {"default": "{}", "tied": '{"tie_word_embeddings": True}'}
+    configs = {"default": "{}", "varied": '{"varied": True}'}
     if arch.sliding_window:
-        arguments.append("        attention_kwargs=sliding_window_kwargs,")
-        imports.append("sliding_window_kwargs")
+        if {"attention", "fused_attention"} & set(arch.classes):
+            arguments.append("        attention_kwargs=sliding_window_kwargs,")
+            imports.append("sliding_window_kwargs")
         configs["window"] = '{"sliding_window": 6}'  # bites in the harness's 24-token rows
-    if arch.model_type in TINY_CONFIGS:
-        config_arguments = "MODEL_TYPE"
-    else:  # the tiny Llama's sizes, as a config of this model type
-        config_arguments = '"llama", model_type=MODEL_TYPE'
+    arguments += _why_comments(arch)
+    tiny, tiny_type = tiny_arguments(arch.model_type)
+    config_arguments = "MODEL_TYPE" if tiny_type is None else f'"{tiny}", model_type=MODEL_TYPE'
+    patched = ", ".join(arch.classes) or "nothing"
     return {
         **names,
         "model_type": arch.model_type,
         "module": arch.module,
         "title": arch.prefix,
-        "causal_lm": arch.classes["causal_lm"],
-        "description": f"{arch.prefix}: {', '.join(arch.classes)} patched",
+        "causal_lm": arch.prefix + "ForCausalLM",
+        "description": f"{arch.prefix}: {patched} patched",
         "version": __version__,
         "core_requirement": _core_requirement(__version__),
         "sdk_imports": _sdk_imports(imports),
@@ -208,11 +254,16 @@ def run_new(args: argparse.Namespace) -> int:
     arch = inspect_architecture(args.model_type)
     directory = args.directory or Path(names["distribution"])
     write(render(args.name, args.model_type, arch), directory, force=args.force)
-    patched = ", ".join(arch.classes.values())
-    window = " (sliding_window_kwargs)" if arch.sliding_window else ""
+    patched = ", ".join(cls for classes in arch.classes.values() for cls in classes) or "nothing"
+    attention = {"attention", "fused_attention"} & set(arch.classes)
+    window = " (sliding_window_kwargs)" if arch.sliding_window and attention else ""
     print(f"created {names['distribution']} in {directory}: {patched}{window}")
-    for cls in arch.missing:
-        print(f"  no {cls}: write a patcher for that module (docs/plugin-authors.md)")
+    print(arch.table())
+    if arch.unpatched:
+        print(
+            "not patched: each is left to transformers, with a comment in plugin.py saying "
+            "why; write a patcher for it (docs/plugin-authors.md)"
+        )
     claimed = _claimed_by(args.model_type, names["distribution"])
     if claimed:
         print(
@@ -222,6 +273,7 @@ def run_new(args: argparse.Namespace) -> int:
         )
     print(
         f"next:\n  cd {directory}\n  python -m pip install --no-deps --no-build-isolation -e .\n"
-        "  sloth plugins list\n  python -m pytest tests"
+        f"  sloth plugins list\n  {TEST_COMMAND}\n"
+        f"({TEST_INSTALL} installs what the tests need)"
     )
     return 0

@@ -126,8 +126,9 @@ def patch_architecture(
     wanted = {model_types} if isinstance(model_types, str) else set(model_types)
     if model_type not in wanted:
         return None
-    if attention != () or fused_attention != ():
-        register_sloth_attention()  # a model may be switched to it after loading
+    # A model may be switched to sloth_attention after loading (the parity harness, a
+    # caller's set_attn_implementation) whether or not its attention modules are patched.
+    register_sloth_attention()
     keep_logits, attn = prompt_learning(model), {"attention_kwargs": attention_kwargs}
     patchers: list[tuple[str, ModuleClasses, Callable[[Any], bool]]] = [
         ("rms_norm", rms_norm, lambda m: patch_rms_norm(m, ops, gemma=gemma_norm)),

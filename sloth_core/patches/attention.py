@@ -10,7 +10,6 @@ copies and a padding-free path for packed rows (``position_ids`` restarting insi
 from __future__ import annotations
 
 import collections
-
 import inspect
 import math
 import sys
@@ -60,8 +59,10 @@ def patch_attention(
     the function ``config._attn_implementation`` names (eager, sdpa, ``sloth_attention``,
     anything registered), looked up per call as transformers does. When a projection
     cannot be lifted (see :func:`~sloth_core.patches.mlp.lift_linear`) the original
-    forward runs. ``False`` if patched already, or if the module's modeling file has no
-    ``eager_attention_forward``.
+    forward runs. ``False`` if patched already, if the module's modeling file has no
+    ``eager_attention_forward``, if a projection is missing, or if its ``q_norm``/``k_norm``
+    span the whole projection (OLMo 2: one norm over ``heads * head_dim``) rather than one
+    head: this forward normalises per head, and would compute something else.
 
     Args:
         module: the attention module.
@@ -70,6 +71,8 @@ def patch_attention(
             module, as its modeling file passes them (Mistral's ``sliding_window``, Gemma
             2's ``softcap``...). Llama passes none.
     """
+    if not all(hasattr(module, name) for name in _PROJECTIONS) or not _per_head_norms(module):
+        return False
     interface, eager = _model_functions(module)
     if eager is None:
         return False
@@ -99,6 +102,17 @@ def patch_attention(
         return ops.lora_o(output, o_proj), weights
 
     return bind_forward(module, forward)
+
+
+def _per_head_norms(module: torch.nn.Module) -> bool:
+    """Whether the module's ``q_norm``/``k_norm`` (if any) normalise one head at a time:
+    a weight of ``head_dim`` elements, or none (a norm without parameters)."""
+    head_dim = getattr(module, "head_dim", None)
+    for name in ("q_norm", "k_norm"):
+        weight = getattr(getattr(module, name, None), "weight", None)
+        if isinstance(weight, torch.Tensor) and weight.shape[-1] != head_dim:
+            return False
+    return True
 
 
 def attend(

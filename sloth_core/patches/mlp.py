@@ -80,7 +80,11 @@ def patch_gated_mlp(
         activation: ``"swiglu"``, ``"geglu"`` or ``"geglu_tanh"``; by default from
             ``module.config`` (see :func:`mlp_activation`). A module whose ``act_fn``
             is not that activation is left alone.
+
+    A module without all three projections (a plain MLP) is left alone (``False``).
     """
+    if not all(hasattr(module, name) for name in ("gate_proj", "up_proj", "down_proj")):
+        return False  # not a gated MLP (a plain c_fc/c_proj or up/down one): left alone
     if activation is None:
         activation = mlp_activation(getattr(module, "config", None))
     if activation is None or not _act_matches(module, activation):

@@ -32,7 +32,19 @@ def patch_rms_norm(module: torch.nn.Module, ops: OpRegistry, *, gemma: bool = Fa
         module: an RMSNorm with a ``weight`` ``[D]`` and ``variance_epsilon`` or ``eps``.
         ops: the op registry.
         gemma: the ``1 + weight`` variant (``GemmaRMSNorm``), normalised and scaled in fp32.
+
+    Raises:
+        ValueError: the module has no 1-D ``weight``, has a ``bias`` (a LayerNorm), or has
+            no epsilon: it is not an RMSNorm, and routing it through ``rms_norm`` would be
+            wrong.
     """
+    weight = getattr(module, "weight", None)
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 1:
+        raise ValueError(f"{type(module).__name__} has no 1-D weight: not an RMSNorm")
+    if getattr(module, "bias", None) is not None:
+        raise ValueError(
+            f"{type(module).__name__} has a bias: a LayerNorm, which rms_norm does not compute"
+        )
     eps = rms_norm_eps(module)
 
     # The weight is read at call time: it may be replaced (loading, casting) after patching.

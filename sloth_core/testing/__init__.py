@@ -3,7 +3,8 @@
 Installed with sloth-core as the pytest plugin ``sloth`` (see :mod:`.pytest_plugin`):
 fixtures ``plugin_manager``, ``register_plugin``, ``make_tiny_model`` and
 ``single_thread``. Tiny random models of real architectures with a tokenizer trained on
-the spot come from :func:`tiny_model`; nothing is downloaded. :func:`assert_parity`
+the spot come from :func:`tiny_model`, and :func:`varied_config` moves every float field of
+a tiny config off its default and flips every flag; nothing is downloaded. :func:`assert_parity`
 compares a patched model with the unpatched Hugging Face model (logits, loss, LoRA
 gradients) and :func:`assert_converges_alike` trains both side by side: every
 architecture plugin's tests, which take the installed plugins from
@@ -20,6 +21,8 @@ _LAZY = {
     "tiny_config": "sloth_core.testing.models",
     "init_tiny_model": "sloth_core.testing.models",
     "TINY_CONFIGS": "sloth_core.testing.models",
+    "varied_config": "sloth_core.testing.varied",
+    "config_variations": "sloth_core.testing.varied",
     "build_tokenizer": "sloth_core.testing.tokenizer",
     "check_parity": "sloth_core.testing.parity",
     "assert_parity": "sloth_core.testing.parity",

@@ -1,9 +1,9 @@
 """Tests of sloth-template: the patched model against Hugging Face's unpatched one, on
 tiny random cwm models, through sloth's parity harness and convergence test.
 
-Run with ``HF_HUB_OFFLINE=1 TRITON_INTERPRET=1 python -m pytest tests``; ``-rA`` prints
-each parity table. Without ``TRITON_INTERPRET=1`` on a machine without a GPU, the Triton
-runs are skipped.
+Run with ``HF_HUB_OFFLINE=1 TRITON_INTERPRET=1 python -m pytest tests`` (``pip install
+'sloth-core[test]'`` installs what they need); ``-rA`` prints each parity table. Without
+``TRITON_INTERPRET=1`` on a machine without a GPU, the Triton runs are skipped.
 """
 
 from __future__ import annotations
@@ -20,21 +20,27 @@ from sloth_core.testing import (
     installed_manager,
     parity_shape,
     tiny_config,
+    varied_config,
 )
 
 MODEL_TYPE = plugin.MODEL_TYPES[0]
-#: Config overrides, one parity run each: the tiny config, and what differs in real models.
+#: Config overrides, one parity run each: the tiny config; "varied", every float field of
+#: the config class off its default and every flag that changes the forward flipped (read
+#: from transformers at test time, see varied_config), so a patch that ignores a field of
+#: real checkpoints fails; and what else differs in real models.
 CONFIGS = {
     "default": {},
-    "tied": {"tie_word_embeddings": True},
+    "varied": {"varied": True},
     "window": {"sliding_window": 6},
 }
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
-def config(**overrides):
-    """A tiny random config of MODEL_TYPE: 2 layers, hidden 64, 4 heads over 2 k/v heads."""
-    return tiny_config("llama", model_type=MODEL_TYPE, **overrides)
+def config(varied=False, **overrides):
+    """A tiny random config of MODEL_TYPE: 2 layers, hidden 64, 4 heads over 2 k/v heads;
+    ``varied``: with every float field off its default and every flag flipped."""
+    make = varied_config if varied else tiny_config
+    return make("llama", model_type=MODEL_TYPE, **overrides)
 
 
 pytestmark = pytest.mark.usefixtures("single_thread")  # tiny matrices: threads only contend
