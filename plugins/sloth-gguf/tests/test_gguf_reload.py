@@ -162,3 +162,21 @@ def test_reload_keeps_rope_scaling(scaling, tokenizer, tmp_path, monkeypatch, ma
     monkeypatch.undo()
     report = _verify(path, model, tokenizer, manager)
     assert any("llama.rope.scaling.factor is" in p for p in report.problems), report.problems
+
+
+def test_sloth_export_verify_without_llama_cpp_passes_and_says_so(
+    make_tiny_model, tmp_path, capsys, monkeypatch
+):
+    from sloth_core.cli import main
+    from sloth_core.sdk import llama_cpp
+
+    monkeypatch.setattr(llama_cpp, "available", lambda: False)
+    argv = ["export", str(make_tiny_model("llama")), "--format", "gguf", "--quantization",
+            "f32", "--output", str(tmp_path / "m.gguf"), "--verify"]  # fmt: skip
+    code = main(argv)
+    captured = capsys.readouterr()
+    text = captured.out + captured.err
+    assert code == 0, text
+    assert "levels: gguf-py reload: passed (max rel" in text
+    assert f"llama.cpp: not installed ({install_command('sloth-gguf', 'llama-cpp')}" in text
+    assert "verified: the export matches" in text

@@ -16,7 +16,8 @@ FORMAT = "gguf"
 @hookimpl
 def register_exporters(register):
     """Declare the ``gguf`` format (alias ``llama.cpp``): its types, their sizes and verify
-    tolerances, and its verifier (llama.cpp in a child process)."""
+    tolerances, and its verifier (the file reloaded in pure Python, then by llama.cpp where
+    it is installed)."""
     register(
         ExportFormat(
             FORMAT,

@@ -79,6 +79,11 @@ def _attr(name: str) -> tuple[Getter, Setter]:
     return (lambda c: getattr(c, name, None), lambda c, v: setattr(c, name, v))
 
 
+def _optional(name: str) -> tuple[Getter, Setter]:
+    # Written only where set (a softcap, a window): 0 and None are not written.
+    return (lambda c: getattr(c, name, None) or None, lambda c, v: setattr(c, name, v))
+
+
 def _rope_dict(config: Any, layer_type: str) -> dict[str, Any]:
     params = getattr(config, "rope_parameters", None)
     if params is None:
@@ -139,7 +144,12 @@ def _layer_types() -> tuple[Getter, Setter]:
             "sliding_attention" if sliding else "full_attention" for sliding in value
         ]
 
-    return (lambda c: [bool(s) for s in _sliding_pattern(c)]), set_
+    def get(config: Any) -> list[bool] | None:
+        if not getattr(config, "sliding_window", None):
+            return None  # written with the window only
+        return [bool(s) for s in _sliding_pattern(config)]
+
+    return get, set_
 
 
 def _scaling(key: str) -> tuple[Getter, Setter]:
@@ -177,10 +187,10 @@ _COMMON: dict[str, tuple[Getter, Setter]] = {
     K.Rope.FREQ_BASE: _rope("rope_theta", default=10000.0),
     K.Rope.SCALING_TYPE: _rope_type(),
     K.Rope.SCALING_FACTOR: _scaling("factor"),
-    K.LLM.FINAL_LOGIT_SOFTCAPPING: _attr("final_logit_softcapping"),
+    K.LLM.FINAL_LOGIT_SOFTCAPPING: _optional("final_logit_softcapping"),
 }
 _GEMMA_WINDOW: dict[str, tuple[Getter, Setter]] = {
-    K.Attention.SLIDING_WINDOW: _attr("sliding_window"),
+    K.Attention.SLIDING_WINDOW: _optional("sliding_window"),
     K.Attention.SLIDING_WINDOW_PATTERN: _layer_types(),
 }
 #: GGUF key (``{arch}`` filled in) -> how to read it from a config and set it on one, by
@@ -194,7 +204,7 @@ CONFIG_KEYS: dict[str, dict[str, tuple[Getter, Setter]]] = {
     "gemma2": {
         **_COMMON,
         **_GEMMA_WINDOW,
-        K.LLM.ATTN_LOGIT_SOFTCAPPING: _attr("attn_logit_softcapping"),
+        K.LLM.ATTN_LOGIT_SOFTCAPPING: _optional("attn_logit_softcapping"),
     },
     "gemma3_text": {
         **_COMMON,
@@ -256,7 +266,7 @@ def check_metadata(
             wanted[key] = value if isinstance(value, (int, str)) else None
     for key, want in wanted.items():
         got = fields.get(key)
-        if want is None or (want is False and got is None):
+        if want is None:
             continue  # the writer writes nothing for it
         if got is None:
             report.problems.append(f"{key} is missing from the file (the model has {_shown(want)})")
@@ -315,8 +325,10 @@ def rebuild_model(
     base = model.get_base_model() if hasattr(model, "peft_config") else model
     tensors = {t.name: t for t in reader.tensors}
     config = _rebuilt_config(fields, base.config, set(tensors))
-    reference = next(base.parameters())
-    rebuilt = _empty_model(config, reference.dtype)
+    reference = base.get_input_embeddings().weight
+    # The dtype the model computes in (its embeddings': other weights may be packed 4-bit).
+    dtype = reference.dtype if reference.dtype.is_floating_point else torch.float32
+    rebuilt = _empty_model(config, dtype)
     converter = TensorConverter(config, architecture_for(config))
     want = merged_state_dict(model)
     used: set[str] = set()
@@ -337,7 +349,15 @@ def rebuild_model(
             broken = True
             continue
         used.add(gguf_name)
-        values = gguf.quants.dequantize(stored.data, stored.tensor_type)
+        try:
+            values = gguf.quants.dequantize(stored.data, stored.tensor_type)
+        except NotImplementedError:
+            report.problems.append(
+                f"tensor {gguf_name}: the gguf package cannot dequantize its type "
+                f"{stored.tensor_type.name}"
+            )
+            broken = True
+            continue
         if tuple(values.shape) != tuple(param.shape):
             report.problems.append(
                 f"tensor {gguf_name} has shape {tuple(values.shape)}, {name} needs "
@@ -362,7 +382,22 @@ def rebuild_model(
         return None
     if config.tie_word_embeddings:  # the output is the embeddings' tensor, as in llama.cpp
         rebuilt.get_output_embeddings().weight = rebuilt.get_input_embeddings().weight
-    return rebuilt.to(reference.device)
+    return _placed(rebuilt, reference.device, report)
+
+
+def _placed(rebuilt: Any, device: torch.device, report: VerifyReport) -> Any:
+    """``rebuilt`` on the model's device where it fits beside it, else on the CPU."""
+    if device.type != "cuda":
+        return rebuilt.to(device)
+    need = sum(p.numel() * p.element_size() for p in rebuilt.parameters())
+    free, _ = torch.cuda.mem_get_info(device)
+    if need * 1.2 < free:
+        return rebuilt.to(device)
+    report.notes.append(
+        f"the model rebuilt from the file ({need / 2**30:.1f} GiB) runs on the CPU: "
+        f"{free / 2**30:.1f} GiB free on {device}"
+    )
+    return rebuilt
 
 
 def _file_tokenizer(path: Path) -> Any:
@@ -384,7 +419,7 @@ def check_reloaded(
         return
     try:
         reader = gguf.GGUFReader(str(path))
-    except (OSError, ValueError, KeyError) as exc:
+    except Exception as exc:  # a damaged file fails in struct, numpy, anywhere
         report.problems.append(f"the gguf package cannot read {path}: {exc}")
         return
     fields = _fields(reader)
