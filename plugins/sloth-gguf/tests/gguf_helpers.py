@@ -51,6 +51,24 @@ requires_llama_cpp = pytest.mark.skipif(
 )
 
 
+#: Texts whose tokenization is easy to get wrong: spaces, digits, contractions, unicode.
+SAMPLES = [
+    "Hello world", "  leading spaces", "trailing  ", "tabs\tand\nnewlines\n\n\nx",
+    "numbers 12345 and 3.14159", "I'm we'll they'd SHE'S don't", "x  \n  y", " ", "\n",
+    "émigré café naïve Ωmega 日本語 🙂", "ꙮ rare 𝔘 chars ✓",
+]  # fmt: skip
+
+
+def tokenizer_texts(tokenizer=None, specials: bool = True) -> list[str]:
+    from sloth_core.testing.tokenizer import corpus_lines
+
+    texts = [*corpus_lines()[::10], *SAMPLES]
+    if specials and tokenizer is not None:
+        chat = [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]
+        texts += [tokenizer.apply_chat_template(chat, tokenize=False), "a<|pad|>b<|im_end|>"]
+    return texts
+
+
 def relative_error(got: list[np.ndarray], want: list[np.ndarray]) -> float:
     """max |got - want| / max |want|, the worst prompt of the batch."""
     return max(float(np.abs(g - w).max() / np.abs(w).max()) for g, w in zip(got, want, strict=True))
@@ -87,8 +105,10 @@ def small_lm(arch: str, tokenizer) -> torch.nn.Module:
     if arch == "gemma2":
         fields.update(attn_logit_softcapping=50.0, final_logit_softcapping=30.0)
     model = tiny(arch, **fields)
-    pretrain(model, tokenizer, corpus_lines()[PROMPT_LINES:], steps=SMALL_LM_STEPS,
-             batch_size=SMALL_LM_BATCH, window=SMALL_LM_WINDOW, learning_rate=SMALL_LM_LR)  # fmt: skip
+    pretrain(
+        model, tokenizer, corpus_lines()[PROMPT_LINES:], steps=SMALL_LM_STEPS,
+        batch_size=SMALL_LM_BATCH, window=SMALL_LM_WINDOW, learning_rate=SMALL_LM_LR,
+    )  # fmt: skip
     return model.eval()
 
 

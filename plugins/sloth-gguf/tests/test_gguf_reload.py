@@ -9,8 +9,18 @@ import types
 
 import gguf
 import pytest
-from gguf_helpers import ARCHS, ROPE_SCALING, export, requires_llama_cpp, rounded_like, tiny
+from gguf_helpers import (
+    ARCHS,
+    ROPE_SCALING,
+    export,
+    requires_llama_cpp,
+    rounded_like,
+    spm_tokenizer,
+    tiny,
+    tokenizer_texts,
+)
 from sloth_gguf import architectures
+from sloth_gguf.reload import _fields, _file_tokenizer
 from sloth_gguf.verify import NEEDS
 
 from sloth_core.plugins import SlothPluginManager
@@ -180,3 +190,16 @@ def test_sloth_export_verify_without_llama_cpp_passes_and_says_so(
     assert "levels: gguf-py reload: passed (max rel" in text
     assert f"llama.cpp: not installed ({install_command('sloth-gguf', 'llama-cpp')}" in text
     assert "verified: the export matches" in text
+
+
+@pytest.mark.parametrize("vocabulary", ["byte-level BPE", "SentencePiece BPE"])
+@pytest.mark.parametrize("arch", ["llama", "gemma"])
+def test_the_files_vocabulary_tokenizes_as_llama_cpp_does(vocabulary, arch, tokenizer, tmp_path):
+    """transformers' GGUF tokenizer, with llama.cpp's SentencePiece spaces: the same ids as
+    the tokenizer for texts that start with spaces, digits, unicode and special tokens."""
+    sentencepiece = vocabulary == "SentencePiece BPE"
+    tokenizer = spm_tokenizer() if sentencepiece else tokenizer
+    path = export(tiny(arch, tokenizer=tokenizer), tokenizer, tmp_path / "m.gguf", "f32")
+    exported = _file_tokenizer(path, _fields(gguf.GGUFReader(path)))
+    for text in tokenizer_texts(tokenizer, specials=not sentencepiece):
+        assert exported(text).input_ids == tokenizer(text).input_ids, text

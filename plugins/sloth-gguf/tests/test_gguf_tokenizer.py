@@ -9,25 +9,11 @@ from __future__ import annotations
 
 import gguf
 import pytest
-from gguf_helpers import export, requires_llama_cpp, spm_tokenizer, tiny
+from gguf_helpers import SAMPLES, export, requires_llama_cpp, spm_tokenizer, tiny
+from gguf_helpers import tokenizer_texts as _texts
 from sloth_gguf.vocab import detect_pre, vocab_from_tokenizer
 
 from sloth_core.sdk import llama_cpp
-from sloth_core.testing.tokenizer import corpus_lines
-
-SAMPLES = [
-    "Hello world", "  leading spaces", "trailing  ", "tabs\tand\nnewlines\n\n\nx",
-    "numbers 12345 and 3.14159", "I'm we'll they'd SHE'S don't", "x  \n  y", " ", "\n",
-    "émigré café naïve Ωmega 日本語 🙂", "ꙮ rare 𝔘 chars ✓",
-]  # fmt: skip
-
-
-def _texts(tokenizer=None, specials: bool = True) -> list[str]:
-    texts = [*corpus_lines()[::10], *SAMPLES]
-    if specials and tokenizer is not None:
-        chat = [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]
-        texts += [tokenizer.apply_chat_template(chat, tokenize=False), "a<|pad|>b<|im_end|>"]
-    return texts
 
 
 @requires_llama_cpp

@@ -302,11 +302,12 @@ def _rebuilt_config(fields: dict[str, Any], config: Any, names: set[str]) -> Any
 def _empty_model(config: Any, dtype: torch.dtype) -> Any:
     from transformers import AutoModelForCausalLM
 
+    skip_init: Any
     try:  # every weight is overwritten: skip the random initialisation
-        from transformers.initialization import no_init_weights
+        from transformers.initialization import no_init_weights as skip_init
     except ImportError:  # older transformers
-        from contextlib import nullcontext as no_init_weights
-    with no_init_weights():
+        from contextlib import nullcontext as skip_init
+    with skip_init():
         model = AutoModelForCausalLM.from_config(config, attn_implementation="eager", dtype=dtype)
     return model.eval()
 
@@ -400,10 +401,24 @@ def _placed(rebuilt: Any, device: torch.device, report: VerifyReport) -> Any:
     return rebuilt
 
 
-def _file_tokenizer(path: Path) -> Any:
+def _file_tokenizer(path: Path, fields: dict[str, Any]) -> Any:
+    """The file's vocabulary as transformers builds it from a GGUF, splitting text as
+    llama.cpp does: for a SentencePiece vocabulary (``tokenizer.ggml.model`` ``llama``),
+    spaces become ``▁`` after one is put in front where ``add_space_prefix`` says so
+    (transformers picks Metaspace by architecture instead, which differs on text that
+    starts with spaces)."""
+    from tokenizers import normalizers
     from transformers import PreTrainedTokenizerFast
 
-    return PreTrainedTokenizerFast.from_pretrained(str(path.parent), gguf_file=path.name)
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(str(path.parent), gguf_file=path.name)
+    if fields.get(K.Tokenizer.MODEL) == "llama":
+        steps: list[normalizers.Normalizer] = [normalizers.Replace(" ", "\u2581")]
+        if fields.get(K.Tokenizer.ADD_PREFIX, True):
+            steps.insert(0, normalizers.Prepend("\u2581"))
+        backend = tokenizer.backend_tokenizer
+        backend.normalizer = normalizers.Sequence(steps)
+        backend.pre_tokenizer = None
+    return tokenizer
 
 
 def check_reloaded(
@@ -431,7 +446,7 @@ def check_reloaded(
     if tokenizer is None:
         return
     try:
-        exported = _file_tokenizer(path)
+        exported = _file_tokenizer(path, fields)
     except Exception as exc:  # transformers' builders raise anything on an odd file
         report.problems.append(f"transformers cannot build a tokenizer from the file: {exc}")
         return
