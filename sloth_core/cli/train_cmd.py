@@ -23,7 +23,8 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("config", nargs="?", help="a .toml, .yaml or .json file of options")
     parser.add_argument(
         "--demo", action="store_true",
-        help="the bundled demo: a tiny model and data set, under a minute on a CPU (the base model is built once first, about 15 s)",
+        help="the bundled demo: a tiny model and data set, under a minute on a CPU (its "
+        "base model is built once first, about 15 s)",
     )  # fmt: skip
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     group = parser.add_argument_group("training options (see the docs for each)")
@@ -68,6 +69,14 @@ def _merge(config: TrainConfig, flags: dict) -> TrainConfig:
 
 
 def run(args: argparse.Namespace) -> int:
+    from sloth_core.quiet import progress_bars
+
+    # --quiet: transformers' bars too, the demo's base model being built and saved included.
+    with progress_bars(not args.quiet):
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     from sloth_core.train import distributed, train
 
     config = build_config(args)
