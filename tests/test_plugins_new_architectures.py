@@ -210,3 +210,12 @@ def test_sloth_attention_needs_no_registration_by_hand(generated, monkeypatch):
     for interface in (AttentionInterface, AttentionMaskInterface):
         monkeypatch.delitem(interface._global_mapping, SLOTH_ATTENTION, raising=False)
     run_generated_parity(plugin, "default")
+
+
+def test_a_model_without_a_tiny_config_is_refused_plainly(tmp_path, capsys):
+    """Falcon's config has no settable head_dim, so no tiny Llama-sized Falcon: nothing can
+    be checked, and a plugin that was never checked is not written."""
+    argv = ["plugins", "new", "falcon", "--model-type", "falcon"]
+    assert main([*argv, "--directory", str(tmp_path / "falcon")]) == 1
+    assert "cannot build a tiny falcon model" in capsys.readouterr().err
+    assert not (tmp_path / "falcon").exists()

@@ -100,3 +100,12 @@ def test_a_variation_the_tiny_model_cannot_run_with_is_dropped(monkeypatch):
         varied_module._variations.cache_clear()
     assert "layer_norm_eps" not in variations
     assert variations["logit_scale"] == 0.53125 and variations["use_qk_norm"] is True
+
+
+def test_tiny_configs_have_no_dropout_unless_asked():
+    """Seed-OSS defaults to dropout 0.1: random, so no parity run could pass on it."""
+    config = tiny_config("llama", model_type="seed_oss")
+    assert (config.attention_dropout, config.residual_dropout) == (0.0, 0.0)
+    asked = tiny_config("llama", model_type="seed_oss", residual_dropout=0.2)
+    assert asked.residual_dropout == 0.2
+    assert varied_config("llama", model_type="seed_oss").residual_dropout == 0.0

@@ -97,6 +97,26 @@ TINY_CONFIGS: dict[str, dict[str, Any]] = {
         "original_max_position_embeddings": 256,
         "rope_parameters": {**_DEFAULT_ROPE, "partial_rotary_factor": 0.5},
     },
+    # Qwen3-MoE: 4 experts, top 2 (not renormalised: norm_topk_prob is off by default),
+    # expert width 32; layer 0 is a dense MLP (mlp_only_layers), layer 1 sparse. The
+    # router-loss coefficient is off its default; output_router_logits stays off unless
+    # a test asks, as in real checkpoints.
+    "qwen3_moe": _common(
+        num_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=32,
+        mlp_only_layers=[0],
+        router_aux_loss_coef=0.05,
+    ),
+    # Mixtral: every layer sparse, 4 experts of width 32, top 2 renormalised, Mistral's
+    # sliding window. router_jitter_noise stays 0: noise is random.
+    "mixtral": _common(
+        intermediate_size=32,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        sliding_window=_SLIDING_WINDOW,
+        router_aux_loss_coef=0.05,
+    ),
 }
 
 _DEFAULT_TOKENIZER_SIZE = 512
@@ -141,7 +161,8 @@ def tiny_config(
             ``arch``'s fields, for a model sloth's tests do not cover that is shaped like
             one they do: ``tiny_config("llama", model_type="cwm")``. ``arch`` by default.
         **overrides: config fields that replace the defaults, e.g. ``vocab_size=1007``,
-            ``tie_word_embeddings=False`` or ``rope_parameters={...}``.
+            ``tie_word_embeddings=False`` or ``rope_parameters={...}``. Dropout
+            probabilities are 0 unless given here.
 
     Raises:
         ValueError: for an unknown ``arch``, or a ``vocab_size`` below the tokenizer's size.
@@ -165,7 +186,14 @@ def tiny_config(
         pad_token_id=tokenizer.pad_token_id,
     )
     fields.update(copy.deepcopy(overrides))
-    return AutoConfig.for_model(model_type or arch, **fields)
+    config = AutoConfig.for_model(model_type or arch, **fields)
+    # Dropout is random, so no patched model can agree with an unpatched one under it; a
+    # few model types default to some (Seed-OSS): tiny configs have none unless asked.
+    for name, value in config.to_dict().items():
+        dropout = "dropout" in name or "pdrop" in name
+        if dropout and name not in fields and isinstance(value, float) and value:
+            setattr(config, name, 0.0)
+    return config
 
 
 def _perturb(model: torch.nn.Module, seed: int) -> None:

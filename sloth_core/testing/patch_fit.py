@@ -166,7 +166,7 @@ class _Probe:
             )  # fmt: skip
 
         plugin = types.ModuleType("sloth_probe")
-        plugin.patch_layers = hookimpl(patch_layers)  # type: ignore[attr-defined]
+        plugin.patch_layers = hookimpl(patch_layers)
         manager = SlothPluginManager(entry_points=False)
         manager.register(plugin, name="sloth-probe")
         return manager
@@ -319,12 +319,15 @@ def fit_architecture(model_type: str, window: bool) -> ArchitectureFit:
         if sys.modules.get(cls.__module__) is not modeling:
             row.why = f"{cls.__module__}.{cls.__name__}, not a class of the model's modeling file"
             if kind == "norm":
-                row.why = f"torch's {cls.__name__}: " + (_norm_problem(module) or "not the model's")
+                owner = cls.__module__.split(".")[0]  # torch's LayerNorm...
+                row.why = f"{owner}'s {cls.__name__}: " + (
+                    _norm_problem(module) or "not the model's"
+                )
             continue
         if kind == "norm":
             row.why = _norm_problem(module) or ""
             if not row.why:
-                mode, row.why = _norm_options(lambda o, c=cls: problem("rms_norm", c, o), gemma)
+                mode, row.why = _norm_options(functools.partial(problem, "rms_norm", cls), gemma)
                 row.argument = "rms_norm"
                 if mode is not None:
                     gemma, row.patched = mode, True
