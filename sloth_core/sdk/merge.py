@@ -3,9 +3,12 @@ loads it: the shared piece of every format that starts from merged weights (merg
 merged_4bit, GGUF).
 
 ``merged_state_dict`` adds each active adapter to its base weight in float32 without
-touching the model; ``write_merged`` writes sharded safetensors, ``config.json``, a
-``generation_config.json`` naming every token that ends a reply
-(:func:`sloth_core.sdk.stop.eos_token_ids`) and the tokenizer with its chat template.
+touching the model: LoRA on linear layers, and LoRA on parameters (PEFT's
+``target_parameters``, a ``ParamWrapper`` per parameter, nested when one module has several
+targeted, as the 3-D expert weights of a mixture of experts); ``write_merged`` writes
+sharded safetensors, ``config.json``, a ``generation_config.json`` naming every token that
+ends a reply (:func:`sloth_core.sdk.stop.eos_token_ids`) and the tokenizer with its chat
+template.
 """
 
 from __future__ import annotations
@@ -34,13 +37,86 @@ def _base_model(model: Any) -> Any:
     return model.get_base_model() if is_peft(model) else model
 
 
+def _is_lora(module: Any) -> bool:
+    return hasattr(module, "get_delta_weight") and hasattr(module, "base_layer")
+
+
+def _is_param_wrapper(module: Any) -> bool:
+    """PEFT's LoRA on one parameter of a module (``target_parameters``), duck-typed."""
+    return _is_lora(module) and hasattr(module, "parameter_name")
+
+
 def _lora_layers(model: torch.nn.Module) -> dict[str, Any]:
     """LoRA-wrapped linear layers of ``model`` by module path, duck-typed on PEFT's API."""
     return {
         name: module
         for name, module in model.named_modules()
-        if hasattr(module, "get_delta_weight") and hasattr(module, "base_layer")
+        if _is_lora(module) and not _is_param_wrapper(module)
     }
+
+
+def _param_wrappers(model: torch.nn.Module) -> dict[str, Any]:
+    """PEFT's parameter wrappers of ``model`` by the path of the parameter they adapt, as
+    the unwrapped model names it (``model.layers.0.mlp.experts.gate_up_proj``): a module
+    with two targeted parameters holds one wrapper inside the other, each ``base_layer``
+    deeper, around the module that owns both."""
+    return {
+        f"{_unwrapped(name)}.{module.parameter_name}": module
+        for name, module in model.named_modules()
+        if _is_param_wrapper(module)
+    }
+
+
+def _unwrapped(key: str) -> str:
+    """``key`` without PEFT's ``base_layer`` steps: the name in the unwrapped model."""
+    return ".".join(part for part in key.split(".") if part != "base_layer")
+
+
+def _parameter_delta(wrapper: Any, adapter: str) -> torch.Tensor:
+    """One adapter's update of the parameter ``wrapper`` adapts, in float32, in the
+    parameter's shape; the update PEFT's ``ParamWrapper.get_delta_weight`` adds when it
+    merges, without its cast to the parameter's dtype.
+
+    PEFT stores the ``E`` experts' factors side by side: ``lora_A.weight`` is
+    ``[E * r, in]`` (expert-major rows), ``lora_B.weight`` is ``[out, r * E]`` (expert-minor
+    columns). For a 3-D parameter laid out ``[E, out, in]`` (transformers' experts; PEFT
+    swaps its in and out features for it) expert ``e`` adds ``s * B_e @ A_e``; for one laid
+    out ``[E, in, out]`` (``is_transposed``) the transpose; a 2-D parameter is one expert.
+    """
+    lora_a = wrapper.lora_A[adapter].weight.detach().float()
+    lora_b = wrapper.lora_B[adapter].weight.detach().float()
+    experts = int(getattr(wrapper, "num_experts", 1) or 1)
+    a = lora_a.reshape(experts, -1, lora_a.shape[-1])  # [E, r, in]
+    b = lora_b.reshape(lora_b.shape[0], -1, experts).permute(2, 0, 1)  # [E, out, r]
+    delta = torch.bmm(b, a) * float(wrapper.scaling[adapter])  # [E, out, in]
+    param = wrapper.get_param()
+    if param.ndim == 3 and _transposed(wrapper, param.shape, delta.shape):
+        delta = delta.transpose(1, 2)  # the parameter is [E, in, out]
+    return delta.reshape(param.shape).to(param.device)
+
+
+def _transposed(wrapper: Any, shape: torch.Size, delta: torch.Size) -> bool:
+    """Whether a 3-D parameter is laid out ``[E, in, out]``: read from the shapes, or, for
+    square experts, from PEFT's record of whether it swapped in and out for this one."""
+    if shape[1] != shape[2]:
+        return tuple(shape) != tuple(delta)
+    return not getattr(wrapper, "_did_swap_in_out_features", False)
+
+
+def _merged_parameters(
+    wrappers: dict[str, Any], dtype: torch.dtype | None
+) -> dict[str, torch.Tensor]:
+    merged = {}
+    for key, wrapper in wrappers.items():
+        if wrapper.merged:
+            raise ValueError(f"{key}: adapter already merged into the weights; unmerge first")
+        param = wrapper.get_param().detach()
+        total = param.float()
+        for adapter in wrapper.active_adapters:
+            if adapter in wrapper.lora_A:
+                total = total + _parameter_delta(wrapper, adapter)
+        merged[key] = total.to(dtype or param.dtype)
+    return merged
 
 
 def _quantized_layers(model: torch.nn.Module, skip: dict[str, Any]) -> dict[str, Any]:
@@ -82,7 +158,8 @@ def merged_state_dict(model: torch.nn.Module, dtype: torch.dtype | None = None) 
     """
     base = _base_model(model)
     layers = _lora_layers(base)
-    merged: dict[str, torch.Tensor] = {}
+    wrappers = _param_wrappers(base)
+    merged = _merged_parameters(wrappers, dtype)
     for name, module in layers.items():
         if module.merged:
             raise ValueError(f"{name}: adapter already merged into the weights; unmerge first")
@@ -106,7 +183,9 @@ def merged_state_dict(model: torch.nn.Module, dtype: torch.dtype | None = None) 
             continue  # adapters, wrapped and packed 4-bit weights: written above
         if ".modules_to_save." in key or ".original_module." in key:
             continue  # the trained copies replace their originals below
-        merged[key] = tensor
+        key = _unwrapped(key) if wrappers else key  # the wrapped modules' other tensors
+        if key not in wrappers:
+            merged[key] = tensor
     # Modules trained in full (modules_to_save) take the place of their originals.
     for key, tensor in base.state_dict().items():
         if ".modules_to_save." in key:
