@@ -63,7 +63,8 @@ def test_doctor_json_reports_versions_and_op_choices(plugin_manager, capsys):
     # Written out, not taken from the registry the doctor reads: no entry points, so no
     # kernels, and every op the core defines served by its torch reference.
     ops = ["rms_norm", "layer_norm", "rope", "swiglu", "geglu", "lora_linear", "lora_mlp",
-           "lora_qkv", "lora_o", "cross_entropy", "fused_linear_cross_entropy", "dequantize_nf4"]
+           "lora_qkv", "lora_o", "cross_entropy", "fused_linear_cross_entropy", "dequantize_nf4",
+           "moe_route", "moe_experts"]
     assert report["ops"]["resolved"] == dict.fromkeys(ops, "torch")
 
 

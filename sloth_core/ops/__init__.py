@@ -10,7 +10,7 @@ from collections.abc import Callable
 from typing import Any
 
 from . import reference
-from .reference import LoRALinear
+from .reference import ExpertLinear, LoRALinear
 from .registry import OpImpl, OpRegistry
 
 #: Every op the core defines, in the order of DESIGN.md section 3, with its reference.
@@ -27,6 +27,8 @@ REFERENCE_OPS: dict[str, Callable[..., Any]] = {
     "cross_entropy": reference.cross_entropy,
     "fused_linear_cross_entropy": reference.fused_linear_cross_entropy,
     "dequantize_nf4": reference.dequantize_nf4,
+    "moe_route": reference.moe_route,
+    "moe_experts": reference.moe_experts,
 }
 
 
@@ -49,6 +51,7 @@ def default_registry() -> OpRegistry:
 
 __all__ = [
     "REFERENCE_OPS",
+    "ExpertLinear",
     "LoRALinear",
     "OpImpl",
     "OpRegistry",

@@ -7,14 +7,17 @@ define the signature that faster kernels must implement and are tested against.
 from .activations import geglu, swiglu
 from .lora import LoRALinear, lora_linear, lora_mlp, lora_o, lora_qkv
 from .loss import cross_entropy, fused_linear_cross_entropy
+from .moe import ExpertLinear, expert_linears, moe_activation, moe_experts, moe_route
 from .nf4 import dequantize_nf4
 from .norms import layer_norm, rms_norm
 from .rope import rope
 
 __all__ = [
+    "ExpertLinear",
     "LoRALinear",
     "cross_entropy",
     "dequantize_nf4",
+    "expert_linears",
     "fused_linear_cross_entropy",
     "geglu",
     "layer_norm",
@@ -22,6 +25,9 @@ __all__ = [
     "lora_mlp",
     "lora_o",
     "lora_qkv",
+    "moe_activation",
+    "moe_experts",
+    "moe_route",
     "rms_norm",
     "rope",
     "swiglu",

@@ -94,18 +94,11 @@ class LoRALinear:
     def _from_peft(cls, module: Any) -> LoRALinear:  # a PEFT LoRA layer, duck-typed
         kind = type(module).__name__
         base = cls.from_module(module.get_base_layer())
-        if getattr(module, "merged", False):
-            raise ValueError(f"{kind} has merged LoRA weights; unmerge them before patching")
         if getattr(module, "fan_in_fan_out", False):
             raise ValueError(f"{kind} wraps a Conv1D (fan_in_fan_out, [in, out] weight)")
-        if getattr(module, "disable_adapters", False):
+        name = active_adapter(module)
+        if name is None:
             return base  # PEFT then runs the base layer alone
-        active = [name for name in module.active_adapters if name in module.lora_A]
-        if not active:
-            return base
-        if len(active) > 1:
-            raise ValueError(f"{kind} has several active LoRA adapters {active}; one is supported")
-        name = active[0]
         if name in getattr(module, "lora_variant", {}) or getattr(module, "use_dora", {}).get(name):
             raise ValueError(f"{kind} adapter {name!r} uses DoRA or another LoRA variant")
         if getattr(module, "lora_bias", {}).get(name) or module.lora_B[name].bias is not None:
@@ -118,6 +111,23 @@ class LoRALinear:
             scaling=module.scaling[name],
             dropout=None if isinstance(dropout, nn.Identity) else dropout,
         )
+
+
+def active_adapter(module: Any) -> str | None:
+    """The one active adapter of a PEFT LoRA layer (duck-typed), or ``None`` if none runs.
+
+    Raises:
+        ValueError: merged weights, or several active adapters.
+    """
+    kind = type(module).__name__
+    if getattr(module, "merged", False):
+        raise ValueError(f"{kind} has merged LoRA weights; unmerge them before patching")
+    if getattr(module, "disable_adapters", False):
+        return None
+    active = [name for name in module.active_adapters if name in module.lora_A]
+    if len(active) > 1:
+        raise ValueError(f"{kind} has several active LoRA adapters {active}; one is supported")
+    return active[0] if active else None
 
 
 def lora_linear(x: torch.Tensor, layer: LoRALinear) -> torch.Tensor:
