@@ -157,7 +157,9 @@ def _why_comments(arch: Architecture) -> list[str]:
         text = f"{row.cls} ({row.kind}) is not patched: {row.why}"
         lines += textwrap.wrap(text, 90, initial_indent="# ", subsequent_indent="#   ")
     if lines:
-        lines.append("# Write a patcher for those: docs/plugin-authors.md, not Llama-like modules.")
+        lines.append(
+            '# A patcher for those: docs/plugin-authors.md, "Modules that are not Llama-like".'
+        )
     return [f"        {line}" for line in lines]
 
 
