@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-#: Caches Python and pytest write beside the code: not the tests' doing.
-_CACHES = ("__pycache__/", ".pytest_cache/", ".pyc")
+#: Caches Python, pytest and the linters write beside the code: not the tests' doing.
+_CACHES = ("__pycache__/", ".pytest_cache/", ".pyc", ".ruff_cache/", ".mypy_cache/", ".nox/")
 
 
 def _untracked() -> set[str] | None:
