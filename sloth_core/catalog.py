@@ -49,28 +49,31 @@ def repository_root() -> Path | None:
     return root if (root / "pyproject.toml").is_file() and marker.is_file() else None
 
 
-def _shown(path: Path) -> str:
-    """``path`` relative to the working directory when it is below it (shorter to type)."""
+def _shown(path: Path, base: Path | None) -> str:
+    """``path`` relative to ``base`` (the working directory) when below it, else whole."""
     try:
-        relative = path.relative_to(Path.cwd().resolve())
+        relative = path.relative_to((base or Path.cwd()).resolve())
     except ValueError:
         return str(path)
     return "." if str(relative) == "." else str(relative)
 
 
-def install_command(distribution: str, extra: str | None = None) -> str:
+def install_command(
+    distribution: str, extra: str | None = None, *, run_from: Path | None = None
+) -> str:
     """The ``pip install`` command that installs ``distribution`` (with ``extra``) here.
 
     Our distributions are installed editable from the clone that this sloth-core comes
     from when there is one: they are on no package index a clone's user can count on.
-    Any other name (``llama-cpp-python``) is installed by name.
+    Any other name (``llama-cpp-python``) is installed by name. ``run_from``: the folder
+    the command will be typed in (default: the working directory), for a relative path.
     """
     suffix = f"[{extra}]" if extra else ""
     root = repository_root()
     if root is not None and distribution.startswith("sloth-"):
         where = root / _IN_REPOSITORY.get(distribution, os.path.join("plugins", distribution))
         if (where / "pyproject.toml").is_file():
-            target = _shown(where) + suffix
+            target = _shown(where, run_from) + suffix
             return f"pip install -e '{target}'" if extra else f"pip install -e {target}"
     target = distribution + suffix
     return f"pip install '{target}'" if extra else f"pip install {target}"

@@ -23,6 +23,7 @@ from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from sloth_core.catalog import install_command
 from sloth_core.errors import SlothError
 
 if TYPE_CHECKING:
@@ -39,7 +40,8 @@ FILES = {
 #: The full test command of a generated plugin (the Triton runs need the interpreter on a
 #: CPU; HF_HUB_OFFLINE keeps transformers from asking the Hub about tiny local models).
 TEST_COMMAND = "HF_HUB_OFFLINE=1 TRITON_INTERPRET=1 python -m pytest tests"
-#: What installs the tests' requirements (pytest...) beside sloth-core.
+#: What installs the tests' requirements (pytest...) beside sloth-core, as the guide says it
+#: (the hint names the clone's path in an editable install: catalog.install_command).
 TEST_INSTALL = "pip install 'sloth-core[test]'"
 _NAME = re.compile(r"[a-z][a-z0-9]*(-[a-z0-9]+)*")
 _PLACEHOLDER = re.compile(r"\{\{(\w+)\}\}")
@@ -276,6 +278,7 @@ def run_new(args: argparse.Namespace) -> int:
     print(
         f"next:\n  cd {directory}\n  python -m pip install --no-deps --no-build-isolation -e .\n"
         f"  sloth plugins list\n  {TEST_COMMAND}\n"
-        f"({TEST_INSTALL} installs what the tests need)"
+        f"({install_command('sloth-core', 'test', run_from=directory)} installs what the tests "
+        "need)"
     )
     return 0
