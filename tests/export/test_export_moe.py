@@ -2,8 +2,8 @@
 one ``ParamWrapper`` per parameter, nested when both of a module's are targeted) merged into
 them by ``merged_16bit``, and saved as a plain PEFT adapter by ``lora``.
 
-The models are built with plain transformers and PEFT (no sloth patching): tiny Qwen3-MoE
-and Mixtral configs of :func:`moe_config`, LoRA with B not zero on the attention and on the
+The models are built with plain transformers and PEFT (no sloth patching): tiny Qwen3-MoE,
+Mixtral and gpt-oss configs of :func:`moe_config`, LoRA with B not zero on the attention and on the
 experts.
 """
 
@@ -28,6 +28,8 @@ MOE = {
     "qwen3_moe": ("qwen3", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
                                 norm_topk_prob=True)),
     "mixtral": ("llama", dict(num_local_experts=4, num_experts_per_tok=2, intermediate_size=32)),
+    # [E, in, out] experts (PEFT's is_transposed), biases beside them, interleaved gate/up
+    "gpt_oss": ("llama", dict(num_local_experts=4, num_experts_per_tok=2, intermediate_size=32)),
 }  # fmt: skip
 EXPERTS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
 
@@ -50,8 +52,8 @@ def moe_lora(model_type: str, experts=tuple(EXPERTS), dtype=torch.float32):
 
 @pytest.mark.parametrize(
     ("model_type", "experts"),
-    [("qwen3_moe", EXPERTS), ("mixtral", EXPERTS), ("mixtral", EXPERTS[1:])],
-    ids=["qwen3_moe", "mixtral", "mixtral-down-only"],
+    [("qwen3_moe", EXPERTS), ("mixtral", EXPERTS), ("mixtral", EXPERTS[1:]), ("gpt_oss", EXPERTS)],
+    ids=["qwen3_moe", "mixtral", "mixtral-down-only", "gpt_oss"],
 )
 def test_merged_16bit_merges_expert_lora(plugin_manager, tmp_path, model_type, experts):
     model, tokenizer = moe_lora(model_type, experts)

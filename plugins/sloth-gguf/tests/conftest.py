@@ -22,6 +22,18 @@ def _one_torch_thread():
 
 
 @pytest.fixture(scope="session")
+def manager():
+    """A plugin manager with sloth-gguf alone registered (its exporter and verifier)."""
+    from sloth_gguf import plugin
+
+    from sloth_core.plugins import SlothPluginManager
+
+    manager = SlothPluginManager(entry_points=False)
+    manager.register(plugin, "sloth-gguf")
+    return manager
+
+
+@pytest.fixture(scope="session")
 def tokenizer():
     from sloth_core.testing import build_tokenizer
 

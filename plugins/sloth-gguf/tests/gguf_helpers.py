@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import types
 import warnings
 from pathlib import Path
 
@@ -17,7 +18,20 @@ from sloth_core.sdk import llama_cpp
 # Tiny models: one thread is the fastest, and the machine may be shared.
 os.environ.setdefault("SLOTH_LLAMA_CPP_THREADS", "1")
 
-ARCHS = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3"]
+#: Mixtures of experts, by model type: the dense tiny config each starts from and its expert
+#: fields (4 experts of width 32, top 2, renormalised: llama.cpp's qwen3moe graph always
+#: renormalises, and has experts in every layer). Built from the dense config with
+#: ``model_type``, so that the export's refusals (sloth's own tiny Qwen3-MoE has a dense
+#: layer and norm_topk_prob off) do not decide what these tests cover.
+MOE = {
+    "qwen3_moe": ("qwen3", {"num_experts": 4, "num_experts_per_tok": 2,
+                            "moe_intermediate_size": 32, "norm_topk_prob": True}),
+    "mixtral": ("llama", {"num_local_experts": 4, "num_experts_per_tok": 2,
+                          "intermediate_size": 32}),
+}  # fmt: skip
+#: The small LMs' expert width (SMALL_LM's MLP width split over the 4 experts).
+SMALL_MOE = {"qwen3_moe": {"moe_intermediate_size": 128}, "mixtral": {"intermediate_size": 128}}
+ARCHS = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", *MOE]
 #: Mistral's tiny sliding window: llama.cpp's llama graph has none (see test_gguf_logits).
 MISTRAL_WINDOW = 16
 #: The test prompts start with this many corpus lines; small LMs train on the others.
@@ -45,6 +59,20 @@ ROPE_SCALING = {
         "original_max_position_embeddings": 64,
     },
 }  # fmt: skip
+
+#: llama.cpp made unavailable, as on a machine without llama-cpp-python: the pure-Python
+#: level of --verify alone.
+ABSENT = types.SimpleNamespace(available=lambda: False)
+
+
+def verify_reload(path, model, tokenizer, manager, **options):
+    """``--verify`` of the GGUF at ``path`` without llama.cpp (its pure-Python level)."""
+    from sloth_core.verify import verify_export
+
+    return verify_export(
+        path, model, tokenizer, format="gguf", manager=manager, runner=ABSENT, **options
+    )
+
 
 requires_llama_cpp = pytest.mark.skipif(
     not llama_cpp.available(), reason=f"{llama_cpp.PACKAGE} is not installed"
@@ -83,7 +111,12 @@ def tiny(arch: str, **overrides):
     """The tiny random model of ``arch`` in float32, transformers' eager attention."""
     from sloth_core.testing import init_tiny_model, tiny_config
 
-    return init_tiny_model(tiny_config(arch, attn_implementation="eager", **overrides))
+    model_type = overrides.pop("model_type", arch)
+    dense, fields = MOE.get(arch, (arch, {}))
+    config = tiny_config(
+        dense, model_type=model_type, attn_implementation="eager", **{**fields, **overrides}
+    )
+    return init_tiny_model(config)
 
 
 def small_lm(arch: str, tokenizer) -> torch.nn.Module:
@@ -97,7 +130,7 @@ def small_lm(arch: str, tokenizer) -> torch.nn.Module:
     from sloth_core.testing.models import pretrain
     from sloth_core.testing.tokenizer import corpus_lines
 
-    fields = dict(SMALL_LM)
+    fields = {**SMALL_LM, **SMALL_MOE.get(arch, {})}
     if arch == "phi3":  # no head_dim field: hidden_size / num_attention_heads (64)
         del fields["head_dim"]
     if arch in ("gemma2", "gemma3_text"):

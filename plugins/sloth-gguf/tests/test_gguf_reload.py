@@ -5,7 +5,6 @@ what is wrong."""
 from __future__ import annotations
 
 import io
-import types
 
 import gguf
 import pytest
@@ -18,32 +17,14 @@ from gguf_helpers import (
     spm_tokenizer,
     tiny,
     tokenizer_texts,
+    verify_reload,
 )
 from sloth_gguf import architectures
 from sloth_gguf.reload import _fields, _file_tokenizer
 from sloth_gguf.verify import NEEDS
 
-from sloth_core.plugins import SlothPluginManager
 from sloth_core.sdk import install_command
-from sloth_core.verify import print_report, verify_export
-
-#: llama.cpp made unavailable, as on a machine without llama-cpp-python.
-ABSENT = types.SimpleNamespace(available=lambda: False)
-
-
-@pytest.fixture(scope="module")
-def manager():
-    manager = SlothPluginManager(entry_points=False)
-    from sloth_gguf import plugin
-
-    manager.register(plugin, "sloth-gguf")
-    return manager
-
-
-def _verify(path, model, tokenizer, manager, **options):
-    return verify_export(
-        path, model, tokenizer, format="gguf", manager=manager, runner=ABSENT, **options
-    )
+from sloth_core.verify import print_report
 
 
 def _model(arch: str, models):
@@ -55,7 +36,7 @@ def _model(arch: str, models):
 def test_reload_passes_on_every_architecture(arch, models, tokenizer, tmp_path, manager):
     model = _model(arch, models)
     path = export(model, tokenizer, tmp_path / f"{arch}.gguf", "f32")
-    report = _verify(path, model, tokenizer, manager)
+    report = verify_reload(path, model, tokenizer, manager)
     assert report.passed, report.problems
     assert report.max_rel < 1e-5 and report.top1 == 1.0
     assert report.texts and report.texts_matching == report.texts
@@ -73,7 +54,7 @@ def test_reload_passes_on_every_type_gguf_writes(
     # q8_0 under q4_0: rounded twice).
     model = rounded_like(models(arch), quantization)
     path = export(model, tokenizer, tmp_path / "m.gguf", quantization)
-    report = _verify(path, model, tokenizer, manager)
+    report = verify_reload(path, model, tokenizer, manager)
     assert report.passed, report.problems
     assert report.weight_type == quantization and report.max_rel < 1e-2
 
@@ -83,7 +64,7 @@ def test_reload_passes_on_every_type_gguf_writes(
 def test_reload_reads_llama_cpp_k_quants(quantization, small_lms, tokenizer, tmp_path, manager):
     model = small_lms("llama")
     path = export(model, tokenizer, tmp_path / "m.gguf", quantization)
-    report = _verify(path, model, tokenizer, manager)
+    report = verify_reload(path, model, tokenizer, manager)
     assert report.passed, report.problems
     stored = {t.tensor_type.name for t in gguf.GGUFReader(path).tensors}
     assert stored & {"Q4_K", "Q6_K"}  # dequantized by gguf's numpy code
@@ -94,7 +75,7 @@ def test_the_report_says_llama_cpp_did_not_run(models, tokenizer, tmp_path, mana
 
     model = rounded_like(models("qwen2"), "q8_0")
     path = export(model, tokenizer, tmp_path / "m.gguf", "q8_0")
-    report = _verify(path, model, tokenizer, manager)
+    report = verify_reload(path, model, tokenizer, manager)
     assert report.passed and not any("llama.cpp" in p for p in report.problems)
     assert install_command("sloth-gguf", "llama-cpp") in NEEDS
     assert report.levels[1].detail == NEEDS
@@ -131,7 +112,7 @@ def test_wrong_metadata_fails_naming_the_field(
     _corrupt(monkeypatch, method, change)
     path = export(model, tokenizer, tmp_path / "bad.gguf", "f32")
     monkeypatch.undo()
-    report = _verify(path, model, tokenizer, manager)
+    report = verify_reload(path, model, tokenizer, manager)
     assert not report.passed
     assert report.levels[0].status == "failed"
     assert any(named in p and "in the file" in p for p in report.problems), report.problems
@@ -145,7 +126,7 @@ def test_q_and_k_written_unpermuted_fail_naming_the_tensor(
     monkeypatch.setattr(architectures, "_interleave_rope_rows", lambda weight, n_head: weight)
     path = export(model, tokenizer, tmp_path / "bad.gguf", "f32")
     monkeypatch.undo()
-    report = _verify(path, model, tokenizer, manager)
+    report = verify_reload(path, model, tokenizer, manager)
     assert not report.passed
     for tensor in ("blk.0.attn_q.weight", "blk.1.attn_k.weight"):
         assert any(tensor in p and "relative error" in p for p in report.problems), tensor
@@ -155,7 +136,7 @@ def test_q_and_k_written_unpermuted_fail_naming_the_tensor(
 def test_a_file_that_is_no_gguf_fails(models, tokenizer, tmp_path, manager):
     path = tmp_path / "m.gguf"
     path.write_bytes(b"GGUF" + bytes(64))
-    report = _verify(path, models("llama"), tokenizer, manager, quantization="f32")
+    report = verify_reload(path, models("llama"), tokenizer, manager, quantization="f32")
     assert not report.passed and "gguf package cannot read" in report.problems[0]
 
 
@@ -163,14 +144,14 @@ def test_a_file_that_is_no_gguf_fails(models, tokenizer, tmp_path, manager):
 def test_reload_keeps_rope_scaling(scaling, tokenizer, tmp_path, monkeypatch, manager):
     model = tiny("llama", rope_parameters={**ROPE_SCALING[scaling], "rope_theta": 10000.0})
     path = export(model, tokenizer, tmp_path / "m.gguf", "f32")
-    report = _verify(path, model, tokenizer, manager)
+    report = verify_reload(path, model, tokenizer, manager)
     assert report.passed, report.problems
     if scaling == "llama3":
         return  # its factors travel as the rope_freqs tensor, which llama.cpp alone reads
     _corrupt(monkeypatch, "add_rope_scaling_factor", lambda v: v * 2)
     path = export(model, tokenizer, tmp_path / "bad.gguf", "f32")
     monkeypatch.undo()
-    report = _verify(path, model, tokenizer, manager)
+    report = verify_reload(path, model, tokenizer, manager)
     assert any("llama.rope.scaling.factor is" in p for p in report.problems), report.problems
 
 

@@ -11,19 +11,9 @@ import pytest
 from peft import LoraConfig, get_peft_model
 
 import sloth_core
-from sloth_core.plugins import SlothPluginManager
 from sloth_core.testing.models import init_tiny_model, tiny_config
 from sloth_core.testing.tokenizer import build_tokenizer
 from sloth_core.verify import _all_logits, verify_export
-
-
-@pytest.fixture(scope="module")
-def manager():
-    manager = SlothPluginManager(entry_points=False)
-    from sloth_gguf import plugin
-
-    manager.register(plugin, "sloth-gguf")
-    return manager
 
 
 @pytest.fixture(scope="module")

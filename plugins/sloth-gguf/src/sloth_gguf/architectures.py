@@ -4,6 +4,13 @@ Tensor names come from gguf's own ``TensorNameMap`` (the table llama.cpp's conve
 this module adds what differs per architecture, following llama.cpp's
 ``convert_hf_to_gguf.py``: the q/k row permutation of llama-style rope, Gemma's ``1 + w``
 norms, the rope scaling tensors, and the metadata keys llama.cpp reads when it loads.
+
+Mixtures of experts: transformers holds each layer's experts as 3-D parameters,
+``mlp.experts.gate_up_proj`` ``[E, 2I, H]`` (gate rows first, then up) and
+``mlp.experts.down_proj`` ``[E, H, I]``; llama.cpp wants ``ffn_gate_exps`` and
+``ffn_up_exps`` ``[E, I, H]`` and ``ffn_down_exps`` ``[E, H, I]`` (in torch's order), the
+router as ``ffn_gate_inp``, and the expert counts as metadata. Qwen3-MoE is llama.cpp's
+``qwen3moe``; Mixtral its ``llama`` with experts.
 """
 
 from __future__ import annotations
@@ -17,7 +24,7 @@ from typing import Any
 import gguf
 import torch
 
-__all__ = ["ARCHITECTURES", "Architecture", "architecture_for"]
+__all__ = ["ARCHITECTURES", "REFUSED", "Architecture", "architecture_for"]
 
 
 @dataclass(frozen=True)
@@ -47,11 +54,24 @@ ARCHITECTURES: dict[str, Architecture] = {
     "gemma2": Architecture(gguf.MODEL_ARCH.GEMMA2, norm_offset=1.0, activations=_GELU_TANH),
     "gemma3_text": Architecture(gguf.MODEL_ARCH.GEMMA3, norm_offset=1.0, activations=_GELU_TANH),
     "phi3": Architecture(gguf.MODEL_ARCH.PHI3),
+    "qwen3_moe": Architecture(gguf.MODEL_ARCH.QWEN3MOE),
+    "mixtral": Architecture(gguf.MODEL_ARCH.LLAMA, permute_qk=True),
+}
+#: Model types sloth knows but does not write as GGUF, and what to do instead.
+REFUSED = {
+    "gpt_oss": (
+        "gpt_oss: sloth does not write gpt-oss as GGUF (llama.cpp's gpt-oss files keep the "
+        "experts in MXFP4 and need its attention sinks and clamped SwiGLU, which this "
+        "exporter does not produce); export --format merged_16bit (or lora) instead, and "
+        "convert that folder with llama.cpp's convert_hf_to_gguf.py if you need a GGUF"
+    ),
 }
 
 
 def architecture_for(config: Any) -> Architecture:
     model_type = getattr(config, "model_type", None)
+    if model_type in REFUSED:
+        raise ValueError(REFUSED[model_type])
     if model_type not in ARCHITECTURES:
         raise ValueError(
             f"GGUF export does not support model_type {model_type!r}; "
@@ -118,6 +138,8 @@ def check_supported(config: Any, arch: Architecture) -> None:
     rope_type = (rope_parameters(config).get("rope_type") or "default").lower()
     if rope_type not in _ROPE_TYPES.get(model_type, ()) + ("default", "linear", "yarn"):
         raise ValueError(f"{model_type}: llama.cpp's {arch.name} has no rope scaling {rope_type!r}")
+    if model_type == "qwen3_moe":
+        _check_qwen3_moe(config, arch)
     window = _unsupported_window(config)
     if window:
         warnings.warn(
@@ -128,12 +150,40 @@ def check_supported(config: Any, arch: Architecture) -> None:
         )
 
 
+def _check_qwen3_moe(config: Any, arch: Architecture) -> None:
+    if not getattr(config, "norm_topk_prob", False):
+        raise ValueError(
+            f"qwen3_moe: llama.cpp's {arch.name} graph always renormalises the top-k router "
+            "weights, and this model has norm_topk_prob=False (its outputs would differ)"
+        )
+    dense = sorted(dense_layers(config))
+    if dense:
+        raise ValueError(
+            f"qwen3_moe: llama.cpp's {arch.name} graph has experts in every layer, and this "
+            f"model has dense MLP layers {dense} (mlp_only_layers="
+            f"{list(getattr(config, 'mlp_only_layers', None) or [])}, decoder_sparse_step="
+            f"{getattr(config, 'decoder_sparse_step', 1)}); export merged_16bit instead"
+        )
+
+
+def dense_layers(config: Any) -> set[int]:
+    """The layers of a Qwen3-MoE model that have a dense MLP instead of experts."""
+    only = set(getattr(config, "mlp_only_layers", None) or [])
+    step = getattr(config, "decoder_sparse_step", 1) or 1
+    experts = getattr(config, "num_experts", 0) or 0
+    return {
+        i
+        for i in range(config.num_hidden_layers)
+        if i in only or experts <= 0 or (i + 1) % step != 0
+    }
+
+
 def _unsupported_window(config: Any) -> int | None:
     """The sliding window transformers applies that llama.cpp's graph ignores, if any."""
     window = getattr(config, "sliding_window", None)
     if config.model_type in ("gemma2", "gemma3_text") or not window:
         return None
-    if config.model_type in ("qwen2", "qwen3"):
+    if config.model_type in ("qwen2", "qwen3", "qwen3_moe"):
         layer_types = getattr(config, "layer_types", None) or []
         if (
             not getattr(config, "use_sliding_window", False)
@@ -184,6 +234,11 @@ def write_metadata(writer: gguf.GGUFWriter, config: Any, arch: Architecture) -> 
         writer.add_attn_logit_softcapping(config.attn_logit_softcapping)
     if getattr(config, "final_logit_softcapping", None):
         writer.add_final_logit_softcapping(config.final_logit_softcapping)
+    if model_type in ("qwen3_moe", "mixtral"):
+        writer.add_expert_count(num_experts(config))
+        writer.add_expert_used_count(config.num_experts_per_tok)
+    if model_type == "qwen3_moe":
+        writer.add_expert_feed_forward_length(config.moe_intermediate_size)
     if model_type == "phi3":
         original = rope.get("original_max_position_embeddings") or getattr(
             config, "original_max_position_embeddings", config.max_position_embeddings
@@ -191,6 +246,11 @@ def write_metadata(writer: gguf.GGUFWriter, config: Any, arch: Architecture) -> 
         writer.add_rope_scaling_orig_ctx_len(original)
         # As llama.cpp's converter writes it (llama.cpp turns Phi-3's window off anyway).
         writer.add_sliding_window(getattr(config, "sliding_window", None) or 0)
+
+
+def num_experts(config: Any) -> int:
+    """Experts per layer: Qwen3-MoE's ``num_experts``, Mixtral's ``num_local_experts``."""
+    return int(getattr(config, "num_experts", None) or config.num_local_experts)
 
 
 def _write_rope_scaling(writer: gguf.GGUFWriter, rope: dict[str, Any]) -> None:
@@ -270,6 +330,23 @@ def _interleave_rope_rows(weight: torch.Tensor, n_head: int) -> torch.Tensor:
     )
 
 
+#: transformers' fused expert parameters -> the llama.cpp tensors they hold, in the order
+#: of their rows (gate_up_proj: the gate's I rows of each expert, then the up's).
+_EXPERT_TENSORS = {
+    "mlp.experts.gate_up_proj": (gguf.MODEL_TENSOR.FFN_GATE_EXP, gguf.MODEL_TENSOR.FFN_UP_EXP),
+    "mlp.experts.down_proj": (gguf.MODEL_TENSOR.FFN_DOWN_EXP,),
+}
+
+
+def _expert_tensors(hf_name: str) -> tuple[int, tuple[gguf.MODEL_TENSOR, ...]] | None:
+    """``(layer, llama.cpp tensors)`` of a fused expert parameter, else None."""
+    prefix, _, rest = hf_name.partition(".layers.")
+    layer, _, local = rest.partition(".")
+    if not prefix or not layer.isdigit() or local not in _EXPERT_TENSORS:
+        return None
+    return int(layer), _EXPERT_TENSORS[local]
+
+
 class TensorConverter:
     """Hugging Face tensor names and values to llama.cpp's, for one model."""
 
@@ -287,6 +364,37 @@ class TensorConverter:
                 f"(GGUF architecture {self.arch.name})"
             )
         return name
+
+    def gguf_parts(self, hf_name: str, shape: tuple[int, ...]) -> list[tuple[str, tuple[int, ...]]]:
+        """The llama.cpp tensors (name, shape in torch's order) holding ``hf_name``: one,
+        or two for transformers' fused ``gate_up_proj`` of the experts (split along its
+        rows)."""
+        experts = _expert_tensors(hf_name)
+        if experts is None:
+            return [(self.gguf_name(hf_name), tuple(shape))]
+        layer, tensors = experts
+        for tensor in tensors:
+            if tensor not in self.allowed:
+                raise ValueError(
+                    f"{self.config.model_type}: llama.cpp's {self.arch.name} has no "
+                    f"{gguf.TENSOR_NAMES[tensor]} for {hf_name!r}"
+                )
+        rows = shape[-2] // len(tensors)
+        part = (*shape[:-2], rows, shape[-1])
+        return [(gguf.TENSOR_NAMES[t].format(bid=layer) + ".weight", part) for t in tensors]
+
+    def convert_part(self, hf_name: str, tensor: torch.Tensor, index: int) -> torch.Tensor:
+        """Part ``index`` of :meth:`gguf_parts` as llama.cpp expects it."""
+        experts = _expert_tensors(hf_name)
+        if experts is not None:
+            tensor = tensor.chunk(len(experts[1]), dim=-2)[index]
+        return self.convert(hf_name, tensor)
+
+    def restore_parts(self, hf_name: str, parts: list[torch.Tensor]) -> torch.Tensor:
+        """The inverse of :meth:`convert_part` over every part: ``hf_name`` as Hugging Face
+        holds it."""
+        restored = [self.restore(hf_name, part) for part in parts]
+        return restored[0] if len(restored) == 1 else torch.cat(restored, dim=-2)
 
     def has_output(self) -> bool:
         return gguf.MODEL_TENSOR.OUTPUT in self.allowed

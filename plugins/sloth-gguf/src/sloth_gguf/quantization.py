@@ -128,10 +128,11 @@ def tensor_type(
 ) -> gguf.GGMLQuantizationType:
     """The storage type of one tensor when the weights are ``weights``.
 
-    Vectors and norms stay float32 (llama.cpp's kernels expect it); a matrix whose rows do
-    not split into whole blocks falls back to f16, as llama.cpp's converter does.
+    Vectors, norms and the experts' router (``ffn_gate_inp``) stay float32, as llama.cpp's
+    converter and quantizer keep them; a matrix whose rows do not split into whole blocks
+    falls back to f16, as llama.cpp's converter does.
     """
-    if len(shape) <= 1 or gguf_name.endswith("_norm.weight"):
+    if len(shape) <= 1 or gguf_name.endswith(("_norm.weight", "ffn_gate_inp.weight")):
         return Q.F32
     if weights in (Q.F32, Q.F16, Q.BF16):
         return weights

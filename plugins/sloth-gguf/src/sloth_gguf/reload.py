@@ -212,6 +212,17 @@ CONFIG_KEYS: dict[str, dict[str, tuple[Getter, Setter]]] = {
         K.Rope.FREQ_BASE_SWA: _rope("rope_theta", "sliding_attention", default=10000.0),
     },
     "phi3": _COMMON,
+    "qwen3_moe": {
+        **_COMMON,
+        K.LLM.EXPERT_COUNT: _attr("num_experts"),
+        K.LLM.EXPERT_USED_COUNT: _attr("num_experts_per_tok"),
+        K.LLM.EXPERT_FEED_FORWARD_LENGTH: _attr("moe_intermediate_size"),
+    },
+    "mixtral": {
+        **_COMMON,
+        K.LLM.EXPERT_COUNT: _attr("num_local_experts"),
+        K.LLM.EXPERT_USED_COUNT: _attr("num_experts_per_tok"),
+    },
 }
 #: GGUF key -> the tokenizer attribute that holds the same thing (vocab.py's ``special_ids``).
 TOKENIZER_KEYS = {
@@ -339,42 +350,33 @@ def rebuild_model(
         if name == "lm_head.weight" and config.tie_word_embeddings:
             continue
         try:
-            gguf_name = converter.gguf_name(name)
+            parts = converter.gguf_parts(name, tuple(param.shape))
         except ValueError as exc:
             report.problems.append(str(exc))
             broken = True
             continue
-        stored = tensors.get(gguf_name)
-        if stored is None:
-            report.problems.append(f"tensor {gguf_name} ({name}) is missing from the file")
+        pieces = []
+        for gguf_name, shape in parts:
+            used.add(gguf_name)
+            values = _stored(tensors.get(gguf_name), gguf_name, name, shape, report)
+            if values is not None:
+                pieces.append(values)
+        if len(pieces) < len(parts):
             broken = True
             continue
-        used.add(gguf_name)
-        try:
-            values = gguf.quants.dequantize(stored.data, stored.tensor_type)
-        except NotImplementedError:
-            report.problems.append(
-                f"tensor {gguf_name}: the gguf package cannot dequantize its type "
-                f"{stored.tensor_type.name}"
-            )
-            broken = True
-            continue
-        if tuple(values.shape) != tuple(param.shape):
-            report.problems.append(
-                f"tensor {gguf_name} has shape {tuple(values.shape)}, {name} needs "
-                f"{tuple(param.shape)}"
-            )
-            broken = True
-            continue
-        restored = converter.restore(name, torch.from_numpy(np.array(values, dtype=np.float32)))
-        if name in want:
-            error = _relative(restored, want[name].detach().cpu())
-            if error > TENSOR_TOLERANCE:
-                report.problems.append(
-                    f"tensor {gguf_name} ({stored.tensor_type.name}) differs from the model's "
-                    f"{name}: relative error {error:.3g} > {TENSOR_TOLERANCE} (wrong order or "
-                    "wrong tensor)"
-                )
+        restored = converter.restore_parts(name, pieces)
+        if name in want:  # each llama.cpp tensor against its rows of the model's
+            target = want[name].detach().cpu()
+            for (gguf_name, _), got, expected in zip(
+                parts, _rows(restored, len(parts)), _rows(target, len(parts)), strict=True
+            ):
+                error = _relative(got, expected)
+                if error > TENSOR_TOLERANCE:
+                    report.problems.append(
+                        f"tensor {gguf_name} ({tensors[gguf_name].tensor_type.name}) differs "
+                        f"from the model's {name}: relative error {error:.3g} > "
+                        f"{TENSOR_TOLERANCE} (wrong order or wrong tensor)"
+                    )
         with torch.no_grad():
             param.data = restored.to(param.dtype)
     for name in sorted(set(tensors) - used - _EXTRA_TENSORS):
@@ -384,6 +386,36 @@ def rebuild_model(
     if config.tie_word_embeddings:  # the output is the embeddings' tensor, as in llama.cpp
         rebuilt.get_output_embeddings().weight = rebuilt.get_input_embeddings().weight
     return _placed(rebuilt, reference.device, report)
+
+
+def _rows(tensor: torch.Tensor, count: int) -> tuple[torch.Tensor, ...]:
+    """``tensor`` split along its rows as :meth:`TensorConverter.gguf_parts` splits it."""
+    return tensor.chunk(count, -2) if count > 1 else (tensor,)
+
+
+def _stored(
+    stored: Any, gguf_name: str, name: str, shape: tuple[int, ...], report: VerifyReport
+) -> torch.Tensor | None:
+    """The values of the file's tensor ``gguf_name``, dequantized, in torch's order; None,
+    with the reason in ``report``, where it is missing, of a type gguf cannot read, or not
+    of the ``shape`` the model's ``name`` needs of it."""
+    if stored is None:
+        report.problems.append(f"tensor {gguf_name} ({name}) is missing from the file")
+        return None
+    try:
+        values = gguf.quants.dequantize(stored.data, stored.tensor_type)
+    except NotImplementedError:
+        report.problems.append(
+            f"tensor {gguf_name}: the gguf package cannot dequantize its type "
+            f"{stored.tensor_type.name}"
+        )
+        return None
+    if tuple(values.shape) != tuple(shape):
+        report.problems.append(
+            f"tensor {gguf_name} has shape {tuple(values.shape)}, {name} needs {tuple(shape)}"
+        )
+        return None
+    return torch.from_numpy(np.array(values, dtype=np.float32))
 
 
 def _placed(rebuilt: Any, device: torch.device, report: VerifyReport) -> Any:

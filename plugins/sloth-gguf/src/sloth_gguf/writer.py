@@ -106,10 +106,15 @@ def plan_tensors(
                     f"{arch.name} always ties them"
                 )
 
-        def load(name: str = hf_name, values: torch.Tensor = tensor) -> torch.Tensor:
-            return converter.convert(name, values.detach().to("cpu", torch.float32))
+        for index, (name, shape) in enumerate(converter.gguf_parts(hf_name, tuple(tensor.shape))):
 
-        add(converter.gguf_name(hf_name), tuple(tensor.shape), load)
+            def load(
+                name: str = hf_name, values: torch.Tensor = tensor, index: int = index
+            ) -> torch.Tensor:
+                values = values.detach().to("cpu", torch.float32)
+                return converter.convert_part(name, values, index)
+
+            add(name, shape, load)
     return plan
 
 
