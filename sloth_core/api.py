@@ -260,9 +260,22 @@ class FastLanguageModel:
         modules_to_save: list[str] | None = None,
         init_lora_weights: bool | str = True,
         max_seq_length: int | None = None,
+        target_parameters: list[str] | None = None,
+        target_experts: bool = False,
         **kwargs: Any,
     ) -> Any:
         """Attach LoRA adapters through PEFT, then re-run ``patch_layers`` on the result.
+
+        Mixture-of-experts models keep each layer's experts as 3-D parameters
+        (``mlp.experts.gate_up_proj`` ``[E, 2I, H]``, ``mlp.experts.down_proj``), which
+        ``target_modules`` cannot name: ``target_parameters`` passes names of parameters
+        to PEFT's ``LoraConfig(target_parameters=...)`` (one rank-``r`` adapter per expert,
+        stored as PEFT stores it, so the saved adapter loads in plain PEFT), and
+        ``target_experts=True`` adds every 3-D expert weight of the model at hand (see
+        :func:`sloth_core.patches.expert_parameter_names`); with
+        ``target_modules="all-linear"`` that is every linear layer and every expert.
+        Adapters on parameters take no dropout (PEFT cannot apply it): ``lora_dropout``
+        must then be 0.
 
         ``use_gradient_checkpointing``: ``"sloth"`` (default; ``"unsloth"`` is accepted
         for familiarity) recomputes activations in backward and, on a GPU, keeps the layer
@@ -278,6 +291,7 @@ class FastLanguageModel:
         if hasattr(model, "peft_config"):
             raise ValueError("the model already has LoRA adapters")
         checkpointing = _checkpointing(use_gradient_checkpointing)
+        parameters = _target_parameters(model, target_parameters, target_experts, lora_dropout)
         random.seed(random_state)
         torch.manual_seed(random_state)
         config = LoraConfig(
@@ -293,10 +307,18 @@ class FastLanguageModel:
             # PEFT's Literal leaves out the "pissa_niter_<n>" strings it accepts.
             init_lora_weights=init_lora_weights,  # type: ignore[arg-type]
             task_type="CAUSAL_LM",
+            target_parameters=parameters or None,
             **kwargs,
         )
         with peft_calls():
-            peft_model = get_peft_model(model, config)
+            try:
+                peft_model = get_peft_model(model, config)
+            except ValueError as exc:
+                # PEFT maps gate_proj/up_proj/down_proj and "all-linear" to the experts'
+                # 3-D weights of Qwen3-MoE and Mixtral itself; its refusal names no option.
+                if "lora_dropout" not in str(exc):
+                    raise
+                raise ValueError(_NO_DROPOUT.format(lora_dropout) + f" ({exc})") from None
         apply_checkpointing(peft_model, checkpointing)
         # The plugins that patched the model patch its adapters too (the process-wide
         # manager only for a model loaded elsewhere).
@@ -327,3 +349,31 @@ class FastLanguageModel:
         from sloth_core.modes import for_training
 
         return for_training(model, tokenizer)
+
+
+_NO_DROPOUT = (
+    "lora_dropout={}: LoRA on an MoE model's expert weights (PEFT's target_parameters, which "
+    "target_experts, and on Qwen3-MoE/Mixtral gate_proj/up_proj/down_proj or all-linear, "
+    "select) cannot apply dropout; set lora_dropout=0"
+)
+
+
+def _target_parameters(
+    model: Any, names: list[str] | None, experts: bool, lora_dropout: float
+) -> list[str]:
+    """``get_peft_model``'s ``target_parameters``: ``names`` plus, with ``experts``, every
+    3-D expert weight of ``model``; refused with dropout, or ``experts`` on a dense model."""
+    from sloth_core.patches import expert_parameter_names
+
+    if isinstance(names, str):
+        names = [names]
+    parameters = list(names or [])
+    if experts:
+        found = expert_parameter_names(model)
+        if not found:
+            model_type = getattr(getattr(model, "config", None), "model_type", None)
+            raise ValueError(f"target_experts=True: {model_type} has no 3-D expert weights")
+        parameters += [name for name in found if name not in parameters]
+    if parameters and lora_dropout:
+        raise ValueError(_NO_DROPOUT.format(lora_dropout))
+    return parameters

@@ -67,6 +67,7 @@ class PatchReport:
     model_type: str
     patched: dict[str, int] = field(default_factory=dict)  # what -> how many modules
     undo: Callable[[], None] | None = None  # restores the original forwards
+    skipped: dict[str, str] = field(default_factory=dict)  # module name -> why left alone
 
     @property
     def total(self) -> int:

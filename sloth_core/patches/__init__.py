@@ -29,6 +29,7 @@ from .attention import (
 from .causal_lm import RETURN_LOGITS_ENV, causal_lm_logits, patch_causal_lm, prompt_learning
 from .fused import patch_fused_attention, patch_fused_mlp
 from .mlp import MLP_ACTIVATIONS, lift_linear, mlp_activation, patch_gated_mlp
+from .moe import expert_parameter_names, moe_block_mismatch, patch_moe_block, router_aux_loss
 from .norms import patch_rms_norm, rms_norm_eps
 
 if TYPE_CHECKING:
@@ -90,6 +91,8 @@ def patch_architecture(
     causal_lm: ModuleClasses = (),
     fused_mlp: ModuleClasses = (),
     fused_attention: ModuleClasses = (),
+    moe: ModuleClasses = (),
+    moe_normalize: bool | None = None,
     gemma_norm: bool = False,
     activation: str | None = None,
     attention_kwargs: Callable[[torch.nn.Module], dict[str, Any]] | None = None,
@@ -110,6 +113,11 @@ def patch_architecture(
             :func:`patch_fused_mlp`; counted as ``"mlp"``.
         fused_attention: attention classes with a fused ``qkv_proj`` (Phi-3), for
             :func:`patch_fused_attention`; counted as ``"attention"``.
+        moe: sparse mixture-of-experts block classes, for :func:`patch_moe_block`; a
+            block that does not fit the ops is left alone and its reason recorded in the
+            report's ``skipped``.
+        moe_normalize: ``patch_moe_block``'s ``normalize`` (``None``: the router's
+            ``norm_topk_prob``; Mixtral: ``True``).
         gemma_norm: the norms are Gemma's ``1 + weight`` variant.
         activation: the MLP activation (``"swiglu"``...), of both MLP kinds; by default
             from the config.
@@ -120,7 +128,8 @@ def patch_architecture(
         A :class:`PatchReport` counting the modules newly patched per kind (0 for those
         patched by an earlier call; the fused classes count under ``"mlp"`` and
         ``"attention"``, what the module is rather than how it is patched), whose ``undo``
-        restores them; ``None`` for a model of another type.
+        restores them, and whose ``skipped`` names each MoE block left alone with the
+        reason; ``None`` for a model of another type.
     """
     model_type = model_type_of(model)
     wanted = {model_types} if isinstance(model_types, str) else set(model_types)
@@ -130,25 +139,32 @@ def patch_architecture(
     # caller's set_attn_implementation) whether or not its attention modules are patched.
     register_sloth_attention()
     keep_logits, attn = prompt_learning(model), {"attention_kwargs": attention_kwargs}
-    patchers: list[tuple[str, ModuleClasses, Callable[[Any], bool]]] = [
+    # Any, not ModuleClasses: isinstance against a `type` would narrow modules to object.
+    patchers: list[tuple[str, Any, Callable[[Any], bool]]] = [
         ("rms_norm", rms_norm, lambda m: patch_rms_norm(m, ops, gemma=gemma_norm)),
         ("mlp", mlp, lambda m: patch_gated_mlp(m, ops, activation=activation)),
         ("mlp", fused_mlp, lambda m: patch_fused_mlp(m, ops, activation=activation)),
         ("attention", attention, lambda m: patch_attention(m, ops, **attn)),
         ("attention", fused_attention, lambda m: patch_fused_attention(m, ops, **attn)),
+        ("moe", moe, lambda m: patch_moe_block(m, ops, normalize=moe_normalize)),
         ("causal_lm", causal_lm, lambda m: patch_causal_lm(m, keep_logits=keep_logits)),
     ]
     counts = {kind: 0 for kind, classes, _ in patchers if classes != ()}
     patched: list[torch.nn.Module] = []
+    skipped: dict[str, str] = {}
     root: torch.nn.Module = unwrap_model(model)
-    for module in root.modules():
+    for name, module in root.named_modules():
         for kind, classes, patch in patchers:
             if classes != () and isinstance(module, classes):
                 if patch(module):
                     counts[kind] += 1
                     patched.append(module)
+                elif kind == "moe" and (
+                    reason := moe_block_mismatch(module, normalize=moe_normalize)
+                ):
+                    skipped[name] = reason
                 break
-    return PatchReport(plugin, model_type, counts, restorer(patched))
+    return PatchReport(plugin, model_type, counts, restorer(patched), skipped=skipped)
 
 
 __all__ = [
@@ -157,9 +173,11 @@ __all__ = [
     "SLOTH_ATTENTION",
     "PackedRows",
     "causal_lm_logits",
+    "expert_parameter_names",
     "lift_linear",
     "load_with_sloth_attention",
     "mlp_activation",
+    "moe_block_mismatch",
     "packed_rows",
     "patch_architecture",
     "patch_attention",
@@ -167,10 +185,12 @@ __all__ = [
     "patch_fused_attention",
     "patch_fused_mlp",
     "patch_gated_mlp",
+    "patch_moe_block",
     "patch_rms_norm",
     "prompt_learning",
     "register_sloth_attention",
     "rms_norm_eps",
+    "router_aux_loss",
     "sliding_window_kwargs",
     "sloth_attention",
 ]

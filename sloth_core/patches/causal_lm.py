@@ -19,6 +19,8 @@ import torch
 from sloth_core.errors import SlothError
 from sloth_core.patching import bind_forward, call_original
 
+from .moe import router_aux_loss
+
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
@@ -63,10 +65,10 @@ def causal_lm_logits(module: PreTrainedModel, hidden_states: torch.Tensor) -> to
     return logits
 
 
-def _output_fields() -> frozenset[str]:
-    from transformers.modeling_outputs import CausalLMOutputWithPast
+def _output_class(moe: bool) -> Any:
+    from transformers.modeling_outputs import CausalLMOutputWithPast, MoeCausalLMOutputWithPast
 
-    return frozenset(f.name for f in dataclasses.fields(CausalLMOutputWithPast))
+    return MoeCausalLMOutputWithPast if moe else CausalLMOutputWithPast
 
 
 def patch_causal_lm(
@@ -105,13 +107,15 @@ def patch_causal_lm(
         module.__dict__[_KEEP_LOGITS] = True
     else:
         module.__dict__.pop(_KEEP_LOGITS, None)
-    fields = _output_fields()
+    # MoE causal LMs (a config with output_router_logits) return the router logits and
+    # add the load-balancing loss as their modeling file does (see router_aux_loss).
+    moe = hasattr(getattr(module, "config", None), "output_router_logits")
+    output_class = _output_class(moe)
+    fields = frozenset(f.name for f in dataclasses.fields(output_class))
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, *args, **kwargs):
         if args or "shift_labels" in kwargs:
             return call_original(self, input_ids, attention_mask, position_ids, *args, **kwargs)
-        from transformers.modeling_outputs import CausalLMOutputWithPast
-
         labels = kwargs.pop("labels", None)
         logits_to_keep = kwargs.pop("logits_to_keep", 0)
         num_items_in_batch = kwargs.pop("num_items_in_batch", None)
@@ -122,6 +126,8 @@ def patch_causal_lm(
             # No KV cache in training: it is never read, and transformers only separates
             # packed sequences (position_ids restarting) in its masks when there is none.
             kwargs.setdefault("use_cache", False)
+        if moe and kwargs.get("output_router_logits") is None:
+            kwargs["output_router_logits"] = self.config.output_router_logits
         outputs = getattr(self, decoder)(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -152,8 +158,14 @@ def patch_causal_lm(
         )
         if not skip_logits:
             logits = causal_lm_logits(self, _slice_hidden(hidden_states, logits_to_keep))
+        extra = {}
+        if moe:
+            aux_loss = router_aux_loss(self, outputs, attention_mask)
+            if aux_loss is not None and loss is not None:
+                loss = loss + self.config.router_aux_loss_coef * aux_loss.to(loss.device)
+            extra["aux_loss"] = aux_loss
         rest = {k: v for k, v in outputs.items() if k in fields and k not in ("loss", "logits")}
-        output = CausalLMOutputWithPast(loss=loss, logits=logits, **rest)
+        output = output_class(loss=loss, logits=logits, **extra, **rest)
         return output if return_dict else output.to_tuple()
 
     return bind_forward(module, forward)

@@ -9,7 +9,8 @@ compares a patched model with the unpatched Hugging Face model (logits, loss, Lo
 gradients) and :func:`assert_converges_alike` trains both side by side: every
 architecture plugin's tests, which take the installed plugins from
 :func:`installed_manager` and run parity through :func:`check_plugin_parity` on batches
-of :func:`parity_shape` (:mod:`.plugin_checks`).
+of :func:`parity_shape` (:mod:`.plugin_checks`); mixture-of-experts plugins add
+:func:`check_moe_parity` and :func:`assert_checkpointing_parity` (:mod:`.moe_checks`).
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ _LAZY = {
     "installed_manager": "sloth_core.testing.plugin_checks",
     "parity_shape": "sloth_core.testing.plugin_checks",
     "check_plugin_parity": "sloth_core.testing.plugin_checks",
+    "check_moe_parity": "sloth_core.testing.moe_checks",
+    "assert_checkpointing_parity": "sloth_core.testing.moe_checks",
     "convergence_losses": "sloth_core.testing.convergence",
     "assert_converges_alike": "sloth_core.testing.convergence",
     "load_tiny_instructions": "sloth_core.testing.datasets",

@@ -97,6 +97,26 @@ TINY_CONFIGS: dict[str, dict[str, Any]] = {
         "original_max_position_embeddings": 256,
         "rope_parameters": {**_DEFAULT_ROPE, "partial_rotary_factor": 0.5},
     },
+    # Qwen3-MoE: 4 experts, top 2 (not renormalised: norm_topk_prob is off by default),
+    # expert width 32; layer 0 is a dense MLP (mlp_only_layers), layer 1 sparse. The
+    # router-loss coefficient is off its default; output_router_logits stays off unless
+    # a test asks, as in real checkpoints.
+    "qwen3_moe": _common(
+        num_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=32,
+        mlp_only_layers=[0],
+        router_aux_loss_coef=0.05,
+    ),
+    # Mixtral: every layer sparse, 4 experts of width 32, top 2 renormalised, Mistral's
+    # sliding window. router_jitter_noise stays 0: noise is random.
+    "mixtral": _common(
+        intermediate_size=32,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        sliding_window=_SLIDING_WINDOW,
+        router_aux_loss_coef=0.05,
+    ),
 }
 
 _DEFAULT_TOKENIZER_SIZE = 512
@@ -189,9 +209,7 @@ def _perturb(model: torch.nn.Module, seed: int) -> None:
             for name in names:
                 param = module._parameters.get(name)
                 if isinstance(param, torch.nn.Parameter):
-                    noise = torch.randn(
-                        param.shape, generator=generator, dtype=torch.float32
-                    )
+                    noise = torch.randn(param.shape, generator=generator, dtype=torch.float32)
                     param.add_((0.1 * noise).to(param.dtype))
 
 
@@ -257,9 +275,7 @@ def tiny_model(
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"{out} exists and is not a directory")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise FileExistsError(
-            f"{out} is not empty; pass overwrite=True to write into it anyway"
-        )
+        raise FileExistsError(f"{out} is not empty; pass overwrite=True to write into it anyway")
 
     if tokenizer is None:
         tokenizer = _default_tokenizer(vocab_size)

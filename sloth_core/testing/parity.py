@@ -22,7 +22,7 @@ import contextlib
 import math
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
@@ -205,16 +205,32 @@ def lora_targets(model: PreTrainedModel) -> list[str]:
     )  # fmt: skip
 
 
-def attach_lora(model: PreTrainedModel, *, r: int, seed: int, random_b: bool = True):
+def attach_lora(
+    model: PreTrainedModel,
+    *,
+    r: int,
+    seed: int,
+    random_b: bool = True,
+    experts: bool = True,
+    modules: Sequence[str] | None = None,
+):
     """Wrap ``model`` with PEFT LoRA (``lora_alpha = 2r``, no dropout) on every projection,
     with weights drawn from ``seed`` alone, name by name: the same on every model of the
     same architecture whatever its dtype or device. ``random_b=False`` keeps LoRA's usual
-    ``B = 0`` start (for training); non-zero ``B`` makes adapters change the output."""
+    ``B = 0`` start (for training); non-zero ``B`` makes adapters change the output.
+    ``experts``: LoRA on every 3-D expert weight of an MoE model too, through PEFT's
+    ``target_parameters`` (see :func:`~sloth_core.patches.expert_parameter_names`).
+    ``modules``: the ``target_modules`` instead of every linear projection (``["q_proj",
+    "k_proj", "v_proj", "o_proj"]``: attention-only LoRA)."""
     from peft import LoraConfig, get_peft_model
 
+    from sloth_core.patches import expert_parameter_names
+
+    parameters = expert_parameter_names(model) if experts else []
     config = LoraConfig(
-        r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules=lora_targets(model),
-        task_type="CAUSAL_LM",
+        r=r, lora_alpha=2 * r, lora_dropout=0.0,
+        target_modules=lora_targets(model) if modules is None else list(modules),
+        target_parameters=parameters or None, task_type="CAUSAL_LM",
     )  # fmt: skip
     with torch.random.fork_rng(devices=[]):  # PEFT's own init must not move the caller's RNG
         with peft_calls():
@@ -231,8 +247,9 @@ def attach_lora(model: PreTrainedModel, *, r: int, seed: int, random_b: bool = T
 
 
 def grad_group(name: str) -> str:
-    """``...layers.1.self_attn.q_proj.lora_A.default.weight`` -> ``q_proj.lora_A``."""
-    parts = name.split(".")
+    """``...layers.1.self_attn.q_proj.lora_A.default.weight`` -> ``q_proj.lora_A``
+    (PEFT's nested expert wrappers, ``experts.base_layer.lora_A``: ``experts.lora_A``)."""
+    parts = [part for part in name.split(".") if part != "base_layer"]
     i = next(i for i, p in enumerate(parts) if p in ("lora_A", "lora_B"))
     return f"{parts[i - 1]}.{parts[i]}"
 
@@ -267,12 +284,21 @@ def _recording(ops: Any) -> Iterator[dict[str, set[str]]]:
 
 
 def run_model(
-    model, batch: Batch, *, lora_r: int, seed: int, manager=None, attn: str | None = None
+    model,
+    batch: Batch,
+    *,
+    lora_r: int,
+    seed: int,
+    manager=None,
+    attn: str | None = None,
+    expert_lora: bool = True,
+    lora_modules: Sequence[str] | None = None,
 ) -> RunResult:
     """Eval logits, then (with LoRA) the train loss, LoRA gradients and the loss with
     ``num_items_in_batch`` (Trainer's spelling); patched through ``manager`` if given,
     before and after LoRA, as the API does; with ``attn`` as attention implementation,
-    set after the first patch (which may register it)."""
+    set after the first patch (which may register it). ``expert_lora``, ``lora_modules``:
+    :func:`attach_lora`'s ``experts`` and ``modules``."""
     patched: dict[str, int] = {}
     # Training keeps no cache, and transformers detects packed rows only without one.
     inputs = {**batch.inputs, "use_cache": False}
@@ -295,7 +321,7 @@ def run_model(
         model.eval()
         with torch.no_grad():
             logits = model(**inputs).logits[batch.valid].float()
-        model = attach_lora(model, r=lora_r, seed=seed)
+        model = attach_lora(model, r=lora_r, seed=seed, experts=expert_lora, modules=lora_modules)
         patch(model)
         model.train()
         loss = model(**inputs, labels=batch.labels).loss
@@ -440,6 +466,8 @@ def check_parity(
     device: str | torch.device | None = None,
     attn_implementation: str | None = None,
     tolerance: Tolerance | None = None,
+    expert_lora: bool = True,
+    lora_modules: Sequence[str] | None = None,
 ) -> ParityReport:
     """Compare the patched model with the unpatched one built from ``config``.
 
@@ -457,6 +485,10 @@ def check_parity(
         attn_implementation: the patched model's attention, e.g. the one a plugin's
             ``load_model`` picks (``"sloth_attention"``); the reference keeps the default.
         tolerance: bounds instead of :data:`TOLERANCES` for ``dtype``.
+        expert_lora: LoRA on an MoE model's 3-D expert weights too (PEFT's
+            ``target_parameters``), beside every linear projection; ``False``: the
+            linear projections only.
+        lora_modules: LoRA's ``target_modules`` instead of every linear projection.
 
     Returns:
         The report; check ``report.ok`` or use :func:`assert_parity`.
@@ -488,11 +520,12 @@ def check_parity(
         if packed:
             _check_packed_reference(ref_model, batch)
         before = _global_state(ref_model)
-        ref = run_model(ref_model, batch, lora_r=lora_r, seed=seed)
-        base = run_model(build(), batch, lora_r=lora_r, seed=seed) if lowp else None
-        run = run_model(
-            build(), batch, lora_r=lora_r, seed=seed, manager=manager, attn=attn_implementation
+        adapters: dict[str, Any] = dict(
+            lora_r=lora_r, seed=seed, expert_lora=expert_lora, lora_modules=lora_modules
         )
+        ref = run_model(ref_model, batch, **adapters)
+        base = run_model(build(), batch, **adapters) if lowp else None
+        run = run_model(build(), batch, **adapters, manager=manager, attn=attn_implementation)
     report.patched, report.providers = run.patched, run.providers
     report.attention_paths = run.attention_paths
     if not any(run.patched.values()):

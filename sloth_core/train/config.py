@@ -73,6 +73,10 @@ class TrainConfig:
     use_rslora: bool = _opt(False, "rank-stabilised LoRA scaling")
     target_modules: list = _opt(list(DEFAULT_TARGETS), "module names that get LoRA adapters")
     modules_to_save: list = _opt([], "modules trained in full beside LoRA (embed_tokens, lm_head)")
+    target_parameters: list = _opt(
+        [], "parameters that get LoRA (MoE expert weights, e.g. mlp.experts.gate_up_proj)"
+    )
+    target_experts: bool = _opt(False, "LoRA on every expert weight of an MoE model too")
     # optimisation
     per_device_train_batch_size: int = _opt(2, "rows per micro-batch", alias="batch_size")
     gradient_accumulation_steps: int = _opt(4, "micro-batches per optimizer step")
@@ -234,8 +238,14 @@ class TrainConfig:
             raise ConfigError("full_finetuning trains every weight: it cannot be quantized")
         if self.load_in_4bit and self.quantization and self.quantization not in ("nf4", "fp4"):
             raise bad("quantization", "load_in_4bit asks for a 4-bit method (nf4 or fp4)")
-        if not self.target_modules and not self.full_finetuning:
+        parameters = self.target_parameters or self.target_experts
+        if not self.target_modules and not parameters and not self.full_finetuning:
             raise bad("target_modules", "name at least one module (or use full_finetuning)")
+        for name in ("target_parameters", "target_experts"):
+            if getattr(self, name) and self.full_finetuning:
+                raise bad(name, "full_finetuning trains every weight: it takes no LoRA")
+            if getattr(self, name) and self.lora_dropout:
+                raise bad(name, "LoRA on expert weights takes no dropout: set lora_dropout to 0")
         if self.resume and self.overwrite:
             raise ConfigError("resume and overwrite exclude each other")
         if self.export_quantization and not self.export_format:

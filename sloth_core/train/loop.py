@@ -171,6 +171,8 @@ def _load_model(config: TrainConfig, tokenizer: Any) -> Any:
         target_modules=list(config.target_modules),
         use_rslora=config.use_rslora,
         modules_to_save=list(config.modules_to_save) or None,
+        target_parameters=list(config.target_parameters) or None,
+        target_experts=config.target_experts,
         use_gradient_checkpointing=checkpointing,
         random_state=config.seed,
     )

@@ -26,6 +26,7 @@ RESUME_KEYS = (
     "data_format", "chat_template", "max_seq_length", "packing", "train_on_responses_only",
     "eval_fraction", "seed", "dtype", "load_in_4bit", "quantization", "full_finetuning",
     "r", "lora_alpha", "lora_dropout", "use_rslora", "target_modules", "modules_to_save",
+    "target_parameters", "target_experts",
     "gradient_accumulation_steps", "max_steps", "num_train_epochs", "learning_rate",
     "embedding_learning_rate", "warmup_steps", "warmup_ratio", "lr_scheduler_type", "optim",
     "weight_decay", "adam_beta1", "adam_beta2", "max_grad_norm",

@@ -76,6 +76,7 @@ def test_parity_fp16(manager, kernels):
     options = dict(dtype=torch.float16, attn_implementation=SLOTH_ATTENTION)
     _check(manager, config, kernels=kernels, **options, **_shape(kernels))
 
+
 def test_parity_with_transformers_attention(manager):
     """A model loaded without sloth (transformers' ``sdpa``), patched afterwards."""
     _check(manager, tiny_config("mistral"), kernels="torch", **_shape("torch"))
@@ -155,6 +156,6 @@ def test_plugins_list_shows_sloth_mistral(plugin_manager, capsys):
     assert main(["plugins", "list", "--json"]) == 0
     (record,) = [r for r in json.loads(capsys.readouterr().out) if r["name"] == "sloth-mistral"]
     assert (record["status"], record["architectures"], record["kind"]) == (
-        "active", ["mistral"], "architecture",
+        "active", ["mistral", "mixtral"], "architecture",
     )  # fmt: skip
     assert record["version"] == "0.1.0"

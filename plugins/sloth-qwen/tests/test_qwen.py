@@ -78,6 +78,7 @@ def test_parity_fp16(manager, model_type, kernels):
     options = dict(dtype=torch.float16, attn_implementation=SLOTH_ATTENTION)
     _check(manager, config, kernels=kernels, **options, **parity_shape(kernels))
 
+
 @pytest.mark.parametrize("model_type", MODEL_TYPES)
 def test_parity_with_transformers_attention(manager, model_type):
     """A model loaded without sloth (transformers' ``sdpa``), patched afterwards."""
@@ -172,7 +173,7 @@ def test_patched_qwen_trains_like_the_unpatched_one(manager, model_type):
 def test_entry_point_lists_sloth_qwen():
     record = SlothPluginManager(entry_points=True).records["sloth-qwen"]
     assert (record.status, record.kind, record.architectures) == (
-        "active", "architecture", ["qwen2", "qwen3"],
+        "active", "architecture", ["qwen2", "qwen3", "qwen3_moe"],
     )  # fmt: skip
 
 

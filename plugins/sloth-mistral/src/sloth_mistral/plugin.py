@@ -23,37 +23,58 @@ from sloth_core.sdk import (
 
 PLUGIN = "sloth-mistral"
 #: The Hugging Face ``model_type`` values this plugin makes fast.
-MODEL_TYPES = ("mistral",)
+MODEL_TYPES = ("mistral", "mixtral")
+_DESCRIPTIONS = {
+    "mistral": "Mistral: RMSNorm, SwiGLU, GQA, RoPE, sliding window",
+    "mixtral": "Mixtral: Mistral's attention, routed SwiGLU experts (moe_experts)",
+}
 
 
 @hookimpl
 def register_architectures(register):
-    """Declare ``mistral`` (Mistral 7B and compatible checkpoints)."""
+    """Declare ``mistral`` (Mistral 7B and compatible checkpoints) and ``mixtral``."""
     for model_type in MODEL_TYPES:
-        register(model_type, description="Mistral: RMSNorm, SwiGLU, GQA, RoPE, sliding window")
+        register(model_type, description=_DESCRIPTIONS[model_type])
 
 
 @hookimpl
 def load_model(spec: ModelSpec) -> tuple[Any, Any] | None:
-    """Load a Mistral checkpoint with ``sloth_attention`` attention unless the caller chose one."""
+    """Load a Mistral or Mixtral checkpoint with ``sloth_attention`` unless the caller chose one."""
     return load_with_sloth_attention(spec, MODEL_TYPES)
 
 
 @hookimpl
 def patch_layers(model, ops) -> PatchReport | None:
-    """Route Mistral's norms, MLPs, attention and causal-LM loss through ``ops``."""
-    if model_type_of(model) not in MODEL_TYPES:
+    """Route Mistral's norms, MLPs, attention and causal-LM loss through ``ops``, and
+    Mixtral's sparse blocks through ``moe_route``/``moe_experts``."""
+    model_type = model_type_of(model)
+    if model_type not in MODEL_TYPES:
         return None  # before importing transformers' Mistral for a model that is not one
-    from transformers.models.mistral import modeling_mistral as mistral
+    if model_type == "mixtral":
+        from transformers.models.mixtral import modeling_mixtral as mixtral
 
+        # Mixtral always renormalises its top-k weights (softmax over the chosen logits).
+        classes: dict[str, Any] = dict(
+            rms_norm=mixtral.MixtralRMSNorm,
+            attention=mixtral.MixtralAttention,
+            moe=mixtral.MixtralSparseMoeBlock,
+            moe_normalize=True,
+            causal_lm=mixtral.MixtralForCausalLM,
+        )
+    else:
+        from transformers.models.mistral import modeling_mistral as mistral
+
+        classes = dict(
+            rms_norm=mistral.MistralRMSNorm,
+            mlp=mistral.MistralMLP,
+            attention=mistral.MistralAttention,
+            causal_lm=mistral.MistralForCausalLM,
+        )
     return patch_architecture(
         model,
         ops,
         plugin=PLUGIN,
-        model_types=MODEL_TYPES,
-        rms_norm=mistral.MistralRMSNorm,
-        mlp=mistral.MistralMLP,
-        attention=mistral.MistralAttention,
-        causal_lm=mistral.MistralForCausalLM,
+        model_types=model_type,
         attention_kwargs=sliding_window_kwargs,
+        **classes,
     )

@@ -1,0 +1,186 @@
+"""Sparse mixture-of-experts blocks routed through the ``moe_route`` and ``moe_experts`` ops.
+
+transformers 5 keeps the experts of Qwen3-MoE and Mixtral as two 3-D parameters of one
+module (``experts.gate_up_proj`` ``[E, 2I, H]``, ``experts.down_proj`` ``[E, H, I]``) and
+the router as a module of its own (``gate``) returning ``(logits, weights, indices)``. The
+patched block calls the router module itself, so that what transformers records from it
+(``output_router_logits=True``: the logits behind the load-balancing loss) and a LoRA PEFT
+put on it are kept, then hands the logits to ``ops.moe_route`` and the tokens to
+``ops.moe_experts`` with the experts' weights lifted into :class:`ExpertLinear` views,
+LoRA included when ``LoraConfig(target_parameters=[...])`` wrapped them in PEFT's
+``ParamWrapper``.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import TYPE_CHECKING, Any, cast
+
+import torch
+
+from sloth_core.ops import ExpertLinear
+from sloth_core.patching import bind_forward, call_original, is_patched, unwrap_model
+
+if TYPE_CHECKING:
+    from sloth_core.ops import OpRegistry
+
+#: The experts' activation function names (``config.hidden_act``) ``moe_experts`` computes.
+_SWIGLU = ("silu", "swish")
+
+
+def _base(module: Any) -> Any:
+    """The module inside PEFT's (nested) ``ParamWrapper``s, or ``module`` itself."""
+    while hasattr(module, "parameter_name") and hasattr(module, "base_layer"):
+        module = module.base_layer
+    return module
+
+
+def _stored(module: Any, name: str) -> Any:
+    # During PEFT's forward a targeted parameter is a parametrization; its stored tensor is
+    # ``parametrizations[name].original``. Outside it (patch time), the plain parameter.
+    parametrizations = getattr(module, "parametrizations", None)
+    if parametrizations is not None and name in parametrizations:
+        return parametrizations[name].original
+    return getattr(module, name, None)
+
+
+def _act_name(experts: Any) -> str | None:
+    act_fn = getattr(experts, "act_fn", None)
+    if act_fn is None:
+        return None
+    from transformers.activations import ACT2FN
+
+    return next((name for name in _SWIGLU if type(act_fn) is type(ACT2FN[name])), None)
+
+
+def moe_block_mismatch(module: torch.nn.Module, *, normalize: bool | None = None) -> str | None:
+    """Why :func:`patch_moe_block` would leave ``module`` alone, or ``None`` if it fits.
+
+    What the ops compute: a router module ``gate`` with a ``[E, H]`` ``weight`` and a
+    ``top_k`` returning the logits first; an experts module ``experts`` with
+    ``gate_up_proj`` ``[E, 2I, H]`` and ``down_proj`` ``[E, H, I]`` (no biases) and a SiLU
+    ``act_fn``; a known renormalisation of the top-k weights (``normalize``, or the
+    router's ``norm_topk_prob``); no router jitter (random noise no patch can reproduce).
+    """
+    router, experts = getattr(module, "gate", None), getattr(module, "experts", None)
+    if router is None or experts is None:
+        return "no gate (router) and experts modules"
+    router, experts = _base(router), _base(experts)
+    weight = _stored(router, "weight")
+    top_k = getattr(router, "top_k", None)
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or not isinstance(top_k, int):
+        return f"router {type(router).__name__} has no [E, H] weight and top_k"
+    num_experts, hidden = weight.shape
+    gate_up, down = _stored(experts, "gate_up_proj"), _stored(experts, "down_proj")
+    if not isinstance(gate_up, torch.Tensor) or not isinstance(down, torch.Tensor):
+        return f"experts {type(experts).__name__} have no 3-D gate_up_proj and down_proj"
+    if getattr(experts, "is_transposed", False) or gate_up.dim() != 3 or down.dim() != 3:
+        return "expert weights are not stored [E, out, in]"
+    inter = down.shape[2]
+    if tuple(gate_up.shape) != (num_experts, 2 * inter, hidden) or tuple(down.shape) != (
+        num_experts,
+        hidden,
+        inter,
+    ):
+        return f"expert shapes {tuple(gate_up.shape)}, {tuple(down.shape)} do not match the router"
+    if any(
+        getattr(experts, f"{name}_bias", None) is not None for name in ("gate_up_proj", "down_proj")
+    ):
+        return "expert biases"
+    if _act_name(experts) is None:
+        return f"expert activation {type(getattr(experts, 'act_fn', None)).__name__} is not SiLU"
+    if not 0 < top_k <= num_experts:
+        return f"top_k {top_k} of {num_experts} experts"
+    if normalize is None and not isinstance(getattr(router, "norm_topk_prob", None), bool):
+        return "the router's top-k renormalisation is unknown (no norm_topk_prob)"
+    if getattr(module, "jitter_noise", 0) or getattr(router, "jitter_noise", 0):
+        return "router jitter noise (random)"
+    return None
+
+
+def patch_moe_block(
+    module: torch.nn.Module, ops: OpRegistry, *, normalize: bool | None = None
+) -> bool:
+    """Route a sparse MoE block through ``ops.moe_route`` and ``ops.moe_experts``.
+
+    ``False`` if patched already or if :func:`moe_block_mismatch` gives a reason (then the
+    block keeps transformers' forward). The patched forward:
+
+    1. calls the block's router module ``gate`` on the tokens ``[T, H]`` and keeps its
+       logits: what transformers' ``OutputRecorder`` captures for
+       ``output_router_logits=True`` (the load-balancing loss, weighted by
+       ``router_aux_loss_coef``) is therefore the same tensor, and a LoRA on the router
+       (PEFT's ``ParamWrapper`` on ``gate.weight``) is applied by PEFT itself;
+    2. ``weights, indices = ops.moe_route(logits, top_k, normalize=...)``;
+    3. ``ops.moe_experts(x, indices, weights, gate_up, down)`` with both expert stacks
+       lifted by :meth:`ExpertLinear.from_parameter` at every call, so adapters attached
+       after patching, disabled adapters and PEFT's ``target_parameters`` LoRA are
+       honoured; a wrapper the op cannot express (merged weights, several active
+       adapters) runs the block's original forward.
+
+    Args:
+        module: a block with ``gate`` and ``experts`` (Qwen3-MoE's
+            ``Qwen3MoeSparseMoeBlock``, Mixtral's ``MixtralSparseMoeBlock``).
+        ops: the op registry.
+        normalize: renormalise the top-k weights to sum to 1; ``None`` reads the
+            router's ``norm_topk_prob`` (Qwen3-MoE). Mixtral always renormalises: ``True``.
+    """
+    if is_patched(module) or moe_block_mismatch(module, normalize=normalize) is not None:
+        return False
+
+    def forward(self: torch.nn.Module, hidden_states: torch.Tensor, *args: Any, **kwargs: Any):
+        if args or kwargs:  # the blocks take the hidden states alone
+            return call_original(self, hidden_states, *args, **kwargs)
+        experts = cast(torch.nn.Module, self.experts)
+        try:
+            gate_up = ExpertLinear.from_parameter(experts, "gate_up_proj")
+            down = ExpertLinear.from_parameter(experts, "down_proj")
+        except ValueError:  # merged adapters, several active ones: PEFT's own forward
+            return call_original(self, hidden_states)
+        gate = cast(torch.nn.Module, self.gate)  # torch types attributes as Tensor | Module
+        router = _base(gate)
+        renormalise = router.norm_topk_prob if normalize is None else normalize
+        shape = hidden_states.shape
+        x = hidden_states.reshape(-1, shape[-1])
+        logits = gate(x)[0]
+        weights, indices = ops.moe_route(logits, router.top_k, normalize=renormalise)
+        out = ops.moe_experts(x, indices, weights, gate_up, down, activation="swiglu")
+        return out.reshape(shape)
+
+    return bind_forward(module, forward)
+
+
+def router_aux_loss(
+    model: torch.nn.Module, outputs: Any, attention_mask: torch.Tensor | None
+) -> torch.Tensor | None:
+    """The load-balancing loss of an MoE causal LM's decoder ``outputs``, unweighted.
+
+    ``None`` when the decoder returned no router logits (``output_router_logits`` off).
+    The modeling file's own ``load_balancing_loss_func`` computes it (Qwen3-MoE's and
+    Mixtral's), with the model's ``num_experts`` and ``num_experts_per_tok``, exactly as
+    its ``ForCausalLM.forward`` does; the caller adds ``router_aux_loss_coef`` times it.
+    """
+    router_logits = getattr(outputs, "router_logits", None)
+    if router_logits is None:
+        return None
+    loss_func = sys.modules[type(model).__module__].load_balancing_loss_func
+    return loss_func(router_logits, model.num_experts, model.num_experts_per_tok, attention_mask)
+
+
+def expert_parameter_names(model: torch.nn.Module) -> list[str]:
+    """PEFT ``target_parameters`` naming every 3-D expert weight of ``model``.
+
+    Each 3-D parameter's name with everything up to the layer index dropped
+    (``model.layers.1.mlp.experts.gate_up_proj`` -> ``mlp.experts.gate_up_proj``), which
+    PEFT matches as a suffix in every layer; sorted, each once. Empty for a dense model.
+    A model PEFT wraps already names its parameters through ``base_layer``: those parts
+    are dropped too.
+    """
+    names = set()
+    for name, param in unwrap_model(model).named_parameters():
+        if param.dim() != 3:
+            continue
+        parts = [p for p in name.split(".") if p != "base_layer"]
+        index = max((i for i, part in enumerate(parts) if part.isdigit()), default=-1)
+        names.add(".".join(parts[index + 1 :]))
+    return sorted(names)
