@@ -196,6 +196,29 @@ def _check_module_names(config: TrainConfig, model) -> None:
                 f"module named {', '.join(map(repr, unknown))} (its linear layers: "
                 f"{', '.join(linear)})"
             )
+    _check_parameter_names(config, model)
+
+
+def _check_parameter_names(config: TrainConfig, model) -> None:
+    """``target_parameters`` name parameters of the model (as PEFT matches them: the whole
+    name or a suffix after a dot), and ``target_experts`` asks for a model with experts."""
+    from sloth_core.patches import expert_parameter_names
+
+    experts = expert_parameter_names(model)
+    if config.target_experts and not experts:
+        raise ConfigError(f"target_experts=True: {config.model_name} has no expert weights")
+    names = [name for name, _ in model.named_parameters()]
+    unknown = [
+        wanted
+        for wanted in config.target_parameters
+        if not any(name == wanted or name.endswith(f".{wanted}") for name in names)
+    ]
+    if unknown:
+        raise ConfigError(
+            f"target_parameters={list(config.target_parameters)}: {config.model_name} has no "
+            f"parameter named {', '.join(map(repr, unknown))} (its expert weights: "
+            f"{', '.join(experts) or 'none'})"
+        )
 
 
 def training_device_map() -> dict[str, int] | None:
