@@ -52,8 +52,14 @@ def moe_lora(model_type: str, experts=tuple(EXPERTS), dtype=torch.float32):
 
 @pytest.mark.parametrize(
     ("model_type", "experts"),
-    [("qwen3_moe", EXPERTS), ("mixtral", EXPERTS), ("mixtral", EXPERTS[1:]), ("gpt_oss", EXPERTS)],
-    ids=["qwen3_moe", "mixtral", "mixtral-down-only", "gpt_oss"],
+    [
+        ("qwen3_moe", EXPERTS),
+        ("mixtral", EXPERTS),
+        ("mixtral", EXPERTS[1:]),
+        ("gpt_oss", EXPERTS),
+        ("qwen3_moe", ["mlp.gate.weight", *EXPERTS]),  # the router's 2-D weight too
+    ],
+    ids=["qwen3_moe", "mixtral", "mixtral-down-only", "gpt_oss", "qwen3_moe-router-too"],
 )
 def test_merged_16bit_merges_expert_lora(plugin_manager, tmp_path, model_type, experts):
     model, tokenizer = moe_lora(model_type, experts)
