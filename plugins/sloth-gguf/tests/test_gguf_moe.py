@@ -106,6 +106,22 @@ def test_the_pure_python_level_rebuilds_the_moe_model(
     assert report.max_rel < 1e-5 and report.top1 == 1.0
 
 
+@requires_llama_cpp
+@pytest.mark.parametrize("arch", MOE_ARCHS)
+def test_both_verify_levels_pass(arch, lora_models, lora_exports, tokenizer, manager):
+    from sloth_core.verify import verify_export
+
+    report = verify_export(
+        lora_exports[arch], lora_models(arch), tokenizer, format="gguf", manager=manager
+    )
+    assert report.passed, report.problems
+    assert [(level.name, level.status) for level in report.levels] == [
+        ("gguf-py reload", "passed"),
+        ("llama.cpp", "passed"),
+    ]
+    assert report.max_rel < 1e-5 and report.top1 == 1.0
+
+
 @pytest.mark.parametrize(
     ("arch", "part", "tensor"),
     [("qwen3_moe", 1, "blk.1.ffn_up_exps.weight"), ("mixtral", 0, "blk.0.ffn_down_exps.weight")],
