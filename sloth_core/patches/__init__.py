@@ -92,7 +92,7 @@ def patch_architecture(
     fused_mlp: ModuleClasses = (),
     fused_attention: ModuleClasses = (),
     moe: ModuleClasses = (),
-    moe_normalize: bool | None = None,
+    moe_options: dict[str, Any] | None = None,
     gemma_norm: bool = False,
     activation: str | None = None,
     attention_kwargs: Callable[[torch.nn.Module], dict[str, Any]] | None = None,
@@ -116,8 +116,8 @@ def patch_architecture(
         moe: sparse mixture-of-experts block classes, for :func:`patch_moe_block`; a
             block that does not fit the ops is left alone and its reason recorded in the
             report's ``skipped``.
-        moe_normalize: ``patch_moe_block``'s ``normalize`` (``None``: the router's
-            ``norm_topk_prob``; Mixtral: ``True``).
+        moe_options: keyword arguments of :func:`patch_moe_block` (Mixtral:
+            ``{"normalize": True}``; by default the router's ``norm_topk_prob`` decides).
         gemma_norm: the norms are Gemma's ``1 + weight`` variant.
         activation: the MLP activation (``"swiglu"``...), of both MLP kinds; by default
             from the config.
@@ -139,6 +139,7 @@ def patch_architecture(
     # caller's set_attn_implementation) whether or not its attention modules are patched.
     register_sloth_attention()
     keep_logits, attn = prompt_learning(model), {"attention_kwargs": attention_kwargs}
+    moe_kw = moe_options or {}
     # Any, not ModuleClasses: isinstance against a `type` would narrow modules to object.
     patchers: list[tuple[str, Any, Callable[[Any], bool]]] = [
         ("rms_norm", rms_norm, lambda m: patch_rms_norm(m, ops, gemma=gemma_norm)),
@@ -146,7 +147,7 @@ def patch_architecture(
         ("mlp", fused_mlp, lambda m: patch_fused_mlp(m, ops, activation=activation)),
         ("attention", attention, lambda m: patch_attention(m, ops, **attn)),
         ("attention", fused_attention, lambda m: patch_fused_attention(m, ops, **attn)),
-        ("moe", moe, lambda m: patch_moe_block(m, ops, normalize=moe_normalize)),
+        ("moe", moe, lambda m: patch_moe_block(m, ops, **moe_kw)),
         ("causal_lm", causal_lm, lambda m: patch_causal_lm(m, keep_logits=keep_logits)),
     ]
     counts = {kind: 0 for kind, classes, _ in patchers if classes != ()}
@@ -159,9 +160,7 @@ def patch_architecture(
                 if patch(module):
                     counts[kind] += 1
                     patched.append(module)
-                elif kind == "moe" and (
-                    reason := moe_block_mismatch(module, normalize=moe_normalize)
-                ):
+                elif kind == "moe" and (reason := moe_block_mismatch(module, **moe_kw)):
                     skipped[name] = reason
                 break
     return PatchReport(plugin, model_type, counts, restorer(patched), skipped=skipped)

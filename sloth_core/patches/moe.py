@@ -53,99 +53,142 @@ def _act_name(experts: Any) -> str | None:
     return next((name for name in _SWIGLU if type(act_fn) is type(ACT2FN[name])), None)
 
 
-def moe_block_mismatch(module: torch.nn.Module, *, normalize: bool | None = None) -> str | None:
-    """Why :func:`patch_moe_block` would leave ``module`` alone, or ``None`` if it fits.
-
-    What the ops compute: a router module ``gate`` with a ``[E, H]`` ``weight`` and a
-    ``top_k`` returning the logits first; an experts module ``experts`` with
-    ``gate_up_proj`` ``[E, 2I, H]`` and ``down_proj`` ``[E, H, I]`` (no biases) and a SiLU
-    ``act_fn``; a known renormalisation of the top-k weights (``normalize``, or the
-    router's ``norm_topk_prob``); no router jitter (random noise no patch can reproduce).
-    """
-    router, experts = getattr(module, "gate", None), getattr(module, "experts", None)
-    if router is None or experts is None:
-        return "no gate (router) and experts modules"
-    router, experts = _base(router), _base(experts)
-    weight = _stored(router, "weight")
-    top_k = getattr(router, "top_k", None)
-    if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or not isinstance(top_k, int):
-        return f"router {type(router).__name__} has no [E, H] weight and top_k"
-    num_experts, hidden = weight.shape
+def _check_experts(experts: Any, num_experts: int, hidden: int, activation: str) -> str | None:
+    """Why the experts are not what ``moe_experts`` computes, or ``None``."""
     gate_up, down = _stored(experts, "gate_up_proj"), _stored(experts, "down_proj")
     if not isinstance(gate_up, torch.Tensor) or not isinstance(down, torch.Tensor):
         return f"experts {type(experts).__name__} have no 3-D gate_up_proj and down_proj"
-    if getattr(experts, "is_transposed", False) or gate_up.dim() != 3 or down.dim() != 3:
-        return "expert weights are not stored [E, out, in]"
+    if gate_up.dim() != 3 or down.dim() != 3:
+        return "expert weights are not 3-D"
+    if getattr(experts, "is_transposed", False):  # stored [E, in, out] (gpt-oss)
+        gate_up, down = gate_up.transpose(1, 2), down.transpose(1, 2)
     inter = down.shape[2]
-    if tuple(gate_up.shape) != (num_experts, 2 * inter, hidden) or tuple(down.shape) != (
-        num_experts,
-        hidden,
-        inter,
-    ):
-        return f"expert shapes {tuple(gate_up.shape)}, {tuple(down.shape)} do not match the router"
-    if any(
-        getattr(experts, f"{name}_bias", None) is not None for name in ("gate_up_proj", "down_proj")
-    ):
-        return "expert biases"
-    if _act_name(experts) is None:
+    shapes = (tuple(gate_up.shape), tuple(down.shape))
+    if shapes != ((num_experts, 2 * inter, hidden), (num_experts, hidden, inter)):
+        return f"expert shapes {shapes[0]}, {shapes[1]} do not match the router"
+    for name, size in (("gate_up_proj", 2 * inter), ("down_proj", hidden)):
+        bias = getattr(experts, f"{name}_bias", None)
+        if bias is not None and tuple(bias.shape) != (num_experts, size):
+            return f"expert bias {name}_bias of shape {tuple(bias.shape)}"
+    if activation == "swiglu" and _act_name(experts) is None:
         return f"expert activation {type(getattr(experts, 'act_fn', None)).__name__} is not SiLU"
+    if activation == "gpt_oss" and not all(
+        isinstance(getattr(experts, name, None), float) for name in ("alpha", "limit")
+    ):
+        return "gpt-oss experts without float alpha and limit"
+    return None
+
+
+def moe_block_mismatch(
+    module: torch.nn.Module,
+    *,
+    normalize: bool | None = None,
+    router: str = "gate",
+    activation: str = "swiglu",
+    **_: Any,
+) -> str | None:
+    """Why :func:`patch_moe_block` would leave ``module`` alone, or ``None`` if it fits.
+
+    What the ops compute: a router module (attribute ``router``) with a ``[E, H]`` ``weight``
+    and a ``top_k`` returning the logits first; an experts module ``experts`` with
+    ``gate_up_proj`` ``[E, 2I, H]`` and ``down_proj`` ``[E, H, I]`` (or both stored
+    ``[E, in, out]`` where the module says ``is_transposed``), biases ``[E, out]`` if any,
+    and a SiLU ``act_fn`` (``activation="swiglu"``) or float ``alpha`` and ``limit``
+    (``"gpt_oss"``); a known renormalisation of the top-k weights (``normalize``, or the
+    router's ``norm_topk_prob``); no router jitter (random noise no patch can reproduce).
+    The other keywords of :func:`patch_moe_block` are accepted and ignored.
+    """
+    gate, experts = getattr(module, router, None), getattr(module, "experts", None)
+    if gate is None or experts is None:
+        return f"no {router} (router) and experts modules"
+    gate, experts = _base(gate), _base(experts)
+    weight = _stored(gate, "weight")
+    top_k = getattr(gate, "top_k", None)
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or not isinstance(top_k, int):
+        return f"router {type(gate).__name__} has no [E, H] weight and top_k"
+    num_experts, hidden = weight.shape
+    reason = _check_experts(experts, num_experts, hidden, activation)
+    if reason is not None:
+        return reason
     if not 0 < top_k <= num_experts:
         return f"top_k {top_k} of {num_experts} experts"
-    if normalize is None and not isinstance(getattr(router, "norm_topk_prob", None), bool):
+    if normalize is None and not isinstance(getattr(gate, "norm_topk_prob", None), bool):
         return "the router's top-k renormalisation is unknown (no norm_topk_prob)"
-    if getattr(module, "jitter_noise", 0) or getattr(router, "jitter_noise", 0):
+    if getattr(module, "jitter_noise", 0) or getattr(gate, "jitter_noise", 0):
         return "router jitter noise (random)"
     return None
 
 
 def patch_moe_block(
-    module: torch.nn.Module, ops: OpRegistry, *, normalize: bool | None = None
+    module: torch.nn.Module,
+    ops: OpRegistry,
+    *,
+    normalize: bool | None = None,
+    router: str = "gate",
+    activation: str = "swiglu",
+    gate_up_layout: str = "halves",
+    returns_scores: bool = False,
 ) -> bool:
     """Route a sparse MoE block through ``ops.moe_route`` and ``ops.moe_experts``.
 
     ``False`` if patched already or if :func:`moe_block_mismatch` gives a reason (then the
     block keeps transformers' forward). The patched forward:
 
-    1. calls the block's router module ``gate`` on the tokens ``[T, H]`` and keeps its
-       logits: what transformers' ``OutputRecorder`` captures for
-       ``output_router_logits=True`` (the load-balancing loss, weighted by
-       ``router_aux_loss_coef``) is therefore the same tensor, and a LoRA on the router
-       (PEFT's ``ParamWrapper`` on ``gate.weight``) is applied by PEFT itself;
+    1. calls the block's router module on the tokens ``[T, H]`` and keeps its logits: what
+       transformers' ``OutputRecorder`` captures for ``output_router_logits=True`` (the
+       load-balancing loss, weighted by ``router_aux_loss_coef``) is therefore the same
+       tensor, and a LoRA on the router (PEFT's ``ParamWrapper`` on its ``weight``) is
+       applied by PEFT itself;
     2. ``weights, indices = ops.moe_route(logits, top_k, normalize=...)``;
-    3. ``ops.moe_experts(x, indices, weights, gate_up, down)`` with both expert stacks
-       lifted by :meth:`ExpertLinear.from_parameter` at every call, so adapters attached
-       after patching, disabled adapters and PEFT's ``target_parameters`` LoRA are
-       honoured; a wrapper the op cannot express (merged weights, several active
-       adapters) runs the block's original forward.
+    3. ``ops.moe_experts(x, indices, weights, gate_up, down, ...)`` with both expert stacks
+       (and their biases) lifted by :meth:`ExpertLinear.from_parameter` at every call, so
+       adapters attached after patching, disabled adapters and PEFT's
+       ``target_parameters`` LoRA are honoured; a wrapper the op cannot express (merged
+       weights, several active adapters) runs the block's original forward.
 
     Args:
-        module: a block with ``gate`` and ``experts`` (Qwen3-MoE's
-            ``Qwen3MoeSparseMoeBlock``, Mixtral's ``MixtralSparseMoeBlock``).
+        module: a block with a router and ``experts`` (Qwen3-MoE's
+            ``Qwen3MoeSparseMoeBlock``, Mixtral's ``MixtralSparseMoeBlock``; gpt-oss's
+            ``GptOssMLP`` with ``router="router"``, ``activation="gpt_oss"``,
+            ``gate_up_layout="interleaved"``, ``normalize=True``, ``returns_scores=True``).
         ops: the op registry.
         normalize: renormalise the top-k weights to sum to 1; ``None`` reads the
-            router's ``norm_topk_prob`` (Qwen3-MoE). Mixtral always renormalises: ``True``.
+            router's ``norm_topk_prob`` (Qwen3-MoE). Mixtral always renormalises: ``True``
+            (as gpt-oss's softmax over the top-k logits does).
+        router: the attribute holding the router module.
+        activation: ``moe_experts``'s ``"swiglu"`` or ``"gpt_oss"`` (with the experts'
+            ``alpha`` and ``limit``).
+        gate_up_layout: ``"halves"`` (gate, then up) or ``"interleaved"`` (gpt-oss).
+        returns_scores: the block returns ``(hidden_states, routing_weights)`` (gpt-oss).
     """
-    if is_patched(module) or moe_block_mismatch(module, normalize=normalize) is not None:
+    if is_patched(module):
+        return False
+    if moe_block_mismatch(module, normalize=normalize, router=router, activation=activation):
         return False
 
     def forward(self: torch.nn.Module, hidden_states: torch.Tensor, *args: Any, **kwargs: Any):
         if args or kwargs:  # the blocks take the hidden states alone
             return call_original(self, hidden_states, *args, **kwargs)
-        experts = cast(torch.nn.Module, self.experts)
+        experts = cast(torch.nn.Module, self.experts)  # torch types it Tensor | Module
         try:
             gate_up = ExpertLinear.from_parameter(experts, "gate_up_proj")
             down = ExpertLinear.from_parameter(experts, "down_proj")
         except ValueError:  # merged adapters, several active ones: PEFT's own forward
             return call_original(self, hidden_states)
-        gate = cast(torch.nn.Module, self.gate)  # torch types attributes as Tensor | Module
-        router = _base(gate)
-        renormalise = router.norm_topk_prob if normalize is None else normalize
+        gate = cast(torch.nn.Module, getattr(self, router))
+        top_k, base = _base(gate).top_k, _base(experts)
+        renormalise = _base(gate).norm_topk_prob if normalize is None else normalize
         shape = hidden_states.shape
         x = hidden_states.reshape(-1, shape[-1])
         logits = gate(x)[0]
-        weights, indices = ops.moe_route(logits, router.top_k, normalize=renormalise)
-        out = ops.moe_experts(x, indices, weights, gate_up, down, activation="swiglu")
-        return out.reshape(shape)
+        weights, indices = ops.moe_route(logits, top_k, normalize=renormalise)
+        extra = {"alpha": base.alpha, "limit": base.limit} if activation == "gpt_oss" else {}
+        out = ops.moe_experts(
+            x, indices, weights, gate_up, down,
+            activation=activation, gate_up_layout=gate_up_layout, **extra,
+        )  # fmt: skip
+        out = out.reshape(shape)
+        return (out, weights.to(logits.dtype)) if returns_scores else out
 
     return bind_forward(module, forward)
 

@@ -58,7 +58,7 @@ def patch_layers(model, ops) -> PatchReport | None:
             rms_norm=mixtral.MixtralRMSNorm,
             attention=mixtral.MixtralAttention,
             moe=mixtral.MixtralSparseMoeBlock,
-            moe_normalize=True,
+            moe_options={"normalize": True},
             causal_lm=mixtral.MixtralForCausalLM,
         )
     else:
