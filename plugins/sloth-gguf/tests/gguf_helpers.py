@@ -161,16 +161,18 @@ def prompts_for(arch: str, prompts: list[list[int]]) -> list[list[int]]:
 def rounded_like(model: torch.nn.Module, quantization: str) -> torch.nn.Module:
     """A copy of ``model`` whose matrices hold what a ``quantization`` GGUF stores.
 
-    Matrices are quantized along their rows (the input dimension), as GGUF blocks are;
-    llama.cpp's q/k row permutation moves whole rows, so it does not change the values.
+    Matrices (and the experts' stacks of them) are quantized along their rows (the input
+    dimension), as GGUF blocks are; llama.cpp's q/k row permutation moves whole rows, so it
+    does not change the values. The experts' router stays float32, as the writer keeps it.
     """
     import gguf
 
     qtype = gguf.GGMLQuantizationType[quantization.upper()]
     rounded = copy.deepcopy(model)
+    params = {id(p): (n, p) for n, p in rounded.named_parameters()}.values()
     with torch.no_grad():
-        for param in {id(p): p for p in rounded.parameters()}.values():
-            if param.ndim == 2:
+        for name, param in params:
+            if param.ndim >= 2 and not name.endswith("mlp.gate.weight"):
                 data = param.detach().float().numpy()
                 back = gguf.quants.dequantize(gguf.quants.quantize(data, qtype), qtype)
                 param.copy_(torch.from_numpy(np.ascontiguousarray(back.reshape(data.shape))))
