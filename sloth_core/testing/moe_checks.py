@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from .models import init_tiny_model
-from .parity import attach_lora
+from .parity import attach_lora, kernels_mode
 from .plugin_checks import check_plugin_parity
 
 __all__ = ["MOE_LORA", "ROUTER_LOSS", "assert_checkpointing_parity", "check_moe_parity"]
@@ -45,9 +45,17 @@ def check_moe_parity(
     return report
 
 
-def assert_checkpointing_parity(manager: Any, config: Any, *, seed: int = 1) -> None:
+def assert_checkpointing_parity(
+    manager: Any, config: Any, *, seed: int = 1, kernels: str = "torch"
+) -> None:
     """Loss and every LoRA gradient (experts included) of the patched model equal the
-    unpatched model's with gradient checkpointing on (the blocks recomputed in backward)."""
+    unpatched model's with gradient checkpointing on (the blocks recomputed in backward);
+    ``kernels`` as :func:`~sloth_core.testing.parity.kernels_mode` takes it."""
+    with kernels_mode(kernels):
+        _checkpointing_parity(manager, config, seed)
+
+
+def _checkpointing_parity(manager: Any, config: Any, seed: int) -> None:
     generator = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, config.vocab_size, (2, 12), generator=generator)
     results = []

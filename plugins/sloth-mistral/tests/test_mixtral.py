@@ -18,6 +18,7 @@ from sloth_core.testing import (
     check_moe_parity,
     init_tiny_model,
     installed_manager,
+    parity_shape,
     tiny_config,
     varied_config,
 )
@@ -37,6 +38,12 @@ def manager():
 def test_parity_with_router_loss(manager, lora):
     config = tiny_config("mixtral", **ROUTER_LOSS)
     check_moe_parity(manager, config, patched=PATCHED, lora=lora)
+
+
+def test_parity_triton(manager):
+    """sloth-kernels' kernels (interpreted on the CPU), moe_experts's where it serves it."""
+    config = tiny_config("mixtral", **ROUTER_LOSS)
+    check_moe_parity(manager, config, patched=PATCHED, kernels="triton", **parity_shape("triton"))
 
 
 def test_parity_varied_bf16(manager):

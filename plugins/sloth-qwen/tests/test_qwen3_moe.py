@@ -83,14 +83,14 @@ def test_patched_qwen3_moe_trains_like_the_unpatched_one(manager):
 
 def test_disabled_and_merged_expert_adapters(manager):
     """``disable_adapter`` drops the experts' LoRA; merged adapters run PEFT's forward."""
-    from sloth_core.testing.parity import attach_lora
+    from sloth_core.testing.parity import attach_lora, kernels_mode
 
     config = tiny_config("qwen3_moe")
     ids = torch.randint(0, config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(2))
     model = attach_lora(init_tiny_model(config), r=4, seed=0).eval()
     manager.patch_layers(model=model)
     reference = attach_lora(init_tiny_model(config), r=4, seed=0).eval()
-    with torch.no_grad():
+    with torch.no_grad(), kernels_mode("torch"):
         torch.testing.assert_close(model(ids).logits, reference(ids).logits)
         with model.disable_adapter(), reference.disable_adapter():
             torch.testing.assert_close(model(ids).logits, reference(ids).logits)
