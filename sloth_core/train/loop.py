@@ -194,9 +194,19 @@ def _check_module_names(config: TrainConfig, model) -> None:
             raise ConfigError(
                 f"{option}={list(getattr(config, option))}: {config.model_name} has no "
                 f"module named {', '.join(map(repr, unknown))} (its linear layers: "
-                f"{', '.join(linear)})"
+                f"{', '.join(linear)}){_experts_hint(model)}"
             )
     _check_parameter_names(config, model)
+
+
+def _experts_hint(model) -> str:
+    # An MoE model's experts are 3-D parameters, not modules: say how to reach them.
+    from sloth_core.patches import expert_parameter_names
+
+    experts = expert_parameter_names(model)
+    if not experts:
+        return ""
+    return f"; its experts take LoRA through target_experts or target_parameters: {experts}"
 
 
 def _check_parameter_names(config: TrainConfig, model) -> None:

@@ -44,6 +44,9 @@ def test_wrong_expert_options_are_named(tiny_qwen3_moe, tiny_llama, alpaca_file,
                        target_parameters=["mlp.experts.gate_proj"])  # fmt: skip
     with pytest.raises(ConfigError, match=r"target_parameters=.*'mlp.experts.gate_proj'"):
         train(TrainConfig.from_mapping(options), show_progress=False)
+    options = _options(tiny_qwen3_moe, alpaca_file, tmp_path / "c", target_modules=["w1"])
+    with pytest.raises(ConfigError, match=r"no module named 'w1' .*its experts take LoRA"):
+        train(TrainConfig.from_mapping(options), show_progress=False)
     options = _options(tiny_llama, alpaca_file, tmp_path / "b", target_experts=True)
     with pytest.raises(ConfigError, match="target_experts=True: .* has no expert weights"):
         train(TrainConfig.from_mapping(options), show_progress=False)
