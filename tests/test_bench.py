@@ -12,17 +12,21 @@ from sloth_core.cli import main
 from sloth_core.ops import default_registry
 
 TOY = dict(tokens=16, hidden=8, intermediate=12, heads=2, kv_heads=1, head_dim=4, vocab=37,
-           rank=2, dtype=torch.float32, device="cpu")  # fmt: skip
+           rank=2, moe_hidden=8, experts=5, top_k=2, moe_intermediate=6, dtype=torch.float32,
+           device="cpu")  # fmt: skip
 
 
 def test_every_case_runs_for_every_system():
     registry = default_registry()
     report = run_kernel_bench(registry, Shapes(**TOY), runs=2, warmup=1, compile=False)
     names = [c["name"] for c in report["cases"]]
-    assert {"rms_norm", "rope", "swiglu", "lora_mlp", "fused_linear_cross_entropy"} <= set(names)
+    assert {"rms_norm", "rope", "swiglu", "lora_mlp", "fused_linear_cross_entropy",
+            "moe_experts"} <= set(names)  # fmt: skip
     for case in report["cases"]:
         systems = {r["system"]: r for r in case["results"]}
-        expected = {"sloth", "eager"} | ({"torch_unfused"} if case["op"] == "fused_linear_cross_entropy" else set())
+        expected = {"sloth", "eager"} | (
+            {"torch_unfused"} if case["op"] == "fused_linear_cross_entropy" else set()
+        )
         assert set(systems) == expected, case["name"]
         for r in systems.values():
             assert r["error"] is None and r["median_ms"] > 0, (case["name"], r)

@@ -10,10 +10,11 @@ from sloth_kernels._utils import kernel_devices
 
 #: Every op the core defines, written out (not the core's ``REFERENCE_OPS``, from which the
 #: registry is built): a kernel dropped from sloth-kernels, or an op dropped from the core
-#: along with it, fails here.
+#: along with it, fails here. ``moe_route`` (a softmax and a top-k) has no kernel.
 CORE_OPS = {
     "rms_norm", "layer_norm", "rope", "swiglu", "geglu", "lora_linear", "lora_mlp",
     "lora_qkv", "lora_o", "cross_entropy", "fused_linear_cross_entropy", "dequantize_nf4",
+    "moe_experts",
 }  # fmt: skip
 
 

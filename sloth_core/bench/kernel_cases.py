@@ -13,7 +13,8 @@ from typing import Any
 
 import torch
 
-from sloth_core.ops import LoRALinear
+from sloth_core.ops import ExpertLinear, LoRALinear
+from sloth_core.ops.reference import moe_route
 
 
 @dataclass
@@ -28,6 +29,11 @@ class Shapes:
     head_dim: int = 128
     vocab: int = 128256
     rank: int = 16
+    # The MoE layer of Qwen3-30B-A3B (its own hidden size; its token count is ``tokens``).
+    moe_hidden: int = 2048
+    experts: int = 128
+    top_k: int = 8
+    moe_intermediate: int = 768
     dtype: torch.dtype = torch.bfloat16
     device: str = "cuda"
 
@@ -139,7 +145,9 @@ def _lora_layer(s: Shapes, out_features: int, in_features: int, quantized: bool)
 def _layer_params(*layers: LoRALinear) -> list[torch.Tensor]:
     params = []
     for layer in layers:
-        params += [t for t in (layer.weight, layer.lora_A, layer.lora_B, layer.bias) if t is not None]
+        params += [
+            t for t in (layer.weight, layer.lora_A, layer.lora_B, layer.bias) if t is not None
+        ]
         if layer.quant_state is not None:
             params.append(layer.quant_state.absmax)
     return params
@@ -259,6 +267,38 @@ def bnb_dequantize(data: torch.Tensor, quant_state: Any, **_: Any) -> torch.Tens
     return bnbf.dequantize_4bit(data, quant_state)
 
 
+def _expert_layer(s: Shapes, out_features: int, in_features: int) -> ExpertLinear:
+    """A frozen expert stack with a trainable per-expert LoRA of rank ``s.rank``."""
+    shape = (s.experts, out_features, in_features)
+    return ExpertLinear(
+        weight=_rand(shape, s, scale=in_features**-0.5),
+        lora_A=_rand((s.experts, s.rank, in_features), s, grad=True, scale=in_features**-0.5),
+        lora_B=_rand((s.experts, out_features, s.rank), s, grad=True, scale=0.01),
+    )
+
+
+def moe_experts_case(s: Shapes) -> Case:
+    """The routed experts of one MoE layer with LoRA on every expert, forward + backward."""
+    x = _rand((s.tokens, s.moe_hidden), s, grad=True)
+    logits = torch.randn(s.tokens, s.experts, device=s.device)
+    weights, index = moe_route(logits, s.top_k, normalize=True)
+    weights.requires_grad_()
+    gate_up = _expert_layer(s, 2 * s.moe_intermediate, s.moe_hidden)
+    down = _expert_layer(s, s.moe_hidden, s.moe_intermediate)
+    lora = [t for layer in (gate_up, down) for t in (layer.lora_A, layer.lora_B) if t is not None]
+    dy = _rand(x.shape, s)
+
+    def run(fn):
+        for t in (x, weights, *lora):
+            t.grad = None
+        out = fn(x, index, weights, gate_up, down)
+        out.backward(dy)
+        return out
+
+    params = [gate_up.weight, down.weight, *lora]
+    return Case("moe_experts", "moe_experts", run, None, params)
+
+
 def saved_activation_bytes(case: Case, fn: Callable[..., Any]) -> int:
     """Bytes of distinct storages autograd saves for backward, weights not counted."""
     skip = {p.untyped_storage().data_ptr() for p in case.params}
@@ -313,6 +353,7 @@ def all_cases(s: Shapes, *, nf4: bool) -> list[tuple[str, Callable[[], Case]]]:
         ("lora_qkv", lambda: lora_qkv_case(s)),
         ("lora_o", lambda: lora_o_case(s)),
         ("fused_linear_cross_entropy", lambda: flce_case(s)),
+        ("moe_experts", lambda: moe_experts_case(s)),
     ]
     if nf4:
         builders += [

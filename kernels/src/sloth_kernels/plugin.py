@@ -20,6 +20,7 @@ KERNEL_MODULES: tuple[str, ...] = (
     "nf4",
     "lora",
     "lora_mlp",
+    "moe",
 )
 
 PRIORITY = 10

@@ -1,0 +1,546 @@
+"""Routed mixture-of-experts with per-expert LoRA: grouped GEMMs in Triton, forward and backward.
+
+The ``T * k`` (token, choice) pairs are sorted by expert (torch's sort), so that each
+expert's rows are contiguous; a fixed-size schedule of row blocks (one expert per block,
+an upper bound on their number, so no host sync) drives the grouped GEMMs:
+
+- gate_up: ``X_e W_e^T + b_e + s (X_e A_e^T) B_e^T`` for the gate and the up rows of each
+  expert at once, the input rows gathered from ``x`` by token, the activation (SwiGLU or
+  gpt-oss's clamped GLU) applied in the same program. Saved: the gate and up
+  pre-activations and ``X A^T`` (``[N, r]``).
+- down: the same product on the activations, each row scaled by its routing weight; the
+  rows are summed back per token with ``index_add_`` (fp32).
+
+Backward needs no saved output: with ``dH' = g W + s (g B) A`` (``g`` the upstream grad
+gathered per row, unweighted), the routing-weight grad is ``<h, dH'> + <g, b>``,
+``dH = w dH'``. Every input grad is one grouped GEMM (the forward's kernel on transposed
+strides for ``dX`` and ``dH'``; a per-expert ``L^T R`` kernel for ``dW``, ``dA``, ``dB``).
+Products accumulate in fp32; bf16/fp16 operands are loaded and converted to fp32 (on the
+GPU the dot runs as tf32, exact for 16-bit inputs; fp32 inputs run in IEEE fp32).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from sloth_core.ops import reference
+from sloth_core.ops.reference import ExpertLinear
+from sloth_kernels._utils import interpreting
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_ACTIVATIONS = {"swiglu": 0, "gpt_oss": 1}
+
+
+def _blocks() -> tuple[int, int, int, int]:
+    """``(rows, cols, depth, warps)`` of a GEMM tile. The interpreter's cost is per program
+    and per operation, not per element: wide tiles there (the tests patch this for the
+    several-tiles paths)."""
+    return (32, 64, 64, 4) if interpreting() else (64, 64, 32, 4)
+
+
+# -- kernels ---------------------------------------------------------------------------
+
+
+@triton.jit
+def _x_times(X, x_rows, row_mask, stride_x, W, w_rows, w_rows2, w_mask, stride_wn, stride_wk,
+             LA, stride_ar, stride_ak, R, K, TWO: tl.constexpr, HAS_LORA: tl.constexpr,
+             RP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+             PREC: tl.constexpr):  # fmt: skip
+    """``(X W[w_rows]^T, X W[w_rows2]^T (when TWO), X A^T)`` for a tile of rows ``x_rows``, fp32;
+    each tile of X is loaded once for both products and the adapter's."""
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    acc2 = tl.zeros((BM, BN), dtype=tl.float32)
+    xa = tl.zeros((BM, RP), dtype=tl.float32)
+    ranks = tl.arange(0, RP)
+    for k0 in range(0, K, BK):
+        ks = k0 + tl.arange(0, BK)
+        k_mask = ks < K
+        x = tl.load(X + x_rows[:, None] * stride_x + ks[None, :],
+                    mask=row_mask[:, None] & k_mask[None, :], other=0.0).to(tl.float32)  # fmt: skip
+        w_mask2 = w_mask[None, :] & k_mask[:, None]
+        w = tl.load(W + w_rows[None, :] * stride_wn + ks[:, None] * stride_wk, mask=w_mask2,
+                    other=0.0).to(tl.float32)  # fmt: skip
+        acc += tl.dot(x, w, input_precision=PREC)
+        if TWO:
+            w = tl.load(W + w_rows2[None, :] * stride_wn + ks[:, None] * stride_wk, mask=w_mask2,
+                        other=0.0).to(tl.float32)  # fmt: skip
+            acc2 += tl.dot(x, w, input_precision=PREC)
+        if HAS_LORA:
+            a_mask = (ranks[None, :] < R) & k_mask[:, None]
+            a = tl.load(LA + ranks[None, :] * stride_ar + ks[:, None] * stride_ak, mask=a_mask,
+                        other=0.0).to(tl.float32)  # fmt: skip
+            xa += tl.dot(x, a, input_precision=PREC)
+    return acc, acc2, xa
+
+
+@triton.jit
+def _store_xa(XA, xa, rows, row_mask, R, RP: tl.constexpr):
+    """``X A^T`` of the rows, once per row block (by the programs of the first columns)."""
+    ranks = tl.arange(0, RP)
+    if tl.program_id(1) == 0:
+        mask = row_mask[:, None] & (ranks[None, :] < R)
+        tl.store(XA + rows[:, None] * R + ranks[None, :], xa, mask=mask)
+
+
+@triton.jit
+def _add_lora_bias(acc, xa, w_rows, w_mask, LB, stride_bn, stride_br, R, scale, BIAS,
+                   HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr, RP: tl.constexpr,
+                   PREC: tl.constexpr):  # fmt: skip
+    """``acc + s * xa B^T + b`` for the output columns ``w_rows``."""
+    if HAS_LORA:
+        ranks = tl.arange(0, RP)
+        b_mask = w_mask[None, :] & (ranks[:, None] < R)
+        b = tl.load(LB + w_rows[None, :] * stride_bn + ranks[:, None] * stride_br, mask=b_mask,
+                    other=0.0).to(tl.float32)  # fmt: skip
+        acc += scale * tl.dot(xa, b, input_precision=PREC)
+    if HAS_BIAS:
+        acc += tl.load(BIAS + w_rows, mask=w_mask, other=0.0).to(tl.float32)[None, :]
+    return acc
+
+
+@triton.jit
+def _block_rows(block_expert, block_start, expert_end, BM: tl.constexpr):
+    """The expert of this program's row block (-1: padding), its rows and their mask."""
+    blk = tl.program_id(0)
+    expert = tl.load(block_expert + blk)
+    start = tl.load(block_start + blk)
+    end = tl.load(expert_end + tl.maximum(expert, 0))
+    rows = start + tl.arange(0, BM)
+    return expert.to(tl.int64), rows, rows < end
+
+
+@triton.jit
+def _grouped_linear_kernel(
+    X, x_index, Y, W, BIAS, LA, LB, XA, row_scale, block_expert, block_start, expert_end,
+    N, K, R, scale, stride_x, stride_y,
+    stride_we, stride_wn, stride_wk, stride_be, stride_ae, stride_ar, stride_ak,
+    stride_lbe, stride_lbn, stride_lbr,
+    GATHER: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr,
+    STORE_XA: tl.constexpr, ROW_SCALE: tl.constexpr, RP: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr,
+):  # fmt: skip
+    """``Y[rows] = (X[rows] W_e^T + b_e + s (X[rows] A_e^T) B_e^T) * row_scale`` per block."""
+    expert, rows, row_mask = _block_rows(block_expert, block_start, expert_end, BM)
+    if expert < 0:
+        return
+    x_rows = rows
+    if GATHER:
+        x_rows = tl.load(x_index + rows, mask=row_mask, other=0).to(tl.int64)
+    cols = tl.program_id(1) * BN + tl.arange(0, BN)
+    col_mask = cols < N
+    acc, _, xa = _x_times(X, x_rows, row_mask, stride_x, W + expert * stride_we, cols, cols,
+                          col_mask, stride_wn, stride_wk, LA + expert * stride_ae, stride_ar,
+                          stride_ak, R, K, False, HAS_LORA, RP, BM, BN, BK, PREC)  # fmt: skip
+    acc = _add_lora_bias(acc, xa, cols, col_mask, LB + expert * stride_lbe, stride_lbn,
+                         stride_lbr, R, scale, BIAS + expert * stride_be, HAS_LORA, HAS_BIAS,
+                         RP, PREC)  # fmt: skip
+    if ROW_SCALE:
+        acc *= tl.load(row_scale + rows, mask=row_mask, other=0.0).to(tl.float32)[:, None]
+    tl.store(Y + rows[:, None] * stride_y + cols[None, :], acc.to(Y.dtype.element_ty),
+             mask=row_mask[:, None] & col_mask[None, :])  # fmt: skip
+    if STORE_XA:
+        _store_xa(XA, xa, rows, row_mask, R, RP)
+
+
+@triton.jit
+def _act(gate, up, ACT: tl.constexpr, alpha, limit):
+    """The gated activation in fp32 and ``(d/dgate, d/dup)`` factors for backward."""
+    if ACT == 0:  # swiglu: silu(gate) * up
+        sig = tl.sigmoid(gate)
+        glu = gate * sig
+        d_glu = sig * (1.0 + gate * (1.0 - sig))
+        h = glu * up
+        d_gate = d_glu * up
+        d_up = glu
+    else:  # gpt-oss: clamp, gate * sigmoid(alpha gate), times (up + 1)
+        g = tl.minimum(gate, limit)
+        u = tl.minimum(tl.maximum(up, -limit), limit)
+        sig = tl.sigmoid(alpha * g)
+        glu = g * sig
+        h = glu * (u + 1.0)
+        d_gate = tl.where(gate <= limit, (u + 1.0) * sig * (1.0 + alpha * g * (1.0 - sig)), 0.0)
+        d_up = tl.where((up >= -limit) & (up <= limit), glu, 0.0)
+    return h, d_gate, d_up
+
+
+@triton.jit
+def _gate_up_kernel(
+    X, x_index, GATE, UP, H, W, BIAS, LA, LB, XA, block_expert, block_start, expert_end,
+    inter, K, R, scale, alpha, limit, stride_x, stride_we, stride_wn, stride_wk, stride_be,
+    stride_ae, stride_ar, stride_ak, stride_lbe, stride_lbn, stride_lbr, up_offset, pair_stride,
+    ACT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr, RP: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr,
+):  # fmt: skip
+    """Gate and up columns ``j`` of each row (rows ``j * pair_stride`` and
+    ``up_offset + j * pair_stride`` of W), then ``h = act(gate, up)``; all three stored."""
+    expert, rows, row_mask = _block_rows(block_expert, block_start, expert_end, BM)
+    if expert < 0:
+        return
+    x_rows = tl.load(x_index + rows, mask=row_mask, other=0).to(tl.int64)
+    cols = tl.program_id(1) * BN + tl.arange(0, BN)
+    col_mask = cols < inter
+    gate_rows = cols * pair_stride
+    up_rows = up_offset + gate_rows
+    acc_gate, acc_up, xa = _x_times(X, x_rows, row_mask, stride_x, W + expert * stride_we,
+                                    gate_rows, up_rows, col_mask, stride_wn, stride_wk,
+                                    LA + expert * stride_ae, stride_ar, stride_ak, R, K, True,
+                                    HAS_LORA, RP, BM, BN, BK, PREC)  # fmt: skip
+    b_e, bias_e = LB + expert * stride_lbe, BIAS + expert * stride_be
+    acc_gate = _add_lora_bias(acc_gate, xa, gate_rows, col_mask, b_e, stride_lbn, stride_lbr, R,
+                              scale, bias_e, HAS_LORA, HAS_BIAS, RP, PREC)  # fmt: skip
+    acc_up = _add_lora_bias(acc_up, xa, up_rows, col_mask, b_e, stride_lbn, stride_lbr, R,
+                            scale, bias_e, HAS_LORA, HAS_BIAS, RP, PREC)  # fmt: skip
+    mask = row_mask[:, None] & col_mask[None, :]
+    offs = rows[:, None] * inter + cols[None, :]
+    gate = acc_gate.to(GATE.dtype.element_ty)
+    up = acc_up.to(UP.dtype.element_ty)
+    tl.store(GATE + offs, gate, mask=mask)
+    tl.store(UP + offs, up, mask=mask)
+    # The activation of the rounded values, as the reference computes it on its output.
+    h, _, _ = _act(gate.to(tl.float32), up.to(tl.float32), ACT, alpha, limit)
+    tl.store(H + offs, h.to(H.dtype.element_ty), mask=mask)
+    if HAS_LORA:
+        _store_xa(XA, xa, rows, row_mask, R, RP)
+
+
+@triton.jit
+def _act_backward_kernel(GATE, UP, DH, row_scale, DGU, HW, DW, N, inter, alpha, limit, up_offset,
+                         pair_stride, ACT: tl.constexpr, ROWS: tl.constexpr,
+                         BLOCK: tl.constexpr):  # fmt: skip
+    """``ROWS`` rows: ``dH = w dH'`` through the activation into ``dGU`` (gate_up's layout),
+    ``w h`` (for down's weight grads) and ``<h, dH'>`` (the routing weight's grad)."""
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    row_mask = rows < N
+    w = tl.load(row_scale + rows, mask=row_mask, other=0.0).to(tl.float32)[:, None]
+    dot = tl.zeros((ROWS, BLOCK), dtype=tl.float32)
+    for c0 in range(0, inter, BLOCK):
+        cols = c0 + tl.arange(0, BLOCK)
+        mask = row_mask[:, None] & (cols < inter)[None, :]
+        offs = rows[:, None] * inter + cols[None, :]
+        gate = tl.load(GATE + offs, mask=mask, other=0.0).to(tl.float32)
+        up = tl.load(UP + offs, mask=mask, other=0.0).to(tl.float32)
+        dh = tl.load(DH + offs, mask=mask, other=0.0).to(tl.float32)
+        h, d_gate, d_up = _act(gate, up, ACT, alpha, limit)
+        dot += tl.where(mask, h * dh, 0.0)
+        tl.store(HW + offs, (w * h).to(HW.dtype.element_ty), mask=mask)
+        dgu = DGU + rows[:, None] * 2 * inter + cols[None, :] * pair_stride
+        tl.store(dgu, (w * dh * d_gate).to(DGU.dtype.element_ty), mask=mask)
+        tl.store(dgu + up_offset, (w * dh * d_up).to(DGU.dtype.element_ty), mask=mask)
+    tl.store(DW + rows, tl.sum(dot, axis=1), mask=row_mask)
+
+
+@triton.jit
+def _grouped_tn_kernel(
+    L, l_index, Rm, r_index, OUT, expert_start, expert_end, M, N, scale, stride_l, stride_r,
+    stride_oe, stride_om, stride_on,
+    GATHER_L: tl.constexpr, GATHER_R: tl.constexpr, BT: tl.constexpr, BM: tl.constexpr,
+    BN: tl.constexpr, PREC: tl.constexpr,
+):  # fmt: skip
+    """``OUT[e] = s * L_e^T R_e`` over the rows of expert ``e`` (zero for an expert with none)."""
+    expert = tl.program_id(0).to(tl.int64)
+    ms = tl.program_id(1) * BM + tl.arange(0, BM)
+    ns = tl.program_id(2) * BN + tl.arange(0, BN)
+    m_mask, n_mask = ms < M, ns < N
+    start = tl.load(expert_start + expert)
+    end = tl.load(expert_end + expert)
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for t0 in range(start, end, BT):
+        rows = t0 + tl.arange(0, BT)
+        row_mask = rows < end
+        l_rows = rows
+        if GATHER_L:
+            l_rows = tl.load(l_index + rows, mask=row_mask, other=0).to(tl.int64)
+        r_rows = rows
+        if GATHER_R:
+            r_rows = tl.load(r_index + rows, mask=row_mask, other=0).to(tl.int64)
+        lt_mask = row_mask[:, None] & m_mask[None, :]
+        lt = tl.load(L + l_rows[:, None] * stride_l + ms[None, :], mask=lt_mask,
+                     other=0.0).to(tl.float32)  # fmt: skip
+        r_mask = row_mask[:, None] & n_mask[None, :]
+        r = tl.load(Rm + r_rows[:, None] * stride_r + ns[None, :], mask=r_mask,
+                    other=0.0).to(tl.float32)  # fmt: skip
+        acc += tl.dot(tl.trans(lt), r, input_precision=PREC)
+    out_mask = m_mask[:, None] & n_mask[None, :]
+    tl.store(OUT + expert * stride_oe + ms[:, None] * stride_om + ns[None, :] * stride_on,
+             (acc * scale).to(OUT.dtype.element_ty), mask=out_mask)  # fmt: skip
+
+
+# -- host side -------------------------------------------------------------------------
+
+
+class _Schedule:
+    """The (token, choice) pairs sorted by expert, and the row blocks of the grouped GEMMs.
+
+    Attributes:
+        order: ``[N]`` flat (token * k + choice) index of each sorted row.
+        token: ``[N]`` token of each sorted row.
+        expert: ``[N]`` expert of each sorted row.
+        start, end: ``[E]`` each expert's rows.
+        block_expert, block_start: ``[cdiv(N, BM) + E]`` each row block's expert (-1 for
+            the unused tail of the bound) and first row.
+    """
+
+    def __init__(self, top_k_index: torch.Tensor, experts: int, block_rows: int) -> None:
+        k = top_k_index.shape[1]
+        flat = top_k_index.reshape(-1)
+        self.expert, self.order = torch.sort(flat, stable=True)
+        self.token = torch.div(self.order, k, rounding_mode="floor")
+        counts = torch.bincount(flat, minlength=experts)
+        self.end = torch.cumsum(counts, 0)
+        self.start = self.end - counts
+        blocks = torch.div(counts + block_rows - 1, block_rows, rounding_mode="floor")
+        block_end = torch.cumsum(blocks, 0)
+        bound = triton.cdiv(flat.numel(), block_rows) + experts
+        ids = torch.arange(bound, device=flat.device)
+        owner = torch.searchsorted(block_end, ids, right=True)
+        valid = owner < experts
+        owner = owner.clamp(max=experts - 1)
+        first = self.start[owner] + (ids - (block_end[owner] - blocks[owner])) * block_rows
+        self.block_expert = torch.where(valid, owner, -1)
+        self.block_start = torch.where(valid, first, 0)
+        self.rows = flat.numel()
+
+
+def _lora_args(layer: ExpertLinear, transpose: bool) -> tuple:
+    """``(A, A strides, B, B strides, r, scaling)`` of the adapter, dummies without one.
+
+    ``transpose`` gives the adapter of the transposed map ``x W`` (``A -> B^T``, ``B -> A^T``).
+    """
+    a, b = layer.lora_A, layer.lora_B
+    if a is None or b is None:
+        dummy = layer.weight
+        return dummy, (0, 0, 0), dummy, (0, 0, 0), 1, 0.0
+    sa, sb = a.stride(), b.stride()
+    if transpose:
+        return b, (sb[0], sb[2], sb[1]), a, (sa[0], sa[2], sa[1]), a.shape[1], layer.scaling
+    return a, sa, b, sb, a.shape[1], layer.scaling
+
+
+def _rank_rows(sched: _Schedule, layer: ExpertLinear) -> torch.Tensor:
+    """An fp32 ``[N, r]`` buffer for a LoRA intermediate of the sorted rows."""
+    assert layer.lora_A is not None
+    return torch.empty(sched.rows, layer.lora_A.shape[1], device=layer.lora_A.device,
+                       dtype=torch.float32)  # fmt: skip
+
+
+def _rank_block(layer: ExpertLinear) -> int:
+    r = 1 if layer.lora_A is None else layer.lora_A.shape[1]
+    return max(16, triton.next_power_of_2(r))
+
+
+def _prec(dtype: torch.dtype) -> str:
+    # tf32 holds a 16-bit float's mantissa exactly; fp32 needs IEEE products to stay tight.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _linear(x, sched, layer, *, gather, transpose=False, row_scale=None, xa=None, out_dtype):
+    """``[N, out]`` grouped linear over the sorted rows: ``layer`` applied to ``x[token]``
+    (``gather``) or to ``x``'s own rows; ``transpose`` applies ``x W_e`` (and the
+    transposed adapter) instead, for backward. ``xa`` receives ``x A^T`` when given."""
+    bm, bn, bk, warps = _blocks()
+    w = layer.weight
+    sw = w.stride()
+    n_out, k_in = (w.shape[2], w.shape[1]) if transpose else (w.shape[1], w.shape[2])
+    sw = (sw[0], sw[2], sw[1]) if transpose else sw
+    a, sa, b, sb, r, scale = _lora_args(layer, transpose)
+    bias = None if transpose else layer.bias
+    y = torch.empty(sched.rows, n_out, device=x.device, dtype=out_dtype)
+    grid = (sched.block_expert.numel(), triton.cdiv(n_out, bn))
+    _grouped_linear_kernel[grid](
+        x, sched.token, y, w, w if bias is None else bias, a, b, y if xa is None else xa,
+        y if row_scale is None else row_scale, sched.block_expert, sched.block_start,
+        sched.end, n_out, k_in, r, scale, x.stride(0), y.stride(0), *sw,
+        0 if bias is None else bias.stride(0), *sa, *sb,
+        GATHER=gather, HAS_BIAS=bias is not None, HAS_LORA=layer.has_lora,
+        STORE_XA=xa is not None, ROW_SCALE=row_scale is not None, RP=_rank_block(layer),
+        BM=bm, BN=bn, BK=bk, PREC=_prec(x.dtype), num_warps=warps,
+    )  # fmt: skip
+    return y
+
+
+def _grouped_tn(left, right, sched, out, *, gather_left=False, gather_right=False, scale=1.0):
+    """``out[e] = scale * left_e^T right_e`` over each expert's sorted rows, in place."""
+    bm, bn, _, warps = _blocks()
+    m, n = out.shape[1], out.shape[2]
+    grid = (out.shape[0], triton.cdiv(m, bm), triton.cdiv(n, bn))
+    _grouped_tn_kernel[grid](
+        left, sched.token, right, sched.token, out, sched.start, sched.end, m, n, scale,
+        left.stride(0), right.stride(0), *out.stride(), GATHER_L=gather_left,
+        GATHER_R=gather_right, BT=bm, BM=bn, BN=bn,
+        PREC=_prec(left.dtype), num_warps=warps,
+    )  # fmt: skip
+    return out
+
+
+def _grads_of(layer, left, right, lora_left, lora_right, sched, needs, **gather):
+    """``(dW, db, dA, dB)`` of ``layer`` for ``needs`` (four flags): ``dW = L^T R``,
+    ``dA = s (L B)^T R`` from ``lora_left = L B``, ``dB = s L^T (R A^T)`` from ``lora_right``."""
+    w = layer.weight
+    grads: list[torch.Tensor | None] = [None, None, None, None]
+    if needs[0]:
+        grads[0] = _grouped_tn(left, right, sched, torch.empty_like(w), **gather)
+    if needs[2]:
+        a = layer.lora_A
+        assert a is not None
+        grads[2] = _grouped_tn(lora_left, right, sched, torch.empty_like(a), scale=layer.scaling,
+                               gather_right=gather.get("gather_right", False))  # fmt: skip
+    if needs[3]:
+        b = layer.lora_B
+        assert b is not None
+        grads[3] = _grouped_tn(left, lora_right, sched, torch.empty_like(b), scale=layer.scaling,
+                               gather_left=gather.get("gather_left", False))  # fmt: skip
+    return grads
+
+
+def _gate_up(x, sched, layer, act, layout, alpha, limit):
+    """``(gate, up, h, x A^T)`` of the sorted rows: gate_up's GEMM with the activation fused."""
+    bm, bn, bk, warps = _blocks()
+    inter = layer.weight.shape[1] // 2
+    up_offset, pair_stride = (inter, 1) if layout == "halves" else (1, 2)
+    gate, up, h = (torch.empty(sched.rows, inter, device=x.device, dtype=x.dtype) for _ in range(3))
+    a, sa, b, sb, r, scale = _lora_args(layer, False)
+    xa = _rank_rows(sched, layer) if layer.has_lora else None
+    bias = layer.bias
+    grid = (sched.block_expert.numel(), triton.cdiv(inter, bn))
+    _gate_up_kernel[grid](
+        x, sched.token, gate, up, h, layer.weight, h if bias is None else bias, a, b,
+        h if xa is None else xa, sched.block_expert, sched.block_start, sched.end, inter,
+        x.shape[1], r, scale, alpha, limit, x.stride(0), *layer.weight.stride(),
+        0 if bias is None else bias.stride(0), *sa, *sb, up_offset, pair_stride,
+        ACT=_ACTIVATIONS[act], HAS_BIAS=bias is not None, HAS_LORA=layer.has_lora,
+        RP=_rank_block(layer), BM=bm, BN=bn, BK=bk, PREC=_prec(x.dtype), num_warps=warps,
+    )  # fmt: skip
+    return gate, up, h, xa
+
+
+def _act_backward(gate, up, dh, w_rows, act, layout, alpha, limit):
+    """``(dGU [N, 2I] in gate_up's layout, w h [N, I], <h, dH'> [N] fp32)``."""
+    rows, inter = gate.shape
+    up_offset, pair_stride = (inter, 1) if layout == "halves" else (1, 2)
+    d_gu = torch.empty(rows, 2 * inter, device=gate.device, dtype=gate.dtype)
+    hw = torch.empty_like(gate)
+    dw = torch.empty(rows, device=gate.device, dtype=torch.float32)
+    block = min(triton.next_power_of_2(inter), 128)
+    row_block = 16
+    _act_backward_kernel[(triton.cdiv(rows, row_block),)](
+        gate, up, dh, w_rows, d_gu, hw, dw, rows, inter, alpha, limit, up_offset, pair_stride,
+        ACT=_ACTIVATIONS[act], ROWS=row_block, BLOCK=block,
+    )  # fmt: skip
+    return d_gu, hw, dw
+
+
+class _MoEExperts(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, top_k_index, top_k_weights, w1, b1, a1, lb1, w2, b2, a2, lb2, cfg):
+        gate_up, down, act, layout, alpha, limit = cfg
+        sched = _Schedule(top_k_index, w1.shape[0], _blocks()[0])
+        w_rows = top_k_weights.reshape(-1)[sched.order].contiguous()
+        gate, up, h, xa1 = _gate_up(x, sched, gate_up, act, layout, alpha, limit)
+        xa2 = _rank_rows(sched, down) if down.has_lora else None
+        y = _linear(h, sched, down, gather=False, row_scale=w_rows, xa=xa2, out_dtype=torch.float32)
+        del h
+        out = torch.zeros(x.shape[0], y.shape[1], device=x.device, dtype=torch.float32)
+        out.index_add_(0, sched.token, y)
+        ctx.sched, ctx.cfg = sched, cfg
+        ctx.weights_shape, ctx.weights_dtype = top_k_weights.shape, top_k_weights.dtype
+        ctx.save_for_backward(x, w_rows, gate, up, xa1, xa2)
+        return out.to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, w_rows, gate, up, xa1, xa2 = ctx.saved_tensors
+        sched, (gate_up, down, act, layout, alpha, limit) = ctx.sched, ctx.cfg
+        needs = ctx.needs_input_grad
+        g = grad.contiguous()
+        gb2 = _rank_rows(sched, down) if down.has_lora else None
+        # dH' = g W2 + s (g B2) A2 per row (unweighted); g B2 kept for dA2.
+        dh = _linear(g, sched, down, gather=True, transpose=True, xa=gb2, out_dtype=torch.float32)
+        d_gu, hw, dw_rows = _act_backward(gate, up, dh, w_rows, act, layout, alpha, limit)
+        del dh
+        d_weights = None
+        if needs[2]:
+            if down.bias is not None:  # <g, b2> of each row
+                dw_rows += (g[sched.token].float() * down.bias[sched.expert].float()).sum(-1)
+            d_weights = torch.empty(sched.rows, device=x.device, dtype=torch.float32)
+            d_weights[sched.order] = dw_rows
+            d_weights = d_weights.view(ctx.weights_shape).to(ctx.weights_dtype)
+        dgb1 = _rank_rows(sched, gate_up) if gate_up.has_lora and needs[5] else None
+        dx = None
+        if needs[0] or needs[5]:
+            dx_rows = _linear(d_gu, sched, gate_up, gather=False, transpose=True, xa=dgb1,
+                              out_dtype=torch.float32)  # fmt: skip
+            if needs[0]:
+                dx = torch.zeros(x.shape, device=x.device, dtype=torch.float32)
+                dx.index_add_(0, sched.token, dx_rows)
+                dx = dx.to(x.dtype)
+            del dx_rows
+        g1 = _grads_of(gate_up, d_gu, x, dgb1, xa1, sched, needs[3:7], gather_right=True)
+        if needs[4]:
+            g1[1] = _segment_sum(d_gu.float(), sched, gate_up.bias)
+        hw_a2 = None if xa2 is None else xa2 * w_rows[:, None].float()
+        g2 = _grads_of(down, g, hw, gb2, hw_a2, sched, needs[7:11], gather_left=True)
+        if needs[8]:
+            g2[1] = _segment_sum(g[sched.token].float() * w_rows[:, None].float(), sched, down.bias)
+        return dx, None, d_weights, *g1, *g2, None
+
+
+def _segment_sum(rows: torch.Tensor, sched: _Schedule, like: torch.Tensor) -> torch.Tensor:
+    """Per-expert sums ``[E, C]`` of the sorted ``rows`` ``[N, C]`` (a bias's grad)."""
+    out = torch.zeros(like.shape, device=rows.device, dtype=torch.float32)
+    return out.index_add_(0, sched.expert, rows).to(like.dtype)
+
+
+def _tensors(layer: ExpertLinear) -> tuple[torch.Tensor | None, ...]:
+    return (layer.weight, layer.bias, layer.lora_A, layer.lora_B)
+
+
+def _served(
+    x: torch.Tensor, layers: tuple[ExpertLinear, ...], activation: str, layout: str
+) -> bool:
+    """Whether the kernels compute what the reference does for these arguments."""
+    if activation not in _ACTIVATIONS or layout not in ("halves", "interleaved"):
+        return False
+    if x.dim() != 2 or x.shape[0] == 0 or x.dtype not in DTYPES or torch.is_autocast_enabled():
+        return False
+    tensors = [
+        t for layer in layers for t in (layer.weight, layer.bias, layer.lora_A, layer.lora_B)
+    ]
+    if any(t is not None and (t.device != x.device or t.stride(-1) == 0) for t in tensors):
+        return False
+    return all(
+        layer.has_lora or (layer.lora_A is None and layer.lora_B is None) for layer in layers
+    )
+
+
+def moe_experts(
+    x: torch.Tensor,
+    top_k_index: torch.Tensor,
+    top_k_weights: torch.Tensor,
+    gate_up: ExpertLinear,
+    down: ExpertLinear,
+    *,
+    activation: str = "swiglu",
+    gate_up_layout: str = "halves",
+    alpha: float = 1.702,
+    limit: float = 7.0,
+) -> torch.Tensor:
+    """:func:`sloth_core.ops.reference.moe_experts` on grouped Triton GEMMs (same arguments)."""
+    if not _served(x, (gate_up, down), activation, gate_up_layout):
+        return reference.moe_experts(x, top_k_index, top_k_weights, gate_up, down,
+                                     activation=activation, gate_up_layout=gate_up_layout,
+                                     alpha=alpha, limit=limit)  # fmt: skip
+    cfg = (gate_up, down, activation, gate_up_layout, float(alpha), float(limit))
+    tensors = [
+        t
+        for layer in (gate_up, down)
+        for t in (layer.weight, layer.bias, layer.lora_A, layer.lora_B)
+    ]
+    out = _MoEExperts.apply(x.contiguous(), top_k_index, top_k_weights, *tensors, cfg)
+    return out
+
+
+REGISTRATIONS = [
+    {"op": "moe_experts", "fn": moe_experts, "dtypes": DTYPES},
+]

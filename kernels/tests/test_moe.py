@@ -1,0 +1,176 @@
+"""The grouped-GEMM MoE experts against the torch reference: forward and every gradient."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from kernel_helpers import DEVICE, FP32_FLOOR, LOWP_FACTOR, TOLERANCES, assert_close
+from sloth_kernels import moe
+from sloth_kernels.moe import moe_experts
+
+from sloth_core.ops import reference
+from sloth_core.ops.reference import ExpertLinear
+from sloth_core.testing.moe_routing import uneven_routing
+from sloth_core.testing.rounding import assert_near_fp32
+from sloth_core.testing.seeds import draw
+
+#: (activation, gate_up_layout, bias, [E, in, out] storage as gpt-oss) per architecture.
+KINDS = {
+    "qwen3_moe": ("swiglu", "halves", False, False),
+    "gpt_oss": ("gpt_oss", "interleaved", True, True),
+}
+
+
+def _layer(experts, out_f, in_f, *, r, bias, transposed, frozen):
+    """An ExpertLinear of leaves on DEVICE (fp32); ``transposed`` stores ``[E, in, out]``."""
+    shape = (experts, in_f, out_f) if transposed else (experts, out_f, in_f)
+    weight = (torch.randn(shape) / in_f**0.5).to(DEVICE).requires_grad_(not frozen)
+    leaves = [weight]
+    layer = ExpertLinear(weight.transpose(1, 2) if transposed else weight, scaling=1.5)
+    if bias:
+        layer.bias = (torch.randn(experts, out_f) * 0.5).to(DEVICE).requires_grad_()
+        leaves.append(layer.bias)
+    if r:
+        layer.lora_A = (torch.randn(experts, r, in_f) / in_f**0.5).to(DEVICE).requires_grad_()
+        layer.lora_B = (torch.randn(experts, out_f, r) * 0.3).to(DEVICE).requires_grad_()
+        leaves += [layer.lora_A, layer.lora_B]
+    return layer, [t for t in leaves if t.requires_grad]
+
+
+def _problem(kind, lora, tokens=(2, 9)):
+    bounds = (tokens, (5, 40), (3, 30), (1, 3), (0, 2), (1, 5))
+    seed, (tokens, hidden, inter, top_k, extra, r) = draw(*bounds)
+    activation, layout, bias, transposed = KINDS[kind]
+    experts = top_k + 3 + extra  # 4 .. 8
+    opts = dict(r=r if lora else 0, bias=bias, transposed=transposed, frozen=lora)
+    gate_up, leaves_gu = _layer(experts, 2 * inter, hidden, **opts)
+    down, leaves_down = _layer(experts, hidden, inter, **opts)
+    index, weights = uneven_routing(tokens, experts, top_k)
+    x = torch.randn(tokens, hidden, device=DEVICE).requires_grad_()
+    weights = weights.to(DEVICE).requires_grad_()
+    kwargs = dict(activation=activation, gate_up_layout=layout, alpha=1.3, limit=1.5)
+    sizes = f"T={tokens} H={hidden} I={inter} E={experts} k={top_k} r={r}"
+    what = f"{kind} lora={lora} {sizes} seed={seed}"
+    inputs = [x, weights, *leaves_gu, *leaves_down]
+    return (x, index.to(DEVICE), weights, gate_up, down), kwargs, inputs, what
+
+
+def _run(fn, args, kwargs, inputs, upstream=None):
+    out = fn(*args, **kwargs)
+    upstream = torch.randn_like(out) if upstream is None else upstream
+    return out, torch.autograd.grad(out, inputs, upstream), upstream
+
+
+def _cast(args, inputs, dtype):
+    """The same problem with every float leaf cast to ``dtype`` (fresh leaves)."""
+    mapping = {id(t): t.detach().to(dtype).requires_grad_() for t in inputs}
+
+    def conv(t):
+        if t is None or not t.is_floating_point():
+            return t
+        return mapping.get(id(t), t.detach().to(dtype))
+
+    def conv_layer(layer):
+        weight = layer.weight
+        base = weight.transpose(1, 2) if not weight.is_contiguous() else weight
+        new_base = conv(base)
+        return ExpertLinear(
+            new_base.transpose(1, 2) if base is not weight else new_base,
+            conv(layer.bias),
+            conv(layer.lora_A),
+            conv(layer.lora_B),
+            layer.scaling,
+        )
+
+    x, index, weights, gate_up, down = args
+    new_args = (conv(x), index, conv(weights), conv_layer(gate_up), conv_layer(down))
+    return new_args, [mapping[id(t)] for t in inputs]
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["base", "lora"])
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_moe_experts_matches_reference_fp32(kind, lora):
+    args, kwargs, inputs, what = _problem(kind, lora)
+    out, grads, upstream = _run(moe_experts, args, kwargs, inputs)
+    ref_out, ref_grads, _ = _run(reference.moe_experts, args, kwargs, inputs, upstream)
+    assert_close(out, ref_out, torch.float32, what=f"{what} forward")
+    per_layer = (2 if lora else 1) + KINDS[kind][2]  # LoRA (base frozen) or base, bias
+    assert len(grads) == 2 + 2 * per_layer
+    for i, (g, ref) in enumerate(zip(grads, ref_grads, strict=True)):
+        assert_close(g, ref, torch.float32, scale=4, what=f"{what} grad {i}")
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_moe_experts_bf16_within_rounding_of_fp32(kind):
+    # Enough tokens that a tensor's relative error is not one or two elements' rounding.
+    args32, kwargs, inputs32, what = _problem(kind, True, tokens=(12, 16))
+    # gpt-oss's own clamp (7): at the test's 1.5 many pre-activations sit by the kink, where
+    # rounding alone decides whether a gradient passes (the fp32 tests cover the clamp).
+    kwargs["limit"] = 7.0
+    args32, inputs32 = _cast(args32, inputs32, torch.bfloat16)  # rounded inputs ...
+    args32, inputs32 = _cast(args32, inputs32, torch.float32)  # ... held in fp32: the truth
+    args16, inputs16 = _cast(args32, inputs32, torch.bfloat16)
+    expected, expected_grads, upstream = _run(reference.moe_experts, args32, kwargs, inputs32)
+    up16 = upstream.to(torch.bfloat16)
+    base, base_grads, _ = _run(reference.moe_experts, args16, kwargs, inputs16, up16)
+    args16, inputs16 = _cast(args16, inputs16, torch.bfloat16)
+    out, grads, _ = _run(moe_experts, args16, kwargs, inputs16, up16)
+    assert out.dtype == torch.bfloat16
+    checks = zip(
+        ["forward", *range(len(grads))],
+        [out, *grads],
+        [expected, *expected_grads],
+        [base, *base_grads],
+        strict=True,
+    )
+    for label, actual, truth, baseline in checks:
+        assert actual.dtype == torch.bfloat16
+        assert_near_fp32(
+            actual,
+            truth,
+            baseline,
+            factor=LOWP_FACTOR,
+            floor=FP32_FLOOR,
+            rows=False,
+            what=f"{what} bf16 {label}",
+        )
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_moe_experts_across_several_tiles(kind, monkeypatch):
+    """Tiles smaller than every dimension: the K loop, column blocks, row blocks per expert."""
+    monkeypatch.setattr(moe, "_blocks", lambda: (16, 16, 16, 4))
+    args, kwargs, inputs, what = _problem(kind, True)
+    out, grads, upstream = _run(moe_experts, args, kwargs, inputs)
+    ref_out, ref_grads, _ = _run(reference.moe_experts, args, kwargs, inputs, upstream)
+    assert_close(out, ref_out, torch.float32, what=f"{what} forward")
+    for i, (g, ref) in enumerate(zip(grads, ref_grads, strict=True)):
+        assert_close(g, ref, torch.float32, scale=4, what=f"{what} grad {i}")
+
+
+def test_schedule_covers_every_row_once():
+    index, _ = uneven_routing(9, 8, 3)
+    sched = moe._Schedule(index, 8, 4)
+    counts = torch.bincount(index.reshape(-1), minlength=8)
+    assert torch.equal(sched.end - sched.start, counts)
+    covered = torch.zeros(index.numel(), dtype=torch.long)
+    for expert, start in zip(sched.block_expert.tolist(), sched.block_start.tolist(), strict=True):
+        if expert >= 0:
+            stop = min(start + 4, int(sched.end[expert]))
+            assert start >= int(sched.start[expert])
+            covered[start:stop] += 1
+            assert (sched.expert[start:stop] == expert).all()
+    assert (covered == 1).all()
+    assert torch.equal(index.reshape(-1)[sched.order], sched.expert)
+
+
+def test_unserved_arguments_take_the_reference():
+    args, kwargs, _, _ = _problem("qwen3_moe", False)
+    with pytest.raises(ValueError, match="activation"):
+        moe_experts(*args, **{**kwargs, "activation": "geglu"})
+
+
+def test_registered_for_every_dtype():
+    (entry,) = moe.REGISTRATIONS
+    assert entry["op"] == "moe_experts" and entry["fn"] is moe_experts
+    assert set(entry["dtypes"]) == set(TOLERANCES)
