@@ -23,12 +23,12 @@ from sloth_core.cli import main
 
 NOT_INSTALLED = "liger-kernel is not installed (pip install liger-kernel)"
 
+
 @pytest.fixture(autouse=True)
 def _torch_ops(monkeypatch):
     # The bench's machinery on the CPU, not the kernels: under CI's TRITON_INTERPRET=1 they
     # would run interpreted (minutes); the kernels are tested against the references.
     monkeypatch.setenv("SLOTH_KERNELS", "torch")
-
 
 
 def test_both_systems_train_the_same_in_separate_processes(tmp_path):
@@ -66,6 +66,24 @@ def test_cli_rejects_unknown_shape_and_writes_reports(tmp_path, capsys, monkeypa
     assert liger == {"system": "liger", "skipped": NOT_INSTALLED}
     assert f"liger: skipped: {NOT_INSTALLED}" in capsys.readouterr().out.replace("\n", " ")
     assert {"llama-1b", "llama-8b"} <= set(SHAPES)
+
+
+def test_moe_shape_is_qwen3_30b_a3b_and_counts_the_experts_each_token_runs():
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    config = train.shape_config("qwen3-30b-a3b")
+    expected = dict(model_type="qwen3_moe", hidden_size=2048, num_hidden_layers=48,
+                    num_experts=128, num_experts_per_tok=8, moe_intermediate_size=768,
+                    num_attention_heads=32, num_key_value_heads=4, head_dim=128,
+                    vocab_size=151936, norm_topk_prob=True, mlp_only_layers=[])  # fmt: skip
+    assert {key: getattr(config, key) for key in expected} == expected
+    config.num_hidden_layers = 1
+    with torch.device("meta"):  # shapes only: one full-size layer allocates nothing
+        model = AutoModelForCausalLM.from_config(config)
+    attention = 2048 * 128 * (32 + 4 + 4) + 32 * 128 * 2048
+    experts_per_token = 8 * 3 * 768 * 2048  # gate, up and down of 8 experts
+    assert train._matmul_params(model) == attention + experts_per_token + 151936 * 2048
 
 
 # --- systems, the loss check, liger, the plot -------------------------------------------
@@ -157,8 +175,13 @@ def test_plot_panels_and_png(tmp_path):
     titles = [(title, names, values) for title, names, values in panels(_report())]
     assert titles == [("tokens/s", ["sloth", "hf"], [1000.0, 500.0]),
                       ("peak memory (GiB)", ["sloth", "hf"], [None, None])]  # fmt: skip
-    context = {"kind": "max_context", "shape": "llama-tiny", "batch": 1, "device": "cpu",
-               "results": [{"system": "sloth", "max_seq": 64}, {"system": "hf", "error": "x"}]}
+    context = {
+        "kind": "max_context",
+        "shape": "llama-tiny",
+        "batch": 1,
+        "device": "cpu",
+        "results": [{"system": "sloth", "max_seq": 64}, {"system": "hf", "error": "x"}],
+    }
     assert panels(context) == [("max context (tokens)", ["sloth"], [64])]
     pytest.importorskip("matplotlib")
     for report, name in ((_report(), "train.png"), (context, "context.png")):

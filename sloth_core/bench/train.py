@@ -53,6 +53,13 @@ SHAPES: dict[str, dict[str, Any]] = {
                      head_dim=128, vocab_size=151936, rope_theta=1000000.0),
     # Gemma 2 9B: head_dim 256, attention/final softcaps 50/30, alternating 4096-token
     # window, tied embeddings (as the real model; its 256000-row vocab is the lm_head).
+    # Qwen3-30B-A3B: every layer sparse, 128 experts of intermediate 768, 8 per token
+    # (renormalised); its dense intermediate_size 6144 is unused (no mlp_only_layers).
+    "qwen3-30b-a3b": dict(model_type="qwen3_moe", hidden_size=2048, intermediate_size=6144,
+                          moe_intermediate_size=768, num_experts=128, num_experts_per_tok=8,
+                          norm_topk_prob=True, num_hidden_layers=48, num_attention_heads=32,
+                          num_key_value_heads=4, head_dim=128, vocab_size=151936,
+                          rope_theta=1000000.0),
     "gemma2-9b": dict(model_type="gemma2", hidden_size=3584, intermediate_size=14336,
                       num_hidden_layers=42, num_attention_heads=16, num_key_value_heads=8,
                       head_dim=256, vocab_size=256000, rope_theta=10000.0,
@@ -177,21 +184,28 @@ def check_losses(results: list[dict[str, Any]], tolerance: float = LOSS_TOLERANC
     return all(r["same_start"] for r in trained)
 
 
-def make_model(shape: str, path: Path, *, device: str) -> Path:
-    """Write a random-init bf16 model of ``shape`` (and a tokenizer) to ``path``, once."""
-    if (path / "config.json").is_file():
-        return path
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from sloth_core.testing.tokenizer import build_tokenizer
+def shape_config(shape: str) -> Any:
+    """The transformers config of ``shape`` (a key of :data:`SHAPES`)."""
+    from transformers import AutoConfig
 
     spec = dict(SHAPES[shape])
     model_type = spec.pop("model_type")
     rope = {"rope_type": "default", "rope_theta": spec.pop("rope_theta")}
     spec.setdefault("tie_word_embeddings", False)
-    config = AutoConfig.for_model(model_type, **spec, rope_parameters=rope,
-                                  max_position_embeddings=8192)  # fmt: skip
+    return AutoConfig.for_model(model_type, **spec, rope_parameters=rope,
+                                max_position_embeddings=8192)  # fmt: skip
+
+
+def make_model(shape: str, path: Path, *, device: str) -> Path:
+    """Write a random-init bf16 model of ``shape`` (and a tokenizer) to ``path``, once."""
+    if (path / "config.json").is_file():
+        return path
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from sloth_core.testing.tokenizer import build_tokenizer
+
+    config = shape_config(shape)
     torch.manual_seed(0)
     # Initialised on the device in bf16: an 8B model never goes through fp32 on the host.
     with torch.device(device):
@@ -210,9 +224,15 @@ def _matmul_params(model: Any) -> int:
         state = getattr(weight, "quant_state", None)
         return int(torch.Size(state.shape).numel()) if state is not None else weight.numel()
 
-    return sum(numel(m.weight) for m in model.modules()
-               if isinstance(m, torch.nn.Linear)
-               and "lora_" not in type(m).__name__.lower())  # fmt: skip
+    dense = sum(numel(m.weight) for m in model.modules()
+                if isinstance(m, torch.nn.Linear)
+                and "lora_" not in type(m).__name__.lower())  # fmt: skip
+    # An MoE layer's experts are 3-D parameters ([E, out, in]), of which each token runs
+    # num_experts_per_tok: only those count towards the FLOPs per token.
+    top_k = getattr(model.config, "num_experts_per_tok", None)
+    experts = sum(p.numel() * top_k // p.shape[0] for p in model.parameters()
+                  if p.dim() == 3 and top_k)  # fmt: skip
+    return dense + experts
 
 
 def hf_attention(model_dir: Path) -> str:

@@ -38,7 +38,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
                                          "baselines), each in its own process")  # fmt: skip
     train.add_argument("--shape", default="llama-8b",
                        help="named model shape (llama-1b, llama-8b, qwen3-8b, gemma2-9b, "
-                            "llama-tiny)")  # fmt: skip
+                            "qwen3-30b-a3b, llama-tiny)")  # fmt: skip
     train.add_argument("--seq", type=int, default=2048)
     train.add_argument("--batch", type=int, default=4)
     train.add_argument("--steps", type=int, default=10)
