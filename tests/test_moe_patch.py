@@ -16,6 +16,7 @@ from sloth_core.patching import is_patched
 
 GPT_OSS = dict(router="router", activation="gpt_oss", gate_up_layout="interleaved",
                normalize=True, returns_scores=True)  # fmt: skip
+BOUND = 5e-5
 
 
 def _gpt_oss_mlp():
@@ -62,17 +63,18 @@ def test_gpt_oss_block_matches_transformers_with_expert_lora():
     x = torch.randn(2, 7, 64, generator=torch.Generator().manual_seed(1))
     x_ref, x_got = x.clone().requires_grad_(), x.clone().requires_grad_()
     (want, want_scores), (got, got_scores) = reference(x_ref), patched(x_got)
-    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(got_scores, want_scores, atol=1e-6, rtol=1e-5)
+    # fp32 on either device (PEFT adds the LoRA delta to the weight, the op runs it apart):
+    # the parity harness's bound, the worst error over the tensor's largest value.
+    assert _relative(got, want) < BOUND and _relative(got_scores, want_scores) < BOUND
     (want.square().sum() + want_scores.sum()).backward()
     (got.square().sum() + got_scores.sum()).backward()
     grads = {n: p.grad for n, p in reference.named_parameters() if p.grad is not None}
     assert any("lora_A" in n for n in grads) and any("lora_B" in n for n in grads)
-    assert _relative(x_got.grad, x_ref.grad) < 1e-5
+    assert _relative(x_got.grad, x_ref.grad) < BOUND
     got_grads = {n: p.grad for n, p in patched.named_parameters() if p.grad is not None}
     assert got_grads.keys() == grads.keys()
     for name, grad in got_grads.items():
-        assert _relative(grad, grads[name]) < 1e-5, name
+        assert _relative(grad, grads[name]) < BOUND, name
 
 
 def _relative(got: torch.Tensor, want: torch.Tensor) -> float:
