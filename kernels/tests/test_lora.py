@@ -182,6 +182,24 @@ def test_lora_mlp(dtype, nf4, activation):
     _check(*_mlp(activation), x, [gate, up, down], dtype, what)
 
 
+@pytest.mark.parametrize("down_r", [None, 4], ids=["no-adapters", "down-only"])
+def test_mlp_without_gate_up_adapters_gives_dx(down_r):
+    # Attention-only LoRA: the MLP's input still needs its gradient (the layers below
+    # train), though gate/up have no adapter and x is not saved for them.
+    dtype = torch.float32
+    layers = (_layer(INTER, HIDDEN, dtype), _layer(INTER, HIDDEN, dtype),
+              _layer(HIDDEN, INTER, dtype, r=down_r))  # fmt: skip
+    x = torch.randn(BATCH * SEQ, HIDDEN, device=DEVICE, requires_grad=True)
+    out = lora_mlp(x, *layers)
+    expected_x = x.detach().clone().requires_grad_()
+    expected = reference.lora_mlp(expected_x, *layers)
+    _assert_close(out, expected, dtype, what="forward")
+    upstream = torch.randn_like(out)
+    (dx,) = torch.autograd.grad(out, [x], upstream)
+    (expected_dx,) = torch.autograd.grad(expected, [expected_x], upstream)
+    _assert_close(dx, expected_dx, dtype, what="dx")
+
+
 def test_grads_of_lora_only_and_frozen_lora_b():
     # x without grad (dx skipped) and one frozen lora_B: the other grads still match.
     dtype = torch.float32

@@ -68,6 +68,9 @@ class _LoRAMLP(torch.autograd.Function):
         needs_gu_a = any(ctx.needs_input_grad[4 : 4 + n_gu : 2])
         needs_gu_b = any(ctx.needs_input_grad[5 : 4 + n_gu : 2])
         needs_down_b = any(ctx.needs_input_grad[5 + n_gu :: 2])
+        # No adapter on gate/up (attention-only LoRA): x is not saved, and backward's
+        # load_input must find that said (save_input sets it otherwise).
+        ctx.norm = None
         ctx.save_for_backward(
             *(save_input(ctx, x) if needs_gu_a else (None, None, None)),
             e,
