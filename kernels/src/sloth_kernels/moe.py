@@ -37,7 +37,7 @@ def _blocks() -> tuple[int, int, int, int]:
     """``(rows, cols, depth, warps)`` of a GEMM tile. The interpreter's cost is per program
     and per operation, not per element: wide tiles there (the tests patch this for the
     several-tiles paths)."""
-    return (32, 64, 64, 4) if interpreting() else (64, 64, 32, 4)
+    return (32, 64, 64, 4) if interpreting() else (64, 64, 64, 4)  # H200: best of 8 tried
 
 
 # -- kernels ---------------------------------------------------------------------------
@@ -362,14 +362,16 @@ def _linear(x, sched, layer, *, gather, transpose=False, row_scale=None, xa=None
 
 def _grouped_tn(left, right, sched, out, *, gather_left=False, gather_right=False, scale=1.0):
     """``out[e] = scale * left_e^T right_e`` over each expert's sorted rows, in place."""
-    bm, bn, _, warps = _blocks()
+    _, cols, depth, warps = _blocks()
     m, n = out.shape[1], out.shape[2]
+    # A LoRA rank is one side of dA and dB: a tile no wider than it (16 at the least).
+    bm = min(cols, max(16, triton.next_power_of_2(m)))
+    bn = min(cols, max(16, triton.next_power_of_2(n)))
     grid = (out.shape[0], triton.cdiv(m, bm), triton.cdiv(n, bn))
     _grouped_tn_kernel[grid](
         left, sched.token, right, sched.token, out, sched.start, sched.end, m, n, scale,
         left.stride(0), right.stride(0), *out.stride(), GATHER_L=gather_left,
-        GATHER_R=gather_right, BT=bm, BM=bn, BN=bn,
-        PREC=_prec(left.dtype), num_warps=warps,
+        GATHER_R=gather_right, BT=depth, BM=bm, BN=bn, PREC=_prec(left.dtype), num_warps=warps,
     )  # fmt: skip
     return out
 
