@@ -19,6 +19,11 @@ KINDS = {
     "qwen3_moe": ("swiglu", "halves", False, False),
     "gpt_oss": ("gpt_oss", "interleaved", True, True),
 }
+#: No model's, but the kernels take each choice on its own: the other pairing of each.
+MIXED = {
+    "mixed": ("gpt_oss", "halves", True, False),
+    "mixed_t": ("swiglu", "interleaved", False, True),
+}
 
 
 def _layer(experts, out_f, in_f, *, r, bias, transposed, frozen):
@@ -40,7 +45,7 @@ def _layer(experts, out_f, in_f, *, r, bias, transposed, frozen):
 def _problem(kind, lora, tokens=(2, 9)):
     bounds = (tokens, (5, 40), (3, 30), (1, 3), (0, 2), (1, 5))
     seed, (tokens, hidden, inter, top_k, extra, r) = draw(*bounds)
-    activation, layout, bias, transposed = KINDS[kind]
+    activation, layout, bias, transposed = {**KINDS, **MIXED}[kind]
     experts = top_k + 3 + extra  # 4 .. 8
     opts = dict(r=r if lora else 0, bias=bias, transposed=transposed, frozen=lora)
     gate_up, leaves_gu = _layer(experts, 2 * inter, hidden, **opts)
@@ -136,7 +141,7 @@ def test_moe_experts_bf16_within_rounding_of_fp32(kind):
         )
 
 
-@pytest.mark.parametrize("kind", list(KINDS))
+@pytest.mark.parametrize("kind", [*KINDS, *MIXED])
 def test_moe_experts_across_several_tiles(kind, monkeypatch):
     """Tiles smaller than every dimension: the K loop, column blocks, row blocks per expert."""
     monkeypatch.setattr(moe, "_blocks", lambda: (16, 16, 16, 4))
