@@ -53,10 +53,13 @@ def _experts(kind, hidden, inter, experts, top_k, lora_r):
     return block.experts, config
 
 
-def _extra(kind, config):
+def _extra(kind, module):
+    """gpt-oss's activation constants as the experts module holds them: transformers 5.17
+    fixes them at 1.702 and 7.0, later versions read the config's swiglu_alpha/limit."""
     if kind != "gpt_oss":
         return {}
-    return {"alpha": config.swiglu_alpha, "limit": config.swiglu_limit}
+    base = module.get_base_layer() if hasattr(module, "get_base_layer") else module
+    return {"alpha": base.alpha, "limit": base.limit}
 
 
 @pytest.mark.parametrize("lora", [False, True], ids=["base", "lora"])
@@ -76,7 +79,7 @@ def test_moe_experts_matches_hf_eager_experts(kind, lora):
     out_hf = module(x_hf, index, w_hf)
     activation, layout = KINDS[kind]
     out_ref = moe_experts(x_ref, index, w_ref, gate_up, down, activation=activation,
-                          gate_up_layout=layout, **_extra(kind, config))  # fmt: skip
+                          gate_up_layout=layout, **_extra(kind, module))  # fmt: skip
     what = f"{kind} lora={lora} T={tokens} H={hidden} I={inter} E={experts} k={top_k} seed={seed}"
     assert_close(out_ref, out_hf, f"{what} forward")
     params = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
