@@ -30,7 +30,7 @@ def test_progress_bars_off_inside_the_block_and_back_after():
     from huggingface_hub.utils import are_progress_bars_disabled
     from transformers.utils import logging
 
-    assert logging.is_progress_bar_enabled()
+    logging.enable_progress_bar()  # whatever an earlier test in this process left
     with progress_bars(False):
         assert not logging.is_progress_bar_enabled() and are_progress_bars_disabled()
     assert logging.is_progress_bar_enabled() and not are_progress_bars_disabled()

@@ -99,17 +99,16 @@ def sampling_options(args: argparse.Namespace) -> Any:
 
 def open_engine(args: argparse.Namespace) -> Any:
     """Load ``args.model``; say on standard error when it has no chat template."""
-    from transformers.utils import logging as hf_logging
-
     from sloth_core.inference.engines import open_engine as open_
     from sloth_core.inference.prompt import no_template_notice
+    from sloth_core.quiet import progress_bars
 
-    hf_logging.disable_progress_bar()  # the weight-loading bars would bury the reply
-    engine = open_(
-        args.model, chat_template=args.chat_template, load_in_4bit=args.load_in_4bit,
-        device=args.device, trust_remote_code=args.trust_remote_code,
-        allow_pickle=args.allow_pickle,
-    )  # fmt: skip
+    with progress_bars(False):  # the weight-loading bars would bury the reply
+        engine = open_(
+            args.model, chat_template=args.chat_template, load_in_4bit=args.load_in_4bit,
+            device=args.device, trust_remote_code=args.trust_remote_code,
+            allow_pickle=args.allow_pickle,
+        )  # fmt: skip
     if engine.format.plain and engine.format.origin == "none" and args.chat_template is None:
         print(no_template_notice(str(args.model)), file=sys.stderr)
     return engine

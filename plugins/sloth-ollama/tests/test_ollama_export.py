@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ from sloth_ollama import plugin
 import sloth_core
 from sloth_core.errors import PluginMissingError
 from sloth_core.plugins import SlothPluginManager, reset_plugin_manager
+from sloth_core.sdk import install_command
 from sloth_core.testing import build_tokenizer, init_tiny_model, tiny_config
 
 
@@ -25,7 +27,7 @@ def tiny():
 def test_ollama_needs_a_gguf_exporter(plugin_manager, register_plugin, tiny, tmp_path):
     register_plugin(plugin, name=plugin.PLUGIN)
     model, tokenizer = tiny
-    with pytest.raises(PluginMissingError, match="pip install sloth-gguf"):
+    with pytest.raises(PluginMissingError, match=re.escape(install_command("sloth-gguf"))):
         sloth_core.export(model, tokenizer, tmp_path / "o", format="ollama")
     assert not (tmp_path / "o").exists()
 
