@@ -138,7 +138,8 @@ def patch_architecture(
     # A model may be switched to sloth_attention after loading (the parity harness, a
     # caller's set_attn_implementation) whether or not its attention modules are patched.
     register_sloth_attention()
-    keep_logits, attn = prompt_learning(model), {"attention_kwargs": attention_kwargs}
+    keep_logits = prompt_learning(model)
+    attn: dict[str, Any] = {"attention_kwargs": attention_kwargs}
     moe_kw = moe_options or {}
     # Any, not ModuleClasses: isinstance against a `type` would narrow modules to object.
     patchers: list[tuple[str, Any, Callable[[Any], bool]]] = [

@@ -50,6 +50,7 @@ def patch_attention(
     ops: OpRegistry,
     *,
     attention_kwargs: Callable[[torch.nn.Module], dict[str, Any]] | None = None,
+    half_rotary: bool = False,
 ) -> bool:
     """Route a Llama-style self-attention through ``lora_qkv``, ``rope`` and ``lora_o``.
 
@@ -69,7 +70,11 @@ def patch_attention(
         ops: the op registry.
         attention_kwargs: extra keyword arguments for the attention function, from the
             module, as its modeling file passes them (Mistral's ``sliding_window``, Gemma
-            2's ``softcap``...). Llama passes none.
+            2's ``softcap``, gpt-oss's ``s_aux`` sinks...). Llama passes none.
+        half_rotary: the rotary embedding returns ``cos``/``sin`` of ``head_dim / 2``
+            frequencies, each rotating a dimension of the first half with its partner in
+            the second (gpt-oss's ``_apply_rotary_emb``): that is ``rope`` with ``cos``/``sin``
+            repeated once, which is how they are passed to it.
     """
     if not all(hasattr(module, name) for name in _PROJECTIONS) or not _per_head_norms(module):
         return False
@@ -94,6 +99,8 @@ def patch_attention(
             query, key = self.q_norm(query), self.k_norm(key)
         query, key, value = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
         cos, sin = position_embeddings
+        if half_rotary:
+            cos, sin = torch.cat((cos, cos), dim=-1), torch.cat((sin, sin), dim=-1)
         query, key = ops.rope(query, key, cos, sin)
         output, weights = attend(
             self, query, key, value, attention_mask, kw, interface, eager, attention_kwargs
@@ -163,7 +170,8 @@ except ImportError:  # torch without the varlen API: SDPA with a block-diagonal 
     _varlen_attn = None
 _VARLEN_PARAMS = set(inspect.signature(_varlen_attn).parameters) if _varlen_attn else set()
 _varlen_failed = False
-#: Calls of :func:`sloth_attention` by the path they took ("varlen", "softcap", "sdpa"):
+#: Calls of :func:`sloth_attention` by the path they took ("varlen", "softcap", "sinks",
+#: "sdpa"):
 #: how tests see that packed rows really went through ``varlen_attn`` (a fallback to SDPA
 #: computes the same numbers). One counter increment per layer call.
 ATTENTION_PATHS: collections.Counter[str] = collections.Counter()
@@ -304,6 +312,69 @@ def _windowed(rows: PackedRows, mask: torch.Tensor | None, window: int) -> torch
     return windowed if mask is None else windowed & mask
 
 
+def sink_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    sinks: torch.Tensor,
+    *,
+    causal: bool,
+    scaling: float | None,
+    dropout: float = 0.0,
+) -> torch.Tensor:
+    """Attention with a learned sink logit per head (gpt-oss), exactly, through SDPA.
+
+    gpt-oss's eager attention appends ``sinks[h]`` to every query's logits before the
+    softmax and drops its probability after: a key that every query sees, whose value is
+    zero. Neither SDPA nor the varlen kernels take such a logit, so it is made one: each
+    query gets one more dimension holding ``sinks[h] / scale``, each key a zero there, and
+    one extra key (a one in that dimension, zeros elsewhere, value zero) joins every row,
+    unmasked. The logit of that key is ``sinks[h]``, the softmax denominator is gpt-oss's,
+    its output adds nothing, and the sinks' gradient flows through SDPA's backward. The
+    extra dimension is padded to a multiple of 8 with zeros (fused CUDA kernels want it).
+    The mask becomes explicit (``causal`` aligns queries to the end of the keys, as
+    transformers' masks do), so CUDA runs SDPA's memory-efficient kernel, not flash.
+
+    Args:
+        query: ``[B, Hq, S, D]``; ``key``/``value``: ``[B, Hk, S_kv, D]``.
+        attention_mask: ``[B or 1, 1, S, S_kv]`` bool (``True`` attends) or additive
+            float, or ``None``.
+        sinks: ``[Hq]``, the sink logits (gpt-oss's ``GptOssAttention.sinks``).
+        causal: with no mask, whether queries see only earlier keys.
+        scaling: the logits' scale (``1/sqrt(D)`` when ``None``).
+        dropout: dropout on the probabilities (the sink's is dropped anyway).
+
+    Returns:
+        ``[B, S, Hq, D]``.
+    """
+    batch, heads, length, dim = query.shape
+    kv_heads, kv_len = key.shape[1], key.shape[2]
+    scale = dim**-0.5 if scaling is None else scaling
+    extra = 8 - dim % 8
+    column = sinks.to(query.dtype).div(scale).view(1, heads, 1, 1).expand(batch, -1, length, 1)
+    query = torch.cat((query, column, query.new_zeros(batch, heads, length, extra - 1)), -1)
+    key = F.pad(key, (0, extra))
+    sink_key = key.new_zeros(batch, kv_heads, 1, dim + extra)
+    sink_key[..., dim] = 1.0
+    key = torch.cat((key, sink_key), 2)
+    value = torch.cat((value, value.new_zeros(batch, kv_heads, 1, value.shape[-1])), 2)
+    if attention_mask is None:
+        attention_mask = torch.ones(length, kv_len, dtype=torch.bool, device=query.device)
+        if causal:
+            attention_mask = attention_mask.tril(kv_len - length)
+        attention_mask = attention_mask[None, None]
+    sees_sink = torch.zeros_like(attention_mask[..., :1])  # 0 added, or False...
+    if attention_mask.dtype == torch.bool:
+        sees_sink = ~sees_sink  # ...True: every query sees the sink
+    attention_mask = torch.cat((attention_mask, sees_sink), -1)
+    options = {"enable_gqa": True} if heads != kv_heads else {}
+    out = F.scaled_dot_product_attention(
+        query, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scale, **options
+    )
+    return out.transpose(1, 2).contiguous()
+
+
 def sloth_attention(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -325,7 +396,9 @@ def sloth_attention(
     block-diagonal causal mask, intersected with the sliding window (Mistral's, passed as
     ``sliding_window``) where there is one. A ``softcap`` (Gemma 2's attention logit
     softcapping, which transformers' ``sdpa`` refuses) goes through
-    :func:`~sloth_core.patches.softcap.softcap_attention` with the same mask. GQA uses
+    :func:`~sloth_core.patches.softcap.softcap_attention` with the same mask. Attention
+    sinks (gpt-oss's per-head logit, passed as ``s_aux``, which neither SDPA nor the varlen
+    kernels take) go through :func:`sink_attention`, exact, with the same mask. GQA uses
     SDPA's ``enable_gqa`` (no copies) unless a mask would push CUDA SDPA off its fused
     kernels: then ``repeat_kv``.
     Takes and returns what transformers' attention functions do: ``query``
@@ -341,7 +414,9 @@ def sloth_attention(
     if position_ids is not None and 1 < q_len == kv_len:
         if position_ids.shape[-1] == q_len:
             rows = packed_rows(position_ids, query.shape[0])
-    if rows is not None and window is None and softcap is None and _varlen_usable(query, dropout):
+    sinks = kwargs.get("s_aux")  # gpt-oss's attention sinks: sink_attention only
+    fast = window is None and softcap is None and sinks is None
+    if rows is not None and fast and _varlen_usable(query, dropout):
         if attention_mask is None or rows.matches(attention_mask):
             out = _varlen(query, key, value, rows, scaling)
             if out is not None:
@@ -355,6 +430,19 @@ def sloth_attention(
     causal = bool(q_len > 1 and attention_mask is None and causal)
     if causal and kv_len > q_len:  # static-cache prefill, as transformers crops it
         key, value = key[:, :, :q_len], value[:, :, :q_len]
+    if sinks is not None:
+        if softcap is not None:
+            raise NotImplementedError("sloth_attention: attention sinks with a softcap")
+        ATTENTION_PATHS["sinks"] += 1
+        if groups > 1 and query.device.type != "cpu":  # its mask rules out CUDA's GQA kernels
+            from transformers.integrations.sdpa_attention import repeat_kv
+
+            key, value = repeat_kv(key, groups), repeat_kv(value, groups)
+        out = sink_attention(
+            query, key, value, attention_mask, sinks, causal=causal, scaling=scaling,
+            dropout=dropout,
+        )  # fmt: skip
+        return out, None
     if softcap is not None:
         ATTENTION_PATHS["softcap"] += 1
         out = softcap_attention(

@@ -117,6 +117,20 @@ TINY_CONFIGS: dict[str, dict[str, Any]] = {
         sliding_window=_SLIDING_WINDOW,
         router_aux_loss_coef=0.05,
     ),
+    # gpt-oss: attention sinks (one learned logit per head), layer 0 sliding (window 16),
+    # layer 1 full; q/k/v/o biases; 4 experts of width 32, top 2 over a router with a
+    # bias, biased experts; the clamped SwiGLU with its alpha off the default and a limit
+    # low enough to clamp at this scale.
+    "gpt_oss": _common(
+        intermediate_size=32,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        sliding_window=_SLIDING_WINDOW,
+        layer_types=_ALTERNATING,
+        swiglu_alpha=1.5,
+        swiglu_limit=1.5,
+        router_aux_loss_coef=0.05,
+    ),
 }
 
 _DEFAULT_TOKENIZER_SIZE = 512
@@ -205,7 +219,9 @@ def _perturb(model: torch.nn.Module, seed: int) -> None:
     with torch.no_grad():
         for _, module in sorted(model.named_modules(), key=lambda item: item[0]):
             is_norm = "norm" in type(module).__name__.lower()
-            names = ("weight", "bias") if is_norm else ("bias",)
+            # Biases of 3-D expert stacks too (gpt-oss's gate_up_proj_bias, down_proj_bias).
+            biases = [name for name in module._parameters if name.endswith("_bias")]
+            names = ("weight", "bias") if is_norm else ("bias", *biases)
             for name in names:
                 param = module._parameters.get(name)
                 if isinstance(param, torch.nn.Parameter):

@@ -286,8 +286,8 @@ def test_small_vocab_gets_a_small_tokenizer_and_too_small_is_refused(tmp_path):
 def test_unknown_arch_lists_supported(tmp_path):
     with pytest.raises(
         ValueError,
-        match="supported: gemma, gemma2, gemma3_text, llama, mistral, mixtral, phi3, qwen2, "
-        "qwen3, qwen3_moe",
+        match="supported: gemma, gemma2, gemma3_text, gpt_oss, llama, mistral, mixtral, phi3, "
+        "qwen2, qwen3, qwen3_moe",
     ):
         tiny_model("gpt2", tmp_path / "m")
     with pytest.raises(ValueError, match="unknown architecture"):
