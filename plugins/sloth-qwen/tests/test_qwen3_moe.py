@@ -18,6 +18,7 @@ from sloth_core.testing import (
     check_moe_parity,
     init_tiny_model,
     installed_manager,
+    parity_shape,
     tiny_config,
     varied_config,
 )
@@ -39,6 +40,16 @@ def manager():
 def test_parity_with_router_loss(manager, lora):
     config = tiny_config("qwen3_moe", **ROUTER_LOSS)
     check_moe_parity(manager, config, patched=PATCHED, lora=lora)
+
+
+@pytest.mark.parametrize("lora", list(MOE_LORA))
+def test_parity_triton(manager, lora):
+    """sloth-kernels' kernels (interpreted on the CPU): moe_experts's on the sparse layer,
+    lora_mlp's on the dense one, whose MLP has no adapter under attention-only LoRA (its
+    backward once crashed there: the input's gradient without gate/up adapters)."""
+    config = tiny_config("qwen3_moe", **ROUTER_LOSS)
+    check_moe_parity(manager, config, patched=PATCHED, lora=lora, kernels="triton",
+                     **parity_shape("triton"))  # fmt: skip
 
 
 def test_parity_varied(manager):
