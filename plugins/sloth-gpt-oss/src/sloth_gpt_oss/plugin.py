@@ -13,7 +13,8 @@ gpt-oss differs from Mixtral in four places, each handled by the core's patches:
 - the MoE block ``GptOssMLP``: a router with a bias, softmax over the top-k logits
   (renormalised top-k), experts stored ``[E, in, out]`` with biases, gate and up
   interleaved, and the clamped SwiGLU with the experts' ``alpha``/``limit``
-  (``config.swiglu_alpha``/``swiglu_limit``); the block returns its routing weights.
+  (``config.swiglu_alpha``/``swiglu_limit`` in recent transformers; 5.17 fixes 1.702
+  and 7); the block returns its routing weights.
 
 MXFP4 checkpoints (``quantization_config.quant_method == "mxfp4"``, as OpenAI ships
 gpt-oss) are loaded dequantized to bf16 (``Mxfp4Config(dequantize=True)``): LoRA trains on
