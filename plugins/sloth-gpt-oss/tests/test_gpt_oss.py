@@ -19,6 +19,7 @@ import torch
 
 from sloth_core.patching import is_patched
 from sloth_core.testing import (
+    assert_checkpointing_parity,
     check_moe_parity,
     init_tiny_model,
     installed_manager,
@@ -218,3 +219,16 @@ def test_mxfp4_checkpoint_loads_dequantized_or_refuses_qlora(tmp_path):
     qlora.quantization = "nf4"
     with pytest.raises(ValueError, match="MXFP4 checkpoint.*drop the quantization"):
         plugin.load_model(qlora)
+
+
+def test_gradient_checkpointing(manager):
+    assert_checkpointing_parity(manager, tiny_config("gpt_oss", **ROUTER_LOSS))
+
+
+def test_parity_bf16_attention_lora(manager):
+    """The sinks in bf16. With LoRA on the experts too, the patched model's bf16 LoRA
+    gradients are ~5x further from fp32 than the unpatched model's (eager attention as
+    well, so not the sinks; one GptOssMLP alone in bf16 is as close as transformers'):
+    open, see the issue-17 notes."""
+    config = tiny_config("gpt_oss", **ROUTER_LOSS)
+    check_moe_parity(manager, config, patched=PATCHED, dtype=torch.bfloat16, lora="attention")
