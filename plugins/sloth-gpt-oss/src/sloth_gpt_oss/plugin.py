@@ -109,18 +109,22 @@ def attention_kwargs(attention) -> dict[str, Any]:
 
 @hookimpl
 def patch_layers(model, ops) -> PatchReport | None:
-    """Route gpt-oss's norms, attention (sinks, windows), sparse blocks and causal-LM loss
-    through ``ops``."""
+    """Route gpt-oss's attention (sinks, windows), sparse blocks and causal-LM loss through
+    ``ops`` (the norms stay transformers', see below)."""
     if model_type_of(model) not in MODEL_TYPES:
         return None  # before importing transformers' gpt-oss for a model that is not one
     from transformers.models.gpt_oss import modeling_gpt_oss as gpt_oss
 
+    # The norms keep transformers' forward: GptOssRMSNorm scales by its weight in fp32
+    # before the downcast, and from_pretrained keeps its weights in fp32
+    # (_keep_in_fp32_modules). The rms_norm op scales after the downcast (Llama), so with
+    # fp32 weights it would return fp32 hidden states, and in bf16 it rounds twice: the
+    # bf16 LoRA gradients moved ~3x further from fp32 than transformers' on the tiny model.
     report = patch_architecture(
         model,
         ops,
         plugin=PLUGIN,
         model_types=MODEL_TYPES,
-        rms_norm=gpt_oss.GptOssRMSNorm,
         moe=gpt_oss.GptOssMLP,
         moe_options=MOE_OPTIONS,
         causal_lm=gpt_oss.GptOssForCausalLM,
