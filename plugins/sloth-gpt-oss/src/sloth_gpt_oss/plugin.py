@@ -118,8 +118,8 @@ def patch_layers(model, ops) -> PatchReport | None:
     # The norms keep transformers' forward: GptOssRMSNorm scales by its weight in fp32
     # before the downcast, and from_pretrained keeps its weights in fp32
     # (_keep_in_fp32_modules). The rms_norm op scales after the downcast (Llama), so with
-    # fp32 weights it would return fp32 hidden states, and in bf16 it rounds twice: the
-    # bf16 LoRA gradients moved ~3x further from fp32 than transformers' on the tiny model.
+    # fp32 weights it would return fp32 hidden states (and with bf16 weights it rounds
+    # twice where transformers rounds once).
     report = patch_architecture(
         model,
         ops,
