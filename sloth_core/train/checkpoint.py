@@ -149,10 +149,22 @@ def save_checkpoint(
         (staging / STATE_FILE).write_text(json.dumps(record, indent=2))
     for old in list_checkpoints(output_dir)[:-keep]:
         # Renamed first: a deletion cut short leaves a hidden leftover, not a checkpoint.
-        retired = old.with_name(f".{old.name}.old")
+        retired = old.with_name(f".{old.name}{RETIRED_SUFFIX}")
         old.rename(retired)
         shutil.rmtree(retired, ignore_errors=True)
+    sweep_retired(output_dir)
     return path
+
+
+#: The suffix of a checkpoint renamed aside to be deleted (``.checkpoint-4.old``).
+RETIRED_SUFFIX = ".old"
+
+
+def sweep_retired(output_dir: Path) -> None:
+    """Delete what a cut-short deletion left (a Ctrl-C between rename and delete): only
+    checkpoints already renamed aside, never one a resume could read."""
+    for leftover in Path(output_dir).glob(f".checkpoint-*{RETIRED_SUFFIX}"):
+        shutil.rmtree(leftover, ignore_errors=True)
 
 
 def read_checkpoint(path: Path) -> Checkpoint:

@@ -37,7 +37,7 @@ from .callbacks import (
     SaveCheckpoints,
     TrainResult,
 )
-from .checkpoint import load_tensors, load_training_state
+from .checkpoint import load_tensors, load_training_state, sweep_retired
 from .config import ConfigError, TrainConfig
 from .metrics import METRICS_FILE, MetricsLog, Progress, plot_losses
 from .optim import build_optimizer, build_scheduler
@@ -285,6 +285,8 @@ def train(config: TrainConfig, *, show_progress: bool = True, console: Any = Non
             return _train(config, group, progress, show_progress=show_progress and group.is_main,
                           console=console or Console(soft_wrap=True))  # fmt: skip
     except KeyboardInterrupt:
+        if group.is_main:  # a checkpoint retired as Ctrl-C came leaves no hidden folder
+            sweep_retired(Path(config.output_dir))
         raise Interrupted(_interrupted(progress)) from None
     finally:
         group.close()
