@@ -131,6 +131,14 @@ class ExportFormat:
     def quantization_names(self) -> tuple[str, ...] | None:
         return None if self.quantizations is None else tuple(q.name for q in self.quantizations)
 
+    def quantization_label(self) -> str:
+        """The weight types and the default for listings (``"f16, q8_0; default q8_0"``);
+        ``""`` when the format declares none."""
+        types = ", ".join(self.quantization_names() or ())
+        if types and self.default_quantization:
+            return f"{types}; default {self.default_quantization}"
+        return types
+
 
 @dataclass(frozen=True)
 class QuantizationMethod:

@@ -75,12 +75,9 @@ def describe_formats(manager: Any) -> list[str]:
             continue  # an alias: listed with its format
         resolved = manager.export_format(name)
         label = ", ".join(declared.names())
-        types = resolved.quantization_names()
+        types = resolved.quantization_label()
         if types:
-            default = resolved.default_quantization
-            label += f" (quantization: {', '.join(types)}" + (
-                f"; default {default})" if default else ")"
-            )
+            label += f" (quantization: {types})"
         lines.append(f"{label} [{declared.plugin}]")
     return lines
 

@@ -33,11 +33,8 @@ def select(manager: SlothPluginManager, *, include_builtins: bool, hook: str | N
 
 def _format_label(manager: SlothPluginManager, name: str) -> str:
     declared = manager.export_format(name)
-    types = declared.quantization_names() if declared else None
-    if declared is None or not types:
-        return name
-    default = f"; default {declared.default_quantization}" if declared.default_quantization else ""
-    return f"{name} ({', '.join(types)}{default})"
+    types = declared.quantization_label() if declared else ""
+    return f"{name} ({types})" if types else name
 
 
 def _provides(record: PluginRecord, manager: SlothPluginManager) -> str:
