@@ -9,7 +9,7 @@ an upper bound on their number, so no host sync) drives the grouped GEMMs:
   gpt-oss's clamped GLU) applied in the same program. Saved: the gate and up
   pre-activations and ``X A^T`` (``[N, r]``).
 - down: the same product on the activations, each row scaled by its routing weight; the
-  rows are summed back per token with ``index_add_`` (fp32).
+  rows are summed back per token in fp32 (the reference's ``sum_rows``).
 
 Backward needs no saved output: with ``dH' = g W + s (g B) A`` (``g`` the upstream grad
 gathered per row, unweighted), the routing-weight grad is ``<h, dH'> + <g, b>``,
@@ -21,12 +21,16 @@ GPU the dot runs as tf32, exact for 16-bit inputs; fp32 inputs run in IEEE fp32)
 
 from __future__ import annotations
 
+import inspect
+from typing import Any
+
 import torch
 import triton
 import triton.language as tl
 
 from sloth_core.ops import reference
 from sloth_core.ops.reference import ExpertLinear
+from sloth_core.ops.reference.moe import sum_rows
 from sloth_kernels._utils import interpreting
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -443,8 +447,7 @@ class _MoEExperts(torch.autograd.Function):
         xa2 = _rank_rows(sched, down) if down.has_lora else None
         y = _linear(h, sched, down, gather=False, row_scale=w_rows, xa=xa2, out_dtype=torch.float32)
         del h
-        out = torch.zeros(x.shape[0], y.shape[1], device=x.device, dtype=torch.float32)
-        out.index_add_(0, sched.token, y)
+        out = sum_rows(y, sched.token, x.shape[0])
         ctx.sched, ctx.cfg = sched, cfg
         ctx.weights_shape, ctx.weights_dtype = top_k_weights.shape, top_k_weights.dtype
         ctx.save_for_backward(x, w_rows, gate, up, xa1, xa2)
@@ -474,9 +477,7 @@ class _MoEExperts(torch.autograd.Function):
             dx_rows = _linear(d_gu, sched, gate_up, gather=False, transpose=True, xa=dgb1,
                               out_dtype=torch.float32)  # fmt: skip
             if needs[0]:
-                dx = torch.zeros(x.shape, device=x.device, dtype=torch.float32)
-                dx.index_add_(0, sched.token, dx_rows)
-                dx = dx.to(x.dtype)
+                dx = sum_rows(dx_rows, sched.token, x.shape[0]).to(x.dtype)
             del dx_rows
         g1 = _grads_of(gate_up, d_gu, x, dgb1, xa1, sched, needs[3:7], gather_right=True)
         if needs[4]:
@@ -490,8 +491,7 @@ class _MoEExperts(torch.autograd.Function):
 
 def _segment_sum(rows: torch.Tensor, sched: _Schedule, like: torch.Tensor) -> torch.Tensor:
     """Per-expert sums ``[E, C]`` of the sorted ``rows`` ``[N, C]`` (a bias's grad)."""
-    out = torch.zeros(like.shape, device=rows.device, dtype=torch.float32)
-    return out.index_add_(0, sched.expert, rows).to(like.dtype)
+    return sum_rows(rows, sched.expert, like.shape[0]).to(like.dtype)
 
 
 def _tensors(layer: ExpertLinear) -> tuple[torch.Tensor | None, ...]:
@@ -506,14 +506,20 @@ def _served(
         return False
     if x.dim() != 2 or x.shape[0] == 0 or x.dtype not in DTYPES or torch.is_autocast_enabled():
         return False
-    tensors = [
-        t for layer in layers for t in (layer.weight, layer.bias, layer.lora_A, layer.lora_B)
-    ]
+    tensors = [t for layer in layers for t in _tensors(layer)]
     if any(t is not None and (t.device != x.device or t.stride(-1) == 0) for t in tensors):
         return False
     return all(
         layer.has_lora or (layer.lora_A is None and layer.lora_B is None) for layer in layers
     )
+
+
+#: ``moe_experts``'s keyword options with their defaults, as the reference declares them.
+_OPTIONS = {
+    name: param.default
+    for name, param in inspect.signature(reference.moe_experts).parameters.items()
+    if param.kind is param.KEYWORD_ONLY
+}
 
 
 def moe_experts(
@@ -522,25 +528,19 @@ def moe_experts(
     top_k_weights: torch.Tensor,
     gate_up: ExpertLinear,
     down: ExpertLinear,
-    *,
-    activation: str = "swiglu",
-    gate_up_layout: str = "halves",
-    alpha: float = 1.702,
-    limit: float = 7.0,
+    **options: Any,
 ) -> torch.Tensor:
-    """:func:`sloth_core.ops.reference.moe_experts` on grouped Triton GEMMs (same arguments)."""
-    if not _served(x, (gate_up, down), activation, gate_up_layout):
-        return reference.moe_experts(x, top_k_index, top_k_weights, gate_up, down,
-                                     activation=activation, gate_up_layout=gate_up_layout,
-                                     alpha=alpha, limit=limit)  # fmt: skip
-    cfg = (gate_up, down, activation, gate_up_layout, float(alpha), float(limit))
-    tensors = [
-        t
-        for layer in (gate_up, down)
-        for t in (layer.weight, layer.bias, layer.lora_A, layer.lora_B)
-    ]
-    out = _MoEExperts.apply(x.contiguous(), top_k_index, top_k_weights, *tensors, cfg)
-    return out
+    """:func:`sloth_core.ops.reference.moe_experts` on grouped Triton GEMMs (same arguments
+    and defaults: ``activation``, ``gate_up_layout``, ``alpha``, ``limit``)."""
+    opts = {**_OPTIONS, **options}
+    if opts.keys() != _OPTIONS.keys() or not _served(
+        x, (gate_up, down), opts["activation"], opts["gate_up_layout"]
+    ):
+        return reference.moe_experts(x, top_k_index, top_k_weights, gate_up, down, **options)
+    cfg = (gate_up, down, opts["activation"], opts["gate_up_layout"],
+           float(opts["alpha"]), float(opts["limit"]))  # fmt: skip
+    tensors = [t for layer in (gate_up, down) for t in _tensors(layer)]
+    return _MoEExperts.apply(x.contiguous(), top_k_index, top_k_weights, *tensors, cfg)
 
 
 REGISTRATIONS = [

@@ -254,9 +254,8 @@ def moe_experts(
     Returns:
         ``[T, H]`` in ``x.dtype``.
     """
-    out = torch.zeros(x.shape[0], down.weight.shape[1], dtype=torch.float32, device=x.device)
-    flat_experts = top_k_index.reshape(-1)
-    for expert in torch.unique(flat_experts).tolist():
+    rows, tokens = [x.new_zeros(0, down.weight.shape[1])], [top_k_index.new_zeros(0)]
+    for expert in torch.unique(top_k_index.reshape(-1)).tolist():
         token, choice = torch.where(top_k_index == expert)
         hidden = moe_activation(
             gate_up.forward(x[token], expert),
@@ -265,6 +264,13 @@ def moe_experts(
             alpha=alpha,
             limit=limit,
         )
-        y = down.forward(hidden, expert) * top_k_weights[token, choice, None]
-        out.index_add_(0, token, y.to(torch.float32))
-    return out.to(x.dtype)
+        rows.append(down.forward(hidden, expert) * top_k_weights[token, choice, None])
+        tokens.append(token)
+    return sum_rows(torch.cat(rows), torch.cat(tokens), x.shape[0]).to(x.dtype)
+
+
+def sum_rows(rows: torch.Tensor, index: torch.Tensor, size: int) -> torch.Tensor:
+    """The weighted combine: ``rows`` ``[N, C]`` summed into ``[size, C]`` by ``index``
+    ``[N]`` (each row into ``index[n]``, in row order), in fp32."""
+    out = torch.zeros(size, rows.shape[1], dtype=torch.float32, device=rows.device)
+    return out.index_add_(0, index, rows.to(torch.float32))
