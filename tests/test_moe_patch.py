@@ -13,6 +13,7 @@ import torch
 from sloth_core.ops import default_registry
 from sloth_core.patches import moe_block_mismatch, patch_moe_block
 from sloth_core.patching import is_patched
+from sloth_core.testing import tiny_config
 
 GPT_OSS = dict(router="router", activation="gpt_oss", gate_up_layout="interleaved",
                normalize=True, returns_scores=True)  # fmt: skip
@@ -20,13 +21,10 @@ BOUND = 5e-5
 
 
 def _gpt_oss_mlp():
-    from transformers import GptOssConfig
     from transformers.models.gpt_oss.modeling_gpt_oss import GptOssMLP
 
-    config = GptOssConfig(hidden_size=64, intermediate_size=32, num_local_experts=4,
-                          num_experts_per_tok=2, swiglu_limit=1.5)  # fmt: skip
     torch.manual_seed(0)
-    block = GptOssMLP(config)
+    block = GptOssMLP(tiny_config("gpt_oss"))
     with torch.no_grad():
         for param in block.parameters():  # the clamp at 1.5 bites at this scale
             param.normal_(0, 0.3)

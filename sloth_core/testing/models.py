@@ -56,6 +56,17 @@ def _common(**fields: Any) -> dict[str, Any]:
 _SLIDING_WINDOW = 16
 _ALTERNATING = ["sliding_attention", "full_attention"]
 
+
+def _moe(**fields: Any) -> dict[str, Any]:
+    # Every tiny MoE: 4 experts of width 32 (the fields' names differ per architecture),
+    # top 2, the router-loss coefficient off its default (0.001); output_router_logits
+    # stays off unless a test asks, as in real checkpoints.
+    return _common(num_experts_per_tok=2, router_aux_loss_coef=0.05, **fields)
+
+
+#: Mixtral's and gpt-oss's names for 4 experts of width 32.
+_LOCAL_EXPERTS = {"num_local_experts": 4, "intermediate_size": 32}
+
 TINY_CONFIGS: dict[str, dict[str, Any]] = {
     "llama": _common(),
     # Mistral's sliding window applies to every layer.
@@ -97,39 +108,22 @@ TINY_CONFIGS: dict[str, dict[str, Any]] = {
         "original_max_position_embeddings": 256,
         "rope_parameters": {**_DEFAULT_ROPE, "partial_rotary_factor": 0.5},
     },
-    # Qwen3-MoE: 4 experts, top 2 (not renormalised: norm_topk_prob is off by default),
-    # expert width 32; layer 0 is a dense MLP (mlp_only_layers), layer 1 sparse. The
-    # router-loss coefficient is off its default; output_router_logits stays off unless
-    # a test asks, as in real checkpoints.
-    "qwen3_moe": _common(
-        num_experts=4,
-        num_experts_per_tok=2,
-        moe_intermediate_size=32,
-        mlp_only_layers=[0],
-        router_aux_loss_coef=0.05,
-    ),
-    # Mixtral: every layer sparse, 4 experts of width 32, top 2 renormalised, Mistral's
-    # sliding window. router_jitter_noise stays 0: noise is random.
-    "mixtral": _common(
-        intermediate_size=32,
-        num_local_experts=4,
-        num_experts_per_tok=2,
-        sliding_window=_SLIDING_WINDOW,
-        router_aux_loss_coef=0.05,
-    ),
+    # Qwen3-MoE: layer 0 is a dense MLP (mlp_only_layers), layer 1 sparse; the top 2 not
+    # renormalised (norm_topk_prob is off by default).
+    "qwen3_moe": _moe(num_experts=4, moe_intermediate_size=32, mlp_only_layers=[0]),
+    # Mixtral: every layer sparse, top 2 renormalised, Mistral's sliding window.
+    # router_jitter_noise stays 0: noise is random.
+    "mixtral": _moe(**_LOCAL_EXPERTS, sliding_window=_SLIDING_WINDOW),
     # gpt-oss: attention sinks (one learned logit per head), layer 0 sliding (window 16),
-    # layer 1 full; q/k/v/o biases; 4 experts of width 32, top 2 over a router with a
-    # bias, biased experts; the clamped SwiGLU with its alpha off the default and a limit
-    # low enough to clamp at this scale.
-    "gpt_oss": _common(
-        intermediate_size=32,
-        num_local_experts=4,
-        num_experts_per_tok=2,
+    # layer 1 full; q/k/v/o biases; top 2 over a router with a bias, biased experts; the
+    # clamped SwiGLU with its alpha off the default and a limit low enough to clamp at
+    # this scale.
+    "gpt_oss": _moe(
+        **_LOCAL_EXPERTS,
         sliding_window=_SLIDING_WINDOW,
         layer_types=_ALTERNATING,
         swiglu_alpha=1.5,
         swiglu_limit=1.5,
-        router_aux_loss_coef=0.05,
     ),
 }
 

@@ -13,52 +13,33 @@ import pytest
 import torch
 
 from sloth_core.patching import is_patched
-from sloth_core.testing import (
-    assert_checkpointing_parity,
-    check_moe_parity,
-    init_tiny_model,
-    installed_manager,
-    parity_shape,
-    tiny_config,
-    varied_config,
-)
-from sloth_core.testing.moe_checks import MOE_LORA, ROUTER_LOSS
+from sloth_core.testing import init_tiny_model, installed_manager, tiny_config, varied_config
+from sloth_core.testing.moe_checks import MOE_CHECKS, MoEArchitecture, run_moe_check
 
-PATCHED = {"rms_norm": 5, "attention": 2, "moe": 2, "causal_lm": 1}
+MIXTRAL = MoEArchitecture(
+    "sloth-mistral",
+    "mixtral",
+    patched={"rms_norm": 5, "attention": 2, "moe": 2, "causal_lm": 1},
+    patched_modules=("model.layers.1.mlp",),
+)
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")
 def manager():
-    return installed_manager("sloth-mistral")
+    return installed_manager(MIXTRAL.plugin)
 
 
-@pytest.mark.parametrize("lora", list(MOE_LORA))
-def test_parity_with_router_loss(manager, lora):
-    config = tiny_config("mixtral", **ROUTER_LOSS)
-    check_moe_parity(manager, config, patched=PATCHED, lora=lora)
-
-
-def test_parity_triton(manager):
-    """sloth-kernels' kernels (interpreted on the CPU), moe_experts's where it serves it."""
-    config = tiny_config("mixtral", **ROUTER_LOSS)
-    check_moe_parity(manager, config, patched=PATCHED, kernels="triton", **parity_shape("triton"))
+@pytest.mark.parametrize("check", MOE_CHECKS)
+def test_moe_check(manager, check):
+    run_moe_check(manager, MIXTRAL, check)
 
 
 def test_parity_varied_bf16(manager):
     config = varied_config("mixtral")
     assert config.output_router_logits
-    check_moe_parity(manager, config, patched=PATCHED, dtype=torch.bfloat16)
-
-
-def test_packed_parity(manager):
-    config = tiny_config("mixtral", **ROUTER_LOSS)
-    check_moe_parity(manager, config, patched=PATCHED, packed=True, batch_size=3)
-
-
-def test_gradient_checkpointing(manager):
-    assert_checkpointing_parity(manager, tiny_config("mixtral", **ROUTER_LOSS))
+    MIXTRAL.parity(manager, config, dtype=torch.bfloat16)
 
 
 def test_router_jitter_is_left_alone_with_its_reason(manager):

@@ -12,84 +12,42 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sloth_core.patching import is_patched
-from sloth_core.testing import (
-    assert_checkpointing_parity,
-    check_moe_parity,
-    init_tiny_model,
-    installed_manager,
-    parity_shape,
-    tiny_config,
-    varied_config,
-)
-from sloth_core.testing.convergence import assert_converges_alike
-from sloth_core.testing.moe_checks import MOE_LORA, ROUTER_LOSS
+from sloth_core.testing import init_tiny_model, installed_manager, tiny_config, varied_config
+from sloth_core.testing.moe_checks import MOE_CHECKS, MoEArchitecture, run_moe_check
 
-#: Layer 0 dense, layer 1 sparse: 2 x 4 norms (q/k norms included) + the final one.
-PATCHED = {"rms_norm": 9, "mlp": 1, "attention": 2, "moe": 1, "causal_lm": 1}
+QWEN3_MOE = MoEArchitecture(
+    "sloth-qwen",
+    "qwen3_moe",
+    # Layer 0 dense, layer 1 sparse: 2 x 4 norms (q/k norms included) + the final one.
+    patched={"rms_norm": 9, "mlp": 1, "attention": 2, "moe": 1, "causal_lm": 1},
+    patched_modules=("model.layers.1.mlp",),
+)
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")
 def manager():
-    return installed_manager("sloth-qwen")
+    return installed_manager(QWEN3_MOE.plugin)
 
 
-@pytest.mark.parametrize("lora", list(MOE_LORA))
-def test_parity_with_router_loss(manager, lora):
-    config = tiny_config("qwen3_moe", **ROUTER_LOSS)
-    check_moe_parity(manager, config, patched=PATCHED, lora=lora)
-
-
-@pytest.mark.parametrize("lora", list(MOE_LORA))
-def test_parity_triton(manager, lora):
-    """sloth-kernels' kernels (interpreted on the CPU): moe_experts's on the sparse layer,
-    lora_mlp's on the dense one, whose MLP has no adapter under attention-only LoRA (its
-    backward once crashed there: the input's gradient without gate/up adapters)."""
-    config = tiny_config("qwen3_moe", **ROUTER_LOSS)
-    check_moe_parity(manager, config, patched=PATCHED, lora=lora, kernels="triton",
-                     **parity_shape("triton"))  # fmt: skip
+# triton-attention: lora_mlp's kernel on the dense layer, whose MLP has no adapter under
+# attention-only LoRA (its backward once crashed there: the input's gradient without
+# gate/up adapters).
+@pytest.mark.parametrize("check", [*MOE_CHECKS, "triton-attention", "trains_alike"])
+def test_moe_check(manager, check):
+    run_moe_check(manager, QWEN3_MOE, check)
 
 
 def test_parity_varied(manager):
     """norm_topk_prob, output_router_logits, attention_bias, tied embeddings flipped."""
     config = varied_config("qwen3_moe")
     assert config.norm_topk_prob and config.output_router_logits
-    check_moe_parity(manager, config, patched=PATCHED)
+    QWEN3_MOE.parity(manager, config)
 
 
 def test_parity_bf16(manager):
-    config = tiny_config("qwen3_moe", **ROUTER_LOSS)
-    check_moe_parity(manager, config, patched=PATCHED, dtype=torch.bfloat16)
-
-
-def test_packed_parity(manager):
-    config = tiny_config("qwen3_moe", **ROUTER_LOSS)
-    check_moe_parity(manager, config, patched=PATCHED, packed=True, batch_size=3)
-
-
-def test_gradient_checkpointing(manager):
-    assert_checkpointing_parity(manager, tiny_config("qwen3_moe", **ROUTER_LOSS))
-
-
-def test_report_counts_idempotence_and_undo(manager):
-    model = init_tiny_model(tiny_config("qwen3_moe"))
-    (report,) = manager.patch_layers(model=model)
-    assert (report.plugin, report.model_type, report.skipped) == ("sloth-qwen", "qwen3_moe", {})
-    assert report.patched == PATCHED
-    assert is_patched(model.model.layers[1].mlp)
-    (again,) = manager.patch_layers(model=model)
-    assert again.total == 0
-    report.undo()
-    assert not any(is_patched(m) for m in model.modules())
-
-
-def test_patched_qwen3_moe_trains_like_the_unpatched_one(manager):
-    unpatched, patched = assert_converges_alike(
-        tiny_config("qwen3_moe", **ROUTER_LOSS), manager=manager, kernels="torch"
-    )
-    assert len(unpatched) == len(patched) == 30
+    QWEN3_MOE.parity(manager, dtype=torch.bfloat16)
 
 
 def test_disabled_and_merged_expert_adapters(manager):
