@@ -14,7 +14,7 @@ import torch
 from .errors import DataError
 from .tokenizing import IGNORE_INDEX, Example
 
-__all__ = ["Batches", "pack", "split_eval"]
+__all__ = ["Batches", "EpochOrder", "pack", "split_eval"]
 
 
 def _rng(*parts: object) -> random.Random:
@@ -84,6 +84,56 @@ def pack(lengths: Sequence[int], capacity: int) -> list[list[int]]:
     return rows
 
 
+class EpochOrder:
+    """Which of ``count`` items each batch of an epoch holds, from ``(seed, epoch, index)``.
+
+    Every epoch is a new permutation of the items (with ``shuffle``; the input order
+    otherwise) cut into batches of ``batch_size``; the last, smaller one is left out with
+    ``drop_last``. ``what`` names the items in errors.
+    """
+
+    def __init__(
+        self,
+        count: int,
+        batch_size: int,
+        *,
+        seed: int,
+        shuffle: bool,
+        drop_last: bool,
+        what: str = "examples",
+    ) -> None:
+        if batch_size < 1:
+            raise DataError(f"batch_size must be at least 1, got {batch_size}")
+        if drop_last and count < batch_size:
+            raise DataError(f"{count} {what} make no full batch of {batch_size} with drop_last")
+        self.count = count
+        self.batch_size = batch_size
+        self.seed = seed
+        self.shuffle = shuffle
+        self.drop_last = drop_last
+        self._cached: tuple[int, list[int]] | None = None
+
+    def num_batches(self) -> int:
+        """Batches per epoch."""
+        full, rest = divmod(self.count, self.batch_size)
+        return full + (1 if rest and not self.drop_last else 0)
+
+    def batch(self, epoch: int, index: int) -> list[int]:
+        """The items of batch ``index`` of ``epoch``, in order."""
+        if not 0 <= index < self.num_batches():
+            raise IndexError(f"batch {index} of an epoch of {self.num_batches()} batches")
+        order = self._epoch(epoch)
+        return order[index * self.batch_size : (index + 1) * self.batch_size]
+
+    def _epoch(self, epoch: int) -> list[int]:
+        if self._cached is None or self._cached[0] != epoch:
+            order = list(range(self.count))
+            if self.shuffle:
+                _rng("epoch", self.seed, epoch).shuffle(order)
+            self._cached = (epoch, order)
+        return self._cached[1]
+
+
 class Batches:
     """The training batches of ``examples``, addressable by ``(epoch, index)``.
 
@@ -121,8 +171,6 @@ class Batches:
         shuffle: bool = True,
         drop_last: bool = False,
     ) -> None:
-        if batch_size < 1:
-            raise DataError(f"batch_size must be at least 1, got {batch_size}")
         if not examples:
             raise DataError("no examples to batch")
         for number, example in enumerate(examples):
@@ -143,28 +191,25 @@ class Batches:
             self._rows = pack([len(ex) for ex in self.examples], max_seq_length)
         else:
             self._rows = [[index] for index in range(len(self.examples))]
-        if drop_last and len(self._rows) < batch_size:
-            raise DataError(
-                f"{len(self._rows)} {'packed rows' if packing else 'examples'} make no full "
-                f"batch of {batch_size} with drop_last"
-            )
-        self._order: tuple[int, list[int]] | None = None
+        self._order = EpochOrder(
+            len(self._rows),
+            batch_size,
+            seed=seed,
+            shuffle=shuffle,
+            drop_last=drop_last,
+            what="packed rows" if packing else "examples",
+        )
 
     def num_batches(self) -> int:
         """Batches per epoch."""
-        full, rest = divmod(len(self._rows), self.batch_size)
-        return full + (1 if rest and not self.drop_last else 0)
+        return self._order.num_batches()
 
     def __len__(self) -> int:
         return self.num_batches()
 
     def rows(self, epoch: int, index: int) -> list[list[int]]:
         """The example indices in each row of batch ``index`` of ``epoch``, in order."""
-        if not 0 <= index < self.num_batches():
-            raise IndexError(f"batch {index} of an epoch of {self.num_batches()} batches")
-        order = self._epoch_order(epoch)
-        chosen = order[index * self.batch_size : (index + 1) * self.batch_size]
-        return [list(self._rows[row]) for row in chosen]
+        return [list(self._rows[row]) for row in self._order.batch(epoch, index)]
 
     def batch(self, epoch: int, index: int) -> dict[str, torch.Tensor]:
         """Batch ``index`` of ``epoch``: int64 tensors ``[rows, longest]`` (see the class)."""
@@ -182,14 +227,6 @@ class Batches:
                 # The first label is masked in every batch (see the class).
                 total += sum(label != IGNORE_INDEX for label in labels[1:])
         return total
-
-    def _epoch_order(self, epoch: int) -> list[int]:
-        if self._order is None or self._order[0] != epoch:
-            order = list(range(len(self._rows)))
-            if self.shuffle:
-                _rng("epoch", self.seed, epoch).shuffle(order)
-            self._order = (epoch, order)
-        return self._order[1]
 
     def _padded(self, examples: list[Example]) -> dict[str, torch.Tensor]:
         longest = max(len(ex) for ex in examples)

@@ -247,7 +247,7 @@ class _ChatEncoder:
 
     def __call__(self, record: Mapping[str, Any], row: int) -> tuple[list[int], list[int]]:
         messages = to_messages(record, self.data_format, row)
-        self._check_roles(messages, row)
+        self.check_roles(messages, row)
         try:
             text = self.render(messages, False)
         except Exception as exc:  # jinja2 errors and the template's raise_exception
@@ -266,9 +266,14 @@ class _ChatEncoder:
             spans = [(0, len(text))]
         return self._encode(text, spans)
 
-    def _check_roles(self, messages: list[dict[str, str]], row: int) -> None:
+    def check_roles(
+        self, messages: list[dict[str, str]], row: int, field: str | None = None
+    ) -> None:
+        """Raise a :class:`DataError` naming ``row`` and ``field`` (the row's messages field
+        by default) for a role the template does not know."""
         # A role the template does not name would be rendered as it is, or dropped, and
         # trained either way on a turn the model was never shown.
+        field = field or self.field
         for number, message in enumerate(messages):
             role = message["role"]
             if role not in self.roles:
@@ -276,7 +281,7 @@ class _ChatEncoder:
             if not self.roles[role]:
                 accepted = ", ".join(template_roles(self.template))
                 raise DataError(
-                    f"row {row}: {self.field}[{number}] has the role {role!r}, which the "
+                    f"row {row}: {field}[{number}] has the role {role!r}, which the "
                     f"chat template does not know; accepted: {accepted}"
                 )
 

@@ -1,5 +1,5 @@
-"""Test data that needs no download: the bundled instruction rows (convergence tests) and
-the synthetic batches of the parity harness."""
+"""Test data that needs no download: the bundled instruction rows (convergence tests), the
+bundled preference sets, and the synthetic batches of the parity harness."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["Batch", "load_tiny_instructions", "make_batch", "to_messages"]
+__all__ = ["Batch", "load_tiny_instructions", "make_batch", "preference_dataset", "to_messages"]
 
 _DATA = Path(__file__).parent / "data"
 
@@ -38,6 +38,23 @@ def load_tiny_instructions() -> list[dict[str, str]]:
     call, so callers may change them.
     """
     return [dict(row) for row in _tiny_instructions()]
+
+
+_PREFERENCE_FILES = {"pairs": "tiny_preferences.jsonl", "kto": "tiny_kto.jsonl"}
+
+
+def preference_dataset(kind: str = "pairs") -> Path:
+    """The bundled preference data set of ``kind`` (JSONL), for ``sloth train --method``.
+
+    ``"pairs"`` (DPO, ORPO, SimPO): 257 rows ``{prompt, chosen, rejected}``; ``"kto"``:
+    514 rows ``{prompt, completion, label}``. Built from the instruction set by
+    ``scripts/make_preference_data.py``: the chosen (desirable) completion is the right
+    short answer, the rejected one a plausible wrong one (1 to 8 tokens each); the rows
+    mix plain strings, TRL's conversational form and, for pairs, the implicit prompt.
+    """
+    if kind not in _PREFERENCE_FILES:
+        raise ValueError(f"unknown kind {kind!r}; accepted: {', '.join(_PREFERENCE_FILES)}")
+    return _DATA / _PREFERENCE_FILES[kind]
 
 
 def to_messages(row: dict[str, str]) -> list[dict[str, str]]:
