@@ -371,10 +371,13 @@ class SlothPluginManager:
         """Run every ``patch_layers`` hook, then bind this manager to what they patched
         (its ``compute_loss`` on patched causal LMs; ``model.sloth_host``): a patched model
         calls the plugins it was patched with, never a process-wide global."""
+        from sloth_core.default_plugins.torch_loss import causal_lm_log_probs
         from sloth_core.patches.causal_lm import bind_loss
 
         reports = [r for r in self.pm.hook.patch_layers(model=model, ops=self.ops, host=self) if r]
-        bind_loss(model, self.compute_loss)
+        # Log-probs are a core service over the token_log_probs op (kernel sets accelerate
+        # it), not a hook: no architecture has needed its own yet.
+        bind_loss(model, self.compute_loss, partial(causal_lm_log_probs, ops=self.ops))
         model.sloth_host = self  # type: ignore[assignment]  # torch: setattr takes any object
         return reports
 

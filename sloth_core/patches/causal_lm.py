@@ -29,18 +29,30 @@ RETURN_LOGITS_ENV = "SLOTH_RETURN_LOGITS"
 _KEEP_LOGITS = "_sloth_keep_logits"
 #: The ``compute_loss`` a patched causal LM calls, bound by the manager that patched it.
 _LOSS = "_sloth_compute_loss"
+#: Its per-token log-probabilities of the labels (preference and RL losses), bound alike.
+_LOG_PROBS = "_sloth_log_probs"
+#: The keyword asking a patched forward for ``log_probs`` instead of the loss.
+LOG_PROBS_KWARG = "sloth_log_probs"
 _PATCHED = "_sloth_causal_lm"
 
 
-def bind_loss(model: torch.nn.Module, compute_loss: Any) -> int:
-    """Make ``compute_loss`` the loss of every causal LM in ``model`` patched here; returns
-    how many. The plugin manager calls it after ``patch_layers`` with its own hook."""
+def bind_loss(model: torch.nn.Module, compute_loss: Any, log_probs: Any = None) -> int:
+    """Make ``compute_loss`` the loss (and ``log_probs`` the token log-probabilities) of
+    every causal LM in ``model`` patched here; returns how many. The plugin manager calls
+    it after ``patch_layers`` with its own hook and op registry."""
     bound = 0
     for module in model.modules():
         if module.__dict__.get(_PATCHED):
             module.__dict__[_LOSS] = compute_loss
+            if log_probs is not None:
+                module.__dict__[_LOG_PROBS] = log_probs
             bound += 1
     return bound
+
+
+def serves_log_probs(model: torch.nn.Module) -> bool:
+    """Whether a causal LM in ``model`` answers ``sloth_log_probs=True`` (patched and bound)."""
+    return any(module.__dict__.get(_LOG_PROBS) is not None for module in model.modules())
 
 
 def _slice_hidden(hidden_states: torch.Tensor, logits_to_keep: int | torch.Tensor) -> torch.Tensor:
@@ -86,7 +98,11 @@ def patch_causal_lm(
     installed transformers uses (``cache`` or ``past_key_values``). Differences: with
     ``labels`` in training mode ``logits`` is ``None`` unless ``keep_logits`` or the
     environment variable ``SLOTH_RETURN_LOGITS=1``; the loss is computed from the hidden
-    states even in eval; in training ``use_cache`` defaults to ``False``. The original
+    states even in eval; in training ``use_cache`` defaults to ``False``. With ``labels`` and
+    ``sloth_log_probs=True`` (and ``sloth_temperature``) it returns no loss and no logits
+    but ``log_probs``, ``[batch, seq]`` fp32: at position ``t`` the log-probability of
+    ``labels[:, t + 1]``, 0 where that label is ignored (preference and RL losses), from
+    the chunked ``token_log_probs`` op bound by the manager. The original
     forward runs when the caller passes positional arguments past ``position_ids`` or
     pre-shifted ``shift_labels``.
 
@@ -117,6 +133,8 @@ def patch_causal_lm(
         if args or "shift_labels" in kwargs:
             return call_original(self, input_ids, attention_mask, position_ids, *args, **kwargs)
         labels = kwargs.pop("labels", None)
+        want_log_probs = kwargs.pop(LOG_PROBS_KWARG, False)
+        temperature = kwargs.pop("sloth_temperature", 1.0)
         logits_to_keep = kwargs.pop("logits_to_keep", 0)
         num_items_in_batch = kwargs.pop("num_items_in_batch", None)
         return_dict = kwargs.pop("return_dict", None)
@@ -136,8 +154,10 @@ def patch_causal_lm(
             **kwargs,
         )
         hidden_states = outputs.last_hidden_state
-        loss = logits = None
-        if labels is not None:
+        loss = logits = token_log_probs = None
+        if want_log_probs:
+            token_log_probs = _log_probs(self, hidden_states, labels, temperature)
+        elif labels is not None:
             compute_loss = self.__dict__.get(_LOSS)
             if compute_loss is None:
                 raise SlothError(
@@ -150,7 +170,7 @@ def patch_causal_lm(
                 labels=labels,
                 num_items_in_batch=num_items_in_batch,
             )
-        skip_logits = (
+        skip_logits = want_log_probs or (
             labels is not None
             and self.training
             and not self.__dict__.get(_KEEP_LOGITS, False)
@@ -166,9 +186,24 @@ def patch_causal_lm(
             extra["aux_loss"] = aux_loss
         rest = {k: v for k, v in outputs.items() if k in fields and k not in ("loss", "logits")}
         output = output_class(loss=loss, logits=logits, **extra, **rest)
+        if token_log_probs is not None:
+            output["log_probs"] = token_log_probs  # a key, so DDP and to_tuple see it
+            return output
         return output if return_dict else output.to_tuple()
 
     return bind_forward(module, forward)
+
+
+def _log_probs(
+    module: torch.nn.Module, hidden_states: torch.Tensor, labels: Any, temperature: float
+) -> torch.Tensor:
+    log_probs = module.__dict__.get(_LOG_PROBS)
+    if labels is None or log_probs is None:
+        why = "labels" if labels is None else "a log-prob function: patch it through a manager"
+        raise SlothError(f"{type(module).__name__}: sloth_log_probs=True needs {why}")
+    return log_probs(
+        model=module, hidden_states=hidden_states, labels=labels, temperature=temperature
+    )
 
 
 def prompt_learning(model: Any) -> bool:

@@ -15,7 +15,6 @@ from sloth_core.errors import DiskFullError
 
 from . import distributed
 from .checkpoint import optimizer_state, save_checkpoint, trainable_state
-from .step import evaluate
 
 
 @dataclass
@@ -68,6 +67,7 @@ class RunState:
     bar: Any = None
     started: float = field(default_factory=time.perf_counter)
     tokens_seen: int = 0
+    method: Any = None  # methods.Method: evaluates and words the eval line
 
     @property
     def per_epoch(self) -> int:
@@ -101,26 +101,22 @@ class LogMetrics(Callback):
         run.log.write(record)
         run.bar.update(step, record)
         if not self.bar_shown:
+            accuracy = record.get("rewards/accuracies")
+            shown = "" if accuracy is None else f"  reward acc {accuracy:.0%}"
             run.console.print(
-                f"step {step}/{run.total_steps}  loss {record['loss']:.4f}  "
+                f"step {step}/{run.total_steps}  loss {record['loss']:.4f}{shown}  "
                 f"lr {record['lr']:.2e}  {record['tokens_per_s']:.0f} tok/s"
             )
-
-
-def eval_line(when: str, metrics: dict[str, float]) -> str:
-    return (
-        f"eval {when}: loss {metrics['eval_loss']:.4f}, "
-        f"next-token accuracy {metrics['eval_accuracy']:.1%}"
-    )
 
 
 class Evaluate(Callback):
     """Eval loss and accuracy before training, every ``eval_steps``, and after training."""
 
     def _run(self, run: RunState, when: str, *, at_step: int) -> dict[str, float]:
-        metrics = evaluate(run.model, run.eval_batches, autocast=run.autocast)
+        metrics = run.method.evaluate(run.model, run.eval_batches, autocast=run.autocast)
         run.log.write({"step": at_step, **metrics})
-        (run.bar.print if run.bar is not None else run.console.print)(eval_line(when, metrics))
+        line = run.method.eval_line(when, metrics)
+        (run.bar.print if run.bar is not None else run.console.print)(line)
         return metrics
 
     def on_start(self, run: RunState) -> None:

@@ -24,6 +24,10 @@ OPTIMIZERS = ("adamw_torch_fused", "adamw_torch", "adamw_8bit")
 CHECKPOINTING = tuple(mode.value for mode in Checkpointing)
 QUANTIZATIONS = ("nf4", "fp4", "int8")
 FORMATS = ("text", "alpaca", "chat", "sharegpt")
+METHODS = ("sft", "dpo", "orpo", "simpo", "kto")
+#: Methods whose loss compares with a reference model (the policy without adapters).
+REFERENCE_METHODS = ("dpo", "kto")
+DPO_LOSS_TYPES = ("sigmoid", "ipo", "hinge")
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -66,6 +70,28 @@ class TrainConfig:
     )
     eval_fraction: float = _opt(0.0, "fraction of the training data held out for evaluation")
     packing: bool = _opt(False, "pack several sequences per row (no attention across them)")
+    # method
+    method: str = _opt(
+        "sft", "sft, or preference tuning: dpo, orpo, simpo, kto (docs/preference.md)"
+    )
+    beta: float = _opt(
+        0.1, "preference strength: DPO's and KTO's beta, ORPO's lambda, SimPO's beta"
+    )
+    loss_type: str = _opt("sigmoid", "DPO loss: sigmoid, ipo or hinge")
+    label_smoothing: float = _opt(0.0, "DPO (sigmoid) and SimPO label smoothing, in [0, 0.5)")
+    simpo_gamma: float = _opt(0.5, "SimPO's target reward margin gamma")
+    desirable_weight: float = _opt(1.0, "KTO: weight of the desirable examples' losses")
+    undesirable_weight: float = _opt(1.0, "KTO: weight of the undesirable examples' losses")
+    max_prompt_length: int = _opt(0, "preference data: longest prompt in tokens (0: no own limit)")
+    max_completion_length: int = _opt(
+        0, "preference data: longest completion in tokens (0: no own limit)"
+    )
+    truncation_mode: str = _opt(
+        "keep_end", "preference rows past max_seq_length: keep_end or keep_start (as TRL)"
+    )
+    precompute_ref_log_probs: bool = _opt(
+        False, "DPO/KTO: the reference log-probs once before training, not at every step"
+    )
     # LoRA
     r: int = _opt(16, "LoRA rank")
     lora_alpha: int = _opt(16, "LoRA alpha (scale alpha/r, or alpha/sqrt(r) with use_rslora)")
@@ -190,7 +216,8 @@ class TrainConfig:
             "lr_scheduler_type": SCHEDULES, "optim": OPTIMIZERS,
             "gradient_checkpointing": CHECKPOINTING,
             "bf16": ("auto", "on", "off"), "dtype": ("auto", "bf16", "fp16", "fp32"),
-            "report_to": ("auto", "tensorboard", "none"),
+            "report_to": ("auto", "tensorboard", "none"), "method": METHODS,
+            "loss_type": DPO_LOSS_TYPES, "truncation_mode": ("keep_end", "keep_start"),
         }  # fmt: skip
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -213,7 +240,9 @@ class TrainConfig:
             if getattr(self, name) < 1:
                 raise bad(name, "must be at least 1")
         for name in ("warmup_steps", "save_steps", "eval_steps", "weight_decay", "max_grad_norm",
-                     "cpu_threads", "embedding_learning_rate"):  # fmt: skip
+                     "cpu_threads", "embedding_learning_rate", "max_prompt_length",
+                     "max_completion_length", "desirable_weight", "undesirable_weight",
+                     "simpo_gamma"):  # fmt: skip
             if getattr(self, name) < 0:
                 raise bad(name, "must not be negative")
         if not 0 < self.learning_rate < 1:
@@ -229,6 +258,14 @@ class TrainConfig:
                 raise bad(name, "must be in [0, 1)")
         if not all(0 <= b < 1 for b in (self.adam_beta1, self.adam_beta2)):
             raise ConfigError("adam_beta1/adam_beta2 must be in [0, 1)")
+        if self.beta <= 0:
+            raise bad("beta", "must be positive")
+        if not 0 <= self.label_smoothing < 0.5:
+            raise bad("label_smoothing", "must be in [0, 0.5)")
+        if self.desirable_weight + self.undesirable_weight <= 0:
+            raise ConfigError(
+                "desirable_weight and undesirable_weight are both 0: nothing to learn"
+            )
 
     def _check_combinations(self) -> None:
         bad = self._bad
@@ -248,8 +285,26 @@ class TrainConfig:
                 raise bad(name, "LoRA on expert weights takes no dropout: set lora_dropout to 0")
         if self.resume and self.overwrite:
             raise ConfigError("resume and overwrite exclude each other")
+        if self.method != "sft":
+            self._check_preference()
         if self.export_quantization and not self.export_format:
             raise bad("export_quantization", "applies to export_format, which is not set")
+
+    def _check_preference(self) -> None:
+        bad, method = self._bad, self.method
+        if self.packing:
+            raise bad("packing", f"applies to method=sft; {method} rows are not packed")
+        if self.data_format:
+            raise bad("data_format", f"applies to method=sft; {method} reads its rows by "
+                                     "their fields (docs/preference.md)")  # fmt: skip
+        if self.precompute_ref_log_probs and method not in REFERENCE_METHODS:
+            raise bad("precompute_ref_log_probs", f"{method} has no reference model")
+        if self.loss_type != "sigmoid" and method != "dpo":
+            raise bad("loss_type", f"is DPO's; {method} has one loss")
+        if self.label_smoothing and self.loss_type != "sigmoid":
+            raise bad("label_smoothing", f"applies to the sigmoid loss, not {self.loss_type}")
+        if self.label_smoothing and method not in ("dpo", "simpo"):
+            raise bad("label_smoothing", f"applies to dpo and simpo, not {method}")
 
     def _check_output(self) -> None:
         out = Path(self.output_dir)

@@ -227,8 +227,12 @@ def rank_slice(batch: dict[str, torch.Tensor], group: Group, per_device: int) ->
     rows = {key: value[start : start + per_device] for key, value in batch.items()}
     if rows["input_ids"].shape[0] == 0:
         rows = {key: value[:1].clone() for key, value in batch.items()}
-        rows["labels"].fill_(-100)
+        for key in rows:
+            if key.endswith("labels"):  # a preference batch's KL rows too
+                rows[key].fill_(-100)
         return rows
+    if any(value.dim() != 2 for value in rows.values()):
+        return rows  # a preference batch: padded to its own longest row already
     if "attention_mask" in rows:  # right padding: the columns past the longest row
         width = int(rows["attention_mask"].sum(1).max())
     else:  # packed: trailing padding sits on ids == pad with labels -100, restarted positions

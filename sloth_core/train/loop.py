@@ -39,6 +39,7 @@ from .callbacks import (
 )
 from .checkpoint import load_tensors, load_training_state, sweep_retired
 from .config import ConfigError, TrainConfig
+from .methods import Method, method_for
 from .metrics import METRICS_FILE, MetricsLog, Progress, plot_losses
 from .optim import build_optimizer, build_scheduler
 from .outputs import RunOutput
@@ -55,28 +56,15 @@ class PreparedData:
     eval_stats: Any = None  # of eval_dataset, when it is a file of its own
 
 
-def prepare_data(config: TrainConfig, tokenizer: Any) -> PreparedData:
-    """Read, format, tokenise and split the data (``DataError`` on bad rows)."""
+def prepare_data(config: TrainConfig, tokenizer: Any, method: Method | None = None) -> PreparedData:
+    """Read, format, tokenise and split the data (``DataError`` on bad rows), as the
+    method reads its rows."""
     from sloth_core import data
 
-    options: dict[str, Any] = dict(
-        data_format=config.data_format or None,
-        chat_template=config.chat_template or None,
-        max_seq_length=config.max_seq_length,
-        train_on_responses_only=config.train_on_responses_only,
-    )
-
-    def tokenize(path: str):
-        try:
-            return data.tokenize(data.load_records(path), tokenizer, **options)
-        except data.DataError as exc:  # "row 3: ..." from the tokenizer: name the file too
-            if path in str(exc):
-                raise
-            raise data.DataError(f"{path}: {exc}") from None
-
-    examples, stats = tokenize(config.dataset)
+    method = method or method_for(config)
+    examples, stats = method.tokenize(config.dataset, tokenizer)
     if config.eval_dataset:
-        eval_examples, eval_stats = tokenize(config.eval_dataset)
+        eval_examples, eval_stats = method.tokenize(config.eval_dataset, tokenizer)
         train_examples = examples
     else:
         eval_stats = None
@@ -309,7 +297,8 @@ def _train(
 ) -> TrainResult:
     _check_plugins(config)
     tokenizer = _load_tokenizer(config)
-    prepared = prepare_data(config, tokenizer)
+    method = method_for(config)
+    prepared = prepare_data(config, tokenizer, method)
     console.print("data: " + _data_line(prepared, config))
     data = data_fingerprints(config)
     checkpoint = None
@@ -326,6 +315,7 @@ def _train(
     model = _load_model(config, tokenizer)
     if group.active and group.device.type == "cuda" and not _on_cuda(model):
         model.to(group.device)
+    method.attach(model)  # the reference model is the one loaded, not the checkpoint's
     if checkpoint is not None:  # into the whole model, before any rank shards it
         load_tensors(checkpoint, model)
     # Everything that can be refused has been: now the output directory.
@@ -340,7 +330,7 @@ def _train(
     try:
         progress.training = True
         return _run(config, group, progress, model, tokenizer, prepared, checkpoint, data,
-                    output, show_progress=show_progress, console=console)  # fmt: skip
+                    output, method, show_progress=show_progress, console=console)  # fmt: skip
     except BaseException:
         if group.is_main:
             output.rollback()
@@ -359,7 +349,7 @@ def _data_line(prepared: PreparedData, config: TrainConfig) -> str:
 
 def _run(
     config: TrainConfig, group, progress: RunProgress, model, tokenizer,
-    prepared: PreparedData, checkpoint, data: dict, output: RunOutput, *,
+    prepared: PreparedData, checkpoint, data: dict, output: RunOutput, method: Method, *,
     show_progress: bool, console: Any,
 ) -> TrainResult:  # fmt: skip
     """Train from step 0 or ``checkpoint``'s, save, export: the run proper."""
@@ -367,7 +357,7 @@ def _run(
     sharded = group.active and config.full_finetuning
     compute_dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
     run = _build(config, group, progress, model, tokenizer, prepared, checkpoint, data, output,
-                 sharded=sharded, compute_dtype=compute_dtype, console=console)  # fmt: skip
+                 method, sharded=sharded, compute_dtype=compute_dtype, console=console)  # fmt: skip
     bar_shown = show_progress and console.is_terminal
     _loop(run, [LogMetrics(bar_shown=bar_shown), Evaluate(), SaveCheckpoints()], bar_shown)
     if sharded and (config.final_format != "none" or config.export_format):
@@ -380,29 +370,26 @@ def _run(
 
 def _build(
     config: TrainConfig, group, progress: RunProgress, model, tokenizer,
-    prepared: PreparedData, checkpoint, data: dict, output: RunOutput, *,
+    prepared: PreparedData, checkpoint, data: dict, output: RunOutput, method: Method, *,
     sharded: bool, compute_dtype: torch.dtype, console: Any,
 ) -> RunState:  # fmt: skip
     """The model as the ranks run it, the batches, the optimizer and schedule, the state
     of the checkpoint resumed from, the metrics log."""
-    from sloth_core import data as data_pipeline
-
     train_model = group.wrap(model, full=sharded, compute_dtype=compute_dtype)
     group.reseed(config.seed, 0)
     model.train()
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    length = config.max_seq_length
-    batches = data_pipeline.Batches(
-        prepared.train, batch_size=config.per_device_train_batch_size * group.world_size,
-        max_seq_length=length, packing=config.packing, pad_token_id=pad, seed=config.seed,
+    per_device = config.per_device_train_batch_size
+    batches = method.batches(
+        prepared.train, batch_size=per_device * group.world_size, pad_token_id=pad,
+        seed=config.seed, train=True,
     )  # fmt: skip
     eval_batches = None
     # The other ranks do not evaluate, unless the model is sharded: then every forward
     # needs them all.
     if prepared.eval and (group.is_main or sharded):
-        eval_batches = data_pipeline.Batches(
-            prepared.eval, batch_size=config.per_device_train_batch_size, max_seq_length=length,
-            packing=False, pad_token_id=pad, seed=config.seed, shuffle=False,
+        eval_batches = method.batches(
+            prepared.eval, batch_size=per_device, pad_token_id=pad, seed=config.seed, train=False
         )  # fmt: skip
     per_step = config.gradient_accumulation_steps
     if config.max_steps > 0:
@@ -420,6 +407,13 @@ def _build(
         group.reseed(config.seed, resumed["step"])
     step = resumed.get("step", 0)
     progress.step = step
+    autocast = contextlib.nullcontext if sharded else _autocast(config, model)
+    if config.precompute_ref_log_probs:
+        in_order = method.batches(
+            prepared.train, batch_size=per_device, pad_token_id=pad, seed=config.seed,
+            train=False,
+        )  # fmt: skip
+        method.precompute(in_order, len(prepared.train), autocast)
     if group.is_main:
         (output.path / TRAIN_CONFIG).write_text(_json(config.to_dict()))
     log = (
@@ -430,7 +424,7 @@ def _build(
         config=config, group=group, model=model, train_model=train_model, optimizer=optimizer,
         scheduler=scheduler, batches=batches, eval_batches=eval_batches,
         # Sharded, FSDP2 casts each layer to the compute dtype itself (the shards are fp32).
-        autocast=contextlib.nullcontext if sharded else _autocast(config, model),
+        autocast=autocast, method=method,
         total_steps=total_steps, output=output, progress=progress,
         result=TrainResult(output.path, total_steps, data_stats=prepared.stats), log=log,
         console=console, data=data, resumed=resumed, step=step,
@@ -457,6 +451,7 @@ def _loop(run: RunState, callbacks: list[Callback], bar_shown: bool) -> None:
                 done = train_step(
                     run.train_model, run.optimizer, micro, scheduler=run.scheduler,
                     autocast=run.autocast, group=group, max_grad_norm=config.max_grad_norm,
+                    forward_backward=run.method.forward_backward,
                 )  # fmt: skip
                 run.step += 1
                 run.progress.step = run.step
@@ -467,7 +462,7 @@ def _loop(run: RunState, callbacks: list[Callback], bar_shown: bool) -> None:
                     "step": run.step, "epoch": run.consumed / run.per_epoch, "loss": done.loss,
                     "lr": done.lr, "grad_norm": done.grad_norm,
                     "tokens_per_s": run.tokens_seen / max(elapsed, 1e-9),
-                    "gpu_mem_gib": _gpu_memory(),
+                    "gpu_mem_gib": _gpu_memory(), **done.metrics,
                 }  # fmt: skip
                 for callback in callbacks:
                     callback.on_step(run, record)

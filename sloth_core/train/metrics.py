@@ -136,6 +136,8 @@ class Progress:
     def update(self, step: int, record: dict[str, Any]) -> None:
         parts = [f"loss {record['loss']:.4f}", f"lr {record['lr']:.2e}",
                  f"{record['tokens_per_s']:.0f} tok/s"]  # fmt: skip
+        if record.get("rewards/accuracies") is not None:  # preference methods
+            parts.insert(1, f"reward acc {record['rewards/accuracies']:.0%}")
         if record.get("gpu_mem_gib") is not None:
             parts.append(f"{record['gpu_mem_gib']:.1f} GiB")
         self._bar.update(self._task, completed=step, stats=" | ".join(parts))

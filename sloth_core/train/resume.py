@@ -30,6 +30,8 @@ RESUME_KEYS = (
     "gradient_accumulation_steps", "max_steps", "num_train_epochs", "learning_rate",
     "embedding_learning_rate", "warmup_steps", "warmup_ratio", "lr_scheduler_type", "optim",
     "weight_decay", "adam_beta1", "adam_beta2", "max_grad_norm",
+    "method", "beta", "loss_type", "label_smoothing", "simpo_gamma", "desirable_weight",
+    "undesirable_weight", "max_prompt_length", "max_completion_length", "truncation_mode",
 )  # fmt: skip
 
 

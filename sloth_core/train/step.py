@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -65,6 +65,7 @@ class StepResult:
     tokens: int
     lr: float
     grad_norm: float | None
+    metrics: dict[str, float] = field(default_factory=dict)  # the method's (DPO's rewards...)
 
 
 def train_step(
@@ -76,10 +77,15 @@ def train_step(
     autocast: Autocast = contextlib.nullcontext,
     group: Any = None,
     max_grad_norm: float = 0.0,
+    forward_backward: Callable[..., tuple[float, dict[str, float]]] | None = None,
 ) -> StepResult:
-    """Forward and backward ``micro_batches`` (:func:`accumulate`), clip the gradients'
-    norm to ``max_grad_norm`` (0: no clipping), step the optimizer and the scheduler."""
-    loss = accumulate(model, micro_batches, autocast=autocast, group=group)
+    """Forward and backward ``micro_batches`` (:func:`accumulate`, or a method's
+    ``forward_backward``, which returns metrics too), clip the gradients' norm to
+    ``max_grad_norm`` (0: no clipping), step the optimizer and the scheduler."""
+    if forward_backward is None:
+        loss, metrics = accumulate(model, micro_batches, autocast=autocast, group=group), {}
+    else:
+        loss, metrics = forward_backward(model, micro_batches, autocast=autocast, group=group)
     grad_norm = None
     if max_grad_norm > 0:
         params = [p for group_ in optimizer.param_groups for p in group_["params"]]
@@ -94,7 +100,7 @@ def train_step(
     tokens = sum(int(b["input_ids"].numel()) for b in micro_batches)
     if group is not None and group.active:
         loss, tokens = group.all_sum([loss, tokens])  # as they are in one process
-    return StepResult(float(loss), int(tokens), lr, grad_norm)
+    return StepResult(float(loss), int(tokens), lr, grad_norm, metrics)
 
 
 @torch.no_grad()

@@ -1,0 +1,103 @@
+"""Log-probabilities of whole completions under the policy and under the reference model.
+
+A patched causal LM gives each label token's log-probability straight from its last
+hidden states through the chunked ``token_log_probs`` op (``sloth_log_probs=True``), so
+the ``[tokens, vocab]`` logits never exist; an unpatched one (the generic fallback) gives
+logits, from which they are gathered. The reference model of DPO and KTO is the policy
+with its adapters disabled (PEFT's ``disable_adapter``: no second copy), or, in full
+fine-tuning, a frozen copy made before training.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from sloth_core.patches.causal_lm import LOG_PROBS_KWARG, serves_log_probs
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class SequenceLogProbs:
+    """Per row: the summed log-probability of its label tokens and how many there are,
+    and the model's router load-balancing loss (MoE models; ``None`` otherwise)."""
+
+    sums: torch.Tensor  # [R] fp32
+    counts: torch.Tensor  # [R]
+    aux_loss: torch.Tensor | None = None
+
+    @property
+    def means(self) -> torch.Tensor:
+        """Length-normalised: the mean log-probability of a row's label tokens."""
+        return self.sums / self.counts.clamp(min=1)
+
+
+def sequence_log_probs(
+    model: Any,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+) -> SequenceLogProbs:
+    """The completions' log-probabilities, one forward for every row (chosen and rejected
+    together): ``labels`` are unshifted like SFT's, -100 on prompt and padding."""
+    targets = F.pad(labels, (0, 1), value=IGNORE_INDEX)[:, 1:]
+    keep = targets != IGNORE_INDEX
+    options = dict(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    if serves_log_probs(_unwrapped(model)):
+        out = model(
+            **options, labels=labels, sloth_temperature=temperature, **{LOG_PROBS_KWARG: True}
+        )  # fmt: skip
+        token = out["log_probs"]
+    else:
+        out = model(**options)
+        logits = out.logits.float() / temperature
+        picked = torch.log_softmax(logits, -1).gather(-1, torch.where(keep, targets, 0)[..., None])
+        token = picked.squeeze(-1) * keep
+    aux = out.get("aux_loss") if hasattr(out, "get") else None
+    return SequenceLogProbs(token.sum(-1), keep.sum(-1), aux)
+
+
+def _unwrapped(model: Any) -> Any:
+    # DDP keeps the model in .module; FSDP2 and PEFT models are the model itself.
+    return getattr(model, "module", model) if isinstance(model, torch.nn.Module) else model
+
+
+class Reference:
+    """The reference model's log-probs: the policy with adapters disabled, or a frozen copy
+    (full fine-tuning: the weights as they were before training, in the policy's dtype)."""
+
+    def __init__(self, model: Any, *, full_finetuning: bool) -> None:
+        self.frozen = None
+        if full_finetuning:
+            self.frozen = copy.deepcopy(model).eval().requires_grad_(False)
+        elif not hasattr(model, "disable_adapter"):
+            raise TypeError("the reference model is the policy without adapters: LoRA is needed")
+        self.model = model
+
+    @torch.no_grad()
+    def log_probs(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
+    ) -> SequenceLogProbs:
+        if self.frozen is not None:
+            return sequence_log_probs(self.frozen, input_ids, attention_mask, labels)
+        with self.model.disable_adapter():
+            return sequence_log_probs(self.model, input_ids, attention_mask, labels)
+
+
+@contextlib.contextmanager
+def evaluating(model: Any):
+    """``model`` in eval mode for the block, back in its mode after."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
