@@ -81,6 +81,22 @@ def test_rms_norm_matches_reference(gemma, shape, dtype, device):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+def test_rms_norm_cast_after_weight_is_the_reference(dtype, device):
+    """gpt-oss's order is declined (the LoRA kernels' norm recompute knows Llama's and
+    Gemma's only): the reference's bits, forward and backward, fp32 weight as gpt-oss's."""
+    x, w = _inputs((2, 5, 37), dtype, device, affine_dtype=torch.float32)
+    y = norms.rms_norm(x, w, 1e-5, cast_after_weight=True)
+    assert not hasattr(y, "_sloth_norm") and y.dtype == dtype
+    x_ref, w_ref = _leaf(x.detach()), _leaf(w.detach())
+    expected = reference.rms_norm(x_ref, w_ref, 1e-5, cast_after_weight=True)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    expected.backward(dy)
+    for got, want in ((y, expected), (x.grad, x_ref.grad), (w.grad, w_ref.grad)):
+        assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("gemma", [False, True], ids=["llama", "gemma"])
 def test_rms_norm_matches_transformers_modules(gemma, dtype, device):
     from transformers.models.gemma.modeling_gemma import GemmaRMSNorm

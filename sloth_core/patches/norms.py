@@ -25,13 +25,22 @@ def rms_norm_eps(module: torch.nn.Module) -> float:
     raise ValueError(f"{type(module).__name__} has no variance_epsilon or eps")
 
 
-def patch_rms_norm(module: torch.nn.Module, ops: OpRegistry, *, gemma: bool = False) -> bool:
+def patch_rms_norm(
+    module: torch.nn.Module,
+    ops: OpRegistry,
+    *,
+    gemma: bool = False,
+    cast_after_weight: bool = False,
+) -> bool:
     """Route ``module``'s forward through ``ops.rms_norm``; ``False`` if it was patched already.
 
     Args:
         module: an RMSNorm with a ``weight`` ``[D]`` and ``variance_epsilon`` or ``eps``.
         ops: the op registry.
         gemma: the ``1 + weight`` variant (``GemmaRMSNorm``), normalised and scaled in fp32.
+        cast_after_weight: scaled by ``weight`` in fp32 before the cast to the input dtype
+            (``GptOssRMSNorm``); passed to the op only when set, so a kernel set that does
+            not know the keyword still serves the other norms.
 
     Raises:
         ValueError: the module has no 1-D ``weight``, has a ``bias`` (a LayerNorm), or has
@@ -48,7 +57,9 @@ def patch_rms_norm(module: torch.nn.Module, ops: OpRegistry, *, gemma: bool = Fa
     eps = rms_norm_eps(module)
 
     # The weight is read at call time: it may be replaced (loading, casting) after patching.
+    options = {"cast_after_weight": True} if cast_after_weight else {}
+
     def forward(self: torch.nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
-        return ops.rms_norm(hidden_states, self.weight, eps, gemma=gemma)
+        return ops.rms_norm(hidden_states, self.weight, eps, gemma=gemma, **options)
 
     return bind_forward(module, forward)

@@ -1,11 +1,14 @@
 """The norm references against transformers' RMSNorms and torch's LayerNorm, fp32, fwd + bwd."""
 
+import functools
+
 import pytest
 import torch
 from _helpers import assert_close as _assert_close
 from _helpers import draw as _draw
 from torch import nn
 from transformers.models.gemma.modeling_gemma import GemmaRMSNorm
+from transformers.models.gpt_oss.modeling_gpt_oss import GptOssRMSNorm
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 from transformers.models.qwen3.modeling_qwen3 import Qwen3RMSNorm
 
@@ -23,7 +26,7 @@ def _compare_module(module, fn, x, what):
     params = [p for p in module.parameters()]
     grads_hf = torch.autograd.grad(out_hf, [x_hf, *params], upstream)
     grads_ref = torch.autograd.grad(out_ref, [x_ref, *params], upstream)
-    for i, (g_ref, g_hf) in enumerate(zip(grads_ref, grads_hf)):
+    for i, (g_ref, g_hf) in enumerate(zip(grads_ref, grads_hf, strict=True)):
         _assert_close(g_ref, g_hf, f"{what} grad {'x' if i == 0 else f'param {i}'}")
 
 
@@ -71,6 +74,38 @@ def test_rms_norm_bf16_rounds_like_transformers(gemma):
     what = f"gemma={gemma} x={[n, d]} seed={seed}"
     assert actual.dtype == expected.dtype == torch.bfloat16, what
     assert torch.equal(actual, expected), what
+
+
+def test_rms_norm_matches_gpt_oss():
+    seed, (b, s, d) = _draw((1, 3), (1, 17), (5, 130))
+    module = GptOssRMSNorm(d, eps=3e-3)
+    nn.init.normal_(module.weight, 1.0, 0.5)
+    x = torch.randn(b, s, d) * 3
+    what = f"GptOssRMSNorm x={[b, s, d]} seed={seed}"
+    fn = functools.partial(rms_norm, weight=module.weight, eps=3e-3, cast_after_weight=True)
+    _compare_module(module, fn, x, what)
+
+
+@pytest.mark.parametrize(
+    "x_dtype,w_dtype",
+    [(torch.bfloat16, torch.float32), (torch.bfloat16, torch.bfloat16), (torch.float32,) * 2],
+    ids=["bf16-fp32-weight", "bf16", "fp32"],
+)
+def test_rms_norm_cast_after_weight_is_gpt_oss_bit_for_bit(x_dtype, w_dtype):
+    # gpt-oss multiplies by the weight in fp32, then casts: with from_pretrained's fp32
+    # norm weights on bf16 hidden states the result is bf16, rounded once.
+    seed, (n, d) = _draw((1, 40), (8, 96))
+    module = GptOssRMSNorm(d)
+    nn.init.normal_(module.weight, 1.0, 0.5)
+    module = module.to(w_dtype)
+    x = torch.randn(n, d).to(x_dtype)
+    expected = module(x)
+    actual = rms_norm(x, module.weight, 1e-6, cast_after_weight=True)
+    what = f"x {x_dtype} weight {w_dtype} x={[n, d]} seed={seed}"
+    assert actual.dtype == expected.dtype == x_dtype, what
+    assert torch.equal(actual, expected), what
+    if x_dtype != w_dtype:  # the Llama order would differ: promoted dtype, two roundings
+        assert rms_norm(x, module.weight, 1e-6).dtype == torch.float32, what
 
 
 @pytest.mark.parametrize("affine,bias", [(True, True), (True, False), (False, False)])

@@ -340,7 +340,12 @@ class _LayerNorm(torch.autograd.Function):
 
 
 def rms_norm(
-    x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, *, gemma: bool = False
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float = 1e-6,
+    *,
+    gemma: bool = False,
+    cast_after_weight: bool = False,
 ) -> torch.Tensor:
     """RMSNorm over the last dimension, as ``LlamaRMSNorm`` (or ``GemmaRMSNorm`` with ``gemma``).
 
@@ -349,10 +354,12 @@ def rms_norm(
     promoted dtype of the two), Gemma multiplies by ``1 + weight`` in fp32 and casts to
     ``x.dtype``. ``x`` is ``[..., D]`` with any leading shape; the backward gives ``dx``
     and, when ``weight`` requires grad, ``dweight``. Rows wider than the fused limit or a
-    weight not shaped ``[D]`` use the reference.
+    weight not shaped ``[D]`` use the reference, and so does ``cast_after_weight``
+    (gpt-oss's order) without ``gemma``: the LoRA kernels' recompute of a norm output
+    (:class:`NormSource`) knows the Llama and Gemma orders only.
     """
-    if not _serves(x, weight):
-        return reference.rms_norm(x, weight, eps, gemma=gemma)
+    if (cast_after_weight and not gemma) or not _serves(x, weight):
+        return reference.rms_norm(x, weight, eps, gemma=gemma, cast_after_weight=cast_after_weight)
     out = _RMSNorm.apply(x, weight, float(eps), bool(gemma))
     if out.grad_fn is not None:
         # How to recompute this output (see norm_source): the LoRA ops that consume it

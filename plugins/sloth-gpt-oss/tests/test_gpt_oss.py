@@ -1,9 +1,10 @@
 """sloth-gpt-oss against Hugging Face's gpt_oss (eager, the only attention it supports
 besides flash/flex): logits, loss (the router's load-balancing loss included) and every
 LoRA gradient, with LoRA on the experts (PEFT's ``target_parameters``) or on attention
-only; packed rows, the varied config, sloth-kernels' kernels interpreted; the attention
-sinks of ``sloth_attention`` against gpt-oss's eager attention (padded and packed rows,
-the sinks' gradient); MXFP4 checkpoints loaded dequantized, or refused with QLoRA.
+only; packed rows, the varied config, sloth-kernels' kernels interpreted, the norms bit
+for bit in bf16; the attention sinks of ``sloth_attention`` against gpt-oss's eager
+attention (padded and packed rows, the sinks' gradient); MXFP4 checkpoints loaded
+dequantized, or refused with QLoRA.
 
 ``tiny_config("gpt_oss")``: layer 0 sliding (window 16, crossed by the 24-token rows),
 layer 1 full; 4 experts of width 32, top 2, SwiGLU clamped at 1.5.
@@ -23,7 +24,7 @@ from sloth_core.testing.moe_checks import MOE_CHECKS, MoEArchitecture, run_moe_c
 GPT_OSS = MoEArchitecture(
     "sloth-gpt-oss",
     "gpt_oss",
-    patched={"attention": 2, "moe": 2, "causal_lm": 1},  # norms: transformers' (plugin.py)
+    patched={"rms_norm": 5, "attention": 2, "moe": 2, "causal_lm": 1},
     attention_paths=("sinks",),
     patched_modules=("model.layers.1.mlp", "model.layers.0.self_attn"),
     # With the tiny config's clamp at 1.5 the curves agree to 1e-7 for 21 steps, then a
@@ -55,6 +56,25 @@ def test_parity_varied(manager):
     assert config.rms_norm_eps != defaults.rms_norm_eps and config.output_router_logits
     assert config.router_aux_loss_coef != defaults.router_aux_loss_coef
     GPT_OSS.parity(manager, config)
+
+
+def test_norms_round_as_gpt_oss_in_bf16(manager):
+    """The patched norms (``rms_norm``'s ``cast_after_weight``) equal GptOssRMSNorm bit for
+    bit on bf16 hidden states with fp32 weights, as from_pretrained keeps them: bf16 out,
+    rounded once (the Llama order would return fp32)."""
+    config = tiny_config("gpt_oss")
+    model = init_tiny_model(config).to(torch.bfloat16)
+    norms = [m for m in model.modules() if type(m).__name__ == "GptOssRMSNorm"]
+    for norm in norms:
+        norm.float()
+    generator = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 7, config.hidden_size, generator=generator).to(torch.bfloat16)
+    expected = [norm(x) for norm in norms]
+    (report,) = manager.patch_layers(model=model)
+    assert report.patched["rms_norm"] == len(norms) == 5
+    for norm, want in zip(norms, expected, strict=True):
+        got = norm(x)
+        assert got.dtype == want.dtype == torch.bfloat16 and torch.equal(got, want)
 
 
 def test_packed_rows_match_each_sequence_alone(manager):

@@ -1,4 +1,4 @@
-"""Reference normalisations: RMSNorm (Llama and Gemma flavours) and LayerNorm."""
+"""Reference normalisations: RMSNorm (Llama, Gemma and gpt-oss flavours) and LayerNorm."""
 
 from __future__ import annotations
 
@@ -7,7 +7,12 @@ import torch.nn.functional as F
 
 
 def rms_norm(
-    x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, *, gemma: bool = False
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float = 1e-6,
+    *,
+    gemma: bool = False,
+    cast_after_weight: bool = False,
 ) -> torch.Tensor:
     """Root-mean-square normalisation over the last dimension, as transformers computes it.
 
@@ -20,6 +25,10 @@ def rms_norm(
             then ``weight * normed``, so the result takes the promoted dtype of the two).
             ``True`` matches ``GemmaRMSNorm`` (normalise in fp32, multiply by
             ``1 + weight`` in fp32, then cast to ``x.dtype``).
+        cast_after_weight: ``True`` matches ``GptOssRMSNorm`` (T5's order: normalise in
+            fp32, ``weight * normed`` in fp32, then cast to ``x.dtype``; from_pretrained
+            keeps gpt-oss's norm weights in fp32, and the result stays in ``x.dtype``).
+            Implied by ``gemma``.
 
     Returns:
         ``[..., D]``.
@@ -31,6 +40,8 @@ def rms_norm(
     if gemma:
         # Gemma scales before the downcast, Llama after: the two round differently in bf16.
         return (hidden * (1.0 + weight.float())).to(input_dtype)
+    if cast_after_weight:
+        return (weight * hidden).to(input_dtype)
     return weight * hidden.to(input_dtype)
 
 

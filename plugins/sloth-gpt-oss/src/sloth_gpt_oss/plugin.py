@@ -1,6 +1,10 @@
 """Hook implementations of sloth-gpt-oss; the entry point names this module.
 
-gpt-oss differs from Mixtral in four places, each handled by the core's patches:
+gpt-oss differs from Mixtral in five places, each handled by the core's patches:
+
+- its RMSNorm scales by the weight in fp32 before the cast to the input dtype (T5's
+  order; from_pretrained keeps the norm weights in fp32): ``rms_norm``'s
+  ``cast_after_weight``;
 
 - attention sinks: a learned logit per head joins every softmax denominator. The patched
   attention passes ``s_aux=self.sinks`` to the attention function as gpt-oss's forward
@@ -33,6 +37,7 @@ from sloth_core.sdk import (
     model_type_of,
     patch_architecture,
     patch_attention,
+    patch_rms_norm,
     restorer,
     sliding_window_kwargs,
     unwrap_model,
@@ -109,17 +114,12 @@ def attention_kwargs(attention) -> dict[str, Any]:
 
 @hookimpl
 def patch_layers(model, ops) -> PatchReport | None:
-    """Route gpt-oss's attention (sinks, windows), sparse blocks and causal-LM loss through
-    ``ops`` (the norms stay transformers', see below)."""
+    """Route gpt-oss's norms, attention (sinks, windows), sparse blocks and causal-LM loss
+    through ``ops``."""
     if model_type_of(model) not in MODEL_TYPES:
         return None  # before importing transformers' gpt-oss for a model that is not one
     from transformers.models.gpt_oss import modeling_gpt_oss as gpt_oss
 
-    # The norms keep transformers' forward: GptOssRMSNorm scales by its weight in fp32
-    # before the downcast, and from_pretrained keeps its weights in fp32
-    # (_keep_in_fp32_modules). The rms_norm op scales after the downcast (Llama), so with
-    # fp32 weights it would return fp32 hidden states (and with bf16 weights it rounds
-    # twice where transformers rounds once).
     report = patch_architecture(
         model,
         ops,
@@ -130,21 +130,35 @@ def patch_layers(model, ops) -> PatchReport | None:
         causal_lm=gpt_oss.GptOssForCausalLM,
     )
     assert report is not None  # the model type was checked
-    # patch_architecture's attention patch takes no rotary option: the modules are
-    # patched here, with gpt-oss's half-width cos/sin, and join the report and its undo.
-    attention = [
-        module
-        for module in unwrap_model(model).modules()
-        if isinstance(module, gpt_oss.GptOssAttention)
-        and patch_attention(module, ops, attention_kwargs=attention_kwargs, half_rotary=True)
-    ]
-    undo_rest, undo_attention = report.undo, restorer(attention)
+    # patch_architecture's patchers take neither option: these modules are patched here
+    # and join the report and its undo. GptOssRMSNorm scales by its weight in fp32 before
+    # the downcast (and from_pretrained keeps its weights in fp32): rms_norm's
+    # cast_after_weight; the attention's rotary embedding is half-width (half_rotary).
+    patchers = {
+        "rms_norm": (
+            gpt_oss.GptOssRMSNorm,
+            lambda module: patch_rms_norm(module, ops, cast_after_weight=True),
+        ),
+        "attention": (
+            gpt_oss.GptOssAttention,
+            lambda module: patch_attention(
+                module, ops, attention_kwargs=attention_kwargs, half_rotary=True
+            ),
+        ),
+    }
+    modules = list(unwrap_model(model).modules())
+    patched = {
+        kind: [m for m in modules if isinstance(m, cls) and patch(m)]
+        for kind, (cls, patch) in patchers.items()
+    }
+    undo_rest = report.undo
+    undo_here = restorer([m for group in patched.values() for m in group])
 
     def undo() -> None:
-        undo_attention()
+        undo_here()
         if undo_rest is not None:
             undo_rest()
 
-    report.patched = {**report.patched, "attention": len(attention)}
+    report.patched = {**report.patched, **{kind: len(group) for kind, group in patched.items()}}
     report.undo = undo
     return report
