@@ -7,9 +7,17 @@
 ``tiny_kto.jsonl`` KTO rows, both from ``tiny_instructions.jsonl`` (its one-sentence
 definitions left out: their answers are long). The chosen completion is the right short
 answer (a number, a city, a word: 1 to 8 tokens); the rejected one is wrong but
-plausible: an arithmetic answer off by a little, another row's capital or antonym, the
-word not reversed, a regular plural of an irregular noun, the other parity. Arithmetic
-rows get a second pair with another wrong number.
+plausible, and ends with a full stop: an arithmetic answer off by a little, another row's
+capital or antonym, the word not reversed, a regular plural of an irregular noun, the
+other parity. Arithmetic rows get a second pair with another wrong number.
+
+The full stop is the preference a tiny model learns within an epoch: every pair shares
+it, where telling right from wrong takes each pair's own knowledge. Measured on the demo
+model (LoRA r=32, lr 1e-3, batches of 8): DPO's reward accuracy stays near 0.6 for four
+epochs without it and passes 0.95 within 16 steps with it; SimPO's (average log-probs,
+no reference) starts near 0.1, as the likely full stop raises the rejected side's
+average, and passes 0.95 within 16 steps, so a test of the reference-free losses sees
+them learn rather than start right.
 
 The rows take turns at the three layouts sloth reads (see sloth_core/data/preference.py):
 plain strings, TRL's conversational form (prompt and completions as message lists) and
@@ -129,11 +137,12 @@ def build() -> dict[str, list[dict[str, Any]]]:
         pools.setdefault(kind, []).append(right)
     triples = []
     for row, kind, right in rows:
-        triples.append((_question(row), right, _wrong(row, kind, right, pools[kind], rng)))
+        wrong = _wrong(row, kind, right, pools[kind], rng)
+        triples.append((_question(row), right, f"{wrong}."))
         if kind == "number":
             again = _wrong(row, kind, right, pools[kind], rng)
-            if again != triples[-1][2]:
-                triples.append((_question(row), right, again))
+            if again != wrong:
+                triples.append((_question(row), right, f"{again}."))
     pairs = [_pair_row(*triple, layout=n % 3) for n, triple in enumerate(triples)]
     kto = []
     for n, (question, chosen, rejected) in enumerate(triples):

@@ -49,8 +49,10 @@ def preference_dataset(kind: str = "pairs") -> Path:
     ``"pairs"`` (DPO, ORPO, SimPO): 257 rows ``{prompt, chosen, rejected}``; ``"kto"``:
     514 rows ``{prompt, completion, label}``. Built from the instruction set by
     ``scripts/make_preference_data.py``: the chosen (desirable) completion is the right
-    short answer, the rejected one a plausible wrong one (1 to 8 tokens each); the rows
-    mix plain strings, TRL's conversational form and, for pairs, the implicit prompt.
+    short answer, the rejected one a plausible wrong one ending with a full stop (1 to 8
+    tokens each; the full stop makes the preference learnable by a tiny model within an
+    epoch, see the script); the rows mix plain strings, TRL's conversational form and, for
+    pairs, the implicit prompt.
     """
     if kind not in _PREFERENCE_FILES:
         raise ValueError(f"unknown kind {kind!r}; accepted: {', '.join(_PREFERENCE_FILES)}")
