@@ -204,12 +204,14 @@ def truncate(
 ) -> tuple[list[int], list[list[int]]] | None:
     """Cut a prompt and its completions (chosen and rejected, or KTO's one) to the limits.
 
-    TRL's rules (trl 0.28.0, the last with ``max_prompt_length`` and
-    ``max_completion_length``, for those; trl 1.9.0's DPO and KTO collators and dataset
-    filter for ``max_length``), in this order:
+    TRL's rules, in this order. ``max_prompt_length`` and ``max_completion_length`` are
+    trl 0.28.0's (``DPOTrainer.tokenize_row``; 0.29 removed them), ``max_length`` and
+    ``truncation_mode`` trl 1.9.0's (``DataCollatorForPreference``, the KTO collator and
+    the dataset filters of both trainers):
 
-    1. a prompt longer than ``max_prompt_length`` keeps its last tokens (``keep_end``; its
-       first with ``keep_start``, as TRL's KTOTrainer up to 0.23 did);
+    1. a prompt longer than ``max_prompt_length`` keeps its last tokens (with
+       ``keep_end``, as trl 0.28.0 always did; with ``keep_start`` its first, as the
+       ``truncation_mode`` of TRL's older DPO and KTO trainers chose, trl <= 0.23 for KTO);
     2. a completion longer than ``max_completion_length`` keeps its first tokens;
     3. a prompt + completion sequence longer than ``max_length`` keeps its last
        ``max_length`` tokens (``keep_end``: the prompt loses its start; a completion
@@ -219,9 +221,9 @@ def truncate(
        (as trl 1.9.0 drops it).
 
     TRL cuts the chosen and rejected sequences of a pair apart; here the longer one sets
-    the cut, so that the pair keeps one prompt: with ``keep_end`` the shorter sequence
-    loses as much prompt as the longer one (in TRL it keeps up to the difference in
-    length more). ``keep_start`` cuts alike either way.
+    the cut, so that the pair keeps one prompt (as TRL's DPOTrainer did up to 0.11): with
+    ``keep_end`` the shorter sequence loses as much prompt as the longer one (in trl 1.9.0
+    it keeps up to the difference in length more). ``keep_start`` cuts alike either way.
     """
     keep_end = truncation_mode == "keep_end"
     prompt = list(prompt)
