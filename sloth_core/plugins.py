@@ -371,8 +371,8 @@ class SlothPluginManager:
         """Run every ``patch_layers`` hook, then bind this manager to what they patched
         (its ``compute_loss`` on patched causal LMs; ``model.sloth_host``): a patched model
         calls the plugins it was patched with, never a process-wide global."""
-        from sloth_core.default_plugins.torch_loss import causal_lm_log_probs
         from sloth_core.patches.causal_lm import bind_loss
+        from sloth_core.patches.lm_head import causal_lm_log_probs
 
         reports = [r for r in self.pm.hook.patch_layers(model=model, ops=self.ops, host=self) if r]
         # Log-probs are a core service over the token_log_probs op (kernel sets accelerate

@@ -92,7 +92,8 @@ class PreferenceMethod:
         from sloth_core.data import PreferenceBatches
 
         return PreferenceBatches(
-            examples, batch_size=batch_size, pad_token_id=pad_token_id, seed=seed, shuffle=train
+            examples, batch_size=batch_size, pad_token_id=pad_token_id, seed=seed, shuffle=train,
+            max_length=self.config.max_seq_length,  # KTO's KL rows, cut as TRL's collator does
         )  # fmt: skip
 
     # -- model --------------------------------------------------------------------------
@@ -187,7 +188,9 @@ class PreferenceMethod:
         loss = (out.losses * valid).sum() / totals["examples"]
         if self.name == "orpo":
             chosen = -policy.sums.view(-1, 2)[:, 0].sum()  # the chosen tokens' summed NLL
-            sums.add_total("nll_loss", float(chosen), float(policy.counts.view(-1, 2)[:, 0].sum()))
+            sums.add_total(
+                "nll_loss", float(chosen.detach()), float(policy.counts.view(-1, 2)[:, 0].sum())
+            )
             loss = loss + chosen / totals["chosen_tokens"]
         if policy.aux_loss is not None:  # MoE: the router's load-balancing loss, per example
             share = valid.sum() / totals["examples"]

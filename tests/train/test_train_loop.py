@@ -6,17 +6,14 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import signal
-import subprocess
 import sys
-import time
 
 import pytest
 import torch
+from _killing import kill_and_resume
 
 from sloth_core.data import Batches, load_records, tokenize
 from sloth_core.train import TrainConfig, accumulate, train
-from sloth_core.train.checkpoint import list_checkpoints
 from sloth_core.train.metrics import read_metrics
 from sloth_core.train.optim import lr_lambda
 
@@ -102,43 +99,12 @@ def test_a_run_killed_mid_way_resumes_to_the_same_losses(tiny_llama, alpaca_file
     """SIGKILL after step 5 (last checkpoint: step 4), then --resume: every step's loss
     equals the uninterrupted run's (LoRA dropout on, so the RNG state matters too)."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    whole = tmp_path / "whole"
-    done = subprocess.run(_cli(_options(tiny_llama, alpaca_file, whole)), env=env,
-                          capture_output=True, text=True, timeout=300)  # fmt: skip
-    assert done.returncode == 0, done.stderr[-2000:]
-    expected = _losses(whole)
-    assert sorted(expected) == list(range(1, 9))
-
-    crashed = tmp_path / "crashed"
-    process = subprocess.Popen(_cli(_options(tiny_llama, alpaca_file, crashed)), env=env,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
-    deadline = time.monotonic() + 300
-    while max(_losses(crashed), default=0) < 5:
-        assert process.poll() is None, process.stderr.read().decode()[-2000:]
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    assert max(_losses(crashed)) < 8
-    # Only whole checkpoints count; one being written when the kill came is a hidden
-    # staging directory, removed by the resume.
-    checkpoints = [p.name for p in list_checkpoints(crashed)]
-    assert checkpoints and "checkpoint-8" not in checkpoints
-    assert all((crashed / name / "trainable.safetensors").is_file() for name in checkpoints)
-
-    resumed = subprocess.run(_cli(_options(tiny_llama, alpaca_file, crashed), "--resume"),
-                             env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert "resumed from checkpoint-" in resumed.stdout
-    assert not list(crashed.glob(".checkpoint-*"))
-    got = _losses(crashed)
-    assert sorted(got) == sorted(expected)
-    # The steps the crashed run logged after its checkpoint are logged once, not twice.
-    lines = (crashed / "metrics.jsonl").read_text().splitlines()
-    logged = [json.loads(line)["step"] for line in lines if "loss" in json.loads(line)]
-    assert logged == sorted(expected), logged
-    for step, loss in expected.items():
-        assert got[step] == pytest.approx(loss, rel=1e-6, abs=1e-7), step
+    expected, got = kill_and_resume(
+        lambda out: _cli(_options(tiny_llama, alpaca_file, out)), env,
+        tmp_path / "whole", tmp_path / "crashed",
+    )  # fmt: skip
+    for step, record in expected.items():
+        assert got[step]["loss"] == pytest.approx(record["loss"], rel=1e-6, abs=1e-7), step
 
 
 def test_resume_refuses_other_options(tiny_llama, alpaca_file, tmp_path):
