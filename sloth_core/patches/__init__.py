@@ -29,6 +29,7 @@ from .attention import (
 from .causal_lm import RETURN_LOGITS_ENV, causal_lm_logits, patch_causal_lm, prompt_learning
 from .fused import patch_fused_attention, patch_fused_mlp
 from .mlp import MLP_ACTIVATIONS, lift_linear, mlp_activation, patch_gated_mlp
+from .modeling import DENSE_KINDS, ArchitectureSpec, patch_modeling
 from .moe import expert_parameter_names, moe_block_mismatch, patch_moe_block, router_aux_loss
 from .norms import patch_rms_norm, rms_norm_eps
 
@@ -168,7 +169,9 @@ def patch_architecture(
 
 
 __all__ = [
+    "DENSE_KINDS",
     "MLP_ACTIVATIONS",
+    "ArchitectureSpec",
     "RETURN_LOGITS_ENV",
     "SLOTH_ATTENTION",
     "PackedRows",
@@ -185,6 +188,7 @@ __all__ = [
     "patch_fused_attention",
     "patch_fused_mlp",
     "patch_gated_mlp",
+    "patch_modeling",
     "patch_moe_block",
     "patch_rms_norm",
     "prompt_learning",

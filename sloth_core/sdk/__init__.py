@@ -2,7 +2,8 @@
 ``hookimpl``, ``sloth_core.ops.reference`` (the kernels' contract) and ``sloth_core.testing``
 (their tests).
 
-Architecture plugins: :func:`patch_architecture`, :func:`load_with_sloth_attention`,
+Architecture plugins: :func:`patch_architecture` (or :func:`patch_modeling` with a table of
+:class:`ArchitectureSpec`), :func:`load_with_sloth_attention`,
 :func:`sliding_window_kwargs`, :func:`model_type_of`, the loader helpers
 (:func:`load_hf_model`, :func:`load_kwargs`). Exporters: the merge and the merged-model
 writer (:func:`merged_state_dict`, :func:`write_merged`), the stop tokens (one table for
@@ -40,6 +41,9 @@ _EXPORTS: dict[str, str] = {
     "UntrustedCodeError": "sloth_core.errors",
     # architecture plugins
     "patch_architecture": "sloth_core.patches",
+    "patch_modeling": "sloth_core.patches",
+    "ArchitectureSpec": "sloth_core.patches",
+    "DENSE_KINDS": "sloth_core.patches",
     "load_with_sloth_attention": "sloth_core.patches",
     "sliding_window_kwargs": "sloth_core.patches",
     "SLOTH_ATTENTION": "sloth_core.patches",

@@ -9,8 +9,10 @@ compares a patched model with the unpatched Hugging Face model (logits, loss, Lo
 gradients) and :func:`assert_converges_alike` trains both side by side: every
 architecture plugin's tests, which take the installed plugins from
 :func:`installed_manager` and run parity through :func:`check_plugin_parity` on batches
-of :func:`parity_shape` (:mod:`.plugin_checks`); mixture-of-experts plugins add
-:func:`check_moe_parity` and :func:`assert_checkpointing_parity` (:mod:`.moe_checks`).
+of :func:`parity_shape` (:mod:`.plugin_checks`); mixture-of-experts plugins add the checks
+they share, :func:`~sloth_core.testing.moe_checks.run_moe_check` on an
+:class:`~sloth_core.testing.moe_checks.MoEArchitecture`, and :func:`check_moe_parity`
+and :func:`assert_checkpointing_parity` (:mod:`.moe_checks`).
 """
 
 from __future__ import annotations

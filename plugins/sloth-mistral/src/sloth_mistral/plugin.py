@@ -13,28 +13,37 @@ from typing import Any
 
 from sloth_core import hookimpl
 from sloth_core.sdk import (
+    ArchitectureSpec,
     ModelSpec,
     PatchReport,
     load_with_sloth_attention,
-    model_type_of,
-    patch_architecture,
+    patch_modeling,
     sliding_window_kwargs,
 )
 
 PLUGIN = "sloth-mistral"
-#: The Hugging Face ``model_type`` values this plugin makes fast.
-MODEL_TYPES = ("mistral", "mixtral")
-_DESCRIPTIONS = {
-    "mistral": "Mistral: RMSNorm, SwiGLU, GQA, RoPE, sliding window",
-    "mixtral": "Mixtral: Mistral's attention, routed SwiGLU experts (moe_experts)",
-}
+#: The Hugging Face model types this plugin makes fast, and what it patches in each: the
+#: classes of transformers' modeling files.
+ARCHITECTURES = (
+    ArchitectureSpec("mistral", "Mistral", "Mistral: RMSNorm, SwiGLU, GQA, RoPE, sliding window"),
+    # Mixtral: every layer sparse (no dense MLP); it always renormalises its top-k weights
+    # (softmax over the chosen logits).
+    ArchitectureSpec(
+        "mixtral",
+        "Mixtral",
+        "Mixtral: Mistral's attention, routed SwiGLU experts (moe_experts)",
+        kinds=("rms_norm", "attention", "moe", "causal_lm"),
+        moe_options={"normalize": True},
+    ),
+)
+MODEL_TYPES = tuple(entry.model_type for entry in ARCHITECTURES)
 
 
 @hookimpl
 def register_architectures(register):
     """Declare ``mistral`` (Mistral 7B and compatible checkpoints) and ``mixtral``."""
-    for model_type in MODEL_TYPES:
-        register(model_type, description=_DESCRIPTIONS[model_type])
+    for entry in ARCHITECTURES:
+        register(entry.model_type, description=entry.description)
 
 
 @hookimpl
@@ -47,34 +56,10 @@ def load_model(spec: ModelSpec) -> tuple[Any, Any] | None:
 def patch_layers(model, ops) -> PatchReport | None:
     """Route Mistral's norms, MLPs, attention and causal-LM loss through ``ops``, and
     Mixtral's sparse blocks through ``moe_route``/``moe_experts``."""
-    model_type = model_type_of(model)
-    if model_type not in MODEL_TYPES:
-        return None  # before importing transformers' Mistral for a model that is not one
-    if model_type == "mixtral":
-        from transformers.models.mixtral import modeling_mixtral as mixtral
-
-        # Mixtral always renormalises its top-k weights (softmax over the chosen logits).
-        classes: dict[str, Any] = dict(
-            rms_norm=mixtral.MixtralRMSNorm,
-            attention=mixtral.MixtralAttention,
-            moe=mixtral.MixtralSparseMoeBlock,
-            moe_options={"normalize": True},
-            causal_lm=mixtral.MixtralForCausalLM,
-        )
-    else:
-        from transformers.models.mistral import modeling_mistral as mistral
-
-        classes = dict(
-            rms_norm=mistral.MistralRMSNorm,
-            mlp=mistral.MistralMLP,
-            attention=mistral.MistralAttention,
-            causal_lm=mistral.MistralForCausalLM,
-        )
-    return patch_architecture(
+    return patch_modeling(
         model,
         ops,
         plugin=PLUGIN,
-        model_types=model_type,
+        architectures=ARCHITECTURES,
         attention_kwargs=sliding_window_kwargs,
-        **classes,
     )
