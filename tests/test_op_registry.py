@@ -10,11 +10,11 @@ from sloth_core.ops import OpRegistry, default_registry, reference
 
 #: The ops of DESIGN.md section 3 that the core defines, written out here rather than read
 #: from ``REFERENCE_OPS`` (the table the registry is built from, which would agree with
-#: itself whatever it held). The log-prob ops are not defined yet.
+#: itself whatever it held).
 CORE_OPS = {
     "rms_norm", "layer_norm", "rope", "swiglu", "geglu", "lora_linear", "lora_mlp",
-    "lora_qkv", "lora_o", "cross_entropy", "fused_linear_cross_entropy", "dequantize_nf4",
-    "moe_route", "moe_experts",
+    "lora_qkv", "lora_o", "cross_entropy", "fused_linear_cross_entropy", "token_log_probs",
+    "dequantize_nf4", "moe_route", "moe_experts",
 }  # fmt: skip
 
 

@@ -26,6 +26,7 @@ REFERENCE_OPS: dict[str, Callable[..., Any]] = {
     "lora_o": reference.lora_o,
     "cross_entropy": reference.cross_entropy,
     "fused_linear_cross_entropy": reference.fused_linear_cross_entropy,
+    "token_log_probs": reference.token_log_probs,
     "dequantize_nf4": reference.dequantize_nf4,
     "moe_route": reference.moe_route,
     "moe_experts": reference.moe_experts,

@@ -5,6 +5,7 @@ define the signature that faster kernels must implement and are tested against.
 """
 
 from .activations import geglu, swiglu
+from .log_probs import token_log_probs
 from .lora import LoRALinear, lora_linear, lora_mlp, lora_o, lora_qkv
 from .loss import cross_entropy, fused_linear_cross_entropy
 from .moe import ExpertLinear, expert_linears, moe_activation, moe_experts, moe_route
@@ -31,4 +32,5 @@ __all__ = [
     "rms_norm",
     "rope",
     "swiglu",
+    "token_log_probs",
 ]
