@@ -56,7 +56,8 @@ def build_config(args: argparse.Namespace) -> TrainConfig:
 
         # The demo's base model is built (once) only when no other model is named.
         named = getattr(args, "model_name", None) or "model_name" in values
-        values = {**demo_options(with_model=not named), **values}
+        method = getattr(args, "method", None) or values.get("method", "sft")
+        values = {**demo_options(with_model=not named, method=method), **values}
     config = TrainConfig.from_mapping(values, source=source)
     flags = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
     flags = {k: v for k, v in flags.items() if v is not None}

@@ -146,3 +146,19 @@ def test_a_bad_row_names_the_file_and_row_and_writes_nothing(tiny_llama, tmp_pat
     with pytest.raises(DataError, match=r"bad\.jsonl.*row 2.*rejected"):
         train(TrainConfig(**_options(tiny_llama, data, out)), show_progress=False)
     assert not out.exists()
+
+
+@pytest.mark.parametrize("method", ["dpo", "kto"])
+def test_the_demo_takes_a_preference_method(method, tmp_path):
+    """`sloth train --demo --method dpo` trains on the bundled preference set (the SFT
+    demo's alpaca format is dropped, not refused)."""
+    from sloth_core.cli import build_parser
+    from sloth_core.cli.train_cmd import build_config
+
+    argv = ["train", "--demo", "--method", method, "--model-name", "named",
+            "--output-dir", str(tmp_path / "o")]  # fmt: skip
+    config = build_config(build_parser().parse_args(argv))
+    kind = "kto" if method == "kto" else "pairs"
+    assert config.method == method and config.dataset == str(preference_dataset(kind))
+    assert config.data_format == "" and config.model_name == "named"
+    assert config.validate() is config  # the demo's options are valid for the method

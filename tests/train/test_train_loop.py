@@ -14,7 +14,6 @@ from _killing import kill_and_resume
 
 from sloth_core.data import Batches, load_records, tokenize
 from sloth_core.train import TrainConfig, accumulate, train
-from sloth_core.train.metrics import read_metrics
 from sloth_core.train.optim import lr_lambda
 
 
@@ -89,10 +88,6 @@ def _cli(options, *flags):
     for key, value in options.items():
         args += [f"--{key}", str(value)]
     return args + list(flags)
-
-
-def _losses(out):
-    return {r["step"]: r["loss"] for r in read_metrics(out) if "loss" in r}
 
 
 def test_a_run_killed_mid_way_resumes_to_the_same_losses(tiny_llama, alpaca_file, tmp_path):
