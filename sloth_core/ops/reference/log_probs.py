@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .loss import default_chunk_size
+from .loss import add_linear_grads, default_chunk_size
 
 
 def _chunk_logits(h, weight, bias, softcap, temperature):
@@ -93,13 +93,7 @@ class _TokenLogProbs(torch.autograd.Function):
                 grad.div_(temperature)
             if tanh is not None:
                 grad.mul_(1.0 - tanh * tanh)  # d(c * tanh(x / c))/dx
-            grad = grad.to(hidden.dtype)  # the unfused path casts it back before the matmul
-            if need_hidden:
-                grad_hidden[rows] = grad @ weight
-            if need_weight:
-                grad_weight += (grad.t() @ h).float()
-            if need_bias:
-                grad_bias += grad.float().sum(0)
+            add_linear_grads(grad, h, weight, rows, grad_hidden, grad_weight, grad_bias)
 
         if need_weight:
             grad_weight = grad_weight.to(weight.dtype)

@@ -77,6 +77,22 @@ def default_chunk_size(vocab_size: int) -> int:
     return max(1, CHUNK_BYTES // (4 * max(1, vocab_size)))
 
 
+def add_linear_grads(grad, h, weight, rows, grad_hidden, grad_weight, grad_bias) -> None:
+    """Backpropagate one chunk's fp32 ``d(logits)`` through ``h @ weight.T + bias``.
+
+    ``grad`` is cast to ``h``'s dtype first, as the unfused path's ``.float()`` does before
+    its matmuls; ``grad_hidden[rows]`` is written, the fp32 ``grad_weight`` and
+    ``grad_bias`` accumulate. A ``None`` gradient is not computed.
+    """
+    grad = grad.to(h.dtype)
+    if grad_hidden is not None:
+        grad_hidden[rows] = grad @ weight
+    if grad_weight is not None:
+        grad_weight += (grad.t() @ h).float()
+    if grad_bias is not None:
+        grad_bias += grad.float().sum(0)
+
+
 class _FusedLinearCrossEntropy(torch.autograd.Function):
     # Gradients are computed during forward, chunk by chunk, while each chunk's logits
     # exist; backward only rescales them. So nothing of size [N, V] outlives a chunk.
@@ -124,13 +140,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
             grad = grad * (mask / denominator).unsqueeze(1)
             if softcap is not None:
                 grad = grad * (1.0 - tanh * tanh)
-            grad = grad.to(hidden.dtype)  # the unfused path casts it back before the matmul
-            if need_hidden:
-                grad_hidden[rows] = grad @ weight
-            if need_weight:
-                grad_weight += (grad.t() @ h).float()
-            if need_bias:
-                grad_bias += grad.float().sum(0)
+            add_linear_grads(grad, h, weight, rows, grad_hidden, grad_weight, grad_bias)
 
         ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
         ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
