@@ -213,3 +213,37 @@ def test_precomputed_reference_equals_the_live_one(lora_model):
     stored_loss, _ = stored.forward_backward(lora_model, [batch])
     _grads(lora_model)
     assert stored_loss == pytest.approx(live_loss, rel=1e-6)
+
+
+def test_moe_models_add_the_router_loss(tmp_path):
+    """On an MoE model (router logits on), DPO's loss is the paper's plus the coefficient
+    times the load-balancing loss of the policy's forward, gradients included."""
+    from sloth_core.testing.models import tiny_model
+
+    path = tiny_model("qwen3_moe", tmp_path / "moe", output_router_logits=True,
+                      router_aux_loss_coef=0.3)  # fmt: skip
+    model, _ = FastLanguageModel.from_pretrained(str(path), dtype=torch.float32, max_seq_length=64)
+    model = FastLanguageModel.get_peft_model(
+        model, r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], target_experts=True,
+        use_gradient_checkpointing=False,
+    )  # fmt: skip
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.1)
+    model.train()
+    config = TrainConfig(method="dpo", beta=0.3)
+    batch = pair_batch(model.config.vocab_size, seed=4)
+    method = PreferenceMethod(config)
+    method.attach(model)
+    loss, _ = method.forward_backward(model, [batch])
+    ours = _grads(model)
+    rows = [batch[k].flatten(0, 1) for k in ("input_ids", "attention_mask", "labels")]
+    aux = model(input_ids=rows[0], attention_mask=rows[1]).aux_loss
+    assert aux is not None and float(aux) > 0
+    expected = paper_loss(model, batch, config) + 0.3 * aux
+    expected.backward()
+    theirs = _grads(model)
+    assert loss == pytest.approx(float(expected), rel=1e-5)
+    for name, grad in theirs.items():
+        assert relative_error(ours[name], grad) < 1e-5, name
