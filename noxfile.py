@@ -63,8 +63,10 @@ WORKERS = int(os.environ.get("SLOTH_TEST_WORKERS", min(os.cpu_count() or 1, 4)))
 
 
 #: Optional libraries that are quick to install, so that nothing but the GPU tests skips:
-#: parquet and ``datasets.Dataset`` training data, and ``loss.png``.
-LIGHT_EXTRAS = ("pyarrow>=14", "datasets>=3", "matplotlib>=3.8")
+#: parquet and ``datasets.Dataset`` training data, ``loss.png``, and a sloth model in TRL's
+#: own DPOTrainer (trl pinned: the version tests/train/test_trl_compat.py was written on;
+#: it adds only itself, about 2 s).
+LIGHT_EXTRAS = ("pyarrow>=14", "datasets>=3", "matplotlib>=3.8", "trl==1.16.0")
 #: What building and checking the distributions takes (``build``, tests/test_distributions.py).
 PACKAGING = ("build>=1.2", "twine>=6")
 

@@ -2,9 +2,14 @@
 
 TRL wraps the model's forward with its fused LM head (``fused_lm_head=True``: the decoder,
 then chunked log-probs) and falls through to the forward it found, sloth's patched one,
-otherwise. The run must train (finite losses, LoRA weights move, TRL's reward metrics
-logged), and on TRL's own first batch TRL's DPO loss, chosen log-probs, reward margin and
-gradient norm must equal sloth's ``--method dpo`` step on the same tokens.
+otherwise. The run must train (finite losses, every adapter moves, TRL's reward metrics
+logged); on TRL's own first batch TRL's DPO loss, gradient norm, log-probs and reward
+margin must equal sloth's ``--method dpo`` step on the same tokens, and so must TRL's eval
+loss; the logits sloth's forward gives TRL's ``prediction_step`` must give TRL's log-probs.
+
+TRL's reference for a model already wrapped by PEFT is a frozen copy of its adapter as
+passed in (a "ref" adapter); sloth's is the model with adapters disabled. The two agree
+for a fresh adapter (LoRA B = 0), as ``get_peft_model`` makes it.
 """
 
 from __future__ import annotations
