@@ -38,16 +38,27 @@ class SequenceLogProbs:
         return self.sums / self.counts.clamp(min=1)
 
 
-def sequence_log_probs(
+@dataclass
+class TokenLogProbs:
+    """Per row and position ``t``: the log-probability of ``labels[:, t + 1]`` (0 where it is
+    ignored), whether it counts, and the router loss (MoE models; ``None`` otherwise)."""
+
+    values: torch.Tensor  # [R, L] fp32
+    mask: torch.Tensor  # [R, L] bool
+    aux_loss: torch.Tensor | None = None
+
+
+def token_log_probs(
     model: Any,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
     labels: torch.Tensor,
     *,
     temperature: float = 1.0,
-) -> SequenceLogProbs:
-    """The completions' log-probabilities, one forward for every row (chosen and rejected
-    together): ``labels`` are unshifted like SFT's, -100 on prompt and padding."""
+) -> TokenLogProbs:
+    """Each label token's log-probability, one forward for every row (chosen and rejected
+    together, or every sampled completion): ``labels`` are unshifted like SFT's, -100 on
+    prompt and padding; logits divided by ``temperature`` first (GRPO samples with one)."""
     targets = F.pad(labels, (0, 1), value=IGNORE_INDEX)[:, 1:]
     keep = targets != IGNORE_INDEX
     options = dict(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
@@ -62,7 +73,20 @@ def sequence_log_probs(
         picked = torch.log_softmax(logits, -1).gather(-1, torch.where(keep, targets, 0)[..., None])
         token = picked.squeeze(-1) * keep
     aux = out.get("aux_loss") if hasattr(out, "get") else None
-    return SequenceLogProbs(token.sum(-1), keep.sum(-1), aux)
+    return TokenLogProbs(token, keep, aux)
+
+
+def sequence_log_probs(
+    model: Any,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+) -> SequenceLogProbs:
+    """The completions' summed log-probabilities (:func:`token_log_probs`, per row)."""
+    token = token_log_probs(model, input_ids, attention_mask, labels, temperature=temperature)
+    return SequenceLogProbs(token.values.sum(-1), token.mask.sum(-1), token.aux_loss)
 
 
 def _unwrapped(model: Any) -> Any:
@@ -86,10 +110,28 @@ class Reference:
     def log_probs(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
     ) -> SequenceLogProbs:
+        """Per row, the reference's summed log-probability of the label tokens."""
+        with self._model() as model:
+            return sequence_log_probs(model, input_ids, attention_mask, labels)
+
+    @torch.no_grad()
+    def token_log_probs(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor, *,
+        temperature: float = 1.0,
+    ) -> TokenLogProbs:  # fmt: skip
+        """Per label token, the reference's log-probability (GRPO's KL term)."""
+        with self._model() as model:
+            return token_log_probs(
+                model, input_ids, attention_mask, labels, temperature=temperature
+            )  # fmt: skip
+
+    @contextlib.contextmanager
+    def _model(self):
         if self.frozen is not None:
-            return sequence_log_probs(self.frozen, input_ids, attention_mask, labels)
-        with self.model.disable_adapter():
-            return sequence_log_probs(self.model, input_ids, attention_mask, labels)
+            yield self.frozen
+        else:
+            with self.model.disable_adapter():
+                yield self.model
 
 
 @contextlib.contextmanager
