@@ -14,6 +14,11 @@ Preference tuning (DPO, ORPO, SimPO, KTO) has its own rows and batches::
     examples, stats = tokenize_preferences(records, tokenizer, kind="pairs", max_length=1024)
     batches = PreferenceBatches(examples, batch_size=8, pad_token_id=tokenizer.pad_token_id,
                                 seed=0)
+
+GRPO (reinforcement learning from rewards) batches prompts, left-padded for generation::
+
+    examples, stats = tokenize_prompts(records, tokenizer, max_prompt_length=256)
+    batches = PromptBatches(examples, batch_size=8, pad_token_id=tokenizer.pad_token_id, seed=0)
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from .preference import (
     tokenize_preferences,
 )
 from .preference_batches import PreferenceBatches
+from .prompts import PromptBatches, PromptExample, PromptStats, reward_columns, tokenize_prompts
 from .records import FILE_FORMATS, load_records
 from .templates import CHAT_TEMPLATES, TEMPLATE_ALIASES, resolve_chat_template
 from .tokenizing import IGNORE_INDEX, Example, TokenizeStats, tokenize
@@ -50,13 +56,18 @@ __all__ = [
     "PairExample",
     "PreferenceBatches",
     "PreferenceStats",
+    "PromptBatches",
+    "PromptExample",
+    "PromptStats",
     "TokenizeStats",
     "detect_format",
     "load_records",
     "pack",
     "resolve_chat_template",
+    "reward_columns",
     "split_eval",
     "to_messages",
     "tokenize",
     "tokenize_preferences",
+    "tokenize_prompts",
 ]

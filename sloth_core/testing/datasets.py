@@ -1,5 +1,5 @@
 """Test data that needs no download: the bundled instruction rows (convergence tests), the
-bundled preference sets, and the synthetic batches of the parity harness."""
+bundled preference and prompt sets, and the synthetic batches of the parity harness."""
 
 from __future__ import annotations
 
@@ -11,7 +11,14 @@ from typing import Any
 
 import torch
 
-__all__ = ["Batch", "load_tiny_instructions", "make_batch", "preference_dataset", "to_messages"]
+__all__ = [
+    "Batch",
+    "load_tiny_instructions",
+    "make_batch",
+    "preference_dataset",
+    "prompt_dataset",
+    "to_messages",
+]
 
 _DATA = Path(__file__).parent / "data"
 
@@ -57,6 +64,18 @@ def preference_dataset(kind: str = "pairs") -> Path:
     if kind not in _PREFERENCE_FILES:
         raise ValueError(f"unknown kind {kind!r}; accepted: {', '.join(_PREFERENCE_FILES)}")
     return _DATA / _PREFERENCE_FILES[kind]
+
+
+def prompt_dataset() -> Path:
+    """The bundled GRPO prompt set (JSONL), for ``sloth train --method grpo``.
+
+    210 rows ``{prompt, answer, task}``: the instruction set's questions with a short
+    answer (arithmetic, capitals, antonyms, reversed words, plurals, parity), the prompt a
+    string (``"<question>\\nAnswer:"``) or one user message in turn, ``answer`` what the
+    ``exact_match`` reward checks, ``task`` the kind of question. Built by
+    ``scripts/make_prompt_data.py``.
+    """
+    return _DATA / "tiny_prompts.jsonl"
 
 
 def to_messages(row: dict[str, str]) -> list[dict[str, str]]:
