@@ -42,10 +42,24 @@ def assert_close(actual, expected, dtype, *, scale=1.0, what=""):
     atol, rtol = TOLERANCES[dtype]
     assert not torch.isnan(actual).any(), f"{what}: NaN in output (an element left unwritten?)"
     torch.testing.assert_close(
-        actual.float(), expected.float(), atol=atol * scale, rtol=rtol * scale, msg=lambda m: f"{what}: {m}"
+        actual.float(),
+        expected.float(),
+        atol=atol * scale,
+        rtol=rtol * scale,
+        msg=lambda m: f"{what}: {m}",
     )
 
 
 def poisoned(shape, dtype, device=DEVICE):
     """An output buffer filled with NaN, so an element a kernel forgets to write fails."""
     return torch.full(shape, float("nan"), dtype=dtype, device=device)
+
+
+def peak_bytes_above_inputs(fn):
+    """CUDA bytes allocated at the peak of ``fn()`` beyond what was allocated before it."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - base

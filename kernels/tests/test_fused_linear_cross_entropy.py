@@ -5,7 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from kernel_helpers import DTYPES, FP32_FLOOR, HAS_CUDA, LOWP_FACTOR, assert_close
+from kernel_helpers import (
+    DTYPES,
+    FP32_FLOOR,
+    HAS_CUDA,
+    LOWP_FACTOR,
+    assert_close,
+    peak_bytes_above_inputs,
+)
 
 from sloth_core.ops import reference
 from sloth_core.testing.rounding import assert_near_fp32
@@ -105,6 +112,7 @@ def test_matches_unfused_cross_entropy(dtype, device):
     labels[:3] = -100
     loss, (dhidden, _, _) = _run(fused_linear_cross_entropy, hidden, weight, None, labels,
                                  softcap=20.0, chunk_size=8)  # fmt: skip
+
     def unfused(h, w):
         h = h.detach().requires_grad_()
         loss = reference.cross_entropy(F.linear(h, w.detach()), labels, softcap=20.0)
@@ -120,7 +128,8 @@ def test_matches_unfused_cross_entropy(dtype, device):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(
-    "grads", [(True, False, False), (False, True, True), (False, False, False)],
+    "grads",
+    [(True, False, False), (False, True, True), (False, False, False)],
     ids=["frozen-weight", "frozen-hidden", "all-frozen"],
 )
 def test_which_gradients(grads, dtype, device):
@@ -272,15 +281,6 @@ def test_llm_sized_matches_reference(vocab, softcap, bias, device):
            softcap=softcap)  # fmt: skip
 
 
-def _peak_above_inputs(fn):
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    fn()
-    torch.cuda.synchronize()
-    return torch.cuda.max_memory_allocated() - base
-
-
 @pytest.mark.gpu
 def test_llm_sized_memory_bound(device):
     """Peak above the inputs at most 1/8 of the [N, V] fp32 logits (4.2 GB): ~525 MB."""
@@ -291,6 +291,6 @@ def test_llm_sized_memory_bound(device):
     def step():
         fused_linear_cross_entropy(hidden, weight, labels).backward()
 
-    peak = _peak_above_inputs(step)
+    peak = peak_bytes_above_inputs(step)
     assert peak < 525e6, f"{LLM} bf16: {peak / 1e6:.0f} MB above the inputs"
     assert hidden.grad is not None and not hidden.grad.isnan().any()

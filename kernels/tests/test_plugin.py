@@ -13,8 +13,8 @@ from sloth_kernels._utils import kernel_devices
 #: along with it, fails here. ``moe_route`` (a softmax and a top-k) has no kernel.
 CORE_OPS = {
     "rms_norm", "layer_norm", "rope", "swiglu", "geglu", "lora_linear", "lora_mlp",
-    "lora_qkv", "lora_o", "cross_entropy", "fused_linear_cross_entropy", "dequantize_nf4",
-    "moe_experts",
+    "lora_qkv", "lora_o", "cross_entropy", "fused_linear_cross_entropy", "token_log_probs",
+    "dequantize_nf4", "moe_experts",
 }  # fmt: skip
 
 

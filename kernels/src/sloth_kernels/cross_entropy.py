@@ -1,15 +1,17 @@
 """Triton cross entropy over rows of logits, and the row kernels the fused loss reuses.
 
 One program per row walks the vocabulary in blocks with an online logsumexp in fp32
-(so any vocabulary size fits), applying Gemma 2's softcap ``c * tanh(z / c)`` on the fly.
+(so any vocabulary size fits), applying Gemma 2's softcap ``c * tanh(z / c)`` and a
+temperature ``z / T`` (the preference losses' log-probs) on the fly.
 Forward keeps only the per-row logsumexp ``[N]`` besides its inputs; backward recomputes
 the softmax from the saved logits and writes ``(softmax - onehot) * dloss`` (through the
 softcap's derivative) in the logits dtype. Ignored rows cost one label load and give a
 zero loss and zero gradient.
 
-The jitted row helpers and :func:`row_loss_kernel` are shared with
+The jitted row helpers, :func:`row_loss_kernel` and :func:`row_grad_kernel` are shared with
 :mod:`sloth_kernels.fused_linear_cross_entropy`, which runs the forward kernel with
-``WRITE_GRAD`` to turn a chunk's logits into their gradient in place.
+``WRITE_GRAD`` to turn a chunk's logits into their gradient in place, and with
+:mod:`sloth_kernels.log_probs` (a log-prob is minus a row's loss).
 """
 
 from __future__ import annotations
@@ -37,16 +39,31 @@ def _tanh(x):
 
 
 @triton.jit
-def _row_logsumexp(row_ptr, n_cols, softcap, HAS_SOFTCAP: tl.constexpr, BLOCK: tl.constexpr):
-    """fp32 logsumexp of one (softcapped) row, streamed block by block."""
+def _transform(x, softcap, temperature, HAS_SOFTCAP: tl.constexpr, HAS_TEMPERATURE: tl.constexpr):
+    """fp32 ``z = softcap * tanh(x / softcap) / temperature`` (each when asked), and
+    ``dz/dx``'s softcap factor ``1 - tanh**2`` (1 without a softcap)."""
+    t = x
+    if HAS_SOFTCAP:
+        t = _tanh(x / softcap)
+        x = softcap * t
+    if HAS_TEMPERATURE:
+        x = x / temperature
+    return x, t
+
+
+@triton.jit
+def _row_logsumexp(
+    row_ptr, n_cols, softcap, temperature,
+    HAS_SOFTCAP: tl.constexpr, HAS_TEMPERATURE: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    """fp32 logsumexp of one (softcapped, tempered) row, streamed block by block."""
     m = float("-inf")
     d = 0.0
     for start in range(0, n_cols, BLOCK):
         cols = start + tl.arange(0, BLOCK)
         mask = cols < n_cols
         z = tl.load(row_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-        if HAS_SOFTCAP:
-            z = softcap * _tanh(z / softcap)
+        z, _ = _transform(z, softcap, temperature, HAS_SOFTCAP, HAS_TEMPERATURE)
         # Re-mask after the softcap: capped padding would be -c, not -inf.
         z = tl.where(mask, z, float("-inf"))
         m_new = tl.maximum(m, tl.max(z, axis=0))
@@ -56,30 +73,30 @@ def _row_logsumexp(row_ptr, n_cols, softcap, HAS_SOFTCAP: tl.constexpr, BLOCK: t
 
 
 @triton.jit
-def _target_logit(row_ptr, label, n_cols, softcap, HAS_SOFTCAP: tl.constexpr):
+def _target_logit(
+    row_ptr, label, n_cols, softcap, temperature,
+    HAS_SOFTCAP: tl.constexpr, HAS_TEMPERATURE: tl.constexpr,
+):  # fmt: skip
     # Masked so that an out-of-range label reads nothing out of bounds (it is not checked).
     in_range = (label >= 0) & (label < n_cols)
     z = tl.load(row_ptr + label, mask=in_range, other=0.0).to(tl.float32)
-    if HAS_SOFTCAP:
-        z = softcap * _tanh(z / softcap)
+    z, _ = _transform(z, softcap, temperature, HAS_SOFTCAP, HAS_TEMPERATURE)
     return z
 
 
 @triton.jit
 def _store_row_grad(
-    in_ptr, out_ptr, label, lse, scale, n_cols, softcap,
-    HAS_SOFTCAP: tl.constexpr, BLOCK: tl.constexpr,
+    in_ptr, out_ptr, label, lse, scale, n_cols, softcap, temperature,
+    HAS_SOFTCAP: tl.constexpr, HAS_TEMPERATURE: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
     """``out = scale * (softmax(z) - onehot(label)) * dz/dx`` for one row; in == out is fine."""
+    if HAS_TEMPERATURE:
+        scale = scale / temperature  # dz/dx's 1 / T
     for start in range(0, n_cols, BLOCK):
         cols = start + tl.arange(0, BLOCK)
         mask = cols < n_cols
         x = tl.load(in_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-        if HAS_SOFTCAP:
-            t = _tanh(x / softcap)
-            z = softcap * t
-        else:
-            z = x
+        z, t = _transform(x, softcap, temperature, HAS_SOFTCAP, HAS_TEMPERATURE)
         g = tl.exp(z - lse)
         g = tl.where(cols == label, g - 1.0, g) * scale
         if HAS_SOFTCAP:
@@ -107,7 +124,9 @@ def row_loss_kernel(
     n_cols,
     ignore_index,
     softcap,
+    temperature,
     HAS_SOFTCAP: tl.constexpr,
+    HAS_TEMPERATURE: tl.constexpr,
     STORE_LSE: tl.constexpr,
     WRITE_GRAD: tl.constexpr,
     BLOCK: tl.constexpr,
@@ -121,16 +140,21 @@ def row_loss_kernel(
     row_ptr = logits_ptr + row * logits_stride
     label = tl.load(labels_ptr + row)
     if label != ignore_index:
-        lse = _row_logsumexp(row_ptr, n_cols, softcap, HAS_SOFTCAP, BLOCK)
-        target = _target_logit(row_ptr, label, n_cols, softcap, HAS_SOFTCAP)
+        lse = _row_logsumexp(
+            row_ptr, n_cols, softcap, temperature, HAS_SOFTCAP, HAS_TEMPERATURE, BLOCK
+        )
+        target = _target_logit(
+            row_ptr, label, n_cols, softcap, temperature, HAS_SOFTCAP, HAS_TEMPERATURE
+        )
         tl.store(loss_ptr + row, lse - target)
         if STORE_LSE:
             tl.store(lse_ptr + row, lse)
         if WRITE_GRAD:
             scale = tl.load(scale_ptr + row * scale_stride).to(tl.float32)
             _store_row_grad(
-                row_ptr, row_ptr, label, lse, scale, n_cols, softcap, HAS_SOFTCAP, BLOCK
-            )
+                row_ptr, row_ptr, label, lse, scale, n_cols, softcap, temperature,
+                HAS_SOFTCAP, HAS_TEMPERATURE, BLOCK,
+            )  # fmt: skip
     else:
         tl.store(loss_ptr + row, 0.0)
         if STORE_LSE:
@@ -140,7 +164,7 @@ def row_loss_kernel(
 
 
 @triton.jit
-def _row_grad_kernel(
+def row_grad_kernel(
     logits_ptr,
     logits_stride,
     grad_ptr,
@@ -152,9 +176,13 @@ def _row_grad_kernel(
     n_cols,
     ignore_index,
     softcap,
+    temperature,
     HAS_SOFTCAP: tl.constexpr,
+    HAS_TEMPERATURE: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
+    """Row ``i`` of ``grad`` is ``dloss[i] * d(loss_i)/d(logits_i)`` (0 when ignored), from
+    the row's saved ``lse``; ``grad`` may be the logits themselves (in place)."""
     row = tl.program_id(0).to(tl.int64)
     grad_row = grad_ptr + row * grad_stride
     label = tl.load(labels_ptr + row)
@@ -163,8 +191,9 @@ def _row_grad_kernel(
         scale = tl.load(dloss_ptr + row * dloss_stride).to(tl.float32)
         logits_row = logits_ptr + row * logits_stride
         _store_row_grad(
-            logits_row, grad_row, label, lse, scale, n_cols, softcap, HAS_SOFTCAP, BLOCK
-        )
+            logits_row, grad_row, label, lse, scale, n_cols, softcap, temperature,
+            HAS_SOFTCAP, HAS_TEMPERATURE, BLOCK,
+        )  # fmt: skip
     else:
         _store_zero_row(grad_row, n_cols, BLOCK)
 
@@ -175,9 +204,15 @@ def row_launch_config(n_cols: int) -> tuple[int, int]:
     return block, (8 if block >= 2048 else 4)
 
 
-def softcap_args(softcap: float | None) -> tuple[float, bool]:
-    """Kernel arguments ``(softcap, HAS_SOFTCAP)``; a float so an int cap is not integer math."""
-    return (0.0, False) if softcap is None else (float(softcap), True)
+def logit_args(softcap: float | None, temperature: float = 1.0) -> dict:
+    """The row kernels' ``softcap``, ``temperature``, ``HAS_SOFTCAP`` and ``HAS_TEMPERATURE``
+    arguments; floats, so that an int cap is not integer math."""
+    return {
+        "softcap": 0.0 if softcap is None else float(softcap),
+        "temperature": float(temperature),
+        "HAS_SOFTCAP": softcap is not None,
+        "HAS_TEMPERATURE": temperature != 1.0,
+    }
 
 
 def _row_losses(logits, labels, ignore_index, softcap):
@@ -185,10 +220,9 @@ def _row_losses(logits, labels, ignore_index, softcap):
     losses = torch.empty(n_rows, dtype=torch.float32, device=logits.device)
     lse = torch.empty(n_rows, dtype=torch.float32, device=logits.device)
     block, num_warps = row_launch_config(n_cols)
-    cap, has_cap = softcap_args(softcap)
     row_loss_kernel[(n_rows,)](
-        logits, logits.stride(0), labels, losses, lse, lse, 0, n_cols, ignore_index, cap,
-        HAS_SOFTCAP=has_cap, STORE_LSE=True, WRITE_GRAD=False, BLOCK=block, num_warps=num_warps,
+        logits, logits.stride(0), labels, losses, lse, lse, 0, n_cols, ignore_index,
+        **logit_args(softcap), STORE_LSE=True, WRITE_GRAD=False, BLOCK=block, num_warps=num_warps,
     )  # fmt: skip
     return losses, lse
 
@@ -197,10 +231,9 @@ def _row_grads(logits, labels, lse, dlosses, ignore_index, softcap):
     n_rows, n_cols = logits.shape
     grad = torch.empty((n_rows, n_cols), dtype=logits.dtype, device=logits.device)
     block, num_warps = row_launch_config(n_cols)
-    cap, has_cap = softcap_args(softcap)
-    _row_grad_kernel[(n_rows,)](
+    row_grad_kernel[(n_rows,)](
         logits, logits.stride(0), grad, grad.stride(0), labels, lse, dlosses, dlosses.stride(0),
-        n_cols, ignore_index, cap, HAS_SOFTCAP=has_cap, BLOCK=block, num_warps=num_warps,
+        n_cols, ignore_index, **logit_args(softcap), BLOCK=block, num_warps=num_warps,
     )  # fmt: skip
     return grad
 

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from sloth_core.ops.reference import fused_linear_cross_entropy as reference_flce
 
 from sloth_kernels._utils import kernel_devices
-from sloth_kernels.cross_entropy import row_launch_config, row_loss_kernel, softcap_args
+from sloth_kernels.cross_entropy import logit_args, row_launch_config, row_loss_kernel
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -90,7 +90,6 @@ def _fused_forward(
     grad_weight = None  # allocated by the first chunk's matmul
     grad_bias = torch.zeros(vocab, dtype=torch.float32, device=device) if need_bias else None
     block, num_warps = row_launch_config(vocab)
-    cap, has_cap = softcap_args(softcap)
     buffer = None
 
     for index, has_labels in enumerate(_chunks_with_labels(valid, chunk)):
@@ -111,9 +110,8 @@ def _fused_forward(
             torch.addmm(bias, h, weight.t(), out=logits)
         row_loss_kernel[(stop - start,)](
             logits, logits.stride(0), labels[start:stop], losses[start:stop], losses,
-            inv_denominator, 0, vocab, ignore_index, cap,
-            HAS_SOFTCAP=has_cap, STORE_LSE=False, WRITE_GRAD=need_grad, BLOCK=block,
-            num_warps=num_warps,
+            inv_denominator, 0, vocab, ignore_index, **logit_args(softcap),
+            STORE_LSE=False, WRITE_GRAD=need_grad, BLOCK=block, num_warps=num_warps,
         )  # fmt: skip
         if not need_grad:
             continue

@@ -17,6 +17,7 @@ KERNEL_MODULES: tuple[str, ...] = (
     "activations",
     "cross_entropy",
     "fused_linear_cross_entropy",
+    "log_probs",
     "nf4",
     "lora",
     "lora_mlp",
