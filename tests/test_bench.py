@@ -21,11 +21,13 @@ def test_every_case_runs_for_every_system():
     report = run_kernel_bench(registry, Shapes(**TOY), runs=2, warmup=1, compile=False)
     names = [c["name"] for c in report["cases"]]
     assert {"rms_norm", "rope", "swiglu", "lora_mlp", "fused_linear_cross_entropy",
-            "moe_experts"} <= set(names)  # fmt: skip
+            "token_log_probs", "moe_experts"} <= set(names)  # fmt: skip
     for case in report["cases"]:
         systems = {r["system"]: r for r in case["results"]}
         expected = {"sloth", "eager"} | (
-            {"torch_unfused"} if case["op"] == "fused_linear_cross_entropy" else set()
+            {"torch_unfused"}
+            if case["op"] in ("fused_linear_cross_entropy", "token_log_probs")
+            else set()
         )
         assert set(systems) == expected, case["name"]
         for r in systems.values():

@@ -249,6 +249,32 @@ def unfused_linear_cross_entropy(hidden, weight, labels, **_: Any) -> torch.Tens
     return torch.nn.functional.cross_entropy(logits, labels, ignore_index=-100)
 
 
+def token_log_probs_case(s: Shapes) -> Case:
+    """A preference loss's log-probs: frozen lm_head, a gradient per token (DPO's signs)."""
+    hidden = _rand((s.tokens, s.hidden), s, grad=True)
+    weight = _rand((s.vocab, s.hidden), s, scale=s.hidden**-0.5)
+    labels = torch.randint(0, s.vocab, (s.tokens,), device=s.device)
+    labels[::7] = -100
+    upstream = torch.randn(s.tokens, device=s.device)
+
+    def run(fn):
+        hidden.grad = None
+        out = fn(hidden, weight, labels)
+        out.backward(upstream)
+        return out
+
+    return Case("token_log_probs", "token_log_probs", run, None, [weight],
+                {"torch_unfused": unfused_token_log_probs})  # fmt: skip
+
+
+def unfused_token_log_probs(hidden, weight, labels, **_: Any) -> torch.Tensor:
+    """What TRL computes: the full logits, upcast, log_softmax, the labels' entries."""
+    logits = torch.nn.functional.linear(hidden, weight).float()
+    valid = labels != -100
+    targets = torch.where(valid, labels, 0).unsqueeze(-1)
+    return torch.where(valid, logits.log_softmax(-1).gather(-1, targets).squeeze(-1), 0.0)
+
+
 def dequantize_case(s: Shapes) -> Case:
     import bitsandbytes.functional as bnbf
 
@@ -353,6 +379,7 @@ def all_cases(s: Shapes, *, nf4: bool) -> list[tuple[str, Callable[[], Case]]]:
         ("lora_qkv", lambda: lora_qkv_case(s)),
         ("lora_o", lambda: lora_o_case(s)),
         ("fused_linear_cross_entropy", lambda: flce_case(s)),
+        ("token_log_probs", lambda: token_log_probs_case(s)),
         ("moe_experts", lambda: moe_experts_case(s)),
     ]
     if nf4:
