@@ -37,6 +37,8 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
             group.add_argument(*sorted(names), action=argparse.BooleanOptionalAction, **options)
         elif isinstance(f.default, (int, float)):
             group.add_argument(*sorted(names), type=type(f.default), metavar="N", **options)
+        elif f.default is dataclasses.MISSING:  # a list: repeatable, each maybe comma-separated
+            group.add_argument(*sorted(names), metavar="VALUE", action="append", **options)
         else:
             group.add_argument(*sorted(names), metavar="VALUE", **options)
     parser.set_defaults(run=run)

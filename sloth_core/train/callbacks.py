@@ -101,8 +101,9 @@ class LogMetrics(Callback):
         run.log.write(record)
         run.bar.update(step, record)
         if not self.bar_shown:
-            accuracy = record.get("rewards/accuracies")
+            accuracy, reward = record.get("rewards/accuracies"), record.get("reward")
             shown = "" if accuracy is None else f"  reward acc {accuracy:.0%}"
+            shown += "" if reward is None else f"  reward {reward:.3f}"
             run.console.print(
                 f"step {step}/{run.total_steps}  loss {record['loss']:.4f}{shown}  "
                 f"lr {record['lr']:.2e}  {record['tokens_per_s']:.0f} tok/s"

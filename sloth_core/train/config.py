@@ -24,10 +24,16 @@ OPTIMIZERS = ("adamw_torch_fused", "adamw_torch", "adamw_8bit")
 CHECKPOINTING = tuple(mode.value for mode in Checkpointing)
 QUANTIZATIONS = ("nf4", "fp4", "int8")
 FORMATS = ("text", "alpaca", "chat", "sharegpt")
-METHODS = ("sft", "dpo", "orpo", "simpo", "kto")
-#: Methods whose loss compares with a reference model (the policy without adapters).
+METHODS = ("sft", "dpo", "orpo", "simpo", "kto", "grpo")
+#: Methods whose loss compares with a reference model (the policy without adapters);
+#: GRPO's does when beta > 0.
 REFERENCE_METHODS = ("dpo", "kto")
 DPO_LOSS_TYPES = ("sigmoid", "ipo", "hinge")
+#: TRL's GRPO loss types and reward scalings (sloth_core.train.grpo_losses computes them).
+GRPO_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+SCALE_REWARDS = ("group", "batch", "none")
+#: GRPO's completion length when max_completion_length is 0 (TRL's default).
+GRPO_COMPLETION_LENGTH = 256
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -72,25 +78,49 @@ class TrainConfig:
     packing: bool = _opt(False, "pack several sequences per row (no attention across them)")
     # method
     method: str = _opt(
-        "sft", "sft, or preference tuning: dpo, orpo, simpo, kto (docs/preference.md)"
-    )
+        "sft", "sft; preference tuning: dpo, orpo, simpo, kto (docs/preference.md); "
+        "RL from rewards: grpo (docs/rl.md)",
+    )  # fmt: skip
     beta: float = _opt(
-        0.1, "preference strength: DPO's and KTO's beta, ORPO's lambda, SimPO's beta"
+        -1.0, "DPO's and KTO's beta, ORPO's lambda, SimPO's beta, GRPO's KL coefficient "
+        "(-1: the method's default, 0.1; GRPO 0)",
+    )  # fmt: skip
+    loss_type: str = _opt(
+        "", "DPO: sigmoid (default), ipo, hinge; GRPO: grpo, bnpo, dr_grpo, dapo (default)"
     )
-    loss_type: str = _opt("sigmoid", "DPO loss: sigmoid, ipo or hinge")
     label_smoothing: float = _opt(0.0, "DPO (sigmoid) and SimPO label smoothing, in [0, 0.5)")
     simpo_gamma: float = _opt(0.5, "SimPO's target reward margin gamma")
     desirable_weight: float = _opt(1.0, "KTO: weight of the desirable examples' losses")
     undesirable_weight: float = _opt(1.0, "KTO: weight of the undesirable examples' losses")
     max_prompt_length: int = _opt(0, "preference data: longest prompt in tokens (0: no own limit)")
     max_completion_length: int = _opt(
-        0, "preference data: longest completion in tokens (0: no own limit)"
-    )
+        0, "longest completion in tokens: preference data (0: no own limit), GRPO's "
+        f"sampling (0: {GRPO_COMPLETION_LENGTH})",
+    )  # fmt: skip
     truncation_mode: str = _opt(
         "keep_end", "preference rows past max_seq_length: keep_end or keep_start (as TRL)"
     )
     precompute_ref_log_probs: bool = _opt(
         False, "DPO/KTO: the reference log-probs once before training, not at every step"
+    )
+    reward: list = _opt(
+        [], "GRPO reward functions, module:function or file.py:function (built-ins: "
+        "sloth_core.train.rewards:exact_match, :format_regex, :length_penalty)",
+    )  # fmt: skip
+    reward_weights: list = _opt([], "GRPO: one weight per reward function (default: 1 each)")
+    num_generations: int = _opt(
+        8, "GRPO: completions sampled per prompt; divides per_device_train_batch_size"
+    )
+    temperature: float = _opt(1.0, "GRPO sampling temperature (the loss's log-probs use it too)")
+    top_p: float = _opt(1.0, "GRPO sampling: nucleus probability mass")
+    top_k: int = _opt(0, "GRPO sampling: the k most likely tokens only (0: off)")
+    epsilon: float = _opt(0.2, "GRPO: the importance ratio is clipped below 1 - epsilon")
+    epsilon_high: float = _opt(0.0, "GRPO: and above 1 + epsilon_high (0: epsilon)")
+    num_iterations: int = _opt(
+        1, "GRPO: optimizer steps per batch of completions (1: not yet more)"
+    )
+    scale_rewards: str = _opt(
+        "group", "GRPO advantages divided by the rewards' std in the group, the batch, or none"
     )
     # LoRA
     r: int = _opt(16, "LoRA rank")
@@ -217,7 +247,7 @@ class TrainConfig:
             "gradient_checkpointing": CHECKPOINTING,
             "bf16": ("auto", "on", "off"), "dtype": ("auto", "bf16", "fp16", "fp32"),
             "report_to": ("auto", "tensorboard", "none"), "method": METHODS,
-            "loss_type": DPO_LOSS_TYPES, "truncation_mode": ("keep_end", "keep_start"),
+            "truncation_mode": ("keep_end", "keep_start"), "scale_rewards": SCALE_REWARDS,
         }  # fmt: skip
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -235,14 +265,14 @@ class TrainConfig:
                 raise bad(f.name, "must be a finite number")
         positive = ("max_seq_length", "r", "lora_alpha", "per_device_train_batch_size",
                     "gradient_accumulation_steps", "logging_steps", "save_total_limit",
-                    "nproc")  # fmt: skip
+                    "nproc", "num_generations", "num_iterations")  # fmt: skip
         for name in positive:
             if getattr(self, name) < 1:
                 raise bad(name, "must be at least 1")
         for name in ("warmup_steps", "save_steps", "eval_steps", "weight_decay", "max_grad_norm",
                      "cpu_threads", "embedding_learning_rate", "max_prompt_length",
                      "max_completion_length", "desirable_weight", "undesirable_weight",
-                     "simpo_gamma"):  # fmt: skip
+                     "simpo_gamma", "top_k", "epsilon", "epsilon_high"):  # fmt: skip
             if getattr(self, name) < 0:
                 raise bad(name, "must not be negative")
         if not 0 < self.learning_rate < 1:
@@ -258,8 +288,10 @@ class TrainConfig:
                 raise bad(name, "must be in [0, 1)")
         if not all(0 <= b < 1 for b in (self.adam_beta1, self.adam_beta2)):
             raise ConfigError("adam_beta1/adam_beta2 must be in [0, 1)")
-        if self.beta <= 0:
-            raise bad("beta", "must be positive")
+        if self.beta != -1 and (self.beta < 0 or (self.beta == 0 and self.method != "grpo")):
+            raise bad("beta", "must be positive (GRPO: 0 or more), or -1 for the default")
+        if self.temperature <= 0 or not 0 < self.top_p <= 1:
+            raise ConfigError("temperature must be positive and top_p in (0, 1]")
         if not 0 <= self.label_smoothing < 0.5:
             raise bad("label_smoothing", "must be in [0, 0.5)")
         if self.desirable_weight + self.undesirable_weight <= 0:
@@ -285,7 +317,9 @@ class TrainConfig:
                 raise bad(name, "LoRA on expert weights takes no dropout: set lora_dropout to 0")
         if self.resume and self.overwrite:
             raise ConfigError("resume and overwrite exclude each other")
-        if self.method != "sft":
+        if self.method == "grpo":
+            self._check_grpo()
+        elif self.method != "sft":
             self._check_preference()
         if self.export_quantization and not self.export_format:
             raise bad("export_quantization", "applies to export_format, which is not set")
@@ -299,12 +333,55 @@ class TrainConfig:
                                      "their fields (docs/preference.md)")  # fmt: skip
         if self.precompute_ref_log_probs and method not in REFERENCE_METHODS:
             raise bad("precompute_ref_log_probs", f"{method} has no reference model")
-        if self.loss_type != "sigmoid" and method != "dpo":
+        if self.loss_type and method != "dpo":
             raise bad("loss_type", f"is DPO's; {method} has one loss")
-        if self.label_smoothing and self.loss_type != "sigmoid":
-            raise bad("label_smoothing", f"applies to the sigmoid loss, not {self.loss_type}")
+        if self.loss_type and self.loss_type not in DPO_LOSS_TYPES:
+            raise bad("loss_type", f"choose one of {', '.join(DPO_LOSS_TYPES)}")
+        if self.label_smoothing and self.loss_kind != "sigmoid":
+            raise bad("label_smoothing", f"applies to the sigmoid loss, not {self.loss_kind}")
         if self.label_smoothing and method not in ("dpo", "simpo"):
             raise bad("label_smoothing", f"applies to dpo and simpo, not {method}")
+
+    def _check_grpo(self) -> None:
+        bad = self._bad
+        if not self.reward:
+            raise bad("reward", "GRPO needs at least one reward function (module:function)")
+        if self.reward_weights and len(self.reward_weights) != len(self.reward):
+            raise bad("reward_weights", f"gives {len(self.reward_weights)} weights for "
+                                        f"{len(self.reward)} reward functions")  # fmt: skip
+        for weight in self.reward_weights:
+            try:
+                float(weight)
+            except ValueError:
+                raise bad("reward_weights", f"{weight!r} is not a number") from None
+        if self.per_device_train_batch_size % self.num_generations:
+            raise bad("per_device_train_batch_size", "counts completions, as TRL's: make it a "
+                      f"multiple of num_generations={self.num_generations}")  # fmt: skip
+        if self.num_iterations != 1:
+            raise bad("num_iterations", "more than one optimizer step per batch of "
+                                        "completions is not built yet")  # fmt: skip
+        if self.loss_type and self.loss_type not in GRPO_LOSS_TYPES:
+            raise bad("loss_type", f"GRPO's are {', '.join(GRPO_LOSS_TYPES)}")
+        for name in ("packing", "data_format", "precompute_ref_log_probs", "label_smoothing"):
+            if getattr(self, name):
+                raise bad(name, "does not apply to grpo")
+
+    @property
+    def kl_beta(self) -> float:
+        """``beta`` with -1 resolved: 0.1, or GRPO's 0 (TRL's defaults)."""
+        if self.beta != -1:
+            return self.beta
+        return 0.0 if self.method == "grpo" else 0.1
+
+    @property
+    def loss_kind(self) -> str:
+        """``loss_type`` with the method's default: DPO ``sigmoid``, GRPO ``dapo``."""
+        return self.loss_type or ("dapo" if self.method == "grpo" else "sigmoid")
+
+    @property
+    def completion_length(self) -> int:
+        """GRPO's sampled completion length (``max_completion_length``, or 256)."""
+        return self.max_completion_length or GRPO_COMPLETION_LENGTH
 
     def _check_output(self) -> None:
         out = Path(self.output_dir)
@@ -346,8 +423,11 @@ def _coerce(f: dataclasses.Field, value: Any, source: str) -> Any:
     if kind is list:
         if isinstance(value, str):
             return [part.strip() for part in value.split(",") if part.strip()]
-        if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
-            return list(value)
+        plain = (str, int, float)
+        if isinstance(value, (list, tuple)) and all(
+            isinstance(v, plain) and not isinstance(v, bool) for v in value
+        ):  # a repeated flag gives several, each maybe comma-separated; reward_weights numbers
+            return [part.strip() for v in value for part in str(v).split(",") if part.strip()]
         raise ConfigError(f"{where} takes a list of names, not {value!r}")
     if kind is str:
         if isinstance(value, (bool, int, float)) and f.name in ("bf16",):

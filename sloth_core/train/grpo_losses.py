@@ -46,10 +46,10 @@ from dataclasses import dataclass
 
 import torch
 
-#: The loss types, TRL's names; TRL's default is ``dapo``.
-GRPO_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
-#: ``scale_rewards`` values (TRL maps ``True`` to ``"group"`` and ``False`` to ``"none"``).
-SCALE_REWARDS = ("group", "batch", "none")
+# The loss types (TRL's default: dapo) and the scale_rewards values (TRL maps True to
+# "group" and False to "none") are the config's, so options and formulas share one list.
+from .config import GRPO_LOSS_TYPES, SCALE_REWARDS
+
 #: Added to the std before dividing, as TRL does.
 STD_EPSILON = 1e-4
 

@@ -380,6 +380,8 @@ def _build(
     model.train()
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     per_device = config.per_device_train_batch_size
+    method.rank = group.rank
+    method.output_dir = output.path if group.is_main else None
     batches = method.batches(
         prepared.train, batch_size=per_device * group.world_size, pad_token_id=pad,
         seed=config.seed, train=True,
@@ -444,10 +446,9 @@ def _loop(run: RunState, callbacks: list[Callback], bar_shown: bool) -> None:
                 for _ in range(config.gradient_accumulation_steps):
                     epoch, index = divmod(run.consumed, run.per_epoch)
                     batch = run.batches.batch(epoch, index)
-                    micro.append(
-                        distributed.rank_slice(batch, group, config.per_device_train_batch_size)
-                    )
+                    micro.append(distributed.rank_slice(batch, group, run.method.rows_per_device))
                     run.consumed += 1
+                run.method.step = run.step
                 done = train_step(
                     run.train_model, run.optimizer, micro, scheduler=run.scheduler,
                     autocast=run.autocast, group=group, max_grad_norm=config.max_grad_norm,

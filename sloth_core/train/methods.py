@@ -9,6 +9,7 @@ micro-batches, and evaluates. ``sft`` is this module's; the preference methods a
 from __future__ import annotations
 
 import contextlib
+from pathlib import Path
 from typing import Any, Protocol
 
 import torch
@@ -18,9 +19,18 @@ from .step import accumulate, evaluate
 
 
 class Method(Protocol):
-    """What the loop asks of a method (``sloth train --method``)."""
+    """What the loop asks of a method (``sloth train --method``).
+
+    The loop sets ``step`` (optimizer steps done) before each step, ``rank`` and, on rank
+    0, ``output_dir`` (where a method may log beside ``metrics.jsonl``); a micro-batch's
+    rows on one rank are ``rows_per_device`` (GRPO's are prompts).
+    """
 
     name: str
+    rows_per_device: int
+    step: int
+    rank: int
+    output_dir: Path | None
 
     def tokenize(self, path: str, tokenizer: Any) -> tuple[list[Any], Any]: ...
 
@@ -47,6 +57,8 @@ class SFTMethod:
 
     def __init__(self, config: TrainConfig) -> None:
         self.config = config
+        self.rows_per_device = config.per_device_train_batch_size
+        self.step, self.rank, self.output_dir = 0, 0, None
 
     def tokenize(self, path: str, tokenizer: Any) -> tuple[list[Any], Any]:
         from sloth_core import data
@@ -100,6 +112,10 @@ def method_for(config: TrainConfig) -> Method:
     """The method ``config.method`` names."""
     if config.method == "sft":
         return SFTMethod(config)
-    from .preference import PreferenceMethod  # torch-heavy losses load only when used
+    if config.method == "grpo":
+        from .grpo import GRPOMethod  # imports its reward functions: only when asked
+
+        return GRPOMethod(config)
+    from .preference import PreferenceMethod
 
     return PreferenceMethod(config)

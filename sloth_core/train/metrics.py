@@ -68,7 +68,8 @@ def read_metrics(output_dir: Path) -> list[dict[str, Any]]:
     for line in path.read_text(encoding="utf-8").splitlines():
         if line.strip():
             record = json.loads(line)
-            (evals if "eval_loss" in record else train)[record["step"]] = record
+            evaluation = any(key.startswith("eval_") for key in record)  # GRPO's: no loss
+            (evals if evaluation else train)[record["step"]] = record
     return [train[s] for s in sorted(train)] + [evals[s] for s in sorted(evals)]
 
 
@@ -138,6 +139,8 @@ class Progress:
                  f"{record['tokens_per_s']:.0f} tok/s"]  # fmt: skip
         if record.get("rewards/accuracies") is not None:  # preference methods
             parts.insert(1, f"reward acc {record['rewards/accuracies']:.0%}")
+        if record.get("reward") is not None:  # GRPO
+            parts.insert(1, f"reward {record['reward']:.3f}")
         if record.get("gpu_mem_gib") is not None:
             parts.append(f"{record['gpu_mem_gib']:.1f} GiB")
         self._bar.update(self._task, completed=step, stats=" | ".join(parts))

@@ -67,6 +67,8 @@ class PreferenceMethod:
         self.kind = "kto" if self.name == "kto" else "pairs"
         self.reference: Reference | None = None
         self.table: SequenceLogProbs | None = None  # precomputed, by example index
+        self.rows_per_device = config.per_device_train_batch_size
+        self.step, self.rank, self.output_dir = 0, 0, None
 
     # -- data ---------------------------------------------------------------------------
     def tokenize(self, path: str, tokenizer: Any) -> tuple[list[Any], Any]:
@@ -203,7 +205,7 @@ class PreferenceMethod:
         policy = sequence_log_probs(model, *_rows(batch))
         valid = _valid(batch).to(policy.sums.dtype)
         # ORPO, SimPO and IPO compare length-averaged log-probs (as TRL does).
-        average = name in ("orpo", "simpo") or (name == "dpo" and config.loss_type == "ipo")
+        average = name in ("orpo", "simpo") or (name == "dpo" and config.loss_kind == "ipo")
 
         def split(logps: SequenceLogProbs) -> tuple[torch.Tensor, torch.Tensor]:
             values = logps.means if average else logps.sums
@@ -215,16 +217,16 @@ class PreferenceMethod:
             ref = self._reference(batch, table)
             ref_chosen, ref_rejected = split(ref)
             out = losses.dpo_losses(
-                chosen, rejected, ref_chosen, ref_rejected, beta=config.beta,
-                loss_type=config.loss_type, label_smoothing=config.label_smoothing,
+                chosen, rejected, ref_chosen, ref_rejected, beta=config.kl_beta,
+                loss_type=config.loss_kind, label_smoothing=config.label_smoothing,
             )  # fmt: skip
         elif name == "orpo":
-            out, log_odds = losses.orpo_losses(chosen, rejected, beta=config.beta)
+            out, log_odds = losses.orpo_losses(chosen, rejected, beta=config.kl_beta)
             sums.add("log_odds_ratio", torch.nn.functional.logsigmoid(log_odds)[valid.bool()])
             sums.add("log_odds_chosen", log_odds[valid.bool()])
         else:
             out = losses.simpo_losses(
-                chosen, rejected, beta=config.beta, gamma=config.simpo_gamma,
+                chosen, rejected, beta=config.kl_beta, gamma=config.simpo_gamma,
                 label_smoothing=config.label_smoothing,
             )  # fmt: skip
         keep = valid.bool()
@@ -253,11 +255,11 @@ class PreferenceMethod:
         kl = torch.tensor(max(raw[0] / max(raw[1], 1.0), 0.0), device=policy.sums.device)
         desirable = batch["desirable"].bool()
         out = losses.kto_losses(
-            policy.sums, ref.sums, desirable, kl, beta=config.beta,
+            policy.sums, ref.sums, desirable, kl, beta=config.kl_beta,
             desirable_weight=config.desirable_weight, undesirable_weight=config.undesirable_weight,
         )  # fmt: skip
         keep = valid.bool()
-        rewards = config.beta * (policy.sums - ref.sums).detach()
+        rewards = config.kl_beta * (policy.sums - ref.sums).detach()
         good, bad = keep & desirable, keep & ~desirable
         sums.add("rewards/chosen", rewards[good])
         sums.add("rewards/rejected", rewards[bad])

@@ -32,6 +32,8 @@ RESUME_KEYS = (
     "weight_decay", "adam_beta1", "adam_beta2", "max_grad_norm",
     "method", "beta", "loss_type", "label_smoothing", "simpo_gamma", "desirable_weight",
     "undesirable_weight", "max_prompt_length", "max_completion_length", "truncation_mode",
+    "reward", "reward_weights", "num_generations", "temperature", "top_p", "top_k", "epsilon",
+    "epsilon_high", "num_iterations", "scale_rewards",
 )  # fmt: skip
 
 
@@ -151,9 +153,18 @@ def _data_change(key: str, path: str, then: dict | None, now: dict | None, name:
     )
 
 
+#: Logs of the run's steps beside metrics.jsonl (GRPO's sampled completions).
+STEP_LOGS = (METRICS_FILE, "completions.jsonl")
+
+
 def drop_metrics_after(output_dir: Path, step: int) -> None:
-    """Keep the metrics of steps up to ``step`` only: the resumed run logs the rest again."""
-    path = Path(output_dir) / METRICS_FILE
+    """Keep the metrics (and other step logs) of steps up to ``step`` only: the resumed
+    run logs the rest again."""
+    for name in STEP_LOGS:
+        _drop_after(Path(output_dir) / name, step)
+
+
+def _drop_after(path: Path, step: int) -> None:
     if not path.is_file():
         return
     kept = []

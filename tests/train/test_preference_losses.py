@@ -77,7 +77,7 @@ def full_logps(model, ids, mask, labels):
 
 
 def paper_loss(model, batch, config: TrainConfig) -> torch.Tensor:
-    beta = config.beta
+    beta = config.kl_beta
     if config.method == "kto":
         rows = (batch["input_ids"], batch["attention_mask"], batch["labels"])
         kl_rows = (batch["kl_input_ids"], batch["kl_attention_mask"], batch["kl_labels"])
@@ -103,14 +103,14 @@ def paper_loss(model, batch, config: TrainConfig) -> torch.Tensor:
     if config.method == "dpo":
         with torch.no_grad(), model.disable_adapter():
             ref_sums, ref_means = full_logps(model, *rows)
-        if config.loss_type == "ipo":  # on length-averaged log-probs, as TRL
+        if config.loss_kind == "ipo":  # on length-averaged log-probs, as TRL
             pi, ref = chosen_mean - rejected_mean, ref_means.view(B, 2)
         else:
             pi, ref = chosen_sum - rejected_sum, ref_sums.view(B, 2)
         h = pi - (ref[:, 0] - ref[:, 1])
-        if config.loss_type == "sigmoid":
+        if config.loss_kind == "sigmoid":
             losses = -(1 - smoothing) * F.logsigmoid(beta * h) - smoothing * F.logsigmoid(-beta * h)
-        elif config.loss_type == "ipo":
+        elif config.loss_kind == "ipo":
             losses = (h - 1 / (2 * beta)) ** 2
         else:
             losses = torch.relu(1 - beta * h)
