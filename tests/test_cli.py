@@ -64,7 +64,7 @@ def test_doctor_json_reports_versions_and_op_choices(plugin_manager, capsys):
     # kernels, and every op the core defines served by its torch reference.
     ops = ["rms_norm", "layer_norm", "rope", "swiglu", "geglu", "lora_linear", "lora_mlp",
            "lora_qkv", "lora_o", "cross_entropy", "fused_linear_cross_entropy", "dequantize_nf4",
-           "moe_route", "moe_experts"]
+           "moe_route", "moe_experts", "token_log_probs"]
     assert report["ops"]["resolved"] == dict.fromkeys(ops, "torch")
 
 
