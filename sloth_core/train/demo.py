@@ -136,12 +136,32 @@ PREFERENCE_DEMO_OPTIONS: dict[str, Any] = {
 }
 
 
+#: ``--demo --method grpo``: the bundled prompts and a reward for short answers, which
+#: the demo model learns in about 20 steps (completions from ~11 tokens to ~1).
+GRPO_DEMO_OPTIONS: dict[str, Any] = {
+    "data_format": "",
+    "reward": ["sloth_core.train.rewards:length_penalty"],
+    "per_device_train_batch_size": 16,
+    "num_generations": 8,
+    "max_completion_length": 16,
+    "max_steps": 30,
+    "learning_rate": 1e-2,
+    "warmup_steps": 2,
+    "eval_fraction": 0.05,
+    "logging_steps": 5,
+}
+
+
 def demo_options(*, with_model: bool = True, method: str = "sft") -> dict[str, Any]:
     """The demo's options: :data:`DEMO_OPTIONS` plus the data path and, unless another
     model was named (``with_model=False``: nothing is built), the demo model's; for a
     preference ``method``, the bundled preference set and its options."""
     options = {**DEMO_OPTIONS, "dataset": str(demo_dataset())}
-    if method != "sft":
+    if method == "grpo":
+        from sloth_core.testing.datasets import prompt_dataset
+
+        options.update(GRPO_DEMO_OPTIONS, dataset=str(prompt_dataset()), method=method)
+    elif method != "sft":
         from sloth_core.testing.datasets import preference_dataset
 
         kind = "kto" if method == "kto" else "pairs"

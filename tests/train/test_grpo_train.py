@@ -150,3 +150,14 @@ def test_grpo_options_are_checked_before_loading(tmp_path, options, message):
     values = _options("missing", data, tmp_path / "o", **options)
     with pytest.raises(ConfigError, match=message):
         TrainConfig.from_mapping(values).validate()
+
+
+def test_the_demo_takes_grpo(tmp_path):
+    from sloth_core.cli import build_parser
+    from sloth_core.cli.train_cmd import build_config
+
+    argv = ["train", "--demo", "--method", "grpo", "--model-name", "named",
+            "--output-dir", str(tmp_path / "o")]  # fmt: skip
+    config = build_config(build_parser().parse_args(argv))
+    assert config.dataset == str(prompt_dataset()) and config.reward == [SHORT]
+    assert config.validate() is config
