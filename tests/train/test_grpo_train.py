@@ -161,3 +161,15 @@ def test_the_demo_takes_grpo(tmp_path):
     config = build_config(build_parser().parse_args(argv))
     assert config.dataset == str(prompt_dataset()) and config.reward == [SHORT]
     assert config.validate() is config
+
+
+def test_a_kl_coefficient_compares_with_the_adapters_off_reference(tiny_llama, tmp_path):
+    """beta > 0: the KL to the reference is logged, 0 at step 1 (a fresh adapter is the
+    reference) and above 0 once the policy has moved."""
+    data = _prompts(8, tmp_path / "prompts.jsonl")
+    options = _options(tiny_llama, data, tmp_path / "out", beta=0.05, max_steps=3, save_steps=0,
+                       lora_dropout=0.0, learning_rate=5e-2)  # fmt: skip
+    result = train(TrainConfig.from_mapping(options).validate(), show_progress=False)
+    steps = [r for r in read_metrics(result.output_dir) if "loss" in r]
+    assert steps[0]["kl"] == pytest.approx(0.0, abs=1e-7)
+    assert steps[-1]["kl"] > 1e-6
