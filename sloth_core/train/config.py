@@ -357,9 +357,12 @@ class TrainConfig:
         if self.per_device_train_batch_size % self.num_generations:
             raise bad("per_device_train_batch_size", "counts completions, as TRL's: make it a "
                       f"multiple of num_generations={self.num_generations}")  # fmt: skip
-        if self.num_iterations != 1:
-            raise bad("num_iterations", "more than one optimizer step per batch of "
-                                        "completions is not built yet")  # fmt: skip
+        iterations = self.num_iterations
+        for name in ("max_steps", "save_steps"):  # checkpoints fall between two batches
+            value = getattr(self, name)
+            if iterations > 1 and value > 0 and value % iterations:
+                raise bad(name, f"must be a multiple of num_iterations={iterations}: a "
+                          "checkpoint inside a batch's iterations could not resume")  # fmt: skip
         if self.loss_type and self.loss_type not in GRPO_LOSS_TYPES:
             raise bad("loss_type", f"GRPO's are {', '.join(GRPO_LOSS_TYPES)}")
         for name in ("packing", "data_format", "precompute_ref_log_probs", "label_smoothing"):

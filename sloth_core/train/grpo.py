@@ -7,8 +7,12 @@ prompt's group and takes the clipped policy-gradient step with an optional KL to
 reference (:mod:`.grpo_losses`), the log-probs from the chunked ``token_log_probs`` op.
 As in TRL, ``per_device_train_batch_size`` counts completions: a micro-batch holds
 ``per_device_train_batch_size / num_generations`` prompts. Advantages are computed over
-the whole step of this rank (every micro-batch's completions). ``num_iterations`` is 1:
-the old log-probs are the current ones, detached.
+the whole step of this rank (every micro-batch's completions). With ``num_iterations``
+> 1, one batch of completions serves that many optimizer steps: the loop gives no new
+micro-batches in between, and the importance ratio compares with the log-probs the
+policy gave them when they were sampled (the "old" ones); with 1, the old log-probs are
+the current ones, detached. Checkpoints fall between two batches (``save_steps`` is a
+multiple of ``num_iterations``), so a resume starts with a new batch.
 
 Sampling is seeded from the run's seed, the step, the rank and the micro-batch, so a
 resumed run samples the completions the interrupted one did. Every ``logging_steps``
@@ -19,10 +23,13 @@ from __future__ import annotations
 
 import contextlib
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from sloth_core.errors import SlothError
 
 from . import distributed
 from .config import ConfigError, TrainConfig
@@ -48,6 +55,7 @@ class GRPOMethod:
             loss_type=config.loss_kind, beta=config.kl_beta, epsilon=config.epsilon,
             epsilon_high=config.epsilon_high or None,
         )  # fmt: skip
+        self.steps_per_batch = config.num_iterations
         self.step = 0  # set by the loop before each optimizer step: seeds the sampling
         self.output_dir: Path | None = None  # rank 0's: where completions.jsonl goes
         self.rank = 0
@@ -56,6 +64,10 @@ class GRPOMethod:
         self.stop_ids: list[int] = []
         self.reference: Reference | None = None
         self.train_examples: list[Any] = []
+        self._batch: _Batch | None = None  # the completions the next iterations reuse
+
+    def needs_data(self, step: int) -> bool:
+        return step % self.steps_per_batch == 0
 
     # -- data ---------------------------------------------------------------------------
     def tokenize(self, path: str, tokenizer: Any) -> tuple[list[Any], Any]:
@@ -108,10 +120,36 @@ class GRPOMethod:
     ) -> tuple[float, dict[str, float]]:  # fmt: skip
         """Sample and score every micro-batch's completions, then forward and backward
         them; the step's loss (this rank's share) and metrics."""
+        if micro_batches:
+            self._batch = self._sample_batch(model, micro_batches, autocast, group)
+        elif self._batch is None:
+            raise SlothError(f"GRPO step {self.step + 1}: no completions to iterate on "
+                             "(a checkpoint inside a batch's iterations?)")  # fmt: skip
+        batch = self._batch
+        sums, loss_sum, start = Sums(), 0.0, 0
         device = next(p for p in model.parameters()).device
-        examples = self.train_examples
+        for number, item in enumerate(batch.scored):
+            rows = item.rollouts.completion_ids.shape[0]
+            share = batch.advantages.advantages[start : start + rows].to(device)
+            start += rows
+            old = batch.old_logps[number] if batch.old_logps else None
+            with distributed.no_sync(model, last=number == len(batch.scored) - 1):
+                with autocast():
+                    loss = self._loss(model, item.rollouts, share, batch.totals, sums, old)
+                loss.backward()
+            loss_sum += float(loss.detach())
+        self._reward_metrics(batch.scored, batch.advantages, sums)
+        metrics = sums.means(group)
+        if micro_batches:  # each completion once, at the step that sampled it
+            self._log_completions(batch.scored, batch.advantages.advantages, metrics)
+        return loss_sum, metrics
+
+    def _sample_batch(self, model, micro_batches, autocast, group) -> _Batch:
+        """Sample and score the step's completions; their advantages, the step's totals
+        and, for later iterations, the policy's log-probs of them now (the old ones)."""
+        device = next(p for p in model.parameters()).device
         scored = [
-            self._rollout(model, batch, examples, number, autocast, device)
+            self._rollout(model, batch, self.train_examples, number, autocast, device)
             for number, batch in enumerate(micro_batches)
         ]
         rewards = torch.cat([s.total for s in scored])
@@ -122,20 +160,14 @@ class GRPOMethod:
         if group is not None and group.active:
             sequences, tokens = group.all_sum([totals.sequences, totals.tokens])
             totals = StepTotals(int(sequences), int(tokens), totals.max_completion_length)
-        sums, loss_sum, start = Sums(), 0.0, 0
-        for number, item in enumerate(scored):
-            rows = item.rollouts.completion_ids.shape[0]
-            share = advantages.advantages[start : start + rows].to(device)
-            start += rows
-            with distributed.no_sync(model, last=number == len(scored) - 1):
-                with autocast():
-                    loss = self._loss(model, item.rollouts, share, totals, sums)
-                loss.backward()
-            loss_sum += float(loss.detach())
-        self._reward_metrics(scored, advantages, sums)
-        metrics = sums.means(group)
-        self._log_completions(scored, advantages.advantages, metrics)
-        return loss_sum, metrics
+        old = []
+        if self.steps_per_batch > 1:
+            with torch.no_grad(), autocast():
+                for item in scored:
+                    tokens = token_log_probs(model, *item.rollouts.model_rows(),
+                                             temperature=self.config.temperature)  # fmt: skip
+                    old.append(item.rollouts.completion_values(tokens.values))
+        return _Batch(scored, advantages, totals, old)
 
     @torch.no_grad()
     def evaluate(self, model: Any, batches: Any, *, autocast: Any) -> dict[str, float]:
@@ -192,7 +224,8 @@ class GRPOMethod:
         )  # fmt: skip
         return _Scored(rollouts, prompts, per_function, total)
 
-    def _loss(self, model, rollouts: Rollouts, advantages, totals, sums: Sums) -> torch.Tensor:
+    def _loss(self, model, rollouts: Rollouts, advantages, totals, sums: Sums,
+              old_logps: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
         ids, mask, labels = rollouts.model_rows()
         temperature = self.config.temperature
         policy = token_log_probs(model, ids, mask, labels, temperature=temperature)
@@ -202,7 +235,7 @@ class GRPOMethod:
             ref_tokens = self.reference.token_log_probs(ids, mask, labels, temperature=temperature)
             ref = rollouts.completion_values(ref_tokens.values)
         out = grpo_loss(logps, rollouts.completion_mask, advantages, totals, self.options,
-                        ref_logps=ref)  # fmt: skip
+                        old_logps=old_logps, ref_logps=ref)  # fmt: skip
         for name, (total, count) in out.metrics.items():
             sums.add_total(name, float(total), float(count))
         loss = out.loss
@@ -250,6 +283,17 @@ class GRPOMethod:
                 row += 1
         with open(self.output_dir / COMPLETIONS_FILE, "a", encoding="utf-8") as handle:
             handle.write("\n".join(lines) + "\n")
+
+
+@dataclass
+class _Batch:
+    """One batch of completions: every micro-batch's, their advantages, the step's totals,
+    and their log-probs when sampled (``num_iterations`` > 1)."""
+
+    scored: list[_Scored]
+    advantages: Any
+    totals: StepTotals
+    old_logps: list[torch.Tensor]
 
 
 class _Scored:

@@ -397,7 +397,10 @@ def _build(
     if config.max_steps > 0:
         total_steps = config.max_steps
     else:
-        total_steps = max(1, math.ceil(config.num_train_epochs * batches.num_batches() / per_step))
+        # GRPO's num_iterations: each batch of completions serves that many steps.
+        reuse = method.steps_per_batch
+        batches_used = math.ceil(config.num_train_epochs * batches.num_batches() / per_step)
+        total_steps = max(1, batches_used) * reuse
     optimizer = build_optimizer(model, config)
     scheduler = build_scheduler(optimizer, config, total_steps)
     resumed: dict[str, Any] = {}
@@ -442,8 +445,10 @@ def _loop(run: RunState, callbacks: list[Callback], bar_shown: bool) -> None:
             callback.on_start(run)
         with Progress(run.total_steps, start=run.step, enabled=bar_shown) as run.bar:
             while run.step < run.total_steps:
-                micro = []
-                for _ in range(config.gradient_accumulation_steps):
+                micro = []  # none when the method reuses its last batch (GRPO's iterations)
+                for _ in range(
+                    config.gradient_accumulation_steps if run.method.needs_data(run.step) else 0
+                ):
                     epoch, index = divmod(run.consumed, run.per_epoch)
                     batch = run.batches.batch(epoch, index)
                     micro.append(distributed.rank_slice(batch, group, run.method.rows_per_device))

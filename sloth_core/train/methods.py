@@ -28,11 +28,16 @@ class Method(Protocol):
 
     name: str
     rows_per_device: int
+    steps_per_batch: int  # optimizer steps each batch of data serves (GRPO's num_iterations)
     step: int
     rank: int
     output_dir: Path | None
 
     def tokenize(self, path: str, tokenizer: Any) -> tuple[list[Any], Any]: ...
+
+    def needs_data(self, step: int) -> bool:
+        """Whether optimizer step ``step`` (0-based) takes new micro-batches."""
+        ...
 
     def batches(self, examples: list[Any], *, batch_size: int, pad_token_id: int, seed: int,
                 train: bool) -> Any: ...  # fmt: skip
@@ -58,7 +63,11 @@ class SFTMethod:
     def __init__(self, config: TrainConfig) -> None:
         self.config = config
         self.rows_per_device = config.per_device_train_batch_size
+        self.steps_per_batch = 1
         self.step, self.rank, self.output_dir = 0, 0, None
+
+    def needs_data(self, step: int) -> bool:
+        return True
 
     def tokenize(self, path: str, tokenizer: Any) -> tuple[list[Any], Any]:
         from sloth_core import data

@@ -68,7 +68,11 @@ class PreferenceMethod:
         self.reference: Reference | None = None
         self.table: SequenceLogProbs | None = None  # precomputed, by example index
         self.rows_per_device = config.per_device_train_batch_size
+        self.steps_per_batch = 1
         self.step, self.rank, self.output_dir = 0, 0, None
+
+    def needs_data(self, step: int) -> bool:
+        return True
 
     # -- data ---------------------------------------------------------------------------
     def tokenize(self, path: str, tokenizer: Any) -> tuple[list[Any], Any]:

@@ -29,6 +29,14 @@ def tiny_llama(tmp_path_factory) -> Path:
     return tiny_model("llama", tmp_path_factory.mktemp("models") / "llama")
 
 
+@pytest.fixture(scope="session")
+def demo_base(tmp_path_factory) -> Path:
+    """The demo's base model, built once for the session's preference and GRPO runs."""
+    from sloth_core.train.demo import demo_model
+
+    return demo_model(tmp_path_factory.mktemp("demo-cache"))
+
+
 @pytest.fixture
 def alpaca_file(tmp_path) -> Path:
     path = tmp_path / "data.jsonl"

@@ -23,13 +23,6 @@ GRPO_METRICS = {"reward", "reward_std", "rewards/length_penalty/mean",
                 "frac_reward_zero_std"}  # fmt: skip
 
 
-@pytest.fixture(scope="module")
-def demo_base(tmp_path_factory):
-    from sloth_core.train.demo import demo_model
-
-    return demo_model(tmp_path_factory.mktemp("cache"))
-
-
 def _prompts(rows: int, path):
     lines = prompt_dataset().read_text(encoding="utf-8").splitlines()[:rows]
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
@@ -140,7 +133,7 @@ def test_a_failing_reward_stops_the_run_naming_it_and_keeps_the_checkpoint(
 @pytest.mark.parametrize(("options", "message"), [
     (dict(reward=""), "reward"),
     (dict(num_generations=3), "multiple of num_generations"),
-    (dict(num_iterations=2), "num_iterations"),
+    (dict(num_iterations=3), "multiple of num_iterations"),
     (dict(loss_type="sigmoid"), "loss_type"),
     (dict(reward_weights="1,2"), "reward_weights"),
     (dict(packing=True), "packing"),
@@ -173,3 +166,21 @@ def test_a_kl_coefficient_compares_with_the_adapters_off_reference(tiny_llama, t
     steps = [r for r in read_metrics(result.output_dir) if "loss" in r]
     assert steps[0]["kl"] == pytest.approx(0.0, abs=1e-7)
     assert steps[-1]["kl"] > 1e-6
+
+
+def test_num_iterations_reuse_a_batch_of_completions_against_their_old_log_probs(
+    tiny_llama, tmp_path
+):
+    """num_iterations=2: steps 1 and 2 train on the same completions (logged once, at
+    step 1), and at step 2 the ratio to the log-probs they were sampled with has moved
+    away from 1, so a tight epsilon clips."""
+    data = _prompts(16, tmp_path / "prompts.jsonl")
+    options = _options(tiny_llama, data, tmp_path / "out", num_iterations=2, max_steps=4,
+                       save_steps=0, lora_dropout=0.0, learning_rate=5e-2,
+                       epsilon=0.001)  # fmt: skip
+    result = train(TrainConfig.from_mapping(options).validate(), show_progress=False)
+    steps = {r["step"]: r for r in read_metrics(result.output_dir) if "loss" in r}
+    assert steps[1]["reward"] == steps[2]["reward"] and steps[3]["reward"] == steps[4]["reward"]
+    assert steps[1]["clip_ratio/region_mean"] == 0.0  # sampled by the policy it trains
+    assert steps[2]["clip_ratio/region_mean"] > 0.0
+    assert sorted(_completions(result.output_dir)) == [1, 3]

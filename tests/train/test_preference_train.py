@@ -19,13 +19,6 @@ TRL_METRICS = {"rewards/chosen", "rewards/rejected", "rewards/margins", "rewards
                "logps/chosen", "logps/rejected"}  # fmt: skip
 
 
-@pytest.fixture(scope="module")
-def demo_base(tmp_path_factory):
-    from sloth_core.train.demo import demo_model
-
-    return demo_model(tmp_path_factory.mktemp("cache"))
-
-
 def _head(kind: str, rows: int, path):
     lines = preference_dataset(kind).read_text(encoding="utf-8").splitlines()[:rows]
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
