@@ -298,6 +298,8 @@ def _load(system: str, model_dir: Path, device: str, quantization: str | None = 
     quantized = {}
     if quantization:
         quantized["quantization_config"] = hf_quantization_config(quantization)
+    # MoE experts: transformers 5 picks its fastest implementation itself (grouped_mm, the
+    # eager loop only where torch lacks it), so the baseline is its best, unasked.
     model = AutoModelForCausalLM.from_pretrained(
         model_dir, dtype=torch.bfloat16, attn_implementation=hf_attention(model_dir),
         device_map=device, **quantized,
