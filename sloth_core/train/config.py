@@ -368,6 +368,11 @@ class TrainConfig:
         for name in ("packing", "data_format", "precompute_ref_log_probs", "label_smoothing"):
             if getattr(self, name):
                 raise bad(name, "does not apply to grpo")
+        if self.full_finetuning and self.nproc > 1:
+            # Sharded weights gather layer by layer in every rank's forward, in step: ranks
+            # sampling completions of different lengths would wait on each other forever.
+            raise bad("nproc", "grpo with full_finetuning samples on one process only "
+                               "(sharded sampling is not built): use LoRA, or nproc=1")  # fmt: skip
 
     @property
     def kl_beta(self) -> float:

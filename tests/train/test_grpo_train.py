@@ -137,6 +137,7 @@ def test_a_failing_reward_stops_the_run_naming_it_and_keeps_the_checkpoint(
     (dict(loss_type="sigmoid"), "loss_type"),
     (dict(reward_weights="1,2"), "reward_weights"),
     (dict(packing=True), "packing"),
+    (dict(full_finetuning=True, nproc=2), "sharded sampling"),
 ])  # fmt: skip
 def test_grpo_options_are_checked_before_loading(tmp_path, options, message):
     data = _prompts(4, tmp_path / "prompts.jsonl")
