@@ -42,6 +42,9 @@ def test_the_policy_learns_to_answer_short(demo_base, tmp_path):
     ).validate()  # fmt: skip
     result = train(config, show_progress=False)
     before, after = result.eval_before["eval_reward"], result.eval_after["eval_reward"]
+    print(f"grpo: eval reward {before:.4f} -> {after:.4f}, completion length "
+          f"{result.eval_before['eval_completions/mean_length']:.1f} -> "
+          f"{result.eval_after['eval_completions/mean_length']:.1f}")  # fmt: skip
     assert before < -0.1 and after > -0.03, (before, after)
     steps = [r for r in read_metrics(result.output_dir) if "loss" in r]
     assert GRPO_METRICS <= steps[-1].keys()

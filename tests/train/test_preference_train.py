@@ -42,6 +42,9 @@ def test_the_policy_learns_to_prefer_the_chosen_completions(demo_base, tmp_path,
     ).validate()  # fmt: skip
     result = train(config, show_progress=False)
     before, after = result.eval_before, result.eval_after
+    print(f"{method}: reward accuracy {before['eval_rewards/accuracies']:.3f} -> "
+          f"{after['eval_rewards/accuracies']:.3f}, eval loss {before['eval_loss']:.4f} -> "
+          f"{after['eval_loss']:.4f}")  # fmt: skip
     assert before["eval_rewards/accuracies"] < 0.7
     assert after["eval_rewards/accuracies"] > 0.9, after
     assert after["eval_loss"] < before["eval_loss"]
