@@ -157,6 +157,12 @@ class TrainConfig:
     seed: int = _opt(3407, "seed of the adapters' init, the data order and dropout")
     cpu_threads: int = _opt(0, "intra-op threads when training on the CPU (0: torch's default)")
     nproc: int = _opt(1, "data-parallel processes, one per GPU: re-launches through torchrun")
+    # several machines: launch options (`sloth train` passes them to torchrun), not resumed
+    nnodes: int = _opt(1, "machines (nodes) of the run, each starting nproc processes")
+    node_rank: int = _opt(0, "this machine's place, 0 to nnodes - 1; node 0 hosts the rendezvous")
+    rdzv_endpoint: str = _opt(
+        "", "host:port of node 0, where the nodes meet (c10d rendezvous); needed with nnodes > 1"
+    )
     # outputs
     output_dir: str = _opt("outputs", "where checkpoints, metrics and the final model go")
     overwrite: bool = _opt(False, "replace a non-empty output_dir")
@@ -265,10 +271,11 @@ class TrainConfig:
                 raise bad(f.name, "must be a finite number")
         positive = ("max_seq_length", "r", "lora_alpha", "per_device_train_batch_size",
                     "gradient_accumulation_steps", "logging_steps", "save_total_limit",
-                    "nproc", "num_generations", "num_iterations")  # fmt: skip
+                    "nproc", "nnodes", "num_generations", "num_iterations")  # fmt: skip
         for name in positive:
             if getattr(self, name) < 1:
                 raise bad(name, "must be at least 1")
+        self._check_nodes()
         for name in ("warmup_steps", "save_steps", "eval_steps", "weight_decay", "max_grad_norm",
                      "cpu_threads", "embedding_learning_rate", "max_prompt_length",
                      "max_completion_length", "desirable_weight", "undesirable_weight",
@@ -368,11 +375,22 @@ class TrainConfig:
         for name in ("packing", "data_format", "precompute_ref_log_probs", "label_smoothing"):
             if getattr(self, name):
                 raise bad(name, "does not apply to grpo")
-        if self.full_finetuning and self.nproc > 1:
+        if self.full_finetuning and self.nproc * self.nnodes > 1:
             # Sharded weights gather layer by layer in every rank's forward, in step: ranks
             # sampling completions of different lengths would wait on each other forever.
             raise bad("nproc", "grpo with full_finetuning samples on one process only "
                                "(sharded sampling is not built): use LoRA, or nproc=1")  # fmt: skip
+
+    def _check_nodes(self) -> None:
+        if not 0 <= self.node_rank < self.nnodes:
+            raise self._bad("node_rank", f"must be in [0, nnodes={self.nnodes})")
+        if self.nnodes > 1 and not self.rdzv_endpoint:
+            raise self._bad("nnodes", "several machines meet at rdzv_endpoint (host:port of "
+                                      "node 0): give it")  # fmt: skip
+        if self.rdzv_endpoint:
+            host, _, port = self.rdzv_endpoint.rpartition(":")
+            if not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise self._bad("rdzv_endpoint", "must be host:port (e.g. 10.0.0.1:29500)")
 
     @property
     def kl_beta(self) -> float:
