@@ -129,6 +129,7 @@ def shard(model: torch.nn.Module, group: Group, *, compute_dtype=None) -> torch.
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
+    _refuse_quantized(model)
     if compute_dtype is None:
         compute_dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
     mesh = init_device_mesh(group.device.type, (group.world_size,))
@@ -144,6 +145,20 @@ def shard(model: torch.nn.Module, group: Group, *, compute_dtype=None) -> torch.
             # which gloo lacks.
             unit.set_force_sum_reduction_for_comms(True)
     return model
+
+
+def _refuse_quantized(model: torch.nn.Module) -> None:
+    """FSDP2 shards every parameter as a plain tensor: a bitsandbytes 4-bit or 8-bit weight
+    would lose what it is read with (its ``quant_state``, bitsandbytes#1945)."""
+    for name, param in model.named_parameters():
+        if not param.is_floating_point() or any(
+            hasattr(param, field) for field in ("quant_state", "SCB")
+        ):
+            raise ValueError(
+                f"{name} is quantized: FSDP2 cannot shard bitsandbytes' quantized weights "
+                "(each shard would lose its quant_state). Train a quantized model with LoRA, "
+                "data-parallel on several processes, or fine-tune in full unquantized"
+            )
 
 
 def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:

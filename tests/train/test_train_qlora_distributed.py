@@ -66,3 +66,16 @@ def test_qlora_on_two_ranks_trains_as_one_process_of_twice_the_batch(
     assert sorted(adapters[0]) == sorted(adapters[1]) and len(adapters[0]) > 10
     for name, tensor in adapters[0].items():
         assert (adapters[1][name] - tensor).abs().max() <= REL * tensor.abs().max() + 1e-7, name
+
+
+def test_sharding_refuses_quantized_weights():
+    """sloth never shards a quantized model (LoRA on several processes is DDP; full
+    fine-tuning refuses quantization); handed one in Python, the sharding says why."""
+    bnb = pytest.importorskip("bitsandbytes")
+    from sloth_core.train.distributed import Group, shard
+
+    for quantized in (bnb.nn.Linear4bit(64, 64, quant_type="nf4"),
+                      bnb.nn.Linear8bitLt(64, 64, has_fp16_weights=False)):  # fmt: skip
+        model = torch.nn.Sequential(torch.nn.Linear(64, 64), quantized)
+        with pytest.raises(ValueError, match=r"^1\.weight is quantized: FSDP2 .*quant_state"):
+            shard(model, Group(world_size=2))
