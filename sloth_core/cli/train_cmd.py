@@ -83,20 +83,26 @@ def _run(args: argparse.Namespace) -> int:
     from sloth_core.train import distributed, train
 
     config = build_config(args)
-    if config.nproc > 1 and not distributed.launched():
+    if (config.nproc > 1 or config.nnodes > 1) and not distributed.launched():
         config.validate()  # a bad option fails here, not once per process
-        return distributed.relaunch(_argv_without_nproc(args), config.nproc)
+        return distributed.relaunch(_argv_without_launch(args), config)
     result = train(config, show_progress=not args.quiet)
     return 0 if result.steps else 1
 
 
-def _argv_without_nproc(args: argparse.Namespace) -> list[str]:
-    """The ``sloth train`` command line of ``args``, less ``--nproc``, for each process."""
+#: Options torchrun acts on (:func:`sloth_core.train.distributed.launch_command`): the
+#: processes it starts are not given them.
+LAUNCH_OPTIONS = ("nproc", "nnodes", "node_rank", "rdzv_endpoint")
+
+
+def _argv_without_launch(args: argparse.Namespace) -> list[str]:
+    """The ``sloth train`` command line of ``args``, less the launch options, for each
+    process."""
     argv = ["train", *([args.config] if args.config else [])]
     argv += ["--demo"] * args.demo + ["--quiet"] * args.quiet
     for f in dataclasses.fields(TrainConfig):
         value = getattr(args, f.name)
-        if value is None or f.name == "nproc":
+        if value is None or f.name in LAUNCH_OPTIONS:
             continue
         if isinstance(value, bool):
             argv.append(f"--{'' if value else 'no-'}{f.name}")

@@ -4,7 +4,9 @@ Every process (rank) holds the whole model; DDP all-reduces the gradients of the
 tensors only (LoRA adapters, ``modules_to_save``), so the frozen, possibly quantized base
 weights never travel. ``torchrun`` (or ``sloth train --nproc N``, which re-launches itself
 through it) starts the processes and sets ``RANK``, ``LOCAL_RANK`` and ``WORLD_SIZE``;
-:func:`setup` joins the group: NCCL on GPUs (one per process), gloo on the CPU.
+:func:`setup` joins the group: NCCL on GPUs (one per process), gloo on the CPU. Several
+machines (``--nnodes``) meet at a c10d rendezvous (:func:`launch_command`); the ranks are
+then global, and ``LOCAL_RANK`` picks the GPU.
 
 Full fine-tuning shards instead (FSDP2, ``fully_shard``): each decoder layer, then the
 root, keeps ``1/world_size`` of its weights, gradients and optimizer state, in float32 (the
@@ -22,14 +24,18 @@ from __future__ import annotations
 import contextlib
 import datetime
 import gc
+import hashlib
 import os
 import subprocess
 import sys
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 import torch.distributed as dist
+
+if TYPE_CHECKING:
+    from .config import TrainConfig
 
 #: torchrun's variables; WORLD_SIZE marks a process started by a launcher.
 LAUNCH_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
@@ -275,16 +281,37 @@ class NoLog:
         pass
 
 
-def relaunch(argv: list[str], nproc: int) -> int:
-    """Run ``sloth <argv>`` in ``nproc`` processes through torch.distributed.run; its code.
+def launch_command(argv: list[str], config: TrainConfig) -> list[str]:
+    """The torch.distributed.run command that starts ``sloth <argv>`` as ``config`` asks.
 
-    ``argv`` is the command line without ``--nproc``: the children learn their place from
-    torchrun's variables.
+    One machine: ``--standalone`` (a local rendezvous on a free port). Several
+    (``nnodes`` > 1): every node runs this with its own ``node_rank`` and they meet at
+    ``rdzv_endpoint`` (c10d rendezvous); node 0 hosts the rendezvous store there
+    (``is_host``), and the run's id comes from ``output_dir``, which every node names
+    alike. c10d numbers the nodes itself (global rank 0 may be on any node), so the outputs
+    need a path every node sees.
     """
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               f"--nproc-per-node={nproc}", "-m", "sloth_core", *argv]  # fmt: skip
+    command = [sys.executable, "-m", "torch.distributed.run"]
+    if config.nnodes > 1:
+        run_id = hashlib.sha256(os.path.normpath(config.output_dir).encode()).hexdigest()
+        command += [
+            f"--nnodes={config.nnodes}", f"--node-rank={config.node_rank}",
+            "--rdzv-backend=c10d", f"--rdzv-endpoint={config.rdzv_endpoint}",
+            f"--rdzv-id=sloth-{run_id[:16]}", f"--rdzv-conf=is_host={int(config.node_rank == 0)}",
+        ]  # fmt: skip
+    else:
+        command.append("--standalone")
+    return [*command, f"--nproc-per-node={config.nproc}", "-m", "sloth_core", *argv]
+
+
+def relaunch(argv: list[str], config: TrainConfig) -> int:
+    """Run ``sloth <argv>`` through torch.distributed.run (:func:`launch_command`); its code.
+
+    ``argv`` is the command line without the launch options: the children learn their
+    place from torchrun's variables.
+    """
     env = {key: value for key, value in os.environ.items() if key not in LAUNCH_VARS}
     env.setdefault("NCCL_NVLS_ENABLE", "0")
     if not torch.cuda.is_available():
         env.setdefault("OMP_NUM_THREADS", "1")
-    return subprocess.call(command, env=env)
+    return subprocess.call(launch_command(argv, config), env=env)

@@ -5,53 +5,24 @@ fine-tuning sharded by FSDP2."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
 import sys
 
 import pytest
 import torch
+from _ranks import REL, write_data
+from _ranks import losses as _losses
+from _ranks import options as _options
+from _ranks import run_train as _train
 
 from sloth_core.train import ConfigError, TrainConfig, train
 from sloth_core.train.metrics import read_metrics
 
-# On the CPU the runs agree to float32 rounding. On a GPU the LoRA runs hold bf16 weights
-# (dtype auto) and the GEMMs tile batch 2 and batch 4 differently, so they agree to bf16's.
-REL = 5e-4 if torch.cuda.is_available() else 1e-5
 pytestmark = pytest.mark.skipif(
     torch.cuda.is_available() and torch.cuda.device_count() < 2,
     reason="2 ranks on a GPU machine need 2 GPUs (on the CPU they run on gloo)",
 )
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "SLOTH_KERNELS": "torch", "HF_HUB_OFFLINE": "1"}
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
-
-
-def _options(model, data, out, batch, **extra):
-    return {
-        "model_name": str(model), "dataset": str(data), "output_dir": str(out),
-        "max_seq_length": 64, "per_device_train_batch_size": batch,
-        "gradient_accumulation_steps": 2, "max_steps": 4, "learning_rate": 5e-3,
-        "warmup_steps": 1, "gradient_checkpointing": "off", "save_steps": 2, "seed": 5,
-        "lora_dropout": 0.0, "save_method": "none", "report_to": "none", **extra,
-    }  # fmt: skip
-
-
-def _train(options, *flags, launcher=(sys.executable,)):
-    args = [*launcher, "-m", "sloth_core", "train", "--quiet"]
-    for key, value in options.items():
-        args += [f"--{key}"] if value is True else [f"--{key}", str(value)]
-    done = subprocess.run(args + list(flags), env=ENV, capture_output=True, text=True,
-                          timeout=300)  # fmt: skip
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
-    return done
-
-
-def _losses(out):
-    records = [r for r in read_metrics(out) if "loss" in r]
-    steps = [r["step"] for r in records]
-    assert len(steps) == len(set(steps)), f"a step logged twice (rank > 0 logging?): {steps}"
-    return {r["step"]: r["loss"] for r in records}
 
 
 def _stopped_at_step_2(source, target):
@@ -65,12 +36,8 @@ def _stopped_at_step_2(source, target):
 @pytest.fixture(scope="module")
 def runs(tiny_llama, tmp_path_factory):
     """One process of batch 4, and `sloth train --nproc 2` of batch 2: 4 steps each."""
-    from sloth_core.testing.datasets import load_tiny_instructions
-
     root = tmp_path_factory.mktemp("ddp")
-    data = root / "data.jsonl"
-    rows = load_tiny_instructions()[:48]
-    data.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    data = write_data(root / "data.jsonl")
     single, double = root / "single", root / "double"
     _train(_options(tiny_llama, data, single, 4))
     _train(_options(tiny_llama, data, double, 2), "--nproc", "2")
