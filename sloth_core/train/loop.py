@@ -258,10 +258,11 @@ def train(config: TrainConfig, *, show_progress: bool = True, console: Any = Non
     from rich.console import Console
 
     config.validate()
-    if config.nproc > 1 and not distributed.launched():
+    if (config.nproc > 1 or config.nnodes > 1) and not distributed.launched():
+        name, value = ("nproc", config.nproc) if config.nproc > 1 else ("nnodes", config.nnodes)
         raise ConfigError(
-            f"nproc={config.nproc}: several processes start from the command line "
-            f"(`sloth train --nproc {config.nproc}` or torchrun), not inside this one"
+            f"{name}={value}: several processes start from the command line "
+            f"(`sloth train --{name} {value}` or torchrun), not inside this one"
         )
     progress = RunProgress()
     group = distributed.setup()
