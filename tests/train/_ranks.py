@@ -1,6 +1,6 @@
 """Training runs in subprocesses, alone or as several ranks, and the losses they log: what
-the tests of several processes (tests/train/test_train_distributed.py) and several
-machines (test_train_multinode.py) share."""
+the tests of several processes (tests/train/test_train_distributed.py,
+test_train_qlora_distributed.py) and several machines (test_train_multinode.py) share."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from sloth_core.train.metrics import read_metrics
@@ -17,6 +18,10 @@ from sloth_core.train.metrics import read_metrics
 # On the CPU the runs agree to float32 rounding. On a GPU the LoRA runs hold bf16 weights
 # (dtype auto) and the GEMMs tile batch 2 and batch 4 differently, so they agree to bf16's.
 REL = 5e-4 if torch.cuda.is_available() else 1e-5
+TWO_RANKS = pytest.mark.skipif(
+    torch.cuda.is_available() and torch.cuda.device_count() < 2,
+    reason="2 ranks on a GPU machine need 2 GPUs (on the CPU they run on gloo)",
+)
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "SLOTH_KERNELS": "torch", "HF_HUB_OFFLINE": "1"}
 
 

@@ -9,8 +9,7 @@ import shutil
 import sys
 
 import pytest
-import torch
-from _ranks import REL, write_data
+from _ranks import REL, TWO_RANKS, write_data
 from _ranks import losses as _losses
 from _ranks import options as _options
 from _ranks import run_train as _train
@@ -18,10 +17,7 @@ from _ranks import run_train as _train
 from sloth_core.train import ConfigError, TrainConfig, train
 from sloth_core.train.metrics import read_metrics
 
-pytestmark = pytest.mark.skipif(
-    torch.cuda.is_available() and torch.cuda.device_count() < 2,
-    reason="2 ranks on a GPU machine need 2 GPUs (on the CPU they run on gloo)",
-)
+pytestmark = TWO_RANKS
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
 
 

@@ -1,5 +1,6 @@
 """QLoRA on several processes (gloo on the CPU): 2 ranks of batch b over an nf4 base train
-exactly as 1 process of batch 2b, as LoRA does (tests/train/test_train_distributed.py).
+exactly as 1 process of batch 2b, as LoRA does (tests/train/test_train_distributed.py;
+the run helpers are tests/train/_ranks.py).
 
 Each rank loads and quantizes the same checkpoint, so the 4-bit weights and their
 quantization states are the same bits everywhere; DDP sees only the trainable adapters
@@ -9,16 +10,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_train_distributed import (
-    REL,
-    _losses,
-    _options,
-    _train,
-    pytestmark,  # noqa: F401  (2 GPUs, or the CPU)
-)
+from _ranks import REL, TWO_RANKS, losses, options, run_train
 
 from sloth_core.train import TrainConfig, train
 from sloth_core.train.metrics import read_metrics
+
+pytestmark = TWO_RANKS
 
 
 def _without_4bit() -> str | None:
@@ -47,11 +44,11 @@ def test_qlora_on_two_ranks_trains_as_one_process_of_twice_the_batch(
     qlora = {"load_in_4bit": True, "eval_fraction": 0.1, "eval_steps": 2,
              "save_steps": 0, "save_method": "lora"}  # fmt: skip
     single, double = tmp_path / "single", tmp_path / "double"
-    train(TrainConfig.from_mapping(_options(tiny_llama, alpaca_file, single, 4, **qlora)),
+    train(TrainConfig.from_mapping(options(tiny_llama, alpaca_file, single, 4, **qlora)),
           show_progress=False)  # fmt: skip
-    _train(_options(tiny_llama, alpaca_file, double, 2, **qlora), "--nproc", "2")
+    run_train(options(tiny_llama, alpaca_file, double, 2, **qlora), "--nproc", "2")
 
-    ones, twos = _losses(single), _losses(double)
+    ones, twos = losses(single), losses(double)
     assert sorted(ones) == sorted(twos) == [1, 2, 3, 4]
     for step, loss in ones.items():
         assert twos[step] == pytest.approx(loss, rel=REL), step
