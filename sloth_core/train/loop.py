@@ -379,29 +379,10 @@ def _build(
     train_model = group.wrap(model, full=sharded, compute_dtype=compute_dtype)
     group.reseed(config.seed, 0)
     model.train()
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    per_device = config.per_device_train_batch_size
     method.rank = group.rank
     method.output_dir = output.path if group.is_main else None
-    batches = method.batches(
-        prepared.train, batch_size=per_device * group.world_size, pad_token_id=pad,
-        seed=config.seed, train=True,
-    )  # fmt: skip
-    eval_batches = None
-    # The other ranks do not evaluate, unless the model is sharded: then every forward
-    # needs them all.
-    if prepared.eval and (group.is_main or sharded):
-        eval_batches = method.batches(
-            prepared.eval, batch_size=per_device, pad_token_id=pad, seed=config.seed, train=False
-        )  # fmt: skip
-    per_step = config.gradient_accumulation_steps
-    if config.max_steps > 0:
-        total_steps = config.max_steps
-    else:
-        # GRPO's num_iterations: each batch of completions serves that many steps.
-        reuse = method.steps_per_batch
-        batches_used = math.ceil(config.num_train_epochs * batches.num_batches() / per_step)
-        total_steps = max(1, batches_used) * reuse
+    batches, eval_batches, total_steps = _batches(config, group, method, prepared, tokenizer,
+                                                  sharded=sharded)  # fmt: skip
     optimizer = build_optimizer(model, config)
     scheduler = build_scheduler(optimizer, config, total_steps)
     resumed: dict[str, Any] = {}
@@ -416,8 +397,8 @@ def _build(
     autocast = contextlib.nullcontext if sharded else _autocast(config, model)
     if config.precompute_ref_log_probs:
         in_order = method.batches(
-            prepared.train, batch_size=per_device, pad_token_id=pad, seed=config.seed,
-            train=False,
+            prepared.train, batch_size=config.per_device_train_batch_size,
+            pad_token_id=_pad(tokenizer), seed=config.seed, train=False,
         )  # fmt: skip
         method.precompute(in_order, len(prepared.train), autocast)
     if group.is_main:
@@ -436,6 +417,37 @@ def _build(
         console=console, data=data, resumed=resumed, step=step,
         consumed=resumed.get("micro_batches", 0),
     )  # fmt: skip
+
+
+def _pad(tokenizer: Any) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+def _batches(
+    config: TrainConfig, group, method: Method, prepared: PreparedData, tokenizer, *,
+    sharded: bool,
+) -> tuple[Any, Any, int]:  # fmt: skip
+    """The training batches (global: every rank's rows), the eval batches (``None`` where
+    this rank does not evaluate) and the run's optimizer steps."""
+    pad, per_device = _pad(tokenizer), config.per_device_train_batch_size
+    batches = method.batches(
+        prepared.train, batch_size=per_device * group.world_size, pad_token_id=pad,
+        seed=config.seed, train=True,
+    )  # fmt: skip
+    eval_batches = None
+    # The other ranks do not evaluate, unless the model is sharded: then every forward
+    # needs them all.
+    if prepared.eval and (group.is_main or sharded):
+        eval_batches = method.batches(
+            prepared.eval, batch_size=per_device, pad_token_id=pad, seed=config.seed, train=False
+        )  # fmt: skip
+    if config.max_steps > 0:
+        return batches, eval_batches, config.max_steps
+    # GRPO's num_iterations: each batch of completions serves that many steps.
+    used = math.ceil(
+        config.num_train_epochs * batches.num_batches() / config.gradient_accumulation_steps
+    )
+    return batches, eval_batches, max(1, used) * method.steps_per_batch
 
 
 def _loop(run: RunState, callbacks: list[Callback], bar_shown: bool) -> None:
