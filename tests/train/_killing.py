@@ -1,16 +1,33 @@
-"""A training run killed mid-way and resumed, beside the same run uninterrupted."""
+"""A training run killed mid-way and resumed, beside the same run uninterrupted; the
+command line such runs start from, and data files cut from the bundled sets."""
 
 from __future__ import annotations
 
 import json
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 from sloth_core.train.checkpoint import list_checkpoints
 from sloth_core.train.metrics import read_metrics
+
+
+def sloth_train(options: dict, *flags: str) -> list[str]:
+    """``python -m sloth_core train --quiet`` with ``options`` as flags, then ``flags``."""
+    args = [sys.executable, "-m", "sloth_core", "train", "--quiet"]
+    for key, value in options.items():
+        args += [f"--{key.replace('_', '-')}", str(value)]
+    return args + list(flags)
+
+
+def first_rows(source: Path, rows: int, path: Path) -> Path:
+    """The first ``rows`` lines of the JSONL file ``source``, written to ``path``."""
+    lines = Path(source).read_text(encoding="utf-8").splitlines()[:rows]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
 
 
 def step_records(out: Path) -> dict[int, dict]:

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 
 import pytest
-from _killing import kill_and_resume
+from _killing import first_rows, kill_and_resume, sloth_train
 
 from sloth_core.testing.datasets import prompt_dataset
 from sloth_core.train import TrainConfig, train
@@ -21,12 +20,6 @@ GRPO_METRICS = {"reward", "reward_std", "rewards/length_penalty/mean",
                 "rewards/length_penalty/std", "completions/mean_length",
                 "completions/clipped_ratio", "clip_ratio/region_mean",
                 "frac_reward_zero_std"}  # fmt: skip
-
-
-def _prompts(rows: int, path):
-    lines = prompt_dataset().read_text(encoding="utf-8").splitlines()[:rows]
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return path
 
 
 def test_the_policy_learns_to_answer_short(demo_base, tmp_path):
@@ -66,13 +59,6 @@ def _options(tiny_llama, data, out, **extra):
     }  # fmt: skip
 
 
-def _cli(options, *flags):
-    args = [sys.executable, "-m", "sloth_core", "train", "--quiet"]
-    for key, value in options.items():
-        args += [f"--{key.replace('_', '-')}", str(value)]
-    return args + list(flags)
-
-
 def _completions(out) -> dict[int, list[str]]:
     by_step: dict[int, list[str]] = {}
     for line in (out / "completions.jsonl").read_text().splitlines():
@@ -84,10 +70,10 @@ def _completions(out) -> dict[int, list[str]]:
 def test_grpo_killed_mid_way_resumes_to_the_same_completions_and_losses(tiny_llama, tmp_path):
     """SIGKILL after step 5, then --resume: every step samples the completions and gives
     the loss of the uninterrupted run (LoRA dropout on, sampling seeded per step)."""
-    data = _prompts(24, tmp_path / "prompts.jsonl")
+    data = first_rows(prompt_dataset(), 24, tmp_path / "prompts.jsonl")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "SLOTH_KERNELS": "torch"}
     expected, got = kill_and_resume(
-        lambda out: _cli(_options(tiny_llama, data, out)), env,
+        lambda out: sloth_train(_options(tiny_llama, data, out)), env,
         tmp_path / "whole", tmp_path / "crashed",
     )  # fmt: skip
     for step, record in expected.items():
@@ -121,7 +107,7 @@ def test_a_failing_reward_stops_the_run_naming_it_and_keeps_the_checkpoint(
 ):
     (tmp_path / "my_rewards.py").write_text(REWARDS, encoding="utf-8")
     monkeypatch.setenv("FAIL_AFTER", fail_after)
-    data = _prompts(24, tmp_path / "prompts.jsonl")
+    data = first_rows(prompt_dataset(), 24, tmp_path / "prompts.jsonl")
     out = tmp_path / "out"
     options = _options(tiny_llama, data, out, reward=f"{tmp_path / 'my_rewards.py'}:{function}",
                        save_steps=1, lora_dropout=0.0)  # fmt: skip
@@ -143,7 +129,7 @@ def test_a_failing_reward_stops_the_run_naming_it_and_keeps_the_checkpoint(
     (dict(full_finetuning=True, nproc=2), "sharded sampling"),
 ])  # fmt: skip
 def test_grpo_options_are_checked_before_loading(tmp_path, options, message):
-    data = _prompts(4, tmp_path / "prompts.jsonl")
+    data = first_rows(prompt_dataset(), 4, tmp_path / "prompts.jsonl")
     values = _options("missing", data, tmp_path / "o", **options)
     with pytest.raises(ConfigError, match=message):
         TrainConfig.from_mapping(values).validate()
@@ -163,7 +149,7 @@ def test_the_demo_takes_grpo(tmp_path):
 def test_a_kl_coefficient_compares_with_the_adapters_off_reference(tiny_llama, tmp_path):
     """beta > 0: the KL to the reference is logged, 0 at step 1 (a fresh adapter is the
     reference) and above 0 once the policy has moved."""
-    data = _prompts(8, tmp_path / "prompts.jsonl")
+    data = first_rows(prompt_dataset(), 8, tmp_path / "prompts.jsonl")
     options = _options(tiny_llama, data, tmp_path / "out", beta=0.05, max_steps=3, save_steps=0,
                        lora_dropout=0.0, learning_rate=5e-2)  # fmt: skip
     result = train(TrainConfig.from_mapping(options).validate(), show_progress=False)
@@ -178,7 +164,7 @@ def test_num_iterations_reuse_a_batch_of_completions_against_their_old_log_probs
     """num_iterations=2: steps 1 and 2 train on the same completions (logged once, at
     step 1), and at step 2 the ratio to the log-probs they were sampled with has moved
     away from 1, so a tight epsilon clips."""
-    data = _prompts(16, tmp_path / "prompts.jsonl")
+    data = first_rows(prompt_dataset(), 16, tmp_path / "prompts.jsonl")
     options = _options(tiny_llama, data, tmp_path / "out", num_iterations=2, max_steps=4,
                        save_steps=0, lora_dropout=0.0, learning_rate=5e-2,
                        epsilon=0.001)  # fmt: skip

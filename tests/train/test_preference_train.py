@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 
 import pytest
-from _killing import kill_and_resume
+from _killing import first_rows, kill_and_resume, sloth_train
 
 from sloth_core.data import DataError
 from sloth_core.testing.datasets import preference_dataset
@@ -19,12 +18,6 @@ TRL_METRICS = {"rewards/chosen", "rewards/rejected", "rewards/margins", "rewards
                "logps/chosen", "logps/rejected"}  # fmt: skip
 
 
-def _head(kind: str, rows: int, path):
-    lines = preference_dataset(kind).read_text(encoding="utf-8").splitlines()[:rows]
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return path
-
-
 @pytest.mark.parametrize(
     ("method", "beta"), [("dpo", 0.5), ("orpo", 0.5), ("simpo", 2.0), ("kto", 0.5)]
 )
@@ -32,7 +25,7 @@ def test_the_policy_learns_to_prefer_the_chosen_completions(demo_base, tmp_path,
     """32 bundled rows (strings, conversations, an implicit prompt), 20 steps on the demo
     model: the reward accuracy on them goes from chance to above 0.9."""
     kind = "kto" if method == "kto" else "pairs"
-    data = _head(kind, 32, tmp_path / "data.jsonl")
+    data = first_rows(preference_dataset(kind), 32, tmp_path / "data.jsonl")
     config = TrainConfig(
         model_name=str(demo_base), dataset=str(data), eval_dataset=str(data), method=method,
         beta=beta, max_seq_length=128, r=16, lora_alpha=32, per_device_train_batch_size=8,
@@ -68,20 +61,13 @@ def _options(tiny_llama, data, out, **extra):
     }  # fmt: skip
 
 
-def _cli(options, *flags):
-    args = [sys.executable, "-m", "sloth_core", "train", "--quiet"]
-    for key, value in options.items():
-        args += [f"--{key.replace('_', '-')}", str(value)]
-    return args + list(flags)
-
-
 def test_dpo_killed_mid_way_resumes_to_the_same_losses(tiny_llama, tmp_path):
     """SIGKILL after step 5 (last checkpoint: step 4), then --resume: every step's DPO
     loss and reward margin equal the uninterrupted run's (LoRA dropout on)."""
-    data = _head("pairs", 40, tmp_path / "pairs.jsonl")
+    data = first_rows(preference_dataset("pairs"), 40, tmp_path / "pairs.jsonl")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "SLOTH_KERNELS": "torch"}
     expected, got = kill_and_resume(
-        lambda out: _cli(_options(tiny_llama, data, out)), env,
+        lambda out: sloth_train(_options(tiny_llama, data, out)), env,
         tmp_path / "whole", tmp_path / "crashed",
     )  # fmt: skip
     for step, record in expected.items():
@@ -91,7 +77,7 @@ def test_dpo_killed_mid_way_resumes_to_the_same_losses(tiny_llama, tmp_path):
 
 
 def test_resume_refuses_another_method_or_beta(tiny_llama, tmp_path):
-    data = _head("pairs", 12, tmp_path / "pairs.jsonl")
+    data = first_rows(preference_dataset("pairs"), 12, tmp_path / "pairs.jsonl")
     out = tmp_path / "out"
     train(TrainConfig(**_options(tiny_llama, data, out, max_steps=2, lora_dropout=0.0)),
           show_progress=False)  # fmt: skip
@@ -103,7 +89,7 @@ def test_resume_refuses_another_method_or_beta(tiny_llama, tmp_path):
 def test_full_finetuning_dpo_keeps_a_frozen_reference(tiny_llama, tmp_path):
     """Without adapters the reference is a frozen copy: it does not move with the policy,
     so the rewards move away from 0 as training goes."""
-    data = _head("pairs", 12, tmp_path / "pairs.jsonl")
+    data = first_rows(preference_dataset("pairs"), 12, tmp_path / "pairs.jsonl")
     config = TrainConfig(**_options(tiny_llama, data, tmp_path / "out", max_steps=4,
                                     lora_dropout=0.0, save_steps=0, eval_fraction=0.0,
                                     learning_rate=1e-3),
@@ -126,7 +112,7 @@ def test_full_finetuning_dpo_keeps_a_frozen_reference(tiny_llama, tmp_path):
     ],
 )
 def test_preference_options_are_checked_before_loading(tmp_path, options, message):
-    data = _head("pairs", 4, tmp_path / "pairs.jsonl")
+    data = first_rows(preference_dataset("pairs"), 4, tmp_path / "pairs.jsonl")
     config = TrainConfig(model_name="missing", dataset=str(data), output_dir=str(tmp_path / "o"),
                          **options)  # fmt: skip
     with pytest.raises(ConfigError, match=message):

@@ -6,11 +6,10 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import sys
 
 import pytest
 import torch
-from _killing import kill_and_resume
+from _killing import kill_and_resume, sloth_train
 
 from sloth_core.data import Batches, load_records, tokenize
 from sloth_core.train import TrainConfig, accumulate, train
@@ -83,19 +82,12 @@ def _options(tiny_llama, data, out, **extra):
     }  # fmt: skip
 
 
-def _cli(options, *flags):
-    args = [sys.executable, "-m", "sloth_core", "train", "--quiet"]
-    for key, value in options.items():
-        args += [f"--{key}", str(value)]
-    return args + list(flags)
-
-
 def test_a_run_killed_mid_way_resumes_to_the_same_losses(tiny_llama, alpaca_file, tmp_path):
     """SIGKILL after step 5 (last checkpoint: step 4), then --resume: every step's loss
     equals the uninterrupted run's (LoRA dropout on, so the RNG state matters too)."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     expected, got = kill_and_resume(
-        lambda out: _cli(_options(tiny_llama, alpaca_file, out)), env,
+        lambda out: sloth_train(_options(tiny_llama, alpaca_file, out)), env,
         tmp_path / "whole", tmp_path / "crashed",
     )  # fmt: skip
     for step, record in expected.items():
