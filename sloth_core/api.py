@@ -215,12 +215,15 @@ class FastLanguageModel:
         trust_remote_code: bool = False,
         allow_pickle: bool = False,
         tokenizer: Any = None,
+        empty: bool = False,
         **kwargs: Any,
     ) -> tuple[Any, Any]:
         """Load ``model_name`` (a local directory or hub id), quantized if asked, patched.
 
         ``load_in_4bit`` means NF4 (``quantization="fp4"`` picks the other 4-bit type);
         ``load_in_8bit`` means int8. Both need a quantizer plugin (``sloth-bnb``).
+        ``empty``: patched, with every parameter on the meta device and no weight read
+        (:attr:`sloth_core.types.ModelSpec.empty`; the sharded loader fills it).
         """
         if load_in_4bit and load_in_8bit:
             raise ValueError("load_in_4bit and load_in_8bit exclude each other")
@@ -240,6 +243,7 @@ class FastLanguageModel:
             token=token,
             tokenizer=tokenizer,
             extra=kwargs,
+            empty=empty,
         )
         model, tokenizer, _ = load_model(spec)
         if full_finetuning:

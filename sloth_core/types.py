@@ -39,6 +39,10 @@ class ModelSpec:
     quantization_plan: QuantizationPlan | None = None
     #: Further keyword arguments for ``from_pretrained``, passed on untouched.
     extra: dict[str, Any] = field(default_factory=dict)
+    #: Build the modules with every parameter on the meta device and read no weights (the
+    #: buffers are real): the sharded loader (``sloth_core.train.sharded_loading``) shards
+    #: the empty model, then each process reads only its own slices of the weight files.
+    empty: bool = False
 
     @property
     def is_local(self) -> bool:

@@ -84,7 +84,10 @@ def load_hf_model(spec: ModelSpec) -> tuple[Any, Any]:
 
     if spec.is_local:
         check_local_weights(Path(spec.model_name).expanduser(), spec.allow_pickle)
-    model = AutoModelForCausalLM.from_pretrained(spec.model_name, **load_kwargs(spec))
+    if spec.empty:
+        model = _empty_model(spec)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(spec.model_name, **load_kwargs(spec))
     max_positions = getattr(model.config, "max_position_embeddings", None)
     if spec.max_seq_length and max_positions and spec.max_seq_length > max_positions:
         warnings.warn(
@@ -94,3 +97,19 @@ def load_hf_model(spec: ModelSpec) -> tuple[Any, Any]:
             stacklevel=2,
         )
     return model, load_tokenizer(spec)
+
+
+def _empty_model(spec: ModelSpec) -> Any:
+    """The model of ``spec.config`` with its parameters on the meta device (no memory, no
+    weights read) and its buffers real: the rotary tables and other non-persistent buffers
+    are computed in the modules' ``__init__`` and are not in the weight files."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    if spec.quantization_plan is not None:
+        raise ValueError(f"{spec.model_name}: an empty (meta-device) model cannot be quantized")
+    kwargs = {key: spec.extra[key] for key in ("attn_implementation",) if key in spec.extra}
+    with init_empty_weights(include_buffers=False):
+        return AutoModelForCausalLM.from_config(
+            spec.config, dtype=spec.dtype, trust_remote_code=spec.trust_remote_code, **kwargs
+        )

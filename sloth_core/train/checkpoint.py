@@ -17,6 +17,7 @@ falls back to the newest intact checkpoint.
 
 from __future__ import annotations
 
+import functools
 import json
 import random
 import shutil
@@ -107,7 +108,6 @@ class Checkpoint:
 
     path: Path
     state: dict[str, Any]
-    tensors: dict[str, torch.Tensor]
     optimizer: dict
     scheduler: dict
     rng: dict[str, Any]
@@ -115,6 +115,14 @@ class Checkpoint:
     @property
     def step(self) -> int:
         return int(self.state["step"])
+
+    @functools.cached_property
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The trainable tensors, whole, read on first use (a model loaded sharded reads
+        only its own slices of the file instead: :func:`load_tensors`)."""
+        from safetensors.torch import load_file
+
+        return load_file(str(self.path / TRAINABLE_FILE))
 
 
 def save_checkpoint(
@@ -174,7 +182,7 @@ def read_checkpoint(path: Path) -> Checkpoint:
         DamagedCheckpointError: naming the file that is missing, of the wrong size or
             unreadable. Nothing of the checkpoint has been applied to anything yet.
     """
-    from safetensors.torch import load_file
+    from safetensors import safe_open
 
     path = Path(path)
     state = _read_json(path, STATE_FILE)
@@ -188,8 +196,9 @@ def read_checkpoint(path: Path) -> Checkpoint:
             raise DamagedCheckpointError(
                 path, name, f"is {file.stat().st_size} bytes, {size} were written (cut short?)"
             )
-    try:
-        tensors = load_file(str(path / TRAINABLE_FILE))
+    try:  # the header only: the tensors are read when used (Checkpoint.tensors)
+        with safe_open(str(path / TRAINABLE_FILE), framework="pt") as handle:
+            handle.keys()
     except FileNotFoundError:
         raise DamagedCheckpointError(path, TRAINABLE_FILE, "is missing") from None
     except Exception as exc:  # safetensors' own error type for a bad header or size
@@ -198,7 +207,7 @@ def read_checkpoint(path: Path) -> Checkpoint:
         parts = [_read_legacy(path, f"{name}.pt") for name in ("optimizer", "scheduler", "rng")]
     else:
         parts = [_read_state(path, name) for name in ("optimizer", "scheduler", "rng")]
-    return Checkpoint(path, state, tensors, *parts)
+    return Checkpoint(path, state, *parts)
 
 
 def _read_json(path: Path, name: str) -> Any:
@@ -251,7 +260,22 @@ def _read_legacy(path: Path, name: str) -> Any:
 
 
 def load_tensors(checkpoint: Checkpoint, model: torch.nn.Module) -> None:
-    """Copy the checkpoint's trainable tensors into ``model`` (not sharded yet)."""
+    """Copy the checkpoint's trainable tensors into ``model``: whole, or into each shard
+    its own rows when the model was loaded sharded (no rank reads the whole file)."""
+    from .distributed import is_sharded
+
+    if is_sharded(model):
+        from .sharded_loading import SliceReader, check_names, read_local_shards
+
+        try:
+            with SliceReader([checkpoint.path / TRAINABLE_FILE]) as reader:
+                check_names(model, reader)
+                read_local_shards(model, reader)
+        except SlothError as exc:
+            raise SlothError(
+                f"{checkpoint.path}: checkpoint does not match the model: {exc}"
+            ) from None
+        return
     tensors = checkpoint.tensors
     params = dict(model.named_parameters())
     missing = [name for name, p in params.items() if p.requires_grad and name not in tensors]

@@ -83,8 +83,8 @@ class Group:
         when ``full`` (every weight trains; see :func:`shard`), or as it is alone."""
         if not self.active:
             return model
-        if full:
-            return shard(model, self, compute_dtype=compute_dtype)
+        if full:  # sharded already when it was loaded sharded (sharded_loading)
+            return model if is_sharded(model) else shard(model, self, compute_dtype=compute_dtype)
         from torch.nn.parallel import DistributedDataParallel
 
         # Every rank loaded the same weights and seeded the same adapters; sending rank 0's

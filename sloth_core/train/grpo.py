@@ -56,6 +56,7 @@ class GRPOMethod:
             epsilon_high=config.epsilon_high or None,
         )  # fmt: skip
         self.steps_per_batch = config.num_iterations
+        self.frozen_reference = self.options.beta > 0 and config.full_finetuning
         self.step = 0  # set by the loop before each optimizer step: seeds the sampling
         self.output_dir: Path | None = None  # rank 0's: where completions.jsonl goes
         self.rank = 0

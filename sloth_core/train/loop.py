@@ -27,7 +27,7 @@ from sloth_core.errors import Interrupted, SlothError
 from sloth_core.quiet import progress_bars
 from sloth_core.runs import FINAL_DIR, TRAIN_CONFIG
 
-from . import distributed
+from . import distributed, sharded_loading
 from .callbacks import (
     Callback,
     Evaluate,
@@ -130,7 +130,9 @@ def _load_tokenizer(config: TrainConfig) -> Any:
         ) from None
 
 
-def _load_model(config: TrainConfig, tokenizer: Any) -> Any:
+def _load_model(config: TrainConfig, tokenizer: Any, shard_over: Any = None) -> Any:
+    """The model to train; with ``shard_over`` (a group), built empty and sharded over it,
+    each rank reading only its own slices of the weights (:mod:`.sharded_loading`)."""
     from sloth_core.api import FastLanguageModel
 
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}.get(config.dtype)
@@ -140,15 +142,20 @@ def _load_model(config: TrainConfig, tokenizer: Any) -> Any:
         dtype=dtype,
         quantization=config.quantization_method,
         full_finetuning=config.full_finetuning,
-        device_map=training_device_map(),
+        device_map=None if shard_over else training_device_map(),
         trust_remote_code=config.trust_remote_code,
         allow_pickle=config.allow_pickle,
         tokenizer=tokenizer,
+        empty=shard_over is not None,
     )
     checkpointing = Checkpointing(config.gradient_checkpointing)
     if config.full_finetuning:
         # Sharded by FSDP2 when several processes run (distributed.launched()).
         apply_checkpointing(model, checkpointing, sharded=distributed.launched())
+        if shard_over is not None:
+            files = sharded_loading.weight_files(_weight_directory(config))
+            model = sharded_loading.load_sharded(model, shard_over, files,
+                                                 compute_dtype=model.sloth_spec.dtype)  # fmt: skip
         return model
     _check_module_names(config, model)
     return FastLanguageModel.get_peft_model(
@@ -164,6 +171,25 @@ def _load_model(config: TrainConfig, tokenizer: Any) -> Any:
         use_gradient_checkpointing=checkpointing,
         random_state=config.seed,
     )
+
+
+def _loads_sharded(config: TrainConfig, group, method: Method) -> bool:
+    """Full fine-tuning over several processes loads sharded, unless the method keeps a
+    frozen copy of the whole model as its reference (DPO, KTO, GRPO with ``beta`` > 0):
+    that copy is whole on every rank, so the model loads whole and is sharded after."""
+    return group.active and config.full_finetuning and not method.frozen_reference
+
+
+def _weight_directory(config: TrainConfig) -> Path:
+    """The directory of the model's weight files: ``model_name`` itself, or the hub
+    snapshot transformers would load (fetched once, as ``from_pretrained`` does)."""
+    local = Path(config.model_name).expanduser()
+    if local.is_dir():
+        return local
+    from huggingface_hub import snapshot_download
+
+    patterns = ["*.safetensors", sharded_loading.INDEX_FILE]
+    return Path(snapshot_download(config.model_name, allow_patterns=patterns))
 
 
 def _check_module_names(config: TrainConfig, model) -> None:
@@ -313,11 +339,15 @@ def _train(
     if config.cpu_threads:
         torch.set_num_threads(config.cpu_threads)
     torch.manual_seed(config.seed)
-    model = _load_model(config, tokenizer)
+    sharded = _loads_sharded(config, group, method)
+    model = _load_model(config, tokenizer, group if sharded else None)
+    if sharded:
+        console.print(f"model: loaded sharded over {group.world_size} processes (each read "
+                      "its own slices of the weights)")  # fmt: skip
     if group.active and group.device.type == "cuda" and not _on_cuda(model):
         model.to(group.device)
     method.attach(model)  # the reference model is the one loaded, not the checkpoint's
-    if checkpoint is not None:  # into the whole model, before any rank shards it
+    if checkpoint is not None:  # each rank's own slices when sharded already, else whole
         load_tensors(checkpoint, model)
     # Everything that can be refused has been: now the output directory.
     output = RunOutput(config)
@@ -356,7 +386,10 @@ def _run(
     """Train from step 0 or ``checkpoint``'s, save, export: the run proper."""
     # Wrapped before the optimizer exists: FSDP2 replaces the parameters by their shards.
     sharded = group.active and config.full_finetuning
-    compute_dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
+    compute_dtype = (  # sharded at load, the parameters are the float32 master shards
+        model.sloth_spec.dtype if distributed.is_sharded(model)
+        else next(p.dtype for p in model.parameters() if p.is_floating_point())
+    )  # fmt: skip
     run = _build(config, group, progress, model, tokenizer, prepared, checkpoint, data, output,
                  method, sharded=sharded, compute_dtype=compute_dtype, console=console)  # fmt: skip
     bar_shown = show_progress and console.is_terminal
@@ -494,14 +527,31 @@ def _loop(run: RunState, callbacks: list[Callback], bar_shown: bool) -> None:
 
 def _gathered(config: TrainConfig, model, dtype: torch.dtype) -> Any:
     """The trained weights of a sharded model in a whole one on rank 0's CPU (for the
-    final export, which writes from one process); None on the other ranks."""
-    from transformers import AutoModelForCausalLM
+    final export, which writes from one process); None on the other ranks.
+
+    The model is built empty and takes the gathered tensors as its own (cast one by one):
+    rank 0 holds the trained weights once, and reads none of the original files."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     whole = distributed.full_state(model)
     if not whole:
         return None
-    plain = AutoModelForCausalLM.from_pretrained(config.model_name, dtype=dtype)
-    plain.load_state_dict(whole)
+    for name, tensor in whole.items():
+        whole[name] = tensor.to(dtype)
+    plain_config = AutoConfig.from_pretrained(
+        config.model_name, trust_remote_code=config.trust_remote_code
+    )  # fmt: skip
+    with init_empty_weights(include_buffers=False):
+        plain = AutoModelForCausalLM.from_config(
+            plain_config, dtype=dtype, trust_remote_code=config.trust_remote_code
+        )  # fmt: skip
+    missing, unexpected = plain.load_state_dict(whole, strict=False, assign=True)
+    plain.tie_weights()
+    left = [name for name, p in plain.named_parameters() if p.is_meta]
+    if left or unexpected:
+        raise SlothError(f"the gathered weights do not fit {type(plain).__name__}: "
+                         f"missing {left[:3]}, unexpected {unexpected[:3]}")  # fmt: skip
     return plain
 
 

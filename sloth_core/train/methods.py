@@ -32,6 +32,9 @@ class Method(Protocol):
     step: int
     rank: int
     output_dir: Path | None
+    #: Keeps a frozen copy of the whole model (full fine-tuning's reference): the model
+    #: then loads whole on every rank, not sharded (``loop._loads_sharded``).
+    frozen_reference: bool
 
     def tokenize(self, path: str, tokenizer: Any) -> tuple[list[Any], Any]: ...
 
@@ -65,6 +68,7 @@ class SFTMethod:
         self.rows_per_device = config.per_device_train_batch_size
         self.steps_per_batch = 1
         self.step, self.rank, self.output_dir = 0, 0, None
+        self.frozen_reference = False
 
     def needs_data(self, step: int) -> bool:
         return True

@@ -70,6 +70,7 @@ class PreferenceMethod:
         self.rows_per_device = config.per_device_train_batch_size
         self.steps_per_batch = 1
         self.step, self.rank, self.output_dir = 0, 0, None
+        self.frozen_reference = self.name in REFERENCE_METHODS and config.full_finetuning
 
     def needs_data(self, step: int) -> bool:
         return True

@@ -9,6 +9,7 @@ import shutil
 import sys
 
 import pytest
+import torch
 from _ranks import REL, TWO_RANKS, write_data
 from _ranks import losses as _losses
 from _ranks import options as _options
@@ -126,6 +127,26 @@ def test_fsdp_ranks_train_every_weight_as_one_process(full_runs):
     assert sorted(finals[0]) == sorted(finals[1])
     for name, tensor in finals[0].items():
         assert (finals[1][name].float() - tensor.float()).abs().max() <= 1e-2, name
+
+
+@pytest.mark.skipif(torch.cuda.is_available() and torch.cuda.device_count() < 4,
+                    reason="4 ranks on a GPU machine need 4 GPUs")  # fmt: skip
+def test_four_fsdp_ranks_loaded_sharded_train_as_one_process(full_runs, tmp_path):
+    from safetensors.torch import load_file
+
+    model, data, root, full = full_runs
+    quad = tmp_path / "quad"
+    done = _train(_options(model, data, quad, 1, **{**full, "save_method": "none"}), "--nproc", "4")
+    assert "loaded sharded over 4 processes" in done.stdout
+    single, got = _losses(root / "single"), _losses(quad)
+    assert sorted(got) == [1, 2, 3, 4]
+    for step, loss in single.items():
+        assert got[step] == pytest.approx(loss, rel=REL), step
+    ones = load_file(root / "single" / "checkpoint-4" / "trainable.safetensors")
+    fours = load_file(quad / "checkpoint-4" / "trainable.safetensors")
+    assert sorted(ones) == sorted(fours)
+    for name, tensor in ones.items():
+        assert (fours[name] - tensor).abs().max() <= REL * tensor.abs().max() + 1e-7, name
 
 
 def test_an_fsdp_checkpoint_resumes_on_one_process_and_back(full_runs, tmp_path):
