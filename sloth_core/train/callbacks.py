@@ -6,6 +6,7 @@ optimizer step (with that step's metrics) and at its end. The loop itself only s
 
 from __future__ import annotations
 
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,7 +14,7 @@ from typing import Any
 
 from sloth_core.errors import DiskFullError
 
-from . import distributed
+from . import distributed, sharded_checkpoint
 from .checkpoint import optimizer_state, save_checkpoint, trainable_state
 
 
@@ -152,9 +153,13 @@ class SaveCheckpoints(Callback):
 
     def save(self, run: RunState) -> None:
         group, model, config = run.group, run.model, run.config
-        tensors = optimizer_states = None
-        # A sharded model's tensors and optimizer state are gathered: every rank takes part.
-        if group.is_main or distributed.is_sharded(model):
+        tensors: Any = None
+        optimizer_states: Any = None
+        scratch = sharded_checkpoint.scratch_dir(run.output.path, run.step)
+        if distributed.is_sharded(model):  # every rank writes its own rows, joined on disk
+            optimizer_states = sharded_checkpoint.write_parts(model, run.optimizer, scratch)
+            tensors = scratch
+        elif group.is_main:
             tensors = trainable_state(model)
             optimizer_states = optimizer_state(model, run.optimizer)
         if group.is_main:
@@ -173,6 +178,8 @@ class SaveCheckpoints(Callback):
                 before = run.progress.checkpoint
                 kept = f"; {before.name} is intact: resume with --resume" if before else ""
                 raise DiskFullError(f"{exc}{kept}") from exc
+            finally:
+                shutil.rmtree(scratch, ignore_errors=True)  # the sharded parts, moved or not
             run.progress.checkpoint = path
             run.output.commit()
         group.barrier()  # no rank runs on (or ends) before the checkpoint is whole

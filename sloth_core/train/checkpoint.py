@@ -37,6 +37,7 @@ from sloth_core.runs import (  # noqa: F401  (the layout's names, re-exported fo
     list_checkpoints,
 )
 
+from . import sharded_checkpoint
 from .state_files import StateFormatError, read_state, write_state
 
 
@@ -67,16 +68,10 @@ def set_rng_state(state: dict[str, Any]) -> None:
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Every trainable tensor by parameter name, whole and on the CPU.
 
-    A model sharded by FSDP2 is gathered (every rank must call this; rank 0 gets the
-    tensors, the others an empty dict). Tied weights appear once, under the name
-    ``named_parameters`` gives them.
+    Tied weights appear once, under the name ``named_parameters`` gives them. (A model
+    sharded by FSDP2 is written rank by rank instead: :mod:`.sharded_checkpoint`.)
     """
-    from .distributed import full_state, is_sharded
-
     names = [name for name, param in model.named_parameters() if param.requires_grad]
-    if is_sharded(model):
-        whole = full_state(model)
-        return {name: whole[name].contiguous() for name in names if name in whole}
     params = dict(model.named_parameters())
     return {name: params[name].detach().to("cpu", copy=True).contiguous() for name in names}
 
@@ -108,13 +103,21 @@ class Checkpoint:
 
     path: Path
     state: dict[str, Any]
-    optimizer: dict
     scheduler: dict
     rng: dict[str, Any]
+    legacy_optimizer: dict | None = None  # an older sloth's optimizer.pt, read already
 
     @property
     def step(self) -> int:
         return int(self.state["step"])
+
+    @functools.cached_property
+    def optimizer(self) -> dict:
+        """The optimizer state, whole, read on first use (checked by :func:`read_checkpoint`;
+        a sharded model reads its own rows instead: :func:`load_training_state`)."""
+        if self.legacy_optimizer is not None:
+            return self.legacy_optimizer
+        return _read_state(self.path, "optimizer")
 
     @functools.cached_property
     def tensors(self) -> dict[str, torch.Tensor]:
@@ -130,8 +133,8 @@ def save_checkpoint(
     *,
     step: int,
     model: torch.nn.Module,
-    tensors: dict[str, torch.Tensor],
-    optimizer_state: dict,
+    tensors: dict[str, torch.Tensor] | Path,
+    optimizer_state: Any,
     scheduler: Any,
     state: dict[str, Any],
     keep: int,
@@ -139,16 +142,21 @@ def save_checkpoint(
     """Write ``output_dir/checkpoint-<step>`` atomically; keep the ``keep`` newest.
 
     ``tensors`` and ``optimizer_state`` come from :func:`trainable_state` and
-    :func:`optimizer_state` (gathered on every rank first when the model is sharded).
+    :func:`optimizer_state`. A sharded model's ranks wrote their parts already
+    (:func:`.sharded_checkpoint.write_parts`): ``tensors`` is then the folder they were
+    joined in and ``optimizer_state`` the optimizer's tree, moved in here.
     """
     from safetensors.torch import save_file
 
     path = checkpoint_path(output_dir, step)
     with atomic_directory(path, force=True) as staging:
-        save_file(tensors, str(staging / TRAINABLE_FILE))
+        if isinstance(tensors, Path):
+            sharded_checkpoint.move_parts(tensors, staging, optimizer_state)
+        else:
+            save_file(tensors, str(staging / TRAINABLE_FILE))
+            write_state(staging, "optimizer", optimizer_state)
         if hasattr(model, "peft_config"):
             model.save_pretrained(str(staging / ADAPTER_DIR))  # type: ignore[operator]
-        write_state(staging, "optimizer", optimizer_state)
         write_state(staging, "scheduler", scheduler.state_dict())
         write_state(staging, "rng", rng_state())
         # What a resume reads (adapter/ is for people and PEFT, who may edit it).
@@ -173,6 +181,8 @@ def sweep_retired(output_dir: Path) -> None:
     checkpoints already renamed aside, never one a resume could read."""
     for leftover in Path(output_dir).glob(f".checkpoint-*{RETIRED_SUFFIX}"):
         shutil.rmtree(leftover, ignore_errors=True)
+    for parts in Path(output_dir).glob(".checkpoint-*.parts"):  # a sharded save cut short
+        shutil.rmtree(parts, ignore_errors=True)
 
 
 def read_checkpoint(path: Path) -> Checkpoint:
@@ -182,8 +192,6 @@ def read_checkpoint(path: Path) -> Checkpoint:
         DamagedCheckpointError: naming the file that is missing, of the wrong size or
             unreadable. Nothing of the checkpoint has been applied to anything yet.
     """
-    from safetensors import safe_open
-
     path = Path(path)
     state = _read_json(path, STATE_FILE)
     if not isinstance(state, dict) or "step" not in state:
@@ -196,18 +204,32 @@ def read_checkpoint(path: Path) -> Checkpoint:
             raise DamagedCheckpointError(
                 path, name, f"is {file.stat().st_size} bytes, {size} were written (cut short?)"
             )
-    try:  # the header only: the tensors are read when used (Checkpoint.tensors)
-        with safe_open(str(path / TRAINABLE_FILE), framework="pt") as handle:
+    _check_header(path, TRAINABLE_FILE, required=True)
+    if (path / "optimizer.pt").is_file():  # written by sloth before pickle-free checkpoints
+        optimizer, scheduler, rng = (
+            _read_legacy(path, f"{name}.pt") for name in ("optimizer", "scheduler", "rng")
+        )  # fmt: skip
+        return Checkpoint(path, state, scheduler, rng, legacy_optimizer=optimizer)
+    # The optimizer state is as big as the weights (twice, for AdamW): checked here, read
+    # when used. The tensors likewise.
+    _read_json(path, "optimizer.json")
+    _check_header(path, "optimizer.safetensors", required=False)
+    return Checkpoint(path, state, _read_state(path, "scheduler"), _read_state(path, "rng"))
+
+
+def _check_header(path: Path, name: str, *, required: bool) -> None:
+    """A safetensors file of the checkpoint opens (its header is whole and sane)."""
+    from safetensors import safe_open
+
+    if not required and not (path / name).exists():
+        return
+    try:
+        with safe_open(str(path / name), framework="pt") as handle:
             handle.keys()
     except FileNotFoundError:
-        raise DamagedCheckpointError(path, TRAINABLE_FILE, "is missing") from None
+        raise DamagedCheckpointError(path, name, "is missing") from None
     except Exception as exc:  # safetensors' own error type for a bad header or size
-        raise DamagedCheckpointError(path, TRAINABLE_FILE, f"unreadable ({exc})") from None
-    if (path / "optimizer.pt").is_file():  # written by sloth before pickle-free checkpoints
-        parts = [_read_legacy(path, f"{name}.pt") for name in ("optimizer", "scheduler", "rng")]
-    else:
-        parts = [_read_state(path, name) for name in ("optimizer", "scheduler", "rng")]
-    return Checkpoint(path, state, *parts)
+        raise DamagedCheckpointError(path, name, f"unreadable ({exc})") from None
 
 
 def _read_json(path: Path, name: str) -> Any:
@@ -298,6 +320,16 @@ def load_training_state(
     return the trainer state. The tensors came first, through :func:`load_tensors`."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
+    from .distributed import is_sharded
+
+    if is_sharded(model):  # each rank reads its own rows of the AdamW moments
+        set_optimizer_state_dict(
+            model, optimizer, sharded_checkpoint.optimizer_shards(checkpoint.path, model),
+            options=StateDictOptions(full_state_dict=False),
+        )  # fmt: skip
+        scheduler.load_state_dict(checkpoint.scheduler)
+        set_rng_state(checkpoint.rng)
+        return checkpoint.state
     saved = checkpoint.optimizer
     if isinstance(saved["param_groups"][0]["params"][0], int):  # by position: older builds
         optimizer.load_state_dict(saved)

@@ -77,8 +77,9 @@ class SliceReader:
         from safetensors import safe_open
 
         with safe_open(str(self._where[name]), framework="pt") as handle:
-            part = handle.get_slice(name)
-            return part[:] if not part.get_shape() else part[start:stop]
+            if not self._shapes[name]:  # a 0-d tensor (a step count): no rows to slice
+                return handle.get_tensor(name)
+            return handle.get_slice(name)[start:stop]
 
 
 def load_sharded(model: torch.nn.Module, group: Group, files: list[Path], *,
@@ -121,31 +122,35 @@ def check_names(model: torch.nn.Module, reader: SliceReader) -> None:
 
 def read_local_shards(model: torch.nn.Module, reader: SliceReader) -> None:
     """Copy into each parameter's local shard its rows of the same name in ``reader``,
-    cast to the shard's dtype (the float32 master) one parameter at a time."""
+    cast to the shard's dtype (the float32 master) in the copy, one parameter at a time."""
     from torch.distributed.tensor import DTensor
-    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
     with torch.no_grad():
         for name, param in model.named_parameters():
             if isinstance(param, DTensor):
                 local = param.to_local()
-                shape, offset = compute_local_shape_and_global_offset(
-                    param.shape, param.device_mesh, param.placements
-                )  # fmt: skip
-                if local.numel() == 0:
+                start, stop = local_rows(param, name)
+                if stop == start:
                     continue
-                _check_offsets(name, param, shape, offset)
-                start = offset[0] if offset else 0
-                rows = reader.rows(name, start, start + (shape[0] if shape else 0))
             else:
-                local, rows = param.data, reader.rows(name, 0, param.shape[0] if param.dim() else 0)
-            local.copy_(rows)  # cast in the copy: no float32 temporary of the slice
+                local, start, stop = param.data, 0, param.shape[0] if param.dim() else 0
+            local.copy_(reader.rows(name, start, stop))  # cast in the copy: no temporary
 
 
-def _check_offsets(name: str, param: Any, shape: tuple, offset: tuple) -> None:
-    """Only dimension 0 may be split: a slice of rows is what the files are read in."""
+def local_rows(param: Any, name: str = "") -> tuple[int, int]:
+    """The rows ``[start, stop)`` of dimension 0 that this rank holds of the DTensor
+    ``param`` (the offsets DTensor computes; only dimension 0 may be split, as a slice
+    of rows is what the files are read in)."""
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    shape, offset = compute_local_shape_and_global_offset(
+        param.shape, param.device_mesh, param.placements
+    )  # fmt: skip
+    if not shape:
+        return 0, 0
     if list(shape[1:]) != list(param.shape[1:]) or any(offset[1:]):
         raise SlothError(f"{name}: sharded on a dimension other than 0 ({param.placements})")
+    return offset[0], offset[0] + shape[0]
 
 
 def _restore_buffers(model: torch.nn.Module, buffers: dict[str, torch.Tensor],

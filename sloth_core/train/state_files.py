@@ -18,12 +18,13 @@ from typing import Any
 import torch
 
 #: Markers of the JSON tree for what JSON has no type for.
-_TENSOR, _ARRAY, _TUPLE, _ITEMS, _FLOAT = (
+_TENSOR, _ARRAY, _TUPLE, _ITEMS, _FLOAT, _SCALAR = (
     "__tensor__",
     "__ndarray__",
     "__tuple__",
     "__items__",
     "__float__",
+    "__scalar__",  # a 0-d tensor stored with one element (a sharded save's step counts)
 )
 
 
@@ -73,15 +74,33 @@ def read_state(directory: Path, name: str) -> Any:
         raise StateFormatError(f"{json_path.name}: unexpected content ({exc!r})") from None
 
 
-def _encode(value: Any, tensors: dict[str, torch.Tensor]) -> Any:
+def encode_tree(value: Any) -> tuple[Any, dict[str, torch.Tensor]]:
+    """``value`` as the JSON tree :func:`write_state` writes, and its tensors by the keys
+    the tree names, as they are (a sharded model's DTensors stay sharded: each rank then
+    writes its own part, ``sharded_checkpoint``)."""
+    tensors: dict[str, torch.Tensor] = {}
+    return _encode(value, tensors, copy=False), tensors
+
+
+def decode_tree(tree: Any, tensors: Any) -> Any:
+    """The value :func:`encode_tree` encoded; ``tensors[key]`` gives each tensor (any
+    mapping: a sharded resume's gives each rank its own rows)."""
+    return _decode(tree, tensors)
+
+
+def _encode(value: Any, tensors: dict[str, torch.Tensor], copy: bool = True) -> Any:
     if isinstance(value, torch.Tensor):
         key = str(len(tensors))
+        if not copy and value.dim() == 0:
+            # torch.distributed.checkpoint's safetensors writer joins 0-d tensors as zeros.
+            tensors[key] = value.reshape(1)
+            return {_SCALAR: key}
         # safetensors refuses views that share storage: each tensor gets its own copy.
-        tensors[key] = value.detach().to("cpu").clone().contiguous()
+        tensors[key] = value.detach().to("cpu").clone().contiguous() if copy else value
         return {_TENSOR: key}
     if type(value).__module__ == "numpy" and hasattr(value, "dtype"):
         if getattr(value, "ndim", 0) == 0:  # a NumPy scalar: a plain number
-            return _encode(value.item(), tensors)
+            return _encode(value.item(), tensors, copy)
         key = str(len(tensors))
         tensors[key] = torch.from_numpy(value.copy())
         return {_ARRAY: key}
@@ -90,14 +109,18 @@ def _encode(value: Any, tensors: dict[str, torch.Tensor]) -> Any:
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
     if isinstance(value, tuple):
-        return {_TUPLE: [_encode(v, tensors) for v in value]}
+        return {_TUPLE: [_encode(v, tensors, copy) for v in value]}
     if isinstance(value, list):
-        return [_encode(v, tensors) for v in value]
+        return [_encode(v, tensors, copy) for v in value]
     if isinstance(value, dict):
         if all(isinstance(k, str) and not k.startswith("__") for k in value):
-            return {k: _encode(v, tensors) for k, v in value.items()}
+            return {k: _encode(v, tensors, copy) for k, v in value.items()}
         # Integer keys (torch's optimizer state by position), or keys that look like ours.
-        return {_ITEMS: [[_encode(k, tensors), _encode(v, tensors)] for k, v in value.items()]}
+        return {
+            _ITEMS: [
+                [_encode(k, tensors, copy), _encode(v, tensors, copy)] for k, v in value.items()
+            ]
+        }
     raise TypeError(f"cannot store a {type(value).__name__} in a training state file")
 
 
@@ -108,6 +131,8 @@ def _decode(tree: Any, tensors: dict[str, torch.Tensor]) -> Any:
         return tree
     if _TENSOR in tree:
         return tensors[tree[_TENSOR]]
+    if _SCALAR in tree:
+        return tensors[tree[_SCALAR]].reshape(())
     if _ARRAY in tree:
         return tensors[tree[_ARRAY]].numpy()
     if _FLOAT in tree:
