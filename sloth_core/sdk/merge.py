@@ -23,7 +23,10 @@ from sloth_core.errors import SlothError
 
 from .stop import eos_token_ids
 
-__all__ = ["DEFAULT_SHARD_SIZE", "is_peft", "merged_state_dict", "save_tokenizer", "write_merged"]
+__all__ = [
+    "DEFAULT_SHARD_SIZE", "is_peft", "merged_state_dict", "save_tokenizer", "write_merged",
+    "write_model_files",
+]  # fmt: skip
 
 DEFAULT_SHARD_SIZE = "5GB"
 
@@ -254,12 +257,21 @@ def write_merged(
     finally:
         if quantizer is not None:
             base.hf_quantizer = quantizer
+    write_model_files(base, tokenizer, directory, _main_dtype(state))
+
+
+def write_model_files(base: Any, tokenizer: Any, directory: Path, dtype: torch.dtype) -> None:
+    """Beside merged weights in ``directory``: ``config.json`` naming their ``dtype``
+    (written from ``base.config`` unless ``save_pretrained`` wrote it with the weights),
+    the generation config with the tokenizer's stop tokens, and the tokenizer."""
+    config_file = directory / "config.json"
+    if not config_file.exists():
+        base.config.save_pretrained(directory)
     # A 4-bit base leaves its quantization_config behind; the weights are dense now, and
     # the config must name the dtype they have.
-    config_file = directory / "config.json"
     config = json.loads(config_file.read_text())
     config.pop("quantization_config", None)
-    config["dtype"] = str(_main_dtype(state)).removeprefix("torch.")
+    config["dtype"] = str(dtype).removeprefix("torch.")
     config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     _generation_config(base, tokenizer).save_pretrained(directory)
     save_tokenizer(tokenizer, directory)

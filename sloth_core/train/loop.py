@@ -27,7 +27,7 @@ from sloth_core.errors import Interrupted, SlothError
 from sloth_core.quiet import progress_bars
 from sloth_core.runs import FINAL_DIR, TRAIN_CONFIG
 
-from . import distributed, sharded_loading
+from . import distributed, sharded_export, sharded_loading
 from .callbacks import (
     Callback,
     Evaluate,
@@ -394,10 +394,18 @@ def _run(
                  method, sharded=sharded, compute_dtype=compute_dtype, console=console)  # fmt: skip
     bar_shown = show_progress and console.is_terminal
     _loop(run, [LogMetrics(bar_shown=bar_shown), Evaluate(), SaveCheckpoints()], bar_shown)
-    if sharded and (config.final_format != "none" or config.export_format):
-        model = _gathered(config, model, compute_dtype)  # rank 0 gets the whole model
-    if group.is_main:
-        _finish(config, model, tokenizer, run.result, console, progress.checkpoint)
+    with _keeps_checkpoint(config, progress.checkpoint):
+        final = config.final_format
+        if sharded and final in sharded_export.FORMATS:  # every rank writes its own rows
+            run.result.final_path = output.path / FINAL_DIR
+            sharded_export.write_final(model, tokenizer, run.result.final_path,
+                                       dtype=compute_dtype, group=group)  # fmt: skip
+            console.print(f"saved {final} to {run.result.final_path} (written shard by shard)")
+            final = "none"
+        if sharded and (final != "none" or config.export_format):
+            model = _gathered(config, model, compute_dtype)  # rank 0 gets the whole model
+        if group.is_main:
+            _export_run(config, model, tokenizer, run.result, console, final)
     group.barrier()  # every rank's collectives are over before any tears the group down
     return run.result
 
@@ -555,13 +563,12 @@ def _gathered(config: TrainConfig, model, dtype: torch.dtype) -> Any:
     return plain
 
 
-def _finish(
-    config: TrainConfig, model, tokenizer, result: TrainResult, console, checkpoint: Path | None
-) -> None:
-    """The final model and the export; a failure here keeps the run (its last checkpoint)
-    and says how to export it again."""
+@contextlib.contextmanager
+def _keeps_checkpoint(config: TrainConfig, checkpoint: Path | None):
+    """A failure of the final save or export keeps the run (its last checkpoint) and says
+    how to export it again."""
     try:
-        _export_run(config, model, tokenizer, result, console)
+        yield
     except Exception as exc:
         raise SlothError(
             f"training finished and {checkpoint} is saved, but the final save/export "
@@ -570,14 +577,18 @@ def _finish(
         ) from exc
 
 
-def _export_run(config: TrainConfig, model, tokenizer, result: TrainResult, console) -> None:
+def _export_run(
+    config: TrainConfig, model, tokenizer, result: TrainResult, console, final: str
+) -> None:  # fmt: skip
+    """The final model in ``final`` (its format; ``none``: nothing, or written already),
+    then the export."""
     from sloth_core.api import export
 
     out = result.output_dir
-    if config.final_format != "none":
+    if final != "none":
         result.final_path = out / FINAL_DIR
-        export(model, tokenizer, result.final_path, format=config.final_format, force=True)
-        console.print(f"saved {config.final_format} to {result.final_path}")
+        export(model, tokenizer, result.final_path, format=final, force=True)
+        console.print(f"saved {final} to {result.final_path}")
     if config.export_format:
         result.export_path = out / f"export-{config.export_format}"
         export(
