@@ -130,9 +130,9 @@ def main() -> None:
     for label, size in (
         ("Checkpointed layer inputs (bf16), KiB per token",
          lambda v: v.hidden * 2 * v.layers / 2**10),
-        ("Rank 0's CPU for a gathered checkpoint (fp32 weights, 2 AdamW moments), GB",
+        ("A checkpoint (fp32 weights, 2 AdamW moments; before sharded saving, on rank 0's CPU), GB",
          lambda v: 12 * v.params() / GB),
-        ("One GPU at load today (the whole model in fp32 before fully_shard), GiB",
+        ("One GPU at load before sharded loading (the whole model in fp32), GiB",
          lambda v: 4 * v.params() / GIB),
     ):  # fmt: skip
         print(f"{label}: " + ", ".join(f"{s} {size(v):.1f}" for s, v in SHAPES.items()))

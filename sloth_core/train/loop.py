@@ -133,9 +133,11 @@ def _load_tokenizer(config: TrainConfig) -> Any:
 def _load_model(config: TrainConfig, tokenizer: Any, shard_over: Any = None) -> Any:
     """The model to train; with ``shard_over`` (a group), built empty and sharded over it,
     each rank reading only its own slices of the weights (:mod:`.sharded_loading`)."""
-    from sloth_core.api import FastLanguageModel
+    from sloth_core.api import FastLanguageModel, default_dtype
 
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}.get(config.dtype)
+    if shard_over is not None and dtype is None:  # auto: for the device the shards go to
+        dtype = default_dtype(shard_over.device.type)
     model, _ = FastLanguageModel.from_pretrained(
         config.model_name,
         max_seq_length=config.max_seq_length,
