@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -132,6 +133,41 @@ class EpochOrder:
                 _rng("epoch", self.seed, epoch).shuffle(order)
             self._cached = (epoch, order)
         return self._cached[1]
+
+
+class ExampleBatches:
+    """Batches of ``examples`` in :class:`EpochOrder`'s order, addressable by ``(epoch,
+    index)``: what the preference and prompt batches share; each builds its own tensors
+    in ``batch``. ``what`` names the items in errors."""
+
+    def __init__(
+        self,
+        examples: Sequence[Any],
+        *,
+        batch_size: int,
+        pad_token_id: int,
+        seed: int,
+        shuffle: bool = True,
+        drop_last: bool = False,
+        what: str = "examples",
+    ) -> None:
+        if not examples:
+            raise DataError(f"no {what} to batch")
+        self.examples = list(examples)
+        self.pad_token_id = pad_token_id
+        self._order = EpochOrder(len(self.examples), batch_size, seed=seed, shuffle=shuffle,
+                                 drop_last=drop_last, what=what)  # fmt: skip
+
+    def num_batches(self) -> int:
+        """Batches per epoch."""
+        return self._order.num_batches()
+
+    def __len__(self) -> int:
+        return self.num_batches()
+
+    def indices(self, epoch: int, index: int) -> list[int]:
+        """The positions in ``examples`` of batch ``index`` of ``epoch``, in order."""
+        return self._order.batch(epoch, index)
 
 
 class Batches:

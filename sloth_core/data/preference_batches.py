@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .batching import EpochOrder
+from .batching import ExampleBatches
 from .errors import DataError
 from .masking import IGNORE_INDEX
 from .preference import KTOExample, PairExample
@@ -18,7 +18,7 @@ from .preference import KTOExample, PairExample
 __all__ = ["PreferenceBatches"]
 
 
-class PreferenceBatches:
+class PreferenceBatches(ExampleBatches):
     """The training batches of preference ``examples``, addressable by ``(epoch, index)``.
 
     Every tensor's dim 0 is the example (a rank takes its rows by slicing it), int64 and
@@ -59,29 +59,13 @@ class PreferenceBatches:
         drop_last: bool = False,
         max_length: int | None = None,
     ) -> None:
-        if not examples:
-            raise DataError("no examples to batch")
         kinds = {type(example) for example in examples}
         if len(kinds) > 1 or not kinds <= {PairExample, KTOExample}:
             names = ", ".join(sorted(kind.__name__ for kind in kinds))
             raise DataError(f"examples must be all PairExample or all KTOExample, got {names}")
-        self.examples: list[PairExample | KTOExample] = list(examples)
-        self.pad_token_id = pad_token_id
+        super().__init__(examples, batch_size=batch_size, pad_token_id=pad_token_id, seed=seed,
+                         shuffle=shuffle, drop_last=drop_last)  # fmt: skip
         self.max_length = max_length
-        self._order = EpochOrder(
-            len(self.examples), batch_size, seed=seed, shuffle=shuffle, drop_last=drop_last
-        )
-
-    def num_batches(self) -> int:
-        """Batches per epoch."""
-        return self._order.num_batches()
-
-    def __len__(self) -> int:
-        return self.num_batches()
-
-    def indices(self, epoch: int, index: int) -> list[int]:
-        """The positions in ``examples`` of batch ``index`` of ``epoch``, in order."""
-        return self._order.batch(epoch, index)
 
     def batch(self, epoch: int, index: int) -> dict[str, torch.Tensor]:
         """Batch ``index`` of ``epoch`` (see the class for the tensors)."""

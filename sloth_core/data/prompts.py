@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from .batching import EpochOrder
+from .batching import ExampleBatches
 from .errors import DataError
 from .preference import Part, PreferenceStats, _Encoder, _part
 
@@ -169,14 +169,15 @@ def reward_columns(examples: Sequence[PromptExample], *, repeat: int = 1) -> dic
     }
 
 
-class PromptBatches:
+class PromptBatches(ExampleBatches):
     """The prompt batches of ``examples``, addressable by ``(epoch, index)``.
 
     Each batch holds int64 tensors: ``input_ids`` and ``attention_mask`` ``[B, P]``,
     LEFT-padded to the batch's longest prompt (so that generation appends to every row
     at the same position), and ``index`` ``[B]``, each example's position in
     ``examples``. The order of every epoch is that of the SFT and preference batches
-    with the same seed (they share :class:`~sloth_core.data.batching.EpochOrder`).
+    with the same seed (they share :class:`~sloth_core.data.batching.EpochOrder`, through
+    :class:`~sloth_core.data.batching.ExampleBatches`).
 
     Args:
         examples: :class:`PromptExample` items.
@@ -197,29 +198,8 @@ class PromptBatches:
         shuffle: bool = True,
         drop_last: bool = False,
     ) -> None:
-        if not examples:
-            raise DataError("no prompts to batch")
-        self.examples = list(examples)
-        self.pad_token_id = pad_token_id
-        self._order = EpochOrder(
-            len(self.examples),
-            batch_size,
-            seed=seed,
-            shuffle=shuffle,
-            drop_last=drop_last,
-            what="prompts",
-        )
-
-    def num_batches(self) -> int:
-        """Batches per epoch."""
-        return self._order.num_batches()
-
-    def __len__(self) -> int:
-        return self.num_batches()
-
-    def indices(self, epoch: int, index: int) -> list[int]:
-        """The positions in ``examples`` of batch ``index`` of ``epoch``, in order."""
-        return self._order.batch(epoch, index)
+        super().__init__(examples, batch_size=batch_size, pad_token_id=pad_token_id, seed=seed,
+                         shuffle=shuffle, drop_last=drop_last, what="prompts")  # fmt: skip
 
     def examples_of(self, epoch: int, index: int) -> list[PromptExample]:
         """The examples of batch ``index`` of ``epoch``, in the batch's order."""
