@@ -38,7 +38,7 @@ def test_a_context_row_compares_the_longest_sequences():
 
 
 def test_rows_are_selected_by_name():
-    assert [t.name for t in select("all")] == ["bf16", "nf4", "bf16-8k", "1b", "context-nf4"]
+    assert [t.name for t in select("all")] == ["bf16", "nf4", "bf16-8k", "1b", "context-nf4", "fp8"]
     assert [t.name for t in select("nf4, 1b")] == ["nf4", "1b"]
     with pytest.raises(ValueError, match="unknown target row.*'fast'"):
         select("fast")

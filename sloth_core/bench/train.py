@@ -296,7 +296,7 @@ def _load(system: str, model_dir: Path, device: str, quantization: str | None = 
     from sloth_core.quiet import peft_calls
 
     quantized = {}
-    if quantization:
+    if quantization and quantization != "fp8":  # fp8's baseline is hf in bf16
         quantized["quantization_config"] = hf_quantization_config(quantization)
     # MoE experts: transformers 5 picks its fastest implementation itself (grouped_mm, the
     # eager loop only where torch lacks it), so the baseline is its best, unasked.

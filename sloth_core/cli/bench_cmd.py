@@ -46,9 +46,10 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     train.add_argument("--systems", default="sloth,hf",
                        help="comma-separated: sloth (sloth:on, sloth:off name its "
                             "checkpointing), hf, liger; or all (every installed one)")  # fmt: skip
-    train.add_argument("--quantization", choices=("nf4", "fp4", "int8"), default=None,
+    train.add_argument("--quantization", choices=("nf4", "fp4", "int8", "fp8"), default=None,
                        help="QLoRA: base weights quantized while loading (sloth: sloth-bnb; "
-                            "hf: transformers' BitsAndBytesConfig)")  # fmt: skip
+                            "hf: transformers' BitsAndBytesConfig); fp8: sloth's base weights "
+                            "in FP8 (sloth-fp8) against hf in bf16")  # fmt: skip
     train.add_argument("--nproc", default="1", type=_world_sizes,
                        help="comma-separated world sizes each system runs at, one GPU per "
                             "process through torchrun (1,2: one GPU, then two)")  # fmt: skip

@@ -123,13 +123,18 @@ def _merged_parameters(
 
 
 def _quantized_layers(model: torch.nn.Module, skip: dict[str, Any]) -> dict[str, Any]:
-    """Layers outside ``skip`` whose weight is bitsandbytes-quantized (duck-typed)."""
+    """Layers outside ``skip`` whose weight is quantized (duck-typed): bitsandbytes', or a
+    quantizer plugin's layer with a ``dense_weight()`` method (sloth-fp8's)."""
     found, skipped = {}, set(skip)
     for name, module in model.named_modules():
         weight = getattr(module, "weight", None)
         if _under(f"{name}.weight", skipped):
             continue
-        if getattr(weight, "quant_state", None) is not None or hasattr(weight, "SCB"):
+        if (
+            getattr(weight, "quant_state", None) is not None
+            or hasattr(weight, "SCB")
+            or callable(getattr(module, "dense_weight", None))
+        ):
             found[name] = module
     return found
 
@@ -143,6 +148,8 @@ def _under(key: str, modules: set[str]) -> bool:
 def _dense(module: Any, name: str) -> torch.Tensor:
     from sloth_core.ops import LoRALinear
 
+    if callable(getattr(module, "dense_weight", None)):  # a quantizer plugin's layer
+        return module.dense_weight()
     weight = getattr(module, "weight", None)
     if hasattr(weight, "SCB") and getattr(weight, "quant_state", None) is None:
         raise SlothError(

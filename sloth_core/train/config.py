@@ -22,7 +22,7 @@ from sloth_core.errors import SlothError
 SCHEDULES = ("linear", "cosine", "constant")
 OPTIMIZERS = ("adamw_torch_fused", "adamw_torch", "adamw_8bit")
 CHECKPOINTING = tuple(mode.value for mode in Checkpointing)
-QUANTIZATIONS = ("nf4", "fp4", "int8")
+QUANTIZATIONS = ("nf4", "fp4", "int8", "fp8")
 FORMATS = ("text", "alpaca", "chat", "sharegpt")
 METHODS = ("sft", "dpo", "orpo", "simpo", "kto", "grpo")
 #: Methods whose loss compares with a reference model (the policy without adapters);
@@ -58,7 +58,9 @@ class TrainConfig:
     max_seq_length: int = _opt(2048, "longest training row in tokens; longer rows are truncated")
     dtype: str = _opt("auto", "weights dtype: auto (bf16 on GPUs that have it), bf16, fp16, fp32")
     load_in_4bit: bool = _opt(False, "QLoRA: load the base weights in 4-bit NF4 (sloth-bnb)")
-    quantization: str = _opt("", "quantization method instead of load_in_4bit: nf4, fp4, int8")
+    quantization: str = _opt(
+        "", "quantization method instead of load_in_4bit: nf4, fp4, int8 (sloth-bnb), fp8 (sloth-fp8)"
+    )
     full_finetuning: bool = _opt(False, "train every weight instead of LoRA adapters")
     trust_remote_code: bool = _opt(
         False, "run the model folder's own Python code (auto_map): only for sources you trust"

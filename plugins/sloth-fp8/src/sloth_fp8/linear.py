@@ -1,0 +1,107 @@
+"""A linear layer whose frozen weight is stored in FP8 (e4m3), one float32 scale per
+output row, multiplied with FP8 matmuls.
+
+The weight takes 1 byte per element instead of bf16's 2. The forward quantizes each row
+of the input (token) to e4m3 with its own scale and multiplies with ``torch._scaled_mm``
+(row-wise scales: the GPU's FP8 tensor cores, twice the bf16 rate on Hopper), in float32
+accumulation, out in the input's dtype. The backward needs only the input's gradient (the
+weight is frozen: LoRA trains beside it): the gradient times the weight dequantized to
+the gradient's dtype. Shapes ``_scaled_mm`` refuses (inner or output size not a multiple
+of 16) take the dequantized weight in the forward too.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+FP8 = torch.float8_e4m3fn
+FP8_MAX = torch.finfo(FP8).max  # 448
+_TINY = 1e-12  # an all-zero row keeps scale > 0
+
+
+def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``weight`` ``[out, in]`` as e4m3 values and float32 scales ``[out]``: row ``i`` is
+    ``values[i] * scales[i]``, its largest magnitude mapped to e4m3's largest (448)."""
+    w = weight.detach().float()
+    scales = w.abs().amax(dim=1).clamp(min=_TINY) / FP8_MAX
+    return (w / scales[:, None]).to(FP8), scales
+
+
+def dequantize_rows(values: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The dense ``[out, in]`` weight, computed in float32 and cast to ``dtype``."""
+    return (values.float() * scales[:, None]).to(dtype)
+
+
+def fp8_matmul(x: torch.Tensor, values: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """``x @ W^T`` for ``W = values * scales`` (rows), ``x`` ``[..., in]`` in its dtype,
+    through ``_scaled_mm`` with ``x`` quantized per row; the dequantized product where
+    ``_scaled_mm`` does not take the shapes."""
+    flat = x.reshape(-1, x.shape[-1])
+    out_features, in_features = values.shape
+    if in_features % 16 or out_features % 16 or flat.shape[0] == 0:
+        out = flat @ dequantize_rows(values, scales, x.dtype).t()
+    else:
+        x_scales = flat.abs().amax(dim=1, keepdim=True).float().clamp(min=_TINY) / FP8_MAX
+        x_fp8 = (flat.float() / x_scales).to(FP8)
+        out = torch._scaled_mm(
+            x_fp8, values.t(), scale_a=x_scales, scale_b=scales[None, :].float(),
+            out_dtype=x.dtype,
+        )  # fmt: skip
+    return out.reshape(*x.shape[:-1], out_features)
+
+
+class _Fp8Linear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, values: torch.Tensor, scales: torch.Tensor):
+        ctx.save_for_backward(values, scales)
+        return fp8_matmul(x, values, scales)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor):
+        values, scales = ctx.saved_tensors
+        return grad @ dequantize_rows(values, scales, grad.dtype), None, None
+
+
+class Fp8Linear(nn.Linear):
+    """``nn.Linear`` with its weight in e4m3 (``weight``, frozen) and ``weight_scale``
+    (float32, one per output row); ``bias`` as it was. PEFT wraps it as any linear layer;
+    :meth:`dense_weight` is what sloth's merge and export read."""
+
+    def __init__(self, linear: nn.Linear) -> None:
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        values, scales = quantize_rows(linear.weight)
+        self.weight = nn.Parameter(values, requires_grad=False)
+        self.register_buffer("weight_scale", scales)
+        self.bias = linear.bias
+        if self.bias is not None:
+            self.bias.requires_grad_(False)
+        self.compute_dtype = linear.weight.dtype
+
+    def dense_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The weight dequantized: ``[out, in]`` in ``dtype`` (default: the dtype it was
+        loaded in)."""
+        return dequantize_rows(self.weight, self.weight_scale, dtype or self.compute_dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = _Fp8Linear.apply(x, self.weight, self.weight_scale)
+        return out if self.bias is None else out + self.bias.to(out.dtype)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, fp8 e4m3"
+
+
+def convert_linears(model: nn.Module) -> int:
+    """Replace every ``nn.Linear`` of ``model`` but its output layer (``lm_head``) by an
+    :class:`Fp8Linear`; the number replaced."""
+    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    count = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is nn.Linear and child is not output:
+                setattr(parent, name, Fp8Linear(child))
+                count += 1
+    return count
