@@ -59,7 +59,8 @@ class TrainConfig:
     dtype: str = _opt("auto", "weights dtype: auto (bf16 on GPUs that have it), bf16, fp16, fp32")
     load_in_4bit: bool = _opt(False, "QLoRA: load the base weights in 4-bit NF4 (sloth-bnb)")
     quantization: str = _opt(
-        "", "quantization method instead of load_in_4bit: nf4, fp4, int8 (sloth-bnb), fp8 (sloth-fp8)"
+        "",
+        "quantization method instead of load_in_4bit: nf4, fp4, int8 (sloth-bnb), fp8 (sloth-fp8)",
     )
     full_finetuning: bool = _opt(False, "train every weight instead of LoRA adapters")
     trust_remote_code: bool = _opt(

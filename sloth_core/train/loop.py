@@ -156,8 +156,11 @@ def _load_model(config: TrainConfig, tokenizer: Any, shard_over: Any = None) -> 
         apply_checkpointing(model, checkpointing, sharded=distributed.launched())
         if shard_over is not None:
             files = sharded_loading.weight_files(_weight_directory(config))
-            model = sharded_loading.load_sharded(model, shard_over, files,
-                                                 compute_dtype=model.sloth_spec.dtype)  # fmt: skip
+            dtype = model.sloth_spec.dtype
+            try:
+                model = sharded_loading.load_sharded(model, shard_over, files, compute_dtype=dtype)
+            except sharded_loading.NamesDiffer:  # names converted while loading: whole
+                return _load_model(config, tokenizer)
         return model
     _check_module_names(config, model)
     return FastLanguageModel.get_peft_model(
@@ -343,9 +346,13 @@ def _train(
     torch.manual_seed(config.seed)
     sharded = _loads_sharded(config, group, method)
     model = _load_model(config, tokenizer, group if sharded else None)
-    if sharded:
+    if sharded and distributed.is_sharded(model):
         console.print(f"model: loaded sharded over {group.world_size} processes (each read "
                       "its own slices of the weights)")  # fmt: skip
+    elif sharded:
+        console.print("model: loaded whole on every process, then sharded (the weight files "
+                      "name their tensors other than the model does, e.g. per-expert MoE "
+                      "weights transformers converts while loading)")  # fmt: skip
     if group.active and group.device.type == "cuda" and not _on_cuda(model):
         model.to(group.device)
     method.attach(model)  # the reference model is the one loaded, not the checkpoint's

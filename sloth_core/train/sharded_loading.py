@@ -88,7 +88,8 @@ def load_sharded(model: torch.nn.Module, group: Group, files: list[Path], *,
     device and fill them from ``files``; the model, sharded (as :func:`shard` returns it).
 
     Raises:
-        SlothError: a parameter the files lack or hold in another shape (naming both).
+        NamesDiffer: a parameter the files lack or hold in another shape (naming both),
+            found before anything is sharded or allocated.
     """
     with SliceReader(files) as reader:
         check_names(model, reader)
@@ -98,6 +99,11 @@ def load_sharded(model: torch.nn.Module, group: Group, files: list[Path], *,
         _restore_buffers(model, buffers, reader, group.device)
         read_local_shards(model, reader)
     return model
+
+
+class NamesDiffer(SlothError):
+    """The weight files do not hold the model's parameters by name and shape (a checkpoint
+    transformers converts while loading, such as per-expert MoE weights)."""
 
 
 def check_names(model: torch.nn.Module, reader: SliceReader) -> None:
@@ -111,7 +117,7 @@ def check_names(model: torch.nn.Module, reader: SliceReader) -> None:
             wrong.append(f"{name} {reader.shape(name)} in {reader.file_of(name).name}, "
                          f"the model's {list(param.shape)}")  # fmt: skip
     if missing or wrong:
-        raise SlothError(
+        raise NamesDiffer(
             "sharded loading reads every parameter by its name: "
             + "; ".join(
                 [f"missing from the weight files: {', '.join(missing[:4])}"] * bool(missing)

@@ -50,3 +50,21 @@ def test_wrong_expert_options_are_named(tiny_qwen3_moe, tiny_llama, alpaca_file,
     options = _options(tiny_llama, alpaca_file, tmp_path / "b", target_experts=True)
     with pytest.raises(ConfigError, match="target_experts=True: .* has no expert weights"):
         train(TrainConfig.from_mapping(options), show_progress=False)
+
+
+def test_full_finetuning_over_processes_loads_moe_whole(tiny_qwen3_moe, alpaca_file, tmp_path):
+    """transformers stores MoE experts per expert and fuses them while loading: sharded
+    loading, which reads parameters by name, finds them missing before it allocates
+    anything, and the model loads whole (FSDP2 shards it after, as before)."""
+    from sloth_core.train import distributed, loop
+    from sloth_core.train.sharded_loading import NamesDiffer, SliceReader, check_names
+
+    config = TrainConfig.from_mapping(
+        {**_options(tiny_qwen3_moe, alpaca_file, tmp_path / "out"), "full_finetuning": True}
+    )  # fmt: skip
+    tokenizer = loop._load_tokenizer(config)
+    model = loop._load_model(config, tokenizer, shard_over=distributed.Group())
+    assert not any(p.is_meta for p in model.parameters())
+    assert any(name.endswith("experts.gate_up_proj") for name, _ in model.named_parameters())
+    with pytest.raises(NamesDiffer, match="experts.gate_up_proj"):
+        check_names(model, SliceReader(sorted(tiny_qwen3_moe.glob("*.safetensors"))))
