@@ -80,11 +80,14 @@ def offloaded_checkpoint(function: Callable[..., Any], hidden_states: torch.Tens
 class Checkpointing(str, enum.Enum):
     """Activation checkpointing: ``off`` keeps every activation; ``on`` recomputes them in
     backward, the layer inputs kept on the device; ``offload`` recomputes them with the
-    inputs in pinned host memory (where that helps: see :func:`apply_checkpointing`)."""
+    inputs in pinned host memory (where that helps: see :func:`apply_checkpointing`);
+    ``auto`` picks one of those per decoder layer to fit a memory budget
+    (:func:`sloth_core.memory_plan.plan_for_step`), and is ``offload`` until planned."""
 
     OFF = "off"
     ON = "on"
     OFFLOAD = "offload"
+    AUTO = "auto"
 
 
 def apply_checkpointing(model: Any, mode: Checkpointing, *, sharded: bool = False) -> bool:
@@ -94,6 +97,8 @@ def apply_checkpointing(model: Any, mode: Checkpointing, *, sharded: bool = Fals
     a model FSDP2 shards over several processes (``sharded``): that pairing keeps the
     inputs on the device, as measured (docs/benchmarks.md)."""
     mode = Checkpointing(mode)
+    if mode is Checkpointing.AUTO:  # memory-lean until plan_for_step fits it to a budget
+        mode = Checkpointing.OFFLOAD
     if mode is Checkpointing.OFF:
         return False
     offload = (

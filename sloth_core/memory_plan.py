@@ -48,8 +48,8 @@ from __future__ import annotations
 
 import enum
 import functools
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -62,7 +62,10 @@ __all__ = [
     "MemoryPlan",
     "apply_plan",
     "held_bytes_after_forward",
+    "device_budget_bytes",
+    "fixed_bytes",
     "measure_layer_costs",
+    "plan_for_step",
     "plan_memory",
 ]
 
@@ -266,7 +269,8 @@ class MemoryPlan:
         )
 
     def table(self) -> Table:
-        table = Table(title=self.describe())
+        """Per layer its mode and device MiB (print :meth:`describe` above it)."""
+        table = Table()
         table.add_column("layer", justify="right")
         table.add_column("mode")
         table.add_column("device MiB", justify="right")
@@ -364,3 +368,67 @@ def held_bytes_after_forward(model: torch.nn.Module, input_ids: torch.Tensor) ->
     )
     del out
     return held
+
+
+#: AdamW's two moments per trainable element, in float32 whatever the parameter's dtype.
+_OPTIMIZER_BYTES = 8
+
+
+def fixed_bytes(model: torch.nn.Module) -> int:
+    """What a step holds whatever the plan: on a GPU what is allocated now (the weights
+    and anything loaded beside them, a frozen reference model say), elsewhere every
+    parameter and buffer storage once; plus each trainable parameter's gradient and
+    AdamW's two float32 moments."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    state = sum(p.numel() * (p.element_size() + _OPTIMIZER_BYTES) for p in trainable)
+    device = next(model.parameters()).device
+    if device.type == "cuda":
+        return torch.cuda.memory_allocated(device) + state
+    sizes = {
+        found[0]: found[1]
+        for t in [*model.parameters(), *model.buffers()]
+        if (found := _storage(t)) is not None
+    }
+    return sum(sizes.values()) + state
+
+
+def device_budget_bytes(device: torch.device) -> int:
+    """The default budget: 90% of the GPU's memory, or of the host's on the CPU (the rest
+    is left to the allocator's fragmentation and what the model does not count)."""
+    import os
+
+    if device.type == "cuda":
+        total = torch.cuda.get_device_properties(device).total_memory
+    else:
+        total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return int(total * 0.9)
+
+
+def plan_for_step(
+    model: Any, *, sequences: int, seq: int, budget_bytes: int, sample_seq: int = 256,
+    autocast: Callable[[], AbstractContextManager[Any]] = nullcontext,
+) -> MemoryPlan:  # fmt: skip
+    """Measure ``model``'s layers on one random row of ``min(seq, sample_seq)`` tokens,
+    plan a step of ``sequences`` rows of ``seq`` tokens for ``budget_bytes`` and apply
+    the plan (:func:`apply_plan`); the plan is returned, to print.
+
+    Whatever checkpointing the model had is off while it is measured: the plan replaces
+    it. The measure is per token, so a short row does (activations of SDPA and flash
+    attention grow linearly with the tokens); it runs under ``autocast``, as the steps
+    will (bf16 autocast saves bf16 activations of float32 weights).
+
+    Raises:
+        ValueError: the budget is below the least the step needs (see :func:`plan_memory`).
+    """
+    layers = _layers(model)
+    for layer in layers:  # what apply_plan sets again
+        layer.gradient_checkpointing = False
+    parameter = next(model.parameters())
+    config = model.config.get_text_config()
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, config.vocab_size, (1, min(seq, sample_seq)), generator=generator)
+    with autocast():
+        costs = measure_layer_costs(model, ids.to(parameter.device))
+    plan = plan_memory(costs, sequences * seq, budget_bytes, fixed_bytes(model))
+    apply_plan(model, plan)
+    return plan

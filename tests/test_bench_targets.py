@@ -37,8 +37,40 @@ def test_a_context_row_compares_the_longest_sequences():
     assert row["context"] == 8.0 and row["checks"] == {"context": False}
 
 
+def test_a_budget_row_holds_sloths_peak_to_the_budget():
+    target = Target("b", "llama-8b", 2048, 4, speed=2.4, budget_gib=40.0)
+    hf = {"tokens_per_s": 1000.0, "peak_gib": 30.0}
+    row = judge(target, _report({"tokens_per_s": 2500.0, "peak_gib": 39.5}, hf))
+    assert row["met"] and row["checks"] == {"speed": True, "budget": True}
+    over = judge(target, _report({"tokens_per_s": 2500.0, "peak_gib": 40.5}, hf))
+    assert over["checks"] == {"speed": True, "budget": False} and not over["met"]
+    cpu = judge(target, _report({"tokens_per_s": 2500.0, "peak_gib": None}, hf))
+    assert cpu["checks"]["budget"] is False  # no peak measured: the budget is not shown met
+    assert "`--memory-budget-gib 40`" in target.workload
+    text = bench_targets.markdown({"device": "cuda", "rows": [row], "reports": []}, "cmd")
+    assert "39.50 GiB (<= 40 GiB)" in text
+
+
+def test_sloth_with_a_budget_plans_its_checkpointing(tmp_path, monkeypatch):
+    """``sloth`` given a budget (and ``sloth:auto``) plans per layer, as sloth train does;
+    the plan is in the result (in-process on the CPU: the worker's body)."""
+    from sloth_core.bench import train as bench_train
+
+    monkeypatch.setenv("SLOTH_KERNELS", "torch")
+    model_dir = bench_train.make_model("llama-tiny", tmp_path / "tiny", device="cpu")
+    common = dict(seq=16, batch=2, steps=1, warmup=0, device="cpu")
+    planned = bench_train.run_system("sloth", model_dir, budget_gib=64.0, **common)
+    assert planned.plan.startswith("memory plan: 2 kept, 0 recomputed, 0 offloaded of 2 layers")
+    assert bench_train.run_system("sloth", model_dir, **common).plan is None
+    auto = bench_train.run_system("sloth:auto", model_dir, **common)  # 90% of the host's
+    assert auto.plan.startswith("memory plan: 2 kept")
+    with pytest.raises(ValueError, match="below the least this step needs"):
+        bench_train.run_system("sloth", model_dir, budget_gib=1e-6, **common)
+
+
 def test_rows_are_selected_by_name():
-    assert [t.name for t in select("all")] == ["bf16", "nf4", "bf16-8k", "1b", "context-nf4", "fp8"]
+    assert [t.name for t in select("all")] == ["bf16", "bf16-40g", "nf4", "bf16-8k", "1b",
+                                               "context-nf4", "fp8", "moe"]  # fmt: skip
     assert [t.name for t in select("nf4, 1b")] == ["nf4", "1b"]
     with pytest.raises(ValueError, match="unknown target row.*'fast'"):
         select("fast")

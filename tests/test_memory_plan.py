@@ -14,6 +14,7 @@ from sloth_core.memory_plan import (
     apply_plan,
     held_bytes_after_forward,
     measure_layer_costs,
+    plan_for_step,
     plan_memory,
 )
 from sloth_core.testing import init_tiny_model
@@ -118,7 +119,8 @@ def test_peak_model_by_hand():
     console = Console(width=200, record=True)
     console.print(plan.table())
     text = console.export_text()
-    assert "recompute" in text and "offload" in text and "2 offloaded of 3 layers" in text
+    assert "recompute" in text and "offload" in text
+    assert "1 recomputed, 2 offloaded of 3 layers" in plan.describe()
 
 
 def test_mixed_plan_gives_the_same_loss_and_gradients(config, costs):
@@ -142,3 +144,27 @@ def test_mixed_plan_gives_the_same_loss_and_gradients(config, costs):
     assert grads.keys() == mixed_grads.keys()
     for name, grad in grads.items():
         torch.testing.assert_close(mixed_grads[name], grad, atol=1e-6, rtol=1e-6, msg=name)
+
+
+def test_plan_for_step_measures_over_any_checkpointing_and_applies_its_plan(config, costs):
+    """Whatever checkpointing the model had, the plan is measured with every layer kept
+    (the same per-token costs as measured directly) and set on its layers."""
+    from sloth_core.checkpointing import enable_checkpointing
+    from sloth_core.memory_plan import fixed_bytes
+
+    model = _model(config)
+    enable_checkpointing(model, offload=True)
+    fixed = fixed_bytes(model)
+    tokens = 3 * 40
+    target = plan_memory(costs, tokens, 2**40, fixed)
+    recompute_all = MemoryPlan((R,) * 4, costs, tokens, fixed, 0).predicted_peak_bytes
+    budget = int((target.predicted_peak_bytes + recompute_all) / 2)  # somewhere in between
+    plan = plan_for_step(model, sequences=3, seq=40, budget_bytes=budget, sample_seq=32)
+    assert plan.modes == plan_memory(costs, tokens, budget, fixed).modes
+    assert K in plan.modes and R in plan.modes
+    layers = model.model.layers
+    assert [layer.gradient_checkpointing for layer in layers] == [m is not K for m in plan.modes]
+    buffers = sum(b.numel() * b.element_size() for b in model.buffers())  # rotary tables
+    assert fixed == buffers + sum(p.numel() * (4 + 4 + 8) for p in model.parameters())
+    with pytest.raises(ValueError, match="below the least this step needs"):
+        plan_for_step(model, sequences=3, seq=40, budget_bytes=fixed, sample_seq=32)

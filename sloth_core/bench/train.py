@@ -76,8 +76,9 @@ TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj"
 #: Measured bf16 dense matmul rate of the project's H200 (TFLOP/s), the MFU denominator.
 PEAK_TFLOPS = 790.0
 SYSTEMS = ("sloth", "hf")
-#: ``sloth`` variants name their checkpointing: ``:on`` (inputs on the device), ``:off``.
-KNOWN_SYSTEMS = ("sloth", "sloth:offload", "sloth:on", "sloth:off", "hf", "liger")
+#: ``sloth`` variants name their checkpointing: ``:on`` (inputs on the device), ``:off``,
+#: ``:auto`` (per layer for a memory budget; ``sloth`` too when a budget is given).
+KNOWN_SYSTEMS = ("sloth", "sloth:offload", "sloth:on", "sloth:off", "sloth:auto", "hf", "liger")
 #: What ``--systems all`` means: each system once (the ``sloth`` variants only when named).
 ALL_SYSTEMS = ("sloth", "hf", "liger")
 #: Baselines that are optional installs: system -> (import name, distribution name).
@@ -103,6 +104,7 @@ class TrainResult:
     error: str | None = None
     nproc: int = 1
     full: bool = False
+    plan: str | None = None  # the memory plan (sloth:auto, or sloth with a budget)
 
 
 class SystemSkipped(Exception):
@@ -328,11 +330,26 @@ def _distribute(system: str, model: Any, full: bool):
     return DistributedDataParallel(model, device_ids=ids), group
 
 
+def _plan(system: str, model: Any, *, batch: int, seq: int, device: str,
+          budget_gib: float | None) -> str | None:  # fmt: skip
+    """``sloth:auto``, and ``sloth`` given a budget: checkpointing planned per layer for
+    ``budget_gib`` (default 90% of the device's memory), as ``sloth train`` plans it."""
+    if system != "sloth:auto" and not (system == "sloth" and budget_gib):
+        return None
+    import torch
+
+    from sloth_core import memory_plan
+
+    budget = int((budget_gib or 0) * 2**30) or memory_plan.device_budget_bytes(torch.device(device))
+    plan = memory_plan.plan_for_step(model, sequences=batch, seq=seq, budget_bytes=budget)
+    return plan.describe()
+
+
 def run_system(system: str, model_dir: Path, *, seq: int, batch: int, steps: int,
                warmup: int, device: str, quantization: str | None = None,
-               full: bool = False) -> TrainResult:  # fmt: skip
+               full: bool = False, budget_gib: float | None = None) -> TrainResult:  # fmt: skip
     """Train ``system`` on a fixed random batch; the body of one worker process (of each
-    rank, under torchrun)."""
+    rank, under torchrun). ``budget_gib``: see :func:`_plan`."""
     import torch
 
     from sloth_core.train.step import train_step
@@ -340,6 +357,7 @@ def run_system(system: str, model_dir: Path, *, seq: int, batch: int, steps: int
     if device == "cuda" and "LOCAL_RANK" in os.environ:
         device = f"cuda:{os.environ['LOCAL_RANK']}"
     model, n_base = _load(system, model_dir, device, quantization, full)
+    plan = _plan(system, model, batch=batch, seq=seq, device=device, budget_gib=budget_gib)
     n_lora = 0 if full else sum(p.numel() for p in model.parameters() if p.requires_grad)
     config = model.config
     model, group = _distribute(system, model, full)
@@ -394,7 +412,7 @@ def run_system(system: str, model_dir: Path, *, seq: int, batch: int, steps: int
     group.close()
     return TrainResult(system, tokens_per_s, median, peak, mfu, losses[0], losses[-1], n_base,
                        n_lora, attention, device_name, nproc=group.world_size,
-                       full=full)  # fmt: skip
+                       full=full, plan=plan)  # fmt: skip
 
 
 def run_worker(module: str, args: list[str], *, timeout: float,
@@ -427,12 +445,13 @@ def run_bench(shape: str, *, seq: int, batch: int, steps: int = 10, warmup: int 
               systems: str | tuple[str, ...] = SYSTEMS, model_dir: Path, device: str,
               timeout: float = 1800, quantization: str | None = None,
               loss_tolerance: float = LOSS_TOLERANCE, nproc: tuple[int, ...] = (1,),
-              full: bool = False) -> dict[str, Any]:  # fmt: skip
+              full: bool = False, budget_gib: float | None = None) -> dict[str, Any]:  # fmt: skip
     """Every system in its own process, one after the other, on the same model and batch;
     with ``quantization`` (``"nf4"``, ...) QLoRA: the base weights quantized as they load.
     ``systems``: names, or ``"all"``/a comma-separated string (see ``resolve_systems``).
     ``nproc``: the world sizes each system runs at (``sloth@2``: 2 processes); ``full``:
-    full fine-tuning, sloth systems only."""
+    full fine-tuning, sloth systems only. ``budget_gib``: ``sloth`` and ``sloth:auto``
+    plan their checkpointing per layer for it (``sloth train --memory-budget-gib``)."""
     run, skipped = resolve_systems(systems)
     if full and any(not s.startswith("sloth") for s in run):
         raise ValueError("full fine-tuning is benchmarked for sloth systems only")
@@ -442,7 +461,7 @@ def run_bench(shape: str, *, seq: int, batch: int, steps: int = 10, warmup: int 
         for system in run:
             out = run_worker("sloth_core.bench.train", [
                 system, str(model_dir), str(seq), str(batch), str(steps), str(warmup), device,
-                quantization or "none", "full" if full else "lora",
+                quantization or "none", "full" if full else "lora", str(budget_gib or 0),
             ], timeout=timeout, nproc=world)  # fmt: skip
             name = system if world == 1 else f"{system}@{world}"
             results.append({**out, "system": name})
@@ -461,7 +480,7 @@ def run_bench(shape: str, *, seq: int, batch: int, steps: int = 10, warmup: int 
     device_name = next((r["device_name"] for r in results if r.get("device_name")), None)
     return {"shape": shape, "config": SHAPES[shape], "seq": seq, "batch": batch, "steps": steps,
             "warmup": warmup, "device": device, "quantization": quantization,
-            "nproc": list(nproc), "full": full,
+            "nproc": list(nproc), "full": full, "budget_gib": budget_gib,
             "peak_tflops": PEAK_TFLOPS, "device_name": device_name, "versions": versions(),
             "loss_tolerance": loss_tolerance, "losses_agree": losses_agree,
             "results": results}  # fmt: skip
@@ -503,6 +522,9 @@ def markdown(report: dict[str, Any], command: str) -> str:
             f"{ratio(r.get('speed_vs_hf'))} | {ratio(r.get('memory_vs_hf'))} |"
             + (f" {ratio(r.get('speed_vs_1'))} |" if scaling else "")
         )
+    plans = [f"`{r['system']}`: {r['plan']}" for r in report["results"] if r.get("plan")]
+    if plans:
+        lines += ["", *plans]
     if not report.get("losses_agree", True):
         lines += ["", f"(!) first loss differs from the reference's by more than "
                       f"{report['loss_tolerance']}: not the same training."]  # fmt: skip
@@ -514,12 +536,12 @@ def markdown(report: dict[str, Any], command: str) -> str:
 
 
 def _worker(argv: list[str]) -> None:
-    system, model_dir, seq, batch, steps, warmup, device, quantization, mode = argv
+    system, model_dir, seq, batch, steps, warmup, device, quantization, mode, budget = argv
     try:
         result = run_system(system, Path(model_dir), seq=int(seq), batch=int(batch),
                             steps=int(steps), warmup=int(warmup), device=device,
                             quantization=None if quantization == "none" else quantization,
-                            full=mode == "full")  # fmt: skip
+                            full=mode == "full", budget_gib=float(budget) or None)  # fmt: skip
     except SystemSkipped as exc:
         print(json.dumps({"system": system, "skipped": str(exc)}))
         return

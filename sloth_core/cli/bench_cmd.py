@@ -64,15 +64,18 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
                             "(default 0.05)")  # fmt: skip
     train.add_argument("--targets", nargs="?", const="all", default=None, metavar="ROWS",
                        help="the performance targets, sloth vs hf, every row in one run "
-                            "(all, or comma-separated: bf16, nf4, bf16-8k, 1b, context-nf4); "
+                            "(all, or comma-separated: bf16, bf16-40g, nf4, bf16-8k, 1b, "
+                            "context-nf4, fp8, moe); "
                             "--shape, --seq, --batch, --systems unused")  # fmt: skip
     context = train.add_argument_group(
         "max context", "--max-context: the longest sequence each system trains one step "
         "at, batch 1, each probe in its own process (--seq, --batch, --steps unused)")  # fmt: skip
     context.add_argument("--max-context", action="store_true")
     context.add_argument("--memory-budget-gib", type=float, default=None,
-                         help="CUDA: default the device's total; CPU: default none (a probe "
-                              "fits if it runs), else measured as peak RSS growth")  # fmt: skip
+                         help="training: sloth plans its checkpointing per layer for it "
+                              "(sloth train --memory-budget-gib); --max-context: CUDA: default "
+                              "the device's total; CPU: default none (a probe fits if it runs), "
+                              "else measured as peak RSS growth")  # fmt: skip
     context.add_argument("--context-start", type=int, default=1024, help="first length probed")
     context.add_argument("--context-cap", type=int, default=262144, help="longest length probed")
     context.add_argument("--context-granularity", type=int, default=256,
@@ -182,7 +185,7 @@ def run_train(args: argparse.Namespace) -> int:
         args.shape, seq=args.seq, batch=args.batch, steps=args.steps, warmup=args.warmup,
         systems=args.systems, model_dir=model_dir, device=device,
         quantization=args.quantization, loss_tolerance=tolerance, nproc=args.nproc,
-        full=args.full,
+        full=args.full, budget_gib=args.memory_budget_gib,
     )  # fmt: skip
     write_reports(args, report, bench_train.markdown)
     if args.plot:

@@ -155,7 +155,14 @@ class TrainConfig:
     max_grad_norm: float = _opt(1.0, "gradient clipping norm (0: off)")
     bf16: str = _opt("auto", "bf16 autocast: auto (on for fp32 weights on bf16 GPUs), on, off")
     gradient_checkpointing: str = _opt(
-        "offload", "off, on, or offload (layer inputs to pinned CPU memory)"
+        "offload",
+        "off, on, offload (layer inputs to pinned CPU memory), or auto (keep, "
+        "recompute or offload per layer, to fit memory_budget_gib)",
+    )
+    memory_budget_gib: float = _opt(
+        0.0,
+        "device memory a step may use, in GiB: plans checkpointing per layer "
+        "(gradient_checkpointing auto; 0 with auto: 90 percent of the device's)",
     )
     seed: int = _opt(3407, "seed of the adapters' init, the data order and dropout")
     cpu_threads: int = _opt(0, "intra-op threads when training on the CPU (0: torch's default)")
@@ -221,6 +228,13 @@ class TrainConfig:
         return self.save_method
 
     @property
+    def checkpointing(self) -> Checkpointing:
+        """``gradient_checkpointing``, with a memory budget and the default (offload) auto."""
+        if self.memory_budget_gib and self.gradient_checkpointing == Checkpointing.OFFLOAD:
+            return Checkpointing.AUTO
+        return Checkpointing(self.gradient_checkpointing)
+
+    @property
     def quantization_method(self) -> str | None:
         return self.quantization or ("nf4" if self.load_in_4bit else None)
 
@@ -280,6 +294,7 @@ class TrainConfig:
                 raise bad(name, "must be at least 1")
         self._check_nodes()
         for name in ("warmup_steps", "save_steps", "eval_steps", "weight_decay", "max_grad_norm",
+                     "memory_budget_gib",
                      "cpu_threads", "embedding_learning_rate", "max_prompt_length",
                      "max_completion_length", "desirable_weight", "undesirable_weight",
                      "simpo_gamma", "top_k", "epsilon", "epsilon_high"):  # fmt: skip
@@ -325,6 +340,14 @@ class TrainConfig:
                 raise bad(name, "full_finetuning trains every weight: it takes no LoRA")
             if getattr(self, name) and self.lora_dropout:
                 raise bad(name, "LoRA on expert weights takes no dropout: set lora_dropout to 0")
+        if self.memory_budget_gib and self.checkpointing is not Checkpointing.AUTO:
+            fixed = self.gradient_checkpointing
+            raise bad("memory_budget_gib", f"gradient_checkpointing={fixed} is fixed; a budget "
+                      "plans it per layer (auto, or leave the default)")  # fmt: skip
+        if (self.checkpointing is Checkpointing.AUTO and self.full_finetuning
+                and self.nproc * self.nnodes > 1):  # fmt: skip
+            raise bad("gradient_checkpointing", "auto plans one device's whole model; full "
+                      "fine-tuning over several processes (FSDP2) takes on or offload")  # fmt: skip
         if self.resume and self.overwrite:
             raise ConfigError("resume and overwrite exclude each other")
         if self.method == "grpo":

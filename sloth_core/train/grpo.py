@@ -51,6 +51,7 @@ class GRPOMethod:
         self.config = config
         self.generations = config.num_generations
         self.rows_per_device = config.per_device_train_batch_size // config.num_generations
+        self.sequences_per_forward = self.rows_per_device * self.generations  # completions
         self.options = GRPOOptions(
             loss_type=config.loss_kind, beta=config.kl_beta, epsilon=config.epsilon,
             epsilon_high=config.epsilon_high or None,

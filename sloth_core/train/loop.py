@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from sloth_core import memory_plan
 from sloth_core.checkpointing import Checkpointing, apply_checkpointing
 from sloth_core.errors import Interrupted, SlothError
 from sloth_core.quiet import progress_bars
@@ -150,7 +151,7 @@ def _load_model(config: TrainConfig, tokenizer: Any, shard_over: Any = None) -> 
         tokenizer=tokenizer,
         empty=shard_over is not None,
     )
-    checkpointing = Checkpointing(config.gradient_checkpointing)
+    checkpointing = config.checkpointing
     if config.full_finetuning:
         # Sharded by FSDP2 when several processes run (distributed.launched()).
         apply_checkpointing(model, checkpointing, sharded=distributed.launched())
@@ -356,6 +357,8 @@ def _train(
     if group.active and group.device.type == "cuda" and not _on_cuda(model):
         model.to(group.device)
     method.attach(model)  # the reference model is the one loaded, not the checkpoint's
+    if config.checkpointing is Checkpointing.AUTO:
+        _plan_memory(config, model, method, console)
     if checkpoint is not None:  # each rank's own slices when sharded already, else whole
         load_tensors(checkpoint, model)
     # Everything that can be refused has been: now the output directory.
@@ -376,6 +379,23 @@ def _train(
             output.rollback()
         progress.kept = output.committed
         raise
+
+
+def _plan_memory(config: TrainConfig, model, method: Method, console: Any) -> None:
+    """``gradient_checkpointing = auto``: keep, recompute or offload each decoder layer so
+    that a micro-batch of ``max_seq_length`` rows fits ``memory_budget_gib``; the plan is
+    printed."""
+    device = next(model.parameters()).device
+    budget = int(config.memory_budget_gib * 2**30) or memory_plan.device_budget_bytes(device)
+    try:
+        plan = memory_plan.plan_for_step(
+            model, sequences=method.sequences_per_forward, seq=config.max_seq_length,
+            budget_bytes=budget, autocast=_autocast(config, model),
+        )  # fmt: skip
+    except ValueError as exc:  # the budget is below what the step needs
+        raise ConfigError(f"memory_budget_gib={config.memory_budget_gib:g}: {exc}") from None
+    console.print(plan.describe())
+    console.print(plan.table())
 
 
 def _data_line(prepared: PreparedData, config: TrainConfig) -> str:

@@ -28,6 +28,8 @@ class Method(Protocol):
 
     name: str
     rows_per_device: int
+    #: Sequences one forward holds activations for (what a memory plan is made for).
+    sequences_per_forward: int
     steps_per_batch: int  # optimizer steps each batch of data serves (GRPO's num_iterations)
     step: int
     rank: int
@@ -65,7 +67,7 @@ class SFTMethod:
 
     def __init__(self, config: TrainConfig) -> None:
         self.config = config
-        self.rows_per_device = config.per_device_train_batch_size
+        self.rows_per_device = self.sequences_per_forward = config.per_device_train_batch_size
         self.steps_per_batch = 1
         self.step, self.rank, self.output_dir = 0, 0, None
         self.frozen_reference = False

@@ -68,6 +68,8 @@ class PreferenceMethod:
         self.reference: Reference | None = None
         self.table: SequenceLogProbs | None = None  # precomputed, by example index
         self.rows_per_device = config.per_device_train_batch_size
+        # chosen and rejected (KTO: each completion and its KL row) in one forward
+        self.sequences_per_forward = 2 * self.rows_per_device
         self.steps_per_batch = 1
         self.step, self.rank, self.output_dir = 0, 0, None
         self.frozen_reference = self.name in REFERENCE_METHODS and config.full_finetuning

@@ -55,7 +55,12 @@ def test_wrong_types_name_the_option(key, value, message):
      ({"max_steps": 0}, "max_steps"), ({"optim": "sgd"}, "optim"),
      ({"data_format": "xml"}, "data_format"), ({"lora_dropout": 1.5}, "lora_dropout"),
      ({"full_finetuning": True, "load_in_4bit": True}, "cannot be quantized"),
-     ({"resume": True, "overwrite": True}, "exclude")],
+     ({"resume": True, "overwrite": True}, "exclude"),
+     ({"memory_budget_gib": -1.0}, "memory_budget_gib=-1.0: must not be negative"),
+     ({"memory_budget_gib": 40.0, "gradient_checkpointing": "off"},
+      "memory_budget_gib=40.0: gradient_checkpointing=off is fixed"),
+     ({"gradient_checkpointing": "auto", "full_finetuning": True, "nproc": 2,
+       "save_method": "none"}, "gradient_checkpointing='auto': auto plans one device")],
 )  # fmt: skip
 def test_validation_names_the_bad_option(tmp_path, changes, message):
     with pytest.raises(ConfigError, match=message):
@@ -116,6 +121,13 @@ def test_rows_all_too_long_and_unknown_template_fail_before_loading(tmp_path, ca
     data.write_text('{"instruction": "hi", "input": "", "output": "there"}\n')
     assert main([*args[:-2], "--chat-template", "klingon"]) == 1
     assert "klingon" in capsys.readouterr().err and not out.exists()
+
+
+def test_a_memory_budget_makes_the_default_checkpointing_auto(tmp_path):
+    assert _valid(tmp_path).validate().checkpointing == "offload"
+    assert _valid(tmp_path, memory_budget_gib=40.0).validate().checkpointing == "auto"
+    config = _valid(tmp_path, gradient_checkpointing="auto").validate()
+    assert config.checkpointing == "auto" and config.memory_budget_gib == 0
 
 
 def test_docs_list_every_option():

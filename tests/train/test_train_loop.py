@@ -103,6 +103,30 @@ def test_resume_refuses_other_options(tiny_llama, alpaca_file, tmp_path):
         train(changed, show_progress=False)
 
 
+def test_a_memory_budget_plans_checkpointing_and_a_short_one_writes_nothing(
+    tiny_llama, alpaca_file, tmp_path
+):
+    """``memory_budget_gib``: the plan is printed and training runs as with every layer
+    kept when the budget holds them all; a budget below what a step needs is refused,
+    naming the option, before the output directory exists."""
+    from rich.console import Console
+
+    options = _options(tiny_llama, alpaca_file, tmp_path / "kept", max_steps=2,
+                       eval_fraction=0.0, lora_dropout=0.0)  # fmt: skip
+    kept = train(TrainConfig.from_mapping(options), show_progress=False)
+    console = Console(width=200, record=True)
+    budget = {**options, "gradient_checkpointing": "offload", "memory_budget_gib": 64.0,
+              "output_dir": str(tmp_path / "planned")}  # fmt: skip
+    planned = train(TrainConfig.from_mapping(budget), show_progress=False, console=console)
+    assert "memory plan: 2 kept, 0 recomputed, 0 offloaded of 2 layers" in console.export_text()
+    assert planned.losses == pytest.approx(kept.losses, rel=1e-6)
+    short = {**budget, "memory_budget_gib": 1e-6, "output_dir": str(tmp_path / "short")}
+    with pytest.raises(ValueError, match=r"memory_budget_gib=1e-06: memory budget 0.00 GiB is "
+                                         r"below the least this step needs"):  # fmt: skip
+        train(TrainConfig.from_mapping(short), show_progress=False)
+    assert not (tmp_path / "short").exists()
+
+
 def _first_step_loss(config) -> float:
     """Summed loss of every packed sequence of step 1's micro-batches, each through the
     plain Hugging Face model alone, over their label tokens."""
