@@ -103,13 +103,19 @@ def _empty_model(spec: ModelSpec) -> Any:
     """The model of ``spec.config`` with its parameters on the meta device (no memory, no
     weights read) and its buffers real: the rotary tables and other non-persistent buffers
     are computed in the modules' ``__init__`` and are not in the weight files."""
-    from accelerate import init_empty_weights
-    from transformers import AutoModelForCausalLM
-
     if spec.quantization_plan is not None:
         raise ValueError(f"{spec.model_name}: an empty (meta-device) model cannot be quantized")
     kwargs = {key: spec.extra[key] for key in ("attn_implementation",) if key in spec.extra}
+    return empty_causal_lm(spec.config, spec.dtype, spec.trust_remote_code, **kwargs)
+
+
+def empty_causal_lm(config: Any, dtype: Any, trust_remote_code: bool, **kwargs: Any) -> Any:
+    """``AutoModelForCausalLM.from_config`` with the parameters on the meta device and the
+    buffers computed (accelerate's ``init_empty_weights(include_buffers=False)``)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
     with init_empty_weights(include_buffers=False):
         return AutoModelForCausalLM.from_config(
-            spec.config, dtype=spec.dtype, trust_remote_code=spec.trust_remote_code, **kwargs
+            config, dtype=dtype, trust_remote_code=trust_remote_code, **kwargs
         )

@@ -290,9 +290,9 @@ def load_tensors(checkpoint: Checkpoint, model: torch.nn.Module) -> None:
         from .sharded_loading import SliceReader, check_names, read_local_shards
 
         try:
-            with SliceReader([checkpoint.path / TRAINABLE_FILE]) as reader:
-                check_names(model, reader)
-                read_local_shards(model, reader)
+            reader = SliceReader([checkpoint.path / TRAINABLE_FILE])
+            check_names(model, reader)
+            read_local_shards(model, reader)
         except SlothError as exc:
             raise SlothError(
                 f"{checkpoint.path}: checkpoint does not match the model: {exc}"

@@ -568,8 +568,9 @@ def _gathered(config: TrainConfig, model, dtype: torch.dtype) -> Any:
 
     The model is built empty and takes the gathered tensors as its own (cast one by one):
     rank 0 holds the trained weights once, and reads none of the original files."""
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
+
+    from sloth_core.sdk.loading import empty_causal_lm
 
     whole = distributed.full_state(model)
     if not whole:
@@ -579,10 +580,7 @@ def _gathered(config: TrainConfig, model, dtype: torch.dtype) -> Any:
     plain_config = AutoConfig.from_pretrained(
         config.model_name, trust_remote_code=config.trust_remote_code
     )  # fmt: skip
-    with init_empty_weights(include_buffers=False):
-        plain = AutoModelForCausalLM.from_config(
-            plain_config, dtype=dtype, trust_remote_code=config.trust_remote_code
-        )  # fmt: skip
+    plain = empty_causal_lm(plain_config, dtype, config.trust_remote_code)
     missing, unexpected = plain.load_state_dict(whole, strict=False, assign=True)
     plain.tie_weights()
     left = [name for name, p in plain.named_parameters() if p.is_meta]

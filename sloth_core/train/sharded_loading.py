@@ -57,12 +57,6 @@ class SliceReader:
                     self._where[key] = file
                     self._shapes[key] = list(handle.get_slice(key).get_shape())
 
-    def __enter__(self) -> SliceReader:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        pass
-
     def __contains__(self, name: str) -> bool:
         return name in self._where
 
@@ -91,13 +85,13 @@ def load_sharded(model: torch.nn.Module, group: Group, files: list[Path], *,
         NamesDiffer: a parameter the files lack or hold in another shape (naming both),
             found before anything is sharded or allocated.
     """
-    with SliceReader(files) as reader:
-        check_names(model, reader)
-        buffers = {name: buffer for name, buffer in model.named_buffers()}
-        shard(model, group, compute_dtype=compute_dtype)
-        model.to_empty(device=group.device)
-        _restore_buffers(model, buffers, reader, group.device)
-        read_local_shards(model, reader)
+    reader = SliceReader(files)
+    check_names(model, reader)
+    buffers = {name: buffer for name, buffer in model.named_buffers()}
+    shard(model, group, compute_dtype=compute_dtype)
+    model.to_empty(device=group.device)
+    _restore_buffers(model, buffers, reader, group.device)
+    read_local_shards(model, reader)
     return model
 
 
