@@ -138,7 +138,9 @@ class EpochOrder:
 class ExampleBatches:
     """Batches of ``examples`` in :class:`EpochOrder`'s order, addressable by ``(epoch,
     index)``: what the preference and prompt batches share; each builds its own tensors
-    in ``batch``. ``what`` names the items in errors."""
+    in ``batch``. ``what`` (a class attribute) names the items in errors."""
+
+    what = "examples"
 
     def __init__(
         self,
@@ -149,8 +151,8 @@ class ExampleBatches:
         seed: int,
         shuffle: bool = True,
         drop_last: bool = False,
-        what: str = "examples",
     ) -> None:
+        what = self.what
         if not examples:
             raise DataError(f"no {what} to batch")
         self.examples = list(examples)

@@ -188,18 +188,8 @@ class PromptBatches(ExampleBatches):
         drop_last: leave out a last, smaller batch.
     """
 
-    def __init__(
-        self,
-        examples: Sequence[PromptExample],
-        *,
-        batch_size: int,
-        pad_token_id: int,
-        seed: int,
-        shuffle: bool = True,
-        drop_last: bool = False,
-    ) -> None:
-        super().__init__(examples, batch_size=batch_size, pad_token_id=pad_token_id, seed=seed,
-                         shuffle=shuffle, drop_last=drop_last, what="prompts")  # fmt: skip
+    what = "prompts"
+    examples: list[PromptExample]
 
     def examples_of(self, epoch: int, index: int) -> list[PromptExample]:
         """The examples of batch ``index`` of ``epoch``, in the batch's order."""
