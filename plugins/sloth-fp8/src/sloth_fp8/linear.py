@@ -5,9 +5,11 @@ The weight takes 1 byte per element instead of bf16's 2. The forward quantizes e
 of the input (token) to e4m3 with its own scale and multiplies with ``torch._scaled_mm``
 (row-wise scales: the GPU's FP8 tensor cores, twice the bf16 rate on Hopper), in float32
 accumulation, out in the input's dtype. The backward needs only the input's gradient (the
-weight is frozen: LoRA trains beside it): the gradient times the weight dequantized to
-the gradient's dtype. Shapes ``_scaled_mm`` refuses (inner or output size not a multiple
-of 16) take the dequantized weight in the forward too.
+weight is frozen: LoRA trains beside it), an FP8 matmul too: the weight's row scales are
+folded into the gradient's columns, each gradient row is quantized to e4m3 with its own
+scale and multiplied with the e4m3 values (:func:`fp8_matmul_grad`). Shapes ``_scaled_mm``
+refuses (inner or output size not a multiple of 16) take the dequantized weight instead,
+both ways; ``Fp8Linear.fp8_backward = False`` does for the backward.
 """
 
 from __future__ import annotations
@@ -35,17 +37,28 @@ def dequantize_rows(values: torch.Tensor, scales: torch.Tensor, dtype: torch.dty
     return (values.float() * scales[:, None]).to(dtype)
 
 
+def _takes(values: torch.Tensor, rows: int) -> bool:
+    """Whether ``_scaled_mm`` takes a product with ``values``: both sizes multiples of 16."""
+    return rows > 0 and not (values.shape[0] % 16 or values.shape[1] % 16)
+
+
+def _quantize_activation_rows(flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``flat`` ``[M, K]`` (any float dtype) as e4m3 rows and their float32 scales ``[M, 1]``."""
+    flat = flat.float()
+    row_scales = flat.abs().amax(dim=1, keepdim=True).clamp(min=_TINY) / FP8_MAX
+    return (flat / row_scales).to(FP8), row_scales
+
+
 def fp8_matmul(x: torch.Tensor, values: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """``x @ W^T`` for ``W = values * scales`` (rows), ``x`` ``[..., in]`` in its dtype,
     through ``_scaled_mm`` with ``x`` quantized per row; the dequantized product where
     ``_scaled_mm`` does not take the shapes."""
     flat = x.reshape(-1, x.shape[-1])
-    out_features, in_features = values.shape
-    if in_features % 16 or out_features % 16 or flat.shape[0] == 0:
+    out_features = values.shape[0]
+    if not _takes(values, flat.shape[0]):
         out = flat @ dequantize_rows(values, scales, x.dtype).t()
     else:
-        x_scales = flat.abs().amax(dim=1, keepdim=True).float().clamp(min=_TINY) / FP8_MAX
-        x_fp8 = (flat.float() / x_scales).to(FP8)
+        x_fp8, x_scales = _quantize_activation_rows(flat)
         out = torch._scaled_mm(
             x_fp8, values.t(), scale_a=x_scales, scale_b=scales[None, :].float(),
             out_dtype=x.dtype,
@@ -53,22 +66,51 @@ def fp8_matmul(x: torch.Tensor, values: torch.Tensor, scales: torch.Tensor) -> t
     return out.reshape(*x.shape[:-1], out_features)
 
 
+def fp8_matmul_grad(grad: torch.Tensor, values: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """``grad @ W`` for ``W = values * scales`` (rows), ``grad`` ``[..., out]``: the input's
+    gradient. ``W``'s row scales run along this product's inner dimension, where
+    ``_scaled_mm`` takes none, so they multiply ``grad``'s columns first; each row of that
+    is quantized to e4m3 with its own scale and multiplied with ``values``, which
+    ``_scaled_mm`` wants column-major (a transposed copy, 1 byte an element, freed after).
+    The dequantized product where ``_scaled_mm`` does not take the shapes."""
+    flat = grad.reshape(-1, grad.shape[-1])
+    in_features = values.shape[1]
+    if not _takes(values, flat.shape[0]):
+        out = flat @ dequantize_rows(values, scales, grad.dtype)
+    else:
+        g_fp8, g_scales = _quantize_activation_rows(flat.float() * scales[None, :])
+        ones = torch.ones((1, in_features), dtype=torch.float32, device=grad.device)
+        out = torch._scaled_mm(
+            g_fp8, values.t().contiguous().t(), scale_a=g_scales, scale_b=ones,
+            out_dtype=grad.dtype,
+        )  # fmt: skip
+    return out.reshape(*grad.shape[:-1], in_features)
+
+
 class _Fp8Linear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, values: torch.Tensor, scales: torch.Tensor):
+    def forward(ctx: Any, x: torch.Tensor, values: torch.Tensor, scales: torch.Tensor,
+                fp8_backward: bool):  # fmt: skip
         ctx.save_for_backward(values, scales)
+        ctx.fp8_backward = fp8_backward
         return fp8_matmul(x, values, scales)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor):
         values, scales = ctx.saved_tensors
-        return grad @ dequantize_rows(values, scales, grad.dtype), None, None
+        if ctx.fp8_backward:
+            return fp8_matmul_grad(grad, values, scales), None, None, None
+        return grad @ dequantize_rows(values, scales, grad.dtype), None, None, None
 
 
 class Fp8Linear(nn.Linear):
     """``nn.Linear`` with its weight in e4m3 (``weight``, frozen) and ``weight_scale``
     (float32, one per output row); ``bias`` as it was. PEFT wraps it as any linear layer;
-    :meth:`dense_weight` is what sloth's merge and export read."""
+    :meth:`dense_weight` is what sloth's merge and export read. ``fp8_backward``: the
+    input's gradient through an FP8 matmul too (:func:`fp8_matmul_grad`), or, off, through
+    the weight dequantized to the gradient's dtype."""
+
+    fp8_backward = True
 
     def __init__(self, linear: nn.Linear) -> None:
         nn.Module.__init__(self)
@@ -87,7 +129,7 @@ class Fp8Linear(nn.Linear):
         return dequantize_rows(self.weight, self.weight_scale, dtype or self.compute_dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = _Fp8Linear.apply(x, self.weight, self.weight_scale)
+        out = _Fp8Linear.apply(x, self.weight, self.weight_scale, self.fp8_backward)
         return out if self.bias is None else out + self.bias.to(out.dtype)
 
     def extra_repr(self) -> str:
