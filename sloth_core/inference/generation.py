@@ -98,7 +98,8 @@ def generation_config(
     else:
         config.temperature = options.temperature
         config.top_p = options.top_p
-        config.top_k = options.top_k or None
+        # 0 (off) as such: None would let generate fill in its own default (top-k 50).
+        config.top_k = options.top_k
     return config
 
 
