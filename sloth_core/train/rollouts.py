@@ -69,8 +69,13 @@ def sample(
     options: SamplingOptions,
     stop_ids: list[int],
     seed: int,
+    min_new_tokens: int = 0,
 ) -> Rollouts:
-    """Sample ``num_generations`` completions of each left-padded prompt row."""
+    """Sample ``num_generations`` completions of each left-padded prompt row.
+
+    ``min_new_tokens``: no stop token before that many (the generation benchmark sets it
+    to ``options.max_new_tokens``, so every completion is that long).
+    """
     from sloth_core.modes import for_inference, for_training
 
     device = input_ids.device
@@ -78,6 +83,8 @@ def sample(
     prompt_mask = attention_mask.repeat_interleave(num_generations, dim=0)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
     config = generation_config(model, options, stop_ids, pad)
+    if min_new_tokens:
+        config.min_new_tokens = min_new_tokens
     devices = [device] if device.type == "cuda" else []
     for_inference(model)
     try:
@@ -92,13 +99,18 @@ def sample(
     return _rollouts(tokenizer, prompts, prompt_mask, completions, stop_ids, pad, options)
 
 
-def _rollouts(tokenizer, prompts, prompt_mask, completions, stop_ids, pad, options) -> Rollouts:
+def completion_mask(completions: torch.Tensor, stop_ids: list[int]) -> torch.Tensor:
+    """``[N, C]``: 1 up to and including each row's first stop token (all 1 without one)."""
     width = completions.shape[1]
     is_stop = torch.isin(completions, torch.tensor(stop_ids, device=completions.device))
-    has_stop = is_stop.any(dim=1)
-    first = torch.where(has_stop, is_stop.int().argmax(dim=1), width)  # the stop's index
+    first = torch.where(is_stop.any(dim=1), is_stop.int().argmax(dim=1), width)
     positions = torch.arange(width, device=completions.device)
-    mask = (positions[None, :] <= first[:, None]).long()  # the stop token counts, as TRL
+    return (positions[None, :] <= first[:, None]).long()  # the stop token counts, as TRL
+
+
+def _rollouts(tokenizer, prompts, prompt_mask, completions, stop_ids, pad, options) -> Rollouts:
+    mask = completion_mask(completions, stop_ids)
+    has_stop = torch.isin(completions, torch.tensor(stop_ids, device=completions.device)).any(1)
     ids = torch.where(mask.bool(), completions, pad)
     texts = [
         tokenizer.decode(row[: int(n)].tolist(), skip_special_tokens=True)
