@@ -1,0 +1,360 @@
+"""DPO training throughput and memory: sloth's DPO step against TRL's ``DPOTrainer``.
+
+The issue's row "llama-8b DPO, 1024-token prompt+completion pairs, batch 4": each system
+trains the same random-init bf16 model (a shape of :data:`sloth_core.bench.train.SHAPES`,
+written once) on the same ``batch`` preference pairs of random token ids, **each in its
+own process**, in one run:
+
+- LoRA r=16, alpha 16, dropout 0 on q,k,v,o,gate,up,down; DPO's sigmoid loss, beta 0.1;
+  the reference is the model with its adapters disabled (no second copy); AdamW (each
+  trainer's default: torch's fused kernel, no weight decay), a constant learning rate,
+  gradients clipped to norm 1 (both trainers' default); gradient checkpointing as each
+  system trains lean by default.
+- Each pair is prompt + chosen and prompt + rejected, ``seq`` tokens each (a prompt of
+  ``seq // 2``, completions of the rest), one forward taking both rows of every pair.
+- ``sloth``: the step ``sloth train --method dpo`` runs (:class:`PreferenceMethod`'s
+  forward and backward in :func:`~sloth_core.train.step.train_step`), on the model
+  ``FastLanguageModel.get_peft_model`` makes (its default offloaded checkpointing).
+- ``hf``: TRL's ``DPOTrainer`` on transformers + PEFT, as TRL's docs show it
+  (``peft_config``, ``DPOConfig(gradient_checkpointing=True, bf16=True)``), given the
+  pairs already tokenized (``prompt_ids``/``chosen_ids``/``rejected_ids``, what its own
+  tokenization makes), so both systems see the same ids. It is named ``hf`` so that the
+  ratios and the targets read it as the baseline.
+
+``warmup`` untimed optimizer steps, then ``steps`` timed ones, each between
+``torch.cuda.synchronize`` calls (TRL's through a ``TrainerCallback``'s step begin and
+end). Tokens/s count both rows of every pair: ``batch x 2 x seq`` over the median step.
+Peak memory is ``torch.cuda.max_memory_allocated()`` after a reset as training starts.
+MFU counts ``6 N_base + 6 N_lora + 16 layers hidden seq`` FLOPs per token: the policy's
+forward and input gradients and the reference's forward through the base weights, the
+LoRA weights' forward, input and weight gradients, attention (policy 12, reference 4).
+
+At step 1 the policy is the reference (LoRA B is 0), so every pair's loss is log 2:
+both first losses must be ``log 2`` and agree (``losses_agree``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import json
+import math
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from . import train as bench
+from .generate import _device_name
+from .train import SystemSkipped, TrainResult
+
+#: The systems this bench knows: ``hf`` is TRL's DPOTrainer on transformers + PEFT.
+SYSTEMS = ("sloth", "hf")
+BETA = 0.1
+LEARNING_RATE = 2e-4
+#: At step 1 both losses are log 2 exactly in fp32; bf16 runs agree to well under this.
+DPO_LOSS_TOLERANCE = 1e-2
+#: What every first loss is: the policy equals its reference before any update.
+FIRST_LOSS = math.log(2)
+
+
+def make_pairs(batch: int, seq: int, vocab: int, seed: int = 1234) -> list[dict[str, list[int]]]:
+    """``batch`` pairs of random ids, ``prompt_ids`` (``seq // 2``) and ``chosen_ids`` and
+    ``rejected_ids`` (the rest of ``seq`` each), from a fixed generator."""
+    import torch
+
+    prompt, completion = seq // 2, seq - seq // 2
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (batch, prompt + 2 * completion), generator=generator)
+    return [{"prompt_ids": row[:prompt].tolist(), "chosen_ids": row[prompt:seq].tolist(),
+             "rejected_ids": row[seq:].tolist()} for row in ids]  # fmt: skip
+
+
+class StepClock:
+    """Times optimizer steps between ``torch.cuda.synchronize`` calls (on CUDA) and reads
+    the peak memory since :meth:`start`; both systems' steps go through one."""
+
+    def __init__(self, cuda: bool) -> None:
+        self.cuda = cuda
+        self.times: list[float] = []
+        self._began = 0.0
+
+    def _sync(self) -> None:
+        if self.cuda:
+            import torch
+
+            torch.cuda.synchronize()
+
+    def start(self) -> None:
+        """Training starts: the peak memory counts from here."""
+        if self.cuda:
+            import torch
+
+            self._sync()
+            torch.cuda.reset_peak_memory_stats()
+
+    def begin(self) -> None:
+        self._sync()
+        self._began = time.perf_counter()
+
+    def end(self) -> None:
+        self._sync()
+        self.times.append(time.perf_counter() - self._began)
+
+    def peak_gib(self) -> float | None:
+        if not self.cuda:
+            return None
+        import torch
+
+        return torch.cuda.max_memory_allocated() / 2**30
+
+
+def _result(system: str, model: Any, clock: StepClock, losses: list[float], *, warmup: int,
+            batch: int, seq: int, n_base: int, n_lora: int) -> TrainResult:  # fmt: skip
+    timed = clock.times[warmup:]
+    if not timed or not losses:
+        raise RuntimeError(f"{system}: {len(clock.times)} steps timed, {len(losses)} losses")
+    median = statistics.median(timed)
+    tokens_per_s = batch * 2 * seq / median
+    config = model.config
+    flops = 6 * n_base + 6 * n_lora + 16 * config.num_hidden_layers * config.hidden_size * seq
+    mfu = flops * tokens_per_s / (bench.PEAK_TFLOPS * 1e12) if clock.cuda else None
+    return TrainResult(system, tokens_per_s, median, clock.peak_gib(), mfu, losses[0],
+                       losses[-1], n_base, n_lora,
+                       getattr(config, "_attn_implementation", None),
+                       _device_name("cuda" if clock.cuda else "cpu"))  # fmt: skip
+
+
+def _trainable(model: Any) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def run_sloth(model_dir: Path, pairs: list[dict[str, list[int]]], *, seq: int, steps: int,
+              warmup: int, device: str, lr: float = LEARNING_RATE) -> TrainResult:  # fmt: skip
+    """sloth's DPO step, as ``sloth train --method dpo`` runs it (model, method, optimizer,
+    autocast and step all the trainer's own), on one fixed batch of ``pairs``."""
+    from sloth_core.data import PairExample
+    from sloth_core.train.config import TrainConfig
+    from sloth_core.train.loop import _autocast
+    from sloth_core.train.methods import method_for
+    from sloth_core.train.optim import build_optimizer
+    from sloth_core.train.step import train_step
+
+    model, n_base = bench._load("sloth", model_dir, device)  # offloaded checkpointing
+    config = TrainConfig(method="dpo", beta=BETA, loss_type="sigmoid", learning_rate=lr,
+                         per_device_train_batch_size=len(pairs), gradient_accumulation_steps=1,
+                         max_seq_length=seq)  # fmt: skip
+    method = method_for(config)
+    method.attach(model)  # the reference: the model with its adapters disabled
+    optimizer = build_optimizer(model, config)
+    autocast = _autocast(config, model)
+    examples = [PairExample(tuple(p["prompt_ids"]), tuple(p["chosen_ids"]),
+                            tuple(p["rejected_ids"])) for p in pairs]  # fmt: skip
+    # Every row is seq tokens long: nothing is padded.
+    rows = method.batches(examples, batch_size=len(pairs), pad_token_id=0, seed=0,
+                          train=False).batch(0, 0)  # fmt: skip
+    model.train()
+    clock, losses = StepClock(device.startswith("cuda")), []
+    clock.start()
+    for _ in range(warmup + steps):
+        clock.begin()
+        done = train_step(model, optimizer, [rows], autocast=autocast,
+                          max_grad_norm=config.max_grad_norm,
+                          forward_backward=method.forward_backward)  # fmt: skip
+        clock.end()
+        losses.append(done.loss)
+    return _result("sloth", model, clock, losses, warmup=warmup, batch=len(pairs), seq=seq,
+                   n_base=n_base, n_lora=_trainable(model))  # fmt: skip
+
+
+def run_trl(model_dir: Path, pairs: list[dict[str, list[int]]], *, seq: int, steps: int,
+            warmup: int, device: str, lr: float = LEARNING_RATE) -> TrainResult:  # fmt: skip
+    """TRL's ``DPOTrainer`` on transformers + PEFT (``peft_config``: TRL wraps the model
+    and takes the reference as it with adapters disabled), on the same pairs."""
+    try:
+        import datasets
+        import trl
+    except ImportError as exc:
+        raise SystemSkipped(
+            f"trl and datasets are not installed (pip install trl): {exc}"
+        ) from None
+    import torch
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    cuda = device.startswith("cuda")
+    clock, losses = StepClock(cuda), []
+
+    class Clock(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            clock.start()
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            clock.begin()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            clock.end()
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "loss" in logs:
+                losses.append(float(logs["loss"]))
+
+    class Tokenized(trl.DPOTrainer):
+        """The pairs come as the ids TRL's own tokenization would give it."""
+
+        def _prepare_dataset(self, dataset, *args, **kwargs):
+            return dataset
+
+    model = AutoModelForCausalLM.from_pretrained(
+        model_dir, dtype=torch.bfloat16, attn_implementation=bench.hf_attention(model_dir),
+        device_map=device,
+    )  # fmt: skip
+    n_base = bench._matmul_params(model)
+    lora = LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0,
+                      target_modules=bench.TARGET_MODULES, task_type="CAUSAL_LM")  # fmt: skip
+    with tempfile.TemporaryDirectory() as out:
+        args = trl.DPOConfig(
+            output_dir=out, per_device_train_batch_size=len(pairs), max_steps=warmup + steps,
+            bf16=cuda, use_cpu=not cuda, gradient_checkpointing=True, beta=BETA,
+            loss_type="sigmoid", max_length=seq, learning_rate=lr,
+            lr_scheduler_type="constant", report_to="none", logging_steps=1,
+            save_strategy="no", disable_tqdm=True, dataloader_num_workers=0,
+        )  # fmt: skip
+        trainer = Tokenized(
+            model=model, args=args, train_dataset=datasets.Dataset.from_list(pairs),
+            processing_class=AutoTokenizer.from_pretrained(model_dir), peft_config=lora,
+            callbacks=[Clock()],
+        )  # fmt: skip
+        # Its log lines are Python dicts on stdout, where the worker's JSON line goes.
+        for printer in (PrinterCallback, ProgressCallback):
+            trainer.remove_callback(printer)
+        trainer.train()
+    return _result("hf", trainer.model, clock, losses, warmup=warmup, batch=len(pairs),
+                   seq=seq, n_base=n_base, n_lora=_trainable(trainer.model))  # fmt: skip
+
+
+RUNNERS = {"sloth": run_sloth, "hf": run_trl}
+
+
+def versions() -> dict[str, str | None]:
+    """:func:`sloth_core.bench.train.versions`, and TRL's and datasets'."""
+    out = bench.versions()
+    for dist in ("trl", "datasets"):
+        try:
+            out[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            out[dist] = None
+    return out
+
+
+def run_dpo_bench(shape: str, *, seq: int = 1024, batch: int = 4, steps: int = 10,
+                  warmup: int = 3, systems: tuple[str, ...] = SYSTEMS, model_dir: Path,
+                  device: str, timeout: float = 1800, lr: float = LEARNING_RATE,
+                  loss_tolerance: float = DPO_LOSS_TOLERANCE) -> dict[str, Any]:  # fmt: skip
+    """Every system in its own process, one after the other, on the same model and pairs;
+    the report has :func:`sloth_core.bench.train.run_bench`'s keys and ``kind: "dpo"``.
+    ``hf`` is TRL's DPOTrainer on transformers + PEFT; a system that cannot run here
+    (TRL not installed) is reported as skipped, with the reason."""
+    unknown = [s for s in systems if s not in RUNNERS]
+    if unknown:
+        raise ValueError(f"unknown system(s) {unknown}; choose from {', '.join(RUNNERS)}")
+    model_dir = bench.make_model(shape, Path(model_dir), device=device)
+    results = []
+    for system in systems:
+        out = bench.run_worker("sloth_core.bench.dpo", [
+            "--worker", system, str(model_dir), str(seq), str(batch), str(steps), str(warmup),
+            device, repr(lr),
+        ], timeout=timeout)  # fmt: skip
+        results.append({**out, "system": system})
+    losses_agree = bench.check_losses(results, loss_tolerance)
+    base = next((r for r in results if r["system"] == "hf" and "tokens_per_s" in r), None)
+    for r in results:
+        if base and "tokens_per_s" in r:
+            r["speed_vs_hf"] = r["tokens_per_s"] / base["tokens_per_s"]
+            if r["peak_gib"] and base["peak_gib"]:
+                r["memory_vs_hf"] = r["peak_gib"] / base["peak_gib"]
+    device_name = next((r["device_name"] for r in results if r.get("device_name")), None)
+    return {"kind": "dpo", "shape": shape, "config": bench.SHAPES[shape], "seq": seq,
+            "batch": batch, "steps": steps, "warmup": warmup, "device": device,
+            "quantization": None, "nproc": [1], "full": False, "budget_gib": None,
+            "beta": BETA, "learning_rate": lr, "expected_first_loss": FIRST_LOSS,
+            "peak_tflops": bench.PEAK_TFLOPS, "device_name": device_name,
+            "versions": versions(), "loss_tolerance": loss_tolerance,
+            "losses_agree": losses_agree, "results": results}  # fmt: skip
+
+
+def markdown(report: dict[str, Any], command: str) -> str:
+    """The report as a docs/benchmarks.md table (:func:`sloth_core.bench.train.markdown`'s,
+    under a DPO heading), with the exact command."""
+    table = bench.markdown(report, command)
+    heading = (
+        f"DPO, shape `{report['shape']}`: batch {report['batch']} pairs, prompt + chosen and "
+        f"prompt + rejected of {report['seq']} tokens each (tokens/s count both), "
+        f"{report['warmup']} warm-up + {report['steps']} timed steps, {report['device']}, "
+        f"LoRA r=16, sigmoid loss, beta {report.get('beta', BETA)}, reference = adapters "
+        "disabled; `hf`: TRL's DPOTrainer on transformers + PEFT."
+    )
+    return heading + table[table.index("\n") :]
+
+
+def _worker(argv: list[str]) -> None:
+    system, model_dir, seq, batch, steps, warmup, device, lr = argv
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    pairs = make_pairs(int(batch), int(seq), config["vocab_size"])
+    try:
+        result = RUNNERS[system](Path(model_dir), pairs, seq=int(seq), steps=int(steps),
+                                 warmup=int(warmup), device=device, lr=float(lr))  # fmt: skip
+    except SystemSkipped as exc:
+        print(json.dumps({"system": system, "skipped": str(exc)}))
+        return
+    print(json.dumps(asdict(result)))
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """``python -m sloth_core.bench.dpo --shape llama-8b --json OUT.json --markdown OUT.md``:
+    the bench, its report printed as one JSON line and written where asked."""
+    import os
+
+    parser = argparse.ArgumentParser(prog="python -m sloth_core.bench.dpo", description=(
+        "DPO training: sloth against TRL's DPOTrainer (hf), each in its own process"))  # fmt: skip
+    parser.add_argument("--shape", default="llama-8b", choices=sorted(bench.SHAPES))
+    parser.add_argument("--seq", type=int, default=1024, help="tokens of prompt + completion")
+    parser.add_argument("--batch", type=int, default=4, help="pairs per step")
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--systems", default=",".join(SYSTEMS), help="sloth,hf (hf: TRL)")
+    parser.add_argument("--device", default=None, help="default: cuda if present, else cpu")
+    parser.add_argument("--model-dir", type=Path, default=None,
+                        help="where the random-init model is written once (default: "
+                             "$SLOTH_CACHE/bench-models/SHAPE)")  # fmt: skip
+    parser.add_argument("--lr", type=float, default=LEARNING_RATE)
+    parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--markdown", type=Path, default=None)
+    args = parser.parse_args(argv)
+    import torch
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    cache = Path(os.environ.get("SLOTH_CACHE", Path.home() / ".cache" / "sloth"))
+    report = run_dpo_bench(
+        args.shape, seq=args.seq, batch=args.batch, steps=args.steps, warmup=args.warmup,
+        systems=tuple(s for s in args.systems.split(",") if s), device=device, lr=args.lr,
+        model_dir=args.model_dir or cache / "bench-models" / args.shape,
+    )  # fmt: skip
+    print(json.dumps(report))
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+    if args.markdown:
+        command = "python -m sloth_core.bench.dpo " + " ".join(argv or sys.argv[1:])
+        args.markdown.write_text(markdown(report, command))
+    return report
+
+
+if __name__ == "__main__":  # a worker: one system in its own process (see run_dpo_bench)
+    if sys.argv[1:2] == ["--worker"]:
+        _worker(sys.argv[2:])
+    else:
+        main()

@@ -1,0 +1,67 @@
+"""The DPO bench on the CPU with the tiny shape: sloth and TRL's DPOTrainer, each in its
+own process, train the same pairs from the same start."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+
+import pytest
+
+from sloth_core.bench.dpo import make_pairs, markdown, run_dpo_bench
+
+
+@pytest.fixture(autouse=True)
+def _torch_ops(monkeypatch):
+    # The bench's machinery, not the kernels (interpreted under CI's TRITON_INTERPRET=1).
+    monkeypatch.setenv("SLOTH_KERNELS", "torch")
+
+
+def test_pairs_are_fixed_and_fill_the_sequence():
+    pairs = make_pairs(2, 31, vocab=50)
+    assert pairs == make_pairs(2, 31, vocab=50)
+    assert [len(p["prompt_ids"]) + len(p["chosen_ids"]) for p in pairs] == [31, 31]
+    assert [len(p["rejected_ids"]) for p in pairs] == [16, 16]
+    assert pairs[0]["chosen_ids"] != pairs[0]["rejected_ids"]
+
+
+def test_sloth_and_trl_train_the_same_dpo_step(tmp_path):
+    pytest.importorskip("trl")
+    report = run_dpo_bench("llama-tiny", seq=32, batch=2, steps=2, warmup=1,
+                           model_dir=tmp_path / "model", device="cpu")  # fmt: skip
+    by = {r["system"]: r for r in report["results"]}
+    assert set(by) == {"sloth", "hf"}
+    for r in by.values():
+        assert r.get("error") is None and not r.get("skipped"), r
+        assert r["tokens_per_s"] > 0 and r["peak_gib"] is None
+        # The policy is its reference at step 1: every pair's loss is log 2.
+        assert r["first_loss"] == pytest.approx(math.log(2), abs=1e-3)
+        assert r["last_loss"] < r["first_loss"]  # both trained
+    assert abs(by["sloth"]["first_loss"] - by["hf"]["first_loss"]) <= 1e-3
+    assert report["kind"] == "dpo" and report["losses_agree"]
+    assert by["hf"]["speed_vs_hf"] == 1.0 and by["sloth"]["speed_vs_hf"] > 0
+    assert by["sloth"]["n_lora"] == by["hf"]["n_lora"]  # the same adapters
+    table = markdown(report, "python -m sloth_core.bench.dpo --shape llama-tiny")
+    assert "| sloth |" in table and "| hf |" in table and "TRL's DPOTrainer" in table
+
+
+def test_trl_missing_is_reported_as_skipped(tmp_path, monkeypatch, capsys):
+    import sloth_core.bench.dpo as dpo
+
+    monkeypatch.setitem(sys.modules, "trl", None)  # import trl raises ImportError
+    (tmp_path / "config.json").write_text(json.dumps({"vocab_size": 50}))
+    dpo._worker(["hf", str(tmp_path), "8", "1", "1", "0", "cpu", "2e-4"])
+    line = json.loads(capsys.readouterr().out)
+    assert line["system"] == "hf" and line["skipped"].startswith("trl and datasets are not")
+
+    monkeypatch.setattr(dpo.bench, "run_worker", lambda module, args, timeout: line)
+    monkeypatch.setattr(dpo.bench, "make_model", lambda shape, path, device: path)
+    report = dpo.run_dpo_bench("llama-tiny", model_dir=tmp_path, device="cpu")
+    assert [r["system"] for r in report["results"]] == ["sloth", "hf"]
+    assert "| hf | | skipped: trl and datasets" in markdown(report, "cmd")
+
+
+def test_unknown_system_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="unknown system"):
+        run_dpo_bench("llama-tiny", systems=("liger",), model_dir=tmp_path, device="cpu")
