@@ -83,7 +83,9 @@ def main() -> None:
             "peak_ratio": peak / plan.predicted_peak_bytes,
         }
         print(json.dumps(row), flush=True)
-    print(json.dumps({"rest_per_token": costs.rest_bytes_per_token, "layer0": vars(costs[0])}))
+    print(json.dumps({"rest_per_token": costs.rest_bytes_per_token,
+                      "transient_per_token": costs.transient_bytes_per_token,
+                      "layer0": vars(costs[0])}))  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -25,9 +25,11 @@ model. The model of memory (all figures scale with the tokens of a step):
 * backward goes from the last layer to the first, freeing each layer's holdings after its
   backward; a non-kept layer ``j`` is run again first, so while its backward runs the
   device holds ``rest`` + what layers ``0..j`` hold + the saved bytes of layer ``j``;
+* when backward starts, the loss's gradient comes on top of everything held (on a GPU
+  :func:`measure_layer_costs` measures it: an unfused loss's is twice its fp32 logits);
 * the predicted peak is ``fixed_bytes`` (the caller's: weights, gradients, optimizer
-  state) plus the largest of those moments. Gradients of activations, the loss's
-  temporaries and allocator fragmentation are not modelled.
+  state) plus the largest of those moments. The gradients of activations inside the
+  layers and allocator fragmentation are not modelled.
 
 Recompute cost: a layer's forward is ``2 x params`` FLOPs per token for its matmuls plus
 ``4 x seq x hidden`` for attention (scores and weighted sum), the price of recomputing it.
@@ -94,11 +96,15 @@ class LayerCost:
 
 @dataclass(frozen=True)
 class LayerCosts(Sequence[LayerCost]):
-    """:func:`measure_layer_costs`'s result: the layers, and ``rest_bytes_per_token`` saved
-    outside them (embeddings, final norm, lm_head and loss, shared tables)."""
+    """:func:`measure_layer_costs`'s result: the layers, ``rest_bytes_per_token`` saved
+    outside them (embeddings, final norm, lm_head and loss, shared tables), and
+    ``transient_bytes_per_token``: how far the backward's start rises above what the
+    forward holds (the loss's gradient: an unfused loss's fp32 logits' size, twice),
+    measured on a GPU, 0 where it cannot be (the CPU)."""
 
     layers: tuple[LayerCost, ...]
     rest_bytes_per_token: float
+    transient_bytes_per_token: float = 0.0
 
     def __len__(self) -> int:
         return len(self.layers)
@@ -176,6 +182,8 @@ def measure_layer_costs(model: Any, input_ids: torch.Tensor) -> LayerCosts:
     try:
         with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             out = model(input_ids=input_ids, labels=input_ids, use_cache=False)
+        cuda = input_ids.is_cuda and out.loss.requires_grad
+        transient = _backward_transient(model, out.loss) if cuda else 0
         del out
     finally:
         for h in handles:
@@ -198,7 +206,25 @@ def measure_layer_costs(model: Any, input_ids: torch.Tensor) -> LayerCosts:
         )
         for i, layer in enumerate(layers)
     )
-    return LayerCosts(costs, rest / tokens)
+    return LayerCosts(costs, rest / tokens, transient / tokens)
+
+
+def _backward_transient(model: Any, loss: torch.Tensor) -> int:
+    """CUDA bytes the backward of ``loss`` allocates at its peak beyond what its forward
+    left and the trainable parameters' gradients (allocated first, so that they are not
+    counted: they are ``fixed_bytes``'); the gradients are dropped after."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    for p in trainable:
+        p.grad = torch.zeros_like(p)
+    torch.cuda.synchronize()
+    start = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    loss.backward()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated()
+    for p in trainable:
+        p.grad = None
+    return max(peak - start, 0)
 
 
 @dataclass(frozen=True)
@@ -240,7 +266,8 @@ class MemoryPlan:
     def predicted_peak_bytes(self) -> float:
         held = self.layer_bytes()
         rest = self.costs.rest_bytes_per_token * self.tokens
-        peak = sum(held)
+        # the backward's start: everything held, and the loss's gradient on top
+        peak = sum(held) + self.costs.transient_bytes_per_token * self.tokens
         prefix = 0.0
         for cost, mode, h in zip(self.costs, self.modes, held, strict=True):
             prefix += h
