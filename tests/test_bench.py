@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 from sloth_core.bench.kernel_cases import Shapes, lora_mlp_case, saved_activation_bytes
@@ -83,3 +84,13 @@ def test_cli_writes_json_and_markdown(tmp_path, plugin_manager):
     report = json.loads((tmp_path / "r.json").read_text())
     assert [c["name"] for c in report["cases"]] == ["rms_norm", "swiglu"]
     assert "| swiglu |" in (tmp_path / "r.md").read_text()
+
+
+@pytest.mark.parametrize(("what", "option"), [("dpo", "--seq"), ("generate", "--new-tokens")])
+def test_sloth_bench_dpo_and_generate_take_their_modules_options(what, option, capsys):
+    with pytest.raises(SystemExit) as done:
+        main(["bench", what, "--help"])
+    assert done.value.code == 0 and option in capsys.readouterr().out
+    with pytest.raises(SystemExit) as done:
+        main(["bench", what, "--shape", "nope"])
+    assert done.value.code == 2 and "invalid choice: 'nope'" in capsys.readouterr().err

@@ -70,7 +70,8 @@ def test_sloth_with_a_budget_plans_its_checkpointing(tmp_path, monkeypatch):
 
 def test_rows_are_selected_by_name():
     assert [t.name for t in select("all")] == ["bf16", "bf16-40g", "nf4", "bf16-8k", "1b",
-                                               "context-nf4", "fp8", "moe"]  # fmt: skip
+                                               "context-nf4", "fp8", "moe", "dpo",
+                                               "grpo-gen"]  # fmt: skip
     assert [t.name for t in select("nf4, 1b")] == ["nf4", "1b"]
     with pytest.raises(ValueError, match="unknown target row.*'fast'"):
         select("fast")
@@ -109,3 +110,46 @@ def test_targets_run_every_row_and_write_the_summary(tmp_path, monkeypatch, caps
     assert "sloth bench train --targets" in text
     assert "| `llama-tiny` bf16 LoRA, seq 16 x batch 2 |" in text and "- (<= 0.9x)" in text
     assert "16.00x (>= 12x)" in text and "Row `tiny`:" in text and "Row `context-nf4`:" in text
+
+
+def _result(system, tokens_per_s, peak_gib, **extra):
+    return {"system": system, "tokens_per_s": tokens_per_s, "peak_gib": peak_gib,
+            "attention": "sdpa", "mfu": None, "first_loss": 0.6931, "last_loss": 0.5,
+            "median_s": 1.0, **extra}  # fmt: skip
+
+
+def test_dpo_and_generation_rows_run_their_own_benches(tmp_path, monkeypatch):
+    """A ``dpo`` row runs sloth bench dpo (hf: TRL), a ``generate`` row sloth bench
+    generate (64 completions: 8 prompts x 8), each judged and tabled by its own kind."""
+    from sloth_core.bench import dpo, generate
+
+    asked = {}
+
+    def fake_dpo(shape, **kwargs):
+        asked["dpo"] = kwargs
+        return {"kind": "dpo", "shape": shape, "seq": kwargs["seq"], "batch": kwargs["batch"],
+                "steps": 2, "warmup": 1, "device": "cpu", "losses_agree": True,
+                "results": [_result("sloth", 300.0, 9.0), _result("hf", 100.0, 20.0)]}  # fmt: skip
+
+    def fake_generate(shape, **kwargs):
+        asked["generate"] = kwargs
+        return {"kind": "generate", "shape": shape, "prompts": kwargs["prompts"],
+                "generations": kwargs["generations"], "prompt_len": 128,
+                "new_tokens": kwargs["new_tokens"], "temperature": 1.0, "top_p": 1.0,
+                "repeats": 3, "device": "cpu",
+                "results": [_result("sloth", 250.0, None), _result("hf", 100.0, None)]}  # fmt: skip
+
+    monkeypatch.setattr(dpo, "run_dpo_bench", fake_dpo)
+    monkeypatch.setattr(generate, "run_generate_bench", fake_generate)
+    report = bench_targets.run_targets(select("dpo,grpo-gen"), model_root=tmp_path,
+                                       device="cpu", steps=2, warmup=1)  # fmt: skip
+    assert (asked["dpo"]["seq"], asked["dpo"]["batch"]) == (1024, 4)
+    assert asked["generate"] == {"prompts": 8, "generations": 8, "new_tokens": 512,
+                                 "model_dir": tmp_path / "llama-8b", "device": "cpu"}  # fmt: skip
+    dpo_row, gen_row = report["rows"]
+    assert dpo_row["checks"] == {"speed": True, "memory": True} and dpo_row["met"]
+    assert gen_row["checks"] == {"speed": False} and gen_row["speed"] == 2.5
+    text = bench_targets.markdown(report, "sloth bench train --targets dpo,grpo-gen")
+    assert "Row `dpo`: DPO, shape `llama-8b`" in text and "TRL's DPOTrainer" in text
+    assert "Row `grpo-gen`: Shape `llama-8b`, GRPO sampling: 8 prompts x 8" in text
+    assert "GRPO generation, 64 completions of 512 tokens, vs HF generate" in text

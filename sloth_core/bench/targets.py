@@ -29,10 +29,19 @@ class Target:
     mfu: float | None = None  # at least this MFU
     context: float | None = None  # at least this many times hf's longest sequence
     budget_gib: float | None = None  # a context row's budget; else sloth's peak at most this
+    #: what measures it: ``train`` (sloth bench train), ``dpo`` (sloth bench dpo: hf is
+    #: TRL's DPOTrainer; seq is prompt + completion, batch the pairs) or ``generate``
+    #: (sloth bench generate: batch completions of seq new tokens, 8 per prompt).
+    bench: str = "train"
 
     @property
     def workload(self) -> str:
         kind = self.quantization or "bf16"
+        if self.bench == "dpo":
+            return f"`{self.shape}` DPO, {self.seq}-token pairs x batch {self.batch}, vs TRL"
+        if self.bench == "generate":
+            return (f"`{self.shape}` GRPO generation, {self.batch} completions of {self.seq} "
+                    "tokens, vs HF generate")  # fmt: skip
         if self.context:
             return f"`{self.shape}` {kind} max context, batch 1, {self.budget_gib:g} GiB"
         budget = f", `--memory-budget-gib {self.budget_gib:g}`" if self.budget_gib else ""
@@ -51,6 +60,8 @@ TARGETS: tuple[Target, ...] = (
     Target("fp8", "llama-8b", 2048, 4, "fp8", speed=2.6, memory=0.40),
     # LoRA on attention and every expert (PEFT maps gate/up/down_proj to the 3-D experts).
     Target("moe", "qwen3-30b-a3b", 2048, 2, speed=3.0, memory=0.6),
+    Target("dpo", "llama-8b", 1024, 4, speed=2.0, memory=0.5, bench="dpo"),
+    Target("grpo-gen", "llama-8b", 512, 64, speed=3.0, bench="generate"),
 )
 
 
@@ -114,7 +125,9 @@ def run_targets(targets: list[Target], *, model_root: Path, device: str, steps: 
     rows, reports = [], []
     for target in targets:
         model_dir = Path(model_root) / target.shape
-        if target.context:
+        if target.bench != "train":
+            report = _other_bench(target, model_dir, device, steps, warmup)
+        elif target.context:
             report = bench_context.run_max_context(
                 target.shape, systems=("sloth", "hf"), model_dir=model_dir, device=device,
                 quantization=target.quantization, budget_gib=target.budget_gib,
@@ -135,6 +148,36 @@ def run_targets(targets: list[Target], *, model_root: Path, device: str, steps: 
     return {"device": device, "device_name": device_name, "versions": bench_train.versions(),
             "steps": steps, "warmup": warmup, "rows": rows, "reports": reports,
             "met": all(r["met"] for r in rows)}  # fmt: skip
+
+
+def _table_of(kind: str | None):
+    """The markdown function of a row's own report, by its ``kind``."""
+    if kind == "max_context":
+        return bench_context.markdown
+    if kind == "dpo":
+        from sloth_core.bench.dpo import markdown as dpo_markdown
+
+        return dpo_markdown
+    if kind == "generate":
+        from sloth_core.bench.generate import markdown as generate_markdown
+
+        return generate_markdown
+    return bench_train.markdown
+
+
+def _other_bench(target: Target, model_dir: Path, device: str, steps: int,
+                 warmup: int) -> dict[str, Any]:  # fmt: skip
+    """A ``dpo`` or ``generate`` row's report (each system in its own process, as always)."""
+    if target.bench == "dpo":
+        from sloth_core.bench.dpo import run_dpo_bench
+
+        return run_dpo_bench(target.shape, seq=target.seq, batch=target.batch, steps=steps,
+                             warmup=warmup, model_dir=model_dir, device=device)  # fmt: skip
+    from sloth_core.bench.generate import run_generate_bench
+
+    return run_generate_bench(target.shape, prompts=target.batch // 8, generations=8,
+                              new_tokens=target.seq, model_dir=model_dir,
+                              device=device)  # fmt: skip
 
 
 def markdown(report: dict[str, Any], command: str) -> str:
@@ -177,7 +220,7 @@ def markdown(report: dict[str, Any], command: str) -> str:
     lines += ["", f"Device: {report.get('device_name') or report['device']}; "
                   + ", ".join(f"{k} {v}" for k, v in found.items()) + "."]  # fmt: skip
     for sub in report["reports"]:
-        table = bench_context.markdown if sub.get("kind") == "max_context" else bench_train.markdown
+        table = _table_of(sub.get("kind"))
         # Each row's own table, without the command line it would repeat.
         text = table(sub, command).replace(f"    {command}\n\n", "")
         lines += ["", f"Row `{sub['target']}`: {text}"]

@@ -87,7 +87,24 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
                             "system; with --max-context the longest sequence); needs "
                             "matplotlib")  # fmt: skip
     train.set_defaults(run=run_train)
+    for name, what in (("dpo", "DPO training: sloth vs TRL's DPOTrainer (hf + PEFT)"),
+                       ("generate", "GRPO generation: sloth's sampling vs HF generate")):
+        # The module's own parser takes the options (--help included): one place for them.
+        # No prefix character here, so that every word, "-" ones too, is passed on.
+        other = sub.add_parser(name, help=f"{what}; --help for the options", add_help=False,
+                               prefix_chars="\0")  # fmt: skip
+        other.add_argument("options", nargs="*")
+        other.set_defaults(run=lambda args, name=name: _run_module(name, args.options))
     bench.set_defaults(run=lambda args: bench.print_help() or 2)
+
+
+def _run_module(name: str, options: list[str]) -> int:
+    """``sloth bench dpo|generate OPTIONS``: that bench module's ``main``; 1 when a system
+    failed."""
+    import importlib
+
+    report = importlib.import_module(f"sloth_core.bench.{name}").main(options)
+    return 1 if any(r.get("error") for r in report["results"]) else 0
 
 
 def _world_sizes(text: str) -> tuple[int, ...]:
