@@ -24,6 +24,7 @@ def test_both_systems_sample_full_length_completions_in_separate_processes(tmp_p
         assert r["tokens_per_s"] > 0 and len(r["times_s"]) == 1
         # min_new_tokens = max_new_tokens: no completion ends early at a stop token.
         assert r["min_new_tokens"] == r["max_new_tokens"] == 8
+    assert by["sloth"]["path"] == "plain" and by["hf"]["path"] == "generate"  # no CUDA
     assert by["hf"]["speed_vs_hf"] == 1.0 and by["sloth"]["speed_vs_hf"] > 0
     assert report["kind"] == "generate" and report["new_tokens"] == 8
     assert report["versions"]["torch"] and by["sloth"]["device_name"] == report["device_name"]

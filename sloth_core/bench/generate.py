@@ -7,7 +7,10 @@ policy it trains), **each in its own process**, in one run:
 
 - ``sloth``: ``FastLanguageModel.from_pretrained`` + ``get_peft_model``, sampled through
   GRPO's own :func:`sloth_core.train.rollouts.sample` (``num_generations`` completions of
-  every prompt);
+  every prompt), on CUDA its fast path (:mod:`sloth_core.inference.graphed`: static KV
+  cache, decode steps replayed as CUDA graphs);
+- ``sloth:plain``: the same with ``fast=False`` (dynamic cache, eager; what
+  ``SLOTH_FAST_SAMPLING=0`` gives);
 - ``hf``: ``AutoModelForCausalLM.from_pretrained`` + PEFT's ``get_peft_model``,
   ``model.generate`` on the prompts each repeated ``generations`` times.
 
@@ -25,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -35,6 +39,7 @@ from typing import Any
 from sloth_core.bench.train import SHAPES, make_model, run_worker, versions
 
 SYSTEMS = ("sloth", "hf")
+KNOWN_SYSTEMS = ("sloth", "sloth:plain", "hf")
 #: The sampling both systems use: GRPO's defaults (temperature 1, no top-p or top-k cut).
 TEMPERATURE, TOP_P, TOP_K = 1.0, 1.0, 0
 
@@ -51,6 +56,8 @@ class GenerateResult:
     max_new_tokens: int
     attention: str | None = None
     device_name: str | None = None
+    #: How sloth sampled: "fast" (static cache, CUDA graphs) or "plain"; hf: "generate".
+    path: str | None = None
 
 
 def _device_name(device: str) -> str:
@@ -80,17 +87,18 @@ def _sampler(system: str, model: Any, tokenizer: Any, ids: Any, *, generations: 
 
     mask = torch.ones_like(ids)
     stops = stop_token_ids(tokenizer, model)
-    if system == "sloth":
+    if system.startswith("sloth"):
         from sloth_core.inference.generation import SamplingOptions
         from sloth_core.train.rollouts import sample
 
         options = SamplingOptions(max_new_tokens=new_tokens, temperature=TEMPERATURE,
                                   top_p=TOP_P, top_k=TOP_K)  # fmt: skip
+        fast = False if system == "sloth:plain" else None  # None: where it serves (CUDA)
 
         def call(seed: int) -> Any:
             return sample(model, tokenizer, ids, mask, num_generations=generations,
                           options=options, stop_ids=stops, seed=seed,
-                          min_new_tokens=new_tokens).completion_ids  # fmt: skip
+                          min_new_tokens=new_tokens, fast=fast).completion_ids  # fmt: skip
 
         return call, stops
     from transformers import GenerationConfig
@@ -123,9 +131,11 @@ def run_system(system: str, model_dir: Path, *, prompts: int, generations: int,
     from transformers import AutoTokenizer
 
     from sloth_core.bench.train import _load
+    from sloth_core.inference.graphed import fast_sampling_enabled
     from sloth_core.train.rollouts import completion_mask
 
-    model, _ = _load(system, model_dir, device)  # LoRA r=16 on TARGET_MODULES, as GRPO
+    # LoRA r=16 on TARGET_MODULES, as GRPO trains; sloth:plain loads as sloth does.
+    model, _ = _load(system.partition(":")[0], model_dir, device)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     ids = _prompts(model.config.vocab_size, prompts, prompt_len, device)
     call, stops = _sampler(system, model, tokenizer, ids, generations=generations,
@@ -146,11 +156,15 @@ def run_system(system: str, model_dir: Path, *, prompts: int, generations: int,
             times.append(time.perf_counter() - start)
     lengths = completion_mask(completions, stops).sum(1)  # up to a stop token, if any
     median = statistics.median(times)
+    path = "generate"
+    if system.startswith("sloth"):  # after the calls: a failed capture turns it off
+        fast = system == "sloth" and fast_sampling_enabled(model, torch.device(device))
+        path = "fast" if fast else "plain"
     return GenerateResult(
         system, prompts * generations * new_tokens / median, median,
         torch.cuda.max_memory_allocated() / 2**30 if cuda else None, times,
         int(lengths.min()), int(lengths.max()),
-        getattr(model.config, "_attn_implementation", None), _device_name(device),
+        getattr(model.config, "_attn_implementation", None), _device_name(device), path,
     )  # fmt: skip
 
 
@@ -160,9 +174,9 @@ def run_generate_bench(shape: str, *, prompts: int = 8, generations: int = 8,
                        timeout: float = 1800) -> dict[str, Any]:  # fmt: skip
     """Every system in its own process, one after the other, on the same model and prompts;
     the report (``kind: "generate"``) with each result's speed against ``hf``."""
-    unknown = [s for s in systems if s not in SYSTEMS]
+    unknown = [s for s in systems if s not in KNOWN_SYSTEMS]
     if unknown:
-        raise ValueError(f"unknown system(s) {unknown}; choose from {', '.join(SYSTEMS)}")
+        raise ValueError(f"unknown system(s) {unknown}; choose from {', '.join(KNOWN_SYSTEMS)}")
     model_dir = make_model(shape, Path(model_dir), device=device)
     workload = dict(prompts=prompts, generations=generations, prompt_len=prompt_len,
                     new_tokens=new_tokens, repeats=repeats)  # fmt: skip
@@ -187,8 +201,8 @@ def run_generate_bench(shape: str, *, prompts: int = 8, generations: int = 8,
 def markdown(report: dict[str, Any], command: str) -> str:
     """The report as a docs/benchmarks.md table, with the exact command."""
 
-    def fmt(value, spec):
-        return "-" if value is None else format(value, spec)
+    def fmt(value, spec, unit=""):
+        return "-" if value is None else format(value, spec) + unit
 
     lines = [f"Shape `{report['shape']}`, GRPO sampling: {report['prompts']} prompts x "
              f"{report['generations']} generations, {report['prompt_len']}-token prompts, "
@@ -196,17 +210,18 @@ def markdown(report: dict[str, Any], command: str) -> str:
              f"top-p {report['top_p']}, no top-k), 1 warm-up + {report['repeats']} timed "
              f"calls, {report['device']}, LoRA r=16.",
              "", f"    {command}", "",
-             "| system | attention | tokens/s | median s | peak GiB | speed vs hf "
+             "| system | sampling | attention | tokens/s | median s | peak GiB | speed vs hf "
              "| memory vs hf |",
-             "|---|---|---|---|---|---|---|"]  # fmt: skip
+             "|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in report["results"]:
         if r.get("error"):
-            lines.append(f"| {r['system']} | | error: {r['error'][:120]} | | | | |")
+            lines.append(f"| {r['system']} | | | error: {r['error'][:120]} | | | | |")
             continue
         lines.append(
-            f"| {r['system']} | {r.get('attention') or '-'} | {r['tokens_per_s']:.0f} | "
+            f"| {r['system']} | {r.get('path') or '-'} | {r.get('attention') or '-'} | "
+            f"{r['tokens_per_s']:.0f} | "
             f"{r['median_s']:.2f} | {fmt(r['peak_gib'], '.2f')} | "
-            f"{fmt(r.get('speed_vs_hf'), '.2f')}x | {fmt(r.get('memory_vs_hf'), '.2f')}x |"
+            f"{fmt(r.get('speed_vs_hf'), '.2f', 'x')} | {fmt(r.get('memory_vs_hf'), '.2f', 'x')} |"
         )
     found = {k: v for k, v in (report.get("versions") or {}).items() if v}
     lines += ["", f"Device: {report.get('device_name') or report['device']}; "
@@ -224,20 +239,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--systems", default=",".join(SYSTEMS), help="comma-separated")
+    parser.add_argument("--systems", default=",".join(SYSTEMS),
+                        help=f"comma-separated, of {', '.join(KNOWN_SYSTEMS)}")  # fmt: skip
     parser.add_argument("--device", default=None, help="default: cuda when available")
     parser.add_argument("--model-dir", type=Path, default=None,
-                        help="where the random-init model is written once (default: a "
-                             "folder of the system's temporary directory per shape)")  # fmt: skip
+                        help="where the random-init model is written once (default: "
+                             "$SLOTH_CACHE/bench-models/SHAPE, as sloth bench train)")  # fmt: skip
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--markdown", type=Path, default=None)
     args = parser.parse_args(argv)
-    import tempfile
-
     import torch
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model_dir = args.model_dir or Path(tempfile.gettempdir()) / f"sloth-bench-{args.shape}"
+    cache = Path(os.environ.get("SLOTH_CACHE", Path.home() / ".cache" / "sloth"))
+    model_dir = args.model_dir or cache / "bench-models" / args.shape
     report = run_generate_bench(
         args.shape, prompts=args.prompts, generations=args.generations,
         prompt_len=args.prompt_len, new_tokens=args.new_tokens, repeats=args.repeats,

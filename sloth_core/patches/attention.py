@@ -32,6 +32,10 @@ if TYPE_CHECKING:
 
 #: The name ``sloth_attention`` is registered under in transformers' attention interfaces.
 SLOTH_ATTENTION = "sloth_attention"
+#: The keyword (passed down the model's forward) asking :func:`sloth_attention` to attend
+#: one-token queries with grouped KV heads through :func:`decode_gqa`: the fast sampling
+#: path's (:mod:`sloth_core.inference.graphed`), whose static cache is long.
+DECODE_GQA_KWARG = "sloth_decode_gqa"
 _PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 
@@ -171,7 +175,7 @@ except ImportError:  # torch without the varlen API: SDPA with a block-diagonal 
 _VARLEN_PARAMS = set(inspect.signature(_varlen_attn).parameters) if _varlen_attn else set()
 _varlen_failed = False
 #: Calls of :func:`sloth_attention` by the path they took ("varlen", "softcap", "sinks",
-#: "sdpa"):
+#: "decode_gqa", "sdpa"):
 #: how tests see that packed rows really went through ``varlen_attn`` (a fallback to SDPA
 #: computes the same numbers). One counter increment per layer call.
 ATTENTION_PATHS: collections.Counter[str] = collections.Counter()
@@ -400,7 +404,8 @@ def sloth_attention(
     sinks (gpt-oss's per-head logit, passed as ``s_aux``, which neither SDPA nor the varlen
     kernels take) go through :func:`sink_attention`, exact, with the same mask. GQA uses
     SDPA's ``enable_gqa`` (no copies) unless a mask would push CUDA SDPA off its fused
-    kernels: then ``repeat_kv``.
+    kernels: then ``repeat_kv``; one-token queries asked with ``sloth_decode_gqa=True``
+    (:data:`DECODE_GQA_KWARG`) go through :func:`decode_gqa`, which copies nothing.
     Takes and returns what transformers' attention functions do: ``query``
     ``[B, Hq, S, D]``, ``key``/``value`` ``[B, Hk, S_kv, D]``, a ``[B, 1, S, S_kv]`` mask or
     ``None``, the model's ``**kwargs`` (``position_ids``...); returns ``([B, S, Hq, D],
@@ -415,6 +420,11 @@ def sloth_attention(
         if position_ids.shape[-1] == q_len:
             rows = packed_rows(position_ids, query.shape[0])
     sinks = kwargs.get("s_aux")  # gpt-oss's attention sinks: sink_attention only
+    if (kwargs.get(DECODE_GQA_KWARG) and q_len == 1 and groups > 1 and sinks is None
+            and softcap is None
+            and (attention_mask is None or attention_mask.shape[1] == 1)):  # fmt: skip
+        ATTENTION_PATHS["decode_gqa"] += 1
+        return decode_gqa(query, key, value, attention_mask, scaling, dropout), None
     fast = window is None and softcap is None and sinks is None
     if rows is not None and fast and _varlen_usable(query, dropout):
         if attention_mask is None or rows.matches(attention_mask):
@@ -464,6 +474,36 @@ def sloth_attention(
         is_causal=causal, **options,
     )  # fmt: skip
     return out.transpose(1, 2).contiguous(), None
+
+
+def decode_gqa(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None,
+    dropout: float = 0.0,
+) -> torch.Tensor:
+    """Grouped-query attention of one query token per row, without copying the KV heads.
+
+    The query heads that share a KV head (head ``h`` reads KV head ``h // groups``, as
+    ``repeat_kv`` pairs them) become the rows of one SDPA call against it: the same
+    attention, where a masked CUDA SDPA would otherwise need ``repeat_kv``'s copy of the
+    whole cache (``groups`` times its size, every layer, every token).
+
+    Args:
+        query: ``[B, Hq, 1, D]``; ``key``/``value``: ``[B, Hk, S_kv, D]``.
+        attention_mask: ``[B or 1, 1, 1, S_kv]`` (bool or additive), or ``None``.
+
+    Returns:
+        ``[B, 1, Hq, D_v]``.
+    """
+    batch, heads, _, dim = query.shape
+    grouped = query.reshape(batch, key.shape[1], heads // key.shape[1], dim)
+    out = F.scaled_dot_product_attention(
+        grouped, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling
+    )  # fmt: skip
+    return out.reshape(batch, heads, 1, -1).transpose(1, 2).contiguous()
 
 
 def register_sloth_attention() -> str:

@@ -14,6 +14,8 @@ turn), as TRL masks them; one that reaches ``max_completion_length`` without one
 from __future__ import annotations
 
 import contextlib
+import copy
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -70,13 +72,18 @@ def sample(
     stop_ids: list[int],
     seed: int,
     min_new_tokens: int = 0,
+    fast: bool | None = None,
 ) -> Rollouts:
     """Sample ``num_generations`` completions of each left-padded prompt row.
 
     ``min_new_tokens``: no stop token before that many (the generation benchmark sets it
-    to ``options.max_new_tokens``, so every completion is that long).
+    to ``options.max_new_tokens``, so every completion is that long). ``fast``: a static
+    KV cache, each decode step replayed as a CUDA graph (:mod:`sloth_core.inference.graphed`);
+    ``None`` (default) where it serves (CUDA, ``SLOTH_FAST_SAMPLING`` not ``0``), ``True``
+    also on the CPU (the static cache, without graphs), ``False``: the plain path. Where
+    the graph cannot be made, the plain path samples, with the same seed.
     """
-    from sloth_core.modes import for_inference, for_training
+    from sloth_core.inference.graphed import GraphUnavailable, fast_sampling_enabled
 
     device = input_ids.device
     prompts = input_ids.repeat_interleave(num_generations, dim=0)
@@ -85,18 +92,39 @@ def sample(
     config = generation_config(model, options, stop_ids, pad)
     if min_new_tokens:
         config.min_new_tokens = min_new_tokens
+    if fast is None:
+        fast = fast_sampling_enabled(model, device)
+    try:
+        output = _generate(model, prompts, prompt_mask, config, seed, fast=fast)
+    except GraphUnavailable as exc:
+        warnings.warn(f"fast sampling off for this model: {exc}", stacklevel=2)
+        output = _generate(model, prompts, prompt_mask, config, seed, fast=False)
+    completions = output[:, prompts.shape[1] :]
+    return _rollouts(tokenizer, prompts, prompt_mask, completions, stop_ids, pad, options)
+
+
+def _generate(model, prompts, prompt_mask, config, seed: int, *, fast: bool) -> torch.Tensor:
+    """``model.generate`` in inference mode, its draws seeded by ``seed`` alone."""
+    from sloth_core.inference.graphed import graphed_decoding, static_cache_config
+    from sloth_core.modes import for_inference, for_training
+
+    device = prompts.device
     devices = [device] if device.type == "cuda" else []
+    decoding = contextlib.nullcontext()
+    if fast:
+        config = static_cache_config(copy.deepcopy(config))
+        # Under autocast, eagerly: its cache of cast weights cannot live in a graph.
+        graphs = device.type == "cuda" and not torch.is_autocast_enabled(device.type)
+        decoding = graphed_decoding(model, graphs=graphs)
     for_inference(model)
     try:
-        with torch.random.fork_rng(devices=devices), _quiet_generation():
+        with torch.random.fork_rng(devices=devices), _quiet_generation(), decoding:
             torch.manual_seed(seed)
-            output = model.generate(
+            return model.generate(
                 input_ids=prompts, attention_mask=prompt_mask, generation_config=config
             )  # fmt: skip
     finally:
         for_training(model)
-    completions = output[:, prompts.shape[1] :]
-    return _rollouts(tokenizer, prompts, prompt_mask, completions, stop_ids, pad, options)
 
 
 def completion_mask(completions: torch.Tensor, stop_ids: list[int]) -> torch.Tensor:
