@@ -1,6 +1,7 @@
 """GPU timing of sloth-fp8's ``Fp8Linear`` against a bf16 ``nn.Linear``, forward + the
 input's gradient (the weight frozen, as under LoRA), at ``llama-8b``'s projection shapes:
-the FP8 backward (``fp8_backward``) and the dequantizing one. Median of CUDA-event-timed
+the FP8 backward (``fp8_backward``) and the dequantizing one, the row quantization
+compiled (the default) and eager (``SLOTH_FP8_COMPILE=0``). Median of CUDA-event-timed
 repeats; prints one JSON line per shape and a summary line.
 
     python3 scripts/fp8_linear_gpu.py [--tokens 8192 --repeats 20]
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 
 import torch
@@ -40,7 +42,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=20)
     args = ap.parse_args()
     torch.manual_seed(0)
-    total = {"bf16": 0.0, "fp8_dequant_grad": 0.0, "fp8": 0.0}
+    total = {"bf16": 0.0, "fp8_dequant_grad": 0.0, "fp8": 0.0, "fp8_eager": 0.0}
     for name, (k, n) in SHAPES.items():
         linear = torch.nn.Linear(k, n, bias=False, device="cuda", dtype=torch.bfloat16)
         linear.weight.requires_grad_(False)
@@ -52,6 +54,9 @@ def main() -> None:
         row["fp8_dequant_grad_ms"] = _time(fp8, x, args.repeats)
         fp8.fp8_backward = True
         row["fp8_ms"] = _time(fp8, x, args.repeats)
+        os.environ["SLOTH_FP8_COMPILE"] = "0"
+        row["fp8_eager_ms"] = _time(fp8, x, args.repeats)
+        del os.environ["SLOTH_FP8_COMPILE"]
         for key in total:
             total[key] += row[f"{key}_ms"]
         print(json.dumps(row))

@@ -14,6 +14,7 @@ both ways; ``Fp8Linear.fp8_backward = False`` does for the backward.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
@@ -42,11 +43,36 @@ def _takes(values: torch.Tensor, rows: int) -> bool:
     return rows > 0 and not (values.shape[0] % 16 or values.shape[1] % 16)
 
 
-def _quantize_activation_rows(flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``flat`` ``[M, K]`` (any float dtype) as e4m3 rows and their float32 scales ``[M, 1]``."""
+def _quantize_rows_eager(
+    flat: torch.Tensor, column_scales: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
     flat = flat.float()
+    if column_scales is not None:
+        flat = flat * column_scales
     row_scales = flat.abs().amax(dim=1, keepdim=True).clamp(min=_TINY) / FP8_MAX
     return (flat / row_scales).to(FP8), row_scales
+
+
+_quantize_rows_compiled: Any = None
+
+
+def _quantize_activation_rows(
+    flat: torch.Tensor, column_scales: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``flat`` ``[M, K]`` (any float dtype; times ``column_scales`` ``[1, K]`` if given) as
+    e4m3 rows and their float32 scales ``[M, 1]``.
+
+    On CUDA the same function through ``torch.compile`` (unless ``SLOTH_FP8_COMPILE=0``):
+    eager, the cast, the scaling, ``abs``, the row max, the division and the cast to e4m3
+    are each a pass over a float32 copy of ``flat``, which made an FP8 projection slower
+    than bf16's (docs/benchmarks.md); compiled they are a reduction and one pointwise pass.
+    """
+    global _quantize_rows_compiled
+    if flat.is_cuda and os.environ.get("SLOTH_FP8_COMPILE", "1") != "0":
+        if _quantize_rows_compiled is None:
+            _quantize_rows_compiled = torch.compile(_quantize_rows_eager, dynamic=True)
+        return _quantize_rows_compiled(flat, column_scales)
+    return _quantize_rows_eager(flat, column_scales)
 
 
 def fp8_matmul(x: torch.Tensor, values: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
@@ -78,7 +104,7 @@ def fp8_matmul_grad(grad: torch.Tensor, values: torch.Tensor, scales: torch.Tens
     if not _takes(values, flat.shape[0]):
         out = flat @ dequantize_rows(values, scales, grad.dtype)
     else:
-        g_fp8, g_scales = _quantize_activation_rows(flat.float() * scales[None, :])
+        g_fp8, g_scales = _quantize_activation_rows(flat, scales[None, :])
         ones = torch.ones((1, in_features), dtype=torch.float32, device=grad.device)
         out = torch._scaled_mm(
             g_fp8, values.t().contiguous().t(), scale_a=g_scales, scale_b=ones,
