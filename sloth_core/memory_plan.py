@@ -114,9 +114,14 @@ class LayerCosts(Sequence[LayerCost]):
 
 
 def _layers(model: torch.nn.Module) -> list[torch.nn.Module]:
-    from sloth_core.train.distributed import decoder_layers
+    """The blocks a plan sets: transformers' ``GradientCheckpointingLayer``s (its decoder
+    layers), in the model's order."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
 
-    return decoder_layers(model)
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    if not layers:
+        raise ValueError(f"{type(model).__name__}: no decoder layers (GradientCheckpointingLayer)")
+    return layers
 
 
 def _storage(t: torch.Tensor) -> tuple[int, int] | None:

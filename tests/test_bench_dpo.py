@@ -42,7 +42,7 @@ def test_sloth_and_trl_train_the_same_dpo_step(tmp_path):
     assert report["kind"] == "dpo" and report["losses_agree"]
     assert by["hf"]["speed_vs_hf"] == 1.0 and by["sloth"]["speed_vs_hf"] > 0
     assert by["sloth"]["n_lora"] == by["hf"]["n_lora"]  # the same adapters
-    table = markdown(report, "python -m sloth_core.bench.dpo --shape llama-tiny")
+    table = markdown(report, "sloth bench dpo --shape llama-tiny")
     assert "| sloth |" in table and "| hf |" in table and "TRL's DPOTrainer" in table
 
 

@@ -28,7 +28,7 @@ def test_both_systems_sample_full_length_completions_in_separate_processes(tmp_p
     assert by["hf"]["speed_vs_hf"] == 1.0 and by["sloth"]["speed_vs_hf"] > 0
     assert report["kind"] == "generate" and report["new_tokens"] == 8
     assert report["versions"]["torch"] and by["sloth"]["device_name"] == report["device_name"]
-    text = markdown(report, "python3 -m sloth_core.bench.generate --shape llama-tiny")
+    text = markdown(report, "sloth bench generate --shape llama-tiny")
     assert "| sloth |" in text and "| hf |" in text
 
 

@@ -49,7 +49,7 @@ from typing import Any
 
 from . import train as bench
 from .generate import _device_name
-from .train import SystemSkipped, TrainResult
+from .train import SystemSkipped, TrainResult, add_bench_options
 
 #: The systems this bench knows: ``hf`` is TRL's DPOTrainer on transformers + PEFT.
 SYSTEMS = ("sloth", "hf")
@@ -314,47 +314,28 @@ def _worker(argv: list[str]) -> None:
     print(json.dumps(asdict(result)))
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    """``python -m sloth_core.bench.dpo --shape llama-8b --json OUT.json --markdown OUT.md``:
-    the bench, its report printed as one JSON line and written where asked."""
-    import os
-
-    parser = argparse.ArgumentParser(prog="python -m sloth_core.bench.dpo", description=(
-        "DPO training: sloth against TRL's DPOTrainer (hf), each in its own process"))  # fmt: skip
-    parser.add_argument("--shape", default="llama-8b", choices=sorted(bench.SHAPES))
+def add_options(parser: argparse.ArgumentParser) -> None:
+    """``sloth bench dpo``'s options (the shape, the systems, the device, the model
+    directory and the outputs are :func:`sloth_core.bench.train.add_bench_options`')."""
     parser.add_argument("--seq", type=int, default=1024, help="tokens of prompt + completion")
     parser.add_argument("--batch", type=int, default=4, help="pairs per step")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--systems", default=",".join(SYSTEMS), help="sloth,hf (hf: TRL)")
-    parser.add_argument("--device", default=None, help="default: cuda if present, else cpu")
-    parser.add_argument("--model-dir", type=Path, default=None,
-                        help="where the random-init model is written once (default: "
-                             "$SLOTH_CACHE/bench-models/SHAPE)")  # fmt: skip
     parser.add_argument("--lr", type=float, default=LEARNING_RATE)
-    parser.add_argument("--json", type=Path, default=None)
-    parser.add_argument("--markdown", type=Path, default=None)
-    args = parser.parse_args(argv)
-    import torch
+    add_bench_options(parser, systems=SYSTEMS, known=SYSTEMS, note="hf: TRL's DPOTrainer")
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    cache = Path(os.environ.get("SLOTH_CACHE", Path.home() / ".cache" / "sloth"))
-    report = run_dpo_bench(
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """``sloth bench dpo``: the report of :func:`run_dpo_bench` for ``args``."""
+    device, model_dir = bench.bench_place(args)
+    return run_dpo_bench(
         args.shape, seq=args.seq, batch=args.batch, steps=args.steps, warmup=args.warmup,
         systems=tuple(s for s in args.systems.split(",") if s), device=device, lr=args.lr,
-        model_dir=args.model_dir or cache / "bench-models" / args.shape,
+        model_dir=model_dir,
     )  # fmt: skip
-    print(json.dumps(report))
-    if args.json:
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
-    if args.markdown:
-        command = "python -m sloth_core.bench.dpo " + " ".join(argv or sys.argv[1:])
-        args.markdown.write_text(markdown(report, command))
-    return report
 
 
-if __name__ == "__main__":  # a worker: one system in its own process (see run_dpo_bench)
-    if sys.argv[1:2] == ["--worker"]:
-        _worker(sys.argv[2:])
-    else:
-        main()
+if __name__ == "__main__":  # one system in its own process (see run_dpo_bench)
+    if sys.argv[1:2] != ["--worker"]:
+        raise SystemExit("the command is `sloth bench dpo`; this module runs its workers")
+    _worker(sys.argv[2:])

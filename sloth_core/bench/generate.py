@@ -21,14 +21,13 @@ then ``repeats`` timed ones between ``torch.cuda.synchronize`` calls. Tokens/s c
 completion tokens (``prompts x generations x new_tokens``) over the median call; peak
 memory is ``torch.cuda.max_memory_allocated()`` after a reset once the model is loaded.
 
-    python3 -m sloth_core.bench.generate --shape llama-8b --json OUT.json --markdown OUT.md
+    sloth bench generate --shape llama-8b --json OUT.json --markdown OUT.md
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import time
@@ -36,7 +35,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from sloth_core.bench.train import SHAPES, make_model, run_worker, versions
+from sloth_core.bench.train import (
+    SHAPES,
+    add_bench_options,
+    bench_place,
+    make_model,
+    run_worker,
+    versions,
+)
 
 SYSTEMS = ("sloth", "hf")
 KNOWN_SYSTEMS = ("sloth", "sloth:plain", "hf")
@@ -229,44 +235,26 @@ def markdown(report: dict[str, Any], command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    """``python3 -m sloth_core.bench.generate --shape llama-8b --json OUT --markdown OUT``."""
-    parser = argparse.ArgumentParser(prog="python3 -m sloth_core.bench.generate",
-                                     description=__doc__.splitlines()[0])  # fmt: skip
-    parser.add_argument("--shape", default="llama-8b", choices=sorted(SHAPES))
+def add_options(parser: argparse.ArgumentParser) -> None:
+    """``sloth bench generate``'s options (the shape, the systems, the device, the model
+    directory and the outputs are :func:`sloth_core.bench.train.add_bench_options`')."""
     parser.add_argument("--prompts", type=int, default=8)
     parser.add_argument("--generations", type=int, default=8)
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--systems", default=",".join(SYSTEMS),
-                        help=f"comma-separated, of {', '.join(KNOWN_SYSTEMS)}")  # fmt: skip
-    parser.add_argument("--device", default=None, help="default: cuda when available")
-    parser.add_argument("--model-dir", type=Path, default=None,
-                        help="where the random-init model is written once (default: "
-                             "$SLOTH_CACHE/bench-models/SHAPE, as sloth bench train)")  # fmt: skip
-    parser.add_argument("--json", type=Path, default=None)
-    parser.add_argument("--markdown", type=Path, default=None)
-    args = parser.parse_args(argv)
-    import torch
+    add_bench_options(parser, systems=SYSTEMS, known=KNOWN_SYSTEMS)
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    cache = Path(os.environ.get("SLOTH_CACHE", Path.home() / ".cache" / "sloth"))
-    model_dir = args.model_dir or cache / "bench-models" / args.shape
-    report = run_generate_bench(
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """``sloth bench generate``: the report of :func:`run_generate_bench` for ``args``."""
+    device, model_dir = bench_place(args)
+    return run_generate_bench(
         args.shape, prompts=args.prompts, generations=args.generations,
         prompt_len=args.prompt_len, new_tokens=args.new_tokens, repeats=args.repeats,
         systems=tuple(s for s in args.systems.split(",") if s), model_dir=model_dir,
         device=device,
     )  # fmt: skip
-    command = "python3 -m sloth_core.bench.generate " + " ".join(argv or sys.argv[1:])
-    text = markdown(report, command)
-    if args.json:
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
-    if args.markdown:
-        args.markdown.write_text(text)
-    print(text)
-    return report
 
 
 def _worker(argv: list[str]) -> None:
@@ -278,10 +266,7 @@ def _worker(argv: list[str]) -> None:
     print(json.dumps(asdict(result)))
 
 
-if __name__ == "__main__":
-    # run_generate_bench starts each system as `python -m sloth_core.bench.generate
-    # --worker SYSTEM ...`; anything else is the command line (main).
-    if sys.argv[1:2] == ["--worker"]:
-        _worker(sys.argv[2:])
-    else:
-        main()
+if __name__ == "__main__":  # one system in its own process (see run_generate_bench)
+    if sys.argv[1:2] != ["--worker"]:
+        raise SystemExit("the command is `sloth bench generate`; this module runs its workers")
+    _worker(sys.argv[2:])

@@ -198,6 +198,32 @@ def shape_config(shape: str) -> Any:
                                 max_position_embeddings=8192)  # fmt: skip
 
 
+def add_bench_options(parser: Any, *, systems: tuple[str, ...], known: tuple[str, ...],
+                      note: str = "") -> None:  # fmt: skip
+    """The options every ``sloth bench`` of a model shape takes: ``--shape``, ``--systems``,
+    ``--device``, ``--model-dir``, ``--json`` and ``--markdown`` (see :func:`bench_place`)."""
+    parser.add_argument("--shape", default="llama-8b", choices=sorted(SHAPES))
+    parser.add_argument("--systems", default=",".join(systems),
+                        help=f"comma-separated, of {', '.join(known)}"
+                             + (f" ({note})" if note else ""))  # fmt: skip
+    parser.add_argument("--device", default=None, help="default: cuda if present, else cpu")
+    parser.add_argument("--model-dir", type=Path, default=None,
+                        help="where the random-init model is written once (default: "
+                             "$SLOTH_CACHE/bench-models/SHAPE)")  # fmt: skip
+    parser.add_argument("--json", type=Path, help="write the full report here")
+    parser.add_argument("--markdown", type=Path, help="write the docs table here")
+
+
+def bench_place(args: Any) -> tuple[str, Path]:
+    """The device (``--device``, else cuda when present) and the model directory
+    (``--model-dir``, else ``$SLOTH_CACHE/bench-models/SHAPE``) of a bench's ``args``."""
+    import torch
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    cache = Path(os.environ.get("SLOTH_CACHE", Path.home() / ".cache" / "sloth"))
+    return device, args.model_dir or cache / "bench-models" / args.shape
+
+
 def make_model(shape: str, path: Path, *, device: str) -> Path:
     """Write a random-init bf16 model of ``shape`` (and a tokenizer) to ``path``, once."""
     if (path / "config.json").is_file():

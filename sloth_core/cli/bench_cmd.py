@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import shlex
 import sys
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 from rich.markup import escape
@@ -89,21 +91,19 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     train.set_defaults(run=run_train)
     for name, what in (("dpo", "DPO training: sloth vs TRL's DPOTrainer (hf + PEFT)"),
                        ("generate", "GRPO generation: sloth's sampling vs HF generate")):
-        # The module's own parser takes the options (--help included): one place for them.
-        # No prefix character here, so that every word, "-" ones too, is passed on.
-        other = sub.add_parser(name, help=f"{what}; --help for the options", add_help=False,
-                               prefix_chars="\0")  # fmt: skip
-        other.add_argument("options", nargs="*")
-        other.set_defaults(run=lambda args, name=name: _run_module(name, args.options))
+        other = sub.add_parser(name, help=f"{what}, each in its own process")
+        module = importlib.import_module(f"sloth_core.bench.{name}")
+        module.add_options(other)
+        other.set_defaults(run=lambda args, module=module: _run_module(module, args))
     bench.set_defaults(run=lambda args: bench.print_help() or 2)
 
 
-def _run_module(name: str, options: list[str]) -> int:
-    """``sloth bench dpo|generate OPTIONS``: that bench module's ``main``; 1 when a system
-    failed."""
-    import importlib
-
-    report = importlib.import_module(f"sloth_core.bench.{name}").main(options)
+def _run_module(module: Any, args: argparse.Namespace) -> int:
+    """``sloth bench dpo|generate``: the module's bench, its table printed and the reports
+    written as ``--json``/``--markdown`` ask; 1 when a system failed."""
+    report = module.run(args)
+    write_reports(args, report, module.markdown)
+    Console().print(module.markdown(report, report["command"]), markup=False)
     return 1 if any(r.get("error") for r in report["results"]) else 0
 
 
