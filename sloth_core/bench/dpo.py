@@ -271,12 +271,7 @@ def run_dpo_bench(shape: str, *, seq: int = 1024, batch: int = 4, steps: int = 1
         ], timeout=timeout)  # fmt: skip
         results.append({**out, "system": system})
     losses_agree = bench.check_losses(results, loss_tolerance)
-    base = next((r for r in results if r["system"] == "hf" and "tokens_per_s" in r), None)
-    for r in results:
-        if base and "tokens_per_s" in r:
-            r["speed_vs_hf"] = r["tokens_per_s"] / base["tokens_per_s"]
-            if r["peak_gib"] and base["peak_gib"]:
-                r["memory_vs_hf"] = r["peak_gib"] / base["peak_gib"]
+    bench.ratios_vs_hf(results)
     device_name = next((r["device_name"] for r in results if r.get("device_name")), None)
     return {"kind": "dpo", "shape": shape, "config": bench.SHAPES[shape], "seq": seq,
             "batch": batch, "steps": steps, "warmup": warmup, "device": device,

@@ -40,6 +40,7 @@ from sloth_core.bench.train import (
     add_bench_options,
     bench_place,
     make_model,
+    ratios_vs_hf,
     run_worker,
     versions,
 )
@@ -191,12 +192,7 @@ def run_generate_bench(shape: str, *, prompts: int = 8, generations: int = 8,
         args = ["--worker", system, str(model_dir), device, *(str(v) for v in workload.values())]
         out = run_worker("sloth_core.bench.generate", args, timeout=timeout)
         results.append({**out, "system": system})
-    base = next((r for r in results if r["system"] == "hf" and "tokens_per_s" in r), None)
-    for r in results:
-        if base and "tokens_per_s" in r:
-            r["speed_vs_hf"] = r["tokens_per_s"] / base["tokens_per_s"]
-            if r["peak_gib"] and base["peak_gib"]:
-                r["memory_vs_hf"] = r["peak_gib"] / base["peak_gib"]
+    ratios_vs_hf(results)
     device_name = next((r["device_name"] for r in results if r.get("device_name")), None)
     return {"kind": "generate", "shape": shape, "config": SHAPES[shape], **workload,
             "temperature": TEMPERATURE, "top_p": TOP_P, "top_k": TOP_K, "device": device,

@@ -467,6 +467,17 @@ def run_worker(module: str, args: list[str], *, timeout: float,
             "returncode": done.returncode}  # fmt: skip
 
 
+def ratios_vs_hf(results: list[dict[str, Any]]) -> None:
+    """Add ``speed_vs_hf`` (tokens/s) and ``memory_vs_hf`` (peak) to each result that ran,
+    against the ``hf`` result of the same run, when there is one."""
+    base = next((r for r in results if r["system"] == "hf" and "tokens_per_s" in r), None)
+    for r in results:
+        if base and "tokens_per_s" in r:
+            r["speed_vs_hf"] = r["tokens_per_s"] / base["tokens_per_s"]
+            if r.get("peak_gib") and base.get("peak_gib"):
+                r["memory_vs_hf"] = r["peak_gib"] / base["peak_gib"]
+
+
 def run_bench(shape: str, *, seq: int, batch: int, steps: int = 10, warmup: int = 3,
               systems: str | tuple[str, ...] = SYSTEMS, model_dir: Path, device: str,
               timeout: float = 1800, quantization: str | None = None,
@@ -493,12 +504,8 @@ def run_bench(shape: str, *, seq: int, batch: int, steps: int = 10, warmup: int 
             results.append({**out, "system": name})
     results += skipped
     losses_agree = check_losses(results, loss_tolerance)
-    base = next((r for r in results if r["system"] == "hf" and "tokens_per_s" in r), None)
+    ratios_vs_hf(results)
     for r in results:
-        if base and "tokens_per_s" in r:
-            r["speed_vs_hf"] = r["tokens_per_s"] / base["tokens_per_s"]
-            if r["peak_gib"] and base["peak_gib"]:
-                r["memory_vs_hf"] = r["peak_gib"] / base["peak_gib"]
         one = next((o for o in results if o["system"] == r["system"].partition("@")[0]
                     and "tokens_per_s" in o), None)  # fmt: skip
         if "@" in r["system"] and one and "tokens_per_s" in r:  # scaling over 1 process
