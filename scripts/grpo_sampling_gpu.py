@@ -8,7 +8,7 @@
    also ranks first: a stale or wrong replay would drop it far below the plain path's).
    bf16 numerics differ between the two caches, so on a random model's flat logits the
    greedy paths may part after a while: agreement is reported, not required.
-2. The benchmark: ``sloth`` (fast), ``sloth:plain`` and ``hf`` on ``--shape``, each in its
+2. The benchmark: ``sloth:fast``, ``sloth:plain`` and ``hf`` on ``--shape``, each in its
    own process (sloth_core.bench.generate), written to OUT_DIR/bench-generate.{json,md}.
 
 Prints one JSON line per result; writes only under OUT_DIR (the models go to
@@ -115,6 +115,8 @@ def check(shape: str, new_tokens: int, device: str = "cuda") -> dict:
 
 
 def main() -> None:
+    # The fast path is opt-in until this check has passed: on for the check's fast=None calls.
+    os.environ[graphed.ENV] = "1"
     parser = argparse.ArgumentParser()
     parser.add_argument("out", type=Path)
     parser.add_argument("--shape", default="llama-8b")
@@ -130,7 +132,7 @@ def main() -> None:
         return
     report = bench.run_generate_bench(
         args.shape, new_tokens=args.new_tokens, repeats=args.repeats,
-        systems=("sloth", "sloth:plain", "hf"), model_dir=_models() / args.shape,
+        systems=("sloth:fast", "sloth:plain", "hf"), model_dir=_models() / args.shape,
         device=args.device,
     )  # fmt: skip
     command = f"python3 scripts/grpo_sampling_gpu.py OUT --shape {args.shape}"

@@ -7,10 +7,10 @@ policy it trains), **each in its own process**, in one run:
 
 - ``sloth``: ``FastLanguageModel.from_pretrained`` + ``get_peft_model``, sampled through
   GRPO's own :func:`sloth_core.train.rollouts.sample` (``num_generations`` completions of
-  every prompt), on CUDA its fast path (:mod:`sloth_core.inference.graphed`: static KV
-  cache, decode steps replayed as CUDA graphs);
-- ``sloth:plain``: the same with ``fast=False`` (dynamic cache, eager; what
-  ``SLOTH_FAST_SAMPLING=0`` gives);
+  every prompt) as a run samples: on the fast path where ``SLOTH_FAST_SAMPLING=1`` turns
+  it on (:mod:`sloth_core.inference.graphed`), else plain;
+- ``sloth:fast``: the same on the fast path (on CUDA: static KV cache, decode steps
+  replayed as CUDA graphs), ``sloth:plain`` on the plain one (dynamic cache, eager);
 - ``hf``: ``AutoModelForCausalLM.from_pretrained`` + PEFT's ``get_peft_model``,
   ``model.generate`` on the prompts each repeated ``generations`` times.
 
@@ -46,7 +46,7 @@ from sloth_core.bench.train import (
 )
 
 SYSTEMS = ("sloth", "hf")
-KNOWN_SYSTEMS = ("sloth", "sloth:plain", "hf")
+KNOWN_SYSTEMS = ("sloth", "sloth:fast", "sloth:plain", "hf")
 #: The sampling both systems use: GRPO's defaults (temperature 1, no top-p or top-k cut).
 TEMPERATURE, TOP_P, TOP_K = 1.0, 1.0, 0
 
@@ -100,7 +100,8 @@ def _sampler(system: str, model: Any, tokenizer: Any, ids: Any, *, generations: 
 
         options = SamplingOptions(max_new_tokens=new_tokens, temperature=TEMPERATURE,
                                   top_p=TOP_P, top_k=TOP_K)  # fmt: skip
-        fast = False if system == "sloth:plain" else None  # None: where it serves (CUDA)
+        # None: as a run samples (SLOTH_FAST_SAMPLING); the variants name their path.
+        fast = {"sloth:plain": False, "sloth:fast": True}.get(system)
 
         def call(seed: int) -> Any:
             return sample(model, tokenizer, ids, mask, num_generations=generations,
@@ -138,7 +139,7 @@ def run_system(system: str, model_dir: Path, *, prompts: int, generations: int,
     from transformers import AutoTokenizer
 
     from sloth_core.bench.train import _load
-    from sloth_core.inference.graphed import fast_sampling_enabled
+    from sloth_core.inference.graphed import capture_failed, fast_sampling_enabled
     from sloth_core.train.rollouts import completion_mask
 
     # LoRA r=16 on TARGET_MODULES, as GRPO trains; sloth:plain loads as sloth does.
@@ -165,7 +166,10 @@ def run_system(system: str, model_dir: Path, *, prompts: int, generations: int,
     median = statistics.median(times)
     path = "generate"
     if system.startswith("sloth"):  # after the calls: a failed capture turns it off
-        fast = system == "sloth" and fast_sampling_enabled(model, torch.device(device))
+        if system == "sloth:fast":
+            fast = cuda and not capture_failed(model)
+        else:
+            fast = system == "sloth" and fast_sampling_enabled(model, torch.device(device))
         path = "fast" if fast else "plain"
     return GenerateResult(
         system, prompts * generations * new_tokens / median, median,

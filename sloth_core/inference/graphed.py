@@ -19,7 +19,9 @@ forward that synchronises with the host, data-dependent shapes as in MoE routing
 :class:`GraphUnavailable` is raised and the caller samples again on the plain path, with
 the same seed.
 
-``SLOTH_FAST_SAMPLING=0`` turns this off everywhere (:func:`fast_sampling_enabled`).
+Opt-in until it has been checked on a GPU (tests/train/test_fast_sampling.py checks it on
+the CPU, the CUDA graph replaced by a stand-in; scripts/grpo_sampling_gpu.py is the GPU
+check): ``SLOTH_FAST_SAMPLING=1`` turns it on (:func:`fast_sampling_enabled`).
 """
 
 from __future__ import annotations
@@ -39,7 +41,8 @@ try:
 except ImportError:  # a torch built without distributed: nothing is sharded
     DTensor = ()  # type: ignore[assignment,misc]
 
-#: ``0`` (or ``off``/``false``/``no``): sample on the plain path (dynamic cache, eager).
+#: ``1`` (or ``on``/``true``/``yes``): sample on the fast path where it serves; otherwise
+#: (the default) on the plain path (dynamic cache, eager).
 ENV = "SLOTH_FAST_SAMPLING"
 #: Set on a model whose decode step could not be captured: later calls go plain at once.
 _FAILED = "_sloth_graph_failed"
@@ -50,10 +53,10 @@ class GraphUnavailable(RuntimeError):
 
 
 def fast_sampling_enabled(model: Any, device: torch.device) -> bool:
-    """Whether sampling on ``device`` takes the fast path: CUDA, not turned off through
-    ``SLOTH_FAST_SAMPLING``, no autocast (its weight-cast cache cannot live in a graph),
+    """Whether sampling on ``device`` takes the fast path: turned on through
+    ``SLOTH_FAST_SAMPLING``, CUDA, no autocast (its weight-cast cache cannot live in a graph),
     weights not sharded, and no earlier capture of this model failed."""
-    if os.environ.get(ENV, "1").strip().lower() in ("0", "off", "false", "no"):
+    if os.environ.get(ENV, "0").strip().lower() not in ("1", "on", "true", "yes"):
         return False
     if device.type != "cuda" or torch.is_autocast_enabled(device.type):
         return False
@@ -61,7 +64,12 @@ def fast_sampling_enabled(model: Any, device: torch.device) -> bool:
     # Sharded weights (FSDP2's DTensors) gather in the forward: collectives, which a rank
     # that falls back while another replays would leave waiting.
     sharded = any(isinstance(p, DTensor) for p in inner.parameters())
-    return not sharded and not inner.__dict__.get(_FAILED, False)
+    return not sharded and not capture_failed(model)
+
+
+def capture_failed(model: Any) -> bool:
+    """Whether a capture of ``model``'s decode step failed (it samples plain from then on)."""
+    return bool(unwrap_model(model).__dict__.get(_FAILED, False))
 
 
 def static_cache_config(config: Any) -> Any:

@@ -106,6 +106,7 @@ def test_a_step_that_cannot_be_graphed_samples_on_the_plain_path(policy, monkeyp
 
     monkeypatch.setattr(graphed._DecodeStep, "__call__", refuse)
     cuda = torch.device("cuda")  # the switch's logic only; nothing runs there
+    monkeypatch.setenv(graphed.ENV, "1")
     assert graphed.fast_sampling_enabled(model, cuda)
     try:
         with pytest.warns(UserWarning, match="a host sync"):
@@ -116,9 +117,12 @@ def test_a_step_that_cannot_be_graphed_samples_on_the_plain_path(policy, monkeyp
     assert torch.equal(again.completion_ids, plain.completion_ids)  # same seed, same draws
 
 
-def test_fast_sampling_serves_cuda_unless_turned_off(policy, monkeypatch):
+def test_fast_sampling_serves_cuda_once_turned_on(policy, monkeypatch):
     model, _ = policy
     cuda = torch.device("cuda")
+    monkeypatch.delenv(graphed.ENV, raising=False)
+    assert not graphed.fast_sampling_enabled(model, cuda)  # opt-in until checked on a GPU
+    monkeypatch.setenv(graphed.ENV, "1")
     assert graphed.fast_sampling_enabled(model, cuda)
     assert not graphed.fast_sampling_enabled(model, torch.device("cpu"))
     monkeypatch.setenv(graphed.ENV, "0")
