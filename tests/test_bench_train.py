@@ -86,6 +86,31 @@ def test_moe_shape_is_qwen3_30b_a3b_and_counts_the_experts_each_token_runs():
     assert train._matmul_params(model) == attention + experts_per_token + 151936 * 2048
 
 
+def test_the_moe_row_trains_attention_and_every_expert_alike_in_both_systems(
+    tmp_path, monkeypatch
+):
+    """The ``moe`` target's workload at a tiny size, in-process (the workers' body): sloth
+    and hf both put LoRA on attention and on every expert (PEFT maps gate/up/down_proj to
+    the 3-D expert weights), train the same count of parameters from the same loss."""
+    monkeypatch.setenv("SLOTH_KERNELS", "torch")
+    tiny = dict(train.SHAPES["qwen3-30b-a3b"], hidden_size=64, intermediate_size=96,
+                moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2,
+                num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                head_dim=16, vocab_size=301)  # fmt: skip
+    monkeypatch.setitem(train.SHAPES, "qwen3-moe-tiny", tiny)
+    model_dir = train.make_model("qwen3-moe-tiny", tmp_path / "moe", device="cpu")
+    common = dict(seq=16, batch=2, steps=1, warmup=0, device="cpu")
+    sloth = train.run_system("sloth", model_dir, **common)
+    hf = train.run_system("hf", model_dir, **common)
+    r, layers, experts = 16, 2, 4
+    attention = r * ((64 + 64) + (64 + 32) * 2 + (64 + 64))  # q, k, v, o: A [r, in], B [out, r]
+    # Per expert: the fused gate_up_proj takes rank r for gate_proj and r for up_proj (PEFT
+    # maps both names to it), down_proj rank r.
+    expert_lora = experts * (2 * r * (64 + 2 * 32) + r * (32 + 64))
+    assert sloth.n_lora == hf.n_lora == layers * (attention + expert_lora)
+    assert sloth.first_loss == pytest.approx(hf.first_loss, abs=1e-3)
+
+
 # --- systems, the loss check, liger, the plot -------------------------------------------
 
 
