@@ -32,6 +32,7 @@ from sloth_core.bench import generate as bench
 from sloth_core.bench.train import _load, make_model
 from sloth_core.inference import graphed
 from sloth_core.inference.generation import SamplingOptions
+from sloth_core.modes import for_inference, for_training
 from sloth_core.patches.attention import ATTENTION_PATHS
 from sloth_core.sdk.stop import stop_token_ids
 from sloth_core.train.rollouts import sample
@@ -45,10 +46,10 @@ def _self_consistency(model, rollouts) -> float:
     """Share of the completion tokens that a teacher-forced forward ranks first."""
     ids = torch.cat([rollouts.prompt_ids, rollouts.completion_ids], 1)
     mask = torch.cat([rollouts.prompt_mask, rollouts.completion_mask], 1)
-    model.eval()
+    for_inference(model)  # and back with for_training, which restores all it changed
     with torch.no_grad():
         logits = model(input_ids=ids, attention_mask=mask).logits
-    model.train()
+    for_training(model)
     start = rollouts.prompt_ids.shape[1] - 1
     first = logits[:, start : start + rollouts.completion_ids.shape[1]].argmax(-1)
     return float((first == rollouts.completion_ids).float().mean())

@@ -39,6 +39,7 @@ from sloth_core.bench.train import (
     SHAPES,
     add_bench_options,
     bench_place,
+    device_line,
     make_model,
     ratios_vs_hf,
     run_worker,
@@ -229,9 +230,7 @@ def markdown(report: dict[str, Any], command: str) -> str:
             f"{r['median_s']:.2f} | {fmt(r['peak_gib'], '.2f')} | "
             f"{fmt(r.get('speed_vs_hf'), '.2f', 'x')} | {fmt(r.get('memory_vs_hf'), '.2f', 'x')} |"
         )
-    found = {k: v for k, v in (report.get("versions") or {}).items() if v}
-    lines += ["", f"Device: {report.get('device_name') or report['device']}; "
-                  + ", ".join(f"{k} {v}" for k, v in found.items()) + "."]  # fmt: skip
+    lines += ["", device_line(report)]
     return "\n".join(lines) + "\n"
 
 

@@ -216,9 +216,7 @@ def markdown(report: dict[str, Any], command: str) -> str:
         lines.append(f"| {row['workload']} | {sloth} | {hf} | {ratio(row, 'speed', '>=')} | "
                      f"{memory} | {mfu} | {ratio(row, 'context', '>=')} "
                      f"| {met} |")  # fmt: skip
-    found = {k: v for k, v in (report.get("versions") or {}).items() if v}
-    lines += ["", f"Device: {report.get('device_name') or report['device']}; "
-                  + ", ".join(f"{k} {v}" for k, v in found.items()) + "."]  # fmt: skip
+    lines += ["", bench_train.device_line(report)]
     for sub in report["reports"]:
         table = _table_of(sub.get("kind"))
         # Each row's own table, without the command line it would repeat.

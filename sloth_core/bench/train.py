@@ -519,6 +519,13 @@ def run_bench(shape: str, *, seq: int, batch: int, steps: int = 10, warmup: int 
             "results": results}  # fmt: skip
 
 
+def device_line(report: dict[str, Any]) -> str:
+    """``Device: NAME; torch X, ...``: the device and the versions a report ran with."""
+    found = {k: v for k, v in (report.get("versions") or {}).items() if v}
+    return (f"Device: {report.get('device_name') or report['device']}; "
+            + ", ".join(f"{k} {v}" for k, v in found.items()) + ".")  # fmt: skip
+
+
 def markdown(report: dict[str, Any], command: str) -> str:
     """The report as a docs/benchmarks.md table, with the exact command."""
 
@@ -562,9 +569,7 @@ def markdown(report: dict[str, Any], command: str) -> str:
         lines += ["", f"(!) first loss differs from the reference's by more than "
                       f"{report['loss_tolerance']}: not the same training."]  # fmt: skip
     if report.get("device_name") or report.get("versions"):
-        found = {k: v for k, v in (report.get("versions") or {}).items() if v}
-        lines += ["", f"Device: {report.get('device_name') or report['device']}; "
-                      + ", ".join(f"{k} {v}" for k, v in found.items()) + "."]  # fmt: skip
+        lines += ["", device_line(report)]
     return "\n".join(lines) + "\n"
 
 
