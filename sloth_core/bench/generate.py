@@ -7,8 +7,8 @@ policy it trains), **each in its own process**, in one run:
 
 - ``sloth``: ``FastLanguageModel.from_pretrained`` + ``get_peft_model``, sampled through
   GRPO's own :func:`sloth_core.train.rollouts.sample` (``num_generations`` completions of
-  every prompt) as a run samples: on the fast path where ``SLOTH_FAST_SAMPLING=1`` turns
-  it on (:mod:`sloth_core.inference.graphed`), else plain;
+  every prompt) as a run samples: on the fast path where it serves
+  (:mod:`sloth_core.inference.graphed`; ``SLOTH_FAST_SAMPLING=0`` turns it off), else plain;
 - ``sloth:fast``: the same on the fast path (on CUDA: static KV cache, decode steps
   replayed as CUDA graphs), ``sloth:plain`` on the plain one (dynamic cache, eager);
 - ``hf``: ``AutoModelForCausalLM.from_pretrained`` + PEFT's ``get_peft_model``,
@@ -101,7 +101,7 @@ def _sampler(system: str, model: Any, tokenizer: Any, ids: Any, *, generations: 
 
         options = SamplingOptions(max_new_tokens=new_tokens, temperature=TEMPERATURE,
                                   top_p=TOP_P, top_k=TOP_K)  # fmt: skip
-        # None: as a run samples (SLOTH_FAST_SAMPLING); the variants name their path.
+        # None: as a run samples (fast unless SLOTH_FAST_SAMPLING=0); the variants name their path.
         fast = {"sloth:plain": False, "sloth:fast": True}.get(system)
 
         def call(seed: int) -> Any:

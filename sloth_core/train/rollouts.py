@@ -79,7 +79,7 @@ def sample(
     ``min_new_tokens``: no stop token before that many (the generation benchmark sets it
     to ``options.max_new_tokens``, so every completion is that long). ``fast``: a static
     KV cache, each decode step replayed as a CUDA graph (:mod:`sloth_core.inference.graphed`);
-    ``None`` (default) where it serves once ``SLOTH_FAST_SAMPLING=1`` turns it on, ``True``
+    ``None`` (default) where it serves unless ``SLOTH_FAST_SAMPLING=0`` turns it off, ``True``
     also on the CPU (the static cache, without graphs), ``False``: the plain path. Where
     the graph cannot be made, the plain path samples, with the same seed.
     """

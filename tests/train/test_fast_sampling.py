@@ -117,16 +117,17 @@ def test_a_step_that_cannot_be_graphed_samples_on_the_plain_path(policy, monkeyp
     assert torch.equal(again.completion_ids, plain.completion_ids)  # same seed, same draws
 
 
-def test_fast_sampling_serves_cuda_once_turned_on(policy, monkeypatch):
+def test_fast_sampling_serves_cuda_unless_turned_off(policy, monkeypatch):
     model, _ = policy
     cuda = torch.device("cuda")
     monkeypatch.delenv(graphed.ENV, raising=False)
-    assert not graphed.fast_sampling_enabled(model, cuda)  # opt-in until checked on a GPU
+    assert graphed.fast_sampling_enabled(model, cuda)  # the default since its GPU check
+    assert not graphed.fast_sampling_enabled(model, torch.device("cpu"))
+    for off in ("0", "off", "False"):
+        monkeypatch.setenv(graphed.ENV, off)
+        assert not graphed.fast_sampling_enabled(model, cuda)
     monkeypatch.setenv(graphed.ENV, "1")
     assert graphed.fast_sampling_enabled(model, cuda)
-    assert not graphed.fast_sampling_enabled(model, torch.device("cpu"))
-    monkeypatch.setenv(graphed.ENV, "0")
-    assert not graphed.fast_sampling_enabled(model, cuda)
 
 
 def _cache(model_type: str, **config):
