@@ -15,6 +15,7 @@ from sloth_core.checkpointing import (  # noqa: F401  (enable_checkpointing: pub
     enable_checkpointing,
 )
 from sloth_core.errors import ModelNotFoundError, PluginMissingError, SlothError
+from sloth_core.host_embedding import keep_input_embedding_on_host
 from sloth_core.io import refuse_existing
 from sloth_core.plugins import SlothPluginManager, get_plugin_manager
 from sloth_core.quiet import peft_calls
@@ -266,6 +267,7 @@ class FastLanguageModel:
         max_seq_length: int | None = None,
         target_parameters: list[str] | None = None,
         target_experts: bool = False,
+        embedding_on_host: bool | None = None,
         **kwargs: Any,
     ) -> Any:
         """Attach LoRA adapters through PEFT, then re-run ``patch_layers`` on the result.
@@ -286,6 +288,11 @@ class FastLanguageModel:
         inputs in pinned host memory meanwhile; ``True`` recomputes with the inputs on the
         device; ``False`` keeps every activation. A :class:`Checkpointing` value (or its
         name: ``"off"``, ``"on"``, ``"offload"``) is taken as well.
+
+        ``embedding_on_host``: keep the frozen input embedding in pinned host memory, read
+        by the GPU in place (:mod:`sloth_core.host_embedding`; untied embeddings on CUDA,
+        one process). ``None`` (default): where the layer inputs are offloaded too (the
+        memory-lean default on a GPU).
         """
         from peft import LoraConfig, get_peft_model
 
@@ -323,13 +330,15 @@ class FastLanguageModel:
                 if "lora_dropout" not in str(exc):
                     raise
                 raise ValueError(_NO_DROPOUT.format(lora_dropout) + f" ({exc})") from None
-        apply_checkpointing(peft_model, checkpointing)
+        offloaded = apply_checkpointing(peft_model, checkpointing)
         # The plugins that patched the model patch its adapters too (the process-wide
         # manager only for a model loaded elsewhere).
         manager = getattr(model, "sloth_host", None) or get_plugin_manager()
         # torch types Module.__setattr__'s value as Tensor | Module; it takes any object.
         peft_model.sloth_spec = spec  # type: ignore[assignment]
         peft_model.sloth_patches = manager.patch_layers(model=peft_model)  # type: ignore[assignment]
+        if offloaded if embedding_on_host is None else embedding_on_host:
+            keep_input_embedding_on_host(peft_model)
         if max_seq_length and spec is not None:
             spec.max_seq_length = max_seq_length
         return peft_model
