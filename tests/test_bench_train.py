@@ -9,7 +9,7 @@ import types
 import pytest
 
 from sloth_core.bench import train
-from sloth_core.bench.plot import PlotUnavailable, panels, plot_report
+from sloth_core.bench.plot import PlotUnavailable, panels, plot_report, target_marks
 from sloth_core.bench.train import (
     SHAPES,
     SystemSkipped,
@@ -212,3 +212,44 @@ def test_plot_panels_and_png(tmp_path):
     for report, name in ((_report(), "train.png"), (context, "context.png")):
         path = plot_report(report, tmp_path / name)
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _targets_report():
+    def row(name, speed, memory, target):
+        return {"name": name, "workload": name, "target": target, "speed": speed,
+                "memory": memory, "checks": {}, "met": False}  # fmt: skip
+
+    return {"device": "cpu", "device_name": "x86_64", "rows": [
+        row("bf16", 1.75, 0.54, {"speed": 2.0, "memory": 0.58}),
+        row("bf16-40g", 2.53, 1.29, {"speed": 2.4}),  # a budget row: no memory target
+        {"name": "moe", "workload": "moe", "target": {"speed": 3.0}, "error": "no GPU"},
+        row("grpo-gen", 4.1, None, {"speed": 3.0}),
+    ]}  # fmt: skip
+
+
+def test_a_targets_report_charts_each_row_against_its_target(tmp_path):
+    report = _targets_report()
+    names = ["bf16", "bf16-40g", "grpo-gen"]  # the failed row is left out
+    assert panels(report) == [("speed vs hf (x)", names, [1.75, 2.53, 4.1]),
+                              ("memory vs hf (x)", names, [0.54, 1.29, None])]  # fmt: skip
+    assert target_marks(report) == [[2.0, 2.4, 3.0], [0.58, None, None]]
+    pytest.importorskip("matplotlib")
+    saved = tmp_path / "targets.json"
+    saved.write_text(json.dumps(report))
+    out = tmp_path / "targets.png"
+    assert main(["bench", "plot", str(saved), str(out)]) == 0
+    first = out.read_bytes()
+    assert first[:8] == b"\x89PNG\r\n\x1a\n"
+    # An existing image is kept without --force; a bad report names the file, writes nothing.
+    with pytest.raises(SystemExit, match="exists; pass --force"):
+        main(["bench", "plot", str(saved), str(out)])
+    assert main(["bench", "plot", str(saved), str(out), "--force"]) == 0
+    broken = tmp_path / "broken.json"
+    broken.write_text('{"results": [')
+    with pytest.raises(SystemExit, match="broken.json"):
+        main(["bench", "plot", str(broken), str(tmp_path / "b.png")])
+    with pytest.raises(SystemExit, match="not a sloth bench report"):
+        saved.write_text(json.dumps({"device": "cpu"}))
+        main(["bench", "plot", str(saved), str(tmp_path / "c.png")])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["broken.json", "targets.json",
+                                                          "targets.png"]  # fmt: skip

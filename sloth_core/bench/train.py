@@ -201,7 +201,8 @@ def shape_config(shape: str) -> Any:
 def add_bench_options(parser: Any, *, systems: tuple[str, ...], known: tuple[str, ...],
                       note: str = "") -> None:  # fmt: skip
     """The options every ``sloth bench`` of a model shape takes: ``--shape``, ``--systems``,
-    ``--device``, ``--model-dir``, ``--json`` and ``--markdown`` (see :func:`bench_place`)."""
+    ``--device``, ``--model-dir``, ``--json``, ``--markdown`` and ``--plot`` (see
+    :func:`bench_place`)."""
     parser.add_argument("--shape", default="llama-8b", choices=sorted(SHAPES))
     parser.add_argument("--systems", default=",".join(systems),
                         help=f"comma-separated, of {', '.join(known)}"
@@ -212,6 +213,8 @@ def add_bench_options(parser: Any, *, systems: tuple[str, ...], known: tuple[str
                              "$SLOTH_CACHE/bench-models/SHAPE)")  # fmt: skip
     parser.add_argument("--json", type=Path, help="write the full report here")
     parser.add_argument("--markdown", type=Path, help="write the docs table here")
+    parser.add_argument("--plot", type=Path, help="write a bar chart here (tokens/s and peak "
+                                                  "memory per system); needs matplotlib")
 
 
 def bench_place(args: Any) -> tuple[str, Path]:

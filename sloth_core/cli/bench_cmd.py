@@ -95,16 +95,48 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         module = importlib.import_module(f"sloth_core.bench.{name}")
         module.add_options(other)
         other.set_defaults(run=lambda args, module=module: _run_module(module, args))
+    plot = sub.add_parser("plot", help="the bar chart of a saved --json report "
+                                       "(train, --targets, --max-context, dpo, generate)")
+    plot.add_argument("report", type=Path, help="a report written by --json")
+    plot.add_argument("out", type=Path, help="the image to write (format from its suffix)")
+    plot.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    plot.set_defaults(run=_run_plot)
     bench.set_defaults(run=lambda args: bench.print_help() or 2)
 
 
 def _run_module(module: Any, args: argparse.Namespace) -> int:
     """``sloth bench dpo|generate``: the module's bench, its table printed and the reports
     written as ``--json``/``--markdown`` ask; 1 when a system failed."""
+    from sloth_core.bench.plot import PlotUnavailable, plot_report, require_matplotlib
+
+    if args.plot:  # before anything is measured
+        try:
+            require_matplotlib()
+        except PlotUnavailable as exc:
+            raise SystemExit(f"sloth: {exc}") from None
     report = module.run(args)
     write_reports(args, report, module.markdown)
+    if args.plot:
+        plot_report(report, args.plot)
     Console().print(module.markdown(report, report["command"]), markup=False)
     return 1 if any(r.get("error") for r in report["results"]) else 0
+
+
+def _run_plot(args: argparse.Namespace) -> int:
+    """``sloth bench plot REPORT.json OUT.png``: the chart of a saved ``--json`` report."""
+    from sloth_core.bench.plot import PlotUnavailable, plot_report
+
+    if args.out.exists() and not args.force:
+        raise SystemExit(f"sloth: {args.out} exists; pass --force to replace it")
+    try:
+        report = json.loads(args.report.read_text())
+        path = plot_report(report, args.out)
+    except (OSError, ValueError, PlotUnavailable) as exc:
+        raise SystemExit(f"sloth: {args.report}: {exc}") from None
+    except KeyError as exc:
+        raise SystemExit(f"sloth: {args.report}: not a sloth bench report (no {exc})") from None
+    Console().print(f"wrote {path}")
+    return 0
 
 
 def _world_sizes(text: str) -> tuple[int, ...]:
@@ -276,6 +308,10 @@ def _run_targets(args: argparse.Namespace, device: str, model_root: Path) -> int
         warmup=args.warmup, progress=progress,
     )  # fmt: skip
     write_reports(args, report, bench_targets.markdown)
+    if args.plot:
+        from sloth_core.bench.plot import plot_report
+
+        plot_report(report, args.plot)
     table = Table(title=f"sloth bench train --targets on {report.get('device_name') or device}")
     for column in ("workload", "speed vs hf", "memory vs hf", "MFU", "context vs hf", "met"):
         table.add_column(column)
