@@ -1,5 +1,6 @@
 """``sloth bench train --max-context``: the search (doubling, then bisection) against a fake
-``fits``, the probe's failure handling, and one real run of the tiny shape on the CPU."""
+``fits``, the prober's failure handling and re-probes, and one real run of the tiny shape
+on the CPU."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import json
 import pytest
 
 from sloth_core.bench import context
-from sloth_core.bench.context import ProbeError, max_fitting, probe_in_process
+from sloth_core.bench.context import ProbeError, Prober, max_fitting
 from sloth_core.cli import main
 
 
@@ -73,30 +74,88 @@ def test_errors_propagate_out_of_the_search():
         max_fitting(fits, start=16, cap=64)
 
 
-def test_a_probe_that_fails_is_an_error_unless_it_ran_out_of_memory(monkeypatch, tmp_path):
-    kwargs = dict(seq=64, device="cpu", quantization=None, budget_gib=None, timeout=10)
-    answers = iter([
-        {"seq": 64, "fits": False, "reason": "out of memory: ..."},
-        {"error": "Killed", "returncode": -9},  # the host's OOM killer
-        {"error": "ValueError: a bug", "returncode": 1},
-    ])  # fmt: skip
-    monkeypatch.setattr(context, "run_worker", lambda *a, **k: next(answers))
-    assert probe_in_process("sloth", tmp_path, **kwargs)["fits"] is False
-    killed = probe_in_process("sloth", tmp_path, **kwargs)
+class FakeWorker:
+    """Stands for a probe process: answers from ``script`` (one list per process started)."""
+
+    started: list[FakeWorker] = []
+    script: list[list[dict]] = []
+
+    def __init__(self, args):
+        self.args, self.probes, self.closed = args, 0, False
+        self.answers = iter(FakeWorker.script.pop(0))
+        FakeWorker.started.append(self)
+
+    def probe(self, seq, timeout):
+        out = next(self.answers)
+        self.probes += "fits" in out
+        return {"seq": seq, **out}
+
+    def close(self):
+        self.closed = True
+
+
+@pytest.fixture
+def fake_worker(monkeypatch):
+    monkeypatch.setattr(context, "_Worker", FakeWorker)
+    FakeWorker.started, FakeWorker.script = [], []
+    return FakeWorker
+
+
+def _prober():
+    return Prober("sloth", "m", device="cpu", quantization=None, budget_gib=None, timeout=10)
+
+
+def test_a_probe_that_fails_is_an_error_unless_it_ran_out_of_memory(fake_worker):
+    fake_worker.script = [
+        [{"fits": False, "reason": "out of memory: ..."}],  # a fresh process: it stands
+        [{"error": "Killed", "returncode": -9}],  # the host's OOM killer
+        [{"error": "ValueError: a bug", "returncode": 1}],
+    ]
+    prober = _prober()
+    assert prober(64)["fits"] is False
+    prober.close()
+    killed = prober(64)
     assert killed["fits"] is False and "signal 9" in killed["reason"]
     with pytest.raises(ProbeError, match="a bug"):
-        probe_in_process("sloth", tmp_path, **kwargs)
+        prober(64)
+    assert prober.processes == 3 and all(w.closed for w in fake_worker.started)
+
+
+def test_probes_share_a_process_and_a_failure_after_others_is_reprobed_fresh(fake_worker):
+    fake_worker.script = [
+        [{"fits": True}, {"fits": True}, {"fits": False, "reason": "out of memory"}],
+        # The fresh process overrules the one that ran earlier probes, then serves on.
+        [{"fits": True}, {"fits": False, "reason": "out of memory"}],
+        # A failure confirmed fresh stands.
+        [{"fits": False, "reason": "out of memory"}, {"fits": True}],
+    ]
+    prober = _prober()
+    assert [prober(n)["fits"] for n in (16, 32)] == [True, True]
+    third = prober(64)
+    assert third["fits"] is True and third["reprobed"]
+    fourth = prober(128)
+    assert fourth["fits"] is False and fourth["reprobed"]
+    assert prober(96)["fits"] is True
+    prober.close()
+    assert prober.processes == 3 and all(w.closed for w in fake_worker.started)
 
 
 def test_run_max_context_per_system_with_ratios_and_skips(monkeypatch, tmp_path):
     limits = {"sloth": 3000, "hf": 1000}
 
-    def fake_probe(system, model_dir, *, seq, **kwargs):
-        if system == "sloth:off":
-            raise ProbeError("crashed")
-        return {"seq": seq, "fits": seq <= limits[system], "peak_gib": seq / 1000}
+    class FakeProber:
+        def __init__(self, system, model_dir, **kwargs):
+            self.system, self.processes = system, 1
 
-    monkeypatch.setattr(context, "probe_in_process", fake_probe)
+        def __call__(self, seq):
+            if self.system == "sloth:off":
+                raise ProbeError("crashed")
+            return {"seq": seq, "fits": seq <= limits[self.system], "peak_gib": seq / 1000}
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(context, "Prober", FakeProber)
     monkeypatch.setattr(context, "make_model", lambda shape, path, device: path)
     monkeypatch.setattr(context, "resolve_systems", lambda systems: (
         ["sloth", "hf", "sloth:off"], [{"system": "liger", "skipped": "not installed"}]))
@@ -113,7 +172,7 @@ def test_run_max_context_per_system_with_ratios_and_skips(monkeypatch, tmp_path)
 
 
 def test_cli_max_context_on_the_cpu(tmp_path):
-    # One real probe process per length: 32 fits, 64 (the cap) fits.
+    # One real probe process for both lengths: 32 fits, 64 (the cap) fits.
     args = ["bench", "train", "--shape", "llama-tiny", "--max-context", "--systems", "sloth",
             "--device", "cpu", "--context-start", "32", "--context-cap", "64",
             "--context-granularity", "16", "--model-dir", str(tmp_path / "m"),
@@ -123,7 +182,22 @@ def test_cli_max_context_on_the_cpu(tmp_path):
     assert report["kind"] == "max_context" and report["budget_measure"] == "peak RSS growth"
     (result,) = report["results"]
     assert result["system"] == "sloth" and result["max_seq"] == 64 and result["capped"]
-    assert [p["seq"] for p in result["probes"]] == [32, 64]
+    assert [p["seq"] for p in result["probes"]] == [32, 64] and result["processes"] == 1
     assert all(p["fits"] and p["loss"] > 0 for p in result["probes"])
     text = (tmp_path / "r.md").read_text()
     assert "| sloth | 64 (cap) |" in text and "budget none (a probe fits if it runs)" in text
+
+
+def test_cli_max_context_over_a_budget_on_the_cpu(tmp_path):
+    # A real probe process whose first step already passes the budget (the RSS growth of
+    # loading the model and one step): nothing fits, the reason says by how much.
+    args = ["bench", "train", "--shape", "llama-tiny", "--max-context", "--systems", "sloth",
+            "--device", "cpu", "--context-start", "32", "--context-cap", "64",
+            "--memory-budget-gib", "0.001", "--model-dir", str(tmp_path / "m"),
+            "--json", str(tmp_path / "r.json")]  # fmt: skip
+    assert main(args) == 0
+    (result,) = json.loads((tmp_path / "r.json").read_text())["results"]
+    assert result["max_seq"] == 0 and result["processes"] == 1
+    (probe,) = result["probes"]
+    assert probe["fits"] is False and probe["peak_gib"] > 0.001
+    assert "over the budget of 0.00 GiB" in probe["reason"]

@@ -3,9 +3,11 @@
 For each system, the search (``max_fitting``) doubles the sequence length from a start
 while one training step fits, then bisects between the last length that fit and the
 first that did not, down to a granularity (256 tokens by default). Each probe is one
-LoRA step (same model, LoRA and optimizer as ``sloth bench train``) **in its own
-process**: an out-of-memory error leaves the allocator of the process it happened in in a
-state no later probe should inherit.
+LoRA step (same model, LoRA and optimizer as ``sloth bench train``). A system's probes
+run in a process of their own that loads the model once (:class:`Prober`): between steps
+the allocator is emptied and the peak reset, and a length that does not fit after
+earlier probes is probed again in a fresh process, whose answer stands, so no probe's
+answer depends on what ran before it in its process.
 
 "Fits" means the step ran and its peak stayed within the memory budget:
 
@@ -23,7 +25,9 @@ reported as its error: a bug is not a context limit.
 
 from __future__ import annotations
 
+import gc
 import json
+import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -35,7 +39,6 @@ from sloth_core.bench.train import (
     SystemSkipped,
     make_model,
     resolve_systems,
-    run_worker,
     versions,
 )
 
@@ -89,74 +92,232 @@ def max_fitting(fits: Callable[[int], bool], *, start: int, cap: int,
     return search
 
 
-def run_probe(system: str, model_dir: Path, *, seq: int, device: str,
-              quantization: str | None, budget_gib: float | None) -> dict[str, Any]:  # fmt: skip
-    """One LoRA training step at batch 1 and ``seq`` tokens: the body of a probe process."""
-    import resource
+class _Probe:
+    """The body of a probe process: the model loaded once, then one LoRA training step at
+    batch 1 per length asked (same model, LoRA and optimizer as ``sloth bench train``)."""
 
-    import torch
+    def __init__(self, system: str, model_dir: Path, *, device: str,
+                 quantization: str | None, budget_gib: float | None) -> None:  # fmt: skip
+        import resource
 
-    from sloth_core.bench.train import _load
+        import torch
 
-    cuda = device.startswith("cuda")
-    if cuda:
-        total = torch.cuda.get_device_properties(device).total_memory
-        budget = total if budget_gib is None else min(budget_gib * GIB, total)
-        torch.cuda.set_per_process_memory_fraction(budget / total, device)
-    # What the loader imports lazily, imported first: code is not what the budget measures.
-    import peft  # noqa: F401
-    import transformers  # noqa: F401
+        from sloth_core.bench.train import _load
 
-    from sloth_core import FastLanguageModel  # noqa: F401
+        self.cuda = device.startswith("cuda")
+        self.device, self.budget_gib = device, budget_gib
+        if self.cuda:
+            total = torch.cuda.get_device_properties(device).total_memory
+            budget = total if budget_gib is None else min(budget_gib * GIB, total)
+            torch.cuda.set_per_process_memory_fraction(budget / total, device)
+            self.budget_gib = budget / GIB
+        # What the loader imports lazily, imported first: code is not what the budget measures.
+        import peft  # noqa: F401
+        import transformers  # noqa: F401
 
-    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
-    try:
-        model, _ = _load(system, model_dir, device, quantization)
-        model.train()
+        from sloth_core import FastLanguageModel  # noqa: F401
+
+        self.rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB
+        self.load_error: str | None = None
+        try:
+            self.model, _ = _load(system, model_dir, device, quantization)
+        except (torch.OutOfMemoryError, RuntimeError) as exc:
+            if not _out_of_memory(exc):
+                raise
+            self.load_error = f"out of memory while loading: {str(exc)[:200]}"
+            return
+        self.model.train()
+
+    def step(self, seq: int) -> dict[str, Any]:
+        """One training step of ``seq`` tokens: whether it fitted, and its peak."""
+        import torch
+
+        if self.load_error:
+            return {"seq": seq, "fits": False, "reason": self.load_error}
+        model = self.model
+        # Each step starts as in a fresh process: no gradients, no optimizer state, the
+        # allocator's cache returned, the peak measured from here.
+        model.zero_grad(set_to_none=True)
+        gc.collect()
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        else:
+            _reset_peak_rss()
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=2e-4)
-        generator = torch.Generator().manual_seed(1234)
-        ids = torch.randint(0, model.config.vocab_size, (1, seq), generator=generator)
-        ids = ids.to(device)
-        if cuda:
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        optimizer.step()
-        if cuda:
-            torch.cuda.synchronize()
-    except (torch.OutOfMemoryError, RuntimeError) as exc:
-        # Some kernels (Triton, bitsandbytes) raise a plain RuntimeError when out of memory.
-        if not isinstance(exc, torch.OutOfMemoryError) and "out of memory" not in str(exc):
-            raise
-        return {"seq": seq, "fits": False, "reason": f"out of memory: {str(exc)[:200]}"}
-    if cuda:
-        peak = torch.cuda.max_memory_allocated(device)
-        budget_gib = budget / GIB
-    else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss_before
-    peak_gib = peak / GIB
-    fits = budget_gib is None or peak_gib <= budget_gib
-    out = {"seq": seq, "fits": fits, "peak_gib": peak_gib, "loss": loss.item()}
-    if not fits:
-        out["reason"] = f"peak {peak_gib:.2f} GiB over the budget of {budget_gib:.2f} GiB"
-    return out
-
-
-def probe_in_process(system: str, model_dir: Path, *, seq: int, device: str,
-                     quantization: str | None, budget_gib: float | None,
-                     timeout: float) -> dict[str, Any]:  # fmt: skip
-    """``run_probe`` in a fresh process. A process killed by a signal (the kernel's OOM
-    killer on the host) did not fit; any other failure raises ``ProbeError``."""
-    out = run_worker("sloth_core.bench.context", [
-        system, str(model_dir), str(seq), device, quantization or "none",
-        "none" if budget_gib is None else repr(budget_gib)], timeout=timeout)  # fmt: skip
-    if "fits" in out or "skipped" in out:
+        try:
+            generator = torch.Generator().manual_seed(1234)
+            ids = torch.randint(0, model.config.vocab_size, (1, seq), generator=generator)
+            ids = ids.to(self.device)
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            optimizer.step()
+            if self.cuda:
+                torch.cuda.synchronize()
+            value = loss.item()
+        except (torch.OutOfMemoryError, RuntimeError) as exc:
+            if not _out_of_memory(exc):
+                raise
+            return {"seq": seq, "fits": False, "reason": f"out of memory: {str(exc)[:200]}"}
+        finally:
+            del optimizer
+            model.zero_grad(set_to_none=True)
+        if self.cuda:
+            peak = torch.cuda.max_memory_allocated(self.device)
+        else:
+            peak = _peak_rss() - self.rss_before
+        peak_gib = peak / GIB
+        fits = self.budget_gib is None or peak_gib <= self.budget_gib
+        out = {"seq": seq, "fits": fits, "peak_gib": peak_gib, "loss": value}
+        if not fits:
+            out["reason"] = f"peak {peak_gib:.2f} GiB over the budget of {self.budget_gib:.2f} GiB"
         return out
-    if out.get("returncode", 0) < 0:
-        return {"seq": seq, "fits": False, "reason": f"killed by signal {-out['returncode']}"}
-    raise ProbeError(out.get("error", "probe printed no result"))
+
+
+def _out_of_memory(exc: BaseException) -> bool:
+    import torch
+
+    # Some kernels (Triton, bitsandbytes) raise a plain RuntimeError when out of memory.
+    return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc)
+
+
+def _reset_peak_rss() -> None:
+    """Linux: the peak resident set (VmHWM) back to the current one, so that a later probe
+    of the same process measures its own peak. Where that is refused the peak keeps the
+    earlier probes' (an over-estimate: a failure it causes is re-probed in a fresh
+    process, see :class:`Prober`)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def _peak_rss() -> int:
+    """The process's peak resident set in bytes (VmHWM, which :func:`_reset_peak_rss`
+    resets; ``ru_maxrss`` where /proc is missing)."""
+    import resource
+
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+class _Worker:
+    """A probe process (``python -m sloth_core.bench.context``): it loads the model, then
+    answers each length written to its stdin with one JSON line."""
+
+    def __init__(self, args: list[str]) -> None:
+        import queue
+        import subprocess
+        import tempfile
+        import threading
+
+        self.stderr = tempfile.TemporaryFile(mode="w+")
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "sloth_core.bench.context", *args],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr, text=True,
+            env=env,
+        )  # fmt: skip
+        self.probes = 0
+        self.lines: queue.Queue[str | None] = queue.Queue()
+
+        def read(stream=self.proc.stdout, lines=self.lines) -> None:
+            for line in stream:
+                if line.startswith("{"):  # other output is not the answer
+                    lines.put(line)
+            lines.put(None)  # the process closed its stdout: it ended
+
+        threading.Thread(target=read, daemon=True).start()
+
+    def probe(self, seq: int, timeout: float) -> dict[str, Any]:
+        """The answer for ``seq``; ``{"error", "returncode"}`` if the process ended first."""
+        import queue
+
+        try:
+            self.proc.stdin.write(f"{seq}\n")
+            self.proc.stdin.flush()
+        except (BrokenPipeError, OSError):
+            pass  # it ended already: the reader says so below
+        try:
+            line = self.lines.get(timeout=timeout)
+        except queue.Empty:
+            self.close()
+            raise ProbeError(f"a probe of {seq} tokens took over {timeout:g} s") from None
+        if line is None:
+            returncode = self.proc.wait()
+            self.stderr.seek(0)
+            tail = self.stderr.read().strip().splitlines()
+            raised = [t for t in tail if "Error" in t]
+            return {"error": " | ".join(raised[-1:] or tail[-5:])[-800:]
+                    or f"exit status {returncode}", "returncode": returncode}  # fmt: skip
+        self.probes += 1
+        return json.loads(line)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                self.proc.stdin.close()
+                self.proc.wait(timeout=30)
+            except Exception:  # noqa: BLE001 - whatever went wrong, it goes
+                self.proc.kill()
+                self.proc.wait()
+        self.stderr.close()
+
+
+class Prober:
+    """``fits(seq)`` for one system, its probes served by one process that loads the model
+    once and trains a step per length (the allocator emptied and the peak reset between
+    steps), instead of one process per probe.
+
+    A length that does not fit in a process that ran earlier probes is probed again in a
+    fresh process, whose answer stands: what an earlier step left behind (allocator
+    fragmentation, caches) may only make a later one fail, never fit, so every length
+    reported as fitting or not is what a process of its own would report. The process that
+    answered serves the following probes. A process killed by a signal (the host's OOM
+    killer) did not fit; any other failure raises :class:`ProbeError`.
+    """
+
+    def __init__(self, system: str, model_dir: Path, *, device: str,
+                 quantization: str | None, budget_gib: float | None,
+                 timeout: float) -> None:  # fmt: skip
+        self.args = [system, str(model_dir), device, quantization or "none",
+                     "none" if budget_gib is None else repr(budget_gib)]  # fmt: skip
+        self.timeout = timeout
+        self.worker: _Worker | None = None
+        #: How many processes the probes took.
+        self.processes = 0
+
+    def __call__(self, seq: int) -> dict[str, Any]:
+        warm = self.worker is not None and self.worker.probes > 0
+        out = self._probe(seq)
+        if warm and out.get("fits") is False:
+            self.close()  # confirmed, or overruled, by a process of its own
+            out = {**self._probe(seq), "reprobed": True}
+        return out
+
+    def _probe(self, seq: int) -> dict[str, Any]:
+        if self.worker is None:
+            self.worker = _Worker(self.args)
+            self.processes += 1
+        out = self.worker.probe(seq, self.timeout)
+        if "fits" in out or "skipped" in out:
+            return out
+        self.close()
+        if out.get("returncode", 0) < 0:
+            return {"seq": seq, "fits": False, "reason": f"killed by signal {-out['returncode']}"}
+        raise ProbeError(out.get("error", "probe printed no result"))
+
+    def close(self) -> None:
+        if self.worker is not None:
+            self.worker.close()
+            self.worker = None
 
 
 def run_max_context(shape: str, *, systems: str | tuple[str, ...], model_dir: Path,
@@ -170,11 +331,11 @@ def run_max_context(shape: str, *, systems: str | tuple[str, ...], model_dir: Pa
     results: list[dict[str, Any]] = []
     for system in run:
         probes: list[dict[str, Any]] = []
+        prober = Prober(system, model_dir, device=device, quantization=quantization,
+                        budget_gib=budget_gib, timeout=timeout)  # fmt: skip
 
-        def fits(seq: int, system: str = system, probes: list = probes) -> bool:
-            out = probe_in_process(system, model_dir, seq=seq, device=device,
-                                   quantization=quantization, budget_gib=budget_gib,
-                                   timeout=timeout)  # fmt: skip
+        def fits(seq: int, prober: Prober = prober, probes: list = probes) -> bool:
+            out = prober(seq)
             if "skipped" in out:
                 raise SystemSkipped(out["skipped"])
             probes.append(out)
@@ -189,6 +350,10 @@ def run_max_context(shape: str, *, systems: str | tuple[str, ...], model_dir: Pa
             entry = {"system": system, "skipped": str(exc)}
         except ProbeError as exc:
             entry["error"] = str(exc)
+        finally:
+            prober.close()
+        if "skipped" not in entry:
+            entry["processes"] = prober.processes
         results.append(entry)
     results += skipped
     base = next((r for r in results if r["system"] == "hf" and r.get("max_seq")), None)
@@ -241,16 +406,20 @@ def length_cell(result: dict[str, Any], start: int) -> str:
     return f"{result['max_seq']}{' (cap)' if result.get('capped') else ''}"
 
 
-def _worker(argv: list[str]) -> None:
-    system, model_dir, seq, device, quantization, budget = argv
+def _serve(argv: list[str]) -> None:
+    """A probe process: load, then answer each length read from stdin (see :class:`Prober`)."""
+    system, model_dir, device, quantization, budget = argv
     try:
-        out = run_probe(system, Path(model_dir), seq=int(seq), device=device,
-                        quantization=None if quantization == "none" else quantization,
-                        budget_gib=None if budget == "none" else float(budget))  # fmt: skip
+        probe = _Probe(system, Path(model_dir), device=device,
+                       quantization=None if quantization == "none" else quantization,
+                       budget_gib=None if budget == "none" else float(budget))  # fmt: skip
     except SystemSkipped as exc:
-        out = {"system": system, "skipped": str(exc)}
-    print(json.dumps(out))
+        print(json.dumps({"system": system, "skipped": str(exc)}), flush=True)
+        return
+    for line in sys.stdin:
+        if line.strip():
+            print(json.dumps(probe.step(int(line))), flush=True)
 
 
-if __name__ == "__main__":  # one probe, in its own process (see probe_in_process)
-    _worker(sys.argv[1:])
+if __name__ == "__main__":  # the probes of one system (see Prober)
+    _serve(sys.argv[1:])
