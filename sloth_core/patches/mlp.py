@@ -20,8 +20,9 @@ MLP_ACTIVATIONS = {
     "gelu_pytorch_tanh": "geglu_tanh",
 }
 
-# Base weights the LoRA ops can multiply: dense floats, or 4-bit packed with a quant_state.
-# An int8 (LLM.int8) or fp8 weight would be fed to F.linear as if it were dense: wrong.
+# Base weights the LoRA ops can multiply: dense floats, 4-bit packed with a quant_state, or
+# a quantizer plugin's layer that multiplies itself (LoRALinear.base: sloth-fp8's). Any
+# other int8 (LLM.int8) or fp8 weight would be fed to F.linear as if it were dense: wrong.
 _DENSE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
@@ -30,14 +31,15 @@ def lift_linear(module: torch.nn.Module) -> LoRALinear | None:
 
     ``None`` for what ``from_module`` refuses (merged adapters, several active adapters,
     DoRA and other variants, ``lora_B`` biases, ``Conv1D`` bases) and for base weights
-    that are neither dense floats nor 4-bit packed (int8, fp8): the caller then runs the
+    that are neither dense floats, 4-bit packed nor a layer that multiplies itself
+    (``LoRALinear.base``; bitsandbytes' int8, say): the caller then runs the
     module's original forward, so its output is always exactly PEFT's.
     """
     try:
         layer = LoRALinear.from_module(module)
     except ValueError:
         return None
-    if layer.quant_state is None and layer.weight.dtype not in _DENSE_DTYPES:
+    if layer.quant_state is None and layer.base is None and layer.weight.dtype not in _DENSE_DTYPES:
         return None
     return layer
 

@@ -58,7 +58,10 @@ def layer_served(
     if weight.device != device or weight.requires_grad:
         return False
     state = layer.quant_state
-    if state is not None:
+    if layer.base is not None:  # a layer that multiplies itself, into x's dtype (sloth-fp8)
+        if weight.dim() != 2 or weight.shape[1] != in_features:
+            return False
+    elif state is not None:
         if getattr(state, "quant_type", None) != "nf4" or len(state.shape) != 2:
             return False
         if int(state.shape[1]) != in_features:
@@ -69,8 +72,9 @@ def layer_served(
     if bias is not None:
         if bias.requires_grad or bias.device != device:
             return False
-        # The reference casts the bias of a 4-bit layer to x's dtype, a dense one it does not.
-        if state is None and bias.dtype != dtype:
+        # The reference casts the bias of a 4-bit layer to x's dtype, a dense one it does not
+        # (a layer that multiplies itself adds its bias as its forward does).
+        if state is None and layer.base is None and bias.dtype != dtype:
             return False
     if layer.has_lora:
         a, b = layer.lora_A, layer.lora_B
@@ -121,6 +125,8 @@ def dense_weight(layer: LoRALinear, dtype: torch.dtype) -> torch.Tensor:
     that is fp32 (or already ``dtype``) the kernel writes ``dtype`` directly, which
     rounds the same way.
     """
+    if layer.base is not None:
+        return layer.base.dense_weight(dtype)
     if layer.quant_state is None:
         return layer.weight
     state = layer.quant_state
@@ -186,9 +192,14 @@ def group_forward(x: torch.Tensor, group: Group, lora: Sequence[torch.Tensor]):
     xa = x2 @ group.stacked_a(lora).t() if group.adapted else None
     outputs = []
     for i, layer in enumerate(group.layers):
-        weight = dense_weight(layer, x.dtype)
-        out = F.linear(x, weight, _bias(layer, x.dtype))
-        del weight  # a dequantized weight is freed before the next one is made
+        if layer.base is not None:  # its own product (FP8), its bias added as its forward does
+            out = layer.base.sloth_matmul(x)
+            if layer.bias is not None:
+                out.add_(layer.bias.to(out.dtype))
+        else:
+            weight = dense_weight(layer, x.dtype)
+            out = F.linear(x, weight, _bias(layer, x.dtype))
+            del weight  # a dequantized weight is freed before the next one is made
         if i in group.adapted:
             k = group.adapted.index(i)
             start, stop = group.slices[k]
@@ -217,6 +228,10 @@ def group_backward(
     dx = None
     if needs_x:
         for layer, g in zip(group.layers, grads, strict=True):
+            if layer.base is not None:
+                part = layer.base.sloth_input_grad(g)
+                dx = part if dx is None else dx.add_(part)
+                continue
             weight = dense_weight(layer, dtype)
             dx = g.mm(weight) if dx is None else dx.addmm_(g, weight)
             del weight

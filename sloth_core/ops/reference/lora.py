@@ -35,6 +35,11 @@ class LoRALinear:
         dropout: applied to ``x`` before ``lora_A``, as PEFT does; ``None`` or
             ``nn.Identity`` means none.
         quant_state: the bitsandbytes ``QuantState`` of a 4-bit ``weight`` (duck-typed).
+        base: a quantizer plugin's layer that multiplies by its own weight (``weight`` is
+            then its stored form, e.g. sloth-fp8's e4m3 values), duck-typed: calling it is
+            its forward (``x W^T + b``, with autograd), ``sloth_matmul(x)`` is ``x W^T``
+            and ``sloth_input_grad(g)`` is ``g W``, both without autograd and fresh
+            tensors, and ``dense_weight(dtype)`` the dequantized ``W``.
     """
 
     weight: torch.Tensor
@@ -44,6 +49,7 @@ class LoRALinear:
     scaling: float = 1.0
     dropout: Callable[[torch.Tensor], torch.Tensor] | None = None
     quant_state: Any = None
+    base: Any = None
 
     @property
     def has_lora(self) -> bool:
@@ -58,6 +64,8 @@ class LoRALinear:
                 ``quant_state.dtype``). A 4-bit weight is dequantized to
                 ``quant_state.dtype`` first, then cast, as ``bnb.matmul_4bit`` does.
         """
+        if self.base is not None:
+            return self.base.dense_weight(dtype)
         weight = self.weight
         if self.quant_state is not None:
             weight = dequantize_nf4(weight, self.quant_state)
@@ -84,10 +92,15 @@ class LoRALinear:
         weight = getattr(module, "weight", None)
         if not isinstance(weight, torch.Tensor):
             raise ValueError(f"{type(module).__name__} has no weight tensor to lift")
+        multiplies = all(
+            callable(getattr(module, name, None))
+            for name in ("sloth_matmul", "sloth_input_grad", "dense_weight")
+        )
         return cls(
             weight=weight,
             bias=getattr(module, "bias", None),
             quant_state=getattr(weight, "quant_state", None),
+            base=module if multiplies else None,
         )
 
     @classmethod
@@ -144,7 +157,9 @@ def lora_linear(x: torch.Tensor, layer: LoRALinear) -> torch.Tensor:
     Returns:
         ``[..., out]``.
     """
-    if layer.quant_state is not None:
+    if layer.base is not None:  # a quantizer plugin's layer: its own forward, as PEFT runs it
+        result = layer.base(x)
+    elif layer.quant_state is not None:
         bias = layer.bias if layer.bias is None else layer.bias.to(x.dtype)
         result = F.linear(x, layer.dense_weight(x.dtype), bias)
     else:

@@ -75,21 +75,30 @@ def _quantize_activation_rows(
     return _quantize_rows_eager(flat, column_scales)
 
 
+def _fresh(like: torch.Tensor, features: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """An empty ``[..., features]`` result for ``like`` ``[..., k]`` and its 2-D view: the
+    products write into the view, the caller gets the tensor itself, not a view (sloth's
+    fused LoRA ops update their outputs in place, which autograd forbids on a view made
+    inside a custom Function)."""
+    out = torch.empty(*like.shape[:-1], features, dtype=like.dtype, device=like.device)
+    return out, out.view(-1, features)
+
+
 def fp8_matmul(x: torch.Tensor, values: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """``x @ W^T`` for ``W = values * scales`` (rows), ``x`` ``[..., in]`` in its dtype,
     through ``_scaled_mm`` with ``x`` quantized per row; the dequantized product where
-    ``_scaled_mm`` does not take the shapes."""
+    ``_scaled_mm`` does not take the shapes. A fresh tensor, not a view."""
     flat = x.reshape(-1, x.shape[-1])
-    out_features = values.shape[0]
+    out, out2 = _fresh(x, values.shape[0])
     if not _takes(values, flat.shape[0]):
-        out = flat @ dequantize_rows(values, scales, x.dtype).t()
+        torch.mm(flat, dequantize_rows(values, scales, x.dtype).t(), out=out2)
     else:
         x_fp8, x_scales = _quantize_activation_rows(flat)
-        out = torch._scaled_mm(
+        torch._scaled_mm(
             x_fp8, values.t(), scale_a=x_scales, scale_b=scales[None, :].float(),
-            out_dtype=x.dtype,
+            out_dtype=x.dtype, out=out2,
         )  # fmt: skip
-    return out.reshape(*x.shape[:-1], out_features)
+    return out
 
 
 def fp8_matmul_grad(grad: torch.Tensor, values: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
@@ -98,19 +107,20 @@ def fp8_matmul_grad(grad: torch.Tensor, values: torch.Tensor, scales: torch.Tens
     ``_scaled_mm`` takes none, so they multiply ``grad``'s columns first; each row of that
     is quantized to e4m3 with its own scale and multiplied with ``values``, which
     ``_scaled_mm`` wants column-major (a transposed copy, 1 byte an element, freed after).
-    The dequantized product where ``_scaled_mm`` does not take the shapes."""
+    The dequantized product where ``_scaled_mm`` does not take the shapes. A fresh
+    tensor, not a view."""
     flat = grad.reshape(-1, grad.shape[-1])
-    in_features = values.shape[1]
+    out, out2 = _fresh(grad, values.shape[1])
     if not _takes(values, flat.shape[0]):
-        out = flat @ dequantize_rows(values, scales, grad.dtype)
+        torch.mm(flat, dequantize_rows(values, scales, grad.dtype), out=out2)
     else:
         g_fp8, g_scales = _quantize_activation_rows(flat, scales[None, :])
-        ones = torch.ones((1, in_features), dtype=torch.float32, device=grad.device)
-        out = torch._scaled_mm(
+        ones = torch.ones((1, values.shape[1]), dtype=torch.float32, device=grad.device)
+        torch._scaled_mm(
             g_fp8, values.t().contiguous().t(), scale_a=g_scales, scale_b=ones,
-            out_dtype=grad.dtype,
+            out_dtype=grad.dtype, out=out2,
         )  # fmt: skip
-    return out.reshape(*grad.shape[:-1], in_features)
+    return out
 
 
 class _Fp8Linear(torch.autograd.Function):
@@ -124,9 +134,14 @@ class _Fp8Linear(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor):
         values, scales = ctx.saved_tensors
-        if ctx.fp8_backward:
-            return fp8_matmul_grad(grad, values, scales), None, None, None
-        return grad @ dequantize_rows(values, scales, grad.dtype), None, None, None
+        return _input_grad(grad, values, scales, ctx.fp8_backward), None, None, None
+
+
+def _input_grad(grad: torch.Tensor, values: torch.Tensor, scales: torch.Tensor,
+                fp8_backward: bool) -> torch.Tensor:  # fmt: skip
+    if fp8_backward:
+        return fp8_matmul_grad(grad, values, scales)
+    return grad @ dequantize_rows(values, scales, grad.dtype)
 
 
 class Fp8Linear(nn.Linear):
@@ -134,7 +149,12 @@ class Fp8Linear(nn.Linear):
     (float32, one per output row); ``bias`` as it was. PEFT wraps it as any linear layer;
     :meth:`dense_weight` is what sloth's merge and export read. ``fp8_backward``: the
     input's gradient through an FP8 matmul too (:func:`fp8_matmul_grad`), or, off, through
-    the weight dequantized to the gradient's dtype."""
+    the weight dequantized to the gradient's dtype.
+
+    :meth:`sloth_matmul` and :meth:`sloth_input_grad` are the base-layer protocol of
+    sloth's fused LoRA ops (``sloth_core.ops.LoRALinear.base``): the two products without
+    autograd, so that those ops, which save and recompute what they choose, run the FP8
+    products instead of leaving FP8 layers to PEFT's unfused LoRA."""
 
     fp8_backward = True
 
@@ -157,6 +177,14 @@ class Fp8Linear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = _Fp8Linear.apply(x, self.weight, self.weight_scale, self.fp8_backward)
         return out if self.bias is None else out + self.bias.to(out.dtype)
+
+    def sloth_matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """``x W^T`` (no bias, no autograd): what :meth:`forward` multiplies, a fresh tensor."""
+        return fp8_matmul(x, self.weight, self.weight_scale)
+
+    def sloth_input_grad(self, grad: torch.Tensor) -> torch.Tensor:
+        """``grad W``: the input's gradient as :meth:`forward`'s backward computes it."""
+        return _input_grad(grad, self.weight, self.weight_scale, self.fp8_backward)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, fp8 e4m3"

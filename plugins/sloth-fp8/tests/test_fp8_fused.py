@@ -1,0 +1,106 @@
+"""FP8 layers in sloth's fused LoRA ops (``LoRALinear.base``): the fused projections and
+MLP run the FP8 products themselves and give what PEFT's LoRA around the same FP8 layers
+gives, forward and backward (the input's and every adapter's gradient)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from sloth_fp8.linear import Fp8Linear
+from torch import nn
+
+from sloth_core.ops import LoRALinear
+from sloth_core.patches import lift_linear
+
+
+class _Mlp(nn.Module):
+    def __init__(self, hidden: int, inter: int, bias: bool) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, inter, bias=bias)
+        self.up_proj = nn.Linear(hidden, inter, bias=bias)
+        self.down_proj = nn.Linear(inter, hidden, bias=bias)
+
+    def forward(self, x):
+        return self.down_proj(nn.functional.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+def _fp8_lora_mlp(hidden: int, inter: int, bias: bool, seed: int):
+    torch.manual_seed(seed)
+    mlp = _Mlp(hidden, inter, bias)
+    with torch.no_grad():  # rows of other magnitudes: the row scales differ
+        for linear in (mlp.gate_proj, mlp.up_proj, mlp.down_proj):
+            linear.weight.mul_(torch.rand(linear.out_features, 1) * 4 + 0.05)
+    for name in ("gate_proj", "up_proj", "down_proj"):
+        setattr(mlp, name, Fp8Linear(getattr(mlp, name)))
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["gate_proj", "up_proj", "down_proj"])
+    model = get_peft_model(mlp, config)
+    with torch.no_grad():  # LoRA's B starts at zero: adapters that change the output
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.3)
+    return model
+
+
+def _grads(model, x, out, grad):
+    params = [p for p in model.parameters() if p.requires_grad]
+    return torch.autograd.grad(out, [x, *params], grad)
+
+
+# 64/48: _scaled_mm's shapes (FP8 both ways); 40/24: not multiples of 16 (the dequantized
+# fallback inside the FP8 layer).
+@pytest.mark.parametrize(("hidden", "inter"), [(64, 48), (40, 24)])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("fp8_backward", [True, False], ids=["fp8-grad", "dequant-grad"])
+def test_the_fused_mlp_runs_fp8_layers_as_peft_does(hidden, inter, bias, fp8_backward,
+                                                    monkeypatch):  # fmt: skip
+    from sloth_kernels.lora_mlp import lora_mlp
+
+    monkeypatch.setattr(Fp8Linear, "fp8_backward", fp8_backward)
+    model = _fp8_lora_mlp(hidden, inter, bias, seed=hidden + bias)
+    inner = model.get_base_model()
+    layers = [lift_linear(getattr(inner, n)) for n in ("gate_proj", "up_proj", "down_proj")]
+    assert all(isinstance(layer, LoRALinear) and layer.base is not None for layer in layers)
+    assert all(layer.weight.dtype == torch.float8_e4m3fn for layer in layers)
+
+    calls = {"sloth_matmul": 0, "sloth_input_grad": 0}
+    for name in calls:  # the fused op, not a fallback to PEFT's path, multiplies
+        original = getattr(Fp8Linear, name)
+
+        def counted(self, tensor, original=original, name=name):
+            calls[name] += 1
+            return original(self, tensor)
+
+        monkeypatch.setattr(Fp8Linear, name, counted)
+
+    x = torch.randn(2, 19, hidden, requires_grad=True)
+    want = model(x)
+    got = lora_mlp(x, *layers, activation="swiglu")
+    assert calls == {"sloth_matmul": 3, "sloth_input_grad": 0}
+    # The FP8 products are the same calls on the same inputs; only the LoRA sums' order
+    # differs (fused addmm against PEFT's separate add).
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    grad = torch.randn_like(want)
+    for g, w in zip(_grads(model, x, got, grad), _grads(model, x, want, grad), strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
+    assert calls["sloth_input_grad"] == 3  # the fused backward's input gradients
+
+
+def test_the_fused_projections_run_an_fp8_layer_as_peft_does():
+    from sloth_kernels.lora import lora_linear
+
+    model = _fp8_lora_mlp(64, 48, bias=True, seed=3)
+    module = model.get_base_model().gate_proj
+    layer = lift_linear(module)
+    assert layer is not None and layer.base is module.get_base_layer()
+    x = torch.randn(3, 7, 64, requires_grad=True)
+    want, got = module(x), lora_linear(x, layer)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    grad = torch.randn_like(want)
+    for g, w in zip(_grads(module, x, got, grad), _grads(module, x, want, grad), strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
+    # Outputs the fused op updates in place downstream are its own, not views.
+    got2 = lora_linear(x, layer)
+    got2.add_(1.0)
+    got2.sum().backward()
+    assert x.grad is not None
