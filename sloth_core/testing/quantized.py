@@ -46,13 +46,16 @@ def dequantized_twin(model: Any) -> torch.nn.Module:
     from bitsandbytes.functional import dequantize_4bit
     from transformers import AutoModelForCausalLM
 
+    # Read first: sloth-bnb's state-dict hook puts weights that bitsandbytes repacked for
+    # CPU inference back in the standard layout, which dequantize_4bit reads.
+    tensors = model.state_dict()
     state = {}
     for name, module in model.named_modules():
         if isinstance(module, bnb.nn.Linear4bit):
             quant_state = cast(bnb.nn.Params4bit, module.weight).quant_state
             weight = dequantize_4bit(module.weight.data, quant_state)
             state[f"{name}.weight"] = weight.float().cpu()
-    for name, tensor in model.state_dict().items():
+    for name, tensor in tensors.items():
         stem = name.rsplit(".", 1)[0]
         if f"{stem}.weight" in state and name != f"{stem}.weight" and "bias" not in name:
             continue  # quantization state of a 4-bit layer (absmax, quant_map, ...)

@@ -92,6 +92,10 @@ def test_tiny_model_loads_quantized_on_the_cpu(bnb_only, llama_dir, option, laye
         from sloth_core.testing.quantized import compute_in_float32, dequantized_twin
 
         compute_in_float32(model)
+        # In training mode: the eval + no_grad forward above repacked the 4-bit weights for
+        # bitsandbytes' fused inference kernel on CPUs with AVX512-BF16 (bf16 arithmetic);
+        # a training-mode forward has sloth-bnb's guard put them back and dequantizes.
+        model.train()
         with torch.no_grad():
             logits = model(input_ids=ids).logits
             expected = dequantized_twin(model)(input_ids=ids).logits

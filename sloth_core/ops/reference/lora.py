@@ -8,7 +8,7 @@ tensors, never PEFT or bitsandbytes objects. Nothing here imports either library
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -92,10 +92,9 @@ class LoRALinear:
         weight = getattr(module, "weight", None)
         if not isinstance(weight, torch.Tensor):
             raise ValueError(f"{type(module).__name__} has no weight tensor to lift")
-        multiplies = all(
-            callable(getattr(module, name, None))
-            for name in ("sloth_matmul", "sloth_input_grad", "dense_weight")
-        )
+        # A class that defines sloth_matmul offers the whole protocol (``base``); read off
+        # the class, not the module: this runs for every projection at every forward.
+        multiplies = callable(getattr(type(module), "sloth_matmul", None))
         return cls(
             weight=weight,
             bias=getattr(module, "bias", None),
@@ -117,8 +116,11 @@ class LoRALinear:
         if getattr(module, "lora_bias", {}).get(name) or module.lora_B[name].bias is not None:
             raise ValueError(f"{kind} adapter {name!r} has a bias on lora_B; not supported")
         dropout = module.lora_dropout[name]
-        return replace(
-            base,
+        return cls(  # not dataclasses.replace: this runs for every projection at every forward
+            weight=base.weight,
+            bias=base.bias,
+            quant_state=base.quant_state,
+            base=base.base,
             lora_A=module.lora_A[name].weight,
             lora_B=module.lora_B[name].weight,
             scaling=module.scaling[name],
