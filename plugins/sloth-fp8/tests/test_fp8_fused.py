@@ -104,3 +104,34 @@ def test_the_fused_projections_run_an_fp8_layer_as_peft_does():
     got2.add_(1.0)
     got2.sum().backward()
     assert x.grad is not None
+
+
+def test_a_patched_fp8_model_routes_its_projections_through_the_fused_ops(
+    installed, make_tiny_model, monkeypatch
+):
+    from sloth_core import FastLanguageModel
+    from sloth_core.plugins import using_plugin_manager
+
+    monkeypatch.delenv("SLOTH_KERNELS", raising=False)  # sloth-kernels serves the LoRA ops
+    calls = []
+    original = Fp8Linear.sloth_matmul
+
+    def counted(self, x):
+        calls.append(self)
+        return original(self, x)
+
+    monkeypatch.setattr(Fp8Linear, "sloth_matmul", counted)
+    with using_plugin_manager(installed):
+        model, tokenizer = FastLanguageModel.from_pretrained(
+            str(make_tiny_model("llama")), quantization="fp8", dtype=torch.float32
+        )  # fmt: skip
+        model = FastLanguageModel.get_peft_model(model, r=4, lora_alpha=8)
+        ids = tokenizer(["The quick brown fox."], return_tensors="pt").input_ids
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+    # Every FP8 projection of every layer multiplied through the fused ops (the reference
+    # path calls the layer's forward, which does not go through sloth_matmul).
+    fp8_layers = {id(m) for m in model.modules() if isinstance(m, Fp8Linear)}
+    assert {id(m) for m in calls} == fp8_layers
+    lora_b = [p for n, p in model.named_parameters() if "lora_B" in n]
+    assert lora_b and all(p.grad is not None for p in lora_b)
