@@ -98,7 +98,6 @@ class _Probe:
 
     def __init__(self, system: str, model_dir: Path, *, device: str,
                  quantization: str | None, budget_gib: float | None) -> None:  # fmt: skip
-        import resource
 
         import torch
 
@@ -117,7 +116,10 @@ class _Probe:
 
         from sloth_core import FastLanguageModel  # noqa: F401
 
-        self.rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB
+        # CPU: the growth from here (the resident set now, or, where the peak cannot be
+        # reset, the peak so far, imports' included) to each step's peak.
+        self.resettable = _reset_peak_rss()
+        self.rss_before = _rss("VmRSS") if self.resettable else _peak_rss()
         self.load_error: str | None = None
         try:
             self.model, _ = _load(system, model_dir, device, quantization)
@@ -183,15 +185,27 @@ def _out_of_memory(exc: BaseException) -> bool:
     return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc)
 
 
-def _reset_peak_rss() -> None:
-    """Linux: the peak resident set (VmHWM) back to the current one, so that a later probe
-    of the same process measures its own peak. Where that is refused the peak keeps the
-    earlier probes' (an over-estimate: a failure it causes is re-probed in a fresh
-    process, see :class:`Prober`)."""
+def _reset_peak_rss() -> bool:
+    """Linux: the peak resident set (VmHWM) back to the current one, so that a step's peak
+    is its own; whether that worked. Where it is refused the peak keeps the earlier
+    probes' (an over-estimate: a failure it causes is re-probed in a fresh process, see
+    :class:`Prober`)."""
     try:
         Path("/proc/self/clear_refs").write_text("5")
     except OSError:
+        return False
+    return _rss("VmHWM") > 0
+
+
+def _rss(field: str) -> int:
+    """``VmRSS`` (now) or ``VmHWM`` (the peak) of /proc/self/status in bytes; 0 without it."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(f"{field}:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
         pass
+    return 0
 
 
 def _peak_rss() -> int:
@@ -199,13 +213,7 @@ def _peak_rss() -> int:
     resets; ``ru_maxrss`` where /proc is missing)."""
     import resource
 
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return _rss("VmHWM") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 class _Worker:

@@ -1,6 +1,7 @@
 """FP8 layers in sloth's fused LoRA ops (``LoRALinear.base``): the fused projections and
-MLP run the FP8 products themselves and give what PEFT's LoRA around the same FP8 layers
-gives, forward and backward (the input's and every adapter's gradient)."""
+MLP (sloth-kernels' implementations, reached through the op registry of the installed
+plugins) run the FP8 products themselves and give what PEFT's LoRA around the same FP8
+layers gives, forward and backward (the input's and every adapter's gradient)."""
 
 from __future__ import annotations
 
@@ -42,6 +43,15 @@ def _fp8_lora_mlp(hidden: int, inter: int, bias: bool, seed: int):
     return model
 
 
+@pytest.fixture
+def fused(installed, monkeypatch):
+    """The installed plugins' op registry, sloth-kernels serving every op it implements."""
+    monkeypatch.setenv("SLOTH_KERNELS", "sloth-kernels")
+    for op in ("lora_mlp", "lora_linear"):
+        assert installed.ops.resolve(op, "cpu", torch.float32).provider == "sloth-kernels"
+    return installed.ops
+
+
 def _grads(model, x, out, grad):
     params = [p for p in model.parameters() if p.requires_grad]
     return torch.autograd.grad(out, [x, *params], grad)
@@ -52,10 +62,8 @@ def _grads(model, x, out, grad):
 @pytest.mark.parametrize(("hidden", "inter"), [(64, 48), (40, 24)])
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("fp8_backward", [True, False], ids=["fp8-grad", "dequant-grad"])
-def test_the_fused_mlp_runs_fp8_layers_as_peft_does(hidden, inter, bias, fp8_backward,
+def test_the_fused_mlp_runs_fp8_layers_as_peft_does(hidden, inter, bias, fp8_backward, fused,
                                                     monkeypatch):  # fmt: skip
-    from sloth_kernels.lora_mlp import lora_mlp
-
     monkeypatch.setattr(Fp8Linear, "fp8_backward", fp8_backward)
     model = _fp8_lora_mlp(hidden, inter, bias, seed=hidden + bias)
     inner = model.get_base_model()
@@ -75,7 +83,7 @@ def test_the_fused_mlp_runs_fp8_layers_as_peft_does(hidden, inter, bias, fp8_bac
 
     x = torch.randn(2, 19, hidden, requires_grad=True)
     want = model(x)
-    got = lora_mlp(x, *layers, activation="swiglu")
+    got = fused.lora_mlp(x, *layers, activation="swiglu")
     assert calls == {"sloth_matmul": 3, "sloth_input_grad": 0}
     # The FP8 products are the same calls on the same inputs; only the LoRA sums' order
     # differs (fused addmm against PEFT's separate add).
@@ -86,21 +94,19 @@ def test_the_fused_mlp_runs_fp8_layers_as_peft_does(hidden, inter, bias, fp8_bac
     assert calls["sloth_input_grad"] == 3  # the fused backward's input gradients
 
 
-def test_the_fused_projections_run_an_fp8_layer_as_peft_does():
-    from sloth_kernels.lora import lora_linear
-
+def test_the_fused_projections_run_an_fp8_layer_as_peft_does(fused):
     model = _fp8_lora_mlp(64, 48, bias=True, seed=3)
     module = model.get_base_model().gate_proj
     layer = lift_linear(module)
     assert layer is not None and layer.base is module.get_base_layer()
     x = torch.randn(3, 7, 64, requires_grad=True)
-    want, got = module(x), lora_linear(x, layer)
+    want, got = module(x), fused.lora_linear(x, layer)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     grad = torch.randn_like(want)
     for g, w in zip(_grads(module, x, got, grad), _grads(module, x, want, grad), strict=True):
         torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
     # Outputs the fused op updates in place downstream are its own, not views.
-    got2 = lora_linear(x, layer)
+    got2 = fused.lora_linear(x, layer)
     got2.add_(1.0)
     got2.sum().backward()
     assert x.grad is not None
