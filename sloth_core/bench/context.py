@@ -14,10 +14,11 @@ answer depends on what ran before it in its process.
 - CUDA: the budget defaults to the device's total memory; the probe caps its allocator
   at the budget (``torch.cuda.set_per_process_memory_fraction``) and checks
   ``torch.cuda.max_memory_allocated()`` (weights included) against it.
-- CPU: without a budget a probe fits if it runs. With one, the measure is the growth of
-  the process's peak resident set (``ru_maxrss``) from just before the model loads to
-  after the step: it counts weights, activations and optimizer state as the GPU measure
-  does, plus whatever the host allocator keeps, so it is an upper bound.
+- CPU: without a budget a probe fits if it runs. With one, the measure is the step's peak
+  resident set (Linux's ``VmHWM``, reset before each step) less the resident set just
+  before the model loaded: it counts weights, activations and optimizer state as the GPU
+  measure does, plus whatever the host allocator keeps, so it is an upper bound (where
+  the peak cannot be reset, the growth of ``ru_maxrss``).
 
 A probe that fails for another reason than memory stops that system's search and is
 reported as its error: a bug is not a context limit.
