@@ -36,12 +36,15 @@ def _policy(path):
 
 
 @pytest.fixture(scope="module", params=["llama", "qwen3"])
-def policy(request, tiny_llama, tmp_path_factory):
+def policy(request, tmp_path_factory):
+    """A tiny model of varied config (biases, tied embeddings; a sliding window, which the
+    fast path does not replay, left off)."""
     from sloth_core.testing.models import tiny_model
+    from sloth_core.testing.varied import config_variations
 
-    if request.param == "llama":
-        return _policy(tiny_llama)
-    return _policy(tiny_model("qwen3", tmp_path_factory.mktemp("models") / "qwen3"))
+    arch = request.param
+    varied = config_variations(arch, keep=("use_sliding_window",))
+    return _policy(tiny_model(arch, tmp_path_factory.mktemp("models") / arch, **varied))
 
 
 def _sample(policy, options, **kwargs):
