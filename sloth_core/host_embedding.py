@@ -13,6 +13,8 @@ working), CUDA graphs capture the gather like any other kernel, and ``.cpu()``,
 
 Only a frozen, untied, floating-point ``nn.Embedding`` on a CUDA device of a model that
 is not trained by several processes moves (a collective would hand NCCL a host buffer).
+Its host cost: torch's pinned allocator rounds a buffer up to a power of two, so Llama
+3's 1.05 GB embedding holds 2 GiB of page-locked host memory.
 """
 
 from __future__ import annotations
