@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from kernel_helpers import DEVICE, FP32_FLOOR, LOWP_FACTOR, TOLERANCES, assert_close
+from kernel_helpers import DEVICE, FP32_FLOOR, HAS_CUDA, LOWP_FACTOR, TOLERANCES, assert_close
 from sloth_kernels import moe
 from sloth_kernels.moe import moe_experts
 
@@ -42,8 +42,15 @@ def _layer(experts, out_f, in_f, *, r, bias, transposed, frozen):
     return layer, [t for t in leaves if t.requires_grad]
 
 
-def _problem(kind, lora, tokens=(2, 9)):
-    bounds = (tokens, (5, 40), (3, 30), (1, 3), (0, 2), (1, 5))
+#: The bf16 bound for the expert GEMMs: on a GPU LOWP_FACTOR; in Triton's CPU interpreter,
+#: which truncates fp32 -> bf16, the LoRA gradients' error came out at 2-4x torch's with a
+#: tail past 4x in about 1 run in 60 (rank-2 adapters: each gradient element is a sum of
+#: a few rounded x A^T values), so 6x there.
+MOE_LOWP_FACTOR = LOWP_FACTOR if HAS_CUDA else 6.0
+
+
+def _problem(kind, lora, tokens=(2, 9), ranks=(1, 5)):
+    bounds = (tokens, (5, 40), (3, 30), (1, 3), (0, 2), ranks)
     seed, (tokens, hidden, inter, top_k, extra, r) = draw(*bounds)
     activation, layout, bias, transposed = {**KINDS, **MIXED}[kind]
     experts = top_k + 3 + extra  # 4 .. 8
@@ -107,8 +114,11 @@ def test_moe_experts_matches_reference_fp32(kind, lora):
 
 @pytest.mark.parametrize("kind", list(KINDS))
 def test_moe_experts_bf16_within_rounding_of_fp32(kind):
-    # Enough tokens that a tensor's relative error is not one or two elements' rounding.
-    args32, kwargs, inputs32, what = _problem(kind, True, tokens=(12, 16))
+    # Enough tokens that a tensor's relative error is not one or two elements' rounding,
+    # and rank >= 2: at rank 1 every element of an expert's lora_B gradient shares the
+    # rounding of one x A^T column, so its error is a handful of rounding events, and the
+    # interpreter's truncation (CPU) put it past 4x torch's in about 1 run in 20.
+    args32, kwargs, inputs32, what = _problem(kind, True, tokens=(12, 16), ranks=(2, 5))
     # gpt-oss's own clamp (7): at the test's 1.5 many pre-activations sit by the kink, where
     # rounding alone decides whether a gradient passes (the fp32 tests cover the clamp).
     kwargs["limit"] = 7.0
@@ -134,7 +144,7 @@ def test_moe_experts_bf16_within_rounding_of_fp32(kind):
             actual,
             truth,
             baseline,
-            factor=LOWP_FACTOR,
+            factor=MOE_LOWP_FACTOR,
             floor=FP32_FLOOR,
             rows=False,
             what=f"{what} bf16 {label}",
