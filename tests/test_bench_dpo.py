@@ -65,3 +65,14 @@ def test_trl_missing_is_reported_as_skipped(tmp_path, monkeypatch, capsys):
 def test_unknown_system_is_refused(tmp_path):
     with pytest.raises(ValueError, match="unknown system"):
         run_dpo_bench("llama-tiny", systems=("liger",), model_dir=tmp_path, device="cpu")
+
+
+def test_sloth_plans_its_dpo_step_for_a_memory_budget(tmp_path):
+    # Both rows of every pair count as sequences of the step (method.sequences_per_forward).
+    report = run_dpo_bench("llama-tiny", seq=32, batch=2, steps=1, warmup=0, systems=("sloth",),
+                           model_dir=tmp_path / "model", device="cpu", budget_gib=4.0)  # fmt: skip
+    assert report["budget_gib"] == 4.0
+    (sloth,) = report["results"]
+    assert sloth.get("error") is None, sloth
+    assert sloth["plan"].startswith("memory plan: ") and "of 4.00 GiB" in sloth["plan"]
+    assert sloth["first_loss"] == pytest.approx(math.log(2), abs=1e-3)

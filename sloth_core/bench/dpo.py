@@ -133,9 +133,12 @@ def _trainable(model: Any) -> int:
 
 
 def run_sloth(model_dir: Path, pairs: list[dict[str, list[int]]], *, seq: int, steps: int,
-              warmup: int, device: str, lr: float = LEARNING_RATE) -> TrainResult:  # fmt: skip
+              warmup: int, device: str, lr: float = LEARNING_RATE,
+              budget_gib: float | None = None) -> TrainResult:  # fmt: skip
     """sloth's DPO step, as ``sloth train --method dpo`` runs it (model, method, optimizer,
-    autocast and step all the trainer's own), on one fixed batch of ``pairs``."""
+    autocast and step all the trainer's own), on one fixed batch of ``pairs``; with
+    ``budget_gib`` its checkpointing planned per layer for that budget, as
+    ``sloth train --method dpo --memory-budget-gib`` plans it (both rows of every pair)."""
     from sloth_core.data import PairExample
     from sloth_core.train.config import TrainConfig
     from sloth_core.train.loop import _autocast
@@ -149,6 +152,8 @@ def run_sloth(model_dir: Path, pairs: list[dict[str, list[int]]], *, seq: int, s
                          max_seq_length=seq)  # fmt: skip
     method = method_for(config)
     method.attach(model)  # the reference: the model with its adapters disabled
+    plan = bench._plan("sloth", model, batch=method.sequences_per_forward, seq=seq,
+                       device=device, budget_gib=budget_gib)  # fmt: skip
     optimizer = build_optimizer(model, config)
     autocast = _autocast(config, model)
     examples = [PairExample(tuple(p["prompt_ids"]), tuple(p["chosen_ids"]),
@@ -166,8 +171,10 @@ def run_sloth(model_dir: Path, pairs: list[dict[str, list[int]]], *, seq: int, s
                           forward_backward=method.forward_backward)  # fmt: skip
         clock.end()
         losses.append(done.loss)
-    return _result("sloth", model, clock, losses, warmup=warmup, batch=len(pairs), seq=seq,
-                   n_base=n_base, n_lora=_trainable(model))  # fmt: skip
+    result = _result("sloth", model, clock, losses, warmup=warmup, batch=len(pairs), seq=seq,
+                     n_base=n_base, n_lora=_trainable(model))  # fmt: skip
+    result.plan = plan
+    return result
 
 
 def run_trl(model_dir: Path, pairs: list[dict[str, list[int]]], *, seq: int, steps: int,
@@ -254,11 +261,13 @@ def versions() -> dict[str, str | None]:
 def run_dpo_bench(shape: str, *, seq: int = 1024, batch: int = 4, steps: int = 10,
                   warmup: int = 3, systems: tuple[str, ...] = SYSTEMS, model_dir: Path,
                   device: str, timeout: float = 1800, lr: float = LEARNING_RATE,
-                  loss_tolerance: float = DPO_LOSS_TOLERANCE) -> dict[str, Any]:  # fmt: skip
+                  loss_tolerance: float = DPO_LOSS_TOLERANCE,
+                  budget_gib: float | None = None) -> dict[str, Any]:  # fmt: skip
     """Every system in its own process, one after the other, on the same model and pairs;
     the report has :func:`sloth_core.bench.train.run_bench`'s keys and ``kind: "dpo"``.
     ``hf`` is TRL's DPOTrainer on transformers + PEFT; a system that cannot run here
-    (TRL not installed) is reported as skipped, with the reason."""
+    (TRL not installed) is reported as skipped, with the reason. ``budget_gib``: sloth
+    plans its checkpointing per layer for it (:func:`run_sloth`); TRL runs as always."""
     unknown = [s for s in systems if s not in RUNNERS]
     if unknown:
         raise ValueError(f"unknown system(s) {unknown}; choose from {', '.join(RUNNERS)}")
@@ -267,7 +276,7 @@ def run_dpo_bench(shape: str, *, seq: int = 1024, batch: int = 4, steps: int = 1
     for system in systems:
         out = bench.run_worker("sloth_core.bench.dpo", [
             "--worker", system, str(model_dir), str(seq), str(batch), str(steps), str(warmup),
-            device, repr(lr),
+            device, repr(lr), repr(budget_gib or 0.0),
         ], timeout=timeout)  # fmt: skip
         results.append({**out, "system": system})
     losses_agree = bench.check_losses(results, loss_tolerance)
@@ -275,7 +284,7 @@ def run_dpo_bench(shape: str, *, seq: int = 1024, batch: int = 4, steps: int = 1
     device_name = next((r["device_name"] for r in results if r.get("device_name")), None)
     return {"kind": "dpo", "shape": shape, "config": bench.SHAPES[shape], "seq": seq,
             "batch": batch, "steps": steps, "warmup": warmup, "device": device,
-            "quantization": None, "nproc": [1], "full": False, "budget_gib": None,
+            "quantization": None, "nproc": [1], "full": False, "budget_gib": budget_gib,
             "beta": BETA, "learning_rate": lr, "expected_first_loss": FIRST_LOSS,
             "peak_tflops": bench.PEAK_TFLOPS, "device_name": device_name,
             "versions": versions(), "loss_tolerance": loss_tolerance,
@@ -297,12 +306,15 @@ def markdown(report: dict[str, Any], command: str) -> str:
 
 
 def _worker(argv: list[str]) -> None:
-    system, model_dir, seq, batch, steps, warmup, device, lr = argv
+    system, model_dir, seq, batch, steps, warmup, device, lr, *rest = argv
     config = json.loads((Path(model_dir) / "config.json").read_text())
     pairs = make_pairs(int(batch), int(seq), config["vocab_size"])
+    budget = float(rest[0]) if rest else 0.0
+    options = {"budget_gib": budget} if system == "sloth" and budget else {}
     try:
         result = RUNNERS[system](Path(model_dir), pairs, seq=int(seq), steps=int(steps),
-                                 warmup=int(warmup), device=device, lr=float(lr))  # fmt: skip
+                                 warmup=int(warmup), device=device, lr=float(lr),
+                                 **options)  # fmt: skip
     except SystemSkipped as exc:
         print(json.dumps({"system": system, "skipped": str(exc)}))
         return
@@ -317,6 +329,9 @@ def add_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--lr", type=float, default=LEARNING_RATE)
+    parser.add_argument("--memory-budget-gib", type=float, default=None,
+                        help="sloth plans its checkpointing per layer for it "
+                             "(sloth train --memory-budget-gib); TRL runs as always")  # fmt: skip
     add_bench_options(parser, systems=SYSTEMS, known=SYSTEMS, note="hf: TRL's DPOTrainer")
 
 
@@ -326,7 +341,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return run_dpo_bench(
         args.shape, seq=args.seq, batch=args.batch, steps=args.steps, warmup=args.warmup,
         systems=tuple(s for s in args.systems.split(",") if s), device=device, lr=args.lr,
-        model_dir=model_dir,
+        model_dir=model_dir, budget_gib=args.memory_budget_gib,
     )  # fmt: skip
 
 
