@@ -71,17 +71,22 @@ def host_resident(weight: torch.Tensor, device: torch.device) -> torch.Tensor:
     return alias
 
 
+def _embeddings(model: Any) -> tuple[Any, Any]:
+    """``model``'s input and output embedding modules (``None`` where it has none)."""
+    inner = unwrap_model(model)
+    get_in = getattr(inner, "get_input_embeddings", None)
+    get_out = getattr(inner, "get_output_embeddings", None)
+    return (get_in() if get_in is not None else None,
+            get_out() if get_out is not None else None)  # fmt: skip
+
+
 def movable_embedding(model: Any, *, on_cuda: bool = True) -> torch.nn.Embedding | None:
     """``model``'s input embedding if it may move to host memory (frozen, untied, floating
     point, a plain ``nn.Embedding`` (or subclass) not yet moved, on CUDA unless
     ``on_cuda=False``), else ``None``."""
-    inner = unwrap_model(model)
-    get_in = getattr(inner, "get_input_embeddings", None)
-    embedding = get_in() if get_in is not None else None
-    if type(embedding).__module__.startswith("peft") or not isinstance(
-        embedding, torch.nn.Embedding
-    ):
-        return None  # a LoRA-wrapped embedding trains
+    embedding, output = _embeddings(model)
+    if not isinstance(embedding, torch.nn.Embedding):
+        return None  # PEFT's wrappers (LoRA on it, modules_to_save) are not: it trains
     weight = embedding.weight
     if weight.requires_grad or (on_cuda and not weight.is_cuda) or not weight.is_floating_point():
         return None
@@ -90,8 +95,6 @@ def movable_embedding(model: Any, *, on_cuda: bool = True) -> torch.nn.Embedding
         torch.nn.Parameter,
     ):  # already moved, or a DTensor / quantized subclass
         return None
-    get_out = getattr(inner, "get_output_embeddings", None)
-    output = get_out() if get_out is not None else None
     out_weight = getattr(output, "weight", None)
     if isinstance(out_weight, torch.Tensor) and out_weight.data_ptr() == weight.data_ptr():
         return None  # tied to the lm_head, which reads all of it every step
@@ -122,7 +125,5 @@ def keep_input_embedding_on_host(model: Any) -> bool:
 
 def input_embedding_on_host(model: Any) -> bool:
     """Whether :func:`keep_input_embedding_on_host` moved ``model``'s input embedding."""
-    inner = unwrap_model(model)
-    get_in = getattr(inner, "get_input_embeddings", None)
-    embedding = get_in() if get_in is not None else None
+    embedding, _ = _embeddings(model)
     return embedding is not None and bool(embedding.__dict__.get(_HOST))

@@ -35,7 +35,7 @@ def panels(report: dict[str, Any]) -> list[tuple[str, list[str], list[float | No
     """(title, systems, values) for each panel of ``report``'s chart; a targets report's
     names are its rows (their targets: :func:`target_marks`)."""
     if "rows" in report:  # sloth bench train --targets
-        rows = [r for r in report["rows"] if not r.get("error")]
+        rows = _target_rows(report)
         names = [r["name"] for r in rows]
         return [("speed vs hf (x)", names, [r.get("speed") for r in rows]),
                 ("memory vs hf (x)", names, [r.get("memory") for r in rows])]  # fmt: skip
@@ -47,11 +47,16 @@ def panels(report: dict[str, Any]) -> list[tuple[str, list[str], list[float | No
             ("peak memory (GiB)", names, [r.get("peak_gib") for r in rows])]  # fmt: skip
 
 
+def _target_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """A targets report's rows that ran: the bars of its panels."""
+    return [r for r in report["rows"] if not r.get("error")]
+
+
 def target_marks(report: dict[str, Any]) -> list[list[float | None]]:
     """A targets report's goal per bar of each panel (``None``: that row has none)."""
     if "rows" not in report:
         return []
-    rows = [r for r in report["rows"] if not r.get("error")]
+    rows = _target_rows(report)
     return [[r["target"].get(key) for r in rows] for key in ("speed", "memory")]
 
 
