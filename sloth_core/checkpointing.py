@@ -2,11 +2,22 @@
 
 Plain checkpointing keeps every decoder layer's input on the GPU until backward (32 x
 seq x hidden in bf16: 2 GiB for an 8B model at 8192 tokens). Here each input is copied
-to pinned host memory as the forward goes on (asynchronously, on the compute stream),
-the layer runs without saving anything, and the backward brings the input back, runs the
-layer again with gradients and back-propagates through it. The copies overlap the
-compute of the neighbouring layers, so the step costs about what plain checkpointing
-costs, with the layer inputs off the GPU.
+to pinned host memory as the forward goes on, the layer runs without saving anything,
+and the backward brings the input back, runs the layer again with gradients and
+back-propagates through it.
+
+The copies run on a side stream of their own, so they overlap the compute instead of
+queueing between its kernels (on the compute stream they took 10% of an 8B model's step,
+docs/benchmarks.md). While a layer's backward runs, the input of the layer before it is
+already on its way back (one layer input more on the device, the price of never waiting
+for PCIe).
+
+The recompute skips what backward never reads. A gated MLP whose output only feeds
+additions (the residual stream of Llama-style layers) need not multiply its output
+projection again: the value of that output is never read, only the gradient passes
+through it (``lora_mlp(..., output=False)``). Whether that holds is not assumed from the
+architecture; it is read from each layer's own autograd graph on its first recompute
+(:func:`_value_free_downstream`), and the skip applies from the second on.
 
 :class:`Checkpointing` is the one vocabulary of the modes (``sloth train``'s
 ``gradient_checkpointing`` option, ``FastLanguageModel`` after it maps Unsloth's
@@ -16,29 +27,155 @@ spellings) and :func:`apply_checkpointing` the one rule for when to offload.
 from __future__ import annotations
 
 import enum
+import threading
+import weakref
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
+#: Autograd nodes whose backward reads none of its inputs' values: a tensor that only
+#: flows through these to a recomputed layer's outputs has a value nobody reads.
+_VALUE_FREE_NODES = frozenset({
+    "AddBackward0", "AddBackward1", "SubBackward0", "SubBackward1", "ViewBackward0",
+    "UnsafeViewBackward0", "ReshapeAliasBackward0", "CloneBackward0", "ToCopyBackward0",
+    "NativeDropoutBackward0",
+})  # fmt: skip
 
-def _to_host(t: torch.Tensor) -> torch.Tensor:
-    if t.device.type != "cuda":
-        return t.detach().clone()
-    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-    host.copy_(t, non_blocking=True)  # ordered on this stream before t's memory is reused
-    return host
+_state = threading.local()
+# Per module (weakly): whether its output's value is unread in a recompute, once probed.
+_verdicts: weakref.WeakKeyDictionary[torch.nn.Module, bool] = weakref.WeakKeyDictionary()
+_copy_streams: dict[torch.device, Any] = {}
 
 
-class _OffloadedCheckpoint(torch.autograd.Function):
+def _copy_stream(device: torch.device) -> Any:
+    if device not in _copy_streams:
+        _copy_streams[device] = torch.cuda.Stream(device)
+    return _copy_streams[device]
+
+
+class _Slot:
+    """One checkpointed layer input: in host memory, and once fetched on the device."""
+
+    def __init__(self, hidden_states: torch.Tensor, offload: bool) -> None:
+        self.device = hidden_states.device
+        self.prev: weakref.ref[_Slot] | None = None  # the layer before, in forward order
+        self.fetched: tuple[torch.Tensor, Any] | None = None
+        if not offload:
+            self.host, self.kept = None, hidden_states.detach()
+        elif self.device.type != "cuda":  # nothing to offload to: a copy, as a GPU's would be
+            self.host, self.kept = hidden_states.detach().clone(), None
+        else:
+            self.host, self.kept = self._to_host(hidden_states), None
+
+    def _to_host(self, t: torch.Tensor) -> torch.Tensor:
+        stream = _copy_stream(self.device)
+        host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        stream.wait_stream(torch.cuda.current_stream(self.device))  # t is computed
+        with torch.cuda.stream(stream):
+            host.copy_(t, non_blocking=True)
+        t.record_stream(stream)  # t's memory is not reused before the copy has read it
+        return host
+
+    def prefetch(self) -> None:
+        """Start bringing the input back (on the copy stream); :meth:`take` waits for it."""
+        if self.fetched is not None or self.host is None:
+            return
+        if self.device.type != "cuda":
+            self.fetched = (self.host, None)
+            return
+        compute = torch.cuda.current_stream(self.device)
+        x = torch.empty(self.host.shape, dtype=self.host.dtype, device=self.device)
+        stream = _copy_stream(self.device)
+        stream.wait_stream(compute)  # x's block may still be read by queued compute
+        with torch.cuda.stream(stream):
+            x.copy_(self.host, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record(stream)
+        self.fetched = (x, done)
+
+    def take(self) -> torch.Tensor:
+        """The input on its device, ready for the compute stream; the slot is emptied."""
+        if self.kept is not None:
+            x, self.kept = self.kept, None
+            return x
+        self.prefetch()
+        assert self.fetched is not None  # prefetch fills it whenever host is set
+        x, done = self.fetched
+        if done is not None:
+            torch.cuda.current_stream(self.device).wait_event(done)
+        self.host = self.fetched = None
+        return x
+
+
+class _Recompute:
+    """What one layer's recompute collects: the modules whose output's value may be
+    unread (:func:`output_unread`), each with its output, to probe once the layer ran."""
+
+    def __init__(self) -> None:
+        self.probes: list[tuple[torch.nn.Module, torch.Tensor]] = []
+
+    def settle(self, outputs: list[torch.Tensor]) -> None:
+        for module, tensor in self.probes:
+            _verdicts[module] = _value_free_downstream(tensor, outputs)
+
+
+def _value_free_downstream(tensor: torch.Tensor, outputs: list[torch.Tensor]) -> bool:
+    """Whether every autograd node between ``tensor`` and ``outputs`` reads no value
+    (:data:`_VALUE_FREE_NODES`): then ``tensor``'s value only passes gradients through.
+    False where ``tensor`` has no node of its own to tell its consumers by."""
+    target = tensor.grad_fn
+    if target is None:
+        return False
+    reaches: dict[Any, bool] = {target: True}
+    stack = [(o.grad_fn, False) for o in outputs if o.grad_fn is not None]
+    while stack:  # iterative post-order: a node reaches target if one of its inputs does
+        node, expanded = stack.pop()
+        if node in reaches and not expanded:
+            continue
+        nexts = [n for n, _ in node.next_functions if n is not None]
+        if not expanded:
+            reaches[node] = False
+            stack.append((node, True))
+            stack.extend((n, False) for n in nexts if n not in reaches)
+        else:
+            reaches[node] = any(reaches.get(n, False) for n in nexts)
+    return all(
+        type(node).__name__ in _VALUE_FREE_NODES
+        for node, reached in reaches.items()
+        if reached and node is not target
+    )
+
+
+def output_unread(module: torch.nn.Module, output: torch.Tensor | None = None) -> bool:
+    """Inside a checkpoint's recompute, whether ``module``'s output value goes unread.
+
+    A patched module calls it twice per recompute: before running (``output`` None), to
+    know whether it may skip computing its output's value (True only once probed), and
+    after, with the output it made, so that the first recompute probes it. Outside a
+    recompute it is False and records nothing."""
+    recompute: _Recompute | None = getattr(_state, "recompute", None)
+    if recompute is None:
+        return False
+    verdict = _verdicts.get(module)
+    if verdict is None and output is not None:
+        recompute.probes.append((module, output))
+    return bool(verdict)
+
+
+class _Checkpoint(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, function, hidden_states, *args):
+    def forward(ctx, function, offload, hidden_states, *args):
         ctx.function, ctx.args = function, args
-        ctx.device = hidden_states.device
-        ctx.host = _to_host(hidden_states)
+        slot = _Slot(hidden_states, offload)
+        last = getattr(_state, "last_slot", None)
+        slot.prev = last
+        _state.last_slot = weakref.ref(slot)
+        ctx.slot = slot
         # The recomputation must draw the same random numbers (dropout) as this pass.
+        device = hidden_states.device
         ctx.cpu_rng = torch.get_rng_state()
-        ctx.cuda_rng = torch.cuda.get_rng_state(ctx.device) if ctx.device.type == "cuda" else None
+        ctx.cuda_rng = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
         with torch.no_grad():
             out = function(hidden_states, *args)
         ctx.is_tuple = isinstance(out, tuple)
@@ -46,19 +183,43 @@ class _OffloadedCheckpoint(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads):
-        x = ctx.host.to(ctx.device, non_blocking=True).detach().requires_grad_(True)
-        devices = [ctx.device] if ctx.cuda_rng is not None else []
+        slot: _Slot = ctx.slot
+        x = slot.take().detach().requires_grad_(True)
+        before = slot.prev() if slot.prev is not None else None
+        if before is not None:  # its input comes back while this layer computes
+            before.prefetch()
+        devices = [slot.device] if ctx.cuda_rng is not None else []
+        recompute = _Recompute()
+        outer = getattr(_state, "recompute", None)
         with torch.random.fork_rng(devices=devices):
             torch.set_rng_state(ctx.cpu_rng)
             if ctx.cuda_rng is not None:
-                torch.cuda.set_rng_state(ctx.cuda_rng, ctx.device)
-            with torch.enable_grad():
-                out = ctx.function(x, *ctx.args)
+                torch.cuda.set_rng_state(ctx.cuda_rng, slot.device)
+            _state.recompute = recompute
+            try:
+                with torch.enable_grad():
+                    out = ctx.function(x, *ctx.args)
+            finally:
+                _state.recompute = outer
         outs = out if ctx.is_tuple else (out,)
-        pairs = [(o, g) for o, g in zip(outs, grads) if g is not None and o.requires_grad]
+        pairs = [
+            (o, g) for o, g in zip(outs, grads, strict=True) if g is not None and o.requires_grad
+        ]
+        if recompute.probes:
+            recompute.settle([o for o, _ in pairs])
         torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
-        ctx.host = None
-        return (None, x.grad, *([None] * len(ctx.args)))
+        ctx.slot = None
+        return (None, None, x.grad, *([None] * len(ctx.args)))
+
+
+def _checkpoint(function: Callable[..., Any], hidden_states: Any, args: tuple, offload: bool):
+    if not torch.is_grad_enabled() or not isinstance(hidden_states, torch.Tensor):
+        return function(hidden_states, *args)
+    if not hidden_states.requires_grad:
+        # The first layer's input comes from frozen embeddings: make the LoRA weights
+        # inside reachable for autograd, as ``enable_input_require_grads`` would.
+        hidden_states = hidden_states.detach().requires_grad_(True)
+    return _Checkpoint.apply(function, offload, hidden_states, *args)
 
 
 def offloaded_checkpoint(function: Callable[..., Any], hidden_states: torch.Tensor, *args: Any):
@@ -68,13 +229,13 @@ def offloaded_checkpoint(function: Callable[..., Any], hidden_states: torch.Tens
     so); ``hidden_states`` is the layer input. Outside training with gradients, or for
     inputs that are not a tensor, it simply calls the layer.
     """
-    if not torch.is_grad_enabled() or not isinstance(hidden_states, torch.Tensor):
-        return function(hidden_states, *args)
-    if not hidden_states.requires_grad:
-        # The first layer's input comes from frozen embeddings: make the LoRA weights
-        # inside reachable for autograd, as ``enable_input_require_grads`` would.
-        hidden_states = hidden_states.detach().requires_grad_(True)
-    return _OffloadedCheckpoint.apply(function, hidden_states, *args)
+    return _checkpoint(function, hidden_states, args, offload=True)
+
+
+def device_checkpoint(function: Callable[..., Any], hidden_states: torch.Tensor, *args: Any):
+    """As :func:`offloaded_checkpoint` with the layer input kept on its device: plain
+    checkpointing, with the recompute's skips (the memory plan's ``recompute`` layers)."""
+    return _checkpoint(function, hidden_states, args, offload=False)
 
 
 class Checkpointing(str, enum.Enum):

@@ -24,7 +24,8 @@ model. The model of memory (all figures scale with the tokens of a step):
   its input bytes (recompute) or nothing (offload);
 * backward goes from the last layer to the first, freeing each layer's holdings after its
   backward; a non-kept layer ``j`` is run again first, so while its backward runs the
-  device holds ``rest`` + what layers ``0..j`` hold + the saved bytes of layer ``j``;
+  device holds ``rest`` + what layers ``0..j`` hold + the saved bytes of layer ``j``, and
+  the input of layer ``j - 1`` if that one is offloaded (it is fetched back meanwhile);
 * when backward starts, the loss's gradient comes on top of everything held (on a GPU
   :func:`measure_layer_costs` measures it: an unfused loss's is twice its fp32 logits);
 * the predicted peak is ``fixed_bytes`` (the caller's: weights, gradients, optimizer
@@ -274,10 +275,15 @@ class MemoryPlan:
         # the backward's start: everything held, and the loss's gradient on top
         peak = sum(held) + self.costs.transient_bytes_per_token * self.tokens
         prefix = 0.0
-        for cost, mode, h in zip(self.costs, self.modes, held, strict=True):
+        for j, (cost, mode, h) in enumerate(zip(self.costs, self.modes, held, strict=True)):
             prefix += h
             if mode is not LayerMode.KEEP:  # run again in backward, all of it saved
-                peak = max(peak, prefix + cost.saved_bytes_per_token * self.tokens)
+                # and an offloaded layer before it already has its input back (prefetched)
+                before = self.costs[j - 1] if j else None
+                ahead = 0.0
+                if before is not None and self.modes[j - 1] is LayerMode.OFFLOAD:
+                    ahead = before.input_bytes_per_token * self.tokens
+                peak = max(peak, prefix + cost.saved_bytes_per_token * self.tokens + ahead)
         return self.fixed_bytes + rest + peak
 
     @property
@@ -354,9 +360,14 @@ def plan_memory(
 
 def apply_plan(model: Any, plan: MemoryPlan) -> None:
     """Set each decoder layer of ``model`` to its mode: checkpointing on model-wide
-    (non-reentrant), then per layer off (keep), left on (recompute) or with
+    (non-reentrant), then per layer off (keep), on with
+    :func:`~sloth_core.checkpointing.device_checkpoint` (recompute) or with
     :func:`~sloth_core.checkpointing.offloaded_checkpoint` (offload)."""
-    from sloth_core.checkpointing import enable_checkpointing, offloaded_checkpoint
+    from sloth_core.checkpointing import (
+        device_checkpoint,
+        enable_checkpointing,
+        offloaded_checkpoint,
+    )
 
     layers: list[Any] = _layers(model)  # transformers' GradientCheckpointingLayers
     if len(layers) != len(plan.modes):
@@ -367,6 +378,8 @@ def apply_plan(model: Any, plan: MemoryPlan) -> None:
         layer.gradient_checkpointing = mode is not LayerMode.KEEP
         if mode is LayerMode.OFFLOAD:
             layer._gradient_checkpointing_func = offloaded_checkpoint
+        elif mode is LayerMode.RECOMPUTE:  # sloth's own: its recompute skips what it may
+            layer._gradient_checkpointing_func = device_checkpoint
 
 
 @contextmanager

@@ -110,12 +110,17 @@ def test_peak_model_by_hand():
     # saved tensors again while its backward runs, when the others have been freed
     assert peak((R, K, K)) == 5 + 2 + max(21, 1 + 10)
     assert peak((K, K, R)) == 5 + 2 + max(21, 21 + 10)
-    assert peak((OFF, OFF, OFF)) == 5 + 2 + 10
+    # an offloaded layer's input comes back while the layer after it runs its backward
+    assert peak((OFF, OFF, OFF)) == 5 + 2 + 10 + 1
+    assert peak((OFF, OFF, R)) == 5 + 2 + max(1, 1 + 10 + 1)
     # ties go to the first layers, whose recompute comes when the rest is freed
     assert plan_memory(costs, 1, 5 + 2 + 29, 5).modes == (R, K, K)
     assert plan_memory(costs, 1, 5 + 2 + 12, 5).modes == (R, R, K)
-    plan = plan_memory(costs, 1, 5 + 2 + 11, 5)
-    assert plan.modes == (OFF, OFF, R) and plan.host_bytes == 2
+    least = plan_memory(costs, 1, 5 + 2 + 11, 5)
+    assert least.modes == (OFF, OFF, OFF) and least.host_bytes == 3
+    with pytest.raises(ValueError, match="below the least this step needs"):
+        plan_memory(costs, 1, 5 + 2 + 10, 5)
+    plan = MemoryPlan((OFF, OFF, R), costs, 1, 5, 0)
     console = Console(width=200, record=True)
     console.print(plan.table())
     text = console.export_text()

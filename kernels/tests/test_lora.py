@@ -490,3 +490,27 @@ def test_gpu_8b_lora_mlp(nf4):
 @pytest.mark.parametrize("nf4", [False, True], ids=["bf16", "nf4"])
 def test_gpu_8b_lora_qkv(nf4):
     _gpu_8b("qkv", nf4)
+
+
+@pytest.mark.parametrize("down_r", [None, 4], ids=["down-frozen", "down-adapted"])
+@pytest.mark.parametrize("nf4", [False, True], ids=["dense", "nf4"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_lora_mlp_without_its_output_value_gives_the_same_gradients(dtype, nf4, down_r):
+    # output=False (a checkpoint's recompute whose MLP output only feeds the residual):
+    # down's product is skipped; the output has its shape and the backward is the same.
+    seed, (r_pick,) = _draw((0, 1))
+    r = (4, 8)[r_pick]
+    gate, up = (_layer(INTER, HIDDEN, dtype, r=r, nf4=nf4) for _ in range(2))
+    layers = (gate, up, _layer(HIDDEN, INTER, dtype, r=down_r, nf4=nf4))
+    x = torch.randn(BATCH, SEQ, HIDDEN, device=DEVICE).to(dtype)
+    upstream = torch.randn(BATCH, SEQ, HIDDEN, device=DEVICE).to(dtype)
+    grads = {}
+    for output in (True, False):
+        x_k = x.detach().clone().requires_grad_()
+        out = lora_mlp(x_k, *layers, output=output)
+        assert out.shape == x.shape and out.dtype == dtype
+        assert type(out.grad_fn).__name__.startswith("_LoRA"), "fell back to the reference"
+        grads[output] = torch.autograd.grad(out, [x_k, *_trainables(layers)], upstream)
+    assert len(grads[True]) == 1 + 4 + (2 if down_r else 0)
+    for i, (a, e) in enumerate(zip(grads[False], grads[True], strict=True)):
+        assert torch.equal(a, e), f"grad {i} differs, seed={seed}"

@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
+from sloth_core.checkpointing import output_unread
 from sloth_core.ops import LoRALinear
 from sloth_core.patching import bind_forward, call_original
 
@@ -97,6 +98,12 @@ def patch_gated_mlp(
         gate, up, down = (lift_linear(cast(torch.nn.Module, p)) for p in projections)
         if gate is None or up is None or down is None:
             return call_original(self, x)
-        return ops.lora_mlp(x, gate, up, down, activation=activation)
+        # In a checkpoint's recompute the output's value is often never read (it only
+        # feeds the residual add): then the op may skip the down projection.
+        if output_unread(self):
+            return ops.lora_mlp(x, gate, up, down, activation=activation, output=False)
+        out = ops.lora_mlp(x, gate, up, down, activation=activation)
+        output_unread(self, out)  # probed on the first recompute
+        return out
 
     return bind_forward(module, forward)

@@ -12,8 +12,9 @@ for backward and how the pieces are grouped:
   per projection.
 - Saved per group: the input and ``x A^T`` (``[N, r]`` per adapter, tiny), plus the
   ``lora_A``/``lora_B`` parameters (so in-place changes to them are caught).
-- The LoRA contribution is accumulated into the base result and into ``dx`` with
-  ``addmm_`` (one rounding, no ``[N, out]`` temporary).
+- The LoRA contribution is written first and the base product accumulated onto it, in
+  forward and into ``dx`` (``addmm_`` with beta = 1: the GEMM's epilogue reads it, no
+  separate pass over ``[N, out]`` and no temporary).
 
 Anything the fast path does not serve calls the reference, so results are always those
 of :mod:`sloth_core.ops.reference.lora`: active dropout, LoRA weights of another dtype
@@ -192,20 +193,37 @@ def group_forward(x: torch.Tensor, group: Group, lora: Sequence[torch.Tensor]):
     xa = x2 @ group.stacked_a(lora).t() if group.adapted else None
     outputs = []
     for i, layer in enumerate(group.layers):
+        adapter = None
+        if i in group.adapted:
+            k = group.adapted.index(i)
+            start, stop = group.slices[k]
+            assert xa is not None  # group.adapted
+            adapter = (xa[:, start:stop], lora[2 * k + 1].t(), float(layer.scaling))
         if layer.base is not None:  # its own product (FP8), its bias added as its forward does
             out = layer.base.sloth_matmul(x)
             if layer.bias is not None:
                 out.add_(layer.bias.to(out.dtype))
+            if adapter is not None:
+                out.view(-1, out.shape[-1]).addmm_(adapter[0], adapter[1], alpha=adapter[2])
+            outputs.append(out)
+            continue
+        weight = dense_weight(layer, x.dtype)
+        bias = _bias(layer, x.dtype)
+        if adapter is None:
+            out = F.linear(x, weight, bias)
         else:
-            weight = dense_weight(layer, x.dtype)
-            out = F.linear(x, weight, _bias(layer, x.dtype))
-            del weight  # a dequantized weight is freed before the next one is made
-        if i in group.adapted:
-            k = group.adapted.index(i)
-            start, stop = group.slices[k]
-            out2 = out.view(-1, out.shape[-1])
-            assert xa is not None  # group.adapted
-            out2.addmm_(xa[:, start:stop], lora[2 * k + 1].t(), alpha=float(layer.scaling))
+            # The adapter's thin product first (memory-bound: it writes [N, out] once), then
+            # the base product accumulates onto it in the GEMM's epilogue (beta = 1): one
+            # pass over [N, out] fewer than adding the adapter after the base product.
+            xa_k, b_t, scaling = adapter
+            out = torch.empty(*x.shape[:-1], weight.shape[0], dtype=x.dtype, device=x.device)
+            out2 = out.view(-1, weight.shape[0])
+            if bias is None:
+                out2.addmm_(xa_k, b_t, beta=0, alpha=scaling)  # beta 0: out2 is not read
+            else:
+                torch.addmm(bias, xa_k, b_t, alpha=scaling, out=out2)
+            out2.addmm_(x2, weight.t())
+        del weight  # a dequantized weight is freed before the next one is made
         outputs.append(out)
     return outputs, xa
 
@@ -221,12 +239,23 @@ def group_backward(
 ):
     """``(dx or None, [dA_0, dB_0, ...], G)`` of :func:`group_forward` given 2D output grads.
 
-    ``dx = sum_i g_i W_i + G A`` with ``G = [s_i g_i B_i]`` (``[N, sum r]``), accumulated
-    in place; ``dA = G^T x`` as one GEMM for every adapter; ``dB_i = s_i g_i^T (x A_i^T)``.
+    ``dx = G A + sum_i g_i W_i`` with ``G = [s_i g_i B_i]`` (``[N, sum r]``): the thin
+    ``G A`` first, the base products accumulated onto it in their GEMMs' epilogues;
+    ``dA = G^T x`` as one GEMM for every adapter; ``dB_i = s_i g_i^T (x A_i^T)``.
     """
     dtype = grads[0].dtype
+    lora_grads: list[torch.Tensor | None] = [None] * len(lora)
+    big_g = None
+    if group.adapted:
+        scaled = [
+            grads[i].mm(lora[2 * k + 1]).mul_(float(group.layers[i].scaling))
+            for k, i in enumerate(group.adapted)
+        ]
+        big_g = scaled[0] if len(scaled) == 1 else torch.cat(scaled, dim=1)
     dx = None
     if needs_x:
+        if big_g is not None:
+            dx = big_g.mm(group.stacked_a(lora))
         for layer, g in zip(group.layers, grads, strict=True):
             if layer.base is not None:
                 part = layer.base.sloth_input_grad(g)
@@ -235,17 +264,8 @@ def group_backward(
             weight = dense_weight(layer, dtype)
             dx = g.mm(weight) if dx is None else dx.addmm_(g, weight)
             del weight
-    lora_grads: list[torch.Tensor | None] = [None] * len(lora)
-    if not group.adapted:
+    if big_g is None:
         return dx, lora_grads, None
-    scaled = [
-        grads[i].mm(lora[2 * k + 1]).mul_(float(group.layers[i].scaling))
-        for k, i in enumerate(group.adapted)
-    ]
-    big_g = scaled[0] if len(scaled) == 1 else torch.cat(scaled, dim=1)
-    if needs_x:
-        assert dx is not None  # group.layers is not empty
-        dx.addmm_(big_g, group.stacked_a(lora))
     if any(needs_lora[0::2]):
         assert x2 is not None  # saved whenever an A needs its gradient
         d_a = big_g.t().mm(x2)

@@ -54,20 +54,29 @@ def _act_backward_inplace(grad, gate, up, activation: str):
 
 class _LoRAMLP(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, gate_up, down, activation, *lora):
+    def forward(ctx, x, gate_up, down, activation, output, *lora):
         # lora: the gate/up group's [A, B, ...] then down's [A, B] (when it has an adapter).
         n_gu = 2 * len(gate_up.adapted)
         lora_gu, lora_down = lora[:n_gu], lora[n_gu:]
         (e, u), xa = group_forward(x, gate_up, lora_gu)
-        hidden = _act_forward(e, u, activation)
-        # down's adapter: ha = h A^T, kept for dB of down (tiny).
-        (out,), ha = group_forward(hidden, down, lora_down)
-        del hidden
+        if output:
+            hidden = _act_forward(e, u, activation)
+            # down's adapter: ha = h A^T, kept for dB of down (tiny).
+            (out,), ha = group_forward(hidden, down, lora_down)
+            del hidden
+        else:  # the caller reads no value of out: down's product is skipped, not dB's ha
+            shape = (*x.shape[:-1], out_features(down.layers[0]))
+            out = torch.empty(shape, dtype=x.dtype, device=x.device)
+            ha = None
+            if down.adapted:
+                hidden = _act_forward(e, u, activation)
+                ha = hidden.reshape(-1, hidden.shape[-1]) @ down.stacked_a(lora_down).t()
+                del hidden
         ctx.gate_up, ctx.down, ctx.activation, ctx.n_gu = gate_up, down, activation, n_gu
         ctx.backward_done = False
-        needs_gu_a = any(ctx.needs_input_grad[4 : 4 + n_gu : 2])
-        needs_gu_b = any(ctx.needs_input_grad[5 : 4 + n_gu : 2])
-        needs_down_b = any(ctx.needs_input_grad[5 + n_gu :: 2])
+        needs_gu_a = any(ctx.needs_input_grad[5 : 5 + n_gu : 2])
+        needs_gu_b = any(ctx.needs_input_grad[6 : 5 + n_gu : 2])
+        needs_down_b = any(ctx.needs_input_grad[6 + n_gu :: 2])
         # No adapter on gate/up (attention-only LoRA): x is not saved, and backward's
         # load_input must find that said (save_input sets it otherwise).
         ctx.norm = None
@@ -97,9 +106,9 @@ class _LoRAMLP(torch.autograd.Function):
         e2, u2 = e.view(-1, e.shape[-1]), u.view(-1, u.shape[-1])
 
         # down: dh = g W_d + G_d A_d, and dB_d; dA_d = G_d^T h needs h, recomputed below.
-        down_needs = [False, *needs[5 + n_gu :]]
+        down_needs = [False, *needs[6 + n_gu :]]
         dh, down_grads, g_down = group_backward(None, ha, [g2], down, lora_down, True, down_needs)
-        if down.adapted and needs[4 + n_gu]:
+        if down.adapted and needs[5 + n_gu]:
             down_grads[0] = _down_grad_a(g_down, e2, u2, activation)
 
         # Activation backward over the saved e/u buffers (they are not needed afterwards).
@@ -107,13 +116,13 @@ class _LoRAMLP(torch.autograd.Function):
         del dh
         x = load_input(ctx, x, source_x, source_w)  # after e/u are freed: a lower peak
         x2 = None if x is None else x.reshape(-1, x.shape[-1])
-        gu_needs = needs[4 : 4 + n_gu]
+        gu_needs = needs[5 : 5 + n_gu]
         dx, gu_grads, _ = group_backward(
             x2, xa, [d_gate, d_up], gate_up, lora_gu, needs[0], gu_needs
         )
         if dx is not None:
             dx = dx.view(*grad.shape[:-1], dx.shape[-1])
-        return (dx, None, None, None, *gu_grads, *down_grads)
+        return (dx, None, None, None, None, *gu_grads, *down_grads)
 
 
 def _down_grad_a(
@@ -140,6 +149,7 @@ def lora_mlp(
     down: LoRALinear,
     *,
     activation: str = "swiglu",
+    output: bool = True,
 ) -> torch.Tensor:
     """``down(act(gate(x)) * up(x))`` with LoRA on all three projections, fused backward.
 
@@ -147,6 +157,8 @@ def lora_mlp(
     (``activation`` ``"swiglu"``, ``"geglu"`` or ``"geglu_tanh"``). Saves ``x``, the gate
     and up outputs and the ``[N, r]`` LoRA products; see the module docstring. Settings
     the fast path does not serve (dropout, mixed dtypes, FP4, ...) use the reference.
+    ``output=False`` (the caller reads no value of the result: a checkpoint's recompute)
+    skips ``down``'s product, base and adapter; the gradients are the same.
     """
     if activation not in _ACTIVATIONS:
         raise ValueError(f"activation must be one of {_ACTIVATIONS}, got {activation!r}")
@@ -158,10 +170,10 @@ def lora_mlp(
         and layer_served(cast_down, inter, x.dtype, x.device)
     )
     if not served:
-        return reference.lora_mlp(x, gate, up, down, activation=activation)
+        return reference.lora_mlp(x, gate, up, down, activation=activation, output=output)
     gate_up, down_group = Group.of((cast_gate, cast_up)), Group.of((cast_down,))
     lora = [*gate_up.lora_tensors(), *down_group.lora_tensors()]
-    return _LoRAMLP.apply(x, gate_up, down_group, activation, *lora)
+    return _LoRAMLP.apply(x, gate_up, down_group, activation, bool(output), *lora)
 
 
 REGISTRATIONS = [

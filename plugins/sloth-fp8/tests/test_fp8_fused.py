@@ -26,16 +26,18 @@ class _Mlp(nn.Module):
         return self.down_proj(nn.functional.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
-def _fp8_lora_mlp(hidden: int, inter: int, bias: bool, seed: int):
+def _fp8_lora_mlp(hidden: int, inter: int, bias: bool, seed: int, device="cpu",
+                  dtype=torch.float32):  # fmt: skip
     torch.manual_seed(seed)
-    mlp = _Mlp(hidden, inter, bias)
+    mlp = _Mlp(hidden, inter, bias).to(device=device, dtype=dtype)
     with torch.no_grad():  # rows of other magnitudes: the row scales differ
         for linear in (mlp.gate_proj, mlp.up_proj, mlp.down_proj):
-            linear.weight.mul_(torch.rand(linear.out_features, 1) * 4 + 0.05)
+            scale = torch.rand(linear.out_features, 1, device=device) * 4 + 0.05
+            linear.weight.mul_(scale.to(dtype))
     for name in ("gate_proj", "up_proj", "down_proj"):
         setattr(mlp, name, Fp8Linear(getattr(mlp, name)))
     config = LoraConfig(r=4, lora_alpha=8, target_modules=["gate_proj", "up_proj", "down_proj"])
-    model = get_peft_model(mlp, config)
+    model = get_peft_model(mlp, config, autocast_adapter_dtype=False)
     with torch.no_grad():  # LoRA's B starts at zero: adapters that change the output
         for name, param in model.named_parameters():
             if "lora_B" in name:
@@ -141,3 +143,33 @@ def test_a_patched_fp8_model_routes_its_projections_through_the_fused_ops(
     assert {id(m) for m in calls} == fp8_layers
     lora_b = [p for n, p in model.named_parameters() if "lora_B" in n]
     assert lora_b and all(p.grad is not None for p in lora_b)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("fp8_backward", [True, False], ids=["fp8-grad", "dequant-grad"])
+def test_the_fused_mlp_runs_fp8_layers_on_the_gpu_as_peft_does(installed, fp8_backward,
+                                                               monkeypatch):  # fmt: skip
+    # bf16 on CUDA: _scaled_mm's row-wise FP8 kernels, both ways, at a layer's shapes.
+    monkeypatch.setattr(Fp8Linear, "fp8_backward", fp8_backward)
+    monkeypatch.delenv("SLOTH_KERNELS", raising=False)
+    assert installed.ops.resolve("lora_mlp", "cuda", torch.bfloat16).provider == "sloth-kernels"
+    model = _fp8_lora_mlp(512, 1408, bias=False, seed=7, device="cuda", dtype=torch.bfloat16)
+    inner = model.get_base_model()
+    layers = [lift_linear(getattr(inner, n)) for n in ("gate_proj", "up_proj", "down_proj")]
+    assert all(layer is not None and layer.base is not None for layer in layers)
+    x = torch.randn(4, 96, 512, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    want = model(x)
+    got = installed.ops.lora_mlp(x, *layers, activation="swiglu")
+    assert type(got.grad_fn).__name__ == "_LoRAMLPBackward"
+    grad = torch.randn_like(want)
+
+    def close(a, e, what):  # bf16 sums in another order: relative to the tensor's size
+        scale = e.float().abs().max().clamp(min=1e-6)
+        torch.testing.assert_close(a.float() / scale, e.float() / scale, rtol=0, atol=2e-2,
+                                   msg=what)  # fmt: skip
+
+    close(got, want, "forward")
+    pairs = zip(_grads(model, x, got, grad), _grads(model, x, want, grad), strict=True)
+    for i, (g, w) in enumerate(pairs):
+        close(g, w, f"grad {i}")

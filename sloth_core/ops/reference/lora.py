@@ -184,6 +184,7 @@ def lora_mlp(
     down: LoRALinear,
     *,
     activation: str = "swiglu",
+    output: bool = True,
 ) -> torch.Tensor:
     """``down(act(gate(x)) * up(x))``: a gated MLP with LoRA on all three projections.
 
@@ -198,10 +199,16 @@ def lora_mlp(
         down: ``[hidden, inter]`` projection.
         activation: ``"swiglu"`` (silu), ``"geglu"`` (exact gelu) or ``"geglu_tanh"``
             (tanh-approximated gelu).
+        output: ``False`` when the caller reads no value of the result and only
+            back-propagates through it (a checkpoint's recompute whose MLP output only
+            feeds additions): an implementation may then skip ``down``'s product and
+            return a tensor whose values are unspecified. Gradients must be the same
+            either way. The reference computes the output regardless.
 
     Returns:
         ``[..., hidden]``.
     """
+    del output  # a hint for faster implementations
     if activation not in _MLP_ACTIVATIONS:
         raise ValueError(f"activation must be one of {_MLP_ACTIVATIONS}, got {activation!r}")
     gate_out = lora_linear(x, gate)

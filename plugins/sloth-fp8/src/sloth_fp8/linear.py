@@ -38,9 +38,31 @@ def dequantize_rows(values: torch.Tensor, scales: torch.Tensor, dtype: torch.dty
     return (values.float() * scales[:, None]).to(dtype)
 
 
-def _takes(values: torch.Tensor, rows: int) -> bool:
-    """Whether ``_scaled_mm`` takes a product with ``values``: both sizes multiples of 16."""
-    return rows > 0 and not (values.shape[0] % 16 or values.shape[1] % 16)
+def _takes(values: torch.Tensor, rows: int, dtype: torch.dtype) -> bool:
+    """Whether ``_scaled_mm`` takes a product with ``values``: both sizes multiples of 16,
+    and row-wise scales with an output in ``dtype`` on that device (:func:`_rowwise`)."""
+    if rows <= 0 or values.shape[0] % 16 or values.shape[1] % 16:
+        return False
+    return _rowwise(values.device.type, dtype)
+
+
+_ROWWISE: dict[tuple[str, torch.dtype], bool] = {}
+
+
+def _rowwise(device_type: str, dtype: torch.dtype) -> bool:
+    """Whether this torch's ``_scaled_mm`` takes row-wise scales with a ``dtype`` output on
+    ``device_type``, tried once on 16 x 16 (torch 2.11 takes only per-tensor scales on the
+    CPU; CUDA's row-wise kernels write bf16 only). Where not, the dequantized product runs."""
+    key = (device_type, dtype)
+    if key not in _ROWWISE:
+        a = torch.ones((16, 16), device=device_type).to(FP8)
+        scale = torch.ones((16, 1), dtype=torch.float32, device=device_type)
+        try:
+            torch._scaled_mm(a, a.t(), scale_a=scale, scale_b=scale.t(), out_dtype=dtype)
+            _ROWWISE[key] = True
+        except (RuntimeError, NotImplementedError):
+            _ROWWISE[key] = False
+    return _ROWWISE[key]
 
 
 def _quantize_rows_eager(
@@ -90,7 +112,7 @@ def fp8_matmul(x: torch.Tensor, values: torch.Tensor, scales: torch.Tensor) -> t
     ``_scaled_mm`` does not take the shapes. A fresh tensor, not a view."""
     flat = x.reshape(-1, x.shape[-1])
     out, out2 = _fresh(x, values.shape[0])
-    if not _takes(values, flat.shape[0]):
+    if not _takes(values, flat.shape[0], x.dtype):
         torch.mm(flat, dequantize_rows(values, scales, x.dtype).t(), out=out2)
     else:
         x_fp8, x_scales = _quantize_activation_rows(flat)
@@ -111,7 +133,7 @@ def fp8_matmul_grad(grad: torch.Tensor, values: torch.Tensor, scales: torch.Tens
     tensor, not a view."""
     flat = grad.reshape(-1, grad.shape[-1])
     out, out2 = _fresh(grad, values.shape[1])
-    if not _takes(values, flat.shape[0]):
+    if not _takes(values, flat.shape[0], grad.dtype):
         torch.mm(flat, dequantize_rows(values, scales, grad.dtype), out=out2)
     else:
         g_fp8, g_scales = _quantize_activation_rows(flat, scales[None, :])

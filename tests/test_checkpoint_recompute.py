@@ -1,0 +1,106 @@
+"""What a checkpointed layer's recompute skips: a gated MLP whose output only feeds the
+residual additions (Llama) is asked for no output value from the second recompute on,
+one whose output a norm reads (Gemma 2's post-feedforward norm) always is; either way the
+gradients are those of no checkpointing."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+
+from sloth_core.checkpointing import device_checkpoint, enable_checkpointing
+from sloth_core.ops import default_registry, reference
+from sloth_core.patches import patch_architecture
+from sloth_core.testing import init_tiny_model, tiny_config
+
+TARGETS = ["q_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def _classes(arch: str) -> dict:
+    if arch == "llama":
+        from transformers.models.llama import modeling_llama as m
+
+        return {"mlp": m.LlamaMLP, "rms_norm": m.LlamaRMSNorm}
+    from transformers.models.gemma2 import modeling_gemma2 as m
+
+    return {"mlp": m.Gemma2MLP, "rms_norm": m.Gemma2RMSNorm, "gemma_norm": True}
+
+
+def _spying_registry(calls: list[bool], device: str):
+    """The references, with ``lora_mlp`` recording each call's ``output`` hint and, where
+    it is False, returning NaN values (gradients unchanged): what an implementation that
+    skips the product may return, so any read of them would show in the gradients."""
+    ops = default_registry()
+
+    def lora_mlp(x, gate, up, down, *, activation="swiglu", output=True):
+        calls.append(output)
+        out = reference.lora_mlp(x, gate, up, down, activation=activation)
+        if output:
+            return out
+        return out + (torch.full_like(out, float("nan")) - out).detach()
+
+    ops.register("lora_mlp", lora_mlp, provider="spy", devices=(device,))
+    return ops
+
+
+def _grads_over_steps(arch: str, checkpoint, calls: list[bool], steps: int = 3, device="cpu"):
+    config = tiny_config(arch, tie_word_embeddings=False)
+    model = init_tiny_model(config, seed=4).to(device)
+    torch.manual_seed(0)
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, init_lora_weights=False,
+                                             target_modules=TARGETS))  # fmt: skip
+    patch_architecture(model, _spying_registry(calls, device), plugin="test", model_types=arch,
+                       **_classes(arch))  # fmt: skip
+    if checkpoint is not None:
+        enable_checkpointing(model, offload=True)
+        for layer in model.get_base_model().model.layers:
+            layer._gradient_checkpointing_func = checkpoint
+    model.train()
+    generator = torch.Generator().manual_seed(1)
+    grads = []
+    for _ in range(steps):  # the same batch each step, no optimizer: equal grads each time
+        ids = torch.randint(0, config.vocab_size, (2, 11), generator=generator).to(device)
+        model.zero_grad(set_to_none=True)
+        model(input_ids=ids, labels=ids).loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+    return grads
+
+
+_CUDA = pytest.param("cuda", marks=[
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+])  # fmt: skip
+
+
+@pytest.mark.parametrize("device", ["cpu", _CUDA])  # CUDA: the copies on their own stream
+@pytest.mark.parametrize("checkpoint", ["offloaded", "device"])
+def test_llama_recompute_skips_the_mlp_output_from_the_second_on(checkpoint, device):
+    from sloth_core.checkpointing import offloaded_checkpoint
+
+    function = offloaded_checkpoint if checkpoint == "offloaded" else device_checkpoint
+    plain: list[bool] = []
+    want = _grads_over_steps("llama", None, plain, device=device)
+    assert plain and all(plain)
+    calls: list[bool] = []
+    got = _grads_over_steps("llama", function, calls, device=device)
+    layers = tiny_config("llama").num_hidden_layers
+    # Per step: each layer's forward, then its recompute; the first recompute probes.
+    assert calls[: 2 * layers] == [True] * 2 * layers
+    assert calls[2 * layers :] == ([True] * layers + [False] * layers) * 2
+    for step_want, step_got in zip(want, got, strict=True):
+        assert step_got.keys() == step_want.keys()
+        for name, grad in step_got.items():
+            torch.testing.assert_close(grad, step_want[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_gemma2_post_feedforward_norm_keeps_the_mlp_output():
+    from sloth_core.checkpointing import offloaded_checkpoint
+
+    want = _grads_over_steps("gemma2", None, [])
+    calls: list[bool] = []
+    got = _grads_over_steps("gemma2", offloaded_checkpoint, calls, steps=2)
+    assert calls and all(calls)  # the norm reads the value: never skipped
+    for step_want, step_got in zip(want, got, strict=False):
+        for name, grad in step_got.items():
+            torch.testing.assert_close(grad, step_want[name], rtol=1e-5, atol=1e-6, msg=name)
