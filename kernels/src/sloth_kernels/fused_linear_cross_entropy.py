@@ -155,8 +155,11 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_output):
         grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
-        # Out of place, so that a retained graph can run backward again.
-        if not _is_one(grad_output):
+        # Out of place, so that a retained graph can run backward again. Without a weight
+        # gradient (LoRA) the product is an [N, H] pass, cheaper than a host sync that
+        # would drain the GPU's queue at the backward's start; a [V, H] weight gradient
+        # (a trained head) is worth the sync that tells whether grad_output is 1.
+        if grad_weight is None or not _is_one(grad_output):
             if grad_hidden is not None:
                 grad_hidden = grad_hidden * grad_output.to(grad_hidden.dtype)
             if grad_weight is not None:

@@ -145,12 +145,37 @@ def test_a_patched_fp8_model_routes_its_projections_through_the_fused_ops(
     assert lora_b and all(p.grad is not None for p in lora_b)
 
 
+def _exact(model, x, grad):
+    """The MLP in float32 on the same (dequantized) weights, without the FP8 rounding of
+    the activations: ``(out, grads of x and of every adapter)``, what both FP8 paths
+    approximate."""
+    inner = model.get_base_model()
+    xf = x.detach().float().requires_grad_()
+    params = []
+
+    def proj(name, t):
+        module = getattr(inner, name)
+        weight = module.get_base_layer().dense_weight(torch.float32)
+        a, b = (getattr(module, n)["default"].weight.detach().float().requires_grad_()
+                for n in ("lora_A", "lora_B"))  # fmt: skip
+        params.extend([a, b])
+        return t @ weight.t() + (t @ a.t()) @ b.t() * module.scaling["default"]
+
+    gate, up = proj("gate_proj", xf), proj("up_proj", xf)
+    out = proj("down_proj", nn.functional.silu(gate) * up)
+    return out, torch.autograd.grad(out, [xf, *params], grad.float())
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("fp8_backward", [True, False], ids=["fp8-grad", "dequant-grad"])
 def test_the_fused_mlp_runs_fp8_layers_on_the_gpu_as_peft_does(installed, fp8_backward,
                                                                monkeypatch):  # fmt: skip
-    # bf16 on CUDA: _scaled_mm's row-wise FP8 kernels, both ways, at a layer's shapes.
+    # bf16 on CUDA: _scaled_mm's row-wise FP8 kernels, both ways, at a layer's shapes. The
+    # activations are rounded to e4m3 (3 mantissa bits), so a bf16 ulp of difference
+    # before that rounding (the fused activation's against torch's) can move an element
+    # by an e4m3 step: both paths are judged against the float32 computation, the fused
+    # one within twice PEFT's own error.
     monkeypatch.setattr(Fp8Linear, "fp8_backward", fp8_backward)
     monkeypatch.delenv("SLOTH_KERNELS", raising=False)
     assert installed.ops.resolve("lora_mlp", "cuda", torch.bfloat16).provider == "sloth-kernels"
@@ -163,13 +188,19 @@ def test_the_fused_mlp_runs_fp8_layers_on_the_gpu_as_peft_does(installed, fp8_ba
     got = installed.ops.lora_mlp(x, *layers, activation="swiglu")
     assert type(got.grad_fn).__name__ == "_LoRAMLPBackward"
     grad = torch.randn_like(want)
+    exact, exact_grads = _exact(model, x, grad)
 
-    def close(a, e, what):  # bf16 sums in another order: relative to the tensor's size
-        scale = e.float().abs().max().clamp(min=1e-6)
-        torch.testing.assert_close(a.float() / scale, e.float() / scale, rtol=0, atol=2e-2,
-                                   msg=what)  # fmt: skip
+    def error(t, ref):
+        return ((t.float() - ref).abs().max() / ref.abs().max()).item()
 
-    close(got, want, "forward")
-    pairs = zip(_grads(model, x, got, grad), _grads(model, x, want, grad), strict=True)
-    for i, (g, w) in enumerate(pairs):
-        close(g, w, f"grad {i}")
+    fused_grads = _grads(model, x, got, grad)
+    peft_grads = _grads(model, x, want, grad)
+    named = [("forward", got, want, exact)] + [
+        (f"grad {i}", f, p, e)
+        for i, (f, p, e) in enumerate(zip(fused_grads, peft_grads, exact_grads, strict=True))
+    ]
+    for what, fused_t, peft_t, exact_t in named:
+        fused_err, peft_err = error(fused_t, exact_t), error(peft_t, exact_t)
+        assert fused_err <= 2 * peft_err + 1e-3, (
+            f"{what}: fused {fused_err:.4g}, peft {peft_err:.4g}"
+        )
