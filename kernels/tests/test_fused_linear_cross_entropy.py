@@ -78,13 +78,20 @@ def _check(hidden, weight, bias, labels, dtype, what, grad_scale=1.0, **kwargs):
     inputs = (hidden, weight, bias, labels, grad_scale)
     loss, grads = _run(fused_linear_cross_entropy, *inputs, **kwargs)
     ref_loss, ref_grads = _run(reference.fused_linear_cross_entropy, *inputs, **kwargs)
-    fp32_grads = ref_grads
+    fp32_loss, fp32_grads = ref_loss, ref_grads
     if dtype != torch.float32:
         fp32 = (*_fp32((hidden, weight, bias)), labels, grad_scale)
-        _, fp32_grads = _run(reference.fused_linear_cross_entropy, *fp32, **kwargs)
+        fp32_loss, fp32_grads = _run(reference.fused_linear_cross_entropy, *fp32, **kwargs)
     assert loss.dtype == torch.float32 and loss.dim() == 0, what
-    # Both take the logits from the same matmul in the input dtype, then reduce in fp32.
-    assert_close(loss, ref_loss, torch.float32, what=f"{what} loss")
+    if dtype == torch.float32:
+        assert_close(loss, ref_loss, torch.float32, what=f"{what} loss")
+    else:
+        # Both round the logits to the input dtype, but a GPU's GEMM rounds a chunk's
+        # [chunk, H] x [H, V] otherwise than the whole product's: judged against fp32, the
+        # loss within twice the reference's own rounding error (plus 1e-5 relative).
+        own, err = (abs(x.item() - fp32_loss.item()) for x in (ref_loss, loss))
+        bound = 2 * own + 1e-5 * abs(fp32_loss.item())
+        assert err <= bound, f"{what} loss: {err:.3g} from fp32, reference's own {own:.3g}"
     names = ("dhidden", "dweight", "dbias")
     for name, got, want, base in zip(names, grads, fp32_grads, ref_grads, strict=True):
         assert_grad_close(got, want, base, f"{what} {name}")
