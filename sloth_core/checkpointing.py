@@ -46,6 +46,18 @@ _state = threading.local()
 # Per module (weakly): whether its output's value is unread in a recompute, once probed.
 _verdicts: weakref.WeakKeyDictionary[torch.nn.Module, bool] = weakref.WeakKeyDictionary()
 _copy_streams: dict[torch.device, Any] = {}
+# Per layer (weakly): whether its forward leaves its input unwritten, once seen.
+_keeps_input: weakref.WeakKeyDictionary[Any, bool] = weakref.WeakKeyDictionary()
+
+
+def _owner(function: Callable[..., Any]) -> Any:
+    """The layer ``function`` runs, or None: transformers passes a ``functools.partial``
+    of the layer's bound call (5.17) or of its forward with the layer first (5.25)."""
+    owner = getattr(getattr(function, "func", function), "__self__", None)
+    if not isinstance(owner, torch.nn.Module):
+        args = getattr(function, "args", ())
+        owner = args[0] if args else None
+    return owner if isinstance(owner, torch.nn.Module) else None
 
 
 def _copy_stream(device: torch.device) -> Any:
@@ -61,6 +73,7 @@ class _Slot:
         self.device = hidden_states.device
         self.prev: weakref.ref[_Slot] | None = None  # the layer before, in forward order
         self.fetched: tuple[torch.Tensor, Any] | None = None
+        self.copied: Any = None  # the event after the copy to host, on a GPU
         if not offload:
             self.host, self.kept = None, hidden_states.detach()
         elif self.device.type != "cuda":  # nothing to offload to: a copy, as a GPU's would be
@@ -74,8 +87,16 @@ class _Slot:
         stream.wait_stream(torch.cuda.current_stream(self.device))  # t is computed
         with torch.cuda.stream(stream):
             host.copy_(t, non_blocking=True)
+            self.copied = torch.cuda.Event()
+            self.copied.record(stream)
         t.record_stream(stream)  # t's memory is not reused before the copy has read it
         return host
+
+    def wait_copied(self) -> None:
+        """Make the compute stream wait until the input is in host memory (for a layer
+        that may write its input in place before the side stream has read it)."""
+        if self.copied is not None:
+            torch.cuda.current_stream(self.device).wait_event(self.copied)
 
     def prefetch(self) -> None:
         """Start bringing the input back (on the copy stream); :meth:`take` waits for it."""
@@ -176,8 +197,24 @@ class _Checkpoint(torch.autograd.Function):
         device = hidden_states.device
         ctx.cpu_rng = torch.get_rng_state()
         ctx.cuda_rng = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+        # The copy to host runs beside the layer: safe while the layer does not write its
+        # input in place. Each layer's first call waits for the copy and shows whether it
+        # does; the layers that do wait every time.
+        owner = _owner(function)
+        overlap = owner is not None and _keeps_input.get(owner) is True
+        if not overlap:
+            slot.wait_copied()
+        version = hidden_states._version
         with torch.no_grad():
             out = function(hidden_states, *args)
+        if owner is not None:
+            kept = hidden_states._version == version
+            _keeps_input[owner] = kept  # from now on it waits, if it wrote
+            if overlap and not kept:
+                raise RuntimeError(
+                    f"{type(owner).__name__} wrote its input in place after earlier calls "
+                    "did not: its offloaded copy may have raced the write; rerun the step"
+                )
         ctx.is_tuple = isinstance(out, tuple)
         return out
 

@@ -104,3 +104,39 @@ def test_gemma2_post_feedforward_norm_keeps_the_mlp_output():
     for step_want, step_got in zip(want, got, strict=False):
         for name, grad in step_got.items():
             torch.testing.assert_close(grad, step_want[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_the_offload_overlaps_only_layers_seen_not_to_write_their_input():
+    # The copy to host runs beside the layer on a GPU; a layer is trusted with that once
+    # its first call left its input unwritten. One that writes it later is an error.
+    from functools import partial
+
+    from sloth_core import checkpointing
+
+    class Layer(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = torch.nn.Linear(4, 4)
+            self.in_place = False
+
+        def forward(self, x):
+            if self.in_place:
+                x.mul_(2)
+            return self.linear(x)
+
+    for make in (
+        lambda layer: partial(layer.__call__),
+        lambda layer: partial(Layer.forward, layer),
+    ):
+        layer = Layer()
+        function = make(layer)
+        assert checkpointing._owner(function) is layer
+        x = torch.randn(3, 4, requires_grad=True)
+        checkpointing.offloaded_checkpoint(function, x * 1).sum().backward()
+        assert checkpointing._keeps_input[layer] is True
+        layer.in_place = True
+        with pytest.raises(RuntimeError, match="wrote its input in place"):
+            checkpointing.offloaded_checkpoint(function, x * 1)
+        assert checkpointing._keeps_input[layer] is False
+        checkpointing.offloaded_checkpoint(function, x * 1)  # waits for the copy now: no error
+    assert checkpointing._owner(lambda t: t) is None
