@@ -137,8 +137,11 @@ class _Recompute:
         self.probes: list[tuple[torch.nn.Module, torch.Tensor]] = []
 
     def settle(self, outputs: list[torch.Tensor]) -> None:
-        for module, tensor in self.probes:
-            _verdicts[module] = _value_free_downstream(tensor, outputs)
+        verdicts: dict[torch.nn.Module, bool] = {}
+        for module, tensor in self.probes:  # a module called twice: both outputs unread
+            free = _value_free_downstream(tensor, outputs)
+            verdicts[module] = verdicts.get(module, True) and free
+        _verdicts.update(verdicts)
 
 
 def _value_free_downstream(tensor: torch.Tensor, outputs: list[torch.Tensor]) -> bool:

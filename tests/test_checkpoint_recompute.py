@@ -140,3 +140,18 @@ def test_the_offload_overlaps_only_layers_seen_not_to_write_their_input():
         assert checkpointing._keeps_input[layer] is False
         checkpointing.offloaded_checkpoint(function, x * 1)  # waits for the copy now: no error
     assert checkpointing._owner(lambda t: t) is None
+
+
+def test_value_free_downstream_reads_the_graph_between_a_tensor_and_the_outputs():
+    from sloth_core.checkpointing import _value_free_downstream
+
+    a = torch.randn(3, 4, requires_grad=True)
+    residual = torch.randn(3, 4, requires_grad=True)
+    t = a * 2  # the tensor whose value is in question
+    assert _value_free_downstream(t, [residual + t])
+    assert _value_free_downstream(t, [(residual + t).view(12) - 1])
+    assert _value_free_downstream(t, [t])  # the output itself: only its gradient is used
+    normed = torch.nn.functional.layer_norm(residual + t, (4,))
+    assert not _value_free_downstream(t, [normed])  # the norm reads the sum's value
+    assert not _value_free_downstream(t, [residual + t, t * t])  # one output reads it
+    assert not _value_free_downstream(torch.randn(3), [residual])  # no node of its own
