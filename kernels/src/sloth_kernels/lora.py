@@ -192,6 +192,7 @@ def group_forward(x: torch.Tensor, group: Group, lora: Sequence[torch.Tensor]):
     x2 = x.reshape(-1, x.shape[-1])
     xa = x2 @ group.stacked_a(lora).t() if group.adapted else None
     outputs = []
+    shared: dict = {}  # what a multiplying base derives from x once for the group (FP8 rows)
     for i, layer in enumerate(group.layers):
         adapter = None
         if i in group.adapted:
@@ -200,7 +201,7 @@ def group_forward(x: torch.Tensor, group: Group, lora: Sequence[torch.Tensor]):
             assert xa is not None  # group.adapted
             adapter = (xa[:, start:stop], lora[2 * k + 1].t(), float(layer.scaling))
         if layer.base is not None:  # its own product (FP8), its bias added as its forward does
-            out = layer.base.sloth_matmul(x)
+            out = layer.base.sloth_matmul(x, shared)
             if layer.bias is not None:
                 out.add_(layer.bias.to(out.dtype))
             if adapter is not None:

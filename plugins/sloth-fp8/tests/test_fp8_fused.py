@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
+from sloth_fp8 import linear as linear_module
 from sloth_fp8.linear import Fp8Linear
 from torch import nn
 
@@ -77,16 +78,29 @@ def test_the_fused_mlp_runs_fp8_layers_as_peft_does(hidden, inter, bias, fp8_bac
     for name in calls:  # the fused op, not a fallback to PEFT's path, multiplies
         original = getattr(Fp8Linear, name)
 
-        def counted(self, tensor, original=original, name=name):
+        def counted(self, tensor, *rest, original=original, name=name):
             calls[name] += 1
-            return original(self, tensor)
+            return original(self, tensor, *rest)
 
         monkeypatch.setattr(Fp8Linear, name, counted)
 
+    quantized = []  # the inputs each path rounds to e4m3 rows in its forward
+    rows = linear_module._quantize_activation_rows
+
+    def counted_rows(flat, *rest):
+        quantized.append(flat.shape)
+        return rows(flat, *rest)
+
+    monkeypatch.setattr(linear_module, "_quantize_activation_rows", counted_rows)
     x = torch.randn(2, 19, hidden, requires_grad=True)
     want = model(x)
+    peft_quantized, quantized[:] = list(quantized), []
     got = fused.lora_mlp(x, *layers, activation="swiglu")
     assert calls == {"sloth_matmul": 3, "sloth_input_grad": 0}
+    # gate and up share x's e4m3 rows: made once (PEFT makes them per projection)
+    takes = hidden % 16 == 0 and inter % 16 == 0 and linear_module._rowwise("cpu", x.dtype)
+    assert len(peft_quantized) == (3 if takes else 0)
+    assert quantized == ([(38, hidden), (38, inter)] if takes else [])
     # The FP8 products are the same calls on the same inputs; only the LoRA sums' order
     # differs (fused addmm against PEFT's separate add).
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
@@ -124,9 +138,9 @@ def test_a_patched_fp8_model_routes_its_projections_through_the_fused_ops(
     calls = []
     original = Fp8Linear.sloth_matmul
 
-    def counted(self, x):
+    def counted(self, x, *rest):
         calls.append(self)
-        return original(self, x)
+        return original(self, x, *rest)
 
     monkeypatch.setattr(Fp8Linear, "sloth_matmul", counted)
     with using_plugin_manager(installed):

@@ -37,9 +37,12 @@ class LoRALinear:
         quant_state: the bitsandbytes ``QuantState`` of a 4-bit ``weight`` (duck-typed).
         base: a quantizer plugin's layer that multiplies by its own weight (``weight`` is
             then its stored form, e.g. sloth-fp8's e4m3 values), duck-typed: calling it is
-            its forward (``x W^T + b``, with autograd), ``sloth_matmul(x)`` is ``x W^T``
-            and ``sloth_input_grad(g)`` is ``g W``, both without autograd and fresh
-            tensors, and ``dense_weight(dtype)`` the dequantized ``W``.
+            its forward (``x W^T + b``, with autograd), ``sloth_matmul(x, shared)`` is
+            ``x W^T`` and ``sloth_input_grad(g)`` is ``g W``, both without autograd and
+            fresh tensors, and ``dense_weight(dtype)`` the dequantized ``W``. ``shared``
+            is ``None`` or a dict the fused ops pass to every product of the same ``x`` in
+            one call, where a layer may keep what it derives from ``x`` alone for the next
+            (sloth-fp8: the input's e4m3 rows), under keys its own.
     """
 
     weight: torch.Tensor

@@ -76,6 +76,8 @@ def _quantize_rows_eager(
 
 
 _quantize_rows_compiled: Any = None
+#: The key of an input's e4m3 rows in the ``shared`` dict of the fused LoRA ops.
+_SHARED_ROWS = "sloth_fp8.rows"
 
 
 def _quantize_activation_rows(
@@ -106,16 +108,25 @@ def _fresh(like: torch.Tensor, features: int) -> tuple[torch.Tensor, torch.Tenso
     return out, out.view(-1, features)
 
 
-def fp8_matmul(x: torch.Tensor, values: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+def fp8_matmul(
+    x: torch.Tensor, values: torch.Tensor, scales: torch.Tensor, shared: dict | None = None
+) -> torch.Tensor:
     """``x @ W^T`` for ``W = values * scales`` (rows), ``x`` ``[..., in]`` in its dtype,
     through ``_scaled_mm`` with ``x`` quantized per row; the dequantized product where
-    ``_scaled_mm`` does not take the shapes. A fresh tensor, not a view."""
+    ``_scaled_mm`` does not take the shapes. A fresh tensor, not a view. ``shared``: a
+    dict passed to every product of this same ``x`` (q/k/v, gate/up): its quantized rows
+    are kept there and made once."""
     flat = x.reshape(-1, x.shape[-1])
     out, out2 = _fresh(x, values.shape[0])
     if not _takes(values, flat.shape[0], x.dtype):
         torch.mm(flat, dequantize_rows(values, scales, x.dtype).t(), out=out2)
     else:
-        x_fp8, x_scales = _quantize_activation_rows(flat)
+        rows = None if shared is None else shared.get(_SHARED_ROWS)
+        if rows is None:
+            rows = _quantize_activation_rows(flat)
+            if shared is not None:
+                shared[_SHARED_ROWS] = rows
+        x_fp8, x_scales = rows
         torch._scaled_mm(
             x_fp8, values.t(), scale_a=x_scales, scale_b=scales[None, :].float(),
             out_dtype=x.dtype, out=out2,
@@ -200,9 +211,10 @@ class Fp8Linear(nn.Linear):
         out = _Fp8Linear.apply(x, self.weight, self.weight_scale, self.fp8_backward)
         return out if self.bias is None else out + self.bias.to(out.dtype)
 
-    def sloth_matmul(self, x: torch.Tensor) -> torch.Tensor:
-        """``x W^T`` (no bias, no autograd): what :meth:`forward` multiplies, a fresh tensor."""
-        return fp8_matmul(x, self.weight, self.weight_scale)
+    def sloth_matmul(self, x: torch.Tensor, shared: dict | None = None) -> torch.Tensor:
+        """``x W^T`` (no bias, no autograd): what :meth:`forward` multiplies, a fresh tensor;
+        ``shared``: see :func:`fp8_matmul` (the input's rows are quantized once a group)."""
+        return fp8_matmul(x, self.weight, self.weight_scale, shared)
 
     def sloth_input_grad(self, grad: torch.Tensor) -> torch.Tensor:
         """``grad W``: the input's gradient as :meth:`forward`'s backward computes it."""
