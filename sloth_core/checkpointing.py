@@ -76,6 +76,7 @@ class _Slot:
         self.copied: Any = None  # the event after the copy to host, on a GPU
         if not offload:
             self.host, self.kept = None, hidden_states.detach()
+            self.version = hidden_states._version  # a later in-place write is caught
         elif self.device.type != "cuda":  # nothing to offload to: a copy, as a GPU's would be
             self.host, self.kept = hidden_states.detach().clone(), None
         else:
@@ -119,6 +120,11 @@ class _Slot:
         """The input on its device, ready for the compute stream; the slot is emptied."""
         if self.kept is not None:
             x, self.kept = self.kept, None
+            if x._version != self.version:
+                raise RuntimeError(
+                    "a checkpointed layer's input was modified in place after the layer ran: "
+                    "its recompute would read the new values (offload the layer instead)"
+                )
             return x
         self.prefetch()
         assert self.fetched is not None  # prefetch fills it whenever host is set

@@ -155,3 +155,14 @@ def test_value_free_downstream_reads_the_graph_between_a_tensor_and_the_outputs(
     assert not _value_free_downstream(t, [normed])  # the norm reads the sum's value
     assert not _value_free_downstream(t, [residual + t, t * t])  # one output reads it
     assert not _value_free_downstream(torch.randn(3), [residual])  # no node of its own
+
+
+def test_a_kept_input_written_in_place_after_the_layer_is_an_error():
+    layer = torch.nn.Linear(4, 4)
+    x = torch.randn(3, 4, requires_grad=True)
+    hidden = x * 1
+    out = device_checkpoint(layer.__call__, hidden)
+    with torch.no_grad():
+        hidden.add_(1)  # the recompute would read these values
+    with pytest.raises(RuntimeError, match="modified in place after the layer ran"):
+        out.sum().backward()
