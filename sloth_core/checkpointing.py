@@ -8,9 +8,10 @@ back-propagates through it.
 
 The copies run on a side stream of their own, so they overlap the compute instead of
 queueing between its kernels (on the compute stream they took 10% of an 8B model's step,
-docs/benchmarks.md). While a layer's backward runs, the input of the layer before it is
-already on its way back (one layer input more on the device, the price of never waiting
-for PCIe).
+docs/benchmarks.md). A layer runs beside its input's copy only once its first call has
+shown that it leaves its input unwritten. While a layer's backward runs, the input of the
+layer before it is already on its way back (one layer input more on the device, the price
+of never waiting for PCIe).
 
 The recompute skips what backward never reads. A gated MLP whose output only feeds
 additions (the residual stream of Llama-style layers) need not multiply its output
