@@ -3,7 +3,8 @@
 Saved for backward: ``x``, the two pre-activation projections ``e = gate(x)`` and
 ``u = up(x)``, and the tiny ``x A^T`` / ``h A_down^T`` products, where PEFT's modules
 keep ``x``, ``e``, ``u``, ``act(e)`` and ``h = act(e) * u``. The backward recomputes the
-activation from ``e`` and ``u`` (``h`` only in row chunks, for ``dA`` of down) and
+activation from ``e`` and ``u`` (``h`` only in row chunks, for ``dA`` of down, and for
+``h A_down^T`` after a forward called with ``output=False``, which computes no ``h``) and
 writes ``d_gate``/``d_up`` over the saved ``e``/``u`` buffers. Base weights are never
 saved; NF4 ones are dequantized again in backward, one at a time.
 
@@ -64,14 +65,11 @@ class _LoRAMLP(torch.autograd.Function):
             # down's adapter: ha = h A^T, kept for dB of down (tiny).
             (out,), ha = group_forward(hidden, down, lora_down)
             del hidden
-        else:  # the caller reads no value of out: down's product is skipped, not dB's ha
+        else:  # the caller reads no value of out: down's product is skipped, and h too
+            # (dB of down's h A^T is made in backward, from the h chunks dA recomputes)
             shape = (*x.shape[:-1], out_features(down.layers[0]))
             out = torch.empty(shape, dtype=x.dtype, device=x.device)
             ha = None
-            if down.adapted:
-                hidden = _act_forward(e, u, activation)
-                ha = hidden.reshape(-1, hidden.shape[-1]) @ down.stacked_a(lora_down).t()
-                del hidden
         ctx.gate_up, ctx.down, ctx.activation, ctx.n_gu = gate_up, down, activation, n_gu
         ctx.backward_done = False
         needs_gu_a = any(ctx.needs_input_grad[5 : 5 + n_gu : 2])
@@ -105,11 +103,23 @@ class _LoRAMLP(torch.autograd.Function):
         g2 = grad.reshape(-1, grad.shape[-1])
         e2, u2 = e.view(-1, e.shape[-1]), u.view(-1, u.shape[-1])
 
-        # down: dh = g W_d + G_d A_d, and dB_d; dA_d = G_d^T h needs h, recomputed below.
+        # down: dh = g W_d + G_d A_d, and dB_d; dA_d = G_d^T h needs h, recomputed in chunks.
         down_needs = [False, *needs[6 + n_gu :]]
-        dh, down_grads, g_down = group_backward(None, ha, [g2], down, lora_down, True, down_needs)
-        if down.adapted and needs[5 + n_gu]:
-            down_grads[0] = _down_grad_a(g_down, e2, u2, activation)
+        needs_down_a = bool(down.adapted) and needs[5 + n_gu]
+        if down.adapted and ha is None and needs[6 + n_gu]:  # output=False: h A^T made here
+            scaling = float(down.layers[down.adapted[0]].scaling)
+            g_down = g2.mm(lora_down[1]).mul_(scaling)  # G_d, as group_backward makes it
+            ha, grad_a = _down_chunks(
+                g_down if needs_down_a else None, e2, u2, activation, lora_down[0]
+            )
+            dh, down_grads, _ = group_backward(None, ha, [g2], down, lora_down, True, down_needs)
+            down_grads[0] = grad_a
+        else:
+            dh, down_grads, g_down = group_backward(
+                None, ha, [g2], down, lora_down, True, down_needs
+            )
+            if needs_down_a:
+                down_grads[0] = _down_chunks(g_down, e2, u2, activation)[1]
 
         # Activation backward over the saved e/u buffers (they are not needed afterwards).
         d_gate, d_up = _act_backward_inplace(dh, e2, u2, activation)
@@ -125,21 +135,32 @@ class _LoRAMLP(torch.autograd.Function):
         return (dx, None, None, None, None, *gu_grads, *down_grads)
 
 
-def _down_grad_a(
-    g_down: torch.Tensor, e2: torch.Tensor, u2: torch.Tensor, activation: str
-) -> torch.Tensor:
-    """``dA_down = G^T h`` (``G = s g B``, ``[N, r]``) with ``h = act(e) * u`` recomputed
-    in row chunks, bitwise as in forward, so that no ``[N, I]`` buffer is added."""
+def _down_chunks(
+    g_down: torch.Tensor | None,
+    e2: torch.Tensor,
+    u2: torch.Tensor,
+    activation: str,
+    a_down: torch.Tensor | None = None,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """``(h A^T, dA_down = G^T h)`` (``G = s g B``, ``[N, r]``), each only where asked
+    (``a_down``, ``g_down``), with ``h = act(e) * u`` recomputed in row chunks, bitwise as
+    in forward, so that no ``[N, I]`` buffer is added."""
     rows = e2.shape[0]
     step = max(1, _H_CHUNK_ELEMENTS // max(1, e2.shape[1]))
+    ha = None
+    if a_down is not None:
+        ha = torch.empty(rows, a_down.shape[0], dtype=e2.dtype, device=e2.device)
     grad_a = None
     for start in range(0, rows, step):
         stop = min(rows, start + step)
         hidden = _act_forward(e2[start:stop], u2[start:stop], activation)
-        part = g_down[start:stop].t()
-        grad_a = part.mm(hidden) if grad_a is None else grad_a.addmm_(part, hidden)
-    assert grad_a is not None  # rows > 0: the fast path takes no empty input
-    return grad_a
+        if ha is not None:
+            assert a_down is not None  # ha is made only with it
+            torch.mm(hidden, a_down.t(), out=ha[start:stop])
+        if g_down is not None:
+            part = g_down[start:stop].t()
+            grad_a = part.mm(hidden) if grad_a is None else grad_a.addmm_(part, hidden)
+    return ha, grad_a
 
 
 def lora_mlp(
