@@ -12,7 +12,8 @@ from peft import LoraConfig, get_peft_model
 from sloth_core.checkpointing import device_checkpoint, enable_checkpointing
 from sloth_core.ops import default_registry, reference
 from sloth_core.patches import patch_architecture
-from sloth_core.testing import init_tiny_model, tiny_config
+from sloth_core.testing import init_tiny_model
+from sloth_core.testing.varied import varied_config
 
 TARGETS = ["q_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -45,7 +46,8 @@ def _spying_registry(calls: list[bool], device: str):
 
 
 def _grads_over_steps(arch: str, checkpoint, calls: list[bool], steps: int = 3, device="cpu"):
-    config = tiny_config(arch, tie_word_embeddings=False)
+    # every flag of the config varied (attention and MLP biases), the head untied
+    config = varied_config(arch, tie_word_embeddings=False)
     model = init_tiny_model(config, seed=4).to(device)
     torch.manual_seed(0)
     model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, init_lora_weights=False,
@@ -84,7 +86,7 @@ def test_llama_recompute_skips_the_mlp_output_from_the_second_on(checkpoint, dev
     assert plain and all(plain)
     calls: list[bool] = []
     got = _grads_over_steps("llama", function, calls, device=device)
-    layers = tiny_config("llama").num_hidden_layers
+    layers = varied_config("llama").num_hidden_layers
     # Per step: each layer's forward, then its recompute; the first recompute probes.
     assert calls[: 2 * layers] == [True] * 2 * layers
     assert calls[2 * layers :] == ([True] * layers + [False] * layers) * 2
