@@ -279,10 +279,9 @@ class MemoryPlan:
             prefix += h
             if mode is not LayerMode.KEEP:  # run again in backward, all of it saved
                 # and an offloaded layer before it already has its input back (prefetched)
-                before = self.costs[j - 1] if j else None
                 ahead = 0.0
-                if before is not None and self.modes[j - 1] is LayerMode.OFFLOAD:
-                    ahead = before.input_bytes_per_token * self.tokens
+                if j and self.modes[j - 1] is LayerMode.OFFLOAD:
+                    ahead = self.costs[j - 1].input_bytes_per_token * self.tokens
                 peak = max(peak, prefix + cost.saved_bytes_per_token * self.tokens + ahead)
         return self.fixed_bytes + rest + peak
 

@@ -229,6 +229,17 @@ def group_forward(x: torch.Tensor, group: Group, lora: Sequence[torch.Tensor]):
     return outputs, xa
 
 
+def group_g(
+    grads: Sequence[torch.Tensor], group: Group, lora: Sequence[torch.Tensor]
+) -> torch.Tensor:
+    """``G = [s_i g_i B_i]`` (``[N, sum r]``) of an adapted group, from 2D output grads."""
+    scaled = [
+        grads[i].mm(lora[2 * k + 1]).mul_(float(group.layers[i].scaling))
+        for k, i in enumerate(group.adapted)
+    ]
+    return scaled[0] if len(scaled) == 1 else torch.cat(scaled, dim=1)
+
+
 def group_backward(
     x2: torch.Tensor | None,
     xa: torch.Tensor | None,
@@ -237,22 +248,19 @@ def group_backward(
     lora: Sequence[torch.Tensor],
     needs_x: bool,
     needs_lora: Sequence[bool],
+    big_g: torch.Tensor | None = None,
 ):
     """``(dx or None, [dA_0, dB_0, ...], G)`` of :func:`group_forward` given 2D output grads.
 
-    ``dx = G A + sum_i g_i W_i`` with ``G = [s_i g_i B_i]`` (``[N, sum r]``): the thin
-    ``G A`` first, the base products accumulated onto it in their GEMMs' epilogues;
-    ``dA = G^T x`` as one GEMM for every adapter; ``dB_i = s_i g_i^T (x A_i^T)``.
+    ``dx = G A + sum_i g_i W_i`` with ``G = [s_i g_i B_i]`` (``[N, sum r]``; ``big_g``
+    where the caller made it with :func:`group_g`): the thin ``G A`` first, the base
+    products accumulated onto it in their GEMMs' epilogues; ``dA = G^T x`` as one GEMM for
+    every adapter; ``dB_i = s_i g_i^T (x A_i^T)``.
     """
     dtype = grads[0].dtype
     lora_grads: list[torch.Tensor | None] = [None] * len(lora)
-    big_g = None
-    if group.adapted:
-        scaled = [
-            grads[i].mm(lora[2 * k + 1]).mul_(float(group.layers[i].scaling))
-            for k, i in enumerate(group.adapted)
-        ]
-        big_g = scaled[0] if len(scaled) == 1 else torch.cat(scaled, dim=1)
+    if big_g is None and group.adapted:
+        big_g = group_g(grads, group, lora)
     dx = None
     if needs_x:
         if big_g is not None:

@@ -26,6 +26,7 @@ from sloth_kernels.lora import (
     fast_path_ok,
     group_backward,
     group_forward,
+    group_g,
     layer_served,
     load_input,
     out_features,
@@ -106,20 +107,19 @@ class _LoRAMLP(torch.autograd.Function):
         # down: dh = g W_d + G_d A_d, and dB_d; dA_d = G_d^T h needs h, recomputed in chunks.
         down_needs = [False, *needs[6 + n_gu :]]
         needs_down_a = bool(down.adapted) and needs[5 + n_gu]
+        g_down = grad_a = None
         if down.adapted and ha is None and needs[6 + n_gu]:  # output=False: h A^T made here
-            scaling = float(down.layers[down.adapted[0]].scaling)
-            g_down = g2.mm(lora_down[1]).mul_(scaling)  # G_d, as group_backward makes it
+            g_down = group_g([g2], down, lora_down)
             ha, grad_a = _down_chunks(
                 g_down if needs_down_a else None, e2, u2, activation, lora_down[0]
             )
-            dh, down_grads, _ = group_backward(None, ha, [g2], down, lora_down, True, down_needs)
-            down_grads[0] = grad_a
-        else:
-            dh, down_grads, g_down = group_backward(
-                None, ha, [g2], down, lora_down, True, down_needs
+        dh, down_grads, g_down = group_backward(
+            None, ha, [g2], down, lora_down, True, down_needs, g_down
+        )
+        if needs_down_a:
+            down_grads[0] = (
+                grad_a if grad_a is not None else _down_chunks(g_down, e2, u2, activation)[1]
             )
-            if needs_down_a:
-                down_grads[0] = _down_chunks(g_down, e2, u2, activation)[1]
 
         # Activation backward over the saved e/u buffers (they are not needed afterwards).
         d_gate, d_up = _act_backward_inplace(dh, e2, u2, activation)
