@@ -20,6 +20,12 @@ through it (``lora_mlp(..., output=False)``). Whether that holds is not assumed 
 architecture; it is read from each layer's own autograd graph on its first recompute
 (:func:`_value_free_downstream`), and the skip applies from the second on.
 
+A layer's first pass may also keep values its recompute would otherwise compute again
+(:func:`keep_for_backward`): the attention keeps its output and log-sum-exp, so that its
+recompute runs no attention forward at all (:mod:`sloth_core.patches.kept_attention`).
+The large ones go to host memory with the layer input and come back with it; the
+recompute finds them by key (:func:`kept_for_backward`).
+
 :class:`Checkpointing` is the one vocabulary of the modes (``sloth train``'s
 ``gradient_checkpointing`` option, ``FastLanguageModel`` after it maps Unsloth's
 spellings) and :func:`apply_checkpointing` the one rule for when to offload.
@@ -27,10 +33,12 @@ spellings) and :func:`apply_checkpointing` the one rule for when to offload.
 
 from __future__ import annotations
 
+import collections
 import enum
 import threading
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -67,6 +75,25 @@ def _copy_stream(device: torch.device) -> Any:
     return _copy_streams[device]
 
 
+def _contiguous_strides(shape: torch.Size) -> tuple[int, ...]:
+    strides, step = [], 1
+    for size in reversed(shape):
+        strides.append(step)
+        step *= max(size, 1)
+    return tuple(reversed(strides))
+
+
+def _dense(t: torch.Tensor) -> bool:
+    """Whether ``t`` fills its memory without gaps or overlaps, in any dimension order
+    (a copy of it with the same strides is then one block)."""
+    step = 1
+    for d in sorted(range(t.dim()), key=t.stride):
+        if t.size(d) != 1 and t.stride(d) != step:
+            return False
+        step *= t.size(d)
+    return True
+
+
 class _Slot:
     """One checkpointed layer input: in host memory, and once fetched on the device."""
 
@@ -75,17 +102,25 @@ class _Slot:
         self.prev: weakref.ref[_Slot] | None = None  # the layer before, in forward order
         self.fetched: tuple[torch.Tensor, Any] | None = None
         self.copied: Any = None  # the event after the copy to host, on a GPU
+        # What the first pass keeps for the recompute (keep_for_backward): per key, in
+        # call order, the tensors bound for host memory and the values kept as they are.
+        self.values: list[tuple[Any, list[torch.Tensor], tuple[Any, ...]]] = []
+        self.sent: list[tuple[torch.Tensor, int]] = []  # those tensors, at their versions
+        self.fetched_values: dict[Any, collections.deque] | None = None
         if not offload:
             self.host, self.kept = None, hidden_states.detach()
             self.version = hidden_states._version  # a later in-place write is caught
-        elif self.device.type != "cuda":  # nothing to offload to: a copy, as a GPU's would be
-            self.host, self.kept = hidden_states.detach().clone(), None
         else:
             self.host, self.kept = self._to_host(hidden_states), None
 
     def _to_host(self, t: torch.Tensor) -> torch.Tensor:
+        if self.device.type != "cuda":  # nothing to offload to: a copy, as a GPU's would be
+            return t.detach().clone()
         stream = _copy_stream(self.device)
-        host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        # The same layout as t (the attention's output is a transposed view): one memcpy.
+        strides = t.stride() if _dense(t) else None
+        host = torch.empty_strided(t.shape, strides or _contiguous_strides(t.shape),
+                                   dtype=t.dtype, pin_memory=True)  # fmt: skip
         stream.wait_stream(torch.cuda.current_stream(self.device))  # t is computed
         with torch.cuda.stream(stream):
             host.copy_(t, non_blocking=True)
@@ -93,6 +128,26 @@ class _Slot:
             self.copied.record(stream)
         t.record_stream(stream)  # t's memory is not reused before the copy has read it
         return host
+
+    def keep(self, key: Any, to_host: tuple[torch.Tensor, ...], values: tuple[Any, ...]) -> None:
+        """Keep ``to_host`` (copied beside the compute, as the input is) and ``values`` (as
+        they are) for the recompute's :func:`kept_for_backward` under ``key``."""
+        copied = self.copied  # the input's event: the one wait_copied waits for
+        hosts = [self._to_host(t) for t in to_host]
+        self.copied = copied
+        self.sent.extend((t, t._version) for t in to_host)
+        self.values.append((key, hosts, values))
+
+    def check_sent(self, owner: Any) -> None:
+        """After the layer ran: none of the tensors it kept was written in place after
+        (their copies to host may have raced the write)."""
+        for t, version in self.sent:
+            if t._version != version:
+                raise RuntimeError(
+                    f"{type(owner).__name__} wrote a tensor it kept for backward in place "
+                    "after keeping it: its recompute would read stale values"
+                )
+        self.sent = []
 
     def wait_copied(self) -> None:
         """Make the compute stream wait until the input is in host memory (for a layer
@@ -104,21 +159,37 @@ class _Slot:
         """Start bringing the input back (on the copy stream); :meth:`take` waits for it."""
         if self.fetched is not None or self.host is None:
             return
+        fetched: dict[Any, collections.deque] = collections.defaultdict(collections.deque)
         if self.device.type != "cuda":
             self.fetched = (self.host, None)
+            for key, hosts, values in self.values:
+                fetched[key].append((hosts, values))
+            self.fetched_values, self.values = fetched, []
             return
+
+        # The device blocks are allocated on the compute stream, which uses them (the
+        # allocator reuses a block only once that stream has passed its last use).
+        def block(h: torch.Tensor) -> torch.Tensor:
+            return torch.empty_strided(h.shape, h.stride(), dtype=h.dtype, device=self.device)
+
+        pairs = [(block(self.host), self.host)]
+        for key, hosts, values in self.values:
+            back = [block(h) for h in hosts]
+            pairs.extend(zip(back, hosts, strict=True))
+            fetched[key].append((back, values))
         compute = torch.cuda.current_stream(self.device)
-        x = torch.empty(self.host.shape, dtype=self.host.dtype, device=self.device)
         stream = _copy_stream(self.device)
-        stream.wait_stream(compute)  # x's block may still be read by queued compute
+        stream.wait_stream(compute)  # the new blocks may still be read by queued compute
         with torch.cuda.stream(stream):
-            x.copy_(self.host, non_blocking=True)
+            for t, host in pairs:
+                t.copy_(host, non_blocking=True)
             done = torch.cuda.Event()
             done.record(stream)
-        self.fetched = (x, done)
+        self.fetched, self.fetched_values, self.values = (pairs[0][0], done), fetched, []
 
-    def take(self) -> torch.Tensor:
-        """The input on its device, ready for the compute stream; the slot is emptied."""
+    def take(self) -> tuple[torch.Tensor, dict[Any, collections.deque]]:
+        """The input on its device, ready for the compute stream, and what the first pass
+        kept (per key, in call order); the slot is emptied."""
         if self.kept is not None:
             x, self.kept = self.kept, None
             if x._version != self.version:
@@ -126,22 +197,23 @@ class _Slot:
                     "a checkpointed layer's input was modified in place after the layer ran: "
                     "its recompute would read the new values (offload the layer instead)"
                 )
-            return x
+            return x, {}
         self.prefetch()
-        assert self.fetched is not None  # prefetch fills it whenever host is set
-        x, done = self.fetched
+        assert self.fetched is not None and self.fetched_values is not None  # prefetch ran
+        (x, done), values = self.fetched, self.fetched_values
         if done is not None:
             torch.cuda.current_stream(self.device).wait_event(done)
-        self.host = self.fetched = None
-        return x
+        self.host = self.fetched = self.fetched_values = None
+        return x, values
 
 
 class _Recompute:
     """What one layer's recompute collects: the modules whose output's value may be
     unread (:func:`output_unread`), each with its output, to probe once the layer ran."""
 
-    def __init__(self) -> None:
+    def __init__(self, kept: dict[Any, collections.deque] | None = None) -> None:
         self.probes: list[tuple[torch.nn.Module, torch.Tensor]] = []
+        self.kept = kept or {}  # what the first pass kept, per key (kept_for_backward)
 
     def settle(self, outputs: list[torch.Tensor]) -> None:
         verdicts: dict[torch.nn.Module, bool] = {}
@@ -194,6 +266,51 @@ def output_unread(module: torch.nn.Module, output: torch.Tensor | None = None) -
     return bool(verdict)
 
 
+def keeping() -> bool:
+    """Whether :func:`keep_for_backward` would take values now: inside an offloaded
+    checkpoint's first pass, or while :func:`counting_kept` counts them."""
+    return getattr(_state, "first_pass", None) is not None or hasattr(_state, "counting")
+
+
+def keep_for_backward(key: Any, to_host: tuple[torch.Tensor, ...], values: tuple[Any, ...] = ()):
+    """In an offloaded checkpoint's first pass, keep what the layer's recompute needs again.
+
+    ``to_host`` goes to pinned host memory beside the compute, as the layer input does,
+    and comes back with it; ``values`` (small tensors, numbers) stay as they are. The
+    recompute gets ``(to_host, values)`` from :func:`kept_for_backward` with the same
+    ``key``, in call order. A kept tensor must not be written in place afterwards (the
+    layer's end checks). Elsewhere nothing is kept; under :func:`counting_kept` the bytes
+    are counted instead."""
+    counting = getattr(_state, "counting", None)
+    if counting is not None:
+        small = [v for v in values if isinstance(v, torch.Tensor)]
+        counting(sum(t.numel() * t.element_size() for t in to_host),
+                 sum(v.numel() * v.element_size() for v in small))  # fmt: skip
+        return
+    slot: _Slot | None = getattr(_state, "first_pass", None)
+    if slot is not None:
+        slot.keep(key, to_host, values)
+
+
+def kept_for_backward(key: Any) -> tuple[list[torch.Tensor], tuple[Any, ...]] | None:
+    """Inside a checkpoint's recompute, the next ``(to_host, values)`` the first pass kept
+    under ``key`` (the host tensors back on the device), or None."""
+    recompute: _Recompute | None = getattr(_state, "recompute", None)
+    queue = recompute.kept.get(key) if recompute is not None else None
+    return queue.popleft() if queue else None
+
+
+@contextmanager
+def counting_kept(count: Callable[[int, int], None]) -> Iterator[None]:
+    """Within it :func:`keep_for_backward` keeps nothing and calls ``count(host_bytes,
+    device_bytes)`` instead: how the memory plan measures what each layer keeps."""
+    _state.counting = count
+    try:
+        yield
+    finally:
+        del _state.counting
+
+
 class _Checkpoint(torch.autograd.Function):
     @staticmethod
     def forward(ctx, function, offload, hidden_states, *args):
@@ -215,8 +332,14 @@ class _Checkpoint(torch.autograd.Function):
         if not overlap:
             slot.wait_copied()
         version = hidden_states._version
-        with torch.no_grad():
-            out = function(hidden_states, *args)
+        outer = getattr(_state, "first_pass", None)
+        _state.first_pass = slot if offload else None  # keep_for_backward: offloaded only
+        try:
+            with torch.no_grad():
+                out = function(hidden_states, *args)
+        finally:
+            _state.first_pass = outer
+        slot.check_sent(owner)
         if owner is not None:
             kept = hidden_states._version == version
             _keeps_input[owner] = kept  # from now on it waits, if it wrote
@@ -231,12 +354,13 @@ class _Checkpoint(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *grads):
         slot: _Slot = ctx.slot
-        x = slot.take().detach().requires_grad_(True)
+        x, kept = slot.take()
+        x = x.detach().requires_grad_(True)
         before = slot.prev() if slot.prev is not None else None
         if before is not None:  # its input comes back while this layer computes
             before.prefetch()
         devices = [slot.device] if ctx.cuda_rng is not None else []
-        recompute = _Recompute()
+        recompute = _Recompute(kept)
         outer = getattr(_state, "recompute", None)
         with torch.random.fork_rng(devices=devices):
             torch.set_rng_state(ctx.cpu_rng)

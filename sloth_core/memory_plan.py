@@ -21,11 +21,13 @@ those saved outside layers go to ``rest``), its input bytes and its recompute FL
 model. The model of memory (all figures scale with the tokens of a step):
 
 * after the forward the device holds ``rest`` plus, per layer, its saved bytes (keep),
-  its input bytes (recompute) or nothing (offload);
+  its input bytes (recompute) or what its first pass keeps on the device (offload: the
+  attention's log-sum-exp, :func:`~sloth_core.checkpointing.keep_for_backward`);
 * backward goes from the last layer to the first, freeing each layer's holdings after its
   backward; a non-kept layer ``j`` is run again first, so while its backward runs the
   device holds ``rest`` + what layers ``0..j`` hold + the saved bytes of layer ``j``, and
-  the input of layer ``j - 1`` if that one is offloaded (it is fetched back meanwhile);
+  the input of layer ``j - 1`` and what it kept in host memory if that one is offloaded
+  (they are fetched back meanwhile);
 * when backward starts, the loss's gradient comes on top of everything held (on a GPU
   :func:`measure_layer_costs` measures it: an unfused loss's is twice its fp32 logits);
 * the predicted peak is ``fixed_bytes`` (the caller's: weights, gradients, optimizer
@@ -89,6 +91,11 @@ class LayerCost:
     saved_bytes_per_token: float  # saved for backward with the layer kept
     input_bytes_per_token: float  # the layer input: hidden x element size
     recompute_flops_per_token: float  # 2 x params + 4 x seq x hidden (attention)
+    # What an offloaded first pass keeps for the recompute (keep_for_backward): sent to
+    # host memory with the input (the attention's output), and left on the device (its
+    # log-sum-exp).
+    kept_host_bytes_per_token: float = 0.0
+    kept_device_bytes_per_token: float = 0.0
 
     @property
     def freed_by_recompute(self) -> float:
@@ -154,7 +161,11 @@ def measure_layer_costs(model: Any, input_ids: torch.Tensor) -> LayerCosts:
 
     Each saved storage is counted once, by its address; parameters and buffers are not
     activations and are left out. A storage saved inside exactly one layer belongs to it
-    (its input included: the first op of a layer saves it), any other to ``rest``."""
+    (its input included: the first op of a layer saves it), any other to ``rest``. What an
+    offloaded first pass would keep for the recompute is counted per layer too
+    (:func:`~sloth_core.checkpointing.counting_kept`)."""
+    from sloth_core.checkpointing import counting_kept
+
     layers = _layers(model)
     if any(getattr(layer, "gradient_checkpointing", False) for layer in layers):
         raise ValueError("measure_layer_costs needs checkpointing off (every layer kept)")
@@ -164,6 +175,7 @@ def measure_layer_costs(model: Any, input_ids: torch.Tensor) -> LayerCosts:
     inputs: dict[int, int] = {}
     owners: dict[int, set[int | None]] = {}
     sizes: dict[int, int] = {}
+    kept = [[0, 0] for _ in layers]  # per layer: bytes kept for host, for the device
 
     def pre(i, _module, args, kwargs):
         running.append(i)
@@ -173,6 +185,11 @@ def measure_layer_costs(model: Any, input_ids: torch.Tensor) -> LayerCosts:
 
     def post(_i, *_):
         running.pop()
+
+    def count(host: int, device: int) -> None:
+        if running:
+            kept[running[-1]][0] += host
+            kept[running[-1]][1] += device
 
     def pack(t: torch.Tensor) -> torch.Tensor:
         found = _storage(t)
@@ -186,7 +203,8 @@ def measure_layer_costs(model: Any, input_ids: torch.Tensor) -> LayerCosts:
         handles.append(layer.register_forward_pre_hook(functools.partial(pre, i), with_kwargs=True))
         handles.append(layer.register_forward_hook(functools.partial(post, i)))
     try:
-        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        hooks = torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
+        with torch.enable_grad(), hooks, counting_kept(count):
             out = model(input_ids=input_ids, labels=input_ids, use_cache=False)
         cuda = input_ids.is_cuda and out.loss.requires_grad
         transient = _backward_transient(model, out.loss) if cuda else 0
@@ -209,6 +227,8 @@ def measure_layer_costs(model: Any, input_ids: torch.Tensor) -> LayerCosts:
             saved_bytes_per_token=saved[i] / tokens,
             input_bytes_per_token=inputs.get(i, 0) / tokens,
             recompute_flops_per_token=_layer_flops_per_token(layer, seq, config.hidden_size),
+            kept_host_bytes_per_token=kept[i][0] / tokens,
+            kept_device_bytes_per_token=kept[i][1] / tokens,
         )
         for i, layer in enumerate(layers)
     )
@@ -248,7 +268,7 @@ class MemoryPlan:
             return cost.saved_bytes_per_token * self.tokens
         if mode is LayerMode.RECOMPUTE:
             return cost.input_bytes_per_token * self.tokens
-        return 0.0
+        return cost.kept_device_bytes_per_token * self.tokens
 
     def layer_bytes(self) -> list[float]:
         """What each layer holds on the device after the forward."""
@@ -261,9 +281,10 @@ class MemoryPlan:
 
     @property
     def host_bytes(self) -> float:
-        """Layer inputs in host memory (the offloaded layers')."""
+        """Layer inputs and what their first passes kept, in host memory (the offloaded
+        layers')."""
         return sum(
-            c.input_bytes_per_token * self.tokens
+            (c.input_bytes_per_token + c.kept_host_bytes_per_token) * self.tokens
             for c, m in zip(self.costs, self.modes, strict=True)
             if m is LayerMode.OFFLOAD
         )
@@ -281,7 +302,9 @@ class MemoryPlan:
                 # and an offloaded layer before it already has its input back (prefetched)
                 ahead = 0.0
                 if j and self.modes[j - 1] is LayerMode.OFFLOAD:
-                    ahead = self.costs[j - 1].input_bytes_per_token * self.tokens
+                    before = self.costs[j - 1]
+                    ahead = before.input_bytes_per_token + before.kept_host_bytes_per_token
+                    ahead *= self.tokens
                 peak = max(peak, prefix + cost.saved_bytes_per_token * self.tokens + ahead)
         return self.fixed_bytes + rest + peak
 

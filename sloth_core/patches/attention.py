@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from sloth_core.patching import bind_forward, call_original
 
+from .kept_attention import attend_kept
 from .mlp import lift_linear
 from .softcap import softcap_attention
 
@@ -175,7 +176,7 @@ except ImportError:  # torch without the varlen API: SDPA with a block-diagonal 
 _VARLEN_PARAMS = set(inspect.signature(_varlen_attn).parameters) if _varlen_attn else set()
 _varlen_failed = False
 #: Calls of :func:`sloth_attention` by the path they took ("varlen", "softcap", "sinks",
-#: "decode_gqa", "sdpa"):
+#: "decode_gqa", "kept" (:func:`~sloth_core.patches.kept_attention.attend_kept`), "sdpa"):
 #: how tests see that packed rows really went through ``varlen_attn`` (a fallback to SDPA
 #: computes the same numbers). One counter increment per layer call.
 ATTENTION_PATHS: collections.Counter[str] = collections.Counter()
@@ -406,6 +407,9 @@ def sloth_attention(
     SDPA's ``enable_gqa`` (no copies) unless a mask would push CUDA SDPA off its fused
     kernels: then ``repeat_kv``; one-token queries asked with ``sloth_decode_gqa=True``
     (:data:`DECODE_GQA_KWARG`) go through :func:`decode_gqa`, which copies nothing.
+    Without a mask or dropout, an offloaded checkpoint's first pass keeps the output and
+    log-sum-exp and its recompute runs no attention forward
+    (:func:`~sloth_core.patches.kept_attention.attend_kept`).
     Takes and returns what transformers' attention functions do: ``query``
     ``[B, Hq, S, D]``, ``key``/``value`` ``[B, Hk, S_kv, D]``, a ``[B, 1, S, S_kv]`` mask or
     ``None``, the model's ``**kwargs`` (``position_ids``...); returns ``([B, S, Hq, D],
@@ -460,6 +464,13 @@ def sloth_attention(
             dropout=dropout,
         )  # fmt: skip
         return out, None
+    if attention_mask is None and dropout == 0.0:
+        # In an offloaded layer's first pass: keep the output and log-sum-exp; in its
+        # recompute: use them, no attention forward (kept_attention).
+        out = attend_kept(module, query, key, value, causal=causal, scaling=scaling)
+        if out is not None:
+            ATTENTION_PATHS["kept"] += 1
+            return out.transpose(1, 2).contiguous(), None
     ATTENTION_PATHS["sdpa"] += 1
     options: dict[str, Any] = {}
     if groups > 1:

@@ -1,0 +1,179 @@
+"""Attention whose recompute runs no forward: the first pass keeps its output and log-sum-exp.
+
+A checkpointed layer runs twice: once without saving anything (its input offloaded), and
+again in backward to rebuild what backward reads. For the attention that second forward
+is wasted work: backward needs the output and the softmax's log-sum-exp, which the first
+pass computed already, and the query, key and value, which the recompute has anyway (the
+projections' backward needs them). So in an offloaded layer's first pass the attention
+runs the fused kernel SDPA itself would pick (flash or cuDNN on a GPU, flash on the CPU),
+and keeps its output (to host memory beside the layer input, 8 KiB a token for an 8B
+model) and log-sum-exp (on the device, 4 bytes a token and head) with
+:func:`~sloth_core.checkpointing.keep_for_backward`; the recompute returns the kept
+output and its backward calls that kernel's backward directly. At 8192 tokens the
+attention forward is about 5% of an 8B model's step (docs/benchmarks.md).
+
+Only plain causal or full attention without a mask or dropout takes this path (a mask,
+softcap, sinks or packed rows go the usual way), and only when SDPA's own choice for the
+same inputs is a kernel whose backward takes a log-sum-exp. If calling the kernel fails
+(a torch whose private operator differs), the path turns itself off with a warning and
+SDPA runs as before; a failing backward recomputes the attention instead.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from sloth_core.checkpointing import keep_for_backward, keeping, kept_for_backward
+
+_aten = torch.ops.aten
+#: SDPBackend's values, as ``torch._fused_sdp_choice`` returns them.
+_FLASH, _CUDNN = 1, 3
+_broken: set[str] = set()  # kernels whose call failed once: not tried again
+
+
+@dataclass(frozen=True)
+class _Kernel:
+    """One fused attention kernel's forward (returning the output, its log-sum-exp and
+    what its backward takes besides) and backward (returning dq, dk, dv)."""
+
+    name: str
+    forward: Callable[..., tuple[torch.Tensor, torch.Tensor, tuple[Any, ...]]]
+    backward: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+
+
+def _cpu_forward(q, k, v, causal, scale):
+    out, lse = _aten._scaled_dot_product_flash_attention_for_cpu(
+        q, k, v, 0.0, causal, attn_mask=None, scale=scale
+    )
+    return out, lse, ()
+
+
+def _cpu_backward(dout, q, k, v, out, lse, extra, causal, scale):
+    return _aten._scaled_dot_product_flash_attention_for_cpu_backward(
+        dout, q, k, v, out, lse, 0.0, causal, attn_mask=None, scale=scale
+    )
+
+
+def _flash_forward(q, k, v, causal, scale):
+    out, lse, cum_q, cum_k, max_q, max_k, seed, offset, _ = (
+        _aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal, False, scale=scale)
+    )
+    return out, lse, (cum_q, cum_k, max_q, max_k, seed, offset)
+
+
+def _flash_backward(dout, q, k, v, out, lse, extra, causal, scale):
+    cum_q, cum_k, max_q, max_k, seed, offset = extra
+    return _aten._scaled_dot_product_flash_attention_backward(
+        dout, q, k, v, out, lse, cum_q, cum_k, max_q, max_k, 0.0, causal, seed, offset,
+        scale=scale,
+    )  # fmt: skip
+
+
+def _cudnn_forward(q, k, v, causal, scale):
+    out, lse, cum_q, cum_k, max_q, max_k, seed, offset, _ = (
+        _aten._scaled_dot_product_cudnn_attention(
+            q, k, v, None, True, 0.0, causal, False, scale=scale
+        )  # fmt: skip
+    )
+    return out, lse, (cum_q, cum_k, max_q, max_k, seed, offset)
+
+
+def _cudnn_backward(dout, q, k, v, out, lse, extra, causal, scale):
+    cum_q, cum_k, max_q, max_k, seed, offset = extra
+    return _aten._scaled_dot_product_cudnn_attention_backward(
+        dout, q, k, v, out, lse, seed, offset, None, cum_q, cum_k, max_q, max_k, 0.0, causal,
+        scale=scale,
+    )  # fmt: skip
+
+
+_CPU = _Kernel("flash (CPU)", _cpu_forward, _cpu_backward)
+_CUDA = {
+    _FLASH: _Kernel("flash", _flash_forward, _flash_backward),
+    _CUDNN: _Kernel("cudnn", _cudnn_forward, _cudnn_backward),
+}
+
+
+def _kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float):
+    """The fused kernel SDPA would run on these inputs in training, if it keeps a log-sum-exp."""
+    if q.shape[-1] != v.shape[-1] or q.shape[-1] % 8:  # SDPA would pad the head: not this
+        return None
+    try:
+        choice = torch._fused_sdp_choice(
+            q.detach().requires_grad_(), k, v, None, 0.0, causal, scale=scale,
+            enable_gqa=q.shape[1] != k.shape[1],
+        )  # fmt: skip
+    except (RuntimeError, TypeError):
+        return None
+    if q.device.type == "cpu":
+        kernel = _CPU if choice == _FLASH else None
+    else:
+        kernel = _CUDA.get(choice) if q.device.type == "cuda" else None
+    return None if kernel is None or kernel.name in _broken else kernel
+
+
+class _Replay(torch.autograd.Function):
+    """The recompute's attention: the first pass's output, and the kernel's backward."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, kernel, out, lse, extra, causal, scale):
+        ctx.kernel, ctx.extra, ctx.causal, ctx.scale = kernel, extra, causal, scale
+        ctx.save_for_backward(q, k, v, out, lse)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse = ctx.saved_tensors
+        try:
+            dq, dk, dv = ctx.kernel.backward(dout, q, k, v, out, lse, ctx.extra, ctx.causal,
+                                             ctx.scale)  # fmt: skip
+        except (RuntimeError, TypeError, NotImplementedError) as exc:
+            _broken.add(ctx.kernel.name)
+            warnings.warn(f"kept attention: the {ctx.kernel.name} backward failed ({exc}); "
+                          "recomputing the attention instead", stacklevel=2)  # fmt: skip
+            with torch.enable_grad():
+                inputs = [t.detach().requires_grad_() for t in (q, k, v)]
+                again = F.scaled_dot_product_attention(
+                    *inputs, is_causal=ctx.causal, scale=ctx.scale,
+                    enable_gqa=q.shape[1] != k.shape[1],
+                )  # fmt: skip
+                dq, dk, dv = torch.autograd.grad(again, inputs, dout)
+        return dq, dk, dv, None, None, None, None, None, None
+
+
+def attend_kept(
+    module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *,
+    causal: bool, scaling: float | None,
+) -> torch.Tensor | None:  # fmt: skip
+    """Maskless, dropout-free attention ``[B, Hq, S, D]`` through the kept path, or None
+    where it does not apply (the caller then runs SDPA).
+
+    In an offloaded checkpoint's recompute it returns what that layer's first pass kept
+    for ``module``, with the fused kernel's backward; in the first pass it runs the kernel
+    and keeps its output and log-sum-exp. ``key``/``value`` may have fewer heads (GQA)."""
+    scale = query.shape[-1] ** -0.5 if scaling is None else scaling
+    kept = kept_for_backward(module)
+    if kept is not None:
+        (out,), (kernel, lse, extra, was_causal) = kept
+        if out.shape[:-1] == query.shape[:-1] and was_causal == causal:
+            return _Replay.apply(query, key, value, kernel, out, lse, extra, causal, scale)
+        return None  # not the call it was kept for: compute it
+    if not keeping() or query.shape[2] != key.shape[2]:
+        return None
+    kernel = _kernel(query, key, value, causal, scale)
+    if kernel is None:
+        return None
+    try:
+        out, lse, extra = kernel.forward(query, key, value, causal, scale)
+    except (RuntimeError, TypeError, NotImplementedError) as exc:
+        _broken.add(kernel.name)
+        warnings.warn(f"kept attention: the {kernel.name} kernel failed ({exc}); "
+                      "recomputing the attention instead", stacklevel=2)  # fmt: skip
+        return None
+    keep_for_backward(module, (out,), (kernel, lse, extra, causal))
+    return out

@@ -1,0 +1,201 @@
+"""The attention of an offloaded layer keeps its output and log-sum-exp in the first pass,
+so its recompute runs no attention forward: gradients as without checkpointing, on varied
+configs (GQA, q/k norms), and every way out of the path (a mask, plain checkpointing, a
+kernel that fails) still correct."""
+
+from __future__ import annotations
+
+import collections
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from peft import LoraConfig, get_peft_model
+
+from sloth_core.checkpointing import (
+    device_checkpoint,
+    enable_checkpointing,
+    keep_for_backward,
+    offloaded_checkpoint,
+)
+from sloth_core.memory_plan import (
+    LayerMode,
+    MemoryPlan,
+    apply_plan,
+    held_bytes_after_forward,
+    measure_layer_costs,
+)
+from sloth_core.patches import SLOTH_ATTENTION, kept_attention, register_sloth_attention
+from sloth_core.testing import init_tiny_model
+from sloth_core.testing.varied import varied_config
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "down_proj"]
+
+
+def _model(arch: str, device: str = "cpu", dtype=torch.float32):
+    register_sloth_attention()
+    config = varied_config(arch, tie_word_embeddings=False)
+    config._attn_implementation = SLOTH_ATTENTION
+    model = init_tiny_model(config, seed=4).to(device=device, dtype=dtype)
+    torch.manual_seed(0)
+    lora = LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, target_modules=TARGETS)
+    return get_peft_model(model, lora).train()
+
+
+def _grads(arch, checkpoint, *, steps=2, padded=False, device="cpu", dtype=torch.float32,
+           counts=None):  # fmt: skip
+    model = _model(arch, device, dtype)
+    if counts is not None:
+        counts.clear()  # not the tiny model's own probe forward
+    if checkpoint is not None:
+        enable_checkpointing(model, offload=True)
+        for layer in model.get_base_model().model.layers:
+            layer._gradient_checkpointing_func = checkpoint
+    generator = torch.Generator().manual_seed(1)
+    grads = []
+    for _ in range(steps):  # the same batch, no optimizer: the same gradients each step
+        ids = torch.randint(0, model.config.vocab_size, (2, 11), generator=generator)
+        mask = torch.ones_like(ids)
+        if padded:
+            mask[1, :3] = 0
+        model.zero_grad(set_to_none=True)
+        out = model(input_ids=ids.to(device), attention_mask=mask.to(device),
+                    labels=ids.to(device))  # fmt: skip
+        out.loss.backward()
+        grads.append({n: p.grad.float() for n, p in model.named_parameters() if p.requires_grad})
+    return grads, model.config.num_hidden_layers
+
+
+@pytest.fixture
+def calls(monkeypatch):
+    """Counts of the kept path's kernel forwards and backwards, and of SDPA's calls."""
+    counts: collections.Counter[str] = collections.Counter()
+
+    def spy(kernel):
+        def forward(*args):
+            counts["forward"] += 1
+            return kernel.forward(*args)
+
+        def backward(*args):
+            counts["backward"] += 1
+            return kernel.backward(*args)
+
+        return kernel_type(kernel.name, forward, backward)
+
+    kernel_type = type(kept_attention._CPU)
+    monkeypatch.setattr(kept_attention, "_CPU", spy(kept_attention._CPU))
+    cuda = {choice: spy(k) for choice, k in kept_attention._CUDA.items()}
+    monkeypatch.setattr(kept_attention, "_CUDA", cuda)
+    monkeypatch.setattr(kept_attention, "_broken", set())
+    sdpa = F.scaled_dot_product_attention
+
+    def counted_sdpa(*args, **kwargs):
+        counts["sdpa"] += 1
+        return sdpa(*args, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", counted_sdpa)
+    return counts
+
+
+def _assert_same(got, want, rtol=1e-5):
+    assert len(got) == len(want)
+    for step, (g, w) in enumerate(zip(got, want, strict=True)):
+        assert g.keys() == w.keys() and g
+        for name in w:
+            scale = w[name].abs().max().clamp(min=1e-12)
+            error = ((g[name] - w[name]).abs().max() / scale).item()
+            assert error <= rtol, (step, name, error)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])  # qwen3: per-head q/k norms
+def test_the_recompute_runs_no_attention_forward(arch, calls):
+    want, layers = _grads(arch, None, counts=calls)
+    assert calls == {"sdpa": 2 * layers}, calls
+    got, _ = _grads(arch, offloaded_checkpoint, counts=calls)
+    # each step: one kernel forward per layer (the first pass), none in the recompute
+    assert calls == {"forward": 2 * layers, "backward": 2 * layers}, calls
+    _assert_same(got, want)
+
+
+def test_plain_checkpointing_and_masks_keep_nothing(calls):
+    want, layers = _grads("llama", None)
+    got, _ = _grads("llama", device_checkpoint, counts=calls)  # inputs on the device: none kept
+    assert calls == {"sdpa": 4 * layers}, calls
+    _assert_same(got, want)
+    want, _ = _grads("llama", None, padded=True)
+    got, _ = _grads("llama", offloaded_checkpoint, padded=True, counts=calls)  # a mask: SDPA
+    assert calls == {"sdpa": 4 * layers}, calls
+    _assert_same(got, want)
+
+
+@pytest.mark.parametrize("fails", ["forward", "backward"])
+def test_a_failing_kernel_turns_the_path_off_and_stays_correct(fails, calls, monkeypatch):
+    want, _ = _grads("llama", None)
+    kernel = kept_attention._CPU
+    what = "kernel" if fails == "forward" else "backward"
+
+    def broken(*args):
+        raise RuntimeError("no such kernel here")
+
+    pair = (broken, kernel.backward) if fails == "forward" else (kernel.forward, broken)
+    monkeypatch.setattr(kept_attention, "_CPU", type(kernel)(kernel.name, *pair))
+    with pytest.warns(UserWarning, match=f"kept attention: the flash \\(CPU\\) {what}"):
+        got, _ = _grads("llama", offloaded_checkpoint)
+    _assert_same(got, want)
+    assert kept_attention._broken == {kernel.name}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # turned off: no more tries, no more warnings
+        again, _ = _grads("llama", offloaded_checkpoint, steps=1)
+    _assert_same(again, want[:1])
+
+
+def test_a_kept_tensor_written_in_place_is_an_error():
+    weight = torch.nn.Linear(4, 4)
+
+    def layer(x):
+        h = weight(x)
+        keep_for_backward("h", (h,))
+        return h.mul_(2)  # written after it was kept: its copy may be stale
+
+    x = torch.randn(3, 4, requires_grad=True)
+    with pytest.raises(RuntimeError, match="kept for backward in place"):
+        offloaded_checkpoint(layer, x)
+
+
+def test_the_memory_plan_counts_what_the_first_pass_keeps():
+    model = _model("llama").get_base_model()
+    config = model.config
+    ids = torch.randint(0, config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(2))
+    costs = measure_layer_costs(model, ids)
+    head_dim = config.head_dim
+    for cost in costs:  # the output [tokens, heads x head_dim], the fp32 lse [heads] a token
+        assert cost.kept_host_bytes_per_token == config.num_attention_heads * head_dim * 4
+        assert cost.kept_device_bytes_per_token == config.num_attention_heads * 4
+    off, keep = LayerMode.OFFLOAD, LayerMode.KEEP
+    all_keep = MemoryPlan((keep, keep), costs, ids.numel(), 0, 0)
+    for modes in [(off, keep), (off, off)]:
+        plan = MemoryPlan(modes, costs, ids.numel(), 0, 0)
+        fresh = _model("llama").get_base_model()
+        kept_bytes = held_bytes_after_forward(fresh, ids)
+        apply_plan(fresh, plan)
+        held = held_bytes_after_forward(fresh, ids)
+        # On the CPU the "host" copies are in the same memory as the rest.
+        predicted = all_keep.held_after_forward_bytes - (
+            plan.held_after_forward_bytes + plan.host_bytes
+        )
+        assert (kept_bytes - held) / predicted == pytest.approx(1.0, abs=0.10), modes
+    assert plan.host_bytes == sum(
+        (c.input_bytes_per_token + c.kept_host_bytes_per_token) * ids.numel() for c in costs
+    )
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_bf16_keeps_through_a_fused_kernel(calls):
+    want, layers = _grads("llama", None, device="cuda", dtype=torch.bfloat16)
+    got, _ = _grads("llama", offloaded_checkpoint, device="cuda", dtype=torch.bfloat16,
+                    counts=calls)  # fmt: skip
+    assert calls["forward"] == calls["backward"] == 2 * layers and not calls["sdpa"], calls
+    assert not kept_attention._broken
+    _assert_same(got, want, rtol=2e-2)  # the same kernel both ways; bf16 recompute order
