@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import collections
 import enum
+import os
 import threading
 import weakref
 from collections.abc import Callable, Iterator
@@ -55,6 +56,10 @@ _state = threading.local()
 # Per module (weakly): whether its output's value is unread in a recompute, once probed.
 _verdicts: weakref.WeakKeyDictionary[torch.nn.Module, bool] = weakref.WeakKeyDictionary()
 _copy_streams: dict[torch.device, Any] = {}
+#: The share of physical memory that values kept for recomputes may pin (kept_host_limit).
+KEPT_HOST_FRACTION = 0.25
+_host_limit: int | None = None
+_holding: weakref.WeakSet[Any] = weakref.WeakSet()  # slots with kept values in host memory
 # Per layer (weakly): whether its forward leaves its input unwritten, once seen.
 _keeps_input: weakref.WeakKeyDictionary[Any, bool] = weakref.WeakKeyDictionary()
 
@@ -107,6 +112,7 @@ class _Slot:
         self.values: list[tuple[Any, list[torch.Tensor], tuple[Any, ...]]] = []
         self.sent: list[tuple[torch.Tensor, int]] = []  # those tensors, at their versions
         self.fetched_values: dict[Any, collections.deque] | None = None
+        self.host_bytes = 0  # of the kept values in host memory
         if not offload:
             self.host, self.kept = None, hidden_states.detach()
             self.version = hidden_states._version  # a later in-place write is caught
@@ -129,14 +135,21 @@ class _Slot:
         t.record_stream(stream)  # t's memory is not reused before the copy has read it
         return host
 
-    def keep(self, key: Any, to_host: tuple[torch.Tensor, ...], values: tuple[Any, ...]) -> None:
+    def keep(self, key: Any, to_host: tuple[torch.Tensor, ...], values: tuple[Any, ...]) -> bool:
         """Keep ``to_host`` (copied beside the compute, as the input is) and ``values`` (as
-        they are) for the recompute's :func:`kept_for_backward` under ``key``."""
+        they are) for the recompute's :func:`kept_for_backward` under ``key``; False, and
+        nothing kept, where that would take the host memory past :func:`kept_host_limit`."""
+        size = sum(t.numel() * t.element_size() for t in to_host)
+        if sum(slot.host_bytes for slot in _holding) + size > kept_host_limit():
+            return False
         copied = self.copied  # the input's event: the one wait_copied waits for
         hosts = [self._to_host(t) for t in to_host]
         self.copied = copied
         self.sent.extend((t, t._version) for t in to_host)
         self.values.append((key, hosts, values))
+        self.host_bytes += size
+        _holding.add(self)
+        return True
 
     def check_sent(self, owner: Any) -> None:
         """After the layer ran: none of the tensors it kept was written in place after
@@ -160,6 +173,7 @@ class _Slot:
         if self.fetched is not None or self.host is None:
             return
         fetched: dict[Any, collections.deque] = collections.defaultdict(collections.deque)
+        self.host_bytes = 0  # on their way back: the host blocks go once copied
         if self.device.type != "cuda":
             self.fetched = (self.host, None)
             for key, hosts, values in self.values:
@@ -272,7 +286,25 @@ def keeping() -> bool:
     return getattr(_state, "first_pass", None) is not None or hasattr(_state, "counting")
 
 
-def keep_for_backward(key: Any, to_host: tuple[torch.Tensor, ...], values: tuple[Any, ...] = ()):
+def kept_host_limit() -> int:
+    """The most host memory the values kept by :func:`keep_for_backward` may hold at once:
+    :data:`KEPT_HOST_FRACTION` of the machine's physical memory. The offloaded layer inputs
+    are not limited (training needs them), these are an optimization: past the limit the
+    recompute computes them again. A long sequence would otherwise pin them by the tens of
+    GiB (an 8B model at 262,144 tokens: 2 GiB a layer for the attention's output alone)."""
+    global _host_limit
+    if _host_limit is None:
+        try:
+            physical = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):  # no sysconf: a conservative 16 GiB
+            physical = 16 * 2**30
+        _host_limit = int(physical * KEPT_HOST_FRACTION)
+    return _host_limit
+
+
+def keep_for_backward(
+    key: Any, to_host: tuple[torch.Tensor, ...], values: tuple[Any, ...] = ()
+) -> bool:
     """In an offloaded checkpoint's first pass, keep what the layer's recompute needs again.
 
     ``to_host`` goes to pinned host memory beside the compute, as the layer input does,
@@ -280,16 +312,15 @@ def keep_for_backward(key: Any, to_host: tuple[torch.Tensor, ...], values: tuple
     recompute gets ``(to_host, values)`` from :func:`kept_for_backward` with the same
     ``key``, in call order. A kept tensor must not be written in place afterwards (the
     layer's end checks). Elsewhere nothing is kept; under :func:`counting_kept` the bytes
-    are counted instead."""
+    are counted instead. Whether it kept them (False also past :func:`kept_host_limit`)."""
     counting = getattr(_state, "counting", None)
     if counting is not None:
         small = [v for v in values if isinstance(v, torch.Tensor)]
         counting(sum(t.numel() * t.element_size() for t in to_host),
                  sum(v.numel() * v.element_size() for v in small))  # fmt: skip
-        return
+        return False
     slot: _Slot | None = getattr(_state, "first_pass", None)
-    if slot is not None:
-        slot.keep(key, to_host, values)
+    return slot is not None and slot.keep(key, to_host, values)
 
 
 def kept_for_backward(key: Any) -> tuple[list[torch.Tensor], tuple[Any, ...]] | None:

@@ -129,6 +129,17 @@ def test_plain_checkpointing_and_masks_keep_nothing(calls):
     _assert_same(got, want)
 
 
+def test_past_the_host_limit_the_recompute_computes_the_attention(calls, monkeypatch):
+    from sloth_core import checkpointing
+
+    want, layers = _grads("llama", None)
+    monkeypatch.setattr(checkpointing, "_host_limit", 0)  # nothing fits
+    got, _ = _grads("llama", offloaded_checkpoint, counts=calls)
+    # each step: the first pass's kernel forwards, kept nowhere; SDPA in the recompute
+    assert calls == {"forward": 2 * layers, "sdpa": 2 * layers}, calls
+    _assert_same(got, want)
+
+
 @pytest.mark.parametrize("fails", ["forward", "backward"])
 def test_a_failing_kernel_turns_the_path_off_and_stays_correct(fails, calls, monkeypatch):
     want, _ = _grads("llama", None)

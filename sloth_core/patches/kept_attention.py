@@ -13,8 +13,10 @@ output and its backward calls that kernel's backward directly. At 8192 tokens th
 attention forward is about 5% of an 8B model's step (docs/benchmarks.md).
 
 Only plain causal or full attention without a mask or dropout takes this path (a mask,
-softcap, sinks or packed rows go the usual way), and only when SDPA's own choice for the
-same inputs is a kernel whose backward takes a log-sum-exp. If calling the kernel fails
+softcap, sinks or packed rows go the usual way), only when SDPA's own choice for the
+same inputs is a kernel whose backward takes a log-sum-exp, and only while the kept
+outputs stay within :func:`~sloth_core.checkpointing.kept_host_limit` (a long sequence's
+would not: its recompute computes the attention again). If calling the kernel fails
 (a torch whose private operator differs), the path turns itself off with a warning and
 SDPA runs as before; a failing backward recomputes the attention instead.
 """
