@@ -59,7 +59,7 @@ _copy_streams: dict[torch.device, Any] = {}
 #: The share of physical memory that values kept for recomputes may pin (kept_host_limit).
 KEPT_HOST_FRACTION = 0.25
 _host_limit: int | None = None
-_holding: weakref.WeakSet[Any] = weakref.WeakSet()  # slots with kept values in host memory
+_holding: weakref.WeakSet[Any] = weakref.WeakSet()  # offloaded slots: their host_bytes
 # Per layer (weakly): whether its forward leaves its input unwritten, once seen.
 _keeps_input: weakref.WeakKeyDictionary[Any, bool] = weakref.WeakKeyDictionary()
 
@@ -112,12 +112,14 @@ class _Slot:
         self.values: list[tuple[Any, list[torch.Tensor], tuple[Any, ...]]] = []
         self.sent: list[tuple[torch.Tensor, int]] = []  # those tensors, at their versions
         self.fetched_values: dict[Any, collections.deque] | None = None
-        self.host_bytes = 0  # of the kept values in host memory
+        self.host_bytes = 0  # what this slot holds in host memory: input and kept values
         if not offload:
             self.host, self.kept = None, hidden_states.detach()
             self.version = hidden_states._version  # a later in-place write is caught
         else:
             self.host, self.kept = self._to_host(hidden_states), None
+            self.host_bytes = self.host.numel() * self.host.element_size()
+            _holding.add(self)
 
     def _to_host(self, t: torch.Tensor) -> torch.Tensor:
         if self.device.type != "cuda":  # nothing to offload to: a copy, as a GPU's would be
@@ -140,7 +142,7 @@ class _Slot:
         they are) for the recompute's :func:`kept_for_backward` under ``key``; False, and
         nothing kept, where that would take the host memory past :func:`kept_host_limit`."""
         size = sum(t.numel() * t.element_size() for t in to_host)
-        if sum(slot.host_bytes for slot in _holding) + size > kept_host_limit():
+        if sum(slot.host_bytes for slot in list(_holding)) + size > kept_host_limit():
             return False
         copied = self.copied  # the input's event: the one wait_copied waits for
         hosts = [self._to_host(t) for t in to_host]
@@ -148,7 +150,6 @@ class _Slot:
         self.sent.extend((t, t._version) for t in to_host)
         self.values.append((key, hosts, values))
         self.host_bytes += size
-        _holding.add(self)
         return True
 
     def check_sent(self, owner: Any) -> None:
@@ -264,6 +265,11 @@ def _value_free_downstream(tensor: torch.Tensor, outputs: list[torch.Tensor]) ->
     )
 
 
+def in_recompute() -> bool:
+    """Whether a checkpointed layer is being run again in backward (with gradients)."""
+    return getattr(_state, "recompute", None) is not None
+
+
 def output_unread(module: torch.nn.Module, output: torch.Tensor | None = None) -> bool:
     """Inside a checkpoint's recompute, whether ``module``'s output value goes unread.
 
@@ -287,11 +293,12 @@ def keeping() -> bool:
 
 
 def kept_host_limit() -> int:
-    """The most host memory the values kept by :func:`keep_for_backward` may hold at once:
-    :data:`KEPT_HOST_FRACTION` of the machine's physical memory. The offloaded layer inputs
-    are not limited (training needs them), these are an optimization: past the limit the
-    recompute computes them again. A long sequence would otherwise pin them by the tens of
-    GiB (an 8B model at 262,144 tokens: 2 GiB a layer for the attention's output alone)."""
+    """The most host memory the offloaded checkpoints may hold, layer inputs included,
+    for :func:`keep_for_backward` to keep more: :data:`KEPT_HOST_FRACTION` of the machine's
+    physical memory. The inputs themselves are not limited (training needs them); kept
+    values are an optimization, and past the limit the recompute computes them again. A
+    long sequence would otherwise pin them by the tens of GiB (an 8B model at 262,144
+    tokens: 2 GiB a layer for the attention's output, as much as its input)."""
     global _host_limit
     if _host_limit is None:
         try:

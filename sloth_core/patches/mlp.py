@@ -10,6 +10,8 @@ from sloth_core.checkpointing import output_unread
 from sloth_core.ops import LoRALinear
 from sloth_core.patching import bind_forward, call_original
 
+from .tiled_mlp import tiled_mlp
+
 if TYPE_CHECKING:
     from sloth_core.ops import OpRegistry
 
@@ -66,6 +68,12 @@ def _act_matches(module: torch.nn.Module, activation: str) -> bool:
     return any(type(act_fn) is type(ACT2FN[name]) for name in names)
 
 
+def _features(linear: Any, side: str) -> int | None:
+    """``in_features``/``out_features`` of a linear layer, PEFT's and bitsandbytes' too."""
+    value = getattr(linear, f"{side}_features", None)
+    return value if isinstance(value, int) else None
+
+
 def patch_gated_mlp(
     module: torch.nn.Module, ops: OpRegistry, *, activation: str | None = None
 ) -> bool:
@@ -98,6 +106,16 @@ def patch_gated_mlp(
         gate, up, down = (lift_linear(cast(torch.nn.Module, p)) for p in projections)
         if gate is None or up is None or down is None:
             return call_original(self, x)
+
+        def run(rows: torch.Tensor, output: bool) -> torch.Tensor:
+            return ops.lora_mlp(rows, gate, up, down, activation=activation, output=output)
+
+        # A long sequence: a tile of rows at a time, so [tokens, intermediate] never exists.
+        size = (_features(self.gate_proj, "out"), _features(self.down_proj, "out"))
+        if size[0] and size[1]:
+            tiled = tiled_mlp(self, run, x, (gate, up, down), size[0], size[1])
+            if tiled is not None:
+                return tiled
         # In a checkpoint's recompute the output's value is often never read (it only
         # feeds the residual add): then the op may skip the down projection.
         if output_unread(self):
