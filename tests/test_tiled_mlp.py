@@ -53,10 +53,10 @@ def _model(calls, dropout=0.0):
 def tiles(monkeypatch):
     """Tiles of TILE rows on the tiny model (its intermediate is a few hundred bytes)."""
 
-    def use(rows: int) -> None:
+    def use(rows: int, element_size: int = 4) -> None:
         monkeypatch.setattr(tiled_mlp, "_MIN_ROWS", 1)
         intermediate = varied_config("llama").intermediate_size
-        monkeypatch.setattr(tiled_mlp, "MLP_TILE_BYTES", 3 * intermediate * 4 * rows)
+        monkeypatch.setattr(tiled_mlp, "MLP_TILE_BYTES", 3 * intermediate * element_size * rows)
 
     return use
 
@@ -140,3 +140,37 @@ def test_tile_rows_of_an_8b_model():
     x = torch.empty(1, 1, dtype=torch.bfloat16)
     assert tiled_mlp.tile_rows(x, 14336) == 2**30 // (3 * 14336 * 2) == 12483
     assert tiled_mlp.tile_rows(x, 10**9) == tiled_mlp._MIN_ROWS
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_kernels_in_tiles_give_the_whole_gradients(tiles):
+    """The registered kernels (sloth-kernels' ``lora_mlp``, its ``output=False`` path) on
+    CUDA in bf16, tiled in an offloaded recompute, against the same model kept whole."""
+    from transformers.models.llama import modeling_llama as m
+
+    from sloth_core.plugins import get_plugin_manager
+
+    def grads(checkpoint):
+        config = varied_config("llama", tie_word_embeddings=False)
+        model = init_tiny_model(config, seed=4).to("cuda", torch.bfloat16)
+        torch.manual_seed(0)
+        lora = LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, target_modules=TARGETS)
+        model = get_peft_model(model, lora)
+        patch_architecture(model, get_plugin_manager().ops, plugin="test", model_types="llama",
+                           mlp=m.LlamaMLP, rms_norm=m.LlamaRMSNorm)  # fmt: skip
+        if checkpoint is not None:
+            enable_checkpointing(model, offload=True)
+            for layer in model.get_base_model().model.layers:
+                layer._gradient_checkpointing_func = checkpoint
+        model.train()
+        ids = torch.randint(0, config.vocab_size, (2, 300), generator=torch.Generator())
+        model(input_ids=ids.cuda(), labels=ids.cuda()).loss.backward()
+        return {n: p.grad.float() for n, p in model.named_parameters() if p.requires_grad}
+
+    want = grads(None)
+    tiles(128, element_size=2)  # 5 tiles of the 600 rows, the last of 88
+    got = grads(offloaded_checkpoint)
+    for name in want:
+        error = ((got[name] - want[name]).abs().max() / want[name].abs().max()).item()
+        assert error <= 2e-2, (name, error)  # bf16: the tiles' and the whole's sums differ
