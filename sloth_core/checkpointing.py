@@ -37,6 +37,7 @@ import collections
 import enum
 import os
 import threading
+import warnings
 import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -58,7 +59,11 @@ _verdicts: weakref.WeakKeyDictionary[torch.nn.Module, bool] = weakref.WeakKeyDic
 _copy_streams: dict[torch.device, Any] = {}
 #: The share of physical memory that values kept for recomputes may pin (kept_host_limit).
 KEPT_HOST_FRACTION = 0.25
+#: The share the offloaded layer inputs and kept values may take (offload_host_limit).
+OFFLOAD_HOST_FRACTION = 0.5
 _host_limit: int | None = None
+_offload_limit: int | None = None
+_warned_host_full = False
 _holding: weakref.WeakSet[Any] = weakref.WeakSet()  # offloaded slots: their host_bytes
 # Per layer (weakly): whether its forward leaves its input unwritten, once seen.
 _keeps_input: weakref.WeakKeyDictionary[Any, bool] = weakref.WeakKeyDictionary()
@@ -113,13 +118,35 @@ class _Slot:
         self.sent: list[tuple[torch.Tensor, int]] = []  # those tensors, at their versions
         self.fetched_values: dict[Any, collections.deque] | None = None
         self.host_bytes = 0  # what this slot holds in host memory: input and kept values
-        if not offload:
-            self.host, self.kept = None, hidden_states.detach()
+        self.host: torch.Tensor | None = None
+        if offload:
+            self.host = self._offload(hidden_states)
+        if self.host is None:
+            self.kept = hidden_states.detach()
             self.version = hidden_states._version  # a later in-place write is caught
         else:
-            self.host, self.kept = self._to_host(hidden_states), None
+            self.kept = None
             self.host_bytes = self.host.numel() * self.host.element_size()
             _holding.add(self)
+
+    def _offload(self, t: torch.Tensor) -> torch.Tensor | None:
+        """``t``'s copy in host memory; None (it stays on the device) where the offloaded
+        checkpoints would hold more than :func:`offload_host_limit` or pinning fails: a
+        long sequence's inputs (an 8B model at 262,144 tokens: 64 GiB) must not take the
+        machine's memory, and the device may still hold them."""
+        held = sum(slot.host_bytes for slot in list(_holding)) + t.numel() * t.element_size()
+        limit = offload_host_limit()
+        if held > limit:
+            reason = f"the layer inputs would take {held / 2**30:.1f} GiB of host memory, past "
+            reason += f"its limit of {limit / 2**30:.1f} GiB (half the machine's)"
+        else:
+            try:
+                return self._to_host(t)
+            except RuntimeError as exc:  # pinned memory exhausted
+                reason = f"pinning failed ({exc})"
+        if not _warned_host_full:
+            _warn_host_full(reason)
+        return None
 
     def _to_host(self, t: torch.Tensor) -> torch.Tensor:
         if self.device.type != "cuda":  # nothing to offload to: a copy, as a GPU's would be
@@ -138,6 +165,8 @@ class _Slot:
         return host
 
     def keep(self, key: Any, to_host: tuple[torch.Tensor, ...], values: tuple[Any, ...]) -> bool:
+        if self.host is None:  # its input stayed on the device: nothing goes to host
+            return False
         """Keep ``to_host`` (copied beside the compute, as the input is) and ``values`` (as
         they are) for the recompute's :func:`kept_for_backward` under ``key``; False, and
         nothing kept, where that would take the host memory past :func:`kept_host_limit`."""
@@ -292,20 +321,43 @@ def keeping() -> bool:
     return getattr(_state, "first_pass", None) is not None or hasattr(_state, "counting")
 
 
+def _physical_memory() -> int:
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # no sysconf: a conservative 16 GiB
+        return 16 * 2**30
+
+
+def offload_host_limit() -> int:
+    """The most host memory the offloaded layer inputs and kept values may take:
+    :data:`OFFLOAD_HOST_FRACTION` of the machine's physical memory. Past it, further layer
+    inputs stay on the device (one warning), as plain checkpointing keeps them."""
+    global _offload_limit
+    if _offload_limit is None:
+        _offload_limit = int(_physical_memory() * OFFLOAD_HOST_FRACTION)
+    return _offload_limit
+
+
+def _warn_host_full(reason: str) -> None:
+    global _warned_host_full
+    _warned_host_full = True
+    warnings.warn(
+        f"offloaded checkpointing: {reason}; the layer inputs past it stay on the device "
+        "(a shorter sequence or a smaller batch keeps them in host memory)",
+        stacklevel=4,
+    )
+
+
 def kept_host_limit() -> int:
     """The most host memory the offloaded checkpoints may hold, layer inputs included,
     for :func:`keep_for_backward` to keep more: :data:`KEPT_HOST_FRACTION` of the machine's
-    physical memory. The inputs themselves are not limited (training needs them); kept
-    values are an optimization, and past the limit the recompute computes them again. A
+    physical memory. The inputs have their own, higher limit (:func:`offload_host_limit`);
+    kept values are an optimization, and past this one the recompute computes them again. A
     long sequence would otherwise pin them by the tens of GiB (an 8B model at 262,144
     tokens: 2 GiB a layer for the attention's output, as much as its input)."""
     global _host_limit
     if _host_limit is None:
-        try:
-            physical = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-        except (ValueError, OSError, AttributeError):  # no sysconf: a conservative 16 GiB
-            physical = 16 * 2**30
-        _host_limit = int(physical * KEPT_HOST_FRACTION)
+        _host_limit = int(_physical_memory() * KEPT_HOST_FRACTION)
     return _host_limit
 
 

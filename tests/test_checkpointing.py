@@ -81,3 +81,39 @@ def test_one_vocabulary_and_one_offload_rule(monkeypatch):
     assert layers_after("offload", cuda=True, sharded=True)[:2] == (False, True)
     offloaded, on, names = layers_after("offload", cuda=True)
     assert offloaded and on and names == {"offloaded_checkpoint"}
+
+
+@pytest.mark.parametrize("why", ["limit", "pinning"])
+def test_past_the_host_limit_the_inputs_stay_on_the_device(why, monkeypatch):
+    """A long sequence's offloaded inputs must not take the machine's memory: past the
+    limit (or where pinning fails) the layer inputs stay on the device, one warning says
+    so, and the gradients are the same."""
+    from sloth_core import checkpointing
+
+    loss_ref, grads_ref = _lora_grads("none", 0.0)
+    monkeypatch.setattr(checkpointing, "_warned_host_full", False)
+    if why == "limit":
+        monkeypatch.setattr(checkpointing, "_offload_limit", 0)
+        expected = "past its limit of 0.0 GiB"
+    else:
+
+        def no_pinned_memory(self, t):
+            raise RuntimeError("CUDA error: out of memory (cudaHostAlloc)")
+
+        monkeypatch.setattr(checkpointing._Slot, "_to_host", no_pinned_memory)
+        expected = "pinning failed"
+    stayed = []
+    take = checkpointing._Slot.take
+
+    def spy(self):
+        stayed.append(self.host is None and self.kept is not None)
+        return take(self)
+
+    monkeypatch.setattr(checkpointing._Slot, "take", spy)
+    with pytest.warns(UserWarning, match=expected) as record:
+        loss, grads = _lora_grads("offload", 0.0)
+    assert len([w for w in record if "offloaded checkpointing" in str(w.message)]) == 1
+    assert stayed and all(stayed)
+    assert abs(loss - loss_ref) <= 1e-6
+    for name, grad in grads.items():
+        assert torch.allclose(grad, grads_ref[name], atol=1e-6, rtol=1e-5), name
