@@ -119,13 +119,13 @@ class _Slot:
         self.fetched_values: dict[Any, collections.deque] | None = None
         self.host_bytes = 0  # what this slot holds in host memory: input and kept values
         self.host: torch.Tensor | None = None
+        self.kept: torch.Tensor | None = None  # the input, where it stays on the device
         if offload:
             self.host = self._offload(hidden_states)
         if self.host is None:
             self.kept = hidden_states.detach()
             self.version = hidden_states._version  # a later in-place write is caught
         else:
-            self.kept = None
             self.host_bytes = self.host.numel() * self.host.element_size()
             _holding.add(self)
 
