@@ -165,11 +165,12 @@ class _Slot:
         return host
 
     def keep(self, key: Any, to_host: tuple[torch.Tensor, ...], values: tuple[Any, ...]) -> bool:
-        if self.host is None:  # its input stayed on the device: nothing goes to host
-            return False
         """Keep ``to_host`` (copied beside the compute, as the input is) and ``values`` (as
         they are) for the recompute's :func:`kept_for_backward` under ``key``; False, and
-        nothing kept, where that would take the host memory past :func:`kept_host_limit`."""
+        nothing kept, where that would take the host memory past :func:`kept_host_limit`
+        or the input itself stayed on the device."""
+        if self.host is None:
+            return False
         size = sum(t.numel() * t.element_size() for t in to_host)
         if sum(slot.host_bytes for slot in list(_holding)) + size > kept_host_limit():
             return False
