@@ -134,23 +134,26 @@ class _Slot:
         checkpoints would hold more than :func:`offload_host_limit` or pinning fails: a
         long sequence's inputs (an 8B model at 262,144 tokens: 64 GiB) must not take the
         machine's memory, and the device may still hold them."""
-        held = sum(slot.host_bytes for slot in list(_holding)) + t.numel() * t.element_size()
+        held = _host_held() + t.numel() * t.element_size()
         limit = offload_host_limit()
         if held > limit:
             reason = f"the layer inputs would take {held / 2**30:.1f} GiB of host memory, past "
             reason += f"its limit of {limit / 2**30:.1f} GiB (half the machine's)"
         else:
             try:
-                return self._to_host(t)
+                host, self.copied = self._to_host(t)
+                return host
             except RuntimeError as exc:  # pinned memory exhausted
                 reason = f"pinning failed ({exc})"
         if not _warned_host_full:
             _warn_host_full(reason)
         return None
 
-    def _to_host(self, t: torch.Tensor) -> torch.Tensor:
+    def _to_host(self, t: torch.Tensor) -> tuple[torch.Tensor, Any]:
+        """``t``'s copy in pinned host memory, made on the copy stream, and the event after
+        it (None off CUDA, where the copy is a plain clone)."""
         if self.device.type != "cuda":  # nothing to offload to: a copy, as a GPU's would be
-            return t.detach().clone()
+            return t.detach().clone(), None
         stream = _copy_stream(self.device)
         # The same layout as t (the attention's output is a transposed view): one memcpy.
         strides = t.stride() if _dense(t) else None
@@ -159,10 +162,10 @@ class _Slot:
         stream.wait_stream(torch.cuda.current_stream(self.device))  # t is computed
         with torch.cuda.stream(stream):
             host.copy_(t, non_blocking=True)
-            self.copied = torch.cuda.Event()
-            self.copied.record(stream)
+            copied = torch.cuda.Event()
+            copied.record(stream)
         t.record_stream(stream)  # t's memory is not reused before the copy has read it
-        return host
+        return host, copied
 
     def keep(self, key: Any, to_host: tuple[torch.Tensor, ...], values: tuple[Any, ...]) -> bool:
         """Keep ``to_host`` (copied beside the compute, as the input is) and ``values`` (as
@@ -172,11 +175,9 @@ class _Slot:
         if self.host is None:
             return False
         size = sum(t.numel() * t.element_size() for t in to_host)
-        if sum(slot.host_bytes for slot in list(_holding)) + size > kept_host_limit():
+        if _host_held() + size > kept_host_limit():
             return False
-        copied = self.copied  # the input's event: the one wait_copied waits for
-        hosts = [self._to_host(t) for t in to_host]
-        self.copied = copied
+        hosts = [self._to_host(t)[0] for t in to_host]  # nobody waits on these copies
         self.sent.extend((t, t._version) for t in to_host)
         self.values.append((key, hosts, values))
         self.host_bytes += size
@@ -320,6 +321,11 @@ def keeping() -> bool:
     """Whether :func:`keep_for_backward` would take values now: inside an offloaded
     checkpoint's first pass, or while :func:`counting_kept` counts them."""
     return getattr(_state, "first_pass", None) is not None or hasattr(_state, "counting")
+
+
+def _host_held() -> int:
+    """Host bytes the offloaded checkpoints hold now: their inputs and kept values."""
+    return sum(slot.host_bytes for slot in list(_holding))
 
 
 def _physical_memory() -> int:

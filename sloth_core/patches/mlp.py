@@ -119,8 +119,8 @@ def patch_gated_mlp(
         # In a checkpoint's recompute the output's value is often never read (it only
         # feeds the residual add): then the op may skip the down projection.
         if output_unread(self):
-            return ops.lora_mlp(x, gate, up, down, activation=activation, output=False)
-        out = ops.lora_mlp(x, gate, up, down, activation=activation)
+            return run(x, False)
+        out = run(x, True)
         output_unread(self, out)  # probed on the first recompute
         return out
 
