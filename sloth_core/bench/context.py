@@ -109,7 +109,10 @@ class _Probe:
         if self.cuda:
             total = torch.cuda.get_device_properties(device).total_memory
             budget = total if budget_gib is None else min(budget_gib * GIB, total)
-            torch.cuda.set_per_process_memory_fraction(budget / total, device)
+            # The fraction is set per card, and wants its index ("cuda" names none).
+            index = torch.device(device).index
+            index = torch.cuda.current_device() if index is None else index
+            torch.cuda.set_per_process_memory_fraction(budget / total, index)
             self.budget_gib = budget / GIB
         # What the loader imports lazily, imported first: code is not what the budget measures.
         import peft  # noqa: F401
