@@ -3,10 +3,11 @@
 A proxy for the GPU's max-context row (`sloth bench train --targets context-nf4`) that the
 CPU can run: a llama of the 8B's proportions shrunk (intermediate 3.5 x hidden, GQA 4:1,
 head_dim 64; a vocabulary of 512, as the GPU's chunked loss keeps the logits out of the
-peak, which the reference loss here does not), sloth's patched layers through the reference ops, offloaded checkpointing
-(on the CPU the "host" copies share the memory), and the step's peak of the bytes malloc
-has handed out, sampled after every op, above what was allocated before the step; each
-configuration in a fresh process. Prints one JSON line a run.
+peak, which the reference loss here does not), sloth's patched layers through the
+reference ops, offloaded checkpointing (on the CPU the "host" copies share the memory),
+and the step's peak of the bytes malloc has handed out, sampled after every op, above
+what was allocated before the step; each configuration in a fresh process. Prints one
+JSON line a run.
 
     python scripts/long_context_memory_cpu.py --seq 4096 8192 16384
 """

@@ -147,7 +147,7 @@ def test_run_max_context_per_system_with_ratios_and_skips(monkeypatch, tmp_path)
         def __init__(self, system, model_dir, **kwargs):
             self.system, self.processes = system, 1
 
-        def __call__(self, seq):
+        def __call__(self, seq, deadline=None):
             if self.system == "sloth:off":
                 raise ProbeError("crashed")
             return {"seq": seq, "fits": seq <= limits[self.system], "peak_gib": seq / 1000}
@@ -202,3 +202,120 @@ def test_cli_max_context_over_a_budget_on_the_cpu(tmp_path):
     (probe,) = result["probes"]
     assert probe["fits"] is False and probe["peak_gib"] > 0.000001
     assert "over the budget of 0.00 GiB" in probe["reason"]
+
+
+class _Limited:
+    """A prober of systems with known limits that runs out of time after ``budget``
+    probes (what the run's time limit does to a real one), counting the lengths probed."""
+
+    limits = {"sloth": 5000, "hf": 1300}
+
+    def __init__(self, budget=None):
+        self.budget, self.asked = budget, []
+
+    def __call__(self, system, model_dir, **kwargs):
+        outer = self
+
+        class Probe:
+            processes = 1
+
+            def __call__(self, seq, deadline=None):
+                if outer.budget is not None and len(outer.asked) >= outer.budget:
+                    raise context.SearchIncomplete(f"the time limit came before {seq}")
+                outer.asked.append((system, seq))
+                return {"seq": seq, "fits": seq <= outer.limits[system], "peak_gib": 1.0}
+
+            def close(self):
+                pass
+
+        return Probe()
+
+
+def _search(monkeypatch, tmp_path, prober, **kwargs):
+    monkeypatch.setattr(context, "Prober", prober)
+    monkeypatch.setattr(context, "make_model", lambda shape, path, device: path)
+    monkeypatch.setattr(context, "resolve_systems", lambda systems: (["hf", "sloth"], []))
+    report = context.run_max_context("llama-tiny", systems="all", model_dir=tmp_path,
+                                     device="cpu", start=256, cap=8192, granularity=128,
+                                     **kwargs)  # fmt: skip
+    return {r["system"]: r for r in report["results"]}
+
+
+def test_a_search_cut_by_the_time_limit_goes_on_from_its_journal(monkeypatch, tmp_path):
+    whole = _Limited()
+    want = _search(monkeypatch, tmp_path, whole)
+    assert want["sloth"]["max_seq"] == 4992 and want["hf"]["max_seq"] == 1280
+
+    journal = tmp_path / "probes.jsonl"
+    first = _Limited(budget=6)  # hf's search takes 7: 256 512 1024 2048 1536 1280 1408
+    cut = _search(monkeypatch, tmp_path, first, journal=journal, time_limit_s=60)
+    assert cut["hf"]["incomplete"] and "max_seq" not in cut["hf"]
+    assert cut["hf"]["bounds"] == [1280, 1536] and "probes.jsonl" in cut["hf"]["error"]
+    assert cut["sloth"]["incomplete"] and cut["sloth"]["bounds"] == [0, None]
+    assert len(journal.read_text().splitlines()) == 6
+
+    second = _Limited()
+    done = _search(monkeypatch, tmp_path, second, journal=journal)
+    assert done["hf"]["max_seq"] == 1280 and done["sloth"]["max_seq"] == 4992
+    assert done["sloth"]["context_vs_hf"] == pytest.approx(4992 / 1280)
+    # Nothing probed twice: the journal's answers stood in for the first run's probes.
+    assert not set(second.asked) & set(first.asked)
+    assert sorted(first.asked + second.asked) == sorted(whole.asked)
+    assert [p.get("journal", False) for p in done["hf"]["probes"]] == [True] * 6 + [False]
+
+
+def test_a_journal_holds_only_for_the_same_search(monkeypatch, tmp_path):
+    journal = tmp_path / "probes.jsonl"
+    _search(monkeypatch, tmp_path, _Limited(), journal=journal)
+    lines = journal.read_text().splitlines()
+    # Another budget is another search: nothing reused, every length probed again.
+    again = _Limited()
+    _search(monkeypatch, tmp_path, again, journal=journal, budget_gib=2.0)
+    assert len(again.asked) == len(lines)
+    # A line cut short (a process killed while writing) is skipped with a warning naming
+    # the file and line; the other answers stand.
+    journal.write_text("\n".join(lines[:3]) + "\n" + lines[3][:40] + "\n")
+    rest = _Limited()
+    with pytest.warns(UserWarning, match=r"probes.jsonl:4: not a probe's answer"):
+        _search(monkeypatch, tmp_path, rest, journal=journal)
+    assert len(rest.asked) == len(lines) - 3
+
+
+def test_the_prober_stops_at_the_deadline_not_only_at_its_timeout(fake_worker, monkeypatch):
+    import time
+
+    class Slow(FakeWorker):
+        def probe(self, seq, timeout):
+            self.timeouts = getattr(self, "timeouts", []) + [timeout]
+            raise context.ProbeTimeout(f"a probe of {seq} tokens took over {timeout:g} s")
+
+    monkeypatch.setattr(context, "_Worker", Slow)
+    prober = _prober()  # its own timeout: 10 s
+    with pytest.raises(context.SearchIncomplete, match="before the probe of 64"):
+        prober(64, deadline=time.monotonic() - 1)
+    assert fake_worker.started == []  # no process started past the deadline
+    fake_worker.script = [[], []]
+    with pytest.raises(context.SearchIncomplete, match="during the probe of 64"):
+        prober(64, deadline=time.monotonic() + 2)
+    assert fake_worker.started[-1].timeouts[0] <= 2 and fake_worker.started[-1].closed
+    with pytest.raises(ProbeError, match="took over 10 s"):  # the probe's own limit
+        prober(64, deadline=time.monotonic() + 100)
+
+
+def test_cli_max_context_takes_its_journal_answers_without_a_process(tmp_path, capsys):
+    journal = tmp_path / "j" / "probes.jsonl"
+    args = ["bench", "train", "--shape", "llama-tiny", "--max-context", "--systems", "sloth",
+            "--device", "cpu", "--context-start", "32", "--context-cap", "64",
+            "--model-dir", str(tmp_path / "m"), "--journal", str(journal),
+            "--json", str(tmp_path / "r.json")]  # fmt: skip
+    assert main(args) == 0
+    first = json.loads((tmp_path / "r.json").read_text())["results"][0]
+    assert first["processes"] == 1 and len(journal.read_text().splitlines()) == 2
+    assert "sloth: 32 tokens: fits" in capsys.readouterr().err  # each probe as it comes
+    (tmp_path / "r.json").unlink()
+    assert main(args) == 0
+    again = json.loads((tmp_path / "r.json").read_text())["results"][0]
+    assert again["max_seq"] == first["max_seq"] == 64 and again["processes"] == 0
+    assert all(p["journal"] for p in again["probes"])
+    err = capsys.readouterr().err
+    assert "sloth: 64 tokens: fits, peak" in err and "(journal)" in err

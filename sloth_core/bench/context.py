@@ -22,6 +22,13 @@ answer depends on what ran before it in its process.
 
 A probe that fails for another reason than memory stops that system's search and is
 reported as its error: a bug is not a context limit.
+
+Long searches span several runs (one probe of an 8B model at 128k tokens takes a minute,
+and a machine may be lent for ten): with a journal (``--journal``) every answer is
+appended to a JSON-lines file as it comes, and a later run with the same journal, shape,
+quantization, budget, device and versions takes those answers instead of probing again.
+With a time limit (``--time-limit-s``) the search stops before it, and the system's result
+says how far it got (``incomplete``, the bracket so far) instead of a length.
 """
 
 from __future__ import annotations
@@ -48,6 +55,54 @@ GIB = 2**30
 
 class ProbeError(RuntimeError):
     """A probe failed for a reason other than running out of memory."""
+
+
+class ProbeTimeout(ProbeError):
+    """A probe did not answer in the time it was given."""
+
+
+class SearchIncomplete(Exception):
+    """The time limit came before the search ended."""
+
+
+class Journal:
+    """The answers of earlier probes, one JSON line per probe in ``path``, each with the
+    ``key`` of the run that made it (shape, quantization, budget, device, versions): the
+    answers of runs with the same key are reused, the others ignored. Lines are appended
+    and synced as answers come, so a run cut short keeps every answer it got; a line cut
+    in the middle (the process killed while writing) is skipped with a warning."""
+
+    def __init__(self, path: Path, key: dict[str, Any]) -> None:
+        self.path, self.key = Path(path), json.loads(json.dumps(key))  # as read back
+        self.known: dict[tuple[str, int], dict[str, Any]] = {}
+        if not self.path.exists():
+            return
+        for number, line in enumerate(self.path.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                entry = json.loads(line)
+                system, seq, answer = entry["system"], int(entry["seq"]), entry["answer"]
+            except (ValueError, KeyError, TypeError) as exc:
+                import warnings
+
+                warnings.warn(f"{self.path}:{number}: not a probe's answer, skipped ({exc})",
+                              stacklevel=2)  # fmt: skip
+                continue
+            if entry.get("key") == self.key:
+                self.known[(system, seq)] = answer
+
+    def get(self, system: str, seq: int) -> dict[str, Any] | None:
+        return self.known.get((system, seq))
+
+    def record(self, system: str, seq: int, answer: dict[str, Any]) -> None:
+        self.known[(system, seq)] = answer
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        line = json.dumps({"key": self.key, "system": system, "seq": seq, "answer": answer})
+        with self.path.open("a") as f:
+            f.write(line + "\n")
+            f.flush()
+            os.fsync(f.fileno())
 
 
 @dataclass
@@ -261,7 +316,7 @@ class _Worker:
             line = self.lines.get(timeout=timeout)
         except queue.Empty:
             self.close()
-            raise ProbeError(f"a probe of {seq} tokens took over {timeout:g} s") from None
+            raise ProbeTimeout(f"a probe of {seq} tokens took over {timeout:g} s") from None
         if line is None:
             returncode = self.proc.wait()
             self.stderr.seek(0)
@@ -306,19 +361,34 @@ class Prober:
         #: How many processes the probes took.
         self.processes = 0
 
-    def __call__(self, seq: int) -> dict[str, Any]:
+    def __call__(self, seq: int, deadline: float | None = None) -> dict[str, Any]:
+        """The answer for ``seq``; with a ``deadline`` (``time.monotonic()``), a probe
+        still running then is stopped and :class:`SearchIncomplete` raised."""
         warm = self.worker is not None and self.worker.probes > 0
-        out = self._probe(seq)
+        out = self._probe(seq, deadline)
         if warm and out.get("fits") is False:
             self.close()  # confirmed, or overruled, by a process of its own
-            out = {**self._probe(seq), "reprobed": True}
+            out = {**self._probe(seq, deadline), "reprobed": True}
         return out
 
-    def _probe(self, seq: int) -> dict[str, Any]:
+    def _probe(self, seq: int, deadline: float | None) -> dict[str, Any]:
+        import time
+
+        timeout = self.timeout
+        if deadline is not None:
+            timeout = min(timeout, deadline - time.monotonic())
+            if timeout <= 0:
+                raise SearchIncomplete(f"the time limit came before the probe of {seq}")
         if self.worker is None:
             self.worker = _Worker(self.args)
             self.processes += 1
-        out = self.worker.probe(seq, self.timeout)
+        try:
+            out = self.worker.probe(seq, timeout)
+        except ProbeTimeout:
+            self.close()
+            if timeout < self.timeout:  # the run's time limit, not the probe's, cut it
+                raise SearchIncomplete(f"the time limit came during the probe of {seq}") from None
+            raise
         if "fits" in out or "skipped" in out:
             return out
         self.close()
@@ -335,22 +405,44 @@ class Prober:
 def run_max_context(shape: str, *, systems: str | tuple[str, ...], model_dir: Path,
                     device: str, quantization: str | None = None,
                     budget_gib: float | None = None, start: int = 1024, cap: int = 262144,
-                    granularity: int = 256, timeout: float = 1800) -> dict[str, Any]:  # fmt: skip
+                    granularity: int = 256, timeout: float = 1800,
+                    journal: Path | None = None, time_limit_s: float | None = None,
+                    progress: Callable[[str, dict[str, Any]], None] | None = None,
+                    ) -> dict[str, Any]:  # fmt: skip
     """For each system, the longest sequence it trains one step at, batch 1, within
-    ``budget_gib`` (see the module docstring for what counts on CUDA and on the CPU)."""
+    ``budget_gib`` (see the module docstring for what counts on CUDA and on the CPU).
+    ``journal``: a file of answers to reuse and extend; ``time_limit_s``: seconds from now
+    after which no probe runs; ``progress(system, answer)`` is called after each probe."""
+    import time
+
+    deadline = None if time_limit_s is None else time.monotonic() + time_limit_s
     run, skipped = resolve_systems(systems)
     model_dir = make_model(shape, Path(model_dir), device=device)
+    book = None
+    if journal is not None:
+        key = {"shape": shape, "config": SHAPES[shape], "quantization": quantization,
+               "budget_gib": budget_gib, "device": _device_name(device), "versions": versions()}
+        book = Journal(journal, key)
     results: list[dict[str, Any]] = []
     for system in run:
         probes: list[dict[str, Any]] = []
         prober = Prober(system, model_dir, device=device, quantization=quantization,
                         budget_gib=budget_gib, timeout=timeout)  # fmt: skip
 
-        def fits(seq: int, prober: Prober = prober, probes: list = probes) -> bool:
-            out = prober(seq)
-            if "skipped" in out:
-                raise SystemSkipped(out["skipped"])
+        def fits(seq: int, system: str = system, prober: Prober = prober,
+                 probes: list = probes) -> bool:  # fmt: skip
+            out = book.get(system, seq) if book is not None else None
+            if out is not None:
+                out = {**out, "journal": True}
+            else:
+                out = prober(seq, deadline)
+                if "skipped" in out:
+                    raise SystemSkipped(out["skipped"])
+                if book is not None:
+                    book.record(system, seq, out)
             probes.append(out)
+            if progress is not None:
+                progress(system, out)
             return out["fits"]
 
         entry: dict[str, Any] = {"system": system, "probes": probes}
@@ -360,6 +452,13 @@ def run_max_context(shape: str, *, systems: str | tuple[str, ...], model_dir: Pa
             entry["capped"] = entry["max_seq"] == cap
         except SystemSkipped as exc:
             entry = {"system": system, "skipped": str(exc)}
+        except SearchIncomplete as exc:
+            low = max((p["seq"] for p in probes if p["fits"]), default=0)
+            high = min((p["seq"] for p in probes if not p["fits"]), default=None)
+            entry.update(incomplete=True, bounds=[low, high], error=(
+                f"search incomplete: {exc}; fits at {low or 'no length yet'}"
+                + (f", not at {high}" if high else "")
+                + (f" (run again with the journal {journal} to go on)" if journal else "")))
         except ProbeError as exc:
             entry["error"] = str(exc)
         finally:
@@ -377,7 +476,17 @@ def run_max_context(shape: str, *, systems: str | tuple[str, ...], model_dir: Pa
             "budget_measure": ("torch.cuda.max_memory_allocated" if device.startswith("cuda")
                                else "peak RSS growth"),
             "start": start, "cap": cap, "granularity": granularity, "versions": versions(),
+            "journal": None if journal is None else str(journal),
             "results": results}  # fmt: skip
+
+
+def _device_name(device: str) -> str:
+    """The card's name (a journal's answers hold for that card only), or ``cpu``."""
+    import torch
+
+    if device.startswith("cuda") and torch.cuda.is_available():
+        return torch.cuda.get_device_name(torch.device(device))
+    return device
 
 
 def markdown(report: dict[str, Any], command: str) -> str:

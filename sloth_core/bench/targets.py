@@ -120,8 +120,14 @@ def judge(target: Target, report: dict[str, Any]) -> dict[str, Any]:
 
 def run_targets(targets: list[Target], *, model_root: Path, device: str, steps: int = 10,
                 warmup: int = 3, context_start: int = 8192, context_granularity: int = 2048,
-                progress=None) -> dict[str, Any]:  # fmt: skip
-    """Every row, sloth then hf; the summary rows and each row's full report."""
+                progress=None, journal: Path | None = None, time_limit_s: float | None = None,
+                probe_progress=None) -> dict[str, Any]:  # fmt: skip
+    """Every row, sloth then hf; the summary rows and each row's full report. A context
+    row's search keeps its answers in ``journal`` and stops ``time_limit_s`` after the
+    run's start (see :mod:`sloth_core.bench.context`)."""
+    import time
+
+    deadline = None if time_limit_s is None else time.monotonic() + time_limit_s
     rows, reports = [], []
     for target in targets:
         model_dir = Path(model_root) / target.shape
@@ -132,6 +138,8 @@ def run_targets(targets: list[Target], *, model_root: Path, device: str, steps: 
                 target.shape, systems=("sloth", "hf"), model_dir=model_dir, device=device,
                 quantization=target.quantization, budget_gib=target.budget_gib,
                 start=context_start, cap=262144, granularity=context_granularity,
+                journal=journal, progress=probe_progress,
+                time_limit_s=None if deadline is None else deadline - time.monotonic(),
             )  # fmt: skip
         else:
             report = bench_train.run_bench(

@@ -82,6 +82,16 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     context.add_argument("--context-cap", type=int, default=262144, help="longest length probed")
     context.add_argument("--context-granularity", type=int, default=256,
                          help="bisection stops at this many tokens")
+    context.add_argument("--journal", type=Path, default=None,
+                         help="keep every probe's answer in this JSON-lines file, and reuse "
+                              "the answers of earlier runs of the same search (same shape, "
+                              "quantization, budget, device and versions): a search cut "
+                              "short goes on where it stopped (also for --targets' context "
+                              "rows)")  # fmt: skip
+    context.add_argument("--time-limit-s", type=float, default=None,
+                         help="start no probe after this many seconds and stop the one "
+                              "running; the search reports how far it got (with --journal, "
+                              "the next run goes on from there)")  # fmt: skip
     train.add_argument("--json", type=Path, help="write the full report here")
     train.add_argument("--markdown", type=Path, help="write the docs table here")
     train.add_argument("--plot", type=Path,
@@ -305,7 +315,8 @@ def _run_targets(args: argparse.Namespace, device: str, model_root: Path) -> int
 
     report = bench_targets.run_targets(
         rows, model_root=args.model_dir or model_root, device=device, steps=args.steps,
-        warmup=args.warmup, progress=progress,
+        warmup=args.warmup, progress=progress, journal=args.journal,
+        time_limit_s=args.time_limit_s, probe_progress=_probe_progress(console),
     )  # fmt: skip
     write_reports(args, report, bench_targets.markdown)
     if args.plot:
@@ -338,6 +349,20 @@ def _run_targets(args: argparse.Namespace, device: str, model_root: Path) -> int
     return 1 if any(row.get("error") for row in report["rows"]) else 0
 
 
+def _probe_progress(console: Console):
+    """Each probe's answer as it comes (a search of a large model runs for minutes)."""
+
+    def show(system: str, answer: dict) -> None:
+        peak = answer.get("peak_gib")
+        what = "fits" if answer["fits"] else f"does not fit ({answer.get('reason', '')[:80]})"
+        console.print(escape(
+            f"{system}: {answer['seq']} tokens: {what}"
+            + (f", peak {peak:.2f} GiB" if peak is not None else "")
+            + (" (journal)" if answer.get("journal") else "")))  # fmt: skip
+
+    return show
+
+
 def _run_max_context(args: argparse.Namespace, device: str, model_dir: Path) -> int:
     from sloth_core.bench.context import length_cell, markdown, run_max_context
     from sloth_core.bench.plot import plot_report
@@ -351,6 +376,8 @@ def _run_max_context(args: argparse.Namespace, device: str, model_dir: Path) -> 
         args.shape, systems=args.systems, model_dir=model_dir, device=device,
         quantization=args.quantization, budget_gib=args.memory_budget_gib,
         start=args.context_start, cap=args.context_cap, granularity=args.context_granularity,
+        journal=args.journal, time_limit_s=args.time_limit_s,
+        progress=_probe_progress(Console(stderr=True)),
     )  # fmt: skip
     write_reports(args, report, markdown)
     if args.plot:
