@@ -44,6 +44,11 @@ def test_both_systems_train_the_same_in_separate_processes(tmp_path):
     assert abs(by["sloth"]["first_loss"] - by["hf"]["first_loss"]) < 1e-2
     assert report["losses_agree"] and all(r["same_start"] for r in by.values())
     assert by["hf"]["speed_vs_hf"] == 1.0
+    # sloth's attention calls of a step by path: one a layer forward, one more for each
+    # checkpointed layer's recompute, whichever path ran them; hf's none of sloth's.
+    layers = SHAPES["llama-tiny"]["num_hidden_layers"]
+    calls = sum(by["sloth"]["attention_paths"].values())
+    assert layers <= calls <= 2 * layers and by["hf"]["attention_paths"] is None
     assert report["versions"]["torch"] and by["sloth"]["device_name"] == report["device_name"]
     text = markdown(report, "sloth bench train --shape llama-tiny")
     assert "| sloth |" in text and "| hf |" in text

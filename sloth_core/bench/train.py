@@ -105,6 +105,9 @@ class TrainResult:
     nproc: int = 1
     full: bool = False
     plan: str | None = None  # the memory plan (sloth:auto, or sloth with a budget)
+    #: sloth's attention calls of one timed step by path (sdpa, kept, varlen, ...): which
+    #: kernels the step ran, e.g. whether the recompute reused kept attention outputs.
+    attention_paths: dict[str, float] | None = None
 
 
 class SystemSkipped(Exception):
@@ -402,7 +405,11 @@ def run_system(system: str, model_dir: Path, *, seq: int, batch: int, steps: int
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     times, losses = [], []
+    from sloth_core.patches.attention import ATTENTION_PATHS
+
     for step in range(warmup + steps):
+        if step == warmup:
+            paths_before = dict(ATTENTION_PATHS)
         if cuda:
             torch.cuda.synchronize()
         start = time.perf_counter()
@@ -432,6 +439,8 @@ def run_system(system: str, model_dir: Path, *, seq: int, batch: int, steps: int
     if peak is not None and group.active:
         peak = max(group.all_max([peak]))
     attention = getattr(config, "_attn_implementation", None)
+    paths = {k: (v - paths_before.get(k, 0)) / steps for k, v in ATTENTION_PATHS.items()}
+    paths = {k: v for k, v in paths.items() if v} or None
     if cuda:
         device_name = torch.cuda.get_device_name()
     else:
@@ -441,7 +450,7 @@ def run_system(system: str, model_dir: Path, *, seq: int, batch: int, steps: int
     group.close()
     return TrainResult(system, tokens_per_s, median, peak, mfu, losses[0], losses[-1], n_base,
                        n_lora, attention, device_name, nproc=group.world_size,
-                       full=full, plan=plan)  # fmt: skip
+                       full=full, plan=plan, attention_paths=paths)  # fmt: skip
 
 
 def run_worker(module: str, args: list[str], *, timeout: float,
