@@ -24,8 +24,10 @@ weight or bias that requires grad, a 4-bit type other than NF4, autocast, mixed 
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +35,7 @@ from torch import nn
 
 from sloth_core.ops import reference
 from sloth_core.ops.reference import LoRALinear
+from sloth_core.sdk import in_recompute, keep_for_backward, keeping, kept_for_backward
 from sloth_kernels.nf4 import dequantize_nf4
 from sloth_kernels.norms import norm_source, recompute_rms_norm
 
@@ -307,15 +310,48 @@ def load_input(ctx, x, source_x, source_w) -> torch.Tensor | None:
     return recompute_rms_norm(source_x, source_w, *ctx.norm)
 
 
+#: Set to ``0`` to compute the attention projections again in a recompute instead.
+KEEP_ENV = "SLOTH_KEEP_PROJECTIONS"
+
+
+def _kept_outputs(key: Any, x: torch.Tensor, group: Group) -> list[torch.Tensor] | None:
+    """In an offloaded layer's recompute, what its first pass kept for these projections
+    (see :func:`_project`), if it is what they would compute now."""
+    if key is None or not in_recompute():
+        return None
+    kept = kept_for_backward(key)
+    if kept is None:
+        return None
+    outputs, _ = kept
+    shapes = [(*x.shape[:-1], _out_features(layer)) for layer in group.layers]
+    if [tuple(o.shape) for o in outputs] != shapes or any(o.dtype != x.dtype for o in outputs):
+        return None
+    return list(outputs)
+
+
+def _out_features(layer: LoRALinear) -> int:
+    state = layer.quant_state
+    return int(state.shape[0]) if state is not None else int(layer.weight.shape[0])
+
+
 class _LoRAProjections(torch.autograd.Function):
     """Base + LoRA projections of one input; one output per layer."""
 
     @staticmethod
-    def forward(ctx, x, group, *lora):
-        outputs, xa = group_forward(x, group, lora)
+    def forward(ctx, x, group, key, *lora):
+        kept = _kept_outputs(key, x, group)
+        if kept is None:
+            outputs, xa = group_forward(x, group, lora)
+            if key is not None and keeping():
+                keep_for_backward(key, tuple(outputs))
+        else:  # the recompute: the first pass's outputs; backward as always
+            outputs, xa = kept, None
         ctx.group = group
-        needs_a = any(ctx.needs_input_grad[2::2])
-        needs_b = any(ctx.needs_input_grad[3::2])
+        needs_a = any(ctx.needs_input_grad[3::2])
+        needs_b = any(ctx.needs_input_grad[4::2])
+        if kept is not None and needs_b and not needs_a:  # dB's x A^T, kept below
+            x2 = x.reshape(-1, x.shape[-1])
+            xa = x2 @ group.stacked_a(lora).t()
         # x only for dA, x A^T only for dB; the frozen base weights are re-read from group.
         # An x fresh from rms_norm is not kept: its input and weight are (the norm's own
         # backward keeps them anyway), and x is recomputed from them in backward.
@@ -332,20 +368,33 @@ class _LoRAProjections(torch.autograd.Function):
         group = ctx.group
         grads2 = [g.reshape(-1, g.shape[-1]) for g in grads]
         x2 = None if x is None else x.reshape(-1, x.shape[-1])
-        if xa is None and x2 is not None and any(ctx.needs_input_grad[3::2]):
+        if xa is None and x2 is not None and any(ctx.needs_input_grad[4::2]):
             xa = x2 @ group.stacked_a(lora).t()  # the forward's GEMM again
         needs_x = ctx.needs_input_grad[0]
         dx, lora_grads, _ = group_backward(
-            x2, xa, grads2, group, lora, needs_x, ctx.needs_input_grad[2:]
+            x2, xa, grads2, group, lora, needs_x, ctx.needs_input_grad[3:]
         )
         if dx is not None:
             dx = dx.view(*grads[0].shape[:-1], dx.shape[-1])
-        return (dx, None, *lora_grads)
+        return (dx, None, None, *lora_grads)
 
 
-def _project(x: torch.Tensor, layers: Sequence[LoRALinear]) -> tuple[torch.Tensor, ...]:
+def _project(x: torch.Tensor, layers: Sequence[LoRALinear], *,
+             keep: bool = False) -> tuple[torch.Tensor, ...]:  # fmt: skip
+    """The projections of ``x``. ``keep``: in an offloaded checkpoint's first pass their
+    outputs go to host memory with the layer input
+    (:func:`~sloth_core.checkpointing.keep_for_backward`), and the recompute takes them
+    back instead of multiplying again: its backward needs only ``x`` (and ``x A^T``),
+    never the outputs' values' making. That takes the attention's q/k/v and o products
+    (and their NF4 dequantization) out of every recompute, for 2 bytes an output element
+    over PCIe each way, overlapped with the compute; the MLP's outputs are larger per
+    product and stay recomputed. Off with ``SLOTH_KEEP_PROJECTIONS=0``."""
     group = Group.of(layers)
-    return _LoRAProjections.apply(x, group, *group.lora_tensors())
+    key = None
+    if keep and os.environ.get(KEEP_ENV, "1") != "0":
+        weight = group.layers[0].weight  # the frozen base weight: one per projection group
+        key = ("lora projections", id(weight), len(group.layers))
+    return _LoRAProjections.apply(x, group, key, *group.lora_tensors())
 
 
 # -- the ops --------------------------------------------------------------------------------
@@ -376,7 +425,7 @@ def lora_qkv(
     cast = adapters_in(x.dtype, (q, k, v))
     if not fast_path_ok(x, cast):
         return reference.lora_qkv(x, q, k, v)
-    out_q, out_k, out_v = _project(x, cast)
+    out_q, out_k, out_v = _project(x, cast, keep=True)
     return out_q, out_k, out_v
 
 
@@ -388,7 +437,7 @@ def lora_o(x: torch.Tensor, o: LoRALinear) -> torch.Tensor:
     (cast,) = adapters_in(x.dtype, (o,))
     if not fast_path_ok(x, (cast,)):
         return reference.lora_o(x, o)
-    return _project(x, (cast,))[0]
+    return _project(x, (cast,), keep=True)[0]
 
 
 REGISTRATIONS = [

@@ -1,0 +1,156 @@
+"""sloth-kernels' attention projections in an offloaded layer: the first pass keeps the
+q/k/v and o outputs with the layer input, and the recompute takes them back instead of
+multiplying again. Gradients as without checkpointing (llama; qwen3's q/k norms; gemma2's
+softcap and post-attention norm, on configs whose every field is varied), no base
+product in any recompute, and ``SLOTH_KEEP_PROJECTIONS=0`` computing them again."""
+
+from __future__ import annotations
+
+import collections
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from sloth_kernels import lora as kernel_lora
+
+from sloth_core.checkpointing import device_checkpoint, enable_checkpointing, offloaded_checkpoint
+from sloth_core.memory_plan import measure_layer_costs
+from sloth_core.ops import default_registry
+from sloth_core.patches import patch_architecture
+from sloth_core.testing import init_tiny_model
+from sloth_core.testing.varied import varied_config
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "down_proj"]
+
+
+def _classes(arch: str) -> dict:
+    import importlib
+
+    module = importlib.import_module(f"transformers.models.{arch}.modeling_{arch}")
+    prefix = {"llama": "Llama", "qwen3": "Qwen3", "gemma2": "Gemma2"}[arch]
+    classes = {"mlp": getattr(module, f"{prefix}MLP"),
+               "attention": getattr(module, f"{prefix}Attention"),
+               "rms_norm": getattr(module, f"{prefix}RMSNorm")}  # fmt: skip
+    return {**classes, "gemma_norm": arch == "gemma2"}
+
+
+def _registry(device: str):
+    """The reference ops, with sloth-kernels' LoRA projections (plain torch products: no
+    Triton, so no interpreter, on the CPU)."""
+    ops = default_registry()
+    for op in ("lora_qkv", "lora_o", "lora_linear"):
+        ops.register(op, getattr(kernel_lora, op), provider="sloth-kernels", devices=(device,))
+    return ops
+
+
+def _model(arch: str, device: str = "cpu"):
+    config = varied_config(arch, tie_word_embeddings=False)
+    model = init_tiny_model(config, seed=4).to(device)
+    torch.manual_seed(0)
+    lora = LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, target_modules=TARGETS)
+    model = get_peft_model(model, lora)
+    patch_architecture(model, _registry(device), plugin="test", model_types=arch,
+                       **_classes(arch))  # fmt: skip
+    return model.train()
+
+
+def _grads(arch: str, checkpoint, steps: int = 2, device: str = "cpu"):
+    model = _model(arch, device)
+    if checkpoint is not None:
+        enable_checkpointing(model, offload=True)
+        for layer in model.get_base_model().model.layers:
+            layer._gradient_checkpointing_func = checkpoint
+    generator = torch.Generator().manual_seed(1)
+    grads = []
+    for _ in range(steps):  # the same batch, no optimizer: the same gradients each step
+        ids = torch.randint(0, model.config.vocab_size, (2, 11), generator=generator).to(device)
+        model.zero_grad(set_to_none=True)
+        model(input_ids=ids, labels=ids).loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+    return grads, model.config.num_hidden_layers
+
+
+@pytest.fixture
+def products(monkeypatch):
+    """How many times the projections' forward products ran, per group size (3: q/k/v)."""
+    counts: collections.Counter[int] = collections.Counter()
+    original = kernel_lora.group_forward
+
+    def counted(x, group, lora):
+        counts[len(group.layers)] += 1
+        return original(x, group, lora)
+
+    monkeypatch.setattr(kernel_lora, "group_forward", counted)
+    return counts
+
+
+def _assert_same(got, want):
+    assert len(got) == len(want)
+    for step_got, step_want in zip(got, want, strict=True):
+        assert step_got.keys() == step_want.keys() and step_got
+        for name, grad in step_got.items():
+            torch.testing.assert_close(grad, step_want[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "gemma2"])
+def test_the_recompute_multiplies_no_attention_projection(arch, products):
+    want, layers = _grads(arch, None)
+    assert products == {3: 2 * layers, 1: 2 * layers}  # q/k/v and o, a layer a step
+    products.clear()
+    got, _ = _grads(arch, offloaded_checkpoint)
+    # Only the first pass multiplies; every recompute takes the kept outputs.
+    assert products == {3: 2 * layers, 1: 2 * layers}, products
+    _assert_same(got, want)
+
+
+def test_switched_off_or_on_the_device_the_recompute_multiplies_again(products, monkeypatch):
+    want, layers = _grads("llama", None)
+    products.clear()
+    got, _ = _grads("llama", device_checkpoint)  # plain checkpointing keeps nothing
+    assert products == {3: 4 * layers, 1: 4 * layers}
+    _assert_same(got, want)
+    monkeypatch.setenv("SLOTH_KEEP_PROJECTIONS", "0")
+    products.clear()
+    got, _ = _grads("llama", offloaded_checkpoint)
+    assert products == {3: 4 * layers, 1: 4 * layers}
+    _assert_same(got, want)
+
+
+def test_past_the_host_limit_the_recompute_multiplies_again(products, monkeypatch):
+    from sloth_core import checkpointing
+
+    want, layers = _grads("llama", None)
+    monkeypatch.setattr(checkpointing, "_host_limit", 0)  # nothing more may be kept
+    products.clear()
+    got, _ = _grads("llama", offloaded_checkpoint)
+    assert products == {3: 4 * layers, 1: 4 * layers}
+    _assert_same(got, want)
+
+
+def test_the_memory_plan_counts_the_kept_projections(monkeypatch):
+    model = _model("llama")
+    config = model.config
+    ids = torch.randint(0, config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(2))
+    costs = measure_layer_costs(model, ids)
+    monkeypatch.setenv("SLOTH_KEEP_PROJECTIONS", "0")
+    without = measure_layer_costs(model, ids)
+    q = config.num_attention_heads * config.head_dim
+    kv = config.num_key_value_heads * config.head_dim
+    per_token = (q + 2 * kv + config.hidden_size) * 4  # the float32 q, k, v and o outputs
+    assert len(costs) == len(without) == config.num_hidden_layers
+    for cost, base in zip(costs, without, strict=True):
+        extra = cost.kept_host_bytes_per_token - base.kept_host_bytes_per_token
+        assert extra == per_token
+        assert cost.kept_device_bytes_per_token == base.kept_device_bytes_per_token
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_keeps_through_the_copy_stream(products):
+    # On a GPU the kept outputs go to pinned host memory on a side stream and come back
+    # ahead of the recompute: any missed wait reads a block before its copy lands.
+    want, layers = _grads("llama", None, device="cuda")
+    products.clear()
+    got, _ = _grads("llama", offloaded_checkpoint, device="cuda")
+    assert products == {3: 2 * layers, 1: 2 * layers}, products
+    _assert_same(got, want)
