@@ -15,7 +15,6 @@ from peft import LoraConfig, get_peft_model
 
 from sloth_core.checkpointing import (
     device_checkpoint,
-    enable_checkpointing,
     keep_for_backward,
     offloaded_checkpoint,
 )
@@ -27,7 +26,7 @@ from sloth_core.memory_plan import (
     measure_layer_costs,
 )
 from sloth_core.patches import SLOTH_ATTENTION, kept_attention, register_sloth_attention
-from sloth_core.testing import init_tiny_model
+from sloth_core.testing import init_tiny_model, repeated_step_grads
 from sloth_core.testing.varied import varied_config
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "down_proj"]
@@ -48,22 +47,7 @@ def _grads(arch, checkpoint, *, steps=2, padded=False, device="cpu", dtype=torch
     model = _model(arch, device, dtype)
     if counts is not None:
         counts.clear()  # not the tiny model's own probe forward
-    if checkpoint is not None:
-        enable_checkpointing(model, offload=True)
-        for layer in model.get_base_model().model.layers:
-            layer._gradient_checkpointing_func = checkpoint
-    generator = torch.Generator().manual_seed(1)
-    grads = []
-    for _ in range(steps):  # the same batch, no optimizer: the same gradients each step
-        ids = torch.randint(0, model.config.vocab_size, (2, 11), generator=generator)
-        mask = torch.ones_like(ids)
-        if padded:
-            mask[1, :3] = 0
-        model.zero_grad(set_to_none=True)
-        out = model(input_ids=ids.to(device), attention_mask=mask.to(device),
-                    labels=ids.to(device))  # fmt: skip
-        out.loss.backward()
-        grads.append({n: p.grad.float() for n, p in model.named_parameters() if p.requires_grad})
+    grads = repeated_step_grads(model, checkpoint, steps=steps, padded=padded, device=device)
     return grads, model.config.num_hidden_layers
 
 

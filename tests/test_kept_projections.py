@@ -13,11 +13,11 @@ import torch
 from peft import LoraConfig, get_peft_model
 from sloth_kernels import lora as kernel_lora
 
-from sloth_core.checkpointing import device_checkpoint, enable_checkpointing, offloaded_checkpoint
+from sloth_core.checkpointing import device_checkpoint, offloaded_checkpoint
 from sloth_core.memory_plan import measure_layer_costs
 from sloth_core.ops import default_registry
 from sloth_core.patches import patch_architecture
-from sloth_core.testing import init_tiny_model
+from sloth_core.testing import init_tiny_model, repeated_step_grads
 from sloth_core.testing.varied import varied_config
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "down_proj"]
@@ -56,17 +56,7 @@ def _model(arch: str, device: str = "cpu"):
 
 def _grads(arch: str, checkpoint, steps: int = 2, device: str = "cpu"):
     model = _model(arch, device)
-    if checkpoint is not None:
-        enable_checkpointing(model, offload=True)
-        for layer in model.get_base_model().model.layers:
-            layer._gradient_checkpointing_func = checkpoint
-    generator = torch.Generator().manual_seed(1)
-    grads = []
-    for _ in range(steps):  # the same batch, no optimizer: the same gradients each step
-        ids = torch.randint(0, model.config.vocab_size, (2, 11), generator=generator).to(device)
-        model.zero_grad(set_to_none=True)
-        model(input_ids=ids, labels=ids).loss.backward()
-        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+    grads = repeated_step_grads(model, checkpoint, steps=steps, device=device)
     return grads, model.config.num_hidden_layers
 
 

@@ -12,7 +12,8 @@ architecture plugin's tests, which take the installed plugins from
 of :func:`parity_shape` (:mod:`.plugin_checks`); mixture-of-experts plugins add the checks
 they share, :func:`~sloth_core.testing.moe_checks.run_moe_check` on an
 :class:`~sloth_core.testing.moe_checks.MoEArchitecture`, and :func:`check_moe_parity`
-and :func:`assert_checkpointing_parity` (:mod:`.moe_checks`).
+and :func:`assert_checkpointing_parity` (:mod:`.moe_checks`). The checkpointing tests
+compare :func:`repeated_step_grads` with and without a checkpoint function.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ _LAZY = {
     "convergence_losses": "sloth_core.testing.convergence",
     "assert_converges_alike": "sloth_core.testing.convergence",
     "load_tiny_instructions": "sloth_core.testing.datasets",
+    "repeated_step_grads": "sloth_core.testing.checkpoint_grads",
 }
 
 
