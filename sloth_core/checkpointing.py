@@ -112,6 +112,7 @@ class _Slot:
         self.prev: weakref.ref[_Slot] | None = None  # the layer before, in forward order
         self.fetched: tuple[torch.Tensor, Any] | None = None
         self.copied: Any = None  # the event after the copy to host, on a GPU
+        self.last_copy: Any = None  # the event after this slot's last copy (input or kept)
         # What the first pass keeps for the recompute (keep_for_backward): per key, in
         # call order, the tensors bound for host memory and the values kept as they are.
         self.values: list[tuple[Any, list[torch.Tensor], tuple[Any, ...]]] = []
@@ -142,6 +143,7 @@ class _Slot:
         else:
             try:
                 host, self.copied = self._to_host(t)
+                self.last_copy = self.copied
                 return host
             except RuntimeError as exc:  # pinned memory exhausted
                 reason = f"pinning failed ({exc})"
@@ -172,16 +174,30 @@ class _Slot:
         they are) for the recompute's :func:`kept_for_backward` under ``key``; False, and
         nothing kept, where that would take the host memory past :func:`kept_host_limit`
         or the input itself stayed on the device."""
-        if self.host is None:
+        if self.host is None or self.link_behind():
             return False
         size = sum(t.numel() * t.element_size() for t in to_host)
         if _host_held() + size > kept_host_limit():
             return False
-        hosts = [self._to_host(t)[0] for t in to_host]  # nobody waits on these copies
+        copies = [self._to_host(t) for t in to_host]  # nobody waits on these copies
+        hosts = [host for host, _ in copies]
+        if copies and copies[-1][1] is not None:
+            self.last_copy = copies[-1][1]
         self.sent.extend((t, t._version) for t in to_host)
         self.values.append((key, hosts, values))
         self.host_bytes += size
         return True
+
+    def link_behind(self) -> bool:
+        """Whether the copies to host lag the compute by more than a layer: those of the
+        layer two before this one are still running. What a layer keeps saves recompute
+        only while its copies hide behind the compute; past that, the copy stream would
+        hold the backward's first prefetches back and the kept tensors' device memory
+        longer, so nothing more is kept until it catches up (the recompute computes it)."""
+        before = self.prev() if self.prev is not None else None
+        older = before.prev() if before is not None and before.prev is not None else None
+        event = older.last_copy if older is not None else None
+        return event is not None and not event.query()
 
     def check_sent(self, owner: Any) -> None:
         """After the layer ran: none of the tensors it kept was written in place after

@@ -43,8 +43,8 @@ def _registry(device: str):
     return ops
 
 
-def _model(arch: str, device: str = "cpu"):
-    config = varied_config(arch, tie_word_embeddings=False)
+def _model(arch: str, device: str = "cpu", **fields):
+    config = varied_config(arch, tie_word_embeddings=False, **fields)
     model = init_tiny_model(config, seed=4).to(device)
     torch.manual_seed(0)
     lora = LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, target_modules=TARGETS)
@@ -54,8 +54,8 @@ def _model(arch: str, device: str = "cpu"):
     return model.train()
 
 
-def _grads(arch: str, checkpoint, steps: int = 2, device: str = "cpu"):
-    model = _model(arch, device)
+def _grads(arch: str, checkpoint, steps: int = 2, device: str = "cpu", **fields):
+    model = _model(arch, device, **fields)
     grads = repeated_step_grads(model, checkpoint, steps=steps, device=device)
     return grads, model.config.num_hidden_layers
 
@@ -114,6 +114,34 @@ def test_past_the_host_limit_the_recompute_multiplies_again(products, monkeypatc
     products.clear()
     got, _ = _grads("llama", offloaded_checkpoint)
     assert products == {3: 4 * layers, 1: 4 * layers}
+    _assert_same(got, want)
+
+
+@pytest.mark.parametrize("caught_up", [True, False])
+def test_while_the_copies_lag_by_more_than_a_layer_nothing_more_is_kept(caught_up, products,
+                                                                      monkeypatch):  # fmt: skip
+    # A GPU's copies to host run on their own stream; here every copy reports itself
+    # still running (or done). From the third layer on, a layer whose layer-two-before
+    # has copies in flight keeps nothing: its recompute multiplies again.
+    from sloth_core import checkpointing
+
+    class Copy:
+        def query(self):
+            return caught_up
+
+    offload = checkpointing._Slot._offload
+
+    def offload_in_flight(self, t):
+        host = offload(self, t)
+        self.last_copy = Copy()
+        return host
+
+    want, layers = _grads("llama", None, num_hidden_layers=4)
+    monkeypatch.setattr(checkpointing._Slot, "_offload", offload_in_flight)
+    products.clear()
+    got, _ = _grads("llama", offloaded_checkpoint, num_hidden_layers=4)
+    recomputed = 0 if caught_up else layers - 2
+    assert products == {3: 2 * (layers + recomputed), 1: 2 * (layers + recomputed)}, products
     _assert_same(got, want)
 
 
