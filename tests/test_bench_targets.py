@@ -88,6 +88,9 @@ def test_targets_run_every_row_and_write_the_summary(tmp_path, monkeypatch, caps
 
     def fake_context(shape, **kwargs):
         assert kwargs["quantization"] == "nf4" and kwargs["budget_gib"] == 40.0
+        # the journal and what is left of the run's time limit after the rows before it
+        assert kwargs["journal"] == tmp_path / "probes.jsonl"
+        assert 0 < kwargs["time_limit_s"] < 300 and callable(kwargs["progress"])
         return {"kind": "max_context", "shape": shape, "device": "cpu", "budget_gib": 40.0,
                 "budget_measure": "peak RSS growth", "quantization": "nf4", "start": 8192,
                 "cap": 262144, "granularity": 2048,
@@ -99,7 +102,8 @@ def test_targets_run_every_row_and_write_the_summary(tmp_path, monkeypatch, caps
     monkeypatch.setattr("sys.argv", ["sloth", "bench", "train", "--targets"])
     code = main(["bench", "train", "--targets", "--device", "cpu", "--steps", "2", "--warmup",
                  "1", "--model-dir", str(tmp_path / "models"), "--json", f"{out}.json",
-                 "--markdown", f"{out}.md"])  # fmt: skip
+                 "--markdown", f"{out}.md", "--journal", str(tmp_path / "probes.jsonl"),
+                 "--time-limit-s", "300"])  # fmt: skip
     assert code == 0, capsys.readouterr()
     report = json.loads((tmp_path / "targets.json").read_text())
     tiny, context = report["rows"]
