@@ -439,8 +439,8 @@ def run_system(system: str, model_dir: Path, *, seq: int, batch: int, steps: int
     if peak is not None and group.active:
         peak = max(group.all_max([peak]))
     attention = getattr(config, "_attn_implementation", None)
-    paths = {k: (v - paths_before.get(k, 0)) / steps for k, v in ATTENTION_PATHS.items()}
-    paths = {k: v for k, v in paths.items() if v} or None
+    per_step = {k: (v - paths_before.get(k, 0)) / steps for k, v in ATTENTION_PATHS.items()}
+    paths = {k: v for k, v in per_step.items() if v} or None
     if cuda:
         device_name = torch.cuda.get_device_name()
     else:
