@@ -43,11 +43,11 @@ def _registry(device: str):
     return ops
 
 
-def _model(arch: str, device: str = "cpu", **fields):
+def _model(arch: str, device: str = "cpu", targets=TARGETS, **fields):
     config = varied_config(arch, tie_word_embeddings=False, **fields)
     model = init_tiny_model(config, seed=4).to(device)
     torch.manual_seed(0)
-    lora = LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, target_modules=TARGETS)
+    lora = LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, target_modules=targets)
     model = get_peft_model(model, lora)
     patch_architecture(model, _registry(device), plugin="test", model_types=arch,
                        **_classes(arch))  # fmt: skip
@@ -56,6 +56,7 @@ def _model(arch: str, device: str = "cpu", **fields):
 
 def _grads(arch: str, checkpoint, steps: int = 2, device: str = "cpu", **fields):
     model = _model(arch, device, **fields)
+    assert sum("lora_A" in n for n, _ in model.named_parameters())  # something trains
     grads = repeated_step_grads(model, checkpoint, steps=steps, device=device)
     return grads, model.config.num_hidden_layers
 
@@ -89,6 +90,16 @@ def test_the_recompute_multiplies_no_attention_projection(arch, products):
     products.clear()
     got, _ = _grads(arch, offloaded_checkpoint)
     # Only the first pass multiplies; every recompute takes the kept outputs.
+    assert products == {3: 2 * layers, 1: 2 * layers}, products
+    _assert_same(got, want)
+
+
+def test_lora_on_q_and_v_only(products):
+    # PEFT's usual targets: k and o have no adapter, and o's op has none at all; its
+    # input still needs its gradient, kept or recomputed.
+    want, layers = _grads("llama", None, targets=["q_proj", "v_proj"])
+    products.clear()
+    got, _ = _grads("llama", offloaded_checkpoint, targets=["q_proj", "v_proj"])
     assert products == {3: 2 * layers, 1: 2 * layers}, products
     _assert_same(got, want)
 

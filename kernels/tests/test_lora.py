@@ -146,6 +146,31 @@ def test_lora_qkv_adapter_on_q_and_v_only():
     _check(lora_qkv, reference.lora_qkv, x, [q, k, v], dtype, "lora_qkv without k adapter")
 
 
+@pytest.mark.parametrize("op", ["lora_o", "lora_qkv", "lora_linear"])
+def test_projections_without_any_adapter_give_dx(op):
+    # PEFT on q_proj and v_proj only: o_proj (and a phi3 fused projection) has no adapter,
+    # and the input of the op still needs its gradient (the layers below train).
+    dtype = torch.float32
+    count = 3 if op == "lora_qkv" else 1
+    layers = [_layer(8 * (i + 1), HIDDEN, dtype, bias=i == 0) for i in range(count)]
+    fn, ref_fn = {"lora_o": (lora_o, reference.lora_o),
+                  "lora_qkv": (lora_qkv, reference.lora_qkv),
+                  "lora_linear": (lora_linear, reference.lora_linear)}[op]  # fmt: skip
+    x = torch.randn(BATCH, SEQ, HIDDEN, device=DEVICE, requires_grad=True)
+    got = fn(x, *layers)
+    got = got if isinstance(got, tuple) else (got,)
+    assert type(got[0].grad_fn).__name__.startswith("_LoRA"), "fell back to the reference"
+    expected_x = x.detach().clone().requires_grad_()
+    expected = ref_fn(expected_x, *layers)
+    expected = expected if isinstance(expected, tuple) else (expected,)
+    upstream = [torch.randn_like(t) for t in got]
+    for a, e in zip(got, expected, strict=True):
+        _assert_close(a, e, dtype, what=f"{op} forward")
+    (dx,) = torch.autograd.grad(got, [x], upstream)
+    (expected_dx,) = torch.autograd.grad(expected, [expected_x], upstream)
+    _assert_close(dx, expected_dx, dtype, what=f"{op} dx")
+
+
 @pytest.mark.parametrize("nf4", [False, True], ids=["dense", "nf4"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_lora_o(dtype, nf4):

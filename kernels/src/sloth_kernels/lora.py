@@ -347,6 +347,7 @@ class _LoRAProjections(torch.autograd.Function):
         else:  # the recompute: the first pass's outputs; backward as always
             outputs, xa = kept, None
         ctx.group = group
+        ctx.norm = None  # x unsaved (no adapter's A trains): nothing to recompute it from
         needs_a = any(ctx.needs_input_grad[3::2])
         needs_b = any(ctx.needs_input_grad[4::2])
         if kept is not None and needs_b and not needs_a:  # dB's x A^T, kept below
