@@ -303,6 +303,11 @@ class FastLanguageModel:
             raise ValueError("the model already has LoRA adapters")
         checkpointing = _checkpointing(use_gradient_checkpointing)
         parameters = _target_parameters(model, target_parameters, target_experts, lora_dropout)
+        if lora_dropout > 0:
+            import warnings
+
+            # Many recipes copy 0.05 from PEFT's examples; the cost should not be silent.
+            warnings.warn(_SLOW_DROPOUT.format(lora_dropout), stacklevel=2)
         random.seed(random_state)
         torch.manual_seed(random_state)
         config = LoraConfig(
@@ -364,6 +369,11 @@ class FastLanguageModel:
         return for_training(model, tokenizer)
 
 
+_SLOW_DROPOUT = (
+    "lora_dropout={}: the fused LoRA kernels take no dropout, so in training every adapted "
+    "projection runs PEFT's way (the reference ops: slower, more memory); lora_dropout=0 "
+    "is sloth's fast path"
+)
 _NO_DROPOUT = (
     "lora_dropout={}: LoRA on an MoE model's expert weights (PEFT's target_parameters, which "
     "target_experts, and on Qwen3-MoE/Mixtral gate_proj/up_proj/down_proj or all-linear, "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import warnings
 
 import pytest
 import torch
@@ -159,3 +160,13 @@ def test_conflicting_options_are_refused(plugin_manager, llama_dir):
     assert all(p.requires_grad for p in model.parameters())
     with pytest.raises(ValueError, match="full_finetuning"):
         FastLanguageModel.get_peft_model(model)
+
+
+def test_lora_dropout_warns_that_it_leaves_the_fused_path(plugin_manager, llama_dir):
+    model, _ = FastLanguageModel.from_pretrained(str(llama_dir))
+    with pytest.warns(UserWarning, match=r"lora_dropout=0.05: .*lora_dropout=0 is sloth's fast"):
+        FastLanguageModel.get_peft_model(model, r=4, lora_dropout=0.05)
+    model, _ = FastLanguageModel.from_pretrained(str(llama_dir))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="lora_dropout")
+        FastLanguageModel.get_peft_model(model, r=4)  # no dropout: no warning
