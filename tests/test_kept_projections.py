@@ -2,7 +2,8 @@
 q/k/v and o outputs with the layer input, and the recompute takes them back instead of
 multiplying again. Gradients as without checkpointing (llama; qwen3's q/k norms; gemma2's
 softcap and post-attention norm, on configs whose every field is varied), no base
-product in any recompute, and ``SLOTH_KEEP_PROJECTIONS=0`` computing them again."""
+product in any recompute; off (the default until measured on a GPU) they are computed
+again."""
 
 from __future__ import annotations
 
@@ -61,6 +62,11 @@ def _grads(arch: str, checkpoint, steps: int = 2, device: str = "cpu", **fields)
     return grads, model.config.num_hidden_layers
 
 
+@pytest.fixture(autouse=True)
+def _keep(monkeypatch):
+    monkeypatch.setenv("SLOTH_KEEP_PROJECTIONS", "1")
+
+
 @pytest.fixture
 def products(monkeypatch):
     """How many times the projections' forward products ran, per group size (3: q/k/v)."""
@@ -110,7 +116,7 @@ def test_switched_off_or_on_the_device_the_recompute_multiplies_again(products, 
     got, _ = _grads("llama", device_checkpoint)  # plain checkpointing keeps nothing
     assert products == {3: 4 * layers, 1: 4 * layers}
     _assert_same(got, want)
-    monkeypatch.setenv("SLOTH_KEEP_PROJECTIONS", "0")
+    monkeypatch.delenv("SLOTH_KEEP_PROJECTIONS")
     products.clear()
     got, _ = _grads("llama", offloaded_checkpoint)
     assert products == {3: 4 * layers, 1: 4 * layers}
@@ -161,7 +167,7 @@ def test_the_memory_plan_counts_the_kept_projections(monkeypatch):
     config = model.config
     ids = torch.randint(0, config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(2))
     costs = measure_layer_costs(model, ids)
-    monkeypatch.setenv("SLOTH_KEEP_PROJECTIONS", "0")
+    monkeypatch.delenv("SLOTH_KEEP_PROJECTIONS")
     without = measure_layer_costs(model, ids)
     q = config.num_attention_heads * config.head_dim
     kv = config.num_key_value_heads * config.head_dim

@@ -310,7 +310,10 @@ def load_input(ctx, x, source_x, source_w) -> torch.Tensor | None:
     return recompute_rms_norm(source_x, source_w, *ctx.norm)
 
 
-#: Set to ``0`` to compute the attention projections again in a recompute instead.
+#: ``1`` keeps the attention projections' outputs for an offloaded layer's recompute. Off
+#: by default until measured on a GPU: the layer prefetched ahead in backward then holds
+#: them too (about 160 MiB a layer for an 8B model at 8192 tokens), which is more than the
+#: margin of the llama-1b and nf4 memory targets (docs/benchmarks.md).
 KEEP_ENV = "SLOTH_KEEP_PROJECTIONS"
 
 
@@ -389,10 +392,10 @@ def _project(x: torch.Tensor, layers: Sequence[LoRALinear], *,
     never the outputs' values' making. That takes the attention's q/k/v and o products
     (and their NF4 dequantization) out of every recompute, for 2 bytes an output element
     over PCIe each way, overlapped with the compute; the MLP's outputs are larger per
-    product and stay recomputed. Off with ``SLOTH_KEEP_PROJECTIONS=0``."""
+    product and stay recomputed. On with ``SLOTH_KEEP_PROJECTIONS=1`` (:data:`KEEP_ENV`)."""
     group = Group.of(layers)
     key = None
-    if keep and os.environ.get(KEEP_ENV, "1") != "0":
+    if keep and os.environ.get(KEEP_ENV, "0") == "1":
         weight = group.layers[0].weight  # the frozen base weight: one per projection group
         key = ("lora projections", id(weight), len(group.layers))
     return _LoRAProjections.apply(x, group, key, *group.lora_tensors())
