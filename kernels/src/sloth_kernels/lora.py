@@ -312,8 +312,8 @@ def load_input(ctx, x, source_x, source_w) -> torch.Tensor | None:
 
 #: ``1`` keeps the attention projections' outputs for an offloaded layer's recompute. Off
 #: by default until measured on a GPU: the layer prefetched ahead in backward then holds
-#: them too (about 160 MiB a layer for an 8B model at 8192 tokens), which is more than the
-#: margin of the llama-1b and nf4 memory targets (docs/benchmarks.md).
+#: them too (about 160 MiB a layer for an 8B model at 8192 tokens, 80 MiB for a 1B), more
+#: than the llama-1b memory target's margin and most of the nf4 one's (docs/benchmarks.md).
 KEEP_ENV = "SLOTH_KEEP_PROJECTIONS"
 
 
