@@ -80,8 +80,8 @@ class FakeWorker:
     started: list[FakeWorker] = []
     script: list[list[dict]] = []
 
-    def __init__(self, args):
-        self.args, self.probes, self.closed = args, 0, False
+    def __init__(self, args, env=None):
+        self.args, self.env, self.probes, self.closed = args, env, 0, False
         self.answers = iter(FakeWorker.script.pop(0))
         FakeWorker.started.append(self)
 
@@ -319,3 +319,12 @@ def test_cli_max_context_takes_its_journal_answers_without_a_process(tmp_path, c
     assert all(p["journal"] for p in again["probes"])
     err = capsys.readouterr().err
     assert "sloth: 64 tokens: fits, peak" in err and "(journal)" in err
+
+
+def test_a_system_with_a_setting_probes_in_a_process_with_it(fake_worker):
+    fake_worker.script = [[{"fits": True}]]
+    prober = Prober("sloth[SLOTH_KEEP_PROJECTIONS=1]", "m", device="cpu", quantization=None,
+                    budget_gib=None, timeout=10)  # fmt: skip
+    assert prober(64)["fits"] is True
+    (worker,) = fake_worker.started
+    assert worker.args[0] == "sloth" and worker.env == {"SLOTH_KEEP_PROJECTIONS": "1"}

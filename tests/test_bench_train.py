@@ -134,12 +134,36 @@ def test_systems_all_runs_every_installed_one_and_skips_the_rest(monkeypatch):
     assert resolve_systems("all") == (["sloth", "hf", "liger"], [])
 
 
-@pytest.mark.parametrize("spec", ["", "bogus", "sloth,vllm", "all,hf"])
+@pytest.mark.parametrize("spec", ["", "bogus", "sloth,vllm", "all,hf", "sloth[lower=1]",
+                                  "vllm[SLOTH_X=1]"])  # fmt: skip
 def test_systems_are_validated(spec, capsys):
     with pytest.raises(ValueError, match="choose from"):
         resolve_systems(spec)
     with pytest.raises(SystemExit, match="choose from .*liger, or all"):
         main(["bench", "train", "--shape", "llama-tiny", "--systems", spec, "--device", "cpu"])
+
+
+def test_a_system_may_carry_one_setting_of_its_environment(monkeypatch, tmp_path):
+    # An A/B of a switch in one run: the same system with and without it, each process
+    # with its own environment, labelled as named.
+    assert train.system_env("sloth[SLOTH_KEEP_PROJECTIONS=1]") == (
+        "sloth", {"SLOTH_KEEP_PROJECTIONS": "1"})
+    assert train.system_env("sloth:on") == ("sloth:on", {})
+    run, skipped = resolve_systems("sloth,sloth:on[SLOTH_X=],hf")
+    assert run == ["sloth", "sloth:on[SLOTH_X=]", "hf"] and skipped == []
+    calls = []
+
+    def worker(module, args, *, timeout, nproc=1, env=None):
+        calls.append((args[0], env))
+        return {"tokens_per_s": 1.0, "peak_gib": None, "first_loss": 1.0}
+
+    monkeypatch.setattr(train, "run_worker", worker)
+    monkeypatch.setattr(train, "make_model", lambda shape, path, device: path)
+    report = run_bench("llama-tiny", seq=8, batch=1, systems="hf,sloth,sloth[SLOTH_X=1]",
+                       model_dir=tmp_path, device="cpu")  # fmt: skip
+    assert calls == [("hf", {}), ("sloth", {}), ("sloth", {"SLOTH_X": "1"})]
+    assert [r["system"] for r in report["results"]] == ["hf", "sloth", "sloth[SLOTH_X=1]"]
+    assert all(r["speed_vs_hf"] == 1.0 for r in report["results"])
 
 
 def test_liger_patch_is_chosen_per_model_type(monkeypatch):

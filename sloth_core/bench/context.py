@@ -47,6 +47,7 @@ from sloth_core.bench.train import (
     SystemSkipped,
     make_model,
     resolve_systems,
+    system_env,
     versions,
 )
 
@@ -279,14 +280,14 @@ class _Worker:
     """A probe process (``python -m sloth_core.bench.context``): it loads the model, then
     answers each length written to its stdin with one JSON line."""
 
-    def __init__(self, args: list[str]) -> None:
+    def __init__(self, args: list[str], env: dict[str, str] | None = None) -> None:
         import queue
         import subprocess
         import tempfile
         import threading
 
         self.stderr = tempfile.TemporaryFile(mode="w+")
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "sloth_core.bench.context", *args],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr, text=True,
@@ -354,6 +355,7 @@ class Prober:
     def __init__(self, system: str, model_dir: Path, *, device: str,
                  quantization: str | None, budget_gib: float | None,
                  timeout: float) -> None:  # fmt: skip
+        system, self.env = system_env(system)  # sloth[VAR=value]: sloth, VAR set
         self.args = [system, str(model_dir), device, quantization or "none",
                      "none" if budget_gib is None else repr(budget_gib)]  # fmt: skip
         self.timeout = timeout
@@ -380,7 +382,7 @@ class Prober:
             if timeout <= 0:
                 raise SearchIncomplete(f"the time limit came before the probe of {seq}")
         if self.worker is None:
-            self.worker = _Worker(self.args)
+            self.worker = _Worker(self.args, self.env)
             self.processes += 1
         try:
             out = self.worker.probe(seq, timeout)

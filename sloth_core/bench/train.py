@@ -31,6 +31,7 @@ import importlib.metadata
 import importlib.util
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -128,20 +129,34 @@ def skip_reason(system: str) -> str | None:
     return None
 
 
+_WITH_ENV = re.compile(r"(?P<base>[a-z:]+)\[(?P<var>[A-Z_][A-Z0-9_]*)=(?P<value>[^\]]*)\]")
+
+
+def system_env(name: str) -> tuple[str, dict[str, str]]:
+    """A system name and the environment it runs with: ``sloth[SLOTH_X=1]`` is ``sloth``
+    with ``SLOTH_X=1`` set in its process, measured in the same run as plain ``sloth`` (an
+    A/B of a switch). Other names have no settings of their own."""
+    found = _WITH_ENV.fullmatch(name)
+    if found is None:
+        return name, {}
+    return found["base"], {found["var"]: found["value"]}
+
+
 def resolve_systems(spec: str | tuple[str, ...]) -> tuple[list[str], list[dict[str, str]]]:
     """``--systems`` (comma-separated names, or ``all``) to the systems that run and the
-    skipped ones (``{"system", "skipped"}``). Unknown names raise ``ValueError``."""
+    skipped ones (``{"system", "skipped"}``). Unknown names raise ``ValueError``. A name
+    may carry one environment setting for its process (:func:`system_env`)."""
     names = [s.strip() for s in spec.split(",")] if isinstance(spec, str) else list(spec)
     names = [n for n in names if n]
     if names == ["all"]:
         names = list(ALL_SYSTEMS)
-    unknown = [n for n in names if n not in KNOWN_SYSTEMS]
+    unknown = [n for n in names if system_env(n)[0] not in KNOWN_SYSTEMS]
     if unknown or not names:
         raise ValueError(f"unknown system(s) {unknown or spec!r}; choose from "
                          f"{', '.join(KNOWN_SYSTEMS)}, or all")  # fmt: skip
     run, skipped = [], []
     for name in dict.fromkeys(names):  # in order, once each
-        reason = skip_reason(name)
+        reason = skip_reason(system_env(name)[0])
         if reason:
             skipped.append({"system": name, "skipped": reason})
         else:
@@ -453,14 +468,15 @@ def run_system(system: str, model_dir: Path, *, seq: int, batch: int, steps: int
                        full=full, plan=plan, attention_paths=paths)  # fmt: skip
 
 
-def run_worker(module: str, args: list[str], *, timeout: float,
-               nproc: int = 1) -> dict[str, Any]:  # fmt: skip
-    """``python -m module *args`` in a fresh process (``nproc`` of them under torchrun):
-    its last JSON line (rank 0's), or the error."""
+def run_worker(module: str, args: list[str], *, timeout: float, nproc: int = 1,
+               env: dict[str, str] | None = None) -> dict[str, Any]:  # fmt: skip
+    """``python -m module *args`` in a fresh process (``nproc`` of them under torchrun),
+    with ``env`` added to this one's environment: its last JSON line (rank 0's), or the
+    error."""
     from sloth_core.train.distributed import LAUNCH_VARS
 
     cmd = [sys.executable, "-m", module, *args]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}
     if nproc > 1:
         cmd[1:1] = ["-m", "torch.distributed.run", "--standalone",
                     f"--nproc-per-node={nproc}"]  # fmt: skip
@@ -508,10 +524,11 @@ def run_bench(shape: str, *, seq: int, batch: int, steps: int = 10, warmup: int 
     results = []
     for world in nproc:
         for system in run:
+            base, env = system_env(system)
             out = run_worker("sloth_core.bench.train", [
-                system, str(model_dir), str(seq), str(batch), str(steps), str(warmup), device,
+                base, str(model_dir), str(seq), str(batch), str(steps), str(warmup), device,
                 quantization or "none", "full" if full else "lora", str(budget_gib or 0),
-            ], timeout=timeout, nproc=world)  # fmt: skip
+            ], timeout=timeout, nproc=world, env=env)  # fmt: skip
             name = system if world == 1 else f"{system}@{world}"
             results.append({**out, "system": name})
     results += skipped

@@ -47,7 +47,10 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     train.add_argument("--warmup", type=int, default=3)
     train.add_argument("--systems", default="sloth,hf",
                        help="comma-separated: sloth (sloth:on, sloth:off name its "
-                            "checkpointing), hf, liger; or all (every installed one)")  # fmt: skip
+                            "checkpointing), hf, liger; or all (every installed one). "
+                            "NAME[VAR=VALUE] runs NAME with VAR set in its process: "
+                            "sloth,sloth[SLOTH_KEEP_PROJECTIONS=1],hf measures a switch "
+                            "both ways in one run")  # fmt: skip
     train.add_argument("--quantization", choices=("nf4", "fp4", "int8", "fp8"), default=None,
                        help="QLoRA: base weights quantized while loading (sloth: sloth-bnb; "
                             "hf: transformers' BitsAndBytesConfig); fp8: sloth's base weights "
