@@ -94,8 +94,10 @@ def test_targets_run_every_row_and_write_the_summary(tmp_path, monkeypatch, caps
         return {"kind": "max_context", "shape": shape, "device": "cpu", "budget_gib": 40.0,
                 "budget_measure": "peak RSS growth", "quantization": "nf4", "start": 8192,
                 "cap": 262144, "granularity": 2048,
-                "results": [{"system": "sloth", "max_seq": 262144, "capped": True, "probes": []},
-                            {"system": "hf", "max_seq": 16384, "probes": []}]}  # fmt: skip
+                "results": [r for r in ({"system": "sloth", "max_seq": 262144, "capped": True,
+                                         "probes": []},
+                                        {"system": "hf", "max_seq": 16384, "probes": []})
+                            if r["system"] in kwargs["systems"]]}  # fmt: skip
 
     monkeypatch.setattr(bench_context, "run_max_context", fake_context)
     out = tmp_path / "targets"
@@ -157,3 +159,79 @@ def test_dpo_and_generation_rows_run_their_own_benches(tmp_path, monkeypatch):
     assert "Row `dpo`: DPO, shape `llama-8b`" in text and "TRL's DPOTrainer" in text
     assert "Row `grpo-gen`: Shape `llama-8b`, GRPO sampling: 8 prompts x 8" in text
     assert "GRPO generation, 64 completions of 512 tokens, vs HF generate" in text
+
+
+def _context_search(limits, calls, cut_after=None):
+    """A fake run_max_context over systems with known limits: the lengths it would probe
+    (doubling from start, then bisection), cut by the time limit after ``cut_after``
+    probes of sloth."""
+
+    def run(shape, *, systems, start, cap, granularity, **kwargs):
+        (system,) = systems
+        probed = []
+
+        def fits(seq):
+            if system == "sloth" and cut_after is not None and len(probed) >= cut_after:
+                raise bench_context.SearchIncomplete("the time limit came")
+            probed.append(seq)
+            return seq <= limits[system]
+
+        result = {"system": system, "probes": probed}
+        try:
+            result["max_seq"] = bench_context.max_fitting(
+                fits, start=start, cap=cap, granularity=granularity).best
+        except bench_context.SearchIncomplete:
+            result.update(incomplete=True, error="search incomplete",
+                          bounds=[max([s for s in probed if s <= limits[system]], default=0),
+                                  None])  # fmt: skip
+        calls.append((system, start, cap, list(probed)))
+        return {"kind": "max_context", "shape": shape, "device": "cpu", "start": start,
+                "results": [result]}
+
+    return run
+
+
+def test_a_context_row_aims_sloths_first_probe_at_the_target(monkeypatch, tmp_path):
+    target = Target("c", "llama-8b", 0, 1, "nf4", context=12.0, budget_gib=40.0)
+    calls = []
+    monkeypatch.setattr(bench_context, "run_max_context",
+                        _context_search({"hf": 10000, "sloth": 200000}, calls))  # fmt: skip
+    report = bench_targets.context_row(target, tmp_path, "cpu", start=8192, granularity=2048)
+    (hf_call, sloth_call) = calls
+    assert hf_call[:3] == ("hf", 8192, 262144) and report["results"][1]["max_seq"] == 8192
+    # 12 x 8192 rounded up to 2048: the first probe decides the row; then the longest
+    assert sloth_call[1] == 98304 and sloth_call[3][0] == 98304
+    row = judge(target, report)
+    assert row["met"] and row["sloth_context"] == report["results"][0]["max_seq"] >= 98304
+
+    calls.clear()  # a miss: the first probe fails, and the search goes on below it
+    monkeypatch.setattr(bench_context, "run_max_context",
+                        _context_search({"hf": 10000, "sloth": 50000}, calls))  # fmt: skip
+    report = bench_targets.context_row(target, tmp_path, "cpu", start=8192, granularity=2048)
+    assert [(c[0], c[1], c[2]) for c in calls] == [
+        ("hf", 8192, 262144), ("sloth", 98304, 262144), ("sloth", 8192, 96256)]
+    sloth = report["results"][0]
+    assert sloth["aimed_at"] == 98304 and sloth["probes"][0] == 98304
+    assert 49152 <= sloth["max_seq"] <= 50000
+    row = judge(target, report)
+    assert not row["met"] and row["context"] == pytest.approx(sloth["max_seq"] / 8192)
+
+
+def test_a_context_search_cut_short_shows_at_least_what_it_fitted(monkeypatch, tmp_path):
+    target = Target("c", "llama-8b", 0, 1, "nf4", context=12.0, budget_gib=40.0)
+    calls = []
+    monkeypatch.setattr(bench_context, "run_max_context",
+                        _context_search({"hf": 10000, "sloth": 200000}, calls, cut_after=1))  # fmt: skip
+    report = bench_targets.context_row(target, tmp_path, "cpu", start=8192, granularity=2048)
+    row = judge(target, report)
+    assert row["met"] and row["at_least"] and row["sloth_context"] == 98304
+    text = bench_targets.markdown({"rows": [row], "reports": [], "versions": {}, "device": "cpu"},
+                                  "sloth bench train --targets c")  # fmt: skip
+    assert ">= 98304 tokens" in text
+    # cut before its first fit: not shown, an error that says so
+    calls.clear()
+    monkeypatch.setattr(bench_context, "run_max_context",
+                        _context_search({"hf": 10000, "sloth": 200000}, calls, cut_after=0))  # fmt: skip
+    report = bench_targets.context_row(target, tmp_path, "cpu", start=8192, granularity=2048)
+    row = judge(target, report)
+    assert not row["met"] and "incomplete" in row["error"]

@@ -516,7 +516,7 @@ def markdown(report: dict[str, Any], command: str) -> str:
         at_max = [p for p in r["probes"] if p["fits"] and p["seq"] == r["max_seq"]]
         peak = at_max[0].get("peak_gib") if at_max else None
         lines.append(
-            f"| {r['system']} | {length_cell(r, report['start'])} | "
+            f"| {r['system']} | {length_cell(r, r.get('start', report['start']))} | "
             f"{'-' if 'context_vs_hf' not in r else format(r['context_vs_hf'], '.2f') + 'x'} | "
             f"{'-' if peak is None else format(peak, '.2f')} | {len(r['probes'])} |"
         )  # fmt: skip

@@ -85,6 +85,12 @@ def judge(target: Target, report: dict[str, Any]) -> dict[str, Any]:
                            "target": {k: getattr(target, k)
                                       for k in ("speed", "memory", "mfu", "context")
                                       if getattr(target, k) is not None}}  # fmt: skip
+    if target.context and sloth.get("incomplete") and not (hf.get("error") or hf.get("skipped")):
+        # A search cut short still proves "at least": its longest length that fitted.
+        low = sloth["bounds"][0]
+        if hf.get("max_seq") and low >= target.context * hf["max_seq"]:
+            sloth = {k: v for k, v in sloth.items() if k != "error"}
+            sloth["max_seq"], row["at_least"] = low, True
     errors = [f"{r['system']}: {r.get('error') or r.get('skipped')}"
               for r in (sloth, hf) if not r or r.get("error") or r.get("skipped")]  # fmt: skip
     if errors or not (sloth and hf):
@@ -118,6 +124,49 @@ def judge(target: Target, report: dict[str, Any]) -> dict[str, Any]:
     return row
 
 
+CONTEXT_CAP = 262144  # the longest length a context row probes
+
+
+def context_row(target: Target, model_dir: Path, device: str, *, start: int, granularity: int,
+                journal: Path | None = None, progress=None,
+                deadline: float | None = None) -> dict[str, Any]:  # fmt: skip
+    """A context row's report, its probes aimed at the target: hf's longest sequence
+    first, then sloth's search starting at ``target.context`` times it (rounded up to the
+    granularity), so that its first probe decides the row; past it the search goes on to
+    the longest length, and where that first probe fails, it searches below it instead.
+    Each system's result holds its own ``start``."""
+    import math
+    import time
+
+    def search(system: str, first: int, cap: int) -> dict[str, Any]:
+        left = None if deadline is None else deadline - time.monotonic()
+        return bench_context.run_max_context(
+            target.shape, systems=(system,), model_dir=model_dir, device=device,
+            quantization=target.quantization, budget_gib=target.budget_gib, start=first,
+            cap=cap, granularity=granularity, journal=journal, progress=progress,
+            time_limit_s=left,
+        )  # fmt: skip
+
+    hf = search("hf", start, CONTEXT_CAP)
+    (hf_result,) = hf["results"]
+    first = start
+    if hf_result.get("max_seq"):
+        aim = math.ceil(target.context * hf_result["max_seq"] / granularity) * granularity
+        first = min(CONTEXT_CAP, max(start, aim))
+    sloth = search("sloth", first, CONTEXT_CAP)
+    (sloth_result,) = sloth["results"]
+    sloth_result["start"] = first
+    if first > start and sloth_result.get("max_seq") == 0:  # missed: how far below it
+        below = search("sloth", start, first - granularity)
+        (sloth_result,) = below["results"]
+        sloth_result["probes"] = sloth["results"][0]["probes"] + sloth_result["probes"]
+        sloth_result["start"], sloth_result["aimed_at"] = start, first
+    hf_result["start"] = start
+    if sloth_result.get("max_seq") and hf_result.get("max_seq"):
+        sloth_result["context_vs_hf"] = sloth_result["max_seq"] / hf_result["max_seq"]
+    return {**sloth, "start": start, "results": [sloth_result, hf_result]}
+
+
 def run_targets(targets: list[Target], *, model_root: Path, device: str, steps: int = 10,
                 warmup: int = 3, context_start: int = 8192, context_granularity: int = 2048,
                 progress=None, journal: Path | None = None, time_limit_s: float | None = None,
@@ -134,12 +183,10 @@ def run_targets(targets: list[Target], *, model_root: Path, device: str, steps: 
         if target.bench != "train":
             report = _other_bench(target, model_dir, device, steps, warmup)
         elif target.context:
-            report = bench_context.run_max_context(
-                target.shape, systems=("sloth", "hf"), model_dir=model_dir, device=device,
-                quantization=target.quantization, budget_gib=target.budget_gib,
-                start=context_start, cap=262144, granularity=context_granularity,
-                journal=journal, progress=probe_progress,
-                time_limit_s=None if deadline is None else deadline - time.monotonic(),
+            report = context_row(
+                target, model_dir, device, start=context_start,
+                granularity=context_granularity, journal=journal, progress=probe_progress,
+                deadline=deadline,
             )  # fmt: skip
         else:
             report = bench_train.run_bench(
@@ -209,7 +256,9 @@ def markdown(report: dict[str, Any], command: str) -> str:
             lines.append(f"| {row['workload']} | error: {row['error'][:160]} | | | | | | no |")
             continue
         if "context" in row:
-            sloth, hf = f"{row['sloth_context']} tokens", f"{row['hf_context']} tokens"
+            # a search cut short after it had shown enough: its longest fit, "at least"
+            sloth = f"{'>= ' if row.get('at_least') else ''}{row['sloth_context']} tokens"
+            hf = f"{row['hf_context']} tokens"
         else:
             sloth = f"{row['sloth_tokens_per_s']:.0f} tok/s, {num(row.get('sloth_gib'), '.2f')} GiB"
             hf = f"{row['hf_tokens_per_s']:.0f} tok/s, {num(row.get('hf_gib'), '.2f')} GiB"

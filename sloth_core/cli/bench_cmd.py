@@ -399,7 +399,7 @@ def _run_max_context(args: argparse.Namespace, device: str, model_dir: Path) -> 
             continue
         probes = " ".join(f"{p['seq']}:{'y' if p['fits'] else 'n'}" for p in r["probes"])
         ratio = "-" if "context_vs_hf" not in r else f"{r['context_vs_hf']:.2f}"
-        table.add_row(r["system"], length_cell(r, report["start"]), ratio,
+        table.add_row(r["system"], length_cell(r, r.get("start", report["start"])), ratio,
                       probes)  # fmt: skip
     _print_table(table, report["results"])
     return 1 if any(r.get("error") for r in report["results"]) else 0
