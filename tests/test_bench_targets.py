@@ -220,8 +220,8 @@ def test_a_context_row_aims_sloths_first_probe_at_the_target(monkeypatch, tmp_pa
 def test_a_context_search_cut_short_shows_at_least_what_it_fitted(monkeypatch, tmp_path):
     target = Target("c", "llama-8b", 0, 1, "nf4", context=12.0, budget_gib=40.0)
     calls = []
-    monkeypatch.setattr(bench_context, "run_max_context",
-                        _context_search({"hf": 10000, "sloth": 200000}, calls, cut_after=1))  # fmt: skip
+    search = _context_search({"hf": 10000, "sloth": 200000}, calls, cut_after=1)
+    monkeypatch.setattr(bench_context, "run_max_context", search)
     report = bench_targets.context_row(target, tmp_path, "cpu", start=8192, granularity=2048)
     row = judge(target, report)
     assert row["met"] and row["at_least"] and row["sloth_context"] == 98304
@@ -230,8 +230,8 @@ def test_a_context_search_cut_short_shows_at_least_what_it_fitted(monkeypatch, t
     assert ">= 98304 tokens" in text
     # cut before its first fit: not shown, an error that says so
     calls.clear()
-    monkeypatch.setattr(bench_context, "run_max_context",
-                        _context_search({"hf": 10000, "sloth": 200000}, calls, cut_after=0))  # fmt: skip
+    search = _context_search({"hf": 10000, "sloth": 200000}, calls, cut_after=0)
+    monkeypatch.setattr(bench_context, "run_max_context", search)
     report = bench_targets.context_row(target, tmp_path, "cpu", start=8192, granularity=2048)
     row = judge(target, report)
     assert not row["met"] and "incomplete" in row["error"]
