@@ -55,16 +55,26 @@ def test_trl_missing_is_reported_as_skipped(tmp_path, monkeypatch, capsys):
     line = json.loads(capsys.readouterr().out)
     assert line["system"] == "hf" and line["skipped"].startswith("trl and datasets are not")
 
-    monkeypatch.setattr(dpo.bench, "run_worker", lambda module, args, timeout: line)
+    calls = []
+
+    def worker(module, args, timeout, env=None):
+        calls.append((args[1], env))
+        return line
+
+    monkeypatch.setattr(dpo.bench, "run_worker", worker)
     monkeypatch.setattr(dpo.bench, "make_model", lambda shape, path, device: path)
-    report = dpo.run_dpo_bench("llama-tiny", model_dir=tmp_path, device="cpu")
-    assert [r["system"] for r in report["results"]] == ["sloth", "hf"]
+    report = dpo.run_dpo_bench("llama-tiny", model_dir=tmp_path, device="cpu",
+                               systems=("sloth", "sloth[SLOTH_X=1]", "hf"))  # fmt: skip
+    assert [r["system"] for r in report["results"]] == ["sloth", "sloth[SLOTH_X=1]", "hf"]
+    # a system's setting goes to its own process only
+    assert calls == [("sloth", {}), ("sloth", {"SLOTH_X": "1"}), ("hf", {})]
     assert "| hf | | skipped: trl and datasets" in markdown(report, "cmd")
 
 
 def test_unknown_system_is_refused(tmp_path):
-    with pytest.raises(ValueError, match="unknown system"):
-        run_dpo_bench("llama-tiny", systems=("liger",), model_dir=tmp_path, device="cpu")
+    for systems in (("liger",), ("liger[SLOTH_X=1]",), ("sloth[x=1]",)):
+        with pytest.raises(ValueError, match="unknown system"):
+            run_dpo_bench("llama-tiny", systems=systems, model_dir=tmp_path, device="cpu")
 
 
 def test_sloth_plans_its_dpo_step_for_a_memory_budget(tmp_path):

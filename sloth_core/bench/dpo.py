@@ -267,17 +267,20 @@ def run_dpo_bench(shape: str, *, seq: int = 1024, batch: int = 4, steps: int = 1
     the report has :func:`sloth_core.bench.train.run_bench`'s keys and ``kind: "dpo"``.
     ``hf`` is TRL's DPOTrainer on transformers + PEFT; a system that cannot run here
     (TRL not installed) is reported as skipped, with the reason. ``budget_gib``: sloth
-    plans its checkpointing per layer for it (:func:`run_sloth`); TRL runs as always."""
-    unknown = [s for s in systems if s not in RUNNERS]
+    plans its checkpointing per layer for it (:func:`run_sloth`); TRL runs as always. A
+    system may carry one setting of its process's environment, ``sloth[VAR=VALUE]``
+    (:func:`sloth_core.bench.train.system_env`)."""
+    unknown = [s for s in systems if bench.system_env(s)[0] not in RUNNERS]
     if unknown:
         raise ValueError(f"unknown system(s) {unknown}; choose from {', '.join(RUNNERS)}")
     model_dir = bench.make_model(shape, Path(model_dir), device=device)
     results = []
     for system in systems:
+        base, env = bench.system_env(system)
         out = bench.run_worker("sloth_core.bench.dpo", [
-            "--worker", system, str(model_dir), str(seq), str(batch), str(steps), str(warmup),
+            "--worker", base, str(model_dir), str(seq), str(batch), str(steps), str(warmup),
             device, repr(lr), repr(budget_gib or 0.0),
-        ], timeout=timeout)  # fmt: skip
+        ], timeout=timeout, env=env)  # fmt: skip
         results.append({**out, "system": system})
     losses_agree = bench.check_losses(results, loss_tolerance)
     bench.ratios_vs_hf(results)
