@@ -56,7 +56,7 @@ def _step(model, seed: int = 3):
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 @pytest.mark.parametrize("arch", ["llama", "qwen3"])
-def test_a_patched_model_trains_as_peft_does(arch, variant, monkeypatch, single_thread):
+def test_parity_of_the_lora_configs_users_write(arch, variant, monkeypatch, single_thread):
     # sloth-kernels' LoRA projections are plain torch products (no interpreter needed);
     # its Triton ops (norms, rope, the activation) have their own parity tests.
     monkeypatch.setenv("SLOTH_KERNELS", "torch")

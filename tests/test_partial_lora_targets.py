@@ -26,7 +26,7 @@ ARCHITECTURES = {
 
 @pytest.mark.parametrize("part", ["attention", "mlp"])
 @pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
-def test_lora_on_part_of_the_projections_matches_hugging_face(arch, part, single_thread):
+def test_parity_with_lora_on_part_of_the_projections(arch, part, single_thread):
     plugin, attention, mlp = ARCHITECTURES[arch]
     manager = installed_manager(plugin)
     modules = attention if part == "attention" else mlp
