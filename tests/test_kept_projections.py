@@ -8,8 +8,11 @@ again."""
 from __future__ import annotations
 
 import collections
+import os
+import sys
 
 import pytest
+import sloth_kernels.lora_mlp  # noqa: F401  (bound to group_forward before any spy)
 import torch
 from peft import LoraConfig, get_peft_model
 from sloth_kernels import lora as kernel_lora
@@ -69,12 +72,14 @@ def _keep(monkeypatch):
 
 @pytest.fixture
 def products(monkeypatch):
-    """How many times the projections' forward products ran, per group size (3: q/k/v)."""
+    """How many times the projections' forward products ran, per group size (3: q/k/v),
+    counting the LoRA projections' own calls only (not ``lora_mlp``'s)."""
     counts: collections.Counter[int] = collections.Counter()
     original = kernel_lora.group_forward
 
     def counted(x, group, lora):
-        counts[len(group.layers)] += 1
+        if sys._getframe(1).f_code.co_filename == kernel_lora.__file__:
+            counts[len(group.layers)] += 1
         return original(x, group, lora)
 
     monkeypatch.setattr(kernel_lora, "group_forward", counted)
@@ -189,3 +194,34 @@ def test_cuda_keeps_through_the_copy_stream(products):
     got, _ = _grads("llama", offloaded_checkpoint, device="cuda")
     assert products == {3: 2 * layers, 1: 2 * layers}, products
     _assert_same(got, want)
+
+
+_TRITON = os.environ.get("TRITON_INTERPRET") == "1" or torch.cuda.is_available()
+
+
+@pytest.mark.skipif(not _TRITON, reason="NF4 bases dequantize through Triton (on the CPU: "
+                                         "its interpreter)")  # fmt: skip
+def test_qlora_recompute_dequantizes_no_attention_weight(make_tiny_model, products, monkeypatch):
+    # NF4 bases (sloth-bnb, loaded as users load them): the kept outputs stand in for the
+    # dequantized products too, with the same gradients.
+    from sloth_core import FastLanguageModel
+
+    path = make_tiny_model("llama", hidden_size=64, intermediate_size=128)
+    results = {}
+    for keep in ("0", "1"):
+        monkeypatch.setenv("SLOTH_KEEP_PROJECTIONS", keep)
+        model, tokenizer = FastLanguageModel.from_pretrained(str(path), quantization="nf4",
+                                                             dtype=torch.float32)  # fmt: skip
+        model = FastLanguageModel.get_peft_model(
+            model, r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "o_proj", "down_proj"],
+            init_lora_weights=False,
+        )  # fmt: skip
+        assert any(getattr(m, "quant_state", None) is not None
+                   for m in model.modules() if hasattr(m, "weight"))  # fmt: skip
+        products.clear()
+        grads = repeated_step_grads(model, offloaded_checkpoint, steps=1)
+        results[keep] = (dict(products), grads)
+    layers = model.config.num_hidden_layers
+    assert results["0"][0] == {3: 2 * layers, 1: 2 * layers}
+    assert results["1"][0] == {3: layers, 1: layers}  # the first pass only
+    _assert_same(results["1"][1], results["0"][1])

@@ -27,6 +27,7 @@ def repeated_step_grads(model: Any, checkpoint: Callable | None = None, *, steps
         enable_checkpointing(model, offload=True)
         for layer in model.get_base_model().model.layers:
             layer._gradient_checkpointing_func = checkpoint
+    model.train()  # checkpointing runs in training only
     generator = torch.Generator().manual_seed(1)
     grads = []
     for _ in range(steps):
