@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import warnings
 from pathlib import Path
 from typing import Any, Literal
 
@@ -304,8 +305,6 @@ class FastLanguageModel:
         checkpointing = _checkpointing(use_gradient_checkpointing)
         parameters = _target_parameters(model, target_parameters, target_experts, lora_dropout)
         if lora_dropout > 0:
-            import warnings
-
             # Many recipes copy 0.05 from PEFT's examples; the cost should not be silent.
             warnings.warn(_SLOW_DROPOUT.format(lora_dropout), stacklevel=2)
         random.seed(random_state)

@@ -37,6 +37,8 @@ import gc
 import json
 import os
 import sys
+import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -85,8 +87,6 @@ class Journal:
                 entry = json.loads(line)
                 system, seq, answer = entry["system"], int(entry["seq"]), entry["answer"]
             except (ValueError, KeyError, TypeError) as exc:
-                import warnings
-
                 warnings.warn(f"{self.path}:{number}: not a probe's answer, skipped ({exc})",
                               stacklevel=2)  # fmt: skip
                 continue
@@ -374,8 +374,6 @@ class Prober:
         return out
 
     def _probe(self, seq: int, deadline: float | None) -> dict[str, Any]:
-        import time
-
         timeout = self.timeout
         if deadline is not None:
             timeout = min(timeout, deadline - time.monotonic())
@@ -415,8 +413,6 @@ def run_max_context(shape: str, *, systems: str | tuple[str, ...], model_dir: Pa
     ``budget_gib`` (see the module docstring for what counts on CUDA and on the CPU).
     ``journal``: a file of answers to reuse and extend; ``time_limit_s``: seconds from now
     after which no probe runs; ``progress(system, answer)`` is called after each probe."""
-    import time
-
     deadline = None if time_limit_s is None else time.monotonic() + time_limit_s
     run, skipped = resolve_systems(systems)
     model_dir = make_model(shape, Path(model_dir), device=device)

@@ -9,6 +9,8 @@ the fastest fine-tuning stacks people use, on one H200.
 
 from __future__ import annotations
 
+import math
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -135,8 +137,6 @@ def context_row(target: Target, model_dir: Path, device: str, *, start: int, gra
     granularity), so that its first probe decides the row; past it the search goes on to
     the longest length, and where that first probe fails, it searches below it instead.
     Each system's result holds its own ``start``."""
-    import math
-    import time
 
     def search(system: str, first: int, cap: int) -> dict[str, Any]:
         left = None if deadline is None else deadline - time.monotonic()
@@ -174,8 +174,6 @@ def run_targets(targets: list[Target], *, model_root: Path, device: str, steps: 
     """Every row, sloth then hf; the summary rows and each row's full report. A context
     row's search keeps its answers in ``journal`` and stops ``time_limit_s`` after the
     run's start (see :mod:`sloth_core.bench.context`)."""
-    import time
-
     deadline = None if time_limit_s is None else time.monotonic() + time_limit_s
     rows, reports = [], []
     for target in targets:

@@ -7,8 +7,7 @@ Architecture plugins: :func:`patch_architecture` (or :func:`patch_modeling` with
 :func:`sliding_window_kwargs`, :func:`model_type_of`, the loader helpers
 (:func:`load_hf_model`, :func:`load_kwargs`). Kernels: what an op keeps from an
 offloaded layer's first pass instead of computing it again in the recompute
-(:func:`keep_for_backward`, :func:`kept_for_backward`, :func:`keeping`,
-:func:`in_recompute`). Exporters: the merge and the merged-model
+(:func:`keep_for_backward`, :func:`kept_for_backward`). Exporters: the merge and the merged-model
 writer (:func:`merged_state_dict`, :func:`write_merged`), the stop tokens (one table for
 every format and for ``sloth chat``), atomic outputs and free-space checks, the llama.cpp
 runner (:mod:`sloth_core.sdk.llama_cpp`), the chat-template resolver; the descriptors a
@@ -91,8 +90,6 @@ _EXPORTS: dict[str, str] = {
     # kernels: what an op keeps from an offloaded layer's first pass for its recompute
     "keep_for_backward": "sloth_core.checkpointing",
     "kept_for_backward": "sloth_core.checkpointing",
-    "keeping": "sloth_core.checkpointing",
-    "in_recompute": "sloth_core.checkpointing",
     # formats that describe themselves, and their verifiers
     "ExportFormat": "sloth_core.formats",
     "QuantizationMethod": "sloth_core.formats",

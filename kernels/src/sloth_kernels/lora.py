@@ -35,7 +35,7 @@ from torch import nn
 
 from sloth_core.ops import reference
 from sloth_core.ops.reference import LoRALinear
-from sloth_core.sdk import in_recompute, keep_for_backward, keeping, kept_for_backward
+from sloth_core.sdk import keep_for_backward, kept_for_backward
 from sloth_kernels.nf4 import dequantize_nf4
 from sloth_kernels.norms import norm_source, recompute_rms_norm
 
@@ -320,21 +320,14 @@ KEEP_ENV = "SLOTH_KEEP_PROJECTIONS"
 def _kept_outputs(key: Any, x: torch.Tensor, group: Group) -> list[torch.Tensor] | None:
     """In an offloaded layer's recompute, what its first pass kept for these projections
     (see :func:`_project`), if it is what they would compute now."""
-    if key is None or not in_recompute():
-        return None
-    kept = kept_for_backward(key)
+    kept = None if key is None else kept_for_backward(key)  # None outside a recompute
     if kept is None:
         return None
     outputs, _ = kept
-    shapes = [(*x.shape[:-1], _out_features(layer)) for layer in group.layers]
+    shapes = [(*x.shape[:-1], out_features(layer)) for layer in group.layers]
     if [tuple(o.shape) for o in outputs] != shapes or any(o.dtype != x.dtype for o in outputs):
         return None
     return list(outputs)
-
-
-def _out_features(layer: LoRALinear) -> int:
-    state = layer.quant_state
-    return int(state.shape[0]) if state is not None else int(layer.weight.shape[0])
 
 
 class _LoRAProjections(torch.autograd.Function):
@@ -345,7 +338,7 @@ class _LoRAProjections(torch.autograd.Function):
         kept = _kept_outputs(key, x, group)
         if kept is None:
             outputs, xa = group_forward(x, group, lora)
-            if key is not None and keeping():
+            if key is not None:  # kept only in an offloaded first pass (else a no-op)
                 keep_for_backward(key, tuple(outputs))
         else:  # the recompute: the first pass's outputs; backward as always
             outputs, xa = kept, None
