@@ -61,17 +61,35 @@ def _fp32(tensors):
             for t in tensors]  # fmt: skip
 
 
-def assert_grad_close(actual, expected, baseline, what):
+def assert_grad_close(actual, expected, baseline, what, labels=None, scale=None):
     """``actual`` against ``expected``, the reference's gradient in fp32 on the same
     inputs, allowed ``LOWP_FACTOR`` times the error of ``baseline`` (the reference run in
     the input dtype: rounding alone) per tensor and per row. Rows: tokens of dhidden,
     vocabulary entries of dweight and dbias, which differ by orders of magnitude (entries
-    no label names get only softmax mass); scaled by the largest, most would go unseen."""
+    no label names get only softmax mass); scaled by the largest, most would go unseen.
+    dbias with ``labels`` and ``scale`` (the gradient of one logit, dloss / tokens): see
+    :func:`_dbias_floor`."""
     if expected is None:
         assert actual is None, f"{what}: a gradient where none was asked for"
         return
     assert actual.dtype == baseline.dtype and actual.shape == expected.shape, what
-    assert_near_fp32(actual, expected, baseline, factor=LOWP_FACTOR, floor=FP32_FLOOR, what=what)
+    row_floor = None
+    if expected.dim() == 1 and labels is not None:
+        row_floor = _dbias_floor(expected, labels, scale)
+    assert_near_fp32(actual, expected, baseline, factor=LOWP_FACTOR, floor=FP32_FLOOR,
+                     row_floor=row_floor, what=what)  # fmt: skip
+
+
+def _dbias_floor(expected, labels, scale):
+    """fp32's own error per dbias entry, relative to it: an entry sums one d(logit) a
+    token, ``p * scale`` of either sign, and a label's ``(p - 1) * scale`` terms cancel
+    the others' in the sum. Summed in another order, its error is relative to the terms
+    (at most ``|entry| + 2 * scale * times labelled``), not to the sum: FP32_FLOOR of that,
+    relative to the entry."""
+    valid = labels[labels >= 0]
+    counts = torch.bincount(valid, minlength=expected.shape[0]).to(expected)
+    entry = expected.detach().abs().clamp(min=torch.finfo(torch.float32).tiny)
+    return FP32_FLOOR * (1 + 2 * abs(scale) * counts / entry)
 
 
 def _check(hidden, weight, bias, labels, dtype, what, grad_scale=1.0, **kwargs):
@@ -93,8 +111,11 @@ def _check(hidden, weight, bias, labels, dtype, what, grad_scale=1.0, **kwargs):
         bound = 2 * own + 1e-5 * abs(fp32_loss.item())
         assert err <= bound, f"{what} loss: {err:.3g} from fp32, reference's own {own:.3g}"
     names = ("dhidden", "dweight", "dbias")
+    tokens = kwargs.get("num_items_in_batch") or (labels >= 0).sum()
     for name, got, want, base in zip(names, grads, fp32_grads, ref_grads, strict=True):
-        assert_grad_close(got, want, base, f"{what} {name}")
+        # all ignored: no labelled term, any scale
+        scale = grad_scale / max(float(tokens), 1.0)
+        assert_grad_close(got, want, base, f"{what} {name}", labels, scale)
     return loss, grads
 
 
@@ -159,15 +180,16 @@ def test_grad_check_fails_wrong_gradients(dtype, device):
     _, want = _run(reference.fused_linear_cross_entropy, *fp32, chunk_size=8)
     named = torch.zeros(300, dtype=torch.bool, device=device)
     named[labels] = True
+    scale = 1 / labels.numel()  # mean over tokens, none ignored; dloss 1
     for name, got, expected, ref in zip(("dhidden", "dweight", "dbias"), grads, want, base,
                                         strict=True):  # fmt: skip
-        assert_grad_close(got, expected, ref, f"the kernel's {name}")
+        assert_grad_close(got, expected, ref, f"the kernel's {name}", labels, scale)
         wrong = {"zero": got * 0, "0.9x": got * 0.9, "sign": -got}
         if name != "dhidden":
             wrong["labels' rows only"] = torch.where(named.view(-1, *[1] * (got.dim() - 1)), got, 0)
         for what, bad in wrong.items():
             with pytest.raises(AssertionError):
-                assert_grad_close(bad, expected, ref, f"{name} {what}")
+                assert_grad_close(bad, expected, ref, f"{name} {what}", labels, scale)
 
 
 def test_no_grad_mode_computes_only_the_loss(device):
