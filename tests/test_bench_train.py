@@ -282,3 +282,17 @@ def test_a_targets_report_charts_each_row_against_its_target(tmp_path):
         main(["bench", "plot", str(saved), str(tmp_path / "c.png")])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["broken.json", "targets.json",
                                                           "targets.png"]  # fmt: skip
+
+
+def test_make_model_refuses_a_disk_too_small_and_writes_nothing(tmp_path, monkeypatch):
+    """A bench model larger than the free space fails before writing, naming the folder and
+    both sizes: no half-written staging folder, no model folder."""
+    import shutil
+    from collections import namedtuple
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10 << 30, 0, 512 << 20))
+    with pytest.raises(RuntimeError, match=r"0\.5 GiB free.*SLOTH_CACHE") as error:
+        train.make_model("llama-tiny", tmp_path / "models" / "tiny", device="cpu")
+    assert str(tmp_path / "models") in str(error.value)
+    assert list((tmp_path / "models").iterdir()) == []

@@ -260,10 +260,28 @@ def make_model(shape: str, path: Path, *, device: str) -> Path:
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     staging = path.with_name(path.name + ".tmp")
+    size = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    check_free_space(path.parent, size)
     model.save_pretrained(staging, safe_serialization=True)
     build_tokenizer().save_pretrained(staging)
     staging.rename(path)
     return path
+
+
+def check_free_space(folder: Path, needed: int, *, margin: int = 1 << 30) -> None:
+    """Fail before writing ``needed`` bytes under ``folder`` when its file system lacks them
+    (with a GiB to spare): a bench model (57 GiB for qwen3-30b-a3b) that fills the disk
+    half-way would leave a broken staging folder and nothing else able to write."""
+    import shutil
+
+    folder.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(folder).free
+    if free < needed + margin:
+        raise RuntimeError(
+            f"{folder}: {free / 2**30:.1f} GiB free, the bench model needs "
+            f"{needed / 2**30:.1f} GiB (+1 GiB spare); point SLOTH_CACHE or --model-dir at "
+            "a larger disk"
+        )
 
 
 def _matmul_params(model: Any) -> int:
