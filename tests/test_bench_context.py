@@ -180,6 +180,7 @@ def test_cli_max_context_on_the_cpu(tmp_path):
     assert main(args) == 0
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["kind"] == "max_context" and report["budget_measure"] == "peak RSS growth"
+    assert report["device_name"] == "cpu"  # a card's name on CUDA: the table names it
     (result,) = report["results"]
     assert result["system"] == "sloth" and result["max_seq"] == 64 and result["capped"]
     assert [p["seq"] for p in result["probes"]] == [32, 64] and result["processes"] == 1

@@ -416,10 +416,11 @@ def run_max_context(shape: str, *, systems: str | tuple[str, ...], model_dir: Pa
     deadline = None if time_limit_s is None else time.monotonic() + time_limit_s
     run, skipped = resolve_systems(systems)
     model_dir = make_model(shape, Path(model_dir), device=device)
+    device_name = _device_name(device)
     book = None
     if journal is not None:
         key = {"shape": shape, "config": SHAPES[shape], "quantization": quantization,
-               "budget_gib": budget_gib, "device": _device_name(device), "versions": versions()}
+               "budget_gib": budget_gib, "device": device_name, "versions": versions()}
         book = Journal(journal, key)
     results: list[dict[str, Any]] = []
     for system in run:
@@ -470,8 +471,8 @@ def run_max_context(shape: str, *, systems: str | tuple[str, ...], model_dir: Pa
         if base and "max_seq" in r:
             r["context_vs_hf"] = r["max_seq"] / base["max_seq"]
     return {"kind": "max_context", "shape": shape, "config": SHAPES[shape], "batch": 1,
-            "device": device, "quantization": quantization, "budget_gib": budget_gib,
-            "budget_measure": ("torch.cuda.max_memory_allocated" if device.startswith("cuda")
+            "device": device, "device_name": device_name, "quantization": quantization,
+            "budget_gib": budget_gib, "budget_measure": ("torch.cuda.max_memory_allocated" if device.startswith("cuda")
                                else "peak RSS growth"),
             "start": start, "cap": cap, "granularity": granularity, "versions": versions(),
             "journal": None if journal is None else str(journal),
@@ -499,7 +500,7 @@ def markdown(report: dict[str, Any], command: str) -> str:
     lines = [f"Shape `{report['shape']}`, batch 1, "
              f"{'bf16' if not report.get('quantization') else report['quantization']} base "
              f"weights, budget {budget_text} (measured as {report['budget_measure']}), "
-             f"{report['device']}; lengths from {report['start']} doubling to at most "
+             f"{report.get('device_name') or report['device']}; lengths from {report['start']} doubling to at most "
              f"{report['cap']}, then bisection to {report['granularity']} tokens.",
              "", f"    {command}", "",
              "| system | max context (tokens) | vs hf | peak GiB at max | probes |",
