@@ -24,6 +24,7 @@ from sloth_core.patching import bind_forward, call_original
 
 from .kept_attention import attend_kept
 from .mlp import lift_linear
+from .shared_prompt import SHARED_PROMPT_KWARG, SharedPromptRows
 from .softcap import softcap_attention
 
 if TYPE_CHECKING:
@@ -175,8 +176,9 @@ except ImportError:  # torch without the varlen API: SDPA with a block-diagonal 
     _varlen_attn = None
 _VARLEN_PARAMS = set(inspect.signature(_varlen_attn).parameters) if _varlen_attn else set()
 _varlen_failed = False
-#: Calls of :func:`sloth_attention` by the path they took ("varlen", "softcap", "sinks",
-#: "decode_gqa", "kept" (:func:`~sloth_core.patches.kept_attention.attend_kept`), "sdpa"):
+#: Calls of :func:`sloth_attention` by the path they took ("varlen", "shared_prompt",
+#: "softcap", "sinks", "decode_gqa", "kept"
+#: (:func:`~sloth_core.patches.kept_attention.attend_kept`), "sdpa"):
 #: how tests see that packed rows really went through ``varlen_attn`` (a fallback to SDPA
 #: computes the same numbers). One counter increment per layer call.
 ATTENTION_PATHS: collections.Counter[str] = collections.Counter()
@@ -268,12 +270,35 @@ def _varlen_usable(query: torch.Tensor, dropout: float) -> bool:
 
 def _varlen(query, key, value, rows: PackedRows, scaling: float | None) -> torch.Tensor | None:
     """Packed causal attention through ``varlen_attn``: ``[B, S, Hq, D]``; ``None`` if it fails."""
-    global _varlen_failed
     batch, heads, length, dim = query.shape
     cu_seqlens, max_len = rows.varlen()
     q = query.transpose(1, 2).reshape(batch * length, heads, dim)
     k = key.transpose(1, 2).reshape(batch * length, key.shape[1], dim)
     v = value.transpose(1, 2).reshape(batch * length, value.shape[1], value.shape[-1])
+    out = _varlen_flat(q, k, v, cu_seqlens, max_len, scaling)
+    return None if out is None else out.reshape(batch, length, heads, -1)
+
+
+def _shared_varlen(query, key, value, rows: SharedPromptRows,
+                   scaling: float | None) -> torch.Tensor | None:  # fmt: skip
+    """A shared-prompt row's attention through ``varlen_attn``: each row's segments
+    (prefix + first tail, prefix + second tail, padding) gathered, attended causally, and
+    each token's output taken from its own segment. ``[B, S, Hq, D]``; ``None`` if it fails."""
+    batch, heads, length, dim = query.shape
+    gather, cu_seqlens, scatter, max_len = rows.varlen
+    q = query.transpose(1, 2).reshape(batch * length, heads, dim).index_select(0, gather)
+    k = key.transpose(1, 2).reshape(batch * length, key.shape[1], dim).index_select(0, gather)
+    v = value.transpose(1, 2).reshape(batch * length, value.shape[1], value.shape[-1])
+    out = _varlen_flat(q, k, v.index_select(0, gather), cu_seqlens, max_len, scaling)
+    return None if out is None else out.index_select(0, scatter).reshape(batch, length, heads, -1)
+
+
+def _varlen_flat(q, k, v, cu_seqlens: torch.Tensor, max_len: int,
+                 scaling: float | None) -> torch.Tensor | None:  # fmt: skip
+    """``varlen_attn`` over ``[T, H, D]`` tokens cut at ``cu_seqlens``, causal in each cut;
+    ``None`` (and SDPA from then on) if it fails."""
+    global _varlen_failed
+    heads, dim = q.shape[1], q.shape[2]
     # The signature grew between torch releases (2.10: is_causal, no scale, no GQA).
     options: dict[str, Any] = {}
     if "window_size" in _VARLEN_PARAMS:
@@ -298,7 +323,7 @@ def _varlen(query, key, value, rows: PackedRows, scaling: float | None) -> torch
         message = f"sloth_attention: varlen_attn failed ({exc}); SDPA with a mask"
         warnings.warn(message, stacklevel=2)
         return None
-    return out.reshape(batch, length, heads, -1)
+    return out
 
 
 def _windowed(rows: PackedRows, mask: torch.Tensor | None, window: int) -> torch.Tensor | None:
@@ -407,6 +432,9 @@ def sloth_attention(
     SDPA's ``enable_gqa`` (no copies) unless a mask would push CUDA SDPA off its fused
     kernels: then ``repeat_kv``; one-token queries asked with ``sloth_decode_gqa=True``
     (:data:`DECODE_GQA_KWARG`) go through :func:`decode_gqa`, which copies nothing.
+    A preference pair in one row (``sloth_shared_prompt=``, :mod:`.shared_prompt`) takes
+    that row's mask instead of the model's: on CUDA in half precision through
+    ``varlen_attn`` over gathered segments, otherwise through the paths above with it.
     Without a mask or dropout, an offloaded checkpoint's first pass keeps the output and
     log-sum-exp and its recompute runs no attention forward
     (:func:`~sloth_core.patches.kept_attention.attend_kept`).
@@ -420,7 +448,11 @@ def sloth_attention(
     groups = query.shape[1] // key.shape[1]
     position_ids, window = kwargs.get("position_ids"), kwargs.get("sliding_window")
     rows = None
-    if position_ids is not None and 1 < q_len == kv_len:
+    shared = kwargs.get(SHARED_PROMPT_KWARG)
+    if shared is not None and not q_len == kv_len == shared.length:
+        raise ValueError(f"sloth_attention: a shared-prompt row of {shared.length} tokens, "
+                         f"given {q_len} queries and {kv_len} keys")  # fmt: skip
+    if shared is None and position_ids is not None and 1 < q_len == kv_len:
         if position_ids.shape[-1] == q_len:
             rows = packed_rows(position_ids, query.shape[0])
     sinks = kwargs.get("s_aux")  # gpt-oss's attention sinks: sink_attention only
@@ -430,6 +462,15 @@ def sloth_attention(
         ATTENTION_PATHS["decode_gqa"] += 1
         return decode_gqa(query, key, value, attention_mask, scaling, dropout), None
     fast = window is None and softcap is None and sinks is None
+    if shared is not None:
+        # Chosen and rejected in one row (shared_prompt): its own mask replaces the model's
+        # causal + padding one (its padding is at the ends, after every real token).
+        if fast and _varlen_usable(query, dropout):
+            out = _shared_varlen(query, key, value, shared, scaling)
+            if out is not None:
+                ATTENTION_PATHS["shared_prompt"] += 1
+                return out, None
+        attention_mask = shared.mask if window is None else shared.windowed_mask(window)
     if rows is not None and fast and _varlen_usable(query, dropout):
         if attention_mask is None or rows.matches(attention_mask):
             out = _varlen(query, key, value, rows, scaling)

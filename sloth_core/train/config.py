@@ -106,6 +106,10 @@ class TrainConfig:
     precompute_ref_log_probs: bool = _opt(
         False, "DPO/KTO: the reference log-probs once before training, not at every step"
     )
+    share_prompt: bool = _opt(
+        True, "DPO/ORPO/SimPO: a pair's chosen and rejected in one row, its prompt computed "
+        "once (models on sloth's attention; the log-probs are those of two rows)",
+    )  # fmt: skip
     reward: list = _opt(
         [], "GRPO reward functions, module:function or file.py:function (built-ins: "
         "sloth_core.train.rewards:exact_match, :format_regex, :length_penalty)",

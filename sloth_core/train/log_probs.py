@@ -55,13 +55,16 @@ def token_log_probs(
     labels: torch.Tensor,
     *,
     temperature: float = 1.0,
+    **model_kwargs: Any,
 ) -> TokenLogProbs:
     """Each label token's log-probability, one forward for every row (chosen and rejected
     together, or every sampled completion): ``labels`` are unshifted like SFT's, -100 on
-    prompt and padding; logits divided by ``temperature`` first (GRPO samples with one)."""
+    prompt and padding; logits divided by ``temperature`` first (GRPO samples with one).
+    ``model_kwargs`` go to the model too (``position_ids``...)."""
     targets = F.pad(labels, (0, 1), value=IGNORE_INDEX)[:, 1:]
     keep = targets != IGNORE_INDEX
-    options = dict(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    options = dict(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
+                   **model_kwargs)  # fmt: skip
     if serves_log_probs(_unwrapped(model)):
         out = model(
             **options, labels=labels, sloth_temperature=temperature, **{LOG_PROBS_KWARG: True}
@@ -89,6 +92,37 @@ def sequence_log_probs(
     return SequenceLogProbs(token.values.sum(-1), token.mask.sum(-1), token.aux_loss)
 
 
+def pair_log_probs(
+    model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
+) -> SequenceLogProbs:
+    """Preference pairs' ``[B, 2, L]`` rows (chosen, rejected) scored in one row a pair, the
+    prompt computed once (:mod:`sloth_core.patches.shared_prompt`): the summed log-probs
+    of the ``2B`` rows, chosen and rejected of each pair in turn, as
+    :func:`sequence_log_probs` gives them for the rows one by one. Needs a model on
+    sloth's attention (:func:`shares_prompt`)."""
+    from sloth_core.patches.shared_prompt import FIRST, SECOND, SHARED_PROMPT_KWARG, pack_pairs
+
+    ids, mask, packed_labels, rows = pack_pairs(input_ids, attention_mask, labels)
+    token = token_log_probs(model, ids, mask, packed_labels, position_ids=rows.positions,
+                            **{SHARED_PROMPT_KWARG: rows})  # fmt: skip
+    target = rows.target_branch()
+    sums = [(token.values * (target == side)).sum(-1) for side in (FIRST, SECOND)]
+    counts = [(token.mask & (target == side)).sum(-1) for side in (FIRST, SECOND)]
+    return SequenceLogProbs(torch.stack(sums, 1).flatten(), torch.stack(counts, 1).flatten(),
+                            token.aux_loss)  # fmt: skip
+
+
+def shares_prompt(model: Any) -> bool:
+    """Whether :func:`pair_log_probs` serves ``model``: a patched causal LM (log-probs from
+    hidden states) whose attention is ``sloth_attention`` (which takes the pair's mask)."""
+    from sloth_core.patches.attention import SLOTH_ATTENTION
+
+    inner = _unwrapped(model)
+    config = getattr(inner, "config", None)
+    attention = getattr(config, "_attn_implementation", None)
+    return attention == SLOTH_ATTENTION and serves_log_probs(inner)
+
+
 def _unwrapped(model: Any) -> Any:
     # DDP keeps the model in .module; FSDP2 and PEFT models are the model itself.
     return getattr(model, "module", model) if isinstance(model, torch.nn.Module) else model
@@ -113,6 +147,17 @@ class Reference:
         """Per row, the reference's summed log-probability of the label tokens."""
         with self._model() as model:
             return sequence_log_probs(model, input_ids, attention_mask, labels)
+
+    @torch.no_grad()
+    def pair_log_probs(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
+    ) -> SequenceLogProbs:
+        """:func:`pair_log_probs` under the reference: ``[B, 2, L]`` pairs, the prompt once."""
+        with self._model() as model:
+            return pair_log_probs(model, input_ids, attention_mask, labels)
+
+    def shares_prompt(self) -> bool:
+        return shares_prompt(self.frozen if self.frozen is not None else self.model)
 
     @torch.no_grad()
     def token_log_probs(

@@ -22,7 +22,15 @@ import torch
 from . import distributed
 from . import preference_losses as losses
 from .config import REFERENCE_METHODS, ConfigError, TrainConfig
-from .log_probs import IGNORE_INDEX, Reference, SequenceLogProbs, evaluating, sequence_log_probs
+from .log_probs import (
+    IGNORE_INDEX,
+    Reference,
+    SequenceLogProbs,
+    evaluating,
+    pair_log_probs,
+    sequence_log_probs,
+    shares_prompt,
+)
 
 #: Metrics a step logs, as TRL names them (a method logs those it has).
 PAIR_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
@@ -125,7 +133,7 @@ class PreferenceMethod:
         for number in range(batches.num_batches()):
             batch = _to(batches.batch(0, number), device)
             with autocast():
-                ref = self.reference.log_probs(*_rows(batch))
+                ref = self._reference(batch, None)
             index = batch["index"].cpu()
             sums[index] = ref.sums.float().cpu().view(len(index), rows)
             counts[index] = ref.counts.cpu().view(len(index), rows)
@@ -207,9 +215,20 @@ class PreferenceMethod:
             loss = loss + coef * policy.aux_loss.to(loss.device) * share
         return loss
 
+    def _shared(self, model: Any, batch: dict[str, torch.Tensor]) -> bool:
+        """Whether ``batch``'s pairs go one row a pair, the prompt once (``share_prompt``).
+        Not where the loss adds an MoE router's load-balancing loss: that averages over
+        the forward's tokens, and TRL's counts the prompt in both rows."""
+        router_loss = getattr(_unwrap_config(model), "output_router_logits", False)
+        return (self.config.share_prompt and self.kind == "pairs" and not router_loss
+                and batch["input_ids"].dim() == 3 and shares_prompt(model))  # fmt: skip
+
     def _pairs(self, model, batch, totals, sums, table):
         config, name = self.config, self.name
-        policy = sequence_log_probs(model, *_rows(batch))
+        if self._shared(model, batch):
+            policy = pair_log_probs(model, *_pair_rows(batch))
+        else:
+            policy = sequence_log_probs(model, *_rows(batch))
         valid = _valid(batch).to(policy.sums.dtype)
         # ORPO, SimPO and IPO compare length-averaged log-probs (as TRL does).
         average = name in ("orpo", "simpo") or (name == "dpo" and config.loss_kind == "ipo")
@@ -287,6 +306,8 @@ class PreferenceMethod:
                 table.sums[index].reshape(-1).to(device), table.counts[index].reshape(-1).to(device)
             )  # fmt: skip
         assert self.reference is not None
+        if self.config.share_prompt and self.kind == "pairs" and self.reference.shares_prompt():
+            return self.reference.pair_log_probs(*_pair_rows(batch))
         return self.reference.log_probs(*_rows(batch))
 
 
@@ -296,6 +317,11 @@ def _rows(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, t
         batch[key].flatten(0, 1) if batch[key].dim() == 3 else batch[key]
         for key in ("input_ids", "attention_mask", "labels")
     )
+
+
+def _pair_rows(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``input_ids``, ``attention_mask``, ``labels`` as ``[B, 2, L]`` pairs."""
+    return batch["input_ids"], batch["attention_mask"], batch["labels"]
 
 
 def _valid(batch: dict[str, torch.Tensor]) -> torch.Tensor:

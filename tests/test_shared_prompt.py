@@ -1,0 +1,234 @@
+"""Preference pairs in one row, the prompt computed once (``sloth_core.patches.shared_prompt``).
+
+The log-probabilities and their gradients must be those of the two rows scored apart, on
+every attention path the row can take: SDPA with its mask (CPU), the sliding window and
+the softcap (Mistral, Gemma 2: windows counted in positions, which restart for the second
+tail), and the flash varlen kernels over gathered segments (CUDA; on the CPU a reference
+with ``varlen_attn``'s calling convention stands in for them).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sloth_core.patches import attention
+from sloth_core.patches.shared_prompt import (
+    FIRST,
+    PADDING,
+    SECOND,
+    SHARED,
+    SHARED_PROMPT_KWARG,
+    pack_pairs,
+)
+from sloth_core.testing.seeds import fresh_seed
+from sloth_core.train.log_probs import pair_log_probs, sequence_log_probs, shares_prompt
+
+CUDA = torch.cuda.is_available()
+
+
+def _pairs(spec, vocab: int, seed: int, *, pad: int = 0):
+    """``[B, 2, L]`` right-padded pairs: per pair (prompt, chosen, rejected) lengths, random
+    ids, labels on the completions only (as PreferenceBatches makes them)."""
+    gen = torch.Generator().manual_seed(seed)
+    length = max(p + max(c, r) for p, c, r in spec) + 2
+    ids = torch.full((len(spec), 2, length), pad, dtype=torch.long)
+    mask, labels = torch.zeros_like(ids), torch.full_like(ids, -100)
+    for b, (p, c, r) in enumerate(spec):
+        prompt = torch.randint(3, vocab, (p,), generator=gen)
+        for side, n in ((0, c), (1, r)):
+            completion = torch.randint(3, vocab, (n,), generator=gen)
+            row = torch.cat([prompt, completion])
+            ids[b, side, : len(row)], mask[b, side, : len(row)] = row, 1
+            labels[b, side, p : len(row)] = completion
+    return ids, mask, labels
+
+
+def test_a_pair_becomes_prefix_and_two_tails():
+    ids, mask, labels = _pairs([(5, 3, 4), (1, 2, 2)], vocab=50, seed=fresh_seed(), pad=1)
+    out_ids, out_mask, out_labels, rows = pack_pairs(ids, mask, labels)
+    # Pair 0: the prompt's first 4 tokens once; each tail = last prompt token + completion.
+    assert rows.shared == [4, 0] and rows.ends == [(8, 13), (3, 6)] and rows.length == 13
+    assert out_ids[0, :8].tolist() == ids[0, 0, :8].tolist()
+    assert out_ids[0, 8:13].tolist() == ids[0, 1, 4:9].tolist()
+    assert rows.positions[0].tolist() == [*range(8), *range(4, 9)]
+    assert rows.branch[0].tolist() == [SHARED] * 4 + [FIRST] * 4 + [SECOND] * 5
+    # Pair 1: a one-token prompt shares nothing; both rows whole, then padding.
+    assert out_ids[1, :6].tolist() == ids[1, 0, :3].tolist() + ids[1, 1, :3].tolist()
+    assert rows.positions[1, :6].tolist() == [0, 1, 2, 0, 1, 2]
+    assert rows.branch[1].tolist() == [FIRST] * 3 + [SECOND] * 3 + [PADDING] * 7
+    assert out_mask.sum(-1).tolist() == [13, 6] and (out_labels[1, 6:] == -100).all()
+    # Every label kept, and none predicted from the shared prefix.
+    assert (out_labels != -100).sum() == (labels != -100).sum()
+    target = rows.target_branch()
+    shifted = F.pad(out_labels, (0, 1), value=-100)[:, 1:]
+    assert set(target[shifted != -100].tolist()) <= {FIRST, SECOND}
+
+
+def test_a_second_tail_never_sees_the_first():
+    ids, mask, labels = _pairs([(4, 2, 3)], vocab=50, seed=fresh_seed())
+    *_, rows = pack_pairs(ids, mask, labels)
+    allowed = rows.mask[0, 0]
+    second, first = rows.branch[0] == SECOND, rows.branch[0] == FIRST
+    assert not allowed[second][:, first].any()
+    assert allowed[second][:, rows.branch[0] == SHARED].all()
+    assert torch.equal(allowed & ~allowed.tril(), torch.zeros_like(allowed))  # causal
+
+
+def _reference_varlen(q, k, v, cu_q, cu_k, max_q, max_k, *, window_size=None, scale=None,
+                      enable_gqa=False):  # fmt: skip
+    """``varlen_attn``'s contract: ``[T, H, D]`` tokens cut at ``cu_seqlens``, causal."""
+    assert window_size == (-1, 0) and torch.equal(cu_q, cu_k)
+    out = torch.empty_like(q)
+    for a, b in zip(cu_q[:-1].tolist(), cu_q[1:].tolist(), strict=True):
+        out[a:b] = F.scaled_dot_product_attention(
+            q[a:b].transpose(0, 1), k[a:b].transpose(0, 1), v[a:b].transpose(0, 1),
+            is_causal=True, scale=scale, enable_gqa=enable_gqa,
+        ).transpose(0, 1)  # fmt: skip
+    return out
+
+
+@pytest.mark.parametrize("varlen", [False, True], ids=["sdpa-mask", "varlen-segments"])
+def test_the_attention_of_a_shared_row_is_each_rows_own(monkeypatch, varlen):
+    """Forward and backward of ``sloth_attention`` on packed pairs against SDPA on each
+    row alone (GQA, odd lengths, a pair with nothing shared, padding)."""
+    seed = fresh_seed()
+    if varlen:
+        monkeypatch.setattr(attention, "_varlen_attn", _reference_varlen)
+        monkeypatch.setattr(attention, "_VARLEN_PARAMS", {"window_size", "scale", "enable_gqa"})
+        monkeypatch.setattr(attention, "_varlen_usable", lambda query, dropout: True)
+    ids, mask, labels = _pairs([(6, 5, 3), (1, 4, 7), (3, 2, 2)], vocab=40, seed=seed)
+    _, _, _, rows = pack_pairs(ids, mask, labels)
+    gen = torch.Generator().manual_seed(seed)
+    heads, kv_heads, dim, batch, length = 4, 2, 8, 3, rows.length
+    # One q/k/v vector per (pair, side, position in its own row): the packed tensors and
+    # the rows' take the same ones, so the outputs must agree token by token.
+    leaves = [torch.randn(batch, 2, h, ids.shape[-1], dim, generator=gen, dtype=torch.float64,
+                          requires_grad=True) for h in (heads, kv_heads, kv_heads)]  # fmt: skip
+    own = []
+    for leaf in leaves:  # the rows' shared prefix holds the same vectors, as in a model
+        tied = leaf.clone()
+        for b in range(batch):
+            tied[b, 1, :, : rows.shared[b]] = leaf[b, 0, :, : rows.shared[b]]
+        own.append(tied)
+    where = []  # packed (b, index) -> (side, row position)
+    for b in range(batch):
+        s, (first, second) = rows.shared[b], rows.ends[b]
+        where.append([(0, t) for t in range(first)]
+                     + [(1, s + t - first) for t in range(first, second)]
+                     + [(0, 0)] * (length - second))  # fmt: skip
+
+    def packed(tensor):
+        return torch.stack([torch.stack([tensor[b, side, :, t] for side, t in where[b]], 1)
+                            for b in range(batch)])  # fmt: skip
+
+    before = attention.ATTENTION_PATHS["shared_prompt"]
+    out, _ = attention.sloth_attention(
+        torch.nn.Module(), *(packed(t) for t in own), None, scaling=0.3,
+        **{SHARED_PROMPT_KWARG: rows},
+    )  # fmt: skip
+    assert attention.ATTENTION_PATHS["shared_prompt"] == before + varlen
+    expected = (
+        F.scaled_dot_product_attention(
+            *(t.flatten(0, 1) for t in own), is_causal=True, scale=0.3, enable_gqa=True
+        )
+        .unflatten(0, (batch, 2))
+        .transpose(2, 3)
+    )  # [B, 2, L, H, D]
+    weights = torch.randn(out.shape, generator=gen, dtype=out.dtype)
+    valid = rows.branch != PADDING
+    for b in range(batch):
+        for t, (side, pos) in enumerate(where[b]):
+            if valid[b, t]:
+                torch.testing.assert_close(out[b, t], expected[b, side, pos], msg=f"seed={seed}")
+    got = torch.autograd.grad(
+        (out * weights * valid[..., None, None]).sum(), leaves, retain_graph=True
+    )  # the rows' graph shares `own`
+    unpacked = torch.zeros_like(expected)
+    for b in range(batch):
+        for t, (side, pos) in enumerate(where[b]):
+            if valid[b, t]:
+                unpacked[b, side, pos] = weights[b, t]
+    want = torch.autograd.grad((expected * unpacked).sum(), leaves)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, msg=f"seed={seed}")
+
+
+def _devices():
+    return ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not CUDA, reason="no CUDA"))]
+
+
+@pytest.mark.parametrize("device", _devices())
+@pytest.mark.parametrize("arch", ["llama", "mistral", "gemma2", "qwen3_moe"])
+def test_shared_prompt_log_probs_parity_with_rows(make_tiny_model, monkeypatch, arch, device):
+    """Patched models with LoRA, offloaded checkpointing on (the recompute takes the row's
+    mask too): summed log-probs, counts and LoRA gradients of the packed pairs equal those
+    of the rows scored apart. Mistral's 16-token window and Gemma 2's softcap and window
+    are crossed (rows of up to 30 tokens); on CUDA in bf16 the varlen path serves the
+    unwindowed layers."""
+    from sloth_core import FastLanguageModel
+
+    monkeypatch.setenv("SLOTH_KERNELS", "torch")
+    seed = fresh_seed()
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    path = make_tiny_model(arch)
+    model, _ = FastLanguageModel.from_pretrained(str(path), dtype=dtype, device_map=device)
+    model = FastLanguageModel.get_peft_model(model, r=4, lora_alpha=8, init_lora_weights=False)
+    assert shares_prompt(model)
+    model.train()
+    ids, mask, labels = _pairs([(14, 9, 16), (1, 5, 3), (20, 4, 6)],
+                               vocab=model.config.vocab_size, seed=seed)  # fmt: skip
+    ids, mask, labels = (t.to(device) for t in (ids, mask, labels))
+    results = []
+    for share in (True, False):
+        model.zero_grad(set_to_none=True)
+        before = dict(attention.ATTENTION_PATHS)
+        if share:
+            out = pair_log_probs(model, ids, mask, labels)
+        else:
+            out = sequence_log_probs(model, *(t.flatten(0, 1) for t in (ids, mask, labels)))
+        out.sums.sum().backward()
+        grads = {n: p.grad.float() for n, p in model.named_parameters() if p.requires_grad}
+        paths = {k: v - before.get(k, 0) for k, v in attention.ATTENTION_PATHS.items()}
+        results.append((out.sums.detach().float(), out.counts, grads, paths))
+    (sums, counts, grads, paths), (sums_rows, counts_rows, grads_rows, _) = results
+    assert torch.equal(counts, counts_rows)
+    tol = dict(atol=0.5, rtol=2e-2) if dtype == torch.bfloat16 else dict(atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(sums, sums_rows, **tol, msg=f"seed={seed}")
+    scale = max(g.abs().max() for g in grads_rows.values())
+    for name, g in grads.items():
+        torch.testing.assert_close(g / scale, grads_rows[name] / scale, atol=tol["rtol"],
+                                   rtol=0, msg=f"{name} seed={seed}")  # fmt: skip
+    if device == "cuda" and arch in ("llama", "qwen3_moe"):
+        assert paths.get("shared_prompt"), paths
+
+
+def test_dpo_shares_the_prompt_unless_told_not_to(make_tiny_model, tmp_path, monkeypatch):
+    """``share_prompt`` (on by default): the DPO step scores policy and reference through
+    the shared row, and its losses are those of the rows scored apart."""
+    from sloth_core.testing.datasets import preference_dataset
+    from sloth_core.train import TrainConfig, preference, train
+    from sloth_core.train.metrics import read_metrics
+
+    monkeypatch.setenv("SLOTH_KERNELS", "torch")
+    model_path = make_tiny_model("llama")
+    calls = []
+    real = preference.pair_log_probs
+    monkeypatch.setattr(preference, "pair_log_probs",
+                        lambda *a, **k: calls.append(1) or real(*a, **k))  # fmt: skip
+    losses = {}
+    for share in (True, False):
+        calls.clear()
+        config = TrainConfig(
+            model_name=str(model_path), dataset=str(preference_dataset("pairs")),
+            method="dpo", beta=0.3, max_seq_length=96, per_device_train_batch_size=2,
+            max_steps=3, learning_rate=5e-3, gradient_checkpointing="on", seed=3,
+            share_prompt=share, output_dir=str(tmp_path / f"out-{share}"), save_method="none",
+            report_to="none", logging_steps=1, cpu_threads=1,
+        ).validate()  # fmt: skip
+        result = train(config, show_progress=False)
+        assert bool(calls) == share
+        losses[share] = [r["loss"] for r in read_metrics(result.output_dir) if "loss" in r]
+    assert len(losses[True]) == 3
+    assert losses[True] == pytest.approx(losses[False], rel=1e-4, abs=1e-6)
