@@ -86,3 +86,18 @@ def test_sloth_plans_its_dpo_step_for_a_memory_budget(tmp_path):
     assert sloth.get("error") is None, sloth
     assert sloth["plan"].startswith("memory plan: ") and "of 4.00 GiB" in sloth["plan"]
     assert sloth["first_loss"] == pytest.approx(math.log(2), abs=1e-3)
+
+
+def test_the_shared_prompt_step_trains_as_the_rows_apart(tmp_path):
+    """``sloth`` (the prompt once) and ``sloth[SLOTH_BENCH_SHARE_PROMPT=0]`` (the rows
+    apart) in one run: the same losses step after step, from log 2."""
+    report = run_dpo_bench("llama-tiny", seq=32, batch=2, steps=2, warmup=1,
+                           systems=("sloth", "sloth[SLOTH_BENCH_SHARE_PROMPT=0]"),
+                           model_dir=tmp_path / "model", device="cpu")  # fmt: skip
+    shared, apart = report["results"]
+    for r in (shared, apart):
+        assert r.get("error") is None and not r.get("skipped"), r
+        assert r["first_loss"] == pytest.approx(math.log(2), abs=1e-3)
+    assert apart["system"] == "sloth[SLOTH_BENCH_SHARE_PROMPT=0]"
+    assert shared["last_loss"] < shared["first_loss"]
+    assert shared["last_loss"] == pytest.approx(apart["last_loss"], rel=1e-3)

@@ -14,7 +14,11 @@ own process**, in one run:
   ``seq // 2``, completions of the rest), one forward taking both rows of every pair.
 - ``sloth``: the step ``sloth train --method dpo`` runs (:class:`PreferenceMethod`'s
   forward and backward in :func:`~sloth_core.train.step.train_step`), on the model
-  ``FastLanguageModel.get_peft_model`` makes (its default offloaded checkpointing).
+  ``FastLanguageModel.get_peft_model`` makes (its default offloaded checkpointing), with
+  its default ``share_prompt``: a pair in one row, the prompt's tokens run once
+  (:mod:`sloth_core.patches.shared_prompt`). The system
+  ``sloth[SLOTH_BENCH_SHARE_PROMPT=0]`` runs ``share_prompt = false`` (the rows apart)
+  in the same run, to measure what sharing gives.
 - ``hf``: TRL's ``DPOTrainer`` on transformers + PEFT, as TRL's docs show it
   (``peft_config``, ``DPOConfig(gradient_checkpointing=True, bf16=True)``), given the
   pairs already tokenized (``prompt_ids``/``chosen_ids``/``rejected_ids``, what its own
@@ -28,6 +32,9 @@ Peak memory is ``torch.cuda.max_memory_allocated()`` after a reset as training s
 MFU counts ``6 N_base + 6 N_lora + 16 layers hidden seq`` FLOPs per token: the policy's
 forward and input gradients and the reference's forward through the base weights, the
 LoRA weights' forward, input and weight gradients, attention (policy 12, reference 4).
+Tokens/s and MFU count the workload, not what a system ran: with the prompt shared, sloth
+runs 3/4 of the tokens at this shape, and its MFU says how fast the workload went, not
+how busy its matmuls were.
 
 At step 1 the policy is the reference (LoRA B is 0), so every pair's loss is log 2:
 both first losses must be ``log 2`` and agree (``losses_agree``).
@@ -39,6 +46,7 @@ import argparse
 import importlib.metadata
 import json
 import math
+import os
 import statistics
 import sys
 import tempfile
@@ -51,6 +59,8 @@ from . import train as bench
 from .generate import _device_name
 from .train import SystemSkipped, TrainResult, add_bench_options
 
+#: ``0`` in a ``sloth`` system's environment: its step scores the rows apart.
+SHARE_PROMPT_ENV = "SLOTH_BENCH_SHARE_PROMPT"
 #: The systems this bench knows: ``hf`` is TRL's DPOTrainer on transformers + PEFT.
 SYSTEMS = ("sloth", "hf")
 BETA = 0.1
@@ -149,7 +159,8 @@ def run_sloth(model_dir: Path, pairs: list[dict[str, list[int]]], *, seq: int, s
     model, n_base = bench._load("sloth", model_dir, device)  # offloaded checkpointing
     config = TrainConfig(method="dpo", beta=BETA, loss_type="sigmoid", learning_rate=lr,
                          per_device_train_batch_size=len(pairs), gradient_accumulation_steps=1,
-                         max_seq_length=seq)  # fmt: skip
+                         max_seq_length=seq,
+                         share_prompt=os.environ.get(SHARE_PROMPT_ENV, "1") != "0")  # fmt: skip
     method = method_for(config)
     method.attach(model)  # the reference: the model with its adapters disabled
     plan = bench._plan("sloth", model, batch=method.sequences_per_forward, seq=seq,
