@@ -311,9 +311,10 @@ def load_input(ctx, x, source_x, source_w) -> torch.Tensor | None:
 
 
 #: ``1`` keeps the attention projections' outputs for an offloaded layer's recompute. Off
-#: by default until measured on a GPU: the layer prefetched ahead in backward then holds
-#: them too (about 160 MiB a layer for an 8B model at 8192 tokens, 80 MiB for a 1B), more
-#: than the llama-1b memory target's margin and most of the nf4 one's (docs/benchmarks.md).
+#: by default: measured on an H100 (docs/benchmarks.md, session 14) it gained nothing at 8B
+#: (bf16 +0.0%, fp8 +0.4%) and lost 4.4% at 1B, the extra copies to the host not hidden
+#: behind the compute, while the layer prefetched ahead in backward holds them too (about
+#: 160 MiB a layer for an 8B model at 8192 tokens, 80 MiB for a 1B).
 KEEP_ENV = "SLOTH_KEEP_PROJECTIONS"
 
 
