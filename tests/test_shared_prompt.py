@@ -169,7 +169,8 @@ def test_shared_prompt_log_probs_parity_with_rows(make_tiny_model, monkeypatch, 
     unwindowed layers."""
     from sloth_core import FastLanguageModel
 
-    monkeypatch.setenv("SLOTH_KERNELS", "torch")
+    if device == "cpu":  # the Triton kernels would run interpreted: the references serve
+        monkeypatch.setenv("SLOTH_KERNELS", "torch")
     seed = fresh_seed()
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     path = make_tiny_model(arch)
@@ -194,7 +195,9 @@ def test_shared_prompt_log_probs_parity_with_rows(make_tiny_model, monkeypatch, 
         results.append((out.sums.detach().float(), out.counts, grads, paths))
     (sums, counts, grads, paths), (sums_rows, counts_rows, grads_rows, _) = results
     assert torch.equal(counts, counts_rows)
-    tol = dict(atol=0.5, rtol=2e-2) if dtype == torch.bfloat16 else dict(atol=1e-4, rtol=1e-5)
+    # bf16: the two layouts round differently (sums of ~10-30 log-probs); a wrong mask or
+    # position moves them by whole units and the gradients by their own size.
+    tol = dict(atol=1.0, rtol=6e-2) if dtype == torch.bfloat16 else dict(atol=1e-4, rtol=1e-5)
     torch.testing.assert_close(sums, sums_rows, **tol, msg=f"seed={seed}")
     scale = max(g.abs().max() for g in grads_rows.values())
     for name, g in grads.items():
