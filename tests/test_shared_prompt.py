@@ -49,7 +49,7 @@ def test_a_pair_becomes_prefix_and_two_tails():
     ids, mask, labels = _pairs([(5, 3, 4), (1, 2, 2)], vocab=50, seed=fresh_seed(), pad=1)
     out_ids, out_mask, out_labels, rows = pack_pairs(ids, mask, labels)
     # Pair 0: the prompt's first 4 tokens once; each tail = last prompt token + completion.
-    assert rows.shared == [4, 0] and rows.ends == [(8, 13), (3, 6)] and rows.length == 13
+    assert rows.shared == [4, 0] and rows.tails == [[4, 5], [3, 3]] and rows.length == 13
     assert out_ids[0, :8].tolist() == ids[0, 0, :8].tolist()
     assert out_ids[0, 8:13].tolist() == ids[0, 1, 4:9].tolist()
     assert rows.positions[0].tolist() == [*range(8), *range(4, 9)]
@@ -114,7 +114,8 @@ def test_the_attention_of_a_shared_row_is_each_rows_own(monkeypatch, varlen):
         own.append(tied)
     where = []  # packed (b, index) -> (side, row position)
     for b in range(batch):
-        s, (first, second) = rows.shared[b], rows.ends[b]
+        s = rows.shared[b]
+        first, second = s + rows.tails[b][0], s + sum(rows.tails[b])
         where.append([(0, t) for t in range(first)]
                      + [(1, s + t - first) for t in range(first, second)]
                      + [(0, 0)] * (length - second))  # fmt: skip
@@ -235,3 +236,131 @@ def test_dpo_shares_the_prompt_unless_told_not_to(make_tiny_model, tmp_path, mon
         losses[share] = [r["loss"] for r in read_metrics(result.output_dir) if "loss" in r]
     assert len(losses[True]) == 3
     assert losses[True] == pytest.approx(losses[False], rel=1e-4, abs=1e-6)
+
+
+def _groups(prompts, completions, size, vocab, seed, *, pad: int = 0):
+    """GRPO's rows: ``prompts`` (lengths) left-padded to one width, each repeated ``size``
+    times, then completions (per row: real length, tokens after it padding as after a stop
+    token), right-padded."""
+    gen = torch.Generator().manual_seed(seed)
+    width, span = max(prompts), max(completions) + 1
+    rows = len(prompts) * size
+    prompt_ids = torch.full((rows, width), pad, dtype=torch.long)
+    prompt_mask = torch.zeros_like(prompt_ids)
+    for g, length in enumerate(prompts):
+        tokens = torch.randint(3, vocab, (length,), generator=gen)
+        prompt_ids[g * size : (g + 1) * size, width - length :] = tokens
+        prompt_mask[g * size : (g + 1) * size, width - length :] = 1
+    completion_ids = torch.randint(3, vocab, (rows, span), generator=gen)
+    completion_mask = (torch.arange(span)[None] < torch.tensor(completions)[:, None]).long()
+    ids = torch.cat([prompt_ids, completion_ids], 1)
+    mask = torch.cat([prompt_mask, completion_mask], 1)
+    labels = torch.cat([torch.full_like(prompt_ids, -100),
+                        torch.where(completion_mask.bool(), completion_ids, -100)], 1)  # fmt: skip
+    return ids, mask, labels, width
+
+
+@pytest.mark.parametrize("device", _devices())
+@pytest.mark.parametrize("arch", ["llama", "gemma2"])
+def test_grouped_token_log_probs_parity_with_rows(make_tiny_model, monkeypatch, arch, device):
+    """GRPO's groups (left-padded prompts of different lengths, completions ending early):
+    every completion token's log-prob, the mask and the LoRA gradients equal those of the
+    rows scored apart, positions included (the prompts' left padding counts in them)."""
+    from sloth_core import FastLanguageModel
+    from sloth_core.train.log_probs import grouped_token_log_probs, token_log_probs
+
+    if device == "cpu":
+        monkeypatch.setenv("SLOTH_KERNELS", "torch")
+    seed = fresh_seed()
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    model, _ = FastLanguageModel.from_pretrained(str(make_tiny_model(arch)), dtype=dtype,
+                                                 device_map=device)  # fmt: skip
+    model = FastLanguageModel.get_peft_model(model, r=4, lora_alpha=8, init_lora_weights=False)
+    model.train()
+    ids, mask, labels, width = _groups([9, 4], [6, 11, 1, 8, 3, 5], 3,
+                                       vocab=model.config.vocab_size, seed=seed)  # fmt: skip
+    ids, mask, labels = (t.to(device) for t in (ids, mask, labels))
+    weights = torch.randn(ids.shape, generator=torch.Generator().manual_seed(seed)).to(device)
+    results = []
+    for share in (True, False):
+        model.zero_grad(set_to_none=True)
+        if share:
+            out = grouped_token_log_probs(model, ids, mask, labels, size=3, prompt_width=width,
+                                          temperature=0.7)  # fmt: skip
+        else:
+            out = token_log_probs(model, ids, mask, labels, temperature=0.7)
+        (out.values * weights).sum().backward()
+        grads = {n: p.grad.float() for n, p in model.named_parameters() if p.requires_grad}
+        results.append((out.values.detach().float(), out.mask, grads))
+    (values, keep, grads), (values_rows, keep_rows, grads_rows) = results
+    assert torch.equal(keep, keep_rows) and keep.sum() == (labels != -100).sum()
+    tol = dict(atol=0.1, rtol=6e-2) if dtype == torch.bfloat16 else dict(atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(values, values_rows, **tol, msg=f"seed={seed}")
+    scale = max(g.abs().max() for g in grads_rows.values())
+    for name, g in grads.items():
+        torch.testing.assert_close(g / scale, grads_rows[name] / scale, atol=tol["rtol"],
+                                   rtol=0, msg=f"{name} seed={seed}")  # fmt: skip
+
+
+def test_grpo_shares_the_prompt_unless_told_not_to(make_tiny_model, tmp_path, monkeypatch):
+    """``share_prompt`` in GRPO: the policy's and the reference's (beta > 0) log-probs go
+    through the shared rows, and the run logs the same losses as the rows apart."""
+    from sloth_core.testing.datasets import prompt_dataset
+    from sloth_core.train import TrainConfig, grpo, train
+    from sloth_core.train.metrics import read_metrics
+
+    monkeypatch.setenv("SLOTH_KERNELS", "torch")
+    base = make_tiny_model("llama")
+    calls = []
+    real = grpo.grouped_token_log_probs
+    monkeypatch.setattr(grpo, "grouped_token_log_probs",
+                        lambda *a, **k: calls.append(1) or real(*a, **k))  # fmt: skip
+    losses = {}
+    for share in (True, False):
+        calls.clear()
+        config = TrainConfig(
+            model_name=str(base), dataset=str(prompt_dataset()), method="grpo",
+            reward=["sloth_core.train.rewards:length_penalty"], beta=0.04, num_generations=4,
+            per_device_train_batch_size=8, max_steps=2, max_completion_length=8, seed=1,
+            max_seq_length=128,
+            learning_rate=1e-3, share_prompt=share, output_dir=str(tmp_path / f"out-{share}"),
+            save_method="none", report_to="none", logging_steps=1, cpu_threads=1,
+        ).validate()  # fmt: skip
+        result = train(config, show_progress=False)
+        assert bool(calls) == share
+        losses[share] = [r["loss"] for r in read_metrics(result.output_dir) if "loss" in r]
+    assert len(losses[True]) == 2
+    assert losses[True] == pytest.approx(losses[False], rel=1e-4, abs=1e-6)
+
+
+def test_varlen_segments_equal_the_mask_for_groups(monkeypatch):
+    """Groups of three tails, left-padded prompts: the varlen segments (the prefix gathered
+    once per tail) give the masked SDPA's outputs and gradients on every real token."""
+    from sloth_core.patches.shared_prompt import pack_groups
+
+    seed = fresh_seed()
+    ids, mask, labels, width = _groups([7, 2, 5], [4, 1, 6, 3, 3, 2, 5, 1, 4], 3, vocab=30,
+                                       seed=seed)  # fmt: skip
+    *_, rows = pack_groups(ids, mask, labels, 3, prompt_width=width)
+    gen = torch.Generator().manual_seed(seed)
+    shape = (len(rows.shared), rows.length)
+    inputs = [torch.randn(shape[0], h, shape[1], 8, generator=gen, dtype=torch.float64,
+                          requires_grad=True) for h in (4, 2, 2)]  # fmt: skip
+    weights = torch.randn(shape[0], shape[1], 4, 8, generator=gen, dtype=torch.float64)
+    real = (rows.branch != -1)[..., None, None]
+    outs = []
+    for varlen in (False, True):
+        with monkeypatch.context() as patch:
+            if varlen:
+                patch.setattr(attention, "_varlen_attn", _reference_varlen)
+                patch.setattr(attention, "_VARLEN_PARAMS", {"window_size", "scale", "enable_gqa"})
+                patch.setattr(attention, "_varlen_usable", lambda query, dropout: True)
+            out, _ = attention.sloth_attention(torch.nn.Module(), *inputs, None, scaling=0.4,
+                                               **{SHARED_PROMPT_KWARG: rows})  # fmt: skip
+            grads = torch.autograd.grad((out * weights * real).sum(), inputs)
+            outs.append((out * real, grads))
+    (masked, masked_grads), (segments, segment_grads) = outs
+    torch.testing.assert_close(segments, masked, msg=f"seed={seed}")
+    for got, want in zip(segment_grads, masked_grads, strict=True):
+        torch.testing.assert_close(got, want, msg=f"seed={seed}")
+    assert rows.shared[1] == 1 and rows.tails[1] == [4, 4, 3]  # prompt 2: last token + completion

@@ -1,24 +1,26 @@
-"""A preference pair in one row, its prompt computed once.
+"""Completions of one prompt in one row, the prompt computed once.
 
-DPO, ORPO and SimPO score a chosen and a rejected completion of the same prompt. Two rows
-(``prompt + chosen``, ``prompt + rejected``) run the prompt's tokens through the model
-twice; at TRL's usual shapes (a prompt as long as its completions) that is a quarter of
-the step's work. Here a pair becomes one row::
+DPO, ORPO and SimPO score a chosen and a rejected completion of the same prompt; GRPO
+scores ``num_generations`` completions of each. Rows apart (``prompt + completion`` each)
+run the prompt's tokens through the model once a completion: at TRL's usual DPO shapes (a
+prompt as long as its completions) a quarter of the step's work, for GRPO's groups of 8
+up to seven eighths of the prompt's. Here a group becomes one row::
 
-    [shared prefix][first tail][second tail][padding]
+    [shared prefix][tail 1][tail 2]...[padding]
 
 The shared prefix is the prompt without its last token (the longest common prefix of the
-two rows that carries no label, less one token). Each tail is the rest of its own row,
+rows that carries no label, less one token). Each tail is the rest of its own row,
 starting with the prompt's last token, so every label token is predicted inside its own
-tail and the shifted labels of the row are the two rows' labels side by side. Positions
-restart for the second tail (it continues the prefix, not the first tail), and its tokens
-never see the first tail's: the attention of every token is the one it had in its own
-row, so the log-probabilities are those of the two rows, computed with fewer tokens.
+tail and the row's shifted labels are the rows' labels side by side. Each token keeps its
+position in its own row (a tail's positions continue the prefix, not the tail before it),
+and a tail's tokens never see another tail's: every token's attention is the one it had
+in its own row, so the log-probabilities are those of the rows, computed with fewer tokens.
 
-:func:`pack_pairs` makes the row; :class:`SharedPromptRows` describes it to
-``sloth_attention`` (passed as the model keyword :data:`SHARED_PROMPT_KWARG`, which reaches
-every layer and every checkpoint's recompute): a dense mask for the SDPA, softcap, sink and
-sliding-window paths, and on CUDA the flash varlen kernels over gathered segments.
+:func:`pack_pairs` (preference pairs) and :func:`pack_groups` (GRPO's completions) make
+the rows; :class:`SharedPromptRows` describes them to ``sloth_attention`` (passed as the
+model keyword :data:`SHARED_PROMPT_KWARG`, which reaches every layer and every
+checkpoint's recompute): a dense mask for the SDPA, softcap, sink and sliding-window
+paths, and on CUDA the flash varlen kernels over gathered segments.
 """
 
 from __future__ import annotations
@@ -30,47 +32,47 @@ import torch
 #: The model keyword that carries a :class:`SharedPromptRows` down to the attention.
 SHARED_PROMPT_KWARG = "sloth_shared_prompt"
 IGNORE_INDEX = -100
-#: :attr:`SharedPromptRows.branch` values.
-SHARED, FIRST, SECOND, PADDING = 0, 1, 2, 3
+#: :attr:`SharedPromptRows.branch` of the shared prefix and of padding; tails are 1, 2, ...
+SHARED, PADDING = 0, -1
+#: A preference pair's tails: the chosen completion, then the rejected one.
+FIRST, SECOND = 1, 2
 
 
 class SharedPromptRows:
-    """Where each packed row's prefix and two tails lie.
+    """Where each packed row's prefix and tails lie, and each token's position.
 
     Args:
         shared: per row, the shared prefix's length ``S``.
-        ends: per row, where the first tail ends and where the second tail ends.
-        length: the rows' common (padded) length.
-        device: where the tensors go.
+        tails: per row, its tails' lengths in order (a row ends with padding after them).
+        positions: ``[B, L]``, each token's position in its own row.
     """
 
-    def __init__(self, shared: list[int], ends: list[tuple[int, int]], length: int,
-                 device: torch.device | str) -> None:  # fmt: skip
-        self.shared, self.ends, self.length = shared, ends, length
-        self.device = torch.device(device)
-        positions, branch = [], []
-        for s, (first, second) in zip(shared, ends, strict=True):
-            positions.append(torch.cat([
-                torch.arange(first), torch.arange(s, s + second - first),
-                torch.arange(s + second - first, s + second - first + length - second),
-            ]))  # fmt: skip
-            branch.append(torch.tensor(
-                [SHARED] * s + [FIRST] * (first - s) + [SECOND] * (second - first)
-                + [PADDING] * (length - second), dtype=torch.int8,
-            ))  # fmt: skip
-        #: ``[B, L]``: each token's position in its own row (the second tail's restart).
-        self.positions = torch.stack(positions).to(self.device)
-        #: ``[B, L]``: :data:`SHARED`, :data:`FIRST`, :data:`SECOND` or :data:`PADDING`.
-        self.branch = torch.stack(branch).to(self.device)
+    def __init__(self, shared: list[int], tails: list[list[int]],
+                 positions: torch.Tensor) -> None:  # fmt: skip
+        self.shared, self.tails = shared, tails
+        self.length = positions.shape[-1]
+        self.device = positions.device
+        branch = torch.full((len(shared), self.length), PADDING, dtype=torch.int16)
+        for row, (s, lengths) in enumerate(zip(shared, tails, strict=True)):
+            branch[row, :s] = SHARED
+            start = s
+            for number, n in enumerate(lengths, 1):
+                branch[row, start : start + n] = number
+                start += n
+        #: ``[B, L]``: each token's position in its own row.
+        self.positions = positions
+        #: ``[B, L]``: :data:`SHARED`, the tail's number (1, 2, ...) or :data:`PADDING`.
+        self.branch = branch.to(self.device)
 
     @cached_property
     def mask(self) -> torch.Tensor:
-        """``[B, 1, L, L]`` bool: causal by index, and no second-tail query sees the first
-        tail (padding queries see what precedes them: no row without a key)."""
+        """``[B, 1, L, L]`` bool: causal by index, a tail's queries see the prefix and their
+        own tail only (padding queries see what precedes them: no row without a key)."""
         index = torch.arange(self.length, device=self.device)
         causal = index[:, None] >= index[None, :]
-        crossing = (self.branch[:, :, None] == SECOND) & (self.branch[:, None, :] == FIRST)
-        return (causal & ~crossing)[:, None]
+        query, key = self.branch[:, :, None], self.branch[:, None, :]
+        sees = (key == SHARED) | (key == query) | (query == PADDING)
+        return (causal & sees)[:, None]
 
     def windowed_mask(self, window: int) -> torch.Tensor:
         """:attr:`mask` within a sliding window counted in positions (as each row counts
@@ -82,30 +84,37 @@ class SharedPromptRows:
     def varlen(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
         """``(gather, cu_seqlens, scatter, max_len)`` for the flash varlen kernels.
 
-        Over the flattened ``[B * L]`` tokens, each row gives causal segments: its prefix and
-        first tail; its prefix again and its second tail; its padding. ``gather`` picks the
-        segments' tokens in order (the prefix twice), ``cu_seqlens`` cuts them, and
-        ``scatter`` takes each token's output back from its own segment."""
+        Over the flattened ``[B * L]`` tokens, each row gives causal segments: its prefix
+        and each of its tails in turn (the prefix gathered again for every tail after the
+        first); its padding. ``gather`` picks the segments' tokens in order,
+        ``cu_seqlens`` cuts them, and ``scatter`` takes each token's output back from its
+        own segment (the prefix's from the first)."""
         gather, scatter, lengths = [], [], []
         offset = 0
-        for row, (s, (first, second)) in enumerate(zip(self.shared, self.ends, strict=True)):
+
+        def segment(piece: torch.Tensor) -> int:
+            nonlocal offset
+            start = offset
+            if len(piece):  # an empty segment (a padding example's) is left out
+                gather.append(piece)
+                lengths.append(len(piece))
+                offset += len(piece)
+            return start
+
+        for row, (s, tails) in enumerate(zip(self.shared, self.tails, strict=True)):
             base = row * self.length
-            pieces = [torch.arange(base, base + first),
-                      torch.cat([torch.arange(base, base + s),
-                                 torch.arange(base + first, base + second)])]  # fmt: skip
-            if second < self.length:
-                pieces.append(torch.arange(base + second, base + self.length))
-            starts = []
-            for piece in pieces:
-                starts.append(offset)
-                if len(piece):  # an empty segment (a padding example's) is left out
-                    gather.append(piece)
-                    lengths.append(len(piece))
-                    offset += len(piece)
-            scatter.append(torch.arange(starts[0], starts[0] + first))
-            scatter.append(torch.arange(starts[1] + s, starts[1] + s + second - first))
-            if second < self.length:
-                scatter.append(torch.arange(starts[2], starts[2] + self.length - second))
+            prefix = torch.arange(base, base + s)
+            start = base + s
+            for number, n in enumerate(tails):
+                tail = torch.arange(start, start + n)
+                at = segment(torch.cat([prefix, tail]))
+                if number == 0:
+                    scatter.append(torch.arange(at, at + s))
+                scatter.append(torch.arange(at + s, at + s + n))
+                start += n
+            end = base + self.length
+            at = segment(torch.arange(start, end))
+            scatter.append(torch.arange(at, at + end - start))
         cu_seqlens = torch.tensor([0, *lengths]).cumsum(0).to(torch.int32)
         return (torch.cat(gather).to(self.device), cu_seqlens.to(self.device),
                 torch.cat(scatter).to(self.device), max(lengths))  # fmt: skip
@@ -119,11 +128,43 @@ class SharedPromptRows:
 
 
 def common_prompt(ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor) -> int:
-    """The length of the longest label-free common prefix of a pair's two rows
-    (``[2, L]`` each, right-padded)."""
-    same = (ids[0] == ids[1]) & mask.bool().all(0) & (labels == IGNORE_INDEX).all(0)
+    """The length of the longest label-free common prefix of rows ``[N, L]`` (right-padded,
+    real tokens where ``mask``)."""
+    same = (ids == ids[:1]).all(0) & mask.bool().all(0) & (labels == IGNORE_INDEX).all(0)
     differs = (~same).nonzero()
     return int(differs[0, 0]) if len(differs) else int(same.numel())
+
+
+def _pack(groups: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]],
+          pad_id: int, device: torch.device) -> tuple[
+              torch.Tensor, torch.Tensor, torch.Tensor, SharedPromptRows]:  # fmt: skip
+    """Each group's rows (``ids``, ``labels``, ``positions`` ``[N, L]`` and the real
+    tokens' count per row ``[N]``; a row's real tokens first) as one packed row."""
+    shared, tails, pieces = [], [], []
+    for ids, labels, positions, counts in groups:
+        mask = torch.arange(ids.shape[-1])[None] < counts[:, None]
+        s = max(common_prompt(ids, mask, labels) - 1, 0)
+        ends = [int(c) for c in counts]
+        parts = [(ids[0, :s], labels[0, :s], positions[0, :s])]
+        parts += [(ids[i, s:end], labels[i, s:end], positions[i, s:end])
+                  for i, end in enumerate(ends)]  # fmt: skip
+        shared.append(s)
+        tails.append([end - s for end in ends])
+        pieces.append([torch.cat(column) for column in zip(*parts, strict=True)])
+    length = max(max(len(p[0]) for p in pieces), 1)
+    out_ids = torch.full((len(pieces), length), pad_id, dtype=torch.long)
+    out_labels = torch.full((len(pieces), length), IGNORE_INDEX, dtype=torch.long)
+    out_mask = torch.zeros((len(pieces), length), dtype=torch.long)
+    out_positions = torch.zeros((len(pieces), length), dtype=torch.long)
+    for b, (row_ids, row_labels, row_positions) in enumerate(pieces):
+        n = len(row_ids)
+        out_ids[b, :n], out_labels[b, :n], out_mask[b, :n] = row_ids, row_labels, 1
+        # Padding continues the last tail's positions (its outputs are never read).
+        last = int(row_positions[-1]) + 1 if n else 0
+        out_positions[b, :n] = row_positions
+        out_positions[b, n:] = torch.arange(last, last + length - n)
+    rows = SharedPromptRows(shared, tails, out_positions.to(device))
+    return out_ids.to(device), out_mask.to(device), out_labels.to(device), rows
 
 
 def pack_pairs(
@@ -131,28 +172,38 @@ def pack_pairs(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, SharedPromptRows]:
     """``[B, 2, L]`` right-padded pairs (chosen, rejected) as ``[B, L']`` rows: ids,
     attention mask (1 on every real token), labels (unshifted, -100 off the completions),
-    and their :class:`SharedPromptRows`. A pair with no common prompt keeps both rows
-    whole, one after the other."""
-    device = input_ids.device
+    and their :class:`SharedPromptRows` (tail 1 chosen, tail 2 rejected). A pair with no
+    common prompt keeps both rows whole, one after the other."""
     ids, mask, lab = input_ids.cpu(), attention_mask.cpu(), labels.cpu()  # one sync
-    shared, ends, pieces = [], [], []
-    for b in range(ids.shape[0]):
-        lengths = [int(mask[b, side].sum()) for side in (0, 1)]
-        s = max(common_prompt(ids[b], mask[b], lab[b]) - 1, 0)
-        chosen, rejected = (slice(0, lengths[0]), slice(s, lengths[1]))
-        row_ids = torch.cat([ids[b, 0, chosen], ids[b, 1, rejected]])
-        row_labels = torch.cat([lab[b, 0, chosen], lab[b, 1, rejected]])
-        shared.append(s)
-        ends.append((lengths[0], lengths[0] + lengths[1] - s))
-        pieces.append((row_ids, row_labels))
-    length = max(max(end for _, end in ends), 1)
+    positions = torch.arange(ids.shape[-1]).expand(2, -1)
+    groups = [(ids[b], lab[b], positions, mask[b].sum(-1)) for b in range(ids.shape[0])]
     pad_id = int(ids[0, 0, -1]) if mask[0, 0, -1] == 0 else 0
-    out_ids = torch.full((len(pieces), length), pad_id, dtype=ids.dtype)
-    out_labels = torch.full((len(pieces), length), IGNORE_INDEX, dtype=lab.dtype)
-    out_mask = torch.zeros((len(pieces), length), dtype=mask.dtype)
-    for b, (row_ids, row_labels) in enumerate(pieces):
-        out_ids[b, : len(row_ids)] = row_ids
-        out_labels[b, : len(row_labels)] = row_labels
-        out_mask[b, : len(row_ids)] = 1
-    rows = SharedPromptRows(shared, ends, length, device)
-    return out_ids.to(device), out_mask.to(device), out_labels.to(device), rows
+    return _pack(groups, pad_id, input_ids.device)
+
+
+def pack_groups(
+    input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor, size: int,
+    *, prompt_width: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, SharedPromptRows]:  # fmt: skip
+    """GRPO's ``[N, P + C]`` rows (a left-padded prompt of width ``P``, then a right-padded
+    completion), every ``size`` consecutive rows completions of one prompt, as ``[N /
+    size, L']`` rows (tail ``i`` the group's ``i``-th completion). Each token keeps the
+    position it has in its own row as the model numbers it there: its index, the prompt's
+    left padding included (transformers' ``arange`` when no ``position_ids`` are given)."""
+    ids, mask, lab = input_ids.cpu(), attention_mask.cpu(), labels.cpu()  # one sync
+    rows, width = ids.shape
+    if rows % size:
+        raise ValueError(f"{rows} rows are not groups of {size}")
+    groups = []
+    for first in range(0, rows, size):
+        # The real tokens of each row, the prompt's left padding dropped.
+        lead = int((mask[first, :prompt_width] == 0).sum())
+        keep = mask[first : first + size].bool()
+        keep[:, :lead] = False
+        counts = keep.sum(-1)
+        order = torch.argsort((~keep).to(torch.int8), dim=-1, stable=True)  # real first
+        group_ids, group_labels = (t[first : first + size].gather(-1, order) for t in (ids, lab))
+        positions = torch.arange(width).expand(size, -1).gather(-1, order)
+        groups.append((group_ids, group_labels, positions, counts))
+    pad_id = int(ids[0, 0]) if mask[0, 0] == 0 else 0
+    return _pack(groups, pad_id, input_ids.device)

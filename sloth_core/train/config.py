@@ -107,8 +107,8 @@ class TrainConfig:
         False, "DPO/KTO: the reference log-probs once before training, not at every step"
     )
     share_prompt: bool = _opt(
-        True, "DPO/ORPO/SimPO: a pair's chosen and rejected in one row, its prompt computed "
-        "once (models on sloth's attention; the log-probs are those of two rows)",
+        True, "DPO/ORPO/SimPO/GRPO: a prompt's completions (a pair, a GRPO group) in one row, "
+        "the prompt computed once (models on sloth's attention; the log-probs are the rows')",
     )  # fmt: skip
     reward: list = _opt(
         [], "GRPO reward functions, module:function or file.py:function (built-ins: "

@@ -34,7 +34,14 @@ from sloth_core.errors import SlothError
 from . import distributed
 from .config import ConfigError, TrainConfig
 from .grpo_losses import GRPOOptions, StepTotals, group_advantages, grpo_loss
-from .log_probs import Reference, evaluating, token_log_probs
+from .log_probs import (
+    Reference,
+    TokenLogProbs,
+    evaluating,
+    grouped_token_log_probs,
+    shares_prompt,
+    token_log_probs,
+)
 from .preference import Sums
 from .resume import STEP_LOGS
 from .rollouts import Rollouts, rollout_seed, sample
@@ -166,8 +173,7 @@ class GRPOMethod:
         if self.steps_per_batch > 1:
             with torch.no_grad(), autocast():
                 for item in scored:
-                    tokens = token_log_probs(model, *item.rollouts.model_rows(),
-                                             temperature=self.config.temperature)  # fmt: skip
+                    tokens = self._token_log_probs(model, item.rollouts)
                     old.append(item.rollouts.completion_values(tokens.values))
         return _Batch(scored, advantages, totals, old)
 
@@ -228,13 +234,11 @@ class GRPOMethod:
 
     def _loss(self, model, rollouts: Rollouts, advantages, totals, sums: Sums,
               old_logps: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
-        ids, mask, labels = rollouts.model_rows()
-        temperature = self.config.temperature
-        policy = token_log_probs(model, ids, mask, labels, temperature=temperature)
+        policy = self._token_log_probs(model, rollouts)
         logps = rollouts.completion_values(policy.values)
         ref = None
         if self.reference is not None:
-            ref_tokens = self.reference.token_log_probs(ids, mask, labels, temperature=temperature)
+            ref_tokens = self._token_log_probs(model, rollouts, reference=True)
             ref = rollouts.completion_values(ref_tokens.values)
         out = grpo_loss(logps, rollouts.completion_mask, advantages, totals, self.options,
                         old_logps=old_logps, ref_logps=ref)  # fmt: skip
@@ -246,6 +250,33 @@ class GRPOMethod:
             coef = getattr(model, "module", model).config.router_aux_loss_coef
             loss = loss + coef * policy.aux_loss.to(loss.device) * share
         return loss
+
+    def _token_log_probs(self, model: Any, rollouts: Rollouts, *,
+                         reference: bool = False) -> TokenLogProbs:  # fmt: skip
+        """The policy's (or the reference's) log-probs of the rollouts' rows: one row a
+        prompt's completions, the prompt once, where ``share_prompt`` and the model allow
+        (not where the loss adds an MoE router's load-balancing loss, which averages over
+        the forward's tokens)."""
+        ids, mask, labels = rollouts.model_rows()
+        temperature = self.config.temperature
+        config = getattr(model, "module", model).config
+        shared = (self.config.share_prompt and self.generations > 1
+                  and not getattr(config, "output_router_logits", False)
+                  and ids.shape[0] % self.generations == 0)  # fmt: skip
+        if reference:
+            assert self.reference is not None
+            if shared and self.reference.shares_prompt():
+                return self.reference.grouped_token_log_probs(
+                    ids, mask, labels, size=self.generations,
+                    prompt_width=rollouts.prompt_ids.shape[1], temperature=temperature,
+                )  # fmt: skip
+            return self.reference.token_log_probs(ids, mask, labels, temperature=temperature)
+        if shared and shares_prompt(model):
+            return grouped_token_log_probs(
+                model, ids, mask, labels, size=self.generations,
+                prompt_width=rollouts.prompt_ids.shape[1], temperature=temperature,
+            )  # fmt: skip
+        return token_log_probs(model, ids, mask, labels, temperature=temperature)
 
     def _reward_metrics(self, scored: list[_Scored], advantages: Any, sums: Sums) -> None:
         per_function = torch.cat([s.per_function for s in scored])

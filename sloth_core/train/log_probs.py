@@ -112,6 +112,34 @@ def pair_log_probs(
                             token.aux_loss)  # fmt: skip
 
 
+def grouped_token_log_probs(
+    model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor, *,
+    size: int, prompt_width: int, temperature: float = 1.0,
+) -> TokenLogProbs:  # fmt: skip
+    """:func:`token_log_probs` of GRPO's ``[N, P + C]`` rows (left-padded prompts of width
+    ``prompt_width``, right-padded completions; every ``size`` consecutive rows
+    completions of one prompt) computed one row a group, the prompt once
+    (:func:`~sloth_core.patches.shared_prompt.pack_groups`): the values and mask in the
+    rows' own layout, as :func:`token_log_probs` gives them for the rows one by one."""
+    from sloth_core.patches.shared_prompt import SHARED_PROMPT_KWARG, pack_groups
+
+    ids, mask, packed_labels, rows = pack_groups(input_ids, attention_mask, labels, size,
+                                                 prompt_width=prompt_width)  # fmt: skip
+    token = token_log_probs(model, ids, mask, packed_labels, temperature=temperature,
+                            position_ids=rows.positions, **{SHARED_PROMPT_KWARG: rows})  # fmt: skip
+    group, at = token.mask.nonzero(as_tuple=True)
+    # Packed position u predicts token u + 1 of tail i, the token at its own row's index
+    # positions[u + 1] (positions are row indices here), whose value that row keeps at the
+    # index before it.
+    member = group * size + rows.target_branch()[group, at].long() - 1
+    index = rows.positions[group, at + 1] - 1
+    values = token.values.new_zeros(labels.shape)
+    values[member, index] = token.values[group, at]
+    keep = torch.zeros(labels.shape, dtype=torch.bool, device=labels.device)
+    keep[member, index] = True
+    return TokenLogProbs(values, keep, token.aux_loss)
+
+
 def shares_prompt(model: Any) -> bool:
     """Whether :func:`pair_log_probs` serves ``model``: a patched causal LM (log-probs from
     hidden states) whose attention is ``sloth_attention`` (which takes the pair's mask)."""
@@ -155,6 +183,17 @@ class Reference:
         """:func:`pair_log_probs` under the reference: ``[B, 2, L]`` pairs, the prompt once."""
         with self._model() as model:
             return pair_log_probs(model, input_ids, attention_mask, labels)
+
+    @torch.no_grad()
+    def grouped_token_log_probs(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor, *,
+        size: int, prompt_width: int, temperature: float = 1.0,
+    ) -> TokenLogProbs:  # fmt: skip
+        """:func:`grouped_token_log_probs` under the reference (GRPO's KL term)."""
+        with self._model() as model:
+            return grouped_token_log_probs(model, input_ids, attention_mask, labels, size=size,
+                                           prompt_width=prompt_width,
+                                           temperature=temperature)  # fmt: skip
 
     def shares_prompt(self) -> bool:
         return shares_prompt(self.frozen if self.frozen is not None else self.model)
