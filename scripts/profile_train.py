@@ -63,14 +63,18 @@ def main() -> None:
             torch.cuda.synchronize()
         events = prof.key_averages()
         device_us = sum(e.self_device_time_total for e in events)
-        print(f"==== {system}: {args.shape} seq {args.seq} x batch {args.batch}: step "
-              f"{wall * 1000:.1f} ms wall, {device_us / 1000:.1f} ms device time (profiled "
-              f"step), {args.seq * args.batch / wall:.0f} tokens/s, peak "
-              f"{torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
-        print(events.table(sort_by="self_device_time_total", row_limit=args.rows,
-                           max_name_column_width=70))
-        print(events.table(sort_by="self_cpu_time_total", row_limit=15,
-                           max_name_column_width=70))
+        print(
+            f"==== {system}: {args.shape} seq {args.seq} x batch {args.batch}: step "
+            f"{wall * 1000:.1f} ms wall, {device_us / 1000:.1f} ms device time (profiled "
+            f"step), {args.seq * args.batch / wall:.0f} tokens/s, peak "
+            f"{torch.cuda.max_memory_allocated() / 2**30:.2f} GiB"
+        )
+        print(
+            events.table(
+                sort_by="self_device_time_total", row_limit=args.rows, max_name_column_width=70
+            )
+        )
+        print(events.table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=70))
         del model, optimizer
         gc.collect()
         torch.cuda.empty_cache()

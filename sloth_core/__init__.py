@@ -17,9 +17,9 @@ PROJECT_NAME = "sloth"
 #: Marker for plugin implementations: ``@hookimpl def load_model(spec): ...``.
 hookimpl = pluggy.HookimplMarker(PROJECT_NAME)
 
-if TYPE_CHECKING:
-    from sloth_core.api import FastLanguageModel
-    from sloth_core.plugins import SlothPluginManager, get_plugin_manager
+if TYPE_CHECKING:  # for type checkers: at run time _LAZY resolves them (in __all__)
+    from sloth_core.api import FastLanguageModel  # noqa: F401
+    from sloth_core.plugins import SlothPluginManager, get_plugin_manager  # noqa: F401
 
 # The public API pulls in torch and transformers; keep ``import sloth_core`` (and so the
 # CLI's start and plugin discovery) cheap by resolving those names on first use.

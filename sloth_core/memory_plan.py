@@ -126,7 +126,9 @@ def _layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     layers), in the model's order."""
     from transformers.modeling_layers import GradientCheckpointingLayer
 
-    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    layers: list[torch.nn.Module] = [
+        m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)
+    ]
     if not layers:
         raise ValueError(f"{type(model).__name__}: no decoder layers (GradientCheckpointingLayer)")
     return layers
@@ -489,7 +491,7 @@ def plan_for_step(
     """
     layers = _layers(model)
     for layer in layers:  # what apply_plan sets again
-        layer.gradient_checkpointing = False
+        layer.gradient_checkpointing = False  # type: ignore[assignment]  # a plain attribute
     parameter = next(model.parameters())
     config = model.config.get_text_config()
     generator = torch.Generator().manual_seed(0)

@@ -67,7 +67,9 @@ def test_lora_trains_and_merged_export_reloads_in_plain_transformers(
 
     model.eval()
     with torch.no_grad():
-        expected = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        expected = model(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+        ).logits
     reloaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     assert not any("lora" in n for n, _ in reloaded.named_parameters())
     with torch.no_grad():

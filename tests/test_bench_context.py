@@ -20,7 +20,6 @@ def _torch_ops(monkeypatch):
     monkeypatch.setenv("SLOTH_KERNELS", "torch")
 
 
-
 def upto(limit: int):
     return lambda seq: seq <= limit
 
@@ -157,8 +156,14 @@ def test_run_max_context_per_system_with_ratios_and_skips(monkeypatch, tmp_path)
 
     monkeypatch.setattr(context, "Prober", FakeProber)
     monkeypatch.setattr(context, "make_model", lambda shape, path, device: path)
-    monkeypatch.setattr(context, "resolve_systems", lambda systems: (
-        ["sloth", "hf", "sloth:off"], [{"system": "liger", "skipped": "not installed"}]))
+    monkeypatch.setattr(
+        context,
+        "resolve_systems",
+        lambda systems: (
+            ["sloth", "hf", "sloth:off"],
+            [{"system": "liger", "skipped": "not installed"}],
+        ),
+    )
     report = context.run_max_context("llama-tiny", systems="all", model_dir=tmp_path,
                                      device="cpu", start=256, cap=4096,
                                      granularity=128)  # fmt: skip

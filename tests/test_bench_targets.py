@@ -82,8 +82,10 @@ def test_targets_run_every_row_and_write_the_summary(tmp_path, monkeypatch, caps
     context row answered by a fake search, through the CLI."""
     # The reference ops: under CI's TRITON_INTERPRET=1 the kernels would run interpreted.
     monkeypatch.setenv("SLOTH_KERNELS", "torch")
-    rows = (Target("tiny", "llama-tiny", 16, 2, speed=1e-3, memory=0.9),
-            Target("context-nf4", "llama-tiny", 0, 1, "nf4", context=12.0, budget_gib=40.0))
+    rows = (
+        Target("tiny", "llama-tiny", 16, 2, speed=1e-3, memory=0.9),
+        Target("context-nf4", "llama-tiny", 0, 1, "nf4", context=12.0, budget_gib=40.0),
+    )
     monkeypatch.setattr(bench_targets, "TARGETS", rows)
 
     def fake_context(shape, **kwargs):
@@ -179,14 +181,20 @@ def _context_search(limits, calls, cut_after=None):
         result = {"system": system, "probes": probed}
         try:
             result["max_seq"] = bench_context.max_fitting(
-                fits, start=start, cap=cap, granularity=granularity).best
+                fits, start=start, cap=cap, granularity=granularity
+            ).best
         except bench_context.SearchIncomplete:
             result.update(incomplete=True, error="search incomplete",
                           bounds=[max([s for s in probed if s <= limits[system]], default=0),
                                   None])  # fmt: skip
         calls.append((system, start, cap, list(probed)))
-        return {"kind": "max_context", "shape": shape, "device": "cpu", "start": start,
-                "results": [result]}
+        return {
+            "kind": "max_context",
+            "shape": shape,
+            "device": "cpu",
+            "start": start,
+            "results": [result],
+        }
 
     return run
 
@@ -209,7 +217,10 @@ def test_a_context_row_aims_sloths_first_probe_at_the_target(monkeypatch, tmp_pa
                         _context_search({"hf": 10000, "sloth": 50000}, calls))  # fmt: skip
     report = bench_targets.context_row(target, tmp_path, "cpu", start=8192, granularity=2048)
     assert [(c[0], c[1], c[2]) for c in calls] == [
-        ("hf", 8192, 262144), ("sloth", 98304, 262144), ("sloth", 8192, 96256)]
+        ("hf", 8192, 262144),
+        ("sloth", 98304, 262144),
+        ("sloth", 8192, 96256),
+    ]
     sloth = report["results"][0]
     assert sloth["aimed_at"] == 98304 and sloth["probes"][0] == 98304
     assert 49152 <= sloth["max_seq"] <= 50000

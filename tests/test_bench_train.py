@@ -91,9 +91,7 @@ def test_moe_shape_is_qwen3_30b_a3b_and_counts_the_experts_each_token_runs():
     assert train._matmul_params(model) == attention + experts_per_token + 151936 * 2048
 
 
-def test_the_moe_row_trains_attention_and_every_expert_alike_in_both_systems(
-    tmp_path, monkeypatch
-):
+def test_the_moe_row_trains_attention_and_every_expert_alike_in_both_systems(tmp_path, monkeypatch):
     """The ``moe`` target's workload at a tiny size, in-process (the workers' body): sloth
     and hf both put LoRA on attention and on every expert (PEFT maps gate/up/down_proj to
     the 3-D expert weights), train the same count of parameters from the same loss."""
@@ -147,7 +145,9 @@ def test_a_system_may_carry_one_setting_of_its_environment(monkeypatch, tmp_path
     # An A/B of a switch in one run: the same system with and without it, each process
     # with its own environment, labelled as named.
     assert train.system_env("sloth[SLOTH_KEEP_PROJECTIONS=1]") == (
-        "sloth", {"SLOTH_KEEP_PROJECTIONS": "1"})
+        "sloth",
+        {"SLOTH_KEEP_PROJECTIONS": "1"},
+    )
     assert train.system_env("sloth:on") == ("sloth:on", {})
     run, skipped = resolve_systems("sloth,sloth:on[SLOTH_X=],hf")
     assert run == ["sloth", "sloth:on[SLOTH_X=]", "hf"] and skipped == []

@@ -43,6 +43,7 @@ def test_plugins_list_hook_filter(plugin_manager, capsys):
 
 def test_plugins_list_table_shows_failures(plugin_manager, capsys, monkeypatch):
     monkeypatch.setenv("COLUMNS", "250")
+
     class Broken:
         @hookimpl
         def lod_model(self, spec):
@@ -62,9 +63,23 @@ def test_doctor_json_reports_versions_and_op_choices(plugin_manager, capsys):
     assert report["versions"]["torch"]
     # Written out, not taken from the registry the doctor reads: no entry points, so no
     # kernels, and every op the core defines served by its torch reference.
-    ops = ["rms_norm", "layer_norm", "rope", "swiglu", "geglu", "lora_linear", "lora_mlp",
-           "lora_qkv", "lora_o", "cross_entropy", "fused_linear_cross_entropy", "dequantize_nf4",
-           "moe_route", "moe_experts", "token_log_probs"]
+    ops = [
+        "rms_norm",
+        "layer_norm",
+        "rope",
+        "swiglu",
+        "geglu",
+        "lora_linear",
+        "lora_mlp",
+        "lora_qkv",
+        "lora_o",
+        "cross_entropy",
+        "fused_linear_cross_entropy",
+        "dequantize_nf4",
+        "moe_route",
+        "moe_experts",
+        "token_log_probs",
+    ]
     assert report["ops"]["resolved"] == dict.fromkeys(ops, "torch")
 
 

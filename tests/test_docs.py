@@ -40,7 +40,9 @@ def test_every_hook_is_documented_with_its_exact_signature():
     assert len(hooks) >= 9
     for hook in hooks:
         assert _signature(hook) in text, f"docs/hooks.md lacks `{_signature(hook)}`"
-        heading = f"### {hook.__name__}" + (" (firstresult)" if hook.sloth_spec["firstresult"] else "")
+        heading = f"### {hook.__name__}" + (
+            " (firstresult)" if hook.sloth_spec["firstresult"] else ""
+        )
         assert heading in text, f"docs/hooks.md lacks heading {heading!r}"
 
 

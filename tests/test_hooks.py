@@ -87,7 +87,9 @@ def test_hook_quantize(register_plugin, make_tiny_model):
                                     finalize=finalize)  # fmt: skip
 
     register_plugin(Quantizer(), "quant")
-    model, _ = FastLanguageModel.from_pretrained(str(make_tiny_model("llama")), quantization="fake8")
+    model, _ = FastLanguageModel.from_pretrained(
+        str(make_tiny_model("llama")), quantization="fake8"
+    )
     assert seen == {"model_type": "llama"} and model.fake8
     assert model.config._attn_implementation == "eager"
     assert model.sloth_spec.quantization_plan.method == "fake8"

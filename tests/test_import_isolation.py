@@ -72,7 +72,10 @@ def _sources() -> list[tuple[str, Path, bool]]:
     """``(distribution, file, is_test)`` of every plugin's, the kernels' and the plugin
     template's Python code (the template's files as ``sloth plugins new`` writes them)."""
     found = []
-    for dist in [ROOT / "kernels", *sorted(p.parent for p in ROOT.glob("plugins/*/pyproject.toml"))]:
+    for dist in [
+        ROOT / "kernels",
+        *sorted(p.parent for p in ROOT.glob("plugins/*/pyproject.toml")),
+    ]:
         for path in sorted(dist.rglob("*.py")):
             if "egg-info" in str(path) or "build" in path.relative_to(dist).parts:
                 continue

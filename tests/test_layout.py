@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 
 import sloth_core
 
 ROOT = Path(__file__).resolve().parents[1]
-DISTRIBUTIONS = [ROOT, ROOT / "kernels", *sorted(p.parent for p in ROOT.glob("plugins/*/pyproject.toml"))]
+DISTRIBUTIONS = [
+    ROOT,
+    ROOT / "kernels",
+    *sorted(p.parent for p in ROOT.glob("plugins/*/pyproject.toml")),
+]
 
 
 @pytest.mark.parametrize("path", DISTRIBUTIONS, ids=lambda p: str(p.relative_to(ROOT)) or ".")

@@ -20,12 +20,17 @@ VARIANTS = {
     "dropout": dict(target_modules=ALL, lora_dropout=0.1),
     "rslora": dict(target_modules=ALL, use_rslora=True),
     # other ranks and alphas per module: each op's layers scale differently
-    "patterns": dict(target_modules=ALL, rank_pattern={"k_proj": 2, "down_proj": 6},
-                     alpha_pattern={"q_proj": 3.0, "up_proj": 24.0}),  # fmt: skip
+    "patterns": dict(
+        target_modules=ALL,
+        rank_pattern={"k_proj": 2, "down_proj": 6},
+        alpha_pattern={"q_proj": 3.0, "up_proj": 24.0},
+    ),  # fmt: skip
     "all-linear": dict(target_modules="all-linear"),
     # a trainable head beside the adapters (and a trainable embedding, not kept on host)
-    "modules_to_save": dict(target_modules=["q_proj", "v_proj", "down_proj"],
-                            modules_to_save=["lm_head", "embed_tokens"]),  # fmt: skip
+    "modules_to_save": dict(
+        target_modules=["q_proj", "v_proj", "down_proj"],
+        modules_to_save=["lm_head", "embed_tokens"],
+    ),  # fmt: skip
     # trainable biases of the adapted projections (the fused path does not serve them)
     "lora_only_bias": dict(target_modules=ALL, bias="lora_only"),
     "k_only": dict(target_modules=["k_proj"]),

@@ -18,8 +18,11 @@ ARCHITECTURES = {
     "qwen3": ("sloth-qwen", ["q_proj", "v_proj"], ["gate_proj", "up_proj", "down_proj"]),
     "gemma": ("sloth-gemma", ["q_proj", "v_proj"], ["gate_proj", "up_proj", "down_proj"]),
     "gemma2": ("sloth-gemma", ["q_proj", "v_proj"], ["gate_proj", "up_proj", "down_proj"]),
-    "gemma3_text": ("sloth-gemma", ["q_proj", "v_proj"],
-                    ["gate_proj", "up_proj", "down_proj"]),  # fmt: skip
+    "gemma3_text": (
+        "sloth-gemma",
+        ["q_proj", "v_proj"],
+        ["gate_proj", "up_proj", "down_proj"],
+    ),  # fmt: skip
     "phi3": ("sloth-phi", ["qkv_proj"], ["gate_up_proj", "down_proj"]),
 }
 

@@ -18,7 +18,9 @@ def _plugin(**hooks) -> types.SimpleNamespace:
 def test_builtins_register_first_and_are_active():
     manager = SlothPluginManager(entry_points=False)
     builtins = manager.plugins(include_builtins=True)
-    assert [r.name for r in builtins] == ["builtin:" + m.rsplit(".", 1)[-1] for m in BUILTIN_PLUGINS]
+    assert [r.name for r in builtins] == [
+        "builtin:" + m.rsplit(".", 1)[-1] for m in BUILTIN_PLUGINS
+    ]
     assert all(r.status == "active" and r.source == "builtin" for r in builtins)
     assert manager.plugins() == []  # built-ins are hidden unless asked for
     assert {"lora", "merged_16bit", "merged"} <= set(manager.exporters)

@@ -8,11 +8,10 @@ switched on before triton is first imported, hence here, at collection time.
 
 from __future__ import annotations
 
-
 import pytest
 import torch
-
 from kernel_helpers import DEVICE, HAS_CUDA
+
 from sloth_core.testing.seeds import pytest_runtest_makereport, seed  # noqa: F401
 
 

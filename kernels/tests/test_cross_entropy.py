@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 from kernel_helpers import DTYPES, HAS_CUDA, assert_close
-
-from sloth_core.ops import reference
 from sloth_kernels import cross_entropy as ce_module
 from sloth_kernels.cross_entropy import cross_entropy
+
+from sloth_core.ops import reference
 
 
 @pytest.fixture

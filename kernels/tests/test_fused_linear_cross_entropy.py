@@ -13,12 +13,12 @@ from kernel_helpers import (
     assert_close,
     peak_bytes_above_inputs,
 )
-
-from sloth_core.ops import reference
-from sloth_core.testing.rounding import assert_near_fp32
 from sloth_kernels import cross_entropy as ce_module
 from sloth_kernels import fused_linear_cross_entropy as flce_module
 from sloth_kernels.fused_linear_cross_entropy import default_chunk_size, fused_linear_cross_entropy
+
+from sloth_core.ops import reference
+from sloth_core.testing.rounding import assert_near_fp32
 
 
 @pytest.fixture(autouse=True)
@@ -34,7 +34,7 @@ def _inputs(n_rows, hidden_size, vocab, dtype, device, *, bias=False, grads=(Tru
     weight = (torch.randn(vocab, hidden_size, device=device) * 2 / hidden_size**0.5).to(dtype)
     b = torch.randn(vocab, device=device).to(dtype) if bias else None
     tensors = (hidden, weight, b)
-    for t, needs in zip(tensors, grads):
+    for t, needs in zip(tensors, grads, strict=True):
         if t is not None:
             t.requires_grad_(needs)
     labels = torch.randint(0, vocab, (n_rows,), device=device)

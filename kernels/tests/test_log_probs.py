@@ -12,13 +12,13 @@ from kernel_helpers import (
     assert_close,
     peak_bytes_above_inputs,
 )
+from sloth_kernels import cross_entropy as ce_module
+from sloth_kernels import log_probs as log_probs_module
+from sloth_kernels.log_probs import token_log_probs
 
 from sloth_core.ops import reference
 from sloth_core.testing.rounding import assert_near_fp32
 from sloth_core.testing.seeds import draw
-from sloth_kernels import cross_entropy as ce_module
-from sloth_kernels import log_probs as log_probs_module
-from sloth_kernels.log_probs import token_log_probs
 
 IGNORE = -100
 #: dbias's allowance: each entry sums one rounded d(logits) per token, and with per-token

@@ -274,7 +274,6 @@ def test_settings_the_kernel_does_not_serve_use_the_reference():
         expected = reference.lora_linear(x, layer)
     assert _fell_back(out) and torch.equal(out, expected), "dropout"
 
-
     # A trainable base bias, and an FP4 base.
     biased = _layer(INTER, HIDDEN, torch.float32, r=4, bias=True)
     biased.bias.requires_grad_()

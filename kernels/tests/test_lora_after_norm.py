@@ -33,8 +33,14 @@ def _layer(out_f, in_f, dtype, r=4):
 
 
 def _fresh(layers):
-    return [replace(layer, lora_A=layer.lora_A.detach().clone().requires_grad_(),
-                    lora_B=layer.lora_B.detach().clone().requires_grad_()) for layer in layers]  # fmt: skip
+    return [
+        replace(
+            layer,
+            lora_A=layer.lora_A.detach().clone().requires_grad_(),
+            lora_B=layer.lora_B.detach().clone().requires_grad_(),
+        )
+        for layer in layers
+    ]
 
 
 def _ops(name):
@@ -42,8 +48,11 @@ def _ops(name):
         return lora_qkv, reference.lora_qkv, (INTER, 24, 24)
     if name == "lora_linear":
         return lora_linear, reference.lora_linear, (INTER,)
-    return (lambda x, *ls: lora_mlp(x, *ls, activation="swiglu"),
-            lambda x, *ls: reference.lora_mlp(x, *ls, activation="swiglu"), (INTER, INTER, HIDDEN))  # fmt: skip
+    return (
+        lambda x, *ls: lora_mlp(x, *ls, activation="swiglu"),
+        lambda x, *ls: reference.lora_mlp(x, *ls, activation="swiglu"),
+        (INTER, INTER, HIDDEN),
+    )
 
 
 def _run(norm, op, x, weight, layers, grads, *, detach_norm_output=False):
@@ -63,7 +72,9 @@ def _run(norm, op, x, weight, layers, grads, *, detach_norm_output=False):
         out = op(y, *layers)
         outs = out if isinstance(out, tuple) else (out,)
         torch.autograd.backward(outs, grads)
-    tensors = [x.grad, weight.grad] + [t.grad for l in layers for t in (l.lora_A, l.lora_B)]
+    tensors = [x.grad, weight.grad] + [
+        t.grad for layer in layers for t in (layer.lora_A, layer.lora_B)
+    ]
     return outs, tensors, saved, y
 
 
@@ -72,8 +83,15 @@ def _run(norm, op, x, weight, layers, grads, *, detach_norm_output=False):
 def test_lora_after_norm_recomputes_the_norm_output(name, dtype, seed):
     what = f"{name} {dtype} seed={seed}"  # inputs from the test's recorded seed (conftest)
     kernel, ref, outs = _ops(name)
-    layers = ([_layer(o, HIDDEN, dtype) for o in outs] if name != "lora_mlp" else
-              [_layer(INTER, HIDDEN, dtype), _layer(INTER, HIDDEN, dtype), _layer(HIDDEN, INTER, dtype)])  # fmt: skip
+    layers = (
+        [_layer(o, HIDDEN, dtype) for o in outs]
+        if name != "lora_mlp"
+        else [
+            _layer(INTER, HIDDEN, dtype),
+            _layer(INTER, HIDDEN, dtype),
+            _layer(HIDDEN, INTER, dtype),
+        ]
+    )
     x = torch.randn(5, 7, HIDDEN, device=DEVICE).to(dtype)
     weight = (1 + 0.1 * torch.randn(HIDDEN, device=DEVICE)).to(dtype)
     out_dims = [layer.weight.shape[0] for layer in layers] if name != "lora_mlp" else [HIDDEN]
@@ -90,13 +108,17 @@ def test_lora_after_norm_recomputes_the_norm_output(name, dtype, seed):
     # precision against the references; the chain against the references in fp32 here.
     if dtype != torch.float32:
         return
-    ref_layers = [replace(l, weight=l.weight.float(), lora_A=l.lora_A.detach().float().requires_grad_(),
-                          lora_B=l.lora_B.detach().float().requires_grad_()) for l in layers]  # fmt: skip
+    ref_layers = [replace(layer, weight=layer.weight.float(),
+                          lora_A=layer.lora_A.detach().float().requires_grad_(),
+                          lora_B=layer.lora_B.detach().float().requires_grad_())
+                  for layer in layers]  # fmt: skip
     ref_out, ref_grads, _, _ = _run(reference.rms_norm, ref, x.float(), weight.float(), ref_layers,
                                     [g.float() for g in grads])  # fmt: skip
     for a, b in zip([*fast_out, *fast], [*ref_out, *ref_grads], strict=True):
         # the absolute part relative to the tensor's largest entry, as in test_lora.py
-        assert_close(a, b.to(a.dtype), dtype, scale=max(1.0, float(b.detach().abs().max())), what=what)
+        assert_close(
+            a, b.to(a.dtype), dtype, scale=max(1.0, float(b.detach().abs().max())), what=what
+        )
 
 
 def test_only_an_untouched_norm_output_takes_the_shortcut():

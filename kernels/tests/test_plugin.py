@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import torch
-
-from sloth_core.plugins import SlothPluginManager
 from sloth_kernels import plugin
 from sloth_kernels._utils import kernel_devices
+
+from sloth_core.plugins import SlothPluginManager
 
 #: Every op the core defines, written out (not the core's ``REFERENCE_OPS``, from which the
 #: registry is built): a kernel dropped from sloth-kernels, or an op dropped from the core

@@ -308,6 +308,7 @@ class _Worker:
         """The answer for ``seq``; ``{"error", "returncode"}`` if the process ended first."""
         import queue
 
+        assert self.proc.stdin is not None  # opened with stdin=PIPE
         try:
             self.proc.stdin.write(f"{seq}\n")
             self.proc.stdin.flush()
@@ -331,7 +332,8 @@ class _Worker:
     def close(self) -> None:
         if self.proc.poll() is None:
             try:
-                self.proc.stdin.close()
+                if self.proc.stdin is not None:
+                    self.proc.stdin.close()
                 self.proc.wait(timeout=30)
             except Exception:  # noqa: BLE001 - whatever went wrong, it goes
                 self.proc.kill()
@@ -419,8 +421,14 @@ def run_max_context(shape: str, *, systems: str | tuple[str, ...], model_dir: Pa
     device_name = _device_name(device)
     book = None
     if journal is not None:
-        key = {"shape": shape, "config": SHAPES[shape], "quantization": quantization,
-               "budget_gib": budget_gib, "device": device_name, "versions": versions()}
+        key = {
+            "shape": shape,
+            "config": SHAPES[shape],
+            "quantization": quantization,
+            "budget_gib": budget_gib,
+            "device": device_name,
+            "versions": versions(),
+        }
         book = Journal(journal, key)
     results: list[dict[str, Any]] = []
     for system in run:
@@ -454,10 +462,15 @@ def run_max_context(shape: str, *, systems: str | tuple[str, ...], model_dir: Pa
         except SearchIncomplete as exc:
             low = max((p["seq"] for p in probes if p["fits"]), default=0)
             high = min((p["seq"] for p in probes if not p["fits"]), default=None)
-            entry.update(incomplete=True, bounds=[low, high], error=(
-                f"search incomplete: {exc}; fits at {low or 'no length yet'}"
-                + (f", not at {high}" if high else "")
-                + (f" (run again with the journal {journal} to go on)" if journal else "")))
+            entry.update(
+                incomplete=True,
+                bounds=[low, high],
+                error=(
+                    f"search incomplete: {exc}; fits at {low or 'no length yet'}"
+                    + (f", not at {high}" if high else "")
+                    + (f" (run again with the journal {journal} to go on)" if journal else "")
+                ),
+            )
         except ProbeError as exc:
             entry["error"] = str(exc)
         finally:
@@ -472,7 +485,8 @@ def run_max_context(shape: str, *, systems: str | tuple[str, ...], model_dir: Pa
             r["context_vs_hf"] = r["max_seq"] / base["max_seq"]
     return {"kind": "max_context", "shape": shape, "config": SHAPES[shape], "batch": 1,
             "device": device, "device_name": device_name, "quantization": quantization,
-            "budget_gib": budget_gib, "budget_measure": ("torch.cuda.max_memory_allocated" if device.startswith("cuda")
+            "budget_gib": budget_gib,
+            "budget_measure": ("torch.cuda.max_memory_allocated" if device.startswith("cuda")
                                else "peak RSS growth"),
             "start": start, "cap": cap, "granularity": granularity, "versions": versions(),
             "journal": None if journal is None else str(journal),
@@ -500,8 +514,9 @@ def markdown(report: dict[str, Any], command: str) -> str:
     lines = [f"Shape `{report['shape']}`, batch 1, "
              f"{'bf16' if not report.get('quantization') else report['quantization']} base "
              f"weights, budget {budget_text} (measured as {report['budget_measure']}), "
-             f"{report.get('device_name') or report['device']}; lengths from {report['start']} doubling to at most "
-             f"{report['cap']}, then bisection to {report['granularity']} tokens.",
+             f"{report.get('device_name') or report['device']}; lengths from {report['start']} "
+             f"doubling to at most {report['cap']}, then bisection to {report['granularity']} "
+             "tokens.",
              "", f"    {command}", "",
              "| system | max context (tokens) | vs hf | peak GiB at max | probes |",
              "|---|---|---|---|---|"]  # fmt: skip

@@ -238,7 +238,7 @@ def run_trl(model_dir: Path, pairs: list[dict[str, list[int]]], *, seq: int, ste
         args = trl.DPOConfig(
             output_dir=out, per_device_train_batch_size=len(pairs), max_steps=warmup + steps,
             bf16=cuda, use_cpu=not cuda, gradient_checkpointing=True, beta=BETA,
-            loss_type="sigmoid", max_length=seq, learning_rate=lr,
+            loss_type=["sigmoid"], max_length=seq, learning_rate=lr,
             lr_scheduler_type="constant", report_to="none", logging_steps=1,
             save_strategy="no", disable_tqdm=True, dataloader_num_workers=0,
         )  # fmt: skip

@@ -121,14 +121,14 @@ def _sampler(system: str, model: Any, tokenizer: Any, ids: Any, *, generations: 
     prompt_mask = mask.repeat_interleave(generations, dim=0)
     model.eval()
 
-    def call(seed: int) -> Any:
+    def generate(seed: int) -> Any:
         torch.manual_seed(seed)
         with torch.no_grad():
             out = model.generate(input_ids=prompts, attention_mask=prompt_mask,
                                  generation_config=config)  # fmt: skip
         return out[:, prompts.shape[1] :]
 
-    return call, stops
+    return generate, stops
 
 
 def run_system(system: str, model_dir: Path, *, prompts: int, generations: int,

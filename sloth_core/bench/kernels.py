@@ -60,11 +60,18 @@ class CaseResult:
         return base.median_ms / mine.median_ms
 
     def as_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "op": self.op, "results": [r.as_dict() for r in self.results],
-                "speedup_vs_eager": self.speedup("eager"),
-                "speedup_vs_compile": self.speedup("compile"),
-                "speedup_vs_baselines": {r.system: self.speedup(r.system) for r in self.results
-                                         if r.system not in ("sloth", "eager", "compile")}}  # fmt: skip
+        return {
+            "name": self.name,
+            "op": self.op,
+            "results": [r.as_dict() for r in self.results],
+            "speedup_vs_eager": self.speedup("eager"),
+            "speedup_vs_compile": self.speedup("compile"),
+            "speedup_vs_baselines": {
+                r.system: self.speedup(r.system)
+                for r in self.results
+                if r.system not in ("sloth", "eager", "compile")
+            },
+        }
 
 
 def _free() -> None:
@@ -101,8 +108,10 @@ def run_kernel_bench(
         systems += [(name, name, fn) for name, fn in case.baselines.items()]
         # Graph replays only where every system captures, so no ratio mixes device time
         # with time that includes host overhead.
-        graph_case = graph and device.type == "cuda" and all(
-            cuda_graph(partial(case.run, fn), device) is not None for _, _, fn in systems
+        graph_case = (
+            graph
+            and device.type == "cuda"
+            and all(cuda_graph(partial(case.run, fn), device) is not None for _, _, fn in systems)
         )
         result = CaseResult(name, case.op)
         for system, provider, fn in systems:
@@ -130,7 +139,9 @@ def run_kernel_bench(
     return {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "torch": torch.__version__,
-        "shapes": {k: (str(v) if isinstance(v, torch.dtype) else v) for k, v in shapes.__dict__.items()},
+        "shapes": {
+            k: (str(v) if isinstance(v, torch.dtype) else v) for k, v in shapes.__dict__.items()
+        },
         "copy_bandwidth_gbps": bandwidth,
         "runs": runs,
         "graph": graph,
@@ -144,8 +155,12 @@ def markdown(report: dict[str, Any], command: str) -> str:
     lines = [
         f"Device: {report['device']}, torch {report['torch']}; shapes {report['shapes']}; "
         f"median of {report['runs']} samples, forward + backward; "
-        + ("CUDA-graph replays (device time) where capturable, marked *; "
-           "the others as issued back to back." if report.get("graph") else "as issued."),
+        + (
+            "CUDA-graph replays (device time) where capturable, marked *; "
+            "the others as issued back to back."
+            if report.get("graph")
+            else "as issued."
+        ),
         f"Measured copy bandwidth: {bw:.0f} GB/s." if bw else "",
         "",
         f"    {command}",
@@ -160,7 +175,11 @@ def markdown(report: dict[str, Any], command: str) -> str:
         return "-" if value is None else format(value, spec)
 
     def ms(r):
-        return "-" if not r or r.get("error") else fmt(r.get("median_ms")) + ("*" if r.get("graphed") else "")
+        return (
+            "-"
+            if not r or r.get("error")
+            else fmt(r.get("median_ms")) + ("*" if r.get("graphed") else "")
+        )
 
     for case in report["cases"]:
         by = {r["system"]: r for r in case["results"]}
@@ -168,14 +187,14 @@ def markdown(report: dict[str, Any], command: str) -> str:
         pct = mine.get("gbps") / bw * 100 if bw and mine.get("gbps") else None
         extras = [r for r in case["results"] if r["system"] not in ("sloth", "eager", "compile")]
         note = "".join(
-            f" ({r['system']} {ms(r)} ms, peak {fmt(r.get('peak_mib'), '.0f')} MiB)"
-            for r in extras
+            f" ({r['system']} {ms(r)} ms, peak {fmt(r.get('peak_mib'), '.0f')} MiB)" for r in extras
         )
         lines.append(
             f"| {case['name']}{note} | {ms(mine)} ({mine.get('provider')}) | "
             f"{ms(eager)} | {ms(comp)} | "
-            f"{fmt(case['speedup_vs_eager'], '.2f')}x | {fmt(case['speedup_vs_compile'], '.2f')}x | "
-            f"{fmt(pct, '.0f')} | {fmt(mine.get('peak_mib'), '.0f')} / {fmt(eager.get('peak_mib'), '.0f')} | "
+            f"{fmt(case['speedup_vs_eager'], '.2f')}x | "
+            f"{fmt(case['speedup_vs_compile'], '.2f')}x | {fmt(pct, '.0f')} | "
+            f"{fmt(mine.get('peak_mib'), '.0f')} / {fmt(eager.get('peak_mib'), '.0f')} | "
             f"{fmt(mine.get('saved_mib'), '.0f')} / {fmt(eager.get('saved_mib'), '.0f')} | "
             f"{fmt(mine.get('saved_after_norm_mib'), '.0f')} / "
             f"{fmt(eager.get('saved_after_norm_mib'), '.0f')} |"

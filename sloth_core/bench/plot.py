@@ -26,8 +26,7 @@ def require_matplotlib() -> None:
         import matplotlib  # noqa: F401
     except ImportError as exc:
         raise PlotUnavailable(
-            "sloth bench --plot needs matplotlib, which is not installed: "
-            "pip install matplotlib"
+            "sloth bench --plot needs matplotlib, which is not installed: pip install matplotlib"
         ) from exc
 
 

@@ -105,7 +105,10 @@ def judge(target: Target, report: dict[str, Any]) -> dict[str, Any]:
         checks["context"] = row["context"] >= target.context
     else:
         row["speed"] = sloth["tokens_per_s"] / hf["tokens_per_s"]
-        row["sloth_tokens_per_s"], row["hf_tokens_per_s"] = sloth["tokens_per_s"], hf["tokens_per_s"]
+        row["sloth_tokens_per_s"], row["hf_tokens_per_s"] = (
+            sloth["tokens_per_s"],
+            hf["tokens_per_s"],
+        )
         checks["speed"] = row["speed"] >= target.speed
         if sloth.get("peak_gib") and hf.get("peak_gib"):
             row["memory"] = sloth["peak_gib"] / hf["peak_gib"]
@@ -262,7 +265,8 @@ def markdown(report: dict[str, Any], command: str) -> str:
             hf = f"{row['hf_tokens_per_s']:.0f} tok/s, {num(row.get('hf_gib'), '.2f')} GiB"
         mfu = "-"
         if "mfu" in row["target"]:
-            mfu = f"{num(row.get('mfu') and row['mfu'] * 100, '.1f')}% (>= {row['target']['mfu'] * 100:g}%)"
+            got = num(row.get("mfu") and row["mfu"] * 100, ".1f")
+            mfu = f"{got}% (>= {row['target']['mfu'] * 100:g}%)"
         memory = ratio(row, "memory", "<=")
         if row.get("budget_gib"):  # sloth's peak against the budget it planned for
             memory = f"{num(row.get('sloth_gib'), '.2f')} GiB (<= {row['budget_gib']:g} GiB)"

@@ -231,8 +231,11 @@ def add_bench_options(parser: Any, *, systems: tuple[str, ...], known: tuple[str
                              "$SLOTH_CACHE/bench-models/SHAPE)")  # fmt: skip
     parser.add_argument("--json", type=Path, help="write the full report here")
     parser.add_argument("--markdown", type=Path, help="write the docs table here")
-    parser.add_argument("--plot", type=Path, help="write a bar chart here (tokens/s and peak "
-                                                  "memory per system); needs matplotlib")
+    parser.add_argument(
+        "--plot",
+        type=Path,
+        help="write a bar chart here (tokens/s and peak memory per system); needs matplotlib",
+    )
 
 
 def bench_place(args: Any) -> tuple[str, Path]:

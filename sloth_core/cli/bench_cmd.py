@@ -31,8 +31,11 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     kernels.add_argument("--device", default=None, help="default: cuda if present, else cpu")
     kernels.add_argument("--ops", default="", help="comma-separated case names (default: all)")
     kernels.add_argument("--no-compile", action="store_true", help="skip torch.compile")
-    kernels.add_argument("--no-graph", action="store_true",
-                         help="time calls as issued, host overhead included, not graph replays")
+    kernels.add_argument(
+        "--no-graph",
+        action="store_true",
+        help="time calls as issued, host overhead included, not graph replays",
+    )
     kernels.add_argument("--json", type=Path, help="write the full report here")
     kernels.add_argument("--markdown", type=Path, help="write the docs table here")
     kernels.set_defaults(run=run_kernels)
@@ -62,8 +65,12 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
                        help="full fine-tuning instead of LoRA (sloth systems; FSDP2 on "
                             "several processes)")  # fmt: skip
     train.add_argument("--device", default=None, help="default: cuda if present, else cpu")
-    train.add_argument("--model-dir", type=Path, default=None,
-                       help="where the random-init model is written once (default: a cache dir)")
+    train.add_argument(
+        "--model-dir",
+        type=Path,
+        default=None,
+        help="where the random-init model is written once (default: a cache dir)",
+    )
     train.add_argument("--loss-tolerance", type=float, default=None,
                        help="flag systems whose first loss differs from hf's by more "
                             "(default 0.05)")  # fmt: skip
@@ -83,8 +90,9 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
                               "else measured as peak RSS growth")  # fmt: skip
     context.add_argument("--context-start", type=int, default=1024, help="first length probed")
     context.add_argument("--context-cap", type=int, default=262144, help="longest length probed")
-    context.add_argument("--context-granularity", type=int, default=256,
-                         help="bisection stops at this many tokens")
+    context.add_argument(
+        "--context-granularity", type=int, default=256, help="bisection stops at this many tokens"
+    )
     context.add_argument("--journal", type=Path, default=None,
                          help="keep every probe's answer in this JSON-lines file, and reuse "
                               "the answers of earlier runs of the same search (same shape, "
@@ -102,14 +110,19 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
                             "system; with --max-context the longest sequence); needs "
                             "matplotlib")  # fmt: skip
     train.set_defaults(run=run_train)
-    for name, what in (("dpo", "DPO training: sloth vs TRL's DPOTrainer (hf + PEFT)"),
-                       ("generate", "GRPO generation: sloth's sampling vs HF generate")):
+    for name, what in (
+        ("dpo", "DPO training: sloth vs TRL's DPOTrainer (hf + PEFT)"),
+        ("generate", "GRPO generation: sloth's sampling vs HF generate"),
+    ):
         other = sub.add_parser(name, help=f"{what}, each in its own process")
         module = importlib.import_module(f"sloth_core.bench.{name}")
         module.add_options(other)
         other.set_defaults(run=lambda args, module=module: _run_module(module, args))
-    plot = sub.add_parser("plot", help="the bar chart of a saved --json report "
-                                       "(train, --targets, --max-context, dpo, generate)")
+    plot = sub.add_parser(
+        "plot",
+        help="the bar chart of a saved --json report "
+        "(train, --targets, --max-context, dpo, generate)",
+    )
     plot.add_argument("report", type=Path, help="a report written by --json")
     plot.add_argument("out", type=Path, help="the image to write (format from its suffix)")
     plot.add_argument("--force", action="store_true", help="replace OUT if it exists")

@@ -55,7 +55,11 @@ def gather() -> dict[str, Any]:
         "versions": versions,
         "cuda": torch.version.cuda,
         "gpus": gpus,
-        "ops": {"device": device, "dtype": str(dtype), "resolved": manager.ops.table(device, dtype)},
+        "ops": {
+            "device": device,
+            "dtype": str(dtype),
+            "resolved": manager.ops.table(device, dtype),
+        },
         "plugins": {r.name: r.status for r in manager.plugins(include_builtins=True)},
     }
 
@@ -88,5 +92,7 @@ def run(args: argparse.Namespace) -> int:
     console.print(ops)
     failed = [name for name, status in report["plugins"].items() if status == "failed"]
     if failed:
-        console.print(f"[bold red]failed plugins:[/] {', '.join(failed)} (see `sloth plugins list`)")
+        console.print(
+            f"[bold red]failed plugins:[/] {', '.join(failed)} (see `sloth plugins list`)"
+        )
     return 0

@@ -83,6 +83,7 @@ def patch_modeling(
         return None
     if entry.moe_options is not None:
         options["moe_options"] = entry.moe_options
+    classes: dict[str, Any] = entry.classes()
     return patch_architecture(
-        model, ops, plugin=plugin, model_types=model_type, **entry.classes(), **options
+        model, ops, plugin=plugin, model_types=entry.model_type, **classes, **options
     )

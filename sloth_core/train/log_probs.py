@@ -103,8 +103,8 @@ def pair_log_probs(
     from sloth_core.patches.shared_prompt import FIRST, SECOND, SHARED_PROMPT_KWARG, pack_pairs
 
     ids, mask, packed_labels, rows = pack_pairs(input_ids, attention_mask, labels)
-    token = token_log_probs(model, ids, mask, packed_labels, position_ids=rows.positions,
-                            **{SHARED_PROMPT_KWARG: rows})  # fmt: skip
+    shared: dict[str, Any] = {SHARED_PROMPT_KWARG: rows, "position_ids": rows.positions}
+    token = token_log_probs(model, ids, mask, packed_labels, **shared)
     target = rows.target_branch()
     sums = [(token.values * (target == side)).sum(-1) for side in (FIRST, SECOND)]
     counts = [(token.mask & (target == side)).sum(-1) for side in (FIRST, SECOND)]
@@ -125,8 +125,8 @@ def grouped_token_log_probs(
 
     ids, mask, packed_labels, rows = pack_groups(input_ids, attention_mask, labels, size,
                                                  prompt_width=prompt_width)  # fmt: skip
-    token = token_log_probs(model, ids, mask, packed_labels, temperature=temperature,
-                            position_ids=rows.positions, **{SHARED_PROMPT_KWARG: rows})  # fmt: skip
+    shared: dict[str, Any] = {SHARED_PROMPT_KWARG: rows, "position_ids": rows.positions}
+    token = token_log_probs(model, ids, mask, packed_labels, temperature=temperature, **shared)
     group, at = token.mask.nonzero(as_tuple=True)
     # Packed position u predicts token u + 1 of tail i, the token at its own row's index
     # positions[u + 1] (positions are row indices here), whose value that row keeps at the

@@ -69,7 +69,8 @@ class SFTMethod:
         self.config = config
         self.rows_per_device = self.sequences_per_forward = config.per_device_train_batch_size
         self.steps_per_batch = 1
-        self.step, self.rank, self.output_dir = 0, 0, None
+        self.step, self.rank = 0, 0
+        self.output_dir: Path | None = None
         self.frozen_reference = False
 
     def needs_data(self, step: int) -> bool:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 from collections import defaultdict
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -79,7 +80,8 @@ class PreferenceMethod:
         # chosen and rejected (KTO: each completion and its KL row) in one forward
         self.sequences_per_forward = 2 * self.rows_per_device
         self.steps_per_batch = 1
-        self.step, self.rank, self.output_dir = 0, 0, None
+        self.step, self.rank = 0, 0
+        self.output_dir: Path | None = None
         self.frozen_reference = self.name in REFERENCE_METHODS and config.full_finetuning
 
     def needs_data(self, step: int) -> bool:

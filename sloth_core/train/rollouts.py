@@ -110,7 +110,7 @@ def _generate(model, prompts, prompt_mask, config, seed: int, *, fast: bool) -> 
 
     device = prompts.device
     devices = [device] if device.type == "cuda" else []
-    decoding = contextlib.nullcontext()
+    decoding: contextlib.AbstractContextManager[None] = contextlib.nullcontext()
     if fast:
         config = static_cache_config(copy.deepcopy(config))
         # Under autocast, eagerly: its cache of cast weights cannot live in a graph.

@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -46,7 +46,7 @@ def write_parts(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scratc
 
     names = [name for name, param in model.named_parameters() if param.requires_grad]
     weights = get_model_state_dict(model)
-    _save({name: weights[name] for name in names}, scratch / "trainable")
+    _save({name: cast(torch.Tensor, weights[name]) for name in names}, scratch / "trainable")
     tree, tensors = encode_tree(get_optimizer_state_dict(model, optimizer))
     _save(tensors, scratch / "optimizer")
     return tree

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -39,7 +39,8 @@ def write_final(model: torch.nn.Module, tokenizer: Any, path: Path, *, dtype: to
     group.barrier()
     names = [name for name, _ in model.named_parameters()]  # tied weights once
     state = get_model_state_dict(model)
-    tensors = {name: state[name].to(dtype) for name in names}  # each rank casts its rows
+    # Every value of a model's state dict is a tensor (the union type covers optimizers').
+    tensors = {name: cast(torch.Tensor, state[name]).to(dtype) for name in names}
     writer = HuggingFaceStorageWriter(
         str(parts), fqn_to_index_mapping=file_index(tensors), save_distributed=True,
         enable_consolidation=True,

@@ -83,7 +83,8 @@ def train_step(
     ``forward_backward``, which returns metrics too), clip the gradients' norm to
     ``max_grad_norm`` (0: no clipping), step the optimizer and the scheduler."""
     if forward_backward is None:
-        loss, metrics = accumulate(model, micro_batches, autocast=autocast, group=group), {}
+        metrics: dict[str, float] = {}
+        loss = accumulate(model, micro_batches, autocast=autocast, group=group)
     else:
         loss, metrics = forward_backward(model, micro_batches, autocast=autocast, group=group)
     grad_norm = None

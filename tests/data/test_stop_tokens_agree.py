@@ -24,6 +24,12 @@ def test_exported_generation_config_stops_where_chat_does(name, tmp_path, monkey
     engine = open_engine(tmp_path / "m", device="cpu")
     assert written == engine.stop_ids
     # The template's own end of turn is among them (the bug this guards: tables drifted).
-    turn_end = {"llama-3": "<|eot_id|>", "llama-3.1": "<|eot_id|>", "gemma-2": "<end_of_turn>",
-                "qwen2.5": "<|im_end|>", "qwen3": "<|im_end|>", "phi-3.5": "<|end|>"}[name]  # fmt: skip
+    turn_end = {
+        "llama-3": "<|eot_id|>",
+        "llama-3.1": "<|eot_id|>",
+        "gemma-2": "<end_of_turn>",
+        "qwen2.5": "<|im_end|>",
+        "qwen3": "<|im_end|>",
+        "phi-3.5": "<|end|>",
+    }[name]
     assert tokenizer.convert_tokens_to_ids(turn_end) in written

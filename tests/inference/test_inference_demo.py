@@ -70,8 +70,13 @@ def _transformers_replies(model_dir) -> list[str]:
             return_tensors="pt", return_dict=True,
         )  # fmt: skip
         with torch.no_grad():
-            out = model.generate(**ids, max_new_tokens=256, do_sample=False,
-                                 eos_token_id=stops, pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+            out = model.generate(
+                **ids,
+                max_new_tokens=256,
+                do_sample=False,
+                eos_token_id=stops,
+                pad_token_id=tokenizer.pad_token_id,
+            )
         new = out[0, ids["input_ids"].shape[1] :]
         replies.append(tokenizer.decode(new, skip_special_tokens=True).strip())
     return replies

@@ -32,6 +32,7 @@ def test_gated_activation_matches_act2fn(case):
         ("gate", "up"),
         torch.autograd.grad(out_ref, [g_ref, u_ref], upstream),
         torch.autograd.grad(out_hf, [g_hf, u_hf], upstream),
+        strict=True,
     ):
         _assert_close(a, e, f"{what} grad {name}")
 

@@ -30,12 +30,12 @@ def _compare_grads(out_ref, out_hf, inputs_ref, inputs_hf, params, what):
     outs_ref = out_ref if isinstance(out_ref, tuple) else (out_ref,)
     outs_hf = out_hf if isinstance(out_hf, tuple) else (out_hf,)
     upstream = [torch.randn_like(t) for t in outs_hf]
-    names, trainable = zip(*params)
+    names, trainable = zip(*params, strict=True)
     grads_ref = torch.autograd.grad(outs_ref, [*inputs_ref, *trainable], upstream)
     grads_hf = torch.autograd.grad(outs_hf, [*inputs_hf, *trainable], upstream)
     labels = [f"input {i}" for i in range(len(inputs_ref))] + list(names)
     assert len(grads_ref) > len(inputs_ref), f"{what}: no trainable parameter was checked"
-    for label, g_ref, g_hf in zip(labels, grads_ref, grads_hf):
+    for label, g_ref, g_hf in zip(labels, grads_ref, grads_hf, strict=True):
         _assert_close(g_ref, g_hf, f"{what} grad {label}")
 
 
@@ -114,7 +114,7 @@ def test_lora_qkv_and_o_match_peft_attention_projections():
     x_ref, x_hf = x.clone().requires_grad_(), x.clone().requires_grad_()
     out_ref = lora_qkv(x_ref, q, k, v)
     out_hf = (attn.q_proj(x_hf), attn.k_proj(x_hf), attn.v_proj(x_hf))
-    for name, a, e in zip("qkv", out_ref, out_hf):
+    for name, a, e in zip("qkv", out_ref, out_hf, strict=True):
         _assert_close(a, e, f"{what} {name}_proj forward")
     qkv_params = [p for p in params if "o_proj" not in p[0]]
     _compare_grads(out_ref, out_hf, [x_ref], [x_hf], qkv_params, what)

@@ -64,10 +64,11 @@ def test_cross_entropy_matches_for_causal_lm_loss_with_num_items():
     what = f"ForCausalLMLoss bf16 logits={[b, s, vocab]} num_items={num_items.item()} seed={seed}"
     for n_items in (num_items, None):
         out_hf, (g_hf,) = _grad(
-            lambda x: ForCausalLMLoss(x, labels, vocab, num_items_in_batch=n_items), logits
+            lambda x, n=n_items: ForCausalLMLoss(x, labels, vocab, num_items_in_batch=n), logits
         )
         out_ref, (g_ref,) = _grad(
-            lambda x: cross_entropy(x.view(-1, vocab), shifted, num_items_in_batch=n_items), logits
+            lambda x, n=n_items: cross_entropy(x.view(-1, vocab), shifted, num_items_in_batch=n),
+            logits,
         )
         _assert_close(out_ref, out_hf, f"{what} n_items={n_items} forward")
         _assert_close(g_ref.float(), g_hf.float(), f"{what} n_items={n_items} grad")
@@ -120,7 +121,7 @@ def _compare_fused(n, hidden_size, vocab, labels, what, chunk_size, bias=False, 
     out_ref, grads_ref = _grad(unfused, *inputs)
     out_fused, grads_fused = _grad(fused, *inputs)
     _assert_close(out_fused, out_ref, f"{what} loss")
-    for name, a, e in zip(("hidden", "weight", "bias"), grads_fused, grads_ref):
+    for name, a, e in zip(("hidden", "weight", "bias"), grads_fused, grads_ref, strict=True):
         _assert_close(a, e, f"{what} grad {name}")
     return out_fused
 

@@ -29,7 +29,7 @@ def _compare(hf_fn, q, k, cos, sin, what, position_ids=None, hf_cos=None, hf_sin
     hf_cos = cos if hf_cos is None else hf_cos
     hf_sin = sin if hf_sin is None else hf_sin
     out_hf = hf_fn(q_hf, k_hf, hf_cos, hf_sin, unsqueeze_dim=dim)
-    for name, a, e in zip("qk", out_ref, out_hf):
+    for name, a, e in zip("qk", out_ref, out_hf, strict=True):
         _assert_close(a, e, f"{what} {name}_embed")
     assert torch.equal(q_ref.detach(), q_snapshot) and torch.equal(k_ref.detach(), k_snapshot), (
         f"{what}: rope modified its inputs"
@@ -37,7 +37,7 @@ def _compare(hf_fn, q, k, cos, sin, what, position_ids=None, hf_cos=None, hf_sin
     upstream = [torch.randn_like(t) for t in out_hf]
     grads_ref = torch.autograd.grad(out_ref, [q_ref, k_ref], upstream)
     grads_hf = torch.autograd.grad(out_hf, [q_hf, k_hf], upstream)
-    for name, a, e in zip("qk", grads_ref, grads_hf):
+    for name, a, e in zip("qk", grads_ref, grads_hf, strict=True):
         _assert_close(a, e, f"{what} grad {name}")
 
 

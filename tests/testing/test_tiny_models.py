@@ -91,9 +91,7 @@ def test_chat_template(tokenizer):
         "<|im_start|>user\nWhy is the sky blue? Answer in one sentence, please.<|im_end|>\n"
         "<|im_start|>assistant\nAir scatters blue light more than red light.<|im_end|>\n"
     )
-    prompt = tokenizer.apply_chat_template(
-        MESSAGES[:2], tokenize=False, add_generation_prompt=True
-    )
+    prompt = tokenizer.apply_chat_template(MESSAGES[:2], tokenize=False, add_generation_prompt=True)
     assert prompt.endswith("please.<|im_end|>\n<|im_start|>assistant\n")
     assert text.startswith(prompt)
 
@@ -102,7 +100,7 @@ def test_chat_template(tokenizer):
     )
     ids, mask = out["input_ids"], out["assistant_masks"]
     assert ids.count(tokenizer.bos_token_id) == 1
-    answer = [i for i, m in zip(ids, mask) if m]
+    answer = [i for i, m in zip(ids, mask, strict=True) if m]
     assert tokenizer.decode(answer) == MESSAGES[2]["content"] + "<|im_end|>"
 
 
@@ -130,15 +128,9 @@ def test_tiny_model_loads_back_and_trains(arch, tmp_path, tokenizer):
     assert not list(path.glob("*.bin"))
 
     kwargs = {"attn_implementation": "eager"} if arch == "gemma2" else {}
-    model, info = AutoModelForCausalLM.from_pretrained(
-        path, output_loading_info=True, **kwargs
-    )
+    model, info = AutoModelForCausalLM.from_pretrained(path, output_loading_info=True, **kwargs)
     assert model.config.model_type == arch
-    assert (
-        not info["missing_keys"]
-        and not info["unexpected_keys"]
-        and not info["mismatched_keys"]
-    )
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
     loaded_tok = AutoTokenizer.from_pretrained(path)
     ours, loaded = tokenizer.get_vocab(), loaded_tok.get_vocab()
     assert {token: loaded[token] for token in ours} == ours
@@ -165,13 +157,10 @@ def test_tiny_model_loads_back_and_trains(arch, tmp_path, tokenizer):
     for name, tensor in loaded_state.items():
         torch.testing.assert_close(tensor, expected[name], rtol=0, atol=0)
 
-    ids = loaded_tok.apply_chat_template(
-        MESSAGES, return_dict=True, return_tensors="pt"
-    )["input_ids"]
-    assert (
-        ids[0].tolist()
-        == tokenizer.apply_chat_template(MESSAGES, return_dict=True)["input_ids"]
-    )
+    ids = loaded_tok.apply_chat_template(MESSAGES, return_dict=True, return_tensors="pt")[
+        "input_ids"
+    ]
+    assert ids[0].tolist() == tokenizer.apply_chat_template(MESSAGES, return_dict=True)["input_ids"]
     assert len(loaded_tok) <= config.vocab_size
     assert ids.shape[1] > 16  # longer than the sliding windows, so they matter
     model.train()
@@ -196,15 +185,11 @@ def test_same_seed_same_weights_other_seed_other_weights(arch):
 
 def test_written_weights_are_bit_identical_across_calls(tmp_path):
     first = load_file(tiny_model("qwen2", tmp_path / "a", seed=3) / "model.safetensors")
-    second = load_file(
-        tiny_model("qwen2", tmp_path / "b", seed=3) / "model.safetensors"
-    )
+    second = load_file(tiny_model("qwen2", tmp_path / "b", seed=3) / "model.safetensors")
     other = load_file(tiny_model("qwen2", tmp_path / "c", seed=4) / "model.safetensors")
     assert first.keys() == second.keys()
     assert all(torch.equal(first[k], second[k]) for k in first)
-    assert not torch.equal(
-        first["model.embed_tokens.weight"], other["model.embed_tokens.weight"]
-    )
+    assert not torch.equal(first["model.embed_tokens.weight"], other["model.embed_tokens.weight"])
 
 
 def test_global_rng_is_left_alone():
@@ -238,9 +223,7 @@ def test_arch_features_are_switched_on():
     )
     gemma3 = tiny_config("gemma3_text")
     assert gemma3.layer_types == ["sliding_attention", "full_attention"]
-    thetas = {
-        kind: params["rope_theta"] for kind, params in gemma3.rope_parameters.items()
-    }
+    thetas = {kind: params["rope_theta"] for kind, params in gemma3.rope_parameters.items()}
     assert thetas["sliding_attention"] != thetas["full_attention"]
     assert tiny_config("phi3").rope_parameters["partial_rotary_factor"] == 0.5
     qwen2 = init_tiny_model(tiny_config("qwen2"))
@@ -303,9 +286,7 @@ def test_refuses_non_empty_directory_unless_overwrite(tmp_path):
         tiny_model("llama", target)
     assert not (target / "config.json").exists()
     tiny_model("llama", target, overwrite=True)
-    assert (target / "config.json").is_file() and (
-        target / "notes.txt"
-    ).read_text() == "keep me"
+    assert (target / "config.json").is_file() and (target / "notes.txt").read_text() == "keep me"
     # An existing but empty directory is fine without overwrite.
     (tmp_path / "empty").mkdir()
     tiny_model("llama", tmp_path / "empty")

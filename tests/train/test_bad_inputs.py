@@ -193,42 +193,69 @@ CASES: dict[str, Case] = {
         after=_no_marker,
     ),
     "pickled-weights": Case(
-        lambda root: ["train", *_args(root, root / "new", **{"model-name": _pickle_only_model(root)})],
+        lambda root: [
+            "train",
+            *_args(root, root / "new", **{"model-name": _pickle_only_model(root)}),
+        ],
         ("only pickled weights", "--allow-pickle"),
         after=_no_marker,
     ),
     # 2. Remote code never runs unless trusted, and never asks.
     "train-custom-code": Case(
-        lambda root: ["train", *_args(root, root / "new", **{"model-name": _custom_code_model(root)})],
+        lambda root: [
+            "train",
+            *_args(root, root / "new", **{"model-name": _custom_code_model(root)}),
+        ],
         ("asks to run Python code of its own", "modeling_evil", "--trust-remote-code"),
         after=_no_marker,
     ),
     "export-custom-code": Case(
-        lambda root: ["export", str(_custom_code_model(root)), "--format", "merged_16bit",
-                      "--output", str(root / "exported")],  # fmt: skip
+        lambda root: [
+            "export",
+            str(_custom_code_model(root)),
+            "--format",
+            "merged_16bit",
+            "--output",
+            str(root / "exported"),
+        ],  # fmt: skip
         ("asks to run Python code of its own", "--trust-remote-code"),
         after=_no_marker,
     ),
     "generate-custom-code": Case(
-        lambda root: ["generate", str(_custom_code_model(root)), "--prompt", "hi",
-                      "--device", "cpu"],  # fmt: skip
+        lambda root: [
+            "generate",
+            str(_custom_code_model(root)),
+            "--prompt",
+            "hi",
+            "--device",
+            "cpu",
+        ],  # fmt: skip
         ("asks to run Python code of its own", "--trust-remote-code"),
         after=_no_marker,
     ),
     # 3. --overwrite keeps the old run when the new one cannot start.
     "overwrite-broken-model": Case(
-        lambda root: ["train", *_args(root, root / "run", **{"model-name": root / "data.jsonl"}),
-                      "--overwrite"],  # fmt: skip
+        lambda root: [
+            "train",
+            *_args(root, root / "run", **{"model-name": root / "data.jsonl"}),
+            "--overwrite",
+        ],  # fmt: skip
         "model_name",
     ),
     "overwrite-broken-weights": Case(
-        lambda root: ["train", *_args(root, root / "run",
-                      **{"model-name": _broken_weights_model(root)}), "--overwrite"],  # fmt: skip
+        lambda root: [
+            "train",
+            *_args(root, root / "run", **{"model-name": _broken_weights_model(root)}),
+            "--overwrite",
+        ],  # fmt: skip
         "broken",
     ),
     "overwrite-unknown-target": Case(
-        lambda root: ["train", *_args(root, root / "run", **{"target-modules": "q_proj,qq_proj"}),
-                      "--overwrite"],  # fmt: skip
+        lambda root: [
+            "train",
+            *_args(root, root / "run", **{"target-modules": "q_proj,qq_proj"}),
+            "--overwrite",
+        ],  # fmt: skip
         ("target_modules", "its linear layers: ", "q_proj"),
     ),
     # 4. Failures leave no empty output folder behind.
@@ -242,13 +269,21 @@ CASES: dict[str, Case] = {
     ),
     # 5. Export settings are checked before training.
     "export-quantization": Case(
-        lambda root: ["train", *_args(root, root / "new", **{"export-format": "gguf",
-                      "export-quantization": "q9_9"})],  # fmt: skip
+        lambda root: [
+            "train",
+            *_args(root, root / "new", **{"export-format": "gguf", "export-quantization": "q9_9"}),
+        ],  # fmt: skip
         ("export_quantization='q9_9'", "q8_0", "q4_k_m"),
     ),
     "export-quantization-unquantized-format": Case(
-        lambda root: ["train", *_args(root, root / "new", **{"export-format": "merged_16bit",
-                      "export-quantization": "q8_0"})],  # fmt: skip
+        lambda root: [
+            "train",
+            *_args(
+                root,
+                root / "new",
+                **{"export-format": "merged_16bit", "export-quantization": "q8_0"},
+            ),
+        ],  # fmt: skip
         "takes no quantization",
     ),
     # 6. --resume into a folder that does not exist.
@@ -260,21 +295,25 @@ CASES: dict[str, Case] = {
     "truncated-optimizer": Case(
         lambda root: _truncate(root, "optimizer.safetensors"),
         ("checkpoint-4 is damaged", "optimizer.safetensors", "resuming from checkpoint-2"),
-        code=0, writes=True,
+        code=0,
+        writes=True,
     ),
     "truncated-trainable": Case(
         lambda root: _truncate(root, "trainable.safetensors"),
         ("checkpoint-4 is damaged", "trainable.safetensors", "resuming from checkpoint-2"),
-        code=0, writes=True,
+        code=0,
+        writes=True,
     ),
     "truncated-trainer-state": Case(
         lambda root: _truncate(root, "trainer_state.json"),
         ("checkpoint-4 is damaged", "trainer_state.json", "resuming from checkpoint-2"),
-        code=0, writes=True,
+        code=0,
+        writes=True,
     ),
     # 8. Resume compares the data's content and the schedule, not path strings.
     "resume-edited-data": Case(
-        _edited_data, ("data.jsonl is not the data checkpoint-4 was trained on", "sha256"),
+        _edited_data,
+        ("data.jsonl is not the data checkpoint-4 was trained on", "sha256"),
     ),
     "resume-other-max-steps": Case(
         lambda root: ["train", *_args(root, root / "run", **{"max-steps": 6}), "--resume"],
@@ -282,28 +321,48 @@ CASES: dict[str, Case] = {
     ),
     "resume-same-data-relative-path": Case(
         lambda root: ["train", *_args(root, root / "run", dataset="data.jsonl"), "--resume"],
-        "resumed from checkpoint-4", code=0, writes=True,
+        "resumed from checkpoint-4",
+        code=0,
+        writes=True,
     ),
     # 11. A role the chat template does not know.
     "unknown-role": Case(
-        lambda root: ["train", *_args(root, root / "new", dataset=_rows(root / "roles.jsonl", [
-            {"messages": [{"role": "user", "content": "hi"},
-                          {"role": "narrator", "content": "they waved"},
-                          {"role": "assistant", "content": "hello"}]}]))],  # fmt: skip
+        lambda root: [
+            "train",
+            *_args(
+                root,
+                root / "new",
+                dataset=_rows(
+                    root / "roles.jsonl",
+                    [
+                        {
+                            "messages": [
+                                {"role": "user", "content": "hi"},
+                                {"role": "narrator", "content": "they waved"},
+                                {"role": "assistant", "content": "hello"},
+                            ]
+                        }
+                    ],
+                ),
+            ),
+        ],  # fmt: skip
         ("narrator", "roles.jsonl"),
     ),
     # 12. Messages: did you mean, the subcommand's usage, the right words, real flags.
     "flag-typo": Case(
         lambda root: ["train", "--learnig-rate", "1e-4"],
-        ("usage: sloth train", "--learnig-rate (did you mean --learning-rate?)"), code=2,
+        ("usage: sloth train", "--learnig-rate (did you mean --learning-rate?)"),
+        code=2,
     ),
     "dataset-is-a-folder": Case(
         lambda root: ["train", *_args(root, root / "new", dataset=root / "run")],
         "is a directory",
     ),
     "epochs-inf": Case(
-        lambda root: ["train", *_args(root, root / "new", **{"max-steps": -1,
-                      "num-train-epochs": "inf"})],  # fmt: skip
+        lambda root: [
+            "train",
+            *_args(root, root / "new", **{"max-steps": -1, "num-train-epochs": "inf"}),
+        ],  # fmt: skip
         "num_train_epochs=inf: must be a finite number",
     ),
     # 13. An export never replaces the base model of the adapter it merges.
@@ -345,9 +404,7 @@ def test_overwrite_replaces_the_old_run_once_the_new_one_checkpoints(work, capsy
     assert not list((work / "run").glob(".sloth-replaced-*"))
 
 
-def test_disk_full_while_checkpointing_says_so_and_keeps_nothing_partial(
-    work, capsys, monkeypatch
-):
+def test_disk_full_while_checkpointing_says_so_and_keeps_nothing_partial(work, capsys, monkeypatch):
     """Point 10: the disk fills while the first checkpoint is written: a message that says
     so with the folder and the free space in MB or GiB, and the new run leaves nothing."""
     import safetensors.torch
@@ -446,8 +503,12 @@ def test_trusted_flags_exist_where_messages_point():
 
     parser = build_parser()
     for command in ("train", "export", "generate", "chat"):
-        argv = {"train": ["train"], "export": ["export", "m", "-f", "lora", "-o", "x"],
-                "generate": ["generate", "m", "--prompt", "p"], "chat": ["chat", "m"]}[command]  # fmt: skip
+        argv = {
+            "train": ["train"],
+            "export": ["export", "m", "-f", "lora", "-o", "x"],
+            "generate": ["generate", "m", "--prompt", "p"],
+            "chat": ["chat", "m"],
+        }[command]
         args = parser.parse_args([*argv, "--trust-remote-code", "--allow-pickle"])
         assert args.trust_remote_code and args.allow_pickle, command
 
@@ -473,8 +534,13 @@ def test_ctrl_c_prints_one_line_exits_130_and_keeps_the_checkpoint(work):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "SLOTH_KERNELS": "torch"}
     out = work / "ctrl-c"
     args = _args(work, out, **{"max-steps": 400, "save-steps": 1, "save-total-limit": 1})
-    process = subprocess.Popen(_sloth("train", *args, "--quiet"), env=env,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    process = subprocess.Popen(
+        _sloth("train", *args, "--quiet"),
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.monotonic() + 240
     while not list(out.glob("checkpoint-*")):
         assert process.poll() is None, process.stderr.read()[-2000:]

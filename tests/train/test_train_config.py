@@ -50,7 +50,8 @@ def test_wrong_types_name_the_option(key, value, message):
 
 @pytest.mark.parametrize(
     ("changes", "message"),
-    [({"learning_rate": 2.0}, "learning_rate"), ({"lr_scheduler_type": "step"}, "lr_scheduler_type"),
+    [({"learning_rate": 2.0}, "learning_rate"),
+     ({"lr_scheduler_type": "step"}, "lr_scheduler_type"),
      ({"gradient_accumulation_steps": 0}, "gradient_accumulation_steps"),
      ({"max_steps": 0}, "max_steps"), ({"optim": "sgd"}, "optim"),
      ({"data_format": "xml"}, "data_format"), ({"lora_dropout": 1.5}, "lora_dropout"),
@@ -145,7 +146,9 @@ def test_full_finetuning_saves_merged_weights_unless_told_otherwise(alpaca_file,
     full = TrainConfig.from_mapping({**base, "full_finetuning": True})
     assert full.final_format == "merged_16bit"
     with pytest.raises(ConfigError, match="save_method.*no adapters"):
-        TrainConfig.from_mapping({**base, "full_finetuning": True, "save_method": "lora"}).validate()
+        TrainConfig.from_mapping(
+            {**base, "full_finetuning": True, "save_method": "lora"}
+        ).validate()
 
 
 def test_the_demo_with_another_model_builds_no_demo_model(tmp_path, monkeypatch):

@@ -19,8 +19,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from sloth_core.ops.reference import cross_entropy as reference_cross_entropy
 
+from sloth_core.ops.reference import cross_entropy as reference_cross_entropy
 from sloth_kernels._utils import kernel_devices, next_power_of_2
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)

@@ -22,8 +22,8 @@ import math
 
 import torch
 import torch.nn.functional as F
-from sloth_core.ops.reference import fused_linear_cross_entropy as reference_flce
 
+from sloth_core.ops.reference import fused_linear_cross_entropy as reference_flce
 from sloth_kernels._utils import kernel_devices
 from sloth_kernels.cross_entropy import logit_args, row_launch_config, row_loss_kernel
 

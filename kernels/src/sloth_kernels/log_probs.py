@@ -18,9 +18,9 @@ none) and cast to the weight dtype at the end; the bias gradient likewise.
 from __future__ import annotations
 
 import torch
+
 from sloth_core.ops.reference import token_log_probs as reference_token_log_probs
 from sloth_core.ops.reference.log_probs import check_log_prob_args
-
 from sloth_kernels.cross_entropy import (
     logit_args,
     row_grad_kernel,

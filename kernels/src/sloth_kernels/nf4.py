@@ -28,7 +28,6 @@ from sloth_core.ops import reference
 from sloth_core.ops.reference.nf4 import NF4_CODE
 from sloth_kernels._utils import interpreting, next_power_of_2
 
-
 #: Packed bytes per program (4096 bytes = 8192 values): enough work per program to keep
 #: several 16-byte loads in flight per thread and amortise the per-block scales.
 BYTES_PER_PROGRAM = 4096

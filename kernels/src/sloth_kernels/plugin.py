@@ -5,7 +5,6 @@ from __future__ import annotations
 import importlib
 
 from sloth_core import hookimpl
-
 from sloth_kernels._utils import kernel_devices, triton_available
 
 #: Modules under ``sloth_kernels`` that define ``REGISTRATIONS``: a list of dicts with

@@ -37,8 +37,12 @@ CONFIGS = {
     "untied": {"tie_word_embeddings": False},
     # 8 x 12 = 96 query features from a hidden size of 64, and Gemma 2/3's query scale
     # 1/sqrt(20), not 1/sqrt(head_dim): nothing may assume either.
-    "gqa4": {"num_attention_heads": 8, "num_key_value_heads": 2, "head_dim": 12,
-             "query_pre_attn_scalar": 20},  # fmt: skip
+    "gqa4": {
+        "num_attention_heads": 8,
+        "num_key_value_heads": 2,
+        "head_dim": 12,
+        "query_pre_attn_scalar": 20,
+    },  # fmt: skip
 }
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 #: 2 layers. Gemma: input + post-attention norm, and the final norm. Gemma 2 adds the
@@ -90,6 +94,7 @@ def test_parity_fp16(manager, model_type, kernels):
     config = tiny_config(model_type)
     options = dict(dtype=torch.float16, attn_implementation=SLOTH_ATTENTION)
     _check(manager, config, kernels=kernels, **options, **_shape(kernels, model_type))
+
 
 @pytest.mark.parametrize("model_type", MODEL_TYPES)
 def test_parity_with_transformers_attention(manager, model_type):

@@ -14,9 +14,9 @@ from peft import LoraConfig, get_peft_model
 from sloth_llama import plugin
 
 from sloth_core.patches import attention as attention_patch
+from sloth_core.patches import register_sloth_attention
 from sloth_core.patching import is_patched
 from sloth_core.testing import init_tiny_model, tiny_config
-from sloth_core.patches import register_sloth_attention
 
 ATOL = 1e-5
 LLAMA3_ROPE = {

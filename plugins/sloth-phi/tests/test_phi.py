@@ -40,8 +40,11 @@ CONFIGS = {
         "max_position_embeddings": 256,
         "original_max_position_embeddings": 16,
         "rope_parameters": {
-            "rope_type": "longrope", "rope_theta": 20000.0, "partial_rotary_factor": 0.5,
-            "short_factor": [1.0, 1.1, 1.3, 1.6], "long_factor": [1.2, 1.9, 3.1, 5.3],
+            "rope_type": "longrope",
+            "rope_theta": 20000.0,
+            "partial_rotary_factor": 0.5,
+            "short_factor": [1.0, 1.1, 1.3, 1.6],
+            "long_factor": [1.2, 1.9, 3.1, 5.3],
             "original_max_position_embeddings": 16,
         },
     },
@@ -96,6 +99,7 @@ def test_parity_fp16(manager, kernels):
     config = tiny_config("phi3")
     options = dict(dtype=torch.float16, attn_implementation=SLOTH_ATTENTION)
     _check(manager, config, kernels=kernels, **options, **parity_shape(kernels))
+
 
 def test_parity_with_transformers_attention(manager):
     """A model loaded without sloth (transformers' ``sdpa``), patched afterwards."""

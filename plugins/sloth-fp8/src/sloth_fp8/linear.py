@@ -190,6 +190,7 @@ class Fp8Linear(nn.Linear):
     products instead of leaving FP8 layers to PEFT's unfused LoRA."""
 
     fp8_backward = True
+    weight_scale: torch.Tensor  # a buffer: float32, one per output row
 
     def __init__(self, linear: nn.Linear) -> None:
         nn.Module.__init__(self)
@@ -227,7 +228,8 @@ class Fp8Linear(nn.Linear):
 def convert_linears(model: nn.Module) -> int:
     """Replace every ``nn.Linear`` of ``model`` but its output layer (``lm_head``) by an
     :class:`Fp8Linear`; the number replaced."""
-    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    getter = getattr(model, "get_output_embeddings", None)  # a transformers model's
+    output = getter() if callable(getter) else None
     count = 0
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
