@@ -483,6 +483,9 @@ def run_system(system: str, model_dir: Path, *, seq: int, batch: int, steps: int
         import platform
 
         device_name = platform.processor() or platform.machine()
+    # The model (a sharded one holds its collectives' work objects) goes before the group:
+    # alive after it, gloo's threads can abort the process at exit (distributed.Group.close).
+    del model, optimizer
     group.close()
     return TrainResult(system, tokens_per_s, median, peak, mfu, losses[0], losses[-1], n_base,
                        n_lora, attention, device_name, nproc=group.world_size,

@@ -48,6 +48,10 @@ def main(model_dir: Path, out: Path) -> None:
         )
         record["buffers"] = {name: b.float().sum().item() for name, b in model.named_buffers()}
     (out / f"rank-{group.rank}.json").write_text(json.dumps(record))
+    # The sharded model and its collectives' work objects go before the group does (as
+    # the trainer drops them): alive at interpreter exit, after the group, gloo's threads
+    # can abort the process ("terminate called without an active exception").
+    del model, whole
     group.close()
 
 
