@@ -160,6 +160,32 @@ def _devices():
     return ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not CUDA, reason="no CUDA"))]
 
 
+def _lora_model(make_tiny_model, monkeypatch, arch: str, device: str):
+    """A patched tiny ``arch`` with LoRA (B not zero) in training mode: bf16 on CUDA (the
+    Triton kernels), float32 on the CPU (the references: interpreted kernels are slow)."""
+    from sloth_core import FastLanguageModel
+
+    if device == "cpu":
+        monkeypatch.setenv("SLOTH_KERNELS", "torch")
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    model, _ = FastLanguageModel.from_pretrained(str(make_tiny_model(arch)), dtype=dtype,
+                                                 device_map=device)  # fmt: skip
+    model = FastLanguageModel.get_peft_model(model, r=4, lora_alpha=8, init_lora_weights=False)
+    return model.train(), dtype
+
+
+def _trainable_grads(model) -> dict[str, torch.Tensor]:
+    return {n: p.grad.float() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _assert_grads_close(grads, grads_rows, atol: float, seed: int) -> None:
+    """Every gradient within ``atol`` of the largest one of the rows apart."""
+    scale = max(g.abs().max() for g in grads_rows.values())
+    for name, g in grads.items():
+        torch.testing.assert_close(g / scale, grads_rows[name] / scale, atol=atol, rtol=0,
+                                   msg=f"{name} seed={seed}")  # fmt: skip
+
+
 @pytest.mark.parametrize("device", _devices())
 @pytest.mark.parametrize("arch", ["llama", "mistral", "gemma2", "qwen3_moe"])
 def test_shared_prompt_log_probs_parity_with_rows(make_tiny_model, monkeypatch, arch, device):
@@ -168,17 +194,9 @@ def test_shared_prompt_log_probs_parity_with_rows(make_tiny_model, monkeypatch, 
     of the rows scored apart. Mistral's 16-token window and Gemma 2's softcap and window
     are crossed (rows of up to 30 tokens); on CUDA in bf16 the varlen path serves the
     unwindowed layers."""
-    from sloth_core import FastLanguageModel
-
-    if device == "cpu":  # the Triton kernels would run interpreted: the references serve
-        monkeypatch.setenv("SLOTH_KERNELS", "torch")
     seed = fresh_seed()
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    path = make_tiny_model(arch)
-    model, _ = FastLanguageModel.from_pretrained(str(path), dtype=dtype, device_map=device)
-    model = FastLanguageModel.get_peft_model(model, r=4, lora_alpha=8, init_lora_weights=False)
+    model, dtype = _lora_model(make_tiny_model, monkeypatch, arch, device)
     assert shares_prompt(model)
-    model.train()
     ids, mask, labels = _pairs([(14, 9, 16), (1, 5, 3), (20, 4, 6)],
                                vocab=model.config.vocab_size, seed=seed)  # fmt: skip
     ids, mask, labels = (t.to(device) for t in (ids, mask, labels))
@@ -191,7 +209,7 @@ def test_shared_prompt_log_probs_parity_with_rows(make_tiny_model, monkeypatch, 
         else:
             out = sequence_log_probs(model, *(t.flatten(0, 1) for t in (ids, mask, labels)))
         out.sums.sum().backward()
-        grads = {n: p.grad.float() for n, p in model.named_parameters() if p.requires_grad}
+        grads = _trainable_grads(model)
         paths = {k: v - before.get(k, 0) for k, v in attention.ATTENTION_PATHS.items()}
         results.append((out.sums.detach().float(), out.counts, grads, paths))
     (sums, counts, grads, paths), (sums_rows, counts_rows, grads_rows, _) = results
@@ -200,10 +218,7 @@ def test_shared_prompt_log_probs_parity_with_rows(make_tiny_model, monkeypatch, 
     # position moves them by whole units and the gradients by their own size.
     tol = dict(atol=1.0, rtol=6e-2) if dtype == torch.bfloat16 else dict(atol=1e-4, rtol=1e-5)
     torch.testing.assert_close(sums, sums_rows, **tol, msg=f"seed={seed}")
-    scale = max(g.abs().max() for g in grads_rows.values())
-    for name, g in grads.items():
-        torch.testing.assert_close(g / scale, grads_rows[name] / scale, atol=tol["rtol"],
-                                   rtol=0, msg=f"{name} seed={seed}")  # fmt: skip
+    _assert_grads_close(grads, grads_rows, tol["rtol"], seed)
     if device == "cuda" and arch in ("llama", "qwen3_moe"):
         assert paths.get("shared_prompt"), paths
 
@@ -266,17 +281,10 @@ def test_grouped_token_log_probs_parity_with_rows(make_tiny_model, monkeypatch, 
     """GRPO's groups (left-padded prompts of different lengths, completions ending early):
     every completion token's log-prob, the mask and the LoRA gradients equal those of the
     rows scored apart, positions included (the prompts' left padding counts in them)."""
-    from sloth_core import FastLanguageModel
     from sloth_core.train.log_probs import grouped_token_log_probs, token_log_probs
 
-    if device == "cpu":
-        monkeypatch.setenv("SLOTH_KERNELS", "torch")
     seed = fresh_seed()
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    model, _ = FastLanguageModel.from_pretrained(str(make_tiny_model(arch)), dtype=dtype,
-                                                 device_map=device)  # fmt: skip
-    model = FastLanguageModel.get_peft_model(model, r=4, lora_alpha=8, init_lora_weights=False)
-    model.train()
+    model, dtype = _lora_model(make_tiny_model, monkeypatch, arch, device)
     ids, mask, labels, width = _groups([9, 4], [6, 11, 1, 8, 3, 5], 3,
                                        vocab=model.config.vocab_size, seed=seed)  # fmt: skip
     ids, mask, labels = (t.to(device) for t in (ids, mask, labels))
@@ -290,16 +298,13 @@ def test_grouped_token_log_probs_parity_with_rows(make_tiny_model, monkeypatch, 
         else:
             out = token_log_probs(model, ids, mask, labels, temperature=0.7)
         (out.values * weights).sum().backward()
-        grads = {n: p.grad.float() for n, p in model.named_parameters() if p.requires_grad}
+        grads = _trainable_grads(model)
         results.append((out.values.detach().float(), out.mask, grads))
     (values, keep, grads), (values_rows, keep_rows, grads_rows) = results
     assert torch.equal(keep, keep_rows) and keep.sum() == (labels != -100).sum()
     tol = dict(atol=0.1, rtol=6e-2) if dtype == torch.bfloat16 else dict(atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(values, values_rows, **tol, msg=f"seed={seed}")
-    scale = max(g.abs().max() for g in grads_rows.values())
-    for name, g in grads.items():
-        torch.testing.assert_close(g / scale, grads_rows[name] / scale, atol=tol["rtol"],
-                                   rtol=0, msg=f"{name} seed={seed}")  # fmt: skip
+    _assert_grads_close(grads, grads_rows, tol["rtol"], seed)
 
 
 def test_grpo_shares_the_prompt_unless_told_not_to(make_tiny_model, tmp_path, monkeypatch):

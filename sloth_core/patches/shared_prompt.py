@@ -136,10 +136,11 @@ def common_prompt(ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor) -
 
 
 def _pack(groups: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]],
-          pad_id: int, device: torch.device) -> tuple[
+          device: torch.device) -> tuple[
               torch.Tensor, torch.Tensor, torch.Tensor, SharedPromptRows]:  # fmt: skip
     """Each group's rows (``ids``, ``labels``, ``positions`` ``[N, L]`` and the real
-    tokens' count per row ``[N]``; a row's real tokens first) as one packed row."""
+    tokens' count per row ``[N]``; a row's real tokens first) as one packed row. Padding
+    takes id 0: no real token sees it (it comes after them all), no label is on it."""
     shared, tails, pieces = [], [], []
     for ids, labels, positions, counts in groups:
         mask = torch.arange(ids.shape[-1])[None] < counts[:, None]
@@ -152,7 +153,7 @@ def _pack(groups: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Ten
         tails.append([end - s for end in ends])
         pieces.append([torch.cat(column) for column in zip(*parts, strict=True)])
     length = max(max(len(p[0]) for p in pieces), 1)
-    out_ids = torch.full((len(pieces), length), pad_id, dtype=torch.long)
+    out_ids = torch.zeros((len(pieces), length), dtype=torch.long)
     out_labels = torch.full((len(pieces), length), IGNORE_INDEX, dtype=torch.long)
     out_mask = torch.zeros((len(pieces), length), dtype=torch.long)
     out_positions = torch.zeros((len(pieces), length), dtype=torch.long)
@@ -177,8 +178,7 @@ def pack_pairs(
     ids, mask, lab = input_ids.cpu(), attention_mask.cpu(), labels.cpu()  # one sync
     positions = torch.arange(ids.shape[-1]).expand(2, -1)
     groups = [(ids[b], lab[b], positions, mask[b].sum(-1)) for b in range(ids.shape[0])]
-    pad_id = int(ids[0, 0, -1]) if mask[0, 0, -1] == 0 else 0
-    return _pack(groups, pad_id, input_ids.device)
+    return _pack(groups, input_ids.device)
 
 
 def pack_groups(
@@ -205,5 +205,4 @@ def pack_groups(
         group_ids, group_labels = (t[first : first + size].gather(-1, order) for t in (ids, lab))
         positions = torch.arange(width).expand(size, -1).gather(-1, order)
         groups.append((group_ids, group_labels, positions, counts))
-    pad_id = int(ids[0, 0]) if mask[0, 0] == 0 else 0
-    return _pack(groups, pad_id, input_ids.device)
+    return _pack(groups, input_ids.device)

@@ -39,7 +39,7 @@ from .log_probs import (
     TokenLogProbs,
     evaluating,
     grouped_token_log_probs,
-    shares_prompt,
+    policy_shares_prompt,
     token_log_probs,
 )
 from .preference import Sums
@@ -254,28 +254,20 @@ class GRPOMethod:
     def _token_log_probs(self, model: Any, rollouts: Rollouts, *,
                          reference: bool = False) -> TokenLogProbs:  # fmt: skip
         """The policy's (or the reference's) log-probs of the rollouts' rows: one row a
-        prompt's completions, the prompt once, where ``share_prompt`` and the model allow
-        (not where the loss adds an MoE router's load-balancing loss, which averages over
-        the forward's tokens)."""
+        prompt's completions, the prompt once, where ``share_prompt`` and the model allow."""
         ids, mask, labels = rollouts.model_rows()
         temperature = self.config.temperature
-        config = getattr(model, "module", model).config
-        shared = (self.config.share_prompt and self.generations > 1
-                  and not getattr(config, "output_router_logits", False)
-                  and ids.shape[0] % self.generations == 0)  # fmt: skip
+        grouped = (self.config.share_prompt and self.generations > 1
+                   and ids.shape[0] % self.generations == 0)  # fmt: skip
+        group: dict[str, Any] = dict(size=self.generations, temperature=temperature,
+                                     prompt_width=rollouts.prompt_ids.shape[1])  # fmt: skip
         if reference:
             assert self.reference is not None
-            if shared and self.reference.shares_prompt():
-                return self.reference.grouped_token_log_probs(
-                    ids, mask, labels, size=self.generations,
-                    prompt_width=rollouts.prompt_ids.shape[1], temperature=temperature,
-                )  # fmt: skip
+            if grouped and self.reference.shares_prompt():
+                return self.reference.grouped_token_log_probs(ids, mask, labels, **group)
             return self.reference.token_log_probs(ids, mask, labels, temperature=temperature)
-        if shared and shares_prompt(model):
-            return grouped_token_log_probs(
-                model, ids, mask, labels, size=self.generations,
-                prompt_width=rollouts.prompt_ids.shape[1], temperature=temperature,
-            )  # fmt: skip
+        if grouped and policy_shares_prompt(model):
+            return grouped_token_log_probs(model, ids, mask, labels, **group)
         return token_log_probs(model, ids, mask, labels, temperature=temperature)
 
     def _reward_metrics(self, scored: list[_Scored], advantages: Any, sums: Sums) -> None:

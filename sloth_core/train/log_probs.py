@@ -19,6 +19,13 @@ import torch
 import torch.nn.functional as F
 
 from sloth_core.patches.causal_lm import LOG_PROBS_KWARG, serves_log_probs
+from sloth_core.patches.shared_prompt import (
+    FIRST,
+    SECOND,
+    SHARED_PROMPT_KWARG,
+    pack_groups,
+    pack_pairs,
+)
 
 IGNORE_INDEX = -100
 
@@ -100,8 +107,6 @@ def pair_log_probs(
     of the ``2B`` rows, chosen and rejected of each pair in turn, as
     :func:`sequence_log_probs` gives them for the rows one by one. Needs a model on
     sloth's attention (:func:`shares_prompt`)."""
-    from sloth_core.patches.shared_prompt import FIRST, SECOND, SHARED_PROMPT_KWARG, pack_pairs
-
     ids, mask, packed_labels, rows = pack_pairs(input_ids, attention_mask, labels)
     shared: dict[str, Any] = {SHARED_PROMPT_KWARG: rows, "position_ids": rows.positions}
     token = token_log_probs(model, ids, mask, packed_labels, **shared)
@@ -121,8 +126,6 @@ def grouped_token_log_probs(
     completions of one prompt) computed one row a group, the prompt once
     (:func:`~sloth_core.patches.shared_prompt.pack_groups`): the values and mask in the
     rows' own layout, as :func:`token_log_probs` gives them for the rows one by one."""
-    from sloth_core.patches.shared_prompt import SHARED_PROMPT_KWARG, pack_groups
-
     ids, mask, packed_labels, rows = pack_groups(input_ids, attention_mask, labels, size,
                                                  prompt_width=prompt_width)  # fmt: skip
     shared: dict[str, Any] = {SHARED_PROMPT_KWARG: rows, "position_ids": rows.positions}
@@ -149,6 +152,14 @@ def shares_prompt(model: Any) -> bool:
     config = getattr(inner, "config", None)
     attention = getattr(config, "_attn_implementation", None)
     return attention == SLOTH_ATTENTION and serves_log_probs(inner)
+
+
+def policy_shares_prompt(model: Any) -> bool:
+    """:func:`shares_prompt`, unless the policy's loss adds an MoE router's load-balancing
+    loss (``output_router_logits``): that averages over the forward's tokens, and TRL's
+    counts the prompt in every row. (The reference's loss adds none.)"""
+    config = getattr(_unwrapped(model), "config", None)
+    return not getattr(config, "output_router_logits", False) and shares_prompt(model)
 
 
 def _unwrapped(model: Any) -> Any:

@@ -29,8 +29,8 @@ from .log_probs import (
     SequenceLogProbs,
     evaluating,
     pair_log_probs,
+    policy_shares_prompt,
     sequence_log_probs,
-    shares_prompt,
 )
 
 #: Metrics a step logs, as TRL names them (a method logs those it has).
@@ -218,12 +218,9 @@ class PreferenceMethod:
         return loss
 
     def _shared(self, model: Any, batch: dict[str, torch.Tensor]) -> bool:
-        """Whether ``batch``'s pairs go one row a pair, the prompt once (``share_prompt``).
-        Not where the loss adds an MoE router's load-balancing loss: that averages over
-        the forward's tokens, and TRL's counts the prompt in both rows."""
-        router_loss = getattr(_unwrap_config(model), "output_router_logits", False)
-        return (self.config.share_prompt and self.kind == "pairs" and not router_loss
-                and batch["input_ids"].dim() == 3 and shares_prompt(model))  # fmt: skip
+        """Whether ``batch``'s pairs go one row a pair, the prompt once (``share_prompt``)."""
+        return (self.config.share_prompt and self.kind == "pairs"
+                and batch["input_ids"].dim() == 3 and policy_shares_prompt(model))  # fmt: skip
 
     def _pairs(self, model, batch, totals, sums, table):
         config, name = self.config, self.name
