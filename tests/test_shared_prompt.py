@@ -223,9 +223,14 @@ def test_shared_prompt_log_probs_parity_with_rows(make_tiny_model, monkeypatch, 
         assert paths.get("shared_prompt"), paths
 
 
-def test_dpo_shares_the_prompt_unless_told_not_to(make_tiny_model, tmp_path, monkeypatch):
+@pytest.mark.parametrize("dtype", ["fp32", pytest.param("bf16", marks=pytest.mark.skipif(
+    not CUDA, reason="bf16 training (the flash varlen path) on CUDA only"))])  # fmt: skip
+def test_dpo_shares_the_prompt_unless_told_not_to(make_tiny_model, tmp_path, monkeypatch, dtype):
     """``share_prompt`` (on by default): the DPO step scores policy and reference through
-    the shared row, and its losses are those of the rows scored apart."""
+    the shared row, and its losses are those of the rows scored apart: to fp32 rounding in
+    fp32; in bf16 (CUDA) the two layouts round differently and Adam carries that into the
+    later steps (0.4% seen on an H100), while a wrong mask or position moves the loss by far
+    more than 2%."""
     from sloth_core.testing.datasets import preference_dataset
     from sloth_core.train import TrainConfig, preference, train
     from sloth_core.train.metrics import read_metrics
@@ -244,13 +249,14 @@ def test_dpo_shares_the_prompt_unless_told_not_to(make_tiny_model, tmp_path, mon
             method="dpo", beta=0.3, max_seq_length=96, per_device_train_batch_size=2,
             max_steps=3, learning_rate=5e-3, gradient_checkpointing="on", seed=3,
             share_prompt=share, output_dir=str(tmp_path / f"out-{share}"), save_method="none",
-            report_to="none", logging_steps=1, cpu_threads=1,
+            report_to="none", logging_steps=1, cpu_threads=1, dtype=dtype, bf16="off",
         ).validate()  # fmt: skip
         result = train(config, show_progress=False)
         assert bool(calls) == share
         losses[share] = [r["loss"] for r in read_metrics(result.output_dir) if "loss" in r]
     assert len(losses[True]) == 3
-    assert losses[True] == pytest.approx(losses[False], rel=1e-4, abs=1e-6)
+    rel = 2e-2 if dtype == "bf16" else 1e-4
+    assert losses[True] == pytest.approx(losses[False], rel=rel, abs=1e-6)
 
 
 def _groups(prompts, completions, size, vocab, seed, *, pad: int = 0):
@@ -335,7 +341,8 @@ def test_grpo_shares_the_prompt_unless_told_not_to(make_tiny_model, tmp_path, mo
         assert bool(calls) == share
         losses[share] = [r["loss"] for r in read_metrics(result.output_dir) if "loss" in r]
     assert len(losses[True]) == 2
-    assert losses[True] == pytest.approx(losses[False], rel=1e-4, abs=1e-6)
+    rel = 2e-2 if dtype == "bf16" else 1e-4
+    assert losses[True] == pytest.approx(losses[False], rel=rel, abs=1e-6)
 
 
 def test_varlen_segments_equal_the_mask_for_groups(monkeypatch):
