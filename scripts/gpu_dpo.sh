@@ -16,5 +16,6 @@ budget=()
 tag=dpo${BUDGET:+-b$BUDGET}
 timeout 420 python3 -m sloth_core bench dpo --shape llama-8b --seq 1024 --batch 4 --steps 10 \
   --warmup 3 --systems 'sloth,sloth[SLOTH_BENCH_SHARE_PROMPT=0],hf' "${budget[@]}" \
-  --json "$out/$tag.json" --markdown "$out/$tag.md" --plot "$out/$tag.png" 2>&1 | tail -20
+  --json "$out/$tag.json" --markdown "$out/$tag.md" --plot "$out/$tag.png" > "$out/$tag.log" 2>&1
+tail -20 "$out/$tag.log"  # a file, not a pipe: a call stopped by its limit still brings it
 exit 0

@@ -6,7 +6,8 @@
 # A context row's search runs for many minutes: with JOURNAL (a path in the repo, so that
 # it travels to the next call) every probe's answer is kept there and copied to OUT_DIR,
 # and TIME_LIMIT seconds stop the search in time to write the report; the next call with
-# the journal brought back goes on where this one stopped.
+# the journal brought back goes on where this one stopped. The moe row's model is 57 GiB:
+# on a machine whose disk has less free, SLOTH_CACHE=/dev/shm/sloth-cache (a tmpfs).
 set -uo pipefail
 source "$(dirname "$0")/gpu_env.sh" "$@"
 export SLOTH_CACHE=${SLOTH_CACHE:-/tmp/sloth-cache}  # the bench models, written once
@@ -14,7 +15,11 @@ tag=${ROWS:-all}; tag=${tag//,/-}
 extra=()
 [ -n "${JOURNAL:-}" ] && extra+=(--journal "$JOURNAL")
 [ -n "${TIME_LIMIT:-}" ] && extra+=(--time-limit-s "$TIME_LIMIT")
+# Into a file under OUT_DIR, not a pipe: a call stopped by its time limit still brings back
+# what the bench printed so far (a pipe's tail is killed with it and shows nothing).
 python3 -m sloth_core bench train --targets "${ROWS:-all}" --json "$out/targets-$tag.json" \
-  --markdown "$out/targets-$tag.md" "${extra[@]}" 2>&1 | tail -40
+  --markdown "$out/targets-$tag.md" --plot "$out/targets-$tag.png" "${extra[@]}" \
+  > "$out/targets-$tag.log" 2>&1
+tail -40 "$out/targets-$tag.log"
 [ -n "${JOURNAL:-}" ] && [ -f "$JOURNAL" ] && cp "$JOURNAL" "$out/"
 exit 0

@@ -7,6 +7,8 @@ import sys
 import types
 
 import pytest
+import torch
+from safetensors import safe_open
 
 from sloth_core.bench import train
 from sloth_core.bench.plot import PlotUnavailable, panels, plot_report, target_marks
@@ -102,6 +104,11 @@ def test_the_moe_row_trains_attention_and_every_expert_alike_in_both_systems(tmp
                 head_dim=16, vocab_size=301)  # fmt: skip
     monkeypatch.setitem(train.SHAPES, "qwen3-moe-tiny", tiny)
     model_dir = train.make_model("qwen3-moe-tiny", tmp_path / "moe", device="cpu")
+    # Written in the model's own layout (3-D experts, no per-expert copies on the device).
+    with safe_open(str(model_dir / "model.safetensors"), "pt") as f:
+        expert_keys = sorted(k for k in f.keys() if ".layers.0.mlp.experts" in k)
+    assert expert_keys == ["model.layers.0.mlp.experts.down_proj",
+                           "model.layers.0.mlp.experts.gate_up_proj"]  # fmt: skip
     common = dict(seq=16, batch=2, steps=1, warmup=0, device="cpu")
     sloth = train.run_system("sloth", model_dir, **common)
     hf = train.run_system("hf", model_dir, **common)
@@ -282,6 +289,18 @@ def test_a_targets_report_charts_each_row_against_its_target(tmp_path):
         main(["bench", "plot", str(saved), str(tmp_path / "c.png")])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["broken.json", "targets.json",
                                                           "targets.png"]  # fmt: skip
+
+
+def test_bench_models_are_built_on_the_gpu_only_where_they_fit(monkeypatch):
+    """A model over 90% of the card's memory is filled on the host (slow, but it fits);
+    any other on the card; the CPU always holds it."""
+    from types import SimpleNamespace
+
+    card = SimpleNamespace(total_memory=80 << 30)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: card)
+    assert train._fits_on("cuda", 57 << 30)
+    assert not train._fits_on("cuda:0", 75 << 30)
+    assert train._fits_on("cpu", 1 << 50)
 
 
 def test_make_model_refuses_a_disk_too_small_and_writes_nothing(tmp_path, monkeypatch):

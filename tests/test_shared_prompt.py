@@ -341,8 +341,7 @@ def test_grpo_shares_the_prompt_unless_told_not_to(make_tiny_model, tmp_path, mo
         assert bool(calls) == share
         losses[share] = [r["loss"] for r in read_metrics(result.output_dir) if "loss" in r]
     assert len(losses[True]) == 2
-    rel = 2e-2 if dtype == "bf16" else 1e-4
-    assert losses[True] == pytest.approx(losses[False], rel=rel, abs=1e-6)
+    assert losses[True] == pytest.approx(losses[False], rel=1e-4, abs=1e-6)
 
 
 def test_varlen_segments_equal_the_mask_for_groups(monkeypatch):

@@ -258,17 +258,35 @@ def make_model(shape: str, path: Path, *, device: str) -> Path:
     from sloth_core.testing.tokenizer import build_tokenizer
 
     config = shape_config(shape)
+    with torch.device("meta"):
+        size = sum(
+            t.numel() * 2 for t in AutoModelForCausalLM.from_config(config).state_dict().values()
+        )
+    check_free_space(path.parent, size)
     torch.manual_seed(0)
-    # Initialised on the device in bf16: an 8B model never goes through fp32 on the host.
-    with torch.device(device):
+    # Initialised in bf16 (an 8B model never goes through fp32 on the host), on the device
+    # where it fits: on the CPU, filling qwen3-30b-a3b's 57 GiB took over 4 minutes.
+    build_on = device if _fits_on(device, size) else "cpu"
+    with torch.device(build_on):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     staging = path.with_name(path.name + ".tmp")
-    size = sum(t.numel() * t.element_size() for t in model.state_dict().values())
-    check_free_space(path.parent, size)
-    model.save_pretrained(staging, safe_serialization=True)
+    # The model's own layout (MoE experts as 3-D tensors, which from_pretrained reads as
+    # they are): the checkpoint's original per-expert layout would be built by copies of
+    # every expert on the device, more than an 80 GB H100 has beside a 57 GiB model.
+    model.save_pretrained(staging, safe_serialization=True, save_original_format=False)
     build_tokenizer().save_pretrained(staging)
     staging.rename(path)
     return path
+
+
+def _fits_on(device: str, size: int) -> bool:
+    """Whether ``size`` bytes take at most 90% of ``device``'s memory (always on the CPU)."""
+    import torch
+
+    dev = torch.device(device)
+    if dev.type != "cuda":
+        return True
+    return size <= 0.9 * torch.cuda.get_device_properties(dev).total_memory
 
 
 def check_free_space(folder: Path, needed: int, *, margin: int = 1 << 30) -> None:
