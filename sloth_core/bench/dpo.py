@@ -142,13 +142,15 @@ def _trainable(model: Any) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def run_sloth(model_dir: Path, pairs: list[dict[str, list[int]]], *, seq: int, steps: int,
-              warmup: int, device: str, lr: float = LEARNING_RATE,
-              budget_gib: float | None = None) -> TrainResult:  # fmt: skip
-    """sloth's DPO step, as ``sloth train --method dpo`` runs it (model, method, optimizer,
-    autocast and step all the trainer's own), on one fixed batch of ``pairs``; with
-    ``budget_gib`` its checkpointing planned per layer for that budget, as
-    ``sloth train --method dpo --memory-budget-gib`` plans it (both rows of every pair)."""
+def sloth_dpo_step(model_dir: Path, pairs: list[dict[str, list[int]]], *, seq: int,
+                   device: str, lr: float = LEARNING_RATE, budget_gib: float | None = None,
+                   share_prompt: bool = True) -> tuple[Any, int, Any, str | None]:  # fmt: skip
+    """sloth's DPO step on one fixed batch of ``pairs``, as ``sloth train --method dpo``
+    runs it (model, method, optimizer, autocast and step all the trainer's own): the
+    model, its base matmul parameters, a ``step()`` that runs one optimizer step and
+    returns its loss, and the checkpointing plan (with ``budget_gib``: planned per layer
+    for that budget, as ``sloth train --method dpo --memory-budget-gib`` plans it, both
+    rows of every pair)."""
     from sloth_core.data import PairExample
     from sloth_core.train.config import TrainConfig
     from sloth_core.train.loop import _autocast
@@ -159,8 +161,7 @@ def run_sloth(model_dir: Path, pairs: list[dict[str, list[int]]], *, seq: int, s
     model, n_base = bench._load("sloth", model_dir, device)  # offloaded checkpointing
     config = TrainConfig(method="dpo", beta=BETA, loss_type="sigmoid", learning_rate=lr,
                          per_device_train_batch_size=len(pairs), gradient_accumulation_steps=1,
-                         max_seq_length=seq,
-                         share_prompt=os.environ.get(SHARE_PROMPT_ENV, "1") != "0")  # fmt: skip
+                         max_seq_length=seq, share_prompt=share_prompt)  # fmt: skip
     method = method_for(config)
     method.attach(model)  # the reference: the model with its adapters disabled
     plan = bench._plan("sloth", model, batch=method.sequences_per_forward, seq=seq,
@@ -173,15 +174,31 @@ def run_sloth(model_dir: Path, pairs: list[dict[str, list[int]]], *, seq: int, s
     rows = method.batches(examples, batch_size=len(pairs), pad_token_id=0, seed=0,
                           train=False).batch(0, 0)  # fmt: skip
     model.train()
+
+    def step() -> float:
+        return train_step(model, optimizer, [rows], autocast=autocast,
+                          max_grad_norm=config.max_grad_norm,
+                          forward_backward=method.forward_backward).loss  # fmt: skip
+
+    return model, n_base, step, plan
+
+
+def run_sloth(model_dir: Path, pairs: list[dict[str, list[int]]], *, seq: int, steps: int,
+              warmup: int, device: str, lr: float = LEARNING_RATE,
+              budget_gib: float | None = None) -> TrainResult:  # fmt: skip
+    """:func:`sloth_dpo_step` timed: ``warmup`` steps, then ``steps``; the prompt shared
+    unless ``SLOTH_BENCH_SHARE_PROMPT=0`` is set."""
+    share = os.environ.get(SHARE_PROMPT_ENV, "1") != "0"
+    model, n_base, step, plan = sloth_dpo_step(model_dir, pairs, seq=seq, device=device,
+                                               lr=lr, budget_gib=budget_gib,
+                                               share_prompt=share)  # fmt: skip
     clock, losses = StepClock(device.startswith("cuda")), []
     clock.start()
     for _ in range(warmup + steps):
         clock.begin()
-        done = train_step(model, optimizer, [rows], autocast=autocast,
-                          max_grad_norm=config.max_grad_norm,
-                          forward_backward=method.forward_backward)  # fmt: skip
+        loss = step()
         clock.end()
-        losses.append(done.loss)
+        losses.append(loss)
     result = _result("sloth", model, clock, losses, warmup=warmup, batch=len(pairs), seq=seq,
                      n_base=n_base, n_lora=_trainable(model))  # fmt: skip
     result.plan = plan
