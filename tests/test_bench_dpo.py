@@ -78,7 +78,7 @@ def test_unknown_system_is_refused(tmp_path):
 
 
 def test_sloth_plans_its_dpo_step_for_a_memory_budget(tmp_path):
-    # Both rows of every pair count as sequences of the step (method.sequences_per_forward).
+    # Planned for the step's largest forward (method.forward_shape), as sloth train plans.
     report = run_dpo_bench("llama-tiny", seq=32, batch=2, steps=1, warmup=0, systems=("sloth",),
                            model_dir=tmp_path / "model", device="cpu", budget_gib=4.0)  # fmt: skip
     assert report["budget_gib"] == 4.0

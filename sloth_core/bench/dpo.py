@@ -164,12 +164,13 @@ def sloth_dpo_step(model_dir: Path, pairs: list[dict[str, list[int]]], *, seq: i
                          max_seq_length=seq, share_prompt=share_prompt)  # fmt: skip
     method = method_for(config)
     method.attach(model)  # the reference: the model with its adapters disabled
-    plan = bench._plan("sloth", model, batch=method.sequences_per_forward, seq=seq,
-                       device=device, budget_gib=budget_gib)  # fmt: skip
-    optimizer = build_optimizer(model, config)
-    autocast = _autocast(config, model)
     examples = [PairExample(tuple(p["prompt_ids"]), tuple(p["chosen_ids"]),
                             tuple(p["rejected_ids"])) for p in pairs]  # fmt: skip
+    rows, width = method.forward_shape(examples, model)  # as sloth train plans it
+    plan = bench._plan("sloth", model, batch=rows, seq=width, device=device,
+                       budget_gib=budget_gib)  # fmt: skip
+    optimizer = build_optimizer(model, config)
+    autocast = _autocast(config, model)
     # Every row is seq tokens long: nothing is padded.
     rows = method.batches(examples, batch_size=len(pairs), pad_token_id=0, seed=0,
                           train=False).batch(0, 0)  # fmt: skip

@@ -58,7 +58,6 @@ class GRPOMethod:
         self.config = config
         self.generations = config.num_generations
         self.rows_per_device = config.per_device_train_batch_size // config.num_generations
-        self.sequences_per_forward = self.rows_per_device * self.generations  # completions
         self.options = GRPOOptions(
             loss_type=config.loss_kind, beta=config.kl_beta, epsilon=config.epsilon,
             epsilon_high=config.epsilon_high or None,
@@ -106,6 +105,11 @@ class GRPOMethod:
         )  # fmt: skip
 
     # -- model --------------------------------------------------------------------------
+    def forward_shape(self, examples: list[Any], model: Any) -> tuple[int, int]:
+        """Every completion a row of up to ``max_seq_length`` tokens (a group sharing its
+        prompt in one row holds no more tokens than that)."""
+        return self.rows_per_device * self.generations, self.config.max_seq_length
+
     def attach(self, model: Any) -> None:
         from sloth_core.sdk.stop import stop_token_ids
 

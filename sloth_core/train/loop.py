@@ -358,7 +358,7 @@ def _train(
         model.to(group.device)
     method.attach(model)  # the reference model is the one loaded, not the checkpoint's
     if config.checkpointing is Checkpointing.AUTO:
-        _plan_memory(config, model, method, console)
+        _plan_memory(config, model, method, prepared.train, console)
     if checkpoint is not None:  # each rank's own slices when sharded already, else whole
         load_tensors(checkpoint, model)
     # Everything that can be refused has been: now the output directory.
@@ -381,16 +381,19 @@ def _train(
         raise
 
 
-def _plan_memory(config: TrainConfig, model, method: Method, console: Any) -> None:
+def _plan_memory(config: TrainConfig, model, method: Method, examples: list[Any],
+                 console: Any) -> None:  # fmt: skip
     """``gradient_checkpointing = auto``: keep, recompute or offload each decoder layer so
-    that a micro-batch of ``max_seq_length`` rows fits ``memory_budget_gib``; the plan is
-    printed."""
+    that the largest micro-batch ``examples`` make (``method.forward_shape``: rows of the
+    longest example, or packed to ``max_seq_length``) fits ``memory_budget_gib``; the plan
+    is printed."""
     device = next(model.parameters()).device
     budget = int(config.memory_budget_gib * 2**30) or memory_plan.device_budget_bytes(device)
+    rows, width = method.forward_shape(examples, model)
     try:
         plan = memory_plan.plan_for_step(
-            model, sequences=method.sequences_per_forward, seq=config.max_seq_length,
-            budget_bytes=budget, autocast=_autocast(config, model),
+            model, sequences=rows, seq=width, budget_bytes=budget,
+            autocast=_autocast(config, model),
         )  # fmt: skip
     except ValueError as exc:  # the budget is below what the step needs
         raise ConfigError(f"memory_budget_gib={config.memory_budget_gib:g}: {exc}") from None

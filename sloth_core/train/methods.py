@@ -28,8 +28,6 @@ class Method(Protocol):
 
     name: str
     rows_per_device: int
-    #: Sequences one forward holds activations for (what a memory plan is made for).
-    sequences_per_forward: int
     steps_per_batch: int  # optimizer steps each batch of data serves (GRPO's num_iterations)
     step: int
     rank: int
@@ -49,6 +47,12 @@ class Method(Protocol):
 
     def attach(self, model: Any) -> None: ...
 
+    def forward_shape(self, examples: list[Any], model: Any) -> tuple[int, int]:
+        """The rows and width of the largest forward a micro-batch of ``examples`` makes
+        on ``model``: what a memory plan is made for (the worst case of the data at hand,
+        not of ``max_seq_length``)."""
+        ...
+
     def precompute(self, batches: Any, count: int, autocast: Any) -> None: ...
 
     def forward_backward(
@@ -67,7 +71,7 @@ class SFTMethod:
 
     def __init__(self, config: TrainConfig) -> None:
         self.config = config
-        self.rows_per_device = self.sequences_per_forward = config.per_device_train_batch_size
+        self.rows_per_device = config.per_device_train_batch_size
         self.steps_per_batch = 1
         self.step, self.rank = 0, 0
         self.output_dir: Path | None = None
@@ -103,6 +107,13 @@ class SFTMethod:
 
     def attach(self, model: Any) -> None:
         pass
+
+    def forward_shape(self, examples: list[Any], model: Any) -> tuple[int, int]:
+        """Rows padded to the batch's longest example; packed rows are full."""
+        limit = self.config.max_seq_length
+        if self.config.packing:
+            return self.rows_per_device, limit
+        return self.rows_per_device, min(limit, max((len(e) for e in examples), default=limit))
 
     def precompute(self, batches: Any, count: int, autocast: Any) -> None:
         pass

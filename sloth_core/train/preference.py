@@ -77,8 +77,6 @@ class PreferenceMethod:
         self.reference: Reference | None = None
         self.table: SequenceLogProbs | None = None  # precomputed, by example index
         self.rows_per_device = config.per_device_train_batch_size
-        # chosen and rejected (KTO: each completion and its KL row) in one forward
-        self.sequences_per_forward = 2 * self.rows_per_device
         self.steps_per_batch = 1
         self.step, self.rank = 0, 0
         self.output_dir: Path | None = None
@@ -123,6 +121,20 @@ class PreferenceMethod:
                 self.reference = Reference(model, full_finetuning=self.config.full_finetuning)
             except TypeError as exc:
                 raise ConfigError(f"method={self.name!r}: {exc}") from None
+
+    def forward_shape(self, examples: list[Any], model: Any) -> tuple[int, int]:
+        """Pairs with the prompt shared: a row a pair, the prompt less its last token then
+        each completion after its own copy of it (``pack_pairs``); apart: chosen and
+        rejected rows, each prompt + completion. KTO: each completion and its KL row, the
+        KL row up to ``max_seq_length``."""
+        rows, limit = self.rows_per_device, self.config.max_seq_length
+        if self.kind == "kto" or not examples:
+            return 2 * rows, limit
+        if self.config.share_prompt and policy_shares_prompt(model):
+            width = max(len(e.prompt) + len(e.chosen) + len(e.rejected) + 1 for e in examples)
+            return rows, width
+        return 2 * rows, max(len(e.prompt) + max(len(e.chosen), len(e.rejected))
+                             for e in examples)  # fmt: skip
 
     def precompute(self, batches: Any, count: int, autocast: Any) -> None:
         """``precompute_ref_log_probs``: the reference's log-probs of every training row,
