@@ -9,6 +9,8 @@ with ``varlen_attn``'s calling convention stands in for them).
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -77,16 +79,57 @@ def test_a_second_tail_never_sees_the_first():
 
 
 def _reference_varlen(q, k, v, cu_q, cu_k, max_q, max_k, *, window_size=None, scale=None,
-                      enable_gqa=False):  # fmt: skip
-    """``varlen_attn``'s contract: ``[T, H, D]`` tokens cut at ``cu_seqlens``, causal."""
-    assert window_size == (-1, 0) and torch.equal(cu_q, cu_k)
+                      enable_gqa=False, last_key_aligned=True):  # fmt: skip
+    """``varlen_attn``'s contract (flash attention's): ``[Tq, H, D]`` queries and ``[Tk, H,
+    D]`` keys cut at ``cu_q``/``cu_k``; ``window_size=(-1, 0)`` is causal aligned to a cut's
+    last key: query ``i`` of ``n`` sees keys up to ``i + m - n`` of ``m``."""
+    assert window_size == (-1, 0) and len(cu_q) == len(cu_k)
+    assert int(cu_q[-1]) == q.shape[0] and int(cu_k[-1]) == k.shape[0] == v.shape[0]
     out = torch.empty_like(q)
-    for a, b in zip(cu_q[:-1].tolist(), cu_q[1:].tolist(), strict=True):
+    cuts = zip(cu_q[:-1].tolist(), cu_q[1:].tolist(), cu_k[:-1].tolist(), cu_k[1:].tolist(),
+               strict=True)  # fmt: skip
+    for a, b, c, d in cuts:
+        n, m = b - a, d - c
+        assert 0 < n <= max_q and n <= m <= max_k
+        shift = m - n if last_key_aligned else 0
+        sees = torch.arange(m)[None, :] <= torch.arange(n)[:, None] + shift
         out[a:b] = F.scaled_dot_product_attention(
-            q[a:b].transpose(0, 1), k[a:b].transpose(0, 1), v[a:b].transpose(0, 1),
-            is_causal=True, scale=scale, enable_gqa=enable_gqa,
+            q[a:b].transpose(0, 1), k[c:d].transpose(0, 1), v[c:d].transpose(0, 1),
+            attn_mask=sees, scale=scale, enable_gqa=enable_gqa,
         ).transpose(0, 1)  # fmt: skip
     return out
+
+
+@pytest.fixture(autouse=True)
+def _fresh_alignment_check():
+    """The varlen kernels' alignment is checked once per device and dtype: each test's
+    own (monkeypatched) kernels are checked afresh."""
+    attention._aligned_to_last_key.cache_clear()
+    yield
+    attention._aligned_to_last_key.cache_clear()
+
+
+def test_varlen_kernels_aligned_to_the_first_key_leave_shared_rows_to_the_mask(monkeypatch):
+    """A ``varlen_attn`` whose causal mask starts at a cut's first key (not flash
+    attention's convention) would let a tail's queries miss the prefix's last keys: the
+    shared-prompt rows then go through SDPA with their mask, with a warning, and the
+    outputs are the mask's."""
+
+    first_key_aligned = functools.partial(_reference_varlen, last_key_aligned=False)
+    monkeypatch.setattr(attention, "_varlen_attn", first_key_aligned)
+    monkeypatch.setattr(attention, "_VARLEN_PARAMS", {"window_size", "scale", "enable_gqa"})
+    monkeypatch.setattr(attention, "_varlen_usable", lambda query, dropout: True)
+    ids, mask, labels = _pairs([(6, 5, 3), (3, 2, 2)], vocab=40, seed=fresh_seed())
+    *_, rows = pack_pairs(ids, mask, labels)
+    q, k, v = (torch.randn(2, h, rows.length, 8, dtype=torch.float64) for h in (4, 2, 2))
+    before = attention.ATTENTION_PATHS["shared_prompt"]
+    with pytest.warns(UserWarning, match="not aligned to the last key"):
+        out, _ = attention.sloth_attention(torch.nn.Module(), q, k, v, None, scaling=0.3,
+                                           **{SHARED_PROMPT_KWARG: rows})  # fmt: skip
+    assert attention.ATTENTION_PATHS["shared_prompt"] == before
+    expected = F.scaled_dot_product_attention(q, k, v, attn_mask=rows.mask, scale=0.3,
+                                              enable_gqa=True).transpose(1, 2)  # fmt: skip
+    torch.testing.assert_close(out, expected)
 
 
 @pytest.mark.parametrize("varlen", [False, True], ids=["sdpa-mask", "varlen-segments"])

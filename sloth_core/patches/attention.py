@@ -10,6 +10,7 @@ copies and a padding-free path for packed rows (``position_ids`` restarting insi
 from __future__ import annotations
 
 import collections
+import functools
 import inspect
 import math
 import sys
@@ -275,28 +276,54 @@ def _varlen(query, key, value, rows: PackedRows, scaling: float | None) -> torch
     q = query.transpose(1, 2).reshape(batch * length, heads, dim)
     k = key.transpose(1, 2).reshape(batch * length, key.shape[1], dim)
     v = value.transpose(1, 2).reshape(batch * length, value.shape[1], value.shape[-1])
-    out = _varlen_flat(q, k, v, cu_seqlens, max_len, scaling)
+    out = _varlen_flat(q, k, v, (cu_seqlens, cu_seqlens), (max_len, max_len), scaling)
     return None if out is None else out.reshape(batch, length, heads, -1)
 
 
 def _shared_varlen(query, key, value, rows: SharedPromptRows,
                    scaling: float | None) -> torch.Tensor | None:  # fmt: skip
-    """A shared-prompt row's attention through ``varlen_attn``: each row's segments
-    (prefix + first tail, prefix + second tail, padding) gathered, attended causally, and
-    each token's output taken from its own segment. ``[B, S, Hq, D]``; ``None`` if it fails."""
+    """A shared-prompt row's attention through ``varlen_attn``: the queries as they lie,
+    in segments (prefix + first tail, each later tail, padding), each segment's keys and
+    values gathered (the prefix, then its tail; see :attr:`SharedPromptRows.varlen`).
+    ``[B, S, Hq, D]``; ``None`` if it fails."""
+    if not _aligned_to_last_key(query.device, query.dtype):
+        return None
     batch, heads, length, dim = query.shape
-    gather, cu_seqlens, scatter, max_len = rows.varlen
-    q = query.transpose(1, 2).reshape(batch * length, heads, dim).index_select(0, gather)
+    gather, cu_q, cu_k, max_q, max_k = rows.varlen
+    q = query.transpose(1, 2).reshape(batch * length, heads, dim)
     k = key.transpose(1, 2).reshape(batch * length, key.shape[1], dim).index_select(0, gather)
     v = value.transpose(1, 2).reshape(batch * length, value.shape[1], value.shape[-1])
-    out = _varlen_flat(q, k, v.index_select(0, gather), cu_seqlens, max_len, scaling)
-    return None if out is None else out.index_select(0, scatter).reshape(batch, length, heads, -1)
+    out = _varlen_flat(q, k, v.index_select(0, gather), (cu_q, cu_k), (max_q, max_k), scaling)
+    return None if out is None else out.reshape(batch, length, heads, -1)
 
 
-def _varlen_flat(q, k, v, cu_seqlens: torch.Tensor, max_len: int,
+@functools.cache
+def _aligned_to_last_key(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether ``varlen_attn``'s causal mask, in a cut with more keys than queries, is
+    aligned to the cut's last key (flash attention's convention since 2.1, which the
+    shared-prompt segments need). Checked once per device and dtype on one query and two
+    keys of equal score: aligned, it averages both values; aligned to the first key, it
+    returns the first value."""
+    q = torch.zeros(1, 1, 64, device=device, dtype=dtype)
+    k = torch.zeros(2, 1, 64, device=device, dtype=dtype)
+    v = torch.stack([torch.zeros(1, 64), torch.ones(1, 64)]).to(device, dtype)
+    cu_q = torch.tensor([0, 1], dtype=torch.int32, device=device)
+    cu_k = torch.tensor([0, 2], dtype=torch.int32, device=device)
+    with torch.no_grad():
+        out = _varlen_flat(q, k, v, (cu_q, cu_k), (1, 2), None)
+    aligned = out is not None and abs(float(out.float().mean()) - 0.5) < 1e-2
+    if out is not None and not aligned:
+        message = ("sloth_attention: varlen_attn's causal mask is not aligned to the last key; "
+                   "shared-prompt rows go through SDPA with their mask")  # fmt: skip
+        warnings.warn(message, stacklevel=2)
+    return aligned
+
+
+def _varlen_flat(q, k, v, cu_seqlens: tuple[torch.Tensor, torch.Tensor], max_len: tuple[int, int],
                  scaling: float | None) -> torch.Tensor | None:  # fmt: skip
-    """``varlen_attn`` over ``[T, H, D]`` tokens cut at ``cu_seqlens``, causal in each cut;
-    ``None`` (and SDPA from then on) if it fails."""
+    """``varlen_attn`` over ``[T, H, D]`` queries and ``[T', H, D]`` keys, cut at
+    ``cu_seqlens`` (queries', keys'), causal in each cut (aligned to its last key where it
+    has more keys than queries); ``None`` (and SDPA from then on) if it fails."""
     global _varlen_failed
     heads, dim = q.shape[1], q.shape[2]
     # The signature grew between torch releases (2.10: is_causal, no scale, no GQA).
@@ -317,7 +344,7 @@ def _varlen_flat(q, k, v, cu_seqlens: torch.Tensor, max_len: int,
             v = v.repeat_interleave(heads // v.shape[1], dim=1)
     assert _varlen_attn is not None  # _varlen_usable
     try:
-        out = _varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_len, max_len, **options)
+        out = _varlen_attn(q, k, v, *cu_seqlens, *max_len, **options)
     except (RuntimeError, ValueError, TypeError, NotImplementedError) as exc:
         _varlen_failed = True
         message = f"sloth_attention: varlen_attn failed ({exc}); SDPA with a mask"

@@ -20,7 +20,7 @@ in its own row, so the log-probabilities are those of the rows, computed with fe
 the rows; :class:`SharedPromptRows` describes them to ``sloth_attention`` (passed as the
 model keyword :data:`SHARED_PROMPT_KWARG`, which reaches every layer and every
 checkpoint's recompute): a dense mask for the SDPA, softcap, sink and sliding-window
-paths, and on CUDA the flash varlen kernels over gathered segments.
+paths, and on CUDA the flash varlen kernels over segments whose keys are gathered.
 """
 
 from __future__ import annotations
@@ -81,43 +81,44 @@ class SharedPromptRows:
         return self.mask & (distance < window)[:, None]
 
     @cached_property
-    def varlen(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
-        """``(gather, cu_seqlens, scatter, max_len)`` for the flash varlen kernels.
+    def varlen(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int, int]:
+        """``(kv_gather, cu_q, cu_k, max_q, max_k)`` for the flash varlen kernels.
 
-        Over the flattened ``[B * L]`` tokens, each row gives causal segments: its prefix
-        and each of its tails in turn (the prefix gathered again for every tail after the
-        first); its padding. ``gather`` picks the segments' tokens in order,
-        ``cu_seqlens`` cuts them, and ``scatter`` takes each token's output back from its
-        own segment (the prefix's from the first)."""
-        gather, scatter, lengths = [], [], []
-        offset = 0
-
-        def segment(piece: torch.Tensor) -> int:
-            nonlocal offset
-            start = offset
-            if len(piece):  # an empty segment (a padding example's) is left out
-                gather.append(piece)
-                lengths.append(len(piece))
-                offset += len(piece)
-            return start
-
+        The queries are the flattened ``[B * L]`` tokens as they lie, cut into segments:
+        per row, the prefix with its first tail, each later tail alone, the padding. Each
+        segment's keys are gathered (``kv_gather``, cut at ``cu_k``): the prefix and the
+        segment's tail, so a later tail's keys are the prefix again, then itself. The
+        kernels' causal mask is aligned to the segment's last key (flash attention's
+        convention where a segment has fewer queries than keys), so a tail's query ``j``
+        sees the whole prefix and its own tail up to ``j``: the prefix's queries run once
+        however many tails follow, and the output needs no scatter."""
+        gather, q_lengths, k_lengths = [], [], []
         for row, (s, tails) in enumerate(zip(self.shared, self.tails, strict=True)):
             base = row * self.length
             prefix = torch.arange(base, base + s)
             start = base + s
             for number, n in enumerate(tails):
-                tail = torch.arange(start, start + n)
-                at = segment(torch.cat([prefix, tail]))
-                if number == 0:
-                    scatter.append(torch.arange(at, at + s))
-                scatter.append(torch.arange(at + s, at + s + n))
+                queries = s + n if number == 0 else n  # the prefix's queries go first
+                if queries:  # an empty later tail (a padding example's) has no segment
+                    gather.append(torch.cat([prefix, torch.arange(start, start + n)]))
+                    q_lengths.append(queries)
+                    k_lengths.append(s + n)
                 start += n
+            if not tails and s:  # a prefix alone (no tail) is its own segment
+                gather.append(prefix)
+                q_lengths.append(s)
+                k_lengths.append(s)
             end = base + self.length
-            at = segment(torch.arange(start, end))
-            scatter.append(torch.arange(at, at + end - start))
-        cu_seqlens = torch.tensor([0, *lengths]).cumsum(0).to(torch.int32)
-        return (torch.cat(gather).to(self.device), cu_seqlens.to(self.device),
-                torch.cat(scatter).to(self.device), max(lengths))  # fmt: skip
+            if end > start:  # padding: its own causal segment, whose outputs are never read
+                gather.append(torch.arange(start, end))
+                q_lengths.append(end - start)
+                k_lengths.append(end - start)
+
+        def cumulative(lengths: list[int]) -> torch.Tensor:
+            return torch.tensor([0, *lengths]).cumsum(0).to(torch.int32).to(self.device)
+
+        return (torch.cat(gather).to(self.device), cumulative(q_lengths),
+                cumulative(k_lengths), max(q_lengths), max(k_lengths))  # fmt: skip
 
     def target_branch(self) -> torch.Tensor:
         """``[B, L]``: the branch of the token each position predicts (position ``t``'s
