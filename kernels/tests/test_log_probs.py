@@ -128,9 +128,10 @@ def test_ignored_chunks_all_ignored_and_leading_dims(device):
     assert (dhidden.view(22, 16)[:12] == 0).all() and (dhidden.view(22, 16)[12:] != 0).any()
 
     labels.fill_(IGNORE)  # the whole batch: zeros and zero gradients, as the reference
-    out, grads = _check((hidden, weight, bias, labels.view(2, 11)), torch.float32,
-                        "all ignored", chunk_size=6)  # fmt: skip
-    assert (out == 0).all() and all((g == 0).all() for g in grads)
+    for chunk_size in (6, None):  # None: the default size of no counted row at all
+        out, grads = _check((hidden, weight, bias, labels.view(2, 11)), torch.float32,
+                            f"all ignored, chunk {chunk_size}", chunk_size=chunk_size)  # fmt: skip
+        assert (out == 0).all() and all((g == 0).all() for g in grads)
 
 
 def test_no_grad_is_the_reference_model_path(device):

@@ -1,14 +1,15 @@
 """Per-token log-probabilities of given labels from hidden states and the lm_head, chunked.
 
-Per chunk of tokens: the logits come from one cuBLAS matmul in the input dtype into a
+Only the rows of counted tokens (labels other than ``ignore_index``) are computed, gathered
+first. Per chunk of them: the logits come from one cuBLAS matmul in the input dtype into a
 reused ``[chunk, V]`` buffer (as the unfused ``F.linear(h, w).float()`` computes them);
 the row-wise work is Triton, the cross-entropy row kernels of
 :mod:`sloth_kernels.cross_entropy` (a log-prob is minus a row's loss): forward takes each
 row's online fp32 log-sum-exp over the vocabulary with the softcap and temperature, and
 gathers the target; backward recomputes the chunk's logits and overwrites them in place
 with ``g * (onehot - softmax) * dz/dx``, which two more matmuls turn into the hidden and
-weight gradients. So only one chunk of logits ever exists, and forward keeps only its
-inputs and the ``[N]`` fp32 log-sum-exp.
+weight gradients. So only one chunk of logits ever exists, and forward keeps only the
+counted rows, their labels and fp32 log-sum-exp.
 
 Precision: the weight gradient is summed across chunks in fp32 (``[V, H]`` fp32 extra
 while backward runs, 2.1 GB for a 128k x 4k head; a frozen lm_head, the LoRA case, needs
@@ -27,24 +28,21 @@ from sloth_kernels.cross_entropy import (
     row_launch_config,
     row_loss_kernel,
 )
-from sloth_kernels.fused_linear_cross_entropy import (
-    _chunks_with_labels,
-    _kernel_serves,
-    default_chunk_size,
-)
+from sloth_kernels.fused_linear_cross_entropy import _kernel_serves, default_chunk_size
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def _chunk_logits(hidden, weight, bias, labels, ignore_index, chunk_size):
-    """``(rows, logits)`` of every chunk with a counted token, the logits in the input
-    dtype in one reused buffer (each chunk's overwrite the last's)."""
+    """``(rows, logits)`` of every chunk (every row has a counted token: see
+    :class:`_TokenLogProbs`), the logits in the input dtype in one reused buffer (each
+    chunk's overwrite the last's)."""
     n_rows, vocab = hidden.shape[0], weight.shape[0]
+    if n_rows == 0:  # no counted token: log-probs 0, gradients 0, as allocated
+        return
     chunk = chunk_size or default_chunk_size(n_rows, vocab, hidden.element_size())
     buffer = None
-    for index, has_labels in enumerate(_chunks_with_labels(labels != ignore_index, chunk)):
-        if not has_labels:
-            continue  # 0 and zero gradients, as allocated
+    for index in range(-(-n_rows // chunk)):
         start, stop = index * chunk, min((index + 1) * chunk, n_rows)
         if buffer is None:
             buffer = torch.empty(
@@ -107,21 +105,33 @@ def _backward(hidden, weight, bias, labels, lse, grad_output, options, needs):
 
 
 class _TokenLogProbs(torch.autograd.Function):
+    """The log-probs of the counted tokens only: their hidden rows are gathered first (one
+    host sync), so no matmul runs for a prompt's or padding's rows, wherever they fall
+    (DPO's prompts, GRPO's left padding, a shared prompt's prefix: up to half the rows)."""
+
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, softcap, temperature, ignore_index, chunk):
         ctx.options = (softcap, temperature, ignore_index, chunk)
-        out, lse = _forward(hidden, weight, bias, labels, ctx.options)
-        ctx.save_for_backward(hidden, weight, bias, labels, lse)
-        return out
+        ctx.n_rows = hidden.shape[0]
+        index = (labels != ignore_index).nonzero().squeeze(1)
+        counted = hidden.index_select(0, index)
+        counted_labels = labels.index_select(0, index)
+        out, lse = _forward(counted, weight, bias, counted_labels, ctx.options)
+        ctx.save_for_backward(counted, weight, bias, counted_labels, lse, index)
+        full = torch.zeros(ctx.n_rows, dtype=out.dtype, device=out.device)
+        return full.index_copy_(0, index, out)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_output):
-        hidden, weight, bias, labels, lse = ctx.saved_tensors
-        grads = _backward(
-            hidden, weight, bias, labels, lse, grad_output, ctx.options, ctx.needs_input_grad[:3]
-        )
-        return *grads, None, None, None, None, None
+        counted, weight, bias, labels, lse, index = ctx.saved_tensors
+        grads = _backward(counted, weight, bias, labels, lse, grad_output.index_select(0, index),
+                          ctx.options, ctx.needs_input_grad[:3])  # fmt: skip
+        grad_hidden, *rest = grads
+        if grad_hidden is not None:
+            full = grad_hidden.new_zeros((ctx.n_rows, grad_hidden.shape[1]))
+            grad_hidden = full.index_copy_(0, index, grad_hidden)
+        return grad_hidden, *rest, None, None, None, None, None
 
 
 def token_log_probs(
