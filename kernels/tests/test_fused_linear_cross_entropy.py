@@ -226,6 +226,25 @@ def test_ignored_chunks_and_all_ignored(device):
     assert loss.item() == 0.0 and all((g == 0).all() for g in grads)
 
 
+def test_only_the_counted_rows_reach_the_head(device, monkeypatch):
+    """Ignored tokens scattered through every chunk (a chat's prompts): the head's
+    matmuls see the counted rows only, and loss and gradients are the reference's."""
+    hidden, weight, b, labels = _inputs(30, 16, 300, torch.float32, device, bias=True)
+    labels[::3] = -100
+    rows = []
+    real = flce_module._fused_forward
+
+    def counting(hidden, *args):
+        rows.append(hidden.shape[0])
+        return real(hidden, *args)
+
+    monkeypatch.setattr(flce_module, "_fused_forward", counting)
+    _, (dhidden, _, _) = _check(hidden, weight, b, labels, torch.float32, "every third ignored",
+                                chunk_size=8)  # fmt: skip
+    assert rows == [int((labels != -100).sum())]
+    assert (dhidden[::3] == 0).all()
+
+
 def test_leading_dims_are_flattened(device):
     hidden, weight, _, labels = _inputs(2 * 9, 16, 200, torch.float32, device)
     hidden = hidden.detach().view(2, 9, 16).requires_grad_()

@@ -134,6 +134,23 @@ def test_ignored_chunks_all_ignored_and_leading_dims(device):
         assert (out == 0).all() and all((g == 0).all() for g in grads)
 
 
+def test_only_the_counted_rows_reach_the_head(device, monkeypatch):
+    """Ignored tokens scattered through every chunk (DPO's prompts, a shared prefix):
+    forward and backward run the head on the counted rows only, and the log-probs and
+    gradients are the reference's."""
+    inputs = _inputs(30, 16, 257, torch.float32, device, bias=True)
+    inputs[-1][::3] = IGNORE
+    rows = []
+    for name in ("_forward", "_backward"):
+        real = getattr(log_probs_module, name)
+        monkeypatch.setattr(log_probs_module, name,
+                            lambda hidden, *a, real=real: rows.append(hidden.shape[0])
+                            or real(hidden, *a))  # fmt: skip
+    _check(inputs, torch.float32, "every third ignored", chunk_size=8)
+    counted = int((inputs[-1] != IGNORE).sum())
+    assert rows == [counted, counted]
+
+
 def test_no_grad_is_the_reference_model_path(device):
     hidden, weight, _, labels = _inputs(12, 16, 300, torch.float32, device)
     with torch.no_grad():

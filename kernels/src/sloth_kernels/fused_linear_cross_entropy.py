@@ -228,6 +228,12 @@ def fused_linear_cross_entropy(
         )  # fmt: skip
     hidden = hidden.reshape(-1, hidden.shape[-1])
     labels = labels.reshape(-1).to(hidden.device).contiguous()
+    # Only the counted tokens' rows go through the head: a prompt's or padding's rows
+    # (train_on_responses_only, left padding) cost no matmul wherever they fall in a
+    # chunk. The loss's denominator counts the same tokens either way.
+    counted = (labels != ignore_index).nonzero().squeeze(1)
+    if counted.numel() < labels.numel():
+        hidden, labels = hidden.index_select(0, counted), labels.index_select(0, counted)
     args = (hidden, weight, bias, labels, ignore_index, softcap, num_items_in_batch, chunk_size)
     tensors = (hidden, weight) if bias is None else (hidden, weight, bias)
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
