@@ -166,6 +166,11 @@ def _pack(groups: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Ten
         out_positions[b, :n] = row_positions
         out_positions[b, n:] = torch.arange(last, last + length - n)
     rows = SharedPromptRows(shared, tails, out_positions.to(device))
+    if rows.device.type == "cuda":
+        # The flash varlen segments' indices, copied to the card now, while the queue is
+        # drained anyway (the pack read its rows back): built in the first layer's
+        # attention, each copy would wait there for the work queued before it.
+        rows.varlen  # noqa: B018  # a cached property, built for its side effect
     return out_ids.to(device), out_mask.to(device), out_labels.to(device), rows
 
 
