@@ -387,15 +387,9 @@ def test_grpo_shares_the_prompt_unless_told_not_to(make_tiny_model, tmp_path, mo
     assert losses[True] == pytest.approx(losses[False], rel=1e-4, abs=1e-6)
 
 
-def test_varlen_segments_equal_the_mask_for_groups(monkeypatch):
-    """Groups of three tails, left-padded prompts: the varlen segments (the prefix gathered
-    once per tail) give the masked SDPA's outputs and gradients on every real token."""
-    from sloth_core.patches.shared_prompt import pack_groups
-
-    seed = fresh_seed()
-    ids, mask, labels, width = _groups([7, 2, 5], [4, 1, 6, 3, 3, 2, 5, 1, 4], 3, vocab=30,
-                                       seed=seed)  # fmt: skip
-    *_, rows = pack_groups(ids, mask, labels, 3, prompt_width=width)
+def _segments_against_mask(monkeypatch, rows, seed):
+    """``sloth_attention`` on ``rows`` through the (reference) varlen segments and through
+    SDPA with the rows' mask: outputs and gradients on every real token."""
     gen = torch.Generator().manual_seed(seed)
     shape = (len(rows.shared), rows.length)
     inputs = [torch.randn(shape[0], h, shape[1], 8, generator=gen, dtype=torch.float64,
@@ -409,12 +403,39 @@ def test_varlen_segments_equal_the_mask_for_groups(monkeypatch):
                 patch.setattr(attention, "_varlen_attn", _reference_varlen)
                 patch.setattr(attention, "_VARLEN_PARAMS", {"window_size", "scale", "enable_gqa"})
                 patch.setattr(attention, "_varlen_usable", lambda query, dropout: True)
+            before = attention.ATTENTION_PATHS["shared_prompt"]
             out, _ = attention.sloth_attention(torch.nn.Module(), *inputs, None, scaling=0.4,
                                                **{SHARED_PROMPT_KWARG: rows})  # fmt: skip
+            assert attention.ATTENTION_PATHS["shared_prompt"] == before + varlen
             grads = torch.autograd.grad((out * weights * real).sum(), inputs)
             outs.append((out * real, grads))
     (masked, masked_grads), (segments, segment_grads) = outs
     torch.testing.assert_close(segments, masked, msg=f"seed={seed}")
     for got, want in zip(segment_grads, masked_grads, strict=True):
         torch.testing.assert_close(got, want, msg=f"seed={seed}")
+
+
+def test_varlen_segments_equal_the_mask_on_random_pairs(monkeypatch):
+    """Random pairs, a padding example (no token) among them, some sharing a one-token
+    prompt (nothing shared): segments and mask agree on every real token."""
+    seed = fresh_seed()
+    rng = torch.Generator().manual_seed(seed)
+    spec = [tuple(int(x) for x in torch.randint(1, 9, (3,), generator=rng)) for _ in range(4)]
+    spec.insert(int(torch.randint(0, 5, (1,), generator=rng)), (0, 0, 0))
+    ids, mask, labels = _pairs(spec, vocab=40, seed=seed)
+    *_, rows = pack_pairs(ids, mask, labels)
+    _segments_against_mask(monkeypatch, rows, seed)
+
+
+def test_varlen_segments_equal_the_mask_for_groups(monkeypatch):
+    """Groups of three tails, left-padded prompts: the varlen segments (the prefix's keys
+    gathered again for each later tail) give the masked SDPA's outputs and gradients on
+    every real token."""
+    from sloth_core.patches.shared_prompt import pack_groups
+
+    seed = fresh_seed()
+    ids, mask, labels, width = _groups([7, 2, 5], [4, 1, 6, 3, 3, 2, 5, 1, 4], 3, vocab=30,
+                                       seed=seed)  # fmt: skip
+    *_, rows = pack_groups(ids, mask, labels, 3, prompt_width=width)
+    _segments_against_mask(monkeypatch, rows, seed)
     assert rows.shared[1] == 1 and rows.tails[1] == [4, 4, 3]  # prompt 2: last token + completion
