@@ -1,6 +1,8 @@
 """Fused lm_head + cross entropy: chunked over tokens, gradients computed in the forward.
 
-Per chunk of tokens: the logits come from one cuBLAS matmul in the input dtype (as the
+Only the counted tokens' rows (labels other than ``ignore_index``) are computed, gathered
+first (one host sync), so a prompt's or padding's rows cost no matmul. Per chunk of them:
+the logits come from one cuBLAS matmul in the input dtype (as the
 unfused ``F.linear(h, w).float()`` path computes them), then one Triton kernel
 (:func:`sloth_kernels.cross_entropy.row_loss_kernel`) takes each row's fp32 logsumexp and
 loss and overwrites the logits buffer in place with ``d(loss)/d(logits)``; two more
@@ -21,7 +23,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 
 from sloth_core.ops.reference import fused_linear_cross_entropy as reference_flce
 from sloth_kernels._utils import kernel_devices
@@ -50,13 +51,6 @@ def default_chunk_size(n_rows: int, vocab_size: int, element_size: int) -> int:
     if cap >= ROW_MULTIPLE:
         rows = min(cap, math.ceil(rows / ROW_MULTIPLE) * ROW_MULTIPLE)
     return max(1, min(rows, n_rows))
-
-
-def _chunks_with_labels(valid: torch.Tensor, chunk: int) -> list[bool]:
-    # One host sync for the whole batch: which chunks have any non-ignored token.
-    # A chunk without one contributes nothing, so its three matmuls are skipped.
-    pad = (-valid.shape[0]) % chunk
-    return F.pad(valid, (0, pad)).view(-1, chunk).any(dim=1).tolist()
 
 
 def _fused_forward(
@@ -92,14 +86,10 @@ def _fused_forward(
     block, num_warps = row_launch_config(vocab)
     buffer = None
 
-    for index, has_labels in enumerate(_chunks_with_labels(valid, chunk)):
+    # Every row is a counted token's (fused_linear_cross_entropy gathers them first).
+    for index in range(-(-n_rows // chunk)):
         start = index * chunk
         stop = min(start + chunk, n_rows)
-        if not has_labels:
-            losses[start:stop].zero_()
-            if need_hidden:
-                grad_hidden[start:stop].zero_()
-            continue
         if buffer is None:
             buffer = torch.empty((min(chunk, n_rows), vocab), dtype=dtype, device=device)
         h = hidden[start:stop]
