@@ -2,7 +2,9 @@
 # The DPO row on a CUDA machine (the device tool's GPU): the shared-prompt tests on CUDA
 # (bf16 through the flash varlen path), then `sloth bench dpo` with the prompt shared
 # (sloth's default), the rows apart (sloth[SLOTH_BENCH_SHARE_PROMPT=0]) and TRL's
-# DPOTrainer (hf), in one run. Usage: [BUDGET=20] [SKIP_TESTS=1] bash scripts/gpu_dpo.sh [OUT_DIR]
+# DPOTrainer (hf), in one run; with PROFILE=1 then scripts/profile_dpo.py (where the step's
+# time goes, the prompt shared against the rows apart) into OUT_DIR/profile-dpo.txt.
+# Usage: [BUDGET=20] [SKIP_TESTS=1] [PROFILE=1] bash scripts/gpu_dpo.sh [OUT_DIR]
 set -uo pipefail
 source "$(dirname "$0")/gpu_env.sh" "$@"
 export TOKENIZERS_PARALLELISM=false SLOTH_CACHE=${SLOTH_CACHE:-/tmp/sloth-cache}
@@ -18,4 +20,9 @@ timeout 420 python3 -m sloth_core bench dpo --shape llama-8b --seq 1024 --batch 
   --warmup 3 --systems 'sloth,sloth[SLOTH_BENCH_SHARE_PROMPT=0],hf' "${budget[@]}" \
   --json "$out/$tag.json" --markdown "$out/$tag.md" --plot "$out/$tag.png" > "$out/$tag.log" 2>&1
 tail -20 "$out/$tag.log"  # a file, not a pipe: a call stopped by its limit still brings it
+if [ -n "${PROFILE:-}" ]; then
+  timeout 300 python3 scripts/profile_dpo.py ${BUDGET:+--budget-gib "$BUDGET"} \
+    > "$out/profile-dpo.txt" 2>&1
+  echo "profile: rc=$?"; grep -A3 "^==== " "$out/profile-dpo.txt" | grep -v "^--" | head -20
+fi
 exit 0
