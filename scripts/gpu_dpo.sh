@@ -4,7 +4,8 @@
 # (sloth's default), the rows apart (sloth[SLOTH_BENCH_SHARE_PROMPT=0]) and TRL's
 # DPOTrainer (hf), in one run; with PROFILE=1 then scripts/profile_dpo.py (where the step's
 # time goes, the prompt shared against the rows apart) into OUT_DIR/profile-dpo.txt.
-# Usage: [BUDGET=20] [SKIP_TESTS=1] [PROFILE=1] bash scripts/gpu_dpo.sh [OUT_DIR]
+# QUANT=fp8 (or nf4): the base weights so (sloth bench dpo --quantization).
+# Usage: [BUDGET=20] [QUANT=fp8] [SKIP_TESTS=1] [PROFILE=1] bash scripts/gpu_dpo.sh [OUT_DIR]
 set -uo pipefail
 source "$(dirname "$0")/gpu_env.sh" "$@"
 export TOKENIZERS_PARALLELISM=false SLOTH_CACHE=${SLOTH_CACHE:-/tmp/sloth-cache}
@@ -15,7 +16,8 @@ if [ -z "${SKIP_TESTS:-}" ]; then
 fi
 budget=()
 [ -n "${BUDGET:-}" ] && budget=(--memory-budget-gib "$BUDGET")
-tag=dpo${BUDGET:+-b$BUDGET}
+[ -n "${QUANT:-}" ] && budget+=(--quantization "$QUANT")
+tag=dpo${BUDGET:+-b$BUDGET}${QUANT:+-$QUANT}
 timeout 420 python3 -m sloth_core bench dpo --shape llama-8b --seq 1024 --batch 4 --steps 10 \
   --warmup 3 --systems 'sloth,sloth[SLOTH_BENCH_SHARE_PROMPT=0],hf' "${budget[@]}" \
   --json "$out/$tag.json" --markdown "$out/$tag.md" --plot "$out/$tag.png" > "$out/$tag.log" 2>&1

@@ -101,3 +101,30 @@ def test_the_shared_prompt_step_trains_as_the_rows_apart(tmp_path):
     assert apart["system"] == "sloth[SLOTH_BENCH_SHARE_PROMPT=0]"
     assert shared["last_loss"] < shared["first_loss"]
     assert shared["last_loss"] == pytest.approx(apart["last_loss"], rel=1e-3)
+
+
+@pytest.mark.parametrize("quantization", ["fp8", "nf4"])
+def test_quantized_base_weights_for_both_systems(tmp_path, quantization):
+    """``--quantization``: sloth's step on the base weights sloth train would quantize
+    (its linear layers replaced), TRL's through BitsAndBytesConfig (nf4) or in bf16
+    (fp8); both from log 2, and the report says which."""
+    pytest.importorskip("trl")
+    pytest.importorskip("bitsandbytes")
+    from sloth_core.bench import dpo
+    from sloth_core.bench.train import make_model
+
+    model_dir = make_model("llama-tiny", tmp_path / "model", device="cpu")
+    vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]
+    pairs = make_pairs(2, 32, vocab=vocab)
+    model, *_ = dpo.sloth_dpo_step(model_dir, pairs, seq=32, device="cpu",
+                                   quantization=quantization)  # fmt: skip
+    kinds = {type(m).__name__ for m in model.modules()}
+    assert ("Fp8Linear" if quantization == "fp8" else "Linear4bit") in kinds, kinds
+    del model
+    report = run_dpo_bench("llama-tiny", seq=32, batch=2, steps=1, warmup=0, device="cpu",
+                           model_dir=model_dir, quantization=quantization)  # fmt: skip
+    assert report["quantization"] == quantization
+    for r in report["results"]:
+        assert r.get("error") is None and not r.get("skipped"), r
+        assert r["first_loss"] == pytest.approx(math.log(2), abs=1e-3)
+    assert quantization in markdown(report, "cmd").splitlines()[0]

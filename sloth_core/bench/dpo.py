@@ -144,13 +144,15 @@ def _trainable(model: Any) -> int:
 
 def sloth_dpo_step(model_dir: Path, pairs: list[dict[str, list[int]]], *, seq: int,
                    device: str, lr: float = LEARNING_RATE, budget_gib: float | None = None,
-                   share_prompt: bool = True) -> tuple[Any, int, Any, str | None]:  # fmt: skip
+                   share_prompt: bool = True, quantization: str | None = None,
+                   ) -> tuple[Any, int, Any, str | None]:  # fmt: skip
     """sloth's DPO step on one fixed batch of ``pairs``, as ``sloth train --method dpo``
     runs it (model, method, optimizer, autocast and step all the trainer's own): the
     model, its base matmul parameters, a ``step()`` that runs one optimizer step and
     returns its loss, and the checkpointing plan (with ``budget_gib``: planned per layer
     for that budget, as ``sloth train --method dpo --memory-budget-gib`` plans it, both
-    rows of every pair)."""
+    rows of every pair). ``quantization`` (``nf4``, ``fp8``): the frozen base weights
+    quantized as they load, as ``sloth train --quantization`` does."""
     from sloth_core.data import PairExample
     from sloth_core.train.config import TrainConfig
     from sloth_core.train.loop import _autocast
@@ -158,7 +160,7 @@ def sloth_dpo_step(model_dir: Path, pairs: list[dict[str, list[int]]], *, seq: i
     from sloth_core.train.optim import build_optimizer
     from sloth_core.train.step import train_step
 
-    model, n_base = bench._load("sloth", model_dir, device)  # offloaded checkpointing
+    model, n_base = bench._load("sloth", model_dir, device, quantization)  # offloaded
     config = TrainConfig(method="dpo", beta=BETA, loss_type="sigmoid", learning_rate=lr,
                          per_device_train_batch_size=len(pairs), gradient_accumulation_steps=1,
                          max_seq_length=seq, share_prompt=share_prompt)  # fmt: skip
@@ -186,13 +188,15 @@ def sloth_dpo_step(model_dir: Path, pairs: list[dict[str, list[int]]], *, seq: i
 
 def run_sloth(model_dir: Path, pairs: list[dict[str, list[int]]], *, seq: int, steps: int,
               warmup: int, device: str, lr: float = LEARNING_RATE,
-              budget_gib: float | None = None) -> TrainResult:  # fmt: skip
+              budget_gib: float | None = None,
+              quantization: str | None = None) -> TrainResult:  # fmt: skip
     """:func:`sloth_dpo_step` timed: ``warmup`` steps, then ``steps``; the prompt shared
     unless ``SLOTH_BENCH_SHARE_PROMPT=0`` is set."""
     share = os.environ.get(SHARE_PROMPT_ENV, "1") != "0"
     model, n_base, step, plan = sloth_dpo_step(model_dir, pairs, seq=seq, device=device,
                                                lr=lr, budget_gib=budget_gib,
-                                               share_prompt=share)  # fmt: skip
+                                               share_prompt=share,
+                                               quantization=quantization)  # fmt: skip
     clock, losses = StepClock(device.startswith("cuda")), []
     clock.start()
     for _ in range(warmup + steps):
@@ -207,9 +211,13 @@ def run_sloth(model_dir: Path, pairs: list[dict[str, list[int]]], *, seq: int, s
 
 
 def run_trl(model_dir: Path, pairs: list[dict[str, list[int]]], *, seq: int, steps: int,
-            warmup: int, device: str, lr: float = LEARNING_RATE) -> TrainResult:  # fmt: skip
+            warmup: int, device: str, lr: float = LEARNING_RATE,
+            quantization: str | None = None) -> TrainResult:  # fmt: skip
     """TRL's ``DPOTrainer`` on transformers + PEFT (``peft_config``: TRL wraps the model
-    and takes the reference as it with adapters disabled), on the same pairs."""
+    and takes the reference as it with adapters disabled), on the same pairs. ``nf4``
+    (and the other bitsandbytes types): the model loaded through transformers'
+    ``BitsAndBytesConfig`` as ``sloth bench train``'s QLoRA baseline is, TRL preparing it
+    as it does a 4-bit model; ``fp8``: in bf16, as the fp8 training row's baseline."""
     try:
         import datasets
         import trl
@@ -245,9 +253,12 @@ def run_trl(model_dir: Path, pairs: list[dict[str, list[int]]], *, seq: int, ste
         def _prepare_dataset(self, dataset, *args, **kwargs):
             return dataset
 
+    quantized = {}
+    if quantization and quantization != "fp8":
+        quantized["quantization_config"] = bench.hf_quantization_config(quantization)
     model = AutoModelForCausalLM.from_pretrained(
         model_dir, dtype=torch.bfloat16, attn_implementation=bench.hf_attention(model_dir),
-        device_map=device,
+        device_map=device, **quantized,
     )  # fmt: skip
     n_base = bench._matmul_params(model)
     lora = LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0,
@@ -290,15 +301,16 @@ def versions() -> dict[str, str | None]:
 def run_dpo_bench(shape: str, *, seq: int = 1024, batch: int = 4, steps: int = 10,
                   warmup: int = 3, systems: tuple[str, ...] = SYSTEMS, model_dir: Path,
                   device: str, timeout: float = 1800, lr: float = LEARNING_RATE,
-                  loss_tolerance: float = DPO_LOSS_TOLERANCE,
-                  budget_gib: float | None = None) -> dict[str, Any]:  # fmt: skip
+                  loss_tolerance: float = DPO_LOSS_TOLERANCE, budget_gib: float | None = None,
+                  quantization: str | None = None) -> dict[str, Any]:  # fmt: skip
     """Every system in its own process, one after the other, on the same model and pairs;
     the report has :func:`sloth_core.bench.train.run_bench`'s keys and ``kind: "dpo"``.
     ``hf`` is TRL's DPOTrainer on transformers + PEFT; a system that cannot run here
     (TRL not installed) is reported as skipped, with the reason. ``budget_gib``: sloth
     plans its checkpointing per layer for it (:func:`run_sloth`); TRL runs as always. A
     system may carry one setting of its process's environment, ``sloth[VAR=VALUE]``
-    (:func:`sloth_core.bench.train.system_env`)."""
+    (:func:`sloth_core.bench.train.system_env`). ``quantization``: each system's base
+    weights so (:func:`run_sloth`, :func:`run_trl`)."""
     unknown = [s for s in systems if bench.system_env(s)[0] not in RUNNERS]
     if unknown:
         raise ValueError(f"unknown system(s) {unknown}; choose from {', '.join(RUNNERS)}")
@@ -308,7 +320,7 @@ def run_dpo_bench(shape: str, *, seq: int = 1024, batch: int = 4, steps: int = 1
         base, env = bench.system_env(system)
         out = bench.run_worker("sloth_core.bench.dpo", [
             "--worker", base, str(model_dir), str(seq), str(batch), str(steps), str(warmup),
-            device, repr(lr), repr(budget_gib or 0.0),
+            device, repr(lr), repr(budget_gib or 0.0), quantization or "none",
         ], timeout=timeout, env=env)  # fmt: skip
         results.append({**out, "system": system})
     losses_agree = bench.check_losses(results, loss_tolerance)
@@ -316,7 +328,7 @@ def run_dpo_bench(shape: str, *, seq: int = 1024, batch: int = 4, steps: int = 1
     device_name = next((r["device_name"] for r in results if r.get("device_name")), None)
     return {"kind": "dpo", "shape": shape, "config": bench.SHAPES[shape], "seq": seq,
             "batch": batch, "steps": steps, "warmup": warmup, "device": device,
-            "quantization": None, "nproc": [1], "full": False, "budget_gib": budget_gib,
+            "quantization": quantization, "nproc": [1], "full": False, "budget_gib": budget_gib,
             "beta": BETA, "learning_rate": lr, "expected_first_loss": FIRST_LOSS,
             "peak_tflops": bench.PEAK_TFLOPS, "device_name": device_name,
             "versions": versions(), "loss_tolerance": loss_tolerance,
@@ -334,6 +346,10 @@ def markdown(report: dict[str, Any], command: str) -> str:
         f"LoRA r=16, sigmoid loss, beta {report.get('beta', BETA)}, reference = adapters "
         "disabled; `hf`: TRL's DPOTrainer on transformers + PEFT."
     )
+    if report.get("quantization") == "fp8":
+        heading += " Base weights: sloth's in FP8 (sloth-fp8), TRL's in bf16."
+    elif report.get("quantization"):
+        heading += f" Base weights in {report['quantization']} (QLoRA) for both."
     return heading + table[table.index("\n") :]
 
 
@@ -342,7 +358,10 @@ def _worker(argv: list[str]) -> None:
     config = json.loads((Path(model_dir) / "config.json").read_text())
     pairs = make_pairs(int(batch), int(seq), config["vocab_size"])
     budget = float(rest[0]) if rest else 0.0
-    options = {"budget_gib": budget} if system == "sloth" and budget else {}
+    quantization = rest[1] if len(rest) > 1 and rest[1] != "none" else None
+    options: dict[str, Any] = {"quantization": quantization}
+    if system == "sloth" and budget:
+        options["budget_gib"] = budget
     try:
         result = RUNNERS[system](Path(model_dir), pairs, seq=int(seq), steps=int(steps),
                                  warmup=int(warmup), device=device, lr=float(lr),
@@ -364,6 +383,9 @@ def add_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--memory-budget-gib", type=float, default=None,
                         help="sloth plans its checkpointing per layer for it "
                              "(sloth train --memory-budget-gib); TRL runs as always")  # fmt: skip
+    parser.add_argument("--quantization", choices=("nf4", "fp4", "int8", "fp8"), default=None,
+                        help="the base weights: sloth's as sloth train --quantization loads "
+                             "them; TRL's through BitsAndBytesConfig, or bf16 for fp8")  # fmt: skip
     add_bench_options(parser, systems=SYSTEMS, known=SYSTEMS, note="hf: TRL's DPOTrainer")
 
 
@@ -373,7 +395,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return run_dpo_bench(
         args.shape, seq=args.seq, batch=args.batch, steps=args.steps, warmup=args.warmup,
         systems=tuple(s for s in args.systems.split(",") if s), device=device, lr=args.lr,
-        model_dir=model_dir, budget_gib=args.memory_budget_gib,
+        model_dir=model_dir, budget_gib=args.memory_budget_gib, quantization=args.quantization,
     )  # fmt: skip
 
 
