@@ -14,12 +14,12 @@ if [ -z "${SKIP_TESTS:-}" ]; then
     > "$out/shared-prompt-tests.txt" 2>&1
   echo "shared-prompt tests: rc=$? $(tail -1 "$out/shared-prompt-tests.txt")"
 fi
-budget=()
-[ -n "${BUDGET:-}" ] && budget=(--memory-budget-gib "$BUDGET")
-[ -n "${QUANT:-}" ] && budget+=(--quantization "$QUANT")
+options=()
+[ -n "${BUDGET:-}" ] && options+=(--memory-budget-gib "$BUDGET")
+[ -n "${QUANT:-}" ] && options+=(--quantization "$QUANT")
 tag=dpo${BUDGET:+-b$BUDGET}${QUANT:+-$QUANT}
 timeout 420 python3 -m sloth_core bench dpo --shape llama-8b --seq 1024 --batch 4 --steps 10 \
-  --warmup 3 --systems 'sloth,sloth[SLOTH_BENCH_SHARE_PROMPT=0],hf' "${budget[@]}" \
+  --warmup 3 --systems 'sloth,sloth[SLOTH_BENCH_SHARE_PROMPT=0],hf' "${options[@]}" \
   --json "$out/$tag.json" --markdown "$out/$tag.md" --plot "$out/$tag.png" > "$out/$tag.log" 2>&1
 tail -20 "$out/$tag.log"  # a file, not a pipe: a call stopped by its limit still brings it
 if [ -n "${PROFILE:-}" ]; then

@@ -266,6 +266,26 @@ def test_shared_prompt_log_probs_parity_with_rows(make_tiny_model, monkeypatch, 
         assert paths.get("shared_prompt"), paths
 
 
+def _losses_both_ways(monkeypatch, module, name: str, config) -> dict[bool, list[float]]:
+    """Train ``config(share)`` with ``share_prompt`` on, then off (torch ops), ``module.name``
+    (the shared-row scorer) watched: it runs exactly when sharing. The logged losses of
+    each run, by ``share``."""
+    from sloth_core.train import train
+    from sloth_core.train.metrics import read_metrics
+
+    monkeypatch.setenv("SLOTH_KERNELS", "torch")
+    calls = []
+    real = getattr(module, name)
+    monkeypatch.setattr(module, name, lambda *a, **k: calls.append(1) or real(*a, **k))
+    losses = {}
+    for share in (True, False):
+        calls.clear()
+        result = train(config(share).validate(), show_progress=False)
+        assert bool(calls) == share
+        losses[share] = [r["loss"] for r in read_metrics(result.output_dir) if "loss" in r]
+    return losses
+
+
 @pytest.mark.parametrize("dtype", ["fp32", pytest.param("bf16", marks=pytest.mark.skipif(
     not CUDA, reason="bf16 training (the flash varlen path) on CUDA only"))])  # fmt: skip
 def test_dpo_shares_the_prompt_unless_told_not_to(make_tiny_model, tmp_path, monkeypatch, dtype):
@@ -275,28 +295,20 @@ def test_dpo_shares_the_prompt_unless_told_not_to(make_tiny_model, tmp_path, mon
     later steps (0.4% seen on an H100), while a wrong mask or position moves the loss by far
     more than 2%."""
     from sloth_core.testing.datasets import preference_dataset
-    from sloth_core.train import TrainConfig, preference, train
-    from sloth_core.train.metrics import read_metrics
+    from sloth_core.train import TrainConfig, preference
 
-    monkeypatch.setenv("SLOTH_KERNELS", "torch")
     model_path = make_tiny_model("llama")
-    calls = []
-    real = preference.pair_log_probs
-    monkeypatch.setattr(preference, "pair_log_probs",
-                        lambda *a, **k: calls.append(1) or real(*a, **k))  # fmt: skip
-    losses = {}
-    for share in (True, False):
-        calls.clear()
-        config = TrainConfig(
+
+    def config(share: bool) -> TrainConfig:
+        return TrainConfig(
             model_name=str(model_path), dataset=str(preference_dataset("pairs")),
             method="dpo", beta=0.3, max_seq_length=96, per_device_train_batch_size=2,
             max_steps=3, learning_rate=5e-3, gradient_checkpointing="on", seed=3,
             share_prompt=share, output_dir=str(tmp_path / f"out-{share}"), save_method="none",
             report_to="none", logging_steps=1, cpu_threads=1, dtype=dtype, bf16="off",
-        ).validate()  # fmt: skip
-        result = train(config, show_progress=False)
-        assert bool(calls) == share
-        losses[share] = [r["loss"] for r in read_metrics(result.output_dir) if "loss" in r]
+        )  # fmt: skip
+
+    losses = _losses_both_ways(monkeypatch, preference, "pair_log_probs", config)
     assert len(losses[True]) == 3
     rel = 2e-2 if dtype == "bf16" else 1e-4
     assert losses[True] == pytest.approx(losses[False], rel=rel, abs=1e-6)
@@ -360,29 +372,21 @@ def test_grpo_shares_the_prompt_unless_told_not_to(make_tiny_model, tmp_path, mo
     """``share_prompt`` in GRPO: the policy's and the reference's (beta > 0) log-probs go
     through the shared rows, and the run logs the same losses as the rows apart."""
     from sloth_core.testing.datasets import prompt_dataset
-    from sloth_core.train import TrainConfig, grpo, train
-    from sloth_core.train.metrics import read_metrics
+    from sloth_core.train import TrainConfig, grpo
 
-    monkeypatch.setenv("SLOTH_KERNELS", "torch")
     base = make_tiny_model("llama")
-    calls = []
-    real = grpo.grouped_token_log_probs
-    monkeypatch.setattr(grpo, "grouped_token_log_probs",
-                        lambda *a, **k: calls.append(1) or real(*a, **k))  # fmt: skip
-    losses = {}
-    for share in (True, False):
-        calls.clear()
-        config = TrainConfig(
+
+    def config(share: bool) -> TrainConfig:
+        return TrainConfig(
             model_name=str(base), dataset=str(prompt_dataset()), method="grpo",
             reward=["sloth_core.train.rewards:length_penalty"], beta=0.04, num_generations=4,
             per_device_train_batch_size=8, max_steps=2, max_completion_length=8, seed=1,
             max_seq_length=128,
             learning_rate=1e-3, share_prompt=share, output_dir=str(tmp_path / f"out-{share}"),
             save_method="none", report_to="none", logging_steps=1, cpu_threads=1,
-        ).validate()  # fmt: skip
-        result = train(config, show_progress=False)
-        assert bool(calls) == share
-        losses[share] = [r["loss"] for r in read_metrics(result.output_dir) if "loss" in r]
+        )  # fmt: skip
+
+    losses = _losses_both_ways(monkeypatch, grpo, "grouped_token_log_probs", config)
     assert len(losses[True]) == 2
     assert losses[True] == pytest.approx(losses[False], rel=1e-4, abs=1e-6)
 

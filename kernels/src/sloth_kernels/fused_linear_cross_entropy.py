@@ -179,6 +179,18 @@ def _kernel_serves(hidden, weight, bias, labels, chunk_size) -> bool:
     )
 
 
+def counted_rows(hidden: torch.Tensor, labels: torch.Tensor, ignore_index: int,
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:  # fmt: skip
+    """``[N, H]`` hidden rows and ``[N]`` labels cut to the counted tokens' (labels other
+    than ``ignore_index``), and their indices; ``None`` where every token counts (nothing
+    copied). One host sync. The head then runs no matmul for a prompt's or padding's rows
+    wherever they fall in a chunk (train_on_responses_only, DPO's prompts, left padding)."""
+    index = (labels != ignore_index).nonzero().squeeze(1)
+    if index.numel() == labels.numel():
+        return hidden, labels, None
+    return hidden.index_select(0, index), labels.index_select(0, index), index
+
+
 def fused_linear_cross_entropy(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -218,12 +230,8 @@ def fused_linear_cross_entropy(
         )  # fmt: skip
     hidden = hidden.reshape(-1, hidden.shape[-1])
     labels = labels.reshape(-1).to(hidden.device).contiguous()
-    # Only the counted tokens' rows go through the head: a prompt's or padding's rows
-    # (train_on_responses_only, left padding) cost no matmul wherever they fall in a
-    # chunk. The loss's denominator counts the same tokens either way.
-    counted = (labels != ignore_index).nonzero().squeeze(1)
-    if counted.numel() < labels.numel():
-        hidden, labels = hidden.index_select(0, counted), labels.index_select(0, counted)
+    # The loss's denominator counts the same tokens either way.
+    hidden, labels, _ = counted_rows(hidden, labels, ignore_index)
     args = (hidden, weight, bias, labels, ignore_index, softcap, num_items_in_batch, chunk_size)
     tensors = (hidden, weight) if bias is None else (hidden, weight, bias)
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):

@@ -28,18 +28,20 @@ from sloth_kernels.cross_entropy import (
     row_launch_config,
     row_loss_kernel,
 )
-from sloth_kernels.fused_linear_cross_entropy import _kernel_serves, default_chunk_size
+from sloth_kernels.fused_linear_cross_entropy import (
+    _kernel_serves,
+    counted_rows,
+    default_chunk_size,
+)
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def _chunk_logits(hidden, weight, bias, labels, ignore_index, chunk_size):
-    """``(rows, logits)`` of every chunk (every row has a counted token: see
-    :class:`_TokenLogProbs`), the logits in the input dtype in one reused buffer (each
+    """``(rows, logits)`` of every chunk (every row a counted token's: see
+    :func:`token_log_probs`), the logits in the input dtype in one reused buffer (each
     chunk's overwrite the last's)."""
     n_rows, vocab = hidden.shape[0], weight.shape[0]
-    if n_rows == 0:  # no counted token: log-probs 0, gradients 0, as allocated
-        return
     chunk = chunk_size or default_chunk_size(n_rows, vocab, hidden.element_size())
     buffer = None
     for index in range(-(-n_rows // chunk)):
@@ -105,33 +107,21 @@ def _backward(hidden, weight, bias, labels, lse, grad_output, options, needs):
 
 
 class _TokenLogProbs(torch.autograd.Function):
-    """The log-probs of the counted tokens only: their hidden rows are gathered first (one
-    host sync), so no matmul runs for a prompt's or padding's rows, wherever they fall
-    (DPO's prompts, GRPO's left padding, a shared prompt's prefix: up to half the rows)."""
-
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, softcap, temperature, ignore_index, chunk):
         ctx.options = (softcap, temperature, ignore_index, chunk)
-        ctx.n_rows = hidden.shape[0]
-        index = (labels != ignore_index).nonzero().squeeze(1)
-        counted = hidden.index_select(0, index)
-        counted_labels = labels.index_select(0, index)
-        out, lse = _forward(counted, weight, bias, counted_labels, ctx.options)
-        ctx.save_for_backward(counted, weight, bias, counted_labels, lse, index)
-        full = torch.zeros(ctx.n_rows, dtype=out.dtype, device=out.device)
-        return full.index_copy_(0, index, out)
+        out, lse = _forward(hidden, weight, bias, labels, ctx.options)
+        ctx.save_for_backward(hidden, weight, bias, labels, lse)
+        return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_output):
-        counted, weight, bias, labels, lse, index = ctx.saved_tensors
-        grads = _backward(counted, weight, bias, labels, lse, grad_output.index_select(0, index),
-                          ctx.options, ctx.needs_input_grad[:3])  # fmt: skip
-        grad_hidden, *rest = grads
-        if grad_hidden is not None:
-            full = grad_hidden.new_zeros((ctx.n_rows, grad_hidden.shape[1]))
-            grad_hidden = full.index_copy_(0, index, grad_hidden)
-        return grad_hidden, *rest, None, None, None, None, None
+        hidden, weight, bias, labels, lse = ctx.saved_tensors
+        grads = _backward(
+            hidden, weight, bias, labels, lse, grad_output, ctx.options, ctx.needs_input_grad[:3]
+        )
+        return *grads, None, None, None, None, None
 
 
 def token_log_probs(
@@ -175,9 +165,13 @@ def token_log_probs(
     shape = labels.shape
     hidden = hidden.reshape(-1, hidden.shape[-1])
     labels = labels.reshape(-1).to(hidden.device).contiguous()
+    # The counted tokens' rows only; the others' log-probs (and gradients) are 0.
+    hidden, labels, index = counted_rows(hidden, labels, ignore_index)
     out = _TokenLogProbs.apply(
         hidden, weight, bias, labels, softcap, float(temperature), ignore_index, chunk_size
     )
+    if index is not None:
+        out = out.new_zeros(shape.numel()).index_copy(0, index, out)
     return out.view(shape)
 
 
