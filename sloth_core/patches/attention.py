@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from sloth_core.patching import bind_forward, call_original
 
-from .kept_attention import attend_kept
+from .kept_attention import attend_kept, attend_kept_varlen
 from .mlp import lift_linear
 from .shared_prompt import SHARED_PROMPT_KWARG, SharedPromptRows
 from .softcap import softcap_attention
@@ -171,10 +171,15 @@ def attend(
 
 # -- sloth_attention ------------------------------------------------------------------------
 _varlen_attn: Callable[..., Any] | None
+_AuxRequest: Any
 try:
     from torch.nn.attention.varlen import varlen_attn as _varlen_attn
 except ImportError:  # torch without the varlen API: SDPA with a block-diagonal mask
     _varlen_attn = None
+try:  # asks varlen_attn for the log-sum-exp too (the kept path's first pass)
+    from torch.nn.attention.varlen import AuxRequest as _AuxRequest
+except ImportError:
+    _AuxRequest = None
 _VARLEN_PARAMS = set(inspect.signature(_varlen_attn).parameters) if _varlen_attn else set()
 _varlen_failed = False
 #: Calls of :func:`sloth_attention` by the path they took ("varlen", "shared_prompt",
@@ -269,19 +274,22 @@ def _varlen_usable(query: torch.Tensor, dropout: float) -> bool:
     )
 
 
-def _varlen(query, key, value, rows: PackedRows, scaling: float | None) -> torch.Tensor | None:
-    """Packed causal attention through ``varlen_attn``: ``[B, S, Hq, D]``; ``None`` if it fails."""
+def _varlen(query, key, value, rows: PackedRows, scaling: float | None,
+            module: Any = None) -> torch.Tensor | None:  # fmt: skip
+    """Packed causal attention through ``varlen_attn``: ``[B, S, Hq, D]``; ``None`` if it
+    fails. ``module``: the attention layer, whose offloaded checkpoint may keep the output
+    (:func:`_varlen_flat`)."""
     batch, heads, length, dim = query.shape
     cu_seqlens, max_len = rows.varlen()
     q = query.transpose(1, 2).reshape(batch * length, heads, dim)
     k = key.transpose(1, 2).reshape(batch * length, key.shape[1], dim)
     v = value.transpose(1, 2).reshape(batch * length, value.shape[1], value.shape[-1])
-    out = _varlen_flat(q, k, v, (cu_seqlens, cu_seqlens), (max_len, max_len), scaling)
+    out = _varlen_flat(q, k, v, (cu_seqlens, cu_seqlens), (max_len, max_len), scaling, module)
     return None if out is None else out.reshape(batch, length, heads, -1)
 
 
-def _shared_varlen(query, key, value, rows: SharedPromptRows,
-                   scaling: float | None) -> torch.Tensor | None:  # fmt: skip
+def _shared_varlen(query, key, value, rows: SharedPromptRows, scaling: float | None,
+                   module: Any = None) -> torch.Tensor | None:  # fmt: skip
     """A shared-prompt row's attention through ``varlen_attn``: the queries as they lie,
     in segments (prefix + first tail, each later tail, padding), each segment's keys and
     values gathered (the prefix, then its tail; see :attr:`SharedPromptRows.varlen`).
@@ -293,7 +301,8 @@ def _shared_varlen(query, key, value, rows: SharedPromptRows,
     q = query.transpose(1, 2).reshape(batch * length, heads, dim)
     k = key.transpose(1, 2).reshape(batch * length, key.shape[1], dim).index_select(0, gather)
     v = value.transpose(1, 2).reshape(batch * length, value.shape[1], value.shape[-1])
-    out = _varlen_flat(q, k, v.index_select(0, gather), (cu_q, cu_k), (max_q, max_k), scaling)
+    out = _varlen_flat(q, k, v.index_select(0, gather), (cu_q, cu_k), (max_q, max_k), scaling,
+                       module)  # fmt: skip
     return None if out is None else out.reshape(batch, length, heads, -1)
 
 
@@ -319,30 +328,54 @@ def _aligned_to_last_key(device: torch.device, dtype: torch.dtype) -> bool:
     return aligned
 
 
-def _varlen_flat(q, k, v, cu_seqlens: tuple[torch.Tensor, torch.Tensor], max_len: tuple[int, int],
-                 scaling: float | None) -> torch.Tensor | None:  # fmt: skip
-    """``varlen_attn`` over ``[T, H, D]`` queries and ``[T', H, D]`` keys, cut at
-    ``cu_seqlens`` (queries', keys'), causal in each cut (aligned to its last key where it
-    has more keys than queries); ``None`` (and SDPA from then on) if it fails."""
-    global _varlen_failed
-    heads, dim = q.shape[1], q.shape[2]
+def _varlen_options(heads: int, dim: int, scaling: float | None) -> tuple[dict[str, Any], float]:
+    """``varlen_attn``'s keywords for causal attention at ``scaling``, and the factor the
+    queries need where this torch's signature takes no scale."""
     # The signature grew between torch releases (2.10: is_causal, no scale, no GQA).
     options: dict[str, Any] = {}
     if "window_size" in _VARLEN_PARAMS:
         options["window_size"] = (-1, 0)  # causal
     else:
         options["is_causal"] = True
+    factor = 1.0
     if "scale" in _VARLEN_PARAMS:
         options["scale"] = scaling
     elif scaling is not None and not math.isclose(scaling, dim**-0.5):
-        q = q * (scaling * math.sqrt(dim))  # the kernel applies 1/sqrt(dim)
+        factor = scaling * math.sqrt(dim)  # the kernel applies 1/sqrt(dim)
+    return options, factor
+
+
+def _varlen_flat(q, k, v, cu_seqlens: tuple[torch.Tensor, torch.Tensor], max_len: tuple[int, int],
+                 scaling: float | None, module: Any = None) -> torch.Tensor | None:  # fmt: skip
+    """``varlen_attn`` over ``[T, H, D]`` queries and ``[T', H, D]`` keys, cut at
+    ``cu_seqlens`` (queries', keys'), causal in each cut (aligned to its last key where it
+    has more keys than queries); ``None`` (and SDPA from then on) if it fails. Given the
+    attention ``module``, an offloaded checkpoint's first pass keeps the output and its
+    recompute runs no attention forward (:func:`~.kept_attention.attend_kept_varlen`)."""
+    global _varlen_failed
+    heads, dim = q.shape[1], q.shape[2]
+    options, factor = _varlen_options(heads, dim, scaling)
+    if factor != 1.0:
+        q = q * factor
     if k.shape[1] != heads:
         if "enable_gqa" in _VARLEN_PARAMS:
             options["enable_gqa"] = True
-        else:
+        elif not _native_gqa(q.device, q.dtype):  # flash attention's own GQA: no copies
             k = k.repeat_interleave(heads // k.shape[1], dim=1)
             v = v.repeat_interleave(heads // v.shape[1], dim=1)
     assert _varlen_attn is not None  # _varlen_usable
+    if module is not None and _keeps_varlen():
+        out = attend_kept_varlen(
+            module, q, k, v,
+            forward=functools.partial(_varlen_with_lse, cu_seqlens=cu_seqlens, max_len=max_len,
+                                      options=options),
+            backward=functools.partial(_varlen_backward, cu_seqlens=cu_seqlens, max_len=max_len,
+                                       options=options),
+            signature=(tuple(max_len), cu_seqlens[0].numel(), cu_seqlens[1].numel(),
+                       tuple(sorted(options.items()))),
+        )  # fmt: skip
+        if out is not None:
+            return out
     try:
         out = _varlen_attn(q, k, v, *cu_seqlens, *max_len, **options)
     except (RuntimeError, ValueError, TypeError, NotImplementedError) as exc:
@@ -351,6 +384,57 @@ def _varlen_flat(q, k, v, cu_seqlens: tuple[torch.Tensor, torch.Tensor], max_len
         warnings.warn(message, stacklevel=2)
         return None
     return out
+
+
+def _keeps_varlen() -> bool:
+    """Whether this torch's ``varlen_attn`` returns the log-sum-exp and has a backward
+    operator of its own: what the kept path (:func:`_varlen_backward`) needs."""
+    return (_AuxRequest is not None and "return_aux" in _VARLEN_PARAMS
+            and "window_size" in _VARLEN_PARAMS)  # fmt: skip
+
+
+def _varlen_with_lse(q, k, v, *, cu_seqlens, max_len, options) -> tuple[torch.Tensor, torch.Tensor]:
+    assert _varlen_attn is not None and _AuxRequest is not None
+    return _varlen_attn(q, k, v, *cu_seqlens, *max_len, return_aux=_AuxRequest(lse=True),
+                        **options)  # fmt: skip
+
+
+def _varlen_backward(dout, q, k, v, out, lse, *, cu_seqlens, max_len, options):
+    """``varlen_attn``'s own backward (torch's ``torch_attn::_varlen_attn_backward``):
+    ``(dq, dk, dv)`` from the output and log-sum-exp a forward returned."""
+    window = list(options.get("window_size", (-1, 0)))
+    rng_state = torch.zeros(2, dtype=torch.uint64, device=q.device)  # no dropout
+    return torch.ops.torch_attn._varlen_attn_backward(
+        dout, q, k, v, out, lse, *cu_seqlens, *max_len, window == [-1, 0], rng_state,
+        options.get("scale"), window,
+    )  # fmt: skip
+
+
+@functools.cache
+def _native_gqa(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether ``varlen_attn`` (a torch whose signature has no ``enable_gqa``) takes fewer
+    key/value heads than query heads as they are, as flash attention's kernels do, forward
+    and backward. Tried once per device and dtype on two query heads and one key head
+    against the heads repeated; where not, the keys and values are repeated (copies)."""
+    assert _varlen_attn is not None
+    gen = torch.Generator().manual_seed(0)
+    options, _ = _varlen_options(2, 64, None)
+    results = []
+    with torch.inference_mode(False), torch.enable_grad():  # asked from any context
+        shapes = ((5, 2, 64), (5, 1, 64), (5, 1, 64))
+        leaves = [torch.randn(s, generator=gen).to(device, dtype) for s in shapes]
+        cu = torch.tensor([0, 2, 5], dtype=torch.int32, device=device)
+        for native in (True, False):
+            q, k, v = (t.clone().requires_grad_() for t in leaves)
+            kk, vv = (k, v) if native else (k.repeat_interleave(2, 1), v.repeat_interleave(2, 1))
+            try:
+                out = _varlen_attn(q, kk, vv, cu, cu, 3, 3, **options)
+                grads = torch.autograd.grad(out.float().square().sum(), (q, k, v))
+            except Exception:  # noqa: BLE001  # refused however it says so: repeat the heads
+                return False
+            results.append((out, *grads))
+    return all(torch.allclose(a.float(), b.float(), rtol=2e-2, atol=2e-2)
+               for a, b in zip(*results, strict=True))  # fmt: skip
 
 
 def _windowed(rows: PackedRows, mask: torch.Tensor | None, window: int) -> torch.Tensor | None:
@@ -493,14 +577,14 @@ def sloth_attention(
         # Chosen and rejected in one row (shared_prompt): its own mask replaces the model's
         # causal + padding one (its padding is at the ends, after every real token).
         if fast and _varlen_usable(query, dropout):
-            out = _shared_varlen(query, key, value, shared, scaling)
+            out = _shared_varlen(query, key, value, shared, scaling, module)
             if out is not None:
                 ATTENTION_PATHS["shared_prompt"] += 1
                 return out, None
         attention_mask = shared.mask if window is None else shared.windowed_mask(window)
     if rows is not None and fast and _varlen_usable(query, dropout):
         if attention_mask is None or rows.matches(attention_mask):
-            out = _varlen(query, key, value, rows, scaling)
+            out = _varlen(query, key, value, rows, scaling, module)
             if out is not None:
                 ATTENTION_PATHS["varlen"] += 1
                 return out, None

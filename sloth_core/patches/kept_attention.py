@@ -12,8 +12,11 @@ model) and log-sum-exp (on the device, 4 bytes a token and head) with
 output and its backward calls that kernel's backward directly. At 8192 tokens the
 attention forward is about 5% of an 8B model's step (docs/benchmarks.md).
 
-Only plain causal or full attention without a mask or dropout takes this path (a mask,
-softcap, sinks or packed rows go the usual way), only when SDPA's own choice for the
+Packed rows and shared-prompt segments, which go through the flash varlen kernels on a
+GPU, take the same path through those kernels (:func:`attend_kept_varlen`: their forward
+with its log-sum-exp, their own backward operator). Otherwise only plain causal or full
+attention without a mask or dropout takes this path (a mask, softcap or sinks go the
+usual way), only when SDPA's own choice for the
 same inputs is a kernel whose backward takes a log-sum-exp, and only while the kept
 outputs stay within :func:`~sloth_core.checkpointing.kept_host_limit` (a long sequence's
 would not: its recompute computes the attention again). If calling the kernel fails
@@ -178,4 +181,69 @@ def attend_kept(
                       "recomputing the attention instead", stacklevel=2)  # fmt: skip
         return None
     keep_for_backward(module, (out,), (kernel, lse, extra, causal))
+    return out
+
+
+# -- the varlen kernels (packed rows, shared-prompt segments) ---------------------------------
+_VARLEN = "varlen"
+
+
+class _ReplayVarlen(torch.autograd.Function):
+    """The recompute's varlen attention: the first pass's output, and the kernel's backward."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, out, lse, backward, fallback):
+        ctx.backward, ctx.fallback = backward, fallback
+        ctx.save_for_backward(q, k, v, out, lse)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse = ctx.saved_tensors
+        try:
+            dq, dk, dv = ctx.backward(dout.contiguous(), q, k, v, out, lse)
+        except (RuntimeError, TypeError, NotImplementedError, AttributeError) as exc:
+            _broken.add(_VARLEN)
+            warnings.warn(f"kept attention: the varlen backward failed ({exc}); recomputing "
+                          "the attention instead", stacklevel=2)  # fmt: skip
+            with torch.enable_grad():
+                inputs = [t.detach().requires_grad_() for t in (q, k, v)]
+                dq, dk, dv = torch.autograd.grad(ctx.fallback(*inputs), inputs, dout)
+        return dq, dk, dv, None, None, None, None
+
+
+def attend_kept_varlen(
+    module: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
+    forward: Callable[..., tuple[torch.Tensor, torch.Tensor]],
+    backward: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+    signature: tuple[Any, ...],
+) -> torch.Tensor | None:  # fmt: skip
+    """The varlen kernels' attention of flat ``[T, Hq, D]`` queries through the kept path,
+    or None where it does not apply (the caller then runs the kernel as usual).
+
+    As :func:`attend_kept` for SDPA: in an offloaded checkpoint's first pass ``forward(q,
+    k, v)`` runs (returning the output and its log-sum-exp) and both are kept for
+    ``module``; in its recompute the kept output comes back and its gradient goes through
+    ``backward(dout, q, k, v, out, lse)``. ``signature`` (the cuts' lengths and the
+    options) must be the same in both passes; ``forward`` with autograd is what a failing
+    ``backward`` falls back to."""
+    if _VARLEN in _broken:
+        return None
+    kept = kept_for_backward(module)
+    if kept is not None:
+        (out,), (lse, was) = kept
+        if out.shape == q.shape and was == signature:
+            fallback = lambda *qkv: forward(*qkv)[0]  # noqa: E731
+            return _ReplayVarlen.apply(q, k, v, out, lse, backward, fallback)
+        return None  # not the call it was kept for: compute it
+    if not keeping():
+        return None
+    try:
+        out, lse = forward(q, k, v)
+    except (RuntimeError, TypeError, ValueError, NotImplementedError) as exc:
+        _broken.add(_VARLEN)
+        warnings.warn(f"kept attention: the varlen kernel with its log-sum-exp failed ({exc}); "
+                      "recomputing the attention instead", stacklevel=2)  # fmt: skip
+        return None
+    keep_for_backward(module, (out,), (lse, signature))
     return out

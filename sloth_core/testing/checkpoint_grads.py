@@ -14,10 +14,12 @@ Grads = list[dict[str, torch.Tensor]]
 
 def repeated_step_grads(model: Any, checkpoint: Callable | None = None, *, steps: int = 2,
                         shape: tuple[int, int] = (2, 11), padded: bool = False,
+                        packed: bool = False,
                         device: str | torch.device | None = None) -> Grads:  # fmt: skip
     """Per step, every trainable parameter's gradient (float32) of the loss on the same
     random batch (seed 1, ``shape`` token ids; ``padded``: the second row's first three
-    tokens masked), without an optimizer, so every step should give the same gradients.
+    tokens masked; ``packed``: two sequences in each row, told by ``position_ids`` that
+    restart, no mask), without an optimizer, so every step should give the same gradients.
     With ``checkpoint`` (say ``offloaded_checkpoint``) every decoder layer of the (PEFT)
     ``model`` is checkpointed through it; the first step runs each layer's first pass, the
     later ones what the first taught it (the recompute's probes). The batch goes to
@@ -39,8 +41,14 @@ def repeated_step_grads(model: Any, checkpoint: Callable | None = None, *, steps
         if padded:
             mask[1, :3] = 0
         model.zero_grad(set_to_none=True)
-        out = model(input_ids=ids.to(device), attention_mask=mask.to(device),
-                    labels=ids.to(device))  # fmt: skip
+        inputs = dict(input_ids=ids.to(device), labels=ids.to(device))
+        if packed:  # the rows cut unevenly: sequences of different lengths
+            cut = [shape[1] // 3 + row % 2 for row in range(shape[0])]
+            positions = [torch.cat([torch.arange(c), torch.arange(shape[1] - c)]) for c in cut]
+            inputs["position_ids"] = torch.stack(positions).to(device)
+        else:
+            inputs["attention_mask"] = mask.to(device)
+        out = model(**inputs)
         out.loss.backward()
         grads.append({n: p.grad.float() for n, p in model.named_parameters() if p.requires_grad})
     return grads
