@@ -26,7 +26,7 @@ from sloth_core.memory_plan import (
     measure_layer_costs,
 )
 from sloth_core.patches import SLOTH_ATTENTION, kept_attention, register_sloth_attention
-from sloth_core.testing import init_tiny_model, repeated_step_grads
+from sloth_core.testing import assert_same_grads, init_tiny_model, repeated_step_grads
 from sloth_core.testing.varied import varied_config
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "down_proj"]
@@ -82,16 +82,6 @@ def calls(monkeypatch):
     return counts
 
 
-def _assert_same(got, want, rtol=1e-5):
-    assert len(got) == len(want)
-    for step, (g, w) in enumerate(zip(got, want, strict=True)):
-        assert g.keys() == w.keys() and g
-        for name in w:
-            scale = w[name].abs().max().clamp(min=1e-12)
-            error = ((g[name] - w[name]).abs().max() / scale).item()
-            assert error <= rtol, (step, name, error)
-
-
 @pytest.mark.parametrize("arch", ["llama", "qwen3"])  # qwen3: per-head q/k norms
 def test_the_recompute_runs_no_attention_forward(arch, calls):
     want, layers = _grads(arch, None, counts=calls)
@@ -99,18 +89,18 @@ def test_the_recompute_runs_no_attention_forward(arch, calls):
     got, _ = _grads(arch, offloaded_checkpoint, counts=calls)
     # each step: one kernel forward per layer (the first pass), none in the recompute
     assert calls == {"forward": 2 * layers, "backward": 2 * layers}, calls
-    _assert_same(got, want)
+    assert_same_grads(got, want)
 
 
 def test_plain_checkpointing_and_masks_keep_nothing(calls):
     want, layers = _grads("llama", None)
     got, _ = _grads("llama", device_checkpoint, counts=calls)  # inputs on the device: none kept
     assert calls == {"sdpa": 4 * layers}, calls
-    _assert_same(got, want)
+    assert_same_grads(got, want)
     want, _ = _grads("llama", None, padded=True)
     got, _ = _grads("llama", offloaded_checkpoint, padded=True, counts=calls)  # a mask: SDPA
     assert calls == {"sdpa": 4 * layers}, calls
-    _assert_same(got, want)
+    assert_same_grads(got, want)
 
 
 def test_past_the_host_limit_the_recompute_computes_the_attention(calls, monkeypatch):
@@ -121,7 +111,7 @@ def test_past_the_host_limit_the_recompute_computes_the_attention(calls, monkeyp
     got, _ = _grads("llama", offloaded_checkpoint, counts=calls)
     # each step: the first pass's kernel forwards, kept nowhere; SDPA in the recompute
     assert calls == {"forward": 2 * layers, "sdpa": 2 * layers}, calls
-    _assert_same(got, want)
+    assert_same_grads(got, want)
 
 
 @pytest.mark.parametrize("fails", ["forward", "backward"])
@@ -137,12 +127,12 @@ def test_a_failing_kernel_turns_the_path_off_and_stays_correct(fails, calls, mon
     monkeypatch.setattr(kept_attention, "_CPU", type(kernel)(kernel.name, *pair))
     with pytest.warns(UserWarning, match=f"kept attention: the flash \\(CPU\\) {what}"):
         got, _ = _grads("llama", offloaded_checkpoint)
-    _assert_same(got, want)
+    assert_same_grads(got, want)
     assert kept_attention._broken == {kernel.name}
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)  # turned off: no more tries, no more warnings
         again, _ = _grads("llama", offloaded_checkpoint, steps=1)
-    _assert_same(again, want[:1])
+    assert_same_grads(again, want[:1])
 
 
 def test_a_kept_tensor_written_in_place_is_an_error():
@@ -193,4 +183,4 @@ def test_cuda_bf16_keeps_through_a_fused_kernel(calls):
                     counts=calls)  # fmt: skip
     assert calls["forward"] == calls["backward"] == 2 * layers and not calls["sdpa"], calls
     assert not kept_attention._broken
-    _assert_same(got, want, rtol=2e-2)  # the same kernel both ways; bf16 recompute order
+    assert_same_grads(got, want, rtol=2e-2)  # the same kernel both ways; bf16 recompute order

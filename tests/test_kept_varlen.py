@@ -20,7 +20,7 @@ from peft import LoraConfig, get_peft_model
 
 from sloth_core.checkpointing import enable_checkpointing, offloaded_checkpoint
 from sloth_core.patches import SLOTH_ATTENTION, attention, kept_attention, register_sloth_attention
-from sloth_core.testing import init_tiny_model, repeated_step_grads
+from sloth_core.testing import assert_same_grads, init_tiny_model, repeated_step_grads
 from sloth_core.testing.seeds import fresh_seed
 from sloth_core.testing.varied import varied_config
 
@@ -117,16 +117,6 @@ def _packed_grads(arch, checkpoint, counts=None, **kwargs):
     return grads, layers
 
 
-def _assert_same(got, want, rtol=1e-5):
-    assert len(got) == len(want)
-    for step, (g, w) in enumerate(zip(got, want, strict=True)):
-        assert g.keys() == w.keys() and g
-        for name in w:
-            scale = w[name].abs().max().clamp(min=1e-12)
-            error = ((g[name] - w[name]).abs().max() / scale).item()
-            assert error <= rtol, (step, name, error)
-
-
 @pytest.mark.parametrize("arch", ["llama", "qwen3"])  # qwen3: per-head q/k norms
 def test_packed_rows_recompute_no_attention_forward(arch, counts):
     want, layers = _packed_grads(arch, None, counts)
@@ -134,7 +124,7 @@ def test_packed_rows_recompute_no_attention_forward(arch, counts):
     got, _ = _packed_grads(arch, offloaded_checkpoint, counts)
     # each step: one kernel forward per layer (the first pass, kept), none in the recompute
     assert counts == {"kept forward": 2 * layers, "kept backward": 2 * layers}, counts
-    _assert_same(got, want)
+    assert_same_grads(got, want)
 
 
 def test_past_the_host_limit_the_recompute_runs_the_kernel(counts, monkeypatch):
@@ -144,7 +134,7 @@ def test_past_the_host_limit_the_recompute_runs_the_kernel(counts, monkeypatch):
     monkeypatch.setattr(checkpointing, "_host_limit", 0)  # nothing fits
     got, _ = _packed_grads("llama", offloaded_checkpoint, counts)
     assert counts == {"kept forward": 2 * layers, "forward": 2 * layers}, counts
-    _assert_same(got, want)
+    assert_same_grads(got, want)
 
 
 def test_a_failing_backward_turns_the_path_off_and_stays_correct(counts, monkeypatch):
@@ -156,7 +146,7 @@ def test_a_failing_backward_turns_the_path_off_and_stays_correct(counts, monkeyp
     monkeypatch.setattr(attention, "_varlen_backward", broken)
     with pytest.warns(UserWarning, match="varlen backward failed"):
         got, _ = _packed_grads("llama", offloaded_checkpoint, counts)
-    _assert_same(got, want)
+    assert_same_grads(got, want)
     assert kept_attention._broken == {"varlen"}
     # The last layer's backward runs first and fails: the other layers' recomputes in that
     # step, and both passes of every layer in the next, run the kernel as usual.
@@ -164,7 +154,7 @@ def test_a_failing_backward_turns_the_path_off_and_stays_correct(counts, monkeyp
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)  # turned off: no more tries, no warnings
         again, _ = _packed_grads("llama", offloaded_checkpoint)
-    _assert_same(again, want)
+    assert_same_grads(again, want)
 
 
 def _pairs(seed: int, vocab: int):
@@ -219,7 +209,7 @@ def test_shared_prompt_segments_recompute_no_attention_forward(make_tiny_model, 
     counts.clear()
     got, _ = _shared_grads(make_tiny_model, monkeypatch, offloaded_checkpoint, seed)
     assert counts == {"kept forward": 2 * layers, "kept backward": 2 * layers}, counts
-    _assert_same(got, want)
+    assert_same_grads(got, want)
 
 
 def test_grouped_keys_go_to_the_kernel_as_they_are_where_it_takes_them(counts, monkeypatch):
@@ -271,4 +261,4 @@ def test_cuda_bf16_packed_rows_keep_through_the_flash_kernel():
         want, _ = _packed_grads("llama", None, **options)
         got, _ = _packed_grads("llama", offloaded_checkpoint, **options)
     assert "varlen" not in kept_attention._broken
-    _assert_same(got, want, rtol=2e-2)
+    assert_same_grads(got, want, rtol=2e-2)

@@ -123,11 +123,14 @@ def _kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, sca
 
 
 class _Replay(torch.autograd.Function):
-    """The recompute's attention: the first pass's output, and the kernel's backward."""
+    """The recompute's attention: the first pass's output, and the kernel's backward
+    (``backward(dout, q, k, v, out, lse)``); if that fails, the kernel named ``name`` is
+    turned off and the gradients come from ``fallback(q, k, v)`` (the attention again,
+    with autograd)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, kernel, out, lse, extra, causal, scale):
-        ctx.kernel, ctx.extra, ctx.causal, ctx.scale = kernel, extra, causal, scale
+    def forward(ctx, q, k, v, out, lse, name, backward, fallback):
+        ctx.name, ctx.backward, ctx.fallback = name, backward, fallback
         ctx.save_for_backward(q, k, v, out, lse)
         return out
 
@@ -135,20 +138,15 @@ class _Replay(torch.autograd.Function):
     def backward(ctx, dout):
         q, k, v, out, lse = ctx.saved_tensors
         try:
-            dq, dk, dv = ctx.kernel.backward(dout, q, k, v, out, lse, ctx.extra, ctx.causal,
-                                             ctx.scale)  # fmt: skip
-        except (RuntimeError, TypeError, NotImplementedError) as exc:
-            _broken.add(ctx.kernel.name)
-            warnings.warn(f"kept attention: the {ctx.kernel.name} backward failed ({exc}); "
+            dq, dk, dv = ctx.backward(dout.contiguous(), q, k, v, out, lse)
+        except (RuntimeError, TypeError, NotImplementedError, AttributeError) as exc:
+            _broken.add(ctx.name)
+            warnings.warn(f"kept attention: the {ctx.name} backward failed ({exc}); "
                           "recomputing the attention instead", stacklevel=2)  # fmt: skip
             with torch.enable_grad():
                 inputs = [t.detach().requires_grad_() for t in (q, k, v)]
-                again = F.scaled_dot_product_attention(
-                    *inputs, is_causal=ctx.causal, scale=ctx.scale,
-                    enable_gqa=q.shape[1] != k.shape[1],
-                )  # fmt: skip
-                dq, dk, dv = torch.autograd.grad(again, inputs, dout)
-        return dq, dk, dv, None, None, None, None, None, None
+                dq, dk, dv = torch.autograd.grad(ctx.fallback(*inputs), inputs, dout)
+        return dq, dk, dv, None, None, None, None, None
 
 
 def attend_kept(
@@ -166,7 +164,16 @@ def attend_kept(
     if kept is not None:
         (out,), (kernel, lse, extra, was_causal) = kept
         if out.shape[:-1] == query.shape[:-1] and was_causal == causal:
-            return _Replay.apply(query, key, value, kernel, out, lse, extra, causal, scale)
+
+            def backward(dout, q, k, v, out, lse):
+                return kernel.backward(dout, q, k, v, out, lse, extra, causal, scale)
+
+            def fallback(q, k, v):
+                grouped = q.shape[1] != k.shape[1]
+                return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale,
+                                                      enable_gqa=grouped)  # fmt: skip
+
+            return _Replay.apply(query, key, value, out, lse, kernel.name, backward, fallback)
         return None  # not the call it was kept for: compute it
     if not keeping() or query.shape[2] != key.shape[2]:
         return None
@@ -186,30 +193,6 @@ def attend_kept(
 
 # -- the varlen kernels (packed rows, shared-prompt segments) ---------------------------------
 _VARLEN = "varlen"
-
-
-class _ReplayVarlen(torch.autograd.Function):
-    """The recompute's varlen attention: the first pass's output, and the kernel's backward."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, out, lse, backward, fallback):
-        ctx.backward, ctx.fallback = backward, fallback
-        ctx.save_for_backward(q, k, v, out, lse)
-        return out
-
-    @staticmethod
-    def backward(ctx, dout):
-        q, k, v, out, lse = ctx.saved_tensors
-        try:
-            dq, dk, dv = ctx.backward(dout.contiguous(), q, k, v, out, lse)
-        except (RuntimeError, TypeError, NotImplementedError, AttributeError) as exc:
-            _broken.add(_VARLEN)
-            warnings.warn(f"kept attention: the varlen backward failed ({exc}); recomputing "
-                          "the attention instead", stacklevel=2)  # fmt: skip
-            with torch.enable_grad():
-                inputs = [t.detach().requires_grad_() for t in (q, k, v)]
-                dq, dk, dv = torch.autograd.grad(ctx.fallback(*inputs), inputs, dout)
-        return dq, dk, dv, None, None, None, None
 
 
 def attend_kept_varlen(
@@ -234,7 +217,7 @@ def attend_kept_varlen(
         (out,), (lse, was) = kept
         if out.shape == q.shape and was == signature:
             fallback = lambda *qkv: forward(*qkv)[0]  # noqa: E731
-            return _ReplayVarlen.apply(q, k, v, out, lse, backward, fallback)
+            return _Replay.apply(q, k, v, out, lse, _VARLEN, backward, fallback)
         return None  # not the call it was kept for: compute it
     if not keeping():
         return None

@@ -13,7 +13,8 @@ of :func:`parity_shape` (:mod:`.plugin_checks`); mixture-of-experts plugins add 
 they share, :func:`~sloth_core.testing.moe_checks.run_moe_check` on an
 :class:`~sloth_core.testing.moe_checks.MoEArchitecture`, and :func:`check_moe_parity`
 and :func:`assert_checkpointing_parity` (:mod:`.moe_checks`). The checkpointing tests
-compare :func:`repeated_step_grads` with and without a checkpoint function.
+compare :func:`repeated_step_grads` with and without a checkpoint function
+(:func:`assert_same_grads`).
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ _LAZY = {
     "assert_converges_alike": "sloth_core.testing.convergence",
     "load_tiny_instructions": "sloth_core.testing.datasets",
     "repeated_step_grads": "sloth_core.testing.checkpoint_grads",
+    "assert_same_grads": "sloth_core.testing.checkpoint_grads",
 }
 
 

@@ -52,3 +52,15 @@ def repeated_step_grads(model: Any, checkpoint: Callable | None = None, *, steps
         out.loss.backward()
         grads.append({n: p.grad.float() for n, p in model.named_parameters() if p.requires_grad})
     return grads
+
+
+def assert_same_grads(got: Grads, want: Grads, rtol: float = 1e-5) -> None:
+    """Every step's gradients of :func:`repeated_step_grads` in ``got`` as in ``want``: the
+    same parameters (some), each within ``rtol`` of its largest magnitude in ``want``."""
+    assert len(got) == len(want)
+    for step, (g, w) in enumerate(zip(got, want, strict=True)):
+        assert g.keys() == w.keys() and g
+        for name in w:
+            scale = w[name].abs().max().clamp(min=1e-12)
+            error = ((g[name] - w[name]).abs().max() / scale).item()
+            assert error <= rtol, (step, name, error)
