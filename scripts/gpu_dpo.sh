@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The DPO row on a CUDA machine (the device tool's GPU): the shared-prompt tests on CUDA
-# (bf16 through the flash varlen path), then `sloth bench dpo` with the prompt shared
+# The DPO row on a CUDA machine (the device tool's GPU): the shared-prompt and kept-varlen
+# tests on CUDA (bf16 through the flash varlen path), then `sloth bench dpo` with the prompt shared
 # (sloth's default), the rows apart (sloth[SLOTH_BENCH_SHARE_PROMPT=0]) and TRL's
 # DPOTrainer (hf), in one run; with PROFILE=1 then scripts/profile_dpo.py (where the step's
 # time goes, the prompt shared against the rows apart) into OUT_DIR/profile-dpo.txt.
@@ -11,7 +11,7 @@ source "$(dirname "$0")/gpu_env.sh" "$@"
 export TOKENIZERS_PARALLELISM=false SLOTH_CACHE=${SLOTH_CACHE:-/tmp/sloth-cache}
 if [ -z "${SKIP_TESTS:-}" ]; then
   timeout 240 python3 -m pytest -p no:cacheprovider -q -rs tests/test_shared_prompt.py \
-    > "$out/shared-prompt-tests.txt" 2>&1
+    tests/test_kept_varlen.py > "$out/shared-prompt-tests.txt" 2>&1
   echo "shared-prompt tests: rc=$? $(tail -1 "$out/shared-prompt-tests.txt")"
 fi
 options=()
