@@ -443,3 +443,28 @@ def test_varlen_segments_equal_the_mask_for_groups(monkeypatch):
     *_, rows = pack_groups(ids, mask, labels, 3, prompt_width=width)
     _segments_against_mask(monkeypatch, rows, seed)
     assert rows.shared[1] == 1 and rows.tails[1] == [4, 4, 3]  # prompt 2: last token + completion
+
+
+def test_a_batch_is_packed_once_for_the_policy_and_the_reference():
+    """The policy's and the reference's forwards pack the same tensors: the second pack is
+    the first's result (no second read-back to the host); a changed tensor, another mask
+    or another grouping packs afresh, and inference-mode tensors are packed every time."""
+    from sloth_core.patches.shared_prompt import pack_groups
+
+    ids, mask, labels = _pairs([(4, 3, 5), (2, 6, 1)], vocab=30, seed=fresh_seed())
+    first = pack_pairs(ids, mask, labels)
+    assert pack_pairs(ids, mask, labels) is first
+    assert pack_pairs(ids, mask.clone(), labels) is not first  # another mask tensor
+    labels[0, 0, -1] = 7  # written in place: its version moves on
+    again = pack_pairs(ids, mask, labels)
+    assert again is not first and pack_pairs(ids, mask, labels) is again
+    rows, row_mask, row_labels = ids.flatten(0, 1), mask.flatten(0, 1), labels.flatten(0, 1)
+    by_two = pack_groups(rows, row_mask, row_labels, 2, prompt_width=4)
+    assert pack_groups(rows, row_mask, row_labels, 2, prompt_width=4) is by_two
+    assert pack_groups(rows, row_mask, row_labels, 4, prompt_width=4) is not by_two
+    with torch.inference_mode():
+        frozen = [t.clone() for t in (ids, mask, labels)]
+        one, two = pack_pairs(*frozen), pack_pairs(*frozen)
+    assert one is not two
+    for a, b in zip(one[:3], first[:3], strict=True):
+        assert a.shape == b.shape

@@ -25,6 +25,8 @@ paths, and on CUDA the flash varlen kernels over segments whose keys are gathere
 
 from __future__ import annotations
 
+import weakref
+from collections.abc import Callable
 from functools import cached_property
 
 import torch
@@ -174,41 +176,81 @@ def _pack(groups: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Ten
     return out_ids.to(device), out_mask.to(device), out_labels.to(device), rows
 
 
+Packed = tuple[torch.Tensor, torch.Tensor, torch.Tensor, SharedPromptRows]
+
+
+def _once(input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
+          how: tuple, pack: Callable[[], Packed]) -> Packed:  # fmt: skip
+    """``pack()``, or what it returned for these same three tensors (unchanged since) and
+    ``how``: the policy's forward and the reference's pack the same batch, and each pack
+    reads the rows back to the host, which waits for all the work queued before it (the
+    policy's whole forward, for the reference's)."""
+    try:
+        versions = (input_ids._version, attention_mask._version, labels._version)
+    except RuntimeError:  # inference-mode tensors have no version counter: no caching
+        return pack()
+    cached = getattr(input_ids, "_sloth_shared_prompt", None)
+    if cached is not None:
+        (mask_ref, labels_ref, was_versions, was_how), packed = cached
+        if (mask_ref() is attention_mask and labels_ref() is labels
+                and was_versions == versions and was_how == how):  # fmt: skip
+            return packed
+    packed = pack()
+    key = (weakref.ref(attention_mask), weakref.ref(labels), versions, how)
+    try:
+        input_ids._sloth_shared_prompt = (key, packed)  # type: ignore[attr-defined]
+    except (AttributeError, RuntimeError):  # tensors that take no attributes (compile)
+        pass
+    return packed
+
+
 def pack_pairs(
     input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, SharedPromptRows]:
+) -> Packed:
     """``[B, 2, L]`` right-padded pairs (chosen, rejected) as ``[B, L']`` rows: ids,
     attention mask (1 on every real token), labels (unshifted, -100 off the completions),
     and their :class:`SharedPromptRows` (tail 1 chosen, tail 2 rejected). A pair with no
-    common prompt keeps both rows whole, one after the other."""
-    ids, mask, lab = input_ids.cpu(), attention_mask.cpu(), labels.cpu()  # one sync
-    positions = torch.arange(ids.shape[-1]).expand(2, -1)
-    groups = [(ids[b], lab[b], positions, mask[b].sum(-1)) for b in range(ids.shape[0])]
-    return _pack(groups, input_ids.device)
+    common prompt keeps both rows whole, one after the other. Packed once for the same
+    tensors (the policy's and the reference's forward): the results are read-only."""
+
+    def pack() -> Packed:
+        ids, mask, lab = input_ids.cpu(), attention_mask.cpu(), labels.cpu()  # one sync
+        positions = torch.arange(ids.shape[-1]).expand(2, -1)
+        groups = [(ids[b], lab[b], positions, mask[b].sum(-1)) for b in range(ids.shape[0])]
+        return _pack(groups, input_ids.device)
+
+    return _once(input_ids, attention_mask, labels, ("pairs",), pack)
 
 
 def pack_groups(
     input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor, size: int,
     *, prompt_width: int,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, SharedPromptRows]:  # fmt: skip
+) -> Packed:  # fmt: skip
     """GRPO's ``[N, P + C]`` rows (a left-padded prompt of width ``P``, then a right-padded
     completion), every ``size`` consecutive rows completions of one prompt, as ``[N /
     size, L']`` rows (tail ``i`` the group's ``i``-th completion). Each token keeps the
     position it has in its own row as the model numbers it there: its index, the prompt's
-    left padding included (transformers' ``arange`` when no ``position_ids`` are given)."""
-    ids, mask, lab = input_ids.cpu(), attention_mask.cpu(), labels.cpu()  # one sync
-    rows, width = ids.shape
-    if rows % size:
-        raise ValueError(f"{rows} rows are not groups of {size}")
-    groups = []
-    for first in range(0, rows, size):
-        # The real tokens of each row, the prompt's left padding dropped.
-        lead = int((mask[first, :prompt_width] == 0).sum())
-        keep = mask[first : first + size].bool()
-        keep[:, :lead] = False
-        counts = keep.sum(-1)
-        order = torch.argsort((~keep).to(torch.int8), dim=-1, stable=True)  # real first
-        group_ids, group_labels = (t[first : first + size].gather(-1, order) for t in (ids, lab))
-        positions = torch.arange(width).expand(size, -1).gather(-1, order)
-        groups.append((group_ids, group_labels, positions, counts))
-    return _pack(groups, input_ids.device)
+    left padding included (transformers' ``arange`` when no ``position_ids`` are given).
+    Packed once for the same tensors and grouping, as :func:`pack_pairs`."""
+
+    def pack() -> Packed:
+        ids, mask, lab = input_ids.cpu(), attention_mask.cpu(), labels.cpu()  # one sync
+        rows, width = ids.shape
+        if rows % size:
+            raise ValueError(f"{rows} rows are not groups of {size}")
+        groups = []
+        for first in range(0, rows, size):
+            # The real tokens of each row, the prompt's left padding dropped.
+            lead = int((mask[first, :prompt_width] == 0).sum())
+            keep = mask[first : first + size].bool()
+            keep[:, :lead] = False
+            counts = keep.sum(-1)
+            order = torch.argsort((~keep).to(torch.int8), dim=-1, stable=True)  # real first
+            group_ids, group_labels = (
+                t[first : first + size].gather(-1, order) for t in (ids, lab)
+            )
+            positions = torch.arange(width).expand(size, -1).gather(-1, order)
+            groups.append((group_ids, group_labels, positions, counts))
+        return _pack(groups, input_ids.device)
+
+    return _once(input_ids, attention_mask, labels, ("groups", size, prompt_width), pack)
