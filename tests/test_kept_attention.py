@@ -11,7 +11,6 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from peft import LoraConfig, get_peft_model
 
 from sloth_core.checkpointing import (
     device_checkpoint,
@@ -25,21 +24,18 @@ from sloth_core.memory_plan import (
     held_bytes_after_forward,
     measure_layer_costs,
 )
-from sloth_core.patches import SLOTH_ATTENTION, kept_attention, register_sloth_attention
-from sloth_core.testing import assert_same_grads, init_tiny_model, repeated_step_grads
-from sloth_core.testing.varied import varied_config
+from sloth_core.patches import kept_attention
+from sloth_core.testing import (
+    assert_same_grads,
+    repeated_step_grads,
+    sloth_attention_lora_model,
+)
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "down_proj"]
 
 
 def _model(arch: str, device: str = "cpu", dtype=torch.float32):
-    register_sloth_attention()
-    config = varied_config(arch, tie_word_embeddings=False)
-    config._attn_implementation = SLOTH_ATTENTION
-    model = init_tiny_model(config, seed=4).to(device=device, dtype=dtype)
-    torch.manual_seed(0)
-    lora = LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, target_modules=TARGETS)
-    return get_peft_model(model, lora).train()
+    return sloth_attention_lora_model(arch, TARGETS, seed=4, device=device, dtype=dtype)
 
 
 def _grads(arch, checkpoint, *, steps=2, padded=False, device="cpu", dtype=torch.float32,

@@ -16,13 +16,15 @@ import warnings
 
 import pytest
 import torch
-from peft import LoraConfig, get_peft_model
 
 from sloth_core.checkpointing import enable_checkpointing, offloaded_checkpoint
-from sloth_core.patches import SLOTH_ATTENTION, attention, kept_attention, register_sloth_attention
-from sloth_core.testing import assert_same_grads, init_tiny_model, repeated_step_grads
+from sloth_core.patches import attention, kept_attention
+from sloth_core.testing import (
+    assert_same_grads,
+    repeated_step_grads,
+    sloth_attention_lora_model,
+)
 from sloth_core.testing.seeds import fresh_seed
-from sloth_core.testing.varied import varied_config
 
 CUDA = torch.cuda.is_available()
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "down_proj"]
@@ -96,13 +98,7 @@ def counts(monkeypatch):
 
 
 def _model(arch: str, device: str = "cpu", dtype=torch.float32):
-    register_sloth_attention()
-    config = varied_config(arch, tie_word_embeddings=False)
-    config._attn_implementation = SLOTH_ATTENTION
-    model = init_tiny_model(config, seed=5).to(device=device, dtype=dtype)
-    torch.manual_seed(0)
-    lora = LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, target_modules=TARGETS)
-    return get_peft_model(model, lora).train()
+    return sloth_attention_lora_model(arch, TARGETS, seed=5, device=device, dtype=dtype)
 
 
 def _packed_grads(arch, checkpoint, counts=None, **kwargs):

@@ -27,6 +27,7 @@ from .kept_attention import attend_kept, attend_kept_varlen
 from .mlp import lift_linear
 from .shared_prompt import SHARED_PROMPT_KWARG, SharedPromptRows
 from .softcap import softcap_attention
+from .tensor_memo import memo
 
 if TYPE_CHECKING:
     from transformers import PreTrainedConfig
@@ -244,22 +245,12 @@ def packed_rows(position_ids: torch.Tensor, batch: int) -> PackedRows | None:
     """
     if position_ids.dim() == 1:
         position_ids = position_ids[None]
-    try:
-        key = (position_ids._version, batch)
-    except RuntimeError:  # an inference-mode tensor has no version counter: no caching
-        key = None
-    cached = getattr(position_ids, "_sloth_packed", None)
-    if key is not None and cached is not None and cached[0] == key:
-        return cached[1]
-    rows = PackedRows(position_ids.expand(batch, -1))
-    result = rows if bool(rows.starts[:, 1:].any()) else None
-    try:
-        if key is not None:
-            # Tensors take attributes; torch's stubs declare none.
-            position_ids._sloth_packed = (key, result)  # type: ignore[attr-defined]
-    except (AttributeError, RuntimeError):  # tensors that take no attributes (compile)
-        pass
-    return result
+
+    def find() -> PackedRows | None:
+        rows = PackedRows(position_ids.expand(batch, -1))
+        return rows if bool(rows.starts[:, 1:].any()) else None
+
+    return memo(position_ids, "_sloth_packed", (batch,), find)
 
 
 def _varlen_usable(query: torch.Tensor, dropout: float) -> bool:

@@ -25,11 +25,11 @@ paths, and on CUDA the flash varlen kernels over segments whose keys are gathere
 
 from __future__ import annotations
 
-import weakref
-from collections.abc import Callable
 from functools import cached_property
 
 import torch
+
+from .tensor_memo import memo
 
 #: The model keyword that carries a :class:`SharedPromptRows` down to the attention.
 SHARED_PROMPT_KWARG = "sloth_shared_prompt"
@@ -179,31 +179,6 @@ def _pack(groups: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Ten
 Packed = tuple[torch.Tensor, torch.Tensor, torch.Tensor, SharedPromptRows]
 
 
-def _once(input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
-          how: tuple, pack: Callable[[], Packed]) -> Packed:  # fmt: skip
-    """``pack()``, or what it returned for these same three tensors (unchanged since) and
-    ``how``: the policy's forward and the reference's pack the same batch, and each pack
-    reads the rows back to the host, which waits for all the work queued before it (the
-    policy's whole forward, for the reference's)."""
-    try:
-        versions = (input_ids._version, attention_mask._version, labels._version)
-    except RuntimeError:  # inference-mode tensors have no version counter: no caching
-        return pack()
-    cached = getattr(input_ids, "_sloth_shared_prompt", None)
-    if cached is not None:
-        (mask_ref, labels_ref, was_versions, was_how), packed = cached
-        if (mask_ref() is attention_mask and labels_ref() is labels
-                and was_versions == versions and was_how == how):  # fmt: skip
-            return packed
-    packed = pack()
-    key = (weakref.ref(attention_mask), weakref.ref(labels), versions, how)
-    try:
-        input_ids._sloth_shared_prompt = (key, packed)  # type: ignore[attr-defined]
-    except (AttributeError, RuntimeError):  # tensors that take no attributes (compile)
-        pass
-    return packed
-
-
 def pack_pairs(
     input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
 ) -> Packed:
@@ -219,7 +194,10 @@ def pack_pairs(
         groups = [(ids[b], lab[b], positions, mask[b].sum(-1)) for b in range(ids.shape[0])]
         return _pack(groups, input_ids.device)
 
-    return _once(input_ids, attention_mask, labels, ("pairs",), pack)
+    # The policy's forward and the reference's pack the same batch; each pack reads the rows
+    # back to the host, which waits for the work queued before it (the policy's forward).
+    return memo(input_ids, "_sloth_shared_prompt", (attention_mask, labels, "pairs"), pack,
+                watch=(attention_mask, labels))  # fmt: skip
 
 
 def pack_groups(
@@ -253,4 +231,6 @@ def pack_groups(
             groups.append((group_ids, group_labels, positions, counts))
         return _pack(groups, input_ids.device)
 
-    return _once(input_ids, attention_mask, labels, ("groups", size, prompt_width), pack)
+    return memo(input_ids, "_sloth_shared_prompt",
+                (attention_mask, labels, "groups", size, prompt_width), pack,
+                watch=(attention_mask, labels))  # fmt: skip

@@ -18,6 +18,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from .tensor_memo import memo
+
 #: Score matrices smaller than this (elements, ``B * Hq * Sq * Skv``) are computed eagerly
 #: on CUDA too: cheaper than flex's launch and block-mask set-up, and no compile per shape.
 FLEX_MIN_SCORES = 1 << 22
@@ -55,22 +57,15 @@ def _block_mask(mask: torch.Tensor | None, batch: int, q_len: int, kv_len: int, 
 
             _causal_masks[key] = create_block_mask(causal, batch, None, q_len, kv_len, device)
         return _causal_masks[key]
-    version = (mask._version, batch)
-    cached = getattr(mask, "_sloth_block_mask", None)
-    if cached is not None and cached[0] == version:
-        return cached[1]
     full = mask.expand(batch, 1, q_len, kv_len)
 
     def from_tensor(b, h, q, kv):
         return full[b, 0, q, kv]
 
-    block_mask = create_block_mask(from_tensor, batch, None, q_len, kv_len, device)
-    try:
-        # Tensors take attributes; torch's stubs declare none.
-        mask._sloth_block_mask = (version, block_mask)  # type: ignore[attr-defined]
-    except (AttributeError, RuntimeError):
-        pass
-    return block_mask
+    def build() -> Any:
+        return create_block_mask(from_tensor, batch, None, q_len, kv_len, device)
+
+    return memo(mask, "_sloth_block_mask", (batch,), build)
 
 
 def _flex(query, key, value, mask, *, causal: bool, scaling, softcap: float) -> torch.Tensor:

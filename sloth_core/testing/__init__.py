@@ -42,6 +42,7 @@ _LAZY = {
     "load_tiny_instructions": "sloth_core.testing.datasets",
     "repeated_step_grads": "sloth_core.testing.checkpoint_grads",
     "assert_same_grads": "sloth_core.testing.checkpoint_grads",
+    "sloth_attention_lora_model": "sloth_core.testing.checkpoint_grads",
 }
 
 

@@ -64,3 +64,26 @@ def assert_same_grads(got: Grads, want: Grads, rtol: float = 1e-5) -> None:
             scale = w[name].abs().max().clamp(min=1e-12)
             error = ((g[name] - w[name]).abs().max() / scale).item()
             assert error <= rtol, (step, name, error)
+
+
+def sloth_attention_lora_model(
+    arch: str, targets: list[str], *, seed: int, device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> Any:  # fmt: skip
+    """A tiny ``arch`` on :func:`~sloth_core.testing.varied.varied_config` (every float
+    field off its default) with ``sloth_attention``, PEFT LoRA on ``targets`` (B not zero),
+    in training mode: what the kept-attention tests feed :func:`repeated_step_grads`."""
+    from peft import LoraConfig, get_peft_model
+
+    from sloth_core.patches import SLOTH_ATTENTION, register_sloth_attention
+    from sloth_core.testing.models import init_tiny_model
+    from sloth_core.testing.varied import varied_config
+
+    register_sloth_attention()
+    config = varied_config(arch, tie_word_embeddings=False)
+    config._attn_implementation = SLOTH_ATTENTION
+    model: Any = init_tiny_model(config, seed=seed)
+    model = model.to(device=device, dtype=dtype)
+    torch.manual_seed(0)
+    lora = LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, target_modules=targets)
+    return get_peft_model(model, lora).train()
