@@ -25,6 +25,7 @@ from sloth_core.testing import (
     sloth_attention_lora_model,
 )
 from sloth_core.testing.seeds import fresh_seed
+from sloth_core.testing.varied import config_variations
 
 CUDA = torch.cuda.is_available()
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "down_proj"]
@@ -174,8 +175,8 @@ def _shared_grads(make_tiny_model, monkeypatch, checkpoint, seed):
     from sloth_core.train.log_probs import pair_log_probs, shares_prompt
 
     monkeypatch.setenv("SLOTH_KERNELS", "torch")
-    model, _ = FastLanguageModel.from_pretrained(str(make_tiny_model("llama")),
-                                                 dtype=torch.float32)  # fmt: skip
+    varied = make_tiny_model("llama", **config_variations("llama"))  # every float off default
+    model, _ = FastLanguageModel.from_pretrained(str(varied), dtype=torch.float32)
     model = FastLanguageModel.get_peft_model(model, r=4, lora_alpha=8, init_lora_weights=False,
                                              use_gradient_checkpointing=False)  # fmt: skip
     assert shares_prompt(model)
