@@ -154,7 +154,7 @@ def test_moe_experts_bf16_within_rounding_of_fp32(kind):
 @pytest.mark.parametrize("kind", [*KINDS, *MIXED])
 def test_moe_experts_across_several_tiles(kind, monkeypatch):
     """Tiles smaller than every dimension: the K loop, column blocks, row blocks per expert."""
-    monkeypatch.setattr(moe, "_blocks", lambda: (16, 16, 16, 4))
+    monkeypatch.setattr(moe, "_blocks", lambda: (16, 16, 16, 4, 1))
     args, kwargs, inputs, what = _problem(kind, True)
     out, grads, upstream = _run(moe_experts, args, kwargs, inputs)
     ref_out, ref_grads, _ = _run(reference.moe_experts, args, kwargs, inputs, upstream)

@@ -276,6 +276,11 @@ def make_model(shape: str, path: Path, *, device: str) -> Path:
     model.save_pretrained(staging, safe_serialization=True, save_original_format=False)
     build_tokenizer().save_pretrained(staging)
     staging.rename(path)
+    # The systems load it in their own processes, beside this one: a model built on the
+    # device must not stay in its cache (qwen3-30b-a3b's 57 GiB left none on an H100).
+    del model
+    if build_on != "cpu":
+        torch.cuda.empty_cache()
     return path
 
 

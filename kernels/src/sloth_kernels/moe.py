@@ -15,8 +15,12 @@ Backward needs no saved output: with ``dH' = g W + s (g B) A`` (``g`` the upstre
 gathered per row, unweighted), the routing-weight grad is ``<h, dH'> + <g, b>``,
 ``dH = w dH'``. Every input grad is one grouped GEMM (the forward's kernel on transposed
 strides for ``dX`` and ``dH'``; a per-expert ``L^T R`` kernel for ``dW``, ``dA``, ``dB``).
-Products accumulate in fp32; bf16/fp16 operands are loaded and converted to fp32 (on the
-GPU the dot runs as tf32, exact for 16-bit inputs; fp32 inputs run in IEEE fp32).
+Products accumulate in fp32. On the GPU two 16-bit operands of one dtype go to the tensor
+cores as they are (bf16 x bf16 products are exact in fp32, as they were in tf32, at twice
+tf32's rate and half its shared memory); a pair with an fp32 side (the adapters PEFT keeps
+in fp32, the fp32 LoRA intermediates) is converted to fp32 and runs as tf32, and fp32
+inputs in IEEE fp32. Triton's CPU interpreter gets fp32 operands always: its 16-bit
+arithmetic is not to be trusted.
 """
 
 from __future__ import annotations
@@ -37,11 +41,22 @@ DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _ACTIVATIONS = {"swiglu": 0, "gpt_oss": 1}
 
 
-def _blocks() -> tuple[int, int, int, int]:
-    """``(rows, cols, depth, warps)`` of a GEMM tile. The interpreter's cost is per program
-    and per operation, not per element: wide tiles there (the tests patch this for the
-    several-tiles paths)."""
-    return (32, 64, 64, 4) if interpreting() else (64, 64, 64, 4)  # H200: best of 8 tried
+#: ``(rows, cols, depth, warps, stages)`` of a GEMM tile on the GPU; see :func:`_blocks`.
+GPU_BLOCKS = (64, 64, 64, 4, 3)
+
+
+def _blocks() -> tuple[int, int, int, int, int]:
+    """``(rows, cols, depth, warps, stages)`` of a GEMM tile. The interpreter's cost is per
+    program and per operation, not per element: wide tiles there (the tests patch this for
+    the several-tiles paths). ``scripts/moe_tiles_gpu.py`` times the GPU's choices."""
+    return (32, 64, 64, 4, 1) if interpreting() else GPU_BLOCKS
+
+
+def _lowp(*tensors: torch.Tensor) -> bool:
+    """Whether a GEMM of these operands takes them to the tensor cores in their own 16-bit
+    dtype (one dtype, bf16 or fp16, on the GPU) rather than converted to fp32."""
+    dtypes = {t.dtype for t in tensors}
+    return not interpreting() and len(dtypes) == 1 and dtypes <= {torch.bfloat16, torch.float16}
 
 
 # -- kernels ---------------------------------------------------------------------------
@@ -51,9 +66,10 @@ def _blocks() -> tuple[int, int, int, int]:
 def _x_times(X, x_rows, row_mask, stride_x, W, w_rows, w_rows2, w_mask, stride_wn, stride_wk,
              LA, stride_ar, stride_ak, R, K, TWO: tl.constexpr, HAS_LORA: tl.constexpr,
              RP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-             PREC: tl.constexpr):  # fmt: skip
+             PREC: tl.constexpr, LOWP: tl.constexpr, LORA_LOWP: tl.constexpr):  # fmt: skip
     """``(X W[w_rows]^T, X W[w_rows2]^T (when TWO), X A^T)`` for a tile of rows ``x_rows``, fp32;
-    each tile of X is loaded once for both products and the adapter's."""
+    each tile of X is loaded once for both products and the adapter's. ``LOWP``: X and W
+    go to the dot in their 16-bit dtype (``LORA_LOWP``: X and A), else as fp32."""
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     acc2 = tl.zeros((BM, BN), dtype=tl.float32)
     xa = tl.zeros((BM, RP), dtype=tl.float32)
@@ -62,21 +78,29 @@ def _x_times(X, x_rows, row_mask, stride_x, W, w_rows, w_rows2, w_mask, stride_w
         ks = k0 + tl.arange(0, BK)
         k_mask = ks < K
         x = tl.load(X + x_rows[:, None] * stride_x + ks[None, :],
-                    mask=row_mask[:, None] & k_mask[None, :], other=0.0).to(tl.float32)  # fmt: skip
+                    mask=row_mask[:, None] & k_mask[None, :], other=0.0)  # fmt: skip
         w_mask2 = w_mask[None, :] & k_mask[:, None]
         w = tl.load(W + w_rows[None, :] * stride_wn + ks[:, None] * stride_wk, mask=w_mask2,
-                    other=0.0).to(tl.float32)  # fmt: skip
-        acc += tl.dot(x, w, input_precision=PREC)
+                    other=0.0)  # fmt: skip
+        acc = _dot_acc(acc, x, w, LOWP, PREC)
         if TWO:
             w = tl.load(W + w_rows2[None, :] * stride_wn + ks[:, None] * stride_wk, mask=w_mask2,
-                        other=0.0).to(tl.float32)  # fmt: skip
-            acc2 += tl.dot(x, w, input_precision=PREC)
+                        other=0.0)  # fmt: skip
+            acc2 = _dot_acc(acc2, x, w, LOWP, PREC)
         if HAS_LORA:
             a_mask = (ranks[None, :] < R) & k_mask[:, None]
             a = tl.load(LA + ranks[None, :] * stride_ar + ks[:, None] * stride_ak, mask=a_mask,
-                        other=0.0).to(tl.float32)  # fmt: skip
-            xa += tl.dot(x, a, input_precision=PREC)
+                        other=0.0)  # fmt: skip
+            xa = _dot_acc(xa, x, a, LORA_LOWP, PREC)
     return acc, acc2, xa
+
+
+@triton.jit
+def _dot_acc(acc, left, right, LOWP: tl.constexpr, PREC: tl.constexpr):
+    """``acc + left @ right`` in fp32: the operands as they are (``LOWP``), else as fp32."""
+    if LOWP:
+        return tl.dot(left, right, acc)
+    return tl.dot(left.to(tl.float32), right.to(tl.float32), acc, input_precision=PREC)
 
 
 @triton.jit
@@ -124,6 +148,7 @@ def _grouped_linear_kernel(
     GATHER: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr,
     STORE_XA: tl.constexpr, ROW_SCALE: tl.constexpr, RP: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr,
+    LOWP: tl.constexpr, LORA_LOWP: tl.constexpr,
 ):  # fmt: skip
     """``Y[rows] = (X[rows] W_e^T + b_e + s (X[rows] A_e^T) B_e^T) * row_scale`` per block."""
     expert, rows, row_mask = _block_rows(block_expert, block_start, expert_end, BM)
@@ -136,7 +161,8 @@ def _grouped_linear_kernel(
     col_mask = cols < N
     acc, _, xa = _x_times(X, x_rows, row_mask, stride_x, W + expert * stride_we, cols, cols,
                           col_mask, stride_wn, stride_wk, LA + expert * stride_ae, stride_ar,
-                          stride_ak, R, K, False, HAS_LORA, RP, BM, BN, BK, PREC)  # fmt: skip
+                          stride_ak, R, K, False, HAS_LORA, RP, BM, BN, BK, PREC, LOWP,
+                          LORA_LOWP)  # fmt: skip
     acc = _add_lora_bias(acc, xa, cols, col_mask, LB + expert * stride_lbe, stride_lbn,
                          stride_lbr, R, scale, BIAS + expert * stride_be, HAS_LORA, HAS_BIAS,
                          RP, PREC)  # fmt: skip
@@ -176,6 +202,7 @@ def _gate_up_kernel(
     stride_ae, stride_ar, stride_ak, stride_lbe, stride_lbn, stride_lbr, up_offset, pair_stride,
     ACT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr, RP: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr,
+    LOWP: tl.constexpr, LORA_LOWP: tl.constexpr,
 ):  # fmt: skip
     """Gate and up columns ``j`` of each row (rows ``j * pair_stride`` and
     ``up_offset + j * pair_stride`` of W), then ``h = act(gate, up)``; all three stored."""
@@ -190,7 +217,8 @@ def _gate_up_kernel(
     acc_gate, acc_up, xa = _x_times(X, x_rows, row_mask, stride_x, W + expert * stride_we,
                                     gate_rows, up_rows, col_mask, stride_wn, stride_wk,
                                     LA + expert * stride_ae, stride_ar, stride_ak, R, K, True,
-                                    HAS_LORA, RP, BM, BN, BK, PREC)  # fmt: skip
+                                    HAS_LORA, RP, BM, BN, BK, PREC, LOWP,
+                                    LORA_LOWP)  # fmt: skip
     b_e, bias_e = LB + expert * stride_lbe, BIAS + expert * stride_be
     acc_gate = _add_lora_bias(acc_gate, xa, gate_rows, col_mask, b_e, stride_lbn, stride_lbr, R,
                               scale, bias_e, HAS_LORA, HAS_BIAS, RP, PREC)  # fmt: skip
@@ -240,7 +268,7 @@ def _grouped_tn_kernel(
     L, l_index, Rm, r_index, OUT, expert_start, expert_end, M, N, scale, stride_l, stride_r,
     stride_oe, stride_om, stride_on,
     GATHER_L: tl.constexpr, GATHER_R: tl.constexpr, BT: tl.constexpr, BM: tl.constexpr,
-    BN: tl.constexpr, PREC: tl.constexpr,
+    BN: tl.constexpr, PREC: tl.constexpr, LOWP: tl.constexpr,
 ):  # fmt: skip
     """``OUT[e] = s * L_e^T R_e`` over the rows of expert ``e`` (zero for an expert with none)."""
     expert = tl.program_id(0).to(tl.int64)
@@ -260,12 +288,10 @@ def _grouped_tn_kernel(
         if GATHER_R:
             r_rows = tl.load(r_index + rows, mask=row_mask, other=0).to(tl.int64)
         lt_mask = row_mask[:, None] & m_mask[None, :]
-        lt = tl.load(L + l_rows[:, None] * stride_l + ms[None, :], mask=lt_mask,
-                     other=0.0).to(tl.float32)  # fmt: skip
+        lt = tl.load(L + l_rows[:, None] * stride_l + ms[None, :], mask=lt_mask, other=0.0)
         r_mask = row_mask[:, None] & n_mask[None, :]
-        r = tl.load(Rm + r_rows[:, None] * stride_r + ns[None, :], mask=r_mask,
-                    other=0.0).to(tl.float32)  # fmt: skip
-        acc += tl.dot(tl.trans(lt), r, input_precision=PREC)
+        r = tl.load(Rm + r_rows[:, None] * stride_r + ns[None, :], mask=r_mask, other=0.0)
+        acc = _dot_acc(acc, tl.trans(lt), r, LOWP, PREC)
     out_mask = m_mask[:, None] & n_mask[None, :]
     tl.store(OUT + expert * stride_oe + ms[:, None] * stride_om + ns[None, :] * stride_on,
              (acc * scale).to(OUT.dtype.element_ty), mask=out_mask)  # fmt: skip
@@ -343,7 +369,7 @@ def _linear(x, sched, layer, *, gather, transpose=False, row_scale=None, xa=None
     """``[N, out]`` grouped linear over the sorted rows: ``layer`` applied to ``x[token]``
     (``gather``) or to ``x``'s own rows; ``transpose`` applies ``x W_e`` (and the
     transposed adapter) instead, for backward. ``xa`` receives ``x A^T`` when given."""
-    bm, bn, bk, warps = _blocks()
+    bm, bn, bk, warps, stages = _blocks()
     w = layer.weight
     sw = w.stride()
     n_out, k_in = (w.shape[2], w.shape[1]) if transpose else (w.shape[1], w.shape[2])
@@ -359,14 +385,15 @@ def _linear(x, sched, layer, *, gather, transpose=False, row_scale=None, xa=None
         0 if bias is None else bias.stride(0), *sa, *sb,
         GATHER=gather, HAS_BIAS=bias is not None, HAS_LORA=layer.has_lora,
         STORE_XA=xa is not None, ROW_SCALE=row_scale is not None, RP=_rank_block(layer),
-        BM=bm, BN=bn, BK=bk, PREC=_prec(x.dtype), num_warps=warps,
+        BM=bm, BN=bn, BK=bk, PREC=_prec(x.dtype), LOWP=_lowp(x, w),
+        LORA_LOWP=layer.has_lora and _lowp(x, a), num_warps=warps, num_stages=stages,
     )  # fmt: skip
     return y
 
 
 def _grouped_tn(left, right, sched, out, *, gather_left=False, gather_right=False, scale=1.0):
     """``out[e] = scale * left_e^T right_e`` over each expert's sorted rows, in place."""
-    _, cols, depth, warps = _blocks()
+    _, cols, depth, warps, stages = _blocks()
     m, n = out.shape[1], out.shape[2]
     # A LoRA rank is one side of dA and dB: a tile no wider than it (16 at the least).
     bm = min(cols, max(16, triton.next_power_of_2(m)))
@@ -375,7 +402,8 @@ def _grouped_tn(left, right, sched, out, *, gather_left=False, gather_right=Fals
     _grouped_tn_kernel[grid](
         left, sched.token, right, sched.token, out, sched.start, sched.end, m, n, scale,
         left.stride(0), right.stride(0), *out.stride(), GATHER_L=gather_left,
-        GATHER_R=gather_right, BT=depth, BM=bm, BN=bn, PREC=_prec(left.dtype), num_warps=warps,
+        GATHER_R=gather_right, BT=depth, BM=bm, BN=bn, PREC=_prec(left.dtype),
+        LOWP=_lowp(left, right), num_warps=warps, num_stages=stages,
     )  # fmt: skip
     return out
 
@@ -402,7 +430,7 @@ def _grads_of(layer, left, right, lora_left, lora_right, sched, needs, **gather)
 
 def _gate_up(x, sched, layer, act, layout, alpha, limit):
     """``(gate, up, h, x A^T)`` of the sorted rows: gate_up's GEMM with the activation fused."""
-    bm, bn, bk, warps = _blocks()
+    bm, bn, bk, warps, stages = _blocks()
     inter = layer.weight.shape[1] // 2
     up_offset, pair_stride = (inter, 1) if layout == "halves" else (1, 2)
     gate, up, h = (torch.empty(sched.rows, inter, device=x.device, dtype=x.dtype) for _ in range(3))
@@ -416,7 +444,9 @@ def _gate_up(x, sched, layer, act, layout, alpha, limit):
         x.shape[1], r, scale, alpha, limit, x.stride(0), *layer.weight.stride(),
         0 if bias is None else bias.stride(0), *sa, *sb, up_offset, pair_stride,
         ACT=_ACTIVATIONS[act], HAS_BIAS=bias is not None, HAS_LORA=layer.has_lora,
-        RP=_rank_block(layer), BM=bm, BN=bn, BK=bk, PREC=_prec(x.dtype), num_warps=warps,
+        RP=_rank_block(layer), BM=bm, BN=bn, BK=bk, PREC=_prec(x.dtype),
+        LOWP=_lowp(x, layer.weight), LORA_LOWP=layer.has_lora and _lowp(x, a),
+        num_warps=warps, num_stages=stages,
     )  # fmt: skip
     return gate, up, h, xa
 
