@@ -151,7 +151,7 @@ def main() -> None:
             if reference is None:
                 reference = got
             err = max(((g - r).abs().max() / r.abs().max().clamp_min(1e-12)).item()
-                      for g, r in zip(got, reference))  # fmt: skip
+                      for g, r in zip(got, reference, strict=True))  # fmt: skip
             ms = timed(lambda: step(p))
             kernels = kernel_times(lambda: step(p))
             row = dict(variant=name, tile=tile, ms=ms, max_rel_err_vs_first=err, kernels=kernels)

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# The MoE row on a CUDA machine: the grouped-GEMM kernels' tests on CUDA, their tiles timed
+# (scripts/moe_tiles_gpu.py), then the qwen3-30b-a3b row of `sloth bench train --targets`
+# (sloth and hf + PEFT; the model, 57 GiB, under SLOTH_CACHE, /dev/shm by default).
+# Usage: [SKIP_TESTS=1] [SKIP_TILES=1] [SYSTEMS=sloth] bash scripts/gpu_moe.sh [OUT_DIR]
+# SYSTEMS: `sloth bench train` on the shape with those systems instead of the targets row
+# (sloth alone where hf + PEFT cannot fit, as on an 80 GB H100).
+set -uo pipefail
+source "$(dirname "$0")/gpu_env.sh" "$@"
+export SLOTH_CACHE=${SLOTH_CACHE:-/dev/shm/sloth-cache}
+df -h / /dev/shm > "$out/disk.txt"
+if [ -z "${SKIP_TESTS:-}" ]; then
+  timeout 150 python3 -m pytest -p no:cacheprovider -q kernels/tests/test_moe.py \
+    > "$out/moe-tests.txt" 2>&1
+  echo "moe kernel tests: rc=$? $(tail -1 "$out/moe-tests.txt")"
+fi
+if [ -z "${SKIP_TILES:-}" ]; then
+  timeout 200 python3 scripts/moe_tiles_gpu.py --json "$out/moe-tiles.json" \
+    > "$out/moe-tiles.txt" 2>&1
+  echo "tiles: rc=$?"; grep -o '"variant[^{]*"ms": [0-9.]*' "$out/moe-tiles.txt"; tail -2 "$out/moe-tiles.txt"
+fi
+if [ -n "${SYSTEMS:-}" ]; then
+  python3 -m sloth_core bench train --shape qwen3-30b-a3b --seq 2048 --batch 2 --steps 10 \
+    --warmup 3 --systems "$SYSTEMS" --json "$out/moe.json" --markdown "$out/moe.md" \
+    > "$out/moe.log" 2>&1
+  tail -12 "$out/moe.log"
+else
+  ROWS=moe bash "$(dirname "$0")/gpu_targets.sh" "$out"
+fi
+exit 0
