@@ -19,6 +19,9 @@ if [ -z "${SKIP_TILES:-}" ]; then
     > "$out/moe-tiles.txt" 2>&1
   echo "tiles: rc=$?"; grep -o '"variant[^{]*"ms": [0-9.]*' "$out/moe-tiles.txt"; tail -2 "$out/moe-tiles.txt"
 fi
+# The fastest tile of the timing above, for the row (SLOTH_MOE_TILE; the default otherwise).
+best=$(python3 -c "import json,sys; r=[x for x in json.load(open(sys.argv[1]))['results'] if 'ms' in x and x['variant'].startswith('16')]; print(','.join(map(str,min(r,key=lambda x:x['ms'])['tile'])))" "$out/moe-tiles.json" 2>/dev/null)
+[ -n "$best" ] && export SLOTH_MOE_TILE=$best && echo "SLOTH_MOE_TILE=$best"
 if [ -n "${SYSTEMS:-}" ]; then
   python3 -m sloth_core bench train --shape qwen3-30b-a3b --seq 2048 --batch 2 --steps 10 \
     --warmup 3 --systems "$SYSTEMS" --json "$out/moe.json" --markdown "$out/moe.md" \

@@ -26,6 +26,7 @@ arithmetic is not to be trusted.
 from __future__ import annotations
 
 import inspect
+import os
 from typing import Any
 
 import torch
@@ -41,8 +42,19 @@ DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _ACTIVATIONS = {"swiglu": 0, "gpt_oss": 1}
 
 
+def _tile_from_env() -> tuple[int, int, int, int, int] | None:
+    """``SLOTH_MOE_TILE=rows,cols,depth,warps,stages``: another GPU tile, for measuring."""
+    spec = os.environ.get("SLOTH_MOE_TILE")
+    if not spec:
+        return None
+    values = tuple(int(v) for v in spec.split(","))
+    if len(values) != 5:
+        raise ValueError(f"SLOTH_MOE_TILE={spec!r}: five integers rows,cols,depth,warps,stages")
+    return values  # type: ignore[return-value]
+
+
 #: ``(rows, cols, depth, warps, stages)`` of a GEMM tile on the GPU; see :func:`_blocks`.
-GPU_BLOCKS = (64, 64, 64, 4, 3)
+GPU_BLOCKS = _tile_from_env() or (64, 64, 64, 4, 3)
 
 
 def _blocks() -> tuple[int, int, int, int, int]:
