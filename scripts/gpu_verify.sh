@@ -30,3 +30,4 @@ else
   echo "model tests: rc=$? $(tail -1 "$out/model-tests.txt")"
 fi
 grep -E "FAILED|ERROR" "$out"/*-tests.txt | head -30
+exit 0  # the grep above finds nothing when every test passed
