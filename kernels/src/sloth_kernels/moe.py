@@ -8,8 +8,9 @@ an upper bound on their number, so no host sync) drives the grouped GEMMs:
   expert at once, the input rows gathered from ``x`` by token, the activation (SwiGLU or
   gpt-oss's clamped GLU) applied in the same program. Saved: the gate and up
   pre-activations and ``X A^T`` (``[N, r]``).
-- down: the same product on the activations, each row scaled by its routing weight; the
-  rows are summed back per token in fp32 (the reference's ``sum_rows``).
+- down: the same product on the activations, each row scaled by its routing weight,
+  stored at its (token, choice) place, so that the ``k`` rows of a token are summed in
+  fp32 by one reduction (the reference's ``sum_rows``, without its atomic adds).
 
 Backward needs no saved output: with ``dH' = g W + s (g B) A`` (``g`` the upstream grad
 gathered per row, unweighted), the routing-weight grad is ``<h, dH'> + <g, b>``,
@@ -153,16 +154,18 @@ def _block_rows(block_expert, block_start, expert_end, BM: tl.constexpr):
 
 @triton.jit
 def _grouped_linear_kernel(
-    X, x_index, Y, W, BIAS, LA, LB, XA, row_scale, block_expert, block_start, expert_end,
+    X, x_index, Y, y_index, W, BIAS, LA, LB, XA, row_scale, block_expert, block_start,
+    expert_end,
     N, K, R, scale, stride_x, stride_y,
     stride_we, stride_wn, stride_wk, stride_be, stride_ae, stride_ar, stride_ak,
     stride_lbe, stride_lbn, stride_lbr,
     GATHER: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr,
-    STORE_XA: tl.constexpr, ROW_SCALE: tl.constexpr, RP: tl.constexpr,
+    STORE_XA: tl.constexpr, ROW_SCALE: tl.constexpr, SCATTER: tl.constexpr, RP: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr,
     LOWP: tl.constexpr, LORA_LOWP: tl.constexpr,
 ):  # fmt: skip
-    """``Y[rows] = (X[rows] W_e^T + b_e + s (X[rows] A_e^T) B_e^T) * row_scale`` per block."""
+    """``Y[rows] = (X[rows] W_e^T + b_e + s (X[rows] A_e^T) B_e^T) * row_scale`` per block;
+    ``SCATTER``: into the rows ``y_index[rows]`` of Y instead."""
     expert, rows, row_mask = _block_rows(block_expert, block_start, expert_end, BM)
     if expert < 0:
         return
@@ -180,7 +183,10 @@ def _grouped_linear_kernel(
                          RP, PREC)  # fmt: skip
     if ROW_SCALE:
         acc *= tl.load(row_scale + rows, mask=row_mask, other=0.0).to(tl.float32)[:, None]
-    tl.store(Y + rows[:, None] * stride_y + cols[None, :], acc.to(Y.dtype.element_ty),
+    y_rows = rows
+    if SCATTER:
+        y_rows = tl.load(y_index + rows, mask=row_mask, other=0).to(tl.int64)
+    tl.store(Y + y_rows[:, None] * stride_y + cols[None, :], acc.to(Y.dtype.element_ty),
              mask=row_mask[:, None] & col_mask[None, :])  # fmt: skip
     if STORE_XA:
         _store_xa(XA, xa, rows, row_mask, R, RP)
@@ -319,6 +325,7 @@ class _Schedule:
         order: ``[N]`` flat (token * k + choice) index of each sorted row.
         token: ``[N]`` token of each sorted row.
         expert: ``[N]`` expert of each sorted row.
+        tokens: ``T``, the routed tokens (each has ``k`` rows).
         start, end: ``[E]`` each expert's rows.
         block_expert, block_start: ``[cdiv(N, BM) + E]`` each row block's expert (-1 for
             the unused tail of the bound) and first row.
@@ -343,6 +350,7 @@ class _Schedule:
         self.block_expert = torch.where(valid, owner, -1)
         self.block_start = torch.where(valid, first, 0)
         self.rows = flat.numel()
+        self.tokens = top_k_index.shape[0]
 
 
 def _lora_args(layer: ExpertLinear, transpose: bool) -> tuple:
@@ -377,10 +385,13 @@ def _prec(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def _linear(x, sched, layer, *, gather, transpose=False, row_scale=None, xa=None, out_dtype):
+def _linear(x, sched, layer, *, gather, transpose=False, row_scale=None, xa=None, out_dtype,
+            per_token=False):  # fmt: skip
     """``[N, out]`` grouped linear over the sorted rows: ``layer`` applied to ``x[token]``
     (``gather``) or to ``x``'s own rows; ``transpose`` applies ``x W_e`` (and the
-    transposed adapter) instead, for backward. ``xa`` receives ``x A^T`` when given."""
+    transposed adapter) instead, for backward. ``xa`` receives ``x A^T`` when given.
+    ``per_token``: the rows summed per token instead, ``[T, out]`` fp32 (each sorted row
+    stored at its (token, choice) place, then the ``k`` of a token added in one pass)."""
     bm, bn, bk, warps, stages = _blocks()
     w = layer.weight
     sw = w.stride()
@@ -391,15 +402,19 @@ def _linear(x, sched, layer, *, gather, transpose=False, row_scale=None, xa=None
     y = torch.empty(sched.rows, n_out, device=x.device, dtype=out_dtype)
     grid = (sched.block_expert.numel(), triton.cdiv(n_out, bn))
     _grouped_linear_kernel[grid](
-        x, sched.token, y, w, w if bias is None else bias, a, b, y if xa is None else xa,
+        x, sched.token, y, sched.order, w, w if bias is None else bias, a, b,
+        y if xa is None else xa,
         y if row_scale is None else row_scale, sched.block_expert, sched.block_start,
         sched.end, n_out, k_in, r, scale, x.stride(0), y.stride(0), *sw,
         0 if bias is None else bias.stride(0), *sa, *sb,
         GATHER=gather, HAS_BIAS=bias is not None, HAS_LORA=layer.has_lora,
-        STORE_XA=xa is not None, ROW_SCALE=row_scale is not None, RP=_rank_block(layer),
+        STORE_XA=xa is not None, ROW_SCALE=row_scale is not None, SCATTER=per_token,
+        RP=_rank_block(layer),
         BM=bm, BN=bn, BK=bk, PREC=_prec(x.dtype), LOWP=_lowp(x, w),
         LORA_LOWP=layer.has_lora and _lowp(x, a), num_warps=warps, num_stages=stages,
     )  # fmt: skip
+    if per_token:
+        return y.view(sched.tokens, -1, n_out).sum(1, dtype=torch.float32)
     return y
 
 
@@ -487,9 +502,9 @@ class _MoEExperts(torch.autograd.Function):
         w_rows = top_k_weights.reshape(-1)[sched.order].contiguous()
         gate, up, h, xa1 = _gate_up(x, sched, gate_up, act, layout, alpha, limit)
         xa2 = _rank_rows(sched, down) if down.has_lora else None
-        y = _linear(h, sched, down, gather=False, row_scale=w_rows, xa=xa2, out_dtype=torch.float32)
+        out = _linear(h, sched, down, gather=False, row_scale=w_rows, xa=xa2,
+                      out_dtype=torch.float32, per_token=True)  # fmt: skip
         del h
-        out = sum_rows(y, sched.token, x.shape[0])
         ctx.sched, ctx.cfg = sched, cfg
         ctx.weights_shape, ctx.weights_dtype = top_k_weights.shape, top_k_weights.dtype
         ctx.save_for_backward(x, w_rows, gate, up, xa1, xa2)
@@ -517,9 +532,9 @@ class _MoEExperts(torch.autograd.Function):
         dx = None
         if needs[0] or needs[5]:
             dx_rows = _linear(d_gu, sched, gate_up, gather=False, transpose=True, xa=dgb1,
-                              out_dtype=torch.float32)  # fmt: skip
+                              out_dtype=torch.float32, per_token=needs[0])  # fmt: skip
             if needs[0]:
-                dx = sum_rows(dx_rows, sched.token, x.shape[0]).to(x.dtype)
+                dx = dx_rows.to(x.dtype)
             del dx_rows
         g1 = _grads_of(gate_up, d_gu, x, dgb1, xa1, sched, needs[3:7], gather_right=True)
         if needs[4]:
