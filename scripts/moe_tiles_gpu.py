@@ -7,8 +7,8 @@ Times ``sloth_kernels.moe.moe_experts`` for each ``(rows, cols, depth, warps, st
 tile, with 16-bit operands going to the tensor cores as they are (the kernels' default
 on the GPU) and, for the first tile, converted to fp32 (tf32 dots: what the kernels did
 before). Every variant's output and gradients are compared with the first one's; the
-per-kernel device times of each come from the profiler. ``torch._grouped_mm`` on the two
-base products (forward only, no LoRA, no gather) gives a floor for the GEMMs.
+per-kernel device times of each come from the profiler. ``torch._grouped_mm`` on the base
+products (no LoRA, no gather) gives a floor for the GEMMs.
 """
 
 from __future__ import annotations
@@ -104,7 +104,8 @@ def kernel_times(fn):
 
 
 def grouped_mm_floor(p) -> float | None:
-    """ms of the two base products through torch._grouped_mm (sorted rows, no LoRA)."""
+    """ms of the base products of a training step's layer (forward, its recompute, dH' and
+    dX) through torch._grouped_mm: sorted rows, no LoRA, no activation."""
     x, index, _, gate_up, down, _, _ = p
     if not hasattr(torch, "_grouped_mm") or not torch.cuda.is_available():
         return None
@@ -115,9 +116,15 @@ def grouped_mm_floor(p) -> float | None:
     w1, w2 = gate_up.weight.transpose(1, 2), down.weight.transpose(1, 2)
     inter = down.weight.shape[2]
 
-    def run():
-        gu = torch._grouped_mm(rows, w1, offs=offs)
-        torch._grouped_mm(gu[:, :inter].contiguous(), w2, offs=offs)
+    w1_back, w2_back = gate_up.weight, down.weight  # [E, 2I, H], [E, H, I]
+    grad_rows = torch.randn(rows.shape, device=rows.device, dtype=rows.dtype)
+
+    def run():  # forward twice (the recompute), then dH' and dX
+        for _ in range(2):
+            gu = torch._grouped_mm(rows, w1, offs=offs)
+            torch._grouped_mm(gu[:, :inter].contiguous(), w2, offs=offs)
+        dh = torch._grouped_mm(grad_rows, w2_back, offs=offs)
+        torch._grouped_mm(torch.cat([dh, dh], 1), w1_back, offs=offs)
 
     try:
         return timed(run)
@@ -161,7 +168,7 @@ def main() -> None:
         print(json.dumps(row), flush=True)
     moe._lowp = real_lowp
     floor = grouped_mm_floor(p)
-    print(f"torch._grouped_mm, the two base products forward: {floor} ms")
+    print(f"torch._grouped_mm, the base products of fwd + recompute + dH' + dX: {floor} ms")
     best = min((r for r in results if "ms" in r), key=lambda r: r["ms"])
     print(f"best: {best['variant']} {best['tile']} {best['ms']:.2f} ms "
           f"(first: {results[0].get('ms')} ms)")  # fmt: skip
