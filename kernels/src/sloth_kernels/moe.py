@@ -7,7 +7,9 @@ an upper bound on their number, so no host sync) drives the grouped GEMMs:
 - gate_up: ``X_e W_e^T + b_e + s (X_e A_e^T) B_e^T`` for the gate and the up rows of each
   expert at once, the input rows gathered from ``x`` by token, the activation (SwiGLU or
   gpt-oss's clamped GLU) applied in the same program. Saved: the gate and up
-  pre-activations and ``X A^T`` (``[N, r]``).
+  pre-activations and ``X A^T`` (``[N, r]``). ``X A^T`` is a GEMM of its own, once per
+  row: inside the main one every column tile would compute it again (a quarter more
+  products at 64 columns), with the fp32 adapter forcing its operands to fp32.
 - down: the same product on the activations, each row scaled by its routing weight,
   stored at its (token, choice) place, so that the ``k`` rows of a token are summed in
   fp32 by one reduction (the reference's ``sum_rows``, without its atomic adds).
@@ -51,7 +53,7 @@ def _tile_from_env() -> tuple[int, int, int, int, int] | None:
     values = tuple(int(v) for v in spec.split(","))
     if len(values) != 5:
         raise ValueError(f"SLOTH_MOE_TILE={spec!r}: five integers rows,cols,depth,warps,stages")
-    return values  # type: ignore[return-value]
+    return values
 
 
 #: ``(rows, cols, depth, warps, stages)`` of a GEMM tile on the GPU; see :func:`_blocks`.
@@ -77,16 +79,14 @@ def _lowp(*tensors: torch.Tensor) -> bool:
 
 @triton.jit
 def _x_times(X, x_rows, row_mask, stride_x, W, w_rows, w_rows2, w_mask, stride_wn, stride_wk,
-             LA, stride_ar, stride_ak, R, K, TWO: tl.constexpr, HAS_LORA: tl.constexpr,
-             RP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-             PREC: tl.constexpr, LOWP: tl.constexpr, LORA_LOWP: tl.constexpr):  # fmt: skip
-    """``(X W[w_rows]^T, X W[w_rows2]^T (when TWO), X A^T)`` for a tile of rows ``x_rows``, fp32;
-    each tile of X is loaded once for both products and the adapter's. ``LOWP``: X and W
-    go to the dot in their 16-bit dtype (``LORA_LOWP``: X and A), else as fp32."""
+             K, TWO: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+             PREC: tl.constexpr, LOWP: tl.constexpr):  # fmt: skip
+    """``(X W[w_rows]^T, X W[w_rows2]^T (when TWO))`` for a tile of rows ``x_rows``, fp32; each
+    tile of X is loaded once for both. ``LOWP``: X and W go to the dot in their 16-bit
+    dtype, else as fp32. The adapter's ``X A^T`` is not here: one small GEMM computes it
+    once per row (:func:`_lora_rows`) rather than every column tile of this one."""
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     acc2 = tl.zeros((BM, BN), dtype=tl.float32)
-    xa = tl.zeros((BM, RP), dtype=tl.float32)
-    ranks = tl.arange(0, RP)
     for k0 in range(0, K, BK):
         ks = k0 + tl.arange(0, BK)
         k_mask = ks < K
@@ -100,12 +100,7 @@ def _x_times(X, x_rows, row_mask, stride_x, W, w_rows, w_rows2, w_mask, stride_w
             w = tl.load(W + w_rows2[None, :] * stride_wn + ks[:, None] * stride_wk, mask=w_mask2,
                         other=0.0)  # fmt: skip
             acc2 = _dot_acc(acc2, x, w, LOWP, PREC)
-        if HAS_LORA:
-            a_mask = (ranks[None, :] < R) & k_mask[:, None]
-            a = tl.load(LA + ranks[None, :] * stride_ar + ks[:, None] * stride_ak, mask=a_mask,
-                        other=0.0)  # fmt: skip
-            xa = _dot_acc(xa, x, a, LORA_LOWP, PREC)
-    return acc, acc2, xa
+    return acc, acc2
 
 
 @triton.jit
@@ -117,12 +112,11 @@ def _dot_acc(acc, left, right, LOWP: tl.constexpr, PREC: tl.constexpr):
 
 
 @triton.jit
-def _store_xa(XA, xa, rows, row_mask, R, RP: tl.constexpr):
-    """``X A^T`` of the rows, once per row block (by the programs of the first columns)."""
+def _load_xa(XA, rows, row_mask, R, RP: tl.constexpr):
+    """The rows' ``X A^T`` (fp32 ``[BM, RP]``, zero past the rank)."""
     ranks = tl.arange(0, RP)
-    if tl.program_id(1) == 0:
-        mask = row_mask[:, None] & (ranks[None, :] < R)
-        tl.store(XA + rows[:, None] * R + ranks[None, :], xa, mask=mask)
+    mask = row_mask[:, None] & (ranks[None, :] < R)
+    return tl.load(XA + rows[:, None] * R + ranks[None, :], mask=mask, other=0.0)
 
 
 @triton.jit
@@ -154,18 +148,16 @@ def _block_rows(block_expert, block_start, expert_end, BM: tl.constexpr):
 
 @triton.jit
 def _grouped_linear_kernel(
-    X, x_index, Y, y_index, W, BIAS, LA, LB, XA, row_scale, block_expert, block_start,
-    expert_end,
-    N, K, R, scale, stride_x, stride_y,
-    stride_we, stride_wn, stride_wk, stride_be, stride_ae, stride_ar, stride_ak,
+    X, x_index, Y, y_index, W, BIAS, LB, XA, row_scale, block_expert, block_start,
+    expert_end, N, K, R, scale, stride_x, stride_y, stride_we, stride_wn, stride_wk, stride_be,
     stride_lbe, stride_lbn, stride_lbr,
     GATHER: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr,
-    STORE_XA: tl.constexpr, ROW_SCALE: tl.constexpr, SCATTER: tl.constexpr, RP: tl.constexpr,
+    ROW_SCALE: tl.constexpr, SCATTER: tl.constexpr, RP: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr,
-    LOWP: tl.constexpr, LORA_LOWP: tl.constexpr,
+    LOWP: tl.constexpr,
 ):  # fmt: skip
-    """``Y[rows] = (X[rows] W_e^T + b_e + s (X[rows] A_e^T) B_e^T) * row_scale`` per block;
-    ``SCATTER``: into the rows ``y_index[rows]`` of Y instead."""
+    """``Y[rows] = (X[rows] W_e^T + b_e + s XA[rows] B_e^T) * row_scale`` per block, ``XA``
+    the rows' ``X A_e^T``; ``SCATTER``: into the rows ``y_index[rows]`` of Y instead."""
     expert, rows, row_mask = _block_rows(block_expert, block_start, expert_end, BM)
     if expert < 0:
         return
@@ -174,10 +166,10 @@ def _grouped_linear_kernel(
         x_rows = tl.load(x_index + rows, mask=row_mask, other=0).to(tl.int64)
     cols = tl.program_id(1) * BN + tl.arange(0, BN)
     col_mask = cols < N
-    acc, _, xa = _x_times(X, x_rows, row_mask, stride_x, W + expert * stride_we, cols, cols,
-                          col_mask, stride_wn, stride_wk, LA + expert * stride_ae, stride_ar,
-                          stride_ak, R, K, False, HAS_LORA, RP, BM, BN, BK, PREC, LOWP,
-                          LORA_LOWP)  # fmt: skip
+    acc, _ = _x_times(X, x_rows, row_mask, stride_x, W + expert * stride_we, cols, cols,
+                      col_mask, stride_wn, stride_wk, K, False, BM, BN, BK, PREC,
+                      LOWP)  # fmt: skip
+    xa = _load_xa(XA, rows, row_mask, R, RP) if HAS_LORA else None
     acc = _add_lora_bias(acc, xa, cols, col_mask, LB + expert * stride_lbe, stride_lbn,
                          stride_lbr, R, scale, BIAS + expert * stride_be, HAS_LORA, HAS_BIAS,
                          RP, PREC)  # fmt: skip
@@ -188,8 +180,6 @@ def _grouped_linear_kernel(
         y_rows = tl.load(y_index + rows, mask=row_mask, other=0).to(tl.int64)
     tl.store(Y + y_rows[:, None] * stride_y + cols[None, :], acc.to(Y.dtype.element_ty),
              mask=row_mask[:, None] & col_mask[None, :])  # fmt: skip
-    if STORE_XA:
-        _store_xa(XA, xa, rows, row_mask, R, RP)
 
 
 @triton.jit
@@ -215,12 +205,12 @@ def _act(gate, up, ACT: tl.constexpr, alpha, limit):
 
 @triton.jit
 def _gate_up_kernel(
-    X, x_index, GATE, UP, H, W, BIAS, LA, LB, XA, block_expert, block_start, expert_end,
+    X, x_index, GATE, UP, H, W, BIAS, LB, XA, block_expert, block_start, expert_end,
     inter, K, R, scale, alpha, limit, stride_x, stride_we, stride_wn, stride_wk, stride_be,
-    stride_ae, stride_ar, stride_ak, stride_lbe, stride_lbn, stride_lbr, up_offset, pair_stride,
+    stride_lbe, stride_lbn, stride_lbr, up_offset, pair_stride,
     ACT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr, RP: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr,
-    LOWP: tl.constexpr, LORA_LOWP: tl.constexpr,
+    LOWP: tl.constexpr,
 ):  # fmt: skip
     """Gate and up columns ``j`` of each row (rows ``j * pair_stride`` and
     ``up_offset + j * pair_stride`` of W), then ``h = act(gate, up)``; all three stored."""
@@ -232,11 +222,10 @@ def _gate_up_kernel(
     col_mask = cols < inter
     gate_rows = cols * pair_stride
     up_rows = up_offset + gate_rows
-    acc_gate, acc_up, xa = _x_times(X, x_rows, row_mask, stride_x, W + expert * stride_we,
-                                    gate_rows, up_rows, col_mask, stride_wn, stride_wk,
-                                    LA + expert * stride_ae, stride_ar, stride_ak, R, K, True,
-                                    HAS_LORA, RP, BM, BN, BK, PREC, LOWP,
-                                    LORA_LOWP)  # fmt: skip
+    acc_gate, acc_up = _x_times(X, x_rows, row_mask, stride_x, W + expert * stride_we,
+                                gate_rows, up_rows, col_mask, stride_wn, stride_wk, K, True,
+                                BM, BN, BK, PREC, LOWP)  # fmt: skip
+    xa = _load_xa(XA, rows, row_mask, R, RP) if HAS_LORA else None
     b_e, bias_e = LB + expert * stride_lbe, BIAS + expert * stride_be
     acc_gate = _add_lora_bias(acc_gate, xa, gate_rows, col_mask, b_e, stride_lbn, stride_lbr, R,
                               scale, bias_e, HAS_LORA, HAS_BIAS, RP, PREC)  # fmt: skip
@@ -251,8 +240,6 @@ def _gate_up_kernel(
     # The activation of the rounded values, as the reference computes it on its output.
     h, _, _ = _act(gate.to(tl.float32), up.to(tl.float32), ACT, alpha, limit)
     tl.store(H + offs, h.to(H.dtype.element_ty), mask=mask)
-    if HAS_LORA:
-        _store_xa(XA, xa, rows, row_mask, R, RP)
 
 
 @triton.jit
@@ -353,30 +340,20 @@ class _Schedule:
         self.tokens = top_k_index.shape[0]
 
 
-def _lora_args(layer: ExpertLinear, transpose: bool) -> tuple:
-    """``(A, A strides, B, B strides, r, scaling)`` of the adapter, dummies without one.
+def _adapter(layer: ExpertLinear, transpose: bool) -> tuple | None:
+    """``(A [E, r, in], B [E, out, r], r, scaling)`` of the map's adapter (views), or None.
 
     ``transpose`` gives the adapter of the transposed map ``x W`` (``A -> B^T``, ``B -> A^T``).
     """
     a, b = layer.lora_A, layer.lora_B
     if a is None or b is None:
-        dummy = layer.weight
-        return dummy, (0, 0, 0), dummy, (0, 0, 0), 1, 0.0
-    sa, sb = a.stride(), b.stride()
+        return None
     if transpose:
-        return b, (sb[0], sb[2], sb[1]), a, (sa[0], sa[2], sa[1]), a.shape[1], layer.scaling
-    return a, sa, b, sb, a.shape[1], layer.scaling
+        return b.transpose(1, 2), a.transpose(1, 2), a.shape[1], layer.scaling
+    return a, b, a.shape[1], layer.scaling
 
 
-def _rank_rows(sched: _Schedule, layer: ExpertLinear) -> torch.Tensor:
-    """An fp32 ``[N, r]`` buffer for a LoRA intermediate of the sorted rows."""
-    assert layer.lora_A is not None
-    return torch.empty(sched.rows, layer.lora_A.shape[1], device=layer.lora_A.device,
-                       dtype=torch.float32)  # fmt: skip
-
-
-def _rank_block(layer: ExpertLinear) -> int:
-    r = 1 if layer.lora_A is None else layer.lora_A.shape[1]
+def _rank_block(r: int) -> int:
     return max(16, triton.next_power_of_2(r))
 
 
@@ -385,36 +362,51 @@ def _prec(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
+def _launch_linear(x, sched, w, y, *, gather, bias=None, lora=None, xa=None, row_scale=None,
+                   scatter=False, cols=None):  # fmt: skip
+    """``_grouped_linear_kernel`` of ``w`` ``[E, out, in]`` (any strides) into ``y``."""
+    bm, bn, bk, warps, stages = _blocks()
+    bn = cols or bn
+    n_out, k_in = w.shape[1], w.shape[2]
+    _, b, r, scale = lora or (None, w, 1, 0.0)
+    grid = (sched.block_expert.numel(), triton.cdiv(n_out, bn))
+    _grouped_linear_kernel[grid](
+        x, sched.token, y, sched.order, w, w if bias is None else bias, b,
+        y if xa is None else xa, y if row_scale is None else row_scale, sched.block_expert,
+        sched.block_start, sched.end, n_out, k_in, r, scale, x.stride(0), y.stride(0),
+        *w.stride(), 0 if bias is None else bias.stride(0), *b.stride(),
+        GATHER=gather, HAS_BIAS=bias is not None, HAS_LORA=lora is not None,
+        ROW_SCALE=row_scale is not None, SCATTER=scatter, RP=_rank_block(r), BM=bm, BN=bn,
+        BK=bk, PREC=_prec(x.dtype), LOWP=_lowp(x, w), num_warps=warps, num_stages=stages,
+    )  # fmt: skip
+    return y
+
+
+def _lora_rows(x, sched, adapter, *, gather):
+    """``x A_e^T`` ``[N, r]`` fp32 of the sorted rows (``x[token]`` with ``gather``), or None
+    without an adapter: once per row, beside the main GEMM that adds ``s (x A^T) B^T``."""
+    if adapter is None:
+        return None
+    a, r = adapter[0], adapter[2]
+    y = torch.empty(sched.rows, r, device=x.device, dtype=torch.float32)
+    return _launch_linear(x, sched, a, y, gather=gather, cols=_rank_block(r))
+
+
 def _linear(x, sched, layer, *, gather, transpose=False, row_scale=None, xa=None, out_dtype,
             per_token=False):  # fmt: skip
     """``[N, out]`` grouped linear over the sorted rows: ``layer`` applied to ``x[token]``
     (``gather``) or to ``x``'s own rows; ``transpose`` applies ``x W_e`` (and the
-    transposed adapter) instead, for backward. ``xa`` receives ``x A^T`` when given.
+    transposed adapter) instead, for backward. ``xa``: the rows' ``x A^T`` (of the
+    transposed adapter with ``transpose``), from :func:`_lora_rows`, when there is one.
     ``per_token``: the rows summed per token instead, ``[T, out]`` fp32 (each sorted row
     stored at its (token, choice) place, then the ``k`` of a token added in one pass)."""
-    bm, bn, bk, warps, stages = _blocks()
-    w = layer.weight
-    sw = w.stride()
-    n_out, k_in = (w.shape[2], w.shape[1]) if transpose else (w.shape[1], w.shape[2])
-    sw = (sw[0], sw[2], sw[1]) if transpose else sw
-    a, sa, b, sb, r, scale = _lora_args(layer, transpose)
-    bias = None if transpose else layer.bias
-    y = torch.empty(sched.rows, n_out, device=x.device, dtype=out_dtype)
-    grid = (sched.block_expert.numel(), triton.cdiv(n_out, bn))
-    _grouped_linear_kernel[grid](
-        x, sched.token, y, sched.order, w, w if bias is None else bias, a, b,
-        y if xa is None else xa,
-        y if row_scale is None else row_scale, sched.block_expert, sched.block_start,
-        sched.end, n_out, k_in, r, scale, x.stride(0), y.stride(0), *sw,
-        0 if bias is None else bias.stride(0), *sa, *sb,
-        GATHER=gather, HAS_BIAS=bias is not None, HAS_LORA=layer.has_lora,
-        STORE_XA=xa is not None, ROW_SCALE=row_scale is not None, SCATTER=per_token,
-        RP=_rank_block(layer),
-        BM=bm, BN=bn, BK=bk, PREC=_prec(x.dtype), LOWP=_lowp(x, w),
-        LORA_LOWP=layer.has_lora and _lowp(x, a), num_warps=warps, num_stages=stages,
-    )  # fmt: skip
+    w = layer.weight.transpose(1, 2) if transpose else layer.weight
+    lora = _adapter(layer, transpose)
+    y = torch.empty(sched.rows, w.shape[1], device=x.device, dtype=out_dtype)
+    _launch_linear(x, sched, w, y, gather=gather, bias=None if transpose else layer.bias,
+                   lora=lora, xa=xa, row_scale=row_scale, scatter=per_token)  # fmt: skip
     if per_token:
-        return y.view(sched.tokens, -1, n_out).sum(1, dtype=torch.float32)
+        return y.view(sched.tokens, -1, w.shape[1]).sum(1, dtype=torch.float32)
     return y
 
 
@@ -455,27 +447,26 @@ def _grads_of(layer, left, right, lora_left, lora_right, sched, needs, **gather)
     return grads
 
 
-def _gate_up(x, sched, layer, act, layout, alpha, limit):
-    """``(gate, up, h, x A^T)`` of the sorted rows: gate_up's GEMM with the activation fused."""
+def _gate_up(x, sched, layer, act, layout, alpha, limit, xa):
+    """``(gate, up, h)`` of the sorted rows: gate_up's GEMM with the activation fused; ``xa``
+    the rows' ``x A^T`` when there is an adapter."""
     bm, bn, bk, warps, stages = _blocks()
     inter = layer.weight.shape[1] // 2
     up_offset, pair_stride = (inter, 1) if layout == "halves" else (1, 2)
     gate, up, h = (torch.empty(sched.rows, inter, device=x.device, dtype=x.dtype) for _ in range(3))
-    a, sa, b, sb, r, scale = _lora_args(layer, False)
-    xa = _rank_rows(sched, layer) if layer.has_lora else None
+    _, b, r, scale = _adapter(layer, False) or (None, layer.weight, 1, 0.0)
     bias = layer.bias
     grid = (sched.block_expert.numel(), triton.cdiv(inter, bn))
     _gate_up_kernel[grid](
-        x, sched.token, gate, up, h, layer.weight, h if bias is None else bias, a, b,
+        x, sched.token, gate, up, h, layer.weight, h if bias is None else bias, b,
         h if xa is None else xa, sched.block_expert, sched.block_start, sched.end, inter,
         x.shape[1], r, scale, alpha, limit, x.stride(0), *layer.weight.stride(),
-        0 if bias is None else bias.stride(0), *sa, *sb, up_offset, pair_stride,
+        0 if bias is None else bias.stride(0), *b.stride(), up_offset, pair_stride,
         ACT=_ACTIVATIONS[act], HAS_BIAS=bias is not None, HAS_LORA=layer.has_lora,
-        RP=_rank_block(layer), BM=bm, BN=bn, BK=bk, PREC=_prec(x.dtype),
-        LOWP=_lowp(x, layer.weight), LORA_LOWP=layer.has_lora and _lowp(x, a),
-        num_warps=warps, num_stages=stages,
+        RP=_rank_block(r), BM=bm, BN=bn, BK=bk, PREC=_prec(x.dtype),
+        LOWP=_lowp(x, layer.weight), num_warps=warps, num_stages=stages,
     )  # fmt: skip
-    return gate, up, h, xa
+    return gate, up, h
 
 
 def _act_backward(gate, up, dh, w_rows, act, layout, alpha, limit):
@@ -500,8 +491,9 @@ class _MoEExperts(torch.autograd.Function):
         gate_up, down, act, layout, alpha, limit = cfg
         sched = _Schedule(top_k_index, w1.shape[0], _blocks()[0])
         w_rows = top_k_weights.reshape(-1)[sched.order].contiguous()
-        gate, up, h, xa1 = _gate_up(x, sched, gate_up, act, layout, alpha, limit)
-        xa2 = _rank_rows(sched, down) if down.has_lora else None
+        xa1 = _lora_rows(x, sched, _adapter(gate_up, False), gather=True)
+        gate, up, h = _gate_up(x, sched, gate_up, act, layout, alpha, limit, xa1)
+        xa2 = _lora_rows(h, sched, _adapter(down, False), gather=False)
         out = _linear(h, sched, down, gather=False, row_scale=w_rows, xa=xa2,
                       out_dtype=torch.float32, per_token=True)  # fmt: skip
         del h
@@ -516,8 +508,8 @@ class _MoEExperts(torch.autograd.Function):
         sched, (gate_up, down, act, layout, alpha, limit) = ctx.sched, ctx.cfg
         needs = ctx.needs_input_grad
         g = grad.contiguous()
-        gb2 = _rank_rows(sched, down) if down.has_lora else None
         # dH' = g W2 + s (g B2) A2 per row (unweighted); g B2 kept for dA2.
+        gb2 = _lora_rows(g, sched, _adapter(down, True), gather=True)
         dh = _linear(g, sched, down, gather=True, transpose=True, xa=gb2, out_dtype=torch.float32)
         d_gu, hw, dw_rows = _act_backward(gate, up, dh, w_rows, act, layout, alpha, limit)
         del dh
@@ -528,14 +520,14 @@ class _MoEExperts(torch.autograd.Function):
             d_weights = torch.empty(sched.rows, device=x.device, dtype=torch.float32)
             d_weights[sched.order] = dw_rows
             d_weights = d_weights.view(ctx.weights_shape).to(ctx.weights_dtype)
-        dgb1 = _rank_rows(sched, gate_up) if gate_up.has_lora and needs[5] else None
-        dx = None
+        # d_gu B1: the transposed adapter's rows, for dX and for dA1.
+        dgb1 = None
         if needs[0] or needs[5]:
-            dx_rows = _linear(d_gu, sched, gate_up, gather=False, transpose=True, xa=dgb1,
-                              out_dtype=torch.float32, per_token=needs[0])  # fmt: skip
-            if needs[0]:
-                dx = dx_rows.to(x.dtype)
-            del dx_rows
+            dgb1 = _lora_rows(d_gu, sched, _adapter(gate_up, True), gather=False)
+        dx = None
+        if needs[0]:
+            dx = _linear(d_gu, sched, gate_up, gather=False, transpose=True, xa=dgb1,
+                         out_dtype=torch.float32, per_token=True).to(x.dtype)  # fmt: skip
         g1 = _grads_of(gate_up, d_gu, x, dgb1, xa1, sched, needs[3:7], gather_right=True)
         if needs[4]:
             g1[1] = _segment_sum(d_gu.float(), sched, gate_up.bias)
