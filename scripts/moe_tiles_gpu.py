@@ -5,7 +5,7 @@ qwen3-30b-a3b-sized model, LoRA r=16 on every expert, forward + backward).
 
 Times ``sloth_kernels.moe.moe_experts`` for each ``(rows, cols, depth, warps, stages)``
 tile, with 16-bit operands going to the tensor cores as they are (the kernels' default
-on the GPU) and, for the first tile, converted to fp32 (tf32 dots: what the kernels did
+on the GPU) and, for the first tile, converted to fp32 (tf32 dots: the precision the kernels had
 before). Every variant's output and gradients are compared with the first one's; the
 per-kernel device times of each come from the profiler. ``torch._grouped_mm`` on the base
 products (no LoRA, no gather) gives a floor for the GEMMs.
