@@ -19,9 +19,18 @@ if [ -z "${SKIP_TILES:-}" ]; then
     > "$out/moe-tiles.txt" 2>&1
   echo "tiles: rc=$?"; grep -o '"variant[^{]*"ms": [0-9.]*' "$out/moe-tiles.txt"; tail -2 "$out/moe-tiles.txt"
 fi
-# The fastest tile of the timing above, for the row (SLOTH_MOE_TILE; the default otherwise).
-best=$(python3 -c "import json,sys; r=[x for x in json.load(open(sys.argv[1]))['results'] if 'ms' in x and x['variant'].startswith('16')]; print(','.join(map(str,min(r,key=lambda x:x['ms'])['tile'])))" "$out/moe-tiles.json" 2>/dev/null)
-[ -n "$best" ] && export SLOTH_MOE_TILE=$best && echo "SLOTH_MOE_TILE=$best"
+# The fastest variant of the timing above, for the row (SLOTH_MOE_TILE and SLOTH_MOE_GEMM;
+# the defaults otherwise).
+best=$(python3 -c "
+import json, sys
+rows = [r for r in json.load(open(sys.argv[1]))['results'] if 'ms' in r and 'fp32' not in r['variant']]
+b = min(rows, key=lambda r: r['ms'])
+print(','.join(map(str, b['tile'])), 'grouped_mm' if 'grouped_mm' in b['variant'] else 'triton')
+" "$out/moe-tiles.json" 2>/dev/null)
+if [ -n "$best" ]; then
+  export SLOTH_MOE_TILE=${best% *} SLOTH_MOE_GEMM=${best#* }
+  echo "SLOTH_MOE_TILE=$SLOTH_MOE_TILE SLOTH_MOE_GEMM=$SLOTH_MOE_GEMM"
+fi
 if [ -n "${SYSTEMS:-}" ]; then
   python3 -m sloth_core bench train --shape qwen3-30b-a3b --seq 2048 --batch 2 --steps 10 \
     --warmup 3 --systems "$SYSTEMS" --json "$out/moe.json" --markdown "$out/moe.md" \

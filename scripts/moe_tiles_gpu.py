@@ -5,16 +5,19 @@ qwen3-30b-a3b-sized model, LoRA r=16 on every expert, forward + backward).
 
 Times ``sloth_kernels.moe.moe_experts`` for each ``(rows, cols, depth, warps, stages)``
 tile, with 16-bit operands going to the tensor cores as they are (the kernels' default
-on the GPU) and, for the first tile, converted to fp32 (tf32 dots: the precision the kernels had
-before). Every variant's output and gradients are compared with the first one's; the
-per-kernel device times of each come from the profiler. ``torch._grouped_mm`` on the base
-products (no LoRA, no gather) gives a floor for the GEMMs.
+on the GPU) and, for the first tile, converted to fp32 (tf32 dots: the precision the
+kernels had before); and with the base products through ``torch._grouped_mm``
+(``SLOTH_MOE_GEMM=grouped_mm``), the kernels doing the rest after it. Every variant's
+output and gradients are compared with the first one's; the per-kernel device times of
+each come from the profiler. ``torch._grouped_mm`` on the base products (no LoRA, no
+gather) gives a floor for the GEMMs.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 
 import torch
@@ -148,12 +151,15 @@ def main() -> None:
     else:
         p = problem(args.tokens)
     real_lowp = moe._lowp
-    variants = [("fp32 operands (tf32)", TILES[0], False)]
-    variants += [("16-bit operands", tile, True) for tile in TILES]
+    variants = [("fp32 operands (tf32)", TILES[0], False, "triton")]
+    # torch's grouped GEMM (CUTLASS) for the base products, the kernels after it.
+    variants += [("grouped_mm + epilogues", tile, True, "grouped_mm") for tile in TILES[:3]]
+    variants += [("16-bit operands", tile, True, "triton") for tile in TILES]
     results, reference = [], None
-    for name, tile, lowp in variants:
+    for name, tile, lowp, gemm in variants:
         moe.GPU_BLOCKS = tile
         moe._lowp = real_lowp if lowp else (lambda *t: False)
+        os.environ["SLOTH_MOE_GEMM"] = gemm
         try:
             got = step(p)
             if reference is None:
@@ -168,6 +174,7 @@ def main() -> None:
         results.append(row)
         print(json.dumps(row), flush=True)
     moe._lowp = real_lowp
+    os.environ.pop("SLOTH_MOE_GEMM")
     floor = grouped_mm_floor(p)
     print(f"torch._grouped_mm, the base products of fwd + recompute + dH' + dX: {floor} ms")
     best = min((r for r in results if "ms" in r), key=lambda r: r["ms"])
@@ -175,7 +182,8 @@ def main() -> None:
           f"(first: {results[0].get('ms')} ms)")  # fmt: skip
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
+            device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+            json.dump(dict(device=device, torch=torch.__version__,
                            tokens=args.tokens, results=results, grouped_mm_ms=floor), f,
                       indent=1)  # fmt: skip
 

@@ -49,9 +49,11 @@ def _layer(experts, out_f, in_f, *, r, bias, transposed, frozen):
 MOE_LOWP_FACTOR = LOWP_FACTOR if HAS_CUDA else 6.0
 
 
-def _problem(kind, lora, tokens=(2, 9), ranks=(1, 5)):
+def _problem(kind, lora, tokens=(2, 9), ranks=(1, 5), align=1):
     bounds = (tokens, (5, 40), (3, 30), (1, 3), (0, 2), ranks)
     seed, (tokens, hidden, inter, top_k, extra, r) = draw(*bounds)
+    # ``align``: sizes rounded up to a multiple (CUDA's grouped GEMM takes 16-byte rows).
+    hidden, inter = (-(-n // align) * align for n in (hidden, inter))
     activation, layout, bias, transposed = {**KINDS, **MIXED}[kind]
     experts = top_k + 3 + extra  # 4 .. 8
     opts = dict(r=r if lora else 0, bias=bias, transposed=transposed, frozen=lora)
@@ -112,13 +114,39 @@ def test_moe_experts_matches_reference_fp32(kind, lora):
         assert_close(g, ref, torch.float32, scale=4, what=f"{what} grad {i}")
 
 
+def _grouped_mm_calls(monkeypatch, gemm):
+    """``SLOTH_MOE_GEMM=gemm`` for the test; the calls of the grouped-GEMM base products."""
+    monkeypatch.setenv("SLOTH_MOE_GEMM", gemm)
+    calls = []
+    real = moe._grouped_mm_base
+    monkeypatch.setattr(moe, "_grouped_mm_base", lambda *a, **k: calls.append(1) or real(*a, **k))
+    return calls
+
+
+@pytest.mark.parametrize("kind", [*KINDS, *MIXED])
+def test_moe_experts_through_grouped_mm_fp32(kind, monkeypatch):
+    """``SLOTH_MOE_GEMM=grouped_mm``: the four base products (gate_up, down, dH', dX) through
+    ``torch._grouped_mm`` and the rest in the kernels after them, as the reference computes.
+    CUDA's grouped GEMM is bf16 only: there fp32 stays on the Triton GEMMs."""
+    calls = _grouped_mm_calls(monkeypatch, "grouped_mm")
+    args, kwargs, inputs, what = _problem(kind, True, align=8)
+    out, grads, upstream = _run(moe_experts, args, kwargs, inputs)
+    ref_out, ref_grads, _ = _run(reference.moe_experts, args, kwargs, inputs, upstream)
+    assert len(calls) == (0 if HAS_CUDA else 4)
+    assert_close(out, ref_out, torch.float32, what=f"{what} forward")
+    for i, (g, ref) in enumerate(zip(grads, ref_grads, strict=True)):
+        assert_close(g, ref, torch.float32, scale=4, what=f"{what} grad {i}")
+
+
+@pytest.mark.parametrize("gemm", ["triton", "grouped_mm"])
 @pytest.mark.parametrize("kind", list(KINDS))
-def test_moe_experts_bf16_within_rounding_of_fp32(kind):
+def test_moe_experts_bf16_within_rounding_of_fp32(kind, gemm, monkeypatch):
+    calls = _grouped_mm_calls(monkeypatch, gemm)
     # Enough tokens that a tensor's relative error is not one or two elements' rounding,
     # and rank >= 2: at rank 1 every element of an expert's lora_B gradient shares the
     # rounding of one x A^T column, so its error is a handful of rounding events, and the
     # interpreter's truncation (CPU) put it past 4x torch's in about 1 run in 20.
-    args32, kwargs, inputs32, what = _problem(kind, True, tokens=(12, 16), ranks=(2, 5))
+    args32, kwargs, inputs32, what = _problem(kind, True, tokens=(12, 16), ranks=(2, 5), align=8)
     # gpt-oss's own clamp (7): at the test's 1.5 many pre-activations sit by the kink, where
     # rounding alone decides whether a gradient passes (the fp32 tests cover the clamp).
     kwargs["limit"] = 7.0
@@ -131,6 +159,7 @@ def test_moe_experts_bf16_within_rounding_of_fp32(kind):
     args16, inputs16 = _cast(args16, inputs16, torch.bfloat16)
     out, grads, _ = _run(moe_experts, args16, kwargs, inputs16, up16)
     assert out.dtype == torch.bfloat16
+    assert len(calls) == (4 if gemm == "grouped_mm" else 0)
     checks = zip(
         ["forward", *range(len(grads))],
         [out, *grads],

@@ -148,16 +148,17 @@ def _block_rows(block_expert, block_start, expert_end, BM: tl.constexpr):
 
 @triton.jit
 def _grouped_linear_kernel(
-    X, x_index, Y, y_index, W, BIAS, LB, XA, row_scale, block_expert, block_start,
-    expert_end, N, K, R, scale, stride_x, stride_y, stride_we, stride_wn, stride_wk, stride_be,
-    stride_lbe, stride_lbn, stride_lbr,
+    X, x_index, Y, y_index, W, BIAS, LB, XA, row_scale, B0, block_expert, block_start,
+    expert_end, N, K, R, scale, stride_x, stride_y, stride_b0, stride_we, stride_wn, stride_wk,
+    stride_be, stride_lbe, stride_lbn, stride_lbr,
     GATHER: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr,
-    ROW_SCALE: tl.constexpr, SCATTER: tl.constexpr, RP: tl.constexpr,
+    ROW_SCALE: tl.constexpr, SCATTER: tl.constexpr, BASE: tl.constexpr, RP: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr,
     LOWP: tl.constexpr,
 ):  # fmt: skip
     """``Y[rows] = (X[rows] W_e^T + b_e + s XA[rows] B_e^T) * row_scale`` per block, ``XA``
-    the rows' ``X A_e^T``; ``SCATTER``: into the rows ``y_index[rows]`` of Y instead."""
+    the rows' ``X A_e^T``; ``SCATTER``: into the rows ``y_index[rows]`` of Y instead.
+    ``BASE``: ``X[rows] W_e^T`` is read from ``B0`` (torch's grouped GEMM made it)."""
     expert, rows, row_mask = _block_rows(block_expert, block_start, expert_end, BM)
     if expert < 0:
         return
@@ -166,9 +167,16 @@ def _grouped_linear_kernel(
         x_rows = tl.load(x_index + rows, mask=row_mask, other=0).to(tl.int64)
     cols = tl.program_id(1) * BN + tl.arange(0, BN)
     col_mask = cols < N
-    acc, _ = _x_times(X, x_rows, row_mask, stride_x, W + expert * stride_we, cols, cols,
-                      col_mask, stride_wn, stride_wk, K, False, BM, BN, BK, PREC,
-                      LOWP)  # fmt: skip
+    if BASE:
+        acc = tl.load(
+            B0 + rows[:, None] * stride_b0 + cols[None, :],
+            mask=row_mask[:, None] & col_mask[None, :],
+            other=0.0,
+        ).to(tl.float32)
+    else:
+        acc, _ = _x_times(X, x_rows, row_mask, stride_x, W + expert * stride_we, cols, cols,
+                          col_mask, stride_wn, stride_wk, K, False, BM, BN, BK, PREC,
+                          LOWP)  # fmt: skip
     xa = _load_xa(XA, rows, row_mask, R, RP) if HAS_LORA else None
     acc = _add_lora_bias(acc, xa, cols, col_mask, LB + expert * stride_lbe, stride_lbn,
                          stride_lbr, R, scale, BIAS + expert * stride_be, HAS_LORA, HAS_BIAS,
@@ -205,15 +213,17 @@ def _act(gate, up, ACT: tl.constexpr, alpha, limit):
 
 @triton.jit
 def _gate_up_kernel(
-    X, x_index, GATE, UP, H, W, BIAS, LB, XA, block_expert, block_start, expert_end,
-    inter, K, R, scale, alpha, limit, stride_x, stride_we, stride_wn, stride_wk, stride_be,
-    stride_lbe, stride_lbn, stride_lbr, up_offset, pair_stride,
-    ACT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr, RP: tl.constexpr,
+    X, x_index, GATE, UP, H, W, BIAS, LB, XA, B0, block_expert, block_start, expert_end,
+    inter, K, R, scale, alpha, limit, stride_x, stride_b0, stride_we, stride_wn, stride_wk,
+    stride_be, stride_lbe, stride_lbn, stride_lbr, up_offset, pair_stride,
+    ACT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr, BASE: tl.constexpr,
+    RP: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr,
     LOWP: tl.constexpr,
 ):  # fmt: skip
     """Gate and up columns ``j`` of each row (rows ``j * pair_stride`` and
-    ``up_offset + j * pair_stride`` of W), then ``h = act(gate, up)``; all three stored."""
+    ``up_offset + j * pair_stride`` of W), then ``h = act(gate, up)``; all three stored.
+    ``BASE``: ``X[rows] W_e^T`` is read from ``B0`` (torch's grouped GEMM made it)."""
     expert, rows, row_mask = _block_rows(block_expert, block_start, expert_end, BM)
     if expert < 0:
         return
@@ -222,9 +232,15 @@ def _gate_up_kernel(
     col_mask = cols < inter
     gate_rows = cols * pair_stride
     up_rows = up_offset + gate_rows
-    acc_gate, acc_up = _x_times(X, x_rows, row_mask, stride_x, W + expert * stride_we,
-                                gate_rows, up_rows, col_mask, stride_wn, stride_wk, K, True,
-                                BM, BN, BK, PREC, LOWP)  # fmt: skip
+    if BASE:
+        b0_mask = row_mask[:, None] & col_mask[None, :]
+        b0 = B0 + rows[:, None] * stride_b0
+        acc_gate = tl.load(b0 + gate_rows[None, :], mask=b0_mask, other=0.0).to(tl.float32)
+        acc_up = tl.load(b0 + up_rows[None, :], mask=b0_mask, other=0.0).to(tl.float32)
+    else:
+        acc_gate, acc_up = _x_times(X, x_rows, row_mask, stride_x, W + expert * stride_we,
+                                    gate_rows, up_rows, col_mask, stride_wn, stride_wk, K, True,
+                                    BM, BN, BK, PREC, LOWP)  # fmt: skip
     xa = _load_xa(XA, rows, row_mask, R, RP) if HAS_LORA else None
     b_e, bias_e = LB + expert * stride_lbe, BIAS + expert * stride_be
     acc_gate = _add_lora_bias(acc_gate, xa, gate_rows, col_mask, b_e, stride_lbn, stride_lbr, R,
@@ -338,6 +354,7 @@ class _Schedule:
         self.block_start = torch.where(valid, first, 0)
         self.rows = flat.numel()
         self.tokens = top_k_index.shape[0]
+        self.offs = self.end.to(torch.int32)  # torch._grouped_mm's group ends
 
 
 def _adapter(layer: ExpertLinear, transpose: bool) -> tuple | None:
@@ -353,6 +370,27 @@ def _adapter(layer: ExpertLinear, transpose: bool) -> tuple | None:
     return a, b, a.shape[1], layer.scaling
 
 
+def _grouped_mm_wanted(x: torch.Tensor, *weights: torch.Tensor) -> bool:
+    """Whether the base products go through ``torch._grouped_mm`` (CUTLASS's grouped GEMM on
+    Hopper) rather than the Triton GEMMs: ``SLOTH_MOE_GEMM=grouped_mm`` asks for it, and it
+    takes one dtype (bf16 on CUDA) and rows and columns of a multiple of 16 bytes."""
+    if os.environ.get("SLOTH_MOE_GEMM", "triton") != "grouped_mm":
+        return False
+    if not hasattr(torch, "_grouped_mm") or any(w.dtype != x.dtype for w in weights):
+        return False
+    if x.is_cuda and x.dtype != torch.bfloat16:  # elsewhere torch loops over the groups
+        return False
+    sizes = [x.shape[1]] + [n for w in weights for n in w.shape[1:]]
+    return all(n * x.element_size() % 16 == 0 for n in sizes)
+
+
+def _grouped_mm_base(x, sched, w, *, gather):
+    """``x[rows] w_e^T`` ``[N, out]`` in ``x.dtype`` through ``torch._grouped_mm``, ``w``
+    ``[E, out, in]`` (any strides): the products rounded as the reference rounds them."""
+    rows = x.index_select(0, sched.token) if gather else x
+    return torch._grouped_mm(rows, w.transpose(1, 2), offs=sched.offs)
+
+
 def _rank_block(r: int) -> int:
     return max(16, triton.next_power_of_2(r))
 
@@ -363,8 +401,9 @@ def _prec(dtype: torch.dtype) -> str:
 
 
 def _launch_linear(x, sched, w, y, *, gather, bias=None, lora=None, xa=None, row_scale=None,
-                   scatter=False, cols=None):  # fmt: skip
-    """``_grouped_linear_kernel`` of ``w`` ``[E, out, in]`` (any strides) into ``y``."""
+                   scatter=False, cols=None, base=None):  # fmt: skip
+    """``_grouped_linear_kernel`` of ``w`` ``[E, out, in]`` (any strides) into ``y``; ``base``:
+    the rows' ``x W^T``, already made."""
     bm, bn, bk, warps, stages = _blocks()
     bn = cols or bn
     n_out, k_in = w.shape[1], w.shape[2]
@@ -372,11 +411,13 @@ def _launch_linear(x, sched, w, y, *, gather, bias=None, lora=None, xa=None, row
     grid = (sched.block_expert.numel(), triton.cdiv(n_out, bn))
     _grouped_linear_kernel[grid](
         x, sched.token, y, sched.order, w, w if bias is None else bias, b,
-        y if xa is None else xa, y if row_scale is None else row_scale, sched.block_expert,
-        sched.block_start, sched.end, n_out, k_in, r, scale, x.stride(0), y.stride(0),
+        y if xa is None else xa, y if row_scale is None else row_scale,
+        y if base is None else base, sched.block_expert, sched.block_start, sched.end, n_out,
+        k_in, r, scale, x.stride(0), y.stride(0), 0 if base is None else base.stride(0),
         *w.stride(), 0 if bias is None else bias.stride(0), *b.stride(),
         GATHER=gather, HAS_BIAS=bias is not None, HAS_LORA=lora is not None,
-        ROW_SCALE=row_scale is not None, SCATTER=scatter, RP=_rank_block(r), BM=bm, BN=bn,
+        ROW_SCALE=row_scale is not None, SCATTER=scatter, BASE=base is not None,
+        RP=_rank_block(r), BM=bm, BN=bn,
         BK=bk, PREC=_prec(x.dtype), LOWP=_lowp(x, w), num_warps=warps, num_stages=stages,
     )  # fmt: skip
     return y
@@ -393,18 +434,21 @@ def _lora_rows(x, sched, adapter, *, gather):
 
 
 def _linear(x, sched, layer, *, gather, transpose=False, row_scale=None, xa=None, out_dtype,
-            per_token=False):  # fmt: skip
+            per_token=False, grouped_mm=False):  # fmt: skip
     """``[N, out]`` grouped linear over the sorted rows: ``layer`` applied to ``x[token]``
     (``gather``) or to ``x``'s own rows; ``transpose`` applies ``x W_e`` (and the
     transposed adapter) instead, for backward. ``xa``: the rows' ``x A^T`` (of the
     transposed adapter with ``transpose``), from :func:`_lora_rows`, when there is one.
     ``per_token``: the rows summed per token instead, ``[T, out]`` fp32 (each sorted row
-    stored at its (token, choice) place, then the ``k`` of a token added in one pass)."""
+    stored at its (token, choice) place, then the ``k`` of a token added in one pass).
+    ``grouped_mm``: the base product through torch's grouped GEMM, the rest after it."""
     w = layer.weight.transpose(1, 2) if transpose else layer.weight
     lora = _adapter(layer, transpose)
+    base = _grouped_mm_base(x, sched, w, gather=gather) if grouped_mm else None
     y = torch.empty(sched.rows, w.shape[1], device=x.device, dtype=out_dtype)
     _launch_linear(x, sched, w, y, gather=gather, bias=None if transpose else layer.bias,
-                   lora=lora, xa=xa, row_scale=row_scale, scatter=per_token)  # fmt: skip
+                   lora=lora, xa=xa, row_scale=row_scale, scatter=per_token,
+                   base=base)  # fmt: skip
     if per_token:
         return y.view(sched.tokens, -1, w.shape[1]).sum(1, dtype=torch.float32)
     return y
@@ -447,22 +491,26 @@ def _grads_of(layer, left, right, lora_left, lora_right, sched, needs, **gather)
     return grads
 
 
-def _gate_up(x, sched, layer, act, layout, alpha, limit, xa):
+def _gate_up(x, sched, layer, act, layout, alpha, limit, xa, grouped_mm=False):
     """``(gate, up, h)`` of the sorted rows: gate_up's GEMM with the activation fused; ``xa``
-    the rows' ``x A^T`` when there is an adapter."""
+    the rows' ``x A^T`` when there is an adapter; ``grouped_mm``: the base product through
+    torch's grouped GEMM, the adapter, bias and activation after it."""
     bm, bn, bk, warps, stages = _blocks()
     inter = layer.weight.shape[1] // 2
     up_offset, pair_stride = (inter, 1) if layout == "halves" else (1, 2)
     gate, up, h = (torch.empty(sched.rows, inter, device=x.device, dtype=x.dtype) for _ in range(3))
     _, b, r, scale = _adapter(layer, False) or (None, layer.weight, 1, 0.0)
     bias = layer.bias
+    base = _grouped_mm_base(x, sched, layer.weight, gather=True) if grouped_mm else None
     grid = (sched.block_expert.numel(), triton.cdiv(inter, bn))
     _gate_up_kernel[grid](
         x, sched.token, gate, up, h, layer.weight, h if bias is None else bias, b,
-        h if xa is None else xa, sched.block_expert, sched.block_start, sched.end, inter,
-        x.shape[1], r, scale, alpha, limit, x.stride(0), *layer.weight.stride(),
+        h if xa is None else xa, h if base is None else base, sched.block_expert,
+        sched.block_start, sched.end, inter, x.shape[1], r, scale, alpha, limit, x.stride(0),
+        0 if base is None else base.stride(0), *layer.weight.stride(),
         0 if bias is None else bias.stride(0), *b.stride(), up_offset, pair_stride,
         ACT=_ACTIVATIONS[act], HAS_BIAS=bias is not None, HAS_LORA=layer.has_lora,
+        BASE=base is not None,
         RP=_rank_block(r), BM=bm, BN=bn, BK=bk, PREC=_prec(x.dtype),
         LOWP=_lowp(x, layer.weight), num_warps=warps, num_stages=stages,
     )  # fmt: skip
@@ -491,13 +539,14 @@ class _MoEExperts(torch.autograd.Function):
         gate_up, down, act, layout, alpha, limit = cfg
         sched = _Schedule(top_k_index, w1.shape[0], _blocks()[0])
         w_rows = top_k_weights.reshape(-1)[sched.order].contiguous()
+        mm = _grouped_mm_wanted(x, w1, w2)
         xa1 = _lora_rows(x, sched, _adapter(gate_up, False), gather=True)
-        gate, up, h = _gate_up(x, sched, gate_up, act, layout, alpha, limit, xa1)
+        gate, up, h = _gate_up(x, sched, gate_up, act, layout, alpha, limit, xa1, mm)
         xa2 = _lora_rows(h, sched, _adapter(down, False), gather=False)
         out = _linear(h, sched, down, gather=False, row_scale=w_rows, xa=xa2,
-                      out_dtype=torch.float32, per_token=True)  # fmt: skip
+                      out_dtype=torch.float32, per_token=True, grouped_mm=mm)  # fmt: skip
         del h
-        ctx.sched, ctx.cfg = sched, cfg
+        ctx.sched, ctx.cfg, ctx.grouped_mm = sched, cfg, mm
         ctx.weights_shape, ctx.weights_dtype = top_k_weights.shape, top_k_weights.dtype
         ctx.save_for_backward(x, w_rows, gate, up, xa1, xa2)
         return out.to(x.dtype)
@@ -510,7 +559,9 @@ class _MoEExperts(torch.autograd.Function):
         g = grad.contiguous()
         # dH' = g W2 + s (g B2) A2 per row (unweighted); g B2 kept for dA2.
         gb2 = _lora_rows(g, sched, _adapter(down, True), gather=True)
-        dh = _linear(g, sched, down, gather=True, transpose=True, xa=gb2, out_dtype=torch.float32)
+        mm = ctx.grouped_mm
+        dh = _linear(g, sched, down, gather=True, transpose=True, xa=gb2, out_dtype=torch.float32,
+                     grouped_mm=mm)  # fmt: skip
         d_gu, hw, dw_rows = _act_backward(gate, up, dh, w_rows, act, layout, alpha, limit)
         del dh
         d_weights = None
@@ -527,7 +578,8 @@ class _MoEExperts(torch.autograd.Function):
         dx = None
         if needs[0]:
             dx = _linear(d_gu, sched, gate_up, gather=False, transpose=True, xa=dgb1,
-                         out_dtype=torch.float32, per_token=True).to(x.dtype)  # fmt: skip
+                         out_dtype=torch.float32, per_token=True, grouped_mm=mm)  # fmt: skip
+            dx = dx.to(x.dtype)
         g1 = _grads_of(gate_up, d_gu, x, dgb1, xa1, sched, needs[3:7], gather_right=True)
         if needs[4]:
             g1[1] = _segment_sum(d_gu.float(), sched, gate_up.bias)
