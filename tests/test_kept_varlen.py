@@ -209,6 +209,24 @@ def test_shared_prompt_segments_recompute_no_attention_forward(make_tiny_model, 
     assert_same_grads(got, want)
 
 
+def test_split_shared_rows_recompute_no_attention_forward(make_tiny_model, monkeypatch, counts):
+    """``SLOTH_SHARED_ATTENTION=split``: a pair's row as two whole causal sequences, each
+    kept in the first pass (two per layer, in call order) and replayed in the recompute:
+    the gradients of no checkpointing, and no varlen kernel at all."""
+    monkeypatch.setenv("SLOTH_SHARED_ATTENTION", "split")
+    seed = fresh_seed()
+    before = collections.Counter(attention.ATTENTION_PATHS)
+    want, layers = _shared_grads(make_tiny_model, monkeypatch, None, seed)
+    assert attention.ATTENTION_PATHS["shared_split"] - before["shared_split"] == 2 * layers
+    assert attention.ATTENTION_PATHS["kept"] == before["kept"]  # nothing kept unasked
+    kept = attention.ATTENTION_PATHS["kept"]
+    got, _ = _shared_grads(make_tiny_model, monkeypatch, offloaded_checkpoint, seed)
+    # 2 steps x layers x (first pass + recompute) x (the first tails' call + the later's)
+    assert attention.ATTENTION_PATHS["kept"] - kept == 2 * layers * 2 * 2
+    assert not counts, counts
+    assert_same_grads(got, want)
+
+
 def test_grouped_keys_go_to_the_kernel_as_they_are_where_it_takes_them(counts, monkeypatch):
     """No ``enable_gqa`` in the signature: a kernel that takes fewer key heads gets them
     without copies; one that refuses them gets the heads repeated (the probe decides)."""

@@ -422,6 +422,65 @@ def _segments_against_mask(monkeypatch, rows, seed):
         torch.testing.assert_close(got, want, msg=f"seed={seed}")
 
 
+def _split_against_mask(monkeypatch, rows, seed):
+    """``SLOTH_SHARED_ATTENTION=split``: the rows as whole causal sequences (the later tails
+    behind their prefix again) give the masked SDPA's outputs and gradients on every real
+    token."""
+    gen = torch.Generator().manual_seed(seed)
+    batch, length = len(rows.shared), rows.length
+    inputs = [torch.randn(batch, h, length, 8, generator=gen, dtype=torch.float64,
+                          requires_grad=True) for h in (4, 2, 2)]  # fmt: skip
+    weights = torch.randn(batch, length, 4, 8, generator=gen, dtype=torch.float64)
+    real = (rows.branch != -1)[..., None, None]
+    outs = []
+    for split in (False, True):
+        with monkeypatch.context() as patch:
+            if split:
+                patch.setenv("SLOTH_SHARED_ATTENTION", "split")
+                patch.setattr(attention, "_varlen_usable", lambda query, dropout: True)
+            before = attention.ATTENTION_PATHS["shared_split"]
+            out, _ = attention.sloth_attention(torch.nn.Module(), *inputs, None, scaling=0.4,
+                                               **{SHARED_PROMPT_KWARG: rows})  # fmt: skip
+            assert attention.ATTENTION_PATHS["shared_split"] == before + split
+            grads = torch.autograd.grad((out * weights * real).sum(), inputs)
+            outs.append((out * real, grads))
+    (masked, masked_grads), (split_out, split_grads) = outs
+    torch.testing.assert_close(split_out, masked, msg=f"seed={seed}")
+    for got, want in zip(split_grads, masked_grads, strict=True):
+        torch.testing.assert_close(got, want, msg=f"seed={seed}")
+
+
+def test_split_sequences_equal_the_mask_on_random_pairs(monkeypatch):
+    """Pairs (one later tail each), a padding example among them: as whole causal sequences
+    they give what the mask gives."""
+    seed = fresh_seed()
+    rng = torch.Generator().manual_seed(seed)
+    spec = [tuple(int(x) for x in torch.randint(1, 9, (3,), generator=rng)) for _ in range(4)]
+    spec.insert(int(torch.randint(0, 5, (1,), generator=rng)), (0, 0, 0))
+    ids, mask, labels = _pairs(spec, vocab=40, seed=seed)
+    *_, rows = pack_pairs(ids, mask, labels)
+    _split_against_mask(monkeypatch, rows, seed)
+
+
+def test_split_sequences_equal_the_mask_for_groups(monkeypatch):
+    """Groups of three tails of different lengths: every later tail its own sequence."""
+    from sloth_core.patches.shared_prompt import pack_groups
+
+    seed = fresh_seed()
+    ids, mask, labels, width = _groups([7, 2, 5], [4, 1, 6, 3, 3, 2, 5, 1, 4], 3, vocab=30,
+                                       seed=seed)  # fmt: skip
+    *_, rows = pack_groups(ids, mask, labels, 3, prompt_width=width)
+    first, (gather, out_index, src_index) = rows.split
+    assert gather.shape[0] == 6 and out_index.shape == src_index.shape  # two later tails a row
+    _split_against_mask(monkeypatch, rows, seed)
+
+
+def test_shared_attention_mode_names_the_setting(monkeypatch):
+    monkeypatch.setenv("SLOTH_SHARED_ATTENTION", "flash")
+    with pytest.raises(ValueError, match="SLOTH_SHARED_ATTENTION='flash'"):
+        attention.shared_attention_mode()
+
+
 def test_varlen_segments_equal_the_mask_on_random_pairs(monkeypatch):
     """Random pairs, a padding example (no token) among them, some sharing a one-token
     prompt (nothing shared): segments and mask agree on every real token."""

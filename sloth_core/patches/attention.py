@@ -13,6 +13,7 @@ import collections
 import functools
 import inspect
 import math
+import os
 import sys
 import warnings
 from collections.abc import Callable
@@ -297,6 +298,56 @@ def _shared_varlen(query, key, value, rows: SharedPromptRows, scaling: float | N
     return None if out is None else out.reshape(batch, length, heads, -1)
 
 
+def _shared_split(query, key, value, rows: SharedPromptRows, scaling: float | None,
+                  module: Any = None) -> torch.Tensor:  # fmt: skip
+    """A shared-prompt row's attention as whole causal sequences (:attr:`SharedPromptRows.split`):
+    the rows' first ``first`` tokens as they lie, then each later tail behind its prefix
+    again, both through SDPA's own fused kernels (cuDNN on Hopper) without a mask, kept
+    for the recompute as any maskless attention is. ``[B, S, Hq, D]``."""
+    batch, heads, length, _ = query.shape
+    first, later = rows.split
+    out = _causal_attention(module, query[:, :, :first], key[:, :, :first],
+                            value[:, :, :first], scaling).transpose(1, 2)  # fmt: skip
+    if first < length:
+        out = torch.cat([out, out.new_zeros(batch, length - first, *out.shape[2:])], 1)
+    if later is None:
+        return out.contiguous()
+    gather, out_index, src_index = later
+
+    def sequences(t: torch.Tensor) -> torch.Tensor:  # [B, H, L, D] -> [M, H, width, D]
+        flat = t.transpose(1, 2).reshape(batch * length, t.shape[1], t.shape[-1])
+        return flat[gather].transpose(1, 2)
+
+    tails = _causal_attention(module, sequences(query), sequences(key), sequences(value),
+                              scaling).transpose(1, 2)  # fmt: skip
+    tails = tails.reshape(-1, heads, tails.shape[-1]).index_select(0, src_index)
+    flat = out.reshape(batch * length, heads, out.shape[-1]).index_copy(0, out_index, tails)
+    return flat.reshape(out.shape)
+
+
+def _causal_attention(module, q, k, v, scaling: float | None) -> torch.Tensor:
+    """Causal attention ``[B, Hq, S, D]`` without a mask: kept for an offloaded layer's
+    recompute where it applies (the calls of one layer are kept in call order)."""
+    out = attend_kept(module, q, k, v, causal=True, scaling=scaling)
+    if out is not None:
+        ATTENTION_PATHS["kept"] += 1
+        return out
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling,
+                                          enable_gqa=q.shape[1] != k.shape[1])  # fmt: skip
+
+
+def shared_attention_mode() -> str:
+    """How a shared-prompt row's attention runs on a GPU in half precision:
+    ``SLOTH_SHARED_ATTENTION=varlen`` (the default: flash attention 2's varlen segments,
+    the prefix's queries once) or ``split`` (whole causal sequences on SDPA's fused
+    kernels, cuDNN on Hopper: the prefix's queries again per later tail, on faster
+    kernels; see :func:`_shared_split`)."""
+    mode = os.environ.get("SLOTH_SHARED_ATTENTION", "varlen")
+    if mode not in ("varlen", "split"):
+        raise ValueError(f"SLOTH_SHARED_ATTENTION={mode!r}: varlen or split")
+    return mode
+
+
 @functools.cache
 def _aligned_to_last_key(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether ``varlen_attn``'s causal mask, in a cut with more keys than queries, is
@@ -536,7 +587,9 @@ def sloth_attention(
     (:data:`DECODE_GQA_KWARG`) go through :func:`decode_gqa`, which copies nothing.
     A preference pair in one row (``sloth_shared_prompt=``, :mod:`.shared_prompt`) takes
     that row's mask instead of the model's: on CUDA in half precision through
-    ``varlen_attn`` over gathered segments, otherwise through the paths above with it.
+    ``varlen_attn`` over gathered segments (or, with ``SLOTH_SHARED_ATTENTION=split``, as
+    whole causal sequences through SDPA's fused kernels: :func:`_shared_split`), otherwise
+    through the paths above with it.
     Without a mask or dropout, an offloaded checkpoint's first pass keeps the output and
     log-sum-exp and its recompute runs no attention forward
     (:func:`~sloth_core.patches.kept_attention.attend_kept`).
@@ -568,6 +621,9 @@ def sloth_attention(
         # Chosen and rejected in one row (shared_prompt): its own mask replaces the model's
         # causal + padding one (its padding is at the ends, after every real token).
         if fast and _varlen_usable(query, dropout):
+            if shared_attention_mode() == "split":
+                ATTENTION_PATHS["shared_split"] += 1
+                return _shared_split(query, key, value, shared, scaling, module), None
             out = _shared_varlen(query, key, value, shared, scaling, module)
             if out is not None:
                 ATTENTION_PATHS["shared_prompt"] += 1

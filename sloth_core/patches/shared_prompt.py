@@ -83,6 +83,42 @@ class SharedPromptRows:
         return self.mask & (distance < window)[:, None]
 
     @cached_property
+    def split(self) -> tuple[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None]:
+        """``(first, later)``: the rows as whole causal sequences, for kernels whose causal
+        mask is aligned to the first key (cuDNN's, through SDPA).
+
+        Each row's first ``first`` tokens (the longest prefix with its first tail) are one
+        causal sequence as they lie: a prefix or first-tail query sees only what precedes
+        it in its own row. Each later tail becomes a sequence of its own, the prefix and
+        then the tail, gathered from the flattened ``[B * L]`` tokens: ``later`` is
+        ``(gather [M, width], out_index, src_index)``, the tail tokens' places in the
+        flattened rows and in the flattened ``[M * width]`` sequences (None without later
+        tails). A sequence shorter than ``width`` repeats its last token: those keys come
+        after every real query and causal masking leaves them out. The prefix's queries
+        run again in each later sequence (the work of the rows apart, where the varlen
+        segments spare it); the projections stay shared."""
+        firsts, sequences, out_index, src_index = [1], [], [], []
+        for row, (s, tails) in enumerate(zip(self.shared, self.tails, strict=True)):
+            base = row * self.length
+            firsts.append(s + (tails[0] if tails else 0))
+            start = base + s + (tails[0] if tails else 0)
+            for n in tails[1:]:
+                if n:
+                    sequences.append(torch.cat([torch.arange(base, base + s),
+                                                torch.arange(start, start + n)]))  # fmt: skip
+                    out_index.append(torch.arange(start, start + n))
+                    src_index.append((len(sequences) - 1, s, n))
+                start += n
+        if not sequences:
+            return max(firsts), None
+        width = max(len(seq) for seq in sequences)
+        gather = torch.stack([torch.cat([seq, seq[-1:].expand(width - len(seq))])
+                              for seq in sequences])  # fmt: skip
+        src = torch.cat([torch.arange(m * width + s, m * width + s + n) for m, s, n in src_index])
+        later = tuple(t.to(self.device) for t in (gather, torch.cat(out_index), src))
+        return max(firsts), later  # type: ignore[return-value]
+
+    @cached_property
     def varlen(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int, int]:
         """``(kv_gather, cu_q, cu_k, max_q, max_k)`` for the flash varlen kernels.
 
