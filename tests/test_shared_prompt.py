@@ -394,9 +394,10 @@ def test_grpo_shares_the_prompt_unless_told_not_to(make_tiny_model, tmp_path, mo
     assert losses[True] == pytest.approx(losses[False], rel=1e-4, abs=1e-6)
 
 
-def _segments_against_mask(monkeypatch, rows, seed):
-    """``sloth_attention`` on ``rows`` through the (reference) varlen segments and through
-    SDPA with the rows' mask: outputs and gradients on every real token."""
+def _path_against_mask(monkeypatch, rows, seed, path: str, enable) -> None:
+    """``sloth_attention`` on ``rows`` through SDPA with the rows' mask, then with
+    ``enable(patch)`` through the path counted as ``path``: outputs and gradients on every
+    real token agree."""
     gen = torch.Generator().manual_seed(seed)
     shape = (len(rows.shared), rows.length)
     inputs = [torch.randn(shape[0], h, shape[1], 8, generator=gen, dtype=torch.float64,
@@ -404,50 +405,42 @@ def _segments_against_mask(monkeypatch, rows, seed):
     weights = torch.randn(shape[0], shape[1], 4, 8, generator=gen, dtype=torch.float64)
     real = (rows.branch != -1)[..., None, None]
     outs = []
-    for varlen in (False, True):
+    for on in (False, True):
         with monkeypatch.context() as patch:
-            if varlen:
-                patch.setattr(attention, "_varlen_attn", _reference_varlen)
-                patch.setattr(attention, "_VARLEN_PARAMS", {"window_size", "scale", "enable_gqa"})
-                patch.setattr(attention, "_varlen_usable", lambda query, dropout: True)
-            before = attention.ATTENTION_PATHS["shared_prompt"]
+            if on:
+                enable(patch)
+            before = attention.ATTENTION_PATHS[path]
             out, _ = attention.sloth_attention(torch.nn.Module(), *inputs, None, scaling=0.4,
                                                **{SHARED_PROMPT_KWARG: rows})  # fmt: skip
-            assert attention.ATTENTION_PATHS["shared_prompt"] == before + varlen
+            assert attention.ATTENTION_PATHS[path] == before + on
             grads = torch.autograd.grad((out * weights * real).sum(), inputs)
             outs.append((out * real, grads))
-    (masked, masked_grads), (segments, segment_grads) = outs
-    torch.testing.assert_close(segments, masked, msg=f"seed={seed}")
-    for got, want in zip(segment_grads, masked_grads, strict=True):
+    (masked, masked_grads), (other, other_grads) = outs
+    torch.testing.assert_close(other, masked, msg=f"seed={seed}")
+    for got, want in zip(other_grads, masked_grads, strict=True):
         torch.testing.assert_close(got, want, msg=f"seed={seed}")
+
+
+def _segments_against_mask(monkeypatch, rows, seed):
+    """The (reference) varlen segments against SDPA with the rows' mask."""
+
+    def enable(patch):
+        patch.setattr(attention, "_varlen_attn", _reference_varlen)
+        patch.setattr(attention, "_VARLEN_PARAMS", {"window_size", "scale", "enable_gqa"})
+        patch.setattr(attention, "_varlen_usable", lambda query, dropout: True)
+
+    _path_against_mask(monkeypatch, rows, seed, "shared_prompt", enable)
 
 
 def _split_against_mask(monkeypatch, rows, seed):
     """``SLOTH_SHARED_ATTENTION=split``: the rows as whole causal sequences (the later tails
-    behind their prefix again) give the masked SDPA's outputs and gradients on every real
-    token."""
-    gen = torch.Generator().manual_seed(seed)
-    batch, length = len(rows.shared), rows.length
-    inputs = [torch.randn(batch, h, length, 8, generator=gen, dtype=torch.float64,
-                          requires_grad=True) for h in (4, 2, 2)]  # fmt: skip
-    weights = torch.randn(batch, length, 4, 8, generator=gen, dtype=torch.float64)
-    real = (rows.branch != -1)[..., None, None]
-    outs = []
-    for split in (False, True):
-        with monkeypatch.context() as patch:
-            if split:
-                patch.setenv("SLOTH_SHARED_ATTENTION", "split")
-                patch.setattr(attention, "_varlen_usable", lambda query, dropout: True)
-            before = attention.ATTENTION_PATHS["shared_split"]
-            out, _ = attention.sloth_attention(torch.nn.Module(), *inputs, None, scaling=0.4,
-                                               **{SHARED_PROMPT_KWARG: rows})  # fmt: skip
-            assert attention.ATTENTION_PATHS["shared_split"] == before + split
-            grads = torch.autograd.grad((out * weights * real).sum(), inputs)
-            outs.append((out * real, grads))
-    (masked, masked_grads), (split_out, split_grads) = outs
-    torch.testing.assert_close(split_out, masked, msg=f"seed={seed}")
-    for got, want in zip(split_grads, masked_grads, strict=True):
-        torch.testing.assert_close(got, want, msg=f"seed={seed}")
+    behind their prefix again) against SDPA with the rows' mask."""
+
+    def enable(patch):
+        patch.setenv("SLOTH_SHARED_ATTENTION", "split")
+        patch.setattr(attention, "_varlen_usable", lambda query, dropout: True)
+
+    _path_against_mask(monkeypatch, rows, seed, "shared_split", enable)
 
 
 def test_split_sequences_equal_the_mask_on_random_pairs(monkeypatch):
