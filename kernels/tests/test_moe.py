@@ -49,9 +49,12 @@ def _layer(experts, out_f, in_f, *, r, bias, transposed, frozen):
 MOE_LOWP_FACTOR = LOWP_FACTOR if HAS_CUDA else 6.0
 
 
-def _problem(kind, lora, tokens=(2, 9), ranks=(1, 5), align=1):
+def _problem(kind, lora, tokens=(2, 9), ranks=(1, 5), align=1, sizes=None):
+    """A random problem; ``sizes``: ``(tokens, hidden, inter, top_k, extra experts, r)``
+    fixed instead of drawn (the values still are)."""
     bounds = (tokens, (5, 40), (3, 30), (1, 3), (0, 2), ranks)
-    seed, (tokens, hidden, inter, top_k, extra, r) = draw(*bounds)
+    seed, drawn = draw(*bounds)
+    tokens, hidden, inter, top_k, extra, r = sizes or drawn
     # ``align``: sizes rounded up to a multiple (CUDA's grouped GEMM takes 16-byte rows).
     hidden, inter = (-(-n // align) * align for n in (hidden, inter))
     activation, layout, bias, transposed = {**KINDS, **MIXED}[kind]
@@ -75,14 +78,20 @@ def _run(fn, args, kwargs, inputs, upstream=None):
     return out, torch.autograd.grad(out, inputs, upstream), upstream
 
 
-def _cast(args, inputs, dtype):
-    """The same problem with every float leaf cast to ``dtype`` (fresh leaves)."""
-    mapping = {id(t): t.detach().to(dtype).requires_grad_() for t in inputs}
+def _cast(args, inputs, dtype, lora_dtype=None):
+    """The same problem with every float leaf cast to ``dtype`` (fresh leaves), the adapters
+    to ``lora_dtype`` where given (PEFT keeps them in fp32 beside bf16 weights)."""
+    wanted = {id(t) for t in inputs}
+    mapping: dict[int, torch.Tensor] = {}
 
-    def conv(t):
+    def conv(t, to=dtype):
         if t is None or not t.is_floating_point():
             return t
-        return mapping.get(id(t), t.detach().to(dtype))
+        if id(t) not in wanted:  # a frozen tensor (or a passing view: ids are reused)
+            return t.detach().to(to)
+        if id(t) not in mapping:
+            mapping[id(t)] = t.detach().to(to).requires_grad_()
+        return mapping[id(t)]
 
     def conv_layer(layer):
         weight = layer.weight
@@ -91,8 +100,8 @@ def _cast(args, inputs, dtype):
         return ExpertLinear(
             new_base.transpose(1, 2) if base is not weight else new_base,
             conv(layer.bias),
-            conv(layer.lora_A),
-            conv(layer.lora_B),
+            conv(layer.lora_A, lora_dtype or dtype),
+            conv(layer.lora_B, lora_dtype or dtype),
             layer.scaling,
         )
 
@@ -138,37 +147,33 @@ def test_moe_experts_through_grouped_mm_fp32(kind, monkeypatch):
         assert_close(g, ref, torch.float32, scale=4, what=f"{what} grad {i}")
 
 
-@pytest.mark.parametrize("gemm", ["triton", "grouped_mm"])
-@pytest.mark.parametrize("kind", list(KINDS))
-def test_moe_experts_bf16_within_rounding_of_fp32(kind, gemm, monkeypatch):
-    calls = _grouped_mm_calls(monkeypatch, gemm)
-    # Enough tokens that a tensor's relative error is not one or two elements' rounding,
-    # and rank >= 2: at rank 1 every element of an expert's lora_B gradient shares the
-    # rounding of one x A^T column, so its error is a handful of rounding events, and the
-    # interpreter's truncation (CPU) put it past 4x torch's in about 1 run in 20.
-    args32, kwargs, inputs32, what = _problem(kind, True, tokens=(12, 16), ranks=(2, 5), align=8)
+def _within_rounding_of_fp32(problem, lora_dtype=None):
+    """The kernels in bf16 (the adapters in ``lora_dtype`` where given) against the
+    reference in fp32 on the same rounded values: within ``MOE_LOWP_FACTOR`` of the error the
+    reference itself makes in those dtypes, forward and every gradient."""
+    args32, kwargs, inputs32, what = problem
     # gpt-oss's own clamp (7): at the test's 1.5 many pre-activations sit by the kink, where
     # rounding alone decides whether a gradient passes (the fp32 tests cover the clamp).
     kwargs["limit"] = 7.0
-    args32, inputs32 = _cast(args32, inputs32, torch.bfloat16)  # rounded inputs ...
+    args32, inputs32 = _cast(args32, inputs32, torch.bfloat16, lora_dtype)  # rounded ...
     args32, inputs32 = _cast(args32, inputs32, torch.float32)  # ... held in fp32: the truth
-    args16, inputs16 = _cast(args32, inputs32, torch.bfloat16)
+    args16, inputs16 = _cast(args32, inputs32, torch.bfloat16, lora_dtype)
     expected, expected_grads, upstream = _run(reference.moe_experts, args32, kwargs, inputs32)
     up16 = upstream.to(torch.bfloat16)
     base, base_grads, _ = _run(reference.moe_experts, args16, kwargs, inputs16, up16)
-    args16, inputs16 = _cast(args16, inputs16, torch.bfloat16)
+    args16, inputs16 = _cast(args16, inputs16, torch.bfloat16, lora_dtype)
     out, grads, _ = _run(moe_experts, args16, kwargs, inputs16, up16)
     assert out.dtype == torch.bfloat16
-    assert len(calls) == (4 if gemm == "grouped_mm" else 0)
     checks = zip(
         ["forward", *range(len(grads))],
         [out, *grads],
         [expected, *expected_grads],
         [base, *base_grads],
+        [out, *inputs16],
         strict=True,
     )
-    for label, actual, truth, baseline in checks:
-        assert actual.dtype == torch.bfloat16
+    for label, actual, truth, baseline, leaf in checks:
+        assert actual.dtype == leaf.dtype
         assert_near_fp32(
             actual,
             truth,
@@ -178,6 +183,31 @@ def test_moe_experts_bf16_within_rounding_of_fp32(kind, gemm, monkeypatch):
             rows=False,
             what=f"{what} bf16 {label}",
         )
+
+
+@pytest.mark.parametrize("gemm", ["triton", "grouped_mm"])
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_moe_experts_bf16_within_rounding_of_fp32(kind, gemm, monkeypatch):
+    calls = _grouped_mm_calls(monkeypatch, gemm)
+    # Enough tokens that a tensor's relative error is not one or two elements' rounding,
+    # and rank >= 2: at rank 1 every element of an expert's lora_B gradient shares the
+    # rounding of one x A^T column, so its error is a handful of rounding events, and the
+    # interpreter's truncation (CPU) put it past 4x torch's in about 1 run in 20.
+    _within_rounding_of_fp32(_problem(kind, True, tokens=(12, 16), ranks=(2, 5), align=8))
+    assert len(calls) == (4 if gemm == "grouped_mm" else 0)
+
+
+@pytest.mark.parametrize("gemm", ["triton", "grouped_mm"])
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_moe_experts_bf16_weights_fp32_adapters(kind, gemm, monkeypatch):
+    """bf16 weights with fp32 adapters (PEFT's layout: the 16-bit GEMMs beside the fp32
+    adapter products). On a GPU at sizes of many tiles and row blocks (512 tokens, hidden
+    256, expert intermediate 192, 16 experts, top 4, rank 8); in the interpreter smaller."""
+    calls = _grouped_mm_calls(monkeypatch, gemm)
+    sizes = (512, 256, 192, 4, 9, 8) if HAS_CUDA else (48, 64, 32, 2, 3, 4)
+    problem = _problem(kind, True, sizes=sizes)
+    _within_rounding_of_fp32(problem, lora_dtype=torch.float32)
+    assert len(calls) == (4 if gemm == "grouped_mm" else 0)
 
 
 @pytest.mark.parametrize("kind", [*KINDS, *MIXED])
