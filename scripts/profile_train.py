@@ -1,7 +1,7 @@
 """Where a LoRA training step's time goes, per system (GPU only).
 
     python3 scripts/profile_train.py [--shape llama-8b] [--systems sloth,hf] [--seq 2048]
-                                     [--batch 4] [--rows 30] > profile.txt
+                                     [--batch 4] [--rows 30] [--quantization fp8] > profile.txt
 
 Loads each system as ``sloth bench train`` does (the shape's random-init model, written
 once under $SLOTH_CACHE), runs warm-up steps, times a few (wall clock between
@@ -40,11 +40,13 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=2048)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--rows", type=int, default=30)
+    # sloth's base weights so (fp8: the fp8 row; hf stays bf16 there, as in the bench)
+    parser.add_argument("--quantization", choices=("nf4", "fp8"), default=None)
     args = parser.parse_args()
     cache = Path(os.environ.get("SLOTH_CACHE", Path.home() / ".cache" / "sloth"))
     model_dir = make_model(args.shape, cache / "bench-models" / args.shape, device="cuda")
     for system in args.systems.split(","):
-        model, _ = _load(system, model_dir, "cuda")
+        model, _ = _load(system, model_dir, "cuda", args.quantization)
         model.train()
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4)
         ids = torch.randint(0, model.config.vocab_size, (args.batch, args.seq), device="cuda")
@@ -64,7 +66,8 @@ def main() -> None:
         events = prof.key_averages()
         device_us = sum(e.self_device_time_total for e in events)
         print(
-            f"==== {system}: {args.shape} seq {args.seq} x batch {args.batch}: step "
+            f"==== {system}: {args.shape} {args.quantization or 'bf16'} seq {args.seq} x batch "
+            f"{args.batch}: step "
             f"{wall * 1000:.1f} ms wall, {device_us / 1000:.1f} ms device time (profiled "
             f"step), {args.seq * args.batch / wall:.0f} tokens/s, peak "
             f"{torch.cuda.max_memory_allocated() / 2**30:.2f} GiB"
