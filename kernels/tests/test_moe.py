@@ -222,6 +222,20 @@ def test_moe_experts_across_several_tiles(kind, monkeypatch):
         assert_close(g, ref, torch.float32, scale=4, what=f"{what} grad {i}")
 
 
+def test_moe_experts_rank_past_one_tile():
+    """Rank 80: the adapters' ``x A^T`` GEMM takes two column tiles of 64, and the
+    epilogues an adapter wider than every other dimension."""
+    args, kwargs, inputs, what = _problem("qwen3_moe", True, sizes=(10, 24, 16, 2, 2, 80))
+    with torch.no_grad():  # the adapters' outputs as large as at the other tests' ranks (5)
+        for layer in args[3:]:
+            layer.lora_B.mul_((5 / 80) ** 0.5)
+    out, grads, upstream = _run(moe_experts, args, kwargs, inputs)
+    ref_out, ref_grads, _ = _run(reference.moe_experts, args, kwargs, inputs, upstream)
+    assert_close(out, ref_out, torch.float32, what=f"{what} forward")
+    for i, (g, ref) in enumerate(zip(grads, ref_grads, strict=True)):
+        assert_close(g, ref, torch.float32, scale=4, what=f"{what} grad {i}")
+
+
 def test_schedule_covers_every_row_once():
     index, _ = uneven_routing(9, 8, 3)
     sched = moe._Schedule(index, 8, 4)

@@ -430,7 +430,9 @@ def _lora_rows(x, sched, adapter, *, gather):
         return None
     a, r = adapter[0], adapter[2]
     y = torch.empty(sched.rows, r, device=x.device, dtype=torch.float32)
-    return _launch_linear(x, sched, a, y, gather=gather, cols=_rank_block(r))
+    # Columns as many as the rank (16 at the least), at most 64 a tile: a rank-256 adapter's
+    # fp32 tiles would outgrow the shared memory in one.
+    return _launch_linear(x, sched, a, y, gather=gather, cols=min(_rank_block(r), 64))
 
 
 def _linear(x, sched, layer, *, gather, transpose=False, row_scale=None, xa=None, out_dtype,
