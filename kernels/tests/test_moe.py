@@ -236,6 +236,13 @@ def test_moe_experts_rank_past_one_tile():
         assert_close(g, ref, torch.float32, scale=4, what=f"{what} grad {i}")
 
 
+def test_an_unknown_gemm_choice_is_named(monkeypatch):
+    monkeypatch.setenv("SLOTH_MOE_GEMM", "cublas")
+    args, kwargs, _, _ = _problem("qwen3_moe", True)
+    with pytest.raises(ValueError, match="SLOTH_MOE_GEMM='cublas': triton or grouped_mm"):
+        moe_experts(*args, **kwargs)
+
+
 def test_schedule_covers_every_row_once():
     index, _ = uneven_routing(9, 8, 3)
     sched = moe._Schedule(index, 8, 4)

@@ -374,7 +374,10 @@ def _grouped_mm_wanted(x: torch.Tensor, *weights: torch.Tensor) -> bool:
     """Whether the base products go through ``torch._grouped_mm`` (CUTLASS's grouped GEMM on
     Hopper) rather than the Triton GEMMs: ``SLOTH_MOE_GEMM=grouped_mm`` asks for it, and it
     takes one dtype (bf16 on CUDA) and rows and columns of a multiple of 16 bytes."""
-    if os.environ.get("SLOTH_MOE_GEMM", "triton") != "grouped_mm":
+    choice = os.environ.get("SLOTH_MOE_GEMM", "triton")
+    if choice not in ("triton", "grouped_mm"):
+        raise ValueError(f"SLOTH_MOE_GEMM={choice!r}: triton or grouped_mm")
+    if choice == "triton":
         return False
     if not hasattr(torch, "_grouped_mm") or any(w.dtype != x.dtype for w in weights):
         return False
