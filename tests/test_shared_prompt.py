@@ -443,61 +443,47 @@ def _split_against_mask(monkeypatch, rows, seed):
     _path_against_mask(monkeypatch, rows, seed, "shared_split", enable)
 
 
-def test_split_sequences_equal_the_mask_on_random_pairs(monkeypatch):
-    """Pairs (one later tail each), a padding example among them: as whole causal sequences
-    they give what the mask gives."""
-    seed = fresh_seed()
-    rng = torch.Generator().manual_seed(seed)
-    spec = [tuple(int(x) for x in torch.randint(1, 9, (3,), generator=rng)) for _ in range(4)]
-    spec.insert(int(torch.randint(0, 5, (1,), generator=rng)), (0, 0, 0))
-    ids, mask, labels = _pairs(spec, vocab=40, seed=seed)
-    *_, rows = pack_pairs(ids, mask, labels)
-    _split_against_mask(monkeypatch, rows, seed)
-
-
-def test_split_sequences_equal_the_mask_for_groups(monkeypatch):
-    """Groups of three tails of different lengths: every later tail its own sequence."""
-    from sloth_core.patches.shared_prompt import pack_groups
-
-    seed = fresh_seed()
-    ids, mask, labels, width = _groups([7, 2, 5], [4, 1, 6, 3, 3, 2, 5, 1, 4], 3, vocab=30,
-                                       seed=seed)  # fmt: skip
-    *_, rows = pack_groups(ids, mask, labels, 3, prompt_width=width)
-    first, (gather, out_index, src_index) = rows.split
-    assert gather.shape[0] == 6 and out_index.shape == src_index.shape  # two later tails a row
-    _split_against_mask(monkeypatch, rows, seed)
-
-
 def test_shared_attention_mode_names_the_setting(monkeypatch):
     monkeypatch.setenv("SLOTH_SHARED_ATTENTION", "flash")
     with pytest.raises(ValueError, match="SLOTH_SHARED_ATTENTION='flash'"):
         attention.shared_attention_mode()
 
 
-def test_varlen_segments_equal_the_mask_on_random_pairs(monkeypatch):
+#: The shared rows' fast paths, each checked against SDPA with the rows' mask: the varlen
+#: segments, and the whole causal sequences of ``SLOTH_SHARED_ATTENTION=split``.
+AGAINST_MASK = pytest.mark.parametrize(
+    "against_mask", [_segments_against_mask, _split_against_mask], ids=["varlen", "split"]
+)
+
+
+@AGAINST_MASK
+def test_varlen_segments_equal_the_mask_on_random_pairs(monkeypatch, against_mask):
     """Random pairs, a padding example (no token) among them, some sharing a one-token
-    prompt (nothing shared): segments and mask agree on every real token."""
+    prompt (nothing shared): the path and the mask agree on every real token."""
     seed = fresh_seed()
     rng = torch.Generator().manual_seed(seed)
     spec = [tuple(int(x) for x in torch.randint(1, 9, (3,), generator=rng)) for _ in range(4)]
     spec.insert(int(torch.randint(0, 5, (1,), generator=rng)), (0, 0, 0))
     ids, mask, labels = _pairs(spec, vocab=40, seed=seed)
     *_, rows = pack_pairs(ids, mask, labels)
-    _segments_against_mask(monkeypatch, rows, seed)
+    against_mask(monkeypatch, rows, seed)
 
 
-def test_varlen_segments_equal_the_mask_for_groups(monkeypatch):
+@AGAINST_MASK
+def test_varlen_segments_equal_the_mask_for_groups(monkeypatch, against_mask):
     """Groups of three tails, left-padded prompts: the varlen segments (the prefix's keys
-    gathered again for each later tail) give the masked SDPA's outputs and gradients on
-    every real token."""
+    gathered again for each later tail), and the split's sequences (every later tail its
+    own), give the masked SDPA's outputs and gradients on every real token."""
     from sloth_core.patches.shared_prompt import pack_groups
 
     seed = fresh_seed()
     ids, mask, labels, width = _groups([7, 2, 5], [4, 1, 6, 3, 3, 2, 5, 1, 4], 3, vocab=30,
                                        seed=seed)  # fmt: skip
     *_, rows = pack_groups(ids, mask, labels, 3, prompt_width=width)
-    _segments_against_mask(monkeypatch, rows, seed)
+    against_mask(monkeypatch, rows, seed)
     assert rows.shared[1] == 1 and rows.tails[1] == [4, 4, 3]  # prompt 2: last token + completion
+    _, (gather, out_index, src_index) = rows.split
+    assert gather.shape[0] == 6 and out_index.shape == src_index.shape  # two later tails a row
 
 
 def test_a_batch_is_packed_once_for_the_policy_and_the_reference():

@@ -99,9 +99,9 @@ class SharedPromptRows:
         segments spare it); the projections stay shared."""
         firsts, sequences, out_index, src_index = [1], [], [], []
         for row, (s, tails) in enumerate(zip(self.shared, self.tails, strict=True)):
-            base = row * self.length
-            firsts.append(s + (tails[0] if tails else 0))
-            start = base + s + (tails[0] if tails else 0)
+            base, head = row * self.length, s + (tails[0] if tails else 0)
+            firsts.append(head)
+            start = base + head
             for n in tails[1:]:
                 if n:
                     sequences.append(torch.cat([torch.arange(base, base + s),

@@ -28,6 +28,7 @@ arithmetic is not to be trusted.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import os
 from typing import Any
@@ -354,7 +355,11 @@ class _Schedule:
         self.block_start = torch.where(valid, first, 0)
         self.rows = flat.numel()
         self.tokens = top_k_index.shape[0]
-        self.offs = self.end.to(torch.int32)  # torch._grouped_mm's group ends
+
+    @functools.cached_property
+    def offs(self) -> torch.Tensor:
+        """``[E]`` int32 group ends, as ``torch._grouped_mm`` takes them (its path only)."""
+        return self.end.to(torch.int32)
 
 
 def _adapter(layer: ExpertLinear, transpose: bool) -> tuple | None:
