@@ -5,6 +5,9 @@ files git does not track are listed; at the end, any new one fails the run, name
 write under ``tmp_path``; a distribution is installed from a copy (``_dists.py``), since
 setuptools builds in the source folder. This folder being a conftest's also puts it on
 ``sys.path``, so the test files import ``_dists`` by name.
+
+Each test also starts with the attention's varlen probes forgotten (see
+:func:`_fresh_varlen_probes`).
 """
 
 from __future__ import annotations
@@ -59,3 +62,19 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
 
 
 _BEFORE = pytest.StashKey[set[str] | None]()
+
+
+@pytest.fixture(autouse=True)
+def _fresh_varlen_probes():
+    """The varlen kernels' probes (their causal alignment, their own GQA) are answered
+    once per device and dtype, of whatever ``_varlen_attn`` was in place: tests swap in
+    kernels of their own, so each test probes its own afresh, and none leaves an answer
+    to the next."""
+    from sloth_core.patches import attention
+
+    probes = (attention._aligned_to_last_key, attention._native_gqa)
+    for probe in probes:
+        probe.cache_clear()
+    yield
+    for probe in probes:
+        probe.cache_clear()

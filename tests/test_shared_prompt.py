@@ -100,15 +100,6 @@ def _reference_varlen(q, k, v, cu_q, cu_k, max_q, max_k, *, window_size=None, sc
     return out
 
 
-@pytest.fixture(autouse=True)
-def _fresh_alignment_check():
-    """The varlen kernels' alignment is checked once per device and dtype: each test's
-    own (monkeypatched) kernels are checked afresh."""
-    attention._aligned_to_last_key.cache_clear()
-    yield
-    attention._aligned_to_last_key.cache_clear()
-
-
 def test_varlen_kernels_aligned_to_the_first_key_leave_shared_rows_to_the_mask(monkeypatch):
     """A ``varlen_attn`` whose causal mask starts at a cut's first key (not flash
     attention's convention) would let a tail's queries miss the prefix's last keys: the

@@ -281,9 +281,13 @@ def _fake_varlen(with_options):
 
 
 @pytest.mark.parametrize("with_options", [True, False], ids=["torch>=2.11", "torch-2.10-api"])
-def test_packed_varlen_path(manager, monkeypatch, with_options):
+def test_packed_varlen_path(manager, monkeypatch, with_options, request):
     # No GPU here: a CPU stand-in for varlen_attn checks what the path hands it and that
-    # its output goes back in transformers' layout.
+    # its output goes back in transformers' layout. The varlen probes answer for the
+    # stand-in: forgotten before and after, so that no other test inherits them.
+    for probe in (attention_patch._native_gqa, attention_patch._aligned_to_last_key):
+        probe.cache_clear()
+        request.addfinalizer(probe.cache_clear)
     fake, params = _fake_varlen(with_options)
     monkeypatch.setattr(attention_patch, "_varlen_attn", fake)
     monkeypatch.setattr(attention_patch, "_VARLEN_PARAMS", params)
