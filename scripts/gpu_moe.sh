@@ -2,7 +2,7 @@
 # The MoE row on a CUDA machine: the grouped-GEMM kernels' tests on CUDA, their tiles timed
 # (scripts/moe_tiles_gpu.py), then the qwen3-30b-a3b row of `sloth bench train --targets`
 # (sloth and hf + PEFT; the model, 57 GiB, under SLOTH_CACHE, /dev/shm by default).
-# Usage: [SKIP_TESTS=1] [SKIP_TILES=1] [SYSTEMS=sloth] [BATCH=2] bash scripts/gpu_moe.sh [OUT_DIR]
+# Usage: [SKIP_TESTS=1] [SKIP_TILES=1] [SKIP_ROW=1] [SYSTEMS=sloth] [BATCH=2] bash scripts/gpu_moe.sh [OUT_DIR]
 # SYSTEMS: `sloth bench train` on the shape with those systems instead of the targets row
 # (sloth alone where hf + PEFT cannot fit, as on an 80 GB H100 at batch 2; BATCH=1
 # SYSTEMS=sloth,hf may fit both there: a figure beside the row, not the row).
@@ -32,7 +32,9 @@ if [ -n "$best" ]; then
   export SLOTH_MOE_TILE=${best% *} SLOTH_MOE_GEMM=${best#* }
   echo "SLOTH_MOE_TILE=$SLOTH_MOE_TILE SLOTH_MOE_GEMM=$SLOTH_MOE_GEMM"
 fi
-if [ -n "${SYSTEMS:-}" ]; then
+if [ -n "${SKIP_ROW:-}" ]; then
+  :  # the tests and tiles alone: the row in a call of its own (SLOTH_MOE_TILE/GEMM set)
+elif [ -n "${SYSTEMS:-}" ]; then
   python3 -m sloth_core bench train --shape qwen3-30b-a3b --seq 2048 --batch "${BATCH:-2}" --steps 10 \
     --warmup 3 --systems "$SYSTEMS" --json "$out/moe.json" --markdown "$out/moe.md" \
     > "$out/moe.log" 2>&1
