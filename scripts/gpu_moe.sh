@@ -2,7 +2,8 @@
 # The MoE row on a CUDA machine: the grouped-GEMM kernels' tests on CUDA, their tiles timed
 # (scripts/moe_tiles_gpu.py), then the qwen3-30b-a3b row of `sloth bench train --targets`
 # (sloth and hf + PEFT; the model, 57 GiB, under SLOTH_CACHE, /dev/shm by default).
-# Usage: [SKIP_TESTS=1] [SKIP_TILES=1] [SKIP_ROW=1] [SYSTEMS=sloth] [BATCH=2] bash scripts/gpu_moe.sh [OUT_DIR]
+# MEMORY=1: then what the step's peak memory is made of (scripts/memory_peak_gpu.py, sloth).
+# Usage: [SKIP_TESTS=1] [SKIP_TILES=1] [SKIP_ROW=1] [MEMORY=1] [SYSTEMS=sloth] [BATCH=2] bash scripts/gpu_moe.sh [OUT_DIR]
 # SYSTEMS: `sloth bench train` on the shape with those systems instead of the targets row
 # (sloth alone where hf + PEFT cannot fit, as on an 80 GB H100 at batch 2; BATCH=1
 # SYSTEMS=sloth,hf may fit both there: a figure beside the row, not the row).
@@ -41,5 +42,10 @@ elif [ -n "${SYSTEMS:-}" ]; then
   tail -12 "$out/moe.log"
 else
   ROWS=moe bash "$(dirname "$0")/gpu_targets.sh" "$out"
+fi
+if [ -n "${MEMORY:-}" ]; then
+  timeout 300 python3 scripts/memory_peak_gpu.py --shape qwen3-30b-a3b --batch "${BATCH:-2}" \
+    > "$out/moe-memory.txt" 2>&1
+  echo "memory: rc=$?"; grep -A12 "^==== " "$out/moe-memory.txt" | cut -c1-160
 fi
 exit 0
