@@ -239,8 +239,29 @@ def test_moe_experts_rank_past_one_tile():
 def test_an_unknown_gemm_choice_is_named(monkeypatch):
     monkeypatch.setenv("SLOTH_MOE_GEMM", "cublas")
     args, kwargs, _, _ = _problem("qwen3_moe", True)
-    with pytest.raises(ValueError, match="SLOTH_MOE_GEMM='cublas': triton or grouped_mm"):
+    with pytest.raises(ValueError, match="SLOTH_MOE_GEMM='cublas': one of auto, triton, "):
         moe_experts(*args, **kwargs)
+
+
+@pytest.mark.parametrize("faster", [True, False])
+def test_auto_takes_the_grouped_gemm_where_it_is_faster(faster, monkeypatch):
+    """``SLOTH_MOE_GEMM`` unset (``auto``): torch's grouped GEMM exactly where
+    ``_grouped_mm_faster`` says so (CUDA, compute capability 9 and later; never the CPU),
+    and the same results either way."""
+    calls = _grouped_mm_calls(monkeypatch, "auto")
+    monkeypatch.setattr(moe, "_grouped_mm_faster", lambda device: faster)
+    args, kwargs, inputs, what = _problem("qwen3_moe", True, align=8)
+    out, grads, upstream = _run(moe_experts, args, kwargs, inputs)
+    ref_out, ref_grads, _ = _run(reference.moe_experts, args, kwargs, inputs, upstream)
+    # CUDA's grouped GEMM is bf16 only: these fp32 inputs stay on the Triton GEMMs there.
+    assert len(calls) == (4 if faster and not HAS_CUDA else 0)
+    assert_close(out, ref_out, torch.float32, what=f"{what} forward")
+    for i, (g, ref) in enumerate(zip(grads, ref_grads, strict=True)):
+        assert_close(g, ref, torch.float32, scale=4, what=f"{what} grad {i}")
+
+
+def test_auto_leaves_the_cpu_on_the_triton_gemms():
+    assert not moe._grouped_mm_faster(torch.device("cpu"))
 
 
 def test_schedule_covers_every_row_once():
