@@ -3,13 +3,13 @@
     python3 scripts/memory_peak_gpu.py [--shape qwen3-30b-a3b] [--systems sloth]
                                        [--seq 2048] [--batch 2] [--rows 25] > memory.txt
 
-Loads each system as ``sloth bench train`` does and runs two of its steps (the optimizer's state
-exists after the first), then records the allocator's history (``torch.cuda.memory``) over
+Loads each system as ``sloth bench train`` does and runs two of its steps (the optimizer's
+state exists after the first), then records the allocator's history (``torch.cuda.memory``) over
 a third step. What was allocated before it (weights, adapters, the optimizer's moments) is
 one figure; of the allocations the step makes, those live at its highest point are grouped
 by where they were made: the innermost Python frame outside torch's own modules (sloth,
 transformers, peft or the bench), and the operation that made them (the innermost frame).
-The sum is checked against ``torch.cuda.max_memory_allocated()``.
+The two are printed beside ``torch.cuda.max_memory_allocated()``, which they should sum to.
 """
 
 from __future__ import annotations
