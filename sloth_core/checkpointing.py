@@ -26,6 +26,12 @@ recompute runs no attention forward at all (:mod:`sloth_core.patches.kept_attent
 The large ones go to host memory with the layer input and come back with it; the
 recompute finds them by key (:func:`kept_for_backward`).
 
+A layer may hand a tensor out other than through its return value: transformers records
+each MoE router's logits for the load-balancing loss. Made in the first pass, without
+gradients, such a tensor would pass no gradient back. The layer names it
+(:func:`side_output`): it becomes an output of the checkpoint too, and its gradient goes
+back through the recompute's own copy of it.
+
 :class:`Checkpointing` is the one vocabulary of the modes (``sloth train``'s
 ``gradient_checkpointing`` option, ``FastLanguageModel`` after it maps Unsloth's
 spellings) and :func:`apply_checkpointing` the one rule for when to offload.
@@ -276,6 +282,7 @@ class _Recompute:
     def __init__(self, kept: dict[Any, collections.deque] | None = None) -> None:
         self.probes: list[tuple[torch.nn.Module, torch.Tensor]] = []
         self.kept = kept or {}  # what the first pass kept, per key (kept_for_backward)
+        self.sides: list[torch.Tensor] = []  # the recompute's side outputs, in call order
 
     def settle(self, outputs: list[torch.Tensor]) -> None:
         verdicts: dict[torch.nn.Module, bool] = {}
@@ -413,6 +420,24 @@ def kept_for_backward(key: Any) -> tuple[list[torch.Tensor], tuple[Any, ...]] | 
     return queue.popleft() if queue else None
 
 
+def side_output(t: torch.Tensor) -> None:
+    """Name ``t`` as an output of the checkpointed layer running, beside its return value.
+
+    For a tensor the layer hands out some other way (a router's logits, which transformers
+    records for the load-balancing loss): in the first pass, which runs without gradients,
+    ``t`` becomes an output of the checkpoint, so a gradient reaching it goes back through
+    the layer; in the recompute the same call names the recomputed ``t``, which takes that
+    gradient. Every pass must name the same tensors in the same order. Outside a
+    checkpoint it does nothing."""
+    recompute: _Recompute | None = getattr(_state, "recompute", None)
+    if recompute is not None:
+        recompute.sides.append(t)
+        return
+    sides: list[torch.Tensor] | None = getattr(_state, "sides", None)
+    if sides is not None:
+        sides.append(t)
+
+
 @contextmanager
 def counting_kept(count: Callable[[int, int], None]) -> Iterator[None]:
     """Within it :func:`keep_for_backward` keeps nothing and calls ``count(host_bytes,
@@ -426,7 +451,8 @@ def counting_kept(count: Callable[[int, int], None]) -> Iterator[None]:
 
 class _Checkpoint(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, function, offload, hidden_states, *args):
+    def forward(ctx, function, offload, shape, hidden_states, *args):
+        # shape: filled in here for _checkpoint, which returns the layer's own outputs.
         ctx.function, ctx.args = function, args
         slot = _Slot(hidden_states, offload)
         last = getattr(_state, "last_slot", None)
@@ -445,13 +471,14 @@ class _Checkpoint(torch.autograd.Function):
         if not overlap:
             slot.wait_copied()
         version = hidden_states._version
-        outer = getattr(_state, "first_pass", None)
+        outer = getattr(_state, "first_pass", None), getattr(_state, "sides", None)
         _state.first_pass = slot if offload else None  # keep_for_backward: offloaded only
+        _state.sides = sides = []
         try:
             with torch.no_grad():
                 out = function(hidden_states, *args)
         finally:
-            _state.first_pass = outer
+            _state.first_pass, _state.sides = outer
         slot.check_sent(owner)
         if owner is not None:
             kept = hidden_states._version == version
@@ -462,7 +489,11 @@ class _Checkpoint(torch.autograd.Function):
                     "did not: its offloaded copy may have raced the write; rerun the step"
                 )
         ctx.is_tuple = isinstance(out, tuple)
-        return out
+        outs = out if ctx.is_tuple else (out,)
+        shape.update(is_tuple=ctx.is_tuple, outputs=len(outs))
+        # The side outputs (side_output) too: each becomes an output of this function in
+        # place (the same tensor, where transformers recorded it), with a gradient path.
+        return (*outs, *sides) if sides else out
 
     @staticmethod
     def backward(ctx, *grads):
@@ -485,7 +516,12 @@ class _Checkpoint(torch.autograd.Function):
                     out = ctx.function(x, *ctx.args)
             finally:
                 _state.recompute = outer
-        outs = out if ctx.is_tuple else (out,)
+        outs = (*(out if ctx.is_tuple else (out,)), *recompute.sides)
+        if len(outs) != len(grads):
+            raise RuntimeError(
+                f"a checkpointed layer's recompute made {len(outs)} outputs and side outputs "
+                f"where its first pass made {len(grads)}: both must name the same side_output"
+            )
         pairs = [
             (o, g) for o, g in zip(outs, grads, strict=True) if g is not None and o.requires_grad
         ]
@@ -493,7 +529,7 @@ class _Checkpoint(torch.autograd.Function):
             recompute.settle([o for o, _ in pairs])
         torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
         ctx.slot = None
-        return (None, None, x.grad, *([None] * len(ctx.args)))
+        return (None, None, None, x.grad, *([None] * len(ctx.args)))
 
 
 def _checkpoint(function: Callable[..., Any], hidden_states: Any, args: tuple, offload: bool):
@@ -503,7 +539,11 @@ def _checkpoint(function: Callable[..., Any], hidden_states: Any, args: tuple, o
         # The first layer's input comes from frozen embeddings: make the LoRA weights
         # inside reachable for autograd, as ``enable_input_require_grads`` would.
         hidden_states = hidden_states.detach().requires_grad_(True)
-    return _Checkpoint.apply(function, offload, hidden_states, *args)
+    shape: dict[str, Any] = {}
+    result = _Checkpoint.apply(function, offload, shape, hidden_states, *args)
+    if not shape["is_tuple"]:
+        return result if isinstance(result, torch.Tensor) else result[0]
+    return result[: shape["outputs"]]  # without the side outputs
 
 
 def offloaded_checkpoint(function: Callable[..., Any], hidden_states: torch.Tensor, *args: Any):

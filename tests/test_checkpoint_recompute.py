@@ -1,7 +1,7 @@
-"""What a checkpointed layer's recompute skips: a gated MLP whose output only feeds the
-residual additions (Llama) is asked for no output value from the second recompute on,
-one whose output a norm reads (Gemma 2's post-feedforward norm) always is; either way the
-gradients are those of no checkpointing."""
+"""What a checkpointed layer's recompute skips: a gated MLP or a sparse MoE block whose
+output only feeds the residual additions (Llama, Qwen3-MoE) is asked for no output value
+from the second recompute on, one whose output a norm reads (Gemma 2's post-feedforward
+norm) always is; either way the gradients are those of no checkpointing."""
 
 from __future__ import annotations
 
@@ -11,11 +11,13 @@ from peft import LoraConfig, get_peft_model
 
 from sloth_core.checkpointing import device_checkpoint, enable_checkpointing
 from sloth_core.ops import default_registry, reference
-from sloth_core.patches import patch_architecture
+from sloth_core.patches import ArchitectureSpec, patch_architecture, patch_modeling
 from sloth_core.testing import init_tiny_model
 from sloth_core.testing.varied import varied_config
 
 TARGETS = ["q_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+#: LoRA on every expert (PEFT's ``target_parameters``) beside the attention's.
+EXPERTS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
 
 
 def _classes(arch: str) -> dict:
@@ -28,32 +30,47 @@ def _classes(arch: str) -> dict:
     return {"mlp": m.Gemma2MLP, "rms_norm": m.Gemma2RMSNorm, "gemma_norm": True}
 
 
-def _spying_registry(calls: list[bool], device: str):
-    """The references, with ``lora_mlp`` recording each call's ``output`` hint and, where
-    it is False, returning NaN values (gradients unchanged): what an implementation that
-    skips the product may return, so any read of them would show in the gradients."""
+def _spying_registry(calls: list[bool], device: str, op: str):
+    """The references, with ``op`` (``lora_mlp`` or ``moe_experts``) recording each call's
+    ``output`` hint and, where it is False, returning NaN values (gradients unchanged):
+    what an implementation that skips the product may return, so any read of them would
+    show in the gradients."""
     ops = default_registry()
+    ref = getattr(reference, op)
 
-    def lora_mlp(x, gate, up, down, *, activation="swiglu", output=True):
+    def spy(*args, output=True, **kwargs):
         calls.append(output)
-        out = reference.lora_mlp(x, gate, up, down, activation=activation)
+        out = ref(*args, **kwargs)
         if output:
             return out
         return out + (torch.full_like(out, float("nan")) - out).detach()
 
-    ops.register("lora_mlp", lora_mlp, provider="spy", devices=(device,))
+    ops.register(op, spy, provider="spy", devices=(device,))
     return ops
+
+
+def _patch(model, arch: str, ops) -> None:
+    if arch == "qwen3_moe":  # the sparse blocks through the ops (the loss stays transformers')
+        spec = ArchitectureSpec("qwen3_moe", "Qwen3Moe", "test", kinds=("rms_norm", "mlp", "moe"))
+        patch_modeling(model, ops, plugin="test", architectures=[spec])
+    else:
+        patch_architecture(model, ops, plugin="test", model_types=arch, **_classes(arch))
 
 
 def _grads_over_steps(arch: str, checkpoint, calls: list[bool], steps: int = 3, device="cpu"):
     # every flag of the config varied (attention and MLP biases), the head untied
-    config = varied_config(arch, tie_word_embeddings=False)
+    overrides = {"tie_word_embeddings": False}
+    lora = dict(r=4, lora_alpha=8, init_lora_weights=False, target_modules=TARGETS)
+    op = "lora_mlp"
+    if arch == "qwen3_moe":  # every layer sparse, LoRA on the experts too
+        overrides.update(mlp_only_layers=[], decoder_sparse_step=1)
+        lora.update(target_modules=TARGETS[:3], target_parameters=EXPERTS)
+        op = "moe_experts"
+    config = varied_config(arch, **overrides)
     model = init_tiny_model(config, seed=4).to(device)
     torch.manual_seed(0)
-    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, init_lora_weights=False,
-                                             target_modules=TARGETS))  # fmt: skip
-    patch_architecture(model, _spying_registry(calls, device), plugin="test", model_types=arch,
-                       **_classes(arch))  # fmt: skip
+    model = get_peft_model(model, LoraConfig(**lora))
+    _patch(model, arch, _spying_registry(calls, device, op))
     if checkpoint is not None:
         enable_checkpointing(model, offload=True)
         for layer in model.get_base_model().model.layers:
@@ -77,16 +94,17 @@ _CUDA = pytest.param("cuda", marks=[
 
 @pytest.mark.parametrize("device", ["cpu", _CUDA])  # CUDA: the copies on their own stream
 @pytest.mark.parametrize("checkpoint", ["offloaded", "device"])
-def test_llama_recompute_skips_the_mlp_output_from_the_second_on(checkpoint, device):
+@pytest.mark.parametrize("arch", ["llama", "qwen3_moe"])
+def test_recompute_skips_the_mlp_output_from_the_second_on(arch, checkpoint, device):
     from sloth_core.checkpointing import offloaded_checkpoint
 
     function = offloaded_checkpoint if checkpoint == "offloaded" else device_checkpoint
     plain: list[bool] = []
-    want = _grads_over_steps("llama", None, plain, device=device)
+    want = _grads_over_steps(arch, None, plain, device=device)
     assert plain and all(plain)
     calls: list[bool] = []
-    got = _grads_over_steps("llama", function, calls, device=device)
-    layers = varied_config("llama").num_hidden_layers
+    got = _grads_over_steps(arch, function, calls, device=device)
+    layers = varied_config(arch).num_hidden_layers
     # Per step: each layer's forward, then its recompute; the first recompute probes.
     assert calls[: 2 * layers] == [True] * 2 * layers
     assert calls[2 * layers :] == ([True] * layers + [False] * layers) * 2
@@ -168,3 +186,64 @@ def test_a_kept_input_written_in_place_after_the_layer_is_an_error():
         hidden.add_(1)  # the recompute would read these values
     with pytest.raises(RuntimeError, match="modified in place after the layer ran"):
         out.sum().backward()
+
+
+class _Recording(torch.nn.Module):
+    """A layer that hands a tensor out beside its return value, as transformers records a
+    router's logits: into ``self.recorded``, named with ``side_output`` (or not)."""
+
+    def __init__(self, named: bool = True):
+        super().__init__()
+        self.router = torch.nn.Linear(4, 3)
+        self.linear = torch.nn.Linear(4, 4)
+        self.named, self.recorded = named, []
+
+    def forward(self, x):
+        from sloth_core.checkpointing import side_output
+
+        logits = self.router(x)
+        if self.named:
+            side_output(logits)
+        self.recorded.append(logits)
+        return self.linear(x) * logits.softmax(-1)[..., :1]
+
+
+@pytest.mark.parametrize("checkpoint", ["offloaded", "device"])
+def test_a_side_output_passes_its_gradient_back_through_the_checkpoint(checkpoint):
+    # The load-balancing loss reads recorded router logits: through a checkpoint, whose
+    # first pass runs without gradients, they must still reach the router and the input.
+    from sloth_core.checkpointing import offloaded_checkpoint
+
+    function = offloaded_checkpoint if checkpoint == "offloaded" else device_checkpoint
+    torch.manual_seed(0)
+    layer = _Recording()
+    x = torch.randn(5, 4)
+
+    def grads(run):
+        layer.zero_grad(set_to_none=True)
+        layer.recorded.clear()
+        inp = x.clone().requires_grad_()
+        out = run(inp * 1)
+        # the loss on the output and on what the layer recorded (its first pass's logits)
+        (out.square().sum() + 0.5 * layer.recorded[0].logsumexp(-1).sum()).backward()
+        return [inp.grad, *(p.grad for p in layer.parameters())]
+
+    want = grads(layer)
+    got = grads(lambda h: function(layer.__call__, h))
+    assert layer.recorded[0].requires_grad  # the recorded tensor itself took the path
+    for i, (g, w) in enumerate(zip(got, want, strict=True)):
+        torch.testing.assert_close(g, w, msg=f"grad {i}")
+    # Unnamed, the recorded logits pass nothing back: the router's weight misses that part.
+    layer.named = False
+    unnamed = grads(lambda h: function(layer.__call__, h))
+    assert not layer.recorded[0].requires_grad
+    assert not torch.allclose(unnamed[1], want[1])
+
+
+def test_a_recompute_naming_other_side_outputs_is_an_error():
+    layer = _Recording()
+    x = torch.randn(5, 4, requires_grad=True)
+    out = device_checkpoint(layer.__call__, x * 1)
+    layer.named = False  # the recompute names none
+    with pytest.raises(RuntimeError, match="must name the same side_output"):
+        (out.sum() + layer.recorded[0].sum()).backward()

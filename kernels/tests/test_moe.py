@@ -147,6 +147,27 @@ def test_moe_experts_through_grouped_mm_fp32(kind, monkeypatch):
         assert_close(g, ref, torch.float32, scale=4, what=f"{what} grad {i}")
 
 
+@pytest.mark.parametrize("gemm", ["triton", "grouped_mm"])
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_moe_experts_without_its_output_value_gives_the_same_gradients(kind, gemm, monkeypatch):
+    """``output=False`` (a checkpoint's recompute whose block output only feeds the residual
+    add): the down products are skipped, the result has its shape and the gradients are
+    those of the full call (equal up to the bias sums' atomic adds on CUDA)."""
+    calls = _grouped_mm_calls(monkeypatch, gemm)
+    args, kwargs, inputs, what = _problem(kind, True, align=8)
+    out, grads, upstream = _run(moe_experts, args, kwargs, inputs)
+    full = len(calls)
+    skipped = moe_experts(*args, **kwargs, output=False)
+    assert skipped.shape == out.shape and skipped.dtype == out.dtype
+    assert type(skipped.grad_fn).__name__.startswith("_MoEExperts"), "took the reference"
+    got = torch.autograd.grad(skipped, inputs, upstream)
+    # grouped_mm off CUDA: gate_up, down, dH', dX in the full call; no down without output
+    counted = gemm == "grouped_mm" and not HAS_CUDA
+    assert (full, len(calls) - full) == ((4, 3) if counted else (0, 0))
+    for i, (g, want) in enumerate(zip(got, grads, strict=True)):
+        torch.testing.assert_close(g, want, rtol=1e-6, atol=1e-6, msg=f"{what} grad {i}")
+
+
 def _within_rounding_of_fp32(problem, lora_dtype=None):
     """The kernels in bf16 (the adapters in ``lora_dtype`` where given) against the
     reference in fp32 on the same rounded values: within ``MOE_LOWP_FACTOR`` of the error the

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import warnings
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -181,6 +182,16 @@ def patch_causal_lm(
         extra = {}
         if moe:
             aux_loss = router_aux_loss(self, outputs, attention_mask)
+            if aux_loss is not None and loss is not None and loss.requires_grad:
+                if not aux_loss.requires_grad:  # the logits made in a no-grad first pass
+                    warnings.warn(
+                        "the load-balancing loss (output_router_logits) passes no gradient "
+                        "back: its router logits were made without gradients (a "
+                        "checkpointed layer whose MoE block sloth did not patch); train "
+                        "without gradient checkpointing, or set output_router_logits=False",
+                        RuntimeWarning,
+                        stacklevel=2,
+                    )
             if aux_loss is not None and loss is not None:
                 loss = loss + self.config.router_aux_loss_coef * aux_loss.to(loss.device)
             extra["aux_loss"] = aux_loss

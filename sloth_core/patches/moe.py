@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
+from sloth_core.checkpointing import output_unread, side_output
 from sloth_core.ops import ExpertLinear
 from sloth_core.patching import bind_forward, call_original, is_patched, unwrap_model
 
@@ -144,7 +145,10 @@ def patch_moe_block(
        (and their biases) lifted by :meth:`ExpertLinear.from_parameter` at every call, so
        adapters attached after patching, disabled adapters and PEFT's
        ``target_parameters`` LoRA are honoured; a wrapper the op cannot express (merged
-       weights, several active adapters) runs the block's original forward.
+       weights, several active adapters) runs the block's original forward;
+    4. in a checkpoint's recompute where the block's output value is unread
+       (:func:`~sloth_core.checkpointing.output_unread`, probed on the first recompute),
+       ``moe_experts(..., output=False)``: the down products are skipped.
 
     Args:
         module: a block with a router and ``experts`` (Qwen3-MoE's
@@ -181,13 +185,25 @@ def patch_moe_block(
         shape = hidden_states.shape
         x = hidden_states.reshape(-1, shape[-1])
         logits = gate(x)[0]
+        # What transformers records for the load-balancing loss: inside sloth's checkpoint
+        # an output of it too, or the loss would pass no gradient back (side_output).
+        side_output(logits)
         weights, indices = ops.moe_route(logits, top_k, normalize=renormalise)
         extra = {"alpha": base.alpha, "limit": base.limit} if activation == "gpt_oss" else {}
-        out = ops.moe_experts(
-            x, indices, weights, gate_up, down,
-            activation=activation, gate_up_layout=gate_up_layout, **extra,
-        )  # fmt: skip
-        out = out.reshape(shape)
+
+        def run(output: bool) -> torch.Tensor:
+            return ops.moe_experts(
+                x, indices, weights, gate_up, down,
+                activation=activation, gate_up_layout=gate_up_layout, output=output, **extra,
+            ).reshape(shape)  # fmt: skip
+
+        # In a checkpoint's recompute the block's output value is often never read (it only
+        # feeds the residual add): then the op may skip the down products.
+        if output_unread(self):
+            out = run(False)
+        else:
+            out = run(True)
+            output_unread(self, out)  # probed on the first recompute
         return (out, weights.to(logits.dtype)) if returns_scores else out
 
     return bind_forward(module, forward)

@@ -7,7 +7,9 @@ Architecture plugins: :func:`patch_architecture` (or :func:`patch_modeling` with
 :func:`sliding_window_kwargs`, :func:`model_type_of`, the loader helpers
 (:func:`load_hf_model`, :func:`load_kwargs`). Kernels: what an op keeps from an
 offloaded layer's first pass instead of computing it again in the recompute
-(:func:`keep_for_backward`, :func:`kept_for_backward`). Exporters: the merge and the merged-model
+(:func:`keep_for_backward`, :func:`kept_for_backward`), and what a layer hands out beside
+its output that must pass gradients back through the checkpoint (:func:`side_output`: the
+router logits of the load-balancing loss). Exporters: the merge and the merged-model
 writer (:func:`merged_state_dict`, :func:`write_merged`), the stop tokens (one table for
 every format and for ``sloth chat``), atomic outputs and free-space checks, the llama.cpp
 runner (:mod:`sloth_core.sdk.llama_cpp`), the chat-template resolver; the descriptors a
@@ -90,6 +92,8 @@ _EXPORTS: dict[str, str] = {
     # kernels: what an op keeps from an offloaded layer's first pass for its recompute
     "keep_for_backward": "sloth_core.checkpointing",
     "kept_for_backward": "sloth_core.checkpointing",
+    # architectures: a tensor a checkpointed layer hands out beside its output (router logits)
+    "side_output": "sloth_core.checkpointing",
     # formats that describe themselves, and their verifiers
     "ExportFormat": "sloth_core.formats",
     "QuantizationMethod": "sloth_core.formats",

@@ -6,7 +6,8 @@ through PEFT's ``target_parameters``; attention only) and checks the expert grad
 were compared when experts carry LoRA. :data:`ROUTER_LOSS` puts the router's
 load-balancing loss in the compared loss, at a coefficient off its default.
 :func:`assert_checkpointing_parity` compares loss and LoRA gradients of the patched and
-unpatched model under gradient checkpointing, where the patched blocks are run twice.
+unpatched model under gradient checkpointing, where the patched blocks are run twice
+(torch's checkpointing, and sloth's own on device and offloaded).
 
 A plugin's test module names its architecture once as an :class:`MoEArchitecture` and
 runs the checks of :data:`MOE_CHECKS` it shares with the others through
@@ -72,32 +73,52 @@ def assert_checkpointing_parity(
     manager: Any, config: Any, *, seed: int = 1, kernels: str = "torch"
 ) -> None:
     """Loss and every LoRA gradient (experts included) of the patched model equal the
-    unpatched model's with gradient checkpointing on (the blocks recomputed in backward);
+    unpatched model's with gradient checkpointing on (the blocks recomputed in backward),
+    under torch's checkpointing and under sloth's (``device_checkpoint``,
+    ``offloaded_checkpoint``), two steps each;
     ``kernels`` as :func:`~sloth_core.testing.parity.kernels_mode` takes it."""
     with kernels_mode(kernels):
         _checkpointing_parity(manager, config, seed)
 
 
 def _checkpointing_parity(manager: Any, config: Any, seed: int) -> None:
+    from sloth_core.checkpointing import device_checkpoint, offloaded_checkpoint
+
     generator = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, config.vocab_size, (2, 12), generator=generator)
-    results = []
-    for patch in (False, True):
+    results = {}
+    # The unpatched model under torch's checkpointing; the patched one under torch's and
+    # under sloth's own (the recompute's skips; the offloaded inputs, sloth's default on a
+    # GPU), whose first pass runs without gradients: the router loss must still reach the
+    # routers and the attention before them. Two steps each: the skips start on the second.
+    runs = {"unpatched": None, "torch": None, "device": device_checkpoint,
+            "offloaded": offloaded_checkpoint}  # fmt: skip
+    for run, function in runs.items():
         model = attach_lora(init_tiny_model(config), r=4, seed=0)
-        if patch:
+        if run != "unpatched":
             manager.patch_layers(model=model)
-        model.gradient_checkpointing_enable({"use_reentrant": False})
+        if function is None:
+            model.gradient_checkpointing_enable({"use_reentrant": False})
+        else:
+            model.get_base_model()._set_gradient_checkpointing(
+                enable=True, gradient_checkpointing_func=function
+            )
         model.enable_input_require_grads()
         model.train()
-        loss = model(input_ids=ids, labels=ids, use_cache=False).loss
-        loss.backward()
+        for _ in range(2):
+            model.zero_grad(set_to_none=True)
+            loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+            loss.backward()
         grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
-        results.append((loss.detach(), grads))
-    (loss_ref, grads_ref), (loss, grads) = results
-    torch.testing.assert_close(loss, loss_ref, atol=1e-5, rtol=0)
-    assert grads.keys() == grads_ref.keys() and any("experts" in n for n in grads)
-    for name, grad in grads.items():
-        torch.testing.assert_close(grad, grads_ref[name], atol=1e-6, rtol=1e-4)
+        results[run] = (loss.detach(), grads)
+    loss_ref, grads_ref = results.pop("unpatched")
+    for run, (loss, grads) in results.items():
+        torch.testing.assert_close(loss, loss_ref, atol=1e-5, rtol=0, msg=f"{run}: loss")
+        assert grads.keys() == grads_ref.keys() and any("experts" in n for n in grads)
+        for name, grad in grads.items():
+            torch.testing.assert_close(
+                grad, grads_ref[name], atol=1e-6, rtol=1e-4, msg=f"{run}: {name}"
+            )
 
 
 @dataclass(frozen=True)

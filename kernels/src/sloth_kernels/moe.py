@@ -567,25 +567,29 @@ def _act_backward(gate, up, dh, w_rows, act, layout, alpha, limit):
 class _MoEExperts(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, top_k_index, top_k_weights, w1, b1, a1, lb1, w2, b2, a2, lb2, cfg):
-        gate_up, down, act, layout, alpha, limit = cfg
+        gate_up, down, act, layout, alpha, limit, output = cfg
         sched = _Schedule(top_k_index, w1.shape[0], _blocks()[0])
         w_rows = top_k_weights.reshape(-1)[sched.order].contiguous()
         mm = _grouped_mm_wanted(x, w1, w2)
         xa1 = _lora_rows(x, sched, _adapter(gate_up, False), gather=True)
         gate, up, h = _gate_up(x, sched, gate_up, act, layout, alpha, limit, xa1, mm)
         xa2 = _lora_rows(h, sched, _adapter(down, False), gather=False)
-        out = _linear(h, sched, down, gather=False, row_scale=w_rows, xa=xa2,
-                      out_dtype=torch.float32, per_token=True, grouped_mm=mm)  # fmt: skip
+        if output:
+            out = _linear(h, sched, down, gather=False, row_scale=w_rows, xa=xa2,
+                          out_dtype=torch.float32, per_token=True, grouped_mm=mm)  # fmt: skip
+            out = out.to(x.dtype)
+        else:  # the caller reads no value of out (a recompute): down's products are skipped
+            out = x.new_empty(sched.tokens, down.weight.shape[1])
         del h
         ctx.sched, ctx.cfg, ctx.grouped_mm = sched, cfg, mm
         ctx.weights_shape, ctx.weights_dtype = top_k_weights.shape, top_k_weights.dtype
         ctx.save_for_backward(x, w_rows, gate, up, xa1, xa2)
-        return out.to(x.dtype)
+        return out
 
     @staticmethod
     def backward(ctx, grad):
         x, w_rows, gate, up, xa1, xa2 = ctx.saved_tensors
-        sched, (gate_up, down, act, layout, alpha, limit) = ctx.sched, ctx.cfg
+        sched, (gate_up, down, act, layout, alpha, limit, _) = ctx.sched, ctx.cfg
         needs = ctx.needs_input_grad
         g = grad.contiguous()
         # dH' = g W2 + s (g B2) A2 per row (unweighted); g B2 kept for dA2.
@@ -663,14 +667,15 @@ def moe_experts(
     **options: Any,
 ) -> torch.Tensor:
     """:func:`sloth_core.ops.reference.moe_experts` on grouped Triton GEMMs (same arguments
-    and defaults: ``activation``, ``gate_up_layout``, ``alpha``, ``limit``)."""
+    and defaults: ``activation``, ``gate_up_layout``, ``alpha``, ``limit``, ``output``;
+    ``output=False`` skips the down products and leaves the result's values unset)."""
     opts = {**_OPTIONS, **options}
     if opts.keys() != _OPTIONS.keys() or not _served(
         x, (gate_up, down), opts["activation"], opts["gate_up_layout"]
     ):
         return reference.moe_experts(x, top_k_index, top_k_weights, gate_up, down, **options)
     cfg = (gate_up, down, opts["activation"], opts["gate_up_layout"],
-           float(opts["alpha"]), float(opts["limit"]))  # fmt: skip
+           float(opts["alpha"]), float(opts["limit"]), bool(opts["output"]))  # fmt: skip
     tensors = [t for layer in (gate_up, down) for t in _tensors(layer)]
     return _MoEExperts.apply(x.contiguous(), top_k_index, top_k_weights, *tensors, cfg)
 

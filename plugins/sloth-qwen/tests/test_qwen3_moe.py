@@ -68,3 +68,31 @@ def test_disabled_and_merged_expert_adapters(manager):
         model.merge_adapter()
         reference.merge_adapter()
         torch.testing.assert_close(model(ids).logits, reference(ids).logits)
+
+
+def test_a_router_loss_without_gradient_is_named(manager, monkeypatch):
+    """Under sloth's checkpointing the patched blocks hand their router logits to the
+    checkpoint (``side_output``), so the load-balancing loss passes its gradient back; a
+    block that did not (here: the call taken away) leaves a loss without it, and a warning
+    says so rather than training on silently."""
+    import warnings
+
+    from sloth_core.checkpointing import device_checkpoint
+    from sloth_core.patches import moe
+    from sloth_core.testing.parity import attach_lora
+
+    config = tiny_config("qwen3_moe", output_router_logits=True, router_aux_loss_coef=0.05)
+    model = attach_lora(init_tiny_model(config), r=4, seed=0)
+    manager.patch_layers(model=model)
+    model.get_base_model()._set_gradient_checkpointing(
+        enable=True, gradient_checkpointing_func=device_checkpoint
+    )
+    model.train()
+    ids = torch.randint(0, config.vocab_size, (2, 8), generator=torch.Generator().manual_seed(0))
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        assert model(input_ids=ids, labels=ids).aux_loss.requires_grad
+    assert not [w for w in seen if "load-balancing" in str(w.message)]
+    monkeypatch.setattr(moe, "side_output", lambda t: None)
+    with pytest.warns(RuntimeWarning, match="load-balancing loss .* passes no gradient"):
+        assert not model(input_ids=ids, labels=ids).aux_loss.requires_grad

@@ -231,6 +231,7 @@ def moe_experts(
     gate_up_layout: str = "halves",
     alpha: float = 1.702,
     limit: float = 7.0,
+    output: bool = True,
 ) -> torch.Tensor:
     """The routed experts: ``sum_k weight_k * down_e(act(gate_up_e(x)))`` for ``e = index_k``.
 
@@ -250,10 +251,16 @@ def moe_experts(
             Qwen3-MoE, Mixtral) or ``"interleaved"`` (gate = even, up = odd: gpt-oss).
         alpha: gpt-oss's sigmoid scale.
         limit: gpt-oss's clamp.
+        output: ``False`` when the caller reads no value of the result and only
+            back-propagates through it (a checkpoint's recompute whose block output only
+            feeds the residual add): an implementation may then skip the ``down``
+            products and return a tensor whose values are unspecified. The gradients must
+            be the same either way. The reference computes the output regardless.
 
     Returns:
         ``[T, H]`` in ``x.dtype``.
     """
+    del output  # a hint for faster implementations
     rows, tokens = [x.new_zeros(0, down.weight.shape[1])], [top_k_index.new_zeros(0)]
     for expert in torch.unique(top_k_index.reshape(-1)).tolist():
         token, choice = torch.where(top_k_index == expert)
