@@ -454,6 +454,9 @@ class _Checkpoint(torch.autograd.Function):
     def forward(ctx, function, offload, shape, hidden_states, *args):
         # shape: filled in here for _checkpoint, which returns the layer's own outputs.
         ctx.function, ctx.args = function, args
+        # An output nobody used gets None, not zeros: a side output whose tensor nothing
+        # read (no load-balancing loss) costs its layer no backward through it.
+        ctx.set_materialize_grads(False)
         slot = _Slot(hidden_states, offload)
         last = getattr(_state, "last_slot", None)
         slot.prev = last

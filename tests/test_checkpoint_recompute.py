@@ -247,3 +247,24 @@ def test_a_recompute_naming_other_side_outputs_is_an_error():
     layer.named = False  # the recompute names none
     with pytest.raises(RuntimeError, match="must name the same side_output"):
         (out.sum() + layer.recorded[0].sum()).backward()
+
+
+def test_a_side_output_nothing_reads_costs_no_backward():
+    # No load-balancing loss: the recorded logits take no gradient, and the recompute
+    # runs no backward through them (None, not zeros, reaches the checkpoint's backward).
+    class Layer(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.router, self.linear = torch.nn.Linear(4, 3), torch.nn.Linear(4, 4)
+
+        def forward(self, x):
+            from sloth_core.checkpointing import side_output
+
+            side_output(self.router(x))  # recorded, read by nothing here
+            return self.linear(x)
+
+    layer = Layer()
+    x = torch.randn(5, 4, requires_grad=True)
+    device_checkpoint(layer.__call__, x * 1).square().sum().backward()
+    assert layer.linear.weight.grad is not None and x.grad is not None
+    assert layer.router.weight.grad is None
