@@ -285,8 +285,12 @@ def test_auto_leaves_the_cpu_on_the_triton_gemms():
     assert not moe._grouped_mm_faster(torch.device("cpu"))
 
 
-def test_schedule_covers_every_row_once():
-    index, _ = uneven_routing(9, 8, 3)
+@pytest.mark.parametrize("routing", ["uneven", "ends_unused"])
+def test_schedule_covers_every_row_once(routing):
+    if routing == "uneven":
+        index, _ = uneven_routing(9, 8, 3)
+    else:  # the first and the last experts (and others between) get no row
+        index = torch.tensor([[2, 5], [5, 2], [3, 2]])
     sched = moe._Schedule(index, 8, 4)
     counts = torch.bincount(index.reshape(-1), minlength=8)
     assert torch.equal(sched.end - sched.start, counts)
@@ -299,6 +303,20 @@ def test_schedule_covers_every_row_once():
             assert (sched.expert[start:stop] == expert).all()
     assert (covered == 1).all()
     assert torch.equal(index.reshape(-1)[sched.order], sched.expert)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+def test_schedule_never_waits_for_the_device():
+    # A sync a call stalls the launches queued behind it (twice a layer a step).
+    index, _ = uneven_routing(64, 16, 4)
+    index = index.to(DEVICE)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        moe._Schedule(index, 16, 64)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
 
 
 def test_unserved_arguments_take_the_reference():

@@ -344,8 +344,12 @@ class _Schedule:
         flat = top_k_index.reshape(-1)
         self.expert, self.order = torch.sort(flat, stable=True)
         self.token = torch.div(self.order, k, rounding_mode="floor")
-        counts = torch.bincount(flat, minlength=experts)
-        self.end = torch.cumsum(counts, 0)
+        # Each expert's end in the sorted rows, found in them: torch.bincount would read
+        # the indices' min and max back to the host, two syncs a call (a layer's forward
+        # and its recompute), each a stall of the launches queued behind it.
+        ids = torch.arange(experts, device=flat.device, dtype=flat.dtype)
+        self.end = torch.searchsorted(self.expert, ids, right=True)
+        counts = torch.diff(self.end, prepend=self.end.new_zeros(1))
         self.start = self.end - counts
         blocks = torch.div(counts + block_rows - 1, block_rows, rounding_mode="floor")
         block_end = torch.cumsum(blocks, 0)
