@@ -182,8 +182,9 @@ def patch_causal_lm(
         extra = {}
         if moe:
             aux_loss = router_aux_loss(self, outputs, attention_mask)
-            if aux_loss is not None and loss is not None and loss.requires_grad:
-                if not aux_loss.requires_grad:  # the logits made in a no-grad first pass
+            if aux_loss is not None and loss is not None:
+                # the logits made in a no-grad first pass
+                if loss.requires_grad and not aux_loss.requires_grad:
                     warnings.warn(
                         "the load-balancing loss (output_router_logits) passes no gradient "
                         "back: its router logits were made without gradients (a "
@@ -192,7 +193,6 @@ def patch_causal_lm(
                         RuntimeWarning,
                         stacklevel=2,
                     )
-            if aux_loss is not None and loss is not None:
                 loss = loss + self.config.router_aux_loss_coef * aux_loss.to(loss.device)
             extra["aux_loss"] = aux_loss
         rest = {k: v for k, v in outputs.items() if k in fields and k not in ("loss", "logits")}
