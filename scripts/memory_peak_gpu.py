@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from sloth_core.bench.train import _load, make_model
+from sloth_core.train.optim import default_adamw
 
 
 def _site(frames: list[dict], torch_too: bool) -> str:
@@ -101,7 +102,7 @@ def measure(system: str, model_dir: Path, args: argparse.Namespace) -> None:
 
     model, _ = _load(system, model_dir, "cuda")
     model.train()
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4)
+    optimizer = default_adamw([p for p in model.parameters() if p.requires_grad], lr=2e-4)
     ids = torch.randint(0, model.config.vocab_size, (args.batch, args.seq), device="cuda")
     rows = [{"input_ids": ids, "labels": ids}]
     for _ in range(2):

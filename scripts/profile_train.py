@@ -24,6 +24,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from sloth_core.bench.train import _load, make_model
+from sloth_core.train.optim import default_adamw
 
 
 def step(model, optimizer, ids):
@@ -48,7 +49,7 @@ def main() -> None:
     for system in args.systems.split(","):
         model, _ = _load(system, model_dir, "cuda", args.quantization)
         model.train()
-        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4)
+        optimizer = default_adamw([p for p in model.parameters() if p.requires_grad], lr=2e-4)
         ids = torch.randint(0, model.config.vocab_size, (args.batch, args.seq), device="cuda")
         for _ in range(3):
             step(model, optimizer, ids)

@@ -315,3 +315,28 @@ def test_make_model_refuses_a_disk_too_small_and_writes_nothing(tmp_path, monkey
         train.make_model("llama-tiny", tmp_path / "models" / "tiny", device="cpu")
     assert str(tmp_path / "models") in str(error.value)
     assert list((tmp_path / "models").iterdir()) == []
+
+
+def test_every_system_gets_the_fused_adamw_its_trainer_defaults_to():
+    """The bench's optimizer is the one sloth train and transformers' Trainer run unasked
+    (fused AdamW), and its step is AdamW's: the same parameters as the foreach step's."""
+    from sloth_core.train.optim import default_adamw
+
+    generator = torch.Generator().manual_seed(0)
+    start = [torch.randn(5, 3, generator=generator), torch.randn(7, generator=generator)]
+    grads = [torch.randn_like(p) for p in start]
+    results = []
+    for make in (lambda ps: default_adamw(ps, lr=1e-2),
+                 lambda ps: torch.optim.AdamW(ps, lr=1e-2, foreach=True)):  # fmt: skip
+        params = [torch.nn.Parameter(p.clone()) for p in start]
+        optimizer = make(params)
+        for _ in range(3):
+            for p, g in zip(params, grads, strict=True):
+                p.grad = g.clone()
+            optimizer.step()
+        results.append((optimizer, params))
+    (fused, got), (_, want) = results
+    assert fused.defaults["fused"] is True
+    for g, w, s in zip(got, want, start, strict=True):
+        assert not torch.equal(g, s)  # it stepped
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)

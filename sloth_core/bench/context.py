@@ -194,6 +194,8 @@ class _Probe:
         """One training step of ``seq`` tokens: whether it fitted, and its peak."""
         import torch
 
+        from sloth_core.train.optim import default_adamw
+
         if self.load_error:
             return {"seq": seq, "fits": False, "reason": self.load_error}
         model = self.model
@@ -208,7 +210,7 @@ class _Probe:
         else:
             _reset_peak_rss()
         params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=2e-4)
+        optimizer = default_adamw(params, lr=2e-4)
         try:
             generator = torch.Generator().manual_seed(1234)
             ids = torch.randint(0, model.config.vocab_size, (1, seq), generator=generator)

@@ -2,7 +2,8 @@
 
 Each system trains the same random-init model (a named shape, saved once as bf16
 safetensors) on the same fixed batch of random tokens, **each in its own process**, in
-one run: LoRA r=16, alpha 16, dropout 0 on q,k,v,o,gate,up,down; ``torch.optim.AdamW(lr=2e-4)``;
+one run: LoRA r=16, alpha 16, dropout 0 on q,k,v,o,gate,up,down; AdamW(lr=2e-4), fused
+as both trainers run it by default (``sloth_core.train.optim.default_adamw``);
 gradient checkpointing on; ``warmup`` untimed steps, then ``steps`` timed ones, each
 between ``torch.cuda.synchronize`` calls. Tokens/s come from the median step; peak memory
 is ``torch.cuda.max_memory_allocated()`` after a reset once the model is loaded and
@@ -443,6 +444,7 @@ def run_system(system: str, model_dir: Path, *, seq: int, batch: int, steps: int
     rank, under torchrun). ``budget_gib``: see :func:`_plan`."""
     import torch
 
+    from sloth_core.train.optim import default_adamw
     from sloth_core.train.step import train_step
 
     if device == "cuda" and "LOCAL_RANK" in os.environ:
@@ -453,7 +455,7 @@ def run_system(system: str, model_dir: Path, *, seq: int, batch: int, steps: int
     config = model.config
     model, group = _distribute(system, model, full)
     model.train()
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4)
+    optimizer = default_adamw([p for p in model.parameters() if p.requires_grad], lr=2e-4)
     generator = torch.Generator().manual_seed(1234 + group.rank)  # each rank its own rows
     vocab = config.vocab_size
     ids = torch.randint(0, vocab, (batch, seq), generator=generator).to(device)
