@@ -1,21 +1,25 @@
 """Where a LoRA training step's time goes, per system (GPU only).
 
     python3 scripts/profile_train.py [--shape llama-8b] [--systems sloth,hf] [--seq 2048]
-                                     [--batch 4] [--rows 30] [--quantization fp8] > profile.txt
+                                     [--batch 4] [--rows 30] [--quantization fp8]
+                                     [--python-rows 40] > profile.txt
 
 Loads each system as ``sloth bench train`` does (the shape's random-init model, written
 once under $SLOTH_CACHE), runs warm-up steps, times a few (wall clock between
 synchronisations, against the device time the profiler sees: a step whose wall time is
 well above its device time waits on the host), then profiles one and prints the
 operators and kernels that take the most device time, and those that take the most host
-time.
+time; then one more step under cProfile: the Python functions the host spends it in.
 """
 
 from __future__ import annotations
 
 import argparse
+import cProfile
 import gc
+import io
 import os
+import pstats
 import statistics
 import time
 from pathlib import Path
@@ -34,6 +38,21 @@ def step(model, optimizer, ids):
     optimizer.zero_grad(set_to_none=True)
 
 
+def python_profile(model, optimizer, ids, rows: int) -> str:
+    """Where the host's Python goes in one step: the functions that take the most own
+    time (cProfile; its overhead inflates every call alike), then the most cumulative."""
+    profiler = cProfile.Profile()
+    profiler.enable()
+    step(model, optimizer, ids)
+    torch.cuda.synchronize()
+    profiler.disable()
+    text = io.StringIO()
+    stats = pstats.Stats(profiler, stream=text)
+    stats.sort_stats("tottime").print_stats(rows)
+    stats.sort_stats("cumulative").print_stats(rows)
+    return text.getvalue()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--shape", default="llama-8b")
@@ -43,6 +62,8 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=30)
     # sloth's base weights so (fp8: the fp8 row; hf stays bf16 there, as in the bench)
     parser.add_argument("--quantization", choices=("nf4", "fp8"), default=None)
+    # the host side: one more step under cProfile, its Python functions by own time (0: none)
+    parser.add_argument("--python-rows", type=int, default=40)
     args = parser.parse_args()
     cache = Path(os.environ.get("SLOTH_CACHE", Path.home() / ".cache" / "sloth"))
     model_dir = make_model(args.shape, cache / "bench-models" / args.shape, device="cuda")
@@ -79,6 +100,8 @@ def main() -> None:
             )
         )
         print(events.table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=70))
+        if args.python_rows:
+            print(python_profile(model, optimizer, ids, args.python_rows))
         del model, optimizer
         gc.collect()
         torch.cuda.empty_cache()
