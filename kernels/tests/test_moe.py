@@ -305,6 +305,57 @@ def test_schedule_covers_every_row_once(routing):
     assert torch.equal(index.reshape(-1)[sched.order], sched.expert)
 
 
+def _schedule_in_torch(index: torch.Tensor, experts: int, block_rows: int) -> dict:
+    """What :class:`moe._Schedule` must hold, in plain torch (each expert's rows counted with
+    ``bincount``, the blocks walked in a Python loop): the reference of its kernel."""
+    k = index.shape[1]
+    expert, order = torch.sort(index.reshape(-1), stable=True)
+    counts = torch.bincount(expert, minlength=experts)
+    end = torch.cumsum(counts, 0)
+    start = end - counts
+    bound = -(-order.numel() // block_rows) + experts
+    block_expert, block_start = [], []
+    for e in range(experts):
+        for row in range(int(start[e]), int(end[e]), block_rows):
+            block_expert.append(e)
+            block_start.append(row)
+    tail = bound - len(block_expert)
+    return {
+        "expert": expert, "order": order, "token": order // k, "start": start, "end": end,
+        "offs": end.to(torch.int32),
+        "block_expert": torch.tensor(block_expert + [-1] * tail),
+        "block_start": torch.tensor(block_start + [0] * tail),
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize("case", ["drawn", "uneven", "one_expert", "int32"])
+def test_schedule_kernel_matches_torch(case):
+    """The schedule's kernel against its torch form, over routings that cross its program
+    chunks (16 rows each under the interpreter) and the bound's chunk loop."""
+    seed, (tokens, experts, top_k, block_rows) = draw((1, 70), (1, 40), (1, 4), (1, 9))
+    top_k = min(top_k, experts)
+    if case == "uneven":
+        experts, top_k = max(experts, top_k + 3), max(top_k, 1)
+        index, weights = uneven_routing(max(tokens, 2), experts, top_k)
+    elif case == "one_expert":
+        experts, top_k = 1, 1
+        index = torch.zeros(tokens, 1, dtype=torch.long)
+        weights = torch.rand(tokens, 1)
+    else:
+        index = torch.stack([torch.randperm(experts)[:top_k] for _ in range(tokens)])
+        weights = torch.rand(tokens, top_k, dtype=torch.bfloat16)
+        if case == "int32":
+            index = index.to(torch.int32)
+    sched = moe._Schedule(index.to(DEVICE), experts, block_rows, weights.to(DEVICE))
+    want = _schedule_in_torch(index, experts, block_rows)
+    for name, value in want.items():
+        got = getattr(sched, name).cpu()
+        assert torch.equal(got.long(), value.long()), f"seed {seed}: {name} differs"
+    assert sched.offs.dtype == torch.int32
+    assert torch.equal(sched.w_rows.cpu(), weights.reshape(-1)[want["order"]])
+    assert (sched.rows, sched.tokens) == (index.numel(), index.shape[0])
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
 def test_schedule_never_waits_for_the_device():

@@ -32,7 +32,6 @@ after it (``BASE``): measured faster there (:func:`_grouped_mm_faster`).
 
 from __future__ import annotations
 
-import functools
 import inspect
 import os
 from typing import Any
@@ -326,6 +325,74 @@ def _grouped_tn_kernel(
 # -- host side -------------------------------------------------------------------------
 
 
+@triton.jit
+def _bound_search(values_ptr, n, target, steps, RIGHT: tl.constexpr):
+    """For each of ``target``: the first index of the sorted ``values[:n]`` holding a value
+    above it (``RIGHT``) or not below it; ``steps`` halvings cover ``n``."""
+    lo = tl.zeros(target.shape, dtype=tl.int64)
+    hi = lo + n
+    for _ in range(steps):
+        active = lo < hi
+        mid = (lo + hi) // 2
+        v = tl.load(values_ptr + mid, mask=active, other=0)
+        right = (v <= target) if RIGHT else (v < target)
+        lo = tl.where(active & right, mid + 1, lo)
+        hi = tl.where(active & ~right, mid, hi)
+    return lo
+
+
+@triton.jit
+def _schedule_kernel(
+    expert_ptr, order_ptr, weights_ptr, token_ptr, w_rows_ptr, start_ptr, end_ptr, offs_ptr,
+    block_end_ptr, block_expert_ptr, block_start_ptr, n_rows, n_experts, n_bound, top_k,
+    block_rows, row_steps, expert_steps,
+    HAS_WEIGHTS: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    """The schedule of :class:`_Schedule` from the expert-sorted rows, in one launch.
+
+    Every program writes a chunk of the rows' tokens (and routing weights); program 0 also
+    finds each expert's rows in the sorted experts (two binary searches), counts its row
+    blocks, and writes which expert and first row each block of the fixed bound has.
+    """
+    pid = tl.program_id(0)
+    rows = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    row_mask = rows < n_rows
+    order = tl.load(order_ptr + rows, mask=row_mask, other=0)
+    tl.store(token_ptr + rows, order // top_k, mask=row_mask)
+    if HAS_WEIGHTS:
+        tl.store(w_rows_ptr + rows, tl.load(weights_ptr + order, mask=row_mask), mask=row_mask)
+    if pid == 0:
+        e = tl.arange(0, BLOCK_E)
+        e_mask = e < n_experts
+        start = _bound_search(expert_ptr, n_rows, e, row_steps, RIGHT=False)
+        end = _bound_search(expert_ptr, n_rows, e, row_steps, RIGHT=True)
+        blocks = tl.where(e_mask, (end - start + block_rows - 1) // block_rows, 0)
+        block_end = tl.cumsum(blocks, 0)
+        tl.store(start_ptr + e, start, mask=e_mask)
+        tl.store(end_ptr + e, end, mask=e_mask)
+        tl.store(offs_ptr + e, end.to(tl.int32), mask=e_mask)
+        tl.store(block_end_ptr + e, block_end, mask=e_mask)
+        tl.debug_barrier()  # the stores above are read back, gathered, below
+        for first in range(0, n_bound, BLOCK):
+            b = first + tl.arange(0, BLOCK).to(tl.int64)
+            b_mask = b < n_bound
+            owner = _bound_search(block_end_ptr, n_experts, b, expert_steps, RIGHT=True)
+            valid = owner < n_experts
+            owner = tl.minimum(owner, n_experts - 1)
+            own_start = tl.load(start_ptr + owner, mask=b_mask, other=0)
+            own_end = tl.load(end_ptr + owner, mask=b_mask, other=0)
+            own_block_end = tl.load(block_end_ptr + owner, mask=b_mask, other=0)
+            own_blocks = (own_end - own_start + block_rows - 1) // block_rows
+            row = own_start + (b - (own_block_end - own_blocks)) * block_rows
+            tl.store(block_expert_ptr + b, tl.where(valid, owner, -1), mask=b_mask)
+            tl.store(block_start_ptr + b, tl.where(valid, row, 0), mask=b_mask)
+
+
+#: Rows a program of ``_schedule_kernel`` handles on the GPU (16 under the interpreter, so
+#: that the tests' few rows still take several programs).
+_SCHEDULE_BLOCK = 1024
+
+
 class _Schedule:
     """The (token, choice) pairs sorted by expert, and the row blocks of the grouped GEMMs.
 
@@ -333,41 +400,45 @@ class _Schedule:
         order: ``[N]`` flat (token * k + choice) index of each sorted row.
         token: ``[N]`` token of each sorted row.
         expert: ``[N]`` expert of each sorted row.
+        w_rows: ``[N]`` routing weight of each sorted row, given ``top_k_weights``.
         tokens: ``T``, the routed tokens (each has ``k`` rows).
-        start, end: ``[E]`` each expert's rows.
+        start, end: ``[E]`` each expert's rows (``offs``: ``end`` in int32, as
+            ``torch._grouped_mm`` takes group ends).
         block_expert, block_start: ``[cdiv(N, BM) + E]`` each row block's expert (-1 for
             the unused tail of the bound) and first row.
+
+    Everything after torch's sort is one kernel (:func:`_schedule_kernel`): as some twenty
+    small torch operations it cost the host about 0.4 ms a call, twice a layer a step.
+    Nothing reads back to the host: the bound on the blocks is fixed by the sizes alone.
     """
 
-    def __init__(self, top_k_index: torch.Tensor, experts: int, block_rows: int) -> None:
+    def __init__(self, top_k_index: torch.Tensor, experts: int, block_rows: int,
+                 top_k_weights: torch.Tensor | None = None) -> None:  # fmt: skip
         k = top_k_index.shape[1]
         flat = top_k_index.reshape(-1)
         self.expert, self.order = torch.sort(flat, stable=True)
-        self.token = torch.div(self.order, k, rounding_mode="floor")
-        # Each expert's end in the sorted rows, found in them: torch.bincount would read
-        # the indices' min and max back to the host, two syncs a call (a layer's forward
-        # and its recompute), each a stall of the launches queued behind it.
-        ids = torch.arange(experts, device=flat.device, dtype=flat.dtype)
-        self.end = torch.searchsorted(self.expert, ids, right=True)
-        counts = torch.diff(self.end, prepend=self.end.new_zeros(1))
-        self.start = self.end - counts
-        blocks = torch.div(counts + block_rows - 1, block_rows, rounding_mode="floor")
-        block_end = torch.cumsum(blocks, 0)
-        bound = triton.cdiv(flat.numel(), block_rows) + experts
-        ids = torch.arange(bound, device=flat.device)
-        owner = torch.searchsorted(block_end, ids, right=True)
-        valid = owner < experts
-        owner = owner.clamp(max=experts - 1)
-        first = self.start[owner] + (ids - (block_end[owner] - blocks[owner])) * block_rows
-        self.block_expert = torch.where(valid, owner, -1)
-        self.block_start = torch.where(valid, first, 0)
-        self.rows = flat.numel()
-        self.tokens = top_k_index.shape[0]
-
-    @functools.cached_property
-    def offs(self) -> torch.Tensor:
-        """``[E]`` int32 group ends, as ``torch._grouped_mm`` takes them (its path only)."""
-        return self.end.to(torch.int32)
+        n, device = flat.numel(), flat.device
+        self.rows, self.tokens = n, top_k_index.shape[0]
+        bound = triton.cdiv(n, block_rows) + experts
+        self.token = torch.empty(n, dtype=torch.int64, device=device)
+        self.start, self.end, block_end = (
+            torch.empty(experts, dtype=torch.int64, device=device) for _ in range(3)
+        )
+        self.offs = torch.empty(experts, dtype=torch.int32, device=device)
+        self.block_expert, self.block_start = (
+            torch.empty(bound, dtype=torch.int64, device=device) for _ in range(2)
+        )
+        weights = None if top_k_weights is None else top_k_weights.reshape(-1)
+        self.w_rows = None if weights is None else torch.empty_like(weights)
+        block = 16 if interpreting() else _SCHEDULE_BLOCK
+        _schedule_kernel[(max(1, triton.cdiv(n, block)),)](
+            self.expert, self.order, weights if weights is not None else self.token, self.token,
+            self.w_rows if self.w_rows is not None else self.token, self.start, self.end,
+            self.offs, block_end, self.block_expert, self.block_start, n, experts, bound, k,
+            block_rows, n.bit_length(), experts.bit_length(),
+            HAS_WEIGHTS=weights is not None, BLOCK_E=max(16, triton.next_power_of_2(experts)),
+            BLOCK=block,
+        )  # fmt: skip
 
 
 def _adapter(layer: ExpertLinear, transpose: bool) -> tuple | None:
@@ -572,8 +643,8 @@ class _MoEExperts(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, top_k_index, top_k_weights, w1, b1, a1, lb1, w2, b2, a2, lb2, cfg):
         gate_up, down, act, layout, alpha, limit, output = cfg
-        sched = _Schedule(top_k_index, w1.shape[0], _blocks()[0])
-        w_rows = top_k_weights.reshape(-1)[sched.order].contiguous()
+        sched = _Schedule(top_k_index, w1.shape[0], _blocks()[0], top_k_weights)
+        w_rows = sched.w_rows
         mm = _grouped_mm_wanted(x, w1, w2)
         xa1 = _lora_rows(x, sched, _adapter(gate_up, False), gather=True)
         gate, up, h = _gate_up(x, sched, gate_up, act, layout, alpha, limit, xa1, mm)
