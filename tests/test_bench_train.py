@@ -52,8 +52,10 @@ def test_both_systems_train_the_same_in_separate_processes(tmp_path):
     calls = sum(by["sloth"]["attention_paths"].values())
     assert layers <= calls <= 2 * layers and by["hf"]["attention_paths"] is None
     assert report["versions"]["torch"] and by["sloth"]["device_name"] == report["device_name"]
+    # Both step with the fused AdamW their trainers default to, and the report says so.
+    assert {r["optimizer"] for r in by.values()} == {"fused AdamW"}
     text = markdown(report, "sloth bench train --shape llama-tiny")
-    assert "| sloth |" in text and "| hf |" in text
+    assert "| sloth |" in text and "| hf |" in text and "LoRA, fused AdamW;" in text
 
 
 def test_cli_rejects_unknown_shape_and_writes_reports(tmp_path, capsys, monkeypatch):

@@ -110,6 +110,8 @@ class TrainResult:
     #: sloth's attention calls of one timed step by path (sdpa, kept, varlen, ...): which
     #: kernels the step ran, e.g. whether the recompute reused kept attention outputs.
     attention_paths: dict[str, float] | None = None
+    #: the optimizer the system stepped with ("fused AdamW": see default_adamw)
+    optimizer: str | None = None
 
 
 class SystemSkipped(Exception):
@@ -508,13 +510,15 @@ def run_system(system: str, model_dir: Path, *, seq: int, batch: int, steps: int
         import platform
 
         device_name = platform.processor() or platform.machine()
+    stepper = "fused AdamW" if optimizer.defaults.get("fused") else "AdamW"
     # The model (a sharded one holds its collectives' work objects) goes before the group:
     # alive after it, gloo's threads can abort the process at exit (distributed.Group.close).
     del model, optimizer
     group.close()
     return TrainResult(system, tokens_per_s, median, peak, mfu, losses[0], losses[-1], n_base,
                        n_lora, attention, device_name, nproc=group.world_size,
-                       full=full, plan=plan, attention_paths=paths)  # fmt: skip
+                       full=full, plan=plan, attention_paths=paths,
+                       optimizer=stepper)  # fmt: skip
 
 
 def run_worker(module: str, args: list[str], *, timeout: float, nproc: int = 1,
@@ -617,6 +621,9 @@ def markdown(report: dict[str, Any], command: str) -> str:
     what = ("full fine-tuning" if report.get("full")
             else f"QLoRA ({report['quantization']} base weights)" if report.get("quantization")
             else "LoRA")  # fmt: skip
+    steppers = sorted({r["optimizer"] for r in report["results"] if r.get("optimizer")})
+    if steppers:
+        what += ", " + " / ".join(steppers)
     lines = [f"Shape `{report['shape']}`, seq {report['seq']} x batch {report['batch']} per "
              f"process, {report['warmup']} warm-up + {report['steps']} timed steps, "
              f"{report['device']}, {what}; `system@N`: N processes, one GPU each.",
