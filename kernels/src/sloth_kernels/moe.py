@@ -407,9 +407,10 @@ class _Schedule:
         block_expert, block_start: ``[cdiv(N, BM) + E]`` each row block's expert (-1 for
             the unused tail of the bound) and first row.
 
-    Everything after torch's sort is one kernel (:func:`_schedule_kernel`): as some twenty
-    small torch operations it cost the host about 0.4 ms a call, twice a layer a step.
-    Nothing reads back to the host: the bound on the blocks is fixed by the sizes alone.
+    Everything after torch's sort is one kernel (:func:`_schedule_kernel`), where some
+    twenty small torch operations were launched a call, twice a layer a step (the forward
+    and the recompute). Nothing reads back to the host: the bound on the blocks is fixed
+    by the sizes alone.
     """
 
     def __init__(self, top_k_index: torch.Tensor, experts: int, block_rows: int,
