@@ -42,7 +42,9 @@ def build_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.
                 "optim='adamw_8bit' needs bitsandbytes (pip install bitsandbytes)"
             ) from None
         return bnb.optim.AdamW8bit(groups, lr=config.learning_rate, betas=betas)
-    fused = config.optim == "adamw_torch_fused" and _fusable(groups)
+    fused = config.optim == "adamw_torch_fused" and _fusable(
+        [p for g in groups for p in g["params"]]
+    )
     return torch.optim.AdamW(groups, lr=config.learning_rate, betas=betas, fused=fused or None)
 
 
@@ -55,13 +57,12 @@ def default_adamw(params: list[torch.nn.Parameter], lr: float) -> torch.optim.Ad
     one makes several passes and, over a large adapter set, a temporary as large as the
     parameters (3.7 GiB for LoRA on every expert of qwen3-30b-a3b).
     """
-    return torch.optim.AdamW(params, lr=lr, fused=_fusable([{"params": params}]) or None)
+    return torch.optim.AdamW(params, lr=lr, fused=_fusable(params) or None)
 
 
-def _fusable(groups: list[dict[str, Any]]) -> bool:
+def _fusable(params: list[torch.nn.Parameter]) -> bool:
     # The fused AdamW takes floating tensors on CUDA (and, in recent torch, the CPU); one
     # device type for all.
-    params = [p for g in groups for p in g["params"]]
     devices = {p.device.type for p in params}
     return (
         len(devices) == 1
