@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from kernel_helpers import DEVICE, FP32_FLOOR, HAS_CUDA, LOWP_FACTOR, TOLERANCES, assert_close
@@ -291,7 +293,11 @@ def test_schedule_covers_every_row_once(routing):
         index, _ = uneven_routing(9, 8, 3)
     else:  # the first and the last experts (and others between) get no row
         index = torch.tensor([[2, 5], [5, 2], [3, 2]])
-    sched = moe._Schedule(index, 8, 4)
+    # The kernel takes the device's tensors (the op routes only those to it); the checks
+    # read them back.
+    on_device = moe._Schedule(index.to(DEVICE), 8, 4)
+    fields = ("start", "end", "block_expert", "block_start", "expert", "order")
+    sched = SimpleNamespace(**{name: getattr(on_device, name).cpu() for name in fields})
     counts = torch.bincount(index.reshape(-1), minlength=8)
     assert torch.equal(sched.end - sched.start, counts)
     covered = torch.zeros(index.numel(), dtype=torch.long)
