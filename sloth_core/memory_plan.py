@@ -34,7 +34,8 @@ model. The model of memory (all figures scale with the tokens of a step):
   state) plus the largest of those moments. The gradients of activations inside the
   layers and allocator fragmentation are not modelled.
 
-Recompute cost: a layer's forward is ``2 x params`` FLOPs per token for its matmuls plus
+Recompute cost: a layer's forward is ``2 x params`` FLOPs per token for its matmuls (an
+MoE layer's experts at ``top_k / E``: :func:`~sloth_core.flops.matmul_params_per_token`) plus
 ``4 x seq x hidden`` for attention (scores and weighted sum), the price of recomputing it.
 The greedy plan moves to ``recompute`` first the layers that free the most bytes per
 recompute FLOP (on ties the first layers: their recompute runs when the later layers'
@@ -60,6 +61,8 @@ from typing import Any
 
 import torch
 from rich.table import Table
+
+from sloth_core.flops import matmul_params_per_token
 
 __all__ = [
     "LayerCost",
@@ -90,7 +93,7 @@ class LayerCost:
     index: int
     saved_bytes_per_token: float  # saved for backward with the layer kept
     input_bytes_per_token: float  # the layer input: hidden x element size
-    recompute_flops_per_token: float  # 2 x params + 4 x seq x hidden (attention)
+    recompute_flops_per_token: float  # 2 x matmul params (flops.py) + 4 x seq x hidden
     # What an offloaded first pass keeps for the recompute (keep_for_backward): sent to
     # host memory with the input (the attention's output), and left on the device (its
     # log-sum-exp).
@@ -151,8 +154,11 @@ def _weight_storages(model: torch.nn.Module) -> set[int]:
     }
 
 
-def _layer_flops_per_token(layer: torch.nn.Module, seq: int, hidden: int) -> float:
-    params = sum(p.numel() for p in layer.parameters())
+def _layer_flops_per_token(layer: torch.nn.Module, seq: int, hidden: int,
+                           top_k: int | None) -> float:  # fmt: skip
+    # An MoE layer's experts count top_k of E (matmul_params_per_token): counted whole, a
+    # sparse layer looked E / top_k times dearer to recompute than it is.
+    params = matmul_params_per_token(layer, top_k)
     attention = 4 * seq * hidden if any("attn" in n for n, _ in layer.named_children()) else 0
     return float(2 * params + attention)
 
@@ -223,12 +229,13 @@ def measure_layer_costs(model: Any, input_ids: torch.Tensor) -> LayerCosts:
             rest += sizes[ptr]
     config = model.config.get_text_config()
     seq = input_ids.shape[-1]
+    top_k = getattr(config, "num_experts_per_tok", None)
     costs = tuple(
         LayerCost(
             index=i,
             saved_bytes_per_token=saved[i] / tokens,
             input_bytes_per_token=inputs.get(i, 0) / tokens,
-            recompute_flops_per_token=_layer_flops_per_token(layer, seq, config.hidden_size),
+            recompute_flops_per_token=_layer_flops_per_token(layer, seq, config.hidden_size, top_k),
             kept_host_bytes_per_token=kept[i][0] / tokens,
             kept_device_bytes_per_token=kept[i][1] / tokens,
         )

@@ -173,3 +173,38 @@ def test_plan_for_step_measures_over_any_checkpointing_and_applies_its_plan(conf
     assert fixed == buffers + sum(p.numel() * (4 + 4 + 8) for p in model.parameters())
     with pytest.raises(ValueError, match="below the least this step needs"):
         plan_for_step(model, sequences=3, seq=40, budget_bytes=fixed, sample_seq=32)
+
+
+def test_an_moe_layer_costs_a_token_its_top_k_experts():
+    """Qwen3-MoE with layer 0 dense and layer 1 sparse, LoRA on attention and every
+    expert: the sparse layer's recompute counts ``top_k`` of its ``E`` experts and of
+    their adapters (PEFT's ``r x E`` wide ones), the dense layer its whole MLP."""
+    from sloth_core.testing import tiny_config
+    from sloth_core.testing.parity import attach_lora
+
+    config = tiny_config("qwen3_moe")
+    h, r, seq = config.hidden_size, 4, 12
+    e, k, moe = config.num_experts, config.num_experts_per_tok, config.moe_intermediate_size
+    assert config.mlp_only_layers == [0] and k < e
+    model = attach_lora(init_tiny_model(config, seed=3), r=r, seed=0).train()
+    # PEFT maps an MoE model's gate/up/down_proj onto its expert stacks (target_parameters):
+    # the dense layer's MLP stays without an adapter.
+    assert type(model.base_model.model.model.layers[0].mlp.gate_proj) is torch.nn.Linear
+    costs = measure_layer_costs(model, _ids(config, seq))
+    q = config.num_attention_heads * config.head_dim
+    kv = config.num_key_value_heads * config.head_dim
+
+    def lora(n_in, n_out):
+        return n_in * n_out + r * (n_in + n_out)
+
+    attention = lora(h, q) + 2 * lora(h, kv) + lora(q, h)
+    dense = 3 * h * config.intermediate_size
+    # per expert: gate_up [2m, h] and down [h, m]; PEFT's adapters of the stacks (every
+    # expert's rank, gate_up's at 2r) at top_k / E. transformers' router is a bare [E, h]
+    # weight, not an nn.Linear: not counted (a 1 / (3 m top_k) share of the experts').
+    stacks = [p for n, p in model.named_parameters() if "layers.1.mlp.experts" in n and "lora" in n]
+    assert len(stacks) == 4  # lora_A and lora_B of gate_up_proj and of down_proj
+    experts = k * 3 * moe * h + k / e * sum(p.numel() for p in stacks)
+    flops = [2 * (attention + dense), 2 * (attention + experts)]
+    for cost, matmuls in zip(costs, flops, strict=True):
+        assert cost.recompute_flops_per_token == pytest.approx(matmuls + 4 * seq * h)

@@ -314,21 +314,12 @@ def check_free_space(folder: Path, needed: int, *, margin: int = 1 << 30) -> Non
 
 
 def _matmul_params(model: Any) -> int:
-    import torch
+    """The matmul weights a token runs through: the MFU's FLOPs are 6 x this a token (an
+    MoE layer's experts at ``num_experts_per_tok`` of them)."""
+    from sloth_core.flops import matmul_params_per_token
 
-    def numel(weight: Any) -> int:  # a 4-bit weight holds two values a byte
-        state = getattr(weight, "quant_state", None)
-        return int(torch.Size(state.shape).numel()) if state is not None else weight.numel()
-
-    dense = sum(numel(m.weight) for m in model.modules()
-                if isinstance(m, torch.nn.Linear)
-                and "lora_" not in type(m).__name__.lower())  # fmt: skip
-    # An MoE layer's experts are 3-D parameters ([E, out, in]), of which each token runs
-    # num_experts_per_tok: only those count towards the FLOPs per token.
     top_k = getattr(model.config, "num_experts_per_tok", None)
-    experts = sum(p.numel() * top_k // p.shape[0] for p in model.parameters()
-                  if p.dim() == 3 and top_k)  # fmt: skip
-    return dense + experts
+    return round(matmul_params_per_token(model, top_k))
 
 
 def hf_attention(model_dir: Path) -> str:
