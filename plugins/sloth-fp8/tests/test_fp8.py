@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from sloth_fp8.linear import FP8_MAX, Fp8Linear, dequantize_rows, quantize_rows
+from sloth_fp8.linear import FP8_MAX, Fp8Linear, dequantize_rows, quantize_rows, transposed
 
 from sloth_core import FastLanguageModel
 from sloth_core.plugins import using_plugin_manager
@@ -29,6 +29,17 @@ def test_rows_round_trip_within_e4m3s_step(shape):
     # e4m3 keeps 3 mantissa bits: within 1/16 of each value, and of the row's max near 0.
     step = weight.abs() / 16 + scales[:, None] * FP8_MAX / 2**9
     assert ((back - weight).abs() <= step).all()
+
+
+@pytest.mark.parametrize("shape", [(48, 80), (33, 17), (1, 129)])
+def test_transposed_weight_is_the_exact_transpose(shape):
+    """The backward's transposed copy (compiled on CUDA, where that path is tested) holds
+    the same bytes as torch's own transpose, on odd shapes too."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    values, _ = quantize_rows(torch.randn(shape, device=device))
+    out = transposed(values)
+    assert out.dtype == values.dtype and out.shape == shape[::-1] and out.is_contiguous()
+    assert torch.equal(out.view(torch.uint8), values.view(torch.uint8).t())
 
 
 @pytest.mark.parametrize(("tokens", "k", "n"), [(37, 64, 48), (5, 33, 17)])  # fp8 / fallback

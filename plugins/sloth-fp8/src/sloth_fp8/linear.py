@@ -75,9 +75,32 @@ def _quantize_rows_eager(
     return (flat / row_scales).to(FP8), row_scales
 
 
-_quantize_rows_compiled: Any = None
 #: The key of an input's e4m3 rows in the ``shared`` dict of the fused LoRA ops.
 _SHARED_ROWS = "sloth_fp8.rows"
+_COMPILED: dict[Any, Any] = {}
+
+
+def _on_cuda(fn: Any, tensor: torch.Tensor) -> Any:
+    """``fn`` through ``torch.compile`` for a CUDA ``tensor`` (unless ``SLOTH_FP8_COMPILE=0``),
+    compiled once; ``fn`` itself elsewhere.
+
+    Only the first dimension of ``fn``'s first argument is dynamic (the rows: a step's
+    tokens), the width static: each width, a handful a model, gets a kernel of its own
+    size (a transpose in tiles, a row reduction of that length). Compiled dynamic in both,
+    the transposed copy was no faster than torch's strided one and the llama-8b FP8 step
+    3.6% slower (docs/benchmarks.md, session 21)."""
+    if not tensor.is_cuda or os.environ.get("SLOTH_FP8_COMPILE", "1") == "0":
+        return fn
+    if fn not in _COMPILED:
+        compiled = torch.compile(fn)
+
+        def rows_dynamic(t: torch.Tensor, *args: Any) -> Any:
+            torch._dynamo.maybe_mark_dynamic(t, 0)
+            torch._dynamo.mark_static(t, 1)  # else a second width makes it dynamic too
+            return compiled(t, *args)
+
+        _COMPILED[fn] = rows_dynamic
+    return _COMPILED[fn]
 
 
 def _quantize_activation_rows(
@@ -86,17 +109,26 @@ def _quantize_activation_rows(
     """``flat`` ``[M, K]`` (any float dtype; times ``column_scales`` ``[1, K]`` if given) as
     e4m3 rows and their float32 scales ``[M, 1]``.
 
-    On CUDA the same function through ``torch.compile`` (unless ``SLOTH_FP8_COMPILE=0``):
-    eager, the cast, the scaling, ``abs``, the row max, the division and the cast to e4m3
-    are each a pass over a float32 copy of ``flat``, which made an FP8 projection slower
-    than bf16's (docs/benchmarks.md); compiled they are a reduction and one pointwise pass.
+    On CUDA compiled (:func:`_on_cuda`): eager, the cast, the scaling, ``abs``, the row
+    max, the division and the cast to e4m3 are each a pass over a float32 copy of
+    ``flat``, which made an FP8 projection slower than bf16's (docs/benchmarks.md);
+    compiled they are a reduction and one pointwise pass.
     """
-    global _quantize_rows_compiled
-    if flat.is_cuda and os.environ.get("SLOTH_FP8_COMPILE", "1") != "0":
-        if _quantize_rows_compiled is None:
-            _quantize_rows_compiled = torch.compile(_quantize_rows_eager, dynamic=True)
-        return _quantize_rows_compiled(flat, column_scales)
-    return _quantize_rows_eager(flat, column_scales)
+    return _on_cuda(_quantize_rows_eager, flat)(flat, column_scales)
+
+
+def _transpose_eager(values: torch.Tensor) -> torch.Tensor:
+    # As bytes: the copy moves them, whatever the float8 type.
+    return values.view(torch.uint8).t().contiguous().view(values.dtype)
+
+
+def transposed(values: torch.Tensor) -> torch.Tensor:
+    """``values.t().contiguous()`` of a 2-D e4m3 weight: what the input's gradient
+    multiplies (``_scaled_mm`` takes FP8 operands with the inner dimension contiguous
+    only), made once a step. On CUDA compiled (:func:`_on_cuda`): torch's strided copy
+    took 214 us for an average projection of llama-8b on an H100, 48 ms of a 619 ms FP8
+    step; the compiled one, in tiles, 29 us (docs/benchmarks.md, session 21)."""
+    return _on_cuda(_transpose_eager, values)(values)
 
 
 def _fresh(like: torch.Tensor, features: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -150,7 +182,7 @@ def fp8_matmul_grad(grad: torch.Tensor, values: torch.Tensor, scales: torch.Tens
         g_fp8, g_scales = _quantize_activation_rows(flat, scales[None, :])
         ones = torch.ones((1, values.shape[1]), dtype=torch.float32, device=grad.device)
         torch._scaled_mm(
-            g_fp8, values.t().contiguous().t(), scale_a=g_scales, scale_b=ones,
+            g_fp8, transposed(values).t(), scale_a=g_scales, scale_b=ones,
             out_dtype=grad.dtype, out=out2,
         )  # fmt: skip
     return out
