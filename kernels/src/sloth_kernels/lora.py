@@ -265,7 +265,16 @@ def group_backward(
     if big_g is None and group.adapted:
         big_g = group_g(grads, group, lora)
     dx = None
-    if needs_x:
+    bases = [layer.base for layer in group.layers]
+    together = getattr(type(bases[0]), "sloth_input_grads", None)
+    alike = len(bases) > 1 and all(type(b) is type(bases[0]) for b in bases)
+    if needs_x and alike and callable(together):
+        # A multiplying base that sums its group's products itself (sloth-fp8: one FP8
+        # GEMM over the gradients side by side); the thin G A accumulates onto that.
+        dx = together(bases, list(grads))
+        if big_g is not None:
+            dx.view(-1, dx.shape[-1]).addmm_(big_g, group.stacked_a(lora))
+    elif needs_x:
         if big_g is not None:
             dx = big_g.mm(group.stacked_a(lora))
         for layer, g in zip(group.layers, grads, strict=True):

@@ -9,7 +9,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from sloth_fp8.linear import FP8_MAX, Fp8Linear, dequantize_rows, quantize_rows, transposed
+from sloth_fp8.linear import (
+    FP8_MAX,
+    Fp8Linear,
+    dequantize_rows,
+    fp8_group_matmul_grad,
+    quantize_rows,
+    transposed,
+)
 
 from sloth_core import FastLanguageModel
 from sloth_core.plugins import using_plugin_manager
@@ -40,6 +47,35 @@ def test_transposed_weight_is_the_exact_transpose(shape):
     out = transposed(values)
     assert out.dtype == values.dtype and out.shape == shape[::-1] and out.is_contiguous()
     assert torch.equal(out.view(torch.uint8), values.view(torch.uint8).t())
+
+
+@pytest.mark.parametrize(("k", "outs"), [(64, (48, 16, 16)), (48, (32, 96)), (33, (17, 48))])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_group_of_input_gradients_in_one_product(k, outs, dtype):
+    """``sum_i g_i W_i`` of the layers of one input (q/k/v, gate/up) as one FP8 product of
+    the gradients side by side: within e4m3's rounding of the exact sum, where every
+    layer takes FP8 (else the sum of their own backward products, exactly)."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    weights = [torch.randn(n, k, device=device) * (torch.rand(n, 1, device=device) * 4 + 0.05)
+               for n in outs]  # fmt: skip
+    quantized = [quantize_rows(w) for w in weights]
+    values, scales = [q[0] for q in quantized], [q[1] for q in quantized]
+    grads = [torch.randn(3, 29, n, device=device, dtype=dtype) for n in outs]
+    got = fp8_group_matmul_grad(grads, values, scales)
+    assert got.shape == (3, 29, k) and got.dtype == dtype
+    exact = sum(g.float() @ dequantize_rows(v, s, torch.float32)
+                for g, v, s in zip(grads, values, scales, strict=True))  # fmt: skip
+    layers = []
+    for w in weights:
+        linear = torch.nn.Linear(k, w.shape[0], bias=False, device=device)
+        linear.weight.data.copy_(w)
+        layers.append(Fp8Linear(linear))
+    each = sum(layer.sloth_input_grad(g) for layer, g in zip(layers, grads, strict=True))
+    if k % 16 or any(n % 16 for n in outs):  # a shape _scaled_mm refuses: the sum itself
+        torch.testing.assert_close(got, each, rtol=0, atol=0)
+    else:
+        assert _rel(got, exact) < 0.05 and _rel(each, exact) < 0.05
+    assert torch.equal(Fp8Linear.sloth_input_grads(layers, grads), got)
 
 
 @pytest.mark.parametrize(("tokens", "k", "n"), [(37, 64, 48), (5, 33, 17)])  # fp8 / fallback

@@ -42,7 +42,10 @@ class LoRALinear:
             fresh tensors, and ``dense_weight(dtype)`` the dequantized ``W``. ``shared``
             is ``None`` or a dict the fused ops pass to every product of the same ``x`` in
             one call, where a layer may keep what it derives from ``x`` alone for the next
-            (sloth-fp8: the input's e4m3 rows), under keys its own.
+            (sloth-fp8: the input's e4m3 rows), under keys its own. Optionally the class
+            offers ``sloth_input_grads(layers, grads)``: ``sum_i grads_i W_i`` over layers
+            of one input, all of that class (the fused ops' q/k/v, gate/up), a fresh
+            tensor; the fused ops call it instead of summing ``sloth_input_grad``.
     """
 
     weight: torch.Tensor

@@ -84,19 +84,20 @@ def _on_cuda(fn: Any, tensor: torch.Tensor) -> Any:
     """``fn`` through ``torch.compile`` for a CUDA ``tensor`` (unless ``SLOTH_FP8_COMPILE=0``),
     compiled once; ``fn`` itself elsewhere.
 
-    Only the first dimension of ``fn``'s first argument is dynamic (the rows: a step's
-    tokens), the width static: each width, a handful a model, gets a kernel of its own
-    size (a transpose in tiles, a row reduction of that length). Compiled dynamic in both,
-    the transposed copy was no faster than torch's strided one and the llama-8b FP8 step
-    3.6% slower (docs/benchmarks.md, session 21)."""
+    Only the first dimension of ``fn``'s first argument (of each, for a list) is dynamic
+    (the rows: a step's tokens), the width static: each width, a handful a model, gets a
+    kernel of its own size (a transpose in tiles, a row reduction of that length).
+    Compiled dynamic in both, the transposed copy was no faster than torch's strided one
+    and the llama-8b FP8 step 3.6% slower (docs/benchmarks.md, session 21)."""
     if not tensor.is_cuda or os.environ.get("SLOTH_FP8_COMPILE", "1") == "0":
         return fn
     if fn not in _COMPILED:
         compiled = torch.compile(fn)
 
-        def rows_dynamic(t: torch.Tensor, *args: Any) -> Any:
-            torch._dynamo.maybe_mark_dynamic(t, 0)
-            torch._dynamo.mark_static(t, 1)  # else a second width makes it dynamic too
+        def rows_dynamic(t: Any, *args: Any) -> Any:
+            for each in t if isinstance(t, (list, tuple)) else (t,):
+                torch._dynamo.maybe_mark_dynamic(each, 0)
+                torch._dynamo.mark_static(each, 1)  # else a second width makes it dynamic
             return compiled(t, *args)
 
         _COMPILED[fn] = rows_dynamic
@@ -188,6 +189,48 @@ def fp8_matmul_grad(grad: torch.Tensor, values: torch.Tensor, scales: torch.Tens
     return out
 
 
+def _quantize_side_by_side_eager(
+    flats: list[torch.Tensor], column_scales: list[torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    joined = torch.cat([f.float() * s for f, s in zip(flats, column_scales, strict=True)], dim=1)
+    return _quantize_rows_eager(joined, None)
+
+
+def _transpose_stacked_eager(values: list[torch.Tensor]) -> torch.Tensor:
+    stacked = torch.cat([v.view(torch.uint8) for v in values], dim=0)
+    return stacked.t().contiguous().view(values[0].dtype)
+
+
+def fp8_group_matmul_grad(
+    grads: list[torch.Tensor], values: list[torch.Tensor], scales: list[torch.Tensor]
+) -> torch.Tensor:
+    """``sum_i grads_i @ W_i`` for the layers of one input (q/k/v, gate/up), ``grads_i``
+    ``[..., out_i]``, as one FP8 product: ``[g_0 | g_1 | ...] @ [W_0; W_1; ...]``, the
+    gradients side by side (each times its weight's row scales), quantized per row of
+    the whole, against the weights stacked and transposed in one copy. Against a product
+    each (:func:`fp8_matmul_grad`) and their sum: one quantization, one transposed copy
+    and one GEMM of the summed depth instead of several, and no sums of ``[N, in]``
+    partial results. Where ``_scaled_mm`` does not take a shape, that sum instead. A
+    fresh tensor, not a view."""
+    flats = [g.reshape(-1, g.shape[-1]) for g in grads]
+    rows, dtype = flats[0].shape[0], grads[0].dtype
+    if len(grads) == 1 or not all(_takes(v, rows, dtype) for v in values):
+        out = fp8_matmul_grad(grads[0], values[0], scales[0])
+        for g, v, sc in zip(grads[1:], values[1:], scales[1:], strict=True):
+            out.add_(fp8_matmul_grad(g, v, sc))
+        return out
+    out, out2 = _fresh(grads[0], values[0].shape[1])
+    g_fp8, g_scales = _on_cuda(_quantize_side_by_side_eager, flats[0])(
+        flats, [sc[None, :] for sc in scales]
+    )
+    stacked_t = _on_cuda(_transpose_stacked_eager, values[0])(values)
+    ones = torch.ones((1, values[0].shape[1]), dtype=torch.float32, device=grads[0].device)
+    torch._scaled_mm(
+        g_fp8, stacked_t.t(), scale_a=g_scales, scale_b=ones, out_dtype=dtype, out=out2
+    )
+    return out
+
+
 class _Fp8Linear(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, values: torch.Tensor, scales: torch.Tensor,
@@ -252,6 +295,20 @@ class Fp8Linear(nn.Linear):
     def sloth_input_grad(self, grad: torch.Tensor) -> torch.Tensor:
         """``grad W``: the input's gradient as :meth:`forward`'s backward computes it."""
         return _input_grad(grad, self.weight, self.weight_scale, self.fp8_backward)
+
+    @staticmethod
+    def sloth_input_grads(layers: list[Fp8Linear], grads: list[torch.Tensor]) -> torch.Tensor:
+        """``sum_i grads_i W_i`` over the layers of one input (the fused ops' q/k/v or
+        gate/up): as the sum of :meth:`sloth_input_grad`, in one FP8 product
+        (:func:`fp8_group_matmul_grad`) where every layer takes its backward in FP8."""
+        if not all(layer.fp8_backward for layer in layers):
+            out = layers[0].sloth_input_grad(grads[0])
+            for layer, grad in zip(layers[1:], grads[1:], strict=True):
+                out.add_(layer.sloth_input_grad(grad))
+            return out
+        return fp8_group_matmul_grad(
+            grads, [layer.weight for layer in layers], [layer.weight_scale for layer in layers]
+        )
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, fp8 e4m3"
