@@ -53,8 +53,11 @@ def test_transposed_weight_is_the_exact_transpose(shape):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_a_group_of_input_gradients_in_one_product(k, outs, dtype):
     """``sum_i g_i W_i`` of the layers of one input (q/k/v, gate/up) as one FP8 product of
-    the gradients side by side: within e4m3's rounding of the exact sum, where every
-    layer takes FP8 (else the sum of their own backward products, exactly)."""
+    the gradients side by side: within e4m3's rounding of the exact sum, and no further
+    from it than a product each. The one row scale spans every part's ``g_i`` times its
+    weight's row scales, what each adds to the sum: a part rounded far below it adds
+    little to the sum either. Where a layer does not take FP8, the sum of their own
+    backward products, exactly."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     weights = [torch.randn(n, k, device=device) * (torch.rand(n, 1, device=device) * 4 + 0.05)
                for n in outs]  # fmt: skip
@@ -74,7 +77,8 @@ def test_a_group_of_input_gradients_in_one_product(k, outs, dtype):
     if k % 16 or any(n % 16 for n in outs):  # a shape _scaled_mm refuses: the sum itself
         torch.testing.assert_close(got, each, rtol=0, atol=0)
     else:
-        assert _rel(got, exact) < 0.05 and _rel(each, exact) < 0.05
+        assert _rel(each, exact) < 0.05
+        assert _rel(got, exact) < 1.25 * _rel(each, exact)
     assert torch.equal(Fp8Linear.sloth_input_grads(layers, grads), got)
 
 
