@@ -4,14 +4,14 @@
 # (LIMIT seconds in all, 570 by default), so a short window still brings back the first
 # ones, and one that is cut short still leaves what it printed under OUT_DIR.
 #   [LIMIT=570] [SKIP=tests,moe] bash scripts/gpu_next.sh [OUT_DIR]
-# On a card with room for the MoE row's baseline (an H200's 139 GiB) the row comes right
-# after the tests; on an 80 GB card its batch-1 figure (sloth and hf + PEFT) instead.
+# On a card with room for the MoE row's baseline (an H200's 139 GiB) the row and its
+# profile come right after the tests.
 set -uo pipefail
 source "$(dirname "$0")/gpu_env.sh" "$@"
 export SLOTH_CACHE=${SLOTH_CACHE:-/dev/shm/sloth-cache} TOKENIZERS_PARALLELISM=false
 limit=${LIMIT:-570}
 # SKIP=key,key: leave out the steps a call before brought back (tests, moe, moe-profile,
-# fp8-linear, profiles, dpo), so that the next call of a warm machine goes on from there.
+# fp8, dpo, profiles), so that the next call of a warm machine goes on from there.
 step() {  # step KEY NAME SECONDS_NEEDED 'COMMAND': run it under bash if that much time is left
   local key=$1; shift
   if [[ ",${SKIP:-}," == *",$key,"* ]]; then echo "== $1: skipped (SKIP)"; return; fi
@@ -24,25 +24,23 @@ step() {  # step KEY NAME SECONDS_NEEDED 'COMMAND': run it under bash if that mu
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 big=$(python3 -c "import torch; print(int(torch.cuda.get_device_properties(0).total_memory > 100 * 2**30))")
 export out big
-step tests "CUDA tests of the code changed since the last GPU run" 60 '
-  python3 -m pytest -p no:cacheprovider -q tests/test_checkpoint_recompute.py \
-    kernels/tests/test_moe.py -k "schedule or checkpoint or recompute" > "$out/cuda-tests.txt" 2>&1
+step tests "CUDA tests of the code changed since the last GPU run" 150 '
+  python3 -m pytest -p no:cacheprovider -q plugins/sloth-fp8/tests kernels/tests/test_lora.py \
+    > "$out/cuda-tests.txt" 2>&1
   rc=$?; echo "tests: rc=$rc $(tail -1 "$out/cuda-tests.txt")"; grep "^FAILED" "$out/cuda-tests.txt"; exit $rc'
+# On an 80 GB card the MoE row's baseline does not fit (its batch-1 figure ran in session 21).
 if [ "$big" = 1 ]; then
   step moe "MoE row (qwen3-30b-a3b 2048x2, sloth and hf + PEFT)" 300 \
     'SKIP_TESTS=1 SKIP_TILES=1 bash scripts/gpu_moe.sh "$out"'
-else
-  step moe "MoE at batch 1 (sloth and hf + PEFT)" 240 \
-    'SKIP_TESTS=1 SKIP_TILES=1 BATCH=1 SYSTEMS=sloth,hf bash scripts/gpu_moe.sh "$out"'
+  step moe-profile "MoE profile (device, host and Python)" 150 '
+    python3 scripts/profile_train.py --shape qwen3-30b-a3b --systems sloth --seq 2048 \
+      --batch 2 --python-rows 45 > "$out/profile-moe.txt" 2>&1
+    echo "profile: rc=$?"; grep -A14 "^==== " "$out/profile-moe.txt" | cut -c1-200'
 fi
-step moe-profile "MoE profile (device, host and Python)" 150 '
-  python3 scripts/profile_train.py --shape qwen3-30b-a3b --systems sloth --seq 2048 \
-    --batch "$((big + 1))" --python-rows 45 > "$out/profile-moe.txt" 2>&1
-  echo "profile: rc=$?"; grep -A14 "^==== " "$out/profile-moe.txt" | cut -c1-200'
-step fp8-linear "fp8 projections against bf16 (forward + input gradient)" 60 '
-  python3 scripts/fp8_linear_gpu.py > "$out/fp8-linear.jsonl" 2> "$out/fp8-linear.err"
-  echo "fp8 linear: rc=$?"; cat "$out/fp8-linear.jsonl"; tail -3 "$out/fp8-linear.err"'
-step profiles "bf16 and fp8 profiles (llama-8b 2048x4)" 250 'bash scripts/gpu_profiles.sh "$out"'
+step fp8 "the fp8 row and its profile" 250 '
+  ROWS=fp8 bash scripts/gpu_targets.sh "$out" | tail -8
+  QUANTS=fp8 bash scripts/gpu_profiles.sh "$out"'
 step dpo "DPO: shared attention split against varlen and TRL" 300 \
   "SKIP_TESTS=1 SYSTEMS='sloth,sloth[SLOTH_SHARED_ATTENTION=split],hf' bash scripts/gpu_dpo.sh \"\$out/dpo\""
+step profiles "bf16 profile (llama-8b 2048x4)" 150 'QUANTS=bf16 bash scripts/gpu_profiles.sh "$out"'
 exit 0
