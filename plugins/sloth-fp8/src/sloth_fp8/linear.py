@@ -15,6 +15,7 @@ both ways; ``Fp8Linear.fp8_backward = False`` does for the backward.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -201,6 +202,14 @@ def _transpose_stacked_eager(values: list[torch.Tensor]) -> torch.Tensor:
     return stacked.t().contiguous().view(values[0].dtype)
 
 
+def _summed(parts: Iterator[torch.Tensor]) -> torch.Tensor:
+    """The sum of fresh tensors, into the first (each is made only as the sum needs it)."""
+    out = next(parts)
+    for part in parts:
+        out.add_(part)
+    return out
+
+
 def fp8_group_matmul_grad(
     grads: list[torch.Tensor], values: list[torch.Tensor], scales: list[torch.Tensor]
 ) -> torch.Tensor:
@@ -215,10 +224,7 @@ def fp8_group_matmul_grad(
     flats = [g.reshape(-1, g.shape[-1]) for g in grads]
     rows, dtype = flats[0].shape[0], grads[0].dtype
     if len(grads) == 1 or not all(_takes(v, rows, dtype) for v in values):
-        out = fp8_matmul_grad(grads[0], values[0], scales[0])
-        for g, v, sc in zip(grads[1:], values[1:], scales[1:], strict=True):
-            out.add_(fp8_matmul_grad(g, v, sc))
-        return out
+        return _summed(map(fp8_matmul_grad, grads, values, scales))
     out, out2 = _fresh(grads[0], values[0].shape[1])
     g_fp8, g_scales = _on_cuda(_quantize_side_by_side_eager, flats[0])(
         flats, [sc[None, :] for sc in scales]
@@ -302,10 +308,8 @@ class Fp8Linear(nn.Linear):
         gate/up): as the sum of :meth:`sloth_input_grad`, in one FP8 product
         (:func:`fp8_group_matmul_grad`) where every layer takes its backward in FP8."""
         if not all(layer.fp8_backward for layer in layers):
-            out = layers[0].sloth_input_grad(grads[0])
-            for layer, grad in zip(layers[1:], grads[1:], strict=True):
-                out.add_(layer.sloth_input_grad(grad))
-            return out
+            pairs = zip(layers, grads, strict=True)
+            return _summed(layer.sloth_input_grad(g) for layer, g in pairs)
         return fp8_group_matmul_grad(
             grads, [layer.weight for layer in layers], [layer.weight_scale for layer in layers]
         )
