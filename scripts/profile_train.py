@@ -2,7 +2,7 @@
 
     python3 scripts/profile_train.py [--shape llama-8b] [--systems sloth,hf] [--seq 2048]
                                      [--batch 4] [--rows 30] [--quantization fp8]
-                                     [--python-rows 40] > profile.txt
+                                     [--python-rows 40] [--shapes 40] > profile.txt
 
 Loads each system as ``sloth bench train`` does (the shape's random-init model, written
 once under $SLOTH_CACHE), runs warm-up steps, times a few (wall clock between
@@ -64,6 +64,9 @@ def main() -> None:
     parser.add_argument("--quantization", choices=("nf4", "fp8"), default=None)
     # the host side: one more step under cProfile, its Python functions by own time (0: none)
     parser.add_argument("--python-rows", type=int, default=40)
+    # the operators again, grouped by their inputs' shapes: which tensors a kernel that
+    # many layers launch works on (an elementwise pass over [8192, 14336], say)
+    parser.add_argument("--shapes", type=int, default=0, metavar="ROWS")
     args = parser.parse_args()
     cache = Path(os.environ.get("SLOTH_CACHE", Path.home() / ".cache" / "sloth"))
     model_dir = make_model(args.shape, cache / "bench-models" / args.shape, device="cuda")
@@ -82,7 +85,8 @@ def main() -> None:
             torch.cuda.synchronize()
             times.append(time.perf_counter() - start)
         wall = statistics.median(times)
-        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        activities = [ProfilerActivity.CPU, ProfilerActivity.CUDA]
+        with profile(activities=activities, record_shapes=bool(args.shapes)) as prof:
             step(model, optimizer, ids)
             torch.cuda.synchronize()
         events = prof.key_averages()
@@ -100,6 +104,10 @@ def main() -> None:
             )
         )
         print(events.table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=70))
+        if args.shapes:
+            by_shape = prof.key_averages(group_by_input_shape=True)
+            print(by_shape.table(sort_by="self_device_time_total", row_limit=args.shapes,
+                                 max_name_column_width=40, max_shapes_column_width=90))  # fmt: skip
         if args.python_rows:
             print(python_profile(model, optimizer, ids, args.python_rows))
         del model, optimizer
