@@ -25,7 +25,7 @@ weight or bias that requires grad, a 4-bit type other than NF4, autocast, mixed 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -185,12 +185,16 @@ class Group:
         return a[0] if len(a) == 1 else torch.cat(list(a), dim=0)
 
 
-def group_forward(x: torch.Tensor, group: Group, lora: Sequence[torch.Tensor]):
+def group_forward(
+    x: torch.Tensor, group: Group, lora: Sequence[torch.Tensor], defer: Collection[int] = ()
+):
     """Every projection of ``x`` ``[..., in]``: ``(outputs [..., out_i], x A^T)``.
 
     ``x A^T`` is ``[N, sum r]`` for all adapters at once (``None`` without adapters).
     The outputs are fresh tensors, not views: a custom Function's view outputs may not be
-    modified in place downstream.
+    modified in place downstream. ``defer``: indices of layers with a multiplying base
+    whose output is the base product alone, the caller adding the adapter's thin product
+    where it reads the output (:mod:`sloth_kernels.gated_lora`).
     """
     x2 = x.reshape(-1, x.shape[-1])
     xa = x2 @ group.stacked_a(lora).t() if group.adapted else None
@@ -207,7 +211,7 @@ def group_forward(x: torch.Tensor, group: Group, lora: Sequence[torch.Tensor]):
             out = layer.base.sloth_matmul(x, shared)
             if layer.bias is not None:
                 out.add_(layer.bias.to(out.dtype))
-            if adapter is not None:
+            if adapter is not None and i not in defer:
                 out.view(-1, out.shape[-1]).addmm_(adapter[0], adapter[1], alpha=adapter[2])
             outputs.append(out)
             continue

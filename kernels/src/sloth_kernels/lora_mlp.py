@@ -14,11 +14,20 @@ backward through the same graph (``retain_graph=True``) raises.
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from sloth_core.ops import reference
 from sloth_core.ops.reference import LoRALinear
 from sloth_kernels.activations import geglu_backward, geglu_forward, swiglu_backward, swiglu_forward
+from sloth_kernels.gated_lora import (
+    Addend,
+    Addends,
+    gated_lora_backward_inplace,
+    gated_lora_forward,
+    serves,
+)
 from sloth_kernels.lora import (
     DTYPES,
     Group,
@@ -40,13 +49,53 @@ _ACTIVATIONS = ("swiglu", "geglu", "geglu_tanh")
 _H_CHUNK_ELEMENTS = 1 << 25
 
 
-def _act_forward(gate: torch.Tensor, up: torch.Tensor, activation: str) -> torch.Tensor:
+#: ``0``: a base that multiplies itself (FP8) gets its gate/up adapters added onto its
+#: products by ``addmm_`` again, instead of in the gated kernels (:func:`_deferred`).
+GATED_LORA_ENV = "SLOTH_GATED_LORA"
+
+
+def _deferred(gate_up: Group) -> tuple[int, ...]:
+    """Which of gate (0) and up (1) leave their adapter's thin product to the gated kernels
+    (:mod:`sloth_kernels.gated_lora`): those with a base that multiplies itself and cannot
+    accumulate onto it in its GEMM (FP8), where the ``addmm_`` after it is a read and a
+    write of the whole ``[N, I]`` output; a dense base's GEMM adds it for free."""
+    if os.environ.get(GATED_LORA_ENV, "1") == "0":
+        return ()
+    return tuple(
+        i
+        for i, (start, stop) in zip(gate_up.adapted, gate_up.slices, strict=True)
+        if gate_up.layers[i].base is not None and serves(stop - start)
+    )
+
+
+def _addends(gate_up: Group, deferred, lora_gu, xa) -> Addends | None:
+    """The deferred adapters (:func:`_deferred`) as the gated kernels take them."""
+    if not deferred:
+        return None
+    parts: list[Addend | None] = [None, None]
+    for k, (i, (start, stop)) in enumerate(zip(gate_up.adapted, gate_up.slices, strict=True)):
+        if i in deferred:
+            scaling = float(gate_up.layers[i].scaling)
+            parts[i] = Addend(start, stop - start, lora_gu[2 * k + 1], scaling)
+    return Addends(xa, *parts)
+
+
+def _act_forward(
+    gate: torch.Tensor, up: torch.Tensor, activation: str, addends: Addends | None = None
+) -> torch.Tensor:
+    if addends is not None:
+        flat = gated_lora_forward(
+            gate.view(-1, gate.shape[-1]), up.view(-1, up.shape[-1]), addends, activation
+        )
+        return flat.view(gate.shape)
     if activation == "swiglu":
         return swiglu_forward(gate, up)
     return geglu_forward(gate, up, "tanh" if activation == "geglu_tanh" else "none")
 
 
-def _act_backward_inplace(grad, gate, up, activation: str):
+def _act_backward_inplace(grad, gate, up, activation: str, addends: Addends | None = None):
+    if addends is not None:
+        return gated_lora_backward_inplace(grad, gate, up, addends, activation)
     if activation == "swiglu":
         return swiglu_backward(grad, gate, up, inplace=True)
     return geglu_backward(
@@ -60,9 +109,10 @@ class _LoRAMLP(torch.autograd.Function):
         # lora: the gate/up group's [A, B, ...] then down's [A, B] (when it has an adapter).
         n_gu = 2 * len(gate_up.adapted)
         lora_gu, lora_down = lora[:n_gu], lora[n_gu:]
-        (e, u), xa = group_forward(x, gate_up, lora_gu)
+        deferred = _deferred(gate_up)
+        (e, u), xa = group_forward(x, gate_up, lora_gu, defer=deferred)
         if output:
-            hidden = _act_forward(e, u, activation)
+            hidden = _act_forward(e, u, activation, _addends(gate_up, deferred, lora_gu, xa))
             # down's adapter: ha = h A^T, kept for dB of down (tiny).
             (out,), ha = group_forward(hidden, down, lora_down)
             del hidden
@@ -72,6 +122,7 @@ class _LoRAMLP(torch.autograd.Function):
             out = torch.empty(shape, dtype=x.dtype, device=x.device)
             ha = None
         ctx.gate_up, ctx.down, ctx.activation, ctx.n_gu = gate_up, down, activation, n_gu
+        ctx.deferred = deferred  # e and u are then base products: the kernels add x A^T B^T
         ctx.backward_done = False
         needs_gu_a = any(ctx.needs_input_grad[5 : 5 + n_gu : 2])
         needs_gu_b = any(ctx.needs_input_grad[6 : 5 + n_gu : 2])
@@ -83,7 +134,7 @@ class _LoRAMLP(torch.autograd.Function):
             *(save_input(ctx, x) if needs_gu_a else (None, None, None)),
             e,
             u,
-            xa if needs_gu_b else None,
+            xa if needs_gu_b or deferred else None,
             ha if needs_down_b else None,
             *lora,
         )
@@ -103,6 +154,7 @@ class _LoRAMLP(torch.autograd.Function):
         needs = ctx.needs_input_grad
         g2 = grad.reshape(-1, grad.shape[-1])
         e2, u2 = e.view(-1, e.shape[-1]), u.view(-1, u.shape[-1])
+        addends = _addends(gate_up, ctx.deferred, lora_gu, xa)
 
         # down: dh = g W_d + G_d A_d, and dB_d; dA_d = G_d^T h needs h, recomputed in chunks.
         down_needs = [False, *needs[6 + n_gu :]]
@@ -111,18 +163,20 @@ class _LoRAMLP(torch.autograd.Function):
         if down.adapted and ha is None and needs[6 + n_gu]:  # output=False: h A^T made here
             g_down = group_g([g2], down, lora_down)
             ha, grad_a = _down_chunks(
-                g_down if needs_down_a else None, e2, u2, activation, lora_down[0]
+                g_down if needs_down_a else None, e2, u2, activation, lora_down[0], addends
             )
         dh, down_grads, g_down = group_backward(
             None, ha, [g2], down, lora_down, True, down_needs, g_down
         )
         if needs_down_a:
             down_grads[0] = (
-                grad_a if grad_a is not None else _down_chunks(g_down, e2, u2, activation)[1]
+                grad_a
+                if grad_a is not None
+                else _down_chunks(g_down, e2, u2, activation, addends=addends)[1]
             )
 
         # Activation backward over the saved e/u buffers (they are not needed afterwards).
-        d_gate, d_up = _act_backward_inplace(dh, e2, u2, activation)
+        d_gate, d_up = _act_backward_inplace(dh, e2, u2, activation, addends)
         del dh
         x = load_input(ctx, x, source_x, source_w)  # after e/u are freed: a lower peak
         x2 = None if x is None else x.reshape(-1, x.shape[-1])
@@ -141,10 +195,12 @@ def _down_chunks(
     u2: torch.Tensor,
     activation: str,
     a_down: torch.Tensor | None = None,
+    addends: Addends | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """``(h A^T, dA_down = G^T h)`` (``G = s g B``, ``[N, r]``), each only where asked
     (``a_down``, ``g_down``), with ``h = act(e) * u`` recomputed in row chunks, bitwise as
-    in forward, so that no ``[N, I]`` buffer is added."""
+    in forward, so that no ``[N, I]`` buffer is added (``addends``: the adapters the
+    gated kernels add to ``e`` and ``u``, as in forward)."""
     rows = e2.shape[0]
     step = max(1, _H_CHUNK_ELEMENTS // max(1, e2.shape[1]))
     ha = None
@@ -153,7 +209,8 @@ def _down_chunks(
     grad_a = None
     for start in range(0, rows, step):
         stop = min(rows, start + step)
-        hidden = _act_forward(e2[start:stop], u2[start:stop], activation)
+        chunk = None if addends is None else addends.rows(start, stop)
+        hidden = _act_forward(e2[start:stop], u2[start:stop], activation, chunk)
         if ha is not None:
             assert a_down is not None  # ha is made only with it
             torch.mm(hidden, a_down.t(), out=ha[start:stop])

@@ -250,3 +250,46 @@ def test_the_fused_mlp_runs_fp8_layers_on_the_gpu_as_peft_does(installed, fp8_ba
         assert fused_err <= 2 * peft_err + 1e-3, (
             f"{what}: fused {fused_err:.4g}, peft {peft_err:.4g}"
         )
+
+
+@needs_interpreter
+@pytest.mark.parametrize("output", [True, False], ids=["output", "recompute"])
+def test_gate_and_up_adapters_are_added_in_the_gated_kernels(fused, output, monkeypatch):
+    """FP8 gate/up products cannot take their adapters in the GEMM's epilogue: the MLP keeps
+    the base products and the gated kernels add ``s (x A^T) B^T`` where they read them
+    (forward, backward, and the backward's row chunks of ``h`` for down's adapter, which a
+    forward with ``output=False`` leaves to it). The same values and gradients as adding
+    them by ``addmm_`` (``SLOTH_GATED_LORA=0``), within the order of float32 sums."""
+    from sloth_kernels import lora_mlp as lora_mlp_module
+
+    monkeypatch.setattr(lora_mlp_module, "_H_CHUNK_ELEMENTS", 5 * 48)  # h in chunks of 5 rows
+    calls = []
+    for name in ("gated_lora_forward", "gated_lora_backward_inplace"):
+        original = getattr(lora_mlp_module, name)
+
+        def counted(*args, original=original, name=name, **kwargs):
+            calls.append(name)
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(lora_mlp_module, name, counted)
+    model = _fp8_lora_mlp(64, 48, bias=True, seed=11)
+    inner = model.get_base_model()
+    layers = [lift_linear(getattr(inner, n)) for n in ("gate_proj", "up_proj", "down_proj")]
+    x = torch.randn(2, 13, 64)
+    grad = torch.randn(2, 13, 64)
+    results = {}
+    for setting in ("1", "0"):
+        monkeypatch.setenv(lora_mlp_module.GATED_LORA_ENV, setting)
+        calls.clear()
+        x_k = x.clone().requires_grad_()
+        out = fused.lora_mlp(x_k, *layers, activation="swiglu", output=output)
+        results[setting] = (out, *_grads(model, x_k, out, grad))
+        chunks = 6  # 26 rows of h in 5s, for down's dB (recompute) or dA
+        forward = ["gated_lora_forward"] if output else []
+        want = [*forward, *["gated_lora_forward"] * chunks, "gated_lora_backward_inplace"]
+        assert sorted(calls) == (sorted(want) if setting == "1" else [])
+    deferred, added = results["1"], results["0"]
+    assert len(deferred) == 2 + 6  # out, dx, and A and B of gate, up and down
+    for i, (got, want) in enumerate(zip(deferred, added, strict=True)):
+        if output or i:  # output=False: an output whose values are not computed
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5, msg=f"result {i}")
