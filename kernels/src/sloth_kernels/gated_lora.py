@@ -94,12 +94,23 @@ def _with_adapter(
 
 
 @triton.jit
-def _tile(pid_m, pid_n, n_rows, n_cols, BM: tl.constexpr, BN: tl.constexpr):
-    rows = pid_m.to(tl.int64) * BM + tl.arange(0, BM)
-    cols = pid_n * BN + tl.arange(0, BN)
+def _gate_and_up(
+    gate_ptr, up_ptr, xa_ptr, bg_ptr, bu_ptr, sg, su, n_rows, n_cols, stride_xa, start_g,
+    start_u, RG: tl.constexpr, RU: tl.constexpr, RP: tl.constexpr, IEEE: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr,
+):  # fmt: skip
+    """This program's tile of gate's and up's sums with their adapters, and where it lies:
+    ``(g, u, offsets, mask)``."""
+    rows = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)
+    cols = tl.program_id(1) * BN + tl.arange(0, BN)
     row_mask, col_mask = rows < n_rows, cols < n_cols
     offsets = rows[:, None] * n_cols + cols[None, :]
-    return rows, cols, row_mask, col_mask, offsets, row_mask[:, None] & col_mask[None, :]
+    mask = row_mask[:, None] & col_mask[None, :]
+    g = _with_adapter(gate_ptr, offsets, mask, xa_ptr + start_g, bg_ptr, sg, rows, cols,
+                      row_mask, col_mask, stride_xa, RG, RP, IEEE)  # fmt: skip
+    u = _with_adapter(up_ptr, offsets, mask, xa_ptr + start_u, bu_ptr, su, rows, cols,
+                      row_mask, col_mask, stride_xa, RU, RP, IEEE)  # fmt: skip
+    return g, u, offsets, mask
 
 
 @triton.jit
@@ -108,13 +119,9 @@ def _gated_lora_forward_kernel(
     start_g, start_u, RG: tl.constexpr, RU: tl.constexpr, RP: tl.constexpr,
     IEEE: tl.constexpr, ACT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
 ):  # fmt: skip
-    rows, cols, row_mask, col_mask, offsets, mask = _tile(
-        tl.program_id(0), tl.program_id(1), n_rows, n_cols, BM, BN
-    )
-    g = _with_adapter(gate_ptr, offsets, mask, xa_ptr + start_g, bg_ptr, sg, rows, cols,
-                      row_mask, col_mask, stride_xa, RG, RP, IEEE)  # fmt: skip
-    u = _with_adapter(up_ptr, offsets, mask, xa_ptr + start_u, bu_ptr, su, rows, cols,
-                      row_mask, col_mask, stride_xa, RU, RP, IEEE)  # fmt: skip
+    g, u, offsets, mask = _gate_and_up(gate_ptr, up_ptr, xa_ptr, bg_ptr, bu_ptr, sg, su,
+                                       n_rows, n_cols, stride_xa, start_g, start_u, RG, RU,
+                                       RP, IEEE, BM, BN)  # fmt: skip
     a, _ = _act_and_grad(g, ACT, False)
     # torch rounds the activation to the input dtype before multiplying by ``up``: so do we.
     a = a.to(out_ptr.dtype.element_ty).to(tl.float32)
@@ -130,13 +137,9 @@ def _gated_lora_backward_kernel(
 ):  # fmt: skip
     # dgate/dup may alias gate/up: every element is loaded before it is stored, and no two
     # programs touch the same element (the adapters' terms read x A^T and B only).
-    rows, cols, row_mask, col_mask, offsets, mask = _tile(
-        tl.program_id(0), tl.program_id(1), n_rows, n_cols, BM, BN
-    )
-    g = _with_adapter(gate_ptr, offsets, mask, xa_ptr + start_g, bg_ptr, sg, rows, cols,
-                      row_mask, col_mask, stride_xa, RG, RP, IEEE)  # fmt: skip
-    u = _with_adapter(up_ptr, offsets, mask, xa_ptr + start_u, bu_ptr, su, rows, cols,
-                      row_mask, col_mask, stride_xa, RU, RP, IEEE)  # fmt: skip
+    g, u, offsets, mask = _gate_and_up(gate_ptr, up_ptr, xa_ptr, bg_ptr, bu_ptr, sg, su,
+                                       n_rows, n_cols, stride_xa, start_g, start_u, RG, RU,
+                                       RP, IEEE, BM, BN)  # fmt: skip
     dy = tl.load(grad_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
     a, da = _act_and_grad(g, ACT, True)
     tl.store(dgate_ptr + offsets, (dy * u * da).to(dgate_ptr.dtype.element_ty), mask=mask)
