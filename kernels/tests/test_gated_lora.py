@@ -9,6 +9,7 @@ import pytest
 import torch
 from kernel_helpers import DTYPES, FP32_FLOOR, HAS_CUDA, LOWP_FACTOR
 from sloth_kernels.gated_lora import (
+    TILE_ENV,
     Addend,
     Addends,
     gated_lora_backward_inplace,
@@ -70,13 +71,16 @@ def _sums(gate, up, addends, low: bool):
     ("rows", "inter", "ranks"),
     [(37, 257, (4, 20)), (64, 128, (16, None)), (9, 200, (None, 8)), (70, 130, (128, 1))],
 )
-def test_forward_and_backward_match_torch(rows, inter, ranks, activation, dtype, device):
+@pytest.mark.parametrize("tile", ["32,128,4,1", "32,128,4,0"], ids=["dot", "outer"])
+def test_forward_and_backward_match_torch(rows, inter, ranks, activation, dtype, tile, device,
+                                          monkeypatch):  # fmt: skip
     """Judged against float32 autograd on the same inputs, within a few times the
     error of torch's own path in the dtype (the sums by ``addmm``, then the reference
     activation): the sums are rounded to the dtype in between, as there."""
+    monkeypatch.setenv(TILE_ENV, tile)  # the thin product through tl.dot, or outer products
     gate, up, addends = _case(rows, inter, ranks, dtype, device)
     act = ACTS[activation]
-    what = f"{activation} {rows}x{inter} ranks {ranks} {dtype}"
+    what = f"{activation} {rows}x{inter} ranks {ranks} {dtype} tile {tile}"
     results = {}
     for low in (True, False):
         g, u = (t.requires_grad_() for t in _sums(gate, up, addends, low))
@@ -110,7 +114,7 @@ def test_rows_of_the_products_take_the_same_rows_of_x_a(device):
     assert torch.equal(part, whole[17:41])
 
 
-def test_bad_input_is_refused_with_what_is_wrong(device):
+def test_bad_input_is_refused_with_what_is_wrong(device, monkeypatch):
     gate, up, addends = _case(8, 32, (4, 4), torch.float32, device)
     with pytest.raises(ValueError, match="activation must be one of"):
         gated_lora_forward(gate, up, addends, "relu")
@@ -124,3 +128,7 @@ def test_bad_input_is_refused_with_what_is_wrong(device):
     with pytest.raises(ValueError, match="does not match"):
         gated_lora_backward_inplace(gate[:4], gate, up, addends)
     assert serves(1) and serves(128) and not serves(0) and not serves(129)
+    for tile in ("32,128", "32,100,4,1", "8,128,4,1", "32,128,3,0"):
+        monkeypatch.setenv(TILE_ENV, tile)
+        with pytest.raises(ValueError, match=TILE_ENV):
+            gated_lora_forward(gate, up, addends)

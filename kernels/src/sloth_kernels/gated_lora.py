@@ -16,6 +16,7 @@ forward multiplied.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -24,9 +25,27 @@ import triton.language as tl
 
 from sloth_kernels.activations import _GELU_ERF, _GELU_TANH, _SILU, _act_and_grad
 
-#: Rows and columns of ``[N, I]`` per program: 4096 elements, 8 a thread at 4 warps, as
-#: the 1-D gated kernels; ``tl.dot`` needs at least 16 of each.
-_BM, _BN, _NUM_WARPS = 32, 128, 4
+#: The launch: ``BM`` rows and ``BN`` columns of ``[N, I]`` a program (``tl.dot`` needs
+#: at least 16 of each), warps, and whether the thin product runs through ``tl.dot``
+#: (``1``) or as outer products a rank at a time (``0``). ``SLOTH_GATED_LORA_TILE`` =
+#: ``"BM,BN,WARPS,DOT"`` overrides it (``scripts/gated_lora_tiles_gpu.py`` times them).
+TILE_ENV = "SLOTH_GATED_LORA_TILE"
+_TILE = (32, 128, 4, 1)
+
+
+def _tile() -> tuple[int, int, int, int]:
+    text = os.environ.get(TILE_ENV)
+    if not text:
+        return _TILE
+    try:
+        bm, bn, warps, dot = (int(v) for v in text.split(","))
+    except ValueError:
+        raise ValueError(f"{TILE_ENV} must be BM,BN,WARPS,DOT (integers), got {text!r}") from None
+    if min(bm, bn) < 16 or bm & (bm - 1) or bn & (bn - 1) or warps not in (1, 2, 4, 8, 16):
+        raise ValueError(f"{TILE_ENV}: BM and BN powers of two >= 16, WARPS 1 to 16, got {text!r}")
+    return bm, bn, warps, dot
+
+
 #: The largest rank served (the padded rank is a power of two, at least 16): a tile of
 #: ``x A^T`` and one of ``B^T`` stay in registers.
 MAX_RANK = 128
@@ -66,29 +85,37 @@ def serves(rank: int) -> bool:
 @triton.jit
 def _with_adapter(
     base_ptr, offsets, mask, xa_ptr, b_ptr, scaling, rows, cols, row_mask, col_mask,
-    stride_xa, R: tl.constexpr, RP: tl.constexpr, IEEE: tl.constexpr,
+    stride_xa, R: tl.constexpr, RP: tl.constexpr, IEEE: tl.constexpr, DOT: tl.constexpr,
 ):  # fmt: skip
     """``base + s (x A^T) B^T`` on a ``[BM, BN]`` tile, in float32, rounded to the dtype."""
     value = tl.load(base_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
     if R > 0:
-        k = tl.arange(0, RP)
-        k_mask = k < R
-        xa = tl.load(
-            xa_ptr + rows[:, None] * stride_xa + k[None, :],
-            mask=row_mask[:, None] & k_mask[None, :], other=0.0,
-        ).to(tl.float32)  # fmt: skip
-        # B is [I, R], row-major: B^T's [RP, BN] tile reads R-strided columns (B is small
-        # and stays in cache).
-        b_t = tl.load(
-            b_ptr + cols[None, :] * R + k[:, None],
-            mask=k_mask[:, None] & col_mask[None, :], other=0.0,
-        ).to(tl.float32)  # fmt: skip
-        # 16-bit values are exact in tf32 (bf16's 8 and fp16's 11 significant bits fit its
-        # 11); float32 ones are not, and take the full-precision product.
-        if IEEE:
-            thin = tl.dot(xa, b_t, input_precision="ieee")
+        if DOT:
+            k = tl.arange(0, RP)
+            k_mask = k < R
+            xa = tl.load(
+                xa_ptr + rows[:, None] * stride_xa + k[None, :],
+                mask=row_mask[:, None] & k_mask[None, :], other=0.0,
+            ).to(tl.float32)  # fmt: skip
+            # B is [I, R], row-major: the tile of B^T is one contiguous block of B.
+            b_t = tl.load(
+                b_ptr + cols[None, :] * R + k[:, None],
+                mask=k_mask[:, None] & col_mask[None, :], other=0.0,
+            ).to(tl.float32)  # fmt: skip
+            # 16-bit values are exact in tf32 (bf16's 8 and fp16's 11 significant bits fit
+            # its 11); float32 ones are not, and take the full-precision product.
+            if IEEE:
+                thin = tl.dot(xa, b_t, input_precision="ieee")
+            else:
+                thin = tl.dot(xa, b_t)
         else:
-            thin = tl.dot(xa, b_t)
+            # An outer product a rank at a time, in the tile's own layout: no tensor cores,
+            # and no move of the product from their layout into the tile's.
+            thin = tl.zeros(value.shape, dtype=tl.float32)
+            for k in range(R):
+                xa_k = tl.load(xa_ptr + rows * stride_xa + k, mask=row_mask, other=0.0)
+                b_k = tl.load(b_ptr + cols * R + k, mask=col_mask, other=0.0)
+                thin += xa_k.to(tl.float32)[:, None] * b_k.to(tl.float32)[None, :]
         value = value + scaling * thin
     return value.to(base_ptr.dtype.element_ty).to(tl.float32)
 
@@ -97,7 +124,7 @@ def _with_adapter(
 def _gate_and_up(
     gate_ptr, up_ptr, xa_ptr, bg_ptr, bu_ptr, sg, su, n_rows, n_cols, stride_xa, start_g,
     start_u, RG: tl.constexpr, RU: tl.constexpr, RP: tl.constexpr, IEEE: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr,
+    DOT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
 ):  # fmt: skip
     """This program's tile of gate's and up's sums with their adapters, and where it lies:
     ``(g, u, offsets, mask)``."""
@@ -107,9 +134,9 @@ def _gate_and_up(
     offsets = rows[:, None] * n_cols + cols[None, :]
     mask = row_mask[:, None] & col_mask[None, :]
     g = _with_adapter(gate_ptr, offsets, mask, xa_ptr + start_g, bg_ptr, sg, rows, cols,
-                      row_mask, col_mask, stride_xa, RG, RP, IEEE)  # fmt: skip
+                      row_mask, col_mask, stride_xa, RG, RP, IEEE, DOT)  # fmt: skip
     u = _with_adapter(up_ptr, offsets, mask, xa_ptr + start_u, bu_ptr, su, rows, cols,
-                      row_mask, col_mask, stride_xa, RU, RP, IEEE)  # fmt: skip
+                      row_mask, col_mask, stride_xa, RU, RP, IEEE, DOT)  # fmt: skip
     return g, u, offsets, mask
 
 
@@ -117,11 +144,12 @@ def _gate_and_up(
 def _gated_lora_forward_kernel(
     gate_ptr, up_ptr, out_ptr, xa_ptr, bg_ptr, bu_ptr, sg, su, n_rows, n_cols, stride_xa,
     start_g, start_u, RG: tl.constexpr, RU: tl.constexpr, RP: tl.constexpr,
-    IEEE: tl.constexpr, ACT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+    IEEE: tl.constexpr, DOT: tl.constexpr, ACT: tl.constexpr, BM: tl.constexpr,
+    BN: tl.constexpr,
 ):  # fmt: skip
     g, u, offsets, mask = _gate_and_up(gate_ptr, up_ptr, xa_ptr, bg_ptr, bu_ptr, sg, su,
                                        n_rows, n_cols, stride_xa, start_g, start_u, RG, RU,
-                                       RP, IEEE, BM, BN)  # fmt: skip
+                                       RP, IEEE, DOT, BM, BN)  # fmt: skip
     a, _ = _act_and_grad(g, ACT, False)
     # torch rounds the activation to the input dtype before multiplying by ``up``: so do we.
     a = a.to(out_ptr.dtype.element_ty).to(tl.float32)
@@ -132,14 +160,14 @@ def _gated_lora_forward_kernel(
 def _gated_lora_backward_kernel(
     grad_ptr, gate_ptr, up_ptr, dgate_ptr, dup_ptr, xa_ptr, bg_ptr, bu_ptr, sg, su,
     n_rows, n_cols, stride_xa, start_g, start_u, RG: tl.constexpr, RU: tl.constexpr,
-    RP: tl.constexpr, IEEE: tl.constexpr, ACT: tl.constexpr, BM: tl.constexpr,
-    BN: tl.constexpr,
+    RP: tl.constexpr, IEEE: tl.constexpr, DOT: tl.constexpr, ACT: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr,
 ):  # fmt: skip
     # dgate/dup may alias gate/up: every element is loaded before it is stored, and no two
     # programs touch the same element (the adapters' terms read x A^T and B only).
     g, u, offsets, mask = _gate_and_up(gate_ptr, up_ptr, xa_ptr, bg_ptr, bu_ptr, sg, su,
                                        n_rows, n_cols, stride_xa, start_g, start_u, RG, RU,
-                                       RP, IEEE, BM, BN)  # fmt: skip
+                                       RP, IEEE, DOT, BM, BN)  # fmt: skip
     dy = tl.load(grad_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
     a, da = _act_and_grad(g, ACT, True)
     tl.store(dgate_ptr + offsets, (dy * u * da).to(dgate_ptr.dtype.element_ty), mask=mask)
@@ -176,11 +204,12 @@ def _arguments(gate: torch.Tensor, up: torch.Tensor, addends: Addends, activatio
         scalings.append(float(addend.scaling))
     padded = max(16, triton.next_power_of_2(max(ranks)))
     positional = (xa, *pointers, *scalings, gate.shape[0], gate.shape[1], xa.stride(0), *starts)
+    bm, bn, warps, dot = _tile()
     keywords = {
         "RG": ranks[0], "RU": ranks[1], "RP": padded, "IEEE": gate.dtype == torch.float32,
-        "ACT": _ACTS[activation], "BM": _BM, "BN": _BN, "num_warps": _NUM_WARPS,
+        "DOT": bool(dot), "ACT": _ACTS[activation], "BM": bm, "BN": bn, "num_warps": warps,
     }  # fmt: skip
-    grid = (triton.cdiv(gate.shape[0], _BM), triton.cdiv(gate.shape[1], _BN))
+    grid = (triton.cdiv(gate.shape[0], bm), triton.cdiv(gate.shape[1], bn))
     return grid, positional, keywords
 
 
