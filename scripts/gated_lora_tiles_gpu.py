@@ -19,8 +19,6 @@ import json
 import os
 
 import torch
-from triton.testing import do_bench
-
 from sloth_kernels.activations import swiglu_backward, swiglu_forward
 from sloth_kernels.gated_lora import (
     TILE_ENV,
@@ -29,6 +27,7 @@ from sloth_kernels.gated_lora import (
     gated_lora_backward_inplace,
     gated_lora_forward,
 )
+from triton.testing import do_bench
 
 LAUNCHES = [
     "32,128,4,1", "32,128,4,0", "16,256,4,0", "16,128,4,0", "64,64,4,0", "64,128,8,0",
