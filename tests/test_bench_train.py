@@ -137,6 +137,10 @@ def test_systems_all_runs_every_installed_one_and_skips_the_rest(monkeypatch):
     assert run == ["sloth", "hf"]
     assert skipped == [{"system": "liger", "skipped": NOT_INSTALLED}]
     assert resolve_systems("sloth:on, hf,sloth:on") == (["sloth:on", "hf"], [])
+    # a setting whose value has commas is one name, not split at them
+    tiled = "sloth[SLOTH_GATED_LORA_TILE=32,128,4,1]"
+    assert resolve_systems(f"{tiled},sloth,hf") == ([tiled, "sloth", "hf"], [])
+    assert train.system_env(tiled) == ("sloth", {"SLOTH_GATED_LORA_TILE": "32,128,4,1"})
     monkeypatch.setattr(train, "installed", lambda module: True)
     assert resolve_systems("all") == (["sloth", "hf", "liger"], [])
 

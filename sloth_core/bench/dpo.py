@@ -394,7 +394,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     device, model_dir = bench.bench_place(args)
     return run_dpo_bench(
         args.shape, seq=args.seq, batch=args.batch, steps=args.steps, warmup=args.warmup,
-        systems=tuple(s for s in args.systems.split(",") if s), device=device, lr=args.lr,
+        systems=bench.split_systems(args.systems), device=device, lr=args.lr,
         model_dir=model_dir, budget_gib=args.memory_budget_gib, quantization=args.quantization,
     )  # fmt: skip
 

@@ -43,6 +43,7 @@ from sloth_core.bench.train import (
     make_model,
     ratios_vs_hf,
     run_worker,
+    split_systems,
     versions,
 )
 
@@ -251,7 +252,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return run_generate_bench(
         args.shape, prompts=args.prompts, generations=args.generations,
         prompt_len=args.prompt_len, new_tokens=args.new_tokens, repeats=args.repeats,
-        systems=tuple(s for s in args.systems.split(",") if s), model_dir=model_dir,
+        systems=split_systems(args.systems), model_dir=model_dir,
         device=device,
     )  # fmt: skip
 

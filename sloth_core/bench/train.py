@@ -145,12 +145,17 @@ def system_env(name: str) -> tuple[str, dict[str, str]]:
     return found["base"], {found["var"]: found["value"]}
 
 
+def split_systems(spec: str) -> tuple[str, ...]:
+    """``--systems`` split at its commas, but not at those inside a setting's brackets
+    (``sloth[SLOTH_GATED_LORA_TILE=32,128,4,1]`` is one name); empty names dropped."""
+    return tuple(n.strip() for n in re.split(r",(?![^\[]*\])", spec) if n.strip())
+
+
 def resolve_systems(spec: str | tuple[str, ...]) -> tuple[list[str], list[dict[str, str]]]:
     """``--systems`` (comma-separated names, or ``all``) to the systems that run and the
     skipped ones (``{"system", "skipped"}``). Unknown names raise ``ValueError``. A name
     may carry one environment setting for its process (:func:`system_env`)."""
-    names = [s.strip() for s in spec.split(",")] if isinstance(spec, str) else list(spec)
-    names = [n for n in names if n]
+    names = list(split_systems(spec)) if isinstance(spec, str) else [n for n in spec if n]
     if names == ["all"]:
         names = list(ALL_SYSTEMS)
     unknown = [n for n in names if system_env(n)[0] not in KNOWN_SYSTEMS]
