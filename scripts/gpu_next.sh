@@ -11,7 +11,9 @@ source "$(dirname "$0")/gpu_env.sh" "$@"
 export SLOTH_CACHE=${SLOTH_CACHE:-/dev/shm/sloth-cache} TOKENIZERS_PARALLELISM=false
 limit=${LIMIT:-570}
 # SKIP=key,key: leave out the steps a call before brought back (tests, moe, moe-profile,
-# fp8, dpo, profiles), so that the next call of a warm machine goes on from there.
+# profiles), so that the next call of a warm machine goes on from there. (The fp8 row and
+# DPO's split comparison ran in session 22: ROWS=fp8 bash scripts/gpu_targets.sh, and
+# scripts/gpu_dpo.sh, run them again.)
 step() {  # step KEY NAME SECONDS_NEEDED 'COMMAND': run it under bash if that much time is left
   local key=$1; shift
   if [[ ",${SKIP:-}," == *",$key,"* ]]; then echo "== $1: skipped (SKIP)"; return; fi
@@ -24,10 +26,11 @@ step() {  # step KEY NAME SECONDS_NEEDED 'COMMAND': run it under bash if that mu
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 big=$(python3 -c "import torch; print(int(torch.cuda.get_device_properties(0).total_memory > 100 * 2**30))")
 export out big
-# A cold machine compiles every Triton variant first: test_lora took over 75 s there.
+# A cold machine compiles every Triton variant first: these took 104 s there (session 21),
+# 60 s with -n 6 (session 22; pytest-xdist comes from .whl/).
 step tests "CUDA tests of the code changed since the last GPU run" 240 '
-  timeout 230 python3 -m pytest -p no:cacheprovider -q plugins/sloth-fp8/tests \
-    kernels/tests/test_lora.py > "$out/cuda-tests.txt" 2>&1
+  timeout 230 python3 -m pytest -p no:cacheprovider -q -n 6 kernels/tests/test_gated_lora.py \
+    plugins/sloth-fp8/tests kernels/tests/test_lora.py > "$out/cuda-tests.txt" 2>&1
   rc=$?; echo "tests: rc=$rc $(tail -1 "$out/cuda-tests.txt")"; grep "^FAILED" "$out/cuda-tests.txt"; exit $rc'
 # On an 80 GB card the MoE row's baseline does not fit (its batch-1 figure ran in session 21).
 if [ "$big" = 1 ]; then
@@ -38,10 +41,9 @@ if [ "$big" = 1 ]; then
       --batch 2 --python-rows 45 > "$out/profile-moe.txt" 2>&1
     echo "profile: rc=$?"; grep -A14 "^==== " "$out/profile-moe.txt" | cut -c1-200'
 fi
-step fp8 "the fp8 row and its profile" 250 '
-  ROWS=fp8 bash scripts/gpu_targets.sh "$out" | tail -8
-  QUANTS=fp8 bash scripts/gpu_profiles.sh "$out"'
-step dpo "DPO: shared attention split against varlen and TRL" 300 \
-  "SKIP_TESTS=1 SYSTEMS='sloth,sloth[SLOTH_SHARED_ATTENTION=split],hf' bash scripts/gpu_dpo.sh \"\$out/dpo\""
-step profiles "bf16 profile (llama-8b 2048x4)" 150 'QUANTS=bf16 bash scripts/gpu_profiles.sh "$out"'
+# The bf16 row's MFU (52.4% against 54%): its profile, operators by input shape too.
+step profiles "bf16 profile (llama-8b 2048x4)" 150 '
+  timeout 140 python3 scripts/profile_train.py --systems sloth --python-rows 0 --shapes 40 \
+    > "$out/profile-train-bf16.txt" 2>&1
+  echo "profile: rc=$?"; grep -A12 "^==== " "$out/profile-train-bf16.txt" | cut -c1-150'
 exit 0
