@@ -260,9 +260,10 @@ def group_backward(
     """``(dx or None, [dA_0, dB_0, ...], G)`` of :func:`group_forward` given 2D output grads.
 
     ``dx = G A + sum_i g_i W_i`` with ``G = [s_i g_i B_i]`` (``[N, sum r]``; ``big_g``
-    where the caller made it with :func:`group_g`): the thin ``G A`` first, the base
-    products accumulated onto it in their GEMMs' epilogues; ``dA = G^T x`` as one GEMM for
-    every adapter; ``dB_i = s_i g_i^T (x A_i^T)``.
+    where the caller made it with :func:`group_g`): the thin ``G A`` first, the dense base
+    products accumulated onto it in their GEMMs' epilogues (a multiplying base's product,
+    which cannot accumulate, comes first and the rest onto it); ``dA = G^T x`` as one GEMM
+    for every adapter; ``dB_i = s_i g_i^T (x A_i^T)``.
     """
     dtype = grads[0].dtype
     lora_grads: list[torch.Tensor | None] = [None] * len(lora)

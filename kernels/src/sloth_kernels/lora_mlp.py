@@ -6,7 +6,9 @@ keep ``x``, ``e``, ``u``, ``act(e)`` and ``h = act(e) * u``. The backward recomp
 activation from ``e`` and ``u`` (``h`` only in row chunks, for ``dA`` of down, and for
 ``h A_down^T`` after a forward called with ``output=False``, which computes no ``h``) and
 writes ``d_gate``/``d_up`` over the saved ``e``/``u`` buffers. Base weights are never
-saved; NF4 ones are dequantized again in backward, one at a time.
+saved; NF4 ones are dequantized again in backward, one at a time. With a base that
+multiplies itself (FP8), ``e`` and ``u`` are its products alone, and every kernel that
+reads them adds the adapters' thin products (:mod:`sloth_kernels.gated_lora`).
 
 Because the backward reuses its saved buffers, it may run once per forward: a second
 backward through the same graph (``retain_graph=True``) raises.
