@@ -5,6 +5,9 @@ ends within 1% of the 16-bit model's eval loss."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -107,6 +110,20 @@ def test_matmul_and_its_backward(tokens, k, n, dtype, fp8_backward, monkeypatch)
     bound = 0.05 if fp8 and fp8_backward else 1e-6 if dtype == torch.float32 else 1e-2
     assert _rel(x.grad, want) < bound
     assert not layer.weight.requires_grad and layer.weight.grad is None
+
+
+@pytest.mark.parametrize(("setting", "want"), [(None, True), ("1", True), ("0", False)])
+def test_the_environment_sets_the_backward(setting, want):
+    """``SLOTH_FP8_BACKWARD=0`` before the import: the input's gradient through the
+    dequantized weight (a bench's ``sloth[SLOTH_FP8_BACKWARD=0]`` A/B); a fresh Python, as
+    a bench's process is."""
+    env = {k: v for k, v in os.environ.items() if k != "SLOTH_FP8_BACKWARD"}
+    if setting is not None:
+        env["SLOTH_FP8_BACKWARD"] = setting
+    code = "from sloth_fp8.linear import Fp8Linear; print(Fp8Linear.fp8_backward)"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                         text=True, check=True)  # fmt: skip
+    assert out.stdout.strip() == str(want)
 
 
 def test_lora_on_an_fp8_model_trains_and_merges(installed, make_tiny_model, monkeypatch):

@@ -9,7 +9,8 @@ weight is frozen: LoRA trains beside it), an FP8 matmul too: the weight's row sc
 folded into the gradient's columns, each gradient row is quantized to e4m3 with its own
 scale and multiplied with the e4m3 values (:func:`fp8_matmul_grad`). Shapes ``_scaled_mm``
 refuses (inner or output size not a multiple of 16) take the dequantized weight instead,
-both ways; ``Fp8Linear.fp8_backward = False`` does for the backward.
+both ways; ``Fp8Linear.fp8_backward = False`` (or ``SLOTH_FP8_BACKWARD=0`` in the
+environment before this module is imported: a bench's A/B) does for the backward.
 """
 
 from __future__ import annotations
@@ -270,7 +271,9 @@ class Fp8Linear(nn.Linear):
     autograd, so that those ops, which save and recompute what they choose, run the FP8
     products instead of leaving FP8 layers to PEFT's unfused LoRA."""
 
-    fp8_backward = True
+    #: The input's gradient through an FP8 matmul; ``SLOTH_FP8_BACKWARD=0``: through the
+    #: weight dequantized (whether the e4m3 rounding of the gradient costs training).
+    fp8_backward = os.environ.get("SLOTH_FP8_BACKWARD", "1") != "0"
     weight_scale: torch.Tensor  # a buffer: float32, one per output row
 
     def __init__(self, linear: nn.Linear) -> None:
