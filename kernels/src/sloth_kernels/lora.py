@@ -25,7 +25,7 @@ weight or bias that requires grad, a 4-bit type other than NF4, autocast, mixed 
 from __future__ import annotations
 
 import os
-from collections.abc import Collection, Iterator, Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -285,8 +285,10 @@ def group_backward(
         # anything (FP8's _scaled_mm): those first, then the thin G A and the dense bases
         # accumulate onto them in their GEMMs' epilogues (beta = 1), instead of a separate
         # [N, in] sum of the two (o's and down's backward: 7 ms of an FP8 llama-8b step).
-        based = (layer.base.sloth_input_grad(g) for layer, g in pairs if layer.base is not None)
-        dx = _sum_into_first(based)
+        for layer, g in pairs:
+            if layer.base is not None:
+                part = layer.base.sloth_input_grad(g)
+                dx = part if dx is None else dx.add_(part)
         if big_g is not None:
             a = group.stacked_a(lora)
             dx = big_g.mm(a) if dx is None else dx.view(-1, dx.shape[-1]).addmm_(big_g, a)
@@ -310,16 +312,6 @@ def group_backward(
             assert xa is not None  # group.adapted
             lora_grads[2 * k + 1] = grads[i].t().mm(xa[:, start:stop]).mul_(scaling)
     return dx, lora_grads, big_g
-
-
-def _sum_into_first(parts: Iterator[torch.Tensor]) -> torch.Tensor | None:
-    """The sum of fresh tensors, into the first (each made only as the sum needs it);
-    ``None`` for none."""
-    out = next(parts, None)
-    for part in parts:
-        assert out is not None  # a part after the first
-        out.add_(part)
-    return out
 
 
 def save_input(ctx, x: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
