@@ -1,0 +1,190 @@
+"""Where do FP8 base weights' LoRA gradients part from exact ones? One batch through a
+random-init llama (the bench's make, llama-8b's widths, a few layers), LoRA adapters with
+random ``A`` and ``B`` (so every gradient flows), the loss and every adapter's gradient
+compared with an exact reference: transformers + PEFT in float32 on the same weights, each
+base weight rounded through e4m3 as sloth-fp8 stores it. Beside it, the bf16 reference
+and sloth bf16 on those weights (how far bf16 alone goes), then sloth FP8 with each of
+its parts switched off in turn: the input's gradient in FP8, the gated kernels' LoRA, the
+compiled quantizations, every FP8 product (the dequantized weight instead). A part whose
+switch brings the error down to bf16's is where FP8 training loses.
+
+    HF_HUB_OFFLINE=1 python scripts/fp8_grad_check.py [--layers 4] [--hidden 4096]
+        [--intermediate 14336] [--vocab 128256] [--seq 2048] [--batch 2] [--device cuda]
+
+Prints a markdown table: per run the loss, and against the float32 reference the
+gradients' cosine and relative error, overall and per projection (the worst layer).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import re
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from sloth_fp8 import linear as fp8
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from sloth_core.bench.train import _load
+from sloth_core.testing.tokenizer import build_tokenizer
+
+KEY = re.compile(r"layers\.(\d+)\..*?(\w+_proj)\.lora_([AB])")
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@contextlib.contextmanager
+def switched(env: dict[str, str] | None = None, backward: bool = True,
+             products: bool = True) -> Iterator[None]:  # fmt: skip
+    """sloth-fp8 with some of its parts off: environment switches read at call time, the
+    input's gradient through the dequantized weight, every product through it."""
+    saved_env = {k: os.environ.get(k) for k in env or {}}
+    saved_takes, saved_backward = fp8._takes, fp8.Fp8Linear.fp8_backward
+    os.environ.update(env or {})
+    fp8.Fp8Linear.fp8_backward = backward
+    if not products:
+        fp8._takes = lambda *args: False  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        for k, v in saved_env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        fp8._takes, fp8.Fp8Linear.fp8_backward = saved_takes, saved_backward
+
+
+def adapters(model: Any) -> dict[tuple[int, str, str], torch.nn.Parameter]:
+    """Every LoRA weight by (layer, projection, A or B)."""
+    found = {}
+    for name, param in model.named_parameters():
+        match = KEY.search(name)
+        if match and param.requires_grad:
+            found[(int(match[1]), match[2], match[3])] = param
+    return found
+
+
+def set_adapters(model: Any, values: dict[tuple[int, str, str], torch.Tensor]) -> None:
+    params = adapters(model)
+    if set(params) != set(values):
+        raise SystemExit(f"adapters differ: {sorted(set(params) ^ set(values))[:4]}")
+    with torch.no_grad():
+        for key, param in params.items():
+            param.copy_(values[key])
+
+
+def gradients(model: Any, ids: torch.Tensor) -> tuple[float, dict]:
+    """The loss of one batch and every adapter's gradient (float32, on the host)."""
+    model.train()
+    model.zero_grad(set_to_none=True)
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    loss = loss.detach()
+    grads = {k: p.grad.detach().float().cpu() for k, p in adapters(model).items()}
+    model.zero_grad(set_to_none=True)
+    return float(loss), grads
+
+
+def compare(grads: dict, exact: dict) -> tuple[float, float, dict[str, float]]:
+    """Cosine and relative error of all gradients together, and the worst layer's
+    relative error per projection."""
+    a = torch.cat([grads[k].flatten() for k in sorted(exact)])
+    b = torch.cat([exact[k].flatten() for k in sorted(exact)])
+    cosine = float(torch.nn.functional.cosine_similarity(a, b, dim=0))
+    overall = float((a - b).norm() / b.norm())
+    worst: dict[str, float] = {}
+    for (layer, proj, ab), g in exact.items():
+        err = float((grads[(layer, proj, ab)] - g).norm() / g.norm().clamp(min=1e-30))
+        worst[proj] = max(worst.get(proj, 0.0), err)
+    return cosine, overall, worst
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--hidden", type=int, default=4096)
+    parser.add_argument("--intermediate", type=int, default=14336)
+    parser.add_argument("--heads", type=int, default=32)
+    parser.add_argument("--kv-heads", type=int, default=8)
+    parser.add_argument("--vocab", type=int, default=128256)
+    parser.add_argument("--seq", type=int, default=2048)
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args()
+    device = args.device
+    config = LlamaConfig(
+        hidden_size=args.hidden, intermediate_size=args.intermediate,
+        num_hidden_layers=args.layers, num_attention_heads=args.heads,
+        num_key_value_heads=args.kv_heads, vocab_size=args.vocab,
+        max_position_embeddings=max(args.seq, 512), rope_theta=500000.0,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    ids = torch.randint(0, args.vocab, (args.batch, args.seq), device=device)
+    runs: list[tuple[str, float, dict]] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        original, rounded = Path(tmp, "original"), Path(tmp, "rounded")
+        with torch.device(device):
+            model = LlamaForCausalLM(config).to(torch.bfloat16)
+        model.save_pretrained(original)
+        # The weights sloth-fp8 multiplies: each linear layer's but the output layer's
+        # through e4m3 and its row scale, back in bf16.
+        with torch.no_grad():
+            for module in model.model.layers.modules():
+                if type(module) is torch.nn.Linear:
+                    module.weight.copy_(fp8.dequantize_rows(*fp8.quantize_rows(module.weight),
+                                                            torch.bfloat16))  # fmt: skip
+        model.save_pretrained(rounded)
+        del model
+        for path in (original, rounded):
+            build_tokenizer().save_pretrained(path)
+
+        reference, _ = _load("hf", rounded, device)
+        generator = torch.Generator().manual_seed(1)
+        values = {k: (torch.randn(p.shape, generator=generator) * 0.02).to(device)
+                  for k, p in adapters(reference).items()}  # fmt: skip
+        set_adapters(reference, values)
+        reference.float()
+        runs.append(("hf + PEFT, float32 (the reference)", *gradients(reference, ids)))
+        reference.to(torch.bfloat16)
+        runs.append(("hf + PEFT, bf16", *gradients(reference, ids)))
+        del reference
+        model, _ = _load("sloth", rounded, device)
+        set_adapters(model, values)
+        runs.append(("sloth bf16", *gradients(model, ids)))
+        del model
+        model, _ = _load("sloth", original, device, "fp8")
+        set_adapters(model, values)
+        variants: list[tuple[str, dict[str, Any]]] = [
+            ("sloth fp8", {}),
+            ("sloth fp8, input gradient through the dequantized weight", {"backward": False}),
+            ("sloth fp8, gated kernels without LoRA (SLOTH_GATED_LORA=0)",
+             {"env": {"SLOTH_GATED_LORA": "0"}}),
+            ("sloth fp8, quantizations not compiled (SLOTH_FP8_COMPILE=0)",
+             {"env": {"SLOTH_FP8_COMPILE": "0"}}),
+            ("sloth fp8, every product through the dequantized weight",
+             {"backward": False, "products": False}),
+        ]  # fmt: skip
+        for name, switches in variants:
+            with switched(**switches):
+                runs.append((name, *gradients(model, ids)))
+    exact = runs[0][2]
+    header = ["run", "loss", "cosine", "rel. error"]
+    header += [p.removesuffix("_proj") for p in PROJECTIONS]
+    print(f"llama, {args.layers} layers, hidden {args.hidden}, {args.batch} x {args.seq} tokens, "
+          f"{device}: adapter gradients against the float32 reference")  # fmt: skip
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    for name, loss, grads in runs:
+        cosine, overall, worst = compare(grads, exact)
+        cells = [name, f"{loss:.5f}", f"{cosine:.6f}", f"{overall:.4f}"]
+        cells += [f"{worst.get(p, float('nan')):.4f}" for p in PROJECTIONS]
+        print("| " + " | ".join(cells) + " |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
