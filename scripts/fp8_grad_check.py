@@ -34,6 +34,16 @@ from sloth_core.bench.train import _load
 from sloth_core.testing.tokenizer import build_tokenizer
 
 KEY = re.compile(r"layers\.(\d+)\..*?(\w+_proj)\.lora_([AB])")
+FP8_VARIANTS: list[tuple[str, dict[str, Any]]] = [
+    ("sloth fp8", {}),
+    ("sloth fp8, input gradient through the dequantized weight", {"backward": False}),
+    ("sloth fp8, gated kernels without LoRA (SLOTH_GATED_LORA=0)",
+     {"env": {"SLOTH_GATED_LORA": "0"}}),
+    ("sloth fp8, quantizations not compiled (SLOTH_FP8_COMPILE=0)",
+     {"env": {"SLOTH_FP8_COMPILE": "0"}}),
+    ("sloth fp8, every product through the dequantized weight",
+     {"backward": False, "products": False}),
+]  # fmt: skip
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -104,6 +114,13 @@ def compare(grads: dict, exact: dict) -> tuple[float, float, dict[str, float]]:
     return cosine, overall, worst
 
 
+def by_layer(grads: dict, exact: dict, layer: int) -> float:
+    keys = sorted(k for k in exact if k[0] == layer)
+    a = torch.cat([grads[k].flatten() for k in keys])
+    b = torch.cat([exact[k].flatten() for k in keys])
+    return float((a - b).norm() / b.norm())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--layers", type=int, default=4)
@@ -115,8 +132,25 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=2048)
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument(
+        "--runs",
+        default="hf,sloth,fp8",
+        help="beside the float32 reference: hf (bf16), sloth, sloth:on, "
+        "sloth:off (sloth bf16, its checkpointing so), fp8 (sloth fp8, "
+        "each part off in turn)",
+    )
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="each sloth bf16 run this many times (is it deterministic?)",
+    )
+    parser.add_argument(
+        "--by-layer", action="store_true", help="also each run's relative error per layer"
+    )
     args = parser.parse_args()
     device = args.device
+    wanted = args.runs.split(",")
     config = LlamaConfig(
         hidden_size=args.hidden, intermediate_size=args.intermediate,
         num_hidden_layers=args.layers, num_attention_heads=args.heads,
@@ -150,28 +184,23 @@ def main() -> None:
         set_adapters(reference, values)
         reference.float()
         runs.append(("hf + PEFT, float32 (the reference)", *gradients(reference, ids)))
-        reference.to(torch.bfloat16)
-        runs.append(("hf + PEFT, bf16", *gradients(reference, ids)))
+        if "hf" in wanted:
+            reference.to(torch.bfloat16)
+            runs.append(("hf + PEFT, bf16", *gradients(reference, ids)))
         del reference
-        model, _ = _load("sloth", rounded, device)
-        set_adapters(model, values)
-        runs.append(("sloth bf16", *gradients(model, ids)))
-        del model
-        model, _ = _load("sloth", original, device, "fp8")
-        set_adapters(model, values)
-        variants: list[tuple[str, dict[str, Any]]] = [
-            ("sloth fp8", {}),
-            ("sloth fp8, input gradient through the dequantized weight", {"backward": False}),
-            ("sloth fp8, gated kernels without LoRA (SLOTH_GATED_LORA=0)",
-             {"env": {"SLOTH_GATED_LORA": "0"}}),
-            ("sloth fp8, quantizations not compiled (SLOTH_FP8_COMPILE=0)",
-             {"env": {"SLOTH_FP8_COMPILE": "0"}}),
-            ("sloth fp8, every product through the dequantized weight",
-             {"backward": False, "products": False}),
-        ]  # fmt: skip
-        for name, switches in variants:
-            with switched(**switches):
+        for system in [w for w in wanted if w.startswith("sloth")]:
+            model, _ = _load(system, rounded, device)
+            set_adapters(model, values)
+            for repeat in range(args.repeats):
+                name = f"{system} bf16" + (f" (again, {repeat + 1})" if repeat else "")
                 runs.append((name, *gradients(model, ids)))
+            del model
+        if "fp8" in wanted:
+            model, _ = _load("sloth", original, device, "fp8")
+            set_adapters(model, values)
+            for name, switches in FP8_VARIANTS:
+                with switched(**switches):
+                    runs.append((name, *gradients(model, ids)))
     exact = runs[0][2]
     header = ["run", "loss", "cosine", "rel. error"]
     header += [p.removesuffix("_proj") for p in PROJECTIONS]
@@ -184,6 +213,13 @@ def main() -> None:
         cells = [name, f"{loss:.5f}", f"{cosine:.6f}", f"{overall:.4f}"]
         cells += [f"{worst.get(p, float('nan')):.4f}" for p in PROJECTIONS]
         print("| " + " | ".join(cells) + " |", flush=True)
+    if args.by_layer:
+        print("\nrelative error per layer (all projections, A and B)")
+        print("| run | " + " | ".join(f"layer {i}" for i in range(args.layers)) + " |")
+        print("|" + "---|" * (args.layers + 1))
+        for name, _, grads in runs:
+            cells = [f"{by_layer(grads, exact, i):.4f}" for i in range(args.layers)]
+            print(f"| {name} | " + " | ".join(cells) + " |", flush=True)
 
 
 if __name__ == "__main__":
