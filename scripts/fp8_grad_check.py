@@ -31,6 +31,7 @@ from sloth_fp8 import linear as fp8
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from sloth_core.bench.train import _load
+from sloth_core.patches import kept_attention
 from sloth_core.testing.tokenizer import build_tokenizer
 
 KEY = re.compile(r"layers\.(\d+)\..*?(\w+_proj)\.lora_([AB])")
@@ -136,8 +137,8 @@ def main() -> None:
         "--runs",
         default="hf,sloth,fp8",
         help="beside the float32 reference: hf (bf16), sloth, sloth:on, "
-        "sloth:off (sloth bf16, its checkpointing so), fp8 (sloth fp8, "
-        "each part off in turn)",
+        "sloth:off (sloth bf16, its checkpointing so; -nokept: the attention not kept), "
+        "fp8 (sloth fp8, each part off in turn)",
     )
     parser.add_argument(
         "--repeats",
@@ -189,11 +190,21 @@ def main() -> None:
             runs.append(("hf + PEFT, bf16", *gradients(reference, ids)))
         del reference
         for system in [w for w in wanted if w.startswith("sloth")]:
-            model, _ = _load(system, rounded, device)
+            # "-nokept": the offloaded layers' attention recomputed, not kept
+            # (sloth_core.patches.kept_attention's kernels marked broken).
+            base, nokept = system.removesuffix("-nokept"), system.endswith("-nokept")
+            model, _ = _load(base, rounded, device)
             set_adapters(model, values)
+            broken = set(kept_attention._broken)
+            if nokept:
+                kept_attention._broken.update(
+                    k.name for k in (kept_attention._CPU, *kept_attention._CUDA.values())
+                )
             for repeat in range(args.repeats):
                 name = f"{system} bf16" + (f" (again, {repeat + 1})" if repeat else "")
                 runs.append((name, *gradients(model, ids)))
+            kept_attention._broken.clear()
+            kept_attention._broken.update(broken)
             del model
         if "fp8" in wanted:
             model, _ = _load("sloth", original, device, "fp8")

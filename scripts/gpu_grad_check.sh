@@ -8,7 +8,7 @@ set -uo pipefail
 source "$(dirname "$0")/gpu_env.sh" "$@"
 export SLOTH_CACHE=${SLOTH_CACHE:-/dev/shm/sloth-cache} TOKENIZERS_PARALLELISM=false
 small="--layers 2 --vocab 32000 --seq 128 --batch 2 --by-layer"
-timeout 150 python3 scripts/fp8_grad_check.py $small --runs hf,sloth,sloth:on,sloth:off \
+timeout 150 python3 scripts/fp8_grad_check.py $small --runs hf,sloth,sloth-nokept,sloth:on,sloth:off \
   --repeats 2 > "$out/grads-kernels.txt" 2>&1
 echo "kernels: rc=$?"; grep "^|\|^llama\|^rel\|Error" "$out/grads-kernels.txt" | cut -c1-170
 SLOTH_KERNELS=torch timeout 100 python3 scripts/fp8_grad_check.py $small --runs sloth \
