@@ -7,6 +7,10 @@
 set -uo pipefail
 source "$(dirname "$0")/gpu_env.sh" "$@"
 export SLOTH_CACHE=${SLOTH_CACHE:-/dev/shm/sloth-cache} TOKENIZERS_PARALLELISM=false
+timeout 120 python3 -m pytest -p no:cacheprovider -q tests/test_kept_attention.py \
+  > "$out/kept-attention-tests.txt" 2>&1
+echo "kept attention tests: rc=$? $(tail -1 "$out/kept-attention-tests.txt")"
+grep "^FAILED\|^E  .*errors\|AssertionError" "$out/kept-attention-tests.txt" | cut -c1-300 | head -8
 small="--layers 2 --vocab 32000 --seq 128 --batch 2 --by-layer"
 timeout 150 python3 scripts/fp8_grad_check.py $small --runs hf,sloth,sloth-nokept,sloth:on,sloth:off \
   --repeats 2 > "$out/grads-kernels.txt" 2>&1

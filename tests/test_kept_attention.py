@@ -180,3 +180,48 @@ def test_cuda_bf16_keeps_through_a_fused_kernel(calls):
     assert calls["forward"] == calls["backward"] == 2 * layers and not calls["sdpa"], calls
     assert not kept_attention._broken
     assert_same_grads(got, want, rtol=2e-2)  # the same kernel both ways; bf16 recompute order
+
+
+def _rel(got: torch.Tensor, want: torch.Tensor) -> float:
+    return float((got.float() - want.float()).norm() / want.float().norm())
+
+
+@pytest.mark.parametrize("heads,kv_heads", [(32, 8), (8, 8)])
+@pytest.mark.parametrize("transposed", [True, False])
+def test_the_kernel_at_a_real_head_size_matches_sdpa(heads, kv_heads, transposed):
+    """The kept path's kernel on llama's head size (128), where SDPA picks cuDNN on Hopper
+    and flash elsewhere, with and without GQA, on ``[B, S, H, D]`` projections seen as
+    ``[B, H, S, D]`` (as the attention layers make them) or contiguous: its forward and
+    its backward, called as the recompute calls it, against SDPA's own autograd in
+    float32. The tiny models' head size (16) would not reach the kernel a real model
+    runs. On the CPU the flash kernel, in float32."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    batch, length, dim = 2, 192, 128
+    scale = dim**-0.5
+    generator = torch.Generator(device=device).manual_seed(11)
+
+    def made(n_heads: int) -> torch.Tensor:
+        shape = (batch, length, n_heads, dim) if transposed else (batch, n_heads, length, dim)
+        t = torch.randn(shape, device=device, dtype=dtype, generator=generator)
+        return t.transpose(1, 2) if transposed else t
+
+    q, k, v = made(heads), made(kv_heads), made(kv_heads)
+    kernel = kept_attention._kernel(q, k, v, True, scale)
+    assert kernel is not None, "SDPA picks no kernel with a log-sum-exp here"
+    out, lse, extra = kernel.forward(q, k, v, True, scale)
+    dout = torch.randn(out.shape, device=device, dtype=dtype, generator=generator)
+    dq, dk, dv = kernel.backward(dout.contiguous(), q, k, v, out, lse, extra, True, scale)
+
+    exact = [t.detach().float().requires_grad_() for t in (q, k, v)]
+    want = F.scaled_dot_product_attention(*exact, is_causal=True, scale=scale,
+                                          enable_gqa=heads != kv_heads)  # fmt: skip
+    want.backward(dout.float())
+    # bf16 inputs, outputs and gradients: a few 2**-8 of relative error at the most.
+    tol = 2e-2 if dtype == torch.bfloat16 else 1e-4
+    errors = {
+        "out": _rel(out, want), "dq": _rel(dq, exact[0].grad), "dk": _rel(dk, exact[1].grad),
+        "dv": _rel(dv, exact[2].grad),
+    }  # fmt: skip
+    assert all(e < tol for e in errors.values()), (kernel.name, errors)
+    assert dk.shape == k.shape and dv.shape == v.shape
