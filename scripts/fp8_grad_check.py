@@ -70,6 +70,40 @@ def switched(env: dict[str, str] | None = None, backward: bool = True,
         fp8._takes, fp8.Fp8Linear.fp8_backward = saved_takes, saved_backward
 
 
+@contextlib.contextmanager
+def kept_options(options: list[str]) -> Iterator[None]:
+    """The kept attention on or off, and the offloaded copies as device clones or
+    synchronized (see ``--runs``)."""
+    from sloth_core import checkpointing
+
+    env = {"kept": "1", "nokept": "0"}
+    saved_env, saved_to_host = os.environ.get(kept_attention.ENV), checkpointing._Slot._to_host
+    original = checkpointing._Slot._to_host
+    for option in options:
+        if option in env:
+            os.environ[kept_attention.ENV] = env[option]
+        elif option == "clone":
+            checkpointing._Slot._to_host = lambda self, t: (t.detach().clone(), None)
+        elif option == "sync":
+
+            def synced(self: Any, t: torch.Tensor) -> Any:
+                result = original(self, t)
+                torch.cuda.synchronize()
+                return result
+
+            checkpointing._Slot._to_host = synced
+        else:
+            raise SystemExit(f"unknown run option {option!r}")
+    try:
+        yield
+    finally:
+        checkpointing._Slot._to_host = saved_to_host
+        if saved_env is None:
+            os.environ.pop(kept_attention.ENV, None)
+        else:
+            os.environ[kept_attention.ENV] = saved_env
+
+
 def adapters(model: Any) -> dict[tuple[int, str, str], torch.nn.Parameter]:
     """Every LoRA weight by (layer, projection, A or B)."""
     found = {}
@@ -137,7 +171,7 @@ def main() -> None:
         "--runs",
         default="hf,sloth,fp8",
         help="beside the float32 reference: hf (bf16), sloth, sloth:on, "
-        "sloth:off (sloth bf16, its checkpointing so; -nokept: the attention not kept), "
+        "sloth:off (sloth bf16, its checkpointing so; suffixes: see kept_options), "
         "fp8 (sloth fp8, each part off in turn)",
     )
     parser.add_argument(
@@ -190,21 +224,16 @@ def main() -> None:
             runs.append(("hf + PEFT, bf16", *gradients(reference, ids)))
         del reference
         for system in [w for w in wanted if w.startswith("sloth")]:
-            # "-nokept": the offloaded layers' attention recomputed, not kept
-            # (sloth_core.patches.kept_attention's kernels marked broken).
-            base, nokept = system.removesuffix("-nokept"), system.endswith("-nokept")
+            # Suffixes: "-kept" / "-nokept" the offloaded layers' attention kept for the
+            # recompute or not (SLOTH_KEPT_ATTENTION); "-clone": every copy "to host" a
+            # device copy instead; "-sync": the device synchronized after each such copy.
+            base, *options = system.split("-")
             model, _ = _load(base, rounded, device)
             set_adapters(model, values)
-            broken = set(kept_attention._broken)
-            if nokept:
-                kept_attention._broken.update(
-                    k.name for k in (kept_attention._CPU, *kept_attention._CUDA.values())
-                )
-            for repeat in range(args.repeats):
-                name = f"{system} bf16" + (f" (again, {repeat + 1})" if repeat else "")
-                runs.append((name, *gradients(model, ids)))
-            kept_attention._broken.clear()
-            kept_attention._broken.update(broken)
+            with kept_options(options):
+                for repeat in range(args.repeats):
+                    name = f"{system} bf16" + (f" (again, {repeat + 1})" if repeat else "")
+                    runs.append((name, *gradients(model, ids)))
             del model
         if "fp8" in wanted:
             model, _ = _load("sloth", original, device, "fp8")

@@ -173,7 +173,8 @@ def test_the_memory_plan_counts_what_the_first_pass_keeps():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_cuda_bf16_keeps_through_a_fused_kernel(calls):
+def test_cuda_bf16_keeps_through_a_fused_kernel(calls, monkeypatch):
+    monkeypatch.setenv(kept_attention.ENV, "1")  # off on CUDA unless asked (see the module)
     want, layers = _grads("llama", None, device="cuda", dtype=torch.bfloat16)
     got, _ = _grads("llama", offloaded_checkpoint, device="cuda", dtype=torch.bfloat16,
                     counts=calls)  # fmt: skip
@@ -225,3 +226,29 @@ def test_the_kernel_at_a_real_head_size_matches_sdpa(heads, kv_heads, transposed
     }  # fmt: skip
     assert all(e < tol for e in errors.values()), (kernel.name, errors)
     assert dk.shape == k.shape and dv.shape == v.shape
+
+
+def test_the_path_runs_on_the_cpu_and_on_a_gpu_only_when_asked(monkeypatch):
+    """Unset, the kept path is the CPU's only: on CUDA it trained on wrong gradients
+    (session 23), so it waits for a GPU run that shows it right; 1 and 0 set it anywhere,
+    and anything else is refused by name."""
+    cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
+    monkeypatch.delenv(kept_attention.ENV, raising=False)
+    assert kept_attention.enabled(cpu) and not kept_attention.enabled(cuda)
+    monkeypatch.setenv(kept_attention.ENV, "1")
+    assert kept_attention.enabled(cpu) and kept_attention.enabled(cuda)
+    monkeypatch.setenv(kept_attention.ENV, "0")
+    assert not kept_attention.enabled(cpu) and not kept_attention.enabled(cuda)
+    monkeypatch.setenv(kept_attention.ENV, "yes")
+    with pytest.raises(ValueError, match="SLOTH_KEPT_ATTENTION='yes'"):
+        kept_attention.enabled(cpu)
+
+
+def test_switched_off_the_recompute_computes_the_attention(calls, monkeypatch):
+    """``SLOTH_KEPT_ATTENTION=0``: the offloaded layers keep nothing and their recompute
+    runs SDPA, with the gradients of no checkpointing."""
+    monkeypatch.setenv(kept_attention.ENV, "0")
+    want, _ = _grads("llama", None)
+    got, _ = _grads("llama", offloaded_checkpoint, counts=calls)
+    assert calls["forward"] == calls["backward"] == 0 and calls["sdpa"], calls
+    assert_same_grads(got, want)

@@ -262,9 +262,10 @@ def test_grouped_keys_go_to_the_kernel_as_they_are_where_it_takes_them(counts, m
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
-def test_cuda_bf16_packed_rows_keep_through_the_flash_kernel():
+def test_cuda_bf16_packed_rows_keep_through_the_flash_kernel(monkeypatch):
     """The real kernels and backward operator: packed rows in bf16, the kept path taken
     (no warning, nothing turned off) and the gradients of no checkpointing."""
+    monkeypatch.setenv(kept_attention.ENV, "1")  # off on CUDA unless asked
     if not attention._varlen_usable(torch.empty(1, device="cuda", dtype=torch.bfloat16), 0.0):
         pytest.skip("this torch has no varlen_attn")
     if not attention._keeps_varlen():

@@ -22,10 +22,22 @@ outputs stay within :func:`~sloth_core.checkpointing.kept_host_limit` (a long se
 would not: its recompute computes the attention again). If calling the kernel fails
 (a torch whose private operator differs), the path turns itself off with a warning and
 SDPA runs as before; a failing backward recomputes the attention instead.
+
+**Off on CUDA by default** (``SLOTH_KEPT_ATTENTION``, :func:`enabled`). On an H100 (torch
+2.11, cuDNN's kernel at head size 128, llama's GQA) the path trained on wrong gradients:
+a llama-8b-wide model's LoRA gradients had cosine 0.32 with the float32 reference where
+the same layers with the attention recomputed had 0.9998, and 40 steps of the bench ended
+at loss 1.80 where hf + PEFT and sloth without it reached 0.91 (docs/benchmarks.md,
+session 23; ``scripts/gpu_grad_check.sh``). The kernel called alone at that size matches
+SDPA (``tests/test_kept_attention.py``), so the fault is in the path around it on a GPU,
+not yet found; until a GPU run shows the path's gradients right it stays off there.
+``SLOTH_KEPT_ATTENTION=1`` turns it on everywhere (to measure it), ``0`` off everywhere;
+unset, it runs on the CPU only, where its gradients match (the tests here).
 """
 
 from __future__ import annotations
 
+import os
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -40,6 +52,18 @@ _aten = torch.ops.aten
 #: SDPBackend's values, as ``torch._fused_sdp_choice`` returns them.
 _FLASH, _CUDNN = 1, 3
 _broken: set[str] = set()  # kernels whose call failed once: not tried again
+#: ``1``: the kept path everywhere; ``0``: nowhere; unset: on the CPU only (see above).
+ENV = "SLOTH_KEPT_ATTENTION"
+
+
+def enabled(device: torch.device) -> bool:
+    """Whether an offloaded layer keeps its attention on ``device`` (:data:`ENV`)."""
+    setting = os.environ.get(ENV, "")
+    if setting in ("0", "1"):
+        return setting == "1"
+    if setting:
+        raise ValueError(f"{ENV}={setting!r}: 1 (on), 0 (off) or unset (on the CPU only)")
+    return device.type == "cpu"
 
 
 @dataclass(frozen=True)
@@ -175,7 +199,7 @@ def attend_kept(
 
             return _Replay.apply(query, key, value, out, lse, kernel.name, backward, fallback)
         return None  # not the call it was kept for: compute it
-    if not keeping() or query.shape[2] != key.shape[2]:
+    if not keeping() or query.shape[2] != key.shape[2] or not enabled(query.device):
         return None
     kernel = _kernel(query, key, value, causal, scale)
     if kernel is None:
@@ -219,7 +243,7 @@ def attend_kept_varlen(
             fallback = lambda *qkv: forward(*qkv)[0]  # noqa: E731
             return _Replay.apply(q, k, v, out, lse, _VARLEN, backward, fallback)
         return None  # not the call it was kept for: compute it
-    if not keeping():
+    if not keeping() or not enabled(q.device):
         return None
     try:
         out, lse = forward(q, k, v)
