@@ -323,7 +323,10 @@ def run_dpo_bench(shape: str, *, seq: int = 1024, batch: int = 4, steps: int = 1
             device, repr(lr), repr(budget_gib or 0.0), quantization or "none",
         ], timeout=timeout, env=env)  # fmt: skip
         results.append({**out, "system": system})
-    losses_agree = bench.check_losses(results, loss_tolerance)
+    # FP8 weights against TRL in bf16: the last losses differ by design.
+    losses_agree = bench.check_losses(
+        results, loss_tolerance, None if quantization == "fp8" else bench.END_FRACTION
+    )
     bench.ratios_vs_hf(results)
     device_name = next((r["device_name"] for r in results if r.get("device_name")), None)
     return {"kind": "dpo", "shape": shape, "config": bench.SHAPES[shape], "seq": seq,

@@ -88,6 +88,12 @@ OPTIONAL_BASELINES = {"liger": ("liger_kernel", "liger-kernel")}
 #: First losses further apart than this (absolute) mean the systems do not train the same
 #: model; bf16 runs agree to about 1e-3 at 8B, NF4 ones to a few 1e-2 on the tiny shape.
 LOSS_TOLERANCE = 5e-2
+#: Last losses further apart than the tolerance and this fraction of the reference's own
+#: drop (first loss to last) mean the systems do not learn the same: the same start hid a
+#: backward that trained on wrong gradients (session 23: 1.80 against 0.91 after 40 steps,
+#: 10.26 against 10.26 after 10). None where the numerics differ by design (FP8 weights
+#: against hf in bf16).
+END_FRACTION = 0.05
 
 
 @dataclass
@@ -199,9 +205,13 @@ def versions() -> dict[str, str | None]:
     return out
 
 
-def check_losses(results: list[dict[str, Any]], tolerance: float = LOSS_TOLERANCE) -> bool:
+def check_losses(results: list[dict[str, Any]], tolerance: float = LOSS_TOLERANCE,
+                 end_fraction: float | None = END_FRACTION) -> bool:  # fmt: skip
     """Mark each trained result with its first loss's distance to the reference's (``hf``,
-    else the first system that trained) and whether it is within ``tolerance``."""
+    else the first system that trained) and whether it is within ``tolerance``; with
+    ``end_fraction``, its last loss's too (``same_end``: within ``tolerance`` plus that
+    fraction of the reference's drop from its first loss to its last). True where all
+    agree."""
     trained = [r for r in results if "first_loss" in r and not r.get("error")]
     if not trained:
         return True
@@ -209,7 +219,11 @@ def check_losses(results: list[dict[str, Any]], tolerance: float = LOSS_TOLERANC
     for r in trained:
         r["first_loss_delta"] = r["first_loss"] - ref["first_loss"]
         r["same_start"] = abs(r["first_loss_delta"]) <= tolerance
-    return all(r["same_start"] for r in trained)
+        if end_fraction is not None and "last_loss" in r and "last_loss" in ref:
+            r["last_loss_delta"] = r["last_loss"] - ref["last_loss"]
+            drop = max(ref["first_loss"] - ref["last_loss"], 0.0)
+            r["same_end"] = abs(r["last_loss_delta"]) <= tolerance + end_fraction * drop
+    return all(r["same_start"] and r.get("same_end", True) for r in trained)
 
 
 def shape_config(shape: str) -> Any:
@@ -581,7 +595,9 @@ def run_bench(shape: str, *, seq: int, batch: int, steps: int = 10, warmup: int 
             name = system if world == 1 else f"{system}@{world}"
             results.append({**out, "system": name})
     results += skipped
-    losses_agree = check_losses(results, loss_tolerance)
+    # FP8 weights against hf in bf16: the last losses differ by design (docs/benchmarks.md).
+    losses_agree = check_losses(results, loss_tolerance,
+                                None if quantization == "fp8" else END_FRACTION)  # fmt: skip
     ratios_vs_hf(results)
     for r in results:
         one = next((o for o in results if o["system"] == r["system"].partition("@")[0]
@@ -639,7 +655,7 @@ def markdown(report: dict[str, Any], command: str) -> str:
             f"| {r['system']} | {r.get('attention') or '-'} | {r['tokens_per_s']:.0f} | "
             f"{fmt(r['peak_gib'], '.2f')} | "
             f"{fmt(r['mfu'] and r['mfu'] * 100, '.1f')}% | {r['first_loss']:.4f}{flag} | "
-            f"{r['last_loss']:.4f} | "
+            f"{r['last_loss']:.4f}{'' if r.get('same_end', True) else ' (!)'} | "
             f"{ratio(r.get('speed_vs_hf'))} | {ratio(r.get('memory_vs_hf'))} |"
             + (f" {ratio(r.get('speed_vs_1'))} |" if scaling else "")
         )
@@ -647,8 +663,10 @@ def markdown(report: dict[str, Any], command: str) -> str:
     if plans:
         lines += ["", *plans]
     if not report.get("losses_agree", True):
-        lines += ["", f"(!) first loss differs from the reference's by more than "
-                      f"{report['loss_tolerance']}: not the same training."]  # fmt: skip
+        lines += ["", f"(!) a first loss differs from the reference's by more than "
+                      f"{report['loss_tolerance']}, or a last loss by more than that and "
+                      f"{END_FRACTION:.0%} of the reference's drop: not the same "
+                      "training."]  # fmt: skip
     if report.get("device_name") or report.get("versions"):
         lines += ["", device_line(report)]
     return "\n".join(lines) + "\n"

@@ -287,15 +287,17 @@ def run_train(args: argparse.Namespace) -> int:
         table.add_row(
             r["system"], r.get("attention") or "-", f"{r['tokens_per_s']:.0f}",
             f"{r['median_step_s'] * 1000:.1f}", num(r["peak_gib"], ".2f"),
-            num(r["mfu"] and r["mfu"] * 100, ".1f"), first, f"{r['last_loss']:.4f}",
+            num(r["mfu"] and r["mfu"] * 100, ".1f"), first,
+            f"{r['last_loss']:.4f}" + ("" if r.get("same_end", True) else " (!)"),
             num(r.get("speed_vs_hf"), ".2f"), num(r.get("memory_vs_hf"), ".2f"),
             num(r.get("speed_vs_1"), ".2f"),
         )  # fmt: skip
     _print_table(table, report["results"])
     if not report["losses_agree"]:
         Console(stderr=True).print(
-            f"[red]sloth: first losses differ by more than {report['loss_tolerance']} "
-            "(marked (!)): the systems do not train the same model[/]")  # fmt: skip
+            f"[red]sloth: first or last losses differ by more than "
+            f"{report['loss_tolerance']} (the last: and a share of the reference's drop; "
+            "marked (!)): the systems do not train the same model[/]")  # fmt: skip
     failed = any(r.get("error") for r in report["results"]) or not report["losses_agree"]
     return 1 if failed else 0
 
