@@ -189,13 +189,15 @@ def _rel(got: torch.Tensor, want: torch.Tensor) -> float:
 
 @pytest.mark.parametrize("heads,kv_heads", [(32, 8), (8, 8)])
 @pytest.mark.parametrize("transposed", [True, False])
-def test_the_kernel_at_a_real_head_size_matches_sdpa(heads, kv_heads, transposed):
+@pytest.mark.parametrize("relaid", [False, True])
+def test_the_kernel_at_a_real_head_size_matches_sdpa(heads, kv_heads, transposed, relaid):
     """The kept path's kernel on llama's head size (128), where SDPA picks cuDNN on Hopper
     and flash elsewhere, with and without GQA, on ``[B, S, H, D]`` projections seen as
     ``[B, H, S, D]`` (as the attention layers make them) or contiguous: its forward and
     its backward, called as the recompute calls it, against SDPA's own autograd in
     float32. The tiny models' head size (16) would not reach the kernel a real model
-    runs. On the CPU the flash kernel, in float32."""
+    runs. On the CPU the flash kernel, in float32. ``relaid``: the backward gets the
+    same values in the other layout (a recompute may lay q, k and v out otherwise)."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     batch, length, dim = 2, 192, 128
@@ -212,7 +214,9 @@ def test_the_kernel_at_a_real_head_size_matches_sdpa(heads, kv_heads, transposed
     assert kernel is not None, "SDPA picks no kernel with a log-sum-exp here"
     out, lse, extra = kernel.forward(q, k, v, True, scale)
     dout = torch.randn(out.shape, device=device, dtype=dtype, generator=generator)
-    dq, dk, dv = kernel.backward(dout.contiguous(), q, k, v, out, lse, extra, True, scale)
+    back = [t.transpose(1, 2).contiguous().transpose(1, 2) if t.is_contiguous()
+            else t.contiguous() for t in (q, k, v)] if relaid else [q, k, v]  # fmt: skip
+    dq, dk, dv = kernel.backward(dout.contiguous(), *back, out, lse, extra, True, scale)
 
     exact = [t.detach().float().requires_grad_() for t in (q, k, v)]
     want = F.scaled_dot_product_attention(*exact, is_causal=True, scale=scale,
