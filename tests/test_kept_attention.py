@@ -197,7 +197,9 @@ def test_the_kernel_at_a_real_head_size_matches_sdpa(heads, kv_heads, transposed
     its backward, called as the recompute calls it, against SDPA's own autograd in
     float32. The tiny models' head size (16) would not reach the kernel a real model
     runs. On the CPU the flash kernel, in float32. ``relaid``: the backward gets the
-    same values in the other layout (a recompute may lay q, k and v out otherwise)."""
+    same values in the other layout, as a recompute may lay q, k and v out (cuDNN's
+    backward, handed them so, returned dq and dk 70% off on an H100: the path lays them
+    out as the forward had them)."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     batch, length, dim = 2, 192, 128
@@ -216,7 +218,16 @@ def test_the_kernel_at_a_real_head_size_matches_sdpa(heads, kv_heads, transposed
     dout = torch.randn(out.shape, device=device, dtype=dtype, generator=generator)
     back = [t.transpose(1, 2).contiguous().transpose(1, 2) if t.is_contiguous()
             else t.contiguous() for t in (q, k, v)] if relaid else [q, k, v]  # fmt: skip
-    dq, dk, dv = kernel.backward(dout.contiguous(), *back, out, lse, extra, True, scale)
+    back = [t.detach().requires_grad_() for t in back]
+    # Through the path's own backward, as the recompute runs it: given the first pass's
+    # layouts, it hands the kernel q, k and v laid out as its forward had them.
+    got = kept_attention._Replay.apply(
+        *back, out, lse, kernel.name,
+        lambda *a: kernel.backward(*a, extra, True, scale), None,
+        tuple(t.stride() for t in (q, k, v)),
+    )  # fmt: skip
+    got.backward(dout)
+    dq, dk, dv = (t.grad for t in back)
 
     exact = [t.detach().float().requires_grad_() for t in (q, k, v)]
     want = F.scaled_dot_product_attention(*exact, is_causal=True, scale=scale,

@@ -153,8 +153,9 @@ class _Replay(torch.autograd.Function):
     with autograd)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, out, lse, name, backward, fallback):
+    def forward(ctx, q, k, v, out, lse, name, backward, fallback, layouts=None):
         ctx.name, ctx.backward, ctx.fallback = name, backward, fallback
+        ctx.layouts = layouts
         ctx.save_for_backward(q, k, v, out, lse)
         return out
 
@@ -162,7 +163,9 @@ class _Replay(torch.autograd.Function):
     def backward(ctx, dout):
         q, k, v, out, lse = ctx.saved_tensors
         try:
-            dq, dk, dv = ctx.backward(dout.contiguous(), q, k, v, out, lse)
+            # q, k and v as the first pass laid them out: see _laid_out.
+            laid = (q, k, v) if ctx.layouts is None else map(_laid_out, (q, k, v), ctx.layouts)
+            dq, dk, dv = ctx.backward(dout.contiguous(), *laid, out, lse)
         except (RuntimeError, TypeError, NotImplementedError, AttributeError) as exc:
             _broken.add(ctx.name)
             warnings.warn(f"kept attention: the {ctx.name} backward failed ({exc}); "
@@ -170,7 +173,20 @@ class _Replay(torch.autograd.Function):
             with torch.enable_grad():
                 inputs = [t.detach().requires_grad_() for t in (q, k, v)]
                 dq, dk, dv = torch.autograd.grad(ctx.fallback(*inputs), inputs, dout)
-        return dq, dk, dv, None, None, None, None, None
+        return dq, dk, dv, None, None, None, None, None, None
+
+
+def _laid_out(t: torch.Tensor, stride: tuple[int, ...]) -> torch.Tensor:
+    """``t`` with ``stride``: itself where it has them, else a copy so laid out. The
+    forward's output and log-sum-exp go with its inputs' layout: given the same q, k
+    and v laid out otherwise, cuDNN's backward (torch 2.11, an H100) returned dq and dk
+    70% off while dv was right (``tests/test_kept_attention.py``), and the recompute may
+    lay them out otherwise than the first pass (session 23: a whole model's LoRA
+    gradients at cosine 0.32)."""
+    if t.stride() == stride:
+        return t
+    out = torch.empty_strided(t.shape, stride, dtype=t.dtype, device=t.device)
+    return out.copy_(t)
 
 
 def attend_kept(
@@ -186,7 +202,7 @@ def attend_kept(
     scale = query.shape[-1] ** -0.5 if scaling is None else scaling
     kept = kept_for_backward(module)
     if kept is not None:
-        (out,), (kernel, lse, extra, was_causal) = kept
+        (out,), (kernel, lse, extra, was_causal, layouts) = kept
         if out.shape[:-1] == query.shape[:-1] and was_causal == causal:
 
             def backward(dout, q, k, v, out, lse):
@@ -197,7 +213,8 @@ def attend_kept(
                 return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale,
                                                       enable_gqa=grouped)  # fmt: skip
 
-            return _Replay.apply(query, key, value, out, lse, kernel.name, backward, fallback)
+            return _Replay.apply(query, key, value, out, lse, kernel.name, backward, fallback,
+                                 layouts)  # fmt: skip
         return None  # not the call it was kept for: compute it
     if not keeping() or query.shape[2] != key.shape[2] or not enabled(query.device):
         return None
@@ -211,7 +228,8 @@ def attend_kept(
         warnings.warn(f"kept attention: the {kernel.name} kernel failed ({exc}); "
                       "recomputing the attention instead", stacklevel=2)  # fmt: skip
         return None
-    keep_for_backward(module, (out,), (kernel, lse, extra, causal))
+    layouts = tuple(t.stride() for t in (query, key, value))
+    keep_for_backward(module, (out,), (kernel, lse, extra, causal, layouts))
     return out
 
 
@@ -238,10 +256,10 @@ def attend_kept_varlen(
         return None
     kept = kept_for_backward(module)
     if kept is not None:
-        (out,), (lse, was) = kept
+        (out,), (lse, was, layouts) = kept
         if out.shape == q.shape and was == signature:
             fallback = lambda *qkv: forward(*qkv)[0]  # noqa: E731
-            return _Replay.apply(q, k, v, out, lse, _VARLEN, backward, fallback)
+            return _Replay.apply(q, k, v, out, lse, _VARLEN, backward, fallback, layouts)
         return None  # not the call it was kept for: compute it
     if not keeping() or not enabled(q.device):
         return None
@@ -252,5 +270,5 @@ def attend_kept_varlen(
         warnings.warn(f"kept attention: the varlen kernel with its log-sum-exp failed ({exc}); "
                       "recomputing the attention instead", stacklevel=2)  # fmt: skip
         return None
-    keep_for_backward(module, (out,), (lse, signature))
+    keep_for_backward(module, (out,), (lse, signature, tuple(t.stride() for t in (q, k, v))))
     return out
