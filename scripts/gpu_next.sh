@@ -11,7 +11,7 @@ source "$(dirname "$0")/gpu_env.sh" "$@"
 export SLOTH_CACHE=${SLOTH_CACHE:-/dev/shm/sloth-cache} TOKENIZERS_PARALLELISM=false
 limit=${LIMIT:-570}
 # SKIP=key,key: leave out the steps a call before brought back (tests, moe, moe-profile,
-# fp8-grads, fp8-quality, profiles), so that the next call of a warm machine goes on from there. (The fp8 row and
+# kept, kept-bench, fp8-grads, fp8-quality, profiles), so that the next call of a warm machine goes on from there. (The fp8 row and
 # DPO's split comparison ran in session 22: ROWS=fp8 bash scripts/gpu_targets.sh, and
 # scripts/gpu_dpo.sh, run them again.)
 step() {  # step KEY NAME SECONDS_NEEDED 'COMMAND': run it under bash if that much time is left
@@ -26,6 +26,20 @@ step() {  # step KEY NAME SECONDS_NEEDED 'COMMAND': run it under bash if that mu
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 big=$(python3 -c "import torch; print(int(torch.cuda.get_device_properties(0).total_memory > 100 * 2**30))")
 export out big
+# First, the kept attention (session 23): on CUDA it trained on wrong gradients (cuDNN's
+# backward given q, k and v laid out otherwise than its forward); the backward now lays
+# them out as the first pass had them, CPU-tested only, and the path is off on CUDA until
+# this shows its gradients right (sloth-kept against the float32 reference, as sloth's
+# 0.0215). If they are, make it the default again (kept_attention.enabled).
+step kept "the kept attention's gradients on CUDA (its tests, then the model's)" 150 '
+  SKIP=torch,bench RUNS=sloth,sloth-kept,sloth-nokept REPEATS=1 \
+    timeout 140 bash scripts/gpu_grad_check.sh "$out"'
+# Then 40 steps of bf16 with and without it, against hf: the losses must end alike (sloth
+# with the path on ended at 1.80 where hf reached 0.91) and the speed of each is the bf16
+# row's new figure (every CUDA figure since session 13 ran with the path on).
+step kept-bench "bf16 40 steps: sloth, the kept attention on, hf" 280 '
+  SKIP=tests,torch RUNS=sloth REPEATS=1 timeout 270 bash scripts/gpu_grad_check.sh "$out" \
+    | grep -A8 "bf16 40"'
 # A cold machine compiles every Triton variant first: these took 104 s there (session 21),
 # 60 s with -n 6 (session 22; pytest-xdist comes from .whl/).
 step tests "CUDA tests of the code changed since the last GPU run" 240 '
