@@ -28,11 +28,14 @@ SDPA runs as before; a failing backward recomputes the attention instead.
 a llama-8b-wide model's LoRA gradients had cosine 0.32 with the float32 reference where
 the same layers with the attention recomputed had 0.9998, and 40 steps of the bench ended
 at loss 1.80 where hf + PEFT and sloth without it reached 0.91 (docs/benchmarks.md,
-session 23; ``scripts/gpu_grad_check.sh``). The kernel called alone at that size matches
-SDPA (``tests/test_kept_attention.py``), so the fault is in the path around it on a GPU,
-not yet found; until a GPU run shows the path's gradients right it stays off there.
-``SLOTH_KEPT_ATTENTION=1`` turns it on everywhere (to measure it), ``0`` off everywhere;
-unset, it runs on the CPU only, where its gradients match (the tests here).
+session 23; ``scripts/gpu_grad_check.sh``). The cause, found with the kernel alone at
+that size (``tests/test_kept_attention.py``): given q, k and v laid out otherwise than its
+forward had them, cuDNN's backward returned dq and dk 70% off, and the recompute may lay
+them out otherwise. The backward now hands them over as the first pass laid them out
+(:func:`_laid_out`), tested on the CPU only: until a GPU run shows the path's gradients
+right it stays off there. ``SLOTH_KEPT_ATTENTION=1`` turns it on everywhere (to measure
+it), ``0`` off everywhere; unset, it runs on the CPU only, where its gradients match (the
+tests here).
 """
 
 from __future__ import annotations
