@@ -267,3 +267,33 @@ def test_switched_off_the_recompute_computes_the_attention(calls, monkeypatch):
     got, _ = _grads("llama", offloaded_checkpoint, counts=calls)
     assert calls["forward"] == calls["backward"] == 0 and calls["sdpa"], calls
     assert_same_grads(got, want)
+
+
+def test_the_backward_gets_q_k_v_as_the_first_pass_laid_them_out():
+    """Whatever layout the recompute brings q, k and v in, the kernel's backward gets them
+    as its forward had them: cuDNN's backward on an H100 returned dq and dk 70% off
+    otherwise (session 23). The CPU's flash kernel does not mind, so a spy on the strides
+    holds this here; the gradients stay the kernel's own."""
+    generator = torch.Generator().manual_seed(5)
+    first = [torch.randn(2, 24, heads, 32, generator=generator).transpose(1, 2)
+             for heads in (4, 2, 2)]  # fmt: skip
+    layouts = tuple(t.stride() for t in first)
+    kernel = kept_attention._CPU
+    out, lse, extra = kernel.forward(*first, True, 0.25)
+    seen = []
+
+    def backward(dout, q, k, v, out, lse):
+        seen.append(tuple(t.stride() for t in (q, k, v)))
+        return kernel.backward(dout, q, k, v, out, lse, extra, True, 0.25)
+
+    dout = torch.randn(out.shape, generator=generator)
+    grads = []
+    for relaid in (False, True):
+        inputs = [(t.contiguous() if relaid else t).detach().requires_grad_() for t in first]
+        kept_attention._Replay.apply(*inputs, out, lse, "spy", backward, None,
+                                     layouts).backward(dout)  # fmt: skip
+        grads.append([t.grad for t in inputs])
+    assert seen == [layouts, layouts]
+    assert tuple(first[0].contiguous().stride()) != layouts[0]  # the recompute's did differ
+    for got, want in zip(grads[1], grads[0], strict=True):
+        torch.testing.assert_close(got, want)
