@@ -8,8 +8,13 @@ its parts switched off in turn: the input's gradient in FP8, the gated kernels' 
 compiled quantizations, every FP8 product (the dequantized weight instead). A part whose
 switch brings the error down to bf16's is where FP8 training loses.
 
+Any sloth bf16 run against the same reference too (``--runs``): its checkpointing modes,
+the kept attention on or off, its copies as device clones or synchronized. That is how
+session 23 found the kept attention's wrong gradients on CUDA (docs/benchmarks.md).
+
     HF_HUB_OFFLINE=1 python scripts/fp8_grad_check.py [--layers 4] [--hidden 4096]
         [--intermediate 14336] [--vocab 128256] [--seq 2048] [--batch 2] [--device cuda]
+        [--runs hf,sloth,sloth-kept,sloth:off,fp8] [--repeats 2] [--by-layer]
 
 Prints a markdown table: per run the loss, and against the float32 reference the
 gradients' cosine and relative error, overall and per projection (the worst layer).
