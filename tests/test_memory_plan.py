@@ -187,9 +187,13 @@ def test_an_moe_layer_costs_a_token_its_top_k_experts():
     e, k, moe = config.num_experts, config.num_experts_per_tok, config.moe_intermediate_size
     assert config.mlp_only_layers == [0] and k < e
     model = attach_lora(init_tiny_model(config, seed=3), r=r, seed=0).train()
-    # PEFT maps an MoE model's gate/up/down_proj onto its expert stacks (target_parameters):
-    # the dense layer's MLP stays without an adapter.
-    assert type(model.base_model.model.model.layers[0].mlp.gate_proj) is torch.nn.Linear
+    # Whether the dense layer's MLP has adapters is PEFT's choice: up to 0.21 it mapped an
+    # MoE model's gate/up/down_proj onto the expert stacks alone (target_parameters) and
+    # left the dense layer's bare; 0.22 adapts those too. The cost counts what is there.
+    dense_mlp = model.base_model.model.model.layers[0].mlp
+    adapted = [type(getattr(dense_mlp, n)) is not torch.nn.Linear
+               for n in ("gate_proj", "up_proj", "down_proj")]  # fmt: skip
+    assert len(set(adapted)) == 1, adapted  # all three or none
     costs = measure_layer_costs(model, _ids(config, seq))
     q = config.num_attention_heads * config.head_dim
     kv = config.num_key_value_heads * config.head_dim
@@ -198,7 +202,8 @@ def test_an_moe_layer_costs_a_token_its_top_k_experts():
         return n_in * n_out + r * (n_in + n_out)
 
     attention = lora(h, q) + 2 * lora(h, kv) + lora(q, h)
-    dense = 3 * h * config.intermediate_size
+    inter = config.intermediate_size
+    dense = 2 * lora(h, inter) + lora(inter, h) if adapted[0] else 3 * h * inter
     # per expert: gate_up [2m, h] and down [h, m]; PEFT's adapters of the stacks (every
     # expert's rank, gate_up's at 2r) at top_k / E. transformers' router is a bare [E, h]
     # weight, not an nn.Linear: not counted (a 1 / (3 m top_k) share of the experts').
