@@ -30,6 +30,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import torch
 from sloth_fp8 import linear as fp8
@@ -58,20 +59,14 @@ def switched(env: dict[str, str] | None = None, backward: bool = True,
              products: bool = True) -> Iterator[None]:  # fmt: skip
     """sloth-fp8 with some of its parts off: environment switches read at call time, the
     input's gradient through the dequantized weight, every product through it."""
-    saved_env = {k: os.environ.get(k) for k in env or {}}
     saved_takes, saved_backward = fp8._takes, fp8.Fp8Linear.fp8_backward
-    os.environ.update(env or {})
     fp8.Fp8Linear.fp8_backward = backward
     if not products:
         fp8._takes = lambda *args: False  # type: ignore[assignment]
     try:
-        yield
+        with mock.patch.dict(os.environ, env or {}):
+            yield
     finally:
-        for k, v in saved_env.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
         fp8._takes, fp8.Fp8Linear.fp8_backward = saved_takes, saved_backward
 
 
@@ -81,12 +76,11 @@ def kept_options(options: list[str]) -> Iterator[None]:
     synchronized (see ``--runs``)."""
     from sloth_core import checkpointing
 
-    env = {"kept": "1", "nokept": "0"}
-    saved_env, saved_to_host = os.environ.get(kept_attention.ENV), checkpointing._Slot._to_host
-    original = checkpointing._Slot._to_host
+    settings = {"kept": "1", "nokept": "0"}
+    env, original = {}, checkpointing._Slot._to_host
     for option in options:
-        if option in env:
-            os.environ[kept_attention.ENV] = env[option]
+        if option in settings:
+            env[kept_attention.ENV] = settings[option]
         elif option == "clone":
             checkpointing._Slot._to_host = lambda self, t: (t.detach().clone(), None)
         elif option == "sync":
@@ -100,13 +94,10 @@ def kept_options(options: list[str]) -> Iterator[None]:
         else:
             raise SystemExit(f"unknown run option {option!r}")
     try:
-        yield
+        with mock.patch.dict(os.environ, env):
+            yield
     finally:
-        checkpointing._Slot._to_host = saved_to_host
-        if saved_env is None:
-            os.environ.pop(kept_attention.ENV, None)
-        else:
-            os.environ[kept_attention.ENV] = saved_env
+        checkpointing._Slot._to_host = original
 
 
 def adapters(model: Any) -> dict[tuple[int, str, str], torch.nn.Parameter]:
