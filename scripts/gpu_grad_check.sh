@@ -28,7 +28,7 @@ if ! skip torch; then
 fi
 if ! skip bench; then
   timeout 300 python3 -m sloth_core bench train --shape llama-8b --seq 2048 --batch 4 \
-    --steps 40 --warmup 2 --systems 'sloth,sloth[SLOTH_KEPT_ATTENTION=1],hf' \
+    --steps 40 --warmup 2 --systems 'sloth[SLOTH_KEPT_ATTENTION=0],sloth[SLOTH_KEPT_ATTENTION=1],hf' \
     --json "$out/bf16-40.json" --markdown "$out/bf16-40.md" > "$out/bf16-40.log" 2>&1
   echo "bf16 40 steps: rc=$?"; grep "^|" "$out/bf16-40.md"
 fi
