@@ -118,3 +118,17 @@ def atomic_directory(path: str | Path, *, force: bool = False) -> Iterator[Path]
         if isinstance(exc, Exception) and is_disk_full(exc):
             raise disk_full_error(path.name, path.parent, ": nothing of it was kept") from exc
         raise
+
+
+def write_text_atomically(path: str | Path, text: str) -> Path:
+    """Write ``text`` to ``path`` beside it first, then rename: a crash or a full disk
+    mid-write leaves the old file (or none), never half of a new one."""
+    path = Path(path)
+    staging = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        staging.write_text(text, encoding="utf-8")
+        as_published(staging)
+        os.replace(staging, path)
+    finally:
+        staging.unlink(missing_ok=True)
+    return path

@@ -93,6 +93,10 @@ def test_targets_run_every_row_and_write_the_summary(tmp_path, monkeypatch, caps
         # the journal and what is left of the run's time limit after the rows before it
         assert kwargs["journal"] == tmp_path / "probes.jsonl"
         assert 0 < kwargs["time_limit_s"] < 300 and callable(kwargs["progress"])
+        # the row before is on disk already: a run stopped here still leaves it
+        so_far = json.loads((tmp_path / "targets.json").read_text())
+        assert [r["name"] for r in so_far["rows"]] == ["tiny"]
+        assert "Row `tiny`:" in (tmp_path / "targets.md").read_text()
         return {"kind": "max_context", "shape": shape, "device": "cpu", "budget_gib": 40.0,
                 "budget_measure": "peak RSS growth", "quantization": "nf4", "start": 8192,
                 "cap": 262144, "granularity": 2048,
@@ -118,6 +122,7 @@ def test_targets_run_every_row_and_write_the_summary(tmp_path, monkeypatch, caps
     assert "sloth bench train --targets" in text
     assert "| `llama-tiny` bf16 LoRA, seq 16 x batch 2 |" in text and "- (<= 0.9x)" in text
     assert "16.00x (>= 12x)" in text and "Row `tiny`:" in text and "Row `context-nf4`:" in text
+    assert not list(tmp_path.glob(".*.tmp"))  # written beside, then renamed
 
 
 def _result(system, tokens_per_s, peak_gib, **extra):

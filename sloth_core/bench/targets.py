@@ -173,10 +173,11 @@ def context_row(target: Target, model_dir: Path, device: str, *, start: int, gra
 def run_targets(targets: list[Target], *, model_root: Path, device: str, steps: int = 10,
                 warmup: int = 3, context_start: int = 8192, context_granularity: int = 2048,
                 progress=None, journal: Path | None = None, time_limit_s: float | None = None,
-                probe_progress=None) -> dict[str, Any]:  # fmt: skip
+                probe_progress=None, on_report=None) -> dict[str, Any]:  # fmt: skip
     """Every row, sloth then hf; the summary rows and each row's full report. A context
     row's search keeps its answers in ``journal`` and stops ``time_limit_s`` after the
-    run's start (see :mod:`sloth_core.bench.context`)."""
+    run's start (see :mod:`sloth_core.bench.context`). ``on_report`` gets the report so
+    far after each row (a run stopped later still leaves the rows it finished)."""
     deadline = None if time_limit_s is None else time.monotonic() + time_limit_s
     rows, reports = [], []
     for target in targets:
@@ -200,9 +201,17 @@ def run_targets(targets: list[Target], *, model_root: Path, device: str, steps: 
         rows.append(judge(target, report))
         if progress is not None:
             progress(rows[-1])
+        if on_report is not None and len(rows) < len(targets):
+            on_report(_summary(device, steps, warmup, rows, reports))
+    return _summary(device, steps, warmup, rows, reports)
+
+
+def _summary(device: str, steps: int, warmup: int, rows: list[dict[str, Any]],
+             reports: list[dict[str, Any]]) -> dict[str, Any]:  # fmt: skip
+    """The targets' report of the rows run so far."""
     device_name = next((r.get("device_name") for r in reports if r.get("device_name")), None)
     return {"device": device, "device_name": device_name, "versions": bench_train.versions(),
-            "steps": steps, "warmup": warmup, "rows": rows, "reports": reports,
+            "steps": steps, "warmup": warmup, "rows": list(rows), "reports": list(reports),
             "met": all(r["met"] for r in rows)}  # fmt: skip
 
 

@@ -15,6 +15,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from sloth_core.io import write_text_atomically
+
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
 
@@ -180,9 +182,9 @@ def write_reports(args: argparse.Namespace, report: dict, markdown) -> None:
     # `sloth ...` and `python -m sloth_core ...` take the same arguments after the program.
     report["command"] = "sloth " + shlex.join(sys.argv[1:])
     if args.json:
-        args.json.write_text(json.dumps(report, indent=2))
+        write_text_atomically(args.json, json.dumps(report, indent=2))
     if args.markdown:
-        args.markdown.write_text(markdown(report, report["command"]))
+        write_text_atomically(args.markdown, markdown(report, report["command"]))
 
 
 def run_kernels(args: argparse.Namespace) -> int:
@@ -335,6 +337,8 @@ def _run_targets(args: argparse.Namespace, device: str, model_root: Path) -> int
         rows, model_root=args.model_dir or model_root, device=device, steps=args.steps,
         warmup=args.warmup, progress=progress, journal=args.journal,
         time_limit_s=args.time_limit_s, probe_progress=_probe_progress(console),
+        # the rows so far, after each: a run stopped later still leaves those it finished
+        on_report=lambda so_far: write_reports(args, so_far, bench_targets.markdown),
     )  # fmt: skip
     write_reports(args, report, bench_targets.markdown)
     if args.plot:
