@@ -245,13 +245,16 @@ def test_the_kernel_at_a_real_head_size_matches_sdpa(heads, kv_heads, transposed
 
 def test_the_path_runs_on_the_cpu_and_on_a_gpu_only_when_asked(monkeypatch):
     """Unset, the kept path is the CPU's only: on CUDA it trained on wrong gradients
-    (session 23), so it waits for a GPU run that shows it right; 1 and 0 set it anywhere,
+    (sessions 23 and 24); 1 and 0 set it anywhere, 1 on CUDA with a warning that says so,
     and anything else is refused by name."""
     cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
     monkeypatch.delenv(kept_attention.ENV, raising=False)
+    monkeypatch.setattr(kept_attention, "_warned_cuda", False)
     assert kept_attention.enabled(cpu) and not kept_attention.enabled(cuda)
     monkeypatch.setenv(kept_attention.ENV, "1")
-    assert kept_attention.enabled(cpu) and kept_attention.enabled(cuda)
+    assert kept_attention.enabled(cpu)
+    with pytest.warns(RuntimeWarning, match="measured wrong"):
+        assert kept_attention.enabled(cuda)
     monkeypatch.setenv(kept_attention.ENV, "0")
     assert not kept_attention.enabled(cpu) and not kept_attention.enabled(cuda)
     monkeypatch.setenv(kept_attention.ENV, "yes")

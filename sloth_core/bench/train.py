@@ -88,11 +88,13 @@ OPTIONAL_BASELINES = {"liger": ("liger_kernel", "liger-kernel")}
 #: First losses further apart than this (absolute) mean the systems do not train the same
 #: model; bf16 runs agree to about 1e-3 at 8B, NF4 ones to a few 1e-2 on the tiny shape.
 LOSS_TOLERANCE = 5e-2
-#: Last losses further apart than the tolerance and this fraction of the reference's own
-#: drop (first loss to last) mean the systems do not learn the same: the same start hid a
-#: backward that trained on wrong gradients (session 23: 1.80 against 0.91 after 40 steps,
-#: 10.26 against 10.26 after 10). None where the numerics differ by design (FP8 weights
-#: against hf in bf16).
+#: Last losses further apart than the tolerance and this fraction of the reference's drop
+#: (first loss to last) or of its last loss, whichever is smaller, mean the systems do not
+#: learn the same: the same start hid a backward that trained on wrong gradients (session
+#: 23: 1.80 against 0.91 after 40 steps, 10.26 against 10.26 after 10; session 24: 1.45
+#: against 0.91, which a fraction of the drop alone, 0.63, let through). bf16 runs of the
+#: same training end 0.0003 to 0.012 apart. None where the numerics differ by design (FP8
+#: weights against hf in bf16).
 END_FRACTION = 0.05
 
 
@@ -210,8 +212,9 @@ def check_losses(results: list[dict[str, Any]], tolerance: float = LOSS_TOLERANC
     """Mark each trained result with its first loss's distance to the reference's (``hf``,
     else the first system that trained) and whether it is within ``tolerance``; with
     ``end_fraction``, its last loss's too (``same_end``: within ``tolerance`` plus that
-    fraction of the reference's drop from its first loss to its last). True where all
-    agree."""
+    fraction of the reference's drop from its first loss to its last, or of its last
+    loss where that is smaller: a long run's last losses are judged against what is left
+    of the loss, not against how far it fell). True where all agree."""
     trained = [r for r in results if "first_loss" in r and not r.get("error")]
     if not trained:
         return True
@@ -222,7 +225,8 @@ def check_losses(results: list[dict[str, Any]], tolerance: float = LOSS_TOLERANC
         if end_fraction is not None and "last_loss" in r and "last_loss" in ref:
             r["last_loss_delta"] = r["last_loss"] - ref["last_loss"]
             drop = max(ref["first_loss"] - ref["last_loss"], 0.0)
-            r["same_end"] = abs(r["last_loss_delta"]) <= tolerance + end_fraction * drop
+            scale = min(drop, abs(ref["last_loss"]))
+            r["same_end"] = abs(r["last_loss_delta"]) <= tolerance + end_fraction * scale
     return all(r["same_start"] and r.get("same_end", True) for r in trained)
 
 
