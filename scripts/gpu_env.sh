@@ -12,8 +12,3 @@ editable=$(for d in . kernels plugins/*/; do [ -f "$d/pyproject.toml" ] && print
 python3 -m pip install -q --no-deps --no-build-isolation $editable > "$out/install.log" 2>&1 \
   || { tail -20 "$out/install.log"; exit 1; }
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 SLOTH_GPU_ENV=1
-# gpu_next.sh found the kept attention's gradients right on this machine's CUDA: run what
-# follows with it on, as the default would be (its switch, kept_attention.enabled).
-if [ -f /tmp/sloth-kept-ok ] && [ -z "${SLOTH_KEPT_ATTENTION:-}" ]; then
-  export SLOTH_KEPT_ATTENTION=1; echo "(SLOTH_KEPT_ATTENTION=1: gpu_next.sh found it right here)"
-fi
