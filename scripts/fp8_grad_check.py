@@ -14,7 +14,7 @@ session 23 found the kept attention's wrong gradients on CUDA (docs/benchmarks.m
 
     HF_HUB_OFFLINE=1 python scripts/fp8_grad_check.py [--layers 4] [--hidden 4096]
         [--intermediate 14336] [--vocab 128256] [--seq 2048] [--batch 2] [--device cuda]
-        [--runs hf,sloth,sloth-kept,sloth:off,fp8] [--repeats 2] [--by-layer]
+        [--runs hf,sloth,sloth-kept,sloth-kept-probe,sloth:off,fp8] [--repeats 2] [--by-layer]
 
 Prints a markdown table: per run the loss, and against the float32 reference the
 gradients' cosine and relative error, overall and per projection (the worst layer).
@@ -70,17 +70,56 @@ def switched(env: dict[str, str] | None = None, backward: bool = True,
         fp8._takes, fp8.Fp8Linear.fp8_backward = saved_takes, saved_backward
 
 
+#: What ``-probe`` found: per kept call, the kept output's relative distance to the
+#: attention the recompute's own q, k and v give (0 where the kept path is consistent).
+PROBED: list[float] = []
+
+
+def _probing_forward(ctx, q, k, v, out, lse, name, backward, fallback, layouts=None):
+    """``_Replay.forward`` that also measures the kept output against the attention of
+    the q, k and v it is handed (``-probe``)."""
+    with torch.no_grad():
+        fresh = fallback(q, k, v).float()
+        PROBED.append(float((out.float() - fresh).norm() / fresh.norm()))
+    return _REPLAY_FORWARD(ctx, q, k, v, out, lse, name, backward, fallback, layouts)
+
+
+def _autograd_backward(ctx, dout):
+    """``_Replay.backward`` through the attention again with autograd, on the recompute's
+    q, k and v (``-autograd``): the kernel's backward and the kept output and
+    log-sum-exp left out."""
+    q, k, v, _, _ = ctx.saved_tensors
+    with torch.enable_grad():
+        inputs = [t.detach().requires_grad_() for t in (q, k, v)]
+        grads = torch.autograd.grad(ctx.fallback(*inputs), inputs, dout)
+    return (*grads, None, None, None, None, None, None)
+
+
+_REPLAY_FORWARD = kept_attention._Replay.forward
+
+
 @contextlib.contextmanager
 def kept_options(options: list[str]) -> Iterator[None]:
-    """The kept attention on or off, and the offloaded copies as device clones or
-    synchronized (see ``--runs``)."""
+    """The kept attention on or off, the offloaded copies as device clones or
+    synchronized, and where the kept path could go wrong (see ``--runs``)."""
     from sloth_core import checkpointing
 
     settings = {"kept": "1", "nokept": "0"}
     env, original = {}, checkpointing._Slot._to_host
+    patches: list[Any] = []
     for option in options:
         if option in settings:
             env[kept_attention.ENV] = settings[option]
+        elif option == "probe":
+            patches.append(mock.patch.object(kept_attention._Replay, "forward",
+                                             staticmethod(_probing_forward)))  # fmt: skip
+        elif option == "autograd":
+            patches.append(mock.patch.object(kept_attention._Replay, "backward",
+                                             staticmethod(_autograd_backward)))  # fmt: skip
+        elif option == "flash":  # SDPA (and so the kept path) without cuDNN's kernel
+            patches.append(_without_cudnn_sdp())
+        elif option == "offload":
+            pass  # main() does it, on the loaded model
         elif option == "clone":
             checkpointing._Slot._to_host = lambda self, t: (t.detach().clone(), None)
         elif option == "sync":
@@ -94,10 +133,22 @@ def kept_options(options: list[str]) -> Iterator[None]:
         else:
             raise SystemExit(f"unknown run option {option!r}")
     try:
-        with mock.patch.dict(os.environ, env):
+        with mock.patch.dict(os.environ, env), contextlib.ExitStack() as stack:
+            for patch in patches:
+                stack.enter_context(patch)
             yield
     finally:
         checkpointing._Slot._to_host = original
+
+
+@contextlib.contextmanager
+def _without_cudnn_sdp() -> Iterator[None]:
+    previous = torch.backends.cuda.cudnn_sdp_enabled()
+    torch.backends.cuda.enable_cudnn_sdp(False)
+    try:
+        yield
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(previous)
 
 
 def adapters(model: Any) -> dict[tuple[int, str, str], torch.nn.Parameter]:
@@ -222,14 +273,32 @@ def main() -> None:
         for system in [w for w in wanted if w.startswith("sloth")]:
             # Suffixes: "-kept" / "-nokept" the offloaded layers' attention kept for the
             # recompute or not (SLOTH_KEPT_ATTENTION); "-clone": every copy "to host" a
-            # device copy instead; "-sync": the device synchronized after each such copy.
+            # device copy instead; "-sync": the device synchronized after each such copy;
+            # "-probe": each kept output measured against the attention of the
+            # recompute's q, k and v; "-autograd": the kept path's backward through the
+            # attention again with autograd, not the kernel's backward; "-flash": SDPA
+            # without cuDNN's kernel (the kept path takes flash); "-offload": the layers
+            # offloaded whatever the device (on the CPU sloth does not offload, so it
+            # keeps nothing: this is how these options run there).
             base, *options = system.split("-")
             model, _ = _load(base, rounded, device)
             set_adapters(model, values)
+            if "offload" in options:
+                from sloth_core.checkpointing import enable_checkpointing
+
+                enable_checkpointing(model, offload=True)
             with kept_options(options):
                 for repeat in range(args.repeats):
                     name = f"{system} bf16" + (f" (again, {repeat + 1})" if repeat else "")
+                    PROBED.clear()
                     runs.append((name, *gradients(model, ids)))
+                    if PROBED:
+                        print(
+                            f"{name}: {len(PROBED)} kept outputs against the recompute's "
+                            f"attention: relative distance max {max(PROBED):.4f}, "
+                            f"per call {', '.join(f'{d:.4f}' for d in PROBED)}",
+                            flush=True,
+                        )
             del model
         if "fp8" in wanted:
             model, _ = _load("sloth", original, device, "fp8")
