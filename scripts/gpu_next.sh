@@ -11,9 +11,10 @@ source "$(dirname "$0")/gpu_env.sh" "$@"
 export SLOTH_CACHE=${SLOTH_CACHE:-/dev/shm/sloth-cache} TOKENIZERS_PARALLELISM=false
 limit=${LIMIT:-570}
 # SKIP=key,key: leave out the steps a call before brought back (profile-1b, bf16-8k,
-# kept-probe, tests, moe, moe-profile, fp8-grads, fp8-quality, profiles), so that the next call of a warm machine goes on from there. (The fp8 row and
-# DPO's split comparison ran in session 22: ROWS=fp8 bash scripts/gpu_targets.sh, and
-# scripts/gpu_dpo.sh, run them again.)
+# kept-probe, tests, moe, moe-profile, fp8-grads, fp8-quality, profiles), so that the
+# next call of a warm machine goes on from there. (Every row ran in session 24:
+# ROWS=... bash scripts/gpu_targets.sh and scripts/gpu_dpo.sh run them again; nf4 and
+# DPO need the device tool's carry of .whl/.)
 step() {  # step KEY NAME SECONDS_NEEDED 'COMMAND': run it under bash if that much time is left
   local key=$1; shift
   if [[ ",${SKIP:-}," == *",$key,"* ]]; then echo "== $1: skipped (SKIP)"; return; fi
