@@ -27,7 +27,17 @@ step() {  # step KEY NAME SECONDS_NEEDED 'COMMAND': run it under bash if that mu
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 big=$(python3 -c "import torch; print(int(torch.cuda.get_device_properties(0).total_memory > 100 * 2**30))")
 export out big
-# First, why the llama-1b row fell from 58,236 tokens/s (session 11, 2.49x) to 43,646
+# The H200 comes seldom (sessions 18 to 24 got H100s): on it, its own row first. On an
+# 80 GB card the MoE row's baseline does not fit (its batch-1 figure ran in session 21).
+if [ "$big" = 1 ]; then
+  step moe "MoE row (qwen3-30b-a3b 2048x2, sloth and hf + PEFT)" 300 \
+    'SKIP_TESTS=1 SKIP_TILES=1 bash scripts/gpu_moe.sh "$out"'
+  step moe-profile "MoE profile (device, host and Python)" 150 '
+    python3 scripts/profile_train.py --shape qwen3-30b-a3b --systems sloth --seq 2048 \
+      --batch 2 --python-rows 45 > "$out/profile-moe.txt" 2>&1
+    echo "profile: rc=$?"; grep -A14 "^==== " "$out/profile-moe.txt" | cut -c1-200'
+fi
+# Then (first on an H100), why the llama-1b row fell from 58,236 tokens/s (session 11, 2.49x) to 43,646
 # (session 24, 1.88x) while hf held: the row is host-bound, so its Python by function.
 step profile-1b "llama-1b profile (device, host and Python)" 120 '
   timeout 110 python3 scripts/profile_train.py --shape llama-1b --systems sloth \
@@ -55,15 +65,6 @@ step tests "CUDA tests of the code changed since the last GPU run" 240 '
   timeout 230 python3 -m pytest -p no:cacheprovider -q -n 6 kernels/tests/test_gated_lora.py \
     plugins/sloth-fp8/tests kernels/tests/test_lora.py > "$out/cuda-tests.txt" 2>&1
   rc=$?; echo "tests: rc=$rc $(tail -1 "$out/cuda-tests.txt")"; grep "^FAILED" "$out/cuda-tests.txt"; exit $rc'
-# On an 80 GB card the MoE row's baseline does not fit (its batch-1 figure ran in session 21).
-if [ "$big" = 1 ]; then
-  step moe "MoE row (qwen3-30b-a3b 2048x2, sloth and hf + PEFT)" 300 \
-    'SKIP_TESTS=1 SKIP_TILES=1 bash scripts/gpu_moe.sh "$out"'
-  step moe-profile "MoE profile (device, host and Python)" 150 '
-    python3 scripts/profile_train.py --shape qwen3-30b-a3b --systems sloth --seq 2048 \
-      --batch 2 --python-rows 45 > "$out/profile-moe.txt" 2>&1
-    echo "profile: rc=$?"; grep -A14 "^==== " "$out/profile-moe.txt" | cut -c1-200'
-fi
 # Which part of sloth-fp8 parts its LoRA gradients from exact ones (one batch, each part
 # switched off in turn). On the CPU (the op references) the FP8 run's gradients are 6%,
 # 8.6% and 16.6% off at widths 256, 1024 and 4096, bf16's 0.8 to 5.2%: first the CPU's
