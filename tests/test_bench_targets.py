@@ -24,9 +24,18 @@ def test_a_row_holds_only_when_every_ratio_does():
     assert met["met"] and met["speed"] == pytest.approx(2.1)
     assert met["memory"] == pytest.approx(14 / 30)
     slow = judge(target, _report({"tokens_per_s": 1900.0, "peak_gib": 14.0, "mfu": 0.52}, hf))
-    assert not slow["met"] and slow["checks"] == {"speed": False, "memory": True, "mfu": True}
+    assert not slow["met"] and slow["checks"] == {
+        "speed": False,
+        "memory": True,
+        "mfu": True,
+        "losses": True,
+    }
     big = judge(target, _report({"tokens_per_s": 2100.0, "peak_gib": 16.0, "mfu": 0.52}, hf))
     assert big["checks"]["memory"] is False and not big["met"]
+    # as fast and as lean, but trained otherwise (the last losses apart): not met
+    apart = judge(target, _report({"tokens_per_s": 2100.0, "peak_gib": 14.0, "mfu": 0.52}, hf,
+                                  losses_agree=False))  # fmt: skip
+    assert not apart["met"] and apart["checks"]["losses"] is False
     failed = judge(target, _report({"error": "CUDA out of memory"}, hf))
     assert not failed["met"] and "sloth: CUDA out of memory" in failed["error"]
 
@@ -41,9 +50,10 @@ def test_a_budget_row_holds_sloths_peak_to_the_budget():
     target = Target("b", "llama-8b", 2048, 4, speed=2.4, budget_gib=40.0)
     hf = {"tokens_per_s": 1000.0, "peak_gib": 30.0}
     row = judge(target, _report({"tokens_per_s": 2500.0, "peak_gib": 39.5}, hf))
-    assert row["met"] and row["checks"] == {"speed": True, "budget": True}
+    assert row["met"] and row["checks"] == {"speed": True, "budget": True, "losses": True}
     over = judge(target, _report({"tokens_per_s": 2500.0, "peak_gib": 40.5}, hf))
-    assert over["checks"] == {"speed": True, "budget": False} and not over["met"]
+    assert over["checks"] == {"speed": True, "budget": False, "losses": True}
+    assert not over["met"]
     cpu = judge(target, _report({"tokens_per_s": 2500.0, "peak_gib": None}, hf))
     assert cpu["checks"]["budget"] is False  # no peak measured: the budget is not shown met
     assert "`--memory-budget-gib 40`" in target.workload
@@ -115,7 +125,9 @@ def test_targets_run_every_row_and_write_the_summary(tmp_path, monkeypatch, caps
     assert code == 0, capsys.readouterr()
     report = json.loads((tmp_path / "targets.json").read_text())
     tiny, context = report["rows"]
-    assert tiny["checks"] == {"speed": True} and tiny["met"]  # no GPU: no peak memory
+    assert (
+        tiny["checks"] == {"speed": True, "losses": True} and tiny["met"]
+    )  # no GPU: no peak memory
     assert tiny["sloth_tokens_per_s"] > 0 and tiny["losses_agree"]
     assert context["context"] == 16.0 and context["met"]
     text = (tmp_path / "targets.md").read_text()
@@ -160,7 +172,8 @@ def test_dpo_and_generation_rows_run_their_own_benches(tmp_path, monkeypatch):
     assert asked["generate"] == {"prompts": 8, "generations": 8, "new_tokens": 512,
                                  "model_dir": tmp_path / "llama-8b", "device": "cpu"}  # fmt: skip
     dpo_row, gen_row = report["rows"]
-    assert dpo_row["checks"] == {"speed": True, "memory": True} and dpo_row["met"]
+    assert dpo_row["checks"] == {"speed": True, "memory": True, "losses": True}
+    assert dpo_row["met"]
     assert gen_row["checks"] == {"speed": False} and gen_row["speed"] == 2.5
     text = bench_targets.markdown(report, "sloth bench train --targets dpo,grpo-gen")
     assert "Row `dpo`: DPO, shape `llama-8b`" in text and "TRL's DPOTrainer" in text

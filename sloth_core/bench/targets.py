@@ -124,6 +124,8 @@ def judge(target: Target, report: dict[str, Any]) -> dict[str, Any]:
             row["mfu"] = sloth.get("mfu")
             checks["mfu"] = row["mfu"] is not None and row["mfu"] >= target.mfu
         row["losses_agree"] = report.get("losses_agree", True)
+        if "losses_agree" in report:  # speed from another training is no speed (session 24)
+            checks["losses"] = bool(report["losses_agree"])
     row["checks"] = checks
     row["met"] = bool(checks) and all(checks.values())
     return row
