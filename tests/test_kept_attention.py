@@ -243,6 +243,50 @@ def test_the_kernel_at_a_real_head_size_matches_sdpa(heads, kv_heads, transposed
     assert dk.shape == k.shape and dv.shape == v.shape
 
 
+def test_the_kept_backward_is_right_after_sdpas_own():
+    """torch caches cuDNN's backward graph by q, k and v's layouts alone, not by the
+    output's gradient's. SDPA's own backward runs first here, as in a layer that kept
+    nothing (its output's gradient laid out as the output, ``[B, S, H, D]`` in memory),
+    then the kept path's on inputs laid out the same, its gradient handed over
+    contiguous (``[B, H, S, D]``): both must match SDPA in float32. Made contiguous all
+    the way to the kernel, the second gradient would reuse the first one's graph (session
+    24: a whole model's LoRA gradients at cosine 0.32). A length of its own, so that no
+    other test's graph is in the cache. On the CPU the flash kernel, in float32."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    batch, length, heads, kv_heads, dim = 2, 160, 32, 8, 128
+    scale = dim**-0.5
+    generator = torch.Generator(device=device).manual_seed(12)
+
+    def made(n_heads: int) -> torch.Tensor:  # [B, S, H, D] projections seen as [B, H, S, D]
+        t = torch.randn(batch, length, n_heads, dim, device=device, dtype=dtype,
+                        generator=generator)  # fmt: skip
+        return t.transpose(1, 2)
+
+    q, k, v = made(heads), made(kv_heads), made(kv_heads)
+    dout = made(heads)  # as SDPA's own backward gets it from the layer's transpose
+    own = [t.detach().requires_grad_() for t in (q, k, v)]
+    F.scaled_dot_product_attention(*own, is_causal=True, scale=scale,
+                                   enable_gqa=True).backward(dout)  # fmt: skip
+    kernel = kept_attention._kernel(q, k, v, True, scale)
+    assert kernel is not None, "SDPA picks no kernel with a log-sum-exp here"
+    out, lse, extra = kernel.forward(q, k, v, True, scale)
+    kept = [t.detach().requires_grad_() for t in (q, k, v)]
+    kept_attention._Replay.apply(
+        *kept, out, lse, kernel.name, lambda *a: kernel.backward(*a, extra, True, scale),
+        None, tuple(t.stride() for t in (q, k, v)),
+    ).backward(dout.contiguous())  # fmt: skip
+
+    exact = [t.detach().float().requires_grad_() for t in (q, k, v)]
+    F.scaled_dot_product_attention(*exact, is_causal=True, scale=scale,
+                                   enable_gqa=True).backward(dout.float())  # fmt: skip
+    tol = 2e-2 if dtype == torch.bfloat16 else 1e-4
+    errors = {f"{who} d{name}": _rel(t.grad, e.grad)
+              for who, inputs in (("sdpa", own), ("kept", kept))
+              for name, t, e in zip("qkv", inputs, exact, strict=True)}  # fmt: skip
+    assert all(e < tol for e in errors.values()), (kernel.name, errors)
+
+
 def test_the_path_runs_on_the_cpu_and_on_a_gpu_only_when_asked(monkeypatch):
     """Unset, the kept path is the CPU's only: on CUDA it trained on wrong gradients
     (sessions 23 and 24); 1 and 0 set it anywhere, 1 on CUDA with a warning that says so,
@@ -274,9 +318,12 @@ def test_switched_off_the_recompute_computes_the_attention(calls, monkeypatch):
 
 def test_the_backward_gets_q_k_v_as_the_first_pass_laid_them_out():
     """Whatever layout the recompute brings q, k and v in, the kernel's backward gets them
-    as its forward had them: cuDNN's backward on an H100 returned dq and dk 70% off
-    otherwise (session 23). The CPU's flash kernel does not mind, so a spy on the strides
-    holds this here; the gradients stay the kernel's own."""
+    as its forward had them, and the output's gradient laid out as the output: cuDNN's
+    backward on an H100 returned dq and dk 70% off otherwise (session 23), and torch
+    caches its graph by q, k and v's layouts alone, so a gradient laid out otherwise than
+    SDPA's own calls have it reuses a graph built for theirs (session 24). The CPU's flash
+    kernel does not mind, so a spy on the strides holds this here; the gradients stay the
+    kernel's own."""
     generator = torch.Generator().manual_seed(5)
     first = [torch.randn(2, 24, heads, 32, generator=generator).transpose(1, 2)
              for heads in (4, 2, 2)]  # fmt: skip
@@ -286,17 +333,18 @@ def test_the_backward_gets_q_k_v_as_the_first_pass_laid_them_out():
     seen = []
 
     def backward(dout, q, k, v, out, lse):
-        seen.append(tuple(t.stride() for t in (q, k, v)))
+        seen.append(tuple(t.stride() for t in (q, k, v, dout)))
         return kernel.backward(dout, q, k, v, out, lse, extra, True, 0.25)
 
-    dout = torch.randn(out.shape, generator=generator)
+    dout = torch.randn(out.shape, generator=generator)  # [B, H, S, D] in memory
+    assert dout.stride() != out.stride()  # the output is [B, S, H, D] in memory
     grads = []
     for relaid in (False, True):
         inputs = [(t.contiguous() if relaid else t).detach().requires_grad_() for t in first]
         kept_attention._Replay.apply(*inputs, out, lse, "spy", backward, None,
                                      layouts).backward(dout)  # fmt: skip
         grads.append([t.grad for t in inputs])
-    assert seen == [layouts, layouts]
+    assert seen == [(*layouts, out.stride())] * 2
     assert tuple(first[0].contiguous().stride()) != layouts[0]  # the recompute's did differ
     for got, want in zip(grads[1], grads[0], strict=True):
         torch.testing.assert_close(got, want)

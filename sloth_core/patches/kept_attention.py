@@ -34,11 +34,19 @@ forward had them, cuDNN's backward returned dq and dk 70% off, and the recompute
 them out otherwise. The backward now hands them over as the first pass laid them out
 (:func:`_laid_out`). On the H100 that made the kernel's own test right (session 24: the
 4 relaid cases pass) but not the model's gradients: still cosine 0.32, and 40 steps
-ended at loss 1.45 where hf + PEFT and sloth without it reached 0.91; the cause is
-elsewhere and not found. Nor did the path pay there any more: 12,230 tokens/s with it,
-12,253 without. So it stays off on CUDA, and forcing it there warns.
-``SLOTH_KEPT_ATTENTION=1`` turns it on everywhere (to look for the cause), ``0`` off
-everywhere; unset, it runs on the CPU only, where its gradients match (the tests here).
+ended at loss 1.45 where hf + PEFT and sloth without it reached 0.91. A second cause
+found after that run, in torch's source: it caches cuDNN's backward graph by q, k and
+v's layouts alone, and SDPA's own backward (a layer that kept nothing) hands it the
+output's gradient laid out as the output, where this path made it contiguous; the
+later of the two reuses the other's graph and misreads it. The gradient now goes laid
+out as the output too (:func:`_laid_out`), held on the CPU by a spy on the strides and
+on CUDA by ``test_the_kept_backward_is_right_after_sdpas_own``, neither run on a GPU
+yet. Nor did the path pay on the H100 any more for bf16 (12,230 tokens/s with it,
+12,253 without; FP8 weights lost 7% without it). So it stays off on CUDA until a GPU
+run shows its gradients right (``scripts/gpu_next.sh``, its ``kept-probe`` step), and
+forcing it there warns. ``SLOTH_KEPT_ATTENTION=1`` turns it on everywhere (to measure
+it), ``0`` off everywhere; unset, it runs on the CPU only, where its gradients match
+(the tests here).
 """
 
 from __future__ import annotations
@@ -183,9 +191,10 @@ class _Replay(torch.autograd.Function):
     def backward(ctx, dout):
         q, k, v, out, lse = ctx.saved_tensors
         try:
-            # q, k and v as the first pass laid them out: see _laid_out.
+            # q, k and v as the first pass laid them out, and dout as the output is: see
+            # _laid_out.
             laid = (q, k, v) if ctx.layouts is None else map(_laid_out, (q, k, v), ctx.layouts)
-            dq, dk, dv = ctx.backward(dout.contiguous(), *laid, out, lse)
+            dq, dk, dv = ctx.backward(_laid_out(dout, out.stride()), *laid, out, lse)
         except (RuntimeError, TypeError, NotImplementedError, AttributeError) as exc:
             _broken.add(ctx.name)
             warnings.warn(f"kept attention: the {ctx.name} backward failed ({exc}); "
@@ -197,12 +206,19 @@ class _Replay(torch.autograd.Function):
 
 
 def _laid_out(t: torch.Tensor, stride: tuple[int, ...]) -> torch.Tensor:
-    """``t`` with ``stride``: itself where it has them, else a copy so laid out. The
-    forward's output and log-sum-exp go with its inputs' layout: given the same q, k
-    and v laid out otherwise, cuDNN's backward (torch 2.11, an H100) returned dq and dk
-    70% off while dv was right (``tests/test_kept_attention.py``), and the recompute may
-    lay them out otherwise than the first pass (session 23: a whole model's LoRA
-    gradients at cosine 0.32)."""
+    """``t`` with ``stride``: itself where it has them, else a copy so laid out.
+
+    cuDNN's backward reads the layouts it is handed only when it builds its graph. The
+    forward's output goes with its inputs' layout: given the same q, k and v laid out
+    otherwise, cuDNN's backward (torch 2.11, an H100) returned dq and dk 70% off while
+    dv was right (``tests/test_kept_attention.py``), and the recompute may lay them out
+    otherwise than the first pass. And torch caches that graph by q, k and v's layouts
+    alone (``MHACacheKeyWrapper`` in ATen's ``cudnn/MHA.cpp``), not by the output's or
+    the output gradient's: SDPA's own backward hands it ``dout`` laid out as the output
+    (``[B, S, H, D]`` in memory), so a ``dout`` made contiguous (``[B, H, S, D]``) reuses
+    a graph built for the other and is misread (session 24: with only q, k and v laid
+    out, a whole model's LoRA gradients stayed at cosine 0.32). So ``dout`` goes to the
+    kernel laid out as the output, as SDPA's own calls have it."""
     if t.stride() == stride:
         return t
     out = torch.empty_strided(t.shape, stride, dtype=t.dtype, device=t.device)
