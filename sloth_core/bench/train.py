@@ -669,8 +669,8 @@ def markdown(report: dict[str, Any], command: str) -> str:
     if not report.get("losses_agree", True):
         lines += ["", f"(!) a first loss differs from the reference's by more than "
                       f"{report['loss_tolerance']}, or a last loss by more than that and "
-                      f"{END_FRACTION:.0%} of the reference's drop: not the same "
-                      "training."]  # fmt: skip
+                      f"{END_FRACTION:.0%} of the reference's drop or last loss (the "
+                      "smaller): not the same training."]  # fmt: skip
     if report.get("device_name") or report.get("versions"):
         lines += ["", device_line(report)]
     return "\n".join(lines) + "\n"

@@ -298,8 +298,8 @@ def run_train(args: argparse.Namespace) -> int:
     if not report["losses_agree"]:
         Console(stderr=True).print(
             f"[red]sloth: first or last losses differ by more than "
-            f"{report['loss_tolerance']} (the last: and a share of the reference's drop; "
-            "marked (!)): the systems do not train the same model[/]")  # fmt: skip
+            f"{report['loss_tolerance']} (the last: and a share of the reference's drop or "
+            "last loss; marked (!)): the systems do not train the same model[/]")  # fmt: skip
     failed = any(r.get("error") for r in report["results"]) or not report["losses_agree"]
     return 1 if failed else 0
 

@@ -15,6 +15,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from sloth_core.io import write_text_atomically
+
 from .checkpoint import Checkpoint, DamagedCheckpointError, list_checkpoints, read_checkpoint
 from .config import ConfigError, TrainConfig
 from .metrics import METRICS_FILE
@@ -175,6 +177,4 @@ def _drop_after(path: Path, step: int) -> None:
             continue  # a line cut short when the run died
         if isinstance(record, dict) and record.get("step", step + 1) <= step:
             kept.append(line + "\n")
-    staging = path.with_name(f".{path.name}.tmp")
-    staging.write_text("".join(kept), encoding="utf-8")
-    staging.replace(path)
+    write_text_atomically(path, "".join(kept))
