@@ -10,7 +10,7 @@ set -uo pipefail
 source "$(dirname "$0")/gpu_env.sh" "$@"
 export SLOTH_CACHE=${SLOTH_CACHE:-/dev/shm/sloth-cache} TOKENIZERS_PARALLELISM=false
 limit=${LIMIT:-570}
-# SKIP=key,key: leave out the steps a call before brought back (profile-1b, bf16-8k,
+# SKIP=key,key: leave out the steps a call before brought back (row-1b, profile-1b, bf16-8k,
 # kept-probe, tests, moe, moe-profile, fp8-grads, fp8-quality, profiles), so that the
 # next call of a warm machine goes on from there. (Every row ran in session 24:
 # ROWS=... bash scripts/gpu_targets.sh and scripts/gpu_dpo.sh run them again; nf4 and
@@ -27,6 +27,13 @@ step() {  # step KEY NAME SECONDS_NEEDED 'COMMAND': run it under bash if that mu
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 big=$(python3 -c "import torch; print(int(torch.cuda.get_device_properties(0).total_memory > 100 * 2**30))")
 export out big
+# The llama-1b row since its loss reads nothing back (session 25: the fused cross-entropy's
+# row gather was a host sync at the loss, draining the forward's queue before the
+# host-bound backward's launches; tests/test_host_syncs.py holds the step to none).
+step row-1b "the llama-1b row (sloth and hf + PEFT)" 160 '
+  timeout 150 python3 -m sloth_core bench train --targets 1b --json "$out/targets-1b.json" \
+    --markdown "$out/targets-1b.md" --plot "$out/targets-1b.png" > "$out/targets-1b.log" 2>&1
+  echo "1b: rc=$?"; grep "^| .llama" "$out/targets-1b.md" | head -1'
 # The H200 comes seldom (sessions 18 to 24 got H100s): on it, its own row first. On an
 # 80 GB card the MoE row's baseline does not fit (its batch-1 figure ran in session 21).
 if [ "$big" = 1 ]; then

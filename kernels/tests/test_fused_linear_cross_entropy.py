@@ -18,6 +18,7 @@ from sloth_kernels import fused_linear_cross_entropy as flce_module
 from sloth_kernels.fused_linear_cross_entropy import default_chunk_size, fused_linear_cross_entropy
 
 from sloth_core.ops import reference
+from sloth_core.testing.host_syncs import HostSyncs
 from sloth_core.testing.rounding import assert_near_fp32
 
 
@@ -226,11 +227,14 @@ def test_ignored_chunks_and_all_ignored(device):
     assert loss.item() == 0.0 and all((g == 0).all() for g in grads)
 
 
-def test_only_the_counted_rows_reach_the_head(device, monkeypatch):
+@pytest.mark.parametrize("given", [False, True], ids=["found", "counted given"])
+def test_only_the_counted_rows_reach_the_head(device, monkeypatch, given):
     """Ignored tokens scattered through every chunk (a chat's prompts): the head's
-    matmuls see the counted rows only, and loss and gradients are the reference's."""
+    matmuls see the counted rows only, and loss and gradients are the reference's; found
+    by the op (one host sync) or from the caller's ``counted`` (none)."""
     hidden, weight, b, labels = _inputs(30, 16, 300, torch.float32, device, bias=True)
     labels[::3] = -100
+    options = {"counted": int((labels != -100).sum())} if given else {}
     rows = []
     real = flce_module._fused_forward
 
@@ -239,10 +243,23 @@ def test_only_the_counted_rows_reach_the_head(device, monkeypatch):
         return real(hidden, *args)
 
     monkeypatch.setattr(flce_module, "_fused_forward", counting)
-    _, (dhidden, _, _) = _check(hidden, weight, b, labels, torch.float32, "every third ignored",
-                                chunk_size=8)  # fmt: skip
+    with HostSyncs(device) as seen:
+        _, (dhidden, _, _) = _check(hidden, weight, b, labels, torch.float32,
+                                    "every third ignored", chunk_size=8, **options)  # fmt: skip
     assert rows == [int((labels != -100).sum())]
     assert (dhidden[::3] == 0).all()
+    kernel_syncs = [s for s in seen.syncs if "counted_rows" in s.where]
+    assert len(kernel_syncs) == (0 if given else 1), kernel_syncs
+
+
+@pytest.mark.parametrize("counted", ["all", "none"])
+def test_a_given_count_of_all_or_none(device, counted):
+    """``counted`` equal to every row gathers nothing; 0 leaves no row (loss 0)."""
+    hidden, weight, b, labels = _inputs(13, 16, 200, torch.float32, device, bias=True)
+    if counted == "none":
+        labels[:] = -100
+    number = int((labels != -100).sum())
+    _check(hidden, weight, b, labels, torch.float32, f"{counted} counted", counted=number)
 
 
 def test_leading_dims_are_flattened(device):

@@ -17,6 +17,7 @@ from sloth_kernels import log_probs as log_probs_module
 from sloth_kernels.log_probs import token_log_probs
 
 from sloth_core.ops import reference
+from sloth_core.testing.host_syncs import HostSyncs
 from sloth_core.testing.rounding import assert_near_fp32
 from sloth_core.testing.seeds import draw
 
@@ -134,21 +135,27 @@ def test_ignored_chunks_all_ignored_and_leading_dims(device):
         assert (out == 0).all() and all((g == 0).all() for g in grads)
 
 
-def test_only_the_counted_rows_reach_the_head(device, monkeypatch):
+@pytest.mark.parametrize("given", [False, True], ids=["found", "counted given"])
+def test_only_the_counted_rows_reach_the_head(device, monkeypatch, given):
     """Ignored tokens scattered through every chunk (DPO's prompts, a shared prefix):
     forward and backward run the head on the counted rows only, and the log-probs and
-    gradients are the reference's."""
+    gradients are the reference's; the rows found by the op (one host sync) or from the
+    caller's ``counted`` (none)."""
     inputs = _inputs(30, 16, 257, torch.float32, device, bias=True)
     inputs[-1][::3] = IGNORE
+    options = {"counted": int((inputs[-1] != IGNORE).sum())} if given else {}
     rows = []
     for name in ("_forward", "_backward"):
         real = getattr(log_probs_module, name)
         monkeypatch.setattr(log_probs_module, name,
                             lambda hidden, *a, real=real: rows.append(hidden.shape[0])
                             or real(hidden, *a))  # fmt: skip
-    _check(inputs, torch.float32, "every third ignored", chunk_size=8)
+    with HostSyncs(device) as seen:
+        _check(inputs, torch.float32, "every third ignored", chunk_size=8, **options)
     counted = int((inputs[-1] != IGNORE).sum())
     assert rows == [counted, counted]
+    kernel_syncs = [s for s in seen.syncs if "counted_rows" in s.where]
+    assert len(kernel_syncs) == (0 if given else 1), kernel_syncs
 
 
 def test_no_grad_is_the_reference_model_path(device):

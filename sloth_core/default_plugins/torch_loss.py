@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from sloth_core import hookimpl
-from sloth_core.patches.lm_head import plain_weight, shift_labels
+from sloth_core.patches.lm_head import counted_labels, plain_weight, shift_labels
 
 
 @hookimpl(trylast=True)
@@ -19,5 +19,10 @@ def compute_loss(model, hidden_states, labels, ops, num_items_in_batch, ignore_i
     )
     weight = plain_weight(head)
     if weight is not None:
-        return ops.fused_linear_cross_entropy(hidden, weight, targets, bias=head.bias, **options)
+        # The count the forward started on entry: the kernels cut the rows to the counted
+        # ones without a host sync.
+        counted = counted_labels(labels, ignore_index).value()
+        return ops.fused_linear_cross_entropy(
+            hidden, weight, targets, bias=head.bias, counted=counted, **options
+        )
     return ops.cross_entropy(head(hidden), targets, **options)

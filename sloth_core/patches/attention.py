@@ -254,6 +254,16 @@ def packed_rows(position_ids: torch.Tensor, batch: int) -> PackedRows | None:
     return memo(position_ids, "_sloth_packed", (batch,), find)
 
 
+def plain_positions(batch: int, length: int, device: torch.device) -> torch.Tensor:
+    """``[1, length]`` positions ``0..length-1``, as a model without a cache makes them,
+    that :func:`packed_rows` knows restart nowhere: a training forward passes them down
+    in place of none, so its first attention layer need not ask the device (after the
+    layer's projections, a sync that drains them)."""
+    positions = torch.arange(length, device=device)[None]
+    memo(positions, "_sloth_packed", (batch,), lambda: None)
+    return positions
+
+
 def _varlen_usable(query: torch.Tensor, dropout: float) -> bool:
     # The flash varlen kernels: CUDA, half precision, no dropout, head_dim <= 256.
     return (

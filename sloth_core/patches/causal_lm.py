@@ -20,6 +20,8 @@ import torch
 from sloth_core.errors import SlothError
 from sloth_core.patching import bind_forward, call_original
 
+from .attention import packed_rows, plain_positions
+from .lm_head import counted_labels
 from .moe import router_aux_loss
 
 if TYPE_CHECKING:
@@ -67,6 +69,23 @@ def _slice_hidden(hidden_states: torch.Tensor, logits_to_keep: int | torch.Tenso
         )
         return hidden_states[:, slice_indices, :]
     return slice_logits_to_keep(hidden_states, logits_to_keep)
+
+
+def _training_positions(input_ids: Any, position_ids: Any, kwargs: dict[str, Any]) -> Any:
+    """The position ids a training forward passes down, with whether their rows are packed
+    found now, before the forward's first matrix product (finding out reads the device):
+    plain ones made here when none came and no cache or cache position sets them, as the
+    model would make them, known unpacked without asking; given ones checked here."""
+    source = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
+    if not isinstance(source, torch.Tensor) or source.dim() < 2:
+        return position_ids
+    batch, length = source.shape[:2]
+    if position_ids is None:
+        if kwargs.get("past_key_values") is None and kwargs.get("cache_position") is None:
+            return plain_positions(batch, length, source.device)
+    elif isinstance(position_ids, torch.Tensor) and position_ids.dim() == 2:
+        packed_rows(position_ids, batch)
+    return position_ids
 
 
 def causal_lm_logits(module: PreTrainedModel, hidden_states: torch.Tensor) -> torch.Tensor:
@@ -145,6 +164,10 @@ def patch_causal_lm(
             # No KV cache in training: it is never read, and transformers only separates
             # packed sequences (position_ids restarting) in its masks when there is none.
             kwargs.setdefault("use_cache", False)
+            position_ids = _training_positions(input_ids, position_ids, kwargs)
+        if isinstance(labels, torch.Tensor):
+            # Counted now, read back at the loss without a sync (lm_head.CountedLabels).
+            counted_labels(labels)
         if moe and kwargs.get("output_router_logits") is None:
             kwargs["output_router_logits"] = self.config.output_router_logits
         outputs = getattr(self, decoder)(

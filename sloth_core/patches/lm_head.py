@@ -1,5 +1,6 @@
 """The output head's side of the losses: labels aligned with the positions that predict
-them, the head's plain weight (for the chunked ops), and per-token log-probabilities."""
+them, how many of them count (read back without draining the GPU's queue), the head's
+plain weight (for the chunked ops), and per-token log-probabilities."""
 
 from __future__ import annotations
 
@@ -8,10 +9,50 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from .tensor_memo import memo
+
 
 def shift_labels(labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
     """Labels aligned with the positions that predict them (the last predicts nothing)."""
     return F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+
+
+class CountedLabels:
+    """How many labels count once shifted, queued on the labels' device and copied to
+    pinned host memory behind an event: :meth:`value` waits for that event alone, which
+    the GPU passed long before the loss asks (the forward's first kernels), where reading
+    the count then, or finding the counted rows with ``nonzero``, would wait for the
+    whole forward and leave the backward's launches no lead over the GPU."""
+
+    def __init__(self, labels: torch.Tensor, ignore_index: int) -> None:
+        count = (labels[..., 1:] != ignore_index).sum()
+        self._event: Any = None
+        self._value: int | None = None
+        if count.device.type == "cuda":
+            self._host = torch.empty((), dtype=count.dtype, pin_memory=True)
+            self._host.copy_(count, non_blocking=True)
+            self._event = torch.cuda.Event()
+            self._event.record()
+        else:
+            # On the CPU it is ready; another device's is read here, at the forward's start.
+            self._value = int(count)
+
+    def value(self) -> int:
+        if self._value is None:
+            self._event.synchronize()
+            self._value = int(self._host)
+        return self._value
+
+
+def counted_labels(labels: torch.Tensor, ignore_index: int = -100) -> CountedLabels:
+    """The count of ``labels`` that the shifted loss counts (not ``ignore_index``, the
+    first of each row never), started once per labels tensor and kept on it: the causal
+    LM's forward starts it on entry and the loss reads the same one (see
+    :class:`CountedLabels`). Ops take it as ``counted=`` to skip the ignored rows without
+    a host sync."""
+    return memo(
+        labels, "_sloth_counted", (ignore_index,), lambda: CountedLabels(labels, ignore_index)
+    )
 
 
 def plain_weight(module: Any) -> torch.Tensor | None:
@@ -43,7 +84,7 @@ def causal_lm_log_probs(
     if weight is not None:
         token = ops.token_log_probs(
             hidden, weight, flat, bias=head.bias, softcap=softcap, temperature=temperature,
-            ignore_index=ignore_index,
+            ignore_index=ignore_index, counted=counted_labels(labels, ignore_index).value(),
         )  # fmt: skip
     else:
         logits = head(hidden).float()

@@ -180,14 +180,26 @@ def _kernel_serves(hidden, weight, bias, labels, chunk_size) -> bool:
 
 
 def counted_rows(hidden: torch.Tensor, labels: torch.Tensor, ignore_index: int,
+                 counted: int | None = None,
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:  # fmt: skip
     """``[N, H]`` hidden rows and ``[N]`` labels cut to the counted tokens' (labels other
     than ``ignore_index``), and their indices; ``None`` where every token counts (nothing
-    copied). One host sync. The head then runs no matmul for a prompt's or padding's rows
-    wherever they fall in a chunk (train_on_responses_only, DPO's prompts, left padding)."""
-    index = (labels != ignore_index).nonzero().squeeze(1)
-    if index.numel() == labels.numel():
+    copied). The head then runs no matmul for a prompt's or padding's rows wherever they
+    fall in a chunk (train_on_responses_only, DPO's prompts, left padding).
+
+    Without ``counted`` (how many count) finding the rows is one host sync, at the loss:
+    it drains the forward's queue, which a host-bound step (llama-1b's) needs ahead of
+    the GPU for its backward. With it, none."""
+    if counted is None:
+        index = (labels != ignore_index).nonzero().squeeze(1)
+        if index.numel() == labels.numel():
+            return hidden, labels, None
+    elif counted == labels.numel():
         return hidden, labels, None
+    else:
+        # A stable sort puts the counted rows first, in order: their indices without
+        # reading the labels back.
+        index = torch.argsort((labels == ignore_index).to(torch.uint8), stable=True)[:counted]
     return hidden.index_select(0, index), labels.index_select(0, index), index
 
 
@@ -201,6 +213,7 @@ def fused_linear_cross_entropy(
     softcap: float | None = None,
     num_items_in_batch: torch.Tensor | int | None = None,
     chunk_size: int | None = None,
+    counted: int | None = None,
 ) -> torch.Tensor:
     """``cross_entropy(hidden @ weight.T + bias, labels)`` without materialising the logits.
 
@@ -218,6 +231,8 @@ def fused_linear_cross_entropy(
         num_items_in_batch: when set, summed loss divided by it.
         chunk_size: rows per chunk; default keeps a chunk's logits, in the input dtype,
             at most :data:`CHUNK_BYTES` (see :func:`default_chunk_size`).
+        counted: how many labels are not ``ignore_index``, when the caller knows it:
+            the counted rows are then found without a host sync (:func:`counted_rows`).
 
     Returns:
         A scalar fp32 loss. Mismatched dtypes or devices, and unsupported devices, go to
@@ -231,7 +246,7 @@ def fused_linear_cross_entropy(
     hidden = hidden.reshape(-1, hidden.shape[-1])
     labels = labels.reshape(-1).to(hidden.device).contiguous()
     # The loss's denominator counts the same tokens either way.
-    hidden, labels, _ = counted_rows(hidden, labels, ignore_index)
+    hidden, labels, _ = counted_rows(hidden, labels, ignore_index, counted)
     args = (hidden, weight, bias, labels, ignore_index, softcap, num_items_in_batch, chunk_size)
     tensors = (hidden, weight) if bias is None else (hidden, weight, bias)
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):

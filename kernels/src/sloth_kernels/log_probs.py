@@ -134,6 +134,7 @@ def token_log_probs(
     temperature: float = 1.0,
     ignore_index: int = -100,
     chunk_size: int | None = None,
+    counted: int | None = None,
 ) -> torch.Tensor:
     """Per-token ``log_softmax(logits / temperature)[label]`` without the full logits.
 
@@ -151,6 +152,8 @@ def token_log_probs(
         ignore_index: label of tokens without a log-probability.
         chunk_size: rows per chunk; default keeps a chunk's logits, in the input dtype,
             at most 256 MiB (:func:`sloth_kernels.fused_linear_cross_entropy.default_chunk_size`).
+        counted: how many labels are not ``ignore_index``, when the caller knows it:
+            the counted rows are then found without a host sync.
 
     Returns:
         fp32 ``[...]``. Mismatched dtypes or devices, and unsupported devices, go to the
@@ -166,7 +169,7 @@ def token_log_probs(
     hidden = hidden.reshape(-1, hidden.shape[-1])
     labels = labels.reshape(-1).to(hidden.device).contiguous()
     # The counted tokens' rows only; the others' log-probs (and gradients) are 0.
-    hidden, labels, index = counted_rows(hidden, labels, ignore_index)
+    hidden, labels, index = counted_rows(hidden, labels, ignore_index, counted)
     out = _TokenLogProbs.apply(
         hidden, weight, bias, labels, softcap, float(temperature), ignore_index, chunk_size
     )

@@ -128,6 +128,7 @@ def token_log_probs(
     temperature: float = 1.0,
     ignore_index: int = -100,
     chunk_size: int | None = None,
+    counted: int | None = None,
 ) -> torch.Tensor:
     """Per-token ``log_softmax(logits / temperature)[label]`` without the full logits.
 
@@ -150,6 +151,8 @@ def token_log_probs(
         ignore_index: label of tokens without a log-probability: exactly 0 there, with
             zero gradient.
         chunk_size: rows per chunk; default keeps a chunk's fp32 logits near 256 MiB.
+        counted: how many labels are not ``ignore_index``, where the caller knows it
+            (see :func:`fused_linear_cross_entropy`); the reference needs no count.
 
     Returns:
         fp32 log-probabilities in ``labels``' shape. Backward takes a per-token gradient;

@@ -170,6 +170,7 @@ def fused_linear_cross_entropy(
     softcap: float | None = None,
     num_items_in_batch: torch.Tensor | int | None = None,
     chunk_size: int | None = None,
+    counted: int | None = None,
 ) -> torch.Tensor:
     """``cross_entropy(hidden @ weight.T + bias, labels)`` without materialising the logits.
 
@@ -189,6 +190,10 @@ def fused_linear_cross_entropy(
         num_items_in_batch: when set, summed loss divided by it; else mean over
             non-ignored tokens (0 when there are none).
         chunk_size: rows per chunk; default keeps a chunk's fp32 logits near 256 MiB.
+        counted: how many labels are not ``ignore_index``, where the caller knows it
+            without asking the device (:func:`sloth_core.patches.lm_head.counted_labels`):
+            a kernel set may then cut the rows to the counted ones without a host sync.
+            The reference walks every row and needs no count.
 
     Returns:
         A scalar fp32 loss.

@@ -1,0 +1,54 @@
+"""A training step's forward and backward ask the device for nothing once work is queued:
+a host-bound step (llama-1b's) loses its launches' lead over the GPU at each such sync
+(docs/benchmarks.md, session 25: the loss's row gather cost that row a quarter of its
+speed). Held on the CPU through sloth_core.testing.host_syncs."""
+
+from __future__ import annotations
+
+import torch
+
+from sloth_core import FastLanguageModel
+from sloth_core.checkpointing import enable_checkpointing
+from sloth_core.testing.host_syncs import HostSyncs
+
+
+def test_the_detector_sees_a_read_back_after_a_matmul():
+    a = torch.randn(4, 4)
+    with HostSyncs() as seen:
+        mask = (a > 0).any(1)
+        bool(mask.any())  # before any product: the forward's start, no queue to drain
+        b = a @ a
+        b[mask]  # a boolean index: nonzero underneath
+        float(b.sum())
+    assert [s.after_matmuls for s in seen.syncs][0] == 0
+    assert len(seen.after_work()) >= 2, seen.syncs
+    assert all(s.after_matmuls == 1 for s in seen.after_work())
+
+
+def test_a_lora_training_step_reads_nothing_back_after_its_first_product(make_tiny_model):
+    model, _ = FastLanguageModel.from_pretrained(
+        str(make_tiny_model("llama", tie_word_embeddings=False)), dtype=torch.float32
+    )  # fmt: skip
+    model = FastLanguageModel.get_peft_model(model, r=4, random_state=0)
+    enable_checkpointing(model, offload=True)  # as on a GPU (the CPU would not offload)
+    model.train()
+    ids = torch.randint(
+        3, model.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0)
+    )
+    labels = ids.clone()
+    labels[:, :7] = -100  # a prompt: its rows are cut before the head
+    labels[1, -3:] = -100  # and padding
+    for _ in range(2):  # the second step as the first: nothing memoized hides a sync
+        with HostSyncs() as seen:
+            loss = model(input_ids=ids, labels=labels.clone()).loss
+            loss.backward()
+        assert seen.matmuls > 0
+        assert seen.after_work() == [], "\n".join(map(str, seen.after_work()))
+    # and the loss is still the counted tokens' mean
+    model.eval()
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits.float()
+    expected = torch.nn.functional.cross_entropy(
+        logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten()
+    )
+    torch.testing.assert_close(loss.detach(), expected, rtol=1e-5, atol=1e-5)
