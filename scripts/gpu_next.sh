@@ -10,7 +10,7 @@ set -uo pipefail
 source "$(dirname "$0")/gpu_env.sh" "$@"
 export SLOTH_CACHE=${SLOTH_CACHE:-/dev/shm/sloth-cache} TOKENIZERS_PARALLELISM=false
 limit=${LIMIT:-570}
-# SKIP=key,key: leave out the steps a call before brought back (row-1b, profile-1b, bf16-8k,
+# SKIP=key,key: leave out the steps a call before brought back (syncs, row-1b, profile-1b, bf16-8k,
 # kept-probe, tests, moe, moe-profile, fp8-grads, fp8-quality, profiles), so that the
 # next call of a warm machine goes on from there. (Every row ran in session 24:
 # ROWS=... bash scripts/gpu_targets.sh and scripts/gpu_dpo.sh run them again; nf4 and
@@ -30,6 +30,10 @@ export out big
 # The llama-1b row since its loss reads nothing back (session 25: the fused cross-entropy's
 # row gather was a host sync at the loss, draining the forward's queue before the
 # host-bound backward's launches; tests/test_host_syncs.py holds the step to none).
+step syncs "a LoRA step's host syncs on CUDA" 60 '
+  timeout 55 python3 -m pytest -p no:cacheprovider -q tests/test_host_syncs.py -k cuda \
+    > "$out/syncs.txt" 2>&1
+  echo "syncs: rc=$? $(tail -1 "$out/syncs.txt")"; grep -A3 "HostSync(" "$out/syncs.txt" | head -20'
 step row-1b "the llama-1b row (sloth and hf + PEFT)" 160 '
   timeout 150 python3 -m sloth_core bench train --targets 1b --json "$out/targets-1b.json" \
     --markdown "$out/targets-1b.md" --plot "$out/targets-1b.png" > "$out/targets-1b.log" 2>&1
@@ -74,7 +78,9 @@ step kept-probe "the kept attention on CUDA: its tests and gradients" 160 '
 # 60 s with -n 6 (session 22; pytest-xdist comes from .whl/).
 step tests "CUDA tests of the code changed since the last GPU run" 240 '
   timeout 230 python3 -m pytest -p no:cacheprovider -q -n 6 kernels/tests/test_gated_lora.py \
-    plugins/sloth-fp8/tests kernels/tests/test_lora.py > "$out/cuda-tests.txt" 2>&1
+    plugins/sloth-fp8/tests kernels/tests/test_lora.py tests/test_host_syncs.py \
+    kernels/tests/test_fused_linear_cross_entropy.py kernels/tests/test_log_probs.py \
+    > "$out/cuda-tests.txt" 2>&1
   rc=$?; echo "tests: rc=$rc $(tail -1 "$out/cuda-tests.txt")"; grep "^FAILED" "$out/cuda-tests.txt"; exit $rc'
 # Which part of sloth-fp8 parts its LoRA gradients from exact ones (one batch, each part
 # switched off in turn). On the CPU (the op references) the FP8 run's gradients are 6%,

@@ -12,6 +12,7 @@ it and how many matrix products came before it, so a test on the CPU can hold a 
 from __future__ import annotations
 
 import traceback
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -51,16 +52,51 @@ def _on(device: torch.device, args: tuple[Any, ...]) -> bool:
     return any(isinstance(a, torch.Tensor) and a.device.type == device.type for a in args)
 
 
+def _where() -> str:
+    frames = [f for f in traceback.extract_stack()[:-2] if any(o in f.filename for o in _OURS)]
+    return " <- ".join(f"{Path(f.filename).name}:{f.lineno} {f.name}" for f in frames[::-1][:3])
+
+
 class HostSyncs(TorchDispatchMode):
     """Records the syncing ops run on ``device`` (their input tensors there) while active;
     a read of a pinned host copy (``CountedLabels``) is not one on a GPU. On the CPU every
-    such op counts, as it would on a GPU."""
+    such op counts, as it would on a GPU. On CUDA torch's own sync check
+    (``set_sync_debug_mode``) is on too, and what it reports is recorded alike (a
+    blocking device-to-host copy, a synchronising op this list lacks)."""
 
     def __init__(self, device: str | torch.device = "cpu") -> None:
         super().__init__()
         self.device = torch.device(device)
         self.matmuls = 0
         self.syncs: list[HostSync] = []
+        self._restore: Any = None
+
+    def __enter__(self) -> HostSyncs:
+        if self.device.type == "cuda":
+            mode, caught = torch.cuda.get_sync_debug_mode(), warnings.catch_warnings()
+            caught.__enter__()
+            warnings.simplefilter("always")
+            shown = warnings.showwarning
+
+            def show(message: Any, category: Any, *args: Any, **kwargs: Any) -> None:
+                if "synchronizing" in str(message):
+                    self.syncs.append(HostSync(f"cuda: {message}"[:80], _where(), self.matmuls))
+                else:
+                    shown(message, category, *args, **kwargs)
+
+            warnings.showwarning = show
+            torch.cuda.set_sync_debug_mode("warn")
+            self._restore = mode, caught
+        super().__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        super().__exit__(*exc)
+        if self._restore is not None:
+            mode, caught = self._restore
+            torch.cuda.set_sync_debug_mode(mode)
+            caught.__exit__(*exc)
+            self._restore = None
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
@@ -68,13 +104,7 @@ class HostSyncs(TorchDispatchMode):
         if name in MATMULS and _on(self.device, args):
             self.matmuls += 1
         elif _is_sync(name, args, kwargs) and _on(self.device, args):
-            frames = [
-                f for f in traceback.extract_stack()[:-1] if any(o in f.filename for o in _OURS)
-            ]
-            where = " <- ".join(
-                f"{Path(f.filename).name}:{f.lineno} {f.name}" for f in frames[::-1][:3]
-            )
-            self.syncs.append(HostSync(name, where, self.matmuls))
+            self.syncs.append(HostSync(name, _where(), self.matmuls))
         return func(*args, **kwargs)
 
     def after_work(self) -> list[HostSync]:
