@@ -11,6 +11,7 @@ import torch
 from sloth_core import FastLanguageModel
 from sloth_core.checkpointing import enable_checkpointing
 from sloth_core.testing.host_syncs import HostSyncs
+from sloth_core.train.step import accumulate
 
 
 def test_the_detector_sees_a_read_back_after_a_matmul():
@@ -26,6 +27,16 @@ def test_the_detector_sees_a_read_back_after_a_matmul():
     assert all(s.after_matmuls == 1 for s in seen.after_work())
 
 
+def _lora_model(make_tiny_model, device, dtype):
+    model, _ = FastLanguageModel.from_pretrained(
+        str(make_tiny_model("llama", tie_word_embeddings=False)), dtype=dtype,
+        device_map=None if device == "cpu" else device,
+    )  # fmt: skip
+    model = FastLanguageModel.get_peft_model(model, r=4, random_state=0)
+    enable_checkpointing(model, offload=True)  # as on a GPU (the CPU would not offload)
+    return model.train()
+
+
 @pytest.mark.parametrize(
     "device",
     ["cpu", pytest.param("cuda", marks=[
@@ -36,13 +47,7 @@ def test_a_lora_training_step_reads_nothing_back_after_its_first_product(make_ti
     """On CUDA in bf16, as the bench trains (flash or cuDNN attention, the offload's
     copies), with torch's own sync check besides."""
     dtype = torch.float32 if device == "cpu" else torch.bfloat16
-    model, _ = FastLanguageModel.from_pretrained(
-        str(make_tiny_model("llama", tie_word_embeddings=False)), dtype=dtype,
-        device_map=None if device == "cpu" else device,
-    )  # fmt: skip
-    model = FastLanguageModel.get_peft_model(model, r=4, random_state=0)
-    enable_checkpointing(model, offload=True)  # as on a GPU (the CPU would not offload)
-    model.train()
+    model = _lora_model(make_tiny_model, device, dtype)
     ids = torch.randint(
         3, model.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0)
     )
@@ -65,3 +70,23 @@ def test_a_lora_training_step_reads_nothing_back_after_its_first_product(make_ti
     )
     tolerance = 1e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(loss.detach().float(), expected, rtol=tolerance, atol=tolerance)
+
+
+def test_accumulation_reads_the_loss_back_once(make_tiny_model):
+    """Three micro-batches of one optimizer step: their losses are read back together
+    after the last backward, not one by one between them."""
+    model = _lora_model(make_tiny_model, "cpu", torch.float32)
+    draw = torch.Generator().manual_seed(1)
+    batches = []
+    for _ in range(3):
+        ids = torch.randint(3, model.config.vocab_size, (1, 16), generator=draw)
+        batches.append({"input_ids": ids, "labels": ids.clone()})
+    with HostSyncs() as seen:
+        loss = accumulate(model, batches)
+    # (Each micro-batch's forward starts with reads of its own: transformers' packed-row
+    # check, and on the CPU the label count the GPU reads from pinned memory.)
+    mine = [s for s in seen.after_work() if s.where.startswith("step.py")]
+    assert [s.after_matmuls for s in mine] == [seen.matmuls], seen.syncs
+    with torch.no_grad():
+        each = [model(**b, num_items_in_batch=torch.tensor(45)).loss for b in batches]
+    assert loss == pytest.approx(float(sum(each)), rel=1e-5)

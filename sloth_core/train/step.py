@@ -45,15 +45,17 @@ def accumulate(
     if group is not None and group.active:
         total = int(group.all_sum([total])[0])
     items = torch.tensor(max(total, 1), device=device)
-    loss_sum = 0.0
+    losses = []
     for number, batch in enumerate(micro_batches):
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         with distributed.no_sync(model, last=number == len(micro_batches) - 1):
             with autocast():
                 loss = model(**batch, num_items_in_batch=items).loss
             loss.backward()
-        loss_sum += float(loss.detach())
-    return loss_sum
+        losses.append(loss.detach())
+    # Read back once, after every micro-batch is queued: a read per micro-batch would
+    # let the GPU idle while the host launches the next one's forward.
+    return float(torch.stack(losses).sum()) if losses else 0.0
 
 
 @dataclass
