@@ -249,7 +249,7 @@ def test_only_the_counted_rows_reach_the_head(device, monkeypatch, given):
     assert rows == [int((labels != -100).sum())]
     assert (dhidden[::3] == 0).all()
     kernel_syncs = [s for s in seen.syncs if "counted_rows" in s.where]
-    assert len(kernel_syncs) == (0 if given else 1), kernel_syncs
+    assert bool(kernel_syncs) != given, kernel_syncs  # (on CUDA torch's check sees it too)
 
 
 @pytest.mark.parametrize("counted", ["all", "none"])

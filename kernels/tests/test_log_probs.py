@@ -155,7 +155,7 @@ def test_only_the_counted_rows_reach_the_head(device, monkeypatch, given):
     counted = int((inputs[-1] != IGNORE).sum())
     assert rows == [counted, counted]
     kernel_syncs = [s for s in seen.syncs if "counted_rows" in s.where]
-    assert len(kernel_syncs) == (0 if given else 1), kernel_syncs
+    assert bool(kernel_syncs) != given, kernel_syncs  # (on CUDA torch's check sees it too)
 
 
 def test_no_grad_is_the_reference_model_path(device):

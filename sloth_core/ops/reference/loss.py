@@ -120,9 +120,8 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
 
         for start in range(0, n_rows, chunk_size):
             rows = slice(start, min(start + chunk_size, n_rows))
+            # A chunk with no counted row adds zeros: skipping it would read the labels back.
             chunk_valid = valid[rows]
-            if not bool(chunk_valid.any()):
-                continue  # contributes no loss and no gradient
             h = hidden[rows]
             logits = F.linear(h, weight, bias).float()  # in the input dtype, like the unfused path
             if softcap is not None:
