@@ -288,17 +288,14 @@ def test_the_kept_backward_is_right_after_sdpas_own():
 
 
 def test_the_path_runs_on_the_cpu_and_on_a_gpu_only_when_asked(monkeypatch):
-    """Unset, the kept path is the CPU's only: on CUDA it trained on wrong gradients
-    (sessions 23 and 24); 1 and 0 set it anywhere, 1 on CUDA with a warning that says so,
-    and anything else is refused by name."""
+    """Unset, the kept path is the CPU's only: on CUDA it buys nothing measurable
+    (session 25, where its gradients were shown right); 1 and 0 set it anywhere, and
+    anything else is refused by name."""
     cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
     monkeypatch.delenv(kept_attention.ENV, raising=False)
-    monkeypatch.setattr(kept_attention, "_warned_cuda", False)
     assert kept_attention.enabled(cpu) and not kept_attention.enabled(cuda)
     monkeypatch.setenv(kept_attention.ENV, "1")
-    assert kept_attention.enabled(cpu)
-    with pytest.warns(RuntimeWarning, match="measured wrong"):
-        assert kept_attention.enabled(cuda)
+    assert kept_attention.enabled(cpu) and kept_attention.enabled(cuda)
     monkeypatch.setenv(kept_attention.ENV, "0")
     assert not kept_attention.enabled(cpu) and not kept_attention.enabled(cuda)
     monkeypatch.setenv(kept_attention.ENV, "yes")
