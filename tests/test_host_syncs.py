@@ -72,6 +72,31 @@ def test_a_lora_training_step_reads_nothing_back_after_its_first_product(make_ti
     torch.testing.assert_close(loss.detach().float(), expected, rtol=tolerance, atol=tolerance)
 
 
+@pytest.mark.parametrize(
+    "device",
+    ["cpu", pytest.param("cuda", marks=[
+        pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+    ])],
+)  # fmt: skip
+def test_packed_rows_are_found_before_the_first_product(make_tiny_model, device):
+    """Packed rows (position ids restarting, as the trainer packs): whether they are
+    packed, and on CUDA the flash varlen kernels' sequence bounds, are read at the
+    forward's start, not in the first attention layer after its projections."""
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    model = _lora_model(make_tiny_model, device, dtype)
+    ids = torch.randint(
+        3, model.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(2)
+    )
+    positions = torch.cat([torch.arange(9), torch.arange(15)])[None].expand(2, -1)
+    ids = ids.to(device)
+    for _ in range(2):
+        with HostSyncs(device) as seen:  # fresh position ids each step, as the trainer's
+            loss = model(input_ids=ids, labels=ids, position_ids=positions.to(device).clone()).loss
+            loss.backward()
+        assert seen.after_work() == [], "\n".join(map(str, seen.after_work()))
+        assert any("packed" in s.where or "varlen" in s.where for s in seen.syncs), seen.syncs
+
+
 def test_accumulation_reads_the_loss_back_once(make_tiny_model):
     """Three micro-batches of one optimizer step: their losses are read back together
     after the last backward, not one by one between them."""

@@ -75,7 +75,8 @@ def _training_positions(input_ids: Any, position_ids: Any, kwargs: dict[str, Any
     """The position ids a training forward passes down, with whether their rows are packed
     found now, before the forward's first matrix product (finding out reads the device):
     plain ones made here when none came and no cache or cache position sets them, as the
-    model would make them, known unpacked without asking; given ones checked here."""
+    model would make them, known unpacked without asking; given ones checked here, and
+    packed ones' sequence bounds found."""
     source = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
     if not isinstance(source, torch.Tensor) or source.dim() < 2:
         return position_ids
@@ -84,7 +85,9 @@ def _training_positions(input_ids: Any, position_ids: Any, kwargs: dict[str, Any
         if kwargs.get("past_key_values") is None and kwargs.get("cache_position") is None:
             return plain_positions(batch, length, source.device)
     elif isinstance(position_ids, torch.Tensor) and position_ids.dim() == 2:
-        packed_rows(position_ids, batch)
+        rows = packed_rows(position_ids, batch)
+        if rows is not None and source.is_cuda:
+            rows.varlen()  # the flash varlen kernels' bounds (CUDA only) read back here too
     return position_ids
 
 
