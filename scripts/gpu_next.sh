@@ -5,14 +5,14 @@
 # ones, and one that is cut short still leaves what it printed under OUT_DIR.
 #   [LIMIT=570] [SKIP=tests,moe] bash scripts/gpu_next.sh [OUT_DIR]
 # On a card with room for the MoE row's baseline (an H200's 139 GiB) the row and its
-# profile come right after the tests.
+# profile come right after the llama-1b steps, then the CUDA tests.
 set -uo pipefail
 source "$(dirname "$0")/gpu_env.sh" "$@"
 export SLOTH_CACHE=${SLOTH_CACHE:-/dev/shm/sloth-cache} TOKENIZERS_PARALLELISM=false
 limit=${LIMIT:-570}
-# SKIP=key,key: leave out the steps a call before brought back (syncs, row-1b, profile-1b, bf16-8k,
-# kept-probe, tests, moe, moe-profile, fp8-grads, fp8-quality, profiles), so that the
-# next call of a warm machine goes on from there. (Every row ran in session 24:
+# SKIP=key,key: leave out the steps a call before brought back (syncs, kept-1b, row-1b,
+# moe, moe-profile, tests, profile-1b, bf16-8k, kept-probe, fp8-grads, fp8-quality,
+# profiles), so that the next call of a warm machine goes on from there. (Every row ran in session 24:
 # ROWS=... bash scripts/gpu_targets.sh and scripts/gpu_dpo.sh run them again; nf4 and
 # DPO need the device tool's carry of .whl/.)
 step() {  # step KEY NAME SECONDS_NEEDED 'COMMAND': run it under bash if that much time is left
@@ -27,18 +27,30 @@ step() {  # step KEY NAME SECONDS_NEEDED 'COMMAND': run it under bash if that mu
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 big=$(python3 -c "import torch; print(int(torch.cuda.get_device_properties(0).total_memory > 100 * 2**30))")
 export out big
-# The llama-1b row since its loss reads nothing back (session 25: the fused cross-entropy's
-# row gather was a host sync at the loss, draining the forward's queue before the
-# host-bound backward's launches; tests/test_host_syncs.py holds the step to none).
+# Session 25 removed the host sync at the loss (the fused cross-entropy's row gather,
+# which drained the forward's queue before the host-bound backward's launches) and took
+# llama-1b from 1.88x to 2.07x (2.3x wanted). First the CUDA cases of
+# tests/test_host_syncs.py (packed rows' varlen bounds at the forward's start are new).
 step syncs "a LoRA step's host syncs on CUDA" 60 '
   timeout 55 python3 -m pytest -p no:cacheprovider -q tests/test_host_syncs.py -k cuda \
     > "$out/syncs.txt" 2>&1
   echo "syncs: rc=$? $(tail -1 "$out/syncs.txt")"; grep -A3 "HostSync(" "$out/syncs.txt" | head -20'
+# The kept attention's gradients are right on CUDA since session 25 (cosine and error
+# identical to the recomputed attention's), but it bought +0.2% (bf16) and +0.5% (fp8)
+# at 8B. Session 14's 2.55x on llama-1b had it on: on this host-bound row it may pay.
+# If it does (beyond noise, losses agreeing), make it the default on CUDA
+# (kept_attention.enabled, its docstring, README, docs/design.md and
+# test_the_path_runs_on_the_cpu_and_on_a_gpu_only_when_asked).
+step kept-1b "llama-1b with and without the kept attention" 170 '
+  timeout 160 python3 -m sloth_core bench train --shape llama-1b --seq 2048 --batch 4 \
+    --systems "sloth,sloth[SLOTH_KEPT_ATTENTION=1],hf" --json "$out/kept-1b.json" \
+    --markdown "$out/kept-1b.md" --plot "$out/kept-1b.png" > "$out/kept-1b.log" 2>&1
+  echo "kept 1b: rc=$?"; grep "^|" "$out/kept-1b.md"'
 step row-1b "the llama-1b row (sloth and hf + PEFT)" 160 '
   timeout 150 python3 -m sloth_core bench train --targets 1b --json "$out/targets-1b.json" \
     --markdown "$out/targets-1b.md" --plot "$out/targets-1b.png" > "$out/targets-1b.log" 2>&1
   echo "1b: rc=$?"; grep "^| .llama" "$out/targets-1b.md" | head -1'
-# The H200 comes seldom (sessions 18 to 24 got H100s): on it, its own row first. On an
+# The H200 comes seldom (sessions 18 to 25 got H100s): on it, its own row first. On an
 # 80 GB card the MoE row's baseline does not fit (its batch-1 figure ran in session 21).
 if [ "$big" = 1 ]; then
   step moe "MoE row (qwen3-30b-a3b 2048x2, sloth and hf + PEFT)" 300 \
@@ -48,8 +60,16 @@ if [ "$big" = 1 ]; then
       --batch 2 --python-rows 45 > "$out/profile-moe.txt" 2>&1
     echo "profile: rc=$?"; grep -A14 "^==== " "$out/profile-moe.txt" | cut -c1-200'
 fi
-# Then (first on an H100), why the llama-1b row fell from 58,236 tokens/s (session 11, 2.49x) to 43,646
-# (session 24, 1.88x) while hf held: the row is host-bound, so its Python by function.
+# A cold machine compiles every Triton variant first: these took 104 s there (session 21),
+# 60 s with -n 6 (session 22; pytest-xdist comes from .whl/).
+step tests "CUDA tests of the code changed since the last GPU run" 240 '
+  timeout 230 python3 -m pytest -p no:cacheprovider -q -n 6 kernels/tests/test_gated_lora.py \
+    plugins/sloth-fp8/tests kernels/tests/test_lora.py tests/test_host_syncs.py \
+    kernels/tests/test_fused_linear_cross_entropy.py kernels/tests/test_log_probs.py \
+    > "$out/cuda-tests.txt" 2>&1
+  rc=$?; echo "tests: rc=$rc $(tail -1 "$out/cuda-tests.txt")"; grep "^FAILED" "$out/cuda-tests.txt"; exit $rc'
+# Where llama-1b's step goes now (session 25: 159.8 ms wall profiled, 143.7 ms of GPU
+# time): its Python by function.
 step profile-1b "llama-1b profile (device, host and Python)" 120 '
   timeout 110 python3 scripts/profile_train.py --shape llama-1b --systems sloth \
     --python-rows 45 > "$out/profile-1b.txt" 2>&1
@@ -59,29 +79,14 @@ step bf16-8k "the 8192x1 row again" 150 '
   timeout 140 python3 -m sloth_core bench train --targets bf16-8k --json "$out/targets-8k.json" \
     --markdown "$out/targets-8k.md" --plot "$out/targets-8k.png" > "$out/targets-8k.log" 2>&1
   echo "8k: rc=$?"; grep "^| .llama" "$out/targets-8k.md" | head -1'
-# The kept attention (sessions 23 and 24): on CUDA its model gradients stayed wrong
-# (cosine 0.32) with q, k and v laid out as the first pass had them; off there, and no
-# faster for bf16, 7% for fp8. Since then its backward also hands cuDNN the output's
-# gradient laid out as the output (torch caches the backward graph by q, k and v's
-# layouts alone; docs/benchmarks.md, session 24): its tests (the new
-# test_the_kept_backward_is_right_after_sdpas_own among them) and the model's gradients.
-# If sloth-kept comes out as right as sloth (0.0215), measure the bf16 and fp8 rows with
-# SLOTH_KEPT_ATTENTION=1 and make it the default on CUDA where it pays. If not, where it
-# goes wrong: "-probe" measures each kept output against the attention of the
-# recompute's own q, k and v; "-autograd" takes the backward through the attention again;
-# "-flash" keeps through the flash kernel instead of cuDNN's.
+# The kept attention's tests and model gradients on CUDA (right in session 25: run again
+# after a change to the path). "-probe" measures each kept output against the attention
+# of the recompute's own q, k and v; "-autograd" takes the backward through the attention
+# again; "-flash" keeps through the flash kernel instead of cuDNN's.
 step kept-probe "the kept attention on CUDA: its tests and gradients" 160 '
   SKIP=torch,bench RUNS=sloth,sloth-kept,sloth-kept-probe,sloth-kept-autograd,sloth-kept-flash \
     REPEATS=1 timeout 150 bash scripts/gpu_grad_check.sh "$out"
   grep "kept outputs" "$out/grads-kernels.txt" | cut -c1-300'
-# A cold machine compiles every Triton variant first: these took 104 s there (session 21),
-# 60 s with -n 6 (session 22; pytest-xdist comes from .whl/).
-step tests "CUDA tests of the code changed since the last GPU run" 240 '
-  timeout 230 python3 -m pytest -p no:cacheprovider -q -n 6 kernels/tests/test_gated_lora.py \
-    plugins/sloth-fp8/tests kernels/tests/test_lora.py tests/test_host_syncs.py \
-    kernels/tests/test_fused_linear_cross_entropy.py kernels/tests/test_log_probs.py \
-    > "$out/cuda-tests.txt" 2>&1
-  rc=$?; echo "tests: rc=$rc $(tail -1 "$out/cuda-tests.txt")"; grep "^FAILED" "$out/cuda-tests.txt"; exit $rc'
 # Which part of sloth-fp8 parts its LoRA gradients from exact ones (one batch, each part
 # switched off in turn). On the CPU (the op references) the FP8 run's gradients are 6%,
 # 8.6% and 16.6% off at widths 256, 1024 and 4096, bf16's 0.8 to 5.2%: first the CPU's
