@@ -32,7 +32,8 @@ class CountedLabels:
             self._host = torch.empty((), dtype=count.dtype, pin_memory=True)
             self._host.copy_(count, non_blocking=True)
             self._event = torch.cuda.Event()
-            self._event.record()
+            # On the stream the copy ran on: the labels' device's, not the current one's.
+            self._event.record(torch.cuda.current_stream(count.device))
         else:
             # On the CPU it is ready; another device's is read here, at the forward's start.
             self._value = int(count)
