@@ -10,6 +10,7 @@ import torch
 
 from sloth_core import FastLanguageModel
 from sloth_core.checkpointing import enable_checkpointing
+from sloth_core.patches.lm_head import counted_labels
 from sloth_core.testing.host_syncs import HostSyncs
 from sloth_core.train.step import accumulate
 
@@ -115,3 +116,15 @@ def test_accumulation_reads_the_loss_back_once(make_tiny_model):
     with torch.no_grad():
         each = [model(**b, num_items_in_batch=torch.tensor(45)).loss for b in batches]
     assert loss == pytest.approx(float(sum(each)), rel=1e-5)
+
+
+def test_the_label_count_is_kept_on_the_labels_until_they_change():
+    """What the forward starts on entry the loss reads back: the shifted loss's count
+    (never a row's first label), one per labels tensor, counted again once written."""
+    labels = torch.tensor([[-100, 1, 2, -100], [5, -100, 3, 4]])
+    first = counted_labels(labels)
+    assert first.value() == 4  # 1, 2 and 3, 4: the 5 predicts nothing
+    assert counted_labels(labels) is first
+    assert counted_labels(labels, ignore_index=1).value() == 5  # another ignore_index
+    labels[0, 3] = 7
+    assert counted_labels(labels).value() == 5
