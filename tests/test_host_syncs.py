@@ -28,6 +28,17 @@ def test_the_detector_sees_a_read_back_after_a_matmul():
     assert all(s.after_matmuls == 1 for s in seen.after_work())
 
 
+#: The CPU (fp32, the kernels under the interpreter) and, on a GPU machine, CUDA in bf16
+#: as the bench trains (flash or cuDNN attention, the offload's copies).
+DEVICES = ["cpu", pytest.param("cuda", marks=[
+    pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+])]  # fmt: skip
+
+
+def _dtype(device):
+    return torch.float32 if device == "cpu" else torch.bfloat16
+
+
 def _lora_model(make_tiny_model, device, dtype):
     model, _ = FastLanguageModel.from_pretrained(
         str(make_tiny_model("llama", tie_word_embeddings=False)), dtype=dtype,
@@ -38,16 +49,11 @@ def _lora_model(make_tiny_model, device, dtype):
     return model.train()
 
 
-@pytest.mark.parametrize(
-    "device",
-    ["cpu", pytest.param("cuda", marks=[
-        pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-    ])],
-)  # fmt: skip
+@pytest.mark.parametrize("device", DEVICES)
 def test_a_lora_training_step_reads_nothing_back_after_its_first_product(make_tiny_model, device):
     """On CUDA in bf16, as the bench trains (flash or cuDNN attention, the offload's
     copies), with torch's own sync check besides."""
-    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    dtype = _dtype(device)
     model = _lora_model(make_tiny_model, device, dtype)
     ids = torch.randint(
         3, model.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0)
@@ -73,17 +79,12 @@ def test_a_lora_training_step_reads_nothing_back_after_its_first_product(make_ti
     torch.testing.assert_close(loss.detach().float(), expected, rtol=tolerance, atol=tolerance)
 
 
-@pytest.mark.parametrize(
-    "device",
-    ["cpu", pytest.param("cuda", marks=[
-        pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-    ])],
-)  # fmt: skip
+@pytest.mark.parametrize("device", DEVICES)
 def test_packed_rows_are_found_before_the_first_product(make_tiny_model, device):
     """Packed rows (position ids restarting, as the trainer packs): whether they are
     packed, and on CUDA the flash varlen kernels' sequence bounds, are read at the
     forward's start, not in the first attention layer after its projections."""
-    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    dtype = _dtype(device)
     model = _lora_model(make_tiny_model, device, dtype)
     ids = torch.randint(
         3, model.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(2)
