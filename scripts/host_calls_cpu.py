@@ -7,7 +7,9 @@ training step after two warm-up steps under cProfile: the Python calls by packag
 sloth's own by function (``--dump`` writes them as JSON, to diff two commits). Under
 ``TRITON_INTERPRET=1`` the kernels' launches are skipped (``--no-launch``: what the
 interpreter runs is not host work a GPU sees), so the numbers are garbage and the calls
-are what counts. Another commit: a ``git worktree`` of it first on ``PYTHONPATH``
+are what counts. A second step runs under a dispatch mode that counts the aten ops that
+would launch a kernel on a GPU (views, allocations and other metadata ops left out), by
+name. Another commit: a ``git worktree`` of it first on ``PYTHONPATH``
 (its root, ``kernels/src`` and each ``plugins/*/src``).
 
     HF_HUB_OFFLINE=1 TRITON_INTERPRET=1 python scripts/host_calls_cpu.py --no-launch [--dump FILE]
@@ -26,6 +28,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import sloth_core
@@ -42,6 +45,31 @@ def _package(filename: str) -> str:
     return "other"  # the standard library and builtins
 
 
+#: aten ops that launch nothing on a GPU: views, allocations, metadata.
+_NO_LAUNCH = frozenset({
+    "view", "_unsafe_view", "t", "transpose", "reshape", "slice", "select", "expand",
+    "as_strided", "unsqueeze", "squeeze", "permute", "detach", "alias", "split",
+    "split_with_sizes", "chunk", "narrow", "empty", "empty_like", "empty_strided",
+    "new_empty", "new_empty_strided", "unbind", "lift_fresh", "_reshape_alias",
+    "view_as", "is_same_size", "_to_copy_meta", "sym_size", "sym_stride", "set_",
+    "resize_", "_has_compatible_shallow_copy_type", "record_stream", "is_pinned",
+})  # fmt: skip
+
+
+class _Launches(TorchDispatchMode):
+    """Counts the aten ops that would launch a kernel on a GPU, by name."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.counts: collections.Counter[str] = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.__name__.split(".")[0]
+        if name not in _NO_LAUNCH:
+            self.counts[name] += 1
+        return func(*args, **(kwargs or {}))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, default=16)
@@ -51,6 +79,7 @@ def main() -> None:
         help="skip the Triton kernels' launches (TRITON_INTERPRET=1)",
     )
     parser.add_argument("--top", type=int, default=25)
+    parser.add_argument("--timed", type=int, default=21, help="unprofiled steps timed")
     parser.add_argument("--dump", type=Path, default=None)
     args = parser.parse_args()
     if args.no_launch:
@@ -69,7 +98,9 @@ def main() -> None:
         model, _ = _load("sloth", Path(root), "cpu")
     enable_checkpointing(model, offload=True)
     model.train()
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4)
+    optimizer = torch.optim.AdamW(  # foreach, as on a GPU
+        [p for p in model.parameters() if p.requires_grad], lr=2e-4, foreach=True
+    )
     ids = torch.randint(0, 256, (2, 64), generator=torch.Generator().manual_seed(0))
     rows = {"input_ids": ids, "labels": ids}
     for _ in range(2):
@@ -92,8 +123,22 @@ def main() -> None:
           + ", ".join(f"{k} {v}" for k, v in by_package.most_common()))  # fmt: skip
     for name, count in sloth.most_common(args.top):
         print(f"  {count:6d} {name}")
+    times = []
+    for _ in range(args.timed):  # without the profiler: the step's host time, as a proxy
+        start = time.perf_counter()
+        train_step(model, optimizer, [rows])
+        times.append(time.perf_counter() - start)
+    times.sort()
+    print(f"unprofiled step, median of {args.timed}: {times[len(times) // 2] * 1e3:.1f} ms "
+          f"(fastest {times[0] * 1e3:.1f})")  # fmt: skip
+    with _Launches() as launches:
+        train_step(model, optimizer, [rows])
+    ops = launches.counts
+    print(f"aten ops that launch on a GPU, one step: {sum(ops.values())}")
+    for name, count in ops.most_common(args.top):
+        print(f"  {count:6d} {name}")
     if args.dump:
-        args.dump.write_text(json.dumps(sloth, indent=1))
+        args.dump.write_text(json.dumps({"python": sloth, "aten": ops}, indent=1))
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ import torch
 
 from sloth_core.errors import SlothError
 from sloth_core.patching import bind_forward, call_original
+from sloth_core.weight_epochs import new_weight_epoch
 
 from .attention import packed_rows, plain_positions
 from .lm_head import counted_labels
@@ -153,6 +154,7 @@ def patch_causal_lm(
     fields = frozenset(f.name for f in dataclasses.fields(output_class))
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, *args, **kwargs):
+        new_weight_epoch()  # what a fused op derived from the weights before is stale now
         if args or "shift_labels" in kwargs:
             return call_original(self, input_ids, attention_mask, position_ids, *args, **kwargs)
         labels = kwargs.pop("labels", None)

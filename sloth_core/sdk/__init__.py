@@ -94,6 +94,8 @@ _EXPORTS: dict[str, str] = {
     "kept_for_backward": "sloth_core.checkpointing",
     # architectures: a tensor a checkpointed layer hands out beside its output (router logits)
     "side_output": "sloth_core.checkpointing",
+    # kernels: a span in which no trainable weight changes (what is cast from one is reused)
+    "weight_epoch": "sloth_core.weight_epochs",
     # formats that describe themselves, and their verifiers
     "ExportFormat": "sloth_core.formats",
     "QuantizationMethod": "sloth_core.formats",

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Collection, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -36,6 +36,7 @@ from torch import nn
 from sloth_core.ops import reference
 from sloth_core.ops.reference import LoRALinear
 from sloth_core.sdk import keep_for_backward, kept_for_backward
+from sloth_kernels.adapter_casts import adapter_copies
 from sloth_kernels.nf4 import dequantize_nf4
 from sloth_kernels.norms import norm_source, recompute_rms_norm
 
@@ -83,7 +84,9 @@ def layer_served(
     if layer.has_lora:
         a, b = layer.lora_A, layer.lora_B
         assert a is not None and b is not None  # has_lora
-        if a.dtype != dtype or b.dtype != dtype or a.device != device or b.device != device:
+        if a.device != device or b.device != device or a.dtype != b.dtype:
+            return False
+        if a.dtype not in (dtype, torch.float32):  # fp32 ones are cast (Adapters)
             return False
         if not _dropout_inactive(layer.dropout):
             return False
@@ -97,26 +100,6 @@ def fast_path_ok(x: torch.Tensor, layers: Sequence[LoRALinear]) -> bool:
     if torch.is_autocast_enabled(x.device.type):
         return False
     return all(layer_served(layer, x.shape[-1], x.dtype, x.device) for layer in layers)
-
-
-def adapters_in(dtype: torch.dtype, layers: Sequence[LoRALinear]) -> tuple[LoRALinear, ...]:
-    """``layers`` with fp32 adapters cast to ``dtype`` (bf16/fp16) for the fused path.
-
-    PEFT keeps adapters in fp32 on a 16-bit model (``autocast_adapter_dtype``) so the
-    optimizer updates fp32 weights. The fused path computes the adapter products in the
-    input's dtype with fp32 accumulation instead of upcasting the input: the cast is an
-    autograd op, so the gradients reach the fp32 adapters in fp32. Results differ from the
-    reference (which upcasts ``x``) by bf16 rounding of the small ``[N, r]`` products.
-    """
-    if dtype == torch.float32:
-        return tuple(layers)
-    out = []
-    for layer in layers:
-        a, b = layer.lora_A, layer.lora_B  # both set: has_lora
-        if a is not None and b is not None and a.dtype == b.dtype == torch.float32:
-            layer = replace(layer, lora_A=a.to(dtype), lora_B=b.to(dtype))
-        out.append(layer)
-    return tuple(out)
 
 
 # -- shared pieces ------------------------------------------------------------------------
@@ -157,9 +140,10 @@ class Group:
     layers: tuple[LoRALinear, ...]
     adapted: tuple[int, ...]  # indices of layers with an adapter, in order
     slices: tuple[tuple[int, int], ...]  # columns of each adapter in the stacked x A^T
+    dtype: torch.dtype  # the products' (the input's)
 
     @classmethod
-    def of(cls, layers: Sequence[LoRALinear]) -> Group:
+    def of(cls, layers: Sequence[LoRALinear], dtype: torch.dtype) -> Group:
         adapted, slices, start = [], [], 0
         for i, layer in enumerate(layers):
             if layer.has_lora:
@@ -168,7 +152,7 @@ class Group:
                 adapted.append(i)
                 slices.append((start, start + r))
                 start += r
-        return cls(tuple(layers), tuple(adapted), tuple(slices))
+        return cls(tuple(layers), tuple(adapted), tuple(slices), dtype)
 
     def lora_tensors(self) -> list[torch.Tensor]:
         """``[A_0, B_0, A_1, B_1, ...]`` of the adapted layers: autograd inputs."""
@@ -179,15 +163,40 @@ class Group:
             tensors += [a, b]
         return tensors
 
-    def stacked_a(self, lora: Sequence[torch.Tensor]) -> torch.Tensor:
-        """The adapters' ``A`` stacked into ``[sum r, in]`` (a copy only when several)."""
-        a = lora[0::2]
-        return a[0] if len(a) == 1 else torch.cat(list(a), dim=0)
+
+@dataclass(frozen=True, eq=False)
+class Adapters:
+    """A group's adapters as its products read them.
+
+    PEFT keeps adapters in fp32 on a 16-bit model (``autocast_adapter_dtype``) so that the
+    optimizer updates fp32 weights. The fused path multiplies in the input's dtype with
+    fp32 accumulation instead of upcasting the input: ``copies`` are the adapters in that
+    dtype, without autograd history, made once per weight epoch
+    (:mod:`sloth_kernels.adapter_casts`), and :meth:`grads` casts their gradients back,
+    so the fp32 adapters get fp32 gradients as an autograd cast would give them. Results
+    differ from the reference (which upcasts ``x``) by bf16 rounding of the small
+    ``[N, r]`` products.
+    """
+
+    params: tuple[torch.Tensor, ...]  # [A_0, B_0, ...]: the autograd inputs
+    copies: tuple[torch.Tensor, ...]  # the same in the group's dtype
+    a: torch.Tensor | None  # the A copies stacked into [sum r, in] (None: no adapter)
+
+    @classmethod
+    def of(cls, group: Group, params: Sequence[torch.Tensor]) -> Adapters:
+        return cls(tuple(params), *adapter_copies(params, group.dtype))
+
+    def b(self, k: int) -> torch.Tensor:
+        """``B`` of the group's ``k``-th adapter, in the group's dtype."""
+        return self.copies[2 * k + 1]
+
+    def grad_of(self, index: int, grad: torch.Tensor) -> torch.Tensor:
+        """``grad`` (in the group's dtype) in the dtype of ``params[index]``."""
+        dtype = self.params[index].dtype
+        return grad if grad.dtype == dtype else grad.to(dtype)
 
 
-def group_forward(
-    x: torch.Tensor, group: Group, lora: Sequence[torch.Tensor], defer: Collection[int] = ()
-):
+def group_forward(x: torch.Tensor, group: Group, lora: Adapters, defer: Collection[int] = ()):
     """Every projection of ``x`` ``[..., in]``: ``(outputs [..., out_i], x A^T)``.
 
     ``x A^T`` is ``[N, sum r]`` for all adapters at once (``None`` without adapters).
@@ -197,7 +206,7 @@ def group_forward(
     where it reads the output (:mod:`sloth_kernels.gated_lora`).
     """
     x2 = x.reshape(-1, x.shape[-1])
-    xa = x2 @ group.stacked_a(lora).t() if group.adapted else None
+    xa = x2 @ lora.a.t() if lora.a is not None else None
     outputs = []
     shared: dict = {}  # what a multiplying base derives from x once for the group (FP8 rows)
     for i, layer in enumerate(group.layers):
@@ -206,7 +215,7 @@ def group_forward(
             k = group.adapted.index(i)
             start, stop = group.slices[k]
             assert xa is not None  # group.adapted
-            adapter = (xa[:, start:stop], lora[2 * k + 1].t(), float(layer.scaling))
+            adapter = (xa[:, start:stop], lora.b(k).t(), float(layer.scaling))
         if layer.base is not None:  # its own product (FP8), its bias added as its forward does
             out = layer.base.sloth_matmul(x, shared)
             if layer.bias is not None:
@@ -236,15 +245,17 @@ def group_forward(
     return outputs, xa
 
 
-def group_g(
-    grads: Sequence[torch.Tensor], group: Group, lora: Sequence[torch.Tensor]
-) -> torch.Tensor:
-    """``G = [s_i g_i B_i]`` (``[N, sum r]``) of an adapted group, from 2D output grads."""
-    scaled = [
-        grads[i].mm(lora[2 * k + 1]).mul_(float(group.layers[i].scaling))
-        for k, i in enumerate(group.adapted)
-    ]
-    return scaled[0] if len(scaled) == 1 else torch.cat(scaled, dim=1)
+def group_g(grads: Sequence[torch.Tensor], group: Group, lora: Adapters) -> torch.Tensor:
+    """``G = [s_i g_i B_i]`` (``[N, sum r]``) of an adapted group, from 2D output grads:
+    each product scaled in its GEMM and written into its columns (no scaling pass, no
+    concatenation: launches a host-bound step would wait on)."""
+    g0 = grads[group.adapted[0]]
+    big_g = g0.new_empty(g0.shape[0], group.slices[-1][1])
+    for k, i in enumerate(group.adapted):
+        start, stop = group.slices[k]
+        part = big_g if len(group.adapted) == 1 else big_g[:, start:stop]
+        part.addmm_(grads[i], lora.b(k), beta=0, alpha=float(group.layers[i].scaling))
+    return big_g
 
 
 def group_backward(
@@ -252,7 +263,7 @@ def group_backward(
     xa: torch.Tensor | None,
     grads: Sequence[torch.Tensor],
     group: Group,
-    lora: Sequence[torch.Tensor],
+    lora: Adapters,
     needs_x: bool,
     needs_lora: Sequence[bool],
     big_g: torch.Tensor | None = None,
@@ -263,10 +274,11 @@ def group_backward(
     where the caller made it with :func:`group_g`): the thin ``G A`` first, the dense base
     products accumulated onto it in their GEMMs' epilogues (a multiplying base's product,
     which cannot accumulate, comes first and the rest onto it); ``dA = G^T x`` as one GEMM
-    for every adapter; ``dB_i = s_i g_i^T (x A_i^T)``.
+    for every adapter; ``dB_i = s_i g_i^T (x A_i^T)``. The adapters' gradients come in
+    their parameters' dtypes.
     """
     dtype = grads[0].dtype
-    lora_grads: list[torch.Tensor | None] = [None] * len(lora)
+    lora_grads: list[torch.Tensor | None] = [None] * len(lora.params)
     if big_g is None and group.adapted:
         big_g = group_g(grads, group, lora)
     dx = None
@@ -278,7 +290,8 @@ def group_backward(
         # GEMM over the gradients side by side); the thin G A accumulates onto that.
         dx = together(bases, list(grads))
         if big_g is not None:
-            dx.view(-1, dx.shape[-1]).addmm_(big_g, group.stacked_a(lora))
+            assert lora.a is not None  # big_g: adapted
+            dx.view(-1, dx.shape[-1]).addmm_(big_g, lora.a)
     elif needs_x:
         pairs = list(zip(group.layers, grads, strict=True))
         # A multiplying base's product is a fresh tensor that cannot accumulate onto
@@ -290,7 +303,8 @@ def group_backward(
                 part = layer.base.sloth_input_grad(g)
                 dx = part if dx is None else dx.add_(part)
         if big_g is not None:
-            a = group.stacked_a(lora)
+            a = lora.a
+            assert a is not None  # big_g: adapted
             dx = big_g.mm(a) if dx is None else dx.view(-1, dx.shape[-1]).addmm_(big_g, a)
         for layer, g in pairs:
             if layer.base is not None:
@@ -303,14 +317,19 @@ def group_backward(
     if any(needs_lora[0::2]):
         assert x2 is not None  # saved whenever an A needs its gradient
         d_a = big_g.t().mm(x2)
+        if len({t.dtype for t in lora.params[0::2]}) == 1:
+            d_a = lora.grad_of(0, d_a)  # one cast for every A, not one each
         for k, (start, stop) in enumerate(group.slices):
-            lora_grads[2 * k] = d_a[start:stop]
+            lora_grads[2 * k] = lora.grad_of(2 * k, d_a[start:stop])
     for k, i in enumerate(group.adapted):
         if needs_lora[2 * k + 1]:
             start, stop = group.slices[k]
             scaling = float(group.layers[i].scaling)
             assert xa is not None  # group.adapted
-            lora_grads[2 * k + 1] = grads[i].t().mm(xa[:, start:stop]).mul_(scaling)
+            g = grads[i]
+            d_b = g.new_empty(g.shape[1], stop - start)  # scaled in the GEMM (beta 0: unread)
+            d_b.addmm_(g.t(), xa[:, start:stop], beta=0, alpha=scaling)
+            lora_grads[2 * k + 1] = lora.grad_of(2 * k + 1, d_b)
     return dx, lora_grads, big_g
 
 
@@ -357,7 +376,8 @@ class _LoRAProjections(torch.autograd.Function):
     """Base + LoRA projections of one input; one output per layer."""
 
     @staticmethod
-    def forward(ctx, x, group, key, *lora):
+    def forward(ctx, x, group, key, *params):
+        lora = Adapters.of(group, params)
         kept = _kept_outputs(key, x, group)
         if kept is None:
             outputs, xa = group_forward(x, group, lora)
@@ -370,26 +390,27 @@ class _LoRAProjections(torch.autograd.Function):
         needs_a = any(ctx.needs_input_grad[3::2])
         needs_b = any(ctx.needs_input_grad[4::2])
         if kept is not None and needs_b and not needs_a:  # dB's x A^T, kept below
-            x2 = x.reshape(-1, x.shape[-1])
-            xa = x2 @ group.stacked_a(lora).t()
+            assert lora.a is not None  # needs_b: adapted
+            xa = x.reshape(-1, x.shape[-1]) @ lora.a.t()
         # x only for dA, x A^T only for dB; the frozen base weights are re-read from group.
         # An x fresh from rms_norm is not kept: its input and weight are (the norm's own
         # backward keeps them anyway), and x is recomputed from them in backward.
         x_saved = save_input(ctx, x) if needs_a else (None, None, None)
         # With x kept (or recomputable), x A^T is recomputed for dB too: one thin GEMM
         # instead of [N, sum r] more saved bytes.
-        ctx.save_for_backward(*x_saved, xa if needs_b and not needs_a else None, *lora)
+        ctx.save_for_backward(*x_saved, xa if needs_b and not needs_a else None, *params)
         return tuple(outputs)
 
     @staticmethod
     def backward(ctx, *grads):
-        x, source_x, source_w, xa, *lora = ctx.saved_tensors
+        x, source_x, source_w, xa, *params = ctx.saved_tensors
         x = load_input(ctx, x, source_x, source_w)
         group = ctx.group
+        lora = Adapters.of(group, params)
         grads2 = [g.reshape(-1, g.shape[-1]) for g in grads]
         x2 = None if x is None else x.reshape(-1, x.shape[-1])
-        if xa is None and x2 is not None and any(ctx.needs_input_grad[4::2]):
-            xa = x2 @ group.stacked_a(lora).t()  # the forward's GEMM again
+        if xa is None and x2 is not None and lora.a is not None and any(ctx.needs_input_grad[4::2]):
+            xa = x2 @ lora.a.t()  # the forward's GEMM again
         needs_x = ctx.needs_input_grad[0]
         dx, lora_grads, _ = group_backward(
             x2, xa, grads2, group, lora, needs_x, ctx.needs_input_grad[3:]
@@ -409,7 +430,7 @@ def _project(x: torch.Tensor, layers: Sequence[LoRALinear], *,
     (and their NF4 dequantization) out of every recompute, for 2 bytes an output element
     over PCIe each way, overlapped with the compute; the MLP's outputs are larger per
     product and stay recomputed. On with ``SLOTH_KEEP_PROJECTIONS=1`` (:data:`KEEP_ENV`)."""
-    group = Group.of(layers)
+    group = Group.of(layers, x.dtype)
     key = None
     if keep and os.environ.get(KEEP_ENV, "0") == "1":
         weight = group.layers[0].weight  # the frozen base weight: one per projection group
@@ -427,10 +448,9 @@ def lora_linear(x: torch.Tensor, layer: LoRALinear) -> torch.Tensor:
     ``x`` and ``x A^T`` for backward. Settings the fast path does not serve (module
     docstring) use the reference.
     """
-    (cast,) = adapters_in(x.dtype, (layer,))
-    if not fast_path_ok(x, (cast,)):
+    if not fast_path_ok(x, (layer,)):
         return reference.lora_linear(x, layer)
-    return _project(x, (cast,))[0]
+    return _project(x, (layer,))[0]
 
 
 def lora_qkv(
@@ -442,10 +462,9 @@ def lora_qkv(
     and base biases included); the three ``x A^T`` and the three ``dA`` each run as one
     GEMM. Settings the fast path does not serve use the reference.
     """
-    cast = adapters_in(x.dtype, (q, k, v))
-    if not fast_path_ok(x, cast):
+    if not fast_path_ok(x, (q, k, v)):
         return reference.lora_qkv(x, q, k, v)
-    out_q, out_k, out_v = _project(x, cast, keep=True)
+    out_q, out_k, out_v = _project(x, (q, k, v), keep=True)
     return out_q, out_k, out_v
 
 
@@ -454,10 +473,9 @@ def lora_o(x: torch.Tensor, o: LoRALinear) -> torch.Tensor:
 
     Same signature and result as :func:`sloth_core.ops.reference.lora_o`.
     """
-    (cast,) = adapters_in(x.dtype, (o,))
-    if not fast_path_ok(x, (cast,)):
+    if not fast_path_ok(x, (o,)):
         return reference.lora_o(x, o)
-    return _project(x, (cast,), keep=True)[0]
+    return _project(x, (o,), keep=True)[0]
 
 
 REGISTRATIONS = [

@@ -32,8 +32,8 @@ from sloth_kernels.gated_lora import (
 )
 from sloth_kernels.lora import (
     DTYPES,
+    Adapters,
     Group,
-    adapters_in,
     fast_path_ok,
     group_backward,
     group_forward,
@@ -70,7 +70,7 @@ def _deferred(gate_up: Group) -> tuple[int, ...]:
     )
 
 
-def _addends(gate_up: Group, deferred, lora_gu, xa) -> Addends | None:
+def _addends(gate_up: Group, deferred, lora_gu: Adapters, xa) -> Addends | None:
     """The deferred adapters (:func:`_deferred`) as the gated kernels take them."""
     if not deferred:
         return None
@@ -78,7 +78,7 @@ def _addends(gate_up: Group, deferred, lora_gu, xa) -> Addends | None:
     for k, (i, (start, stop)) in enumerate(zip(gate_up.adapted, gate_up.slices, strict=True)):
         if i in deferred:
             scaling = float(gate_up.layers[i].scaling)
-            parts[i] = Addend(start, stop - start, lora_gu[2 * k + 1], scaling)
+            parts[i] = Addend(start, stop - start, lora_gu.b(k), scaling)
     return Addends(xa, *parts)
 
 
@@ -110,7 +110,7 @@ class _LoRAMLP(torch.autograd.Function):
     def forward(ctx, x, gate_up, down, activation, output, *lora):
         # lora: the gate/up group's [A, B, ...] then down's [A, B] (when it has an adapter).
         n_gu = 2 * len(gate_up.adapted)
-        lora_gu, lora_down = lora[:n_gu], lora[n_gu:]
+        lora_gu, lora_down = Adapters.of(gate_up, lora[:n_gu]), Adapters.of(down, lora[n_gu:])
         deferred = _deferred(gate_up)
         (e, u), xa = group_forward(x, gate_up, lora_gu, defer=deferred)
         if output:
@@ -152,7 +152,7 @@ class _LoRAMLP(torch.autograd.Function):
         ctx.backward_done = True
         x, source_x, source_w, e, u, xa, ha, *lora = ctx.saved_tensors
         gate_up, down, activation, n_gu = ctx.gate_up, ctx.down, ctx.activation, ctx.n_gu
-        lora_gu, lora_down = lora[:n_gu], lora[n_gu:]
+        lora_gu, lora_down = Adapters.of(gate_up, lora[:n_gu]), Adapters.of(down, lora[n_gu:])
         needs = ctx.needs_input_grad
         g2 = grad.reshape(-1, grad.shape[-1])
         e2, u2 = e.view(-1, e.shape[-1]), u.view(-1, u.shape[-1])
@@ -165,17 +165,16 @@ class _LoRAMLP(torch.autograd.Function):
         if down.adapted and ha is None and needs[6 + n_gu]:  # output=False: h A^T made here
             g_down = group_g([g2], down, lora_down)
             ha, grad_a = _down_chunks(
-                g_down if needs_down_a else None, e2, u2, activation, lora_down[0], addends
+                g_down if needs_down_a else None, e2, u2, activation, lora_down.a, addends
             )
         dh, down_grads, g_down = group_backward(
             None, ha, [g2], down, lora_down, True, down_needs, g_down
         )
         if needs_down_a:
-            down_grads[0] = (
-                grad_a
-                if grad_a is not None
-                else _down_chunks(g_down, e2, u2, activation, addends=addends)[1]
-            )
+            if grad_a is None:
+                grad_a = _down_chunks(g_down, e2, u2, activation, addends=addends)[1]
+            assert grad_a is not None  # g_down: down is adapted
+            down_grads[0] = lora_down.grad_of(0, grad_a)
 
         # Activation backward over the saved e/u buffers (they are not needed afterwards).
         d_gate, d_up = _act_backward_inplace(dh, e2, u2, activation, addends)
@@ -243,15 +242,14 @@ def lora_mlp(
     if activation not in _ACTIVATIONS:
         raise ValueError(f"activation must be one of {_ACTIVATIONS}, got {activation!r}")
     inter = out_features(gate)
-    cast_gate, cast_up, cast_down = adapters_in(x.dtype, (gate, up, down))
     served = (
-        fast_path_ok(x, (cast_gate, cast_up))
+        fast_path_ok(x, (gate, up))
         and out_features(up) == inter
-        and layer_served(cast_down, inter, x.dtype, x.device)
+        and layer_served(down, inter, x.dtype, x.device)
     )
     if not served:
         return reference.lora_mlp(x, gate, up, down, activation=activation, output=output)
-    gate_up, down_group = Group.of((cast_gate, cast_up)), Group.of((cast_down,))
+    gate_up, down_group = Group.of((gate, up), x.dtype), Group.of((down,), x.dtype)
     lora = [*gate_up.lora_tensors(), *down_group.lora_tensors()]
     return _LoRAMLP.apply(x, gate_up, down_group, activation, bool(output), *lora)
 
