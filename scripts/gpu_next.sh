@@ -11,7 +11,7 @@ source "$(dirname "$0")/gpu_env.sh" "$@"
 export SLOTH_CACHE=${SLOTH_CACHE:-/dev/shm/sloth-cache} TOKENIZERS_PARALLELISM=false
 limit=${LIMIT:-570}
 # SKIP=key,key: leave out the steps a call before brought back (syncs, kept-1b, row-1b,
-# moe, moe-profile, tests, profile-1b, bf16-8k, kept-probe, fp8-grads, fp8-quality,
+# launches, moe, moe-profile, tests, profile-1b, bf16-8k, kept-probe, fp8-grads, fp8-quality,
 # profiles), so that the next call of a warm machine goes on from there. (Every row ran in session 24:
 # ROWS=... bash scripts/gpu_targets.sh and scripts/gpu_dpo.sh run them again; nf4 and
 # DPO need the device tool's carry of .whl/.)
@@ -27,6 +27,10 @@ step() {  # step KEY NAME SECONDS_NEEDED 'COMMAND': run it under bash if that mu
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 big=$(python3 -c "import torch; print(int(torch.cuda.get_device_properties(0).total_memory > 100 * 2**30))")
 export out big
+# Session 26 (no GPU lent) cut a LoRA step's launches: PEFT's fp32 adapters are cast to
+# bf16 once per weight epoch instead of in the first pass, recompute and backward each,
+# with no autograd cast node, and G and dB are scaled in their GEMMs (llama, 16 layers:
+# 3,744 launching ops a step to 3,136 on the CPU's count). The row-1b step measures it.
 # Session 25 removed the host sync at the loss (the fused cross-entropy's row gather,
 # which drained the forward's queue before the host-bound backward's launches) and took
 # llama-1b from 1.88x to 2.07x (2.3x wanted). First the CUDA cases of
@@ -50,6 +54,11 @@ step row-1b "the llama-1b row (sloth and hf + PEFT)" 160 '
   timeout 150 python3 -m sloth_core bench train --targets 1b --json "$out/targets-1b.json" \
     --markdown "$out/targets-1b.md" --plot "$out/targets-1b.png" > "$out/targets-1b.log" 2>&1
   echo "1b: rc=$?"; grep "^| .llama" "$out/targets-1b.md" | head -1'
+# What each kind of launch costs the host (an aten op, a cast, a GEMM, a Triton kernel,
+# an autograd Function), the GPU kept busy: which of the step's ~2,550 to cut first.
+step launches "host time per launch, by kind" 60 '
+  timeout 55 python3 scripts/launch_overhead_gpu.py > "$out/launches.json" 2> "$out/launches.err"
+  echo "launches: rc=$?"; cat "$out/launches.json"; tail -3 "$out/launches.err"'
 # The H200 comes seldom (sessions 18 to 25 got H100s): on it, its own row first. On an
 # 80 GB card the MoE row's baseline does not fit (its batch-1 figure ran in session 21).
 if [ "$big" = 1 ]; then
@@ -66,6 +75,7 @@ step tests "CUDA tests of the code changed since the last GPU run" 240 '
   timeout 230 python3 -m pytest -p no:cacheprovider -q -n 6 kernels/tests/test_gated_lora.py \
     plugins/sloth-fp8/tests kernels/tests/test_lora.py tests/test_host_syncs.py \
     kernels/tests/test_fused_linear_cross_entropy.py kernels/tests/test_log_probs.py \
+    kernels/tests/test_adapter_casts.py tests/test_adapter_casts_in_a_step.py \
     > "$out/cuda-tests.txt" 2>&1
   rc=$?; echo "tests: rc=$rc $(tail -1 "$out/cuda-tests.txt")"; grep "^FAILED" "$out/cuda-tests.txt"; exit $rc'
 # Where llama-1b's step goes now (session 25: 159.8 ms wall profiled, 143.7 ms of GPU

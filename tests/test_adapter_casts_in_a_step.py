@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import collections
 
+import pytest
 import torch
 from sloth_kernels import adapter_casts
 from sloth_kernels import lora as kernel_lora
@@ -15,7 +16,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from sloth_core import FastLanguageModel
 from sloth_core.checkpointing import offloaded_checkpoint
-from sloth_core.testing import repeated_step_grads
+from sloth_core.testing import assert_same_grads, repeated_step_grads
 
 RANK = 4
 
@@ -37,18 +38,26 @@ class _AdapterCasts(TorchDispatchMode):
         return func(*args, **kwargs)
 
 
-def _model(make_tiny_model):
+#: The CPU (the kernels under the interpreter) and, on a GPU machine, CUDA.
+DEVICES = ["cpu", pytest.param("cuda", marks=[
+    pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+])]  # fmt: skip
+
+
+def _model(make_tiny_model, device="cpu"):
     model, _ = FastLanguageModel.from_pretrained(
-        str(make_tiny_model("llama", tie_word_embeddings=False)), dtype=torch.bfloat16
-    )
+        str(make_tiny_model("llama", tie_word_embeddings=False)), dtype=torch.bfloat16,
+        device_map=None if device == "cpu" else device,
+    )  # fmt: skip
     model = FastLanguageModel.get_peft_model(model, r=RANK, random_state=0)
     return model.train()
 
 
+@pytest.mark.parametrize("device", DEVICES)
 def test_each_adapter_is_cast_once_a_step_and_the_gradients_are_unchanged(
-    make_tiny_model, monkeypatch
+    make_tiny_model, monkeypatch, device
 ):
-    model = _model(make_tiny_model)
+    model = _model(make_tiny_model, device)
     adapters = [p for n, p in model.named_parameters() if "lora_" in n]
     assert adapters and all(p.dtype == torch.float32 for p in adapters)
     with _AdapterCasts() as casts:
@@ -59,13 +68,12 @@ def test_each_adapter_is_cast_once_a_step_and_the_gradients_are_unchanged(
     # Every call casting afresh (no epoch kept) gives the very same gradients.
     monkeypatch.setattr(kernel_lora, "adapter_copies", adapter_casts._make)
     with _AdapterCasts() as fresh:
-        again = repeated_step_grads(_model(make_tiny_model), offloaded_checkpoint, steps=2)
+        again = repeated_step_grads(_model(make_tiny_model, device), offloaded_checkpoint, steps=2)
     # There the first pass, the recompute and the backward each cast every adapter.
     assert sum(fresh.shapes.values()) >= 3 * 2 * len(adapters), fresh.shapes
-    for step_kept, step_again in zip(kept, again, strict=True):
-        assert step_kept.keys() == step_again.keys()
-        for name, grad in step_kept.items():
-            assert torch.equal(grad, step_again[name]), name
+    # The same ops on the same values: bitwise on the CPU; cuBLAS may pick another
+    # algorithm for a GEMM between the two models, so a rounding's worth there.
+    assert_same_grads(kept, again, rtol=0.0 if device == "cpu" else 1e-2)
 
 
 def test_no_cast_node_sits_between_an_adapter_and_its_gradient(make_tiny_model):
