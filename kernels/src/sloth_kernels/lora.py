@@ -436,7 +436,15 @@ def _project(x: torch.Tensor, layers: Sequence[LoRALinear], *,
     if keep and os.environ.get(KEEP_ENV, "0") == "1":
         weight = group.layers[0].weight  # the frozen base weight: one per projection group
         key = ("lora projections", id(weight), len(group.layers))
-    return _LoRAProjections.apply(x, group, key, *group.lora_tensors())
+    params = group.lora_tensors()
+    if not torch.is_grad_enabled():
+        # A checkpoint's first pass (or inference): no graph to record, so no Function,
+        # whose context and saved tensors cost a host-bound step's launches their lead.
+        outputs, _ = group_forward(x, group, Adapters.of(group, params))
+        if key is not None:  # kept only in an offloaded first pass (else a no-op)
+            keep_for_backward(key, tuple(outputs))
+        return tuple(outputs)
+    return _LoRAProjections.apply(x, group, key, *params)
 
 
 # -- the ops --------------------------------------------------------------------------------

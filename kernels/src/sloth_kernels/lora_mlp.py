@@ -105,24 +105,31 @@ def _act_backward_inplace(grad, gate, up, activation: str, addends: Addends | No
     )
 
 
+def _mlp_forward(x, gate_up: Group, down: Group, activation: str, output: bool, lora):
+    """``(out, e, u, x A^T, h A_down^T, deferred)`` of the MLP; ``lora``: the gate/up
+    group's ``[A, B, ...]`` then down's ``[A, B]`` (when it has an adapter)."""
+    n_gu = 2 * len(gate_up.adapted)
+    lora_gu, lora_down = Adapters.of(gate_up, lora[:n_gu]), Adapters.of(down, lora[n_gu:])
+    deferred = _deferred(gate_up)
+    (e, u), xa = group_forward(x, gate_up, lora_gu, defer=deferred)
+    if output:
+        hidden = _act_forward(e, u, activation, _addends(gate_up, deferred, lora_gu, xa))
+        # down's adapter: ha = h A^T, kept for dB of down (tiny).
+        (out,), ha = group_forward(hidden, down, lora_down)
+        del hidden
+    else:  # the caller reads no value of out: down's product is skipped, and h too
+        # (dB of down's h A^T is made in backward, from the h chunks dA recomputes)
+        shape = (*x.shape[:-1], out_features(down.layers[0]))
+        out = torch.empty(shape, dtype=x.dtype, device=x.device)
+        ha = None
+    return out, e, u, xa, ha, deferred
+
+
 class _LoRAMLP(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, gate_up, down, activation, output, *lora):
-        # lora: the gate/up group's [A, B, ...] then down's [A, B] (when it has an adapter).
         n_gu = 2 * len(gate_up.adapted)
-        lora_gu, lora_down = Adapters.of(gate_up, lora[:n_gu]), Adapters.of(down, lora[n_gu:])
-        deferred = _deferred(gate_up)
-        (e, u), xa = group_forward(x, gate_up, lora_gu, defer=deferred)
-        if output:
-            hidden = _act_forward(e, u, activation, _addends(gate_up, deferred, lora_gu, xa))
-            # down's adapter: ha = h A^T, kept for dB of down (tiny).
-            (out,), ha = group_forward(hidden, down, lora_down)
-            del hidden
-        else:  # the caller reads no value of out: down's product is skipped, and h too
-            # (dB of down's h A^T is made in backward, from the h chunks dA recomputes)
-            shape = (*x.shape[:-1], out_features(down.layers[0]))
-            out = torch.empty(shape, dtype=x.dtype, device=x.device)
-            ha = None
+        out, e, u, xa, ha, deferred = _mlp_forward(x, gate_up, down, activation, output, lora)
         ctx.gate_up, ctx.down, ctx.activation, ctx.n_gu = gate_up, down, activation, n_gu
         ctx.deferred = deferred  # e and u are then base products: the kernels add x A^T B^T
         ctx.backward_done = False
@@ -251,6 +258,8 @@ def lora_mlp(
         return reference.lora_mlp(x, gate, up, down, activation=activation, output=output)
     gate_up, down_group = Group.of((gate, up), x.dtype), Group.of((down,), x.dtype)
     lora = [*gate_up.lora_tensors(), *down_group.lora_tensors()]
+    if not torch.is_grad_enabled():  # a checkpoint's first pass or inference: no Function
+        return _mlp_forward(x, gate_up, down_group, activation, bool(output), lora)[0]
     return _LoRAMLP.apply(x, gate_up, down_group, activation, bool(output), *lora)
 
 
