@@ -255,6 +255,12 @@ def test_no_grad_inference_and_inactive_dropout_take_the_fast_path():
     with torch.no_grad():
         for a, e in zip(lora_qkv(x, q, k, v), reference.lora_qkv(x, q, k, v), strict=True):
             _assert_close(a, e, dtype, what="no_grad")
+        # Without grad no Function runs (a checkpoint's first pass): the same bits as with.
+        assert all(torch.equal(a, b) for a, b in zip(lora_qkv(x, q, k, v), outs, strict=True))
+        gate, up = (_layer(INTER, HIDDEN, dtype, r=4) for _ in range(2))
+        down = _layer(HIDDEN, INTER, dtype, r=4)
+        plain = lora_mlp(x, gate, up, down)
+    assert torch.equal(plain, lora_mlp(x, gate, up, down))
 
 
 def _fell_back(out):

@@ -159,6 +159,10 @@ def test_rope_without_grad(device):
     q_ref, k_ref = reference.rope(q.float(), k.float(), cos.float(), sin.float(), unsqueeze_dim=2)
     assert_close(q_out, q_ref, torch.float16, what="no_grad q")
     assert_close(k_out, k_ref, torch.float16, what="no_grad k")
+    # A checkpoint's first pass runs without grad and its recompute with: the same bits.
+    q_grad, k_grad = rope_kernels.rope(q.requires_grad_(), k, cos, sin, unsqueeze_dim=2)
+    assert q_grad.grad_fn is not None
+    assert torch.equal(q_out, q_grad) and torch.equal(k_out, k_grad)
 
 
 def test_registrations():

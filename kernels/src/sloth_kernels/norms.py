@@ -256,19 +256,25 @@ def _serves(x: torch.Tensor, *params: torch.Tensor | None) -> bool:
 # -- autograd ---------------------------------------------------------------------------
 
 
+def _rms_forward(x, weight, eps, gemma):
+    """``(y [rows, D], x as rows, the contiguous weight, rstd [rows])``."""
+    x2, weight = _rows(x), weight.contiguous()
+    n_rows, n_cols = x2.shape
+    out_dtype = x.dtype if gemma else torch.promote_types(weight.dtype, x.dtype)
+    y = torch.empty((n_rows, n_cols), dtype=out_dtype, device=x.device)
+    rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device)
+    block_m, block_n, warps = _tile(n_rows, n_cols, _FORWARD_TILE)
+    _rms_forward_kernel[(triton.cdiv(n_rows, block_m),)](
+        x2, weight, y, rstd, n_rows, n_cols, x2.stride(0), y.stride(0), eps,
+        GEMMA=gemma, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps,
+    )  # fmt: skip
+    return y, x2, weight, rstd
+
+
 class _RMSNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, eps, gemma):
-        x2, weight = _rows(x), weight.contiguous()
-        n_rows, n_cols = x2.shape
-        out_dtype = x.dtype if gemma else torch.promote_types(weight.dtype, x.dtype)
-        y = torch.empty((n_rows, n_cols), dtype=out_dtype, device=x.device)
-        rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device)
-        block_m, block_n, warps = _tile(n_rows, n_cols, _FORWARD_TILE)
-        _rms_forward_kernel[(triton.cdiv(n_rows, block_m),)](
-            x2, weight, y, rstd, n_rows, n_cols, x2.stride(0), y.stride(0), eps,
-            GEMMA=gemma, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps,
-        )  # fmt: skip
+        y, x2, weight, rstd = _rms_forward(x, weight, eps, gemma)
         ctx.save_for_backward(x2, weight, rstd)
         ctx.gemma, ctx.x_shape = gemma, x.shape
         return y.view(x.shape)
@@ -360,6 +366,8 @@ def rms_norm(
     """
     if (cast_after_weight and not gemma) or not _serves(x, weight):
         return reference.rms_norm(x, weight, eps, gemma=gemma, cast_after_weight=cast_after_weight)
+    if not torch.is_grad_enabled():  # a checkpoint's first pass or inference: no Function
+        return _rms_forward(x, weight, float(eps), bool(gemma))[0].view(x.shape)
     out = _RMSNorm.apply(x, weight, float(eps), bool(gemma))
     if out.grad_fn is not None:
         # How to recompute this output (see norm_source): the LoRA ops that consume it
@@ -399,14 +407,7 @@ def recompute_rms_norm(
 ) -> torch.Tensor:
     """The forward of ``rms_norm`` again, without autograd: the same kernel, the same bits."""
     with torch.no_grad():
-        return _RMSNorm.forward(_NoCtx(), x, weight, eps, gemma)
-
-
-class _NoCtx:
-    """A stand-in ``ctx`` for running an autograd Function's forward outside autograd."""
-
-    def save_for_backward(self, *tensors) -> None:
-        pass
+        return _rms_forward(x, weight, eps, gemma)[0].view(x.shape)
 
 
 def layer_norm(

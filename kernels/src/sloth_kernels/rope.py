@@ -216,6 +216,10 @@ def rope(
     heads_dim = _heads_dim(unsqueeze_dim)
     if not _kernel_serves(q, k, cos, sin, position_ids, heads_dim):
         return reference.rope(q, k, cos, sin, position_ids, unsqueeze_dim=unsqueeze_dim)
+    if not torch.is_grad_enabled():  # a checkpoint's first pass or inference: no Function
+        q_out, k_out = torch.empty_like(q), torch.empty_like(k)
+        _launch(q, k, q_out, k_out, cos, sin, position_ids, heads_dim, backward=False)
+        return q_out, k_out
     return _Rope.apply(q, k, cos, sin, position_ids, heads_dim)
 
 
