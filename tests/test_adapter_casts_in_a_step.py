@@ -7,6 +7,7 @@ call."""
 from __future__ import annotations
 
 import collections
+import os
 
 import pytest
 import torch
@@ -57,6 +58,8 @@ def _model(make_tiny_model, device="cpu"):
 def test_each_adapter_is_cast_once_a_step_and_the_gradients_are_unchanged(
     make_tiny_model, monkeypatch, device
 ):
+    if device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("sloth-kernels serves the CPU under TRITON_INTERPRET=1 only")
     model = _model(make_tiny_model, device)
     adapters = [p for n, p in model.named_parameters() if "lora_" in n]
     assert adapters and all(p.dtype == torch.float32 for p in adapters)

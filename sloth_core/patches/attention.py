@@ -190,6 +190,10 @@ _varlen_failed = False
 #: how tests see that packed rows really went through ``varlen_attn`` (a fallback to SDPA
 #: computes the same numbers). One counter increment per layer call.
 ATTENTION_PATHS: collections.Counter[str] = collections.Counter()
+#: The attention kwarg a training forward sets to its :class:`PackedRows` where no 2D
+#: mask came (no padding, no cache): transformers' 4D mask is then exactly the rows' own
+#: (it splits sequences as they do), which :meth:`PackedRows.matches` need not read back.
+PACKED_ROWS_KWARG = "sloth_packed_rows"
 
 
 class PackedRows:
@@ -640,7 +644,8 @@ def sloth_attention(
                 return out, None
         attention_mask = shared.mask if window is None else shared.windowed_mask(window)
     if rows is not None and fast and _varlen_usable(query, dropout):
-        if attention_mask is None or rows.matches(attention_mask):
+        exact = kwargs.get(PACKED_ROWS_KWARG) is rows  # the mask known to be the rows'
+        if attention_mask is None or exact or rows.matches(attention_mask):
             out = _varlen(query, key, value, rows, scaling, module)
             if out is not None:
                 ATTENTION_PATHS["varlen"] += 1

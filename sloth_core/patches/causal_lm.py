@@ -21,7 +21,7 @@ from sloth_core.errors import SlothError
 from sloth_core.patching import bind_forward, call_original
 from sloth_core.weight_epochs import new_weight_epoch
 
-from .attention import packed_rows, plain_positions
+from .attention import PACKED_ROWS_KWARG, packed_rows, plain_positions
 from .lm_head import counted_labels
 from .moe import router_aux_loss
 
@@ -72,12 +72,15 @@ def _slice_hidden(hidden_states: torch.Tensor, logits_to_keep: int | torch.Tenso
     return slice_logits_to_keep(hidden_states, logits_to_keep)
 
 
-def _training_positions(input_ids: Any, position_ids: Any, kwargs: dict[str, Any]) -> Any:
+def _training_positions(input_ids: Any, position_ids: Any, attention_mask: Any,
+                        kwargs: dict[str, Any]) -> Any:  # fmt: skip
     """The position ids a training forward passes down, with whether their rows are packed
     found now, before the forward's first matrix product (finding out reads the device):
     plain ones made here when none came and no cache or cache position sets them, as the
     model would make them, known unpacked without asking; given ones checked here, and
-    packed ones' sequence bounds found."""
+    packed ones' sequence bounds found. Packed rows without a 2D ``attention_mask`` are
+    named to the attention (``kwargs``) as the mask's whole content, which it would
+    otherwise compare with transformers' mask by reading the device, layers in."""
     source = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
     if not isinstance(source, torch.Tensor) or source.dim() < 2:
         return position_ids
@@ -89,6 +92,8 @@ def _training_positions(input_ids: Any, position_ids: Any, kwargs: dict[str, Any
         rows = packed_rows(position_ids, batch)
         if rows is not None and source.is_cuda:
             rows.varlen()  # the flash varlen kernels' bounds (CUDA only) read back here too
+        if rows is not None and attention_mask is None and kwargs.get("past_key_values") is None:
+            kwargs[PACKED_ROWS_KWARG] = rows
     return position_ids
 
 
@@ -169,7 +174,7 @@ def patch_causal_lm(
             # No KV cache in training: it is never read, and transformers only separates
             # packed sequences (position_ids restarting) in its masks when there is none.
             kwargs.setdefault("use_cache", False)
-            position_ids = _training_positions(input_ids, position_ids, kwargs)
+            position_ids = _training_positions(input_ids, position_ids, attention_mask, kwargs)
         if isinstance(labels, torch.Tensor):
             # Counted now, read back at the loss without a sync (lm_head.CountedLabels).
             counted_labels(labels)
