@@ -17,6 +17,7 @@ import triton
 import triton.language as tl
 
 from sloth_core.ops import reference
+from sloth_kernels.fast_launch import launch
 
 #: Elements per program: 8 per thread at 4 warps, i.e. 16-byte vector accesses in 16 bit.
 _BLOCK = 1024
@@ -130,9 +131,8 @@ def _forward(gate: torch.Tensor, up: torch.Tensor, act: int) -> torch.Tensor:
     out = torch.empty_like(gate, memory_format=torch.contiguous_format)
     n = gate.numel()
     if n:
-        _gated_forward_kernel[_grid(n)](
-            gate, up, out, n, ACT=act, BLOCK=_BLOCK, num_warps=_NUM_WARPS
-        )
+        launch(_gated_forward_kernel, _grid(n), gate, up, out, n, ACT=act, BLOCK=_BLOCK,
+               num_warps=_NUM_WARPS)  # fmt: skip
     return out
 
 
@@ -153,9 +153,8 @@ def _backward(
         dup = torch.empty_like(up, memory_format=torch.contiguous_format)
     n = gate.numel()
     if n:
-        _gated_backward_kernel[_grid(n)](
-            grad, gate, up, dgate, dup, n, ACT=act, BLOCK=_BLOCK, num_warps=_NUM_WARPS
-        )
+        launch(_gated_backward_kernel, _grid(n), grad, gate, up, dgate, dup, n, ACT=act,
+               BLOCK=_BLOCK, num_warps=_NUM_WARPS)  # fmt: skip
     return dgate, dup
 
 
