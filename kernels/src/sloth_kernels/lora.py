@@ -172,7 +172,7 @@ class Adapters:
     optimizer updates fp32 weights. The fused path multiplies in the input's dtype with
     fp32 accumulation instead of upcasting the input: ``copies`` are the adapters in that
     dtype, without autograd history, made once per weight epoch
-    (:mod:`sloth_kernels.adapter_casts`), and :meth:`grads` casts their gradients back,
+    (:mod:`sloth_kernels.adapter_casts`), and :meth:`grad_of` casts their gradients back,
     so the fp32 adapters get fp32 gradients as an autograd cast would give them. Results
     differ from the reference (which upcasts ``x``) by bf16 rounding of the small
     ``[N, r]`` products.
