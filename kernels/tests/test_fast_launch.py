@@ -85,7 +85,7 @@ def test_one_specialization_compiles_once_and_launches_its_handle(on):
 @pytest.mark.parametrize(
     "change",
     ["unaligned", "dtype", "n not a multiple of 16", "n is 1", "n past int32", "constexpr",
-     "option"],
+     "option", "another option"],
 )  # fmt: skip
 def test_anything_triton_specializes_on_compiles_anew(on, change):
     kernel, x = _Kernel(), torch.zeros(64)
@@ -103,8 +103,10 @@ def test_anything_triton_specializes_on_compiles_anew(on, change):
         args[1] = 2**31 + 16
     elif change == "constexpr":
         kwargs["BLOCK"] = 64
-    else:
+    elif change == "option":
         kwargs["num_warps"] = 8
+    else:  # one this module has never heard of
+        kwargs["launch_pdl"] = True
     fast_launch.launch(kernel, (4,), *args, **kwargs)
     assert len(kernel.jit_calls) == 2
     assert kernel.compiled[0].launches == []

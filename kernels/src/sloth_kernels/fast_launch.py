@@ -25,8 +25,6 @@ import torch
 from sloth_kernels._utils import interpreting
 
 ENV = "SLOTH_FAST_LAUNCH"
-#: Launch options, not kernel arguments.
-_OPTIONS = frozenset({"num_warps", "num_stages", "num_ctas", "maxnreg", "enable_fp_fusion"})
 _compiled: dict[tuple, Any] = {}
 _refused = False
 
@@ -72,8 +70,11 @@ def launch(kernel: Any, grid: tuple[int, ...], *args: Any, **kwargs: Any) -> Non
     if not enabled():
         kernel[grid](*args, **kwargs)
         return
-    arguments = {k: v for k, v in kwargs.items() if k not in _OPTIONS}
-    options = tuple(sorted((k, v) for k, v in kwargs.items() if k in _OPTIONS))
+    # Keywords that name no parameter are launch options (num_warps, num_stages, ...):
+    # every one of them is in the key, whatever this Triton offers.
+    names = {param.name for param in kernel.params}
+    arguments = {k: v for k, v in kwargs.items() if k in names}
+    options = tuple(sorted((k, repr(v)) for k, v in kwargs.items() if k not in names))
     ordered = _ordered(kernel, args, arguments)
     if ordered is None:
         kernel[grid](*args, **kwargs)
