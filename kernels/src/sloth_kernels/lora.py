@@ -372,6 +372,15 @@ def _kept_outputs(key: Any, x: torch.Tensor, group: Group) -> list[torch.Tensor]
     return list(outputs)
 
 
+def _first_pass(x: torch.Tensor, group: Group, key: Any, lora: Adapters):
+    """:func:`group_forward` of ``x``, its outputs kept under ``key`` in an offloaded
+    checkpoint's first pass (elsewhere, or without a key, nothing is kept)."""
+    outputs, xa = group_forward(x, group, lora)
+    if key is not None:
+        keep_for_backward(key, tuple(outputs))
+    return outputs, xa
+
+
 class _LoRAProjections(torch.autograd.Function):
     """Base + LoRA projections of one input; one output per layer."""
 
@@ -380,9 +389,7 @@ class _LoRAProjections(torch.autograd.Function):
         lora = Adapters.of(group, params)
         kept = _kept_outputs(key, x, group)
         if kept is None:
-            outputs, xa = group_forward(x, group, lora)
-            if key is not None:  # kept only in an offloaded first pass (else a no-op)
-                keep_for_backward(key, tuple(outputs))
+            outputs, xa = _first_pass(x, group, key, lora)
         else:  # the recompute: the first pass's outputs; backward as always
             outputs, xa = kept, None
         ctx.group = group
@@ -440,10 +447,7 @@ def _project(x: torch.Tensor, layers: Sequence[LoRALinear], *,
     if not torch.is_grad_enabled():
         # A checkpoint's first pass (or inference): no graph to record, so no Function,
         # whose context and saved tensors cost a host-bound step's launches their lead.
-        outputs, _ = group_forward(x, group, Adapters.of(group, params))
-        if key is not None:  # kept only in an offloaded first pass (else a no-op)
-            keep_for_backward(key, tuple(outputs))
-        return tuple(outputs)
+        return tuple(_first_pass(x, group, key, Adapters.of(group, params))[0])
     return _LoRAProjections.apply(x, group, key, *params)
 
 

@@ -146,12 +146,18 @@ def _launch(q, k, q_out, k_out, cos, sin, position_ids, heads_dim, backward):
     )  # fmt: skip
 
 
+def _rotate(q, k, cos, sin, position_ids, heads_dim):
+    """``(q_out, k_out)``: ``q`` and ``k`` rotated into new tensors."""
+    # empty_like keeps q's (possibly transposed) memory layout for the output.
+    q_out, k_out = torch.empty_like(q), torch.empty_like(k)
+    _launch(q, k, q_out, k_out, cos, sin, position_ids, heads_dim, backward=False)
+    return q_out, k_out
+
+
 class _Rope(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, cos, sin, position_ids, heads_dim):
-        # empty_like keeps q's (possibly transposed) memory layout for the output.
-        q_out, k_out = torch.empty_like(q), torch.empty_like(k)
-        _launch(q, k, q_out, k_out, cos, sin, position_ids, heads_dim, backward=False)
+        q_out, k_out = _rotate(q, k, cos, sin, position_ids, heads_dim)
         ctx.save_for_backward(cos, sin, position_ids)
         ctx.heads_dim = heads_dim
         return q_out, k_out
@@ -218,9 +224,7 @@ def rope(
     if not _kernel_serves(q, k, cos, sin, position_ids, heads_dim):
         return reference.rope(q, k, cos, sin, position_ids, unsqueeze_dim=unsqueeze_dim)
     if not torch.is_grad_enabled():  # a checkpoint's first pass or inference: no Function
-        q_out, k_out = torch.empty_like(q), torch.empty_like(k)
-        _launch(q, k, q_out, k_out, cos, sin, position_ids, heads_dim, backward=False)
-        return q_out, k_out
+        return _rotate(q, k, cos, sin, position_ids, heads_dim)
     return _Rope.apply(q, k, cos, sin, position_ids, heads_dim)
 
 
