@@ -23,19 +23,22 @@ RANK = 4
 
 
 class _AdapterCasts(TorchDispatchMode):
-    """fp32 -> bf16 casts of rank-``RANK`` matrices (the adapters' shapes), by shape."""
+    """fp32 -> bf16 casts of rank-``RANK`` matrices (the adapters' shapes) and of flat
+    tensors (a batch of them), by shape: ``elements`` counts what they cast."""
 
     def __init__(self) -> None:
         super().__init__()
         self.shapes: collections.Counter[tuple[int, ...]] = collections.Counter()
+        self.elements = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is torch.ops.aten._to_copy.default:
             x = args[0]
             if x.dtype == torch.float32 and kwargs.get("dtype") == torch.bfloat16:
-                if x.dim() == 2 and RANK in x.shape:
+                if (x.dim() == 2 and RANK in x.shape) or x.dim() == 1:
                     self.shapes[tuple(x.shape)] += 1
+                    self.elements += x.numel()
         return func(*args, **kwargs)
 
 
@@ -65,8 +68,10 @@ def test_each_adapter_is_cast_once_a_step_and_the_gradients_are_unchanged(
     assert adapters and all(p.dtype == torch.float32 for p in adapters)
     with _AdapterCasts() as casts:
         kept = repeated_step_grads(model, offloaded_checkpoint, steps=2)
-    # Two steps, each adapter once a step (q/k/v's three A share one stacked copy).
-    assert sum(casts.shapes.values()) == 2 * len(adapters), casts.shapes
+    # Two steps, each adapter once a step: one at a time in the first, all in one cast of
+    # one buffer in the second (the groups the first step asked for).
+    assert casts.elements == 2 * sum(p.numel() for p in adapters), casts.shapes
+    assert sum(casts.shapes.values()) == len(adapters) + 1, casts.shapes
 
     # Every call casting afresh (no epoch kept) gives the very same gradients.
     monkeypatch.setattr(kernel_lora, "adapter_copies", adapter_casts._make)

@@ -113,3 +113,47 @@ def test_a_replaced_adapter_is_not_taken_for_the_old_one(n):
     adapter_casts._cache[(key[0], *map(id, fresh))] = (dead, state, copies)
     got = adapter_copies(fresh, torch.bfloat16)
     _check_values(got, fresh, torch.bfloat16)
+
+
+def test_the_last_epochs_groups_are_copied_at_once_into_views_of_one_buffer():
+    adapter_casts.clear()
+    groups = [_adapters(3), _adapters(2, r=8, width=40), _adapters(1)]
+    new_weight_epoch()
+    for params in groups:
+        adapter_copies(params, torch.bfloat16)
+    new_weight_epoch()  # the next step: the first call copies every group the last asked for
+    got = [adapter_copies(groups[0], torch.bfloat16)]
+    with torch.no_grad():
+        groups[2][0].add_(1)  # written since the batch: copied on its own, afresh
+    got += [adapter_copies(params, torch.bfloat16) for params in groups[1:]]
+    for copies, params in zip(got, groups, strict=True):
+        _check_values(copies, params, torch.bfloat16)
+    shared = {t.untyped_storage().data_ptr() for copies in got[:2] for t in (*copies[0], copies[1])}
+    assert len(shared) == 1  # one buffer: the batch's cat and cast
+    assert got[2][0][0].untyped_storage().data_ptr() not in shared
+    # The stack of a group's A matrices is their views' own memory, not another cat.
+    tensors, stacked = got[0]
+    assert tensors[0].data_ptr() == stacked.data_ptr()
+    assert tensors[2].data_ptr() == stacked[4:].data_ptr()
+    # A group the last epoch did not ask for is made on its own, and kept for the next.
+    extra = _adapters(2)
+    _check_values(adapter_copies(extra, torch.float16), extra, torch.float16)
+    assert _same_objects(adapter_copies(extra, torch.float16), adapter_copies(extra, torch.float16))
+    new_weight_epoch()
+    again = adapter_copies(extra, torch.float16)
+    _check_values(again, extra, torch.float16)
+    assert _same_objects(adapter_copies(groups[0], torch.bfloat16), adapter_copies(groups[0], torch.bfloat16))
+
+
+def test_an_epoch_that_asks_for_nothing_leaves_the_last_ones_groups_to_the_next():
+    adapter_casts.clear()
+    params = _adapters(3)
+    new_weight_epoch()
+    adapter_copies(params, torch.bfloat16)
+    new_weight_epoch()  # an optimizer step: no op asks
+    new_weight_epoch()  # the next forward
+    other = _adapters(2)
+    adapter_copies(other, torch.bfloat16)  # the first call of the epoch makes the batch
+    key = (torch.bfloat16, *map(id, params))
+    assert key in adapter_casts._cache
+    _check_values(adapter_copies(params, torch.bfloat16), params, torch.bfloat16)
