@@ -142,7 +142,9 @@ def test_the_last_epochs_groups_are_copied_at_once_into_views_of_one_buffer():
     new_weight_epoch()
     again = adapter_copies(extra, torch.float16)
     _check_values(again, extra, torch.float16)
-    assert _same_objects(adapter_copies(groups[0], torch.bfloat16), adapter_copies(groups[0], torch.bfloat16))
+    assert _same_objects(
+        adapter_copies(groups[0], torch.bfloat16), adapter_copies(groups[0], torch.bfloat16)
+    )
 
 
 def test_an_epoch_that_asks_for_nothing_leaves_the_last_ones_groups_to_the_next():
