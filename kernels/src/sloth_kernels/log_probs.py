@@ -28,6 +28,7 @@ from sloth_kernels.cross_entropy import (
     row_launch_config,
     row_loss_kernel,
 )
+from sloth_kernels.fast_launch import launch
 from sloth_kernels.fused_linear_cross_entropy import (
     _kernel_serves,
     counted_rows,
@@ -65,7 +66,8 @@ def _forward(hidden, weight, bias, labels, options):
     lse = torch.zeros_like(losses)
     block, num_warps = row_launch_config(weight.shape[0])
     for rows, logits in _chunk_logits(hidden, weight, bias, labels, ignore_index, chunk_size):
-        row_loss_kernel[(logits.shape[0],)](
+        launch(
+            row_loss_kernel, (logits.shape[0],),
             logits, logits.stride(0), labels[rows], losses[rows], lse[rows], lse, 0,
             weight.shape[0], ignore_index, **logit_args(softcap, temperature),
             STORE_LSE=True, WRITE_GRAD=False, BLOCK=block, num_warps=num_warps,
@@ -85,7 +87,8 @@ def _backward(hidden, weight, bias, labels, lse, grad_output, options, needs):
     scale = grad_output.neg().float().contiguous()
     block, num_warps = row_launch_config(weight.shape[0])
     for rows, logits in _chunk_logits(hidden, weight, bias, labels, ignore_index, chunk_size):
-        row_grad_kernel[(logits.shape[0],)](
+        launch(
+            row_grad_kernel, (logits.shape[0],),
             logits, logits.stride(0), logits, logits.stride(0), labels[rows], lse[rows],
             scale[rows], 1, weight.shape[0], ignore_index, **logit_args(softcap, temperature),
             BLOCK=block, num_warps=num_warps,
