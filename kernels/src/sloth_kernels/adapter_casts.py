@@ -93,10 +93,10 @@ def _begin(epoch: int) -> None:
     batches: dict[tuple, list[tuple[_Key, list[torch.Tensor]]]] = {}
     for key, refs in _last.items():
         params = [r() for r in refs]
-        if any(t is None for t in params) or not _batchable(params):  # type: ignore[arg-type]
+        if any(t is None for t in params) or not _batchable(params):
             continue
         src = params[0]
-        batches.setdefault((key[0], src.dtype, src.device), []).append((key, params))  # type: ignore[arg-type]
+        batches.setdefault((key[0], src.dtype, src.device), []).append((key, params))
     with torch.no_grad():
         for (dtype, _, _), groups in batches.items():
             _make_all(groups, dtype)
