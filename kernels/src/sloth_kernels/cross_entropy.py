@@ -22,7 +22,6 @@ import triton.language as tl
 
 from sloth_core.ops.reference import cross_entropy as reference_cross_entropy
 from sloth_kernels._utils import kernel_devices, next_power_of_2
-from sloth_kernels.fast_launch import launch
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 _REDUCTIONS = ("mean", "sum", "none")
@@ -221,8 +220,7 @@ def _row_losses(logits, labels, ignore_index, softcap):
     losses = torch.empty(n_rows, dtype=torch.float32, device=logits.device)
     lse = torch.empty(n_rows, dtype=torch.float32, device=logits.device)
     block, num_warps = row_launch_config(n_cols)
-    launch(
-        row_loss_kernel, (n_rows,),
+    row_loss_kernel[(n_rows,)](
         logits, logits.stride(0), labels, losses, lse, lse, 0, n_cols, ignore_index,
         **logit_args(softcap), STORE_LSE=True, WRITE_GRAD=False, BLOCK=block, num_warps=num_warps,
     )  # fmt: skip
@@ -233,8 +231,7 @@ def _row_grads(logits, labels, lse, dlosses, ignore_index, softcap):
     n_rows, n_cols = logits.shape
     grad = torch.empty((n_rows, n_cols), dtype=logits.dtype, device=logits.device)
     block, num_warps = row_launch_config(n_cols)
-    launch(
-        row_grad_kernel, (n_rows,),
+    row_grad_kernel[(n_rows,)](
         logits, logits.stride(0), grad, grad.stride(0), labels, lse, dlosses, dlosses.stride(0),
         n_cols, ignore_index, **logit_args(softcap), BLOCK=block, num_warps=num_warps,
     )  # fmt: skip

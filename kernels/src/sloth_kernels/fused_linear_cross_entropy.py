@@ -27,7 +27,6 @@ import torch
 from sloth_core.ops.reference import fused_linear_cross_entropy as reference_flce
 from sloth_kernels._utils import kernel_devices
 from sloth_kernels.cross_entropy import logit_args, row_launch_config, row_loss_kernel
-from sloth_kernels.fast_launch import launch
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -99,8 +98,7 @@ def _fused_forward(
             torch.mm(h, weight.t(), out=logits)
         else:
             torch.addmm(bias, h, weight.t(), out=logits)
-        launch(
-            row_loss_kernel, (stop - start,),
+        row_loss_kernel[(stop - start,)](
             logits, logits.stride(0), labels[start:stop], losses[start:stop], losses,
             inv_denominator, 0, vocab, ignore_index, **logit_args(softcap),
             STORE_LSE=False, WRITE_GRAD=need_grad, BLOCK=block, num_warps=num_warps,

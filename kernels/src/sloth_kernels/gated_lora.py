@@ -24,7 +24,6 @@ import triton
 import triton.language as tl
 
 from sloth_kernels.activations import _GELU_ERF, _GELU_TANH, _SILU, _act_and_grad
-from sloth_kernels.fast_launch import launch
 
 #: The launch: ``BM`` rows and ``BN`` columns of ``[N, I]`` a program (``tl.dot`` needs
 #: at least 16 of each), warps, and whether the thin product runs through ``tl.dot``
@@ -224,7 +223,7 @@ def gated_lora_forward(
     grid, positional, keywords = _arguments(gate, up, addends, activation)
     out = torch.empty_like(gate)
     if gate.numel():
-        launch(_gated_lora_forward_kernel, grid, gate, up, out, *positional, **keywords)
+        _gated_lora_forward_kernel[grid](gate, up, out, *positional, **keywords)
     return out
 
 
@@ -242,15 +241,7 @@ def gated_lora_backward_inplace(
     if grad.shape != gate.shape:
         raise ValueError(f"grad {tuple(grad.shape)} does not match gate {tuple(gate.shape)}")
     if gate.numel():
-        launch(
-            _gated_lora_backward_kernel,
-            grid,
-            grad.contiguous(),
-            gate,
-            up,
-            gate,
-            up,
-            *positional,
-            **keywords,
+        _gated_lora_backward_kernel[grid](
+            grad.contiguous(), gate, up, gate, up, *positional, **keywords
         )
     return gate, up

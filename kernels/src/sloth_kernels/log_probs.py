@@ -28,7 +28,6 @@ from sloth_kernels.cross_entropy import (
     row_launch_config,
     row_loss_kernel,
 )
-from sloth_kernels.fast_launch import launch
 from sloth_kernels.fused_linear_cross_entropy import (
     _kernel_serves,
     counted_rows,
@@ -66,8 +65,7 @@ def _forward(hidden, weight, bias, labels, options):
     lse = torch.zeros_like(losses)
     block, num_warps = row_launch_config(weight.shape[0])
     for rows, logits in _chunk_logits(hidden, weight, bias, labels, ignore_index, chunk_size):
-        launch(
-            row_loss_kernel, (logits.shape[0],),
+        row_loss_kernel[(logits.shape[0],)](
             logits, logits.stride(0), labels[rows], losses[rows], lse[rows], lse, 0,
             weight.shape[0], ignore_index, **logit_args(softcap, temperature),
             STORE_LSE=True, WRITE_GRAD=False, BLOCK=block, num_warps=num_warps,
@@ -87,8 +85,7 @@ def _backward(hidden, weight, bias, labels, lse, grad_output, options, needs):
     scale = grad_output.neg().float().contiguous()
     block, num_warps = row_launch_config(weight.shape[0])
     for rows, logits in _chunk_logits(hidden, weight, bias, labels, ignore_index, chunk_size):
-        launch(
-            row_grad_kernel, (logits.shape[0],),
+        row_grad_kernel[(logits.shape[0],)](
             logits, logits.stride(0), logits, logits.stride(0), labels[rows], lse[rows],
             scale[rows], 1, weight.shape[0], ignore_index, **logit_args(softcap, temperature),
             BLOCK=block, num_warps=num_warps,

@@ -44,7 +44,6 @@ from sloth_core.ops import reference
 from sloth_core.ops.reference import ExpertLinear
 from sloth_core.ops.reference.moe import sum_rows
 from sloth_kernels._utils import interpreting
-from sloth_kernels.fast_launch import launch
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _ACTIVATIONS = {"swiglu": 0, "gpt_oss": 1}
@@ -433,8 +432,7 @@ class _Schedule:
         weights = None if top_k_weights is None else top_k_weights.reshape(-1)
         self.w_rows = None if weights is None else torch.empty_like(weights)
         block = 16 if interpreting() else _SCHEDULE_BLOCK
-        launch(
-            _schedule_kernel, (max(1, triton.cdiv(n, block)),),
+        _schedule_kernel[(max(1, triton.cdiv(n, block)),)](
             self.expert, self.order, weights if weights is not None else self.token, self.token,
             self.w_rows if self.w_rows is not None else self.token, self.start, self.end,
             self.offs, block_end, self.block_expert, self.block_start, n, experts, bound, k,
@@ -516,8 +514,7 @@ def _launch_linear(x, sched, w, y, *, gather, bias=None, lora=None, xa=None, row
     n_out, k_in = w.shape[1], w.shape[2]
     _, b, r, scale = lora or (None, w, 1, 0.0)
     grid = (sched.block_expert.numel(), triton.cdiv(n_out, bn))
-    launch(
-        _grouped_linear_kernel, grid,
+    _grouped_linear_kernel[grid](
         x, sched.token, y, sched.order, w, w if bias is None else bias, b,
         y if xa is None else xa, y if row_scale is None else row_scale,
         y if base is None else base, sched.block_expert, sched.block_start, sched.end, n_out,
@@ -572,8 +569,7 @@ def _grouped_tn(left, right, sched, out, *, gather_left=False, gather_right=Fals
     bm = min(cols, max(16, triton.next_power_of_2(m)))
     bn = min(cols, max(16, triton.next_power_of_2(n)))
     grid = (out.shape[0], triton.cdiv(m, bm), triton.cdiv(n, bn))
-    launch(
-        _grouped_tn_kernel, grid,
+    _grouped_tn_kernel[grid](
         left, sched.token, right, sched.token, out, sched.start, sched.end, m, n, scale,
         left.stride(0), right.stride(0), *out.stride(), GATHER_L=gather_left,
         GATHER_R=gather_right, BT=depth, BM=bm, BN=bn, PREC=_prec(left.dtype),
@@ -614,8 +610,7 @@ def _gate_up(x, sched, layer, act, layout, alpha, limit, xa, grouped_mm=False):
     bias = layer.bias
     base = _grouped_mm_base(x, sched, layer.weight, gather=True) if grouped_mm else None
     grid = (sched.block_expert.numel(), triton.cdiv(inter, bn))
-    launch(
-        _gate_up_kernel, grid,
+    _gate_up_kernel[grid](
         x, sched.token, gate, up, h, layer.weight, h if bias is None else bias, b,
         h if xa is None else xa, h if base is None else base, sched.block_expert,
         sched.block_start, sched.end, inter, x.shape[1], r, scale, alpha, limit, x.stride(0),
@@ -638,8 +633,7 @@ def _act_backward(gate, up, dh, w_rows, act, layout, alpha, limit):
     dw = torch.empty(rows, device=gate.device, dtype=torch.float32)
     block = min(triton.next_power_of_2(inter), 128)
     row_block = 16
-    launch(
-        _act_backward_kernel, (triton.cdiv(rows, row_block),),
+    _act_backward_kernel[(triton.cdiv(rows, row_block),)](
         gate, up, dh, w_rows, d_gu, hw, dw, rows, inter, alpha, limit, up_offset, pair_stride,
         ACT=_ACTIVATIONS[act], ROWS=row_block, BLOCK=block,
     )  # fmt: skip

@@ -27,7 +27,6 @@ import triton.language as tl
 from sloth_core.ops import reference
 from sloth_core.ops.reference.nf4 import NF4_CODE
 from sloth_kernels._utils import interpreting, next_power_of_2
-from sloth_kernels.fast_launch import launch
 
 #: Packed bytes per program (4096 bytes = 8192 values): enough work per program to keep
 #: several 16-byte loads in flight per thread and amortise the per-block scales.
@@ -212,9 +211,7 @@ def dequantize_nf4(
         code2 = absmax2 = offset = absmax  # unused by the kernel when not NESTED
         blocksize2 = 1
     grid = (triton.cdiv(n_blocks, blocks_per_program),)
-    launch(
-        _dequantize_nf4_kernel,
-        grid,
+    _dequantize_nf4_kernel[grid](
         packed,
         absmax,
         _code_table(device),

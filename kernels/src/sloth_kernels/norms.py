@@ -312,8 +312,7 @@ class _LayerNorm(torch.autograd.Function):
         mean = torch.empty(n_rows, dtype=torch.float32, device=x.device)
         rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device)
         block_m, block_n, warps = _tile(n_rows, n_cols, _FORWARD_TILE)
-        launch(
-            _ln_forward_kernel, (triton.cdiv(n_rows, block_m),),
+        _ln_forward_kernel[(triton.cdiv(n_rows, block_m),)](
             x2, x2 if weight is None else weight, x2 if bias is None else bias, y, mean, rstd,
             n_rows, n_cols, x2.stride(0), y.stride(0), eps,
             HAS_W=weight is not None, HAS_B=bias is not None,
@@ -334,8 +333,7 @@ class _LayerNorm(torch.autograd.Function):
         programs = _backward_programs(x2.device, triton.cdiv(n_rows, block_m))
         dx = torch.empty((n_rows, n_cols), dtype=x2.dtype, device=x2.device)
         dw, db = _partials(compute_dw, programs, x2), _partials(compute_db, programs, x2)
-        launch(
-            _ln_backward_kernel, (programs,),
+        _ln_backward_kernel[(programs,)](
             dy2, x2, x2 if weight is None else weight, mean, rstd, dx,
             dx if dw is None else dw, dx if db is None else db,
             n_rows, n_cols, dy2.stride(0), x2.stride(0), dx.stride(0),
