@@ -10,7 +10,7 @@ set -uo pipefail
 source "$(dirname "$0")/gpu_env.sh" "$@"
 export SLOTH_CACHE=${SLOTH_CACHE:-/dev/shm/sloth-cache} TOKENIZERS_PARALLELISM=false
 limit=${LIMIT:-570}
-# SKIP=key,key: leave out the steps a call before brought back (fast-launch, syncs,
+# SKIP=key,key: leave out the steps a call before brought back (syncs,
 # kept-1b (session 26: +0.8%, within noise), row-1b, launches, moe, moe-profile, tests,
 # profile-1b, bf16-8k, kept-probe, fp8-grads, fp8-quality, profiles), so that the next call of a warm machine goes on from there. (Every row ran in session 24:
 # ROWS=... bash scripts/gpu_targets.sh and scripts/gpu_dpo.sh run them again; nf4 and
@@ -27,25 +27,6 @@ step() {  # step KEY NAME SECONDS_NEEDED 'COMMAND': run it under bash if that mu
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 big=$(python3 -c "import torch; print(int(torch.cuda.get_device_properties(0).total_memory > 100 * 2**30))")
 export out big
-# Session 26 measured what a launch costs the host on the H100: Triton's 35 to 96 us
-# against an aten op's 12 (scripts/launch_overhead_gpu.py), some 15 ms of llama-1b's
-# 165 ms step. sloth_kernels.fast_launch launches through the compiled handles instead,
-# opt-in (SLOTH_FAST_LAUNCH=1) until this step: the kernels' tests with it on, its launch
-# costs, and the llama-1b row with and without it. If the tests pass and it pays, make it
-# the default (fast_launch.enabled, its docstring, docs/design.md) and wire in the other
-# kernels' launches (cross-entropy, log-probs, gated LoRA, MoE, NF4).
-step fast-launch "Triton launches through their compiled handles (SLOTH_FAST_LAUNCH=1)" 300 '
-  timeout 25 python3 scripts/launch_overhead_gpu.py > "$out/launches.json" 2> "$out/launches.err"
-  cat "$out/launches.json"
-  SLOTH_FAST_LAUNCH=1 timeout 120 python3 -m pytest -p no:cacheprovider -q -n 6 \
-    kernels/tests/test_norms.py kernels/tests/test_rope.py kernels/tests/test_activations.py \
-    kernels/tests/test_lora.py tests/test_host_syncs.py tests/test_attention_varlen.py \
-    > "$out/fast-tests.txt" 2>&1
-  echo "fast-launch tests: rc=$? $(tail -1 "$out/fast-tests.txt")"; grep "^FAILED" "$out/fast-tests.txt"
-  timeout 150 python3 -m sloth_core bench train --shape llama-1b --seq 2048 --batch 4 \
-    --systems "sloth,sloth[SLOTH_FAST_LAUNCH=1],hf" --json "$out/fast-1b.json" \
-    --markdown "$out/fast-1b.md" > "$out/fast-1b.log" 2>&1
-  echo "fast 1b: rc=$?"; grep "^|" "$out/fast-1b.md"'
 # Session 26 cut a LoRA step's launches: PEFT's fp32 adapters are cast to
 # bf16 once per weight epoch instead of in the first pass, recompute and backward each,
 # with no autograd cast node, and G and dB are scaled in their GEMMs (llama, 16 layers:

@@ -1,8 +1,7 @@
 """Host time per call of the launches a host-bound LoRA step is made of (llama-1b's: about
 2,300 aten launches and 250 Triton ones a step), measured on a GPU kept busy so that no
 call waits for it: an aten op, a cast, a cuBLAS GEMM, sloth's Triton kernels (RMSNorm,
-RoPE, SwiGLU), the same through their compiled handles (``SLOTH_FAST_LAUNCH=1``), and an
-autograd Function. Tells whether a Triton launch costs the host more
+RoPE, SwiGLU) and an autograd Function. Tells whether a Triton launch costs the host more
 than an aten one, and so which launches are worth cutting first. Prints one JSON line.
 
     python3 scripts/launch_overhead_gpu.py [--calls 300]
@@ -12,13 +11,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import time
 from collections.abc import Callable
 
 import torch
-from sloth_kernels import fast_launch
 from sloth_kernels.activations import swiglu_forward
 from sloth_kernels.norms import rms_norm
 from sloth_kernels.rope import rope
@@ -86,13 +83,6 @@ def main() -> None:
         grad = name.startswith("autograd")
         with torch.set_grad_enabled(grad):
             result[name] = round(_host_us(call, args.calls), 2)
-    # The Triton kernels again through their compiled handles (sloth_kernels.fast_launch).
-    os.environ[fast_launch.ENV] = "1"
-    with torch.no_grad():
-        for name, call in cases.items():
-            if name.startswith("triton"):
-                call()  # the JIT path once: its handle is kept
-                result[f"{name}, SLOTH_FAST_LAUNCH=1"] = round(_host_us(call, args.calls), 2)
     print(json.dumps({"device": torch.cuda.get_device_name(), "host_us_per_call": result}))
 
 

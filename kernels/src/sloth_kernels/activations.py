@@ -17,7 +17,6 @@ import triton
 import triton.language as tl
 
 from sloth_core.ops import reference
-from sloth_kernels.fast_launch import launch
 
 #: Elements per program: 8 per thread at 4 warps, i.e. 16-byte vector accesses in 16 bit.
 _BLOCK = 1024
@@ -131,8 +130,9 @@ def _forward(gate: torch.Tensor, up: torch.Tensor, act: int) -> torch.Tensor:
     out = torch.empty_like(gate, memory_format=torch.contiguous_format)
     n = gate.numel()
     if n:
-        launch(_gated_forward_kernel, _grid(n), gate, up, out, n, ACT=act, BLOCK=_BLOCK,
-               num_warps=_NUM_WARPS)  # fmt: skip
+        _gated_forward_kernel[_grid(n)](
+            gate, up, out, n, ACT=act, BLOCK=_BLOCK, num_warps=_NUM_WARPS
+        )
     return out
 
 
@@ -153,8 +153,9 @@ def _backward(
         dup = torch.empty_like(up, memory_format=torch.contiguous_format)
     n = gate.numel()
     if n:
-        launch(_gated_backward_kernel, _grid(n), grad, gate, up, dgate, dup, n, ACT=act,
-               BLOCK=_BLOCK, num_warps=_NUM_WARPS)  # fmt: skip
+        _gated_backward_kernel[_grid(n)](
+            grad, gate, up, dgate, dup, n, ACT=act, BLOCK=_BLOCK, num_warps=_NUM_WARPS
+        )
     return dgate, dup
 
 

@@ -18,7 +18,6 @@ import triton.language as tl
 
 from sloth_core.ops import reference
 from sloth_kernels._utils import MAX_FUSED_SIZE, interpreting, next_power_of_2, row_launch
-from sloth_kernels.fast_launch import launch
 
 #: Elements a forward program holds: one 4096-wide row, or 32 rows of a 128-wide head.
 #: The forward grid has a program per tile, so several programs per SM hide latency.
@@ -265,8 +264,7 @@ def _rms_forward(x, weight, eps, gemma):
     y = torch.empty((n_rows, n_cols), dtype=out_dtype, device=x.device)
     rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device)
     block_m, block_n, warps = _tile(n_rows, n_cols, _FORWARD_TILE)
-    launch(
-        _rms_forward_kernel, (triton.cdiv(n_rows, block_m),),
+    _rms_forward_kernel[(triton.cdiv(n_rows, block_m),)](
         x2, weight, y, rstd, n_rows, n_cols, x2.stride(0), y.stride(0), eps,
         GEMMA=gemma, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps,
     )  # fmt: skip
@@ -291,8 +289,7 @@ class _RMSNorm(torch.autograd.Function):
         programs = _backward_programs(x2.device, triton.cdiv(n_rows, block_m))
         dx = torch.empty((n_rows, n_cols), dtype=x2.dtype, device=x2.device)
         dw = _partials(compute_dw, programs, x2)
-        launch(
-            _rms_backward_kernel, (programs,),
+        _rms_backward_kernel[(programs,)](
             dy2, x2, weight, rstd, dx, dx if dw is None else dw, n_rows, n_cols,
             dy2.stride(0), x2.stride(0), dx.stride(0),
             GEMMA=ctx.gemma, COMPUTE_DW=compute_dw,

@@ -18,7 +18,6 @@ import triton.language as tl
 
 from sloth_core.ops import reference
 from sloth_kernels._utils import next_power_of_2
-from sloth_kernels.fast_launch import launch
 
 #: Elements of one half-rotation tile (heads x rotary half): 16 heads of a 128-dim head.
 _TILE = 1024
@@ -135,8 +134,8 @@ def _launch(q, k, q_out, k_out, cos, sin, position_ids, heads_dim, backward):
     block_r = next_power_of_2(half)
     block_h = max(1, min(_TILE // block_r, next_power_of_2(max(n_q_heads, n_k_heads))))
     n_pass = head_dim - rotary
-    launch(
-        _rope_kernel, (batch * seq,), q, k, q_out, k_out, cos, sin, pos, seq, n_q_heads, n_k_heads,
+    _rope_kernel[(batch * seq,)](
+        q, k, q_out, k_out, cos, sin, pos, seq, n_q_heads, n_k_heads,
         *_bshd_strides(q, heads_dim), *_bshd_strides(k, heads_dim),
         *_bshd_strides(q_out, heads_dim), *_bshd_strides(k_out, heads_dim),
         *cos_strides, *sin_strides, *pos_strides,
