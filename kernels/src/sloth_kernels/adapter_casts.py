@@ -18,7 +18,8 @@ its own.
 The copies hold no autograd history: the ops take the adapters themselves as their
 autograd inputs and cast the gradients back. Before the first epoch (no patched model
 forward ran) and in inference mode nothing is kept. The cache holds the current epoch's
-copies only: the adapters' size over two, for fp32 ones on a 16-bit model.
+copies only: the adapters' size over two, for fp32 ones on a 16-bit model (a group of
+16-bit adapters, copied in the batch too, costs its own size).
 """
 
 from __future__ import annotations
