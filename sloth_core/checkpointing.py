@@ -26,6 +26,11 @@ recompute runs no attention forward at all (:mod:`sloth_core.patches.kept_attent
 The large ones go to host memory with the layer input and come back with it; the
 recompute finds them by key (:func:`kept_for_backward`).
 
+What a layer derives from its modules alone (a PEFT projection's lifted tensors,
+:func:`sloth_core.patches.lift_linear`) goes into the layer's memo
+(:func:`layer_memo`) in the first pass, and the recompute takes it from there: the
+recompute runs what the first pass ran, without walking the modules again.
+
 A layer may hand a tensor out other than through its return value: transformers records
 each MoE router's logits for the load-balancing loss. Made in the first pass, without
 gradients, such a tensor would pass no gradient back. The layer names it
@@ -324,6 +329,14 @@ def in_recompute() -> bool:
     return getattr(_state, "recompute", None) is not None
 
 
+def layer_memo() -> dict[Any, Any] | None:
+    """Inside a checkpointed layer, its memo: a dict the first pass fills and the
+    recompute finds as the first pass left it (the same object), for what the layer
+    derives from its modules alone; ``None`` elsewhere. Nothing in it is copied or
+    moved: it holds references, dropped once the layer's backward is done."""
+    return getattr(_state, "memo", None)
+
+
 def output_unread(module: torch.nn.Module, output: torch.Tensor | None = None) -> bool:
     """Inside a checkpoint's recompute, whether ``module``'s output value goes unread.
 
@@ -474,14 +487,16 @@ class _Checkpoint(torch.autograd.Function):
         if not overlap:
             slot.wait_copied()
         version = hidden_states._version
-        outer = getattr(_state, "first_pass", None), getattr(_state, "sides", None)
+        outer = (getattr(_state, "first_pass", None), getattr(_state, "sides", None),
+                 getattr(_state, "memo", None))  # fmt: skip
         _state.first_pass = slot if offload else None  # keep_for_backward: offloaded only
         _state.sides = sides = []
+        _state.memo = ctx.memo = {}
         try:
             with torch.no_grad():
                 out = function(hidden_states, *args)
         finally:
-            _state.first_pass, _state.sides = outer
+            _state.first_pass, _state.sides, _state.memo = outer
         slot.check_sent(owner)
         if owner is not None:
             kept = hidden_states._version == version
@@ -508,17 +523,18 @@ class _Checkpoint(torch.autograd.Function):
             before.prefetch()
         devices = [slot.device] if ctx.cuda_rng is not None else []
         recompute = _Recompute(kept)
-        outer = getattr(_state, "recompute", None)
+        outer = getattr(_state, "recompute", None), getattr(_state, "memo", None)
         with torch.random.fork_rng(devices=devices):
             torch.set_rng_state(ctx.cpu_rng)
             if ctx.cuda_rng is not None:
                 torch.cuda.set_rng_state(ctx.cuda_rng, slot.device)
-            _state.recompute = recompute
+            _state.recompute, _state.memo = recompute, ctx.memo
             try:
                 with torch.enable_grad():
                     out = ctx.function(x, *ctx.args)
             finally:
-                _state.recompute = outer
+                _state.recompute, _state.memo = outer
+        ctx.memo = None
         outs = (*(out if ctx.is_tuple else (out,)), *recompute.sides)
         if len(outs) != len(grads):
             raise RuntimeError(

@@ -268,3 +268,73 @@ def test_a_side_output_nothing_reads_costs_no_backward():
     device_checkpoint(layer.__call__, x * 1).square().sum().backward()
     assert layer.linear.weight.grad is not None and x.grad is not None
     assert layer.router.weight.grad is None
+
+
+def _lifts(monkeypatch) -> list[str]:
+    """The PEFT projections lifted (``LoRALinear.from_module`` on a LoRA wrapper), by name
+    of the wrapper's class, in call order."""
+    from sloth_core.ops import LoRALinear
+
+    lifted: list[str] = []
+    original = LoRALinear.from_module.__func__
+
+    def counting(cls, module):
+        if hasattr(module, "base_layer"):
+            lifted.append(type(module).__name__)
+        return original(cls, module)
+
+    monkeypatch.setattr(LoRALinear, "from_module", classmethod(counting))
+    return lifted
+
+
+@pytest.mark.parametrize("checkpoint", ["offloaded", "device"])
+def test_the_recompute_takes_the_first_passs_lifted_projections(checkpoint, monkeypatch):
+    from sloth_core.checkpointing import layer_memo, offloaded_checkpoint
+
+    function = offloaded_checkpoint if checkpoint == "offloaded" else device_checkpoint
+    lifted = _lifts(monkeypatch)
+    want = _grads_over_steps("llama", None, [], steps=2)
+    plain = len(lifted)
+    lifted.clear()
+    got = _grads_over_steps("llama", function, [], steps=2)
+    # Each projection lifted once a step, in the first pass, as without checkpointing:
+    # the recompute walks no PEFT module again.
+    assert plain and len(lifted) == plain
+    assert layer_memo() is None  # outside a checkpointed layer
+    for step_want, step_got in zip(want, got, strict=True):
+        for name, grad in step_got.items():
+            torch.testing.assert_close(grad, step_want[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_the_recompute_runs_what_the_first_pass_ran_after_the_adapters_change():
+    # The scaling changed between the forward and its backward: the recompute still uses
+    # the first pass's, so the gradients are those of the graph the forward built (before
+    # the layer memo, the recompute lifted the MLP's projections again, with the new one).
+    from sloth_core.checkpointing import offloaded_checkpoint
+
+    def grads(change: bool):
+        config = varied_config("llama", tie_word_embeddings=False)
+        model = init_tiny_model(config, seed=4)
+        torch.manual_seed(0)
+        lora = LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, target_modules=TARGETS)
+        model = get_peft_model(model, lora)
+        _patch(model, "llama", default_registry())
+        enable_checkpointing(model, offload=True)
+        for layer in model.get_base_model().model.layers:
+            layer._gradient_checkpointing_func = offloaded_checkpoint
+        model.train()
+        ids = torch.randint(
+            0, config.vocab_size, (2, 11), generator=torch.Generator().manual_seed(1)
+        )
+        loss = model(input_ids=ids, labels=ids).loss
+        if change:  # the MLPs' (lifted by the patched MLP; PEFT runs the attention's)
+            for name, module in model.named_modules():
+                scaling = getattr(module, "scaling", None)
+                if ".mlp." in name and hasattr(module, "base_layer") and scaling:
+                    module.scaling = {k: 3 * v for k, v in scaling.items()}
+        loss.backward()
+        return {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+    want, got = grads(False), grads(True)
+    for name, grad in got.items():
+        torch.testing.assert_close(grad, want[name], rtol=1e-5, atol=1e-6, msg=name)

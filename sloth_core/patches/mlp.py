@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
-from sloth_core.checkpointing import output_unread
+from sloth_core.checkpointing import layer_memo, output_unread
 from sloth_core.ops import LoRALinear
 from sloth_core.patching import bind_forward, call_original
 
@@ -38,12 +38,22 @@ def lift_linear(module: torch.nn.Module) -> LoRALinear | None:
     (``LoRALinear.base``; bitsandbytes' int8, say): the caller then runs the
     module's original forward, so its output is always exactly PEFT's.
     """
+    # In a checkpointed layer's recompute, what its first pass lifted: the same tensors,
+    # without walking PEFT's modules again (some 220 lifts of a 16-layer step).
+    memo = layer_memo()
+    if memo is not None:
+        lifted = memo.get(("lift_linear", id(module)))
+        if lifted is not None and lifted[0] is module:
+            return lifted[1]
     try:
         layer = LoRALinear.from_module(module)
     except ValueError:
-        return None
-    if layer.quant_state is None and layer.base is None and layer.weight.dtype not in _DENSE_DTYPES:
-        return None
+        layer = None
+    if layer is not None and layer.quant_state is None and layer.base is None:
+        if layer.weight.dtype not in _DENSE_DTYPES:
+            layer = None
+    if memo is not None:
+        memo[("lift_linear", id(module))] = (module, layer)
     return layer
 
 
