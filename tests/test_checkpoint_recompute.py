@@ -57,7 +57,10 @@ def _patch(model, arch: str, ops) -> None:
         patch_architecture(model, ops, plugin="test", model_types=arch, **_classes(arch))
 
 
-def _grads_over_steps(arch: str, checkpoint, calls: list[bool], steps: int = 3, device="cpu"):
+def _grads_over_steps(arch: str, checkpoint, calls: list[bool], steps: int = 3, device="cpu",
+                      between=None):  # fmt: skip
+    """Each step's gradients; ``between(model)``, where given, runs between each step's
+    forward and its backward."""
     # every flag of the config varied (attention and MLP biases), the head untied
     overrides = {"tie_word_embeddings": False}
     lora = dict(r=4, lora_alpha=8, init_lora_weights=False, target_modules=TARGETS)
@@ -81,7 +84,10 @@ def _grads_over_steps(arch: str, checkpoint, calls: list[bool], steps: int = 3, 
     for _ in range(steps):  # the same batch each step, no optimizer: equal grads each time
         ids = torch.randint(0, config.vocab_size, (2, 11), generator=generator).to(device)
         model.zero_grad(set_to_none=True)
-        model(input_ids=ids, labels=ids).loss.backward()
+        loss = model(input_ids=ids, labels=ids).loss
+        if between is not None:
+            between(model)
+        loss.backward()
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
     return grads
 
@@ -312,29 +318,15 @@ def test_the_recompute_runs_what_the_first_pass_ran_after_the_adapters_change():
     # the layer memo, the recompute lifted the MLP's projections again, with the new one).
     from sloth_core.checkpointing import offloaded_checkpoint
 
-    def grads(change: bool):
-        config = varied_config("llama", tie_word_embeddings=False)
-        model = init_tiny_model(config, seed=4)
-        torch.manual_seed(0)
-        lora = LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, target_modules=TARGETS)
-        model = get_peft_model(model, lora)
-        _patch(model, "llama", default_registry())
-        enable_checkpointing(model, offload=True)
-        for layer in model.get_base_model().model.layers:
-            layer._gradient_checkpointing_func = offloaded_checkpoint
-        model.train()
-        ids = torch.randint(
-            0, config.vocab_size, (2, 11), generator=torch.Generator().manual_seed(1)
-        )
-        loss = model(input_ids=ids, labels=ids).loss
-        if change:  # the MLPs' (lifted by the patched MLP; PEFT runs the attention's)
-            for name, module in model.named_modules():
-                scaling = getattr(module, "scaling", None)
-                if ".mlp." in name and hasattr(module, "base_layer") and scaling:
-                    module.scaling = {k: 3 * v for k, v in scaling.items()}
-        loss.backward()
-        return {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    def triple_the_mlps_scaling(model):  # lifted by the patched MLP; PEFT runs the attention's
+        for name, module in model.named_modules():
+            scaling = getattr(module, "scaling", None)
+            if ".mlp." in name and hasattr(module, "base_layer") and scaling:
+                module.scaling = {k: 3 * v for k, v in scaling.items()}
 
-    want, got = grads(False), grads(True)
+    (want,) = _grads_over_steps("llama", offloaded_checkpoint, [], steps=1)
+    (got,) = _grads_over_steps(
+        "llama", offloaded_checkpoint, [], steps=1, between=triple_the_mlps_scaling
+    )
     for name, grad in got.items():
         torch.testing.assert_close(grad, want[name], rtol=1e-5, atol=1e-6, msg=name)

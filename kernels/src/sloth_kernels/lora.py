@@ -348,8 +348,9 @@ def group_backward(
             scaling = float(group.layers[i].scaling)
             assert xa is not None  # group.adapted
             # Scaled in the GEMM.
-            d_b = lora.grad_product(2 * k + 1, grads[i].t(), xa[:, start:stop], scaling)
-            lora_grads[2 * k + 1] = d_b
+            lora_grads[2 * k + 1] = lora.grad_product(
+                2 * k + 1, grads[i].t(), xa[:, start:stop], scaling
+            )
     return dx, lora_grads, big_g
 
 
