@@ -74,6 +74,7 @@ step tests "CUDA tests of the code changed since the last GPU run" 240 '
     kernels/tests/test_fused_linear_cross_entropy.py kernels/tests/test_log_probs.py \
     kernels/tests/test_adapter_casts.py tests/test_adapter_casts_in_a_step.py \
     kernels/tests/test_norms.py kernels/tests/test_rope.py tests/test_attention_varlen.py \
+    tests/test_checkpoint_recompute.py \
     > "$out/cuda-tests.txt" 2>&1
   rc=$?; echo "tests: rc=$rc $(tail -1 "$out/cuda-tests.txt")"; grep "^FAILED" "$out/cuda-tests.txt"; exit $rc'
 # Where llama-1b's step goes now (session 25: 159.8 ms wall profiled, 143.7 ms of GPU
