@@ -10,8 +10,8 @@ source "$(dirname "$0")/gpu_env.sh" "$@"
 export TOKENIZERS_PARALLELISM=false SLOTH_CACHE=/tmp/sloth-cache
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader > "$out/gpu.txt"
 python3 -c "import torch, triton, transformers, peft; print(torch.__version__, triton.__version__, transformers.__version__, peft.__version__)" >> "$out/gpu.txt"
-# The device image has no gguf (sloth-gguf's tests import it at collection, and none of
-# them is a GPU test): leave them out there rather than stop the whole collection.
+# The device image has no gguf unless .whl/ carries it (sloth-gguf's tests import it at
+# collection): without it, leave them out rather than stop the whole collection.
 ignore=()
 python3 -c "import gguf" 2>/dev/null || ignore+=(--ignore=plugins/sloth-gguf/tests)
 if [ "${PART:-gpu}" = gpu ]; then
@@ -25,7 +25,10 @@ if [ "${PART:-gpu}" = gpu ]; then
     cp "/tmp/demo-$method/metrics.jsonl" "$out/demo-$method-metrics.jsonl" 2>/dev/null
   done
 else
-  timeout "${TEST_TIMEOUT:-540}" python3 -m pytest -p no:cacheprovider -q -m "not gpu" "${ignore[@]}" \
+  # Four workers on the one card where pytest-xdist came in .whl/ (session 22: 271 tests).
+  workers=()
+  python3 -c "import xdist" 2>/dev/null && workers=(-n "${WORKERS:-4}")
+  timeout "${TEST_TIMEOUT:-540}" python3 -m pytest -p no:cacheprovider -q -m "not gpu" "${ignore[@]}" "${workers[@]}" \
     -k "${K:-parity or converg}" -rs --junitxml="$out/model-tests.xml" > "$out/model-tests.txt" 2>&1
   echo "model tests: rc=$? $(tail -1 "$out/model-tests.txt")"
 fi
