@@ -11,7 +11,7 @@ source "$(dirname "$0")/gpu_env.sh" "$@"
 export SLOTH_CACHE=${SLOTH_CACHE:-/dev/shm/sloth-cache} TOKENIZERS_PARALLELISM=false
 limit=${LIMIT:-570}
 # SKIP=key,key: leave out the steps a call before brought back (syncs,
-# kept-1b (session 26: +0.8%, within noise), row-1b, launches, moe, moe-profile, tests,
+# kept-1b (session 26: +0.8%, within noise), row-1b, graph, launches, moe, moe-profile, tests,
 # profile-1b, bf16-8k, kept-probe, fp8-grads, fp8-quality, profiles), so that the next call of a warm machine goes on from there. (Every row ran in session 24:
 # ROWS=... bash scripts/gpu_targets.sh and scripts/gpu_dpo.sh run them again; nf4 and
 # DPO need the device tool's carry of .whl/.)
@@ -61,6 +61,11 @@ step row-1b "the llama-1b row (sloth and hf + PEFT)" 160 '
   timeout 150 python3 -m sloth_core bench train --targets 1b --json "$out/targets-1b.json" \
     --markdown "$out/targets-1b.md" --plot "$out/targets-1b.png" > "$out/targets-1b.log" 2>&1
   echo "1b: rc=$?"; grep "^| .llama" "$out/targets-1b.md" | head -1'
+# What a CUDA graph of the whole forward and backward would buy llama-1b's host-bound
+# step, offloaded and not, and whether the capture works as sloth's step stands.
+step graph "llama-1b's step as a CUDA graph" 130 '
+  timeout 120 python3 scripts/graph_step_gpu.py > "$out/graph-1b.txt" 2>&1
+  echo "graph: rc=$?"; grep -v "^  " "$out/graph-1b.txt" | tail -25 | cut -c1-250'
 # What each kind of launch costs the host (an aten op, a cast, a GEMM, a Triton kernel,
 # an autograd Function), the GPU kept busy: which of the step's ~2,550 to cut first.
 step launches "host time per launch, by kind" 60 '
