@@ -9,9 +9,10 @@ synchronisation around each), then the forward and backward captured once
 (``torch.cuda.graph``, after warm-up steps on a side stream, as torch's whole-network
 example does) and replayed, the optimizer step eager after each replay. A replay's loss
 and LoRA gradients are checked against an eager step's on the same weights. A capture
-that fails prints its error: what a graph path would have to change.
+that fails prints its error: what a graph path would have to change (run one system a
+process: a failed capture may leave the next one a spoilt context).
 
-    python3 scripts/graph_step_gpu.py [--shape llama-1b] [--systems sloth:on,sloth] > graph.txt
+    python3 scripts/graph_step_gpu.py [--shape llama-1b] [--systems sloth:on] > graph.txt
 """
 
 from __future__ import annotations
