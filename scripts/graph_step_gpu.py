@@ -95,7 +95,7 @@ def one(system: str, model_dir: Path, seq: int, batch: int, steps: int) -> None:
     # The same weights: a replay's loss and gradients against an eager step's.
     graph.replay()
     torch.cuda.synchronize()
-    replayed, replayed_grads = float(static_loss), _grads(params)
+    replayed, replayed_grads = float(static_loss.detach()), _grads(params)
     kept = [p.grad for p in params]  # the graph's own gradient tensors: put back after
     for p in params:
         p.grad = None
@@ -104,7 +104,7 @@ def one(system: str, model_dir: Path, seq: int, batch: int, steps: int) -> None:
     eager_grads = _grads(params)
     for p, g in zip(params, kept, strict=True):
         p.grad = g
-    print(f"{system} replay against eager: loss {replayed:.5f} / {float(loss):.5f}, "
+    print(f"{system} replay against eager: loss {replayed:.5f} / {float(loss.detach()):.5f}, "
           f"gradients' relative difference {_rel(replayed_grads, eager_grads):.2e}")  # fmt: skip
 
     def replay() -> None:
@@ -119,7 +119,7 @@ def one(system: str, model_dir: Path, seq: int, batch: int, steps: int) -> None:
     losses = []
     for _ in range(3):
         replay()
-        losses.append(float(static_loss))
+        losses.append(float(static_loss.detach()))
     print(f"{system} graphed losses go on: {', '.join(f'{x:.4f}' for x in losses)}")
 
 
