@@ -90,6 +90,26 @@ def _owner(function: Callable[..., Any]) -> Any:
     return owner if isinstance(owner, torch.nn.Module) else None
 
 
+def _capturing(device: torch.device) -> bool:
+    """Whether the work queued now is being captured into a CUDA graph (a replayed step,
+    :mod:`sloth_core.train.step_graph`): nothing may read the device or its generator."""
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+@contextmanager
+def captured_host_buffers() -> Iterator[list[torch.Tensor]]:
+    """The pinned host buffers the offloaded checkpoints allocate inside the block, kept
+    in the list it yields: a captured graph's copies address them at every replay, so
+    they must live as long as the graph, not just the step that made them."""
+    buffers: list[torch.Tensor] = []
+    outer = getattr(_state, "host_buffers", None)
+    _state.host_buffers = buffers
+    try:
+        yield buffers
+    finally:
+        _state.host_buffers = outer
+
+
 def _copy_stream(device: torch.device) -> Any:
     if device not in _copy_streams:
         _copy_streams[device] = torch.cuda.Stream(device)
@@ -172,6 +192,9 @@ class _Slot:
         strides = t.stride() if _dense(t) else None
         host = torch.empty_strided(t.shape, strides or _contiguous_strides(t.shape),
                                    dtype=t.dtype, pin_memory=True)  # fmt: skip
+        kept = getattr(_state, "host_buffers", None)
+        if kept is not None:
+            kept.append(host)
         stream.wait_stream(torch.cuda.current_stream(self.device))  # t is computed
         with torch.cuda.stream(stream):
             host.copy_(t, non_blocking=True)
@@ -205,6 +228,8 @@ class _Slot:
         only while its copies hide behind the compute; past that, the copy stream would
         hold the backward's first prefetches back and the kept tensors' device memory
         longer, so nothing more is kept until it catches up (the recompute computes it)."""
+        if _capturing(self.device):  # an event cannot be asked while capturing: keep nothing
+            return True
         before = self.prev() if self.prev is not None else None
         older = before.prev() if before is not None and before.prev is not None else None
         event = older.last_copy if older is not None else None
@@ -478,7 +503,10 @@ class _Checkpoint(torch.autograd.Function):
         # The recomputation must draw the same random numbers (dropout) as this pass.
         device = hidden_states.device
         ctx.cpu_rng = torch.get_rng_state()
-        ctx.cuda_rng = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+        # A captured step draws no random numbers (step_graph refuses one that does), and
+        # its capture may not read the generator: no snapshot then.
+        cuda = device.type == "cuda" and not _capturing(device)
+        ctx.cuda_rng = torch.cuda.get_rng_state(device) if cuda else None
         # The copy to host runs beside the layer: safe while the layer does not write its
         # input in place. Each layer's first call waits for the copy and shows whether it
         # does; the layers that do wait every time.

@@ -260,6 +260,10 @@ def test_markdown_flags_loss_mismatch_and_lists_skips():
     assert "| 6.9000 (!) |" in text and "not the same training" in text
     assert "| liger | | skipped: liger-kernel is not installed |" in text
     assert "Device: x86_64; torch 2.x." in text
+    assert "CUDA graph" not in text
+    report = _report()
+    report["results"][0]["graph"] = "eager (the step draws random numbers (dropout))"
+    assert "`sloth`: CUDA graph eager (the step draws random numbers" in markdown(report, "x")
 
 
 def test_plot_needs_matplotlib(monkeypatch, tmp_path):

@@ -120,6 +120,9 @@ class TrainResult:
     attention_paths: dict[str, float] | None = None
     #: the optimizer the system stepped with ("fused AdamW": see default_adamw)
     optimizer: str | None = None
+    #: with SLOTH_CUDA_GRAPH=1, whether the timed steps replayed a CUDA graph ("replayed")
+    #: or ran eagerly, and why (sloth_core.train.step_graph)
+    graph: str | None = None
 
 
 class SystemSkipped(Exception):
@@ -460,6 +463,7 @@ def run_system(system: str, model_dir: Path, *, seq: int, batch: int, steps: int
     rank, under torchrun). ``budget_gib``: see :func:`_plan`."""
     import torch
 
+    from sloth_core.train import step_graph
     from sloth_core.train.optim import default_adamw
     from sloth_core.train.step import train_step
 
@@ -525,6 +529,10 @@ def run_system(system: str, model_dir: Path, *, seq: int, batch: int, steps: int
 
         device_name = platform.processor() or platform.machine()
     stepper = "fused AdamW" if optimizer.defaults.get("fused") else "AdamW"
+    graph = None
+    if sloth and step_graph.enabled():
+        why = step_graph.reason(model)
+        graph = "replayed" if step_graph.captured(model) else f"eager ({why or 'not captured'})"
     # The model (a sharded one holds its collectives' work objects) goes before the group:
     # alive after it, gloo's threads can abort the process at exit (distributed.Group.close).
     del model, optimizer
@@ -532,7 +540,7 @@ def run_system(system: str, model_dir: Path, *, seq: int, batch: int, steps: int
     return TrainResult(system, tokens_per_s, median, peak, mfu, losses[0], losses[-1], n_base,
                        n_lora, attention, device_name, nproc=group.world_size,
                        full=full, plan=plan, attention_paths=paths,
-                       optimizer=stepper)  # fmt: skip
+                       optimizer=stepper, graph=graph)  # fmt: skip
 
 
 def run_worker(module: str, args: list[str], *, timeout: float, nproc: int = 1,
@@ -666,6 +674,10 @@ def markdown(report: dict[str, Any], command: str) -> str:
     plans = [f"`{r['system']}`: {r['plan']}" for r in report["results"] if r.get("plan")]
     if plans:
         lines += ["", *plans]
+    graphs = [f"`{r['system']}`: CUDA graph {r['graph']}" for r in report["results"]
+              if r.get("graph")]  # fmt: skip
+    if graphs:
+        lines += ["", *graphs]
     if not report.get("losses_agree", True):
         lines += ["", f"(!) a first loss differs from the reference's by more than "
                       f"{report['loss_tolerance']}, or a last loss by more than that and "

@@ -38,6 +38,13 @@ class CountedLabels:
             # On the CPU it is ready; another device's is read here, at the forward's start.
             self._value = int(count)
 
+    @classmethod
+    def known(cls, value: int) -> CountedLabels:
+        """A count the caller knows already (read on the host before the step)."""
+        counted = cls.__new__(cls)
+        counted._event, counted._value = None, int(value)
+        return counted
+
     def value(self) -> int:
         if self._value is None:
             self._event.synchronize()
@@ -54,6 +61,12 @@ def counted_labels(labels: torch.Tensor, ignore_index: int = -100) -> CountedLab
     return memo(
         labels, "_sloth_counted", (ignore_index,), lambda: CountedLabels(labels, ignore_index)
     )
+
+
+def preset_counted_labels(labels: torch.Tensor, value: int, ignore_index: int = -100) -> None:
+    """Give ``labels`` the count :func:`counted_labels` would start, as known already: a
+    captured step (:mod:`sloth_core.train.step_graph`) may not read the device back."""
+    memo(labels, "_sloth_counted", (ignore_index,), lambda: CountedLabels.known(value))
 
 
 def plain_weight(module: Any) -> torch.Tensor | None:

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from . import distributed
+from . import distributed, step_graph
 
 Autocast = Callable[[], Any]
 
@@ -41,18 +41,30 @@ def accumulate(
     the ranks once, at the last micro-batch, and the loss returned is this rank's share.
     """
     device = next(p for p in model.parameters()).device
-    total = sum(label_tokens(b) for b in micro_batches)
+    counts = [label_tokens(b) for b in micro_batches]
+    total = sum(counts)
     if group is not None and group.active:
         total = int(group.all_sum([total])[0])
     items = torch.tensor(max(total, 1), device=device)
     losses = []
+    graphed = step_graph.enabled() and len(micro_batches) == 1
     for number, batch in enumerate(micro_batches):
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-        with distributed.no_sync(model, last=number == len(micro_batches) - 1):
+
+        def eager(batch: dict[str, torch.Tensor] = batch) -> torch.Tensor:
             with autocast():
                 loss = model(**batch, num_items_in_batch=items).loss
             loss.backward()
-        losses.append(loss.detach())
+            return loss.detach()
+
+        with distributed.no_sync(model, last=number == len(micro_batches) - 1):
+            if graphed:  # opt-in: one micro-batch's step replayed as a CUDA graph
+                loss = step_graph.forward_backward(
+                    model, batch, items, counts[number], eager, group=group, autocast=autocast
+                )
+            else:
+                loss = eager()
+        losses.append(loss)
     # Read back once, after every micro-batch is queued: a read per micro-batch would
     # let the GPU idle while the host launches the next one's forward.
     return float(torch.stack(losses).sum()) if losses else 0.0

@@ -1,0 +1,160 @@
+"""The opt-in graphed training step (``SLOTH_CUDA_GRAPH=1``, sloth_core.train.step_graph),
+held on the CPU through a backend that "replays" by running the step again and writing
+the captured loss and gradients in place, as a CUDA graph's replay rewrites its outputs:
+what the step does around the graph (its inputs copied in, its gradients handed to the
+optimizer, the batches it refuses) must give eager training's results step for step."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sloth_core import FastLanguageModel
+from sloth_core.checkpointing import enable_checkpointing
+from sloth_core.patches.lm_head import CountedLabels, counted_labels, preset_counted_labels
+from sloth_core.train import step_graph
+from sloth_core.train.step import train_step
+
+
+class _Rerun:
+    """Captures by running the step (a warm-up run first, as on CUDA) and replays by
+    running it again into the captured loss and gradient tensors."""
+
+    def __init__(self, fail: Exception | None = None) -> None:
+        self.captures = self.replays = 0
+        self.fail = fail
+
+    def available(self, device):
+        return True
+
+    def capture(self, run, params):
+        self.captures += 1
+        if self.fail is not None:
+            raise self.fail
+        run()
+        for p in params:
+            p.grad = None
+        loss = run()
+        return (run, loss, [p.grad for p in params], list(params)), loss
+
+    def replay(self, graph):
+        self.replays += 1
+        run, loss, grads, params = graph
+        for p in params:
+            p.grad = None
+        loss.copy_(run())
+        for p, grad in zip(params, grads, strict=True):
+            if grad is not None:
+                grad.copy_(p.grad)
+            p.grad = None
+
+
+def _model(path, dropout=0.0, device="cpu"):
+    torch.manual_seed(0)
+    model, _ = FastLanguageModel.from_pretrained(
+        str(path), dtype=torch.float32, device_map=None if device == "cpu" else device
+    )
+    model = FastLanguageModel.get_peft_model(model, r=4, lora_dropout=dropout, random_state=0)
+    enable_checkpointing(model, offload=True)  # as a GPU trains it
+    return model.train()
+
+
+def _batches(vocab, shapes):
+    generator = torch.Generator().manual_seed(1)
+    batches = []
+    for batch, seq in shapes:
+        ids = torch.randint(3, vocab, (batch, seq), generator=generator)
+        labels = ids.clone()
+        labels[:, :3] = -100  # a prompt, not counted
+        batches.append({"input_ids": ids, "labels": labels})
+    return batches
+
+
+def _train(path, batches, *, per_step=1, dropout=0.0, device="cpu"):
+    model = _model(path, dropout, device)
+    batches = [{k: v.to(device) for k, v in b.items()} for b in batches]
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-2)
+    torch.manual_seed(2)
+    losses = [
+        train_step(model, optimizer, batches[i : i + per_step]).loss
+        for i in range(0, len(batches), per_step)
+    ]
+    return model, losses, [p.detach().clone() for p in params]
+
+
+def _eager_then_graphed(path, monkeypatch, batches, backend, **train):
+    """Train eagerly, then with the graphed step on ``backend``: the second run's model,
+    once both gave the same losses and parameters."""
+    _, eager_losses, eager_params = _train(path, batches, **train)
+    monkeypatch.setenv("SLOTH_CUDA_GRAPH", "1")
+    monkeypatch.setattr(step_graph, "_BACKEND", backend)
+    model, losses, params = _train(path, batches, **train)
+    for got, want in ((losses, eager_losses), (params, eager_params)):
+        assert len(got) == len(want)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    return model
+
+
+def test_replayed_steps_train_as_eager_ones(tiny_llama, monkeypatch):
+    """Six steps of different rows: two eager warm-ups, the capture, three replays."""
+    backend = _Rerun()
+    model = _eager_then_graphed(tiny_llama, monkeypatch, _batches(200, [(2, 16)] * 6), backend)
+    assert (backend.captures, backend.replays) == (1, 4)  # the capture's step is a replay
+    assert step_graph.reason(model) is None and step_graph.captured(model)
+
+
+def test_a_batch_unlike_the_captured_one_runs_eagerly(tiny_llama, monkeypatch):
+    shapes = [(2, 16)] * 3 + [(2, 12)] + [(2, 16)] * 2 + [(1, 16)]
+    backend = _Rerun()
+    _eager_then_graphed(tiny_llama, monkeypatch, _batches(200, shapes), backend)
+    assert (backend.captures, backend.replays) == (1, 3)
+
+
+def test_a_step_that_draws_random_numbers_is_not_captured(tiny_llama, monkeypatch):
+    backend = _Rerun()
+    batches = _batches(200, [(2, 16)] * 4)
+    model = _eager_then_graphed(tiny_llama, monkeypatch, batches, backend, dropout=0.1)
+    assert backend.captures == 0 and not step_graph.captured(model)
+    assert "random" in step_graph.reason(model)
+
+
+def test_a_failed_capture_warns_once_and_trains_eagerly(tiny_llama, monkeypatch):
+    backend = _Rerun(fail=RuntimeError("operation not permitted when stream is capturing"))
+    with pytest.warns(RuntimeWarning, match="operation not permitted") as caught:
+        model = _eager_then_graphed(tiny_llama, monkeypatch, _batches(200, [(2, 16)] * 5), backend)
+    assert len([w for w in caught if "SLOTH_CUDA_GRAPH" in str(w.message)]) == 1
+    assert backend.captures == 1 and "operation not permitted" in step_graph.reason(model)
+
+
+def test_accumulated_micro_batches_are_not_captured(tiny_llama, monkeypatch):
+    backend = _Rerun()
+    batches = _batches(200, [(2, 16)] * 8)
+    _eager_then_graphed(tiny_llama, monkeypatch, batches, backend, per_step=2)
+    assert backend.captures == 0
+
+
+def test_a_preset_count_is_what_the_loss_reads():
+    labels = torch.tensor([[-100, 5, 6, -100], [-100, -100, 7, 8]])
+    preset_counted_labels(labels, 3)  # not the true 4: shows which one is read
+    counted = counted_labels(labels)
+    assert counted.value() == 3
+    assert CountedLabels.known(9).value() == 9
+    labels.add_(0)  # written: the preset no longer holds, the count is made again
+    assert counted_labels(labels).value() == 4 and counted_labels(labels) is not counted
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_captured_cuda_step_trains_as_eager_ones(tiny_llama, monkeypatch):
+    """The real thing: sloth's kernels, the offloaded checkpoints' copies and the loss
+    captured into one CUDA graph and replayed, in fp32 (no rounding to hide behind)."""
+    monkeypatch.delenv("SLOTH_KERNELS")  # the Triton kernels, as a GPU trains
+    batches = _batches(200, [(2, 64)] * 6)
+    _, eager_losses, eager_params = _train(tiny_llama, batches, device="cuda")
+    monkeypatch.setenv("SLOTH_CUDA_GRAPH", "1")
+    model, losses, params = _train(tiny_llama, batches, device="cuda")
+    assert step_graph.reason(model) is None
+    assert step_graph._graphs[model].graph is not None
+    torch.testing.assert_close(losses, eager_losses, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(params, eager_params, rtol=1e-4, atol=1e-5)
