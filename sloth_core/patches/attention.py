@@ -10,13 +10,15 @@ copies and a padding-free path for packed rows (``position_ids`` restarting insi
 from __future__ import annotations
 
 import collections
+import contextlib
 import functools
 import inspect
 import math
 import os
 import sys
+import threading
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, cast
 
 import torch
@@ -731,16 +733,47 @@ def decode_gqa(
     return out.reshape(batch, heads, 1, -1).transpose(1, 2).contiguous()
 
 
+_capture = threading.local()
+
+
+@contextlib.contextmanager
+def plain_rows_captured() -> Iterator[None]:
+    """Inside: a captured step (:mod:`sloth_core.train.step_graph`) of rows with neither a
+    mask nor packed positions. Capturing counts as tracing to transformers, which then
+    neither checks whether the rows are packed nor skips the causal mask: it would build
+    a ``[B, 1, S, S]`` mask and push the attention off its fused causal kernels."""
+    outer = getattr(_capture, "plain", False)
+    _capture.plain = True
+    try:
+        yield
+    finally:
+        _capture.plain = outer
+
+
+def sloth_mask(*args: Any, **kwargs: Any) -> torch.Tensor | None:
+    """transformers' ``sdpa_mask``, so that padding, sliding windows and packed rows get
+    exactly the masks ``sdpa`` gets; inside :func:`plain_rows_captured`, ``None`` (the
+    causal kernels) wherever an eager forward of such rows would have had no mask."""
+    from transformers.masking_utils import sdpa_mask
+
+    if getattr(_capture, "plain", False) and kwargs.get("attention_mask") is None:
+        q_length, kv_length = kwargs.get("q_length"), kwargs.get("kv_length")
+        local = kwargs.get("local_size")
+        if q_length is not None and q_length == kv_length and (local is None or kv_length < local):
+            return None
+    return sdpa_mask(*args, **kwargs)
+
+
 def register_sloth_attention() -> str:
     """Register ``sloth_attention`` with transformers (idempotent); returns its name.
 
-    Its mask function is transformers' ``sdpa_mask``, so padding, sliding windows and packed
-    rows get exactly the masks ``sdpa`` gets (transformers builds no mask at all for an
-    attention name without a mask function).
+    Its mask function is :func:`sloth_mask` (transformers' ``sdpa_mask``, but in a
+    captured step of plain rows): transformers builds no mask at all for an attention
+    name without a mask function.
     """
     from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    from transformers.masking_utils import AttentionMaskInterface
 
     AttentionInterface.register(SLOTH_ATTENTION, sloth_attention)
-    AttentionMaskInterface.register(SLOTH_ATTENTION, sdpa_mask)
+    AttentionMaskInterface.register(SLOTH_ATTENTION, sloth_mask)
     return SLOTH_ATTENTION

@@ -176,6 +176,7 @@ def forward_backward(
 def _capture(entry: _Graph, model: Any, items: torch.Tensor, counted: int,
              autocast: Callable[[], Any], backend: Backend,
              batch: dict[str, torch.Tensor]) -> None:  # fmt: skip
+    from sloth_core.patches.attention import plain_rows_captured
     from sloth_core.patches.lm_head import preset_counted_labels
 
     entry.inputs = {name: value.clone() for name, value in batch.items()}
@@ -185,7 +186,7 @@ def _capture(entry: _Graph, model: Any, items: torch.Tensor, counted: int,
     def run() -> torch.Tensor:
         if "labels" in inputs:  # counted on the host already: nothing to read back
             preset_counted_labels(inputs["labels"], counted)
-        with autocast():
+        with autocast(), plain_rows_captured():  # rows without masks or packed positions
             loss = model(**inputs, num_items_in_batch=static_items).loss
         loss.backward()
         return loss.detach()

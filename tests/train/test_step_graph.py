@@ -158,3 +158,30 @@ def test_a_captured_cuda_step_trains_as_eager_ones(tiny_llama, monkeypatch):
     assert step_graph.captured(model)
     torch.testing.assert_close(losses, eager_losses, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(params, eager_params, rtol=1e-4, atol=1e-5)
+
+
+def test_plain_rows_get_no_mask_in_a_capture_where_transformers_would_build_one():
+    """Capturing counts as tracing to transformers: it neither finds rows unpacked nor
+    skips the causal mask. Inside a capture of plain rows, sloth's mask function gives what
+    an eager forward of them gets (no mask) and leaves a sliding window's alone."""
+    from transformers.masking_utils import and_masks, causal_mask_function, sdpa_mask
+
+    from sloth_core.patches.attention import plain_rows_captured, sloth_mask
+
+    packed = torch.zeros(2, 8, dtype=torch.long)  # what a capture finds: one sequence a row
+
+    def same_sequence(batch, head, q, kv):
+        return packed[batch, q] == packed[batch, kv]
+
+    traced = dict(batch_size=2, q_length=8, kv_length=8,
+                  mask_function=and_masks(causal_mask_function, same_sequence),
+                  attention_mask=None, allow_is_causal_skip=False)  # fmt: skip
+    mask = sloth_mask(**traced)
+    assert mask is not None and mask.shape == (2, 1, 8, 8)  # what transformers builds
+    with plain_rows_captured():
+        assert sloth_mask(**traced) is None
+        window = sloth_mask(**traced, local_size=4)  # a window shorter than the rows
+        assert window is not None and torch.equal(window, sdpa_mask(**traced, local_size=4))
+        padding = sloth_mask(**{**traced, "attention_mask": torch.ones(2, 8, dtype=torch.bool)})
+        assert padding is not None  # a padding mask is not plain rows: transformers decides
+    assert sloth_mask(**traced) is not None
