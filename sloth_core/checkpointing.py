@@ -97,17 +97,35 @@ def _capturing(device: torch.device) -> bool:
 
 
 @contextmanager
-def captured_host_buffers() -> Iterator[list[torch.Tensor]]:
-    """The pinned host buffers the offloaded checkpoints allocate inside the block, kept
-    in the list it yields: a captured graph's copies address them at every replay, so
-    they must live as long as the graph, not just the step that made them."""
+def captured_host_buffers(
+    reuse: list[torch.Tensor] | None = None,
+) -> Iterator[list[torch.Tensor]]:
+    """The pinned host buffers the offloaded checkpoints take inside the block, kept in
+    the list it yields: a captured graph's copies address them at every replay, so they
+    must live as long as the graph, not just the step that made them. ``reuse``: buffers
+    an eager run of the same step took (in the same order), handed out again instead of
+    pinning memory while capturing."""
     buffers: list[torch.Tensor] = []
-    outer = getattr(_state, "host_buffers", None)
-    _state.host_buffers = buffers
+    outer = getattr(_state, "host_buffers", None), getattr(_state, "host_reuse", None)
+    _state.host_buffers, _state.host_reuse = buffers, collections.deque(reuse or ())
     try:
         yield buffers
     finally:
-        _state.host_buffers = outer
+        _state.host_buffers, _state.host_reuse = outer
+
+
+def _pinned(shape: tuple[int, ...], strides: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """A pinned host buffer: the next of :func:`captured_host_buffers`' ``reuse`` where it
+    fits, else a new one; kept in its list inside that block."""
+    reuse = getattr(_state, "host_reuse", None)
+    if reuse and (reuse[0].shape, reuse[0].stride(), reuse[0].dtype) == (shape, strides, dtype):
+        host = reuse.popleft()
+    else:
+        host = torch.empty_strided(shape, strides, dtype=dtype, pin_memory=True)
+    kept = getattr(_state, "host_buffers", None)
+    if kept is not None:
+        kept.append(host)
+    return host
 
 
 def _copy_stream(device: torch.device) -> Any:
@@ -190,11 +208,7 @@ class _Slot:
         stream = _copy_stream(self.device)
         # The same layout as t (the attention's output is a transposed view): one memcpy.
         strides = t.stride() if _dense(t) else None
-        host = torch.empty_strided(t.shape, strides or _contiguous_strides(t.shape),
-                                   dtype=t.dtype, pin_memory=True)  # fmt: skip
-        kept = getattr(_state, "host_buffers", None)
-        if kept is not None:
-            kept.append(host)
+        host = _pinned(tuple(t.shape), strides or _contiguous_strides(t.shape), t.dtype)
         stream.wait_stream(torch.cuda.current_stream(self.device))  # t is computed
         with torch.cuda.stream(stream):
             host.copy_(t, non_blocking=True)

@@ -72,13 +72,15 @@ class CudaGraphs:
 
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):  # lazily made state belongs to the capture's stream
+        # A run on the capture's stream first (lazily made state belongs to it), whose
+        # pinned host buffers the capture takes again: it pins no memory itself.
+        with torch.cuda.stream(stream), checkpointing.captured_host_buffers() as warm:
             run()
             for p in params:
                 p.grad = None
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
-        with checkpointing.captured_host_buffers() as buffers, torch.cuda.graph(graph):
+        with checkpointing.captured_host_buffers(warm) as buffers, torch.cuda.graph(graph):
             loss = run()
         # The host memory its copies address lives as long as the graph: kept with it.
         return (graph, buffers), loss

@@ -185,3 +185,27 @@ def test_plain_rows_get_no_mask_in_a_capture_where_transformers_would_build_one(
         padding = sloth_mask(**{**traced, "attention_mask": torch.ones(2, 8, dtype=torch.bool)})
         assert padding is not None  # a padding mask is not plain rows: transformers decides
     assert sloth_mask(**traced) is not None
+
+
+def test_a_capture_takes_the_warm_up_runs_host_buffers_again_in_order(monkeypatch):
+    """Inside a capture the offloaded checkpoints pin no memory: they take the buffers an
+    eager run of the step took, in its order, and those stay with the graph."""
+    from sloth_core import checkpointing
+
+    pinned, empty_strided = [], torch.empty_strided
+
+    def pin(shape, strides, dtype, pin_memory):
+        pinned.append((shape, dtype))
+        return empty_strided(shape, strides, dtype=dtype)  # the CPU can pin nothing
+
+    monkeypatch.setattr(checkpointing.torch, "empty_strided", pin)
+    first, second = torch.empty(2, 3), torch.empty(4, 3).t()  # a transposed layout too
+    with checkpointing.captured_host_buffers([first, second]) as kept:
+        assert checkpointing._pinned((2, 3), (3, 1), torch.float32) is first
+        assert checkpointing._pinned((3, 4), (1, 3), torch.float32) is second
+        fresh = checkpointing._pinned((2, 3), (3, 1), torch.float32)  # none left: pinned
+    assert pinned == [((2, 3), torch.float32)]
+    assert kept == [first, second, fresh]
+    with checkpointing.captured_host_buffers([first]):
+        other = checkpointing._pinned((2, 3), (3, 1), torch.bfloat16)  # not the next's dtype
+    assert other is not first and len(pinned) == 2
