@@ -80,7 +80,8 @@ class CudaGraphs:
                 p.grad = None
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
-        with checkpointing.captured_host_buffers(warm) as buffers, torch.cuda.graph(graph):
+        capture = torch.cuda.graph(graph, stream=stream)  # the stream the warm-up ran on
+        with checkpointing.captured_host_buffers(warm) as buffers, capture:
             loss = run()
         # The host memory its copies address lives as long as the graph: kept with it.
         return (graph, buffers), loss
