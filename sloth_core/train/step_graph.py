@@ -158,7 +158,7 @@ def forward_backward(
         loss = eager()
         entry.warm += 1
         if not torch.equal(before, _generator_state(device)):
-            entry.failed = "the step draws random numbers (dropout)"
+            entry.failed = "the step draws random numbers (the generator moved: dropout?)"
         return loss
     if entry.graph is None:
         _capture(entry, model, items, counted, autocast, backend, batch)
