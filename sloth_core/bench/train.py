@@ -532,7 +532,7 @@ def run_system(system: str, model_dir: Path, *, seq: int, batch: int, steps: int
     graph = None
     if sloth and step_graph.enabled():
         why = step_graph.reason(model)
-        graph = "replayed" if step_graph.captured(model) else f"eager ({why or 'not captured'})"
+        graph = "replayed" if step_graph.replayed(model) else f"eager ({why or 'not captured'})"
     # The model (a sharded one holds its collectives' work objects) goes before the group:
     # alive after it, gloo's threads can abort the process at exit (distributed.Group.close).
     del model, optimizer

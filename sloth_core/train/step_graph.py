@@ -101,6 +101,7 @@ class _Graph:
     items: torch.Tensor | None = None
     loss: torch.Tensor | None = None
     grads: list[torch.Tensor | None] = field(default_factory=list)
+    replayed: bool = False  # the last step
 
 
 _graphs: weakref.WeakKeyDictionary[Any, _Graph] = weakref.WeakKeyDictionary()
@@ -115,7 +116,10 @@ def _generator_state(device: torch.device) -> torch.Tensor:
 
 def _key(model: Any, batch: dict[str, torch.Tensor], counted: int, params: list) -> tuple:
     shapes = tuple(sorted((k, tuple(v.shape), v.dtype, v.device) for k, v in batch.items()))
-    return shapes, counted, bool(model.training), tuple(map(id, params))
+    # Every weight where the graph reads it: one moved or repacked since (a 4-bit weight
+    # switched back from eval's layout, say) would leave the graph reading stale memory.
+    weights = tuple(p.data_ptr() for p in model.parameters())
+    return shapes, counted, bool(model.training), tuple(map(id, params)), weights
 
 
 def _why_not(batch: dict[str, torch.Tensor], params: list[torch.Tensor], group: Any) -> str | None:
@@ -151,6 +155,7 @@ def forward_backward(
     entry = _graphs.get(model)
     if entry is None or (entry.key != key and entry.graph is None and entry.failed is None):
         entry = _graphs[model] = _Graph(key, params)  # a new signature before any capture
+    entry.replayed = False
     if entry.key != key or entry.failed is not None:
         return eager()
     if entry.graph is None and entry.warm < WARMUP:
@@ -171,6 +176,7 @@ def forward_backward(
     assert entry.items is not None and entry.loss is not None  # captured
     entry.items.copy_(items, non_blocking=True)
     backend.replay(entry.graph)
+    entry.replayed = True
     for p, grad in zip(entry.params, entry.grads, strict=True):
         p.grad = grad
     return entry.loss
@@ -215,7 +221,7 @@ def reason(model: Any) -> str | None:
     return None if entry is None else entry.failed
 
 
-def captured(model: Any) -> bool:
-    """Whether ``model``'s steps replay a captured graph."""
+def replayed(model: Any) -> bool:
+    """Whether ``model``'s last step replayed its captured graph."""
     entry = _graphs.get(model)
-    return entry is not None and entry.graph is not None
+    return entry is not None and entry.replayed
