@@ -11,7 +11,7 @@ source "$(dirname "$0")/gpu_env.sh" "$@"
 export SLOTH_CACHE=${SLOTH_CACHE:-/dev/shm/sloth-cache} TOKENIZERS_PARALLELISM=false
 limit=${LIMIT:-570}
 # SKIP=key,key: leave out the steps a call before brought back (syncs,
-# kept-1b (session 26: +0.8%, within noise), row-1b, graph-bench, graph, launches, moe, moe-profile, tests,
+# kept-1b (session 26: +0.8%, within noise), row-1b, graph-bench, launches, moe, moe-profile, tests,
 # profile-1b, bf16-8k, kept-probe, fp8-grads, fp8-quality, profiles), so that the next call of a warm machine goes on from there. (Every row ran in session 24:
 # ROWS=... bash scripts/gpu_targets.sh and scripts/gpu_dpo.sh run them again; nf4 and
 # DPO need the device tool's carry of .whl/.)
@@ -63,7 +63,7 @@ step row-1b "the llama-1b row (sloth and hf + PEFT)" 160 '
   echo "1b: rc=$?"; grep "^| .llama" "$out/targets-1b.md" | head -1'
 # The step replayed as a CUDA graph (SLOTH_CUDA_GRAPH=1, session 28, CPU-tested only):
 # its CUDA test, then llama-1b with and without it beside hf in one bench run. If the
-# capture fails, the bench's log says why (a warning) and the graphed system ran eagerly.
+# capture fails, the graphed system runs eagerly and the report's line says why.
 step graph-bench "llama-1b replayed as a CUDA graph (its test; sloth both ways and hf)" 200 '
   timeout 60 python3 -m pytest -p no:cacheprovider -q tests/train/test_step_graph.py -k cuda \
     > "$out/graph-test.txt" 2>&1
@@ -71,15 +71,7 @@ step graph-bench "llama-1b replayed as a CUDA graph (its test; sloth both ways a
   timeout 170 python3 -m sloth_core bench train --shape llama-1b --seq 2048 --batch 4 \
     --systems "sloth,sloth[SLOTH_CUDA_GRAPH=1],hf" --json "$out/graph-1b.json" \
     --markdown "$out/graph-1b.md" --plot "$out/graph-1b.png" > "$out/graph-1b.log" 2>&1
-  echo "graph bench: rc=$?"; grep "^|" "$out/graph-1b.md"
-  grep -m3 "SLOTH_CUDA_GRAPH" "$out/graph-1b.log" | cut -c1-400'
-# What a CUDA graph of the whole forward and backward would buy llama-1b's host-bound
-# step, offloaded and not, and whether the capture works as sloth's step stands.
-step graph "llama-1b's step as a CUDA graph" 130 '
-  for system in sloth:on sloth; do  # a process each: a failed capture may spoil the next
-    timeout 60 python3 scripts/graph_step_gpu.py --systems $system >> "$out/graph-1b.txt" 2>&1
-    echo "graph $system: rc=$?"
-  done; grep -v "^  " "$out/graph-1b.txt" | tail -25 | cut -c1-250'
+  echo "graph bench: rc=$?"; grep "^|\|CUDA graph" "$out/graph-1b.md" | cut -c1-400'
 # What each kind of launch costs the host (an aten op, a cast, a GEMM, a Triton kernel,
 # an autograd Function), the GPU kept busy: which of the step's ~2,550 to cut first.
 step launches "host time per launch, by kind" 60 '
