@@ -114,22 +114,22 @@ def _generator_state(device: torch.device) -> torch.Tensor:
     return torch.get_rng_state()
 
 
-def _key(model: Any, batch: dict[str, torch.Tensor], counted: int, params: list) -> tuple:
+def _key(model: Any, batch: dict[str, torch.Tensor], counted: int, weights: list) -> tuple:
     shapes = tuple(sorted((k, tuple(v.shape), v.dtype, v.device) for k, v in batch.items()))
-    # Every weight where the graph reads it: one moved or repacked since (a 4-bit weight
-    # switched back from eval's layout, say) would leave the graph reading stale memory.
-    weights = tuple(p.data_ptr() for p in model.parameters())
-    return shapes, counted, bool(model.training), tuple(map(id, params)), weights
+    # Every weight where the graph reads it (one moved or repacked since, a 4-bit weight
+    # switched back from eval's layout say, would leave the graph reading stale memory),
+    # and which of them train.
+    where = tuple((id(p), p.data_ptr(), p.requires_grad) for p in weights)
+    return shapes, counted, bool(model.training), where
 
 
-def _why_not(batch: dict[str, torch.Tensor], params: list[torch.Tensor], group: Any) -> str | None:
-    if set(batch) - _KEYS:
-        return f"the batch has {sorted(set(batch) - _KEYS)}"
-    if group is not None and getattr(group, "active", False):
-        return "several processes"
-    if any(p.grad is not None for p in params):
-        return "gradients held at the step's start"
-    return None
+def _eligible(batch: dict[str, torch.Tensor], params: list[torch.Tensor], group: Any) -> bool:
+    """Only batch keys a replay takes, one process, no gradients held at the step's start."""
+    return (
+        not set(batch) - _KEYS
+        and not (group is not None and getattr(group, "active", False))
+        and all(p.grad is None for p in params)
+    )
 
 
 def forward_backward(
@@ -147,11 +147,12 @@ def forward_backward(
     (see the module docstring), else ``eager()``; the loss. ``items`` is the loss's
     divisor (a device tensor), ``counted`` the batch's counted label tokens."""
     backend = backend or _BACKEND
-    params = [p for p in model.parameters() if p.requires_grad]
+    weights = list(model.parameters())
+    params = [p for p in weights if p.requires_grad]
     device = next(iter(batch.values())).device
-    if not backend.available(device) or _why_not(batch, params, group) is not None:
+    if not backend.available(device) or not _eligible(batch, params, group):
         return eager()
-    key = _key(model, batch, counted, params)
+    key = _key(model, batch, counted, weights)
     entry = _graphs.get(model)
     if entry is None or (entry.key != key and entry.graph is None and entry.failed is None):
         entry = _graphs[model] = _Graph(key, params)  # a new signature before any capture
