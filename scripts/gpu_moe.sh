@@ -3,10 +3,12 @@
 # (scripts/moe_tiles_gpu.py), then the qwen3-30b-a3b row of `sloth bench train --targets`
 # (sloth and hf + PEFT; the model, 57 GiB, under SLOTH_CACHE, /dev/shm by default).
 # MEMORY=1: then what the step's peak memory is made of (scripts/memory_peak_gpu.py, sloth).
-# Usage: [SKIP_TESTS=1] [SKIP_TILES=1] [SKIP_ROW=1] [MEMORY=1] [SYSTEMS=sloth] [BATCH=2] bash scripts/gpu_moe.sh [OUT_DIR]
+# Usage: [SKIP_TESTS=1] [SKIP_TILES=1] [SKIP_ROW=1] [MEMORY=1] [SYSTEMS=sloth] [BATCH=2] [QUANTIZATION=fp8] [NAME=moe] bash scripts/gpu_moe.sh [OUT_DIR]
 # SYSTEMS: `sloth bench train` on the shape with those systems instead of the targets row
 # (sloth alone where hf + PEFT cannot fit, as on an 80 GB H100 at batch 2; BATCH=1
 # SYSTEMS=sloth,hf may fit both there: a figure beside the row, not the row).
+# QUANTIZATION=fp8: sloth's base weights, the experts' included, in FP8 (hf stays bf16);
+# NAME: the stem of that run's files ($out/NAME.json, .md, .log).
 set -uo pipefail
 source "$(dirname "$0")/gpu_env.sh" "$@"
 export SLOTH_CACHE=${SLOTH_CACHE:-/dev/shm/sloth-cache}
@@ -37,10 +39,11 @@ fi
 if [ -n "${SKIP_ROW:-}" ]; then
   :  # the tests and tiles alone: the row in a call of its own (SLOTH_MOE_TILE/GEMM set)
 elif [ -n "${SYSTEMS:-}" ]; then
+  name=${NAME:-moe}
   python3 -m sloth_core bench train --shape qwen3-30b-a3b --seq 2048 --batch "${BATCH:-2}" --steps 10 \
-    --warmup 3 --systems "$SYSTEMS" --json "$out/moe.json" --markdown "$out/moe.md" \
-    > "$out/moe.log" 2>&1
-  tail -12 "$out/moe.log"
+    --warmup 3 --systems "$SYSTEMS" ${QUANTIZATION:+--quantization "$QUANTIZATION"} \
+    --json "$out/$name.json" --markdown "$out/$name.md" > "$out/$name.log" 2>&1
+  tail -12 "$out/$name.log"
 else
   ROWS=moe bash "$(dirname "$0")/gpu_targets.sh" "$out"
 fi

@@ -11,8 +11,9 @@ source "$(dirname "$0")/gpu_env.sh" "$@"
 export SLOTH_CACHE=${SLOTH_CACHE:-/dev/shm/sloth-cache} TOKENIZERS_PARALLELISM=false
 limit=${LIMIT:-570}
 # SKIP=key,key: leave out the steps a call before brought back (syncs,
-# kept-1b (session 26: +0.8%, within noise), row-1b, graph-bench, launches, moe, moe-profile, tests,
-# profile-1b, bf16-8k, kept-probe, fp8-grads, fp8-quality, profiles), so that the next call of a warm machine goes on from there. (Every row ran in session 24:
+# kept-1b (session 26: +0.8%, within noise), row-1b, graph-bench, launches, moe, moe-profile,
+# moe-fp8, tests, profile-1b, bf16-8k, kept-probe, fp8-grads, fp8-quality, profiles,
+# moe-fp8-b1), so that the next call of a warm machine goes on from there. (Every row ran in session 24:
 # ROWS=... bash scripts/gpu_targets.sh and scripts/gpu_dpo.sh run them again; nf4 and
 # DPO need the device tool's carry of .whl/.)
 step() {  # step KEY NAME SECONDS_NEEDED 'COMMAND': run it under bash if that much time is left
@@ -36,6 +37,10 @@ if [ "$big" = 1 ]; then
     python3 scripts/profile_train.py --shape qwen3-30b-a3b --systems sloth --seq 2048 \
       --batch 2 --python-rows 45 > "$out/profile-moe.txt" 2>&1
     echo "profile: rc=$?"; grep -A14 "^==== " "$out/profile-moe.txt" | cut -c1-200'
+  # Session 29: the experts' 3-D weights in FP8 too (quantization="fp8"): the MoE row's
+  # memory target (0.6x of hf) is below the bf16 weights alone (56.8 GiB), as DPO's was.
+  step moe-fp8 "MoE with FP8 base weights (qwen3-30b-a3b 2048x2; hf + PEFT in bf16)" 300 \
+    'SKIP_TESTS=1 SKIP_TILES=1 SYSTEMS=sloth,hf QUANTIZATION=fp8 NAME=moe-fp8 bash scripts/gpu_moe.sh "$out"'
 fi
 # Sessions 25 to 27 cut a LoRA step's host syncs and launches (llama, 16 layers: 3,744
 # launching ops a step to 2,850 on the CPU's count; the adapters copied in one launch an
@@ -85,7 +90,7 @@ step tests "CUDA tests of the code changed since the last GPU run" 240 '
     kernels/tests/test_fused_linear_cross_entropy.py kernels/tests/test_log_probs.py \
     kernels/tests/test_adapter_casts.py tests/test_adapter_casts_in_a_step.py \
     kernels/tests/test_norms.py kernels/tests/test_rope.py tests/test_attention_varlen.py \
-    tests/test_checkpoint_recompute.py \
+    tests/test_checkpoint_recompute.py kernels/tests/test_moe.py \
     > "$out/cuda-tests.txt" 2>&1
   rc=$?; echo "tests: rc=$rc $(tail -1 "$out/cuda-tests.txt")"; grep "^FAILED" "$out/cuda-tests.txt"; exit $rc'
 # Where llama-1b's step goes now (session 25: 159.8 ms wall profiled, 143.7 ms of GPU
@@ -130,4 +135,10 @@ step profiles "bf16 profile (llama-8b 2048x4)" 150 '
   timeout 140 python3 scripts/profile_train.py --systems sloth --python-rows 0 --shapes 40 \
     > "$out/profile-train-bf16.txt" 2>&1
   echo "profile: rc=$?"; grep -A12 "^==== " "$out/profile-train-bf16.txt" | cut -c1-150'
+# On an 80 GB card: the FP8 experts beside hf + PEFT at batch 1, where hf fits (73.66 GiB
+# in session 21); the model (57 GiB) is made under /dev/shm first.
+if [ "$big" = 0 ]; then
+  step moe-fp8-b1 "MoE with FP8 base weights at 2048x1 (hf + PEFT in bf16)" 420 \
+    'SKIP_TESTS=1 SKIP_TILES=1 BATCH=1 SYSTEMS=sloth,hf QUANTIZATION=fp8 NAME=moe-fp8-b1 bash scripts/gpu_moe.sh "$out"'
+fi
 exit 0

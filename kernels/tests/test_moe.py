@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from types import SimpleNamespace
 
 import pytest
@@ -374,6 +375,79 @@ def test_schedule_never_waits_for_the_device():
         moe._Schedule(index, 16, 64)
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+def _fp8(layer):
+    """``layer`` with its base weight in e4m3 with row scales, stored as the layer's is
+    (gpt-oss: ``[E, in, out]``), and the same map with those weights dense in fp32."""
+    weight = layer.weight.detach()  # [E, out, in], a view for gpt-oss
+    scales = weight.abs().amax(-1).clamp(min=1e-12) / torch.finfo(torch.float8_e4m3fn).max
+    values = (weight / scales[..., None]).to(torch.float8_e4m3fn)
+    if not layer.weight.is_contiguous():
+        values = values.transpose(1, 2).contiguous().transpose(1, 2)
+    dense = replace(layer, weight=values.float() * scales[..., None])
+    return replace(layer, weight=values, weight_scale=scales), dense
+
+
+@pytest.mark.parametrize("gemm", ["triton", "grouped_mm"])
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_fp8_expert_weights_train_as_their_dense_values(kind, gemm, monkeypatch):
+    """Base weights in e4m3 with row scales (sloth-fp8's experts): the output and every
+    gradient are those of the dequantized weights, in fp32 against the reference and in
+    bf16 equal to the kernels' own on the dense bf16 stack. The backward holds the
+    quantized maps, never a dense stack (that would keep every layer's bf16 weights
+    through a checkpointed step)."""
+    calls = _grouped_mm_calls(monkeypatch, gemm)
+    args, kwargs, inputs, what = _problem(kind, True, align=8)
+    x, index, weights, gate_up, down = args
+    (q1, d1), (q2, d2) = _fp8(gate_up), _fp8(down)
+    probe = moe_experts(x, index, weights, q1, q2, **kwargs).grad_fn
+    assert type(probe).__name__.startswith("_MoEExperts"), "took the reference"
+    assert [layer.weight.dtype for layer in probe.cfg[:2]] == [torch.float8_e4m3fn] * 2
+    assert all(t.dim() < 3 for t in probe.saved_tensors if t is not None)  # no weight stack
+    calls.clear()
+    out, grads, upstream = _run(moe_experts, (x, index, weights, q1, q2), kwargs, inputs)
+    # The dense stack takes torch's grouped GEMM where asked (bf16 only on CUDA).
+    assert len(calls) == (4 if gemm == "grouped_mm" and not HAS_CUDA else 0)
+    ref_args = (x, index, weights, d1, d2)
+    ref_out, ref_grads, _ = _run(reference.moe_experts, ref_args, kwargs, inputs, upstream)
+    assert_close(out, ref_out, torch.float32, what=f"{what} fp8 forward")
+    for i, (g, ref) in enumerate(zip(grads, ref_grads, strict=True)):
+        assert_close(g, ref, torch.float32, scale=4, what=f"{what} fp8 grad {i}")
+    # The reference on the quantized maps: the same dense values.
+    plain, plain_grads, _ = _run(reference.moe_experts, args[:3] + (q1, q2), kwargs, inputs,
+                                 upstream)  # fmt: skip
+    assert_close(plain, ref_out, torch.float32, what=f"{what} fp8 reference forward")
+    for i, (g, ref) in enumerate(zip(plain_grads, ref_grads, strict=True)):
+        assert_close(g, ref, torch.float32, what=f"{what} fp8 reference grad {i}")
+    # bf16 activations: the dense stack in bf16, exactly as if the weights were stored so.
+    (x16, *_), inputs16 = _cast((x, index, weights, gate_up, down), inputs, torch.bfloat16)
+    dense16 = [replace(q, weight=q.dense_weight(torch.bfloat16), weight_scale=None)
+               for q in (q1, q2)]  # fmt: skip
+    quant = [replace(q, bias=None if q.bias is None else q.bias.bfloat16()) for q in (q1, q2)]
+    dense16 = [replace(d, bias=q.bias) for d, q in zip(dense16, quant, strict=True)]
+    got = moe_experts(x16, index, weights, *quant, **kwargs)
+    want = moe_experts(x16, index, weights, *dense16, **kwargs)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got, want, rtol=0, atol=0, msg=f"{what} bf16 forward")
+    up16 = upstream.bfloat16()
+    leaves = [x16, weights] + [t for q in quant for t in (q.lora_A, q.lora_B)]
+    got_grads = torch.autograd.grad(got, leaves, up16)
+    want_grads = torch.autograd.grad(want, leaves, up16)
+    for i, (g, w) in enumerate(zip(got_grads, want_grads, strict=True)):
+        torch.testing.assert_close(g, w, rtol=0, atol=0, msg=f"{what} bf16 grad {i}")
+
+
+def test_an_8_bit_expert_parameter_without_its_scales_is_named():
+    experts = torch.nn.Module()
+    experts.gate_up_proj = torch.nn.Parameter(
+        torch.zeros(2, 4, 3, dtype=torch.float8_e4m3fn), requires_grad=False
+    )
+    with pytest.raises(ValueError, match="gate_up_proj is stored in 8 bits without its"):
+        ExpertLinear.from_parameter(experts, "gate_up_proj")
+    experts.register_buffer("gate_up_proj" + reference.ROW_SCALES, torch.ones(2, 4))
+    layer = ExpertLinear.from_parameter(experts, "gate_up_proj")
+    assert layer.weight_scale is experts.gate_up_proj_row_scales
 
 
 def test_unserved_arguments_take_the_reference():

@@ -107,19 +107,40 @@ def _transposed(wrapper: Any, shape: torch.Size, delta: torch.Size) -> bool:
 
 
 def _merged_parameters(
-    wrappers: dict[str, Any], dtype: torch.dtype | None
+    wrappers: dict[str, Any], dtype: torch.dtype | None, dense: dict[str, torch.Tensor]
 ) -> dict[str, torch.Tensor]:
     merged = {}
     for key, wrapper in wrappers.items():
         if wrapper.merged:
             raise ValueError(f"{key}: adapter already merged into the weights; unmerge first")
-        param = wrapper.get_param().detach()
+        param = dense[key] if key in dense else wrapper.get_param().detach()
         total = param.float()
         for adapter in wrapper.active_adapters:
             if adapter in wrapper.lora_A:
                 total = total + _parameter_delta(wrapper, adapter)
         merged[key] = total.to(dtype or param.dtype)
     return merged
+
+
+def _scaled_parameters(model: torch.nn.Module, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The 3-D parameters a quantizer plugin stores with row scales (sloth-fp8's experts:
+    e4m3 values, the scales in the buffer ``<name>_row_scales``), dequantized to ``dtype``
+    in the layout they are stored in, by their key in the unwrapped model."""
+    from sloth_core.ops.reference import ROW_SCALES, ExpertLinear
+
+    dense = {}
+    for name, module in model.named_modules():
+        if _is_param_wrapper(module):
+            continue  # the module it wraps owns the parameter and its scales
+        for buffer, _ in module.named_buffers(recurse=False):
+            if not buffer.endswith(ROW_SCALES):
+                continue
+            param = buffer[: -len(ROW_SCALES)]
+            weight = ExpertLinear.from_parameter(module, param).dense_weight(dtype)
+            if getattr(module, "is_transposed", False):  # stored [E, in, out]
+                weight = weight.transpose(1, 2)
+            dense[_unwrapped(f"{name}.{param}" if name else param)] = weight
+    return dense
 
 
 def _quantized_layers(model: torch.nn.Module, skip: dict[str, Any]) -> dict[str, Any]:
@@ -169,7 +190,10 @@ def merged_state_dict(model: torch.nn.Module, dtype: torch.dtype | None = None) 
     base = _base_model(model)
     layers = _lora_layers(base)
     wrappers = _param_wrappers(base)
-    merged = _merged_parameters(wrappers, dtype)
+    state = base.state_dict()
+    # Quantized expert stacks come back in the dtype of the model's other weights.
+    dense = _scaled_parameters(base, dtype or _main_dtype(_unquantized(state)))
+    merged = _merged_parameters(wrappers, dtype, dense)
     for name, module in layers.items():
         if module.merged:
             raise ValueError(f"{name}: adapter already merged into the weights; unmerge first")
@@ -188,22 +212,35 @@ def merged_state_dict(model: torch.nn.Module, dtype: torch.dtype | None = None) 
         if getattr(module, "bias", None) is not None:
             merged[f"{name}.bias"] = module.bias.detach()
     done = set(layers) | set(quantized)
-    for key, tensor in base.state_dict().items():
+    for key, tensor in state.items():
         if "lora_" in key or _under(key, done):
             continue  # adapters, wrapped and packed 4-bit weights: written above
         if ".modules_to_save." in key or ".original_module." in key:
             continue  # the trained copies replace their originals below
         key = _unwrapped(key) if wrappers else key  # the wrapped modules' other tensors
+        if _is_row_scales(key, dense):
+            continue  # folded into the dequantized stack
         if key not in wrappers:
-            merged[key] = tensor
+            merged[key] = dense.get(key, tensor)
     # Modules trained in full (modules_to_save) take the place of their originals.
-    for key, tensor in base.state_dict().items():
+    for key, tensor in state.items():
         if ".modules_to_save." in key:
             prefix, rest = key.split(".modules_to_save.", 1)
             merged[f"{prefix}.{rest.split('.', 1)[1]}"] = tensor
     if dtype is not None:
         merged = {k: v.to(dtype) if v.is_floating_point() else v for k, v in merged.items()}
     return {k: v.detach().contiguous() for k, v in merged.items()}
+
+
+def _is_row_scales(key: str, dense: dict[str, torch.Tensor]) -> bool:
+    from sloth_core.ops.reference import ROW_SCALES
+
+    return key.endswith(ROW_SCALES) and key[: -len(ROW_SCALES)] in dense
+
+
+def _unquantized(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The floating tensors of ``state`` of 16 bits or more."""
+    return {k: v for k, v in state.items() if v.is_floating_point() and v.element_size() > 1}
 
 
 def _generation_config(base: Any, tokenizer: Any) -> Any:

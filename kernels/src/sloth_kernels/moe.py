@@ -644,9 +644,13 @@ class _MoEExperts(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, top_k_index, top_k_weights, w1, b1, a1, lb1, w2, b2, a2, lb2, cfg):
         gate_up, down, act, layout, alpha, limit, output = cfg
+        # Quantized (FP8) weights: their dense stacks live for this call only, made again
+        # in the backward; ctx keeps the quantized maps (cfg), or a checkpointed step would
+        # hold every layer's dense weights, all the memory FP8 saves.
+        gate_up, down = gate_up.dense(x.dtype), down.dense(x.dtype)
         sched = _Schedule(top_k_index, w1.shape[0], _blocks()[0], top_k_weights)
         w_rows = sched.w_rows
-        mm = _grouped_mm_wanted(x, w1, w2)
+        mm = _grouped_mm_wanted(x, gate_up.weight, down.weight)
         xa1 = _lora_rows(x, sched, _adapter(gate_up, False), gather=True)
         gate, up, h = _gate_up(x, sched, gate_up, act, layout, alpha, limit, xa1, mm)
         xa2 = _lora_rows(h, sched, _adapter(down, False), gather=False)
@@ -666,6 +670,7 @@ class _MoEExperts(torch.autograd.Function):
     def backward(ctx, grad):
         x, w_rows, gate, up, xa1, xa2 = ctx.saved_tensors
         sched, (gate_up, down, act, layout, alpha, limit, _) = ctx.sched, ctx.cfg
+        gate_up, down = gate_up.dense(x.dtype), down.dense(x.dtype)
         needs = ctx.needs_input_grad
         g = grad.contiguous()
         # dH' = g W2 + s (g B2) A2 per row (unweighted); g B2 kept for dA2.
@@ -718,7 +723,7 @@ def _served(
         return False
     if x.dim() != 2 or x.shape[0] == 0 or x.dtype not in DTYPES or torch.is_autocast_enabled():
         return False
-    tensors = [t for layer in layers for t in _tensors(layer)]
+    tensors = [t for layer in layers for t in (*_tensors(layer), layer.weight_scale)]
     if any(t is not None and (t.device != x.device or t.stride(-1) == 0) for t in tensors):
         return False
     return all(

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from fp8_helpers import train_losses
 from sloth_fp8.linear import (
     FP8_MAX,
     Fp8Linear,
@@ -142,14 +143,7 @@ def test_lora_on_an_fp8_model_trains_and_merges(installed, make_tiny_model, monk
         model = FastLanguageModel.get_peft_model(model, r=8, lora_alpha=16)
         batch = tokenizer(["The quick brown fox jumps over the lazy dog."] * 2,
                           return_tensors="pt")  # fmt: skip
-        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], 1e-2)
-        losses = []
-        for _ in range(4):
-            loss = model(**batch, labels=batch["input_ids"]).loss
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad()
-            losses.append(loss.item())
+        losses = train_losses(model, batch)
         assert losses[-1] < losses[0]
         merged = merged_state_dict(model)
     plain = {k for k in merged if "weight_scale" in k or "lora_" in k}

@@ -8,12 +8,21 @@ from .activations import geglu, swiglu
 from .log_probs import token_log_probs
 from .lora import LoRALinear, lora_linear, lora_mlp, lora_o, lora_qkv
 from .loss import cross_entropy, fused_linear_cross_entropy
-from .moe import ExpertLinear, expert_linears, moe_activation, moe_experts, moe_route
+from .moe import (
+    ROW_SCALES,
+    ExpertLinear,
+    expert_linears,
+    moe_activation,
+    moe_experts,
+    moe_route,
+    row_scales,
+)
 from .nf4 import dequantize_nf4
 from .norms import layer_norm, rms_norm
 from .rope import rope
 
 __all__ = [
+    "ROW_SCALES",
     "ExpertLinear",
     "LoRALinear",
     "cross_entropy",
@@ -31,6 +40,7 @@ __all__ = [
     "moe_route",
     "rms_norm",
     "rope",
+    "row_scales",
     "swiglu",
     "token_log_probs",
 ]

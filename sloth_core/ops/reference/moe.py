@@ -8,7 +8,7 @@ unwrapped into per-expert factors. Nothing here imports PEFT or transformers.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -19,6 +19,9 @@ from .lora import active_adapter
 
 MOE_ACTIVATIONS = ("swiglu", "gpt_oss")
 GATE_UP_LAYOUTS = ("halves", "interleaved")
+#: The suffix of the buffer holding a quantized expert parameter's row scales
+#: (``experts.gate_up_proj_row_scales`` for ``experts.gate_up_proj``).
+ROW_SCALES = "_row_scales"
 
 
 @dataclass
@@ -32,6 +35,11 @@ class ExpertLinear:
         lora_A: ``[E, r, in]`` or ``None`` (no adapter); views of PEFT's weights.
         lora_B: ``[E, out, r]`` or ``None``.
         scaling: the adapter's ``lora_alpha / r`` (or rsLoRA's) factor.
+        weight_scale: ``None``, or float32 ``[E, out]``: then ``weight`` holds quantized
+            values (FP8 e4m3, frozen) and the map's weight is
+            ``weight * weight_scale[..., None]`` (:meth:`dense_weight`). A quantizer
+            plugin stores a 3-D expert parameter so, with its scales in the module's
+            buffer named ``<parameter>`` + :data:`ROW_SCALES` (sloth-fp8).
     """
 
     weight: torch.Tensor
@@ -39,6 +47,7 @@ class ExpertLinear:
     lora_A: torch.Tensor | None = None
     lora_B: torch.Tensor | None = None
     scaling: float = 1.0
+    weight_scale: torch.Tensor | None = None
 
     @property
     def has_lora(self) -> bool:
@@ -49,6 +58,19 @@ class ExpertLinear:
     def num_experts(self) -> int:
         return self.weight.shape[0]
 
+    def dense_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        """The stack's weights ``[E, out, in]`` in ``dtype``: ``weight`` itself when it is
+        not quantized and in ``dtype`` already, else dequantized (a new tensor)."""
+        if self.weight_scale is None:
+            return self.weight.to(dtype)
+        return _dequantized(self.weight, self.weight_scale, dtype)
+
+    def dense(self, dtype: torch.dtype) -> ExpertLinear:
+        """This map with :meth:`dense_weight` as its weight: itself if not quantized."""
+        if self.weight_scale is None:
+            return self
+        return replace(self, weight=self.dense_weight(dtype), weight_scale=None)
+
     def forward(self, x: torch.Tensor, expert: int) -> torch.Tensor:
         """Expert ``expert``'s map of ``x`` ``[n, in]``: ``[n, out]`` in ``x.dtype``.
 
@@ -56,7 +78,10 @@ class ExpertLinear:
         the sum is cast back, as PEFT's ``lora.Linear`` orders it.
         """
         bias = None if self.bias is None else self.bias[expert]
-        result = F.linear(x, self.weight[expert], bias)
+        weight = self.weight[expert]
+        if self.weight_scale is not None:
+            weight = _dequantized(weight, self.weight_scale[expert], x.dtype)
+        result = F.linear(x, weight, bias)
         if self.lora_A is None or self.lora_B is None:
             return result
         x_lora = x.to(self.lora_A.dtype)
@@ -99,6 +124,7 @@ class ExpertLinear:
         layer = cls(
             weight=param.transpose(1, 2) if transposed else param,
             bias=bias_tensor if isinstance(bias_tensor, torch.Tensor) else None,
+            weight_scale=row_scales(base, name),
         )
         wrapper = wrappers.get(name)
         if wrapper is None:
@@ -135,6 +161,28 @@ def _unwrap(module: Any) -> tuple[dict[str, Any], nn.Module]:
         wrappers.setdefault(module.parameter_name, module)
         module = module.base_layer
     return wrappers, module
+
+
+def row_scales(module: nn.Module, name: str) -> torch.Tensor | None:
+    """The row scales ``[E, out]`` of ``module``'s expert parameter ``name`` stored
+    quantized (the buffer ``name + ROW_SCALES``), or ``None`` for a parameter in a float
+    dtype of 16 bits or more.
+
+    Raises:
+        ValueError: the parameter is in an 8-bit float dtype without its scales.
+    """
+    scales = getattr(module, name + ROW_SCALES, None)
+    if isinstance(scales, torch.Tensor):
+        return scales
+    if _original(module, name).element_size() == 1:
+        kind = type(module).__name__
+        raise ValueError(f"{kind}.{name} is stored in 8 bits without its {name}{ROW_SCALES}")
+    return None
+
+
+def _dequantized(values: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``values * scales[..., None]`` (``values`` ``[..., out, in]``) in float32, then ``dtype``."""
+    return (values.float() * scales[..., None]).to(dtype)
 
 
 def _original(module: nn.Module, name: str) -> torch.Tensor:

@@ -22,6 +22,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from sloth_core.ops.reference import ROW_SCALES
+from sloth_core.sdk import SlothError
+
 FP8 = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8).max  # 448
 _TINY = 1e-12  # an all-zero row keeps scale > 0
@@ -332,4 +335,53 @@ def convert_linears(model: nn.Module) -> int:
             if type(child) is nn.Linear and child is not output:
                 setattr(parent, name, Fp8Linear(child))
                 count += 1
+    return count
+
+
+#: The 3-D expert parameters sloth's ``moe_experts`` op reads (transformers' experts
+#: modules: Qwen3-MoE's, Mixtral's, gpt-oss's): what :func:`convert_experts` stores in FP8.
+EXPERT_PARAMETERS = ("gate_up_proj", "down_proj")
+
+
+def _experts_refused(name: str) -> Any:
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        raise SlothError(
+            f"{name}: its expert weights are stored in FP8 (quantization='fp8'), which only "
+            "sloth's MoE block computes; this call is transformers' own experts forward "
+            "(the block was left unpatched: `model.sloth_patches` says why; or its adapters are "
+            "merged, or several are active). Load the model without quantization='fp8'"
+        )
+
+    return forward
+
+
+def convert_experts(model: nn.Module) -> int:
+    """Store every 3-D expert parameter (:data:`EXPERT_PARAMETERS`) of ``model`` in e4m3,
+    its row scales (``[E, out]``, float32) in the buffer ``<name>_row_scales``
+    (``sloth_core.ops.reference.ROW_SCALES``) where sloth's ``ExpertLinear`` reads them;
+    the number of experts modules converted.
+
+    The rows are the output rows of each expert's ``[out, in]`` map, also where the module
+    stores ``[E, in, out]`` (``is_transposed``: gpt-oss). The module's own forward (never
+    called by sloth's patched MoE block, which lifts the weights) is replaced by one that
+    raises, naming the module: transformers' would multiply the e4m3 values unscaled.
+    """
+    count = 0
+    for name, module in model.named_modules():
+        params = [getattr(module, p, None) for p in EXPERT_PARAMETERS]
+        stacks = [p for p in params if isinstance(p, nn.Parameter) and p.dim() == 3]
+        if len(stacks) != len(EXPERT_PARAMETERS):
+            continue
+        transposed = bool(getattr(module, "is_transposed", False))
+        for pname, param in zip(EXPERT_PARAMETERS, stacks, strict=True):
+            weight = param.detach().transpose(1, 2) if transposed else param.detach()
+            flat = weight.reshape(-1, weight.shape[-1])  # rows of every expert
+            values, scales = quantize_rows(flat)
+            values = values.view(weight.shape)
+            if transposed:  # stored as the module stores it
+                values = values.transpose(1, 2).contiguous()
+            setattr(module, pname, nn.Parameter(values, requires_grad=False))
+            module.register_buffer(pname + ROW_SCALES, scales.view(weight.shape[:2]))
+        module.forward = _experts_refused(name)
+        count += 1
     return count

@@ -2,8 +2,10 @@
 
 ``quantize`` serves ``fp8``: the model loads in its 16-bit dtype as always, then
 ``finalize`` turns every linear layer but the output layer into an :class:`Fp8Linear`
-(e4m3 values, one scale per row: :mod:`sloth_fp8.linear`). LoRA, the norms, the
-embeddings, the output layer and the loss stay in the load dtype.
+(e4m3 values, one scale per row: :mod:`sloth_fp8.linear`) and stores a mixture-of-experts
+model's 3-D expert weights in e4m3 with row scales too (:func:`convert_experts`; sloth's
+``moe_experts`` op multiplies them dequantized, a layer at a time). LoRA, the norms, the
+embeddings, the router, the output layer and the loss stay in the load dtype.
 """
 
 from __future__ import annotations
@@ -31,10 +33,11 @@ def register_quantizers(register):
 
 
 def finalize(model: Any) -> Any:
-    """Run once on the loaded model: its linear layers to FP8."""
-    from .linear import convert_linears
+    """Run once on the loaded model: its linear layers and its experts' 3-D weights (a
+    mixture-of-experts model's) to FP8."""
+    from .linear import convert_experts, convert_linears
 
-    if not convert_linears(model):
+    if not convert_linears(model) + convert_experts(model):
         raise ValueError(f"{type(model).__name__}: no linear layer to store in FP8")
     return model
 
