@@ -438,6 +438,22 @@ def test_fp8_expert_weights_train_as_their_dense_values(kind, gemm, monkeypatch)
         torch.testing.assert_close(g, w, rtol=0, atol=0, msg=f"{what} bf16 grad {i}")
 
 
+@pytest.mark.parametrize("transposed", [False, True], ids=["rows", "gpt_oss"])
+@pytest.mark.parametrize("dtype", list(TOLERANCES))
+def test_the_dequantized_stack_is_the_references_to_the_bit(dtype, transposed):
+    """One pass of the dequantizing kernel (over two programs: 3 x 37 x 53 elements) gives
+    exactly :meth:`ExpertLinear.dense_weight`'s fp32 product rounded to ``dtype``, in the
+    layout the stack is stored in."""
+    weight = torch.randn(3, 37, 53, device=DEVICE) * torch.rand(3, 37, 1, device=DEVICE) * 9
+    layer = ExpertLinear(weight)
+    quant, _ = _fp8(ExpertLinear(weight.transpose(1, 2).contiguous().transpose(1, 2))
+                    if transposed else layer)  # fmt: skip
+    dense = moe._dense(quant, dtype)
+    assert dense.weight_scale is None and dense.weight.dtype == dtype
+    assert dense.weight.is_contiguous() != transposed  # stored as the quantized stack is
+    torch.testing.assert_close(dense.weight, quant.dense_weight(dtype), rtol=0, atol=0)
+
+
 def test_an_8_bit_expert_parameter_without_its_scales_is_named():
     experts = torch.nn.Module()
     experts.gate_up_proj = torch.nn.Parameter(

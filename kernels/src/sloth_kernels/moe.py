@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import inspect
 import os
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -322,7 +323,54 @@ def _grouped_tn_kernel(
              (acc * scale).to(OUT.dtype.element_ty), mask=out_mask)  # fmt: skip
 
 
+@triton.jit
+def _dequantize_kernel(V, S, Y, N, IN, OUT, TRANSPOSED: tl.constexpr, BF16: tl.constexpr,
+                       BLOCK: tl.constexpr):  # fmt: skip
+    """``Y = V * S`` per output row: ``V`` quantized (e4m3) ``[E, OUT, IN]`` stored
+    contiguous, or ``[E, IN, OUT]`` (``TRANSPOSED``), ``S`` float32 ``[E, OUT]``; computed in
+    fp32 and rounded to nearest even (by hand for bf16: the interpreter truncates)."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < N
+    if TRANSPOSED:  # offs = (e * IN + i) * OUT + o
+        row = offs // (IN * OUT) * OUT + offs % OUT
+    else:  # offs = (e * OUT + o) * IN + i
+        row = offs // IN
+    value = tl.load(V + offs, mask=mask, other=0.0).to(tl.float32)
+    y = value * tl.load(S + row, mask=mask, other=0.0)
+    if BF16:
+        bits = y.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+        tl.store(Y + offs, bits.to(tl.uint16).to(tl.bfloat16, bitcast=True), mask=mask)
+    else:
+        tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=mask)
+
+
 # -- host side -------------------------------------------------------------------------
+
+
+def _dense(layer: ExpertLinear, dtype: torch.dtype) -> ExpertLinear:
+    """``layer`` with its quantized weight (``weight_scale``) dequantized to ``dtype`` in one
+    pass (:func:`_dequantize_kernel`: 1 byte read and 2 written an element, where torch's
+    ``values.float() * scales`` makes and reads an fp32 stack twice the size of bf16's), in
+    the layout it is stored in; the layer itself when not quantized. The values are
+    :meth:`ExpertLinear.dense_weight`'s."""
+    if layer.weight_scale is None:
+        return layer
+    weight = layer.weight
+    transposed = not weight.is_contiguous()
+    stored = weight.transpose(1, 2) if transposed else weight
+    if not stored.is_contiguous() or not layer.weight_scale.is_contiguous():
+        return layer.dense(dtype)
+    out = torch.empty(stored.shape, dtype=dtype, device=stored.device)
+    experts, rows, cols = weight.shape
+    block = 4096
+    _dequantize_kernel[(triton.cdiv(stored.numel(), block),)](
+        stored, layer.weight_scale, out, stored.numel(), cols, rows, TRANSPOSED=transposed,
+        BF16=dtype == torch.bfloat16, BLOCK=block,
+    )  # fmt: skip
+    return replace(layer, weight=out.transpose(1, 2) if transposed else out, weight_scale=None)
+
+
 
 
 @triton.jit
@@ -647,7 +695,7 @@ class _MoEExperts(torch.autograd.Function):
         # Quantized (FP8) weights: their dense stacks live for this call only, made again
         # in the backward; ctx keeps the quantized maps (cfg), or a checkpointed step would
         # hold every layer's dense weights, all the memory FP8 saves.
-        gate_up, down = gate_up.dense(x.dtype), down.dense(x.dtype)
+        gate_up, down = _dense(gate_up, x.dtype), _dense(down, x.dtype)
         sched = _Schedule(top_k_index, w1.shape[0], _blocks()[0], top_k_weights)
         w_rows = sched.w_rows
         mm = _grouped_mm_wanted(x, gate_up.weight, down.weight)
@@ -670,7 +718,7 @@ class _MoEExperts(torch.autograd.Function):
     def backward(ctx, grad):
         x, w_rows, gate, up, xa1, xa2 = ctx.saved_tensors
         sched, (gate_up, down, act, layout, alpha, limit, _) = ctx.sched, ctx.cfg
-        gate_up, down = gate_up.dense(x.dtype), down.dense(x.dtype)
+        gate_up, down = _dense(gate_up, x.dtype), _dense(down, x.dtype)
         needs = ctx.needs_input_grad
         g = grad.contiguous()
         # dH' = g W2 + s (g B2) A2 per row (unweighted); g B2 kept for dA2.
