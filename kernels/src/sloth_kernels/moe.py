@@ -371,8 +371,6 @@ def _dense(layer: ExpertLinear, dtype: torch.dtype) -> ExpertLinear:
     return replace(layer, weight=out.transpose(1, 2) if transposed else out, weight_scale=None)
 
 
-
-
 @triton.jit
 def _bound_search(values_ptr, n, target, steps, RIGHT: tl.constexpr):
     """For each of ``target``: the first index of the sorted ``values[:n]`` holding a value
