@@ -409,6 +409,13 @@ def test_fp8_expert_weights_train_as_their_dense_values(kind, gemm, monkeypatch)
     out, grads, upstream = _run(moe_experts, (x, index, weights, q1, q2), kwargs, inputs)
     # The dense stack takes torch's grouped GEMM where asked (bf16 only on CUDA).
     assert len(calls) == (4 if gemm == "grouped_mm" and not HAS_CUDA else 0)
+    # A recompute's call (no output value): the same gradients, the same GEMMs but down's.
+    calls.clear()
+    skipped = moe_experts(x, index, weights, q1, q2, **kwargs, output=False)
+    got = torch.autograd.grad(skipped, inputs, upstream)
+    assert len(calls) == (3 if gemm == "grouped_mm" and not HAS_CUDA else 0)
+    for i, (g, want) in enumerate(zip(got, grads, strict=True)):
+        torch.testing.assert_close(g, want, rtol=1e-6, atol=1e-6, msg=f"{what} skipped grad {i}")
     ref_args = (x, index, weights, d1, d2)
     ref_out, ref_grads, _ = _run(reference.moe_experts, ref_args, kwargs, inputs, upstream)
     assert_close(out, ref_out, torch.float32, what=f"{what} fp8 forward")

@@ -49,12 +49,23 @@ class _Rerun:
             p.grad = None
 
 
+@pytest.fixture(scope="module")
+def tiny_moe(tmp_path_factory):
+    """A tiny Qwen3-MoE: its experts' 3-D weights take LoRA (``target_experts``)."""
+    from sloth_core.testing.models import tiny_model
+
+    return tiny_model("qwen3_moe", tmp_path_factory.mktemp("models") / "qwen3_moe")
+
+
 def _model(path, dropout=0.0, device="cpu"):
     torch.manual_seed(0)
     model, _ = FastLanguageModel.from_pretrained(
         str(path), dtype=torch.float32, device_map=None if device == "cpu" else device
     )
-    model = FastLanguageModel.get_peft_model(model, r=4, lora_dropout=dropout, random_state=0)
+    experts = model.config.model_type == "qwen3_moe"
+    model = FastLanguageModel.get_peft_model(
+        model, r=4, lora_dropout=dropout, random_state=0, target_experts=experts
+    )
     enable_checkpointing(model, offload=True)  # as a GPU trains it
     return model.train()
 
@@ -103,6 +114,17 @@ def test_replayed_steps_train_as_eager_ones(tiny_llama, monkeypatch):
     backend = _Rerun()
     model = _eager_then_graphed(tiny_llama, monkeypatch, _batches(200, [(2, 16)] * 6), backend)
     assert (backend.captures, backend.replays) == (1, 4)  # the capture's step is a replay
+    assert step_graph.reason(model) is None and step_graph.replayed(model)
+
+
+def test_replayed_moe_steps_train_as_eager_ones(tiny_moe, monkeypatch):
+    """A mixture of experts with LoRA on every expert (PEFT's 3-D parameter wrappers):
+    their gradients are handed over as the linear layers' are."""
+    backend = _Rerun()
+    model = _eager_then_graphed(tiny_moe, monkeypatch, _batches(200, [(2, 16)] * 5), backend)
+    assert any(p.dim() == 2 and "experts" in n for n, p in model.named_parameters()
+               if p.requires_grad)  # fmt: skip
+    assert (backend.captures, backend.replays) == (1, 3)
     assert step_graph.reason(model) is None and step_graph.replayed(model)
 
 
@@ -164,14 +186,17 @@ def test_a_preset_count_is_what_the_loss_reads():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_a_captured_cuda_step_trains_as_eager_ones(tiny_llama, monkeypatch):
+@pytest.mark.parametrize("arch", ["tiny_llama", "tiny_moe"])
+def test_a_captured_cuda_step_trains_as_eager_ones(arch, request, monkeypatch):
     """The real thing: sloth's kernels, the offloaded checkpoints' copies and the loss
-    captured into one CUDA graph and replayed, in fp32 (no rounding to hide behind)."""
+    captured into one CUDA graph and replayed, in fp32 (no rounding to hide behind); the
+    MoE's routing (its schedule built on the device, no read-back) inside the graph too."""
+    path = request.getfixturevalue(arch)
     monkeypatch.delenv("SLOTH_KERNELS")  # the Triton kernels, as a GPU trains
     batches = _batches(200, [(2, 64)] * 6)
-    _, eager_losses, eager_params = _train(tiny_llama, batches, device="cuda")
+    _, eager_losses, eager_params = _train(path, batches, device="cuda")
     monkeypatch.setenv("SLOTH_CUDA_GRAPH", "1")
-    model, losses, params = _train(tiny_llama, batches, device="cuda")
+    model, losses, params = _train(path, batches, device="cuda")
     assert step_graph.reason(model) is None
     assert step_graph.replayed(model)
     torch.testing.assert_close(losses, eager_losses, rtol=1e-4, atol=1e-5)

@@ -693,10 +693,13 @@ class _MoEExperts(torch.autograd.Function):
         # Quantized (FP8) weights: their dense stacks live for this call only, made again
         # in the backward; ctx keeps the quantized maps (cfg), or a checkpointed step would
         # hold every layer's dense weights, all the memory FP8 saves.
-        gate_up, down = _dense(gate_up, x.dtype), _dense(down, x.dtype)
+        # (A recompute that reads no output multiplies nothing by down's base weight.)
+        gate_up, down = _dense(gate_up, x.dtype), _dense(down, x.dtype) if output else down
         sched = _Schedule(top_k_index, w1.shape[0], _blocks()[0], top_k_weights)
         w_rows = sched.w_rows
-        mm = _grouped_mm_wanted(x, gate_up.weight, down.weight)
+        # down is still quantized only where no output is made (dense, it is in x's dtype).
+        dense = [gate_up.weight] + ([down.weight] if down.weight_scale is None else [])
+        mm = _grouped_mm_wanted(x, *dense)
         xa1 = _lora_rows(x, sched, _adapter(gate_up, False), gather=True)
         gate, up, h = _gate_up(x, sched, gate_up, act, layout, alpha, limit, xa1, mm)
         xa2 = _lora_rows(h, sched, _adapter(down, False), gather=False)
