@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import replace
 from types import SimpleNamespace
 
@@ -377,6 +378,21 @@ def test_schedule_never_waits_for_the_device():
         torch.cuda.set_sync_debug_mode("default")
 
 
+@contextmanager
+def _nan_empty():
+    """``torch.empty`` gives floating tensors full of NaN: a product reading memory no
+    kernel wrote (a skipped expert's dequantized weights) shows in its result."""
+    real = torch.empty
+
+    def empty(*args, **kwargs):
+        out = real(*args, **kwargs)
+        return out.fill_(float("nan")) if out.is_floating_point() else out
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch, "empty", empty)
+        yield
+
+
 def _fp8(layer):
     """``layer`` with its base weight in e4m3 with row scales, stored as the layer's is
     (gpt-oss: ``[E, in, out]``), and the same map with those weights dense in fp32."""
@@ -406,7 +422,8 @@ def test_fp8_expert_weights_train_as_their_dense_values(kind, gemm, monkeypatch)
     assert [layer.weight.dtype for layer in probe.cfg[:2]] == [torch.float8_e4m3fn] * 2
     assert all(t.dim() < 3 for t in probe.saved_tensors if t is not None)  # no weight stack
     calls.clear()
-    out, grads, upstream = _run(moe_experts, (x, index, weights, q1, q2), kwargs, inputs)
+    with _nan_empty():  # experts without rows (uneven routing) are not dequantized
+        out, grads, upstream = _run(moe_experts, (x, index, weights, q1, q2), kwargs, inputs)
     # The dense stack takes torch's grouped GEMM where asked (bf16 only on CUDA).
     assert len(calls) == (4 if gemm == "grouped_mm" and not HAS_CUDA else 0)
     # A recompute's call (no output value): the same gradients, the same GEMMs but down's.
@@ -448,17 +465,23 @@ def test_fp8_expert_weights_train_as_their_dense_values(kind, gemm, monkeypatch)
 @pytest.mark.parametrize("transposed", [False, True], ids=["rows", "gpt_oss"])
 @pytest.mark.parametrize("dtype", list(TOLERANCES))
 def test_the_dequantized_stack_is_the_references_to_the_bit(dtype, transposed):
-    """One pass of the dequantizing kernel (over two programs: 3 x 37 x 53 elements) gives
-    exactly :meth:`ExpertLinear.dense_weight`'s fp32 product rounded to ``dtype``, in the
-    layout the stack is stored in."""
-    weight = torch.randn(3, 37, 53, device=DEVICE) * torch.rand(3, 37, 1, device=DEVICE) * 9
-    layer = ExpertLinear(weight)
-    quant, _ = _fp8(ExpertLinear(weight.transpose(1, 2).contiguous().transpose(1, 2))
-                    if transposed else layer)  # fmt: skip
-    dense = moe._dense(quant, dtype)
+    """One pass of the dequantizing kernel (two programs an expert: 37 x 113 weights each)
+    gives exactly :meth:`ExpertLinear.dense_weight`'s fp32 product rounded to ``dtype``,
+    in the layout the stack is stored in, for every expert a row is routed to; the others
+    (a decode step's tokens reach a few) are left as they were allocated."""
+    weight = torch.randn(4, 37, 113, device=DEVICE) * torch.rand(4, 37, 1, device=DEVICE) * 9
+    stored = weight.transpose(1, 2).contiguous().transpose(1, 2) if transposed else weight
+    quant, _ = _fp8(ExpertLinear(stored))
+    index = torch.tensor([[2], [0], [2]], device=DEVICE)  # experts 1 and 3: no rows
+    sched = moe._Schedule(index, 4, moe._blocks()[0])
+    with _nan_empty():  # the kernel's output starts as NaN
+        dense = moe._dense(quant, dtype, sched)
     assert dense.weight_scale is None and dense.weight.dtype == dtype
     assert dense.weight.is_contiguous() != transposed  # stored as the quantized stack is
-    torch.testing.assert_close(dense.weight, quant.dense_weight(dtype), rtol=0, atol=0)
+    want = quant.dense_weight(dtype)
+    for expert in (0, 2):
+        torch.testing.assert_close(dense.weight[expert], want[expert], rtol=0, atol=0)
+    assert dense.weight[[1, 3]].isnan().all()  # skipped: no row reads them
 
 
 def test_an_8_bit_expert_parameter_without_its_scales_is_named():

@@ -324,51 +324,30 @@ def _grouped_tn_kernel(
 
 
 @triton.jit
-def _dequantize_kernel(V, S, Y, N, IN, OUT, TRANSPOSED: tl.constexpr, BF16: tl.constexpr,
-                       BLOCK: tl.constexpr):  # fmt: skip
-    """``Y = V * S`` per output row: ``V`` quantized (e4m3) ``[E, OUT, IN]`` stored
-    contiguous, or ``[E, IN, OUT]`` (``TRANSPOSED``), ``S`` float32 ``[E, OUT]``; computed in
-    fp32 and rounded to nearest even (by hand for bf16: the interpreter truncates)."""
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < N
-    if TRANSPOSED:  # offs = (e * IN + i) * OUT + o
-        row = offs // (IN * OUT) * OUT + offs % OUT
-    else:  # offs = (e * OUT + o) * IN + i
-        row = offs // IN
-    value = tl.load(V + offs, mask=mask, other=0.0).to(tl.float32)
+def _dequantize_kernel(V, S, Y, expert_start, expert_end, PER, IN, OUT, TRANSPOSED: tl.constexpr,
+                       BF16: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
+    """``Y = V * S`` per output row for expert ``program_id(1)``: ``V`` quantized (e4m3)
+    ``[E, OUT, IN]`` stored contiguous, or ``[E, IN, OUT]`` (``TRANSPOSED``), ``S`` float32
+    ``[E, OUT]``; computed in fp32 and rounded to nearest even (by hand for bf16: the
+    interpreter truncates). An expert no row is routed to is skipped, its part of ``Y``
+    left unwritten: no product reads it."""
+    e = tl.program_id(1).to(tl.int64)
+    if tl.load(expert_end + e) == tl.load(expert_start + e):
+        return
+    local = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = local < PER
+    if TRANSPOSED:  # local = i * OUT + o
+        row = e * OUT + local % OUT
+    else:  # local = o * IN + i
+        row = e * OUT + local // IN
+    value = tl.load(V + e * PER + local, mask=mask, other=0.0).to(tl.float32)
     y = value * tl.load(S + row, mask=mask, other=0.0)
     if BF16:
         bits = y.to(tl.uint32, bitcast=True)
         bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
-        tl.store(Y + offs, bits.to(tl.uint16).to(tl.bfloat16, bitcast=True), mask=mask)
+        tl.store(Y + e * PER + local, bits.to(tl.uint16).to(tl.bfloat16, bitcast=True), mask=mask)
     else:
-        tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=mask)
-
-
-# -- host side -------------------------------------------------------------------------
-
-
-def _dense(layer: ExpertLinear, dtype: torch.dtype) -> ExpertLinear:
-    """``layer`` with its quantized weight (``weight_scale``) dequantized to ``dtype`` in one
-    pass (:func:`_dequantize_kernel`: 1 byte read and 2 written an element, where torch's
-    ``values.float() * scales`` makes and reads an fp32 stack twice the size of bf16's), in
-    the layout it is stored in; the layer itself when not quantized. The values are
-    :meth:`ExpertLinear.dense_weight`'s."""
-    if layer.weight_scale is None:
-        return layer
-    weight = layer.weight
-    transposed = not weight.is_contiguous()
-    stored = weight.transpose(1, 2) if transposed else weight
-    if not stored.is_contiguous() or not layer.weight_scale.is_contiguous():
-        return layer.dense(dtype)
-    out = torch.empty(stored.shape, dtype=dtype, device=stored.device)
-    experts, rows, cols = weight.shape
-    block = 4096
-    _dequantize_kernel[(triton.cdiv(stored.numel(), block),)](
-        stored, layer.weight_scale, out, stored.numel(), cols, rows, TRANSPOSED=transposed,
-        BF16=dtype == torch.bfloat16, BLOCK=block,
-    )  # fmt: skip
-    return replace(layer, weight=out.transpose(1, 2) if transposed else out, weight_scale=None)
+        tl.store(Y + e * PER + local, y.to(Y.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -486,6 +465,31 @@ class _Schedule:
             HAS_WEIGHTS=weights is not None, BLOCK_E=max(16, triton.next_power_of_2(experts)),
             BLOCK=block,
         )  # fmt: skip
+
+
+def _dense(layer: ExpertLinear, dtype: torch.dtype, sched: _Schedule) -> ExpertLinear:
+    """``layer`` with its quantized weight (``weight_scale``) dequantized to ``dtype`` in one
+    pass (:func:`_dequantize_kernel`: 1 byte read and 2 written an element, where torch's
+    ``values.float() * scales`` makes and reads an fp32 stack twice the size of bf16's), in
+    the layout it is stored in; the layer itself when not quantized. The values are
+    :meth:`ExpertLinear.dense_weight`'s for every expert ``sched`` routes a row to; the
+    others are skipped (a decode step's few tokens hit a few of the experts), their
+    weights left unset."""
+    if layer.weight_scale is None:
+        return layer
+    weight = layer.weight
+    transposed = not weight.is_contiguous()
+    stored = weight.transpose(1, 2) if transposed else weight
+    if not stored.is_contiguous() or not layer.weight_scale.is_contiguous():
+        return layer.dense(dtype)
+    out = torch.empty(stored.shape, dtype=dtype, device=stored.device)
+    experts, rows, cols = weight.shape
+    per, block = rows * cols, 4096
+    _dequantize_kernel[(triton.cdiv(per, block), experts)](
+        stored, layer.weight_scale, out, sched.start, sched.end, per, cols, rows,
+        TRANSPOSED=transposed, BF16=dtype == torch.bfloat16, BLOCK=block,
+    )  # fmt: skip
+    return replace(layer, weight=out.transpose(1, 2) if transposed else out, weight_scale=None)
 
 
 def _adapter(layer: ExpertLinear, transpose: bool) -> tuple | None:
@@ -694,8 +698,9 @@ class _MoEExperts(torch.autograd.Function):
         # in the backward; ctx keeps the quantized maps (cfg), or a checkpointed step would
         # hold every layer's dense weights, all the memory FP8 saves.
         # (A recompute that reads no output multiplies nothing by down's base weight.)
-        gate_up, down = _dense(gate_up, x.dtype), _dense(down, x.dtype) if output else down
         sched = _Schedule(top_k_index, w1.shape[0], _blocks()[0], top_k_weights)
+        gate_up = _dense(gate_up, x.dtype, sched)
+        down = _dense(down, x.dtype, sched) if output else down
         w_rows = sched.w_rows
         # down is still quantized only where no output is made (dense, it is in x's dtype).
         dense = [gate_up.weight] + ([down.weight] if down.weight_scale is None else [])
@@ -719,7 +724,7 @@ class _MoEExperts(torch.autograd.Function):
     def backward(ctx, grad):
         x, w_rows, gate, up, xa1, xa2 = ctx.saved_tensors
         sched, (gate_up, down, act, layout, alpha, limit, _) = ctx.sched, ctx.cfg
-        gate_up, down = _dense(gate_up, x.dtype), _dense(down, x.dtype)
+        gate_up, down = _dense(gate_up, x.dtype, sched), _dense(down, x.dtype, sched)
         needs = ctx.needs_input_grad
         g = grad.contiguous()
         # dH' = g W2 + s (g B2) A2 per row (unweighted); g B2 kept for dA2.
