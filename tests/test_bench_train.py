@@ -58,6 +58,25 @@ def test_both_systems_train_the_same_in_separate_processes(tmp_path):
     assert "| sloth |" in text and "| hf |" in text and "LoRA, fused AdamW;" in text
 
 
+def test_an_moe_with_fp8_experts_trains_beside_hf_in_bf16(tmp_path):
+    """The MoE row's FP8 run (sloth's experts in e4m3, hf + PEFT in bf16), as
+    ``scripts/gpu_moe.sh`` makes it with QUANTIZATION=fp8, on a tiny Qwen3-MoE."""
+    report = run_bench("qwen3-moe-tiny", seq=16, batch=2, steps=2, warmup=1,
+                       model_dir=tmp_path / "model", device="cpu", quantization="fp8")  # fmt: skip
+    by = {r["system"]: r for r in report["results"]}
+    assert set(by) == {"sloth", "hf"}
+    for r in by.values():
+        assert r.get("error") is None, r
+        assert r["tokens_per_s"] > 0 and r["n_lora"] > 0
+    # LoRA on the experts in both: PEFT maps gate/up/down_proj onto the 3-D experts.
+    assert by["sloth"]["n_lora"] == by["hf"]["n_lora"]
+    # 1 byte a weight for every linear layer and expert (bf16's 2), the embeddings, norms
+    # and routers as they were: about 0.76 of hf's bytes here, 0.95 with bf16 experts.
+    assert by["sloth"]["base_gib"] < 0.8 * by["hf"]["base_gib"]
+    # e4m3 weights start where bf16's do, within the bench's loss tolerance.
+    assert report["losses_agree"] and all(r["same_start"] for r in by.values())
+
+
 def test_cli_rejects_unknown_shape_and_writes_reports(tmp_path, capsys, monkeypatch):
     _liger_absent(monkeypatch)  # a named baseline that is not installed: skipped, not an error
     try:

@@ -72,6 +72,11 @@ SHAPES: dict[str, dict[str, Any]] = {
     "llama-tiny": dict(model_type="llama", hidden_size=64, intermediate_size=128,
                        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                        vocab_size=1007, rope_theta=10000.0),
+    "qwen3-moe-tiny": dict(model_type="qwen3_moe", hidden_size=64, intermediate_size=128,
+                           moe_intermediate_size=32, num_experts=8, num_experts_per_tok=2,
+                           norm_topk_prob=True, num_hidden_layers=2, num_attention_heads=4,
+                           num_key_value_heads=2, head_dim=16, vocab_size=1007,
+                           rope_theta=10000.0),
 }  # fmt: skip
 
 TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -123,6 +128,9 @@ class TrainResult:
     #: with SLOTH_CUDA_GRAPH=1, whether the timed steps replayed a CUDA graph ("replayed")
     #: or ran eagerly, and why (sloth_core.train.step_graph)
     graph: str | None = None
+    #: the frozen weights and the buffers once loaded (LoRA and trained weights aside),
+    #: GiB: what a quantization leaves of the base (FP8's experts, a 4-bit base)
+    base_gib: float | None = None
 
 
 class SystemSkipped(Exception):
@@ -470,6 +478,9 @@ def run_system(system: str, model_dir: Path, *, seq: int, batch: int, steps: int
     if device == "cuda" and "LOCAL_RANK" in os.environ:
         device = f"cuda:{os.environ['LOCAL_RANK']}"
     model, n_base = _load(system, model_dir, device, quantization, full)
+    frozen = [*(p for p in model.parameters() if not p.requires_grad), *model.buffers()]
+    base_gib = sum(t.numel() * t.element_size() for t in frozen) / 2**30
+    del frozen
     plan = _plan(system, model, batch=batch, seq=seq, device=device, budget_gib=budget_gib)
     n_lora = 0 if full else sum(p.numel() for p in model.parameters() if p.requires_grad)
     config = model.config
@@ -540,7 +551,7 @@ def run_system(system: str, model_dir: Path, *, seq: int, batch: int, steps: int
     return TrainResult(system, tokens_per_s, median, peak, mfu, losses[0], losses[-1], n_base,
                        n_lora, attention, device_name, nproc=group.world_size,
                        full=full, plan=plan, attention_paths=paths,
-                       optimizer=stepper, graph=graph)  # fmt: skip
+                       optimizer=stepper, graph=graph, base_gib=base_gib)  # fmt: skip
 
 
 def run_worker(module: str, args: list[str], *, timeout: float, nproc: int = 1,
