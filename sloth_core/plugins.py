@@ -375,6 +375,7 @@ class SlothPluginManager:
         from sloth_core.patches.lm_head import causal_lm_log_probs
 
         reports = [r for r in self.pm.hook.patch_layers(model=model, ops=self.ops, host=self) if r]
+        _check_quantized_experts(model, reports)
         # Log-probs are a core service over the token_log_probs op (kernel sets accelerate
         # it), not a hook: no architecture has needed its own yet.
         bind_loss(model, self.compute_loss, partial(causal_lm_log_probs, ops=self.ops))
@@ -450,3 +451,24 @@ def using_plugin_manager(manager: SlothPluginManager) -> Iterator[SlothPluginMan
         yield manager
     finally:
         reset_plugin_manager(previous)
+
+
+def _check_quantized_experts(model: torch.nn.Module, reports: list[PatchReport]) -> None:
+    """Refuse a model whose quantized experts (FP8) sit in an MoE block no plugin patched:
+    it would load, then fail (or compute garbage) at its first forward."""
+    from sloth_core.errors import SlothError
+    from sloth_core.patches.moe import unpatched_quantized_experts
+    from sloth_core.patching import model_type_of
+
+    blocks = unpatched_quantized_experts(model)
+    if not blocks:
+        return
+    why = {name: reason for report in reports for name, reason in report.skipped.items()}
+    block = blocks[0]
+    reason = why.get(block) or f"no installed plugin patches {model_type_of(model)!r} MoE blocks"
+    more = f" (and {len(blocks) - 1} more)" if len(blocks) > 1 else ""
+    raise SlothError(
+        f"{block}{more}: its experts are stored quantized (quantization='fp8'), which only "
+        f"sloth's patched MoE block computes, and it was left unpatched: {reason}. Load the "
+        "model without quantization='fp8'"
+    )

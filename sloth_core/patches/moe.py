@@ -226,6 +226,24 @@ def router_aux_loss(
     return loss_func(router_logits, model.num_experts, model.num_experts_per_tok, attention_mask)
 
 
+def unpatched_quantized_experts(model: torch.nn.Module) -> list[str]:
+    """The MoE blocks of ``model`` (names in the unwrapped model) whose experts a quantizer
+    plugin stores quantized (row-scale buffers, ``ops.reference.ROW_SCALES``: sloth-fp8's)
+    and that no plugin patched: only sloth's ``moe_experts`` op computes such experts;
+    transformers' own forward would multiply the quantized values unscaled."""
+    from sloth_core.ops.reference import ROW_SCALES
+
+    names = []
+    for name, module in unwrap_model(model).named_modules():
+        experts = getattr(module, "experts", None)
+        if not isinstance(experts, torch.nn.Module) or is_patched(module):
+            continue
+        buffers = _base(experts).named_buffers(recurse=False)
+        if any(buffer.endswith(ROW_SCALES) for buffer, _ in buffers):
+            names.append(name)
+    return names
+
+
 def expert_parameter_names(model: torch.nn.Module) -> list[str]:
     """PEFT ``target_parameters`` naming every 3-D expert weight of ``model``.
 

@@ -106,3 +106,18 @@ def test_fp8_experts_compute_train_and_merge_as_their_dense_values(installed, tm
     values, scales = owner.down_proj, owner.down_proj_row_scales
     want = values.float() * scales[..., None] + _parameter_delta(wrapper, "default")
     torch.testing.assert_close(merged[f"{key}.down_proj"], want)
+
+
+def test_fp8_experts_in_a_block_no_plugin_patches_are_refused_at_load(tmp_path, monkeypatch):
+    """Without the architecture's plugin the MoE blocks keep transformers' forward, which
+    cannot compute e4m3 experts: the load says so, naming the block, rather than the first
+    forward failing."""
+    from sloth_core.plugins import SlothPluginManager
+
+    monkeypatch.setenv("SLOTH_DISABLE_PLUGINS", "sloth-qwen")
+    path = tiny_model("qwen3_moe", tmp_path / "model")
+    with using_plugin_manager(SlothPluginManager(entry_points=True)):
+        with pytest.raises(SlothError, match=r"model\.layers\.1\.mlp: its experts are stored"):
+            FastLanguageModel.from_pretrained(str(path), quantization="fp8", dtype=torch.float32)
+        # Without quantization it loads, the blocks in transformers' hands.
+        FastLanguageModel.from_pretrained(str(path), dtype=torch.float32)

@@ -348,8 +348,8 @@ def _experts_refused(name: str) -> Any:
         raise SlothError(
             f"{name}: its expert weights are stored in FP8 (quantization='fp8'), which only "
             "sloth's MoE block computes; this call is transformers' own experts forward "
-            "(the block was left unpatched: `model.sloth_patches` says why; or its adapters are "
-            "merged, or several are active). Load the model without quantization='fp8'"
+            "(which sloth's block hands a call to where its adapters are merged or several "
+            "are active: unmerge them, or keep one active)"
         )
 
     return forward
