@@ -15,7 +15,6 @@ from .moe import (
     moe_activation,
     moe_experts,
     moe_route,
-    row_scales,
 )
 from .nf4 import dequantize_nf4
 from .norms import layer_norm, rms_norm
@@ -40,7 +39,6 @@ __all__ = [
     "moe_route",
     "rms_norm",
     "rope",
-    "row_scales",
     "swiglu",
     "token_log_probs",
 ]

@@ -124,7 +124,7 @@ class ExpertLinear:
         layer = cls(
             weight=param.transpose(1, 2) if transposed else param,
             bias=bias_tensor if isinstance(bias_tensor, torch.Tensor) else None,
-            weight_scale=row_scales(base, name),
+            weight_scale=_row_scales(base, name),
         )
         wrapper = wrappers.get(name)
         if wrapper is None:
@@ -163,7 +163,7 @@ def _unwrap(module: Any) -> tuple[dict[str, Any], nn.Module]:
     return wrappers, module
 
 
-def row_scales(module: nn.Module, name: str) -> torch.Tensor | None:
+def _row_scales(module: nn.Module, name: str) -> torch.Tensor | None:
     """The row scales ``[E, out]`` of ``module``'s expert parameter ``name`` stored
     quantized (the buffer ``name + ROW_SCALES``), or ``None`` for a parameter in a float
     dtype of 16 bits or more.
