@@ -60,7 +60,8 @@ class TrainConfig:
     load_in_4bit: bool = _opt(False, "QLoRA: load the base weights in 4-bit NF4 (sloth-bnb)")
     quantization: str = _opt(
         "",
-        "quantization method instead of load_in_4bit: nf4, fp4, int8 (sloth-bnb), fp8 (sloth-fp8)",
+        "quantization method instead of load_in_4bit: nf4, fp4, int8 (sloth-bnb), fp8 "
+        "(sloth-fp8; a mixture of experts' expert weights too)",
     )
     full_finetuning: bool = _opt(False, "train every weight instead of LoRA adapters")
     trust_remote_code: bool = _opt(
