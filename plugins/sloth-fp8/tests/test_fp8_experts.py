@@ -74,6 +74,14 @@ def test_fp8_experts_compute_train_and_merge_as_their_dense_values(installed, tm
         got = ours(x)
         torch.testing.assert_close(got, want[0] if isinstance(want, tuple) else want,
                                    rtol=1e-5, atol=1e-5)  # fmt: skip
+        # Generation (the KV cache, a token at a time: few experts a step) as the dense
+        # model generates.
+        prompt = tokenizer(["The quick brown fox"], return_tensors="pt")
+        with torch.no_grad():
+            ours_ids = model.eval().generate(**prompt, max_new_tokens=6, do_sample=False)
+            hf_ids = hf.eval().generate(**prompt, max_new_tokens=6, do_sample=False)
+        assert torch.equal(ours_ids, hf_ids)
+        model.train()
 
         # transformers' own experts forward would multiply the e4m3 values unscaled.
         experts_name, module = next(iter(experts.items()))
