@@ -124,7 +124,7 @@ class ExpertLinear:
         layer = cls(
             weight=param.transpose(1, 2) if transposed else param,
             bias=bias_tensor if isinstance(bias_tensor, torch.Tensor) else None,
-            weight_scale=_row_scales(base, name),
+            weight_scale=_row_scales(base, name, param),
         )
         wrapper = wrappers.get(name)
         if wrapper is None:
@@ -163,10 +163,10 @@ def _unwrap(module: Any) -> tuple[dict[str, Any], nn.Module]:
     return wrappers, module
 
 
-def _row_scales(module: nn.Module, name: str) -> torch.Tensor | None:
-    """The row scales ``[E, out]`` of ``module``'s expert parameter ``name`` stored
-    quantized (the buffer ``name + ROW_SCALES``), or ``None`` for a parameter in a float
-    dtype of 16 bits or more.
+def _row_scales(module: nn.Module, name: str, param: torch.Tensor) -> torch.Tensor | None:
+    """The row scales ``[E, out]`` of ``module``'s expert parameter ``name`` (its stored
+    tensor ``param``) stored quantized (the buffer ``name + ROW_SCALES``), or ``None`` for a
+    parameter in a float dtype of 16 bits or more.
 
     Raises:
         ValueError: the parameter is in an 8-bit float dtype without its scales.
@@ -174,7 +174,7 @@ def _row_scales(module: nn.Module, name: str) -> torch.Tensor | None:
     scales = getattr(module, name + ROW_SCALES, None)
     if isinstance(scales, torch.Tensor):
         return scales
-    if _original(module, name).element_size() == 1:
+    if param.element_size() == 1:
         kind = type(module).__name__
         raise ValueError(f"{kind}.{name} is stored in 8 bits without its {name}{ROW_SCALES}")
     return None
